@@ -1,0 +1,17 @@
+// Lets users spell multi-word flags with dashes (--memory-limit=64GiB, the documented form)
+// although absl::Flags names are C++ identifiers (memory_limit).
+#pragma once
+
+#include <string>
+#include <vector>
+
+namespace icecache {
+
+// Copies argv, turning '-' into '_' in the name part of every "--long-flag[=value]" argument
+// before a bare "--". Values, single-dash arguments and positional arguments are untouched.
+std::vector<std::string> NormalizeFlagNames(int argc, char** argv);
+
+// argv-style pointers into `args` (valid while `args` lives), terminated by nullptr.
+std::vector<char*> ArgvPointers(std::vector<std::string>& args);
+
+}  // namespace icecache

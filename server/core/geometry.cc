@@ -1,0 +1,147 @@
+#include "server/core/geometry.h"
+
+#include <algorithm>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+
+namespace icecache {
+namespace {
+
+template <size_t N>
+bool Contains(const std::array<uint32_t, N>& set, uint32_t v) {
+  return std::find(set.begin(), set.end(), v) != set.end();
+}
+
+template <size_t N>
+std::string OneOf(const std::array<uint32_t, N>& set) {
+  std::string s;
+  for (size_t i = 0; i < N; ++i) {
+    if (i > 0) s += (i + 1 == N) ? " or " : ", ";
+    absl::StrAppend(&s, set[i]);
+  }
+  return s;
+}
+
+absl::Status FieldError(absl::string_view field, absl::string_view rule, uint64_t got) {
+  return absl::InvalidArgumentError(
+      absl::StrCat("geometry.", field, " must be ", rule, ", got ", got));
+}
+
+}  // namespace
+
+const char* DTypeName(DType dtype) {
+  switch (dtype) {
+    case DType::kBF16:
+      return "bf16";
+    case DType::kFP16:
+      return "fp16";
+  }
+  return "unknown";
+}
+
+absl::StatusOr<Geometry> ResolveGeometry(const GeometrySpec& spec) {
+  using L = GeometryLimits;
+  using D = GeometryDefaults;
+  Geometry g;
+
+  if (spec.num_layers < 1 || spec.num_layers > L::kMaxNumLayers) {
+    return FieldError("num_layers", absl::StrCat("in 1..", L::kMaxNumLayers), spec.num_layers);
+  }
+  g.num_layers = spec.num_layers;
+
+  if (spec.num_kv_heads < 1 || spec.num_kv_heads > L::kMaxNumKvHeads) {
+    return FieldError("num_kv_heads", absl::StrCat("in 1..", L::kMaxNumKvHeads),
+                      spec.num_kv_heads);
+  }
+  g.num_kv_heads = spec.num_kv_heads;
+
+  if (spec.num_q_heads < 1 || spec.num_q_heads > L::kMaxNumQHeads) {
+    return FieldError("num_q_heads", absl::StrCat("in 1..", L::kMaxNumQHeads), spec.num_q_heads);
+  }
+  if (spec.num_q_heads % spec.num_kv_heads != 0) {
+    return FieldError("num_q_heads",
+                      absl::StrCat("a multiple of num_kv_heads (", spec.num_kv_heads, ")"),
+                      spec.num_q_heads);
+  }
+  if (spec.num_q_heads / spec.num_kv_heads > L::kMaxGroupSize) {
+    return FieldError(
+        "num_q_heads",
+        absl::StrCat("at most ", L::kMaxGroupSize, " x num_kv_heads (", spec.num_kv_heads, ")"),
+        spec.num_q_heads);
+  }
+  g.num_q_heads = spec.num_q_heads;
+
+  if (!Contains(L::kHeadDims, spec.head_dim)) {
+    return FieldError("head_dim", OneOf(L::kHeadDims), spec.head_dim);
+  }
+  g.head_dim = spec.head_dim;
+
+  if (!spec.dtype.has_value() ||
+      (*spec.dtype != DType::kBF16 && *spec.dtype != DType::kFP16)) {
+    return absl::InvalidArgumentError(
+        "geometry.dtype must be DTYPE_BF16 or DTYPE_FP16, got DTYPE_UNSPECIFIED");
+  }
+  g.dtype = *spec.dtype;
+
+  if (spec.max_tokens < 1 || spec.max_tokens > L::kMaxTokens) {
+    return FieldError("max_tokens", absl::StrCat("in 1..", L::kMaxTokens), spec.max_tokens);
+  }
+  g.max_tokens = spec.max_tokens;
+
+  g.page_size = spec.page_size.value_or(D::kPageSize);
+  if (!Contains(L::kPageSizes, g.page_size)) {
+    return FieldError("page_size", OneOf(L::kPageSizes), g.page_size);
+  }
+  const uint32_t ps = g.page_size;
+
+  g.sink_tokens = spec.sink_tokens.value_or(D::kSinkTokens);
+  if (g.sink_tokens % ps != 0) {
+    return FieldError("sink_tokens", absl::StrCat("a multiple of page_size (", ps, ")"),
+                      g.sink_tokens);
+  }
+  g.window_tokens = spec.window_tokens.value_or(D::kWindowTokens);
+  if (g.window_tokens < ps || g.window_tokens % ps != 0) {
+    return FieldError("window_tokens",
+                      absl::StrCat("a positive multiple of page_size (", ps, ")"),
+                      g.window_tokens);
+  }
+  g.budget_tokens = spec.budget_tokens.value_or(D::kBudgetTokens);
+  if (g.budget_tokens > L::kMaxBudgetTokens || g.budget_tokens % ps != 0) {
+    return FieldError("budget_tokens",
+                      absl::StrCat("a multiple of page_size (", ps, ") and at most ",
+                                   L::kMaxBudgetTokens),
+                      g.budget_tokens);
+  }
+  // 64-bit sum: sink and window are unbounded 32-bit inputs.
+  const uint64_t fixed = uint64_t{g.sink_tokens} + g.window_tokens + ps;
+  if (g.budget_tokens < fixed) {
+    return FieldError("budget_tokens",
+                      absl::StrCat("at least sink_tokens + window_tokens + page_size (", fixed,
+                                   ") so that one page is selected"),
+                      g.budget_tokens);
+  }
+
+  g.full_kv_layers = spec.full_kv_layers.value_or(std::min(D::kFullKvLayers, g.num_layers));
+  if (g.full_kv_layers > g.num_layers) {
+    return FieldError("full_kv_layers", absl::StrCat("at most num_layers (", g.num_layers, ")"),
+                      g.full_kv_layers);
+  }
+  return g;
+}
+
+absl::Status ValidateLabel(const std::string& label) {
+  if (label.size() > GeometryLimits::kMaxLabelLength) {
+    return absl::InvalidArgumentError(absl::StrCat("label must be at most ",
+                                                   GeometryLimits::kMaxLabelLength,
+                                                   " characters, got ", label.size()));
+  }
+  for (char c : label) {
+    if (c < 0x20 || c > 0x7e) {
+      return absl::InvalidArgumentError("label must be printable ASCII");
+    }
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace icecache

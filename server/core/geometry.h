@@ -1,0 +1,116 @@
+// The geometry of one sequence's KV cache: what the client declares at CreateSequence and
+// everything the daemon derives from it. Domain types only (no protobuf).
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <optional>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "kernels/page_layout.h"
+
+namespace icecache {
+
+// Element type of the stored K and V rows.
+enum class DType : uint8_t { kBF16 = 1, kFP16 = 2 };
+
+// Bytes per element of `dtype` (2 for both supported types).
+constexpr uint32_t DTypeBytes(DType dtype) {
+  switch (dtype) {
+    case DType::kBF16:
+    case DType::kFP16:
+      return 2;
+  }
+  return 0;
+}
+const char* DTypeName(DType dtype);  // "bf16" / "fp16"
+
+// Limits a geometry must meet. One place, reported by GetConfig and enforced by
+// ResolveGeometry. The closed sets are the ones the kernels are instantiated for.
+struct GeometryLimits {
+  static constexpr uint32_t kMaxNumLayers = 1024;
+  static constexpr uint32_t kMaxNumQHeads = 4096;
+  static constexpr uint32_t kMaxNumKvHeads = 1024;
+  static constexpr uint32_t kMaxGroupSize = 64;
+  static constexpr std::array<uint32_t, 3> kHeadDims = {64, 128, 256};
+  static constexpr std::array<uint32_t, 3> kPageSizes = {8, 16, 32};
+  static constexpr uint64_t kMaxTokens = uint64_t{1} << 24;
+  static constexpr uint32_t kMaxBudgetTokens = 65536;
+  static constexpr uint32_t kMaxLabelLength = 128;
+};
+
+// Defaults for the optional fields (the paper's configuration: 16-token pages,
+// 256-token budget = 2 sink + 12 selected + 2 window pages, 2 full-KV layers).
+struct GeometryDefaults {
+  static constexpr uint32_t kPageSize = 16;
+  static constexpr uint32_t kBudgetTokens = 256;
+  static constexpr uint32_t kSinkTokens = 32;
+  static constexpr uint32_t kWindowTokens = 32;
+  static constexpr uint32_t kFullKvLayers = 2;  // clamped to num_layers
+};
+
+// What a client asks for. Required fields are plain (0 = missing); optional ones are
+// std::optional and take GeometryDefaults when absent.
+struct GeometrySpec {
+  uint32_t num_layers = 0;
+  uint32_t num_q_heads = 0;
+  uint32_t num_kv_heads = 0;
+  uint32_t head_dim = 0;
+  std::optional<DType> dtype;  // nullopt: unspecified (an error)
+  uint64_t max_tokens = 0;
+  std::optional<uint32_t> page_size;
+  std::optional<uint32_t> budget_tokens;
+  std::optional<uint32_t> sink_tokens;
+  std::optional<uint32_t> window_tokens;
+  std::optional<uint32_t> full_kv_layers;
+};
+
+// A validated geometry with every default applied. Invariants (established by
+// ResolveGeometry): all fields within GeometryLimits; num_q_heads % num_kv_heads == 0;
+// sink, window and budget are multiples of page_size; window >= page_size;
+// budget >= sink + window + page_size; full_kv_layers <= num_layers.
+struct Geometry {
+  uint32_t num_layers = 0;
+  uint32_t num_q_heads = 0;
+  uint32_t num_kv_heads = 0;
+  uint32_t head_dim = 0;
+  DType dtype = DType::kBF16;
+  uint64_t max_tokens = 0;
+  uint32_t page_size = 0;
+  uint32_t budget_tokens = 0;
+  uint32_t sink_tokens = 0;
+  uint32_t window_tokens = 0;
+  uint32_t full_kv_layers = 0;
+
+  uint32_t group_size() const { return num_q_heads / num_kv_heads; }
+  // Layers whose KV the daemon stores and indexes.
+  uint32_t offloaded_layers() const { return num_layers - full_kv_layers; }
+  // Pages chosen by selection per KV head and decode step.
+  uint32_t selected_pages() const {
+    return (budget_tokens - sink_tokens - window_tokens) / page_size;
+  }
+  // Addressing of this sequence's pages (K then V rows of page_size tokens).
+  PageLayout page_layout() const { return PageLayout{page_size, head_dim, DTypeBytes(dtype)}; }
+  uint64_t page_bytes() const { return page_layout().page_bytes(); }
+  // Pages per (layer, KV head) that hold max_tokens tokens when full.
+  uint64_t pages_per_head() const { return (max_tokens + page_size - 1) / page_size; }
+  // Host KV bytes the daemon accounts for the sequence: every offloaded layer and KV head,
+  // max_tokens rounded up to whole pages. Fits in 64 bits for every valid geometry.
+  uint64_t host_kv_bytes() const {
+    return uint64_t{offloaded_layers()} * num_kv_heads * pages_per_head() * page_bytes();
+  }
+
+  friend bool operator==(const Geometry&, const Geometry&) = default;
+};
+
+// Applies defaults and validates. Errors: INVALID_ARGUMENT with a message that names the
+// offending field as the API spells it (e.g. "geometry.head_dim must be 64, 128 or 256,
+// got 96").
+absl::StatusOr<Geometry> ResolveGeometry(const GeometrySpec& spec);
+
+// Validates an operator-facing label: at most kMaxLabelLength printable ASCII characters.
+// Errors: INVALID_ARGUMENT naming "label".
+absl::Status ValidateLabel(const std::string& label);
+
+}  // namespace icecache

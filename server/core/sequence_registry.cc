@@ -1,0 +1,137 @@
+#include "server/core/sequence_registry.h"
+
+#include <cstdio>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
+
+namespace icecache {
+namespace {
+
+constexpr absl::string_view kHandlePrefix = "seq_";
+constexpr size_t kHandleHexDigits = 32;
+
+absl::Status MalformedHandle(absl::string_view what, absl::string_view handle) {
+  std::string shown(handle.substr(0, 64));
+  for (char& c : shown) {
+    if (c < 0x20 || c > 0x7e) c = '?';
+  }
+  return absl::InvalidArgumentError(absl::StrCat(what, " '", shown, handle.size() > 64 ? "..." : "",
+                                                 "' is not a sequence handle (seq_ followed by ",
+                                                 kHandleHexDigits, " lowercase hex digits)"));
+}
+
+}  // namespace
+
+SequenceRegistry::SequenceRegistry(MemoryAccountant* accountant, const Clock* clock)
+    : accountant_(accountant), clock_(clock) {}
+
+SequenceRegistry::~SequenceRegistry() {
+  absl::MutexLock lock(&mu_);
+  for (const auto& [handle, info] : sequences_) accountant_->Release(info.kv_bytes);
+}
+
+bool SequenceRegistry::IsWellFormedHandle(absl::string_view handle) {
+  if (handle.size() != kHandlePrefix.size() + kHandleHexDigits) return false;
+  if (!absl::StartsWith(handle, kHandlePrefix)) return false;
+  for (char c : handle.substr(kHandlePrefix.size())) {
+    if (!((c >= '0' && c <= '9') || (c >= 'a' && c <= 'f'))) return false;
+  }
+  return true;
+}
+
+std::string SequenceRegistry::NewHandle() {
+  // 128 random bits from a BitGen seeded from the OS: unguessable by other clients.
+  std::string handle;
+  do {
+    const uint64_t hi = absl::Uniform<uint64_t>(rng_);
+    const uint64_t lo = absl::Uniform<uint64_t>(rng_);
+    char hex[kHandleHexDigits + 1];
+    std::snprintf(hex, sizeof(hex), "%016llx%016llx", static_cast<unsigned long long>(hi),
+                  static_cast<unsigned long long>(lo));
+    handle = absl::StrCat(kHandlePrefix, hex);
+  } while (sequences_.count(handle) != 0);
+  return handle;
+}
+
+absl::StatusOr<SequenceInfo> SequenceRegistry::Create(const GeometrySpec& spec,
+                                                      const std::string& label) {
+  ICECACHE_ASSIGN_OR_RETURN(Geometry geometry, ResolveGeometry(spec));
+  ICECACHE_RETURN_IF_ERROR(ValidateLabel(label));
+  const uint64_t bytes = geometry.host_kv_bytes();
+  ICECACHE_RETURN_IF_ERROR(accountant_->Reserve(bytes, "sequence"));
+
+  absl::MutexLock lock(&mu_);
+  SequenceInfo info;
+  info.handle = NewHandle();
+  info.geometry = geometry;
+  info.label = label;
+  info.kv_bytes = bytes;
+  info.create_time = clock_->Now();
+  sequences_.emplace(info.handle, info);
+  ++created_total_;
+  return info;
+}
+
+absl::StatusOr<SequenceInfo> SequenceRegistry::Get(absl::string_view handle) const {
+  if (!IsWellFormedHandle(handle)) return MalformedHandle("handle", handle);
+  absl::MutexLock lock(&mu_);
+  auto it = sequences_.find(handle);
+  if (it == sequences_.end()) {
+    return absl::NotFoundError(absl::StrCat("no sequence ", handle));
+  }
+  return it->second;
+}
+
+absl::StatusOr<SequencePage> SequenceRegistry::List(uint32_t page_size,
+                                                    absl::string_view page_token) const {
+  if (page_size > kMaxListPageSize) {
+    return absl::InvalidArgumentError(absl::StrCat("page_size must be at most ",
+                                                   kMaxListPageSize, ", got ", page_size));
+  }
+  if (!page_token.empty() && !IsWellFormedHandle(page_token)) {
+    return MalformedHandle("page_token", page_token);
+  }
+  const uint32_t limit = page_size == 0 ? kDefaultListPageSize : page_size;
+  SequencePage page;
+  absl::MutexLock lock(&mu_);
+  page.total_size = sequences_.size();
+  auto it = page_token.empty() ? sequences_.begin() : sequences_.upper_bound(page_token);
+  for (; it != sequences_.end() && page.sequences.size() < limit; ++it) {
+    page.sequences.push_back(it->second);
+  }
+  if (it != sequences_.end()) page.next_page_token = page.sequences.back().handle;
+  return page;
+}
+
+absl::StatusOr<uint64_t> SequenceRegistry::Drop(absl::string_view handle) {
+  if (!IsWellFormedHandle(handle)) return MalformedHandle("handle", handle);
+  absl::MutexLock lock(&mu_);
+  auto it = sequences_.find(handle);
+  if (it == sequences_.end()) {
+    return absl::NotFoundError(absl::StrCat("no sequence ", handle));
+  }
+  const uint64_t bytes = it->second.kv_bytes;
+  sequences_.erase(it);
+  accountant_->Release(bytes);
+  ++dropped_total_;
+  return bytes;
+}
+
+uint64_t SequenceRegistry::size() const {
+  absl::MutexLock lock(&mu_);
+  return sequences_.size();
+}
+
+uint64_t SequenceRegistry::created_total() const {
+  absl::MutexLock lock(&mu_);
+  return created_total_;
+}
+
+uint64_t SequenceRegistry::dropped_total() const {
+  absl::MutexLock lock(&mu_);
+  return dropped_total_;
+}
+
+}  // namespace icecache

@@ -1,0 +1,89 @@
+// The daemon's registry of live sequences: geometry, accounting and handles.
+//
+// A sequence is created from a GeometrySpec (validated and defaulted by ResolveGeometry),
+// its host KV bytes are reserved in the MemoryAccountant before it becomes visible, and it
+// is addressed afterwards by an opaque, unguessable handle ("seq_" + 32 hex digits).
+//
+// Thread safety: all methods are thread-safe; each takes one short internal lock.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <string>
+#include "absl/strings/string_view.h"
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/random/random.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "server/core/clock.h"
+#include "server/core/geometry.h"
+#include "server/core/memory_accountant.h"
+
+namespace icecache {
+
+struct SequenceInfo {
+  std::string handle;
+  Geometry geometry;
+  std::string label;
+  uint64_t kv_bytes = 0;    // reserved in the accountant
+  uint64_t num_tokens = 0;  // tokens stored (the data plane fills this in)
+  absl::Time create_time;
+};
+
+struct SequencePage {
+  std::vector<SequenceInfo> sequences;  // ordered by handle
+  std::string next_page_token;          // empty on the last page
+  uint64_t total_size = 0;              // live sequences in total
+};
+
+class SequenceRegistry {
+ public:
+  static constexpr uint32_t kDefaultListPageSize = 100;
+  static constexpr uint32_t kMaxListPageSize = 1000;
+
+  // `accountant` and `clock` must outlive the registry.
+  SequenceRegistry(MemoryAccountant* accountant, const Clock* clock);
+  SequenceRegistry(const SequenceRegistry&) = delete;
+  SequenceRegistry& operator=(const SequenceRegistry&) = delete;
+  ~SequenceRegistry();
+
+  // INVALID_ARGUMENT: a geometry field or the label is invalid (message names it).
+  // RESOURCE_EXHAUSTED: the KV bytes do not fit in the memory limit.
+  // On error nothing changes.
+  absl::StatusOr<SequenceInfo> Create(const GeometrySpec& spec, const std::string& label);
+
+  // INVALID_ARGUMENT: malformed handle. NOT_FOUND: no live sequence with this handle.
+  absl::StatusOr<SequenceInfo> Get(absl::string_view handle) const;
+
+  // One page of live sequences ordered by handle, starting after `page_token` (a handle
+  // returned as next_page_token, or empty). page_size 0 means kDefaultListPageSize.
+  // INVALID_ARGUMENT: page_size above kMaxListPageSize or a malformed page_token.
+  absl::StatusOr<SequencePage> List(uint32_t page_size, absl::string_view page_token) const;
+
+  // Removes the sequence and releases its bytes; returns the bytes released.
+  // INVALID_ARGUMENT: malformed handle. NOT_FOUND: no live sequence with this handle.
+  absl::StatusOr<uint64_t> Drop(absl::string_view handle);
+
+  uint64_t size() const;
+  uint64_t created_total() const;
+  uint64_t dropped_total() const;
+
+  // True for strings of the handle format; says nothing about liveness.
+  static bool IsWellFormedHandle(absl::string_view handle);
+
+ private:
+  std::string NewHandle() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+
+  MemoryAccountant* const accountant_;
+  const Clock* const clock_;
+  mutable absl::Mutex mu_;
+  std::map<std::string, SequenceInfo, std::less<>> sequences_ ABSL_GUARDED_BY(mu_);
+  absl::BitGen rng_ ABSL_GUARDED_BY(mu_);
+  uint64_t created_total_ ABSL_GUARDED_BY(mu_) = 0;
+  uint64_t dropped_total_ ABSL_GUARDED_BY(mu_) = 0;
+};
+
+}  // namespace icecache

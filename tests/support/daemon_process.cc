@@ -1,0 +1,115 @@
+#include "tests/support/daemon_process.h"
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstring>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "grpcpp/create_channel.h"
+#include "grpcpp/support/channel_arguments.h"
+#include "grpcpp/security/credentials.h"
+
+namespace icecache::testing {
+
+const char* IcecachedBinary() { return ICECACHE_TEST_ICECACHED_BIN; }
+const char* IcecacheCliBinary() { return ICECACHE_TEST_CLI_BIN; }
+
+std::unique_ptr<grpc::ClientContext> ContextWithDeadline(double seconds) {
+  auto ctx = std::make_unique<grpc::ClientContext>();
+  ctx->set_deadline(std::chrono::system_clock::now() +
+                    std::chrono::milliseconds(static_cast<int64_t>(seconds * 1000)));
+  return ctx;
+}
+
+absl::StatusOr<std::unique_ptr<DaemonProcess>> DaemonProcess::Start(const std::string& dir,
+                                                                   const DaemonConfig& config) {
+  const std::string socket = dir + "/icecached.sock";
+  std::vector<std::string> argv = {IcecachedBinary(), "--socket=" + socket,
+                                   "--metrics-port=0", "--metrics-host=127.0.0.1",
+                                   "--memory-limit=" + config.memory_limit};
+  if (config.tcp) argv.push_back("--tcp=127.0.0.1:0");
+  for (const std::string& a : config.extra_args) argv.push_back(a);
+  absl::StatusOr<Subprocess> proc = Subprocess::Start(argv, dir);
+  if (!proc.ok()) return proc.status();
+
+  std::unique_ptr<DaemonProcess> d(new DaemonProcess(std::move(*proc)));
+  d->dir_ = dir;
+  d->socket_path_ = socket;
+  // Fast reconnects: the daemon comes up within milliseconds, the default backoff is 1 s+.
+  grpc::ChannelArguments args;
+  args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 20);
+  args.SetInt(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, 20);
+  args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 100);
+  d->channel_ =
+      grpc::CreateCustomChannel("unix:" + socket, grpc::InsecureChannelCredentials(), args);
+  d->stub_ = icecache::v1::IceCache::NewStub(d->channel_);
+  d->health_ = grpc::health::v1::Health::NewStub(d->channel_);
+
+  const absl::Time deadline = absl::Now() + absl::Seconds(20);
+  while (true) {
+    if (!d->process_.Running()) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("icecached exited during start: ", d->process_.Stderr()));
+    }
+    if (::access(socket.c_str(), F_OK) == 0) {
+      grpc::health::v1::HealthCheckRequest req;
+      grpc::health::v1::HealthCheckResponse resp;
+      if (d->health_->Check(ContextWithDeadline(1).get(), req, &resp).ok() &&
+          resp.status() == grpc::health::v1::HealthCheckResponse::SERVING) {
+        break;
+      }
+    }
+    if (absl::Now() > deadline) {
+      return absl::DeadlineExceededError(
+          absl::StrCat("icecached not serving after 20 s: ", d->process_.Stderr()));
+    }
+    absl::SleepFor(absl::Milliseconds(20));
+  }
+  icecache::v1::GetConfigResponse cfg;
+  grpc::Status s =
+      d->stub_->GetConfig(ContextWithDeadline().get(), icecache::v1::GetConfigRequest(), &cfg);
+  if (!s.ok()) return absl::InternalError(absl::StrCat("GetConfig: ", s.error_message()));
+  d->metrics_port_ = static_cast<int>(cfg.metrics_port());
+  d->tcp_address_ = cfg.tcp_address();
+  return d;
+}
+
+absl::StatusOr<std::string> HttpGet(int port, const std::string& path) {
+  const int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) return absl::InternalError("socket");
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(static_cast<uint16_t>(port));
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  if (::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
+    ::close(fd);
+    return absl::UnavailableError(absl::StrCat("connect 127.0.0.1:", port, ": ",
+                                               std::strerror(errno)));
+  }
+  const std::string req =
+      absl::StrCat("GET ", path, " HTTP/1.0\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+  if (::write(fd, req.data(), req.size()) != static_cast<ssize_t>(req.size())) {
+    ::close(fd);
+    return absl::InternalError("short write");
+  }
+  std::string response;
+  char buf[16384];
+  ssize_t n;
+  while ((n = ::read(fd, buf, sizeof(buf))) > 0) response.append(buf, n);
+  ::close(fd);
+  const size_t header_end = response.find("\r\n\r\n");
+  if (header_end == std::string::npos) return absl::InternalError("no HTTP header");
+  const std::string status_line = response.substr(0, response.find("\r\n"));
+  if (!absl::StrContains(status_line, " 200")) {
+    return absl::InternalError(absl::StrCat("HTTP status: ", status_line));
+  }
+  return response.substr(header_end + 4);
+}
+
+}  // namespace icecache::testing
