@@ -15,5 +15,9 @@ function(icecache_add_test)
                                           GTest::gtest_main icecache_warnings)
   gtest_discover_tests(${T_NAME}
     DISCOVERY_TIMEOUT 60
-    PROPERTIES LABELS "${T_LABELS}" TIMEOUT ${T_TIMEOUT})
+    PROPERTIES LABELS "${T_LABELS}" TIMEOUT ${T_TIMEOUT}
+               # An idle gRPC client answers the server's shutdown ping only from its backup
+               # poller (every 5 s by default), which would make every daemon shutdown in
+               # the integration tests wait that long.
+               ENVIRONMENT "GRPC_CLIENT_CHANNEL_BACKUP_POLL_INTERVAL_MS=100")
 endfunction()

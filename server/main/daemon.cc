@@ -156,7 +156,9 @@ void Daemon::Shutdown() {
       std::chrono::system_clock::now() + absl::ToChronoNanoseconds(options_.shutdown_grace);
   server_->Shutdown(deadline);  // stop accepting; wait for in-flight calls up to deadline
   server_->Wait();
+  ICECACHE_LOG(DEBUG) << "gRPC server stopped";
   metrics_->StopExposer();
+  ICECACHE_LOG(DEBUG) << "metrics endpoint stopped";
   lock_.reset();  // removes the socket and lock files
   ICECACHE_LOG(INFO) << "shutdown complete";
 }
