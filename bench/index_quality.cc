@@ -1,0 +1,156 @@
+// Quality of page selection, side by side: the IceCache DCI tree (paper configuration and
+// options), the Quest-style and StreamingLLM baselines and the oracles, at several token
+// budgets, on a real-model trace (--trace) or on the synthetic generator.
+//
+//   build/bench/index_quality [--trace=FILE] [--budgets=64,128,256,512] [--out=DIR]
+//
+// Prints a table and writes DIR/index_quality.json and .csv (and per-layer recall CSV).
+#include <cstdio>
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "absl/time/clock.h"
+#include "common/flags_compat.h"
+#include "common/thread_pool.h"
+#include "server/index/evaluation.h"
+#include "server/index/simd.h"
+#include "server/index/synthetic.h"
+#include "server/index/trace.h"
+
+ABSL_FLAG(std::string, trace, "", "Trace file (bench/README.md); empty: synthetic data.");
+ABSL_FLAG(std::string, budgets, "64,128,256,512", "Token budgets to evaluate.");
+ABSL_FLAG(std::string, out, "bench/results", "Directory for JSON/CSV results.");
+ABSL_FLAG(uint32_t, threads, 0, "Worker threads (0: all cores).");
+ABSL_FLAG(uint32_t, first_layer, 0, "First layer to evaluate (2 skips the full-KV layers).");
+ABSL_FLAG(uint32_t, synthetic_tokens, 8192, "Synthetic: tokens per head.");
+ABSL_FLAG(uint32_t, synthetic_layers, 2, "Synthetic: layers (seeds differ per layer).");
+ABSL_FLAG(float, synthetic_sharpness, 9.0f, "Synthetic: query sharpness.");
+ABSL_FLAG(uint32_t, synthetic_run, 3, "Synthetic: mean run length of a cluster.");
+ABSL_FLAG(float, synthetic_spread, 0.45f, "Synthetic: within-cluster spread.");
+ABSL_FLAG(bool, variants, true, "Also evaluate the DCI option variants.");
+
+using namespace icecache::index;
+
+int main(int argc, char** argv) {
+  std::vector<std::string> args = icecache::NormalizeFlagNames(argc, argv);
+  std::vector<char*> ptrs = icecache::ArgvPointers(args);
+  absl::ParseCommandLine(static_cast<int>(args.size()), ptrs.data());
+
+  Trace trace;
+  const std::string path = absl::GetFlag(FLAGS_trace);
+  std::string data_name;
+  if (!path.empty()) {
+    absl::StatusOr<Trace> t = ReadTrace(path);
+    if (!t.ok()) {
+      std::fprintf(stderr, "index_quality: %s\n", std::string(t.status().message()).c_str());
+      return 1;
+    }
+    trace = std::move(*t);
+    data_name = path;
+  } else {
+    SyntheticOptions so;
+    so.num_tokens = absl::GetFlag(FLAGS_synthetic_tokens);
+    so.num_layers = absl::GetFlag(FLAGS_synthetic_layers);
+    so.head_dim = 128;
+    so.num_kv_heads = 2;
+    so.group_size = 4;
+    so.num_queries = 32;
+    so.query_sharpness = absl::GetFlag(FLAGS_synthetic_sharpness);
+    so.mean_run = absl::GetFlag(FLAGS_synthetic_run);
+    so.cluster_spread = absl::GetFlag(FLAGS_synthetic_spread);
+    trace = GenerateSynthetic(so);
+    data_name = "synthetic";
+  }
+  std::printf("data: %s\n  %s\n  %u layers x %u KV heads (%u query heads), dim %u, %u tokens, "
+              "%zu query positions\n",
+              data_name.c_str(), trace.description.c_str(), trace.num_layers,
+              trace.num_kv_heads, trace.num_q_heads, trace.head_dim, trace.num_tokens,
+              trace.query_positions.size());
+
+  EvalOptions opts;
+  opts.budgets.clear();
+  for (absl::string_view b : absl::StrSplit(absl::GetFlag(FLAGS_budgets), ',')) {
+    uint32_t v;
+    if (!absl::SimpleAtoi(b, &v)) {
+      std::fprintf(stderr, "index_quality: bad budget '%s'\n", std::string(b).c_str());
+      return 2;
+    }
+    opts.budgets.push_back(v);
+  }
+  opts.first_layer = absl::GetFlag(FLAGS_first_layer);
+  opts.output_error = trace.has_values;
+  if (absl::GetFlag(FLAGS_variants)) {
+    MethodSpec scaled{"icecache-dci+scaled-query", MethodKind::kDci, DciOptions{}};
+    scaled.dci.scale_query_projection = true;
+    MethodSpec full{"icecache-dci+full-cells", MethodKind::kDci, DciOptions{}};
+    full.dci.query_retrieve_ratio = 1.0;
+    MethodSpec r3{"dci-r1-0.03", MethodKind::kDci, DciOptions{}};
+    r3.dci.promotion_ratio_1 = 0.03;
+    MethodSpec r6{"dci-r1-0.0625", MethodKind::kDci, DciOptions{}};
+    r6.dci.promotion_ratio_1 = 0.0625;
+    MethodSpec o6{"oracle-r1-0.0625", MethodKind::kOraclePagesOurLayout, DciOptions{}};
+    o6.dci.promotion_ratio_1 = 0.0625;
+    opts.methods.insert(opts.methods.begin() + 1, {scaled, full, r3, r6, o6});
+  }
+  icecache::ThreadPool pool(absl::GetFlag(FLAGS_threads));
+  std::printf("simd: %s, threads: %zu\n", SimdLevelName(ActiveSimdLevel()), pool.size());
+  const absl::Time start = absl::Now();
+  absl::StatusOr<EvalResult> result =
+      Evaluate(trace, opts, &pool, [&](size_t done, size_t total) {
+        std::fprintf(stderr, "\r  evaluated %zu/%zu (layer, KV head) pairs, %.0f s", done, total,
+                     absl::ToDoubleSeconds(absl::Now() - start));
+        if (done == total) std::fprintf(stderr, "\n");
+      });
+  if (!result.ok()) {
+    std::fprintf(stderr, "index_quality: %s\n", std::string(result.status().message()).c_str());
+    return 1;
+  }
+  const std::vector<EvalSummary> sums = result->Summaries();
+  std::printf("\n%-28s %6s %8s %12s %13s %10s %11s\n", "method", "budget", "samples",
+              "recall mean", "recall median", "recall p10", "out err mean");
+  for (const EvalSummary& s : sums) {
+    std::printf("%-28s %6u %8llu %12.4f %13.4f %10.4f %11.4f\n", s.method.c_str(), s.budget,
+                static_cast<unsigned long long>(s.samples), s.recall_mean, s.recall_median,
+                s.recall_p10, s.error_mean);
+  }
+
+  const std::string out_dir = absl::GetFlag(FLAGS_out);
+  std::system(("mkdir -p '" + out_dir + "'").c_str());
+  const std::string stem = out_dir + "/index_quality";
+  std::ofstream csv(stem + ".csv");
+  csv << "method,budget,samples,recall_mean,recall_median,recall_p10,error_mean,error_median\n";
+  for (const EvalSummary& s : sums) {
+    csv << s.method << ',' << s.budget << ',' << s.samples << ',' << s.recall_mean << ','
+        << s.recall_median << ',' << s.recall_p10 << ',' << s.error_mean << ','
+        << s.error_median << '\n';
+  }
+  std::ofstream layers(stem + "_by_layer.csv");
+  layers << "method,budget,layer,recall_mean\n";
+  for (const MethodSpec& m : opts.methods) {
+    for (uint32_t b : opts.budgets) {
+      for (const auto& [layer, r] : result->RecallByLayer(m.name, b)) {
+        layers << m.name << ',' << b << ',' << layer << ',' << r << '\n';
+      }
+    }
+  }
+  std::ofstream json(stem + ".json");
+  json << "{\n  \"data\": \"" << data_name << "\",\n  \"description\": \"" << trace.description
+       << "\",\n  \"simd\": \"" << SimdLevelName(ActiveSimdLevel()) << "\",\n  \"results\": [\n";
+  for (size_t i = 0; i < sums.size(); ++i) {
+    const EvalSummary& s = sums[i];
+    json << "    {\"method\": \"" << s.method << "\", \"budget\": " << s.budget
+         << ", \"samples\": " << s.samples << ", \"recall_mean\": " << s.recall_mean
+         << ", \"recall_median\": " << s.recall_median << ", \"recall_p10\": " << s.recall_p10
+         << ", \"error_mean\": " << s.error_mean << ", \"error_median\": " << s.error_median
+         << "}" << (i + 1 < sums.size() ? "," : "") << "\n";
+  }
+  json << "  ]\n}\n";
+  std::printf("\nwrote %s.{json,csv} and %s_by_layer.csv\n", stem.c_str(), stem.c_str());
+  return 0;
+}

@@ -1,0 +1,1020 @@
+#include "server/index/dci_tree.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <numeric>
+#include <random>
+
+#include "absl/strings/str_cat.h"
+#include "common/log.h"
+#include "server/index/blas.h"
+#include "server/index/simd.h"
+
+namespace icecache::index {
+namespace {
+
+constexpr uint32_t kNone = 0xffffffffu;
+constexpr int kMaxLevels = 24;
+// Ratios as exact fractions over 10^6 (0.01 must promote exactly every 100th token).
+constexpr uint64_t kRatioDen = 1'000'000;
+
+struct Cand {
+  float score;
+  uint32_t tok;
+};
+
+inline bool ByScoreDesc(const Cand& a, const Cand& b) {
+  return a.score > b.score || (a.score == b.score && a.tok < b.tok);
+}
+
+uint64_t RatioNumerator(double r) {
+  return static_cast<uint64_t>(std::llround(std::clamp(r, 0.0, 1.0) * kRatioDen));
+}
+
+// Per-thread scratch of the search path (no allocation per query once warm).
+struct Scratch {
+  std::vector<float> page_best;
+  std::vector<uint32_t> page_stamp;
+  uint32_t stamp = 0;
+  std::vector<uint32_t> touched;
+  std::vector<Cand> cand;
+  std::vector<Cand> beam;
+  std::vector<uint32_t> cells;
+  std::vector<uint32_t> next_cells;
+  std::vector<const void*> rows;
+  std::vector<float> scores;
+  uint64_t scored = 0;
+
+  void BeginPages(uint32_t limit) {
+    if (page_best.size() < limit) {
+      page_best.resize(limit);
+      page_stamp.resize(limit, 0);
+    }
+    if (++stamp == 0) {  // wrapped: reset
+      std::fill(page_stamp.begin(), page_stamp.end(), 0);
+      stamp = 1;
+    }
+    touched.clear();
+  }
+  void Touch(uint32_t page, float score) {
+    if (page_stamp[page] != stamp) {
+      page_stamp[page] = stamp;
+      page_best[page] = score;
+      touched.push_back(page);
+    } else if (score > page_best[page]) {
+      page_best[page] = score;
+    }
+  }
+};
+
+Scratch& ThreadScratch() {
+  thread_local Scratch s;
+  return s;
+}
+
+thread_local uint64_t tls_last_scored = 0;
+
+}  // namespace
+
+struct DciTree::Cell {
+  uint32_t owner = kNone;  // parent token; kNone for the root cell
+  uint8_t level = 0;       // level of the member tokens
+  float max_sq = 0;        // M_c: the norm bound the projections below were computed with
+  std::vector<float> proj;          // ascending
+  std::vector<uint32_t> tok;        // tokens in projection order
+  std::vector<uint32_t> page_ids;   // pages of the cell, in projection order
+  std::vector<uint32_t> page_end;   // exclusive end (index into tok) of each page's run
+
+  uint32_t PageStart(size_t j) const { return j == 0 ? 0 : page_end[j - 1]; }
+  uint64_t Bytes() const {
+    return proj.capacity() * sizeof(float) + tok.capacity() * sizeof(uint32_t) +
+           page_ids.capacity() * sizeof(uint32_t) + page_end.capacity() * sizeof(uint32_t);
+  }
+};
+
+struct DciTree::Impl {
+  struct PageMeta {
+    uint32_t cell = kNone;
+    uint32_t valid = 0;
+  };
+  // A query or a key looking for its neighbours, in the lifted space.
+  struct Probe {
+    const float* x = nullptr;  // [dim] fp32
+    float extra = 0;           // lifted coordinate: sqrt(M - |x|^2) for keys, 0 for queries
+    float dir_proj = 0;        // u[:dim] . x (keys) or u[:dim] . x/|x| (queries)
+    float sq = 0;              // |x|^2 (keys)
+    bool is_key = false;
+  };
+
+  IndexGeometry g;
+  DciOptions o;
+  const PageReader* reader;
+  uint64_t row_bytes;
+  std::vector<float> u;  // dim + 1, unit norm
+  uint64_t r1_num, r2_num;
+
+  // Per-token metadata (index = insertion order).
+  std::vector<uint32_t> position;
+  std::vector<uint8_t> level;
+  std::vector<uint32_t> page_of;
+  std::vector<uint8_t> slot_of;
+  std::vector<float> sq;
+
+  std::vector<Cell> cells;
+  uint32_t root_cell = kNone;
+  absl::flat_hash_map<uint32_t, uint32_t> child_cell;  // token -> cell of its children
+  std::vector<PageMeta> pages;
+  std::vector<uint32_t> free_pages;
+  uint32_t live_pages = 0;
+  std::vector<std::vector<uint32_t>> level_tokens;  // level >= 1 only
+  std::vector<uint64_t> count_ge;                   // tokens with level >= l
+  int top = -1;
+  float M = 0;
+  bool built = false;
+
+  // Ingest context (Build/Insert, under the writer lock).
+  const KeyBatch* batch = nullptr;
+  uint32_t batch_begin = 0;
+  absl::flat_hash_map<uint32_t, std::pair<uint32_t, uint8_t>> orig;  // pre-change locations
+  std::vector<uint8_t> page_flags;  // bit 0 changed, bit 1 allocated now, bit 2 freed now
+  std::vector<uint32_t> flagged;
+  std::vector<uint32_t> pending_free;
+
+  Impl(const IndexGeometry& geometry, const DciOptions& options, const PageReader* r)
+      : g(geometry),
+        o(options),
+        reader(r),
+        row_bytes(uint64_t{geometry.dim} * ElemBytes(geometry.elem_type)),
+        r1_num(RatioNumerator(options.promotion_ratio_1)),
+        r2_num(RatioNumerator(options.promotion_ratio_2)) {
+    std::mt19937_64 rng(options.seed);
+    std::normal_distribution<float> normal(0.f, 1.f);
+    u.resize(g.dim + 1);
+    double norm = 0;
+    for (float& v : u) {
+      v = normal(rng);
+      norm += double(v) * v;
+    }
+    for (float& v : u) v = static_cast<float>(v / std::sqrt(norm));
+    level_tokens.resize(kMaxLevels);
+    count_ge.assign(kMaxLevels + 1, 0);
+  }
+
+  // ------------------------------------------------------------------ key access
+  const void* KeyPtr(uint32_t t) const {
+    if (batch != nullptr && t >= batch_begin) return batch->keys.row(t - batch_begin);
+    uint32_t p = page_of[t];
+    uint32_t s = slot_of[t];
+    if (!orig.empty()) {
+      auto it = orig.find(t);
+      if (it != orig.end()) {
+        p = it->second.first;
+        s = it->second.second;
+      }
+    }
+    return static_cast<const uint8_t*>(reader->PageKeys(p)) + s * row_bytes;
+  }
+
+  float Lift(uint32_t t) const { return std::sqrt(std::max(M - sq[t], 0.f)); }
+
+  float ProjOf(uint32_t t, float max_sq) const {
+    return Dot(u.data(), KeyPtr(t), g.elem_type, g.dim) +
+           u[g.dim] * std::sqrt(std::max(max_sq - sq[t], 0.f));
+  }
+
+  float ProbeProj(const Probe& p, const Cell& c) const {
+    if (p.is_key) return p.dir_proj + u[g.dim] * std::sqrt(std::max(c.max_sq - p.sq, 0.f));
+    return o.scale_query_projection ? std::sqrt(c.max_sq) * p.dir_proj : p.dir_proj;
+  }
+
+  Probe KeyProbe(uint32_t t, std::vector<float>* buf) const {
+    buf->resize(g.dim);
+    ToFloat(KeyPtr(t), g.elem_type, g.dim, buf->data());
+    Probe p;
+    p.x = buf->data();
+    p.sq = sq[t];
+    p.extra = Lift(t);
+    p.dir_proj = 0;
+    for (uint32_t i = 0; i < g.dim; ++i) p.dir_proj += u[i] * p.x[i];
+    p.is_key = true;
+    return p;
+  }
+
+  // ------------------------------------------------------------------ levels
+  int AssignLevel() {
+    ++count_ge[0];
+    int l = 0;
+    while (l + 1 < kMaxLevels) {
+      const uint64_t num = l == 0 ? r1_num : r2_num;
+      const uint64_t c = count_ge[l];
+      if ((c * num) / kRatioDen > ((c - 1) * num) / kRatioDen) {
+        ++l;
+        ++count_ge[l];
+      } else {
+        break;
+      }
+    }
+    return l;
+  }
+
+  // ------------------------------------------------------------------ pages and locations
+  void Flag(uint32_t p, uint8_t bit) {
+    if (page_flags.size() <= p) page_flags.resize(p + 1, 0);
+    if (page_flags[p] == 0) flagged.push_back(p);
+    page_flags[p] |= bit;
+  }
+  void MarkChanged(uint32_t p) { Flag(p, 1); }
+
+  uint32_t AllocPage(uint32_t cell) {
+    uint32_t p;
+    if (!free_pages.empty()) {
+      p = free_pages.back();
+      free_pages.pop_back();
+    } else {
+      p = static_cast<uint32_t>(pages.size());
+      pages.emplace_back();
+    }
+    pages[p] = PageMeta{cell, 0};
+    ++live_pages;
+    Flag(p, 1 | 2);
+    return p;
+  }
+
+  void FreePage(uint32_t p) {
+    pages[p] = PageMeta{};
+    --live_pages;
+    Flag(p, 4);
+    pending_free.push_back(p);  // reusable only after this change is applied
+  }
+
+  // Moves token t to (p, s), remembering where an existing token was before this change.
+  void SetLoc(uint32_t t, uint32_t p, uint32_t s) {
+    if (t < batch_begin && page_of[t] != kNone && !orig.contains(t)) {
+      orig.emplace(t, std::make_pair(page_of[t], slot_of[t]));
+    }
+    page_of[t] = p;
+    slot_of[t] = static_cast<uint8_t>(s);
+  }
+  void DetachLoc(uint32_t t) {
+    if (t < batch_begin && page_of[t] != kNone && !orig.contains(t)) {
+      orig.emplace(t, std::make_pair(page_of[t], slot_of[t]));
+    }
+    page_of[t] = kNone;
+  }
+
+  uint32_t NewCell(uint32_t owner, int lvl) {
+    cells.emplace_back();
+    cells.back().owner = owner;
+    cells.back().level = static_cast<uint8_t>(lvl);
+    const uint32_t id = static_cast<uint32_t>(cells.size() - 1);
+    if (owner != kNone) child_cell[owner] = id;
+    return id;
+  }
+
+  // Lays the cell's tokens (already sorted) into ceil(n / page_size) pages of even fill,
+  // reusing the cell's page ids and allocating or freeing the difference.
+  void ChunkCell(uint32_t cid) {
+    Cell& c = cells[cid];
+    const uint32_t n = static_cast<uint32_t>(c.tok.size());
+    const uint32_t need = (n + g.page_size - 1) / g.page_size;
+    while (c.page_ids.size() < need) c.page_ids.push_back(AllocPage(cid));
+    while (c.page_ids.size() > need) {
+      FreePage(c.page_ids.back());
+      c.page_ids.pop_back();
+    }
+    c.page_end.assign(need, 0);
+    for (uint32_t t : c.tok) DetachLoc(t);
+    uint32_t i = 0;
+    for (uint32_t j = 0; j < need; ++j) {
+      const uint32_t fill = n / need + (j < n % need ? 1 : 0);
+      const uint32_t p = c.page_ids[j];
+      for (uint32_t s = 0; s < fill; ++s) SetLoc(c.tok[i++], p, s);
+      c.page_end[j] = i;
+      pages[p].valid = fill;
+      MarkChanged(p);
+    }
+  }
+
+  // Recomputes every projection of the cell with its current max_sq, re-sorts, re-chunks.
+  void Reproject(uint32_t cid) {
+    Cell& c = cells[cid];
+    std::vector<std::pair<float, uint32_t>> order(c.tok.size());
+    for (size_t i = 0; i < c.tok.size(); ++i) order[i] = {ProjOf(c.tok[i], c.max_sq), c.tok[i]};
+    std::sort(order.begin(), order.end());
+    for (size_t i = 0; i < order.size(); ++i) {
+      c.proj[i] = order[i].first;
+      c.tok[i] = order[i].second;
+    }
+    ChunkCell(cid);
+  }
+
+  // Adds token t (detached) to cell cid.
+  void CellInsert(uint32_t cid, uint32_t t) {
+    {
+      Cell& c = cells[cid];
+      if (sq[t] > c.max_sq || c.page_ids.empty()) {
+        c.max_sq = std::max(c.max_sq, sq[t]);
+        c.proj.push_back(0);
+        c.tok.push_back(t);
+        Reproject(cid);
+        return;
+      }
+    }
+    const float pr = ProjOf(t, cells[cid].max_sq);
+    Cell& c = cells[cid];
+    const uint32_t n = static_cast<uint32_t>(c.tok.size());
+    const uint32_t idx =
+        static_cast<uint32_t>(std::upper_bound(c.proj.begin(), c.proj.end(), pr) - c.proj.begin());
+    // The page that takes it: the one whose run contains idx; at a boundary between two
+    // runs, the emptier of the two.
+    size_t j = std::upper_bound(c.page_end.begin(), c.page_end.end(), idx) - c.page_end.begin();
+    if (j == c.page_ids.size()) {
+      j = c.page_ids.size() - 1;
+    } else if (idx == c.PageStart(j) && j > 0 &&
+               pages[c.page_ids[j - 1]].valid <= pages[c.page_ids[j]].valid) {
+      j = j - 1;
+    }
+    c.proj.insert(c.proj.begin() + idx, pr);
+    c.tok.insert(c.tok.begin() + idx, t);
+    for (size_t i = j; i < c.page_end.size(); ++i) ++c.page_end[i];
+    (void)n;
+    const uint32_t p = c.page_ids[j];
+    if (pages[p].valid < g.page_size) {
+      SetLoc(t, p, pages[p].valid);
+      ++pages[p].valid;
+      MarkChanged(p);
+    } else {
+      Split(cid, j);
+    }
+  }
+
+  // Page j of the cell holds page_size + 1 tokens in its run (one of them detached): cut
+  // the run in two; the upper half moves to a new page.
+  void Split(uint32_t cid, size_t j) {
+    const uint32_t q = AllocPage(cid);
+    Cell& c = cells[cid];
+    const uint32_t a = c.PageStart(j), b = c.page_end[j];
+    const uint32_t mid = a + (b - a) / 2;
+    const uint32_t p = c.page_ids[j];
+    c.page_ids.insert(c.page_ids.begin() + j + 1, q);
+    c.page_end.insert(c.page_end.begin() + j, mid);
+    uint32_t s = 0;
+    for (uint32_t i = mid; i < b; ++i) SetLoc(c.tok[i], q, s++);
+    pages[q].valid = b - mid;
+    // Compact the lower half into slots [0, mid - a).
+    const uint32_t keep = mid - a;
+    std::vector<uint8_t> used(g.page_size, 0);
+    std::vector<uint32_t> homeless;
+    for (uint32_t i = a; i < mid; ++i) {
+      const uint32_t t = c.tok[i];
+      if (page_of[t] == p && slot_of[t] < keep) {
+        used[slot_of[t]] = 1;
+      } else {
+        homeless.push_back(t);
+      }
+    }
+    uint32_t hole = 0;
+    for (uint32_t t : homeless) {
+      while (used[hole]) ++hole;
+      used[hole] = 1;
+      SetLoc(t, p, hole);
+    }
+    pages[p].valid = keep;
+    MarkChanged(p);
+    MarkChanged(q);
+  }
+
+  // Removes token t from cell cid; its page compacts (the last slot fills the hole) and is
+  // freed when it empties.
+  void CellRemove(uint32_t cid, uint32_t t) {
+    Cell& c = cells[cid];
+    const size_t idx = std::find(c.tok.begin(), c.tok.end(), t) - c.tok.begin();
+    ICECACHE_CHECK(idx < c.tok.size()) << "token " << t << " not in its cell";
+    const size_t j =
+        std::upper_bound(c.page_end.begin(), c.page_end.end(), idx) - c.page_end.begin();
+    const uint32_t p = c.page_ids[j];
+    const uint32_t hole = slot_of[t];
+    const uint32_t last = pages[p].valid - 1;
+    c.proj.erase(c.proj.begin() + idx);
+    c.tok.erase(c.tok.begin() + idx);
+    for (size_t i = j; i < c.page_end.size(); ++i) --c.page_end[i];
+    DetachLoc(t);
+    if (hole != last) {
+      for (uint32_t i = c.PageStart(j); i < c.page_end[j]; ++i) {
+        const uint32_t v = c.tok[i];
+        if (page_of[v] == p && slot_of[v] == last) {
+          SetLoc(v, p, hole);
+          break;
+        }
+      }
+    }
+    --pages[p].valid;
+    MarkChanged(p);
+    if (pages[p].valid == 0) {
+      c.page_ids.erase(c.page_ids.begin() + j);
+      c.page_end.erase(c.page_end.begin() + j);
+      FreePage(p);
+    }
+  }
+
+  // ------------------------------------------------------------------ scoring and descent
+  // Scores the `ratio` share (at least `want`) of cell c closest to the probe in projection;
+  // appends candidates and, when `scratch_pages`, records each page's best score.
+  void ScoreCell(uint32_t cid, const Probe& probe, double ratio, uint32_t want, bool track_pages,
+                 Scratch& sc) const {
+    const Cell& c = cells[cid];
+    const uint32_t n = static_cast<uint32_t>(c.tok.size());
+    if (n == 0) return;
+    const uint32_t r = std::min<uint32_t>(
+        n, std::max<uint32_t>(static_cast<uint32_t>(std::ceil(ratio * n)), want));
+    uint32_t lo = 0, hi = n;
+    if (r < n) {
+      const float qp = ProbeProj(probe, c);
+      const uint32_t idx = static_cast<uint32_t>(
+          std::lower_bound(c.proj.begin(), c.proj.end(), qp) - c.proj.begin());
+      lo = idx;
+      hi = idx;
+      while (hi - lo < r) {
+        if (lo == 0) {
+          hi = lo + r;
+        } else if (hi == n) {
+          lo = hi - r;
+        } else if (qp - c.proj[lo - 1] <= c.proj[hi] - qp) {
+          --lo;
+        } else {
+          ++hi;
+        }
+      }
+    }
+    const uint32_t m = hi - lo;
+    sc.rows.resize(m);
+    sc.scores.resize(m);
+    for (uint32_t i = 0; i < m; ++i) sc.rows[i] = KeyPtr(c.tok[lo + i]);
+    DotGather(probe.x, sc.rows.data(), m, g.elem_type, g.dim, sc.scores.data());
+    sc.scored += m;
+    for (uint32_t i = 0; i < m; ++i) {
+      const uint32_t t = c.tok[lo + i];
+      float s = sc.scores[i];
+      if (probe.extra != 0) s += probe.extra * Lift(t);
+      sc.cand.push_back({s, t});
+      if (track_pages) sc.Touch(page_of[t], s);
+    }
+  }
+
+  uint32_t ChildPages(uint32_t t) const {
+    auto it = child_cell.find(t);
+    return it == child_cell.end() ? 0 : static_cast<uint32_t>(cells[it->second].page_ids.size());
+  }
+
+  // Beam descent from the root to `target` level. Returns the best `out_count` candidates
+  // scored on that level, best first. `want_last`: the beam above the target level covers
+  // at least this many of its pages (so a query can fill k pages).
+  void Descend(const Probe& probe, int target, uint32_t fov, double ratio, uint32_t want_last,
+               bool track_pages, size_t out_count, Scratch& sc, std::vector<Cand>* out) const {
+    sc.cells.assign(1, root_cell);
+    for (int lvl = top;; --lvl) {
+      sc.cand.clear();
+      const uint32_t want = lvl == target ? want_last : fov;
+      for (uint32_t cid : sc.cells) ScoreCell(cid, probe, ratio, want, track_pages, sc);
+      if (lvl == target || sc.cand.empty()) {
+        // Only the best out_count candidates are wanted (none for a query, whose result is
+        // the per-page scores recorded on the way).
+        const size_t n = std::min<size_t>(out_count, sc.cand.size());
+        std::partial_sort(sc.cand.begin(), sc.cand.begin() + n, sc.cand.end(), ByScoreDesc);
+        out->assign(sc.cand.begin(), sc.cand.begin() + n);
+        return;
+      }
+      // Next beam: the best FOV tokens, extended until their cells cover want_last pages
+      // when the next level is the target.
+      const size_t nb = std::min<size_t>(fov, sc.cand.size());
+      std::partial_sort(sc.cand.begin(), sc.cand.begin() + nb, sc.cand.end(), ByScoreDesc);
+      size_t take = nb;
+      if (lvl - 1 == target) {
+        uint64_t covered = 0;
+        for (size_t i = 0; i < nb; ++i) covered += ChildPages(sc.cand[i].tok);
+        if (covered < want_last && take < sc.cand.size()) {
+          std::sort(sc.cand.begin() + nb, sc.cand.end(), ByScoreDesc);
+          while (covered < want_last && take < sc.cand.size()) {
+            covered += ChildPages(sc.cand[take].tok);
+            ++take;
+          }
+        }
+      }
+      sc.next_cells.clear();
+      for (size_t i = 0; i < take; ++i) {
+        auto it = child_cell.find(sc.cand[i].tok);
+        if (it != child_cell.end() && !cells[it->second].tok.empty()) {
+          sc.next_cells.push_back(it->second);
+        }
+      }
+      if (sc.next_cells.empty()) {
+        out->clear();
+        return;
+      }
+      sc.cells.swap(sc.next_cells);
+    }
+  }
+
+  // Nearest (in the lifted metric) tokens to t among those exactly on level `lvl`, best
+  // first, at most `count`, excluding t itself.
+  void NearestOnLevel(uint32_t t, int lvl, uint32_t count, uint32_t fov, double ratio,
+                      std::vector<Cand>* out) const {
+    std::vector<float> buf;
+    const Probe probe = KeyProbe(t, &buf);
+    ICECACHE_CHECK(lvl >= 1 && lvl <= top) << "no neighbour search on level " << lvl;
+    const std::vector<uint32_t>& members = level_tokens[lvl];
+    out->clear();
+    if (lvl == top || members.size() <= o.exact_parent_max) {
+      for (uint32_t v : members) {
+        if (v == t) continue;
+        out->push_back({Dot(probe.x, KeyPtr(v), g.elem_type, g.dim) + probe.extra * Lift(v), v});
+      }
+      std::sort(out->begin(), out->end(), ByScoreDesc);
+    } else {
+      Scratch& sc = ThreadScratch();
+      Descend(probe, lvl, fov, ratio, count, /*track_pages=*/false, count + 1, sc, out);
+      out->erase(std::remove_if(out->begin(), out->end(),
+                                [t](const Cand& c) { return c.tok == t; }),
+                 out->end());
+    }
+    if (out->size() > count) out->resize(count);
+  }
+
+  // ------------------------------------------------------------------ build
+  // Parents (index into `parents`) of `children`, all exactly: fp32 blocks through sgemm.
+  void ExactParents(const std::vector<uint32_t>& children, const std::vector<uint32_t>& parents,
+                    std::vector<uint32_t>* best) const {
+    const uint32_t d = g.dim;
+    const size_t np = parents.size();
+    std::vector<float> pm(np * d), pb(np);
+    for (size_t j = 0; j < np; ++j) {
+      ToFloat(KeyPtr(parents[j]), g.elem_type, d, pm.data() + j * d);
+      pb[j] = Lift(parents[j]);
+    }
+    constexpr size_t kBlock = 256;
+    std::vector<float> xm(kBlock * d), s(kBlock * np);
+    best->resize(children.size());
+    for (size_t b0 = 0; b0 < children.size(); b0 += kBlock) {
+      const size_t nb = std::min(kBlock, children.size() - b0);
+      for (size_t i = 0; i < nb; ++i) {
+        ToFloat(KeyPtr(children[b0 + i]), g.elem_type, d, xm.data() + i * d);
+      }
+      Sgemm(nb, np, d, xm.data(), pm.data(), s.data());
+      for (size_t i = 0; i < nb; ++i) {
+        const float a = Lift(children[b0 + i]);
+        const float* row = s.data() + i * np;
+        size_t arg = 0;
+        float bestv = row[0] + a * pb[0];
+        for (size_t j = 1; j < np; ++j) {
+          const float v = row[j] + a * pb[j];
+          if (v > bestv) {
+            bestv = v;
+            arg = j;
+          }
+        }
+        (*best)[b0 + i] = parents[arg];
+      }
+    }
+  }
+
+  absl::Status BuildLocked(const KeyBatch& b, PageWriter* writer) {
+    const uint32_t n = b.keys.rows;
+    batch = &b;
+    batch_begin = 0;
+    position.assign(b.positions, b.positions + n);
+    level.resize(n);
+    page_of.assign(n, kNone);
+    slot_of.assign(n, 0);
+    sq.resize(n);
+    M = 0;
+    for (uint32_t t = 0; t < n; ++t) {
+      sq[t] = SquaredNorm(b.keys.row(t), g.elem_type, g.dim);
+      M = std::max(M, sq[t]);
+    }
+    std::vector<std::vector<uint32_t>> by_level(kMaxLevels);
+    for (uint32_t t = 0; t < n; ++t) {
+      const int l = AssignLevel();
+      level[t] = static_cast<uint8_t>(l);
+      by_level[l].push_back(t);
+      top = std::max(top, l);
+    }
+    for (int l = 1; l <= top; ++l) level_tokens[l] = by_level[l];
+
+    // Root cell: the top level, projected and sorted.
+    root_cell = NewCell(kNone, top);
+    std::vector<uint32_t> cell_order = {root_cell};
+    auto fill_cell = [&](uint32_t cid, const std::vector<uint32_t>& members) {
+      Cell& c = cells[cid];
+      c.max_sq = 0;
+      for (uint32_t t : members) c.max_sq = std::max(c.max_sq, sq[t]);
+      std::vector<std::pair<float, uint32_t>> order(members.size());
+      for (size_t i = 0; i < members.size(); ++i) {
+        order[i] = {ProjOf(members[i], c.max_sq), members[i]};
+      }
+      std::sort(order.begin(), order.end());
+      c.proj.resize(order.size());
+      c.tok.resize(order.size());
+      for (size_t i = 0; i < order.size(); ++i) {
+        c.proj[i] = order[i].first;
+        c.tok[i] = order[i].second;
+      }
+    };
+    fill_cell(root_cell, by_level[top]);
+
+    // Parents level by level, top-down; each level's cells exist before the next one's
+    // parents are searched through them.
+    std::vector<uint32_t> parent_of;
+    for (int l = top - 1; l >= 0; --l) {
+      const std::vector<uint32_t>& kids = by_level[l];
+      const std::vector<uint32_t>& parents = by_level[l + 1];
+      if (parents.size() <= o.exact_parent_max) {
+        ExactParents(kids, parents, &parent_of);
+      } else {
+        parent_of.resize(kids.size());
+        std::vector<Cand> found;
+        std::vector<float> buf;
+        Scratch& sc = ThreadScratch();
+        for (size_t i = 0; i < kids.size(); ++i) {
+          const Probe probe = KeyProbe(kids[i], &buf);
+          Descend(probe, l + 1, o.build_fov, o.build_retrieve_ratio, 1, false, 1, sc, &found);
+          ICECACHE_CHECK(!found.empty()) << "descent found no parent for token " << kids[i];
+          parent_of[i] = found.front().tok;
+        }
+      }
+      // Group children by parent, in the parents' token order.
+      absl::flat_hash_map<uint32_t, std::vector<uint32_t>> groups;
+      for (size_t i = 0; i < kids.size(); ++i) groups[parent_of[i]].push_back(kids[i]);
+      for (uint32_t p : parents) {
+        auto it = groups.find(p);
+        if (it == groups.end()) continue;
+        const uint32_t cid = NewCell(p, l);
+        fill_cell(cid, it->second);
+        cell_order.push_back(cid);
+      }
+    }
+    // Pages: cell after cell, so that a cluster's pages have consecutive ids.
+    for (uint32_t cid : cell_order) ChunkCell(cid);
+    EmitChange(writer);
+    built = true;
+    return absl::OkStatus();
+  }
+
+  // ------------------------------------------------------------------ insert
+  absl::Status InsertLocked(const KeyBatch& b, PageWriter* writer) {
+    const uint32_t m = b.keys.rows;
+    const uint32_t n0 = static_cast<uint32_t>(position.size());
+    batch = &b;
+    batch_begin = n0;
+    position.insert(position.end(), b.positions, b.positions + m);
+    level.resize(n0 + m);
+    page_of.resize(n0 + m, kNone);
+    slot_of.resize(n0 + m, 0);
+    sq.resize(n0 + m);
+    for (uint32_t i = 0; i < m; ++i) {
+      sq[n0 + i] = SquaredNorm(b.keys.row(i), g.elem_type, g.dim);
+      M = std::max(M, sq[n0 + i]);
+    }
+    std::vector<uint32_t> order(m);
+    for (uint32_t i = 0; i < m; ++i) {
+      const int l = AssignLevel();
+      level[n0 + i] = static_cast<uint8_t>(l);
+      order[i] = n0 + i;
+    }
+    // Upper levels first: a new parent must exist before the new children look for one.
+    std::stable_sort(order.begin(), order.end(),
+                     [&](uint32_t x, uint32_t y) { return level[x] > level[y]; });
+    std::vector<Cand> found;
+    for (uint32_t t : order) {
+      const int l = level[t];
+      if (l > top) {
+        // A new top level: t becomes the root and adopts the old root cell.
+        ICECACHE_CHECK(l == top + 1) << "level jumped from " << top << " to " << l;
+        const uint32_t old_root = root_cell;
+        cells[old_root].owner = t;
+        child_cell[t] = old_root;
+        top = l;
+        root_cell = NewCell(kNone, top);
+        level_tokens[l].push_back(t);
+        CellInsert(root_cell, t);
+        continue;
+      }
+      if (l >= 1) level_tokens[l].push_back(t);
+      if (l == top) {
+        CellInsert(root_cell, t);
+      } else {
+        NearestOnLevel(t, l + 1, 1, o.insert_fov, o.insert_retrieve_ratio, &found);
+        ICECACHE_CHECK(!found.empty()) << "no parent for token " << t << " on level " << l + 1;
+        const uint32_t p = found.front().tok;
+        auto it = child_cell.find(p);
+        const uint32_t cid = it != child_cell.end() ? it->second : NewCell(p, l);
+        CellInsert(cid, t);
+      }
+      if (l >= 1 && o.reparent_neighbors > 0) Reparent(t);
+    }
+    EmitChange(writer);
+    return absl::OkStatus();
+  }
+
+  // t (level >= 1) adopts the children of its nearest same-level tokens that are closer to
+  // it than to their parent.
+  void Reparent(uint32_t t) {
+    const int l = level[t];
+    std::vector<Cand> near;
+    NearestOnLevel(t, l, o.reparent_neighbors, o.insert_fov, o.insert_retrieve_ratio, &near);
+    std::vector<float> tx(g.dim), wx(g.dim);
+    ToFloat(KeyPtr(t), g.elem_type, g.dim, tx.data());
+    const float tl = Lift(t);
+    uint32_t tcell = kNone;
+    for (const Cand& w : near) {
+      auto it = child_cell.find(w.tok);
+      if (it == child_cell.end()) continue;
+      const uint32_t wcell = it->second;
+      ToFloat(KeyPtr(w.tok), g.elem_type, g.dim, wx.data());
+      const float wl = Lift(w.tok);
+      std::vector<uint32_t> moving;
+      for (uint32_t c : cells[wcell].tok) {
+        const void* row = KeyPtr(c);
+        const float cl = Lift(c);
+        const float to_t = Dot(tx.data(), row, g.elem_type, g.dim) + tl * cl;
+        const float to_w = Dot(wx.data(), row, g.elem_type, g.dim) + wl * cl;
+        if (to_t > to_w) moving.push_back(c);
+      }
+      if (moving.empty()) continue;
+      if (tcell == kNone) {
+        auto own = child_cell.find(t);
+        tcell = own != child_cell.end() ? own->second : NewCell(t, l - 1);
+      }
+      for (uint32_t c : moving) {
+        CellRemove(wcell, c);
+        CellInsert(tcell, c);
+      }
+    }
+  }
+
+  // Turns the flagged pages into a LayoutChange, hands it to the writer, clears the context.
+  void EmitChange(PageWriter* writer) {
+    LayoutChange change;
+    for (uint32_t p : flagged) {
+      const uint8_t f = page_flags[p];
+      const bool now_allocated = f & 2, now_freed = f & 4;
+      if (now_allocated && now_freed) continue;  // born and gone within this change
+      if (now_freed) {
+        change.freed.push_back(p);
+        continue;
+      }
+      if (now_allocated) change.allocated.push_back(p);
+      const Cell& c = cells[pages[p].cell];
+      const size_t j = std::find(c.page_ids.begin(), c.page_ids.end(), p) - c.page_ids.begin();
+      ICECACHE_CHECK(j < c.page_ids.size()) << "page " << p << " missing from its cell";
+      for (uint32_t i = c.PageStart(j); i < c.page_end[j]; ++i) {
+        const uint32_t t = c.tok[i];
+        SlotWrite w;
+        w.page = p;
+        w.slot = slot_of[t];
+        if (t >= batch_begin) {
+          w.src.kind = SlotSource::Kind::kBatch;
+          w.src.batch_row = t - batch_begin;
+        } else {
+          auto it = orig.find(t);
+          if (it == orig.end()) continue;  // never moved
+          if (it->second.first == p && it->second.second == slot_of[t]) continue;
+          w.src.kind = SlotSource::Kind::kExisting;
+          w.src.page = it->second.first;
+          w.src.slot = it->second.second;
+        }
+        change.writes.push_back(w);
+      }
+      change.changed.push_back({p, pages[p].valid});
+    }
+    std::sort(change.allocated.begin(), change.allocated.end());
+    writer->Apply(change);
+    for (uint32_t p : flagged) page_flags[p] = 0;
+    flagged.clear();
+    orig.clear();
+    free_pages.insert(free_pages.end(), pending_free.begin(), pending_free.end());
+    pending_free.clear();
+    batch = nullptr;
+    batch_begin = static_cast<uint32_t>(position.size());
+  }
+
+  // ------------------------------------------------------------------ search
+  void SearchOne(const float* q, uint32_t k, std::vector<SelectedPage>* out) const {
+    Scratch& sc = ThreadScratch();
+    sc.scored = 0;
+    sc.BeginPages(static_cast<uint32_t>(pages.size()));
+    Probe probe;
+    probe.x = q;
+    double norm = 0, dp = 0;
+    for (uint32_t i = 0; i < g.dim; ++i) {
+      norm += double(q[i]) * q[i];
+      dp += double(u[i]) * q[i];
+    }
+    probe.dir_proj = norm > 0 ? static_cast<float>(dp / std::sqrt(norm)) : 0.f;
+    const uint32_t n = static_cast<uint32_t>(position.size());
+    const uint32_t fov =
+        std::max<uint32_t>(static_cast<uint32_t>(std::ceil(o.fov_ratio * n)), o.min_fov);
+    std::vector<Cand> last;
+    Descend(probe, 0, fov, o.query_retrieve_ratio, k, /*track_pages=*/true, 0, sc, &last);
+    // Rare (tiny or skewed trees): fewer pages reached than asked for; score the rest.
+    if (sc.touched.size() < k) {
+      for (uint32_t p = 0; p < pages.size(); ++p) {
+        if (pages[p].cell == kNone || sc.page_stamp[p] == sc.stamp) continue;
+        const Cell& c = cells[pages[p].cell];
+        const size_t j = std::find(c.page_ids.begin(), c.page_ids.end(), p) - c.page_ids.begin();
+        for (uint32_t i = c.PageStart(j); i < c.page_end[j]; ++i) {
+          sc.Touch(p, Dot(q, KeyPtr(c.tok[i]), g.elem_type, g.dim));
+          ++sc.scored;
+        }
+      }
+    }
+    std::vector<SelectedPage> ranked;
+    ranked.reserve(sc.touched.size());
+    for (uint32_t p : sc.touched) ranked.push_back({p, pages[p].valid, sc.page_best[p]});
+    const size_t kk = std::min<size_t>(k, ranked.size());
+    std::partial_sort(ranked.begin(), ranked.begin() + kk, ranked.end(),
+                      [](const SelectedPage& a, const SelectedPage& b) {
+                        return a.score > b.score || (a.score == b.score && a.page < b.page);
+                      });
+    ranked.resize(kk);
+    *out = std::move(ranked);
+    tls_last_scored += sc.scored;
+  }
+};
+
+// =================================================================== public
+DciTree::DciTree(const IndexGeometry& geometry, const DciOptions& options,
+                 const PageReader* reader)
+    : impl_(std::make_unique<Impl>(geometry, options, reader)), geometry_(geometry) {}
+
+DciTree::~DciTree() = default;
+
+absl::Status DciTree::Build(const KeyBatch& batch, PageWriter* writer) {
+  absl::Status valid = ValidateBatch(geometry_, batch);
+  if (!valid.ok()) return valid;
+  if (writer == nullptr) return absl::InvalidArgumentError("null page writer");
+  absl::MutexLock lock(&mu_);
+  if (impl_->built) return absl::FailedPreconditionError("index is already built");
+  return impl_->BuildLocked(batch, writer);
+}
+
+absl::Status DciTree::Insert(const KeyBatch& batch, PageWriter* writer) {
+  absl::Status valid = ValidateBatch(geometry_, batch);
+  if (!valid.ok()) return valid;
+  if (writer == nullptr) return absl::InvalidArgumentError("null page writer");
+  absl::MutexLock lock(&mu_);
+  if (!impl_->built) return absl::FailedPreconditionError("insert before build");
+  if (impl_->position.size() + batch.keys.rows > (uint64_t{1} << 31)) {
+    return absl::ResourceExhaustedError("index holds at most 2^31 tokens");
+  }
+  return impl_->InsertLocked(batch, writer);
+}
+
+absl::Status DciTree::Search(const float* queries, uint32_t group, uint32_t k,
+                             std::vector<SelectedPage>* out) const {
+  absl::Status valid = ValidateQueries(geometry_, queries, group);
+  if (!valid.ok()) return valid;
+  if (out == nullptr) return absl::InvalidArgumentError("null output");
+  absl::ReaderMutexLock lock(&mu_);
+  if (!impl_->built) return absl::FailedPreconditionError("search before build");
+  if (k == 0 || k > impl_->live_pages) {
+    return absl::InvalidArgumentError(absl::StrCat("k must be in 1..", impl_->live_pages,
+                                                   " (the pages of this index), got ", k));
+  }
+  tls_last_scored = 0;
+  std::vector<std::vector<SelectedPage>> lists(group);
+  for (uint32_t h = 0; h < group; ++h) {
+    impl_->SearchOne(queries + uint64_t{h} * geometry_.dim, k, &lists[h]);
+  }
+  *out = group == 1 ? std::move(lists[0]) : MergeRankInterleaved(lists, k);
+  return absl::OkStatus();
+}
+
+uint32_t DciTree::num_tokens() const {
+  absl::ReaderMutexLock lock(&mu_);
+  return static_cast<uint32_t>(impl_->position.size());
+}
+
+uint32_t DciTree::num_pages() const {
+  absl::ReaderMutexLock lock(&mu_);
+  return impl_->live_pages;
+}
+
+uint32_t DciTree::page_id_limit() const {
+  absl::ReaderMutexLock lock(&mu_);
+  return static_cast<uint32_t>(impl_->pages.size());
+}
+
+std::vector<PageInfo> DciTree::Layout() const {
+  absl::ReaderMutexLock lock(&mu_);
+  std::vector<PageInfo> out;
+  out.reserve(impl_->live_pages);
+  for (const Cell& c : impl_->cells) {
+    for (size_t j = 0; j < c.page_ids.size(); ++j) {
+      PageInfo info;
+      info.page = c.page_ids[j];
+      info.positions.resize(impl_->pages[info.page].valid);
+      for (uint32_t i = c.PageStart(j); i < c.page_end[j]; ++i) {
+        info.positions[impl_->slot_of[c.tok[i]]] = impl_->position[c.tok[i]];
+      }
+      out.push_back(std::move(info));
+    }
+  }
+  std::sort(out.begin(), out.end(),
+            [](const PageInfo& a, const PageInfo& b) { return a.page < b.page; });
+  return out;
+}
+
+uint64_t DciTree::MemoryBytes() const {
+  absl::ReaderMutexLock lock(&mu_);
+  const Impl& m = *impl_;
+  uint64_t bytes = m.position.capacity() * 4 + m.level.capacity() + m.page_of.capacity() * 4 +
+                   m.slot_of.capacity() + m.sq.capacity() * 4 + m.u.capacity() * 4 +
+                   m.pages.capacity() * sizeof(Impl::PageMeta) + m.free_pages.capacity() * 4 +
+                   m.cells.capacity() * sizeof(Cell) +
+                   m.child_cell.capacity() * (sizeof(uint32_t) * 2 + 1);
+  for (const Cell& c : m.cells) bytes += c.Bytes();
+  for (const auto& lt : m.level_tokens) bytes += lt.capacity() * 4;
+  return bytes;
+}
+
+DciTree::Stats DciTree::GetStats() const {
+  absl::ReaderMutexLock lock(&mu_);
+  Stats s;
+  s.levels = static_cast<uint32_t>(impl_->top + 1);
+  s.tokens_per_level.assign(s.levels, 0);
+  for (uint8_t l : impl_->level) ++s.tokens_per_level[l];
+  s.cells = static_cast<uint32_t>(impl_->cells.size());
+  s.pages = impl_->live_pages;
+  s.tokens_scored_last_search = tls_last_scored;
+  return s;
+}
+
+uint32_t DciTree::LevelOf(uint32_t t) const {
+  absl::ReaderMutexLock lock(&mu_);
+  return impl_->level.at(t);
+}
+
+uint32_t DciTree::ParentOf(uint32_t t) const {
+  absl::ReaderMutexLock lock(&mu_);
+  const uint32_t cell = impl_->pages.at(impl_->page_of.at(t)).cell;
+  return impl_->cells[cell].owner == kNone ? kNoParent : impl_->cells[cell].owner;
+}
+
+std::pair<uint32_t, uint32_t> DciTree::LocationOf(uint32_t t) const {
+  absl::ReaderMutexLock lock(&mu_);
+  return {impl_->page_of.at(t), impl_->slot_of.at(t)};
+}
+
+absl::Status DciTree::CheckInvariants() const {
+  absl::ReaderMutexLock lock(&mu_);
+  const Impl& m = *impl_;
+  const uint32_t n = static_cast<uint32_t>(m.position.size());
+  std::vector<uint8_t> seen(n, 0);
+  uint32_t live = 0;
+  for (uint32_t cid = 0; cid < m.cells.size(); ++cid) {
+    const Cell& c = m.cells[cid];
+    if (c.proj.size() != c.tok.size()) return absl::InternalError("cell arrays differ in size");
+    if (!std::is_sorted(c.proj.begin(), c.proj.end())) {
+      return absl::InternalError(absl::StrCat("cell ", cid, " is not sorted by projection"));
+    }
+    if (c.page_ids.size() != c.page_end.size()) return absl::InternalError("page arrays differ");
+    if (!c.tok.empty() && (c.page_end.empty() || c.page_end.back() != c.tok.size())) {
+      return absl::InternalError(absl::StrCat("cell ", cid, " pages do not cover its tokens"));
+    }
+    const bool is_root = cid == m.root_cell;
+    if (is_root != (c.owner == kNone)) return absl::InternalError("root cell ownership");
+    if (!is_root && !c.tok.empty() && m.level[c.owner] != c.level + 1) {
+      return absl::InternalError(absl::StrCat("cell ", cid, " owner is not one level up"));
+    }
+    if (is_root && c.level != m.top) return absl::InternalError("root cell not at top level");
+    for (size_t j = 0; j < c.page_ids.size(); ++j) {
+      const uint32_t p = c.page_ids[j];
+      ++live;
+      const uint32_t len = c.page_end[j] - c.PageStart(j);
+      if (m.pages[p].cell != cid || m.pages[p].valid != len || len == 0 ||
+          len > m.g.page_size) {
+        return absl::InternalError(absl::StrCat("page ", p, " of cell ", cid, " has ", len,
+                                                " tokens, valid ", m.pages[p].valid));
+      }
+      std::vector<uint8_t> slots(m.g.page_size, 0);
+      for (uint32_t i = c.PageStart(j); i < c.page_end[j]; ++i) {
+        const uint32_t t = c.tok[i];
+        if (seen[t]++) return absl::InternalError(absl::StrCat("token ", t, " in two slots"));
+        if (m.page_of[t] != p || m.slot_of[t] >= len || slots[m.slot_of[t]]++) {
+          return absl::InternalError(absl::StrCat("token ", t, " has a bad slot"));
+        }
+        if (m.level[t] != c.level) {
+          return absl::InternalError(absl::StrCat("token ", t, " sits in a cell of another level"));
+        }
+      }
+    }
+  }
+  for (uint32_t t = 0; t < n; ++t) {
+    if (!seen[t]) return absl::InternalError(absl::StrCat("token ", t, " is in no page"));
+  }
+  if (live != m.live_pages) return absl::InternalError("live page count is off");
+  return absl::OkStatus();
+}
+
+}  // namespace icecache::index

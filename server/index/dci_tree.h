@@ -1,0 +1,123 @@
+// The IceCache DCI tree of one (sequence, layer, KV head), faithful to the paper first
+// (../shared/reference/icecache-method.md section 3); every parameter is an option whose
+// default is the paper's value, and improvements are options measured side by side.
+//
+// Structure
+//   - Maximum-inner-product search becomes nearest-neighbour search through the lift
+//     T(k) = [k, sqrt(M - |k|^2)] (keys) and T(q) = [q/|q|, 0] (queries). Scores are exact
+//     inner products q.k; key-to-key closeness (parent assignment) is T(k1).T(k2).
+//   - Every token sits on exactly one level. Promotion is deterministic in token order:
+//     token i reaches level >= 1 when floor(c0 * r1) steps up (c0 = tokens so far), a
+//     level->=l token reaches >= l+1 when floor(c_l * r2) steps up; so about r1 of all tokens
+//     are on level >= 1 and r2 of each level >= 1 on the next, evenly spread in position.
+//   - Each token's parent is its nearest token on the level above (exact while that level
+//     has at most exact_parent_max tokens; a DCI descent beyond). The children of one parent
+//     form a cell; the top level is the root cell.
+//   - A cell keeps its tokens sorted by their projection onto one random direction u of
+//     dim+1 (the lifted space), with the norm bound M_c tracked per cell; when a token raises
+//     M_c the cell is re-projected. Pages are runs of at most page_size consecutive tokens of
+//     one cell: pages are semantic clusters, not positions.
+//   - Search descends from the root with a field of view max(fov_ratio * n, min_fov): in each
+//     expanded cell it scores exactly the retrieve_ratio share of tokens closest to the query
+//     in projection, keeps the best FOV tokens as the next beam, and ranks pages by the best
+//     token scored in them over all levels. The GQA group's lists merge rank-interleaved.
+//   - Insert places each new token under its nearest parent (splitting a full page in two),
+//     lets a newly promoted token adopt the nearby tokens it is closer to than their parent,
+//     and reports every page it touched.
+//
+// Memory: about 22 bytes of metadata per token (position, level, page, slot, |k|^2, and the
+// cell's sorted projection and token id), no copy of the keys.
+//
+// Thread safety: see KvIndex. Searches share a reader lock; Build and Insert take the
+// writer lock for their whole duration (metadata update and page rewrites), so a search
+// sees either the layout before an insert or after it, never a mix.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/container/flat_hash_map.h"
+#include "absl/synchronization/mutex.h"
+#include "server/index/kv_index.h"
+
+namespace icecache::index {
+
+struct DciOptions {
+  // Share of tokens promoted from level 0 to level >= 1 (paper: 0.01).
+  double promotion_ratio_1 = 0.01;
+  // Share of level->=l tokens promoted to level >= l+1, for l >= 1 (paper: 0.2).
+  double promotion_ratio_2 = 0.2;
+  // Parent assignment scores every candidate while the level above holds at most this many
+  // tokens (paper: 3000); beyond, it descends the tree.
+  uint32_t exact_parent_max = 3000;
+  // Query field of view: max(ceil(fov_ratio * tokens), min_fov) (paper: 0.0015, 30).
+  double fov_ratio = 0.0015;
+  uint32_t min_fov = 30;
+  // Share of each expanded cell scored exactly by a query, closest in projection first
+  // (paper: prop_to_retrieve 0.8).
+  double query_retrieve_ratio = 0.8;
+  // Parent search by descent, at build and at insert (paper: FOV 30 with ratio 1.0 at
+  // prefill, FOV 20 with ratio 0.6 at insert).
+  uint32_t build_fov = 30;
+  double build_retrieve_ratio = 1.0;
+  uint32_t insert_fov = 20;
+  double insert_retrieve_ratio = 0.6;
+  // A token promoted to level >= 1 during insert adopts the children of its nearest
+  // `reparent_neighbors` same-level tokens that are closer to it (0 turns this off).
+  uint32_t reparent_neighbors = 4;
+  // Option (off = paper): project a query at the radius of the cell's keys,
+  // sqrt(M_c) * u.q/|q|, instead of at radius 1.
+  bool scale_query_projection = false;
+  // Seed of the projection direction (shared by every tree built with these options).
+  uint64_t seed = 0x1CECAC4E;
+};
+
+class DciTree final : public KvIndex {
+ public:
+  // `reader` gives access to the pages this tree lays out; it must outlive the tree.
+  DciTree(const IndexGeometry& geometry, const DciOptions& options, const PageReader* reader);
+  ~DciTree() override;
+
+  const char* name() const override { return "icecache-dci"; }
+  const IndexGeometry& geometry() const override { return geometry_; }
+  absl::Status Build(const KeyBatch& batch, PageWriter* writer) override;
+  absl::Status Insert(const KeyBatch& batch, PageWriter* writer) override;
+  absl::Status Search(const float* queries, uint32_t group, uint32_t k,
+                      std::vector<SelectedPage>* out) const override;
+  uint32_t num_tokens() const override;
+  uint32_t num_pages() const override;
+  uint32_t page_id_limit() const override;
+  std::vector<PageInfo> Layout() const override;
+  uint64_t MemoryBytes() const override;
+
+  // Introspection for tests and benchmarks.
+  struct Stats {
+    uint32_t levels = 0;                      // top level + 1
+    std::vector<uint32_t> tokens_per_level;   // [level]
+    uint32_t cells = 0;
+    uint32_t pages = 0;
+    uint64_t tokens_scored_last_search = 0;   // by the last Search on this thread
+  };
+  Stats GetStats() const;
+  // Level, parent (kNoParent for the top level) and page/slot of token `t` (insertion
+  // order: batch rows of Build first, then of each Insert).
+  static constexpr uint32_t kNoParent = 0xffffffffu;
+  uint32_t LevelOf(uint32_t t) const;
+  uint32_t ParentOf(uint32_t t) const;
+  std::pair<uint32_t, uint32_t> LocationOf(uint32_t t) const;
+  // Checks every structural invariant (each token in exactly one slot, slots compact, cells
+  // sorted, pages within capacity, parents one level up); returns INTERNAL naming the first
+  // violation. Tests call it after builds and inserts.
+  absl::Status CheckInvariants() const;
+
+ private:
+  struct Cell;
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+  IndexGeometry geometry_;
+  mutable absl::Mutex mu_;
+};
+
+}  // namespace icecache::index

@@ -1,0 +1,284 @@
+#include "server/index/simd.h"
+
+#include <immintrin.h>
+
+#include <atomic>
+#include <cmath>
+#include <cstring>
+
+namespace icecache::index {
+
+const char* ElemTypeName(ElemType t) {
+  switch (t) {
+    case ElemType::kF32:
+      return "fp32";
+    case ElemType::kF16:
+      return "fp16";
+    case ElemType::kBF16:
+      return "bf16";
+  }
+  return "?";
+}
+
+float HalfToFloat(uint16_t h) {
+  const uint32_t sign = uint32_t{h & 0x8000u} << 16;
+  uint32_t exp = (h >> 10) & 0x1f;
+  uint32_t mant = h & 0x3ffu;
+  uint32_t bits;
+  if (exp == 0) {
+    if (mant == 0) {
+      bits = sign;
+    } else {  // subnormal: normalize
+      int e = -1;
+      do {
+        ++e;
+        mant <<= 1;
+      } while ((mant & 0x400u) == 0);
+      bits = sign | (uint32_t(127 - 15 - e) << 23) | ((mant & 0x3ffu) << 13);
+    }
+  } else if (exp == 0x1f) {
+    bits = sign | 0x7f800000u | (mant << 13);
+  } else {
+    bits = sign | ((exp + 127 - 15) << 23) | (mant << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+uint16_t FloatToHalf(float f) {
+  uint32_t x;
+  std::memcpy(&x, &f, sizeof(x));
+  const uint16_t sign = static_cast<uint16_t>((x >> 16) & 0x8000u);
+  const uint32_t absx = x & 0x7fffffffu;
+  if (absx >= 0x7f800000u) {  // inf or nan
+    return sign | 0x7c00u | (absx > 0x7f800000u ? 0x200u : 0);
+  }
+  if (absx >= 0x477ff000u) return sign | 0x7c00u;  // rounds to inf
+  if (absx < 0x38800000u) {                        // subnormal or zero in half
+    const float af = std::fabs(f);
+    // Scale so that the half subnormal unit (2^-24) becomes 1, then round to nearest even.
+    const float scaled = af * 16777216.0f;
+    return sign | static_cast<uint16_t>(std::nearbyint(scaled));
+  }
+  const uint32_t mant_round = absx + 0xfffu + ((absx >> 13) & 1u);
+  return sign | static_cast<uint16_t>((mant_round - 0x38000000u) >> 13);
+}
+
+uint16_t FloatToBf16(float f) {
+  uint32_t x;
+  std::memcpy(&x, &f, sizeof(x));
+  if ((x & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((x >> 16) | 0x40u);  // nan
+  x += 0x7fffu + ((x >> 16) & 1u);
+  return static_cast<uint16_t>(x >> 16);
+}
+
+namespace {
+
+// ---------------------------------------------------------------- scalar
+inline float LoadScalar(const void* row, ElemType type, uint32_t i) {
+  switch (type) {
+    case ElemType::kF32:
+      return static_cast<const float*>(row)[i];
+    case ElemType::kF16:
+      return HalfToFloat(static_cast<const uint16_t*>(row)[i]);
+    case ElemType::kBF16:
+      return Bf16ToFloat(static_cast<const uint16_t*>(row)[i]);
+  }
+  return 0;
+}
+
+float DotScalar(const float* x, const void* row, ElemType type, uint32_t dim) {
+  float acc[4] = {0, 0, 0, 0};
+  uint32_t i = 0;
+  for (; i + 4 <= dim; i += 4) {
+    for (int j = 0; j < 4; ++j) acc[j] += x[i + j] * LoadScalar(row, type, i + j);
+  }
+  for (; i < dim; ++i) acc[0] += x[i] * LoadScalar(row, type, i);
+  return (acc[0] + acc[1]) + (acc[2] + acc[3]);
+}
+
+float SquaredNormScalar(const void* row, ElemType type, uint32_t dim) {
+  float acc = 0;
+  for (uint32_t i = 0; i < dim; ++i) {
+    const float v = LoadScalar(row, type, i);
+    acc += v * v;
+  }
+  return acc;
+}
+
+void ToFloatScalar(const void* row, ElemType type, uint32_t dim, float* dst) {
+  for (uint32_t i = 0; i < dim; ++i) dst[i] = LoadScalar(row, type, i);
+}
+
+// ---------------------------------------------------------------- AVX2 + FMA + F16C
+#define ICECACHE_AVX2 __attribute__((target("avx2,fma,f16c")))
+
+ICECACHE_AVX2 inline __m256 Load8(const void* row, ElemType type, uint32_t i) {
+  switch (type) {
+    case ElemType::kF32:
+      return _mm256_loadu_ps(static_cast<const float*>(row) + i);
+    case ElemType::kF16:
+      return _mm256_cvtph_ps(
+          _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(row) + i)));
+    case ElemType::kBF16: {
+      const __m128i raw =
+          _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(row) + i));
+      return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+    }
+  }
+  return _mm256_setzero_ps();
+}
+
+ICECACHE_AVX2 inline float HorizontalSum(__m256 v) {
+  const __m128 lo = _mm256_castps256_ps128(v);
+  const __m128 hi = _mm256_extractf128_ps(v, 1);
+  __m128 s = _mm_add_ps(lo, hi);
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+  return _mm_cvtss_f32(s);
+}
+
+template <ElemType kType>
+ICECACHE_AVX2 inline float DotAvx2T(const float* x, const void* row, uint32_t dim) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+  __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+  uint32_t i = 0;
+  for (; i + 32 <= dim; i += 32) {
+    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), Load8(row, kType, i), a0);
+    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i + 8), Load8(row, kType, i + 8), a1);
+    a2 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i + 16), Load8(row, kType, i + 16), a2);
+    a3 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i + 24), Load8(row, kType, i + 24), a3);
+  }
+  for (; i + 8 <= dim; i += 8) {
+    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), Load8(row, kType, i), a0);
+  }
+  float tail = 0;
+  for (; i < dim; ++i) tail += x[i] * LoadScalar(row, kType, i);
+  return HorizontalSum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3))) + tail;
+}
+
+ICECACHE_AVX2 float DotAvx2(const float* x, const void* row, ElemType type, uint32_t dim) {
+  switch (type) {
+    case ElemType::kF32:
+      return DotAvx2T<ElemType::kF32>(x, row, dim);
+    case ElemType::kF16:
+      return DotAvx2T<ElemType::kF16>(x, row, dim);
+    case ElemType::kBF16:
+      return DotAvx2T<ElemType::kBF16>(x, row, dim);
+  }
+  return 0;
+}
+
+template <ElemType kType>
+ICECACHE_AVX2 void DotStridedAvx2T(const float* x, const uint8_t* base, uint64_t stride,
+                                   uint32_t n, uint32_t dim, float* out) {
+  for (uint32_t r = 0; r < n; ++r) out[r] = DotAvx2T<kType>(x, base + r * stride, dim);
+}
+
+ICECACHE_AVX2 void DotStridedAvx2(const float* x, const void* base, uint64_t stride, uint32_t n,
+                                  ElemType type, uint32_t dim, float* out) {
+  const uint8_t* b = static_cast<const uint8_t*>(base);
+  switch (type) {
+    case ElemType::kF32:
+      return DotStridedAvx2T<ElemType::kF32>(x, b, stride, n, dim, out);
+    case ElemType::kF16:
+      return DotStridedAvx2T<ElemType::kF16>(x, b, stride, n, dim, out);
+    case ElemType::kBF16:
+      return DotStridedAvx2T<ElemType::kBF16>(x, b, stride, n, dim, out);
+  }
+}
+
+template <ElemType kType>
+ICECACHE_AVX2 void DotGatherAvx2T(const float* x, const void* const* rows, uint32_t n,
+                                  uint32_t dim, float* out) {
+  for (uint32_t r = 0; r < n; ++r) {
+    if (r + 2 < n) _mm_prefetch(static_cast<const char*>(rows[r + 2]), _MM_HINT_T0);
+    out[r] = DotAvx2T<kType>(x, rows[r], dim);
+  }
+}
+
+ICECACHE_AVX2 void DotGatherAvx2(const float* x, const void* const* rows, uint32_t n,
+                                 ElemType type, uint32_t dim, float* out) {
+  switch (type) {
+    case ElemType::kF32:
+      return DotGatherAvx2T<ElemType::kF32>(x, rows, n, dim, out);
+    case ElemType::kF16:
+      return DotGatherAvx2T<ElemType::kF16>(x, rows, n, dim, out);
+    case ElemType::kBF16:
+      return DotGatherAvx2T<ElemType::kBF16>(x, rows, n, dim, out);
+  }
+}
+
+ICECACHE_AVX2 float SquaredNormAvx2(const void* row, ElemType type, uint32_t dim) {
+  __m256 acc = _mm256_setzero_ps();
+  uint32_t i = 0;
+  for (; i + 8 <= dim; i += 8) {
+    const __m256 v = Load8(row, type, i);
+    acc = _mm256_fmadd_ps(v, v, acc);
+  }
+  float tail = 0;
+  for (; i < dim; ++i) {
+    const float v = LoadScalar(row, type, i);
+    tail += v * v;
+  }
+  return HorizontalSum(acc) + tail;
+}
+
+ICECACHE_AVX2 void ToFloatAvx2(const void* row, ElemType type, uint32_t dim, float* dst) {
+  uint32_t i = 0;
+  for (; i + 8 <= dim; i += 8) _mm256_storeu_ps(dst + i, Load8(row, type, i));
+  for (; i < dim; ++i) dst[i] = LoadScalar(row, type, i);
+}
+
+bool CpuHasAvx2() {
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+         __builtin_cpu_supports("f16c");
+}
+
+std::atomic<SimdLevel> g_level{CpuHasAvx2() ? SimdLevel::kAvx2 : SimdLevel::kScalar};
+
+}  // namespace
+
+SimdLevel DetectSimdLevel() { return CpuHasAvx2() ? SimdLevel::kAvx2 : SimdLevel::kScalar; }
+SimdLevel ActiveSimdLevel() { return g_level.load(std::memory_order_relaxed); }
+
+SimdLevel SetSimdLevel(SimdLevel level) {
+  if (level == SimdLevel::kAvx2 && !CpuHasAvx2()) level = SimdLevel::kScalar;
+  g_level.store(level, std::memory_order_relaxed);
+  return level;
+}
+
+const char* SimdLevelName(SimdLevel level) {
+  return level == SimdLevel::kAvx2 ? "avx2+fma+f16c" : "scalar";
+}
+
+float Dot(const float* x, const void* row, ElemType type, uint32_t dim) {
+  return ActiveSimdLevel() == SimdLevel::kAvx2 ? DotAvx2(x, row, type, dim)
+                                               : DotScalar(x, row, type, dim);
+}
+
+void DotStrided(const float* x, const void* base, uint64_t stride, uint32_t n, ElemType type,
+                uint32_t dim, float* out) {
+  if (ActiveSimdLevel() == SimdLevel::kAvx2) return DotStridedAvx2(x, base, stride, n, type, dim, out);
+  const uint8_t* b = static_cast<const uint8_t*>(base);
+  for (uint32_t r = 0; r < n; ++r) out[r] = DotScalar(x, b + r * stride, type, dim);
+}
+
+void DotGather(const float* x, const void* const* rows, uint32_t n, ElemType type, uint32_t dim,
+               float* out) {
+  if (ActiveSimdLevel() == SimdLevel::kAvx2) return DotGatherAvx2(x, rows, n, type, dim, out);
+  for (uint32_t r = 0; r < n; ++r) out[r] = DotScalar(x, rows[r], type, dim);
+}
+
+float SquaredNorm(const void* row, ElemType type, uint32_t dim) {
+  return ActiveSimdLevel() == SimdLevel::kAvx2 ? SquaredNormAvx2(row, type, dim)
+                                               : SquaredNormScalar(row, type, dim);
+}
+
+void ToFloat(const void* row, ElemType type, uint32_t dim, float* dst) {
+  if (ActiveSimdLevel() == SimdLevel::kAvx2) return ToFloatAvx2(row, type, dim, dst);
+  ToFloatScalar(row, type, dim, dst);
+}
+
+}  // namespace icecache::index

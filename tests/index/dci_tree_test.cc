@@ -1,0 +1,440 @@
+#include "server/index/dci_tree.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <numeric>
+#include <set>
+#include <thread>
+#include <vector>
+
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "server/index/in_memory_pages.h"
+#include "server/index/simd.h"
+#include "server/index/synthetic.h"
+#include "tests/support/status_matchers.h"
+
+namespace icecache::index {
+namespace {
+
+using ::icecache::testing::StatusIs;
+using ::testing::HasSubstr;
+
+// Keys of one head from the synthetic generator, plus the positions 0..n-1.
+struct HeadData {
+  Trace trace;
+  std::vector<uint32_t> positions;
+  RowView Rows(uint32_t begin, uint32_t count) const {
+    RowView v = trace.Keys(0, 0);
+    v.data = v.row(begin);
+    v.rows = count;
+    return v;
+  }
+  RowView ValueRows(uint32_t begin, uint32_t count) const {
+    RowView v = trace.Values(0, 0);
+    v.data = v.row(begin);
+    v.rows = count;
+    return v;
+  }
+};
+
+HeadData MakeHead(uint32_t tokens, uint32_t dim = 64, uint64_t seed = 7) {
+  SyntheticOptions o;
+  o.num_tokens = tokens;
+  o.head_dim = dim;
+  o.num_kv_heads = 1;
+  o.group_size = 4;
+  o.num_queries = 8;
+  o.seed = seed;
+  HeadData h;
+  h.trace = GenerateSynthetic(o);
+  h.positions.resize(tokens);
+  std::iota(h.positions.begin(), h.positions.end(), 0u);
+  return h;
+}
+
+// A writer that applies changes to the pages and remembers the last one.
+class RecordingWriter final : public PageWriter {
+ public:
+  RecordingWriter(InMemoryPages* pages, RowView keys, const RowView* values)
+      : inner_(pages, keys, values) {}
+  void Apply(const LayoutChange& change) override {
+    last = change;
+    inner_.Apply(change);
+  }
+  LayoutChange last;
+
+ private:
+  InMemoryPages::Writer inner_;
+};
+
+// The lifted inner product T(a).T(b) with norm bound m.
+double Lifted(const float* a, const float* b, uint32_t dim, double m) {
+  double dot = 0, na = 0, nb = 0;
+  for (uint32_t i = 0; i < dim; ++i) {
+    dot += double(a[i]) * b[i];
+    na += double(a[i]) * a[i];
+    nb += double(b[i]) * b[i];
+  }
+  return dot + std::sqrt(std::max(m - na, 0.0) * std::max(m - nb, 0.0));
+}
+
+class DciTreeTest : public ::testing::Test {
+ protected:
+  void BuildOn(uint32_t build_tokens, const DciOptions& options = {}) {
+    geometry_ = {data_.trace.head_dim, data_.trace.kv_type, 16};
+    pages_ = std::make_unique<InMemoryPages>(geometry_, /*with_values=*/true);
+    tree_ = std::make_unique<DciTree>(geometry_, options, pages_.get());
+    RowView k = data_.Rows(0, build_tokens), v = data_.ValueRows(0, build_tokens);
+    RecordingWriter w(pages_.get(), k, &v);
+    ASSERT_OK(tree_->Build({k, data_.positions.data()}, &w));
+    built_ = build_tokens;
+  }
+  LayoutChange InsertPage(uint32_t begin, uint32_t count = 16) {
+    RowView k = data_.Rows(begin, count), v = data_.ValueRows(begin, count);
+    RecordingWriter w(pages_.get(), k, &v);
+    EXPECT_OK(tree_->Insert({k, data_.positions.data() + begin}, &w));
+    return w.last;
+  }
+  // Every page holds exactly the keys and values of the positions the layout says.
+  void ExpectPagesHoldTheirTokens(uint32_t tokens) {
+    const uint64_t row = uint64_t{geometry_.dim} * ElemBytes(geometry_.elem_type);
+    std::vector<int> seen(tokens, 0);
+    for (const PageInfo& p : tree_->Layout()) {
+      ASSERT_EQ(pages_->valid(p.page), p.positions.size()) << "page " << p.page;
+      ASSERT_LE(p.positions.size(), 16u);
+      for (size_t s = 0; s < p.positions.size(); ++s) {
+        const uint32_t pos = p.positions[s];
+        ASSERT_LT(pos, tokens);
+        ++seen[pos];
+        const uint8_t* k = static_cast<const uint8_t*>(pages_->PageKeys(p.page)) + s * row;
+        const uint8_t* v = static_cast<const uint8_t*>(pages_->PageValues(p.page)) + s * row;
+        ASSERT_EQ(std::memcmp(k, data_.Rows(pos, 1).data, row), 0) << "K of position " << pos;
+        ASSERT_EQ(std::memcmp(v, data_.ValueRows(pos, 1).data, row), 0) << "V of position " << pos;
+      }
+    }
+    for (uint32_t t = 0; t < tokens; ++t) ASSERT_EQ(seen[t], 1) << "position " << t;
+    EXPECT_EQ(pages_->allocated_pages(), tree_->num_pages());
+  }
+
+  HeadData data_ = MakeHead(6000);
+  IndexGeometry geometry_;
+  std::unique_ptr<InMemoryPages> pages_;
+  std::unique_ptr<DciTree> tree_;
+  uint32_t built_ = 0;
+};
+
+TEST_F(DciTreeTest, PromotionIsDeterministicAndFollowsTheRatios) {
+  data_ = MakeHead(10000);
+  BuildOn(10000);
+  const DciTree::Stats s = tree_->GetStats();
+  // floor(10000 * 0.01) = 100 on level >= 1; 20 on >= 2; 4 on >= 3; none on 4.
+  EXPECT_EQ(s.levels, 4u);
+  EXPECT_THAT(s.tokens_per_level, ::testing::ElementsAre(9900, 80, 16, 4));
+  // Every 100th token (1-based) is promoted: evenly spread in position.
+  EXPECT_EQ(tree_->LevelOf(98), 0u);
+  EXPECT_GE(tree_->LevelOf(99), 1u);
+  EXPECT_GE(tree_->LevelOf(199), 1u);
+  EXPECT_EQ(tree_->LevelOf(499), 2u);  // the 5th level-1 token moves up again
+}
+
+TEST_F(DciTreeTest, PromotionRatiosAreOptions) {
+  DciOptions o;
+  o.promotion_ratio_1 = 0.05;
+  o.promotion_ratio_2 = 0.5;
+  BuildOn(4000, o);
+  const DciTree::Stats s = tree_->GetStats();
+  ASSERT_GE(s.levels, 3u);
+  EXPECT_EQ(s.tokens_per_level[0], 4000u - 200u);  // floor(4000 * 0.05) promoted
+  EXPECT_EQ(s.tokens_per_level[1], 100u);          // half of them stay on level 1
+}
+
+TEST_F(DciTreeTest, ParentsAreTheExactNearestOnTheLevelAbove) {
+  BuildOn(6000);
+  ASSERT_OK(tree_->CheckInvariants());
+  const uint32_t d = geometry_.dim;
+  std::vector<std::vector<float>> keys(6000, std::vector<float>(d));
+  double m = 0;
+  for (uint32_t t = 0; t < 6000; ++t) {
+    ToFloat(data_.Rows(t, 1).data, geometry_.elem_type, d, keys[t].data());
+    double n = 0;
+    for (float x : keys[t]) n += double(x) * x;
+    m = std::max(m, n);
+  }
+  std::vector<std::vector<uint32_t>> by_level(8);
+  for (uint32_t t = 0; t < 6000; ++t) by_level[tree_->LevelOf(t)].push_back(t);
+  const uint32_t top = tree_->GetStats().levels - 1;
+  uint32_t checked = 0;
+  for (uint32_t t = 0; t < 6000; ++t) {
+    const uint32_t l = tree_->LevelOf(t);
+    if (l == top) {
+      EXPECT_EQ(tree_->ParentOf(t), DciTree::kNoParent);
+      continue;
+    }
+    uint32_t best = 0;
+    double best_v = -1e300;
+    for (uint32_t p : by_level[l + 1]) {
+      const double v = Lifted(keys[t].data(), keys[p].data(), d, m);
+      if (v > best_v) {
+        best_v = v;
+        best = p;
+      }
+    }
+    const uint32_t got = tree_->ParentOf(t);
+    ASSERT_EQ(tree_->LevelOf(got), l + 1);
+    // Equal, or tied within float rounding of the fp32 sgemm.
+    EXPECT_NEAR(Lifted(keys[t].data(), keys[got].data(), d, m), best_v, 1e-3 * std::fabs(best_v))
+        << "token " << t << " parent " << got << " expected " << best;
+    ++checked;
+  }
+  EXPECT_EQ(checked, 6000u - tree_->GetStats().tokens_per_level[top]);
+}
+
+TEST_F(DciTreeTest, DescentFindsMostParentsBeyondTheExactThreshold) {
+  DciOptions o;
+  o.exact_parent_max = 8;  // level 1 (60 tokens) is searched by descent
+  BuildOn(6000, o);
+  ASSERT_OK(tree_->CheckInvariants());
+  DciTree reference(geometry_, DciOptions{}, pages_.get());
+  InMemoryPages scratch(geometry_, false);
+  RowView k = data_.Rows(0, 6000);
+  InMemoryPages::Writer w(&scratch, k, nullptr);
+  ASSERT_OK(reference.Build({k, data_.positions.data()}, &w));
+  uint32_t same = 0, level0 = 0;
+  for (uint32_t t = 0; t < 6000; ++t) {
+    if (tree_->LevelOf(t) != 0) continue;
+    ++level0;
+    same += tree_->ParentOf(t) == reference.ParentOf(t);
+  }
+  EXPECT_GT(same, level0 * 9 / 10) << same << " of " << level0;
+}
+
+TEST_F(DciTreeTest, BuildLaysEveryTokenIntoExactlyOneSlot) {
+  BuildOn(6000);
+  ASSERT_OK(tree_->CheckInvariants());
+  ExpectPagesHoldTheirTokens(6000);
+  EXPECT_EQ(tree_->num_tokens(), 6000u);
+  // Pages are partly filled (even split of each cell), never empty or over capacity.
+  uint32_t tokens = 0;
+  for (const PageInfo& p : tree_->Layout()) {
+    EXPECT_GE(p.positions.size(), 1u);
+    tokens += static_cast<uint32_t>(p.positions.size());
+  }
+  EXPECT_EQ(tokens, 6000u);
+  EXPECT_GE(tree_->num_pages(), 6000u / 16);
+}
+
+TEST_F(DciTreeTest, ManyInsertsKeepTheLayoutConsistent) {
+  BuildOn(3008);
+  uint32_t changed_total = 0;
+  for (uint32_t begin = 3008; begin < 6000; begin += 16) {
+    const LayoutChange c = InsertPage(begin);
+    EXPECT_FALSE(c.changed.empty());
+    // Every new token is written once, from the batch.
+    uint32_t from_batch = 0;
+    for (const SlotWrite& w : c.writes) from_batch += w.src.kind == SlotSource::Kind::kBatch;
+    EXPECT_EQ(from_batch, 16u);
+    changed_total += static_cast<uint32_t>(c.changed.size());
+  }
+  ASSERT_OK(tree_->CheckInvariants());
+  ExpectPagesHoldTheirTokens(6000);
+  const DciTree::Stats s = tree_->GetStats();
+  EXPECT_EQ(std::accumulate(s.tokens_per_level.begin(), s.tokens_per_level.end(), 0u), 6000u);
+  // Incremental promotion continued the counters: same level sizes as one build of 6000.
+  EXPECT_EQ(s.tokens_per_level[0], 6000u - 60u);
+  // An insert touches about one page per new token (they land in different clusters), plus
+  // the second page of a split and, rarely, a re-projected cell's pages.
+  EXPECT_LT(changed_total, 187u * 24u);
+}
+
+TEST_F(DciTreeTest, ANewTopLevelAdoptsTheOldRoot) {
+  data_ = MakeHead(600);
+  BuildOn(90);  // all on level 0: the root cell
+  EXPECT_EQ(tree_->GetStats().levels, 1u);
+  InsertPage(90, 16);  // token 99 (the 100th) starts level 1
+  ASSERT_OK(tree_->CheckInvariants());
+  EXPECT_EQ(tree_->GetStats().levels, 2u);
+  EXPECT_EQ(tree_->LevelOf(99), 1u);
+  EXPECT_EQ(tree_->ParentOf(0), 99u);
+  EXPECT_EQ(tree_->ParentOf(99), DciTree::kNoParent);
+  for (uint32_t b = 106; b + 16 <= 600; b += 16) InsertPage(b);
+  ASSERT_OK(tree_->CheckInvariants());
+  ExpectPagesHoldTheirTokens(106 + (600 - 106) / 16 * 16);
+}
+
+TEST_F(DciTreeTest, GrowingNormBoundReprojectsTheCellAndReportsItsPages) {
+  BuildOn(2000);
+  // A key far longer than any before: it raises the bound of the cell it joins.
+  std::vector<uint16_t> big(geometry_.dim * 16);
+  for (uint32_t r = 0; r < 16; ++r) {
+    for (uint32_t i = 0; i < geometry_.dim; ++i) {
+      const float v = r == 0 ? 40.f * (i % 3 == 0 ? 1.f : -0.5f) : 0.01f * float(i);
+      big[r * geometry_.dim + i] = FloatToHalf(v);
+    }
+  }
+  RowView k{big.data(), ElemType::kF16, geometry_.dim, 16, 0};
+  std::vector<uint32_t> pos(16);
+  std::iota(pos.begin(), pos.end(), 100000u);
+  InMemoryPages::Writer inner(pages_.get(), k, &k);
+  RecordingWriter w(pages_.get(), k, &k);
+  ASSERT_OK(tree_->Insert({k, pos.data()}, &w));
+  ASSERT_OK(tree_->CheckInvariants());
+  // The whole cell of the big token was rewritten: its page and siblings are in the change.
+  const auto [page, slot] = tree_->LocationOf(2000);
+  bool reported = false;
+  for (const PageFill& f : w.last.changed) reported |= f.page == page;
+  EXPECT_TRUE(reported);
+  std::set<uint32_t> cell_pages;
+  for (const PageFill& f : w.last.changed) cell_pages.insert(f.page);
+  EXPECT_GE(cell_pages.size(), 1u);
+}
+
+TEST_F(DciTreeTest, SearchReturnsDistinctLivePagesWithTheirCounts) {
+  BuildOn(6000);
+  std::set<uint32_t> live;
+  for (const PageInfo& p : tree_->Layout()) live.insert(p.page);
+  for (uint32_t qi = 0; qi < 8; ++qi) {
+    std::vector<float> q(4 * geometry_.dim);
+    for (uint32_t h = 0; h < 4; ++h) {
+      std::copy_n(data_.trace.Query(0, h, qi), geometry_.dim, q.begin() + h * geometry_.dim);
+    }
+    std::vector<SelectedPage> got;
+    ASSERT_OK(tree_->Search(q.data(), 4, 12, &got));
+    ASSERT_EQ(got.size(), 12u);
+    std::set<uint32_t> distinct;
+    for (const SelectedPage& p : got) {
+      EXPECT_TRUE(live.count(p.page)) << p.page;
+      EXPECT_EQ(p.valid, pages_->valid(p.page));
+      distinct.insert(p.page);
+    }
+    EXPECT_EQ(distinct.size(), 12u);
+  }
+  // A single query's list is ranked best first.
+  std::vector<SelectedPage> one;
+  ASSERT_OK(tree_->Search(data_.trace.Query(0, 0, 0), 1, 12, &one));
+  for (size_t i = 1; i < one.size(); ++i) EXPECT_GE(one[i - 1].score, one[i].score);
+  // It scored far fewer keys than an exhaustive scan would.
+  EXPECT_LT(tree_->GetStats().tokens_scored_last_search, 6000u);
+}
+
+TEST_F(DciTreeTest, TheBestPageContainsTheBestKeyOfAnEasyQuery) {
+  BuildOn(6000);
+  // A query equal to one key (scaled up): that key scores highest, its page must rank first.
+  const uint32_t target = 4321;
+  std::vector<float> q(geometry_.dim);
+  ToFloat(data_.Rows(target, 1).data, geometry_.elem_type, geometry_.dim, q.data());
+  for (float& x : q) x *= 10;
+  std::vector<SelectedPage> got;
+  ASSERT_OK(tree_->Search(q.data(), 1, 4, &got));
+  EXPECT_EQ(got[0].page, tree_->LocationOf(target).first);
+}
+
+TEST(MergeRankInterleaved, InterleavesByRankDropsDuplicatesAndCuts) {
+  auto P = [](uint32_t page) { return SelectedPage{page, 16, 0.f}; };
+  std::vector<std::vector<SelectedPage>> lists = {{P(1), P(2), P(3)},
+                                                  {P(2), P(4), P(5)},
+                                                  {P(6), P(1), P(7)}};
+  std::vector<uint32_t> order;
+  for (const SelectedPage& p : MergeRankInterleaved(lists, 6)) order.push_back(p.page);
+  // rank 0: 1, 2, 6; rank 1: (2 dup), 4, (1 dup); rank 2: 3, 5 -> cut at 6.
+  EXPECT_THAT(order, ::testing::ElementsAre(1, 2, 6, 4, 3, 5));
+  EXPECT_EQ(MergeRankInterleaved(lists, 2).size(), 2u);
+  EXPECT_EQ(MergeRankInterleaved(lists, 100).size(), 7u);
+}
+
+TEST_F(DciTreeTest, BadInputGetsAClearErrorAndChangesNothing) {
+  geometry_ = {64, ElemType::kF16, 16};
+  pages_ = std::make_unique<InMemoryPages>(geometry_, false);
+  tree_ = std::make_unique<DciTree>(geometry_, DciOptions{}, pages_.get());
+  RowView k = data_.Rows(0, 500);
+  InMemoryPages::Writer w(pages_.get(), k, nullptr);
+  std::vector<float> q(64, 0.5f);
+  std::vector<SelectedPage> out;
+
+  EXPECT_THAT(tree_->Insert({k, data_.positions.data()}, &w),
+              StatusIs(absl::StatusCode::kFailedPrecondition, HasSubstr("before build")));
+  EXPECT_THAT(tree_->Search(q.data(), 1, 1, &out),
+              StatusIs(absl::StatusCode::kFailedPrecondition));
+  RowView empty = k;
+  empty.rows = 0;
+  EXPECT_THAT(tree_->Build({empty, data_.positions.data()}, &w),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("empty")));
+  RowView wrong_dim = k;
+  wrong_dim.dim = 32;
+  EXPECT_THAT(tree_->Build({wrong_dim, data_.positions.data()}, &w),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("dim 32")));
+  RowView wrong_type = k;
+  wrong_type.type = ElemType::kBF16;
+  EXPECT_THAT(tree_->Build({wrong_type, data_.positions.data()}, &w),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("bf16")));
+  EXPECT_THAT(tree_->Build({k, nullptr}, &w),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("positions")));
+  std::vector<uint16_t> nan_rows(2 * 64, FloatToHalf(1.f));
+  nan_rows[64 + 5] = 0x7e00;  // NaN in row 1
+  RowView nan_view{nan_rows.data(), ElemType::kF16, 64, 2, 0};
+  EXPECT_THAT(tree_->Build({nan_view, data_.positions.data()}, &w),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("key row 1")));
+  nan_rows[64 + 5] = 0x7c00;  // +inf
+  EXPECT_THAT(tree_->Build({nan_view, data_.positions.data()}, &w),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("not finite")));
+  EXPECT_EQ(tree_->num_tokens(), 0u);
+  EXPECT_EQ(pages_->allocated_pages(), 0u);
+
+  ASSERT_OK(tree_->Build({k, data_.positions.data()}, &w));
+  const uint32_t pages = tree_->num_pages();
+  EXPECT_THAT(tree_->Build({k, data_.positions.data()}, &w),
+              StatusIs(absl::StatusCode::kFailedPrecondition, HasSubstr("already built")));
+  EXPECT_THAT(tree_->Search(q.data(), 1, 0, &out),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("k must be in 1..")));
+  EXPECT_THAT(tree_->Search(q.data(), 1, pages + 1, &out),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("the pages of this index")));
+  EXPECT_THAT(tree_->Search(q.data(), 0, 4, &out),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("group size 0")));
+  EXPECT_THAT(tree_->Search(nullptr, 1, 4, &out), StatusIs(absl::StatusCode::kInvalidArgument));
+  q[7] = std::nanf("");
+  EXPECT_THAT(tree_->Search(q.data(), 1, 4, &out),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("query 0 is not finite")));
+  EXPECT_THAT(tree_->Insert({nan_view, data_.positions.data()}, &w),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_EQ(tree_->num_tokens(), 500u);
+  EXPECT_EQ(tree_->num_pages(), pages);
+  ASSERT_OK(tree_->CheckInvariants());
+}
+
+TEST_F(DciTreeTest, SearchesRunSafelyWhileInsertsLand) {
+  BuildOn(3008);
+  std::atomic<bool> stop{false};
+  std::atomic<int> searches{0}, failures{0};
+  std::vector<std::thread> readers;
+  for (int r = 0; r < 3; ++r) {
+    readers.emplace_back([&, r] {
+      std::vector<SelectedPage> got;
+      while (!stop.load()) {
+        const absl::Status s = tree_->Search(data_.trace.Query(0, r, r), 1, 12, &got);
+        if (!s.ok() || got.size() != 12) failures.fetch_add(1);
+        for (const SelectedPage& p : got) {
+          if (p.valid == 0 || p.valid > 16) failures.fetch_add(1);
+        }
+        searches.fetch_add(1);
+      }
+    });
+  }
+  for (uint32_t begin = 3008; begin < 6000; begin += 16) InsertPage(begin);
+  stop.store(true);
+  for (auto& t : readers) t.join();
+  EXPECT_EQ(failures.load(), 0);
+  EXPECT_GT(searches.load(), 0);
+  ASSERT_OK(tree_->CheckInvariants());
+  ExpectPagesHoldTheirTokens(6000);
+}
+
+TEST_F(DciTreeTest, MetadataStaysSmallAgainstTheKvBytes) {
+  data_ = MakeHead(20000, 128);
+  BuildOn(20000);
+  const double kv_bytes = 20000.0 * 128 * 2 /*K+V*/ * 2 /*fp16*/;
+  EXPECT_LT(tree_->MemoryBytes() / kv_bytes, 0.10) << tree_->MemoryBytes();
+}
+
+}  // namespace
+}  // namespace icecache::index
