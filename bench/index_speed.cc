@@ -45,6 +45,14 @@ ABSL_FLAG(uint32_t, stack_tokens, 32768, "Tokens per head of the stack build.");
 ABSL_FLAG(uint32_t, threads, 0, "Pool threads for the stack build (0: all cores).");
 ABSL_FLAG(bool, scaled_query, false, "DCI option: scale the query projection.");
 ABSL_FLAG(double, retrieve_ratio, 0.8, "DCI option: share of each expanded cell scored.");
+ABSL_FLAG(bool, joint, false, "DCI option: joint group search.");
+ABSL_FLAG(bool, page_granular, false, "DCI option: page-granular scoring.");
+ABSL_FLAG(bool, mass, false, "DCI options: rank pages by mass, merge the group by mass.");
+ABSL_FLAG(double, promotion_ratio_1, 0.01, "DCI option: level 0 -> 1 promotion ratio.");
+ABSL_FLAG(uint32_t, min_fov, 30, "DCI option: minimum field of view.");
+ABSL_FLAG(double, fov_ratio, 0.0015, "DCI option: field of view per token.");
+ABSL_FLAG(uint32_t, exact_parent_max, 3000, "DCI option: exact parent search up to this size.");
+ABSL_FLAG(uint32_t, exact_below, 0, "DCI option: exact search up to this many tokens.");
 
 namespace {
 
@@ -115,6 +123,7 @@ SizeResult RunSize(uint32_t tokens, const DciOptions& dci_options) {
   SizeResult r;
   r.tokens = tokens;
   InMemoryPages pages(g, /*with_values=*/false);
+  pages.Reserve((tokens + insert_pages * 16) / 4);  // far above the pages ever used
   DciTree tree(g, dci_options, &pages);
   {
     InMemoryPages::Writer w(&pages, head, nullptr);
@@ -201,6 +210,17 @@ int main(int argc, char** argv) {
   DciOptions dci;
   dci.scale_query_projection = absl::GetFlag(FLAGS_scaled_query);
   dci.query_retrieve_ratio = absl::GetFlag(FLAGS_retrieve_ratio);
+  dci.joint_group_search = absl::GetFlag(FLAGS_joint);
+  dci.page_granular_scoring = absl::GetFlag(FLAGS_page_granular);
+  if (absl::GetFlag(FLAGS_mass)) {
+    dci.page_score = DciOptions::PageScore::kSoftmaxMass;
+    dci.group_merge = DciOptions::GroupMerge::kSumOfMass;
+  }
+  dci.promotion_ratio_1 = absl::GetFlag(FLAGS_promotion_ratio_1);
+  dci.min_fov = absl::GetFlag(FLAGS_min_fov);
+  dci.fov_ratio = absl::GetFlag(FLAGS_fov_ratio);
+  dci.exact_search_max_tokens = absl::GetFlag(FLAGS_exact_below);
+  dci.exact_parent_max = absl::GetFlag(FLAGS_exact_parent_max);
 
   std::printf("index speed: synthetic keys (bf16, dim %u), GQA group %u, k=%u pages of 16, "
               "simd %s, one core unless stated\n",

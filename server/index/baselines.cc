@@ -245,32 +245,36 @@ absl::Status ExactOracle::Search(const float* queries, uint32_t group, uint32_t 
   }
   const uint64_t row_bytes = uint64_t{g.dim} * ElemBytes(g.elem_type);
   const float scale = 1.0f / std::sqrt(static_cast<float>(g.dim));
-  std::vector<float> scores(g.page_size);
-  std::vector<std::vector<SelectedPage>> lists(group);
+  // One pass over the keys: each row is read once and scored for every query of the group.
+  std::vector<float> scores(uint64_t{group} * g.page_size);
+  std::vector<std::vector<SelectedPage>> best(group, std::vector<SelectedPage>(pages_.size()));
+  std::vector<std::vector<float>> logits(group);  // kSoftmaxMass: every scaled logit
+  for (size_t i = 0; i < pages_.size(); ++i) {
+    const uint32_t n = static_cast<uint32_t>(pages_[i].positions.size());
+    DotStridedMulti(queries, group, reader_->PageKeys(pages_[i].page), row_bytes, n,
+                    g.elem_type, g.dim, scores.data(), g.page_size);
+    for (uint32_t h = 0; h < group; ++h) {
+      const float* sc = scores.data() + uint64_t{h} * g.page_size;
+      float b = -std::numeric_limits<float>::infinity();
+      for (uint32_t s = 0; s < n; ++s) b = std::max(b, sc[s]);
+      best[h][i] = {pages_[i].page, n, b};
+      if (rank_ == Rank::kSoftmaxMass) {
+        for (uint32_t s = 0; s < n; ++s) logits[h].push_back(sc[s] * scale);
+      }
+    }
+  }
+  if (rank_ == Rank::kBestToken) {
+    std::vector<std::vector<SelectedPage>> lists(group);
+    for (uint32_t h = 0; h < group; ++h) lists[h] = TopK(std::move(best[h]), k);
+    *out = group == 1 ? std::move(lists[0]) : MergeRankInterleaved(lists, k);
+    return absl::OkStatus();
+  }
   std::vector<SelectedPage> mass(pages_.size());
   for (size_t i = 0; i < pages_.size(); ++i) {
     mass[i] = {pages_[i].page, static_cast<uint32_t>(pages_[i].positions.size()), 0.f};
   }
-  std::vector<float> all;  // kSoftmaxMass: every logit of one query, page by page
   for (uint32_t h = 0; h < group; ++h) {
-    const float* q = queries + uint64_t{h} * g.dim;
-    std::vector<SelectedPage> best(pages_.size());
-    all.clear();
-    for (size_t i = 0; i < pages_.size(); ++i) {
-      const uint32_t n = static_cast<uint32_t>(pages_[i].positions.size());
-      DotStrided(q, reader_->PageKeys(pages_[i].page), row_bytes, n, g.elem_type, g.dim,
-                 scores.data());
-      float b = -std::numeric_limits<float>::infinity();
-      for (uint32_t s = 0; s < n; ++s) b = std::max(b, scores[s]);
-      best[i] = {pages_[i].page, n, b};
-      if (rank_ == Rank::kSoftmaxMass) {
-        for (uint32_t s = 0; s < n; ++s) all.push_back(scores[s] * scale);
-      }
-    }
-    if (rank_ == Rank::kBestToken) {
-      lists[h] = TopK(std::move(best), k);
-      continue;
-    }
+    const std::vector<float>& all = logits[h];
     const float mx = *std::max_element(all.begin(), all.end());
     double z = 0;
     for (float v : all) z += std::exp(double(v) - mx);
@@ -281,11 +285,7 @@ absl::Status ExactOracle::Search(const float* queries, uint32_t group, uint32_t 
       mass[i].score += static_cast<float>(m / z);
     }
   }
-  if (rank_ == Rank::kSoftmaxMass) {
-    *out = TopK(std::move(mass), k);
-  } else {
-    *out = group == 1 ? std::move(lists[0]) : MergeRankInterleaved(lists, k);
-  }
+  *out = TopK(std::move(mass), k);
   return absl::OkStatus();
 }
 

@@ -3,12 +3,12 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <numeric>
 #include <random>
 
 #include "absl/strings/str_cat.h"
 #include "common/log.h"
-#include "server/index/blas.h"
 #include "server/index/simd.h"
 
 namespace icecache::index {
@@ -542,39 +542,34 @@ struct DciTree::Impl {
   }
 
   // ------------------------------------------------------------------ build
-  // Parents (index into `parents`) of `children`, all exactly: fp32 blocks through sgemm.
+  // The exact nearest parent (lifted metric) of every child: children converted to fp32 in
+  // blocks, parents transposed once, a register-tiled kernel scores every pair.
   void ExactParents(const std::vector<uint32_t>& children, const std::vector<uint32_t>& parents,
                     std::vector<uint32_t>* best) const {
     const uint32_t d = g.dim;
-    const size_t np = parents.size();
-    std::vector<float> pm(np * d), pb(np);
-    for (size_t j = 0; j < np; ++j) {
-      ToFloat(KeyPtr(parents[j]), g.elem_type, d, pm.data() + j * d);
+    const uint32_t np = static_cast<uint32_t>(parents.size());
+    const uint32_t np_pad = (np + 15) / 16 * 16;
+    std::vector<float> pt(uint64_t{d} * np_pad, 0.f), pb(np_pad, 0.f), row(d);
+    for (uint32_t j = 0; j < np; ++j) {
+      ToFloat(KeyPtr(parents[j]), g.elem_type, d, row.data());
+      for (uint32_t i = 0; i < d; ++i) pt[uint64_t{i} * np_pad + j] = row[i];
       pb[j] = Lift(parents[j]);
     }
-    constexpr size_t kBlock = 256;
-    std::vector<float> xm(kBlock * d), s(kBlock * np);
+    constexpr uint32_t kBlock = 256;
+    std::vector<float> xs(uint64_t{kBlock} * d), lift(kBlock), best_v(kBlock);
+    std::vector<uint32_t> best_j(kBlock);
     best->resize(children.size());
-    for (size_t b0 = 0; b0 < children.size(); b0 += kBlock) {
-      const size_t nb = std::min(kBlock, children.size() - b0);
-      for (size_t i = 0; i < nb; ++i) {
-        ToFloat(KeyPtr(children[b0 + i]), g.elem_type, d, xm.data() + i * d);
+    for (size_t c0 = 0; c0 < children.size(); c0 += kBlock) {
+      const uint32_t nb = static_cast<uint32_t>(std::min<size_t>(kBlock, children.size() - c0));
+      for (uint32_t i = 0; i < nb; ++i) {
+        ToFloat(KeyPtr(children[c0 + i]), g.elem_type, d, xs.data() + uint64_t{i} * d);
+        lift[i] = Lift(children[c0 + i]);
+        best_v[i] = -std::numeric_limits<float>::infinity();
+        best_j[i] = 0;
       }
-      Sgemm(nb, np, d, xm.data(), pm.data(), s.data());
-      for (size_t i = 0; i < nb; ++i) {
-        const float a = Lift(children[b0 + i]);
-        const float* row = s.data() + i * np;
-        size_t arg = 0;
-        float bestv = row[0] + a * pb[0];
-        for (size_t j = 1; j < np; ++j) {
-          const float v = row[j] + a * pb[j];
-          if (v > bestv) {
-            bestv = v;
-            arg = j;
-          }
-        }
-        (*best)[b0 + i] = parents[arg];
-      }
+      BestLiftedParents(xs.data(), nb, lift.data(), pt.data(), pb.data(), np, np_pad, d,
+                        best_v.data(), best_j.data());
+      for (uint32_t i = 0; i < nb; ++i) (*best)[c0 + i] = parents[best_j[i]];
     }
   }
 
@@ -799,46 +794,379 @@ struct DciTree::Impl {
   }
 
   // ------------------------------------------------------------------ search
-  void SearchOne(const float* q, uint32_t k, std::vector<SelectedPage>* out) const {
-    Scratch& sc = ThreadScratch();
-    sc.scored = 0;
-    sc.BeginPages(static_cast<uint32_t>(pages.size()));
-    Probe probe;
-    probe.x = q;
-    double norm = 0, dp = 0;
-    for (uint32_t i = 0; i < g.dim; ++i) {
-      norm += double(q[i]) * q[i];
-      dp += double(u[i]) * q[i];
+  // Per-thread state of one search: per (query, page) running statistics of the scaled
+  // scores seen (max, and sum of exp(score - max) for the mass ranking), stamped per page.
+  struct GroupScratch {
+    uint32_t nq = 0;
+    std::vector<float> vmax, vsum;  // [query][page]
+    std::vector<uint32_t> stamp;    // [page]
+    uint32_t cur = 0;
+    std::vector<uint32_t> touched;
+    std::vector<uint32_t> cand_tok;  // tokens scored on the current level
+    std::vector<float> cand_score;   // [candidate][query], scaled
+    std::vector<uint32_t> cells, next_cells, cell_stamp;
+    uint32_t cell_cur = 0;
+    std::vector<std::pair<uint32_t, uint32_t>> ranges;
+    std::vector<const void*> rows;
+    std::vector<float> tmp, ex;
+    std::vector<uint32_t> order;
+    uint64_t scored = 0;
+
+    void Begin(uint32_t queries, size_t page_limit, size_t cell_limit) {
+      nq = queries;
+      if (stamp.size() < page_limit) stamp.resize(page_limit, 0);
+      if (vmax.size() < nq * page_limit) {
+        vmax.resize(nq * page_limit);
+        vsum.resize(nq * page_limit);
+      }
+      if (cell_stamp.size() < cell_limit) cell_stamp.resize(cell_limit, 0);
+      if (++cur == 0) {
+        std::fill(stamp.begin(), stamp.end(), 0);
+        cur = 1;
+      }
+      touched.clear();
+      scored = 0;
     }
-    probe.dir_proj = norm > 0 ? static_cast<float>(dp / std::sqrt(norm)) : 0.f;
-    const uint32_t n = static_cast<uint32_t>(position.size());
-    const uint32_t fov =
-        std::max<uint32_t>(static_cast<uint32_t>(std::ceil(o.fov_ratio * n)), o.min_fov);
-    std::vector<Cand> last;
-    Descend(probe, 0, fov, o.query_retrieve_ratio, k, /*track_pages=*/true, 0, sc, &last);
-    // Rare (tiny or skewed trees): fewer pages reached than asked for; score the rest.
-    if (sc.touched.size() < k) {
-      for (uint32_t p = 0; p < pages.size(); ++p) {
-        if (pages[p].cell == kNone || sc.page_stamp[p] == sc.stamp) continue;
-        const Cell& c = cells[pages[p].cell];
-        const size_t j = std::find(c.page_ids.begin(), c.page_ids.end(), p) - c.page_ids.begin();
-        for (uint32_t i = c.PageStart(j); i < c.page_end[j]; ++i) {
-          sc.Touch(p, Dot(q, KeyPtr(c.tok[i]), g.elem_type, g.dim));
-          ++sc.scored;
+    float* Max(uint32_t j) { return vmax.data() + j * stamp.size(); }
+    float* Sum(uint32_t j) { return vsum.data() + j * stamp.size(); }
+    void Touch(uint32_t p) {
+      if (stamp[p] != cur) {
+        stamp[p] = cur;
+        touched.push_back(p);
+        for (uint32_t j = 0; j < nq; ++j) {
+          Max(j)[p] = -std::numeric_limits<float>::infinity();
+          Sum(j)[p] = 0;
         }
       }
     }
-    std::vector<SelectedPage> ranked;
-    ranked.reserve(sc.touched.size());
-    for (uint32_t p : sc.touched) ranked.push_back({p, pages[p].valid, sc.page_best[p]});
-    const size_t kk = std::min<size_t>(k, ranked.size());
-    std::partial_sort(ranked.begin(), ranked.begin() + kk, ranked.end(),
-                      [](const SelectedPage& a, const SelectedPage& b) {
-                        return a.score > b.score || (a.score == b.score && a.page < b.page);
-                      });
-    ranked.resize(kk);
-    *out = std::move(ranked);
-    tls_last_scored += sc.scored;
+    // Adds one token's scaled score for query j (exp only in mass mode).
+    void Add(uint32_t j, uint32_t p, float v, bool mass) {
+      float& m = Max(j)[p];
+      if (!mass) {
+        m = std::max(m, v);
+      } else if (v > m) {
+        Sum(j)[p] = Sum(j)[p] * std::exp(m - v) + 1.f;
+        m = v;
+      } else {
+        Sum(j)[p] += std::exp(v - m);
+      }
+    }
+  };
+
+  static GroupScratch& ThreadGroupScratch() {
+    thread_local GroupScratch s;
+    return s;
+  }
+
+  // The share of cell c a query scores: a run around qp of at least `r` tokens, as token
+  // indices [lo, hi) into the cell; or, page-granular, as page indices [plo, phi).
+  static void TokenRun(const Cell& c, float qp, uint32_t r, uint32_t* lo, uint32_t* hi) {
+    const uint32_t n = static_cast<uint32_t>(c.tok.size());
+    if (r >= n) {
+      *lo = 0;
+      *hi = n;
+      return;
+    }
+    uint32_t a = static_cast<uint32_t>(std::lower_bound(c.proj.begin(), c.proj.end(), qp) -
+                                       c.proj.begin());
+    uint32_t b = a;
+    while (b - a < r) {
+      if (a == 0) {
+        b = a + r;
+      } else if (b == n) {
+        a = b - r;
+      } else if (qp - c.proj[a - 1] <= c.proj[b] - qp) {
+        --a;
+      } else {
+        ++b;
+      }
+    }
+    *lo = a;
+    *hi = b;
+  }
+
+  void PageRun(const Cell& c, float qp, uint32_t r, uint32_t* plo, uint32_t* phi) const {
+    const uint32_t np = static_cast<uint32_t>(c.page_ids.size());
+    const uint32_t n = static_cast<uint32_t>(c.tok.size());
+    if (r >= n) {
+      *plo = 0;
+      *phi = np;
+      return;
+    }
+    const uint32_t at = static_cast<uint32_t>(std::lower_bound(c.proj.begin(), c.proj.end(), qp) -
+                                              c.proj.begin());
+    uint32_t a = static_cast<uint32_t>(
+        std::upper_bound(c.page_end.begin(), c.page_end.end(), std::min(at, n - 1)) -
+        c.page_end.begin());
+    uint32_t b = a + 1;
+    uint32_t covered = pages[c.page_ids[a]].valid;
+    while (covered < r) {
+      // Take the neighbouring page whose nearest key is closer in projection.
+      const bool left_ok = a > 0, right_ok = b < np;
+      bool take_left;
+      if (!right_ok) {
+        take_left = true;
+      } else if (!left_ok) {
+        take_left = false;
+      } else {
+        take_left = qp - c.proj[c.page_end[a - 1] - 1] <= c.proj[c.PageStart(b)] - qp;
+      }
+      if (take_left) {
+        --a;
+        covered += pages[c.page_ids[a]].valid;
+      } else {
+        covered += pages[c.page_ids[b]].valid;
+        ++b;
+      }
+    }
+    *plo = a;
+    *phi = b;
+  }
+
+  // Merges intervals in gs.ranges in place (sorted, overlapping ones joined).
+  static void UnionRanges(std::vector<std::pair<uint32_t, uint32_t>>* r) {
+    std::sort(r->begin(), r->end());
+    size_t w = 0;
+    for (size_t i = 0; i < r->size(); ++i) {
+      if (w > 0 && (*r)[i].first <= (*r)[w - 1].second) {
+        (*r)[w - 1].second = std::max((*r)[w - 1].second, (*r)[i].second);
+      } else {
+        (*r)[w++] = (*r)[i];
+      }
+    }
+    r->resize(w);
+  }
+
+  // Scores page p (all its slots) for the nq queries; records page statistics and, when
+  // `collect`, the tokens of cell-page j as candidates.
+  void ScorePage(const float* qs, const Cell& c, uint32_t j, bool collect, GroupScratch& gs) const {
+    const uint32_t p = c.page_ids[j];
+    const uint32_t valid = pages[p].valid;
+    const uint32_t nq = gs.nq;
+    const float scale = 1.0f / std::sqrt(static_cast<float>(g.dim));
+    const bool mass = o.page_score == DciOptions::PageScore::kSoftmaxMass;
+    gs.tmp.resize(uint64_t{nq} * g.page_size);
+    DotStridedMulti(qs, nq, reader->PageKeys(p), row_bytes, valid, g.elem_type, g.dim,
+                    gs.tmp.data(), g.page_size);
+    gs.scored += uint64_t{valid} * nq;  // dot products
+    gs.Touch(p);
+    for (uint32_t q = 0; q < nq; ++q) {
+      float* v = gs.tmp.data() + uint64_t{q} * g.page_size;
+      float m = -std::numeric_limits<float>::infinity();
+      for (uint32_t s = 0; s < valid; ++s) {
+        v[s] *= scale;
+        m = std::max(m, v[s]);
+      }
+      gs.Max(q)[p] = m;
+      if (mass) {
+        gs.ex.assign(v, v + valid);
+        for (float& x : gs.ex) x -= m;
+        ExpInPlace(gs.ex.data(), valid);
+        float sum = 0;
+        for (float x : gs.ex) sum += x;
+        gs.Sum(q)[p] = sum;
+      }
+    }
+    if (collect) {
+      for (uint32_t i = c.PageStart(j); i < c.page_end[j]; ++i) {
+        const uint32_t t = c.tok[i];
+        gs.cand_tok.push_back(t);
+        for (uint32_t q = 0; q < nq; ++q) {
+          gs.cand_score.push_back(gs.tmp[uint64_t{q} * g.page_size + slot_of[t]]);
+        }
+      }
+    }
+  }
+
+  // One beam descent for `nq` queries at once (nq == 1 is the paper's per-query search).
+  void DescendQueries(const float* qs, uint32_t nq, uint32_t k, GroupScratch& gs) const {
+    const uint32_t d = g.dim;
+    const uint32_t n_tokens = static_cast<uint32_t>(position.size());
+    const uint32_t fov =
+        std::max<uint32_t>(static_cast<uint32_t>(std::ceil(o.fov_ratio * n_tokens)), o.min_fov);
+    const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+    const bool mass = o.page_score == DciOptions::PageScore::kSoftmaxMass;
+    std::vector<float> dir(nq);
+    for (uint32_t q = 0; q < nq; ++q) {
+      double norm = 0, dp = 0;
+      for (uint32_t i = 0; i < d; ++i) {
+        norm += double(qs[q * d + i]) * qs[q * d + i];
+        dp += double(u[i]) * qs[q * d + i];
+      }
+      dir[q] = norm > 0 ? static_cast<float>(dp / std::sqrt(norm)) : 0.f;
+    }
+    auto qproj = [&](uint32_t q, const Cell& c) {
+      return o.scale_query_projection ? std::sqrt(c.max_sq) * dir[q] : dir[q];
+    };
+    gs.cells.assign(1, root_cell);
+    for (int lvl = top;; --lvl) {
+      const bool collect = lvl > 0;
+      gs.cand_tok.clear();
+      gs.cand_score.clear();
+      const uint32_t want = lvl == 0 ? k : fov;
+      for (uint32_t cid : gs.cells) {
+        const Cell& c = cells[cid];
+        const uint32_t n = static_cast<uint32_t>(c.tok.size());
+        if (n == 0) continue;
+        const uint32_t r = std::min<uint32_t>(
+            n, std::max<uint32_t>(static_cast<uint32_t>(std::ceil(o.query_retrieve_ratio * n)),
+                                  want));
+        gs.ranges.clear();
+        for (uint32_t q = 0; q < nq; ++q) {
+          uint32_t a, b;
+          if (o.page_granular_scoring) {
+            PageRun(c, qproj(q, c), r, &a, &b);
+          } else {
+            TokenRun(c, qproj(q, c), r, &a, &b);
+          }
+          gs.ranges.push_back({a, b});
+        }
+        UnionRanges(&gs.ranges);
+        for (const auto& [a, b] : gs.ranges) {
+          if (o.page_granular_scoring) {
+            for (uint32_t j = a; j < b; ++j) ScorePage(qs, c, j, collect, gs);
+            continue;
+          }
+          const uint32_t m = b - a;
+          gs.rows.resize(m);
+          for (uint32_t i = 0; i < m; ++i) gs.rows[i] = KeyPtr(c.tok[a + i]);
+          gs.tmp.resize(uint64_t{nq} * m);
+          DotGatherMulti(qs, nq, gs.rows.data(), m, g.elem_type, d, gs.tmp.data(), m);
+          gs.scored += uint64_t{m} * nq;
+          for (uint32_t i = 0; i < m; ++i) {
+            const uint32_t t = c.tok[a + i];
+            const uint32_t p = page_of[t];
+            gs.Touch(p);
+            if (collect) gs.cand_tok.push_back(t);
+            for (uint32_t q = 0; q < nq; ++q) {
+              const float v = gs.tmp[uint64_t{q} * m + i] * scale;
+              gs.Add(q, p, v, mass);
+              if (collect) gs.cand_score.push_back(v);
+            }
+          }
+        }
+      }
+      if (lvl == 0 || gs.cand_tok.empty()) break;
+      // Next beam: each query's best FOV tokens (extended to cover k pages below when the
+      // next level is the last); the union of their child cells.
+      if (++gs.cell_cur == 0) {
+        std::fill(gs.cell_stamp.begin(), gs.cell_stamp.end(), 0);
+        gs.cell_cur = 1;
+      }
+      gs.next_cells.clear();
+      const size_t nc = gs.cand_tok.size();
+      for (uint32_t q = 0; q < nq; ++q) {
+        gs.order.resize(nc);
+        std::iota(gs.order.begin(), gs.order.end(), 0u);
+        auto better = [&](uint32_t x, uint32_t y) {
+          const float sx = gs.cand_score[uint64_t{x} * nq + q], sy = gs.cand_score[uint64_t{y} * nq + q];
+          return sx > sy || (sx == sy && gs.cand_tok[x] < gs.cand_tok[y]);
+        };
+        size_t take = std::min<size_t>(fov, nc);
+        std::partial_sort(gs.order.begin(), gs.order.begin() + take, gs.order.end(), better);
+        if (lvl == 1) {
+          uint64_t covered = 0;
+          for (size_t i = 0; i < take; ++i) covered += ChildPages(gs.cand_tok[gs.order[i]]);
+          if (covered < k && take < nc) {
+            std::sort(gs.order.begin() + take, gs.order.end(), better);
+            while (covered < k && take < nc) covered += ChildPages(gs.cand_tok[gs.order[take++]]);
+          }
+        }
+        for (size_t i = 0; i < take; ++i) {
+          auto it = child_cell.find(gs.cand_tok[gs.order[i]]);
+          if (it == child_cell.end() || cells[it->second].tok.empty()) continue;
+          if (gs.cell_stamp[it->second] == gs.cell_cur) continue;
+          gs.cell_stamp[it->second] = gs.cell_cur;
+          gs.next_cells.push_back(it->second);
+        }
+      }
+      if (gs.next_cells.empty()) break;
+      gs.cells.swap(gs.next_cells);
+    }
+    // Rare (tiny or skewed trees): fewer pages reached than asked for; score the rest whole.
+    if (gs.touched.size() < k) {
+      for (uint32_t cid = 0; cid < cells.size(); ++cid) {
+        const Cell& c = cells[cid];
+        for (uint32_t j = 0; j < c.page_ids.size(); ++j) {
+          if (gs.stamp[c.page_ids[j]] != gs.cur) ScorePage(qs, c, j, false, gs);
+        }
+      }
+    }
+  }
+
+  // The page value of query q: its scaled log-mass estimate (mass mode) or best scaled score.
+  float PageValue(const GroupScratch& gs, uint32_t q, uint32_t p) const {
+    const float m = const_cast<GroupScratch&>(gs).Max(q)[p];
+    if (o.page_score != DciOptions::PageScore::kSoftmaxMass) return m;
+    return m + std::log(std::max(const_cast<GroupScratch&>(gs).Sum(q)[p], 1e-30f));
+  }
+
+  // Per query: every touched page with its value.
+  using PageValues = std::vector<std::pair<uint32_t, float>>;
+  void CollectValues(const GroupScratch& gs, uint32_t nq, std::vector<PageValues>* out) const {
+    for (uint32_t q = 0; q < nq; ++q) {
+      PageValues pv;
+      pv.reserve(gs.touched.size());
+      for (uint32_t p : gs.touched) pv.push_back({p, PageValue(gs, q, p)});
+      out->push_back(std::move(pv));
+    }
+  }
+
+  void SearchGroup(const float* qs, uint32_t nq, uint32_t k, std::vector<SelectedPage>* out) const {
+    GroupScratch& gs = ThreadGroupScratch();
+    std::vector<PageValues> per_query;
+    uint64_t scored = 0;
+    if (position.size() <= o.exact_search_max_tokens) {
+      gs.Begin(nq, pages.size(), cells.size());
+      for (const Cell& c : cells) {
+        for (uint32_t j = 0; j < c.page_ids.size(); ++j) ScorePage(qs, c, j, false, gs);
+      }
+      CollectValues(gs, nq, &per_query);
+      scored = gs.scored;
+    } else if (o.joint_group_search || nq == 1) {
+      gs.Begin(nq, pages.size(), cells.size());
+      DescendQueries(qs, nq, k, gs);
+      CollectValues(gs, nq, &per_query);
+      scored = gs.scored;
+    } else {
+      for (uint32_t q = 0; q < nq; ++q) {
+        gs.Begin(1, pages.size(), cells.size());
+        DescendQueries(qs + uint64_t{q} * g.dim, 1, k, gs);
+        CollectValues(gs, 1, &per_query);
+        scored += gs.scored;
+      }
+    }
+    tls_last_scored = scored;
+    auto by_value = [](const SelectedPage& a, const SelectedPage& b) {
+      return a.score > b.score || (a.score == b.score && a.page < b.page);
+    };
+    if (o.group_merge == DciOptions::GroupMerge::kRankInterleaved || nq == 1) {
+      std::vector<std::vector<SelectedPage>> lists(nq);
+      for (uint32_t q = 0; q < nq; ++q) {
+        for (const auto& [p, v] : per_query[q]) lists[q].push_back({p, pages[p].valid, v});
+        const size_t kk = std::min<size_t>(k, lists[q].size());
+        std::partial_sort(lists[q].begin(), lists[q].begin() + kk, lists[q].end(), by_value);
+        lists[q].resize(kk);
+      }
+      *out = nq == 1 ? std::move(lists[0]) : MergeRankInterleaved(lists, k);
+      return;
+    }
+    // Sum over the group of each query's normalised mass estimate.
+    absl::flat_hash_map<uint32_t, float> total;
+    for (const PageValues& pv : per_query) {
+      float mx = -std::numeric_limits<float>::infinity();
+      for (const auto& e : pv) mx = std::max(mx, e.second);
+      double z = 0;
+      for (const auto& e : pv) z += std::exp(double(e.second) - mx);
+      for (const auto& [p, v] : pv) total[p] += static_cast<float>(std::exp(double(v) - mx) / z);
+    }
+    std::vector<SelectedPage> all;
+    all.reserve(total.size());
+    for (const auto& [p, v] : total) all.push_back({p, pages[p].valid, v});
+    const size_t kk = std::min<size_t>(k, all.size());
+    std::partial_sort(all.begin(), all.begin() + kk, all.end(), by_value);
+    all.resize(kk);
+    *out = std::move(all);
   }
 };
 
@@ -881,12 +1209,7 @@ absl::Status DciTree::Search(const float* queries, uint32_t group, uint32_t k,
     return absl::InvalidArgumentError(absl::StrCat("k must be in 1..", impl_->live_pages,
                                                    " (the pages of this index), got ", k));
   }
-  tls_last_scored = 0;
-  std::vector<std::vector<SelectedPage>> lists(group);
-  for (uint32_t h = 0; h < group; ++h) {
-    impl_->SearchOne(queries + uint64_t{h} * geometry_.dim, k, &lists[h]);
-  }
-  *out = group == 1 ? std::move(lists[0]) : MergeRankInterleaved(lists, k);
+  impl_->SearchGroup(queries, group, k, out);
   return absl::OkStatus();
 }
 

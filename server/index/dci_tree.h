@@ -67,9 +67,28 @@ struct DciOptions {
   // A token promoted to level >= 1 during insert adopts the children of its nearest
   // `reparent_neighbors` same-level tokens that are closer to it (0 turns this off).
   uint32_t reparent_neighbors = 4;
-  // Option (off = paper): project a query at the radius of the cell's keys,
-  // sqrt(M_c) * u.q/|q|, instead of at radius 1.
+  // ---- Improvements, each off by default (= the paper) and measured side by side.
+  // Project a query at the radius of the cell's keys, sqrt(M_c) * u.q/|q|, instead of at
+  // radius 1, so that "closest in projection" compares points on the same sphere.
   bool scale_query_projection = false;
+  // One descent for the whole GQA group: every key visited is scored for all the group's
+  // queries (one read of the row), and the beams are the union of the queries' beams.
+  bool joint_group_search = false;
+  // Score expanded cells in whole pages (the pages closest to the query in projection, until
+  // the retrieve share is covered): sequential reads of page memory, exact page statistics.
+  bool page_granular_scoring = false;
+  // How a page is ranked for one query: by its best scored token (paper) or by the softmax
+  // mass of its scored tokens.
+  enum class PageScore : uint8_t { kBestToken, kSoftmaxMass };
+  PageScore page_score = PageScore::kBestToken;
+  // How the group's lists combine: rank-interleaved (paper), or by the sum over the queries
+  // of each page's share of the query's softmax mass.
+  enum class GroupMerge : uint8_t { kRankInterleaved, kSumOfMass };
+  GroupMerge group_merge = GroupMerge::kRankInterleaved;
+  // Trees of at most this many tokens are searched exactly (every page scored for the whole
+  // group in one pass): below a few thousand tokens a scan is both cheaper and exact.
+  // 0 = never (paper).
+  uint32_t exact_search_max_tokens = 0;
   // Seed of the projection direction (shared by every tree built with these options).
   uint64_t seed = 0x1CECAC4E;
 };
@@ -98,7 +117,7 @@ class DciTree final : public KvIndex {
     std::vector<uint32_t> tokens_per_level;   // [level]
     uint32_t cells = 0;
     uint32_t pages = 0;
-    uint64_t tokens_scored_last_search = 0;   // by the last Search on this thread
+    uint64_t tokens_scored_last_search = 0;   // (key, query) dot products of the last Search on this thread
   };
   Stats GetStats() const;
   // Level, parent (kNoParent for the top level) and page/slot of token `t` (insertion

@@ -28,6 +28,10 @@ class InMemoryPages final : public PageReader {
   uint64_t bytes() const { return data_.size(); }
   const PageLayout& layout() const { return layout_; }
 
+  // Reserves frames for page ids below `pages` so that later changes do not reallocate
+  // (growth copies every page, which a benchmark would otherwise time).
+  void Reserve(uint32_t pages) { data_.reserve(uint64_t{pages} * frame_bytes_); }
+
   // Applies `change`; batch rows come from `keys` (and `values`, when the store holds them).
   // A change that writes a page that is not allocated, or frees one that is not, is a broken
   // invariant of the index and aborts.

@@ -2,6 +2,7 @@
 
 #include <immintrin.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstring>
@@ -210,6 +211,151 @@ ICECACHE_AVX2 void DotGatherAvx2(const float* x, const void* const* rows, uint32
   }
 }
 
+// NQ (1..8, a compile-time constant so the accumulators stay in registers) queries against
+// one row: the row is converted once per 8 elements.
+template <ElemType kType, int NQ>
+ICECACHE_AVX2 inline void DotRowMultiAvx2T(const float* xs, const void* row, uint32_t dim,
+                                           float* out, uint32_t out_stride) {
+  __m256 acc[NQ];
+  for (int j = 0; j < NQ; ++j) acc[j] = _mm256_setzero_ps();
+  uint32_t i = 0;
+  for (; i + 8 <= dim; i += 8) {
+    const __m256 r = Load8(row, kType, i);
+    for (int j = 0; j < NQ; ++j) {
+      acc[j] = _mm256_fmadd_ps(_mm256_loadu_ps(xs + uint64_t(j) * dim + i), r, acc[j]);
+    }
+  }
+  for (int j = 0; j < NQ; ++j) {
+    float tail = 0;
+    for (uint32_t t = i; t < dim; ++t) tail += xs[uint64_t(j) * dim + t] * LoadScalar(row, kType, t);
+    out[uint64_t(j) * out_stride] = HorizontalSum(acc[j]) + tail;
+  }
+}
+
+template <ElemType kType, int NQ>
+ICECACHE_AVX2 void DotRowsMultiAvx2T(const float* xs, const uint8_t* base, uint64_t stride,
+                                     const void* const* rows, uint32_t n, uint32_t dim, float* out,
+                                     uint32_t out_stride) {
+  for (uint32_t r = 0; r < n; ++r) {
+    const void* row = rows != nullptr ? rows[r] : base + r * stride;
+    if (rows != nullptr && r + 2 < n) {
+      _mm_prefetch(static_cast<const char*>(rows[r + 2]), _MM_HINT_T0);
+    }
+    DotRowMultiAvx2T<kType, NQ>(xs, row, dim, out + r, out_stride);
+  }
+}
+
+template <ElemType kType>
+ICECACHE_AVX2 void DotMultiAvx2T(const float* xs, uint32_t nq, const uint8_t* base, uint64_t stride,
+                                 const void* const* rows, uint32_t n, uint32_t dim, float* out,
+                                 uint32_t out_stride) {
+  for (uint32_t q0 = 0; q0 < nq; q0 += 8) {
+    const uint32_t m = std::min<uint32_t>(8, nq - q0);
+    const float* x = xs + uint64_t{q0} * dim;
+    float* o = out + uint64_t{q0} * out_stride;
+    switch (m) {
+#define ICECACHE_NQ_CASE(k)                                                           \
+  case k:                                                                             \
+    DotRowsMultiAvx2T<kType, k>(x, base, stride, rows, n, dim, o, out_stride);        \
+    break;
+      ICECACHE_NQ_CASE(1)
+      ICECACHE_NQ_CASE(2)
+      ICECACHE_NQ_CASE(3)
+      ICECACHE_NQ_CASE(4)
+      ICECACHE_NQ_CASE(5)
+      ICECACHE_NQ_CASE(6)
+      ICECACHE_NQ_CASE(7)
+      ICECACHE_NQ_CASE(8)
+#undef ICECACHE_NQ_CASE
+    }
+  }
+}
+
+ICECACHE_AVX2 void DotMultiAvx2(const float* xs, uint32_t nq, const void* base, uint64_t stride,
+                                const void* const* rows, uint32_t n, ElemType type, uint32_t dim,
+                                float* out, uint32_t out_stride) {
+  const uint8_t* b = static_cast<const uint8_t*>(base);
+  switch (type) {
+    case ElemType::kF32:
+      return DotMultiAvx2T<ElemType::kF32>(xs, nq, b, stride, rows, n, dim, out, out_stride);
+    case ElemType::kF16:
+      return DotMultiAvx2T<ElemType::kF16>(xs, nq, b, stride, rows, n, dim, out, out_stride);
+    case ElemType::kBF16:
+      return DotMultiAvx2T<ElemType::kBF16>(xs, nq, b, stride, rows, n, dim, out, out_stride);
+  }
+}
+
+// 4 children x 16 parents per register tile: 8 accumulators, per element two parent loads,
+// four broadcasts and eight FMAs (no horizontal sums).
+ICECACHE_AVX2 void BestLiftedParentsAvx2(const float* children, uint32_t nc,
+                                         const float* child_lift, const float* parents_t,
+                                         const float* parent_lift, uint32_t np, uint32_t np_pad,
+                                         uint32_t dim, float* best_v, uint32_t* best_j) {
+  alignas(32) float tile[4][16];
+  for (uint32_t c0 = 0; c0 < nc; c0 += 4) {
+    const uint32_t rows = std::min<uint32_t>(4, nc - c0);
+    const float* x[4];
+    for (uint32_t r = 0; r < 4; ++r) x[r] = children + uint64_t{c0 + std::min(r, rows - 1)} * dim;
+    for (uint32_t j0 = 0; j0 < np; j0 += 16) {
+      __m256 acc[4][2];
+      for (int r = 0; r < 4; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+      const float* pt = parents_t + j0;
+      for (uint32_t i = 0; i < dim; ++i) {
+        const __m256 p0 = _mm256_loadu_ps(pt + uint64_t{i} * np_pad);
+        const __m256 p1 = _mm256_loadu_ps(pt + uint64_t{i} * np_pad + 8);
+        for (int r = 0; r < 4; ++r) {
+          const __m256 xv = _mm256_broadcast_ss(x[r] + i);
+          acc[r][0] = _mm256_fmadd_ps(xv, p0, acc[r][0]);
+          acc[r][1] = _mm256_fmadd_ps(xv, p1, acc[r][1]);
+        }
+      }
+      const __m256 b0 = _mm256_loadu_ps(parent_lift + j0);
+      const __m256 b1 = _mm256_loadu_ps(parent_lift + j0 + 8);
+      for (uint32_t r = 0; r < rows; ++r) {
+        const __m256 a = _mm256_set1_ps(child_lift[c0 + r]);
+        _mm256_store_ps(tile[r], _mm256_fmadd_ps(a, b0, acc[r][0]));
+        _mm256_store_ps(tile[r] + 8, _mm256_fmadd_ps(a, b1, acc[r][1]));
+        const uint32_t lim = std::min<uint32_t>(16, np - j0);
+        for (uint32_t t = 0; t < lim; ++t) {
+          if (tile[r][t] > best_v[c0 + r]) {
+            best_v[c0 + r] = tile[r][t];
+            best_j[c0 + r] = j0 + t;
+          }
+        }
+      }
+    }
+  }
+}
+
+// exp(x) = 2^n * 2^f with n = round(x log2 e), f in [-0.5, 0.5]; 2^f by a degree-6
+// polynomial (Taylor of e^(f ln 2), error < 2e-7 on the interval).
+ICECACHE_AVX2 void ExpAvx2(float* x, uint32_t n) {
+  const __m256 log2e = _mm256_set1_ps(1.4426950408889634f);
+  const __m256 ln2 = _mm256_set1_ps(0.6931471805599453f);
+  const __m256 lo = _mm256_set1_ps(-87.0f), hi = _mm256_set1_ps(88.0f);
+  const __m256 c1 = _mm256_set1_ps(1.0f), c2 = _mm256_set1_ps(1.0f / 2), c3 = _mm256_set1_ps(1.0f / 6);
+  const __m256 c4 = _mm256_set1_ps(1.0f / 24), c5 = _mm256_set1_ps(1.0f / 120);
+  const __m256 c6 = _mm256_set1_ps(1.0f / 720);
+  uint32_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    const __m256 under = _mm256_cmp_ps(v, lo, _CMP_LT_OQ);
+    const __m256 c = _mm256_min_ps(_mm256_max_ps(v, lo), hi);
+    const __m256 k = _mm256_round_ps(_mm256_mul_ps(c, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256 r = _mm256_mul_ps(_mm256_sub_ps(_mm256_mul_ps(c, log2e), k), ln2);  // r in [-ln2/2, ln2/2]
+    __m256 p = _mm256_fmadd_ps(c6, r, c5);
+    p = _mm256_fmadd_ps(p, r, c4);
+    p = _mm256_fmadd_ps(p, r, c3);
+    p = _mm256_fmadd_ps(p, r, c2);
+    p = _mm256_fmadd_ps(p, r, c1);
+    p = _mm256_fmadd_ps(p, r, c1);
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
+    const __m256 out = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+    _mm256_storeu_ps(x + i, _mm256_andnot_ps(under, out));
+  }
+  for (; i < n; ++i) x[i] = x[i] < -87.f ? 0.f : std::exp(x[i]);
+}
+
 ICECACHE_AVX2 float SquaredNormAvx2(const void* row, ElemType type, uint32_t dim) {
   __m256 acc = _mm256_setzero_ps();
   uint32_t i = 0;
@@ -269,6 +415,57 @@ void DotGather(const float* x, const void* const* rows, uint32_t n, ElemType typ
                float* out) {
   if (ActiveSimdLevel() == SimdLevel::kAvx2) return DotGatherAvx2(x, rows, n, type, dim, out);
   for (uint32_t r = 0; r < n; ++r) out[r] = DotScalar(x, rows[r], type, dim);
+}
+
+void DotStridedMulti(const float* xs, uint32_t nq, const void* base, uint64_t stride, uint32_t n,
+                     ElemType type, uint32_t dim, float* out, uint32_t out_stride) {
+  if (ActiveSimdLevel() == SimdLevel::kAvx2) {
+    return DotMultiAvx2(xs, nq, base, stride, nullptr, n, type, dim, out, out_stride);
+  }
+  const uint8_t* b = static_cast<const uint8_t*>(base);
+  for (uint32_t j = 0; j < nq; ++j) {
+    for (uint32_t r = 0; r < n; ++r) {
+      out[uint64_t{j} * out_stride + r] = DotScalar(xs + uint64_t{j} * dim, b + r * stride, type, dim);
+    }
+  }
+}
+
+void DotGatherMulti(const float* xs, uint32_t nq, const void* const* rows, uint32_t n,
+                    ElemType type, uint32_t dim, float* out, uint32_t out_stride) {
+  if (ActiveSimdLevel() == SimdLevel::kAvx2) {
+    return DotMultiAvx2(xs, nq, nullptr, 0, rows, n, type, dim, out, out_stride);
+  }
+  for (uint32_t j = 0; j < nq; ++j) {
+    for (uint32_t r = 0; r < n; ++r) {
+      out[uint64_t{j} * out_stride + r] = DotScalar(xs + uint64_t{j} * dim, rows[r], type, dim);
+    }
+  }
+}
+
+void BestLiftedParents(const float* children, uint32_t nc, const float* child_lift,
+                       const float* parents_t, const float* parent_lift, uint32_t np,
+                       uint32_t np_pad, uint32_t dim, float* best_v, uint32_t* best_j) {
+  if (ActiveSimdLevel() == SimdLevel::kAvx2) {
+    return BestLiftedParentsAvx2(children, nc, child_lift, parents_t, parent_lift, np, np_pad,
+                                 dim, best_v, best_j);
+  }
+  for (uint32_t c = 0; c < nc; ++c) {
+    const float* x = children + uint64_t{c} * dim;
+    for (uint32_t j = 0; j < np; ++j) {
+      float v = 0;
+      for (uint32_t i = 0; i < dim; ++i) v += x[i] * parents_t[uint64_t{i} * np_pad + j];
+      v += child_lift[c] * parent_lift[j];
+      if (v > best_v[c]) {
+        best_v[c] = v;
+        best_j[c] = j;
+      }
+    }
+  }
+}
+
+void ExpInPlace(float* x, uint32_t n) {
+  if (ActiveSimdLevel() == SimdLevel::kAvx2) return ExpAvx2(x, n);
+  for (uint32_t i = 0; i < n; ++i) x[i] = x[i] < -87.f ? 0.f : std::exp(x[i]);
 }
 
 float SquaredNorm(const void* row, ElemType type, uint32_t dim) {
