@@ -86,17 +86,36 @@ int main(int argc, char** argv) {
   opts.first_layer = absl::GetFlag(FLAGS_first_layer);
   opts.output_error = trace.has_values;
   if (absl::GetFlag(FLAGS_variants)) {
-    MethodSpec scaled{"icecache-dci+scaled-query", MethodKind::kDci, DciOptions{}};
-    scaled.dci.scale_query_projection = true;
-    MethodSpec full{"icecache-dci+full-cells", MethodKind::kDci, DciOptions{}};
-    full.dci.query_retrieve_ratio = 1.0;
-    MethodSpec r3{"dci-r1-0.03", MethodKind::kDci, DciOptions{}};
-    r3.dci.promotion_ratio_1 = 0.03;
-    MethodSpec r6{"dci-r1-0.0625", MethodKind::kDci, DciOptions{}};
-    r6.dci.promotion_ratio_1 = 0.0625;
-    MethodSpec o6{"oracle-r1-0.0625", MethodKind::kOraclePagesOurLayout, DciOptions{}};
-    o6.dci.promotion_ratio_1 = 0.0625;
-    opts.methods.insert(opts.methods.begin() + 1, {scaled, full, r3, r6, o6});
+    // The improvement options, each measured beside the paper configuration.
+    std::vector<MethodSpec> variants;
+    auto add = [&](const std::string& name, auto&& set) {
+      MethodSpec m{name, MethodKind::kDci, DciOptions{}};
+      set(m.dci);
+      variants.push_back(m);
+    };
+    add("dci+scaled-query", [](DciOptions& o) { o.scale_query_projection = true; });
+    add("dci+page-granular", [](DciOptions& o) { o.page_granular_scoring = true; });
+    add("dci+mass-ranking", [](DciOptions& o) {
+      o.page_score = DciOptions::PageScore::kSoftmaxMass;
+      o.group_merge = DciOptions::GroupMerge::kSumOfMass;
+    });
+    add("dci+joint-group", [](DciOptions& o) { o.joint_group_search = true; });
+    add("dci+all", [](DciOptions& o) {
+      o.scale_query_projection = true;
+      o.page_granular_scoring = true;
+      o.page_score = DciOptions::PageScore::kSoftmaxMass;
+      o.group_merge = DciOptions::GroupMerge::kSumOfMass;
+      o.joint_group_search = true;
+    });
+    add("dci+all+r1-0.03", [](DciOptions& o) {
+      o.scale_query_projection = true;
+      o.page_granular_scoring = true;
+      o.page_score = DciOptions::PageScore::kSoftmaxMass;
+      o.group_merge = DciOptions::GroupMerge::kSumOfMass;
+      o.joint_group_search = true;
+      o.promotion_ratio_1 = 0.03;
+    });
+    opts.methods.insert(opts.methods.begin() + 1, variants.begin(), variants.end());
   }
   icecache::ThreadPool pool(absl::GetFlag(FLAGS_threads));
   std::printf("simd: %s, threads: %zu\n", SimdLevelName(ActiveSimdLevel()), pool.size());

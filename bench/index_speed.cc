@@ -43,6 +43,9 @@ ABSL_FLAG(uint32_t, reps, 5, "Timing repetitions of each step; the median is rep
 ABSL_FLAG(bool, stack, true, "Also build a 32-layer x 8-head stack at 32k on the pool.");
 ABSL_FLAG(uint32_t, stack_tokens, 32768, "Tokens per head of the stack build.");
 ABSL_FLAG(uint32_t, threads, 0, "Pool threads for the stack build (0: all cores).");
+ABSL_FLAG(std::string, config, "paper",
+          "DCI preset: paper (the reference), all (every improvement option), all-r1 (all, "
+          "with promotion ratio 0.03); the single-option flags below override it.");
 ABSL_FLAG(bool, scaled_query, false, "DCI option: scale the query projection.");
 ABSL_FLAG(double, retrieve_ratio, 0.8, "DCI option: share of each expanded cell scored.");
 ABSL_FLAG(bool, joint, false, "DCI option: joint group search.");
@@ -52,6 +55,8 @@ ABSL_FLAG(double, promotion_ratio_1, 0.01, "DCI option: level 0 -> 1 promotion r
 ABSL_FLAG(uint32_t, min_fov, 30, "DCI option: minimum field of view.");
 ABSL_FLAG(double, fov_ratio, 0.0015, "DCI option: field of view per token.");
 ABSL_FLAG(uint32_t, exact_parent_max, 3000, "DCI option: exact parent search up to this size.");
+ABSL_FLAG(uint32_t, final_fov, 0, "DCI option: beam width over level-0 cells (0: the FOV).");
+ABSL_FLAG(uint32_t, anchor_interval, 0, "DCI option: anchor shortcut interval (0: off).");
 ABSL_FLAG(uint32_t, exact_below, 0, "DCI option: exact search up to this many tokens.");
 
 namespace {
@@ -208,24 +213,42 @@ int main(int argc, char** argv) {
   std::vector<char*> ptrs = icecache::ArgvPointers(args);
   absl::ParseCommandLine(static_cast<int>(args.size()), ptrs.data());
   DciOptions dci;
-  dci.scale_query_projection = absl::GetFlag(FLAGS_scaled_query);
-  dci.query_retrieve_ratio = absl::GetFlag(FLAGS_retrieve_ratio);
-  dci.joint_group_search = absl::GetFlag(FLAGS_joint);
-  dci.page_granular_scoring = absl::GetFlag(FLAGS_page_granular);
+  const std::string config = absl::GetFlag(FLAGS_config);
+  if (config == "all" || config == "all-r1") {
+    dci.scale_query_projection = true;
+    dci.page_granular_scoring = true;
+    dci.joint_group_search = true;
+    dci.page_score = DciOptions::PageScore::kSoftmaxMass;
+    dci.group_merge = DciOptions::GroupMerge::kSumOfMass;
+    if (config == "all-r1") dci.promotion_ratio_1 = 0.03;
+  } else if (config != "paper") {
+    std::fprintf(stderr, "unknown --config=%s\n", config.c_str());
+    return 2;
+  }
+  if (absl::GetFlag(FLAGS_scaled_query)) dci.scale_query_projection = true;
+  if (absl::GetFlag(FLAGS_joint)) dci.joint_group_search = true;
+  if (absl::GetFlag(FLAGS_page_granular)) dci.page_granular_scoring = true;
   if (absl::GetFlag(FLAGS_mass)) {
     dci.page_score = DciOptions::PageScore::kSoftmaxMass;
     dci.group_merge = DciOptions::GroupMerge::kSumOfMass;
   }
-  dci.promotion_ratio_1 = absl::GetFlag(FLAGS_promotion_ratio_1);
+  if (absl::GetFlag(FLAGS_retrieve_ratio) != 0.8) {
+    dci.query_retrieve_ratio = absl::GetFlag(FLAGS_retrieve_ratio);
+  }
+  if (absl::GetFlag(FLAGS_promotion_ratio_1) != 0.01) {
+    dci.promotion_ratio_1 = absl::GetFlag(FLAGS_promotion_ratio_1);
+  }
   dci.min_fov = absl::GetFlag(FLAGS_min_fov);
   dci.fov_ratio = absl::GetFlag(FLAGS_fov_ratio);
   dci.exact_search_max_tokens = absl::GetFlag(FLAGS_exact_below);
+  if (absl::GetFlag(FLAGS_final_fov) != 0) dci.final_fov = absl::GetFlag(FLAGS_final_fov);
   dci.exact_parent_max = absl::GetFlag(FLAGS_exact_parent_max);
+  dci.anchor_interval = absl::GetFlag(FLAGS_anchor_interval);
 
-  std::printf("index speed: synthetic keys (bf16, dim %u), GQA group %u, k=%u pages of 16, "
-              "simd %s, one core unless stated\n",
-              absl::GetFlag(FLAGS_dim), absl::GetFlag(FLAGS_group), absl::GetFlag(FLAGS_k),
-              SimdLevelName(ActiveSimdLevel()));
+  std::printf("index speed: config %s; synthetic keys (bf16, dim %u), GQA group %u, k=%u pages "
+              "of 16, simd %s, one core unless stated\n",
+              config.c_str(), absl::GetFlag(FLAGS_dim), absl::GetFlag(FLAGS_group),
+              absl::GetFlag(FLAGS_k), SimdLevelName(ActiveSimdLevel()));
   std::vector<SizeResult> results;
   for (absl::string_view s : absl::StrSplit(absl::GetFlag(FLAGS_sizes), ',')) {
     uint32_t n;
@@ -287,12 +310,14 @@ int main(int argc, char** argv) {
 
   const std::string out_dir = absl::GetFlag(FLAGS_out);
   std::system(("mkdir -p '" + out_dir + "'").c_str());
-  std::ofstream csv(out_dir + "/index_speed.csv");
+  const std::string stem = out_dir + "/index_speed_" + config;
+  std::ofstream csv(stem + ".csv");
   csv << "tokens,build_s,build_tokens_per_s,dci_search_us,exact_scan_us,speedup,scored_share,"
          "recall_dci,recall_exact_scan,recall_oracle,insert_us_p50,insert_us_p99,index_bytes,"
          "kv_bytes,memory_share\n";
-  std::ofstream json(out_dir + "/index_speed.json");
-  json << "{\n  \"simd\": \"" << SimdLevelName(ActiveSimdLevel()) << "\",\n  \"dim\": "
+  std::ofstream json(stem + ".json");
+  json << "{\n  \"config\": \"" << config << "\",\n  \"simd\": \""
+       << SimdLevelName(ActiveSimdLevel()) << "\",\n  \"dim\": "
        << absl::GetFlag(FLAGS_dim) << ",\n  \"group\": " << absl::GetFlag(FLAGS_group)
        << ",\n  \"k\": " << absl::GetFlag(FLAGS_k) << ",\n  \"sizes\": [\n";
   for (size_t i = 0; i < results.size(); ++i) {
@@ -313,6 +338,6 @@ int main(int argc, char** argv) {
   }
   json << "  ],\n  \"stack\": {\"layers\": 32, \"kv_heads\": 8, \"tokens\": " << stack_tokens
        << ", \"seconds\": " << stack_s << ", \"threads\": " << stack_threads << "}\n}\n";
-  std::printf("\nwrote %s/index_speed.{json,csv}\n", out_dir.c_str());
+  std::printf("\nwrote %s.{json,csv}\n", stem.c_str());
   return 0;
 }

@@ -12,6 +12,11 @@ packages=(
   curl
 )
 
+# --bench: also what the benchmarks' plots need.
+if [[ "${1:-}" == "--bench" ]]; then
+  packages+=(python3-matplotlib python3-numpy)
+fi
+
 missing=()
 for p in "${packages[@]}"; do
   if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then

@@ -134,6 +134,11 @@ struct DciTree::Impl {
   bool built = false;
 
   // Ingest context (Build/Insert, under the writer lock).
+  // During Build, the keys of the upper levels (about r1 of all tokens, read over and over
+  // by every parent search) are gathered into one small buffer, so that the searches hit
+  // cache instead of striding through the whole prompt. Freed when Build ends.
+  std::vector<uint8_t> upper_keys;
+  std::vector<uint32_t> upper_row;  // token -> row in upper_keys, or kNone
   const KeyBatch* batch = nullptr;
   uint32_t batch_begin = 0;
   absl::flat_hash_map<uint32_t, std::pair<uint32_t, uint8_t>> orig;  // pre-change locations
@@ -163,6 +168,9 @@ struct DciTree::Impl {
 
   // ------------------------------------------------------------------ key access
   const void* KeyPtr(uint32_t t) const {
+    if (!upper_row.empty() && upper_row[t] != kNone) {
+      return upper_keys.data() + uint64_t{upper_row[t]} * row_bytes;
+    }
     if (batch != nullptr && t >= batch_begin) return batch->keys.row(t - batch_begin);
     uint32_t p = page_of[t];
     uint32_t s = slot_of[t];
@@ -573,6 +581,83 @@ struct DciTree::Impl {
     }
   }
 
+  // Nearest parents of `kids` (on level l) among `parents` (level l + 1): exact while the
+  // level above is small, by descent beyond.
+  void FullParents(const std::vector<uint32_t>& kids, const std::vector<uint32_t>& parents,
+                   int l, std::vector<uint32_t>* parent_of) const {
+    if (parents.size() <= o.exact_parent_max) {
+      ExactParents(kids, parents, parent_of);
+      return;
+    }
+    parent_of->resize(kids.size());
+    std::vector<Cand> found;
+    std::vector<float> buf;
+    Scratch& sc = ThreadScratch();
+    for (size_t i = 0; i < kids.size(); ++i) {
+      const Probe probe = KeyProbe(kids[i], &buf);
+      Descend(probe, l + 1, o.build_fov, o.build_retrieve_ratio, 1, false, 1, sc, &found);
+      ICECACHE_CHECK(!found.empty()) << "descent found no parent for token " << kids[i];
+      (*parent_of)[i] = found.front().tok;
+    }
+  }
+
+  // The paper's anchor shortcut: every anchor_interval-th kid (in token order) gets its parent
+  // by the full search; every other kid tries the parents of the anchor_window anchors on
+  // each side and keeps the closest when its distance is within anchor_slack of that
+  // parent's farthest anchor child; the rest fall back to the full search.
+  void AnchoredParents(const std::vector<uint32_t>& kids, const std::vector<uint32_t>& parents,
+                       int l, std::vector<uint32_t>* parent_of) const {
+    const uint32_t d = g.dim;
+    std::vector<uint32_t> anchors, anchor_parent;
+    for (size_t i = 0; i < kids.size(); i += o.anchor_interval) anchors.push_back(kids[i]);
+    FullParents(anchors, parents, l, &anchor_parent);
+    // Farthest anchor child of each parent, in lifted distance M - T(c).T(p).
+    absl::flat_hash_map<uint32_t, float> max_dist;
+    std::vector<float> x(d);
+    auto lifted = [&](uint32_t c, uint32_t p) {
+      return Dot(x.data(), KeyPtr(p), g.elem_type, d) + Lift(c) * Lift(p);
+    };
+    for (size_t a = 0; a < anchors.size(); ++a) {
+      ToFloat(KeyPtr(anchors[a]), g.elem_type, d, x.data());
+      float& m = max_dist[anchor_parent[a]];
+      m = std::max(m, M - lifted(anchors[a], anchor_parent[a]));
+    }
+    parent_of->assign(kids.size(), kNone);
+    std::vector<uint32_t> fallback, fallback_at, candidates;
+    for (size_t i = 0; i < kids.size(); ++i) {
+      const size_t a = i / o.anchor_interval;
+      if (i % o.anchor_interval == 0) {
+        (*parent_of)[i] = anchor_parent[a];
+        continue;
+      }
+      candidates.clear();
+      const size_t lo = a >= o.anchor_window ? a - o.anchor_window : 0;
+      const size_t hi = std::min(anchors.size(), a + o.anchor_window + 1);
+      for (size_t j = lo; j < hi; ++j) candidates.push_back(anchor_parent[j]);
+      std::sort(candidates.begin(), candidates.end());
+      candidates.erase(std::unique(candidates.begin(), candidates.end()), candidates.end());
+      ToFloat(KeyPtr(kids[i]), g.elem_type, d, x.data());
+      uint32_t best = kNone;
+      float best_v = -std::numeric_limits<float>::infinity();
+      for (uint32_t p : candidates) {
+        const float v = lifted(kids[i], p);
+        if (v > best_v) {
+          best_v = v;
+          best = p;
+        }
+      }
+      if (best != kNone && M - best_v <= max_dist[best] * o.anchor_slack) {
+        (*parent_of)[i] = best;
+      } else {
+        fallback.push_back(kids[i]);
+        fallback_at.push_back(static_cast<uint32_t>(i));
+      }
+    }
+    std::vector<uint32_t> fallback_parent;
+    FullParents(fallback, parents, l, &fallback_parent);
+    for (size_t f = 0; f < fallback.size(); ++f) (*parent_of)[fallback_at[f]] = fallback_parent[f];
+  }
+
   absl::Status BuildLocked(const KeyBatch& b, PageWriter* writer) {
     const uint32_t n = b.keys.rows;
     batch = &b;
@@ -595,6 +680,14 @@ struct DciTree::Impl {
       top = std::max(top, l);
     }
     for (int l = 1; l <= top; ++l) level_tokens[l] = by_level[l];
+    upper_row.assign(n, kNone);
+    for (int l = 1; l <= top; ++l) {
+      for (uint32_t t : by_level[l]) {
+        upper_row[t] = static_cast<uint32_t>(upper_keys.size() / row_bytes);
+        const uint8_t* src = static_cast<const uint8_t*>(b.keys.row(t));
+        upper_keys.insert(upper_keys.end(), src, src + row_bytes);
+      }
+    }
 
     // Root cell: the top level, projected and sorted.
     root_cell = NewCell(kNone, top);
@@ -623,19 +716,10 @@ struct DciTree::Impl {
     for (int l = top - 1; l >= 0; --l) {
       const std::vector<uint32_t>& kids = by_level[l];
       const std::vector<uint32_t>& parents = by_level[l + 1];
-      if (parents.size() <= o.exact_parent_max) {
-        ExactParents(kids, parents, &parent_of);
+      if (o.anchor_interval > 0 && kids.size() > o.exact_parent_max) {
+        AnchoredParents(kids, parents, l, &parent_of);
       } else {
-        parent_of.resize(kids.size());
-        std::vector<Cand> found;
-        std::vector<float> buf;
-        Scratch& sc = ThreadScratch();
-        for (size_t i = 0; i < kids.size(); ++i) {
-          const Probe probe = KeyProbe(kids[i], &buf);
-          Descend(probe, l + 1, o.build_fov, o.build_retrieve_ratio, 1, false, 1, sc, &found);
-          ICECACHE_CHECK(!found.empty()) << "descent found no parent for token " << kids[i];
-          parent_of[i] = found.front().tok;
-        }
+        FullParents(kids, parents, l, &parent_of);
       }
       // Group children by parent, in the parents' token order.
       absl::flat_hash_map<uint32_t, std::vector<uint32_t>> groups;
@@ -648,6 +732,8 @@ struct DciTree::Impl {
         cell_order.push_back(cid);
       }
     }
+    std::vector<uint8_t>().swap(upper_keys);
+    std::vector<uint32_t>().swap(upper_row);
     // Pages: cell after cell, so that a cluster's pages have consecutive ids.
     for (uint32_t cid : cell_order) ChunkCell(cid);
     EmitChange(writer);
@@ -1062,7 +1148,8 @@ struct DciTree::Impl {
           const float sx = gs.cand_score[uint64_t{x} * nq + q], sy = gs.cand_score[uint64_t{y} * nq + q];
           return sx > sy || (sx == sy && gs.cand_tok[x] < gs.cand_tok[y]);
         };
-        size_t take = std::min<size_t>(fov, nc);
+        const uint32_t width = lvl == 1 && o.final_fov > 0 ? o.final_fov : fov;
+        size_t take = std::min<size_t>(width, nc);
         std::partial_sort(gs.order.begin(), gs.order.begin() + take, gs.order.end(), better);
         if (lvl == 1) {
           uint64_t covered = 0;

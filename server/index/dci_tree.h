@@ -58,6 +58,14 @@ struct DciOptions {
   // Share of each expanded cell scored exactly by a query, closest in projection first
   // (paper: prop_to_retrieve 0.8).
   double query_retrieve_ratio = 0.8;
+  // The paper's anchor shortcut for builds whose lower level exceeds exact_parent_max: every
+  // anchor_interval-th token gets a full parent search, the others try the parents of the
+  // anchor_window anchors on each side and keep the closest when within anchor_slack of its
+  // farthest anchor child. 0 = off (every parent from the full search, as the issue asks);
+  // the paper's prefill uses 60, 60, 1.02.
+  uint32_t anchor_interval = 0;
+  uint32_t anchor_window = 60;
+  float anchor_slack = 1.02f;
   // Parent search by descent, at build and at insert (paper: FOV 30 with ratio 1.0 at
   // prefill, FOV 20 with ratio 0.6 at insert).
   uint32_t build_fov = 30;
@@ -85,6 +93,9 @@ struct DciOptions {
   // of each page's share of the query's softmax mass.
   enum class GroupMerge : uint8_t { kRankInterleaved, kSumOfMass };
   GroupMerge group_merge = GroupMerge::kRankInterleaved;
+  // Beam width when choosing which level-0 cells to expand (the expensive step: a level-0
+  // cell holds about 1/promotion_ratio_1 keys). 0 = the field of view above (paper).
+  uint32_t final_fov = 0;
   // Trees of at most this many tokens are searched exactly (every page scored for the whole
   // group in one pass): below a few thousand tokens a scan is both cheaper and exact.
   // 0 = never (paper).

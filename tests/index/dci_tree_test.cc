@@ -210,6 +210,27 @@ TEST_F(DciTreeTest, DescentFindsMostParentsBeyondTheExactThreshold) {
   EXPECT_GT(same, level0 * 9 / 10) << same << " of " << level0;
 }
 
+TEST_F(DciTreeTest, AnchorShortcutKeepsMostParentsExact) {
+  DciOptions o;
+  o.exact_parent_max = 100;  // level 0 (5940 tokens) exceeds it: anchors apply
+  o.anchor_interval = 60;
+  BuildOn(6000, o);
+  ASSERT_OK(tree_->CheckInvariants());
+  ExpectPagesHoldTheirTokens(6000);
+  InMemoryPages scratch(geometry_, false);
+  DciTree reference(geometry_, DciOptions{}, &scratch);
+  RowView k = data_.Rows(0, 6000);
+  InMemoryPages::Writer w(&scratch, k, nullptr);
+  ASSERT_OK(reference.Build({k, data_.positions.data()}, &w));
+  uint32_t same = 0, level0 = 0;
+  for (uint32_t t = 0; t < 6000; ++t) {
+    if (tree_->LevelOf(t) != 0) continue;
+    ++level0;
+    same += tree_->ParentOf(t) == reference.ParentOf(t);
+  }
+  EXPECT_GT(same, level0 * 85 / 100) << same << " of " << level0;
+}
+
 TEST_F(DciTreeTest, BuildLaysEveryTokenIntoExactlyOneSlot) {
   BuildOn(6000);
   ASSERT_OK(tree_->CheckInvariants());
@@ -276,18 +297,22 @@ TEST_F(DciTreeTest, GrowingNormBoundReprojectsTheCellAndReportsItsPages) {
   RowView k{big.data(), ElemType::kF16, geometry_.dim, 16, 0};
   std::vector<uint32_t> pos(16);
   std::iota(pos.begin(), pos.end(), 100000u);
-  InMemoryPages::Writer inner(pages_.get(), k, &k);
   RecordingWriter w(pages_.get(), k, &k);
   ASSERT_OK(tree_->Insert({k, pos.data()}, &w));
   ASSERT_OK(tree_->CheckInvariants());
-  // The whole cell of the big token was rewritten: its page and siblings are in the change.
-  const auto [page, slot] = tree_->LocationOf(2000);
-  bool reported = false;
-  for (const PageFill& f : w.last.changed) reported |= f.page == page;
-  EXPECT_TRUE(reported);
+  // The big token raised its cell's norm bound: the cell was re-projected, so every page of
+  // the cell (the pages of all its siblings) is in the change.
+  std::set<uint32_t> changed;
+  for (const PageFill& f : w.last.changed) changed.insert(f.page);
+  const uint32_t parent = tree_->ParentOf(2000), level = tree_->LevelOf(2000);
   std::set<uint32_t> cell_pages;
-  for (const PageFill& f : w.last.changed) cell_pages.insert(f.page);
-  EXPECT_GE(cell_pages.size(), 1u);
+  for (uint32_t t = 0; t < tree_->num_tokens(); ++t) {
+    if (tree_->LevelOf(t) == level && tree_->ParentOf(t) == parent) {
+      cell_pages.insert(tree_->LocationOf(t).first);
+    }
+  }
+  EXPECT_GE(cell_pages.size(), 2u);
+  for (uint32_t p : cell_pages) EXPECT_TRUE(changed.count(p)) << "page " << p << " not reported";
 }
 
 TEST_F(DciTreeTest, SearchReturnsDistinctLivePagesWithTheirCounts) {

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Benchmarks and quality evaluations: their own command, not CI (minutes, not seconds).
+# Installs what is missing, builds, runs the index speed benchmark (paper configuration and
+# the improvement options, each against the exact scan in the same run) and the quality
+# evaluation (every method and oracle at budgets 64-512), then draws the plots.
+#
+#   scripts/bench.sh [--quick] [--trace=FILE]
+#
+# Results (JSON, CSV, PNG) go to bench/results/ (or $ICECACHE_BENCH_OUT).
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+build="${ICECACHE_BUILD_DIR:-$root/build}"
+out="${ICECACHE_BENCH_OUT:-$root/bench/results}"
+sizes="4096,32768,131072,524288"
+quality_args=()
+for arg in "$@"; do
+  case "$arg" in
+    --quick) sizes="4096,32768" ;;
+    --trace=*) quality_args+=("$arg") ;;
+    *) echo "bench.sh: unknown argument $arg" >&2; exit 2 ;;
+  esac
+done
+
+"$root/scripts/bootstrap.sh" --bench
+"$root/scripts/build.sh"
+mkdir -p "$out"
+echo "== machine: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores"
+for config in paper all all-r1; do
+  echo "== index speed, config $config"
+  stack=false
+  [[ $config == paper ]] && stack=true
+  "$build/bench/index_speed" --config="$config" --sizes="$sizes" --stack="$stack" --out="$out"
+done
+echo "== index quality"
+"$build/bench/index_quality" --out="$out" "${quality_args[@]}"
+/usr/bin/python3 "$root/bench/plot.py" "$out"
