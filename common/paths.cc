@@ -44,6 +44,13 @@ absl::Status MakeDirs(const std::string& dir, mode_t mode) {
 
 }  // namespace
 
+std::string AttachSocketPath(const std::string& control_socket) {
+  if (absl::EndsWith(control_socket, ".sock")) {
+    return absl::StrCat(control_socket.substr(0, control_socket.size() - 5), ".attach.sock");
+  }
+  return absl::StrCat(control_socket, ".attach");
+}
+
 size_t MaxSocketPathLength() { return sizeof(sockaddr_un{}.sun_path) - 1; }
 
 std::string DefaultSocketPath() {

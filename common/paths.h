@@ -27,6 +27,10 @@ std::string DefaultSocketPath();
 // PERMISSION_DENIED / INTERNAL for mkdir failures.
 absl::Status PrepareSocketDirectory(const std::string& socket_path);
 
+// The attach socket (the data plane's) that belongs to a control socket:
+// "<dir>/<name>.attach.sock" for "<dir>/<name>.sock", else "<path>.attach".
+std::string AttachSocketPath(const std::string& control_socket);
+
 // Maximum length of a unix socket path (sizeof(sockaddr_un::sun_path) - 1).
 size_t MaxSocketPathLength();
 

@@ -27,6 +27,7 @@
 #include "google/protobuf/util/json_util.h"
 #include "google/protobuf/util/time_util.h"
 #include "grpc/health/v1/health.grpc.pb.h"
+#include "icecache/attachment.h"
 #include "grpcpp/create_channel.h"
 #include "grpcpp/security/credentials.h"
 #include "icecache/v1/icecache.grpc.pb.h"
@@ -50,15 +51,15 @@ constexpr const char* kUsage =
     "Usage: icecache [--socket=PATH | --address=HOST:PORT] [--json] [--timeout=5s] COMMAND\n"
     "Commands:\n"
     "  status          health, version, uptime, memory and sequences of the daemon\n"
-    "  sequences       a table of live sequences\n"
+    "  sequences       a table of live sequences (operator attach: unix socket only)\n"
     "  stats           daemon counters\n"
     "  config          the configuration in force and the geometry limits\n"
     "  drop HANDLE     drop a sequence and free its memory";
 
 class Cli {
  public:
-  Cli(std::string target, absl::Duration timeout, bool json)
-      : target_(std::move(target)), timeout_(timeout), json_(json) {
+  Cli(std::string target, absl::Duration timeout, bool json, std::string socket)
+      : target_(std::move(target)), timeout_(timeout), json_(json), socket_(std::move(socket)) {
     channel_ = grpc::CreateChannel(target_, grpc::InsecureChannelCredentials());
     stub_ = v1::IceCache::NewStub(channel_);
     health_ = grpc::health::v1::Health::NewStub(channel_);
@@ -74,7 +75,32 @@ class Cli {
   std::unique_ptr<grpc::ClientContext> Context() const {
     auto ctx = std::make_unique<grpc::ClientContext>();
     ctx->set_deadline(std::chrono::system_clock::now() + absl::ToChronoNanoseconds(timeout_));
+    if (operator_ != nullptr) ctx->AddMetadata(icecache::abi::kTokenMetadataKey, operator_->token());
     return ctx;
+  }
+
+  // Sequences belong to clients; seeing and dropping them takes an operator attachment
+  // (granted to the daemon's operator uids over the attach socket). Returns exit status 1
+  // with a message when that is not possible.
+  int AttachAsOperator() {
+    if (socket_.empty()) {
+      std::fprintf(stderr,
+                   "icecache: listing and dropping sequences needs the daemon's unix socket "
+                   "(operator attach); --address (TCP) serves status, stats and config only\n");
+      return 1;
+    }
+    icecache::Attachment::Options o;
+    o.socket = socket_;
+    o.as_operator = true;
+    o.timeout = timeout_;
+    absl::StatusOr<std::unique_ptr<icecache::Attachment>> a = icecache::Attachment::Attach(o);
+    if (!a.ok()) {
+      std::fprintf(stderr, "icecache: cannot attach as an operator: %s\n",
+                   std::string(a.status().message()).c_str());
+      return 1;
+    }
+    operator_ = std::move(*a);
+    return 0;
   }
 
   // Prints the failure of a call and returns exit status 1.
@@ -129,6 +155,8 @@ class Cli {
   std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<v1::IceCache::Stub> stub_;
   std::unique_ptr<grpc::health::v1::Health::Stub> health_;
+  std::string socket_;
+  std::unique_ptr<icecache::Attachment> operator_;
 };
 
 int Cli::Status() {
@@ -166,6 +194,7 @@ int Cli::Status() {
 }
 
 int Cli::Sequences(uint32_t limit) {
+  if (int rc = AttachAsOperator(); rc != 0) return rc;
   v1::ListSequencesResponse all;
   std::string token;
   do {
@@ -264,6 +293,7 @@ int Cli::Config() {
 }
 
 int Cli::Drop(const std::string& handle) {
+  if (int rc = AttachAsOperator(); rc != 0) return rc;
   v1::DropSequenceRequest req;
   req.set_handle(handle);
   v1::DropSequenceResponse resp;
@@ -305,7 +335,7 @@ int main(int argc, char** argv) {
   if (command == "drop" && nargs != 1) return Usage("drop takes exactly one HANDLE");
   if (command != "drop" && nargs != 0) return Usage(absl::StrCat(command, " takes no arguments"));
 
-  std::string target;
+  std::string target, socket_path;
   const std::string address = absl::GetFlag(FLAGS_address);
   if (!address.empty()) {
     target = address;
@@ -320,8 +350,9 @@ int main(int argc, char** argv) {
       return 1;
     }
     target = "unix:" + socket;
+    socket_path = socket;
   }
-  Cli cli(target, absl::GetFlag(FLAGS_timeout), absl::GetFlag(FLAGS_json));
+  Cli cli(target, absl::GetFlag(FLAGS_timeout), absl::GetFlag(FLAGS_json), socket_path);
   if (command == "drop") return cli.Drop(positional[2]);
   if (command == "status") return cli.Status();
   if (command == "sequences") return cli.Sequences(absl::GetFlag(FLAGS_limit));

@@ -32,9 +32,28 @@ uint64_t MemoryAccountant::used() const {
   return used_;
 }
 
+void MemoryAccountant::RecordRejection() {
+  absl::MutexLock lock(&mu_);
+  ++rejections_;
+}
+
 uint64_t MemoryAccountant::rejections() const {
   absl::MutexLock lock(&mu_);
   return rejections_;
+}
+
+absl::Status ReserveNested(MemoryAccountant* inner, MemoryAccountant* outer, uint64_t bytes,
+                           const char* what) {
+  absl::Status s = inner->Reserve(bytes, what);
+  if (!s.ok()) return s;
+  s = outer->Reserve(bytes, what);
+  if (!s.ok()) inner->Release(bytes);
+  return s;
+}
+
+void ReleaseNested(MemoryAccountant* inner, MemoryAccountant* outer, uint64_t bytes) {
+  outer->Release(bytes);
+  inner->Release(bytes);
 }
 
 }  // namespace icecache

@@ -31,8 +31,10 @@ class MemoryAccountant {
 
   uint64_t used() const;
   uint64_t limit() const { return limit_; }
-  // Reserve calls refused since construction.
+  // Reserve calls refused since construction (and refusals recorded by callers that check a
+  // tighter bound, such as a per-client quota, before reserving).
   uint64_t rejections() const;
+  void RecordRejection();
 
  private:
   const uint64_t limit_;
@@ -40,5 +42,11 @@ class MemoryAccountant {
   uint64_t used_ ABSL_GUARDED_BY(mu_) = 0;
   uint64_t rejections_ ABSL_GUARDED_BY(mu_) = 0;
 };
+
+// Reserves `bytes` in `inner` (a client's quota) and then `outer` (the daemon's limit): both
+// or neither. The message of a refusal comes from the accountant that refused.
+absl::Status ReserveNested(MemoryAccountant* inner, MemoryAccountant* outer, uint64_t bytes,
+                           const char* what);
+void ReleaseNested(MemoryAccountant* inner, MemoryAccountant* outer, uint64_t bytes);
 
 }  // namespace icecache

@@ -5,6 +5,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
+#include "server/core/sequence_kv.h"
 
 namespace icecache {
 namespace {
@@ -30,6 +31,7 @@ SequenceRegistry::SequenceRegistry(MemoryAccountant* accountant, const Clock* cl
 SequenceRegistry::~SequenceRegistry() {
   absl::MutexLock lock(&mu_);
   for (const auto& [handle, info] : sequences_) accountant_->Release(info.kv_bytes);
+  sequences_.clear();
 }
 
 bool SequenceRegistry::IsWellFormedHandle(absl::string_view handle) {
@@ -56,11 +58,27 @@ std::string SequenceRegistry::NewHandle() {
 }
 
 absl::StatusOr<SequenceInfo> SequenceRegistry::Create(const GeometrySpec& spec,
-                                                      const std::string& label) {
+                                                      const std::string& label, uint64_t owner,
+                                                      const KvFactory& make_kv,
+                                                      uint64_t quota_bytes) {
   ICECACHE_ASSIGN_OR_RETURN(Geometry geometry, ResolveGeometry(spec));
   ICECACHE_RETURN_IF_ERROR(ValidateLabel(label));
   const uint64_t bytes = geometry.host_kv_bytes();
+  if (quota_bytes != 0 && bytes > quota_bytes) {
+    accountant_->RecordRejection();
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "sequence needs ", bytes, " bytes of KV, above the per-client quota of ", quota_bytes));
+  }
   ICECACHE_RETURN_IF_ERROR(accountant_->Reserve(bytes, "sequence"));
+  std::shared_ptr<SequenceKv> kv;
+  if (make_kv) {
+    absl::StatusOr<std::shared_ptr<SequenceKv>> made = make_kv(geometry);
+    if (!made.ok()) {
+      accountant_->Release(bytes);
+      return made.status();
+    }
+    kv = std::move(*made);
+  }
 
   absl::MutexLock lock(&mu_);
   SequenceInfo info;
@@ -69,23 +87,51 @@ absl::StatusOr<SequenceInfo> SequenceRegistry::Create(const GeometrySpec& spec,
   info.label = label;
   info.kv_bytes = bytes;
   info.create_time = clock_->Now();
+  info.owner = owner;
+  info.kv = std::move(kv);
   sequences_.emplace(info.handle, info);
   ++created_total_;
   return info;
 }
 
-absl::StatusOr<SequenceInfo> SequenceRegistry::Get(absl::string_view handle) const {
+absl::StatusOr<SequenceInfo> SequenceRegistry::Get(absl::string_view handle,
+                                                   const Caller& caller) const {
   if (!IsWellFormedHandle(handle)) return MalformedHandle("handle", handle);
   absl::MutexLock lock(&mu_);
   auto it = sequences_.find(handle);
-  if (it == sequences_.end()) {
+  if (it == sequences_.end() || !Visible(it->second, caller)) {
     return absl::NotFoundError(absl::StrCat("no sequence ", handle));
   }
-  return it->second;
+  return WithTokens(it->second);
+}
+
+SequenceInfo SequenceRegistry::WithTokens(const SequenceInfo& info) const {
+  SequenceInfo out = info;
+  if (info.kv != nullptr) out.num_tokens = info.kv->tokens(info.geometry.full_kv_layers);
+  return out;
+}
+
+uint64_t SequenceRegistry::DropOwnedBy(uint64_t owner) {
+  std::vector<SequenceInfo> dropped;  // destroyed outside the lock (frees frames)
+  {
+    absl::MutexLock lock(&mu_);
+    for (auto it = sequences_.begin(); it != sequences_.end();) {
+      if (it->second.owner == owner) {
+        accountant_->Release(it->second.kv_bytes);
+        ++dropped_total_;
+        dropped.push_back(std::move(it->second));
+        it = sequences_.erase(it);
+      } else {
+        ++it;
+      }
+    }
+  }
+  return dropped.size();
 }
 
 absl::StatusOr<SequencePage> SequenceRegistry::List(uint32_t page_size,
-                                                    absl::string_view page_token) const {
+                                                    absl::string_view page_token,
+                                                    const Caller& caller) const {
   if (page_size > kMaxListPageSize) {
     return absl::InvalidArgumentError(absl::StrCat("page_size must be at most ",
                                                    kMaxListPageSize, ", got ", page_size));
@@ -96,27 +142,31 @@ absl::StatusOr<SequencePage> SequenceRegistry::List(uint32_t page_size,
   const uint32_t limit = page_size == 0 ? kDefaultListPageSize : page_size;
   SequencePage page;
   absl::MutexLock lock(&mu_);
-  page.total_size = sequences_.size();
+  for (const auto& [h, info] : sequences_) page.total_size += Visible(info, caller) ? 1 : 0;
   auto it = page_token.empty() ? sequences_.begin() : sequences_.upper_bound(page_token);
   for (; it != sequences_.end() && page.sequences.size() < limit; ++it) {
-    page.sequences.push_back(it->second);
+    if (Visible(it->second, caller)) page.sequences.push_back(WithTokens(it->second));
   }
+  while (it != sequences_.end() && !Visible(it->second, caller)) ++it;
   if (it != sequences_.end()) page.next_page_token = page.sequences.back().handle;
   return page;
 }
 
-absl::StatusOr<uint64_t> SequenceRegistry::Drop(absl::string_view handle) {
+absl::StatusOr<uint64_t> SequenceRegistry::Drop(absl::string_view handle, const Caller& caller) {
   if (!IsWellFormedHandle(handle)) return MalformedHandle("handle", handle);
-  absl::MutexLock lock(&mu_);
-  auto it = sequences_.find(handle);
-  if (it == sequences_.end()) {
-    return absl::NotFoundError(absl::StrCat("no sequence ", handle));
+  SequenceInfo dropped;  // destroyed outside the lock (frees the KV's frames)
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = sequences_.find(handle);
+    if (it == sequences_.end() || !Visible(it->second, caller)) {
+      return absl::NotFoundError(absl::StrCat("no sequence ", handle));
+    }
+    dropped = std::move(it->second);
+    sequences_.erase(it);
+    accountant_->Release(dropped.kv_bytes);
+    ++dropped_total_;
   }
-  const uint64_t bytes = it->second.kv_bytes;
-  sequences_.erase(it);
-  accountant_->Release(bytes);
-  ++dropped_total_;
-  return bytes;
+  return dropped.kv_bytes;
 }
 
 uint64_t SequenceRegistry::size() const {

@@ -8,7 +8,9 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <map>
+#include <memory>
 #include <string>
 #include "absl/strings/string_view.h"
 #include <vector>
@@ -24,13 +26,23 @@
 
 namespace icecache {
 
+class SequenceKv;
+
+// Who is asking. Clients see and drop only their own sequences; operators (the CLI) see all.
+struct Caller {
+  uint64_t client_id = 0;  // 0: nobody in particular
+  bool is_operator = false;
+};
+
 struct SequenceInfo {
   std::string handle;
   Geometry geometry;
   std::string label;
   uint64_t kv_bytes = 0;    // reserved in the accountant
-  uint64_t num_tokens = 0;  // tokens stored (the data plane fills this in)
+  uint64_t num_tokens = 0;  // tokens stored in the first offloaded layer
   absl::Time create_time;
+  uint64_t owner = 0;       // client id of the attachment that created it (0: none)
+  std::shared_ptr<SequenceKv> kv;  // the stored KV (null without a data plane)
 };
 
 struct SequencePage {
@@ -50,22 +62,37 @@ class SequenceRegistry {
   SequenceRegistry& operator=(const SequenceRegistry&) = delete;
   ~SequenceRegistry();
 
+  // Builds the stored KV of a new sequence once its geometry is valid and its bytes are
+  // reserved; an error aborts the creation (the reservation is returned).
+  using KvFactory = std::function<absl::StatusOr<std::shared_ptr<SequenceKv>>(const Geometry&)>;
+
   // INVALID_ARGUMENT: a geometry field or the label is invalid (message names it).
-  // RESOURCE_EXHAUSTED: the KV bytes do not fit in the memory limit.
-  // On error nothing changes.
-  absl::StatusOr<SequenceInfo> Create(const GeometrySpec& spec, const std::string& label);
+  // RESOURCE_EXHAUSTED: the KV bytes do not fit in the memory limit (or `quota_bytes`, the
+  // owner's quota, when non-zero). Errors of `make_kv` pass through. On error nothing changes.
+  absl::StatusOr<SequenceInfo> Create(const GeometrySpec& spec, const std::string& label,
+                                      uint64_t owner = 0, const KvFactory& make_kv = {},
+                                      uint64_t quota_bytes = 0);
 
-  // INVALID_ARGUMENT: malformed handle. NOT_FOUND: no live sequence with this handle.
-  absl::StatusOr<SequenceInfo> Get(absl::string_view handle) const;
+  // INVALID_ARGUMENT: malformed handle. NOT_FOUND: no live sequence with this handle that
+  // `caller` may see (another client's sequence is NOT_FOUND too).
+  absl::StatusOr<SequenceInfo> Get(absl::string_view handle, const Caller& caller = kAnyone) const;
 
-  // One page of live sequences ordered by handle, starting after `page_token` (a handle
-  // returned as next_page_token, or empty). page_size 0 means kDefaultListPageSize.
+  // One page of the live sequences `caller` may see, ordered by handle, starting after
+  // `page_token` (a handle returned as next_page_token, or empty). page_size 0 means
+  // kDefaultListPageSize.
   // INVALID_ARGUMENT: page_size above kMaxListPageSize or a malformed page_token.
-  absl::StatusOr<SequencePage> List(uint32_t page_size, absl::string_view page_token) const;
+  absl::StatusOr<SequencePage> List(uint32_t page_size, absl::string_view page_token,
+                                    const Caller& caller = kAnyone) const;
 
   // Removes the sequence and releases its bytes; returns the bytes released.
-  // INVALID_ARGUMENT: malformed handle. NOT_FOUND: no live sequence with this handle.
-  absl::StatusOr<uint64_t> Drop(absl::string_view handle);
+  // INVALID_ARGUMENT: malformed handle. NOT_FOUND: no live sequence `caller` may see.
+  absl::StatusOr<uint64_t> Drop(absl::string_view handle, const Caller& caller = kAnyone);
+
+  // Drops every sequence of `owner` (a client that went away); returns how many.
+  uint64_t DropOwnedBy(uint64_t owner);
+
+  // A caller that sees everything (in-process users and tests).
+  static constexpr Caller kAnyone = Caller{0, true};
 
   uint64_t size() const;
   uint64_t created_total() const;
@@ -76,6 +103,10 @@ class SequenceRegistry {
 
  private:
   std::string NewHandle() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  static bool Visible(const SequenceInfo& info, const Caller& caller) {
+    return caller.is_operator || info.owner == caller.client_id;
+  }
+  SequenceInfo WithTokens(const SequenceInfo& info) const;
 
   MemoryAccountant* const accountant_;
   const Clock* const clock_;

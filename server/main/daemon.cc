@@ -2,6 +2,7 @@
 
 #include <sys/resource.h>
 
+#include <array>
 #include <chrono>
 #include <fstream>
 #include <string>
@@ -16,7 +17,10 @@
 #include "grpcpp/security/server_credentials.h"
 #include "grpcpp/server.h"
 #include "grpcpp/server_builder.h"
+#include "common/thread_pool.h"
+#include "proto/icecache/v1/abi.h"
 #include "server/core/clock.h"
+#include "server/core/data_plane.h"
 #include "server/core/memory_accountant.h"
 #include "server/core/sequence_registry.h"
 #include "server/main/socket_lock.h"
@@ -24,9 +28,105 @@
 #include "server/service/icecache_service.h"
 
 namespace icecache {
+
+// Counts what the data plane and the index report into the daemon's metrics. Children are
+// created once here; the callbacks only increment.
+class DaemonObserver final : public DataPlaneObserver {
+ public:
+  explicit DaemonObserver(Metrics* m) {
+    const auto& lat = Metrics::LatencyBuckets();
+    build_ = m->Histogram("icecache_index_build_seconds",
+                          "Time to build one layer's index (every KV head) from a prefill", {},
+                          lat);
+    insert_ = m->Histogram("icecache_index_insert_seconds",
+                           "Time to insert one window page into a layer (every KV head)", {}, lat);
+    select_ = m->Histogram("icecache_select_seconds",
+                           "Time to select one layer's pages (every KV head), in the daemon", {},
+                           lat);
+    build_tokens_ = m->Counter("icecache_index_built_tokens_total",
+                               "Tokens indexed by prefills (summed over KV heads)", {});
+    insert_tokens_ = m->Counter("icecache_index_inserted_tokens_total",
+                                "Tokens inserted by appends (summed over KV heads)", {});
+    recall_ = m->Histogram(
+        "icecache_select_recall",
+        "Sampled attention recall of selected pages: the share of the exact softmax mass over "
+        "the offloaded tokens that lies on the returned pages",
+        {}, {0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.97, 0.99, 1.0});
+    attach_ok_ = m->Counter("icecache_attach_total", "Attach attempts by result",
+                            {{"result", "ok"}});
+    attach_refused_ = m->Counter("icecache_attach_total", "Attach attempts by result",
+                                 {{"result", "refused"}});
+    detach_ = m->Counter("icecache_detach_total", "Clients detached (exit, crash or close)", {});
+    protocol_errors_ = m->Counter("icecache_protocol_errors_total",
+                                  "Queue entries or slots a client submitted that could not be "
+                                  "answered (bad index, wrong state)",
+                                  {});
+    for (uint32_t op = 0; op <= abi::kOpRelease; ++op) {
+      auto& per = ops_[op];
+      per.latency = m->Histogram("icecache_data_request_seconds",
+                                 "Data-plane request handling time, by op", {{"op", abi::OpName(op)}},
+                                 lat);
+      for (int code = 0; code < Metrics::kNumStatusCodes; ++code) {
+        per.by_code[code] = m->Counter("icecache_data_requests_total",
+                                       "Data-plane requests answered, by op and status code",
+                                       {{"op", abi::OpName(op)}, {"code", StatusCodeName(code)}});
+      }
+    }
+  }
+  void OnBuild(double seconds, uint64_t tokens) override {
+    build_->Observe(seconds);
+    build_tokens_->Increment(static_cast<double>(tokens));
+  }
+  void OnInsert(double seconds, uint64_t tokens) override {
+    insert_->Observe(seconds);
+    insert_tokens_->Increment(static_cast<double>(tokens));
+  }
+  void OnSelect(double seconds) override { select_->Observe(seconds); }
+  void OnRecallSample(double recall) override { recall_->Observe(recall); }
+  void OnAttach(bool ok) override { (ok ? attach_ok_ : attach_refused_)->Increment(); }
+  void OnDetach() override { detach_->Increment(); }
+  void OnProtocolError() override { protocol_errors_->Increment(); }
+  void OnRequest(uint32_t op, int code, double seconds) override {
+    if (op > abi::kOpRelease) return;  // unknown ops are counted as protocol errors
+    if (code < 0 || code >= Metrics::kNumStatusCodes) code = 2;
+    ops_[op].by_code[code]->Increment();
+    ops_[op].latency->Observe(seconds);
+  }
+
+ private:
+  struct PerOp {
+    prometheus::Histogram* latency = nullptr;
+    std::array<prometheus::Counter*, Metrics::kNumStatusCodes> by_code{};
+  };
+  prometheus::Histogram* build_;
+  prometheus::Histogram* insert_;
+  prometheus::Histogram* select_;
+  prometheus::Histogram* recall_;
+  prometheus::Counter* build_tokens_;
+  prometheus::Counter* insert_tokens_;
+  prometheus::Counter* attach_ok_;
+  prometheus::Counter* attach_refused_;
+  prometheus::Counter* detach_;
+  prometheus::Counter* protocol_errors_;
+  std::array<PerOp, abi::kOpRelease + 1> ops_;
+};
+
 namespace {
 
 constexpr const char* kServiceName = "icecache.v1.IceCache";
+
+index::DciOptions IndexPreset(const std::string& name) {
+  index::DciOptions o;  // "paper"
+  if (name == "tuned") {
+    o.scale_query_projection = true;
+    o.page_granular_scoring = true;
+    o.joint_group_search = true;
+    o.page_score = index::DciOptions::PageScore::kSoftmaxMass;
+    o.group_merge = index::DciOptions::GroupMerge::kSumOfMass;
+    o.exact_search_max_tokens = 4096;
+  }
+  return o;
+}
 
 // Resident set size of this process in bytes (0 if /proc is unreadable).
 double ResidentBytes() {
@@ -51,6 +151,21 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const DaemonOptions& optio
   if (options.shutdown_grace < absl::ZeroDuration()) {
     return absl::InvalidArgumentError("--shutdown-grace must not be negative");
   }
+  if (options.index_preset != "paper" && options.index_preset != "tuned") {
+    return absl::InvalidArgumentError(absl::StrCat("--index-preset must be paper or tuned, got '",
+                                                   options.index_preset, "'"));
+  }
+  if (options.segment_bytes < (uint64_t{1} << 20) || options.segment_bytes > (uint64_t{1} << 36)) {
+    return absl::InvalidArgumentError("--segment-size must be in 1MiB..64GiB");
+  }
+  if (options.max_clients == 0) return absl::InvalidArgumentError("--max-clients must be positive");
+  const std::string attach_path = options.attach_socket_path.empty()
+                                      ? AttachSocketPath(options.socket_path)
+                                      : options.attach_socket_path;
+  if (attach_path.size() > MaxSocketPathLength()) {
+    return absl::InvalidArgumentError(absl::StrCat("attach socket path '", attach_path,
+                                                   "' is too long for a unix socket"));
+  }
   ICECACHE_RETURN_IF_ERROR(PrepareSocketDirectory(options.socket_path));
 
   std::unique_ptr<Daemon> d(new Daemon());
@@ -59,8 +174,24 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const DaemonOptions& optio
 
   const absl::Time start_time = clock->Now();
   d->accountant_ = std::make_unique<MemoryAccountant>(options.memory_limit_bytes);
-  d->registry_ = std::make_unique<SequenceRegistry>(d->accountant_.get(), clock);
+  d->arena_accountant_ = std::make_unique<MemoryAccountant>(options.memory_limit_bytes);
   d->metrics_ = std::make_unique<Metrics>(VersionString(), GitCommit());
+  d->observer_ = std::make_unique<DaemonObserver>(d->metrics_.get());
+  d->pool_ = std::make_unique<ThreadPool>(options.workers);
+  d->registry_ = std::make_unique<SequenceRegistry>(d->accountant_.get(), clock);
+  DataPlaneOptions dp;
+  dp.attach_socket = attach_path;
+  dp.allowed_uids.assign(options.allowed_uids.begin(), options.allowed_uids.end());
+  dp.operator_uids.assign(options.operator_uids.begin(), options.operator_uids.end());
+  dp.client_quota = options.client_quota_bytes;
+  dp.max_clients = options.max_clients;
+  dp.arena.page_segment_bytes = options.segment_bytes;
+  dp.arena.staging_segment_bytes = options.segment_bytes;
+  dp.recall_sample_every = options.recall_sample_every;
+  dp.poll_spin = options.poll_spin;
+  dp.index_options = IndexPreset(options.index_preset);
+  d->data_plane_ = std::make_unique<DataPlane>(dp, d->registry_.get(), d->arena_accountant_.get(),
+                                               d->pool_.get(), d->observer_.get());
 
   // State gauges are read from the core when Prometheus scrapes.
   using prometheus::MetricType;
@@ -80,6 +211,41 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const DaemonOptions& optio
                 MetricType::Counter, [reg] { return static_cast<double>(reg->created_total()); });
   m.AddCallback("icecache_sequences_dropped_total", "Sequences dropped since start",
                 MetricType::Counter, [reg] { return static_cast<double>(reg->dropped_total()); });
+  DataPlane* plane = d->data_plane_.get();
+  MemoryAccountant* arenas = d->arena_accountant_.get();
+  auto stat = [plane](uint64_t DataPlaneStats::*field) {
+    return [plane, field] { return static_cast<double>(plane->Stats().*field); };
+  };
+  m.AddCallback("icecache_clients", "Attached clients", MetricType::Gauge,
+                stat(&DataPlaneStats::clients));
+  m.AddCallback("icecache_arena_bytes", "Shared memory held by client arenas (segments)",
+                MetricType::Gauge, stat(&DataPlaneStats::arena_bytes));
+  m.AddCallback("icecache_arena_limit_bytes", "Limit on arena bytes (--memory-limit)",
+                MetricType::Gauge, [arenas] { return static_cast<double>(arenas->limit()); });
+  m.AddCallback("icecache_store_page_bytes", "Bytes of page frames in use", MetricType::Gauge,
+                stat(&DataPlaneStats::frame_bytes));
+  m.AddCallback("icecache_store_pages", "Page frames in use", MetricType::Gauge,
+                stat(&DataPlaneStats::pages));
+  m.AddCallback("icecache_store_staging_bytes", "Bytes of staging buffers in use",
+                MetricType::Gauge, stat(&DataPlaneStats::staging_bytes));
+  m.AddCallback("icecache_ring_depth", "Requests submitted and not yet taken, all clients",
+                MetricType::Gauge, stat(&DataPlaneStats::queue_depth));
+  m.AddCallback("icecache_requests_in_flight", "Requests taken and not yet answered",
+                MetricType::Gauge, stat(&DataPlaneStats::in_flight));
+  m.AddCallback("icecache_client_cache_hits_total",
+                "Selected pages already resident in clients' GPU page caches (client-published)",
+                MetricType::Counter, stat(&DataPlaneStats::cache_hits));
+  m.AddCallback("icecache_client_cache_misses_total",
+                "Selected pages clients had to fetch (client-published)", MetricType::Counter,
+                stat(&DataPlaneStats::cache_misses));
+  m.AddCallback("icecache_client_fetched_bytes_total",
+                "Bytes clients moved host to GPU (client-published)", MetricType::Counter,
+                stat(&DataPlaneStats::fetched_bytes));
+  m.AddCallback("icecache_client_fetch_seconds_total",
+                "Time clients spent moving pages (client-published)", MetricType::Counter,
+                [plane] { return plane->Stats().fetch_nanoseconds * 1e-9; });
+  m.AddCallback("icecache_client_decode_steps_total", "Decode steps clients completed",
+                MetricType::Counter, stat(&DataPlaneStats::decode_steps));
   m.AddCallback("icecache_process_start_time_seconds", "Start time of the daemon, Unix seconds",
                 MetricType::Gauge,
                 [start_time] { return absl::ToUnixMicros(start_time) / 1e6; });
@@ -92,8 +258,15 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const DaemonOptions& optio
   info.log_level = options.log_level;
   info.shutdown_grace_seconds = absl::ToDoubleSeconds(options.shutdown_grace);
   info.start_time = start_time;
+  info.attach_socket_path = attach_path;
+  info.client_quota_bytes =
+      options.client_quota_bytes != 0 ? options.client_quota_bytes : options.memory_limit_bytes;
+  info.recall_sample_every = options.recall_sample_every;
+  info.index_preset = options.index_preset;
   d->service_ = std::make_unique<IceCacheService>(d->registry_.get(), d->accountant_.get(),
-                                                  d->metrics_.get(), clock, std::move(info));
+                                                  d->data_plane_.get(), d->metrics_.get(), clock,
+                                                  std::move(info));
+  ICECACHE_RETURN_IF_ERROR(d->data_plane_->Start());
 
   if (options.metrics_port >= 0) {
     ICECACHE_RETURN_IF_ERROR(d->metrics_->StartExposer(
@@ -157,6 +330,8 @@ void Daemon::Shutdown() {
   server_->Shutdown(deadline);  // stop accepting; wait for in-flight calls up to deadline
   server_->Wait();
   ICECACHE_LOG(DEBUG) << "gRPC server stopped";
+  data_plane_->Stop();  // detaches every client, frees their arenas
+  ICECACHE_LOG(DEBUG) << "data plane stopped";
   metrics_->StopExposer();
   ICECACHE_LOG(DEBUG) << "metrics endpoint stopped";
   lock_.reset();  // removes the socket and lock files

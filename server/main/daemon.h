@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
@@ -24,6 +25,9 @@ class SequenceRegistry;
 class IceCacheService;
 class SocketLock;
 class Clock;
+class ThreadPool;
+class DataPlane;
+class DaemonObserver;
 
 struct DaemonOptions {
   // Unix socket for the control API (absolute path).
@@ -38,6 +42,19 @@ struct DaemonOptions {
   // Time in-flight RPCs get to finish after Shutdown begins.
   absl::Duration shutdown_grace = absl::Seconds(10);
   std::string log_level = "info";
+
+  // ---- data plane
+  // Attach socket; empty: derived from socket_path (AttachSocketPath).
+  std::string attach_socket_path;
+  std::vector<uint32_t> allowed_uids;   // empty: the daemon's own uid
+  std::vector<uint32_t> operator_uids;  // empty: the daemon's own uid
+  uint64_t client_quota_bytes = 0;      // 0: the memory limit
+  uint32_t max_clients = 256;
+  uint64_t segment_bytes = uint64_t{64} << 20;
+  uint32_t workers = 0;                 // 0: every core
+  uint32_t recall_sample_every = 64;
+  absl::Duration poll_spin = absl::Microseconds(50);
+  std::string index_preset = "paper";   // "paper" or "tuned"
 };
 
 class Daemon {
@@ -67,8 +84,12 @@ class Daemon {
   int metrics_port_ = 0;
   std::unique_ptr<SocketLock> lock_;
   std::unique_ptr<MemoryAccountant> accountant_;
-  std::unique_ptr<SequenceRegistry> registry_;
+  std::unique_ptr<MemoryAccountant> arena_accountant_;
   std::unique_ptr<Metrics> metrics_;
+  std::unique_ptr<DaemonObserver> observer_;
+  std::unique_ptr<ThreadPool> pool_;
+  std::unique_ptr<SequenceRegistry> registry_;
+  std::unique_ptr<DataPlane> data_plane_;
   std::unique_ptr<IceCacheService> service_;
   std::unique_ptr<grpc::Server> server_;
   bool running_ = false;

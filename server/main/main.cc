@@ -10,7 +10,9 @@
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
 #include "absl/flags/usage_config.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
 #include "absl/time/time.h"
 #include "common/build_info.h"
 #include "common/bytes.h"
@@ -37,12 +39,47 @@ ABSL_FLAG(icecache::ByteSize, memory_limit, icecache::ByteSize{0},
 ABSL_FLAG(absl::Duration, shutdown_grace, absl::Seconds(10),
           "On SIGTERM/SIGINT, time in-flight RPCs get to finish before they are cancelled.");
 ABSL_FLAG(std::string, log_level, "info", "Minimum log severity: debug, info, warning, error.");
+ABSL_FLAG(std::string, attach_socket, "",
+          "Unix socket clients attach on (data plane). Default: next to --socket, "
+          "<name>.attach.sock.");
+ABSL_FLAG(std::string, allow_uids, "",
+          "Comma-separated uids allowed to attach (SO_PEERCRED). Default: the daemon's own uid.");
+ABSL_FLAG(std::string, operator_uids, "",
+          "Comma-separated uids allowed to attach as operators (the icecache CLI, which sees "
+          "every client's sequences). Default: the daemon's own uid.");
+ABSL_FLAG(icecache::ByteSize, client_quota, icecache::ByteSize{0},
+          "Shared memory one client's arena may hold. Default (0): the whole memory limit.");
+ABSL_FLAG(uint32_t, max_clients, 256, "Most clients attached at once.");
+ABSL_FLAG(icecache::ByteSize, segment_size, icecache::ByteSize{uint64_t{64} << 20},
+          "Size of one arena segment (a client registers each with CUDA in one call).");
+ABSL_FLAG(uint32_t, workers, 0, "Worker threads for builds, inserts and selects (0: every core).");
+ABSL_FLAG(uint32_t, recall_sample_every, 64,
+          "Also score one select in N exactly, off the critical path, to export the recall of "
+          "the pages returned (icecache_select_recall); 0 turns it off.");
+ABSL_FLAG(absl::Duration, poll_spin, absl::Microseconds(50),
+          "How long a client's dispatcher keeps polling its queue after activity before it "
+          "sleeps on the doorbell (lower latency against CPU).");
+ABSL_FLAG(std::string, index_preset, "paper",
+          "Index configuration: paper (the IceCache paper's, the reference) or tuned (every "
+          "improvement option; see docs/index.md).");
 
 namespace {
 
 int Fail(const std::string& message) {
   std::fprintf(stderr, "icecached: %s\n", message.c_str());
   return 2;
+}
+
+// "1000,1001" -> {1000, 1001}; false on anything else.
+bool ParseUids(const std::string& text, std::vector<uint32_t>* out) {
+  out->clear();
+  if (text.empty()) return true;
+  for (absl::string_view part : absl::StrSplit(text, ',')) {
+    uint32_t uid;
+    if (!absl::SimpleAtoi(part, &uid)) return false;
+    out->push_back(uid);
+  }
+  return true;
 }
 
 }  // namespace
@@ -94,6 +131,23 @@ int main(int argc, char** argv) {
   options.memory_limit_bytes = limit;
   options.shutdown_grace = absl::GetFlag(FLAGS_shutdown_grace);
   options.log_level = log_level;
+  options.attach_socket_path = absl::GetFlag(FLAGS_attach_socket);
+  if (!ParseUids(absl::GetFlag(FLAGS_allow_uids), &options.allowed_uids)) {
+    return Fail("--allow-uids must be comma-separated numeric uids");
+  }
+  if (!ParseUids(absl::GetFlag(FLAGS_operator_uids), &options.operator_uids)) {
+    return Fail("--operator-uids must be comma-separated numeric uids");
+  }
+  options.client_quota_bytes = absl::GetFlag(FLAGS_client_quota).bytes;
+  if (options.client_quota_bytes > limit) {
+    return Fail("--client-quota must not exceed --memory-limit");
+  }
+  options.max_clients = absl::GetFlag(FLAGS_max_clients);
+  options.segment_bytes = absl::GetFlag(FLAGS_segment_size).bytes;
+  options.workers = absl::GetFlag(FLAGS_workers);
+  options.recall_sample_every = absl::GetFlag(FLAGS_recall_sample_every);
+  options.poll_spin = absl::GetFlag(FLAGS_poll_spin);
+  options.index_preset = absl::GetFlag(FLAGS_index_preset);
 
   // Block the shutdown signals in every thread (gRPC's threads inherit this mask) and take
   // them synchronously below. SIGPIPE from a vanished peer must never kill the daemon.

@@ -10,16 +10,36 @@
 namespace icecache {
 namespace {
 
-// Seconds: 25 us .. 10 s. Control RPCs sit in the low buckets; anything in the last ones
-// is an incident.
-const prometheus::Histogram::BucketBoundaries& LatencyBuckets() {
+}  // namespace
+
+// Seconds: 25 us .. 10 s. Control RPCs and selects sit in the low buckets; builds higher.
+const prometheus::Histogram::BucketBoundaries& Metrics::LatencyBuckets() {
   static const prometheus::Histogram::BucketBoundaries kBuckets = {
-      25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3,
-      10e-3, 25e-3, 50e-3,  0.1,    0.25,   0.5,  1.0,    2.5, 5.0, 10.0};
+      10e-6, 25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3,
+      25e-3, 50e-3, 0.1,   0.25,   0.5,    1.0,    2.5,  5.0,    10.0, 30.0};
   return kBuckets;
 }
 
-}  // namespace
+prometheus::Counter* Metrics::Counter(const std::string& name, const std::string& help,
+                                      const prometheus::Labels& labels) {
+  absl::MutexLock lock(&mu_);
+  auto& family = counters_[name];
+  if (family == nullptr) {
+    family = &prometheus::BuildCounter().Name(name).Help(help).Register(*registry_);
+  }
+  return &family->Add(labels);
+}
+
+prometheus::Histogram* Metrics::Histogram(const std::string& name, const std::string& help,
+                                          const prometheus::Labels& labels,
+                                          const prometheus::Histogram::BucketBoundaries& buckets) {
+  absl::MutexLock lock(&mu_);
+  auto& family = histograms_[name];
+  if (family == nullptr) {
+    family = &prometheus::BuildHistogram().Name(name).Help(help).Register(*registry_);
+  }
+  return &family->Add(labels, buckets);
+}
 
 const char* StatusCodeName(int code) {
   static constexpr const char* kNames[Metrics::kNumStatusCodes] = {

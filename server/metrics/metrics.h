@@ -59,6 +59,16 @@ class Metrics {
   // The cached children of `method` (created on first call: call it at startup).
   const RpcMethodMetrics* RpcMethod(absl::string_view method);
 
+  // A labelled child of a counter or histogram family (the family is registered on first use
+  // of its name). Call at startup and cache the pointer; the hot path only increments.
+  prometheus::Counter* Counter(const std::string& name, const std::string& help,
+                               const prometheus::Labels& labels);
+  prometheus::Histogram* Histogram(const std::string& name, const std::string& help,
+                                   const prometheus::Labels& labels,
+                                   const prometheus::Histogram::BucketBoundaries& buckets);
+  // Seconds, 25 us .. 10 s (the RPC latency buckets).
+  static const prometheus::Histogram::BucketBoundaries& LatencyBuckets();
+
   // Registers a gauge or counter whose value is read at scrape time. `fn` must stay callable
   // until StopExposer() or destruction. Names must be unique.
   void AddCallback(const std::string& name, const std::string& help, prometheus::MetricType type,
@@ -87,6 +97,9 @@ class Metrics {
 
   mutable absl::Mutex mu_;
   std::map<std::string, std::unique_ptr<RpcMethodMetrics>, std::less<>> methods_
+      ABSL_GUARDED_BY(mu_);
+  std::map<std::string, prometheus::Family<prometheus::Counter>*> counters_ ABSL_GUARDED_BY(mu_);
+  std::map<std::string, prometheus::Family<prometheus::Histogram>*> histograms_
       ABSL_GUARDED_BY(mu_);
   std::unique_ptr<prometheus::Exposer> exposer_ ABSL_GUARDED_BY(mu_);
   int exposer_port_ ABSL_GUARDED_BY(mu_) = 0;

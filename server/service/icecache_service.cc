@@ -4,6 +4,7 @@
 #include <utility>
 
 #include "common/log.h"
+#include "proto/icecache/v1/abi.h"
 #include "google/protobuf/util/time_util.h"
 #include "server/core/geometry.h"
 #include "server/service/convert.h"
@@ -11,8 +12,10 @@
 namespace icecache {
 
 IceCacheService::IceCacheService(SequenceRegistry* registry, const MemoryAccountant* accountant,
-                                 Metrics* metrics, const Clock* clock, ServiceInfo info)
+                                 DataPlane* data_plane, Metrics* metrics, const Clock* clock,
+                                 ServiceInfo info)
     : registry_(registry),
+      data_plane_(data_plane),
       accountant_(accountant),
       clock_(clock),
       info_(std::move(info)),
@@ -29,6 +32,17 @@ void IceCacheService::SetListening(const std::string& tcp_address, int metrics_p
   metrics_port_ = metrics_port;
 }
 
+absl::StatusOr<Caller> IceCacheService::CallerOf(grpc::CallbackServerContext* ctx) const {
+  const auto& md = ctx->client_metadata();
+  auto it = md.find(abi::kTokenMetadataKey);
+  if (it == md.end()) {
+    return absl::UnauthenticatedError(
+        "this call acts for an attached client: attach on the daemon's attach socket and send "
+        "the token in the icecache-client-token metadata");
+  }
+  return data_plane_->Authenticate(absl::string_view(it->second.data(), it->second.size()));
+}
+
 template <typename Fn>
 grpc::ServerUnaryReactor* IceCacheService::Unary(grpc::CallbackServerContext* ctx,
                                                  const Metrics::RpcMethodMetrics* method,
@@ -41,10 +55,9 @@ grpc::ServerUnaryReactor* IceCacheService::Unary(grpc::CallbackServerContext* ct
   const double seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   method->Record(static_cast<int>(status.code()), seconds);
-  if (!status.ok() && status.code() != absl::StatusCode::kInvalidArgument &&
-      status.code() != absl::StatusCode::kNotFound &&
-      status.code() != absl::StatusCode::kResourceExhausted &&
-      status.code() != absl::StatusCode::kUnavailable) {
+  // Caller mistakes are the caller's to see; only the daemon's own failures are logged.
+  if (status.code() == absl::StatusCode::kInternal || status.code() == absl::StatusCode::kUnknown ||
+      status.code() == absl::StatusCode::kDataLoss) {
     ICECACHE_LOG(WARNING) << "rpc from " << ctx->peer() << " failed: " << status;
   }
   grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
@@ -56,11 +69,13 @@ grpc::ServerUnaryReactor* IceCacheService::CreateSequence(
     grpc::CallbackServerContext* ctx, const v1::CreateSequenceRequest* request,
     v1::CreateSequenceResponse* response) {
   return Unary(ctx, m_create_, [&]() -> absl::Status {
+    absl::StatusOr<Caller> caller = CallerOf(ctx);
+    if (!caller.ok()) return caller.status();
     if (!request->has_geometry()) {
       return absl::InvalidArgumentError("geometry is required");
     }
     absl::StatusOr<SequenceInfo> info =
-        registry_->Create(FromProto(request->geometry()), request->label());
+        data_plane_->CreateSequence(*caller, FromProto(request->geometry()), request->label());
     if (!info.ok()) return info.status();
     ToProto(*info, response->mutable_sequence());
     ICECACHE_LOG(INFO) << "created " << info->handle << " (" << info->geometry.num_layers
@@ -75,7 +90,9 @@ grpc::ServerUnaryReactor* IceCacheService::GetSequence(grpc::CallbackServerConte
                                                        const v1::GetSequenceRequest* request,
                                                        v1::GetSequenceResponse* response) {
   return Unary(ctx, m_get_, [&]() -> absl::Status {
-    absl::StatusOr<SequenceInfo> info = registry_->Get(request->handle());
+    absl::StatusOr<Caller> caller = CallerOf(ctx);
+    if (!caller.ok()) return caller.status();
+    absl::StatusOr<SequenceInfo> info = registry_->Get(request->handle(), *caller);
     if (!info.ok()) return info.status();
     ToProto(*info, response->mutable_sequence());
     return absl::OkStatus();
@@ -86,8 +103,10 @@ grpc::ServerUnaryReactor* IceCacheService::ListSequences(
     grpc::CallbackServerContext* ctx, const v1::ListSequencesRequest* request,
     v1::ListSequencesResponse* response) {
   return Unary(ctx, m_list_, [&]() -> absl::Status {
+    absl::StatusOr<Caller> caller = CallerOf(ctx);
+    if (!caller.ok()) return caller.status();
     absl::StatusOr<SequencePage> page =
-        registry_->List(request->page_size(), request->page_token());
+        registry_->List(request->page_size(), request->page_token(), *caller);
     if (!page.ok()) return page.status();
     for (const SequenceInfo& info : page->sequences) ToProto(info, response->add_sequences());
     response->set_next_page_token(page->next_page_token);
@@ -100,7 +119,9 @@ grpc::ServerUnaryReactor* IceCacheService::DropSequence(grpc::CallbackServerCont
                                                         const v1::DropSequenceRequest* request,
                                                         v1::DropSequenceResponse* response) {
   return Unary(ctx, m_drop_, [&]() -> absl::Status {
-    absl::StatusOr<uint64_t> freed = registry_->Drop(request->handle());
+    absl::StatusOr<Caller> caller = CallerOf(ctx);
+    if (!caller.ok()) return caller.status();
+    absl::StatusOr<uint64_t> freed = registry_->Drop(request->handle(), *caller);
     if (!freed.ok()) return freed.status();
     response->set_freed_bytes(*freed);
     ICECACHE_LOG(INFO) << "dropped " << request->handle() << " (" << *freed << " bytes)";
@@ -123,6 +144,11 @@ grpc::ServerUnaryReactor* IceCacheService::GetStats(grpc::CallbackServerContext*
     response->set_sequences_created_total(registry_->created_total());
     response->set_sequences_dropped_total(registry_->dropped_total());
     response->set_memory_rejections_total(accountant_->rejections());
+    const DataPlaneStats dp = data_plane_->Stats();
+    response->set_num_clients(dp.clients);
+    response->set_arena_bytes(dp.arena_bytes);
+    response->set_page_frames(dp.pages);
+    response->set_page_frame_bytes(dp.frame_bytes);
     return absl::OkStatus();
   });
 }
@@ -141,6 +167,10 @@ grpc::ServerUnaryReactor* IceCacheService::GetConfig(grpc::CallbackServerContext
     response->set_memory_limit_bytes(accountant_->limit());
     response->set_log_level(info_.log_level);
     response->set_shutdown_grace_seconds(info_.shutdown_grace_seconds);
+    response->set_attach_socket_path(info_.attach_socket_path);
+    response->set_client_quota_bytes(info_.client_quota_bytes);
+    response->set_recall_sample_every(info_.recall_sample_every);
+    response->set_index_preset(info_.index_preset);
 
     using L = GeometryLimits;
     v1::GeometryLimits* limits = response->mutable_geometry_limits();

@@ -17,6 +17,7 @@
 #include "absl/time/time.h"
 #include "icecache/v1/icecache.grpc.pb.h"
 #include "server/core/clock.h"
+#include "server/core/data_plane.h"
 #include "server/core/memory_accountant.h"
 #include "server/core/sequence_registry.h"
 #include "server/metrics/metrics.h"
@@ -27,16 +28,20 @@ namespace icecache {
 struct ServiceInfo {
   std::string version;
   std::string socket_path;
+  std::string attach_socket_path;
   std::string log_level;
   double shutdown_grace_seconds = 0;
   absl::Time start_time;
+  uint64_t client_quota_bytes = 0;
+  uint32_t recall_sample_every = 0;
+  std::string index_preset;
 };
 
 class IceCacheService final : public v1::IceCache::CallbackService {
  public:
   // All pointers must outlive the service.
   IceCacheService(SequenceRegistry* registry, const MemoryAccountant* accountant,
-                  Metrics* metrics, const Clock* clock, ServiceInfo info);
+                  DataPlane* data_plane, Metrics* metrics, const Clock* clock, ServiceInfo info);
 
   // Set once the listeners are bound (their ports are known only then).
   void SetListening(const std::string& tcp_address, int metrics_port);
@@ -70,7 +75,12 @@ class IceCacheService final : public v1::IceCache::CallbackService {
   grpc::ServerUnaryReactor* Unary(grpc::CallbackServerContext* ctx,
                                   const Metrics::RpcMethodMetrics* method, Fn&& fn);
 
+  // The caller behind the call's attachment token (metadata "icecache-client-token").
+  // UNAUTHENTICATED without one, or for a token of an attachment that has gone.
+  absl::StatusOr<Caller> CallerOf(grpc::CallbackServerContext* ctx) const;
+
   SequenceRegistry* const registry_;
+  DataPlane* const data_plane_;
   const MemoryAccountant* const accountant_;
   const Clock* const clock_;
   const ServiceInfo info_;

@@ -21,6 +21,9 @@ class CliTest : public ::testing::Test {
     auto d = DaemonProcess::Start(dir_.path(), config);
     ASSERT_TRUE(d.ok()) << d.status();
     daemon_ = std::move(*d);
+    auto a = daemon_->Attach();
+    ASSERT_TRUE(a.ok()) << a.status();
+    client_ = std::move(*a);
   }
 
   RunResult Cli(std::vector<std::string> args) {
@@ -41,13 +44,15 @@ class CliTest : public ::testing::Test {
     g->set_max_tokens(2048);
     req.set_label(label);
     v1::CreateSequenceResponse resp;
-    grpc::Status s = daemon_->stub().CreateSequence(ContextWithDeadline().get(), req, &resp);
+    grpc::Status s =
+        daemon_->stub().CreateSequence(ContextWithToken(client_->token()).get(), req, &resp);
     EXPECT_TRUE(s.ok()) << s.error_message();
     return resp.sequence().handle();
   }
 
   TempDir dir_;
   std::unique_ptr<DaemonProcess> daemon_;
+  std::unique_ptr<Attachment> client_;  // owns the sequences the tests create
 };
 
 TEST_F(CliTest, StatusShowsHealthVersionMemoryAndSequences) {

@@ -50,7 +50,13 @@ class DaemonTest : public ::testing::Test {
     auto d = DaemonProcess::Start(dir_.path(), config_);
     ASSERT_TRUE(d.ok()) << d.status();
     daemon_ = std::move(*d);
+    auto a = daemon_->Attach();
+    ASSERT_TRUE(a.ok()) << a.status();
+    client_ = std::move(*a);
   }
+
+  // A context acting for this test's client attachment.
+  std::unique_ptr<grpc::ClientContext> Ctx() const { return ContextWithToken(client_->token()); }
 
   absl::StatusOr<v1::Sequence> Create(const v1::SequenceGeometry& g, const std::string& label,
                                       grpc::Status* status_out = nullptr) {
@@ -58,7 +64,7 @@ class DaemonTest : public ::testing::Test {
     *req.mutable_geometry() = g;
     req.set_label(label);
     v1::CreateSequenceResponse resp;
-    grpc::Status s = daemon_->stub().CreateSequence(ContextWithDeadline().get(), req, &resp);
+    grpc::Status s = daemon_->stub().CreateSequence(Ctx().get(), req, &resp);
     if (status_out) *status_out = s;
     if (!s.ok()) return absl::Status(static_cast<absl::StatusCode>(s.error_code()),
                                      s.error_message());
@@ -76,6 +82,7 @@ class DaemonTest : public ::testing::Test {
   TempDir dir_;
   DaemonConfig config_;
   std::unique_ptr<DaemonProcess> daemon_;
+  std::unique_ptr<Attachment> client_;
 };
 
 TEST_F(DaemonTest, HealthServesTheServerAndTheControlApi) {
@@ -146,7 +153,7 @@ TEST_F(DaemonTest, SequenceLifecycle) {
   v1::GetSequenceRequest get;
   get.set_handle(a->handle());
   v1::GetSequenceResponse got;
-  ASSERT_TRUE(daemon_->stub().GetSequence(ContextWithDeadline().get(), get, &got).ok());
+  ASSERT_TRUE(daemon_->stub().GetSequence(Ctx().get(), get, &got).ok());
   EXPECT_EQ(got.sequence().handle(), a->handle());
   EXPECT_EQ(got.sequence().geometry().num_layers(), 4u);
 
@@ -155,12 +162,12 @@ TEST_F(DaemonTest, SequenceLifecycle) {
   v1::ListSequencesRequest list;
   list.set_page_size(1);
   v1::ListSequencesResponse page1, page2;
-  ASSERT_TRUE(daemon_->stub().ListSequences(ContextWithDeadline().get(), list, &page1).ok());
+  ASSERT_TRUE(daemon_->stub().ListSequences(Ctx().get(), list, &page1).ok());
   EXPECT_EQ(page1.total_size(), 2u);
   ASSERT_EQ(page1.sequences_size(), 1);
   ASSERT_FALSE(page1.next_page_token().empty());
   list.set_page_token(page1.next_page_token());
-  ASSERT_TRUE(daemon_->stub().ListSequences(ContextWithDeadline().get(), list, &page2).ok());
+  ASSERT_TRUE(daemon_->stub().ListSequences(Ctx().get(), list, &page2).ok());
   ASSERT_EQ(page2.sequences_size(), 1);
   EXPECT_TRUE(page2.next_page_token().empty());
   EXPECT_EQ((std::set<std::string>{page1.sequences(0).handle(), page2.sequences(0).handle()}),
@@ -170,16 +177,16 @@ TEST_F(DaemonTest, SequenceLifecycle) {
   v1::DropSequenceRequest drop;
   drop.set_handle(a->handle());
   v1::DropSequenceResponse dropped;
-  ASSERT_TRUE(daemon_->stub().DropSequence(ContextWithDeadline().get(), drop, &dropped).ok());
+  ASSERT_TRUE(daemon_->stub().DropSequence(Ctx().get(), drop, &dropped).ok());
   EXPECT_EQ(dropped.freed_bytes(), kSmallBytes);
   const v1::GetStatsResponse stats = Stats();
   EXPECT_EQ(stats.memory_used_bytes(), kSmallBytes);
   EXPECT_EQ(stats.num_sequences(), 1u);
   EXPECT_EQ(stats.sequences_created_total(), 2u);
   EXPECT_EQ(stats.sequences_dropped_total(), 1u);
-  EXPECT_THAT(daemon_->stub().GetSequence(ContextWithDeadline().get(), get, &got),
+  EXPECT_THAT(daemon_->stub().GetSequence(Ctx().get(), get, &got),
               GrpcStatusIs(grpc::StatusCode::NOT_FOUND));
-  EXPECT_THAT(daemon_->stub().DropSequence(ContextWithDeadline().get(), drop, &dropped),
+  EXPECT_THAT(daemon_->stub().DropSequence(Ctx().get(), drop, &dropped),
               GrpcStatusIs(grpc::StatusCode::NOT_FOUND));
 }
 
@@ -187,7 +194,7 @@ TEST_F(DaemonTest, BadRequestsGetTheirCodeAndChangeNothing) {
   grpc::Status s;
   v1::CreateSequenceRequest no_geometry;
   v1::CreateSequenceResponse resp;
-  EXPECT_THAT(daemon_->stub().CreateSequence(ContextWithDeadline().get(), no_geometry, &resp),
+  EXPECT_THAT(daemon_->stub().CreateSequence(Ctx().get(), no_geometry, &resp),
               GrpcStatusIs(grpc::StatusCode::INVALID_ARGUMENT, HasSubstr("geometry is required")));
 
   v1::SequenceGeometry g = SmallGeometry();
@@ -215,16 +222,16 @@ TEST_F(DaemonTest, BadRequestsGetTheirCodeAndChangeNothing) {
   v1::GetSequenceRequest get;
   v1::GetSequenceResponse got;
   get.set_handle("seq_not-a-handle");
-  EXPECT_THAT(daemon_->stub().GetSequence(ContextWithDeadline().get(), get, &got),
+  EXPECT_THAT(daemon_->stub().GetSequence(Ctx().get(), get, &got),
               GrpcStatusIs(grpc::StatusCode::INVALID_ARGUMENT,
                            HasSubstr("is not a sequence handle")));
   get.set_handle("seq_" + std::string(32, '0'));
-  EXPECT_THAT(daemon_->stub().GetSequence(ContextWithDeadline().get(), get, &got),
+  EXPECT_THAT(daemon_->stub().GetSequence(Ctx().get(), get, &got),
               GrpcStatusIs(grpc::StatusCode::NOT_FOUND));
   v1::ListSequencesRequest list;
   list.set_page_size(5000);
   v1::ListSequencesResponse listed;
-  EXPECT_THAT(daemon_->stub().ListSequences(ContextWithDeadline().get(), list, &listed),
+  EXPECT_THAT(daemon_->stub().ListSequences(Ctx().get(), list, &listed),
               GrpcStatusIs(grpc::StatusCode::INVALID_ARGUMENT));
 
   const v1::GetStatsResponse stats = Stats();

@@ -27,6 +27,19 @@ std::unique_ptr<grpc::ClientContext> ContextWithDeadline(double seconds) {
   return ctx;
 }
 
+std::unique_ptr<grpc::ClientContext> ContextWithToken(const std::string& token, double seconds) {
+  auto ctx = ContextWithDeadline(seconds);
+  ctx->AddMetadata(abi::kTokenMetadataKey, token);
+  return ctx;
+}
+
+absl::StatusOr<std::unique_ptr<Attachment>> DaemonProcess::Attach(bool as_operator) const {
+  Attachment::Options o;
+  o.socket = socket_path_;
+  o.as_operator = as_operator;
+  return Attachment::Attach(o);
+}
+
 absl::StatusOr<std::unique_ptr<DaemonProcess>> DaemonProcess::Start(const std::string& dir,
                                                                    const DaemonConfig& config) {
   const std::string socket = dir + "/icecached.sock";

@@ -9,6 +9,7 @@
 #include "absl/status/statusor.h"
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "grpcpp/channel.h"
+#include "icecache/attachment.h"
 #include "icecache/v1/icecache.grpc.pb.h"
 #include "tests/support/subprocess.h"
 
@@ -38,6 +39,9 @@ class DaemonProcess {
   Subprocess& process() { return process_; }
   const std::string& dir() const { return dir_; }
 
+  // A data-plane attachment to this daemon (a client, or an operator).
+  absl::StatusOr<std::unique_ptr<Attachment>> Attach(bool as_operator = false) const;
+
   icecache::v1::IceCache::Stub& stub() { return *stub_; }
   grpc::health::v1::Health::Stub& health() { return *health_; }
   std::shared_ptr<grpc::Channel> channel() { return channel_; }
@@ -55,8 +59,10 @@ class DaemonProcess {
   std::unique_ptr<grpc::health::v1::Health::Stub> health_;
 };
 
-// A ClientContext with a deadline `seconds` from now.
+// A ClientContext with a deadline `seconds` from now (and an attachment token, when given).
 std::unique_ptr<grpc::ClientContext> ContextWithDeadline(double seconds = 5);
+std::unique_ptr<grpc::ClientContext> ContextWithToken(const std::string& token,
+                                                      double seconds = 5);
 
 // GET http://127.0.0.1:port/path over a plain socket. Returns the body of a 200 response;
 // UNAVAILABLE when nothing listens, INTERNAL for any other status line.

@@ -1,0 +1,118 @@
+// The low-level data-plane connection to icecached: attach over the unix socket, map the
+// arena the daemon hands over, and exchange requests through its slots (protocol:
+// proto/icecache/v1/abi.h). The Client API (icecache/client.h) builds on it; tools and tests
+// use it directly.
+//
+// Lifetime: the attachment lives as long as this object; destroying it (or exiting, or
+// crashing) closes the connection and the daemon frees the client's sequences and arena.
+//
+// Thread safety: all methods are thread-safe. A slot is used by one thread at a time:
+// Acquire -> fill -> Submit -> Wait -> Release.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "proto/icecache/v1/abi.h"
+
+namespace icecache {
+
+class Attachment {
+ public:
+  struct Options {
+    // The daemon's control socket; the attach socket next to it is derived from it.
+    // Empty: the default (DefaultSocketPath()).
+    std::string socket;
+    // An operator attachment (no arena; its token sees every client's sequences).
+    bool as_operator = false;
+    // ABI version to announce (tests set others to check the refusal).
+    uint32_t abi_version = abi::kAbiVersion;
+    absl::Duration timeout = absl::Seconds(5);
+  };
+
+  // UNAVAILABLE: no daemon at the socket. PERMISSION_DENIED: the daemon refused this uid.
+  // FAILED_PRECONDITION: ABI version mismatch. RESOURCE_EXHAUSTED: the daemon is full.
+  static absl::StatusOr<std::unique_ptr<Attachment>> Attach(const Options& options);
+  Attachment(const Attachment&) = delete;
+  Attachment& operator=(const Attachment&) = delete;
+  ~Attachment();
+
+  const std::string& token() const { return token_; }
+  uint64_t client_id() const { return client_id_; }
+  bool is_operator() const { return control_ == nullptr; }
+
+  // ---- requests
+  // A free slot. RESOURCE_EXHAUSTED when every slot is in use.
+  absl::StatusOr<uint32_t> AcquireSlot();
+  abi::SlotHeader* slot(uint32_t index) const;
+  uint8_t* payload(uint32_t index) const { return abi::SlotPayload(slot(index)); }
+  uint32_t payload_capacity() const { return payload_capacity_; }
+  // Publishes the filled slot (state kSubmitted, queue entry, doorbell when the daemon sleeps).
+  void Submit(uint32_t index);
+  // Publishes raw queue entries (tests use it to send malformed references).
+  void SubmitRaw(uint32_t queue_entry);
+  // Waits for the slot's response: its status (code and message) as an absl::Status.
+  // DEADLINE_EXCEEDED when `timeout` passes first.
+  absl::Status Wait(uint32_t index, absl::Duration timeout = absl::Seconds(60));
+  // True once the slot is answered (does not wait).
+  bool Done(uint32_t index) const;
+  void ReleaseSlot(uint32_t index);
+
+  // ---- common requests (each acquires, submits, waits and releases a slot)
+  absl::StatusOr<abi::StageResponse> Stage(const std::string& handle, uint32_t tokens);
+  absl::Status Prefill(const std::string& handle, uint32_t layer, const abi::ArenaRef& staging,
+                       uint32_t tokens, uint32_t first_position);
+  absl::Status Append(const std::string& handle, uint32_t layer, const abi::ArenaRef& staging,
+                      uint32_t tokens, uint32_t first_position);
+  // queries: [num_q_heads][head_dim] fp32. Returns [num_kv_heads][k] page references.
+  absl::StatusOr<std::vector<abi::SelectedPageRef>> Select(const std::string& handle,
+                                                           uint32_t layer, const float* queries,
+                                                           size_t query_floats, uint32_t k);
+  absl::Status Nop();
+
+  // ---- arena memory
+  // Address of `bytes` at `ref` in a data segment, mapping the segment on first use (its
+  // descriptor arrives on the attach connection). INVALID_ARGUMENT outside the segment.
+  absl::StatusOr<uint8_t*> Address(const abi::ArenaRef& ref, uint64_t bytes);
+  // Start of a page frame and its size (from the segment table).
+  absl::StatusOr<const uint8_t*> Frame(uint32_t segment, uint32_t frame, uint32_t* page_bytes);
+  // The counters this client publishes for the daemon to export.
+  abi::ClientStats& stats() const { return header()->stats; }
+  abi::ArenaHeader* header() const { return static_cast<abi::ArenaHeader*>(control_); }
+
+ private:
+  Attachment() = default;
+  // Reads segment notices from the attach connection (blocking until `want` is mapped, when
+  // want != 0; otherwise only what is already there).
+  absl::Status PumpNotices(uint32_t want) ABSL_EXCLUSIVE_LOCKS_REQUIRED(map_mu_);
+
+  int conn_fd_ = -1;
+  int doorbell_fd_ = -1;
+  void* control_ = nullptr;
+  uint64_t control_bytes_ = 0;
+  std::string token_;
+  uint64_t client_id_ = 0;
+  uint32_t payload_capacity_ = 0;
+  absl::Duration timeout_;
+
+  absl::Mutex slots_mu_;
+  std::vector<uint32_t> free_slots_ ABSL_GUARDED_BY(slots_mu_);
+  absl::Mutex sq_mu_;
+  uint64_t next_request_id_ ABSL_GUARDED_BY(sq_mu_) = 1;
+
+  mutable absl::Mutex map_mu_;
+  struct Mapped {
+    void* base = nullptr;
+    uint64_t bytes = 0;
+  };
+  std::vector<Mapped> segments_ ABSL_GUARDED_BY(map_mu_);
+};
+
+}  // namespace icecache

@@ -1,0 +1,311 @@
+#include "server/core/arena.h"
+
+#include <fcntl.h>
+#include <linux/memfd.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+#include "common/bytes.h"
+#include "common/log.h"
+
+namespace icecache {
+namespace {
+
+constexpr uint64_t kStagingAlign = 4096;
+
+uint64_t RoundUp(uint64_t v, uint64_t to) { return (v + to - 1) / to * to; }
+
+}  // namespace
+
+// ------------------------------------------------------------------ FrameReservation
+Arena::FrameReservation::~FrameReservation() {
+  if (arena_ != nullptr && !frames_.empty()) arena_->ReturnFrames(&frames_);
+}
+
+FrameRef Arena::FrameReservation::Take() {
+  ICECACHE_CHECK(!frames_.empty()) << "took more frames than were reserved";
+  FrameRef f = frames_.back();
+  frames_.pop_back();
+  return f;
+}
+
+// ------------------------------------------------------------------ Arena
+absl::StatusOr<std::unique_ptr<Arena>> Arena::Create(uint64_t client_id,
+                                                     const ArenaOptions& options,
+                                                     uint64_t quota_bytes,
+                                                     MemoryAccountant* global,
+                                                     SegmentListener* listener) {
+  if (options.slots == 0 || (options.slots & (options.slots - 1)) != 0 ||
+      options.slots > 4096) {
+    return absl::InvalidArgumentError("arena slots must be a power of two in 1..4096");
+  }
+  if (options.slot_payload < 4096 || options.slot_payload > (16u << 20) ||
+      options.slot_payload % 64 != 0) {
+    return absl::InvalidArgumentError("slot payload must be a multiple of 64 in 4 KiB..16 MiB");
+  }
+  std::unique_ptr<Arena> a(new Arena(client_id, options, quota_bytes, global, listener));
+  a->segments_.resize(abi::kMaxSegments);
+  absl::MutexLock lock(&a->mu_);
+  absl::StatusOr<uint32_t> control = a->AddSegment(
+      abi::kSegmentUnused, abi::ControlBytes(options.slots, options.slot_payload), 0);
+  if (!control.ok()) return control.status();
+  auto* h = new (a->segments_[0].base) abi::ArenaHeader();
+  h->magic = abi::kArenaMagic;
+  h->abi_version = abi::kAbiVersion;
+  h->header_bytes = sizeof(abi::ArenaHeader);
+  h->client_id = client_id;
+  h->num_slots = options.slots;
+  h->slot_bytes = sizeof(abi::SlotHeader) + options.slot_payload;
+  h->sq_offset = RoundUp(sizeof(abi::ArenaHeader), 64);
+  h->slots_offset = h->sq_offset + RoundUp(uint64_t{options.slots} * 4, 64);
+  h->control_bytes = a->segments_[0].bytes;
+  h->num_segments.store(1, std::memory_order_release);
+  for (uint32_t i = 0; i < options.slots; ++i) new (abi::SlotAt(h, i)) abi::SlotHeader();
+  return a;
+}
+
+Arena::~Arena() {
+  absl::MutexLock lock(&mu_);
+  for (uint32_t i = 0; i < used_segments_; ++i) {
+    Segment& s = segments_[i];
+    if (s.base != nullptr) ::munmap(s.base, s.bytes);
+    if (s.fd >= 0) ::close(s.fd);
+  }
+  if (charged_ > 0) ReleaseNested(&quota_, global_, charged_);
+}
+
+absl::StatusOr<uint32_t> Arena::AddSegment(uint32_t kind, uint64_t bytes, uint32_t page_bytes) {
+  if (used_segments_ >= abi::kMaxSegments) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("client ", client_id_, " has used all ", abi::kMaxSegments, " segments"));
+  }
+  absl::Status charged = ReserveNested(&quota_, global_, bytes, "arena segment");
+  if (!charged.ok()) return charged;
+  const std::string name = absl::StrCat("icecache-c", client_id_, "-s", used_segments_);
+  const int fd = ::memfd_create(name.c_str(), MFD_CLOEXEC | MFD_ALLOW_SEALING);
+  auto fail = [&](const char* what) {
+    const int err = errno;
+    if (fd >= 0) ::close(fd);
+    ReleaseNested(&quota_, global_, bytes);
+    return absl::InternalError(absl::StrCat(what, " for a ", FormatBytes(bytes),
+                                            " segment: ", std::strerror(err)));
+  };
+  if (fd < 0) return fail("memfd_create");
+  if (::ftruncate(fd, static_cast<off_t>(bytes)) != 0) return fail("ftruncate");
+  // The client holds this descriptor: it must not be able to shrink the file under our map.
+  if (::fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) != 0) {
+    return fail("sealing");
+  }
+  void* base = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  if (base == MAP_FAILED) return fail("mmap");
+  const uint32_t index = used_segments_++;
+  Segment& s = segments_[index];
+  s.fd = fd;
+  s.base = base;
+  s.bytes = bytes;
+  s.kind = kind;
+  s.page_bytes = page_bytes;
+  charged_ += bytes;
+  if (kind == abi::kSegmentPages) {
+    s.frames = static_cast<uint32_t>(bytes / page_bytes);
+    s.versions = std::make_unique<std::atomic<uint32_t>[]>(s.frames);
+    for (uint32_t f = 0; f < s.frames; ++f) s.versions[f].store(0, std::memory_order_relaxed);
+  } else if (kind == abi::kSegmentStaging) {
+    s.free_ranges[0] = bytes;
+  }
+  if (index > 0) {
+    abi::ArenaHeader* h = header();
+    h->segments[index].bytes = bytes;
+    h->segments[index].kind = kind;
+    h->segments[index].page_bytes = page_bytes;
+    h->num_segments.store(used_segments_, std::memory_order_release);
+    if (listener_ != nullptr) listener_->OnSegmentAdded(index, fd, bytes);
+  }
+  return index;
+}
+
+absl::Status Arena::ReserveFrames(uint32_t page_bytes, uint32_t count, FrameReservation* out) {
+  if (page_bytes == 0 || page_bytes % 16 != 0) {
+    return absl::InvalidArgumentError("page size must be a positive multiple of 16 bytes");
+  }
+  absl::MutexLock lock(&mu_);
+  std::vector<FrameRef>& free = free_frames_[page_bytes];
+  const uint64_t per_segment = std::max<uint64_t>(1, options_.page_segment_bytes / page_bytes);
+  while (free.size() < count) {
+    absl::StatusOr<uint32_t> seg =
+        AddSegment(abi::kSegmentPages, per_segment * page_bytes, page_bytes);
+    if (!seg.ok()) return seg.status();
+    for (uint32_t f = static_cast<uint32_t>(per_segment); f-- > 0;) free.push_back({*seg, f});
+  }
+  out->arena_ = this;
+  for (uint32_t i = 0; i < count; ++i) {
+    out->frames_.push_back(free.back());
+    free.pop_back();
+  }
+  frames_in_use_ += count;
+  frame_bytes_in_use_ += uint64_t{count} * page_bytes;
+  return absl::OkStatus();
+}
+
+void Arena::ReturnFrames(std::vector<FrameRef>* frames) {
+  absl::MutexLock lock(&mu_);
+  for (FrameRef f : *frames) {
+    const uint32_t pb = segments_[f.segment].page_bytes;
+    free_frames_[pb].push_back(f);
+    --frames_in_use_;
+    frame_bytes_in_use_ -= pb;
+  }
+  frames->clear();
+}
+
+void Arena::FreeFrame(FrameRef frame) {
+  ICECACHE_CHECK(frame.segment < abi::kMaxSegments &&
+                 segments_[frame.segment].kind == abi::kSegmentPages &&
+                 frame.frame < segments_[frame.segment].frames)
+      << "freeing a frame that is not one";
+  BumpFrameVersion(frame);
+  std::vector<FrameRef> one = {frame};
+  ReturnFrames(&one);
+}
+
+uint8_t* Arena::FrameAddress(FrameRef frame) const {
+  const Segment& s = segments_[frame.segment];
+  return static_cast<uint8_t*>(s.base) + uint64_t{frame.frame} * s.page_bytes;
+}
+
+uint32_t Arena::FrameVersion(FrameRef frame) const {
+  return segments_[frame.segment].versions[frame.frame].load(std::memory_order_acquire);
+}
+
+void Arena::BumpFrameVersion(FrameRef frame) {
+  segments_[frame.segment].versions[frame.frame].fetch_add(1, std::memory_order_acq_rel);
+}
+
+absl::StatusOr<abi::ArenaRef> Arena::AllocStaging(uint64_t bytes) {
+  if (bytes == 0) return absl::InvalidArgumentError("staging buffer of 0 bytes");
+  const uint64_t need = RoundUp(bytes, kStagingAlign);
+  absl::MutexLock lock(&mu_);
+  for (uint32_t i = 1; i < used_segments_; ++i) {
+    Segment& s = segments_[i];
+    if (s.kind != abi::kSegmentStaging) continue;
+    for (auto it = s.free_ranges.begin(); it != s.free_ranges.end(); ++it) {
+      if (it->second < need) continue;
+      const uint64_t off = it->first, len = it->second;
+      s.free_ranges.erase(it);
+      if (len > need) s.free_ranges[off + need] = len - need;
+      s.allocations[off] = need;
+      staging_in_use_ += need;
+      return abi::ArenaRef{i, 0, off};
+    }
+  }
+  absl::StatusOr<uint32_t> seg = AddSegment(
+      abi::kSegmentStaging, std::max(need, RoundUp(options_.staging_segment_bytes, kStagingAlign)),
+      0);
+  if (!seg.ok()) return seg.status();
+  Segment& s = segments_[*seg];
+  s.free_ranges.clear();
+  if (s.bytes > need) s.free_ranges[need] = s.bytes - need;
+  s.allocations[0] = need;
+  staging_in_use_ += need;
+  return abi::ArenaRef{*seg, 0, 0};
+}
+
+absl::Status Arena::FreeStaging(const abi::ArenaRef& ref) {
+  absl::MutexLock lock(&mu_);
+  if (ref.segment == 0 || ref.segment >= used_segments_ ||
+      segments_[ref.segment].kind != abi::kSegmentStaging) {
+    return absl::InvalidArgumentError("not a staging segment");
+  }
+  Segment& s = segments_[ref.segment];
+  auto it = s.allocations.find(ref.offset);
+  if (it == s.allocations.end()) {
+    return absl::InvalidArgumentError("not a live staging buffer");
+  }
+  uint64_t off = it->first, len = it->second;
+  s.allocations.erase(it);
+  staging_in_use_ -= len;
+  // Coalesce with the free neighbours.
+  auto next = s.free_ranges.lower_bound(off);
+  if (next != s.free_ranges.end() && next->first == off + len) {
+    len += next->second;
+    next = s.free_ranges.erase(next);
+  }
+  if (next != s.free_ranges.begin()) {
+    auto prev = std::prev(next);
+    if (prev->first + prev->second == off) {
+      off = prev->first;
+      len += prev->second;
+      s.free_ranges.erase(prev);
+    }
+  }
+  s.free_ranges[off] = len;
+  return absl::OkStatus();
+}
+
+absl::StatusOr<uint8_t*> Arena::StagingAddress(const abi::ArenaRef& ref, uint64_t bytes) const {
+  absl::MutexLock lock(&mu_);
+  if (ref.segment == 0 || ref.segment >= used_segments_ ||
+      segments_[ref.segment].kind != abi::kSegmentStaging) {
+    return absl::InvalidArgumentError(absl::StrCat("segment ", ref.segment,
+                                                   " is not a staging segment of this client"));
+  }
+  const Segment& s = segments_[ref.segment];
+  auto it = s.allocations.find(ref.offset);
+  if (it == s.allocations.end()) {
+    return absl::InvalidArgumentError("staging reference is not a live staging buffer");
+  }
+  if (it->second < bytes) {
+    return absl::InvalidArgumentError(absl::StrCat("staging buffer holds ", it->second,
+                                                   " bytes, ", bytes, " needed"));
+  }
+  return static_cast<uint8_t*>(s.base) + ref.offset;
+}
+
+uint64_t Arena::segment_bytes() const {
+  absl::MutexLock lock(&mu_);
+  return charged_;
+}
+
+uint64_t Arena::frames_in_use() const {
+  absl::MutexLock lock(&mu_);
+  return frames_in_use_;
+}
+
+uint64_t Arena::frame_bytes_in_use() const {
+  absl::MutexLock lock(&mu_);
+  return frame_bytes_in_use_;
+}
+
+uint64_t Arena::staging_bytes_in_use() const {
+  absl::MutexLock lock(&mu_);
+  return staging_in_use_;
+}
+
+abi::SlotHeader* Arena::Slot(uint32_t i) const {
+  const uint64_t sq = RoundUp(sizeof(abi::ArenaHeader), 64);
+  const uint64_t slots = sq + RoundUp(uint64_t{options_.slots} * 4, 64);
+  return reinterpret_cast<abi::SlotHeader*>(
+      static_cast<uint8_t*>(control()) + slots +
+      uint64_t{i} * (sizeof(abi::SlotHeader) + options_.slot_payload));
+}
+
+std::atomic<uint32_t>* Arena::SubmissionQueue() const {
+  return reinterpret_cast<std::atomic<uint32_t>*>(static_cast<uint8_t*>(control()) +
+                                                  RoundUp(sizeof(abi::ArenaHeader), 64));
+}
+
+void Arena::DetachListener() {
+  absl::MutexLock lock(&mu_);
+  listener_ = nullptr;
+}
+
+uint32_t Arena::num_segments() const {
+  absl::MutexLock lock(&mu_);
+  return used_segments_;
+}
+
+}  // namespace icecache

@@ -1,0 +1,711 @@
+#include "server/core/data_plane.h"
+
+#include <fcntl.h>
+#include <linux/futex.h>
+#include <poll.h>
+#include <sys/eventfd.h>
+#include <sys/random.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <climits>
+#include <cstring>
+#include <deque>
+#include <functional>
+
+#include "absl/strings/str_cat.h"
+#include "common/log.h"
+
+namespace icecache {
+namespace {
+
+using SteadyClock = std::chrono::steady_clock;
+
+void FutexWake(std::atomic<uint32_t>* word) {
+  ::syscall(SYS_futex, reinterpret_cast<uint32_t*>(word), FUTEX_WAKE, INT_MAX, nullptr, nullptr,
+            0);
+}
+
+std::string RandomToken() {
+  uint8_t bytes[abi::kTokenChars / 2];
+  size_t got = 0;
+  while (got < sizeof(bytes)) {
+    const ssize_t n = ::getrandom(bytes + got, sizeof(bytes) - got, 0);
+    ICECACHE_CHECK(n > 0) << "getrandom failed: " << std::strerror(errno);
+    got += static_cast<size_t>(n);
+  }
+  static constexpr char kHex[] = "0123456789abcdef";
+  std::string token;
+  for (uint8_t b : bytes) {
+    token.push_back(kHex[b >> 4]);
+    token.push_back(kHex[b & 15]);
+  }
+  return token;
+}
+
+bool Contains(const std::vector<uid_t>& uids, uid_t uid) {
+  return std::find(uids.begin(), uids.end(), uid) != uids.end();
+}
+
+// Sends `len` bytes and, when fds are given, the descriptors as SCM_RIGHTS. Never blocks.
+bool SendWithFds(int sock, const void* data, size_t len, const int* fds, int nfds) {
+  struct iovec iov;
+  iov.iov_base = const_cast<void*>(data);
+  iov.iov_len = len;
+  struct msghdr msg {};
+  msg.msg_iov = &iov;
+  msg.msg_iovlen = 1;
+  alignas(struct cmsghdr) char control[CMSG_SPACE(sizeof(int) * 4)];
+  if (nfds > 0) {
+    msg.msg_control = control;
+    msg.msg_controllen = CMSG_SPACE(sizeof(int) * nfds);
+    struct cmsghdr* c = CMSG_FIRSTHDR(&msg);
+    c->cmsg_level = SOL_SOCKET;
+    c->cmsg_type = SCM_RIGHTS;
+    c->cmsg_len = CMSG_LEN(sizeof(int) * nfds);
+    std::memcpy(CMSG_DATA(c), fds, sizeof(int) * nfds);
+  }
+  const ssize_t n = ::sendmsg(sock, &msg, MSG_DONTWAIT | MSG_NOSIGNAL);
+  return n == static_cast<ssize_t>(len);
+}
+
+// Runs tasks one after another, in submission order, on a pool.
+class SerialQueue {
+ public:
+  explicit SerialQueue(ThreadPool* pool) : pool_(pool) {}
+  void Submit(std::function<void()> task) {
+    bool start = false;
+    {
+      absl::MutexLock lock(&mu_);
+      tasks_.push_back(std::move(task));
+      if (!running_) {
+        running_ = true;
+        start = true;
+      }
+    }
+    if (start) pool_->Schedule([this] { Drain(); });
+  }
+
+ private:
+  void Drain() {
+    while (true) {
+      std::function<void()> task;
+      {
+        absl::MutexLock lock(&mu_);
+        if (tasks_.empty()) {
+          running_ = false;
+          return;
+        }
+        task = std::move(tasks_.front());
+        tasks_.pop_front();
+      }
+      task();
+    }
+  }
+
+  ThreadPool* pool_;
+  absl::Mutex mu_;
+  std::deque<std::function<void()>> tasks_ ABSL_GUARDED_BY(mu_);
+  bool running_ ABSL_GUARDED_BY(mu_) = false;
+};
+
+}  // namespace
+
+// ------------------------------------------------------------------ Client
+struct DataPlane::Client final : public SegmentListener {
+  uint64_t id = 0;
+  std::string token;
+  uid_t uid = 0;
+  pid_t pid = 0;
+  bool is_operator = false;
+  int conn_fd = -1;
+  int doorbell_fd = -1;  // client rings it
+  int wake_fd = -1;      // wakes the dispatcher to stop
+  std::shared_ptr<Arena> arena;  // null for operators
+  std::thread dispatcher;
+  std::atomic<bool> dead{false};
+  std::atomic<uint32_t> sq_head{0};  // the daemon's own copy: the shared one is never trusted
+
+  absl::Mutex mu;
+  int in_flight ABSL_GUARDED_BY(mu) = 0;
+  absl::flat_hash_map<std::string, std::shared_ptr<SerialQueue>> queues ABSL_GUARDED_BY(mu);
+
+  absl::Mutex send_mu;
+
+  ~Client() override {
+    for (int fd : {conn_fd, doorbell_fd, wake_fd}) {
+      if (fd >= 0) ::close(fd);
+    }
+  }
+
+  void OnSegmentAdded(uint32_t segment, int fd, uint64_t bytes) override {
+    abi::SegmentNotice notice{abi::kArenaMagic, segment, 0, bytes};
+    absl::MutexLock lock(&send_mu);
+    if (!SendWithFds(conn_fd, &notice, sizeof(notice), &fd, 1)) {
+      // A client that does not drain its attach connection loses it: the attach thread sees
+      // the hang-up and reaps it.
+      ICECACHE_LOG(WARNING) << "client " << id << ": cannot send a segment notice; detaching";
+      ::shutdown(conn_fd, SHUT_RDWR);
+    }
+  }
+
+  void BeginOp() {
+    absl::MutexLock lock(&mu);
+    ++in_flight;
+  }
+  void EndOp() {
+    absl::MutexLock lock(&mu);
+    --in_flight;
+  }
+  SerialQueue* QueueFor(const std::string& key, ThreadPool* pool) {
+    absl::MutexLock lock(&mu);
+    auto& q = queues[key];
+    if (q == nullptr) q = std::make_shared<SerialQueue>(pool);
+    return q.get();
+  }
+};
+
+// ------------------------------------------------------------------ request handling
+class DataPlane::Dispatcher {
+ public:
+  Dispatcher(DataPlane* dp, std::shared_ptr<Client> client) : dp_(dp), c_(std::move(client)) {}
+
+  void Run() {
+    abi::ArenaHeader* h = c_->arena->header();
+    auto last_activity = SteadyClock::now();
+    const auto spin = absl::ToChronoNanoseconds(dp_->options_.poll_spin);
+    while (!c_->dead.load(std::memory_order_acquire)) {
+      if (Drain(h) > 0) {
+        last_activity = SteadyClock::now();
+        continue;
+      }
+      if (SteadyClock::now() - last_activity < spin) {
+        __builtin_ia32_pause();
+        continue;
+      }
+      h->daemon_sleeping.store(1, std::memory_order_seq_cst);
+      if (h->sq_tail.load(std::memory_order_seq_cst) != c_->sq_head.load()) {
+        h->daemon_sleeping.store(0, std::memory_order_relaxed);
+        continue;
+      }
+      struct pollfd fds[2] = {{c_->doorbell_fd, POLLIN, 0}, {c_->wake_fd, POLLIN, 0}};
+      ::poll(fds, 2, 1000);
+      uint64_t v;
+      if (fds[0].revents & POLLIN) (void)!::read(c_->doorbell_fd, &v, sizeof(v));
+      h->daemon_sleeping.store(0, std::memory_order_relaxed);
+      last_activity = SteadyClock::now();
+    }
+  }
+
+ private:
+  // Takes every submitted entry (at most num_slots per pass); returns how many.
+  uint32_t Drain(abi::ArenaHeader* h) {
+    const uint32_t slots = dp_->options_.arena.slots;  // ours, not the shared header's
+    const uint32_t head = c_->sq_head.load(std::memory_order_relaxed);
+    const uint32_t tail = h->sq_tail.load(std::memory_order_acquire);
+    uint32_t n = tail - head;
+    if (n == 0) return 0;
+    if (n > slots) {  // a client that lies about its tail: do a bounded amount of work
+      dp_->observer_->OnProtocolError();
+      n = slots;
+    }
+    std::atomic<uint32_t>* sq = c_->arena->SubmissionQueue();
+    for (uint32_t i = 0; i < n; ++i) {
+      Take(sq[(head + i) & (slots - 1)].load(std::memory_order_acquire));
+    }
+    c_->sq_head.store(head + n, std::memory_order_relaxed);
+    h->sq_head.store(head + n, std::memory_order_release);
+    return n;
+  }
+
+  // The request as copied out of shared memory (the client may change the slot meanwhile).
+  struct Request {
+    uint32_t slot;
+    uint32_t op;
+    std::string handle;
+    uint32_t layer, tokens, k, query_dtype, payload_bytes, first_position;
+    abi::ArenaRef staging;
+  };
+
+  void Take(uint32_t index) {
+    const uint32_t slots = dp_->options_.arena.slots;
+    if (index >= slots) {
+      dp_->observer_->OnProtocolError();
+      return;
+    }
+    abi::SlotHeader* slot = c_->arena->Slot(index);
+    uint32_t expected = abi::kSlotSubmitted;
+    if (!slot->state.compare_exchange_strong(expected, abi::kSlotRunning,
+                                             std::memory_order_acq_rel)) {
+      dp_->observer_->OnProtocolError();  // not submitted (duplicate entry, or a stray one)
+      return;
+    }
+    Request r;
+    r.slot = index;
+    r.op = slot->op;
+    char handle[sizeof(slot->handle) + 1] = {};
+    std::memcpy(handle, slot->handle, sizeof(slot->handle));
+    r.handle = handle;
+    r.layer = slot->layer;
+    r.tokens = slot->tokens;
+    r.k = slot->k;
+    r.query_dtype = slot->query_dtype;
+    r.payload_bytes = slot->payload_bytes;
+    r.first_position = slot->first_position;
+    r.staging = slot->staging;
+    const auto start = SteadyClock::now();
+    switch (r.op) {
+      case abi::kOpNop:
+        return Finish(r, start, absl::OkStatus(), 0);
+      case abi::kOpStage:
+        return Stage(r, start);
+      case abi::kOpRelease:
+        return Finish(r, start, c_->arena->FreeStaging(r.staging), 0);
+      case abi::kOpPrefill:
+      case abi::kOpAppend:
+        return Ingest(r, start);
+      case abi::kOpSelect:
+        return Select(r, start);
+      default:
+        return Finish(r, start, absl::InvalidArgumentError(absl::StrCat("unknown op ", r.op)), 0);
+    }
+  }
+
+  // Writes the response and releases the slot to the client.
+  void Finish(const Request& r, SteadyClock::time_point start, const absl::Status& status,
+              uint32_t response_bytes) {
+    Respond(dp_, c_.get(), r.slot, r.op, start, status, response_bytes);
+  }
+
+ public:
+  static void Respond(DataPlane* dp, Client* c, uint32_t index, uint32_t op,
+                      SteadyClock::time_point start, const absl::Status& status,
+                      uint32_t response_bytes) {
+    abi::SlotHeader* slot = c->arena->Slot(index);
+    slot->status = static_cast<uint32_t>(status.code());
+    const std::string msg(status.message().substr(0, sizeof(slot->message) - 1));
+    std::memset(slot->message, 0, sizeof(slot->message));
+    std::memcpy(slot->message, msg.data(), msg.size());
+    slot->response_bytes = status.ok() ? response_bytes : 0;
+    slot->state.store(abi::kSlotDone, std::memory_order_release);
+    FutexWake(&slot->state);
+    dp->observer_->OnRequest(op, static_cast<int>(status.code()),
+                             std::chrono::duration<double>(SteadyClock::now() - start).count());
+  }
+
+ private:
+  // The sequence behind a handle, if this client owns it.
+  absl::StatusOr<std::shared_ptr<SequenceKv>> Sequence(const Request& r) {
+    const Caller me{c_->id, false};
+    absl::StatusOr<SequenceInfo> info = dp_->registry_->Get(r.handle, me);
+    if (!info.ok()) return info.status();
+    if (info->kv == nullptr) return absl::InternalError("sequence has no stored KV");
+    return info->kv;
+  }
+
+  void Stage(const Request& r, SteadyClock::time_point start) {
+    absl::StatusOr<std::shared_ptr<SequenceKv>> kv = Sequence(r);
+    if (!kv.ok()) return Finish(r, start, kv.status(), 0);
+    const Geometry& g = (*kv)->geometry();
+    if (r.tokens == 0 || r.tokens > g.max_tokens) {
+      return Finish(r, start, absl::InvalidArgumentError(absl::StrCat(
+                                  "stage of ", r.tokens, " tokens: must be in 1..max_tokens (",
+                                  g.max_tokens, ")")),
+                    0);
+    }
+    const uint64_t bytes = (*kv)->StagingBytesPerToken() * r.tokens;
+    absl::StatusOr<abi::ArenaRef> ref = c_->arena->AllocStaging(bytes);
+    if (!ref.ok()) return Finish(r, start, ref.status(), 0);
+    abi::StageResponse resp{*ref, bytes, bytes / 2};
+    std::memcpy(abi::SlotPayload(c_->arena->Slot(r.slot)), &resp, sizeof(resp));
+    Finish(r, start, absl::OkStatus(), sizeof(resp));
+  }
+
+  void Ingest(const Request& r, SteadyClock::time_point start) {
+    absl::StatusOr<std::shared_ptr<SequenceKv>> kv = Sequence(r);
+    if (!kv.ok()) return Finish(r, start, kv.status(), 0);
+    const uint64_t bytes = (*kv)->StagingBytesPerToken() * uint64_t{r.tokens};
+    if (r.tokens == 0) {
+      return Finish(r, start, absl::InvalidArgumentError("0 tokens to ingest"), 0);
+    }
+    absl::StatusOr<uint8_t*> data = c_->arena->StagingAddress(r.staging, bytes);
+    if (!data.ok()) return Finish(r, start, data.status(), 0);
+    const bool prefill = r.op == abi::kOpPrefill;
+    // Run asynchronously: prefill on the pool, appends in order per (sequence, layer).
+    c_->BeginOp();
+    std::shared_ptr<Client> client = c_;
+    DataPlane* dp = dp_;
+    auto task = [dp, client, kv = *kv, r, start, base = *data, bytes, prefill] {
+      absl::Status s;
+      if (!client->dead.load()) {
+        const uint8_t* k_rows = base;
+        const uint8_t* v_rows = base + bytes / 2;
+        s = prefill ? kv->Prefill(r.layer, k_rows, v_rows, r.tokens, r.first_position)
+                    : kv->Append(r.layer, k_rows, v_rows, r.tokens, r.first_position);
+        // The buffer is consumed whether or not the operation succeeded.
+        (void)client->arena->FreeStaging(r.staging);
+        Respond(dp, client.get(), r.slot, r.op, start, s, 0);
+      }
+      client->EndOp();
+    };
+    if (prefill) {
+      dp_->pool_->Schedule(std::move(task));
+    } else {
+      c_->QueueFor(absl::StrCat(r.handle, "/", r.layer), dp_->pool_)->Submit(std::move(task));
+    }
+  }
+
+  void Select(const Request& r, SteadyClock::time_point start) {
+    absl::StatusOr<std::shared_ptr<SequenceKv>> kv = Sequence(r);
+    if (!kv.ok()) return Finish(r, start, kv.status(), 0);
+    const Geometry& g = (*kv)->geometry();
+    if (r.query_dtype != 0) {
+      return Finish(r, start, absl::InvalidArgumentError("query_dtype must be 0 (fp32)"), 0);
+    }
+    const uint64_t qbytes = uint64_t{g.num_q_heads} * g.head_dim * sizeof(float);
+    const uint32_t capacity = dp_->options_.arena.slot_payload;
+    if (r.payload_bytes != qbytes || qbytes > capacity) {
+      return Finish(r, start, absl::InvalidArgumentError(absl::StrCat(
+                                  "select payload must be the ", g.num_q_heads, " x ",
+                                  g.head_dim, " fp32 queries (", qbytes, " bytes), got ",
+                                  r.payload_bytes)),
+                    0);
+    }
+    const uint32_t k = r.k == 0 ? g.selected_pages() : r.k;
+    if (uint64_t{g.num_kv_heads} * k * sizeof(abi::SelectedPageRef) > capacity) {
+      return Finish(r, start, absl::InvalidArgumentError(absl::StrCat(
+                                  "k=", k, " pages for ", g.num_kv_heads,
+                                  " KV heads do not fit a slot's payload")),
+                    0);
+    }
+    abi::SlotHeader* slot = c_->arena->Slot(r.slot);
+    std::vector<float> queries(qbytes / sizeof(float));
+    std::memcpy(queries.data(), abi::SlotPayload(slot), qbytes);
+    const bool sample = dp_->options_.recall_sample_every != 0 &&
+                        ++selects_ % dp_->options_.recall_sample_every == 0;
+    std::vector<abi::SelectedPageRef> out;
+    absl::StatusOr<uint32_t> got = (*kv)->Select(r.layer, queries.data(), k, &out, sample);
+    if (!got.ok()) return Finish(r, start, got.status(), 0);
+    const uint32_t bytes = static_cast<uint32_t>(out.size() * sizeof(abi::SelectedPageRef));
+    std::memcpy(abi::SlotPayload(slot), out.data(), bytes);
+    Finish(r, start, absl::OkStatus(), bytes);
+  }
+
+  DataPlane* dp_;
+  std::shared_ptr<Client> c_;
+  uint64_t selects_ = 0;
+};
+
+// ------------------------------------------------------------------ DataPlane
+DataPlane::DataPlane(const DataPlaneOptions& options, SequenceRegistry* registry,
+                     MemoryAccountant* arena_limit, ThreadPool* pool,
+                     DataPlaneObserver* observer)
+    : options_(options),
+      registry_(registry),
+      arena_limit_(arena_limit),
+      pool_(pool),
+      observer_(observer) {}
+
+DataPlane::~DataPlane() { Stop(); }
+
+absl::Status DataPlane::Start() {
+  absl::MutexLock lock(&mu_);
+  if (started_) return absl::FailedPreconditionError("data plane already started");
+  const std::string& path = options_.attach_socket;
+  sockaddr_un addr{};
+  if (path.empty() || path.size() >= sizeof(addr.sun_path)) {
+    return absl::InvalidArgumentError(absl::StrCat("bad attach socket path '", path, "'"));
+  }
+  ::unlink(path.c_str());  // stale: the caller holds the socket lock
+  listen_fd_ = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+  if (listen_fd_ < 0) return absl::UnavailableError(std::strerror(errno));
+  addr.sun_family = AF_UNIX;
+  std::memcpy(addr.sun_path, path.c_str(), path.size());
+  if (::bind(listen_fd_, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0 ||
+      ::listen(listen_fd_, 64) != 0) {
+    const int err = errno;
+    ::close(listen_fd_);
+    listen_fd_ = -1;
+    return absl::UnavailableError(
+        absl::StrCat("cannot listen on attach socket ", path, ": ", std::strerror(err)));
+  }
+  // Any local user may connect; SO_PEERCRED decides who is let in.
+  ::chmod(path.c_str(), 0666);
+  stop_fd_ = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+  started_ = true;
+  attach_thread_ = std::thread([this] { AttachLoop(); });
+  reaper_thread_ = std::thread([this] { ReaperLoop(); });
+  ICECACHE_LOG(INFO) << "data plane: attach socket " << path;
+  return absl::OkStatus();
+}
+
+void DataPlane::Stop() {
+  {
+    absl::MutexLock lock(&mu_);
+    if (!started_ || stopping_.load()) return;
+    stopping_.store(true);
+  }
+  uint64_t one = 1;
+  (void)!::write(stop_fd_, &one, sizeof(one));
+  attach_thread_.join();
+  {
+    absl::MutexLock lock(&mu_);
+    for (auto& [token, c] : by_token_) reap_queue_.push_back(c);
+    by_token_.clear();
+    reaper_exit_ = true;
+  }
+  reaper_thread_.join();
+  ::close(listen_fd_);
+  ::close(stop_fd_);
+  ::unlink(options_.attach_socket.c_str());
+}
+
+void DataPlane::AttachLoop() {
+  std::vector<struct pollfd> fds;
+  std::vector<std::shared_ptr<Client>> watched;
+  while (!stopping_.load()) {
+    fds.clear();
+    watched.clear();
+    fds.push_back({listen_fd_, POLLIN, 0});
+    fds.push_back({stop_fd_, POLLIN, 0});
+    {
+      absl::MutexLock lock(&mu_);
+      for (auto& [token, c] : by_token_) {
+        fds.push_back({c->conn_fd, POLLIN | POLLRDHUP, 0});
+        watched.push_back(c);
+      }
+    }
+    if (::poll(fds.data(), fds.size(), 500) < 0 && errno != EINTR) {
+      ICECACHE_LOG(ERROR) << "attach poll: " << std::strerror(errno);
+      continue;
+    }
+    if (fds[1].revents & POLLIN) break;
+    for (size_t i = 2; i < fds.size(); ++i) {
+      if (fds[i].revents == 0) continue;
+      // After the handshake a client sends nothing: data, EOF, hang-up or error all end it.
+      Detach(watched[i - 2]);
+    }
+    if (fds[0].revents & POLLIN) Accept();
+  }
+}
+
+void DataPlane::Accept() {
+  const int fd = ::accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
+  if (fd < 0) return;
+  struct timeval tv {1, 0};
+  ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+  abi::AttachReply reply{};
+  reply.magic = abi::kArenaMagic;
+  reply.abi_version = abi::kAbiVersion;
+  auto refuse = [&](abi::AttachStatus status, const std::string& why) {
+    reply.status = status;
+    std::strncpy(reply.message, why.c_str(), sizeof(reply.message) - 1);
+    SendWithFds(fd, &reply, sizeof(reply), nullptr, 0);
+    ::close(fd);
+    observer_->OnAttach(false);
+    ICECACHE_LOG(WARNING) << "attach refused: " << why;
+  };
+  struct ucred cred {};
+  socklen_t len = sizeof(cred);
+  if (::getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0) {
+    return refuse(abi::kAttachBadRequest, "cannot read peer credentials");
+  }
+  abi::AttachRequest req{};
+  if (::recv(fd, &req, sizeof(req), MSG_WAITALL) != static_cast<ssize_t>(sizeof(req)) ||
+      req.magic != abi::kArenaMagic) {
+    return refuse(abi::kAttachBadRequest, "malformed attach request");
+  }
+  if (req.abi_version != abi::kAbiVersion) {
+    return refuse(abi::kAttachBadVersion,
+                  absl::StrCat("ABI version ", req.abi_version, " is not supported (daemon speaks ",
+                               abi::kAbiVersion, ")"));
+  }
+  if ((req.flags & ~uint32_t{abi::kAttachOperator}) != 0) {
+    return refuse(abi::kAttachBadRequest, "unknown attach flags");
+  }
+  const bool as_operator = (req.flags & abi::kAttachOperator) != 0;
+  const std::vector<uid_t> self = {::geteuid()};
+  const auto& allowed = options_.allowed_uids.empty() ? self : options_.allowed_uids;
+  const auto& operators = options_.operator_uids.empty() ? self : options_.operator_uids;
+  if (!Contains(as_operator ? operators : allowed, cred.uid)) {
+    return refuse(abi::kAttachDenied, absl::StrCat("uid ", cred.uid, " may not attach",
+                                                   as_operator ? " as an operator" : ""));
+  }
+  {
+    absl::MutexLock lock(&mu_);
+    if (by_token_.size() >= options_.max_clients) {
+      return refuse(abi::kAttachExhausted,
+                    absl::StrCat("the daemon serves its maximum of ", options_.max_clients,
+                                 " clients"));
+    }
+  }
+  auto client = std::make_shared<Client>();
+  client->id = next_client_id_.fetch_add(1);
+  client->token = RandomToken();
+  client->uid = cred.uid;
+  client->pid = cred.pid;
+  client->is_operator = as_operator;
+  client->conn_fd = fd;
+  int fds[2];
+  int nfds = 0;
+  if (!as_operator) {
+    const uint64_t quota = options_.client_quota != 0 ? options_.client_quota : arena_limit_->limit();
+    absl::StatusOr<std::unique_ptr<Arena>> arena =
+        Arena::Create(client->id, options_.arena, quota, arena_limit_, client.get());
+    if (!arena.ok()) {
+      client->conn_fd = -1;
+      return refuse(abi::kAttachExhausted, std::string(arena.status().message()));
+    }
+    client->arena = std::move(*arena);
+    client->doorbell_fd = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    client->wake_fd = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    fds[0] = client->arena->control_fd();
+    fds[1] = client->doorbell_fd;
+    nfds = 2;
+    reply.control_bytes = client->arena->control_bytes();
+  }
+  reply.status = abi::kAttachOk;
+  reply.client_id = client->id;
+  std::memcpy(reply.token, client->token.data(), abi::kTokenChars);
+  {
+    absl::MutexLock lock(&client->send_mu);
+    if (!SendWithFds(fd, &reply, sizeof(reply), fds, nfds)) {
+      observer_->OnAttach(false);
+      return;  // the Client destructor closes everything
+    }
+  }
+  if (!as_operator) {
+    client->dispatcher = std::thread([this, client] { Dispatcher(this, client).Run(); });
+  }
+  {
+    absl::MutexLock lock(&mu_);
+    by_token_[client->token] = client;
+  }
+  observer_->OnAttach(true);
+  ICECACHE_LOG(INFO) << "client " << client->id << " attached (uid " << cred.uid << ", pid "
+                     << cred.pid << (as_operator ? ", operator" : "") << ")";
+}
+
+void DataPlane::Detach(std::shared_ptr<Client> client) {
+  absl::MutexLock lock(&mu_);
+  auto it = by_token_.find(client->token);
+  if (it == by_token_.end()) return;
+  by_token_.erase(it);
+  reap_queue_.push_back(std::move(client));
+}
+
+void DataPlane::ReaperLoop() {
+  while (true) {
+    std::vector<std::shared_ptr<Client>> batch;
+    {
+      absl::MutexLock lock(&mu_);
+      mu_.Await(absl::Condition(
+          +[](DataPlane* dp) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+            return !dp->reap_queue_.empty() || dp->reaper_exit_;
+          },
+          this));
+      if (reap_queue_.empty()) return;  // reaper_exit_ and nothing left
+      batch.swap(reap_queue_);
+    }
+    for (std::shared_ptr<Client>& c : batch) {
+      c->dead.store(true);
+      if (c->wake_fd >= 0) {
+        uint64_t one = 1;
+        (void)!::write(c->wake_fd, &one, sizeof(one));
+      }
+      if (c->dispatcher.joinable()) c->dispatcher.join();
+      {
+        absl::MutexLock lock(&c->mu);
+        c->mu.Await(absl::Condition(
+            +[](Client* cl) ABSL_NO_THREAD_SAFETY_ANALYSIS { return cl->in_flight == 0; },
+            c.get()));
+      }
+      const uint64_t dropped = registry_->DropOwnedBy(c->id);
+      if (c->arena != nullptr) {
+        c->arena->DetachListener();
+        const abi::ClientStats& s = c->arena->header()->stats;
+        absl::MutexLock lock(&mu_);
+        retired_.cache_hits += s.cache_hits.load();
+        retired_.cache_misses += s.cache_misses.load();
+        retired_.fetched_bytes += s.fetched_bytes.load();
+        retired_.fetch_nanoseconds += s.fetch_nanoseconds.load();
+        retired_.decode_steps += s.decode_steps.load();
+      }
+      ICECACHE_LOG(INFO) << "client " << c->id << " detached; dropped " << dropped
+                         << " sequences";
+      observer_->OnDetach();
+    }
+  }
+}
+
+absl::StatusOr<Caller> DataPlane::Authenticate(absl::string_view token) const {
+  absl::MutexLock lock(&mu_);
+  auto it = by_token_.find(token);
+  if (it == by_token_.end()) {
+    return absl::UnauthenticatedError("unknown or expired attachment token");
+  }
+  return Caller{it->second->id, it->second->is_operator};
+}
+
+absl::StatusOr<SequenceInfo> DataPlane::CreateSequence(const Caller& caller,
+                                                       const GeometrySpec& spec,
+                                                       const std::string& label) {
+  std::shared_ptr<Arena> arena;
+  {
+    absl::MutexLock lock(&mu_);
+    for (const auto& [token, c] : by_token_) {
+      if (c->id == caller.client_id && !c->is_operator) arena = c->arena;
+    }
+  }
+  if (arena == nullptr) {
+    return absl::UnauthenticatedError(
+        "creating a sequence needs a client attachment (operators cannot own sequences)");
+  }
+  const uint64_t quota =
+      options_.client_quota != 0 ? options_.client_quota : arena_limit_->limit();
+  return registry_->Create(
+      spec, label, caller.client_id,
+      [&](const Geometry& g) -> absl::StatusOr<std::shared_ptr<SequenceKv>> {
+        const uint64_t qbytes = uint64_t{g.num_q_heads} * g.head_dim * sizeof(float);
+        if (qbytes > options_.arena.slot_payload) {
+          return absl::InvalidArgumentError(absl::StrCat(
+              "geometry.num_q_heads x head_dim fp32 queries (", qbytes,
+              " bytes) exceed a request slot's payload (", options_.arena.slot_payload, ")"));
+        }
+        return std::make_shared<SequenceKv>(g, options_.index_options, arena, pool_, observer_);
+      },
+      quota);
+}
+
+DataPlaneStats DataPlane::Stats() const {
+  absl::MutexLock lock(&mu_);
+  DataPlaneStats s = retired_;
+  s.clients = by_token_.size();
+  for (const auto& [token, c] : by_token_) {
+    if (c->arena == nullptr) continue;
+    s.arena_bytes += c->arena->segment_bytes();
+    s.frame_bytes += c->arena->frame_bytes_in_use();
+    s.staging_bytes += c->arena->staging_bytes_in_use();
+    s.pages += c->arena->frames_in_use();
+    const abi::ArenaHeader* h = c->arena->header();
+    s.queue_depth += std::min<uint32_t>(h->sq_tail.load(std::memory_order_relaxed) - c->sq_head.load(),
+                                        options_.arena.slots);
+    {
+      absl::MutexLock cl(&c->mu);
+      s.in_flight += static_cast<uint64_t>(c->in_flight);
+    }
+    s.cache_hits += h->stats.cache_hits.load(std::memory_order_relaxed);
+    s.cache_misses += h->stats.cache_misses.load(std::memory_order_relaxed);
+    s.fetched_bytes += h->stats.fetched_bytes.load(std::memory_order_relaxed);
+    s.fetch_nanoseconds += h->stats.fetch_nanoseconds.load(std::memory_order_relaxed);
+    s.decode_steps += h->stats.decode_steps.load(std::memory_order_relaxed);
+  }
+  return s;
+}
+
+}  // namespace icecache

@@ -1,0 +1,440 @@
+#include "server/core/sequence_kv.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstring>
+#include <numeric>
+
+#include "absl/strings/str_cat.h"
+#include "common/log.h"
+#include "server/index/simd.h"
+
+namespace icecache {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double Since(Clock::time_point t) {
+  return std::chrono::duration<double>(Clock::now() - t).count();
+}
+
+index::ElemType ElemTypeOf(DType d) {
+  return d == DType::kFP16 ? index::ElemType::kF16 : index::ElemType::kBF16;
+}
+
+}  // namespace
+
+uint64_t MaxBuildPages(uint64_t tokens, uint32_t page_size, double promotion_ratio_1) {
+  const uint64_t upper = static_cast<uint64_t>(std::floor(tokens * promotion_ratio_1)) + 1;
+  return (tokens + page_size - 1) / page_size + upper + 32;
+}
+
+uint64_t MaxInsertPages(uint64_t tokens) { return 2 * tokens + 4; }
+
+// One KV head of one layer: the tree and its page table (index page id -> arena frame).
+// Implements the PageReader the tree reads keys through. Guarded by the layer's lock.
+struct SequenceKv::Head final : public index::PageReader {
+  Arena* arena = nullptr;
+  PageLayout layout;
+  std::vector<FrameRef> table;   // [page id]
+  std::vector<uint32_t> valid;   // [page id]
+  std::unique_ptr<index::DciTree> tree;
+
+  const void* PageKeys(uint32_t page) const override { return arena->FrameAddress(table[page]); }
+};
+
+struct SequenceKv::Layer {
+  mutable absl::Mutex mu;  // readers: selects, samples; writer: prefill completion, appends
+  std::atomic<LayerState> state{LayerState::kEmpty};
+  uint64_t tokens ABSL_GUARDED_BY(mu) = 0;
+  uint64_t epoch ABSL_GUARDED_BY(mu) = 0;  // bumped by every completed append
+  std::vector<std::unique_ptr<Head>> heads;
+};
+
+namespace {
+
+// Applies one head's layout changes: frames from a reservation, rows from the staged batch
+// (this head's K and V rows) or from the head's existing frames.
+class HeadWriter final : public index::PageWriter {
+ public:
+  HeadWriter(Arena* arena, std::vector<FrameRef>* table, std::vector<uint32_t>* valid,
+             const PageLayout& layout, const uint8_t* k_rows, const uint8_t* v_rows,
+             Arena::FrameReservation* reservation, std::atomic<uint64_t>* pages)
+      : arena_(arena),
+        table_(table),
+        valid_(valid),
+        layout_(layout),
+        k_rows_(k_rows),
+        v_rows_(v_rows),
+        reservation_(reservation),
+        pages_(pages) {}
+
+  bool failed() const { return failed_; }
+
+  void Apply(const index::LayoutChange& c) override {
+    const uint64_t need = c.allocated.size();
+    if (reservation_->remaining() < need) {
+      // More pages than the bound reserved: take what is still free, or give the layer up.
+      absl::Status more = arena_->ReserveFrames(static_cast<uint32_t>(layout_.page_bytes()),
+                                                static_cast<uint32_t>(need - reservation_->remaining()),
+                                                reservation_);
+      if (!more.ok()) {
+        failed_ = true;
+        return;
+      }
+    }
+    for (uint32_t p : c.allocated) {
+      if (table_->size() <= p) {
+        table_->resize(p + 1);
+        valid_->resize(p + 1, 0);
+      }
+      (*table_)[p] = reservation_->Take();
+    }
+    pages_->fetch_add(c.allocated.size(), std::memory_order_relaxed);
+    const uint64_t row = layout_.row_bytes();
+    // Parallel assignment: read every existing source before any write.
+    std::vector<uint8_t> staged(c.writes.size() * row * 2);
+    for (size_t i = 0; i < c.writes.size(); ++i) {
+      const index::SlotWrite& w = c.writes[i];
+      uint8_t* k = staged.data() + 2 * i * row;
+      uint8_t* v = k + row;
+      if (w.src.kind == index::SlotSource::Kind::kExisting) {
+        const uint8_t* frame = arena_->FrameAddress((*table_)[w.src.page]);
+        std::memcpy(k, frame + layout_.k_offset(w.src.slot), row);
+        std::memcpy(v, frame + layout_.v_offset(w.src.slot), row);
+      } else {
+        std::memcpy(k, k_rows_ + uint64_t{w.src.batch_row} * row, row);
+        std::memcpy(v, v_rows_ + uint64_t{w.src.batch_row} * row, row);
+      }
+    }
+    for (size_t i = 0; i < c.writes.size(); ++i) {
+      const index::SlotWrite& w = c.writes[i];
+      uint8_t* frame = arena_->FrameAddress((*table_)[w.page]);
+      std::memcpy(frame + layout_.k_offset(w.slot), staged.data() + 2 * i * row, row);
+      std::memcpy(frame + layout_.v_offset(w.slot), staged.data() + (2 * i + 1) * row, row);
+    }
+    for (const index::PageFill& f : c.changed) {
+      (*valid_)[f.page] = f.valid;
+      arena_->BumpFrameVersion((*table_)[f.page]);
+    }
+    for (uint32_t p : c.freed) {
+      arena_->FreeFrame((*table_)[p]);
+      (*table_)[p] = FrameRef{};
+      (*valid_)[p] = 0;
+    }
+    pages_->fetch_sub(c.freed.size(), std::memory_order_relaxed);
+  }
+
+ private:
+  Arena* arena_;
+  std::vector<FrameRef>* table_;
+  std::vector<uint32_t>* valid_;
+  PageLayout layout_;
+  const uint8_t* k_rows_;
+  const uint8_t* v_rows_;
+  Arena::FrameReservation* reservation_;
+  std::atomic<uint64_t>* pages_;
+  bool failed_ = false;
+};
+
+}  // namespace
+
+SequenceKv::SequenceKv(const Geometry& geometry, const index::DciOptions& options,
+                       std::shared_ptr<Arena> arena, ThreadPool* pool, KvObserver* observer)
+    : geometry_(geometry),
+      options_(options),
+      arena_(std::move(arena)),
+      pool_(pool),
+      observer_(observer),
+      index_geometry_{geometry.head_dim, ElemTypeOf(geometry.dtype), geometry.page_size} {
+  layers_.resize(geometry.num_layers);
+  for (uint32_t l = geometry.full_kv_layers; l < geometry.num_layers; ++l) {
+    auto layer = std::make_unique<Layer>();
+    for (uint32_t h = 0; h < geometry.num_kv_heads; ++h) {
+      auto head = std::make_unique<Head>();
+      head->arena = arena_.get();
+      head->layout = geometry.page_layout();
+      head->tree = std::make_unique<index::DciTree>(index_geometry_, options, head.get());
+      layer->heads.push_back(std::move(head));
+    }
+    layers_[l] = std::move(layer);
+  }
+}
+
+SequenceKv::~SequenceKv() {
+  {
+    absl::MutexLock lock(&samples_mu_);
+    samples_mu_.Await(absl::Condition(
+        +[](int* n) { return *n == 0; }, &samples_in_flight_));
+  }
+  for (auto& layer : layers_) {
+    if (layer == nullptr) continue;
+    absl::MutexLock lock(&layer->mu);
+    for (auto& head : layer->heads) {
+      for (FrameRef f : head->table) {
+        if (f.valid()) arena_->FreeFrame(f);
+      }
+      head->table.clear();
+    }
+  }
+}
+
+uint64_t SequenceKv::StagingBytesPerToken() const {
+  return 2ull * geometry_.num_kv_heads * geometry_.head_dim * DTypeBytes(geometry_.dtype);
+}
+
+absl::Status SequenceKv::CheckLayer(uint32_t layer) const {
+  if (layer >= geometry_.num_layers) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("layer ", layer, " is out of range (", geometry_.num_layers, " layers)"));
+  }
+  if (layers_[layer] == nullptr) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "layer ", layer, " is a full-KV layer (the first ", geometry_.full_kv_layers,
+        " layers keep their KV on the accelerator)"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status SequenceKv::Prefill(uint32_t layer, const uint8_t* k_rows, const uint8_t* v_rows,
+                                 uint32_t tokens, uint32_t first_position) {
+  absl::Status ok = CheckLayer(layer);
+  if (!ok.ok()) return ok;
+  if (tokens == 0 || tokens > geometry_.max_tokens) {
+    return absl::InvalidArgumentError(absl::StrCat("prefill of ", tokens,
+                                                   " tokens: must be in 1..max_tokens (",
+                                                   geometry_.max_tokens, ")"));
+  }
+  Layer& L = *layers_[layer];
+  const uint64_t row = uint64_t{geometry_.head_dim} * DTypeBytes(geometry_.dtype);
+  std::vector<uint32_t> positions(tokens);
+  std::iota(positions.begin(), positions.end(), first_position);
+  std::vector<index::KeyBatch> batches(geometry_.num_kv_heads);
+  for (uint32_t h = 0; h < geometry_.num_kv_heads; ++h) {
+    batches[h].keys = index::RowView{k_rows + uint64_t{h} * tokens * row, index_geometry_.elem_type,
+                                     geometry_.head_dim, tokens, 0};
+    batches[h].positions = positions.data();
+    absl::Status v = index::ValidateBatch(index_geometry_, batches[h]);
+    if (!v.ok()) return absl::InvalidArgumentError(absl::StrCat("KV head ", h, ": ", v.message()));
+  }
+  {
+    absl::MutexLock lock(&L.mu);
+    if (L.state.load() != LayerState::kEmpty) {
+      return absl::FailedPreconditionError(absl::StrCat("layer ", layer, " is already ",
+                                                        L.state.load() == LayerState::kReady
+                                                            ? "built"
+                                                            : "being built or failed"));
+    }
+    L.state.store(LayerState::kBuilding);
+  }
+  // Frames first, while failing is still clean.
+  const uint32_t page_bytes = static_cast<uint32_t>(geometry_.page_bytes());
+  std::vector<Arena::FrameReservation> reservations(geometry_.num_kv_heads);
+  const uint64_t bound = MaxBuildPages(tokens, geometry_.page_size, options_.promotion_ratio_1);
+  for (uint32_t h = 0; h < geometry_.num_kv_heads; ++h) {
+    absl::Status r = arena_->ReserveFrames(page_bytes, static_cast<uint32_t>(bound), &reservations[h]);
+    if (!r.ok()) {
+      L.state.store(LayerState::kEmpty);
+      return r;
+    }
+  }
+  const auto start = Clock::now();
+  std::vector<absl::Status> status(geometry_.num_kv_heads);
+  std::vector<char> failed(geometry_.num_kv_heads, 0);
+  pool_->ParallelFor(geometry_.num_kv_heads, [&](size_t h) {
+    Head& head = *L.heads[h];
+    HeadWriter writer(arena_.get(), &head.table, &head.valid, head.layout, k_rows + h * tokens * row,
+                      v_rows + h * tokens * row, &reservations[h], &pages_);
+    status[h] = head.tree->Build(batches[h], &writer);
+    failed[h] = writer.failed();
+  });
+  absl::MutexLock lock(&L.mu);
+  for (uint32_t h = 0; h < geometry_.num_kv_heads; ++h) {
+    if (!status[h].ok() || failed[h]) {
+      L.state.store(LayerState::kFailed);
+      return status[h].ok() ? absl::ResourceExhaustedError(absl::StrCat(
+                                  "layer ", layer, " ran out of page frames while building"))
+                            : status[h];
+    }
+  }
+  L.tokens = tokens;
+  L.state.store(LayerState::kReady);
+  if (observer_ != nullptr) observer_->OnBuild(Since(start), uint64_t{tokens} * geometry_.num_kv_heads);
+  return absl::OkStatus();
+}
+
+absl::Status SequenceKv::Append(uint32_t layer, const uint8_t* k_rows, const uint8_t* v_rows,
+                                uint32_t tokens, uint32_t first_position) {
+  absl::Status ok = CheckLayer(layer);
+  if (!ok.ok()) return ok;
+  if (tokens == 0 || tokens > geometry_.page_size) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "append of ", tokens, " tokens: must be in 1..page_size (", geometry_.page_size, ")"));
+  }
+  Layer& L = *layers_[layer];
+  const uint64_t row = uint64_t{geometry_.head_dim} * DTypeBytes(geometry_.dtype);
+  std::vector<uint32_t> positions(tokens);
+  std::iota(positions.begin(), positions.end(), first_position);
+  std::vector<index::KeyBatch> batches(geometry_.num_kv_heads);
+  for (uint32_t h = 0; h < geometry_.num_kv_heads; ++h) {
+    batches[h].keys = index::RowView{k_rows + uint64_t{h} * tokens * row, index_geometry_.elem_type,
+                                     geometry_.head_dim, tokens, 0};
+    batches[h].positions = positions.data();
+    absl::Status v = index::ValidateBatch(index_geometry_, batches[h]);
+    if (!v.ok()) return absl::InvalidArgumentError(absl::StrCat("KV head ", h, ": ", v.message()));
+  }
+  absl::MutexLock lock(&L.mu);
+  if (L.state.load() != LayerState::kReady) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("layer ", layer, " is not built: prefill it (and wait) before appending"));
+  }
+  if (L.tokens + tokens > geometry_.max_tokens) {
+    return absl::ResourceExhaustedError(absl::StrCat("layer ", layer, " holds ", L.tokens,
+                                                     " tokens; max_tokens is ",
+                                                     geometry_.max_tokens));
+  }
+  const uint32_t page_bytes = static_cast<uint32_t>(geometry_.page_bytes());
+  std::vector<Arena::FrameReservation> reservations(geometry_.num_kv_heads);
+  for (uint32_t h = 0; h < geometry_.num_kv_heads; ++h) {
+    absl::Status r = arena_->ReserveFrames(page_bytes, static_cast<uint32_t>(MaxInsertPages(tokens)),
+                                           &reservations[h]);
+    if (!r.ok()) return r;
+  }
+  const auto start = Clock::now();
+  std::vector<absl::Status> status(geometry_.num_kv_heads);
+  std::vector<char> failed(geometry_.num_kv_heads, 0);
+  pool_->ParallelFor(geometry_.num_kv_heads, [&](size_t h) {
+    Head& head = *L.heads[h];
+    HeadWriter writer(arena_.get(), &head.table, &head.valid, head.layout, k_rows + h * tokens * row,
+                      v_rows + h * tokens * row, &reservations[h], &pages_);
+    status[h] = head.tree->Insert(batches[h], &writer);
+    failed[h] = writer.failed();
+  });
+  for (uint32_t h = 0; h < geometry_.num_kv_heads; ++h) {
+    if (!status[h].ok() || failed[h]) {
+      L.state.store(LayerState::kFailed);
+      return status[h].ok() ? absl::ResourceExhaustedError(absl::StrCat(
+                                  "layer ", layer, " ran out of page frames during an append"))
+                            : status[h];
+    }
+  }
+  L.tokens += tokens;
+  ++L.epoch;
+  if (observer_ != nullptr) observer_->OnInsert(Since(start), uint64_t{tokens} * geometry_.num_kv_heads);
+  return absl::OkStatus();
+}
+
+absl::StatusOr<uint32_t> SequenceKv::Select(uint32_t layer, const float* queries, uint32_t k,
+                                            std::vector<abi::SelectedPageRef>* out,
+                                            bool sample_recall) {
+  absl::Status ok = CheckLayer(layer);
+  if (!ok.ok()) return ok;
+  if (k == 0) k = geometry_.selected_pages();
+  if (k > 4096) return absl::InvalidArgumentError(absl::StrCat("k=", k, " is above 4096"));
+  Layer& L = *layers_[layer];
+  const uint32_t group = geometry_.group_size();
+  const uint32_t d = geometry_.head_dim;
+  const auto start = Clock::now();
+  absl::ReaderMutexLock lock(&L.mu);
+  if (L.state.load() != LayerState::kReady) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "layer ", layer, " is not built: prefill it (and wait for it) before selecting"));
+  }
+  out->assign(uint64_t{geometry_.num_kv_heads} * k,
+              abi::SelectedPageRef{abi::kNoSegment, 0, 0, 0});
+  std::vector<absl::Status> status(geometry_.num_kv_heads);
+  pool_->ParallelFor(geometry_.num_kv_heads, [&](size_t h) {
+    Head& head = *L.heads[h];
+    const uint32_t kk = std::min(k, head.tree->num_pages());
+    std::vector<index::SelectedPage> picked;
+    status[h] = head.tree->Search(queries + uint64_t{h} * group * d, group, kk, &picked);
+    if (!status[h].ok()) return;
+    for (size_t i = 0; i < picked.size(); ++i) {
+      const FrameRef f = head.table[picked[i].page];
+      (*out)[h * k + i] = {f.segment, f.frame, head.valid[picked[i].page], arena_->FrameVersion(f)};
+    }
+  });
+  for (const absl::Status& s : status) {
+    if (!s.ok()) return s;
+  }
+  if (observer_ != nullptr) observer_->OnSelect(Since(start));
+  if (sample_recall && observer_ != nullptr) {
+    {
+      absl::MutexLock samples(&samples_mu_);
+      ++samples_in_flight_;
+    }
+    std::vector<float> q(queries, queries + uint64_t{geometry_.num_q_heads} * d);
+    const uint64_t epoch = L.epoch;
+    pool_->Schedule([this, layer, q = std::move(q), picked = *out, k, epoch]() mutable {
+      SampleRecall(layer, std::move(q), std::move(picked), k, epoch);
+      absl::MutexLock samples(&samples_mu_);
+      --samples_in_flight_;
+    });
+  }
+  return k;
+}
+
+// Scores every key of the layer exactly and reports, per query head, the share of the
+// softmax mass (over the offloaded tokens) on the returned pages. Skipped when an append
+// changed the layer since the select.
+void SequenceKv::SampleRecall(uint32_t layer, std::vector<float> queries,
+                              std::vector<abi::SelectedPageRef> picked, uint32_t k,
+                              uint64_t epoch) {
+  Layer& L = *layers_[layer];
+  absl::ReaderMutexLock lock(&L.mu);
+  if (L.epoch != epoch || L.state.load() != LayerState::kReady) return;
+  const uint32_t group = geometry_.group_size(), d = geometry_.head_dim;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+  const uint64_t row = uint64_t{d} * DTypeBytes(geometry_.dtype);
+  std::vector<float> scores(geometry_.page_size);
+  for (uint32_t h = 0; h < geometry_.num_kv_heads; ++h) {
+    const Head& head = *L.heads[h];
+    for (uint32_t g = 0; g < group; ++g) {
+      const float* q = queries.data() + (uint64_t{h} * group + g) * d;
+      // Two passes: the maximum logit, then the mass in total and on the picked frames.
+      std::vector<std::pair<FrameRef, std::vector<float>>> logits;
+      float mx = -1e30f;
+      for (size_t p = 0; p < head.table.size(); ++p) {
+        if (!head.table[p].valid() || head.valid[p] == 0) continue;
+        index::DotStrided(q, arena_->FrameAddress(head.table[p]), row, head.valid[p],
+                          index_geometry_.elem_type, d, scores.data());
+        std::vector<float> s(scores.begin(), scores.begin() + head.valid[p]);
+        for (float& x : s) {
+          x *= scale;
+          mx = std::max(mx, x);
+        }
+        logits.push_back({head.table[p], std::move(s)});
+      }
+      double total = 0, on_picked = 0;
+      for (const auto& [frame, s] : logits) {
+        double m = 0;
+        for (float x : s) m += std::exp(double(x) - mx);
+        total += m;
+        for (uint32_t i = 0; i < k; ++i) {
+          const abi::SelectedPageRef& r = picked[uint64_t{h} * k + i];
+          if (r.segment == frame.segment && r.frame == frame.frame) {
+            on_picked += m;
+            break;
+          }
+        }
+      }
+      if (total > 0) observer_->OnRecallSample(on_picked / total);
+    }
+  }
+}
+
+SequenceKv::LayerState SequenceKv::layer_state(uint32_t layer) const {
+  if (layer >= layers_.size() || layers_[layer] == nullptr) return LayerState::kEmpty;
+  return layers_[layer]->state.load();
+}
+
+uint64_t SequenceKv::tokens(uint32_t layer) const {
+  if (layer >= layers_.size() || layers_[layer] == nullptr) return 0;
+  absl::ReaderMutexLock lock(&layers_[layer]->mu);
+  return layers_[layer]->tokens;
+}
+
+uint64_t SequenceKv::pages() const { return pages_.load(std::memory_order_relaxed); }
+
+}  // namespace icecache

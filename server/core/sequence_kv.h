@@ -1,0 +1,118 @@
+// The stored KV cache of one sequence: for every offloaded layer, one DCI tree per KV head
+// over pages that live in the owning client's arena, laid out by the index (the tokens of a
+// cluster share a page; a freshly built layer's pages take consecutive frames).
+//
+// Operations (the data plane runs them on its worker pool):
+//   Prefill(layer, staging)  build the layer's index for every KV head from a staging buffer
+//                            holding the prompt's offloaded K and V, and fill its pages;
+//   Append(layer, staging)   insert a window page of new tokens into every head's index;
+//   Select(layer, queries)   the best pages per KV head for the queries of every query head.
+//
+// Concurrency (the scheme): each (layer, head) tree has a reader-writer lock (see
+// server/index/kv_index.h): selects share it, an append holds it exclusively for its
+// metadata update and page rewrites, so a select sees a layer's pages either before or after
+// an append, never in between. Appends to one layer are serialised by the layer's mutex (in
+// order of arrival); different layers and sequences proceed in parallel. A layer's state
+// (empty -> building -> ready, or failed) is guarded by the same mutex; selects and appends
+// on a layer that is not ready get FAILED_PRECONDITION.
+//
+// Thread safety: all methods are thread-safe.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/status.h"
+#include "absl/synchronization/mutex.h"
+#include "common/thread_pool.h"
+#include "proto/icecache/v1/abi.h"
+#include "server/core/arena.h"
+#include "server/core/geometry.h"
+#include "server/index/dci_tree.h"
+
+namespace icecache {
+
+// Where a select's recall sample goes, and other things worth counting (the daemon wires it
+// to its metrics). Methods are called from worker threads.
+class KvObserver {
+ public:
+  virtual ~KvObserver() = default;
+  virtual void OnBuild(double seconds, uint64_t tokens) = 0;
+  virtual void OnInsert(double seconds, uint64_t tokens) = 0;
+  virtual void OnSelect(double seconds) = 0;
+  virtual void OnRecallSample(double recall) = 0;
+};
+
+class SequenceKv {
+ public:
+  enum class LayerState : uint8_t { kEmpty, kBuilding, kReady, kFailed };
+
+  // The sequence keeps its arena alive; `pool` and `observer` (may be null) must outlive it.
+  SequenceKv(const Geometry& geometry, const index::DciOptions& options,
+             std::shared_ptr<Arena> arena, ThreadPool* pool, KvObserver* observer);
+  ~SequenceKv();  // frees every frame
+
+  const Geometry& geometry() const { return geometry_; }
+  // Bytes of one staged token (K and V of every KV head).
+  uint64_t StagingBytesPerToken() const;
+
+  // `k_rows`/`v_rows`: [num_kv_heads][tokens][head_dim] of the sequence's dtype (the staging
+  // layout of abi::StageResponse). Positions first_position.. are reported in layouts.
+  // INVALID_ARGUMENT: layer out of range or a full-KV layer, tokens 0 or above max_tokens,
+  //   non-finite keys. FAILED_PRECONDITION: the layer is not empty.
+  // RESOURCE_EXHAUSTED: no frames for its pages. On error the layer stays as it was, except
+  //   that a failure inside the build leaves it kFailed.
+  absl::Status Prefill(uint32_t layer, const uint8_t* k_rows, const uint8_t* v_rows,
+                       uint32_t tokens, uint32_t first_position);
+
+  // 1..page_size new tokens (one window page). FAILED_PRECONDITION unless the layer is ready;
+  // RESOURCE_EXHAUSTED when the sequence would exceed max_tokens or frames run out.
+  absl::Status Append(uint32_t layer, const uint8_t* k_rows, const uint8_t* v_rows,
+                      uint32_t tokens, uint32_t first_position);
+
+  // queries: [num_q_heads][head_dim] fp32. `k` pages per KV head (0 = the geometry's
+  // selected pages); fewer when a head holds fewer pages. out: [num_kv_heads][k], unused
+  // entries have segment abi::kNoSegment. Returns the number of entries per head (k).
+  // `sample_recall`: also score every key exactly afterwards (on the pool, off the caller's
+  // path) and report the recall of the returned pages to the observer.
+  absl::StatusOr<uint32_t> Select(uint32_t layer, const float* queries, uint32_t k,
+                                  std::vector<abi::SelectedPageRef>* out, bool sample_recall);
+
+  LayerState layer_state(uint32_t layer) const;
+  uint64_t tokens(uint32_t layer) const;  // tokens stored in the layer
+  uint64_t pages() const;                 // frames held by the sequence
+
+ private:
+  struct Head;
+  struct Layer;
+
+  absl::Status CheckLayer(uint32_t layer) const;
+  void SampleRecall(uint32_t layer, std::vector<float> queries,
+                    std::vector<abi::SelectedPageRef> picked, uint32_t k, uint64_t epoch);
+
+  const Geometry geometry_;
+  const index::DciOptions options_;
+  const std::shared_ptr<Arena> arena_;
+  ThreadPool* const pool_;
+  KvObserver* const observer_;
+  const index::IndexGeometry index_geometry_;
+  std::vector<std::unique_ptr<Layer>> layers_;  // [num_layers]; full-KV layers stay null
+  std::atomic<uint64_t> pages_{0};
+  // Recall samples in flight hold this count; the destructor waits for them.
+  absl::Mutex samples_mu_;
+  int samples_in_flight_ ABSL_GUARDED_BY(samples_mu_) = 0;
+};
+
+// Upper bound of the pages a Build of n tokens can create (the store reserves frames for it
+// before building): one per page_size tokens, plus one per cell (cells <= upper-level
+// tokens + 1), plus one per level for rounding.
+uint64_t MaxBuildPages(uint64_t tokens, uint32_t page_size, double promotion_ratio_1);
+// Upper bound of the pages an Insert of n tokens can add: a split per token, a re-projected
+// cell growing by one page, and a new cell per promoted token.
+uint64_t MaxInsertPages(uint64_t tokens);
+
+}  // namespace icecache
