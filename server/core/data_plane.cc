@@ -335,6 +335,8 @@ class DataPlane::Dispatcher {
     }
     absl::StatusOr<uint8_t*> data = c_->arena->StagingAddress(r.staging, bytes);
     if (!data.ok()) return Finish(r, start, data.status(), 0);
+    absl::Status layer_ok = (*kv)->CheckLayer(r.layer);
+    if (!layer_ok.ok()) return Finish(r, start, layer_ok, 0);
     const bool prefill = r.op == abi::kOpPrefill;
     // Run asynchronously: prefill on the pool, appends in order per (sequence, layer).
     c_->BeginOp();
@@ -347,8 +349,9 @@ class DataPlane::Dispatcher {
         const uint8_t* v_rows = base + bytes / 2;
         s = prefill ? kv->Prefill(r.layer, k_rows, v_rows, r.tokens, r.first_position)
                     : kv->Append(r.layer, k_rows, v_rows, r.tokens, r.first_position);
-        // The buffer is consumed whether or not the operation succeeded.
-        (void)client->arena->FreeStaging(r.staging);
+        // A successful operation consumes the buffer; a refused one changes nothing (the
+        // client may fix and resubmit it, or release it).
+        if (s.ok()) (void)client->arena->FreeStaging(r.staging);
         Respond(dp, client.get(), r.slot, r.op, start, s, 0);
       }
       client->EndOp();
@@ -686,9 +689,11 @@ DataPlaneStats DataPlane::Stats() const {
   absl::MutexLock lock(&mu_);
   DataPlaneStats s = retired_;
   s.clients = by_token_.size();
+  // Every arena's segments, including those of clients being reaped (the accountant is the
+  // truth: an arena is charged until its last user lets it go).
+  s.arena_bytes = arena_limit_->used();
   for (const auto& [token, c] : by_token_) {
     if (c->arena == nullptr) continue;
-    s.arena_bytes += c->arena->segment_bytes();
     s.frame_bytes += c->arena->frame_bytes_in_use();
     s.staging_bytes += c->arena->staging_bytes_in_use();
     s.pages += c->arena->frames_in_use();

@@ -82,6 +82,8 @@ class SequenceKv {
   absl::StatusOr<uint32_t> Select(uint32_t layer, const float* queries, uint32_t k,
                                   std::vector<abi::SelectedPageRef>* out, bool sample_recall);
 
+  // INVALID_ARGUMENT for a layer out of range or a full-KV layer.
+  absl::Status CheckLayer(uint32_t layer) const;
   LayerState layer_state(uint32_t layer) const;
   uint64_t tokens(uint32_t layer) const;  // tokens stored in the layer
   uint64_t pages() const;                 // frames held by the sequence
@@ -90,7 +92,6 @@ class SequenceKv {
   struct Head;
   struct Layer;
 
-  absl::Status CheckLayer(uint32_t layer) const;
   void SampleRecall(uint32_t layer, std::vector<float> queries,
                     std::vector<abi::SelectedPageRef> picked, uint32_t k, uint64_t epoch);
 

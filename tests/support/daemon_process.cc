@@ -6,6 +6,8 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <cmath>
+#include <cstdlib>
 #include <cstring>
 
 #include "absl/strings/match.h"
@@ -19,6 +21,7 @@ namespace icecache::testing {
 
 const char* IcecachedBinary() { return ICECACHE_TEST_ICECACHED_BIN; }
 const char* IcecacheCliBinary() { return ICECACHE_TEST_CLI_BIN; }
+const char* TestClientBinary() { return ICECACHE_TEST_CLIENT_BIN; }
 
 std::unique_ptr<grpc::ClientContext> ContextWithDeadline(double seconds) {
   auto ctx = std::make_unique<grpc::ClientContext>();
@@ -91,6 +94,17 @@ absl::StatusOr<std::unique_ptr<DaemonProcess>> DaemonProcess::Start(const std::s
   d->metrics_port_ = static_cast<int>(cfg.metrics_port());
   d->tcp_address_ = cfg.tcp_address();
   return d;
+}
+
+double MetricValue(const std::string& exposition, const std::string& series) {
+  size_t at = 0;
+  while ((at = exposition.find(series + " ", at)) != std::string::npos) {
+    if (at == 0 || exposition[at - 1] == '\n') {
+      return std::strtod(exposition.c_str() + at + series.size() + 1, nullptr);
+    }
+    at += series.size();
+  }
+  return std::nan("");
 }
 
 absl::StatusOr<std::string> HttpGet(int port, const std::string& path) {

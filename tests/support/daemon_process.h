@@ -18,6 +18,7 @@ namespace icecache::testing {
 // Paths of the binaries under test (set by CMake).
 const char* IcecachedBinary();
 const char* IcecacheCliBinary();
+const char* TestClientBinary();
 
 struct DaemonConfig {
   std::string memory_limit = "1GiB";
@@ -63,6 +64,10 @@ class DaemonProcess {
 std::unique_ptr<grpc::ClientContext> ContextWithDeadline(double seconds = 5);
 std::unique_ptr<grpc::ClientContext> ContextWithToken(const std::string& token,
                                                       double seconds = 5);
+
+// The value of one series in a Prometheus text exposition ("name" or "name{labels}" exactly
+// as exposed); NaN when the series is absent.
+double MetricValue(const std::string& exposition, const std::string& series);
 
 // GET http://127.0.0.1:port/path over a plain socket. Returns the body of a 200 response;
 // UNAVAILABLE when nothing listens, INTERNAL for any other status line.

@@ -135,8 +135,12 @@ enum SlotState : uint32_t {
 enum Op : uint32_t {
   kOpNop = 0,       // answers kOk at once (for round-trip measurements)
   kOpStage = 1,     // allocate a staging buffer for `tokens` tokens of the sequence
-  kOpPrefill = 2,   // build `layer`'s index from a staging buffer holding the prompt's K/V
-  kOpAppend = 3,    // insert a staging buffer's page of new tokens into `layer`
+  kOpPrefill = 2,   // build `layer`'s index from a staging buffer holding the prompt's K/V;
+                    // the buffer is consumed when it succeeds and left alone when refused
+  kOpAppend = 3,    // insert a staging buffer's page of new tokens into `layer` (likewise).
+                    // Pages of the layer may change while it runs: do not read the layer's
+                    // pages between submitting an append and its completion (a select on the
+                    // layer waits for the append).
   kOpSelect = 4,    // best pages per KV head for the queries in the payload
   kOpRelease = 5,   // free a staging buffer that was not consumed
 };

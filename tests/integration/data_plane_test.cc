@@ -1,0 +1,391 @@
+// The data plane end to end: the real icecached as a subprocess, real client attachments (in
+// this process and as separate icecache_test_client processes), real shared memory.
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "server/index/rows.h"
+#include "tests/support/daemon_process.h"
+#include "tests/support/status_matchers.h"
+#include "tests/support/workload.h"
+
+namespace icecache::testing {
+namespace {
+
+namespace v1 = ::icecache::v1;
+using ::testing::HasSubstr;
+
+class DataPlaneTest : public ::testing::Test {
+ protected:
+  void StartDaemon(const std::vector<std::string>& extra = {}) {
+    DaemonConfig config;
+    config.extra_args = extra;
+    auto d = DaemonProcess::Start(dir_.path(), config);
+    ASSERT_TRUE(d.ok()) << d.status();
+    daemon_ = std::move(*d);
+  }
+  void SetUp() override { StartDaemon(); }
+
+  std::unique_ptr<Attachment> AttachClient() {
+    auto a = daemon_->Attach();
+    EXPECT_TRUE(a.ok()) << a.status();
+    return a.ok() ? std::move(*a) : nullptr;
+  }
+
+  v1::GetStatsResponse Stats() {
+    v1::GetStatsResponse r;
+    EXPECT_TRUE(daemon_->stub().GetStats(ContextWithDeadline().get(), {}, &r).ok());
+    return r;
+  }
+
+  // Creates a small sequence for `a` and returns its handle.
+  std::string Create(Attachment& a, uint32_t tokens = 1000, uint32_t layers = 2) {
+    v1::CreateSequenceRequest req;
+    WorkloadOptions w;
+    w.tokens = tokens;
+    w.layers = layers;
+    *req.mutable_geometry() = WorkloadGeometry(w);
+    v1::CreateSequenceResponse resp;
+    grpc::Status s = daemon_->stub().CreateSequence(ContextWithToken(a.token()).get(), req, &resp);
+    EXPECT_TRUE(s.ok()) << s.error_message();
+    return resp.sequence().handle();
+  }
+
+  TempDir dir_;
+  std::unique_ptr<DaemonProcess> daemon_;
+};
+
+TEST_F(DataPlaneTest, SelectionsThroughTheDaemonEqualTheIndexAlone) {
+  auto a = AttachClient();
+  ASSERT_NE(a, nullptr);
+  WorkloadOptions w;
+  std::string handle;
+  absl::StatusOr<Selections> got = RunWorkload(*a, daemon_->stub(), w, &handle);
+  ASSERT_TRUE(got.ok()) << got.status();
+  const Selections expected = RunWorkloadInProcess(w);
+  EXPECT_EQ(FormatSelections(*got), FormatSelections(expected));
+  // Appended tokens are selectable: some step after an append picks an appended position.
+  bool saw_appended = false;
+  for (const auto& layer : *got) {
+    for (size_t step = 1; step < layer.size(); ++step) {
+      for (const auto& head : layer[step]) {
+        for (uint32_t p : head) saw_appended |= p >= w.tokens - w.appends * 16;
+      }
+    }
+  }
+  EXPECT_TRUE(saw_appended);
+  // The sequence reports its tokens; the store holds its pages.
+  v1::GetSequenceRequest get;
+  get.set_handle(handle);
+  v1::GetSequenceResponse seq;
+  ASSERT_TRUE(daemon_->stub().GetSequence(ContextWithToken(a->token()).get(), get, &seq).ok());
+  EXPECT_EQ(seq.sequence().num_tokens(), w.tokens);
+  const v1::GetStatsResponse st = Stats();
+  EXPECT_GT(st.page_frames(), 2u * 2u * (w.tokens / 16));
+  EXPECT_GE(st.arena_bytes(), st.page_frame_bytes());
+}
+
+TEST_F(DataPlaneTest, SequencesBelongToTheirClient) {
+  auto a = AttachClient(), b = AttachClient();
+  ASSERT_NE(a, nullptr);
+  ASSERT_NE(b, nullptr);
+  const std::string ha = Create(*a), hb = Create(*b);
+  // Each sees only its own.
+  v1::ListSequencesResponse la, lb, lo;
+  ASSERT_TRUE(daemon_->stub().ListSequences(ContextWithToken(a->token()).get(), {}, &la).ok());
+  ASSERT_EQ(la.sequences_size(), 1);
+  EXPECT_EQ(la.sequences(0).handle(), ha);
+  ASSERT_TRUE(daemon_->stub().ListSequences(ContextWithToken(b->token()).get(), {}, &lb).ok());
+  ASSERT_EQ(lb.sequences_size(), 1);
+  EXPECT_EQ(lb.sequences(0).handle(), hb);
+  // Another client's handle does not exist for a, neither over gRPC nor on the ring.
+  v1::DropSequenceRequest drop;
+  drop.set_handle(hb);
+  v1::DropSequenceResponse dropped;
+  EXPECT_THAT(daemon_->stub().DropSequence(ContextWithToken(a->token()).get(), drop, &dropped),
+              GrpcStatusIs(grpc::StatusCode::NOT_FOUND));
+  EXPECT_THAT(a->Stage(hb, 16), StatusIs(absl::StatusCode::kNotFound));
+  // Without a token, or with a forged one: UNAUTHENTICATED.
+  EXPECT_THAT(daemon_->stub().ListSequences(ContextWithDeadline().get(), {}, &lo),
+              GrpcStatusIs(grpc::StatusCode::UNAUTHENTICATED, HasSubstr("attach")));
+  EXPECT_THAT(
+      daemon_->stub().ListSequences(ContextWithToken(std::string(32, '0')).get(), {}, &lo),
+      GrpcStatusIs(grpc::StatusCode::UNAUTHENTICATED));
+  // An operator sees both; it cannot own sequences.
+  auto op = daemon_->Attach(/*as_operator=*/true);
+  ASSERT_TRUE(op.ok()) << op.status();
+  ASSERT_TRUE(daemon_->stub().ListSequences(ContextWithToken((*op)->token()).get(), {}, &lo).ok());
+  EXPECT_EQ(lo.sequences_size(), 2);
+  v1::CreateSequenceRequest req;
+  *req.mutable_geometry() = WorkloadGeometry({});
+  v1::CreateSequenceResponse resp;
+  EXPECT_THAT(daemon_->stub().CreateSequence(ContextWithToken((*op)->token()).get(), req, &resp),
+              GrpcStatusIs(grpc::StatusCode::UNAUTHENTICATED, HasSubstr("operators")));
+  // When a detaches, its sequence goes with it (within a second) and b's stays.
+  a.reset();
+  const absl::Time deadline = absl::Now() + absl::Seconds(1);
+  do {
+    lo.Clear();
+    ASSERT_TRUE(
+        daemon_->stub().ListSequences(ContextWithToken((*op)->token()).get(), {}, &lo).ok());
+  } while (lo.sequences_size() != 1 && absl::Now() < deadline);
+  ASSERT_EQ(lo.sequences_size(), 1);
+  EXPECT_EQ(lo.sequences(0).handle(), hb);
+}
+
+TEST_F(DataPlaneTest, MalformedRequestsGetTheirCodeAndTheDaemonCarriesOn) {
+  auto a = AttachClient(), other = AttachClient();
+  ASSERT_NE(a, nullptr);
+  const std::string h = Create(*a, 1000, 2);
+  const std::string foreign = Create(*other, 1000, 2);
+
+  // Raw slot manipulation: a fresh slot with chosen fields.
+  auto submit = [&](auto&& fill) -> absl::Status {
+    absl::StatusOr<uint32_t> i = a->AcquireSlot();
+    if (!i.ok()) return i.status();
+    abi::SlotHeader* s = a->slot(*i);
+    s->op = abi::kOpNop;
+    std::memset(s->handle, 0, sizeof(s->handle));
+    std::memcpy(s->handle, h.data(), h.size());
+    s->layer = 0;
+    s->tokens = 16;
+    s->k = 0;
+    s->query_dtype = 0;
+    s->payload_bytes = 0;
+    s->staging = abi::ArenaRef{0, 0, 0};
+    fill(s, a->payload(*i));
+    a->Submit(*i);
+    absl::Status st = a->Wait(*i, absl::Seconds(10));
+    a->ReleaseSlot(*i);
+    return st;
+  };
+  EXPECT_THAT(submit([](abi::SlotHeader* s, uint8_t*) { s->op = 77; }),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("unknown op 77")));
+  EXPECT_THAT(submit([](abi::SlotHeader* s, uint8_t*) {
+                s->op = abi::kOpStage;
+                std::memcpy(s->handle, "seq_nothex", 10);
+              }),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("not a sequence handle")));
+  EXPECT_THAT(submit([](abi::SlotHeader* s, uint8_t*) {
+                s->op = abi::kOpStage;
+                std::memset(s->handle, 0, sizeof(s->handle));
+                std::memcpy(s->handle, ("seq_" + std::string(32, 'a')).data(), 36);
+              }),
+              StatusIs(absl::StatusCode::kNotFound));
+  EXPECT_THAT(submit([&](abi::SlotHeader* s, uint8_t*) {
+                s->op = abi::kOpStage;
+                std::memcpy(s->handle, foreign.data(), foreign.size());
+              }),
+              StatusIs(absl::StatusCode::kNotFound));
+  EXPECT_THAT(submit([](abi::SlotHeader* s, uint8_t*) {
+                s->op = abi::kOpStage;
+                s->tokens = 0;
+              }),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("must be in 1..max_tokens")));
+  EXPECT_THAT(submit([](abi::SlotHeader* s, uint8_t*) {
+                s->op = abi::kOpStage;
+                s->tokens = 1u << 30;
+              }),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+  // Staging references that are not this client's live buffers.
+  absl::StatusOr<abi::StageResponse> st = a->Stage(h, 16);
+  ASSERT_TRUE(st.ok()) << st.status();
+  for (abi::ArenaRef bad : {abi::ArenaRef{0, 0, 0}, abi::ArenaRef{st->buffer.segment, 0, 4096 + 64},
+                            abi::ArenaRef{200, 0, 0}, abi::ArenaRef{st->buffer.segment, 0, 1ull << 40}}) {
+    EXPECT_THAT(submit([&](abi::SlotHeader* s, uint8_t*) {
+                  s->op = abi::kOpPrefill;
+                  s->staging = bad;
+                }),
+                StatusIs(absl::StatusCode::kInvalidArgument))
+        << bad.segment << "/" << bad.offset;
+  }
+  EXPECT_THAT(submit([&](abi::SlotHeader* s, uint8_t*) {  // buffer holds 16 tokens, not 64
+                s->op = abi::kOpPrefill;
+                s->staging = st->buffer;
+                s->tokens = 64;
+              }),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("needed")));
+  // Layers, selects before prefill, payloads, NaN queries.
+  EXPECT_THAT(submit([&](abi::SlotHeader* s, uint8_t*) {
+                s->op = abi::kOpPrefill;
+                s->staging = st->buffer;
+                s->layer = 9;
+              }),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("layer 9 is out of range")));
+  std::vector<float> q(4 * 64, 0.25f);
+  auto select = [&](uint32_t layer, uint32_t bytes) {
+    return submit([&](abi::SlotHeader* s, uint8_t* payload) {
+      s->op = abi::kOpSelect;
+      s->layer = layer;
+      s->payload_bytes = bytes;
+      std::memcpy(payload, q.data(), q.size() * sizeof(float));
+    });
+  };
+  EXPECT_THAT(select(0, 1024), StatusIs(absl::StatusCode::kFailedPrecondition,
+                                        HasSubstr("not built")));
+  EXPECT_THAT(select(0, 1000), StatusIs(absl::StatusCode::kInvalidArgument,
+                                        HasSubstr("fp32 queries")));
+  // The refused requests consumed nothing: the same buffer (16 zero tokens) prefills layer 0.
+  ASSERT_OK(a->Prefill(h, 0, st->buffer, 16, 0));
+  q[70] = std::nanf("");
+  EXPECT_THAT(select(0, 1024), StatusIs(absl::StatusCode::kInvalidArgument,
+                                        HasSubstr("not finite")));
+  // Queue entries that name no slot, or a slot that is not submitted: counted, skipped.
+  a->SubmitRaw(9999);
+  absl::StatusOr<uint32_t> idle = a->AcquireSlot();
+  ASSERT_TRUE(idle.ok());
+  a->SubmitRaw(*idle);  // state still kSlotFree
+  a->ReleaseSlot(*idle);
+  // A client that lies about its queue tail gets a bounded pass, not a crash.
+  a->header()->sq_tail.fetch_add(100000);
+  absl::SleepFor(absl::Milliseconds(50));
+  // The daemon carries on: the other client works end to end.
+  absl::StatusOr<Selections> w = RunWorkload(*other, daemon_->stub(), WorkloadOptions{});
+  EXPECT_TRUE(w.ok()) << w.status();
+  absl::StatusOr<std::string> metrics = HttpGet(daemon_->metrics_port(), "/metrics");
+  ASSERT_TRUE(metrics.ok());
+  EXPECT_GE(MetricValue(*metrics, "icecache_protocol_errors_total"), 2.0);
+  EXPECT_EQ(MetricValue(*metrics, "icecache_data_requests_total{code=\"INVALID_ARGUMENT\",op=\"stage\"}"),
+            3.0);
+  EXPECT_EQ(MetricValue(*metrics, "icecache_data_requests_total{code=\"NOT_FOUND\",op=\"stage\"}"),
+            2.0);
+  EXPECT_TRUE(daemon_->process().Running());
+}
+
+TEST_F(DataPlaneTest, AWrongAbiVersionIsRefused) {
+  Attachment::Options o;
+  o.socket = daemon_->socket_path();
+  o.abi_version = abi::kAbiVersion + 1;
+  EXPECT_THAT(Attachment::Attach(o), StatusIs(absl::StatusCode::kFailedPrecondition,
+                                              HasSubstr("ABI version 2 is not supported")));
+}
+
+TEST_F(DataPlaneTest, AnotherUidIsRefused) {
+  if (::geteuid() != 0) GTEST_SKIP() << "needs root to run a client as another uid";
+  // The socket's directory must be reachable for the other uid to try at all.
+  ASSERT_EQ(::chmod(dir_.path().c_str(), 0755), 0);
+  absl::StatusOr<RunResult> r =
+      RunCommand({TestClientBinary(), "--socket=" + daemon_->socket_path(), "--mode=attach",
+                  "--as_uid=65534"},
+                 dir_.path());
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->exit_code, 3) << r->out << r->err;
+  EXPECT_THAT(r->out, HasSubstr("PERMISSION_DENIED: icecached refused to attach: uid 65534 may "
+                                "not attach"));
+  // The daemon's own uid attaches fine.
+  absl::StatusOr<RunResult> ok = RunCommand(
+      {TestClientBinary(), "--socket=" + daemon_->socket_path(), "--mode=attach"}, dir_.path());
+  ASSERT_TRUE(ok.ok());
+  EXPECT_EQ(ok->exit_code, 0) << ok->out;
+}
+
+TEST_F(DataPlaneTest, QuotaExceededIsResourceExhaustedAndChangesNothing) {
+  daemon_.reset();
+  StartDaemon({"--client-quota=12MiB", "--segment-size=2MiB"});
+  auto a = AttachClient();
+  ASSERT_NE(a, nullptr);
+  const std::string h = Create(*a, 20000, 1);
+  const v1::GetStatsResponse before = Stats();  // the control segment: about 4 MiB
+  // One staged token is 2 heads x 64 dims x (K, V) x 2 bytes = 512 bytes.
+  // 7000 tokens (3.4 MiB) fit the 12 MiB quota; 12000 more (5.9 MiB) do not.
+  ASSERT_OK(a->Stage(h, 7000).status());
+  const v1::GetStatsResponse mid = Stats();
+  EXPECT_GT(mid.arena_bytes(), before.arena_bytes() + 7000 * 512 - 1);
+  EXPECT_THAT(a->Stage(h, 12000), StatusIs(absl::StatusCode::kResourceExhausted,
+                                           HasSubstr("memory limit")));
+  EXPECT_EQ(Stats().arena_bytes(), mid.arena_bytes());  // the refusal added nothing
+  EXPECT_OK(a->Stage(h, 100).status());  // smaller requests still fit what is left
+}
+
+TEST_F(DataPlaneTest, AClientKilledMidRequestIsCleanedUpWithinASecond) {
+  const v1::GetStatsResponse idle = Stats();
+  absl::StatusOr<Subprocess> child = Subprocess::Start(
+      {TestClientBinary(), "--socket=" + daemon_->socket_path(), "--mode=hold-prefill",
+       "--tokens=24000"},
+      dir_.path());
+  ASSERT_TRUE(child.ok()) << child.status();
+  const absl::Time wait_until = absl::Now() + absl::Seconds(30);
+  while (child->Stdout().find("submitted") == std::string::npos && absl::Now() < wait_until) {
+    ASSERT_TRUE(child->Running()) << child->Stdout() << child->Stderr();
+    absl::SleepFor(absl::Milliseconds(10));
+  }
+  ASSERT_THAT(child->Stdout(), HasSubstr("submitted"));
+  const v1::GetStatsResponse busy = Stats();
+  EXPECT_EQ(busy.num_clients(), 1u);
+  EXPECT_GT(busy.arena_bytes(), idle.arena_bytes());
+  EXPECT_GT(busy.memory_used_bytes(), 0u);
+  ASSERT_TRUE(child->Signal(SIGKILL));
+  ASSERT_TRUE(child->Wait(absl::Seconds(5)).has_value());
+  const absl::Time killed = absl::Now();
+  v1::GetStatsResponse after;
+  do {
+    absl::SleepFor(absl::Milliseconds(20));
+    after = Stats();
+  } while ((after.arena_bytes() != 0 || after.num_clients() != 0) &&
+           absl::Now() - killed < absl::Seconds(5));
+  const double seconds = absl::ToDoubleSeconds(absl::Now() - killed);
+  EXPECT_EQ(after.arena_bytes(), 0u);
+  EXPECT_EQ(after.memory_used_bytes(), 0u);
+  EXPECT_EQ(after.num_clients(), 0u);
+  EXPECT_EQ(after.num_sequences(), 0u);
+  EXPECT_LT(seconds, 1.0) << "memory came back after " << seconds << " s";
+  EXPECT_TRUE(daemon_->process().Running());
+}
+
+TEST_F(DataPlaneTest, ManyClientsAtOnceSelectWhatEachSelectsAlone) {
+  const int kClients = 4;
+  auto run = [&](int seed) -> absl::StatusOr<Subprocess> {
+    return Subprocess::Start({TestClientBinary(), "--socket=" + daemon_->socket_path(),
+                              "--mode=workload", absl::StrCat("--seed=", seed)},
+                             dir_.path());
+  };
+  std::vector<std::string> alone(kClients);
+  for (int c = 0; c < kClients; ++c) {
+    absl::StatusOr<Subprocess> p = run(c + 1);
+    ASSERT_TRUE(p.ok());
+    std::optional<int> st = p->Wait(absl::Seconds(60));
+    ASSERT_TRUE(st.has_value() && WIFEXITED(*st) && WEXITSTATUS(*st) == 0) << p->Stdout();
+    alone[c] = p->Stdout();
+    ASSERT_THAT(alone[c], HasSubstr("layer 1 step 3 head 1:"));
+  }
+  std::vector<Subprocess> together;
+  for (int c = 0; c < kClients; ++c) {
+    absl::StatusOr<Subprocess> p = run(c + 1);
+    ASSERT_TRUE(p.ok());
+    together.push_back(std::move(*p));
+  }
+  for (int c = 0; c < kClients; ++c) {
+    std::optional<int> st = together[c].Wait(absl::Seconds(120));
+    ASSERT_TRUE(st.has_value() && WIFEXITED(*st) && WEXITSTATUS(*st) == 0) << together[c].Stdout();
+    EXPECT_EQ(together[c].Stdout(), alone[c]) << "client " << c;
+  }
+  // And they all match the index alone.
+  WorkloadOptions w;
+  w.seed = 1;
+  EXPECT_EQ(alone[0], FormatSelections(RunWorkloadInProcess(w)));
+}
+
+TEST_F(DataPlaneTest, NopRoundTripsAndMetricsCountRequests) {
+  auto a = AttachClient();
+  ASSERT_NE(a, nullptr);
+  for (int i = 0; i < 100; ++i) ASSERT_OK(a->Nop());
+  absl::StatusOr<std::string> metrics = HttpGet(daemon_->metrics_port(), "/metrics");
+  ASSERT_TRUE(metrics.ok());
+  EXPECT_EQ(MetricValue(*metrics, "icecache_data_requests_total{code=\"OK\",op=\"nop\"}"), 100.0);
+  EXPECT_EQ(MetricValue(*metrics, "icecache_clients"), 1.0);
+  EXPECT_EQ(MetricValue(*metrics, "icecache_attach_total{result=\"ok\"}"), 1.0);
+}
+
+}  // namespace
+}  // namespace icecache::testing
