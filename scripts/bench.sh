@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Benchmarks and quality evaluations: their own command, not CI (minutes, not seconds).
 # Installs what is missing, builds, runs the index speed benchmark (paper configuration and
-# the improvement options, each against the exact scan in the same run) and the quality
+# the improvement options, each against the exact scan in the same run), the data-plane
+# benchmark (ring round trips against in-process calls, concurrent clients) and the quality
 # evaluation (every method and oracle at budgets 64-512), then draws the plots.
 #
 #   scripts/bench.sh [--quick] [--trace=FILE]
@@ -31,6 +32,8 @@ for config in paper all all-r1; do
   [[ $config == paper ]] && stack=true
   "$build/bench/index_speed" --config="$config" --sizes="$sizes" --stack="$stack" --out="$out"
 done
+echo "== data plane (daemon subprocess, ring round trips, concurrent clients)"
+"$build/bench/data_plane" --out="$out"
 echo "== index quality"
 "$build/bench/index_quality" --out="$out" "${quality_args[@]}"
 /usr/bin/python3 "$root/bench/plot.py" "$out"

@@ -1,0 +1,159 @@
+#include "server/core/arena.h"
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <set>
+
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "tests/support/status_matchers.h"
+
+namespace icecache {
+namespace {
+
+using ::icecache::testing::StatusIs;
+using ::testing::HasSubstr;
+
+class RecordingListener : public SegmentListener {
+ public:
+  void OnSegmentAdded(uint32_t segment, int fd, uint64_t bytes) override {
+    segments.push_back(segment);
+    fds.push_back(fd);
+    sizes.push_back(bytes);
+  }
+  std::vector<uint32_t> segments;
+  std::vector<int> fds;
+  std::vector<uint64_t> sizes;
+};
+
+ArenaOptions Small() {
+  ArenaOptions o;
+  o.slots = 8;
+  o.slot_payload = 4096;
+  o.page_segment_bytes = 1 << 20;
+  o.staging_segment_bytes = 1 << 20;
+  return o;
+}
+
+TEST(Arena, ControlSegmentCarriesTheHeaderAndIsCharged) {
+  MemoryAccountant global(64 << 20);
+  {
+    ASSERT_OK_AND_ASSIGN(auto arena, Arena::Create(7, Small(), 16 << 20, &global, nullptr));
+    const abi::ArenaHeader* h = arena->header();
+    EXPECT_EQ(h->magic, abi::kArenaMagic);
+    EXPECT_EQ(h->abi_version, abi::kAbiVersion);
+    EXPECT_EQ(h->client_id, 7u);
+    EXPECT_EQ(h->num_slots, 8u);
+    EXPECT_EQ(h->slot_bytes, sizeof(abi::SlotHeader) + 4096);
+    EXPECT_EQ(arena->control_bytes(), abi::ControlBytes(8, 4096));
+    EXPECT_EQ(global.used(), arena->control_bytes());
+    // The daemon's own slot addressing agrees with the header's.
+    for (uint32_t i = 0; i < 8; ++i) EXPECT_EQ(arena->Slot(i), abi::SlotAt(arena->control(), i));
+    EXPECT_EQ(arena->SubmissionQueue(), abi::SubmissionQueue(arena->control()));
+  }
+  EXPECT_EQ(global.used(), 0u);  // released with the arena
+}
+
+TEST(Arena, SegmentsAreSealedAgainstShrinking) {
+  MemoryAccountant global(64 << 20);
+  RecordingListener listener;
+  ASSERT_OK_AND_ASSIGN(auto arena, Arena::Create(1, Small(), 16 << 20, &global, &listener));
+  Arena::FrameReservation r;
+  ASSERT_OK(arena->ReserveFrames(8192, 4, &r));
+  ASSERT_EQ(listener.fds.size(), 1u);
+  // A client holding the descriptor cannot shrink it under the daemon's mapping.
+  EXPECT_NE(::ftruncate(listener.fds[0], 0), 0);
+  EXPECT_NE(::ftruncate(arena->control_fd(), 0), 0);
+  EXPECT_EQ(listener.sizes[0], 1u << 20);
+  EXPECT_EQ(arena->header()->segments[1].page_bytes, 8192u);
+  EXPECT_EQ(arena->header()->num_segments.load(), 2u);
+}
+
+TEST(Arena, FramesComeFromSegmentsAndReturnWithNewVersions) {
+  MemoryAccountant global(64 << 20);
+  ASSERT_OK_AND_ASSIGN(auto arena, Arena::Create(1, Small(), 16 << 20, &global, nullptr));
+  std::set<std::pair<uint32_t, uint32_t>> seen;
+  FrameRef first;
+  {
+    Arena::FrameReservation r;
+    ASSERT_OK(arena->ReserveFrames(8192, 200, &r));  // 128 frames per 1 MiB segment: two segments
+    EXPECT_EQ(arena->num_segments(), 3u);
+    EXPECT_EQ(arena->frames_in_use(), 200u);
+    for (int i = 0; i < 150; ++i) {
+      FrameRef f = r.Take();
+      EXPECT_TRUE(seen.insert({f.segment, f.frame}).second);
+      if (i == 0) first = f;
+      std::memset(arena->FrameAddress(f), i, 8192);  // every frame is writable memory
+    }
+    EXPECT_EQ(r.remaining(), 50u);
+  }  // the 50 untaken frames go back
+  EXPECT_EQ(arena->frames_in_use(), 150u);
+  const uint32_t v = arena->FrameVersion(first);
+  arena->BumpFrameVersion(first);
+  EXPECT_EQ(arena->FrameVersion(first), v + 1);
+  arena->FreeFrame(first);
+  EXPECT_EQ(arena->FrameVersion(first), v + 2);
+  EXPECT_EQ(arena->frames_in_use(), 149u);
+  EXPECT_EQ(arena->frame_bytes_in_use(), 149u * 8192);
+}
+
+TEST(Arena, QuotaAndLimitRefuseSegmentsAndChangeNothing) {
+  MemoryAccountant global(3 << 20);
+  ASSERT_OK_AND_ASSIGN(auto arena, Arena::Create(1, Small(), 2 << 20, &global, nullptr));
+  const uint64_t used = global.used();
+  Arena::FrameReservation r;
+  ASSERT_OK(arena->ReserveFrames(8192, 100, &r));  // one 1 MiB segment
+  Arena::FrameReservation more;
+  // A second segment would pass the 2 MiB quota.
+  EXPECT_THAT(arena->ReserveFrames(8192, 200, &more),
+              StatusIs(absl::StatusCode::kResourceExhausted, HasSubstr("memory limit")));
+  EXPECT_EQ(more.remaining(), 0u);
+  EXPECT_EQ(global.used(), used + (1 << 20));
+  EXPECT_EQ(arena->num_segments(), 2u);
+  EXPECT_THAT(arena->AllocStaging(3 << 20), StatusIs(absl::StatusCode::kResourceExhausted));
+}
+
+TEST(Arena, StagingBuffersAreCheckedAndCoalesce) {
+  MemoryAccountant global(64 << 20);
+  ASSERT_OK_AND_ASSIGN(auto arena, Arena::Create(1, Small(), 16 << 20, &global, nullptr));
+  ASSERT_OK_AND_ASSIGN(abi::ArenaRef a, arena->AllocStaging(100));
+  ASSERT_OK_AND_ASSIGN(abi::ArenaRef b, arena->AllocStaging(5000));
+  EXPECT_EQ(a.segment, b.segment);
+  EXPECT_EQ(b.offset, 4096u);  // 4 KiB granules
+  EXPECT_EQ(arena->staging_bytes_in_use(), 4096u + 8192u);
+  EXPECT_OK(arena->StagingAddress(a, 4096).status());
+  EXPECT_THAT(arena->StagingAddress(a, 4097),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("4097 needed")));
+  EXPECT_THAT(arena->StagingAddress({a.segment, 0, 64}, 1),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("not a live staging")));
+  EXPECT_THAT(arena->StagingAddress({0, 0, 0}, 1), StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(arena->StagingAddress({99, 0, 0}, 1), StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(arena->AllocStaging(0), StatusIs(absl::StatusCode::kInvalidArgument));
+  ASSERT_OK(arena->FreeStaging(a));
+  EXPECT_THAT(arena->FreeStaging(a), StatusIs(absl::StatusCode::kInvalidArgument));
+  ASSERT_OK(arena->FreeStaging(b));
+  EXPECT_EQ(arena->staging_bytes_in_use(), 0u);
+  // Freed ranges coalesced: the whole segment is one buffer again.
+  ASSERT_OK_AND_ASSIGN(abi::ArenaRef whole, arena->AllocStaging(1 << 20));
+  EXPECT_EQ(whole.segment, a.segment);
+  EXPECT_EQ(whole.offset, 0u);
+}
+
+TEST(Arena, BadOptionsAreInvalidArgument) {
+  MemoryAccountant global(64 << 20);
+  ArenaOptions o = Small();
+  o.slots = 6;
+  EXPECT_THAT(Arena::Create(1, o, 1 << 20, &global, nullptr),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("power of two")));
+  o = Small();
+  o.slot_payload = 100;
+  EXPECT_THAT(Arena::Create(1, o, 1 << 20, &global, nullptr),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(Arena::Create(1, Small(), 1024, &global, nullptr),
+              StatusIs(absl::StatusCode::kResourceExhausted));
+  EXPECT_EQ(global.used(), 0u);
+}
+
+}  // namespace
+}  // namespace icecache

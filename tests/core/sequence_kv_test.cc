@@ -1,0 +1,189 @@
+#include "server/core/sequence_kv.h"
+
+#include <atomic>
+#include <cstring>
+#include <numeric>
+
+#include "absl/synchronization/notification.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "server/index/synthetic.h"
+#include "tests/support/status_matchers.h"
+
+namespace icecache {
+namespace {
+
+using ::icecache::testing::StatusIs;
+using ::testing::HasSubstr;
+
+class CountingObserver : public KvObserver {
+ public:
+  void OnBuild(double, uint64_t tokens) override { built += tokens; }
+  void OnInsert(double, uint64_t tokens) override { inserted += tokens; }
+  void OnSelect(double) override { ++selects; }
+  void OnRecallSample(double recall) override {
+    absl::MutexLock lock(&mu);
+    recalls.push_back(recall);
+  }
+  std::atomic<uint64_t> built{0}, inserted{0}, selects{0};
+  absl::Mutex mu;
+  std::vector<double> recalls;
+};
+
+class SequenceKvTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    index::SyntheticOptions so;
+    so.num_tokens = 2000;
+    so.num_layers = 3;
+    so.num_kv_heads = 2;
+    so.group_size = 2;
+    so.num_queries = 2;
+    trace_ = index::GenerateSynthetic(so);
+    GeometrySpec spec;
+    spec.num_layers = 3;
+    spec.num_q_heads = 4;
+    spec.num_kv_heads = 2;
+    spec.head_dim = 64;
+    spec.dtype = DType::kFP16;
+    spec.max_tokens = 2000;
+    spec.full_kv_layers = 1;
+    geometry_ = *ResolveGeometry(spec);
+    ArenaOptions ao;
+    ao.slots = 8;
+    ao.slot_payload = 4096;
+    ao.page_segment_bytes = 1 << 20;
+    arena_ = std::shared_ptr<Arena>(*Arena::Create(1, ao, 256 << 20, &global_, nullptr));
+    kv_ = std::make_unique<SequenceKv>(geometry_, index::DciOptions{}, arena_, &pool_, &observer_);
+  }
+
+  // K then V rows [head][n][64] of tokens [begin, begin + n) of `layer` of the trace.
+  std::vector<uint8_t> Staged(uint32_t layer, uint32_t begin, uint32_t n) {
+    const uint64_t row = 128;
+    std::vector<uint8_t> buf(2 * 2 * n * row);
+    for (uint32_t h = 0; h < 2; ++h) {
+      std::memcpy(buf.data() + h * n * row, trace_.Keys(layer, h).row(begin), n * row);
+      std::memcpy(buf.data() + (2 + h) * n * row, trace_.Values(layer, h).row(begin), n * row);
+    }
+    return buf;
+  }
+  std::vector<float> Queries(uint32_t layer, uint32_t qi) {
+    std::vector<float> q(4 * 64);
+    for (uint32_t h = 0; h < 4; ++h) std::copy_n(trace_.Query(layer, h, qi), 64, q.begin() + h * 64);
+    return q;
+  }
+
+  index::Trace trace_;
+  Geometry geometry_;
+  MemoryAccountant global_{1ull << 30};
+  std::shared_ptr<Arena> arena_;
+  ThreadPool pool_{2};
+  CountingObserver observer_;
+  std::unique_ptr<SequenceKv> kv_;
+};
+
+TEST_F(SequenceKvTest, PrefillAppendSelectRoundTrip) {
+  std::vector<uint8_t> p = Staged(1, 0, 1984);
+  ASSERT_OK(kv_->Prefill(1, p.data(), p.data() + p.size() / 2, 1984, 0));
+  EXPECT_EQ(kv_->layer_state(1), SequenceKv::LayerState::kReady);
+  EXPECT_EQ(kv_->tokens(1), 1984u);
+  EXPECT_EQ(observer_.built.load(), 2u * 1984);
+  std::vector<uint8_t> a = Staged(1, 1984, 16);
+  ASSERT_OK(kv_->Append(1, a.data(), a.data() + a.size() / 2, 16, 1984));
+  EXPECT_EQ(kv_->tokens(1), 2000u);
+  std::vector<abi::SelectedPageRef> out;
+  std::vector<float> q = Queries(1, 1);
+  ASSERT_OK_AND_ASSIGN(uint32_t k, kv_->Select(1, q.data(), 0, &out, false));
+  EXPECT_EQ(k, geometry_.selected_pages());  // the geometry's 12
+  ASSERT_EQ(out.size(), 2u * k);
+  // Every selected frame holds real rows of this layer and head; valid counts in range.
+  for (uint32_t h = 0; h < 2; ++h) {
+    for (uint32_t i = 0; i < k; ++i) {
+      const abi::SelectedPageRef& r = out[h * k + i];
+      ASSERT_NE(r.segment, abi::kNoSegment);
+      ASSERT_GE(r.valid, 1u);
+      ASSERT_LE(r.valid, 16u);
+      const uint8_t* frame = arena_->FrameAddress({r.segment, r.frame});
+      bool found = false;
+      for (uint32_t t = 0; t < 2000 && !found; ++t) {
+        found = std::memcmp(frame, trace_.Keys(1, h).row(t), 128) == 0;
+      }
+      EXPECT_TRUE(found) << "head " << h << " page " << i;
+    }
+  }
+  EXPECT_GT(kv_->pages(), 2u * 2000 / 16);
+}
+
+TEST_F(SequenceKvTest, LayerRulesAndBadInput) {
+  std::vector<uint8_t> p = Staged(1, 0, 100);
+  std::vector<float> q = Queries(1, 0);
+  std::vector<abi::SelectedPageRef> out;
+  EXPECT_THAT(kv_->Prefill(0, p.data(), p.data() + p.size() / 2, 100, 0),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("full-KV layer")));
+  EXPECT_THAT(kv_->Prefill(3, p.data(), p.data(), 100, 0),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("out of range")));
+  EXPECT_THAT(kv_->Prefill(1, p.data(), p.data(), 0, 0),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(kv_->Select(1, q.data(), 0, &out, false),
+              StatusIs(absl::StatusCode::kFailedPrecondition, HasSubstr("not built")));
+  EXPECT_THAT(kv_->Append(1, p.data(), p.data(), 16, 0),
+              StatusIs(absl::StatusCode::kFailedPrecondition, HasSubstr("prefill it")));
+  // Non-finite keys: refused, and the layer stays empty (it can still be prefilled).
+  std::vector<uint8_t> bad = p;
+  bad[130] = 0x00;
+  bad[131] = 0x7e;  // fp16 NaN in head 0, row 1
+  EXPECT_THAT(kv_->Prefill(1, bad.data(), bad.data() + bad.size() / 2, 100, 0),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("KV head 0")));
+  EXPECT_EQ(kv_->layer_state(1), SequenceKv::LayerState::kEmpty);
+  ASSERT_OK(kv_->Prefill(1, p.data(), p.data() + p.size() / 2, 100, 0));
+  EXPECT_THAT(kv_->Prefill(1, p.data(), p.data() + p.size() / 2, 100, 0),
+              StatusIs(absl::StatusCode::kFailedPrecondition, HasSubstr("already built")));
+  EXPECT_THAT(kv_->Append(1, p.data(), p.data(), 17, 100),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("1..page_size")));
+  EXPECT_THAT(kv_->Select(1, q.data(), 5000, &out, false),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+  // k above the pages of a small layer returns what there is (the rest unused).
+  ASSERT_OK_AND_ASSIGN(uint32_t k, kv_->Select(1, q.data(), 40, &out, false));
+  uint32_t used = 0;
+  for (uint32_t i = 0; i < k; ++i) used += out[i].segment != abi::kNoSegment;
+  EXPECT_LT(used, 40u);
+  EXPECT_GE(used, 100u / 16);
+}
+
+TEST_F(SequenceKvTest, MaxTokensBoundsAppends) {
+  std::vector<uint8_t> p = Staged(2, 0, 1990);
+  ASSERT_OK(kv_->Prefill(2, p.data(), p.data() + p.size() / 2, 1990, 0));
+  std::vector<uint8_t> a = Staged(2, 1984, 16);
+  EXPECT_THAT(kv_->Append(2, a.data(), a.data() + a.size() / 2, 16, 1990),
+              StatusIs(absl::StatusCode::kResourceExhausted, HasSubstr("max_tokens")));
+  EXPECT_EQ(kv_->tokens(2), 1990u);
+}
+
+TEST_F(SequenceKvTest, RecallSamplesScoreTheReturnedPages) {
+  std::vector<uint8_t> p = Staged(1, 0, 2000);
+  ASSERT_OK(kv_->Prefill(1, p.data(), p.data() + p.size() / 2, 2000, 0));
+  std::vector<float> q = Queries(1, 1);
+  std::vector<abi::SelectedPageRef> out;
+  ASSERT_OK(kv_->Select(1, q.data(), 0, &out, /*sample_recall=*/true).status());
+  // k above the page count returns every page: recall 1 for every query head.
+  ASSERT_OK(kv_->Select(1, q.data(), 4000, &out, /*sample_recall=*/true).status());
+  kv_.reset();  // waits for the samples in flight
+  absl::MutexLock lock(&observer_.mu);
+  ASSERT_EQ(observer_.recalls.size(), 8u);  // 2 selects x 4 query heads
+  for (int i = 0; i < 4; ++i) {
+    EXPECT_GT(observer_.recalls[i], 0.0);
+    EXPECT_LE(observer_.recalls[i], 1.0 + 1e-9);
+  }
+  for (int i = 4; i < 8; ++i) EXPECT_NEAR(observer_.recalls[i], 1.0, 1e-6);
+}
+
+TEST_F(SequenceKvTest, DestructionReturnsEveryFrame) {
+  std::vector<uint8_t> p = Staged(1, 0, 500);
+  ASSERT_OK(kv_->Prefill(1, p.data(), p.data() + p.size() / 2, 500, 0));
+  EXPECT_GT(arena_->frames_in_use(), 0u);
+  kv_.reset();
+  EXPECT_EQ(arena_->frames_in_use(), 0u);
+}
+
+}  // namespace
+}  // namespace icecache
