@@ -389,3 +389,32 @@ TEST_F(DataPlaneTest, NopRoundTripsAndMetricsCountRequests) {
 
 }  // namespace
 }  // namespace icecache::testing
+
+namespace icecache::testing {
+namespace {
+
+TEST_F(DataPlaneTest, SampledRecallIsExportedForOperators) {
+  daemon_.reset();
+  StartDaemon({"--recall-sample-every=1"});
+  auto a = AttachClient();
+  ASSERT_NE(a, nullptr);
+  ASSERT_TRUE(RunWorkload(*a, daemon_->stub(), WorkloadOptions{}).ok());
+  // Samples run after the selects, off their path: wait for them to land.
+  double count = 0, sum = 0;
+  const absl::Time deadline = absl::Now() + absl::Seconds(5);
+  do {
+    absl::StatusOr<std::string> m = HttpGet(daemon_->metrics_port(), "/metrics");
+    ASSERT_TRUE(m.ok());
+    count = MetricValue(*m, "icecache_select_recall_count");
+    sum = MetricValue(*m, "icecache_select_recall_sum");
+  } while (count < 8 && absl::Now() < deadline);
+  // 8 selects x 4 query heads; a sample is dropped when an append changed the layer first,
+  // but the last select of each layer is never followed by an append to it.
+  EXPECT_GE(count, 8.0);
+  EXPECT_LE(count, 32.0);
+  EXPECT_GT(sum / count, 0.2);
+  EXPECT_LE(sum / count, 1.0);
+}
+
+}  // namespace
+}  // namespace icecache::testing
