@@ -575,19 +575,23 @@ void DataPlane::Accept() {
   reply.status = abi::kAttachOk;
   reply.client_id = client->id;
   std::memcpy(reply.token, client->token.data(), abi::kTokenChars);
-  {
-    absl::MutexLock lock(&client->send_mu);
-    if (!SendWithFds(fd, &reply, sizeof(reply), fds, nfds)) {
-      observer_->OnAttach(false);
-      return;  // the Client destructor closes everything
-    }
-  }
+  // Registered before the reply leaves: the client may use its token the moment it has it.
   if (!as_operator) {
     client->dispatcher = std::thread([this, client] { Dispatcher(this, client).Run(); });
   }
   {
     absl::MutexLock lock(&mu_);
     by_token_[client->token] = client;
+  }
+  bool sent;
+  {
+    absl::MutexLock lock(&client->send_mu);
+    sent = SendWithFds(fd, &reply, sizeof(reply), fds, nfds);
+  }
+  if (!sent) {
+    observer_->OnAttach(false);
+    Detach(client);  // the reaper stops the dispatcher and frees the arena
+    return;
   }
   observer_->OnAttach(true);
   ICECACHE_LOG(INFO) << "client " << client->id << " attached (uid " << cred.uid << ", pid "

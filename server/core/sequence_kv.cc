@@ -162,12 +162,13 @@ SequenceKv::SequenceKv(const Geometry& geometry, const index::DciOptions& option
   }
 }
 
+void SequenceKv::WaitForSamples() {
+  absl::MutexLock lock(&samples_mu_);
+  samples_mu_.Await(absl::Condition(+[](int* n) { return *n == 0; }, &samples_in_flight_));
+}
+
 SequenceKv::~SequenceKv() {
-  {
-    absl::MutexLock lock(&samples_mu_);
-    samples_mu_.Await(absl::Condition(
-        +[](int* n) { return *n == 0; }, &samples_in_flight_));
-  }
+  WaitForSamples();
   for (auto& layer : layers_) {
     if (layer == nullptr) continue;
     absl::MutexLock lock(&layer->mu);

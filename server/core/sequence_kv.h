@@ -82,6 +82,9 @@ class SequenceKv {
   absl::StatusOr<uint32_t> Select(uint32_t layer, const float* queries, uint32_t k,
                                   std::vector<abi::SelectedPageRef>* out, bool sample_recall);
 
+  // Returns once every recall sample scheduled so far has been reported.
+  void WaitForSamples();
+
   // INVALID_ARGUMENT for a layer out of range or a full-KV layer.
   absl::Status CheckLayer(uint32_t layer) const;
   LayerState layer_state(uint32_t layer) const;

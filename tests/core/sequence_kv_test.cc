@@ -165,9 +165,10 @@ TEST_F(SequenceKvTest, RecallSamplesScoreTheReturnedPages) {
   std::vector<float> q = Queries(1, 1);
   std::vector<abi::SelectedPageRef> out;
   ASSERT_OK(kv_->Select(1, q.data(), 0, &out, /*sample_recall=*/true).status());
+  kv_->WaitForSamples();
   // k above the page count returns every page: recall 1 for every query head.
   ASSERT_OK(kv_->Select(1, q.data(), 4000, &out, /*sample_recall=*/true).status());
-  kv_.reset();  // waits for the samples in flight
+  kv_->WaitForSamples();
   absl::MutexLock lock(&observer_.mu);
   ASSERT_EQ(observer_.recalls.size(), 8u);  // 2 selects x 4 query heads
   for (int i = 0; i < 4; ++i) {
