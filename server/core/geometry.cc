@@ -30,16 +30,6 @@ absl::Status FieldError(absl::string_view field, absl::string_view rule, uint64_
 
 }  // namespace
 
-const char* DTypeName(DType dtype) {
-  switch (dtype) {
-    case DType::kBF16:
-      return "bf16";
-    case DType::kFP16:
-      return "fp16";
-  }
-  return "unknown";
-}
-
 absl::StatusOr<Geometry> ResolveGeometry(const GeometrySpec& spec) {
   using L = GeometryLimits;
   using D = GeometryDefaults;

@@ -8,23 +8,11 @@
 #include <string>
 
 #include "absl/status/statusor.h"
+#include "common/dtype.h"
 #include "kernels/page_layout.h"
 
 namespace icecache {
 
-// Element type of the stored K and V rows.
-enum class DType : uint8_t { kBF16 = 1, kFP16 = 2 };
-
-// Bytes per element of `dtype` (2 for both supported types).
-constexpr uint32_t DTypeBytes(DType dtype) {
-  switch (dtype) {
-    case DType::kBF16:
-    case DType::kFP16:
-      return 2;
-  }
-  return 0;
-}
-const char* DTypeName(DType dtype);  // "bf16" / "fp16"
 
 // Limits a geometry must meet. One place, reported by GetConfig and enforced by
 // ResolveGeometry. The closed sets are the ones the kernels are instantiated for.

@@ -4,6 +4,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "common/half.h"
+
 namespace icecache::index {
 
 enum class ElemType : uint8_t { kF32 = 0, kF16 = 1, kBF16 = 2 };
@@ -28,15 +30,10 @@ struct RowView {
   }
 };
 
-// IEEE half / bfloat16 <-> float, exact where the format allows (round to nearest even).
-float HalfToFloat(uint16_t h);
-uint16_t FloatToHalf(float f);
-inline float Bf16ToFloat(uint16_t b) {
-  const uint32_t bits = uint32_t{b} << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof(f));
-  return f;
-}
-uint16_t FloatToBf16(float f);
+// IEEE half / bfloat16 <-> float (common/half.h).
+using ::icecache::Bf16ToFloat;
+using ::icecache::FloatToBf16;
+using ::icecache::FloatToHalf;
+using ::icecache::HalfToFloat;
 
 }  // namespace icecache::index

@@ -1,0 +1,53 @@
+// Sparse paged decode attention: one new token's queries of every query head attend, per KV
+// head, over a list of chunks (contiguous runs of K and V rows: the sink, the window, and each
+// selected page with its own valid count). GQA: query head q uses KV head q / group.
+// bf16 or fp16 in and out, fp32 accumulation, head_dim 64, 128 or 256.
+//
+// Three pieces (CONVENTIONS 6): this header (plain C++: the shared descriptors and the CPU
+// reference), attention.cuh (device code), attention.cu (the launcher, attention_cuda.h).
+#pragma once
+
+#include <cstdint>
+
+#include "common/dtype.h"
+
+namespace icecache {
+
+class ThreadPool;
+
+// A run of `count` rows of one KV head: K rows at k, V rows at v, each [count][head_dim]
+// dense elements of the params' dtype. A page is the chunk {base, base + half_bytes, valid}
+// (kernels/page_layout.h).
+struct AttentionChunk {
+  const void* k;
+  const void* v;
+  uint32_t count;
+  uint32_t reserved;
+};
+
+struct DecodeAttentionParams {
+  const void* q;                  // [num_q_heads][head_dim]
+  void* out;                      // [num_q_heads][head_dim]
+  const AttentionChunk* chunks;   // KV head h's chunks: [chunk_offsets[h], chunk_offsets[h+1])
+  const uint32_t* chunk_offsets;  // [num_kv_heads + 1]
+  uint32_t num_q_heads = 0;
+  uint32_t num_kv_heads = 0;
+  uint32_t head_dim = 0;
+  DType dtype = DType::kBF16;
+  float scale = 0;                // softmax scale, usually 1/sqrt(head_dim)
+};
+
+// Head dims the kernels are instantiated for (one dispatch point: IsSupportedHeadDim).
+constexpr bool IsSupportedHeadDim(uint32_t d) { return d == 64 || d == 128 || d == 256; }
+
+// What is wrong with `p` (a static string), or nullptr when it is valid: non-null pointers,
+// a supported head dim, num_q_heads a multiple of num_kv_heads, offsets non-decreasing.
+const char* ValidateDecodeAttention(const DecodeAttentionParams& p);
+
+// CPU reference with the kernel's semantics over host pointers: for every query head, the
+// softmax over all its KV head's chunk rows, in fp32, written to out in the dtype. A KV head
+// with no rows writes zeros. Heads run on `pool` when given. Returns false (writing nothing)
+// when ValidateDecodeAttention fails.
+bool DecodeAttentionCpu(const DecodeAttentionParams& p, ThreadPool* pool = nullptr);
+
+}  // namespace icecache
