@@ -2,6 +2,7 @@
 
 #include <errno.h>
 #include <linux/futex.h>
+#include <poll.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
@@ -53,9 +54,20 @@ ssize_t RecvWithFds(int sock, void* data, size_t len, int* fds, int max_fds, int
   return n;
 }
 
-void FutexWait(std::atomic<uint32_t>* word, uint32_t expected, absl::Duration timeout) {
+// False when the wait timed out.
+bool FutexWait(std::atomic<uint32_t>* word, uint32_t expected, absl::Duration timeout) {
   struct timespec ts = absl::ToTimespec(timeout);
-  ::syscall(SYS_futex, reinterpret_cast<uint32_t*>(word), FUTEX_WAIT, expected, &ts, nullptr, 0);
+  const long r = ::syscall(SYS_futex, reinterpret_cast<uint32_t*>(word), FUTEX_WAIT, expected,
+                           &ts, nullptr, 0);
+  return !(r != 0 && errno == ETIMEDOUT);
+}
+
+// True when the daemon closed its end of the attach connection (it exited or dropped us).
+bool PeerGone(int fd) {
+  struct pollfd p {};
+  p.fd = fd;
+  p.events = POLLRDHUP;
+  return ::poll(&p, 1, 0) > 0 && (p.revents & (POLLRDHUP | POLLHUP | POLLERR)) != 0;
 }
 
 }  // namespace
@@ -69,6 +81,7 @@ absl::StatusOr<std::unique_ptr<Attachment>> Attachment::Attach(const Options& op
   }
   std::unique_ptr<Attachment> a(new Attachment());
   a->timeout_ = options.timeout;
+  a->on_segment_mapped_ = options.on_segment_mapped;
   a->conn_fd_ = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
   if (a->conn_fd_ < 0) return Errno(absl::StatusCode::kInternal, "socket");
   addr.sun_family = AF_UNIX;
@@ -210,7 +223,10 @@ absl::Status Attachment::Wait(uint32_t index, absl::Duration timeout) {
     if (left <= absl::ZeroDuration()) {
       return absl::DeadlineExceededError("no response from icecached in time");
     }
-    FutexWait(&s->state, state, std::min(left, absl::Milliseconds(100)));
+    if (!FutexWait(&s->state, state, std::min(left, absl::Milliseconds(100))) &&
+        s->state.load(std::memory_order_acquire) != abi::kSlotDone && PeerGone(conn_fd_)) {
+      return absl::UnavailableError("icecached went away while the request was in flight");
+    }
   }
   if (s->status == 0) return absl::OkStatus();
   const uint32_t code = s->status <= 16 ? s->status : 2;
@@ -250,13 +266,13 @@ absl::StatusOr<abi::StageResponse> Attachment::Stage(const std::string& handle, 
   return resp;
 }
 
-absl::Status Attachment::Prefill(const std::string& handle, uint32_t layer,
-                                 const abi::ArenaRef& staging, uint32_t tokens,
-                                 uint32_t first_position) {
+absl::StatusOr<uint32_t> Attachment::SubmitStaged(uint32_t op, const std::string& handle,
+                                                  uint32_t layer, const abi::ArenaRef& staging,
+                                                  uint32_t tokens, uint32_t first_position) {
   absl::StatusOr<uint32_t> i = AcquireSlot();
   if (!i.ok()) return i.status();
   abi::SlotHeader* s = slot(*i);
-  s->op = abi::kOpPrefill;
+  s->op = op;
   FillHandle(s, handle);
   s->layer = layer;
   s->tokens = tokens;
@@ -264,28 +280,37 @@ absl::Status Attachment::Prefill(const std::string& handle, uint32_t layer,
   s->first_position = first_position;
   s->payload_bytes = 0;
   Submit(*i);
-  absl::Status st = Wait(*i);
-  ReleaseSlot(*i);
+  return *i;
+}
+
+absl::Status Attachment::Finish(uint32_t index) {
+  absl::Status st = Wait(index, absl::InfiniteDuration());
+  ReleaseSlot(index);
   return st;
+}
+
+absl::Status Attachment::Prefill(const std::string& handle, uint32_t layer,
+                                 const abi::ArenaRef& staging, uint32_t tokens,
+                                 uint32_t first_position) {
+  absl::StatusOr<uint32_t> i =
+      SubmitStaged(abi::kOpPrefill, handle, layer, staging, tokens, first_position);
+  if (!i.ok()) return i.status();
+  return Finish(*i);
 }
 
 absl::Status Attachment::Append(const std::string& handle, uint32_t layer,
                                 const abi::ArenaRef& staging, uint32_t tokens,
                                 uint32_t first_position) {
-  absl::StatusOr<uint32_t> i = AcquireSlot();
+  absl::StatusOr<uint32_t> i =
+      SubmitStaged(abi::kOpAppend, handle, layer, staging, tokens, first_position);
   if (!i.ok()) return i.status();
-  abi::SlotHeader* s = slot(*i);
-  s->op = abi::kOpAppend;
-  FillHandle(s, handle);
-  s->layer = layer;
-  s->tokens = tokens;
-  s->staging = staging;
-  s->first_position = first_position;
-  s->payload_bytes = 0;
-  Submit(*i);
-  absl::Status st = Wait(*i);
-  ReleaseSlot(*i);
-  return st;
+  return Finish(*i);
+}
+
+absl::Status Attachment::ReleaseStaging(const std::string& handle, const abi::ArenaRef& staging) {
+  absl::StatusOr<uint32_t> i = SubmitStaged(abi::kOpRelease, handle, 0, staging, 0, 0);
+  if (!i.ok()) return i.status();
+  return Finish(*i);
 }
 
 absl::StatusOr<std::vector<abi::SelectedPageRef>> Attachment::Select(const std::string& handle,
@@ -354,6 +379,10 @@ absl::Status Attachment::PumpNotices(uint32_t want) {
     ::close(fd);
     if (base == MAP_FAILED) return Errno(absl::StatusCode::kInternal, "mapping a segment");
     segments_[notice.segment] = {base, notice.bytes};
+    if (on_segment_mapped_) {
+      absl::Status hooked = on_segment_mapped_(notice.segment, base, notice.bytes);
+      if (!hooked.ok()) return hooked;
+    }
   }
 }
 
@@ -369,6 +398,11 @@ absl::StatusOr<uint8_t*> Attachment::Address(const abi::ArenaRef& ref, uint64_t 
     return absl::InvalidArgumentError("reference outside its segment");
   }
   return static_cast<uint8_t*>(m.base) + ref.offset;
+}
+
+absl::Status Attachment::MapAnnouncedSegments() {
+  absl::MutexLock lock(&map_mu_);
+  return PumpNotices(0);
 }
 
 absl::StatusOr<const uint8_t*> Attachment::Frame(uint32_t segment, uint32_t frame,

@@ -12,6 +12,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -35,6 +36,11 @@ class Attachment {
     // ABI version to announce (tests set others to check the refusal).
     uint32_t abi_version = abi::kAbiVersion;
     absl::Duration timeout = absl::Seconds(5);
+    // Called (under the attachment's mapping lock, from whichever thread maps it) once for
+    // each data segment right after it is mapped: the CUDA client registers it there. A
+    // non-OK status is returned by the call that mapped the segment; the segment stays
+    // mapped and the hook is not called again for it.
+    std::function<absl::Status(uint32_t segment, void* base, uint64_t bytes)> on_segment_mapped;
   };
 
   // UNAVAILABLE: no daemon at the socket. PERMISSION_DENIED: the daemon refused this uid.
@@ -71,6 +77,14 @@ class Attachment {
                        uint32_t tokens, uint32_t first_position);
   absl::Status Append(const std::string& handle, uint32_t layer, const abi::ArenaRef& staging,
                       uint32_t tokens, uint32_t first_position);
+  // Frees a staging buffer that no prefill or append consumed.
+  absl::Status ReleaseStaging(const std::string& handle, const abi::ArenaRef& staging);
+  // Asynchronous prefill / append / release (op): submits and returns the slot; Finish(slot)
+  // waits for the answer (however long the daemon takes) and releases the slot.
+  absl::StatusOr<uint32_t> SubmitStaged(uint32_t op, const std::string& handle, uint32_t layer,
+                                        const abi::ArenaRef& staging, uint32_t tokens,
+                                        uint32_t first_position);
+  absl::Status Finish(uint32_t index);
   // queries: [num_q_heads][head_dim] fp32. Returns [num_kv_heads][k] page references.
   absl::StatusOr<std::vector<abi::SelectedPageRef>> Select(const std::string& handle,
                                                            uint32_t layer, const float* queries,
@@ -81,6 +95,8 @@ class Attachment {
   // Address of `bytes` at `ref` in a data segment, mapping the segment on first use (its
   // descriptor arrives on the attach connection). INVALID_ARGUMENT outside the segment.
   absl::StatusOr<uint8_t*> Address(const abi::ArenaRef& ref, uint64_t bytes);
+  // Maps every segment the daemon has announced so far (does not wait for more).
+  absl::Status MapAnnouncedSegments();
   // Start of a page frame and its size (from the segment table).
   absl::StatusOr<const uint8_t*> Frame(uint32_t segment, uint32_t frame, uint32_t* page_bytes);
   // The counters this client publishes for the daemon to export.
@@ -101,6 +117,7 @@ class Attachment {
   uint64_t client_id_ = 0;
   uint32_t payload_capacity_ = 0;
   absl::Duration timeout_;
+  std::function<absl::Status(uint32_t, void*, uint64_t)> on_segment_mapped_;
 
   absl::Mutex slots_mu_;
   std::vector<uint32_t> free_slots_ ABSL_GUARDED_BY(slots_mu_);

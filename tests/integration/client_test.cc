@@ -1,0 +1,532 @@
+// The client library end to end in CPU mode: the real icecached as a subprocess, the real
+// Client over its sockets and shared memory, every output checked against float64 attention
+// computed here from the same K/V.
+#include "icecache/client.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <set>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "common/half.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "server/index/synthetic.h"
+#include "tests/support/daemon_process.h"
+#include "tests/support/status_matchers.h"
+
+namespace icecache::testing {
+namespace {
+
+namespace v1 = ::icecache::v1;
+using ::testing::HasSubstr;
+
+// K/V of every token of every layer (token-major, as an engine holds them) and per-step
+// queries, from the synthetic clustered generator.
+struct Data {
+  uint32_t layers = 0, kv = 0, group = 0, d = 0, tokens = 0;
+  DType dtype = DType::kBF16;
+  index::Trace trace;
+  std::vector<std::vector<uint16_t>> k, v;  // [layer] -> [token][kv][d]
+
+  uint32_t q_heads() const { return kv * group; }
+  float ToFloat(uint16_t x) const {
+    return dtype == DType::kBF16 ? Bf16ToFloat(x) : HalfToFloat(x);
+  }
+  uint16_t FromFloat(float f) const {
+    return dtype == DType::kBF16 ? FloatToBf16(f) : FloatToHalf(f);
+  }
+  const uint16_t* K(uint32_t l, uint32_t t) const { return &k[l][size_t{t} * kv * d]; }
+  const uint16_t* V(uint32_t l, uint32_t t) const { return &v[l][size_t{t} * kv * d]; }
+  // The query of decode step `step` of layer l: [q_heads][d] in the dtype.
+  std::vector<uint16_t> Query(uint32_t l, uint32_t step) const {
+    std::vector<uint16_t> q(size_t{q_heads()} * d);
+    const uint32_t nq = static_cast<uint32_t>(trace.query_positions.size());
+    for (uint32_t h = 0; h < q_heads(); ++h) {
+      const float* src = trace.Query(l, h, step % nq);
+      for (uint32_t i = 0; i < d; ++i) q[size_t{h} * d + i] = FromFloat(src[i]);
+    }
+    return q;
+  }
+};
+
+Data MakeData(uint32_t layers, uint32_t kv, uint32_t group, uint32_t d, uint32_t tokens,
+              DType dtype, uint64_t seed = 7) {
+  index::SyntheticOptions o;
+  o.num_tokens = tokens;
+  o.head_dim = d;
+  o.num_layers = layers;
+  o.num_kv_heads = kv;
+  o.group_size = group;
+  o.num_queries = 8;
+  o.kv_type = dtype == DType::kBF16 ? index::ElemType::kBF16 : index::ElemType::kF16;
+  o.seed = seed;
+  Data data;
+  data.layers = layers;
+  data.kv = kv;
+  data.group = group;
+  data.d = d;
+  data.tokens = tokens;
+  data.dtype = dtype;
+  data.trace = index::GenerateSynthetic(o);
+  data.k.resize(layers);
+  data.v.resize(layers);
+  for (uint32_t l = 0; l < layers; ++l) {
+    data.k[l].resize(size_t{tokens} * kv * d);
+    data.v[l].resize(size_t{tokens} * kv * d);
+    for (uint32_t h = 0; h < kv; ++h) {
+      const index::RowView kr = data.trace.Keys(l, h), vr = data.trace.Values(l, h);
+      for (uint32_t t = 0; t < tokens; ++t) {
+        std::memcpy(&data.k[l][(size_t{t} * kv + h) * d], kr.row(t), d * 2);
+        std::memcpy(&data.v[l][(size_t{t} * kv + h) * d], vr.row(t), d * 2);
+      }
+    }
+  }
+  return data;
+}
+
+// float64 softmax attention of query head qh over `positions` of its KV head.
+std::vector<double> Attend(const Data& data, uint32_t l, const std::vector<uint16_t>& q,
+                           uint32_t qh, const std::vector<uint32_t>& positions) {
+  const uint32_t d = data.d, h = qh / data.group;
+  const double scale = 1.0 / std::sqrt(static_cast<double>(d));
+  std::vector<double> s(positions.size());
+  double mx = -std::numeric_limits<double>::infinity();
+  for (size_t j = 0; j < positions.size(); ++j) {
+    const uint16_t* kr = data.K(l, positions[j]) + size_t{h} * d;
+    double dot = 0;
+    for (uint32_t i = 0; i < d; ++i) {
+      dot += double{data.ToFloat(q[size_t{qh} * d + i])} * data.ToFloat(kr[i]);
+    }
+    s[j] = dot * scale;
+    mx = std::max(mx, s[j]);
+  }
+  double sum = 0;
+  for (double& x : s) sum += (x = std::exp(x - mx));
+  std::vector<double> out(d, 0.0);
+  for (size_t j = 0; j < positions.size(); ++j) {
+    const uint16_t* vr = data.V(l, positions[j]) + size_t{h} * d;
+    for (uint32_t i = 0; i < d; ++i) out[i] += s[j] / sum * data.ToFloat(vr[i]);
+  }
+  return out;
+}
+
+// Softmax mass of `subset` within `all` (both position lists) for query head qh.
+double Mass(const Data& data, uint32_t l, const std::vector<uint16_t>& q, uint32_t qh,
+            const std::vector<uint32_t>& all, const std::set<uint32_t>& subset) {
+  const uint32_t d = data.d, h = qh / data.group;
+  std::vector<double> s(all.size());
+  double mx = -std::numeric_limits<double>::infinity();
+  for (size_t j = 0; j < all.size(); ++j) {
+    const uint16_t* kr = data.K(l, all[j]) + size_t{h} * d;
+    double dot = 0;
+    for (uint32_t i = 0; i < d; ++i) {
+      dot += double{data.ToFloat(q[size_t{qh} * d + i])} * data.ToFloat(kr[i]);
+    }
+    s[j] = dot / std::sqrt(static_cast<double>(d));
+    mx = std::max(mx, s[j]);
+  }
+  double sum = 0, in = 0;
+  for (size_t j = 0; j < all.size(); ++j) {
+    const double e = std::exp(s[j] - mx);
+    sum += e;
+    if (subset.count(all[j]) != 0) in += e;
+  }
+  return in / sum;
+}
+
+std::vector<uint32_t> Iota(uint32_t n) {
+  std::vector<uint32_t> p(n);
+  for (uint32_t i = 0; i < n; ++i) p[i] = i;
+  return p;
+}
+
+// Output tolerance: the kernels accumulate in fp32 and round the output to the dtype.
+double Tolerance(DType dtype, double ref) {
+  return (dtype == DType::kBF16 ? 8e-3 : 1.5e-3) * std::max(1.0, std::fabs(ref));
+}
+
+class ClientTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    DaemonConfig config;
+    config.extra_args = {"--recall-sample-every=0"};
+    auto d = DaemonProcess::Start(dir_.path(), config);
+    ASSERT_TRUE(d.ok()) << d.status();
+    daemon_ = std::move(*d);
+  }
+
+  std::unique_ptr<Client> Connect(ClientOptions o = {}) {
+    o.socket = daemon_->socket_path();
+    if (o.mode == ExecutionMode::kAuto) o.mode = ExecutionMode::kCpu;
+    auto c = Client::Attach(o);
+    EXPECT_TRUE(c.ok()) << c.status();
+    return c.ok() ? std::move(*c) : nullptr;
+  }
+
+  static SequenceOptions Options(const Data& data, uint32_t budget, uint32_t full_kv_layers) {
+    SequenceOptions o;
+    o.num_layers = data.layers;
+    o.num_q_heads = data.q_heads();
+    o.num_kv_heads = data.kv;
+    o.head_dim = data.d;
+    o.dtype = data.dtype;
+    o.max_tokens = data.tokens;
+    o.page_size = 16;
+    o.sink_tokens = 16;
+    o.window_tokens = 16;
+    o.budget_tokens = budget;
+    o.full_kv_layers = full_kv_layers;
+    o.label = "client-test";
+    return o;
+  }
+
+  TempDir dir_;
+  std::unique_ptr<DaemonProcess> daemon_;
+};
+
+// ---- with a budget covering every token, the output is full attention
+
+struct FullCase {
+  DType dtype;
+  uint32_t prompt;
+};
+
+class ClientFullBudgetTest : public ClientTest,
+                             public ::testing::WithParamInterface<FullCase> {};
+
+TEST_P(ClientFullBudgetTest, EveryStepEqualsFullAttention) {
+  const FullCase c = GetParam();
+  constexpr uint32_t kSteps = 40;  // crosses two window hand-overs per layer
+  const Data data = MakeData(3, 2, 2, 64, c.prompt + kSteps, c.dtype);
+  auto client = Connect();
+  ASSERT_NE(client, nullptr);
+  ASSERT_EQ(client->mode(), ExecutionMode::kCpu);
+  auto seq = client->CreateSequence(Options(data, 2048, 1));
+  ASSERT_TRUE(seq.ok()) << seq.status();
+  Sequence& s = **seq;
+  EXPECT_EQ(s.geometry().selected_pages(), (2048u - 32) / 16);
+  for (uint32_t l = 0; l < data.layers; ++l) {
+    ASSERT_OK(s.Prefill(l, data.K(l, 0), data.V(l, 0), c.prompt));
+  }
+  std::vector<uint16_t> out(size_t{data.q_heads()} * data.d);
+  double worst = 0;
+  for (uint32_t step = 0; step < kSteps; ++step) {
+    const uint32_t pos = c.prompt + step;
+    for (uint32_t l = 0; l < data.layers; ++l) {
+      const std::vector<uint16_t> q = data.Query(l, step);
+      std::fill(out.begin(), out.end(), 0x7fff);  // poison
+      ASSERT_OK(s.Decode(l, q.data(), data.K(l, pos), data.V(l, pos), out.data()))
+          << "step " << step << " layer " << l;
+      EXPECT_EQ(s.last_decode().attended_tokens, (pos + 1) * data.kv) << "step " << step << " layer " << l;
+      EXPECT_EQ(s.last_decode().full_kv, l == 0);
+      for (uint32_t qh = 0; qh < data.q_heads(); ++qh) {
+        const std::vector<double> ref = Attend(data, l, q, qh, Iota(pos + 1));
+        for (uint32_t i = 0; i < data.d; ++i) {
+          const double got = data.ToFloat(out[size_t{qh} * data.d + i]);
+          ASSERT_NEAR(got, ref[i], Tolerance(c.dtype, ref[i]))
+              << "step " << step << " layer " << l << " q head " << qh << " dim " << i;
+          worst = std::max(worst, std::fabs(got - ref[i]));
+        }
+      }
+    }
+    EXPECT_EQ(s.tokens(0), pos + 1);
+  }
+  const ClientCounters counters = client->counters();
+  EXPECT_EQ(counters.decode_steps, uint64_t{kSteps} * data.layers);
+  if (c.prompt > 32) {
+    EXPECT_GT(counters.cache_hits, 0u);
+    EXPECT_GT(counters.cache_misses, 0u);
+  }
+  EXPECT_EQ(counters.fetched_bytes, counters.cache_misses * 2 * 16 * data.d * 2);
+  RecordProperty("worst_abs_error", absl::StrCat(worst));
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Prompts, ClientFullBudgetTest,
+    ::testing::Values(FullCase{DType::kBF16, 500}, FullCase{DType::kFP16, 500},
+                      FullCase{DType::kBF16, 10},   // shorter than the sink
+                      FullCase{DType::kFP16, 40}),  // sink + window + 8 offloaded
+    [](const ::testing::TestParamInfo<FullCase>& p) {
+      return absl::StrCat(DTypeName(p.param.dtype), "_prompt", p.param.prompt);
+    });
+
+// ---- with a small budget: attention over exactly what was selected, error bounded by recall
+
+TEST_F(ClientTest, SmallBudgetAttendsSinkWindowAndSelectedPagesOnly) {
+  constexpr uint32_t kPrompt = 2000, kSteps = 24, kBudget = 128;
+  const Data data = MakeData(2, 2, 4, 64, kPrompt + kSteps, DType::kBF16);
+  auto client = Connect();
+  ASSERT_NE(client, nullptr);
+  auto seq = client->CreateSequence(Options(data, kBudget, 0));
+  ASSERT_TRUE(seq.ok()) << seq.status();
+  Sequence& s = **seq;
+  const uint32_t k_sel = s.geometry().selected_pages();
+  ASSERT_EQ(k_sel, 6u);
+  for (uint32_t l = 0; l < data.layers; ++l) {
+    ASSERT_OK(s.Prefill(l, data.K(l, 0), data.V(l, 0), kPrompt));
+  }
+  // Key row bytes -> position, per (layer, head), to identify the attended rows.
+  std::vector<std::vector<std::unordered_map<std::string, uint32_t>>> where(data.layers);
+  for (uint32_t l = 0; l < data.layers; ++l) {
+    where[l].resize(data.kv);
+    for (uint32_t t = 0; t < data.tokens; ++t) {
+      for (uint32_t h = 0; h < data.kv; ++h) {
+        const char* row = reinterpret_cast<const char*>(data.K(l, t) + size_t{h} * data.d);
+        where[l][h].emplace(std::string(row, data.d * 2), t);
+      }
+    }
+  }
+  std::vector<uint16_t> out(size_t{data.q_heads()} * data.d);
+  double mass_sum = 0, streaming_sum = 0;
+  uint64_t mass_n = 0;
+  for (uint32_t step = 0; step < kSteps; ++step) {
+    const uint32_t pos = kPrompt + step;
+    for (uint32_t l = 0; l < data.layers; ++l) {
+      const std::vector<uint16_t> q = data.Query(l, step);
+      ASSERT_OK(s.Decode(l, q.data(), data.K(l, pos), data.V(l, pos), out.data()));
+      const DecodeBreakdown& b = s.last_decode();
+      EXPECT_EQ(b.selected_pages, k_sel * data.kv);
+      EXPECT_EQ(b.hits + b.misses, b.selected_pages);
+      uint32_t attended_rows = 0;
+      for (uint32_t h = 0; h < data.kv; ++h) {
+        auto rows = s.LastAttended(l, h);
+        ASSERT_TRUE(rows.ok()) << rows.status();
+        attended_rows += rows->count;
+        ASSERT_LE(rows->count, kBudget + 16);  // the window runs up to a page over
+        std::set<uint32_t> attended;
+        std::vector<uint32_t> positions;
+        for (uint32_t r = 0; r < rows->count; ++r) {
+          const std::string key(reinterpret_cast<const char*>(&rows->k[size_t{r} * data.d]),
+                                data.d * 2);
+          auto it = where[l][h].find(key);
+          ASSERT_NE(it, where[l][h].end()) << "an attended K row is no token's key";
+          const uint32_t p = it->second;
+          ASSERT_LE(p, pos) << "a future token was attended";
+          ASSERT_EQ(std::memcmp(&rows->v[size_t{r} * data.d], data.V(l, p) + size_t{h} * data.d,
+                                data.d * 2),
+                    0)
+              << "the V row of position " << p << " does not match its key";
+          ASSERT_TRUE(attended.insert(p).second) << "position " << p << " attended twice";
+          positions.push_back(p);
+        }
+        for (uint32_t p = 0; p < 16; ++p) EXPECT_EQ(attended.count(p), 1u) << "sink " << p;
+        for (uint32_t p = pos - 15; p <= pos; ++p) {
+          EXPECT_EQ(attended.count(p), 1u) << "window " << p;
+        }
+        std::sort(positions.begin(), positions.end());
+        const std::vector<uint32_t> all = Iota(pos + 1);
+        for (uint32_t g = 0; g < data.group; ++g) {
+          const uint32_t qh = h * data.group + g;
+          const std::vector<double> restricted = Attend(data, l, q, qh, positions);
+          const std::vector<double> full = Attend(data, l, q, qh, all);
+          const double mass = Mass(data, l, q, qh, all, attended);
+          mass_sum += mass;
+          ++mass_n;
+          // StreamingLLM's share: sink and window alone.
+          std::set<uint32_t> streaming;
+          for (uint32_t p = 0; p < 16; ++p) streaming.insert(p);
+          for (uint32_t p = pos - 31; p <= pos; ++p) streaming.insert(p);
+          streaming_sum += Mass(data, l, q, qh, all, streaming);
+          double vmax = 0;
+          for (uint32_t t = 0; t <= pos; ++t) {
+            for (uint32_t i = 0; i < data.d; ++i) {
+              vmax = std::max(vmax, std::fabs(double{data.ToFloat(
+                                        data.V(l, t)[size_t{h} * data.d + i])}));
+            }
+          }
+          for (uint32_t i = 0; i < data.d; ++i) {
+            const double got = data.ToFloat(out[size_t{qh} * data.d + i]);
+            // Exactly the attention over the attended rows...
+            ASSERT_NEAR(got, restricted[i], Tolerance(data.dtype, restricted[i]))
+                << "step " << step << " layer " << l << " q head " << qh;
+            // ...and away from full attention by at most what the missed mass allows:
+            // |o - o_A| = (1 - m) |o_rest - o_A| <= 2 (1 - m) max|v|.
+            EXPECT_LE(std::fabs(got - full[i]),
+                      2 * (1 - mass) * vmax + Tolerance(data.dtype, full[i]));
+          }
+        }
+      }
+      EXPECT_EQ(attended_rows, b.attended_tokens);
+    }
+  }
+  const double mean_mass = mass_sum / static_cast<double>(mass_n);
+  const double mean_streaming = streaming_sum / static_cast<double>(mass_n);
+  RecordProperty("mean_attended_mass", absl::StrCat(mean_mass));
+  RecordProperty("mean_streaming_mass", absl::StrCat(mean_streaming));
+  // The selected pages (6 per head, ~5% of the tokens) must carry far more than their share
+  // of the mass: sink + a 32-token window alone (the StreamingLLM baseline, more window than
+  // the client keeps) capture much less.
+  EXPECT_GT(mean_mass, mean_streaming + 0.25) << "streaming " << mean_streaming;
+  EXPECT_LE(mean_mass, 1.0);
+}
+
+// ---- the page cache: a page resident at the same version is not moved again
+
+TEST_F(ClientTest, RepeatedQueryHitsTheCacheAndTheDaemonExportsTheCounters) {
+  constexpr uint32_t kPrompt = 1500;
+  const Data data = MakeData(1, 2, 2, 64, kPrompt + 8, DType::kFP16);
+  auto client = Connect();
+  ASSERT_NE(client, nullptr);
+  auto seq = client->CreateSequence(Options(data, 256, 0));
+  ASSERT_TRUE(seq.ok()) << seq.status();
+  Sequence& s = **seq;
+  ASSERT_OK(s.Prefill(0, data.K(0, 0), data.V(0, 0), kPrompt));
+  const std::vector<uint16_t> q = data.Query(0, 0);
+  std::vector<uint16_t> out(size_t{data.q_heads()} * data.d);
+  const uint32_t k_sel = s.geometry().selected_pages();
+  ASSERT_OK(s.Decode(0, q.data(), data.K(0, kPrompt), data.V(0, kPrompt), out.data()));
+  EXPECT_EQ(s.last_decode().misses, k_sel * data.kv);
+  EXPECT_EQ(s.last_decode().hits, 0u);
+  const uint64_t bytes_after_first = client->counters().fetched_bytes;
+  EXPECT_EQ(bytes_after_first, uint64_t{k_sel} * data.kv * 2 * 16 * 64 * 2);
+  for (uint32_t step = 1; step < 6; ++step) {
+    ASSERT_OK(s.Decode(0, q.data(), data.K(0, kPrompt + step), data.V(0, kPrompt + step),
+                       out.data()));
+    EXPECT_EQ(s.last_decode().hits, k_sel * data.kv) << "step " << step;
+    EXPECT_EQ(s.last_decode().misses, 0u) << "step " << step;
+  }
+  const ClientCounters c = client->counters();
+  EXPECT_EQ(c.fetched_bytes, bytes_after_first);
+  EXPECT_EQ(c.cache_hits, 5u * k_sel * data.kv);
+  EXPECT_EQ(c.cache_misses, uint64_t{k_sel} * data.kv);
+  EXPECT_EQ(c.decode_steps, 6u);
+  EXPECT_NEAR(c.hit_rate(), 5.0 / 6.0, 1e-9);
+
+  // A real scrape of the daemon sees what the client published.
+  double hits = -1, steps = -1;
+  const absl::Time deadline = absl::Now() + absl::Seconds(10);
+  while (absl::Now() < deadline) {
+    auto body = HttpGet(daemon_->metrics_port(), "/metrics");
+    ASSERT_TRUE(body.ok()) << body.status();
+    hits = MetricValue(*body, "icecache_client_cache_hits_total");
+    steps = MetricValue(*body, "icecache_client_decode_steps_total");
+    if (hits == static_cast<double>(c.cache_hits) && steps == 6) break;
+    absl::SleepFor(absl::Milliseconds(100));
+  }
+  EXPECT_EQ(hits, static_cast<double>(c.cache_hits));
+  EXPECT_EQ(steps, 6.0);
+}
+
+// ---- more layers than request slots: prefills wait for a slot instead of failing
+
+TEST_F(ClientTest, PrefillOfMoreLayersThanRequestSlots) {
+  constexpr uint32_t kLayers = 80, kPrompt = 100;
+  const Data data = MakeData(kLayers, 1, 2, 64, kPrompt + 1, DType::kBF16);
+  auto client = Connect();
+  ASSERT_NE(client, nullptr);
+  auto seq = client->CreateSequence(Options(data, 64, 2));
+  ASSERT_TRUE(seq.ok()) << seq.status();
+  Sequence& s = **seq;
+  for (uint32_t l = 0; l < kLayers; ++l) {
+    ASSERT_OK(s.Prefill(l, data.K(l, 0), data.V(l, 0), kPrompt)) << "layer " << l;
+  }
+  std::vector<uint16_t> out(size_t{data.q_heads()} * data.d);
+  for (uint32_t l = 0; l < kLayers; ++l) {
+    const std::vector<uint16_t> q = data.Query(l, 0);
+    ASSERT_OK(s.Decode(l, q.data(), data.K(l, kPrompt), data.V(l, kPrompt), out.data()))
+        << "layer " << l;
+  }
+  EXPECT_EQ(s.tokens(kLayers - 1), kPrompt + 1);
+}
+
+// ---- bad calls get their codes and change nothing
+
+TEST_F(ClientTest, BadCallsGetClearErrors) {
+  const Data data = MakeData(2, 2, 2, 64, 300, DType::kBF16);
+  std::vector<uint16_t> out(size_t{data.q_heads()} * data.d);
+  const std::vector<uint16_t> q = data.Query(0, 0);
+
+  ClientOptions bad;
+  bad.socket = daemon_->socket_path();
+  bad.cache_factor = 0.5;
+  EXPECT_THAT(Client::Attach(bad).status(), StatusIs(absl::StatusCode::kInvalidArgument));
+  ClientOptions nowhere;
+  nowhere.socket = dir_.path() + "/nobody.sock";
+  nowhere.mode = ExecutionMode::kCpu;
+  EXPECT_THAT(Client::Attach(nowhere).status(), StatusIs(absl::StatusCode::kUnavailable));
+  ClientOptions cuda;
+  cuda.socket = daemon_->socket_path();
+  cuda.mode = ExecutionMode::kCuda;
+  cuda.device = 4096;  // no machine has it
+  EXPECT_THAT(Client::Attach(cuda).status(), StatusIs(absl::StatusCode::kFailedPrecondition));
+
+  auto client = Connect();
+  ASSERT_NE(client, nullptr);
+  SequenceOptions no_heads = Options(data, 256, 0);
+  no_heads.num_kv_heads = 0;
+  EXPECT_THAT(client->CreateSequence(no_heads).status(),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("num_kv_heads")));
+
+  auto seq = client->CreateSequence(Options(data, 256, 1));
+  ASSERT_TRUE(seq.ok()) << seq.status();
+  Sequence& s = **seq;
+  EXPECT_FALSE(s.handle().empty());
+  EXPECT_THAT(s.Decode(0, q.data(), data.K(0, 0), data.V(0, 0), out.data()),
+              StatusIs(absl::StatusCode::kFailedPrecondition, HasSubstr("prefilled")));
+  EXPECT_THAT(s.Prefill(2, data.K(0, 0), data.V(0, 0), 100),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("out of range")));
+  EXPECT_THAT(s.Prefill(0, nullptr, data.V(0, 0), 100),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(s.Prefill(0, data.K(0, 0), data.V(0, 0), 0),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(s.Prefill(0, data.K(0, 0), data.V(0, 0), 301),
+              StatusIs(absl::StatusCode::kResourceExhausted, HasSubstr("max_tokens")));
+  ASSERT_OK(s.Prefill(0, data.K(0, 0), data.V(0, 0), 299));
+  EXPECT_THAT(s.Prefill(0, data.K(0, 0), data.V(0, 0), 299),
+              StatusIs(absl::StatusCode::kFailedPrecondition, HasSubstr("already")));
+  EXPECT_THAT(s.Prefill(1, data.K(1, 0), data.V(1, 0), 200),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("same length")));
+  ASSERT_OK(s.Prefill(1, data.K(1, 0), data.V(1, 0), 299));
+  EXPECT_THAT(s.Decode(0, nullptr, data.K(0, 299), data.V(0, 299), out.data()),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+  ASSERT_OK(s.Decode(0, q.data(), data.K(0, 299), data.V(0, 299), out.data()));
+  EXPECT_THAT(s.Decode(0, q.data(), data.K(0, 299), data.V(0, 299), out.data()),
+              StatusIs(absl::StatusCode::kFailedPrecondition, HasSubstr("step ahead")));
+  ASSERT_OK(s.Decode(1, q.data(), data.K(1, 299), data.V(1, 299), out.data()));
+  // max_tokens (300) reached.
+  EXPECT_THAT(s.Decode(0, q.data(), data.K(0, 299), data.V(0, 299), out.data()),
+              StatusIs(absl::StatusCode::kResourceExhausted, HasSubstr("max_tokens")));
+  EXPECT_EQ(s.tokens(0), 300u);
+
+  // Drop frees the daemon's sequence; later calls fail cleanly.
+  const std::string handle = s.handle();
+  ASSERT_OK(s.Drop());
+  v1::GetSequenceRequest get;
+  get.set_handle(handle);
+  v1::GetSequenceResponse got;
+  EXPECT_THAT(daemon_->stub().GetSequence(
+                  ContextWithToken(client->attachment().token()).get(), get, &got),
+              GrpcStatusIs(grpc::StatusCode::NOT_FOUND));
+  EXPECT_THAT(s.Decode(1, q.data(), data.K(1, 0), data.V(1, 0), out.data()),
+              StatusIs(absl::StatusCode::kFailedPrecondition, HasSubstr("dropped")));
+  EXPECT_THAT(s.Drop(), StatusIs(absl::StatusCode::kFailedPrecondition));
+}
+
+TEST_F(ClientTest, DestroyingASequenceDropsIt) {
+  const Data data = MakeData(1, 1, 2, 64, 200, DType::kBF16);
+  auto client = Connect();
+  ASSERT_NE(client, nullptr);
+  std::string handle;
+  {
+    auto seq = client->CreateSequence(Options(data, 64, 0));
+    ASSERT_TRUE(seq.ok()) << seq.status();
+    handle = (*seq)->handle();
+    ASSERT_OK((*seq)->Prefill(0, data.K(0, 0), data.V(0, 0), 150));
+  }
+  v1::GetSequenceRequest get;
+  get.set_handle(handle);
+  v1::GetSequenceResponse got;
+  EXPECT_THAT(daemon_->stub().GetSequence(
+                  ContextWithToken(client->attachment().token()).get(), get, &got),
+              GrpcStatusIs(grpc::StatusCode::NOT_FOUND));
+}
+
+}  // namespace
+}  // namespace icecache::testing
