@@ -24,6 +24,7 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/strings/str_cat.h"
+#include "bench/bench_daemon.h"
 #include "common/flags_compat.h"
 #include "common/thread_pool.h"
 #include "grpcpp/create_channel.h"
@@ -51,38 +52,8 @@ double Percentile(std::vector<double> v, double p) {
   return v[std::min(v.size() - 1, static_cast<size_t>(p * v.size()))];
 }
 
-struct Daemon {
-  pid_t pid = -1;
-  std::string dir, socket;
-  ~Daemon() {
-    if (pid > 0) {
-      ::kill(pid, SIGTERM);
-      ::waitpid(pid, nullptr, 0);
-    }
-    std::system(("rm -rf '" + dir + "'").c_str());
-  }
-};
-
-std::unique_ptr<Daemon> StartDaemon() {
-  auto d = std::make_unique<Daemon>();
-  char tmpl[] = "/tmp/icecache-bench-XXXXXX";
-  d->dir = ::mkdtemp(tmpl);
-  d->socket = d->dir + "/icecached.sock";
-  d->pid = ::fork();
-  if (d->pid == 0) {
-    const std::string sock = "--socket=" + d->socket;
-    ::execl(ICECACHE_BENCH_ICECACHED_BIN, "icecached", sock.c_str(), "--metrics-port=-1",
-            "--recall-sample-every=0", "--log-level=warning", static_cast<char*>(nullptr));
-    _exit(127);
-  }
-  for (int i = 0; i < 500; ++i) {
-    Attachment::Options o;
-    o.socket = d->socket;
-    if (Attachment::Attach(o).ok()) return d;
-    std::this_thread::sleep_for(std::chrono::milliseconds(10));
-  }
-  std::fprintf(stderr, "daemon did not come up\n");
-  std::exit(1);
+std::unique_ptr<bench::BenchDaemon> StartDaemon() {
+  return bench::StartBenchDaemon(ICECACHE_BENCH_ICECACHED_BIN);
 }
 
 struct Client {

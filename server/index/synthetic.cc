@@ -48,6 +48,9 @@ Trace GenerateSynthetic(const SyntheticOptions& o) {
       o.num_tokens, o.head_dim, o.num_clusters, o.mean_run, o.cluster_spread,
       o.outlier_channels, o.query_clusters, o.query_sharpness, o.rope_base,
       static_cast<unsigned>(o.seed));
+  if (o.query_drift < 1.0f) {
+    t.description += absl::StrFormat(", query drift %.2f per step", o.query_drift);
+  }
   t.num_layers = o.num_layers;
   t.num_kv_heads = o.num_kv_heads;
   t.num_q_heads = o.num_kv_heads * o.group_size;
@@ -111,11 +114,16 @@ Trace GenerateSynthetic(const SyntheticOptions& o) {
       // Queries of the group: each attends to a few clusters seen in the sequence.
       for (uint32_t qh = 0; qh < o.group_size; ++qh) {
         const uint32_t q_head = kvh * o.group_size + qh;
+        std::vector<uint32_t> targets(o.query_clusters, 0);
         for (uint32_t qi = 0; qi < t.query_positions.size(); ++qi) {
           const uint32_t pos = t.query_positions[qi];
           std::vector<float> q(d, 0.f);
           for (uint32_t j = 0; j < o.query_clusters; ++j) {
-            const uint32_t target = cluster_of[static_cast<uint32_t>(uniform(rng) * (pos - 1))];
+            // (No extra draw when every query is independent: older traces stay identical.)
+            if (qi == 0 || o.query_drift >= 1.0f || uniform(rng) < o.query_drift) {
+              targets[j] = cluster_of[static_cast<uint32_t>(uniform(rng) * (pos - 1))];
+            }
+            const uint32_t target = targets[j];
             const float* c = centres.data() + uint64_t{target} * d;
             for (uint32_t i = 0; i < d; ++i) q[i] += c[i];
           }

@@ -31,6 +31,10 @@ struct SyntheticOptions {
   float outlier_offset = 4.0f;     // in units of a typical key element
   uint32_t query_clusters = 2;     // clusters each query attends to
   float query_sharpness = 9.0f;    // scale of the query; larger = more peaked attention
+  // Chance that a query head re-draws each of its target clusters at the next query position
+  // (1: every query independent; below 1: consecutive decode queries stay on a topic, as a
+  // model's do, which is what a page cache lives on).
+  float query_drift = 1.0f;
   float rope_base = 10000.0f;
   ElemType kv_type = ElemType::kF16;
   uint64_t seed = 1;

@@ -12,98 +12,15 @@
 #include "kernels/attention.h"
 #include "kernels/kv_copy.h"
 #include "kernels/page_layout.h"
+#include "tests/kernels/attention_case.h"
 
 namespace icecache {
 namespace {
 
-uint16_t Encode(float f, DType t) { return t == DType::kBF16 ? FloatToBf16(f) : FloatToHalf(f); }
-float Decode(uint16_t v, DType t) { return t == DType::kBF16 ? Bf16ToFloat(v) : HalfToFloat(v); }
-
-// A randomly built decode step: per KV head a sink chunk, a window chunk and pages (K then V
-// rows in page_size-row frames) with random valid counts.
-struct Case {
-  DType dtype;
-  uint32_t d, kv_heads, group, page_size;
-  std::vector<uint16_t> q, out;
-  std::vector<std::vector<uint16_t>> buffers;  // owned row storage
-  std::vector<AttentionChunk> chunks;
-  std::vector<uint32_t> offsets;
-  DecodeAttentionParams params;
-};
-
-Case MakeCase(DType dtype, uint32_t d, uint32_t kv_heads, uint32_t group, uint32_t pages,
-              uint32_t seed) {
-  Case c{dtype, d, kv_heads, group, 16, {}, {}, {}, {}, {}, {}};
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> normal(0.f, 1.f);
-  std::uniform_int_distribution<uint32_t> fill(1, 16);
-  const uint32_t qh = kv_heads * group;
-  c.q.resize(uint64_t{qh} * d);
-  for (auto& v : c.q) v = Encode(normal(rng) * 2.f, dtype);
-  c.out.assign(uint64_t{qh} * d, 0xFFFF);  // poisoned
-  auto rows = [&](uint32_t n) {
-    std::vector<uint16_t> b(uint64_t{n} * d);
-    for (auto& v : b) v = Encode(normal(rng), dtype);
-    return b;
-  };
-  c.buffers.reserve(kv_heads * (4 + pages));
-  c.offsets.push_back(0);
-  for (uint32_t h = 0; h < kv_heads; ++h) {
-    // Sink (16 rows) and window (7 rows): separate K and V buffers.
-    for (uint32_t n : {16u, 7u}) {
-      c.buffers.push_back(rows(n));
-      c.buffers.push_back(rows(n));
-      c.chunks.push_back({c.buffers[c.buffers.size() - 2].data(), c.buffers.back().data(), n, 0});
-    }
-    // Pages: one frame each, K rows then V rows, ragged valid counts.
-    const PageLayout layout{16, d, 2};
-    for (uint32_t p = 0; p < pages; ++p) {
-      c.buffers.push_back(rows(32));
-      const uint8_t* base = reinterpret_cast<const uint8_t*>(c.buffers.back().data());
-      c.chunks.push_back({base, base + layout.half_bytes(), fill(rng), 0});
-    }
-    c.offsets.push_back(static_cast<uint32_t>(c.chunks.size()));
-  }
-  c.params.q = c.q.data();
-  c.params.out = c.out.data();
-  c.params.chunks = c.chunks.data();
-  c.params.chunk_offsets = c.offsets.data();
-  c.params.num_q_heads = qh;
-  c.params.num_kv_heads = kv_heads;
-  c.params.head_dim = d;
-  c.params.dtype = dtype;
-  c.params.scale = 1.0f / std::sqrt(static_cast<float>(d));
-  return c;
-}
-
-// Naive attention in float64 over the decoded inputs.
-std::vector<double> Naive(const Case& c) {
-  const uint32_t d = c.d, qh_count = c.kv_heads * c.group;
-  std::vector<double> out(uint64_t{qh_count} * d, 0.0);
-  for (uint32_t qh = 0; qh < qh_count; ++qh) {
-    const uint32_t h = qh / c.group;
-    std::vector<double> logits;
-    std::vector<const uint16_t*> vrows;
-    for (uint32_t ci = c.offsets[h]; ci < c.offsets[h + 1]; ++ci) {
-      const AttentionChunk& ch = c.chunks[ci];
-      for (uint32_t r = 0; r < ch.count; ++r) {
-        const uint16_t* k = static_cast<const uint16_t*>(ch.k) + uint64_t{r} * d;
-        double s = 0;
-        for (uint32_t i = 0; i < d; ++i) s += double(Decode(c.q[uint64_t{qh} * d + i], c.dtype)) * Decode(k[i], c.dtype);
-        logits.push_back(s / std::sqrt(double(d)));
-        vrows.push_back(static_cast<const uint16_t*>(ch.v) + uint64_t{r} * d);
-      }
-    }
-    double mx = -1e300, z = 0;
-    for (double l : logits) mx = std::max(mx, l);
-    for (double l : logits) z += std::exp(l - mx);
-    for (size_t j = 0; j < logits.size(); ++j) {
-      const double w = std::exp(logits[j] - mx) / z;
-      for (uint32_t i = 0; i < d; ++i) out[uint64_t{qh} * d + i] += w * Decode(vrows[j][i], c.dtype);
-    }
-  }
-  return out;
-}
+using testing::Case;
+using testing::Decode;
+using testing::MakeCase;
+using testing::Naive;
 
 class DecodeAttentionCpuTest
     : public ::testing::TestWithParam<std::tuple<DType, uint32_t, uint32_t>> {};

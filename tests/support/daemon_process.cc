@@ -19,9 +19,19 @@
 
 namespace icecache::testing {
 
-const char* IcecachedBinary() { return ICECACHE_TEST_ICECACHED_BIN; }
-const char* IcecacheCliBinary() { return ICECACHE_TEST_CLI_BIN; }
-const char* TestClientBinary() { return ICECACHE_TEST_CLIENT_BIN; }
+// The build tree's binaries; an environment variable may point elsewhere (bench/gpu/run.sh
+// runs prebuilt test binaries from a copied bundle on another machine).
+const char* FromEnvOr(const char* env, const char* built) {
+  const char* v = std::getenv(env);
+  return v != nullptr && *v != '\0' ? v : built;
+}
+const char* IcecachedBinary() {
+  return FromEnvOr("ICECACHE_ICECACHED_BIN", ICECACHE_TEST_ICECACHED_BIN);
+}
+const char* IcecacheCliBinary() { return FromEnvOr("ICECACHE_CLI_BIN", ICECACHE_TEST_CLI_BIN); }
+const char* TestClientBinary() {
+  return FromEnvOr("ICECACHE_TEST_CLIENT_BIN", ICECACHE_TEST_CLIENT_BIN);
+}
 
 std::unique_ptr<grpc::ClientContext> ContextWithDeadline(double seconds) {
   auto ctx = std::make_unique<grpc::ClientContext>();
