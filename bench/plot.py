@@ -8,7 +8,12 @@ RESULTS_DIR (whichever exist) and writes next to them:
     index_recall_vs_budget.png   attention recall against token budget, every method
     index_recall_by_layer.png    mean recall per layer at budget 256
     index_search_latency.png     search latency against context, DCI configs vs exact scan
+and, from client_decode_<mode>.json and gpu_gather.json:
+    client_decode_<mode>.png     decode-step breakdown (select, fetch, attention) against
+                                 full attention, and the page-cache hit rate per step
+    gpu_gather.png               gather kernel vs bulk and per-page copies
 """
+import json
 import csv
 import glob
 import os
@@ -108,6 +113,72 @@ def search_latency(out):
     fig.savefig(os.path.join(out, "index_search_latency.png"), dpi=120)
 
 
+def client_decode(out):
+    for path in sorted(glob.glob(os.path.join(out, "client_decode_*.json"))):
+        with open(path) as f:
+            data = json.load(f)
+        mode = data["mode"]
+        fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+        rows = data["breakdown"]
+        labels = [f"{r['context'] // 1024}k\nbudget {r['budget']}" for r in rows]
+        x = range(len(rows))
+        bottom = [0.0] * len(rows)
+        for key, name in (("select_us", "select (daemon)"), ("fetch_us", "fetch (gather)"),
+                          ("attention_us", "attention")):
+            vals = [r[key] / 1000 for r in rows]
+            ax.bar([i - 0.2 for i in x], vals, 0.4, bottom=bottom, label=name)
+            bottom = [b + v for b, v in zip(bottom, vals)]
+        ax.bar([i + 0.2 for i in x], [r["full_total_us"] / 1000 for r in rows], 0.4,
+               label="full attention, whole context", color="gray")
+        top = max([r["full_total_us"] / 1000 for r in rows] + bottom)
+        ax.set_ylim(0, top * 1.45)  # room for the legend above the bars
+        ax.set_xticks(list(x))
+        ax.set_xticklabels(labels)
+        ax.set_ylabel("ms per layer and decode step (median)")
+        ax.set_title(f"Decode step of one layer, 8B shape, {mode} mode")
+        ax.legend(fontsize=8, loc="upper left", ncol=2)
+        for h in data["hit_rate"]:
+            steps = h["per_step"]
+            # A moving mean over 10 steps keeps the plot readable.
+            smooth = [sum(steps[max(0, i - 9):i + 1]) / len(steps[max(0, i - 9):i + 1])
+                      for i in range(len(steps))]
+            ax2.plot(range(len(steps)), smooth, label=f"{h['source']} (steady {h['steady']:.2f})")
+        ax2.set_ylim(0, 1)
+        ax2.set_xlabel("decode step")
+        ax2.set_ylabel("page-cache hit rate (10-step mean)")
+        ax2.set_title("Hit rate, budget 256, cache 2x the selection")
+        ax2.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, f"client_decode_{mode}.png"), dpi=120)
+
+
+def gpu_gather(out):
+    path = os.path.join(out, "gpu_gather.json")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        data = json.load(f)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for n in sorted({r["pages"] for r in data["rows"]}):
+        rows = [r for r in data["rows"] if r["pages"] == n]
+        pb = [r["page_bytes"] / 1024 for r in rows]
+        ax.plot(pb, [r["gather_gbps"] for r in rows], marker="o", label=f"gather, {n} pages")
+        ax.plot(pb, [r["per_page_memcpy_gbps"] for r in rows], marker="x", linestyle=":",
+                label=f"memcpy per page, {n} pages")
+    bulk = {}
+    for r in data["rows"]:
+        bulk.setdefault(r["page_bytes"], []).append(r["bulk_gbps"])
+    ax.plot([k / 1024 for k in sorted(bulk)], [max(v) for _, v in sorted(bulk.items())],
+            color="black", linestyle="--", label="one bulk memcpy (ceiling)")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("page size (KiB)")
+    ax.set_ylabel("GB/s host -> GPU")
+    ax.set_title(f"Scattered page fetch, {data['device']}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "gpu_gather.png"), dpi=120)
+
+
 def main():
     if len(sys.argv) != 2:
         sys.exit("usage: bench/plot.py RESULTS_DIR")
@@ -115,6 +186,8 @@ def main():
     recall_vs_budget(out)
     recall_by_layer(out)
     search_latency(out)
+    client_decode(out)
+    gpu_gather(out)
     print(f"plots written to {out}")
 
 

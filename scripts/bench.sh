@@ -3,7 +3,9 @@
 # Installs what is missing, builds, runs the index speed benchmark (paper configuration and
 # the improvement options, each against the exact scan in the same run), the data-plane
 # benchmark (ring round trips against in-process calls, concurrent clients) and the quality
-# evaluation (every method and oracle at budgets 64-512), then draws the plots.
+# evaluation (every method and oracle at budgets 64-512), the client's decode step in CPU
+# mode (select, fetch, attention against full attention; page-cache hit rate), then draws the
+# plots. The GPU benchmarks run on the GPU machine: bench/gpu/pack.sh, then bench/gpu/run.sh.
 #
 #   scripts/bench.sh [--quick] [--trace=FILE]
 #
@@ -34,6 +36,9 @@ for config in paper all all-r1; do
 done
 echo "== data plane (daemon subprocess, ring round trips, concurrent clients)"
 "$build/bench/data_plane" --out="$out"
+echo "== client decode step (CPU mode: the kernels' CPU references) and page-cache hit rate"
+"$build/bench/client_decode" --mode=cpu --contexts=32768 --budgets=256,2048 --steps=16 \
+  --hit_steps=300 --out="$out"
 echo "== index quality"
 "$build/bench/index_quality" --out="$out" "${quality_args[@]}"
 /usr/bin/python3 "$root/bench/plot.py" "$out"
