@@ -14,84 +14,6 @@
 namespace icecache::index {
 namespace {
 
-// One method's index over one (layer, KV head), with the map from pages to token rows.
-class MethodState {
- public:
-  MethodState(const MethodSpec& spec, const IndexGeometry& geometry) : spec_(spec) {
-    pages_ = std::make_unique<InMemoryPages>(geometry, /*with_values=*/false);
-    switch (spec.kind) {
-      case MethodKind::kDci:
-      case MethodKind::kOraclePagesOurLayout:
-        layout_ = std::make_unique<DciTree>(geometry, spec.dci, pages_.get());
-        break;
-      case MethodKind::kQuest:
-        layout_ = std::make_unique<QuestIndex>(geometry, pages_.get());
-        break;
-      case MethodKind::kStreaming:
-      case MethodKind::kOraclePagesPositional:
-      case MethodKind::kOracleTokens:
-        layout_ = std::make_unique<StreamingIndex>(geometry, pages_.get());
-        break;
-    }
-  }
-
-  absl::Status Ingest(bool build, const RowView& rows, const uint32_t* positions) {
-    KeyBatch batch{rows, positions};
-    InMemoryPages::Writer writer(pages_.get(), rows, nullptr);
-    absl::Status s = build ? layout_->Build(batch, &writer) : layout_->Insert(batch, &writer);
-    if (!s.ok()) return s;
-    if (oracle_ == nullptr && (spec_.kind == MethodKind::kOraclePagesOurLayout ||
-                               spec_.kind == MethodKind::kOraclePagesPositional ||
-                               spec_.kind == MethodKind::kOracleTokens)) {
-      oracle_ = std::make_unique<ExactOracle>(layout_.get(), pages_.get(),
-                                              ExactOracle::Rank::kSoftmaxMass);
-    } else if (oracle_ != nullptr) {
-      oracle_->Refresh();
-    }
-    page_positions_.assign(layout_->page_id_limit(), {});
-    for (PageInfo& p : layout_->Layout()) page_positions_[p.page] = std::move(p.positions);
-    return absl::OkStatus();
-  }
-
-  // Appends the token rows this method attends to besides sink and window.
-  absl::Status Select(const float* queries, uint32_t group, uint32_t k, uint32_t page_size,
-                      std::vector<uint32_t>* tokens) const {
-    if (spec_.kind == MethodKind::kStreaming) return absl::OkStatus();
-    if (spec_.kind == MethodKind::kOracleTokens) {
-      std::vector<uint32_t> best;
-      absl::Status s = oracle_->TopTokens(queries, group, k * page_size, &best);
-      tokens->insert(tokens->end(), best.begin(), best.end());
-      return s;
-    }
-    const uint32_t kk = std::min(k, layout_->num_pages());
-    if (kk == 0) return absl::OkStatus();
-    std::vector<SelectedPage> picked;
-    const KvIndex* searcher = oracle_ != nullptr ? static_cast<const KvIndex*>(oracle_.get())
-                                                 : layout_.get();
-    absl::Status s = searcher->Search(queries, group, kk, &picked);
-    if (!s.ok()) return s;
-    for (const SelectedPage& p : picked) {
-      const auto& pos = page_positions_.at(p.page);
-      tokens->insert(tokens->end(), pos.begin(), pos.end());
-    }
-    return absl::OkStatus();
-  }
-
- private:
-  const MethodSpec& spec_;
-  std::unique_ptr<InMemoryPages> pages_;
-  std::unique_ptr<KvIndex> layout_;
-  std::unique_ptr<ExactOracle> oracle_;
-  std::vector<std::vector<uint32_t>> page_positions_;
-};
-
-RowView Slice(const RowView& all, uint32_t begin, uint32_t count) {
-  RowView v = all;
-  v.data = all.row(begin);
-  v.rows = count;
-  return v;
-}
-
 double Quantile(std::vector<float> v, double q) {
   if (v.empty()) return 0;
   const size_t i = static_cast<size_t>(q * (v.size() - 1));
@@ -100,31 +22,6 @@ double Quantile(std::vector<float> v, double q) {
 }
 
 }  // namespace
-
-BudgetSplit PaperSplit(uint32_t budget, uint32_t page_size) {
-  BudgetSplit s;
-  s.budget = budget;
-  s.page_size = page_size;
-  if (budget < 128) {
-    s.sink = page_size;
-    s.window = page_size;
-  } else {
-    s.sink = 2 * page_size;
-    s.window = 2 * page_size;
-  }
-  return s;
-}
-
-std::vector<MethodSpec> DefaultMethods() {
-  std::vector<MethodSpec> m;
-  m.push_back({"icecache-dci", MethodKind::kDci, DciOptions{}});
-  m.push_back({"quest", MethodKind::kQuest, {}});
-  m.push_back({"streaming-llm", MethodKind::kStreaming, {}});
-  m.push_back({"oracle-pages-dci-layout", MethodKind::kOraclePagesOurLayout, DciOptions{}});
-  m.push_back({"oracle-pages-positional", MethodKind::kOraclePagesPositional, {}});
-  m.push_back({"oracle-tokens", MethodKind::kOracleTokens, {}});
-  return m;
-}
 
 std::vector<EvalSummary> EvalResult::Summaries() const {
   std::vector<EvalSummary> out;
@@ -208,8 +105,6 @@ absl::StatusOr<EvalResult> Evaluate(const Trace& trace, const EvalOptions& optio
     const Task task = tasks[ti];
     const RowView keys = trace.Keys(task.layer, task.kv_head);
     const RowView values = trace.Values(task.layer, task.kv_head);
-    std::vector<uint32_t> positions(trace.num_tokens);
-    std::iota(positions.begin(), positions.end(), 0u);
     // [method][budget] -> samples, merged at the end.
     std::vector<std::vector<EvalCell>> local(options.methods.size(),
                                              std::vector<EvalCell>(splits.size()));
@@ -224,40 +119,33 @@ absl::StatusOr<EvalResult> Evaluate(const Trace& trace, const EvalOptions& optio
       const uint32_t sink = sw.first, window = sw.second;
       const uint32_t t0 = trace.query_positions.front();
       if (t0 + 1 < sink + window + ps) continue;  // context too short for this split
-      uint32_t e = t0 + 1 - window;
-      std::vector<std::unique_ptr<MethodState>> states;
+      std::vector<std::unique_ptr<HeadSelector>> selectors;
       for (const MethodSpec& spec : options.methods) {
-        states.push_back(std::make_unique<MethodState>(spec, geometry));
-        status.Update(states.back()->Ingest(true, Slice(keys, sink, e - sink), &positions[sink]));
+        selectors.push_back(std::make_unique<HeadSelector>(spec, sink, window, geometry));
       }
       std::vector<FullAttention> full(group);
       std::vector<float> queries(uint64_t{group} * trace.head_dim);
       for (uint32_t qi = 0; qi < trace.query_positions.size() && status.ok(); ++qi) {
         const uint32_t p = trace.query_positions[qi];
-        while (p + 1 - e > window) {
-          for (auto& st : states) status.Update(st->Ingest(false, Slice(keys, e, ps), &positions[e]));
-          e += ps;
-        }
         for (uint32_t g = 0; g < group; ++g) {
           const float* q = trace.Query(task.layer, task.kv_head * group + g, qi);
           std::copy(q, q + trace.head_dim, queries.begin() + uint64_t{g} * trace.head_dim);
           ComputeFullAttention(q, keys, options.output_error ? &values : nullptr, p + 1, &full[g]);
         }
-        std::vector<uint32_t> base;
-        for (uint32_t t = 0; t < sink; ++t) base.push_back(t);
-        for (uint32_t t = e; t <= p; ++t) base.push_back(t);
-        for (size_t m = 0; m < states.size(); ++m) {
+        for (size_t m = 0; m < selectors.size() && status.ok(); ++m) {
           for (size_t b : budget_ids) {
-            std::vector<uint32_t> tokens = base;
-            status.Update(
-                states[m]->Select(queries.data(), group, splits[b].selected_pages(), ps, &tokens));
-            std::sort(tokens.begin(), tokens.end());
-            tokens.erase(std::unique(tokens.begin(), tokens.end()), tokens.end());
+            absl::StatusOr<std::vector<uint32_t>> tokens = selectors[m]->Select(
+                keys, p, queries.data(), group, splits[b].selected_pages());
+            if (!tokens.ok()) {
+              status.Update(tokens.status());
+              break;
+            }
             EvalCell& cell = local[m][b];
             for (uint32_t g = 0; g < group; ++g) {
-              cell.recall.push_back(static_cast<float>(AttentionRecall(full[g], tokens)));
+              cell.recall.push_back(static_cast<float>(AttentionRecall(full[g], *tokens)));
               if (options.output_error) {
-                cell.output_error.push_back(static_cast<float>(OutputError(full[g], values, tokens)));
+                cell.output_error.push_back(
+                    static_cast<float>(OutputError(full[g], values, *tokens)));
               }
             }
           }

@@ -12,40 +12,10 @@
 
 #include "common/thread_pool.h"
 #include "server/index/dci_tree.h"
+#include "server/index/head_selector.h"
 #include "server/index/trace.h"
 
 namespace icecache::index {
-
-// How a token budget is split: sink tokens, a window of (window - page_size, window] most
-// recent tokens, and selected pages filling the rest.
-struct BudgetSplit {
-  uint32_t budget = 256;
-  uint32_t sink = 32;
-  uint32_t window = 32;
-  uint32_t page_size = 16;
-  uint32_t selected_pages() const { return (budget - sink - window) / page_size; }
-};
-// The paper's split for budget 256 (32 sink, 12 pages, 32 window), the same sink and window
-// for larger budgets, and 16 + 16 below 128 (the paper's 64-token split is not published).
-BudgetSplit PaperSplit(uint32_t budget, uint32_t page_size = 16);
-
-enum class MethodKind : uint8_t {
-  kDci,                   // the IceCache DCI tree (options in MethodSpec::dci)
-  kQuest,                 // Quest-style bound over positional pages
-  kStreaming,             // sink + window only
-  kOraclePagesOurLayout,  // best pages (softmax mass) of the DCI layout
-  kOraclePagesPositional, // best positional pages
-  kOracleTokens,          // best individual tokens (budget counted in tokens)
-};
-
-struct MethodSpec {
-  std::string name;
-  MethodKind kind = MethodKind::kDci;
-  DciOptions dci;  // for kDci and kOraclePagesOurLayout
-};
-
-// The paper-faithful DCI tree, the baselines and the three oracles.
-std::vector<MethodSpec> DefaultMethods();
 
 struct EvalOptions {
   std::vector<uint32_t> budgets = {64, 128, 256, 512};

@@ -1,0 +1,92 @@
+// The online selection policy shared by the trace evaluation and the model's attention
+// backends: what is attended before and after the index exists, how the window slides, and
+// bad calls.
+#include "server/index/head_selector.h"
+
+#include <algorithm>
+#include <numeric>
+
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "server/index/synthetic.h"
+#include "tests/support/status_matchers.h"
+
+namespace icecache::index {
+namespace {
+
+using ::icecache::testing::StatusIs;
+
+class HeadSelectorTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    SyntheticOptions o;
+    o.num_tokens = 600;
+    o.head_dim = 64;
+    o.num_kv_heads = 1;
+    o.group_size = 2;
+    o.num_queries = 4;
+    trace_ = GenerateSynthetic(o);
+  }
+  std::vector<float> Group() {
+    std::vector<float> q(2 * 64);
+    std::copy(trace_.Query(0, 0, 0), trace_.Query(0, 0, 0) + 64, q.begin());
+    std::copy(trace_.Query(0, 1, 0), trace_.Query(0, 1, 0) + 64, q.begin() + 64);
+    return q;
+  }
+  Trace trace_;
+  const IndexGeometry geometry_{64, ElemType::kF16, 16};
+};
+
+TEST_F(HeadSelectorTest, EverythingUntilThereIsAPageToIndexThenSinkWindowAndPages) {
+  const std::vector<float> q = Group();
+  for (const MethodSpec& spec : DefaultMethods()) {
+    HeadSelector sel(spec, 32, 32, geometry_);
+    const RowView keys = trace_.Keys(0, 0);
+    // 32 + 32 + 16 = 80 positions are needed before anything is indexed.
+    auto early = sel.Select(keys, 78, q.data(), 2, 12);
+    ASSERT_TRUE(early.ok()) << early.status();
+    std::vector<uint32_t> all(79);
+    std::iota(all.begin(), all.end(), 0u);
+    EXPECT_EQ(*early, all) << spec.name;
+    EXPECT_EQ(sel.indexed_end(), 0u);
+
+    for (uint32_t p = 79; p < 400; p += 7) {
+      auto got = sel.Select(keys, p, q.data(), 2, 4);
+      ASSERT_TRUE(got.ok()) << got.status();
+      const std::vector<uint32_t>& t = *got;
+      ASSERT_TRUE(std::is_sorted(t.begin(), t.end()));
+      ASSERT_EQ(std::adjacent_find(t.begin(), t.end()), t.end()) << "duplicates";
+      ASSERT_LE(t.back(), p);
+      const uint32_t end = sel.indexed_end();
+      // The window holds (window - page_size, window] positions.
+      EXPECT_GT(p + 1 - end, 16u) << spec.name << " p " << p;
+      EXPECT_LE(p + 1 - end, 32u) << spec.name << " p " << p;
+      for (uint32_t s = 0; s < 32; ++s) ASSERT_TRUE(std::binary_search(t.begin(), t.end(), s));
+      for (uint32_t w = end; w <= p; ++w) ASSERT_TRUE(std::binary_search(t.begin(), t.end(), w));
+      const size_t extra = t.size() - 32 - (p + 1 - end);
+      if (spec.kind == MethodKind::kStreaming) {
+        EXPECT_EQ(extra, 0u);
+      } else if (spec.kind == MethodKind::kOracleTokens) {
+        EXPECT_EQ(extra, std::min<size_t>(4u * 16, end - 32)) << "p " << p;
+      } else {
+        EXPECT_GT(extra, 0u) << spec.name;
+        EXPECT_LE(extra, std::min<size_t>(4u * 16, end - 32)) << spec.name;
+      }
+    }
+  }
+}
+
+TEST_F(HeadSelectorTest, BadCalls) {
+  const std::vector<float> q = Group();
+  HeadSelector sel(DefaultMethods()[0], 32, 32, geometry_);
+  RowView keys = trace_.Keys(0, 0);
+  keys.rows = 100;
+  EXPECT_THAT(sel.Select(keys, 100, q.data(), 2, 4).status(),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+  ASSERT_TRUE(sel.Select(keys, 99, q.data(), 2, 4).ok());
+  EXPECT_THAT(sel.Select(keys, 50, q.data(), 2, 4).status(),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+}
+
+}  // namespace
+}  // namespace icecache::index
