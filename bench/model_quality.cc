@@ -1,0 +1,439 @@
+// End-to-end quality of IceCache on a real model (SmolLM2-135M-Instruct) and real long texts,
+// against full attention and the baselines, all in one run:
+//
+//   1. For each text: a prompt of --prompt_tokens tokens, prefilled once with full attention,
+//      then a teacher-forced continuation of --continuation tokens decoded by every method at
+//      every budget from the same prompt KV: perplexity of the continuation (and its ratio to
+//      full attention's), top-1 next-token agreement with full attention, and attention recall
+//      per layer (softmax mass on the attended positions, every query head and step).
+//      Methods: IceCache through the real daemon (libicecache_client, CPU or CUDA mode), the
+//      DCI tree replayed in process (paper configuration and all options), the Quest-style
+//      and StreamingLLM baselines, and the oracles; each under the same sink + window + pages
+//      split, the first --full_kv_layers layers whole.
+//   2. Passkey retrieval: a number hidden at several depths of a long real text, asked for at
+//      the end; accuracy of every method against full attention's.
+//   3. Optionally (--trace_dir) the full run's post-RoPE keys, values and continuation queries
+//      as ICTRACE1 files for the index benchmarks (index_quality --trace=...).
+//
+//   build/bench/model_quality --model=$(scripts/fetch_model.sh) [--quick] [--out=DIR]
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <map>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "bench/bench_daemon.h"
+#include "common/flags_compat.h"
+#include "icecache/client.h"
+#include "model/attention.h"
+#include "model/blas.h"
+#include "model/capture.h"
+#include "model/llama.h"
+#include "model/texts.h"
+#include "server/index/trace.h"
+
+ABSL_FLAG(std::string, model, "", "GGUF model file (scripts/fetch_model.sh prints its path).");
+ABSL_FLAG(std::string, texts, "bible,cpp-annotations,jargon", "Texts for perplexity and recall.");
+ABSL_FLAG(uint32_t, prompt_tokens, 7936, "Prompt tokens per text (the model's context is 8192).");
+ABSL_FLAG(uint32_t, continuation, 128, "Teacher-forced continuation tokens per text.");
+ABSL_FLAG(std::string, budgets, "64,128,256,512", "Token budgets.");
+ABSL_FLAG(uint32_t, full_kv_layers, 2, "First layers kept whole (as in the paper).");
+ABSL_FLAG(bool, service, true, "Also run IceCache through a real icecached.");
+ABSL_FLAG(std::string, passkey_text, "bible", "Haystack of the passkey runs (empty: skip).");
+ABSL_FLAG(uint32_t, passkey_tokens, 4000, "Haystack tokens of the passkey runs.");
+ABSL_FLAG(std::string, depths, "0.1,0.3,0.5,0.7,0.9", "Depths of the passkey.");
+ABSL_FLAG(bool, quick, false, "One text, 2048-token prompt, budgets 128 and 256, three depths.");
+ABSL_FLAG(std::string, trace_dir, "", "Write each text's full run as an ICTRACE1 trace here.");
+ABSL_FLAG(std::string, out, "bench/results", "Directory for JSON/CSV results.");
+
+namespace {
+
+using namespace icecache;
+using namespace icecache::model;
+using Clock = std::chrono::steady_clock;
+
+double Seconds(Clock::time_point t) {
+  return std::chrono::duration<double>(Clock::now() - t).count();
+}
+
+void Check(const absl::Status& s, const std::string& what) {
+  if (!s.ok()) {
+    std::fprintf(stderr, "\nmodel_quality: %s: %s\n", what.c_str(), s.ToString().c_str());
+    std::exit(1);
+  }
+}
+
+std::vector<double> ParseList(const std::string& s) {
+  std::vector<double> out;
+  for (absl::string_view part : absl::StrSplit(s, ',', absl::SkipEmpty())) {
+    double v = 0;
+    if (!absl::SimpleAtod(part, &v)) Check(absl::InvalidArgumentError(std::string(part)), "list");
+    out.push_back(v);
+  }
+  return out;
+}
+
+int32_t Argmax(const std::vector<float>& x) {
+  return static_cast<int32_t>(std::max_element(x.begin(), x.end()) - x.begin());
+}
+
+double LogProb(const std::vector<float>& logits, int32_t token) {
+  const float mx = *std::max_element(logits.begin(), logits.end());
+  double z = 0;
+  for (float l : logits) z += std::exp(double{l} - mx);
+  return logits[token] - mx - std::log(z);
+}
+
+// The selection methods replayed in process.
+std::vector<index::MethodSpec> Methods() {
+  std::vector<index::MethodSpec> m = index::DefaultMethods();
+  index::MethodSpec all{"icecache-dci-all-options", index::MethodKind::kDci, {}};
+  all.dci.scale_query_projection = true;
+  all.dci.page_granular_scoring = true;
+  all.dci.joint_group_search = true;
+  all.dci.page_score = index::DciOptions::PageScore::kSoftmaxMass;
+  all.dci.group_merge = index::DciOptions::GroupMerge::kSumOfMass;
+  m.insert(m.begin() + 1, all);
+  return m;
+}
+
+// Hands the prompt's K/V kept by `full` (positions [0, n)) to `backend`.
+void LoadPromptFrom(const FullAttention& full, const LlamaConfig& c, uint32_t n,
+                    AttentionBackend* backend) {
+  const uint32_t d = c.head_dim;
+  std::vector<float> k(uint64_t{n} * c.kv_dim()), v(k.size());
+  for (uint32_t l = 0; l < c.n_layers; ++l) {
+    for (uint32_t h = 0; h < c.n_kv_heads; ++h) {
+      const float* ks = full.kv().k(l, h);
+      const float* vs = full.kv().v(l, h);
+      for (uint32_t t = 0; t < n; ++t) {
+        std::copy_n(ks + uint64_t{t} * d, d, &k[(uint64_t{t} * c.n_kv_heads + h) * d]);
+        std::copy_n(vs + uint64_t{t} * d, d, &v[(uint64_t{t} * c.n_kv_heads + h) * d]);
+      }
+    }
+    Check(backend->LoadPrompt(l, k.data(), v.data(), n), "load prompt");
+  }
+}
+
+struct ContinuationResult {
+  double nll = 0;
+  uint32_t agree = 0;
+  std::vector<int32_t> argmax;
+};
+
+// Teacher-forced continuation: tokens[prompt..prompt+count) decoded one by one.
+ContinuationResult Continue(const LlamaModel& model, AttentionBackend* attention,
+                            std::vector<float> logits, const std::vector<int32_t>& tokens,
+                            uint32_t prompt, uint32_t count, const std::vector<int32_t>* reference) {
+  ContinuationResult r;
+  for (uint32_t i = 0; i < count; ++i) {
+    const int32_t next = tokens[prompt + i];
+    r.nll -= LogProb(logits, next);
+    r.argmax.push_back(Argmax(logits));
+    if (reference != nullptr && r.argmax.back() == (*reference)[i]) ++r.agree;
+    if (i + 1 < count) Check(model.Decode(next, prompt + i, attention, &logits), "decode");
+  }
+  return r;
+}
+
+std::string GreedyAnswer(const LlamaModel& model, AttentionBackend* attention,
+                         std::vector<float> logits, uint32_t pos, uint32_t max_new) {
+  std::string text;
+  for (uint32_t i = 0; i < max_new; ++i) {
+    const int32_t next = Argmax(logits);
+    if (next == model.tokenizer().eos_id()) break;
+    text += model.tokenizer().TokenText(next);
+    Check(model.Decode(next, pos + i, attention, &logits), "decode");
+  }
+  return text;
+}
+
+struct QualityRow {
+  std::string text, method;
+  uint32_t budget = 0;
+  double ppl = 0, ppl_ratio = 0, top1 = 0, recall = 0;
+  std::vector<double> recall_by_layer;
+  double seconds = 0;
+};
+
+struct PasskeyRow {
+  std::string method;
+  uint32_t budget = 0;
+  double depth = 0;
+  bool correct = false;
+  bool same_as_full = false;
+  std::string answer;
+};
+
+std::vector<double> RecallByLayer(const SelectionStats& s, uint32_t layers) {
+  std::vector<double> out(layers, 0.0);
+  for (uint32_t l = 0; l < layers && l < s.recall_sum.size(); ++l) {
+    out[l] = s.recall_count[l] ? s.recall_sum[l] / s.recall_count[l] : 0.0;
+  }
+  return out;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  EnsureBlasKernel(argc, argv);
+  std::vector<std::string> args = NormalizeFlagNames(argc, argv);
+  std::vector<char*> ptrs = ArgvPointers(args);
+  absl::ParseCommandLine(static_cast<int>(args.size()), ptrs.data());
+  const bool quick = absl::GetFlag(FLAGS_quick);
+  std::vector<std::string> texts = absl::StrSplit(absl::GetFlag(FLAGS_texts), ',', absl::SkipEmpty());
+  uint32_t prompt_tokens = absl::GetFlag(FLAGS_prompt_tokens);
+  uint32_t continuation = absl::GetFlag(FLAGS_continuation);
+  std::vector<double> budgets = ParseList(absl::GetFlag(FLAGS_budgets));
+  std::vector<double> depths = ParseList(absl::GetFlag(FLAGS_depths));
+  uint32_t passkey_tokens = absl::GetFlag(FLAGS_passkey_tokens);
+  if (quick) {
+    texts.resize(1);
+    prompt_tokens = 2048;
+    continuation = 48;
+    budgets = {128, 256};
+    depths = {0.2, 0.5, 0.8};
+    passkey_tokens = 1500;
+  }
+  const uint32_t full_kv_layers = absl::GetFlag(FLAGS_full_kv_layers);
+  const std::string out_dir = absl::GetFlag(FLAGS_out);
+  const auto start = Clock::now();
+
+  auto model_or = LlamaModel::LoadFile(absl::GetFlag(FLAGS_model));
+  Check(model_or.status(), "loading the model");
+  LlamaModel& model = **model_or;
+  const LlamaConfig& c = model.config();
+  std::printf("model_quality: %s (%u layers, %u/%u heads), %s, %ld cores\n", c.name.c_str(),
+              c.n_layers, c.n_heads, c.n_kv_heads, BlasDescription().c_str(),
+              ::sysconf(_SC_NPROCESSORS_ONLN));
+
+  std::unique_ptr<bench::BenchDaemon> daemon;
+  std::unique_ptr<Client> client;
+  if (absl::GetFlag(FLAGS_service)) {
+    daemon = bench::StartBenchDaemon(ICECACHE_BENCH_ICECACHED_BIN, {"--memory-limit=8GiB"});
+    ClientOptions co;
+    co.socket = daemon->socket;
+    auto cl = Client::Attach(co);
+    Check(cl.status(), "attach");
+    client = std::move(*cl);
+    std::printf("  icecached started; client in %s mode\n", ExecutionModeName(client->mode()));
+  }
+  const std::vector<index::MethodSpec> methods = Methods();
+  std::vector<QualityRow> rows;
+
+  // ---- 1. perplexity, agreement and recall per text
+  for (const std::string& name : texts) {
+    absl::StatusOr<std::string> text = LoadText(name);
+    Check(text.status(), "text " + name);
+    std::vector<int32_t> tokens = model.tokenizer().Encode(*text, false);
+    if (tokens.size() < prompt_tokens + continuation) {
+      Check(absl::InvalidArgumentError(absl::StrCat(name, " has only ", tokens.size(), " tokens")),
+            "text");
+    }
+    tokens.resize(prompt_tokens + continuation);
+    const uint32_t total = prompt_tokens + continuation;
+    std::printf("== %s: %u prompt tokens + %u continuation\n", name.c_str(), prompt_tokens,
+                continuation);
+    std::fflush(stdout);
+    FullAttention full(c, total);
+    std::vector<uint32_t> query_positions;
+    for (uint32_t i = 0; i < continuation; ++i) query_positions.push_back(prompt_tokens + i);
+    TraceCapture capture(c, total, query_positions,
+                         absl::StrCat(c.name, " on ", name, ": ", prompt_tokens,
+                                      " prompt tokens, queries of the ", continuation,
+                                      " continuation positions"));
+    const std::string trace_dir = absl::GetFlag(FLAGS_trace_dir);
+    if (!trace_dir.empty()) model.set_observer(capture.Observer());
+    std::vector<float> logits;
+    auto t = Clock::now();
+    const std::vector<int32_t> prompt(tokens.begin(), tokens.begin() + prompt_tokens);
+    Check(model.Prefill(prompt, &full, &logits, false, [&](uint32_t l) {
+      std::printf("\r  prefill: layer %u/%u, %.0f s", l + 1, c.n_layers, Seconds(t));
+      std::fflush(stdout);
+    }), "prefill");
+    std::printf("\n");
+    const std::vector<float> prompt_logits = logits;
+    t = Clock::now();
+    ContinuationResult ref = Continue(model, &full, prompt_logits, tokens, prompt_tokens,
+                                      continuation, nullptr);
+    // The continuation's last token was not decoded (its logits are unused); decode it so that
+    // the trace holds every continuation query.
+    if (!trace_dir.empty()) {
+      std::vector<float> tail;
+      Check(model.Decode(tokens[total - 1], total - 1, &full, &tail), "decode");
+      model.set_observer(nullptr);
+      const std::string path = absl::StrCat(trace_dir, "/", name, ".ictrace");
+      Check(index::WriteTrace(capture.trace(), path), "writing the trace");
+      std::printf("  trace: %s\n", path.c_str());
+    }
+    const double full_ppl = std::exp(ref.nll / continuation);
+    std::printf("  %-28s %6s  ppl %8.3f  (%.1f s)\n", "full attention", "-", full_ppl, Seconds(t));
+    rows.push_back({name, "full", 0, full_ppl, 1.0, 1.0, 1.0, {}, Seconds(t)});
+
+    auto report = [&](const std::string& method, uint32_t budget, const ContinuationResult& r,
+                      const SelectionStats& stats, double seconds) {
+      QualityRow row;
+      row.text = name;
+      row.method = method;
+      row.budget = budget;
+      row.ppl = std::exp(r.nll / continuation);
+      row.ppl_ratio = row.ppl / full_ppl;
+      row.top1 = static_cast<double>(r.agree) / continuation;
+      row.recall = stats.MeanRecall(full_kv_layers);
+      row.recall_by_layer = RecallByLayer(stats, c.n_layers);
+      row.seconds = seconds;
+      std::printf("  %-28s %6u  ppl %8.3f  ratio %.4f  top-1 %.3f  recall %.3f  (%.1f s)\n",
+                  method.c_str(), budget, row.ppl, row.ppl_ratio, row.top1, row.recall, seconds);
+      std::fflush(stdout);
+      rows.push_back(row);
+    };
+    for (double b : budgets) {
+      const index::BudgetSplit split = index::PaperSplit(static_cast<uint32_t>(b));
+      if (client != nullptr) {
+        t = Clock::now();
+        auto seq = client->CreateSequence(SequenceOptionsFor(c, total, split, full_kv_layers));
+        Check(seq.status(), "create sequence");
+        ServiceAttention service(c, seq->get(), /*measure_recall=*/true, total);
+        LoadPromptFrom(full, c, prompt_tokens, &service);
+        ContinuationResult r = Continue(model, &service, prompt_logits, tokens, prompt_tokens,
+                                        continuation, &ref.argmax);
+        report("icecache-service", split.budget, r, service.stats(), Seconds(t));
+      }
+      for (const index::MethodSpec& m : methods) {
+        t = Clock::now();
+        SelectiveAttention sel(c, total, m, split, full_kv_layers, /*measure_recall=*/true);
+        LoadPromptFrom(full, c, prompt_tokens, &sel);
+        ContinuationResult r = Continue(model, &sel, prompt_logits, tokens, prompt_tokens,
+                                        continuation, &ref.argmax);
+        report(m.name, split.budget, r, sel.stats(), Seconds(t));
+      }
+    }
+  }
+
+  // ---- 2. passkey retrieval
+  std::vector<PasskeyRow> passkeys;
+  const std::string passkey_text = absl::GetFlag(FLAGS_passkey_text);
+  if (!passkey_text.empty()) {
+    absl::StatusOr<std::string> hay = LoadText(passkey_text);
+    Check(hay.status(), "passkey text");
+    std::mt19937 rng(2026);
+    for (double depth : depths) {
+      const std::string key = std::to_string(10000 + rng() % 90000);
+      auto prompt = BuildPasskeyPrompt(model.tokenizer(), *hay, passkey_tokens, depth, key);
+      Check(prompt.status(), "passkey prompt");
+      const uint32_t n = static_cast<uint32_t>(prompt->tokens.size());
+      const uint32_t max_new = 8;
+      std::printf("== passkey %s at depth %.1f of %u tokens\n", key.c_str(), depth, n);
+      FullAttention full(c, n + max_new);
+      std::vector<float> logits;
+      Check(model.Prefill(prompt->tokens, &full, &logits), "prefill");
+      const std::string full_answer = GreedyAnswer(model, &full, logits, n, max_new);
+      const bool full_ok = FirstNumber(full_answer) == key;
+      passkeys.push_back({"full", 0, depth, full_ok, true, full_answer});
+      std::printf("  %-28s %6s  %s  \"%s\"\n", "full attention", "-", full_ok ? "right" : "wrong",
+                  full_answer.c_str());
+      for (double b : budgets) {
+        const index::BudgetSplit split = index::PaperSplit(static_cast<uint32_t>(b));
+        auto run = [&](const std::string& method, AttentionBackend* backend) {
+          LoadPromptFrom(full, c, n, backend);
+          const std::string answer = GreedyAnswer(model, backend, logits, n, max_new);
+          const bool ok = FirstNumber(answer) == key;
+          passkeys.push_back({method, split.budget, depth, ok,
+                              FirstNumber(answer) == FirstNumber(full_answer), answer});
+          std::printf("  %-28s %6u  %s  \"%s\"\n", method.c_str(), split.budget,
+                      ok ? "right" : "wrong", answer.c_str());
+          std::fflush(stdout);
+        };
+        if (client != nullptr) {
+          auto seq = client->CreateSequence(SequenceOptionsFor(c, n + max_new, split,
+                                                               full_kv_layers));
+          Check(seq.status(), "create sequence");
+          ServiceAttention service(c, seq->get(), false, n + max_new);
+          run("icecache-service", &service);
+        }
+        for (const index::MethodSpec& m : methods) {
+          SelectiveAttention sel(c, n + max_new, m, split, full_kv_layers, false);
+          run(m.name, &sel);
+        }
+      }
+    }
+  }
+
+  // ---- results
+  {
+    std::ofstream csv(out_dir + "/model_quality.csv");
+    csv << "text,method,budget,perplexity,perplexity_ratio,top1_agreement,recall,seconds\n";
+    for (const QualityRow& r : rows) {
+      csv << r.text << "," << r.method << "," << r.budget << "," << r.ppl << "," << r.ppl_ratio
+          << "," << r.top1 << "," << r.recall << "," << r.seconds << "\n";
+    }
+    std::ofstream layers(out_dir + "/model_quality_by_layer.csv");
+    layers << "text,method,budget,layer,recall\n";
+    for (const QualityRow& r : rows) {
+      for (size_t l = full_kv_layers; l < r.recall_by_layer.size(); ++l) {
+        layers << r.text << "," << r.method << "," << r.budget << "," << l << ","
+               << r.recall_by_layer[l] << "\n";
+      }
+    }
+    std::ofstream pk(out_dir + "/model_passkey.csv");
+    pk << "method,budget,depth,correct,same_as_full\n";
+    for (const PasskeyRow& r : passkeys) {
+      pk << r.method << "," << r.budget << "," << r.depth << "," << (r.correct ? 1 : 0) << ","
+         << (r.same_as_full ? 1 : 0) << "\n";
+    }
+  }
+  // Summary over texts: mean per (method, budget).
+  std::map<std::pair<std::string, uint32_t>, std::vector<const QualityRow*>> by;
+  for (const QualityRow& r : rows) by[{r.method, r.budget}].push_back(&r);
+  std::ofstream json(out_dir + "/model_quality.json");
+  json << "{\n  \"model\": \"" << c.name << "\",\n  \"prompt_tokens\": " << prompt_tokens
+       << ", \"continuation\": " << continuation << ", \"full_kv_layers\": " << full_kv_layers
+       << ",\n  \"texts\": [";
+  for (size_t i = 0; i < texts.size(); ++i) json << (i ? ", " : "") << "\"" << texts[i] << "\"";
+  json << "],\n  \"summary\": [";
+  bool first = true;
+  std::printf("\n%-28s %6s %10s %8s %8s\n", "method", "budget", "ppl ratio", "top-1", "recall");
+  for (const auto& [key, list] : by) {
+    double ratio = 0, top1 = 0, recall = 0;
+    for (const QualityRow* r : list) {
+      ratio += r->ppl_ratio;
+      top1 += r->top1;
+      recall += r->recall;
+    }
+    ratio /= list.size();
+    top1 /= list.size();
+    recall /= list.size();
+    uint32_t right = 0, total = 0, same = 0;
+    for (const PasskeyRow& p : passkeys) {
+      if (p.method == key.first && p.budget == key.second) {
+        ++total;
+        right += p.correct;
+        same += p.same_as_full;
+      }
+    }
+    std::printf("%-28s %6u %10.4f %8.3f %8.3f   passkey %u/%u\n", key.first.c_str(), key.second,
+                ratio, top1, recall, right, total);
+    json << (first ? "" : ",") << "\n    {\"method\": \"" << key.first << "\", \"budget\": "
+         << key.second << ", \"perplexity_ratio\": " << ratio << ", \"top1_agreement\": "
+         << top1 << ", \"recall\": " << recall << ", \"passkey_correct\": " << right
+         << ", \"passkey_total\": " << total << ", \"passkey_same_as_full\": " << same << "}";
+    first = false;
+  }
+  json << "\n  ]\n}\n";
+  std::printf("\nwrote %s/model_quality.{json,csv}, model_quality_by_layer.csv, "
+              "model_passkey.csv (%.0f s)\n",
+              out_dir.c_str(), Seconds(start));
+  return 0;
+}

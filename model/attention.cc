@@ -1,0 +1,375 @@
+#include "model/attention.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <numeric>
+
+#include "absl/strings/str_cat.h"
+#include "common/half.h"
+
+namespace icecache::model {
+
+void RoundToHalf(const float* in, size_t n, float* out) {
+  for (size_t i = 0; i < n; ++i) out[i] = HalfToFloat(FloatToHalf(in[i]));
+}
+
+// ---- KvStore
+
+KvStore::KvStore(const LlamaConfig& config, uint32_t max_tokens)
+    : config_(config), max_tokens_(max_tokens) {
+  const uint64_t n = uint64_t{config.n_layers} * config.n_kv_heads * max_tokens * config.head_dim;
+  k_.assign(n, 0.0f);
+  v_.assign(n, 0.0f);
+  k_half_.assign(n, 0);
+}
+
+uint64_t KvStore::Offset(uint32_t layer, uint32_t head) const {
+  return (uint64_t{layer} * config_.n_kv_heads + head) * max_tokens_ * config_.head_dim;
+}
+
+absl::Status KvStore::Write(uint32_t layer, uint32_t pos, uint32_t n, const float* k,
+                            const float* v) {
+  if (layer >= config_.n_layers || pos + uint64_t{n} > max_tokens_) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("KV store holds ", max_tokens_, " tokens; position ", pos + n, " needed"));
+  }
+  const uint32_t d = config_.head_dim;
+  for (uint32_t t = 0; t < n; ++t) {
+    for (uint32_t h = 0; h < config_.n_kv_heads; ++h) {
+      const uint64_t dst = Offset(layer, h) + uint64_t{pos + t} * d;
+      const uint64_t src = (uint64_t{t} * config_.n_kv_heads + h) * d;
+      for (uint32_t i = 0; i < d; ++i) {
+        const uint16_t kh = FloatToHalf(k[src + i]);
+        k_half_[dst + i] = kh;
+        k_[dst + i] = HalfToFloat(kh);
+        v_[dst + i] = HalfToFloat(FloatToHalf(v[src + i]));
+      }
+    }
+  }
+  return absl::OkStatus();
+}
+
+const float* KvStore::k(uint32_t layer, uint32_t head) const { return &k_[Offset(layer, head)]; }
+const float* KvStore::v(uint32_t layer, uint32_t head) const { return &v_[Offset(layer, head)]; }
+const uint16_t* KvStore::k_half(uint32_t layer, uint32_t head) const {
+  return &k_half_[Offset(layer, head)];
+}
+
+void AttendPositions(const KvStore& kv, uint32_t layer, uint32_t kv_head, const float* q,
+                     const uint32_t* positions, size_t count, float scale, float* out) {
+  const uint32_t d = kv.config().head_dim;
+  const float* K = kv.k(layer, kv_head);
+  const float* V = kv.v(layer, kv_head);
+  std::vector<float> s(count);
+  float mx = -std::numeric_limits<float>::infinity();
+  for (size_t j = 0; j < count; ++j) {
+    const float* kr = K + uint64_t{positions[j]} * d;
+    float dot = 0;
+    for (uint32_t i = 0; i < d; ++i) dot += q[i] * kr[i];
+    s[j] = dot * scale;
+    mx = std::max(mx, s[j]);
+  }
+  float sum = 0;
+  for (float& x : s) sum += (x = std::exp(x - mx));
+  std::fill(out, out + d, 0.0f);
+  for (size_t j = 0; j < count; ++j) {
+    const float w = s[j] / sum;
+    const float* vr = V + uint64_t{positions[j]} * d;
+    for (uint32_t i = 0; i < d; ++i) out[i] += w * vr[i];
+  }
+}
+
+namespace {
+
+// Softmax mass that `attended` (sorted positions) carries among all positions [0, pos] for
+// query q on one (layer, KV head).
+double Recall(const KvStore& kv, uint32_t layer, uint32_t kv_head, const float* q, uint32_t pos,
+              const std::vector<uint32_t>& attended, float scale) {
+  const uint32_t d = kv.config().head_dim;
+  const float* K = kv.k(layer, kv_head);
+  std::vector<float> s(pos + 1);
+  float mx = -std::numeric_limits<float>::infinity();
+  for (uint32_t t = 0; t <= pos; ++t) {
+    const float* kr = K + uint64_t{t} * d;
+    float dot = 0;
+    for (uint32_t i = 0; i < d; ++i) dot += q[i] * kr[i];
+    s[t] = dot * scale;
+    mx = std::max(mx, s[t]);
+  }
+  double all = 0, in = 0;
+  size_t j = 0;
+  for (uint32_t t = 0; t <= pos; ++t) {
+    const double e = std::exp(double{s[t]} - mx);
+    all += e;
+    while (j < attended.size() && attended[j] < t) ++j;
+    if (j < attended.size() && attended[j] == t) in += e;
+  }
+  return in / all;
+}
+
+void AddRecall(SelectionStats* stats, uint32_t layer, uint32_t layers, double r) {
+  if (stats->recall_sum.size() < layers) {
+    stats->recall_sum.resize(layers, 0.0);
+    stats->recall_count.resize(layers, 0);
+  }
+  stats->recall_sum[layer] += r;
+  ++stats->recall_count[layer];
+}
+
+}  // namespace
+
+double SelectionStats::MeanRecall(uint32_t first_layer) const {
+  double sum = 0;
+  uint64_t n = 0;
+  for (size_t l = first_layer; l < recall_sum.size(); ++l) {
+    sum += recall_sum[l];
+    n += recall_count[l];
+  }
+  return n == 0 ? 0.0 : sum / static_cast<double>(n);
+}
+
+// ---- FullAttention
+
+FullAttention::FullAttention(const LlamaConfig& config, uint32_t max_tokens)
+    : kv_(config, max_tokens) {}
+
+absl::Status FullAttention::LoadPrompt(uint32_t layer, const float* k, const float* v,
+                                       uint32_t n) {
+  return kv_.Write(layer, 0, n, k, v);
+}
+
+absl::Status FullAttention::Prefill(uint32_t layer, const float* q, const float* k,
+                                    const float* v, uint32_t n, float* out) {
+  absl::Status s = kv_.Write(layer, 0, n, k, v);
+  if (!s.ok()) return s;
+  const LlamaConfig& c = kv_.config();
+  // Attend over the stored (fp16-rounded) rows, as decode does.
+  std::vector<float> kr(uint64_t{n} * c.kv_dim()), vr(uint64_t{n} * c.kv_dim());
+  RoundToHalf(k, kr.size(), kr.data());
+  RoundToHalf(v, vr.size(), vr.data());
+  CausalAttention(q, kr.data(), vr.data(), n, c.n_heads, c.n_kv_heads, c.head_dim,
+                  1.0f / std::sqrt(static_cast<float>(c.head_dim)), out);
+  return absl::OkStatus();
+}
+
+absl::Status FullAttention::Decode(uint32_t layer, uint32_t pos, const float* q, const float* k,
+                                   const float* v, float* out) {
+  absl::Status s = kv_.Write(layer, pos, 1, k, v);
+  if (!s.ok()) return s;
+  const LlamaConfig& c = kv_.config();
+  std::vector<uint32_t> all(pos + 1);
+  std::iota(all.begin(), all.end(), 0u);
+  const float scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
+  for (uint32_t h = 0; h < c.n_heads; ++h) {
+    AttendPositions(kv_, layer, h / c.group(), q + uint64_t{h} * c.head_dim, all.data(),
+                    all.size(), scale, out + uint64_t{h} * c.head_dim);
+  }
+  return absl::OkStatus();
+}
+
+// ---- SelectiveAttention
+
+SelectiveAttention::SelectiveAttention(const LlamaConfig& config, uint32_t max_tokens,
+                                       const index::MethodSpec& method,
+                                       const index::BudgetSplit& split, uint32_t full_kv_layers,
+                                       bool measure_recall)
+    : kv_(config, max_tokens),
+      method_(method),
+      split_(split),
+      full_kv_layers_(full_kv_layers),
+      measure_recall_(measure_recall) {
+  const index::IndexGeometry geometry{config.head_dim, index::ElemType::kF16, split.page_size};
+  for (uint32_t l = 0; l < config.n_layers; ++l) {
+    for (uint32_t h = 0; h < config.n_kv_heads; ++h) {
+      selectors_.push_back(l < full_kv_layers ? nullptr
+                                              : std::make_unique<index::HeadSelector>(
+                                                    method_, split.sink, split.window, geometry));
+    }
+  }
+}
+
+absl::Status SelectiveAttention::LoadPrompt(uint32_t layer, const float* k, const float* v,
+                                            uint32_t n) {
+  return kv_.Write(layer, 0, n, k, v);
+}
+
+absl::Status SelectiveAttention::Prefill(uint32_t layer, const float* q, const float* k,
+                                         const float* v, uint32_t n, float* out) {
+  absl::Status s = kv_.Write(layer, 0, n, k, v);
+  if (!s.ok()) return s;
+  const LlamaConfig& c = kv_.config();
+  std::vector<float> kr(uint64_t{n} * c.kv_dim()), vr(uint64_t{n} * c.kv_dim());
+  RoundToHalf(k, kr.size(), kr.data());
+  RoundToHalf(v, vr.size(), vr.data());
+  CausalAttention(q, kr.data(), vr.data(), n, c.n_heads, c.n_kv_heads, c.head_dim,
+                  1.0f / std::sqrt(static_cast<float>(c.head_dim)), out);
+  return absl::OkStatus();
+}
+
+absl::Status SelectiveAttention::Decode(uint32_t layer, uint32_t pos, const float* q,
+                                        const float* k, const float* v, float* out) {
+  absl::Status s = kv_.Write(layer, pos, 1, k, v);
+  if (!s.ok()) return s;
+  const LlamaConfig& c = kv_.config();
+  const float scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
+  const uint32_t g = c.group(), d = c.head_dim;
+  for (uint32_t h = 0; h < c.n_kv_heads; ++h) {
+    const float* group_q = q + uint64_t{h} * g * d;
+    std::vector<uint32_t> positions;
+    if (layer < full_kv_layers_) {
+      positions.resize(pos + 1);
+      std::iota(positions.begin(), positions.end(), 0u);
+    } else {
+      index::RowView keys;
+      keys.data = kv_.k_half(layer, h);
+      keys.type = index::ElemType::kF16;
+      keys.dim = d;
+      keys.rows = pos + 1;
+      absl::StatusOr<std::vector<uint32_t>> sel = selectors_[uint64_t{layer} * c.n_kv_heads + h]->Select(
+          keys, pos, group_q, g, split_.selected_pages());
+      if (!sel.ok()) return sel.status();
+      positions = std::move(*sel);
+    }
+    for (uint32_t j = 0; j < g; ++j) {
+      const float* qh = group_q + uint64_t{j} * d;
+      AttendPositions(kv_, layer, h, qh, positions.data(), positions.size(), scale,
+                      out + (uint64_t{h} * g + j) * d);
+      if (measure_recall_) {
+        AddRecall(&stats_, layer, c.n_layers, Recall(kv_, layer, h, qh, pos, positions, scale));
+      }
+    }
+  }
+  return absl::OkStatus();
+}
+
+// ---- PrefillTee
+
+absl::Status PrefillTee::Prefill(uint32_t layer, const float* q, const float* k, const float* v,
+                                 uint32_t n, float* out) {
+  absl::Status s = primary_->Prefill(layer, q, k, v, n, out);
+  for (AttentionBackend* b : others_) {
+    if (s.ok()) s = b->LoadPrompt(layer, k, v, n);
+  }
+  return s;
+}
+
+absl::Status PrefillTee::LoadPrompt(uint32_t layer, const float* k, const float* v, uint32_t n) {
+  absl::Status s = primary_->LoadPrompt(layer, k, v, n);
+  for (AttentionBackend* b : others_) {
+    if (s.ok()) s = b->LoadPrompt(layer, k, v, n);
+  }
+  return s;
+}
+
+// ---- ServiceAttention
+
+SequenceOptions SequenceOptionsFor(const LlamaConfig& config, uint64_t max_tokens,
+                                   const index::BudgetSplit& split, uint32_t full_kv_layers) {
+  SequenceOptions o;
+  o.num_layers = config.n_layers;
+  o.num_q_heads = config.n_heads;
+  o.num_kv_heads = config.n_kv_heads;
+  o.head_dim = config.head_dim;
+  o.dtype = DType::kFP16;
+  o.max_tokens = max_tokens;
+  o.page_size = split.page_size;
+  o.budget_tokens = split.budget;
+  o.sink_tokens = split.sink;
+  o.window_tokens = split.window;
+  o.full_kv_layers = full_kv_layers;
+  o.label = config.name;
+  return o;
+}
+
+ServiceAttention::ServiceAttention(const LlamaConfig& config, Sequence* sequence,
+                                   bool measure_recall, uint32_t max_tokens)
+    : config_(config), sequence_(sequence), measure_recall_(measure_recall) {
+  if (measure_recall_) {
+    mirror_ = std::make_unique<KvStore>(config, max_tokens);
+    where_.resize(uint64_t{config.n_layers} * config.n_kv_heads);
+    where_count_.assign(where_.size(), 0);
+  }
+}
+
+absl::Status ServiceAttention::LoadPrompt(uint32_t layer, const float* k, const float* v,
+                                          uint32_t n) {
+  const uint64_t elems = uint64_t{n} * config_.kv_dim();
+  prompt_k_.resize(elems);
+  prompt_v_.resize(elems);
+  for (uint64_t i = 0; i < elems; ++i) {
+    prompt_k_[i] = FloatToHalf(k[i]);
+    prompt_v_[i] = FloatToHalf(v[i]);
+  }
+  if (mirror_ != nullptr) {
+    absl::Status s = mirror_->Write(layer, 0, n, k, v);
+    if (!s.ok()) return s;
+  }
+  return sequence_->Prefill(layer, prompt_k_.data(), prompt_v_.data(), n);
+}
+
+absl::Status ServiceAttention::Prefill(uint32_t layer, const float* q, const float* k,
+                                       const float* v, uint32_t n, float* out) {
+  // The prompt attends in full, here, over fp16-rounded rows; its K/V go to the daemon (the
+  // layer's sink and window stay in the client).
+  const uint64_t elems = uint64_t{n} * config_.kv_dim();
+  std::vector<float> kr(elems), vr(elems);
+  RoundToHalf(k, elems, kr.data());
+  RoundToHalf(v, elems, vr.data());
+  CausalAttention(q, kr.data(), vr.data(), n, config_.n_heads, config_.n_kv_heads,
+                  config_.head_dim, 1.0f / std::sqrt(static_cast<float>(config_.head_dim)), out);
+  return LoadPrompt(layer, k, v, n);
+}
+
+absl::Status ServiceAttention::Decode(uint32_t layer, uint32_t pos, const float* q,
+                                      const float* k, const float* v, float* out) {
+  const uint32_t qn = config_.q_dim(), kvn = config_.kv_dim(), d = config_.head_dim;
+  q16_.resize(qn);
+  k16_.resize(kvn);
+  v16_.resize(kvn);
+  out16_.resize(qn);
+  for (uint32_t i = 0; i < qn; ++i) q16_[i] = FloatToHalf(q[i]);
+  for (uint32_t i = 0; i < kvn; ++i) {
+    k16_[i] = FloatToHalf(k[i]);
+    v16_[i] = FloatToHalf(v[i]);
+  }
+  absl::Status s = sequence_->Decode(layer, q16_.data(), k16_.data(), v16_.data(), out16_.data());
+  if (!s.ok()) return s;
+  if (!sequence_->last_decode().full_kv) breakdowns_.push_back(sequence_->last_decode());
+  for (uint32_t i = 0; i < qn; ++i) out[i] = HalfToFloat(out16_[i]);
+  if (mirror_ == nullptr) return absl::OkStatus();
+  s = mirror_->Write(layer, pos, 1, k, v);
+  if (!s.ok()) return s;
+  // What the service attended, identified by the K rows' bytes.
+  const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+  for (uint32_t h = 0; h < config_.n_kv_heads; ++h) {
+    absl::StatusOr<Sequence::AttendedRows> rows = sequence_->LastAttended(layer, h);
+    if (!rows.ok()) return rows.status();
+    const uint64_t slot = uint64_t{layer} * config_.n_kv_heads + h;
+    absl::flat_hash_map<std::string, uint32_t>& where = where_[slot];
+    const uint16_t* kh = mirror_->k_half(layer, h);
+    for (uint32_t t = where_count_[slot]; t <= pos; ++t) {
+      where.emplace(std::string(reinterpret_cast<const char*>(kh + uint64_t{t} * d), d * 2), t);
+    }
+    where_count_[slot] = pos + 1;
+    std::vector<uint32_t> attended;
+    for (uint32_t r = 0; r < rows->count; ++r) {
+      auto it = where.find(
+          std::string(reinterpret_cast<const char*>(&rows->k[uint64_t{r} * d]), d * 2));
+      if (it != where.end()) attended.push_back(it->second);
+    }
+    std::sort(attended.begin(), attended.end());
+    attended.erase(std::unique(attended.begin(), attended.end()), attended.end());
+    for (uint32_t j = 0; j < config_.group(); ++j) {
+      const float* qh = q + (uint64_t{h} * config_.group() + j) * d;
+      std::vector<float> qr(d);
+      RoundToHalf(qh, d, qr.data());
+      AddRecall(&stats_, layer, config_.n_layers,
+                Recall(*mirror_, layer, h, qr.data(), pos, attended, scale));
+    }
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace icecache::model

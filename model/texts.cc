@@ -1,0 +1,126 @@
+#include "model/texts.h"
+
+#include <cctype>
+#include <cstdio>
+#include <fstream>
+#include <sstream>
+
+#include "absl/strings/str_cat.h"
+
+namespace icecache::model {
+namespace {
+
+// Output of a fixed command (no user input reaches the shell).
+absl::StatusOr<std::string> CommandOutput(const std::string& command) {
+  FILE* p = ::popen(command.c_str(), "r");
+  if (p == nullptr) return absl::InternalError(absl::StrCat("cannot run ", command));
+  std::string out;
+  char buf[1 << 16];
+  size_t n;
+  while ((n = std::fread(buf, 1, sizeof(buf), p)) > 0) out.append(buf, n);
+  const int rc = ::pclose(p);
+  if (rc != 0) return absl::InternalError(absl::StrCat(command, " failed (status ", rc, ")"));
+  return out;
+}
+
+bool FileExists(const std::string& path) { return std::ifstream(path).good(); }
+
+}  // namespace
+
+const std::vector<TextInfo>& KnownTexts() {
+  static const std::vector<TextInfo> texts = {
+      {"bible", "The King James Bible", "bible-kjv"},
+      {"cpp-annotations", "The C++ Annotations (a book by Frank B. Brokken)",
+       "c++-annotations-txt"},
+      {"jargon", "The Jargon File", "jargon-text"},
+  };
+  return texts;
+}
+
+absl::StatusOr<std::string> LoadText(const std::string& name) {
+  if (name == "bible") {
+    if (!FileExists("/usr/bin/bible")) {
+      return absl::NotFoundError("the King James Bible needs the Debian package bible-kjv");
+    }
+    absl::StatusOr<std::string> raw = CommandOutput("/usr/bin/bible -f 'Gen1:1-Rev22:21'");
+    if (!raw.ok()) return raw.status();
+    // Lines are "Ge1:1 In the beginning ...": drop the references, keep the verses.
+    std::string text;
+    std::istringstream in(*raw);
+    std::string line;
+    while (std::getline(in, line)) {
+      const size_t space = line.find(' ');
+      if (space == std::string::npos) continue;
+      text += line.substr(space + 1);
+      text += '\n';
+    }
+    return text;
+  }
+  if (name == "cpp-annotations" || name == "jargon") {
+    const std::string path = name == "jargon"
+                                 ? "/usr/share/doc/jargon-text/jargon.txt.gz"
+                                 : "/usr/share/doc/c++-annotations/cplusplus.txt.gz";
+    if (!FileExists(path)) {
+      return absl::NotFoundError(absl::StrCat(
+          path, " is missing: install the Debian package ",
+          name == "jargon" ? "jargon-text" : "c++-annotations-txt"));
+    }
+    return CommandOutput(absl::StrCat("gzip -dc '", path, "'"));
+  }
+  std::ifstream f(name, std::ios::binary);
+  if (!f) return absl::NotFoundError(absl::StrCat("no text named ", name, " and no such file"));
+  std::ostringstream s;
+  s << f.rdbuf();
+  return s.str();
+}
+
+absl::StatusOr<PasskeyPrompt> BuildPasskeyPrompt(const Tokenizer& tokenizer,
+                                                 const std::string& filler,
+                                                 uint32_t haystack_tokens, double depth,
+                                                 const std::string& passkey) {
+  if (depth < 0 || depth > 1) return absl::InvalidArgumentError("depth must be within [0, 1]");
+  const bool chat = tokenizer.FindToken("<|im_start|>").has_value();
+  const std::string intro =
+      "There is an important piece of information hidden inside a lot of irrelevant text. "
+      "Find it and memorize it. I will quiz you about it.\n\n";
+  const std::string needle =
+      absl::StrCat("\nThe pass key is ", passkey, ". Remember it. ", passkey,
+                   " is the pass key.\n");
+  const std::string question = "\n\nWhat is the pass key?";
+  std::vector<int32_t> hay = tokenizer.Encode(filler, /*parse_special=*/false);
+  if (hay.size() < haystack_tokens) {
+    return absl::InvalidArgumentError(absl::StrCat("the filler has ", hay.size(),
+                                                   " tokens, ", haystack_tokens, " needed"));
+  }
+  hay.resize(haystack_tokens);
+  const size_t cut = static_cast<size_t>(depth * haystack_tokens);
+  PasskeyPrompt p;
+  p.passkey = passkey;
+  auto append = [&](const std::string& s, bool special) {
+    const std::vector<int32_t> ids = tokenizer.Encode(s, special);
+    p.tokens.insert(p.tokens.end(), ids.begin(), ids.end());
+  };
+  if (chat) append("<|im_start|>user\n", true);
+  append(intro, false);
+  p.tokens.insert(p.tokens.end(), hay.begin(), hay.begin() + static_cast<long>(cut));
+  p.needle_position = static_cast<uint32_t>(p.tokens.size());
+  append(needle, false);
+  p.tokens.insert(p.tokens.end(), hay.begin() + static_cast<long>(cut), hay.end());
+  append(question, false);
+  if (chat) {
+    append("<|im_end|>\n<|im_start|>assistant\nThe pass key is", true);
+  } else {
+    append(" The pass key is", false);
+  }
+  return p;
+}
+
+std::string FirstNumber(const std::string& text) {
+  size_t i = 0;
+  while (i < text.size() && !std::isdigit(static_cast<unsigned char>(text[i]))) ++i;
+  size_t j = i;
+  while (j < text.size() && std::isdigit(static_cast<unsigned char>(text[j]))) ++j;
+  return text.substr(i, j - i);
+}
+
+}  // namespace icecache::model
