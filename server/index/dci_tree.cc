@@ -901,9 +901,12 @@ struct DciTree::Impl {
     void Begin(uint32_t queries, size_t page_limit, size_t cell_limit) {
       nq = queries;
       if (stamp.size() < page_limit) stamp.resize(page_limit, 0);
-      if (vmax.size() < nq * page_limit) {
-        vmax.resize(nq * page_limit);
-        vsum.resize(nq * page_limit);
+      // Query j's statistics start at j * stamp.size() (Max/Sum), and stamp may be larger than
+      // this tree's page_limit (the scratch is per thread, shared by every tree it searches).
+      const size_t need = size_t{nq} * stamp.size();
+      if (vmax.size() < need) {
+        vmax.resize(need);
+        vsum.resize(need);
       }
       if (cell_stamp.size() < cell_limit) cell_stamp.resize(cell_limit, 0);
       if (++cur == 0) {

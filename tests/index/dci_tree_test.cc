@@ -463,3 +463,40 @@ TEST_F(DciTreeTest, MetadataStaysSmallAgainstTheKvBytes) {
 
 }  // namespace
 }  // namespace icecache::index
+
+namespace icecache::index {
+namespace {
+
+// The search scratch is per thread and shared by every tree the thread searches (the daemon's
+// workers serve many sequences): a joint group search on a small tree after a single-query
+// search on a big one must stay inside the scratch (found by AddressSanitizer on real-model
+// data; without the fix this test overflows the heap).
+TEST(DciTreeScratch, JointSearchOnASmallTreeAfterABigTreeOnTheSameThread) {
+  const HeadData big = MakeHead(6000, 64, 11), small = MakeHead(600, 64, 12);
+  const IndexGeometry geometry{64, big.trace.kv_type, 16};
+  DciOptions joint;
+  joint.joint_group_search = true;
+  InMemoryPages big_pages(geometry, false), small_pages(geometry, false);
+  DciTree big_tree(geometry, DciOptions{}, &big_pages);
+  DciTree small_tree(geometry, joint, &small_pages);
+  {
+    InMemoryPages::Writer w(&big_pages, big.Rows(0, 6000), nullptr);
+    ASSERT_OK(big_tree.Build({big.Rows(0, 6000), big.positions.data()}, &w));
+  }
+  {
+    InMemoryPages::Writer w(&small_pages, small.Rows(0, 600), nullptr);
+    ASSERT_OK(small_tree.Build({small.Rows(0, 600), small.positions.data()}, &w));
+  }
+  std::vector<float> q(4 * 64);
+  for (uint32_t g = 0; g < 4; ++g) {
+    std::copy(big.trace.Query(0, g, 0), big.trace.Query(0, g, 0) + 64, q.begin() + g * 64);
+  }
+  std::vector<SelectedPage> picked;
+  ASSERT_OK(big_tree.Search(q.data(), 1, 12, &picked));  // grows the scratch's page stamps
+  ASSERT_OK(small_tree.Search(q.data(), 4, 12, &picked));
+  EXPECT_EQ(picked.size(), 12u);
+  for (const SelectedPage& p : picked) EXPECT_LT(p.page, small_tree.page_id_limit());
+}
+
+}  // namespace
+}  // namespace icecache::index

@@ -90,3 +90,42 @@ TEST_F(HeadSelectorTest, BadCalls) {
 
 }  // namespace
 }  // namespace icecache::index
+
+namespace icecache::index {
+namespace {
+
+// Every DCI option together, a GQA group of 3 (SmolLM2's), head_dim 64: build, many inserts
+// and selects, as the model's decode does.
+TEST(HeadSelectorOptions, AllOptionsWithAGroupOfThree) {
+  SyntheticOptions o;
+  o.num_tokens = 2600;
+  o.head_dim = 64;
+  o.num_kv_heads = 1;
+  o.group_size = 3;
+  o.num_queries = 64;
+  const Trace t = GenerateSynthetic(o);
+  MethodSpec all{"all", MethodKind::kDci, {}};
+  all.dci.scale_query_projection = true;
+  all.dci.page_granular_scoring = true;
+  all.dci.joint_group_search = true;
+  all.dci.page_score = DciOptions::PageScore::kSoftmaxMass;
+  all.dci.group_merge = DciOptions::GroupMerge::kSumOfMass;
+  for (uint32_t budget : {64u, 128u, 256u, 512u}) {
+    const BudgetSplit split = PaperSplit(budget);
+    HeadSelector sel(all, split.sink, split.window, IndexGeometry{64, ElemType::kF16, 16});
+    std::vector<float> q(3 * 64);
+    for (uint32_t qi = 0; qi < 64; ++qi) {
+      for (uint32_t g = 0; g < 3; ++g) {
+        std::copy(t.Query(0, g, qi), t.Query(0, g, qi) + 64, q.begin() + g * 64);
+      }
+      const uint32_t p = t.query_positions[qi];
+      auto got = sel.Select(t.Keys(0, 0), p, q.data(), 3, split.selected_pages());
+      ASSERT_TRUE(got.ok()) << got.status();
+      ASSERT_LE(got->back(), p);
+      ASSERT_GE(got->size(), split.sink + split.window - 16u);
+    }
+  }
+}
+
+}  // namespace
+}  // namespace icecache::index
