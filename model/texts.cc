@@ -77,16 +77,18 @@ absl::StatusOr<std::string> LoadText(const std::string& name) {
 absl::StatusOr<PasskeyPrompt> BuildPasskeyPrompt(const Tokenizer& tokenizer,
                                                  const std::string& filler,
                                                  uint32_t haystack_tokens, double depth,
-                                                 const std::string& passkey) {
+                                                 const std::string& passkey, bool chat) {
   if (depth < 0 || depth > 1) return absl::InvalidArgumentError("depth must be within [0, 1]");
-  const bool chat = tokenizer.FindToken("<|im_start|>").has_value();
+  if (chat && !tokenizer.FindToken("<|im_start|>").has_value()) {
+    return absl::InvalidArgumentError("the vocabulary has no chat tokens");
+  }
   const std::string intro =
       "There is an important piece of information hidden inside a lot of irrelevant text. "
       "Find it and memorize it. I will quiz you about it.\n\n";
   const std::string needle =
-      absl::StrCat("\nThe pass key is ", passkey, ". Remember it. ", passkey,
-                   " is the pass key.\n");
-  const std::string question = "\n\nWhat is the pass key?";
+      absl::StrCat("\nThe secret number is ", passkey, ". Remember it. ", passkey,
+                   " is the secret number.\n");
+  const std::string question = "\n\nWhat is the secret number?";
   std::vector<int32_t> hay = tokenizer.Encode(filler, /*parse_special=*/false);
   if (hay.size() < haystack_tokens) {
     return absl::InvalidArgumentError(absl::StrCat("the filler has ", hay.size(),
@@ -108,9 +110,9 @@ absl::StatusOr<PasskeyPrompt> BuildPasskeyPrompt(const Tokenizer& tokenizer,
   p.tokens.insert(p.tokens.end(), hay.begin() + static_cast<long>(cut), hay.end());
   append(question, false);
   if (chat) {
-    append("<|im_end|>\n<|im_start|>assistant\nThe pass key is", true);
+    append("<|im_end|>\n<|im_start|>assistant\nThe secret number is", true);
   } else {
-    append(" The pass key is", false);
+    append(" The secret number is", false);
   }
   return p;
 }

@@ -29,14 +29,17 @@ struct PasskeyPrompt {
   uint32_t needle_position;   // token index where the passkey sentence starts
 };
 
-// An instruction, `haystack_tokens` tokens of `filler` with the sentence "The pass key is N.
-// Remember it. N is the pass key." inserted at `depth` (0..1) of the haystack, and the
-// question, ending so that the answer's digits come next. Uses the model's chat format when
-// the tokenizer has <|im_start|>. INVALID_ARGUMENT when the filler is too short.
+// An instruction, `haystack_tokens` tokens of `filler` with the sentence "The secret number is
+// N. Remember it. N is the secret number." inserted at `depth` (0..1) of the haystack, and the
+// question, ending so that the answer's digits come next. (The classic wording, "the pass key
+// is", made SmolLM2-135M explain what a pass key is even with full attention at 1.5k-4k
+// tokens; "secret number" it retrieves: 5 of 5 depths at 2k, 3 of 3 at 4k.) `chat`: wrap it in the model's chat
+// format (needs <|im_start|> in the vocabulary), else a plain completion prompt.
+// INVALID_ARGUMENT when the filler is too short or chat is asked without a chat vocabulary.
 absl::StatusOr<PasskeyPrompt> BuildPasskeyPrompt(const Tokenizer& tokenizer,
                                                  const std::string& filler,
                                                  uint32_t haystack_tokens, double depth,
-                                                 const std::string& passkey);
+                                                 const std::string& passkey, bool chat = false);
 
 // The first run of digits in `text` ("" when none).
 std::string FirstNumber(const std::string& text);

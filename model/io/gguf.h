@@ -2,8 +2,9 @@
 //
 // Layout (GGUF v2/v3, little-endian; v1 and big-endian files are rejected):
 //   "GGUF" | u32 version | u64 tensor_count | u64 kv_count
-//   kv_count x { string key | u32 value_type | value }        (arrays: u32 elem_type | u64 n | n x elem)
-//   tensor_count x { string name | u32 n_dims | n_dims x u64 ne | u32 ggml_type | u64 offset }
+//   kv_count x {string key | u32 value_type | value}
+//     (an array value: u32 elem_type | u64 n | n x element)
+//   tensor_count x {string name | u32 n_dims | n_dims x u64 ne | u32 ggml_type | u64 offset}
 //   padding to `general.alignment` (u32, default 32) | tensor data (each offset aligned)
 // A string is u64 length + bytes (no terminator). ne[0] is the fastest-varying dimension.
 //
@@ -15,6 +16,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/container/flat_hash_map.h"

@@ -44,10 +44,10 @@ enum class TokenType : int32_t {
 };
 
 struct TokenizerSpec {
-  std::string model;                // tokenizer.ggml.model; must be "gpt2"
-  std::string pre;                  // tokenizer.ggml.pre, e.g. "smollm" ("default" if absent)
-  std::vector<std::string> tokens;  // in the GPT-2 byte alphabet ("Ġthe"); id = index
-  std::vector<std::string> merges;  // "a b" pairs of token strings; rank = index
+  std::string model;                 // tokenizer.ggml.model; must be "gpt2"
+  std::string pre;                   // tokenizer.ggml.pre, e.g. "smollm" ("default" if absent)
+  std::vector<std::string> tokens;   // in the GPT-2 byte alphabet ("Ġthe"); id = index
+  std::vector<std::string> merges;   // "a b" pairs of token strings; rank = index
   std::vector<int32_t> token_types;  // TokenType per token, or empty (all normal)
   int32_t bos_id = -1, eos_id = -1, unk_id = -1, pad_id = -1;  // -1: none
 };
@@ -121,13 +121,13 @@ class Tokenizer {
 
   std::string pre_;
   Split split_ = Split::kGpt2;
-  std::vector<std::string> tokens_;      // vocabulary strings
+  std::vector<std::string> tokens_;       // vocabulary strings
   std::vector<std::string> token_bytes_;  // decoded bytes per token
   std::vector<TokenType> types_;
   absl::flat_hash_map<std::string, int32_t> token_ids_;
   absl::flat_hash_map<uint64_t, Merge> merges_;  // (left id << 32 | right id) -> merge
-  int32_t byte_ids_[256] = {};                    // the token of each single byte
-  std::vector<Special> specials_;                 // longest first
+  int32_t byte_ids_[256] = {};                   // the token of each single byte
+  std::vector<Special> specials_;                // longest first
   bool special_first_byte_[256] = {};
   int32_t bos_id_ = -1, eos_id_ = -1, unk_id_ = -1, pad_id_ = -1;
 };

@@ -1,7 +1,8 @@
 // icecache-demo: the main job end to end on an embedded default. A real model (SmolLM2-135M-
-// Instruct) reads a long real text with a passkey hidden in it, then answers twice: with full
-// attention over every token, and with IceCache (the prompt's KV cache handed to a real
-// icecached, each decode step attending to sink + window + the pages the daemon selects).
+// Instruct) reads a long real text with a secret number hidden in it (passkey retrieval), then
+// answers twice: with full attention over every token, and with IceCache (the prompt's KV
+// cache handed to a real icecached, each decode step attending to sink + window + the pages
+// the daemon selects).
 //
 //   build/model/icecache-demo --model=$(scripts/fetch_model.sh)
 //
@@ -43,6 +44,7 @@ ABSL_FLAG(uint32_t, max_new, 10, "Tokens to generate for each answer.");
 ABSL_FLAG(std::string, mode, "auto", "Client mode: auto (GPU if usable), cpu or cuda.");
 ABSL_FLAG(std::string, socket, "", "Use the icecached at this socket instead of starting one.");
 ABSL_FLAG(std::string, json, "", "Also write the results to this JSON file.");
+ABSL_FLAG(bool, chat, false, "Ask in the model's chat format instead of a plain completion.");
 
 namespace {
 
@@ -98,6 +100,13 @@ absl::StatusOr<std::string> Answer(const LlamaModel& model, AttentionBackend* at
 }
 
 void ProgressBar(uint32_t done, uint32_t total, double elapsed) {
+  if (!::isatty(1)) {  // a log, not a terminal: a line every few layers
+    if (done % 5 == 0 || done == total) {
+      std::printf("  %u/%u layers, %.0f s\n", done, total, elapsed);
+      std::fflush(stdout);
+    }
+    return;
+  }
   const int width = 30;
   const int filled = static_cast<int>(width * done / total);
   const double eta = done == 0 ? 0 : elapsed / done * (total - done);
@@ -173,11 +182,12 @@ int main(int argc, char** argv) {
   }
   auto prompt = BuildPasskeyPrompt((*model)->tokenizer(), *text,
                                    absl::GetFlag(FLAGS_haystack_tokens),
-                                   absl::GetFlag(FLAGS_depth), passkey);
+                                   absl::GetFlag(FLAGS_depth), passkey,
+                                   absl::GetFlag(FLAGS_chat));
   if (!prompt.ok()) return Fail(prompt.status());
   const uint32_t n = static_cast<uint32_t>(prompt->tokens.size());
   const uint32_t max_new = absl::GetFlag(FLAGS_max_new);
-  std::printf("[4/6] prompt: %u tokens of %s with the pass key %s hidden at token %u (%.0f%% "
+  std::printf("[4/6] prompt: %u tokens of %s with the secret number %s hidden at token %u (%.0f%% "
               "deep), then the question\n",
               n, absl::GetFlag(FLAGS_text).c_str(), passkey.c_str(), prompt->needle_position,
               100.0 * prompt->needle_position / n);
@@ -200,7 +210,8 @@ int main(int argc, char** argv) {
   });
   if (!s.ok()) return Fail(s);
   const double prefill_s = Seconds(t);
-  std::printf("\n      %.1f s, %.0f tokens/s\n", prefill_s, n / prefill_s);
+  std::printf("%s      %.1f s, %.0f tokens/s\n", ::isatty(1) ? "\n" : "", prefill_s,
+              n / prefill_s);
 
   std::printf("[6/6] answering (greedy, up to %u tokens):\n", max_new);
   double full_s = 0, ice_s = 0;
@@ -234,7 +245,7 @@ int main(int argc, char** argv) {
       counters.fetch_nanoseconds == 0 ? 0 : counters.fetched_bytes / (counters.fetch_nanoseconds * 1e-9);
   const double recall = icecache_attention.stats().MeanRecall(full_kv_layers);
 
-  std::printf("\n  %-44s %s\n", "pass key", passkey.c_str());
+  std::printf("\n  %-44s %s\n", "secret number", passkey.c_str());
   std::printf("  %-44s %s\n", "full attention answered",
               full_ok ? "correctly" : absl::StrCat("wrongly (", *full_answer, ")").c_str());
   std::printf("  %-44s %s\n", "IceCache answered",

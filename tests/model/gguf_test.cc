@@ -36,7 +36,9 @@ using ::testing::HasSubstr;
 void WriteBytes(const std::string& path, const uint8_t* data, size_t n) {
   std::FILE* f = std::fopen(path.c_str(), "wb");
   ASSERT_NE(f, nullptr) << path;
-  if (n > 0) ASSERT_EQ(std::fwrite(data, 1, n, f), n);
+  if (n > 0) {
+    ASSERT_EQ(std::fwrite(data, 1, n, f), n);
+  }
   ASSERT_EQ(std::fclose(f), 0);
 }
 
@@ -210,12 +212,13 @@ TEST(GgufTest, MetadataRoundTripEveryType) {
   EXPECT_THAT(f->GetUint("t.missing"), StatusIs(absl::StatusCode::kNotFound));
   EXPECT_THAT(f->GetIntArray("t.missing"), StatusIs(absl::StatusCode::kNotFound));
   EXPECT_THAT(f->GetString("t.u32"), StatusIs(absl::StatusCode::kInvalidArgument,
-                                               AllOf(HasSubstr("t.u32"), HasSubstr("u32"))));
+                                              AllOf(HasSubstr("t.u32"), HasSubstr("u32"))));
   EXPECT_THAT(f->GetUint("t.i8"), StatusIs(absl::StatusCode::kInvalidArgument,
-                                            AllOf(HasSubstr("t.i8"), HasSubstr("negative"))));
+                                           AllOf(HasSubstr("t.i8"), HasSubstr("negative"))));
   EXPECT_THAT(f->GetInt("t.u64"), StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("t.u64")));
   EXPECT_THAT(f->GetUint("t.f32"), StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("f32")));
-  EXPECT_THAT(f->GetFloat("t.str"), StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("string")));
+  EXPECT_THAT(f->GetFloat("t.str"),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("string")));
   EXPECT_THAT(f->GetBool("t.u8"), StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("u8")));
   EXPECT_THAT(f->GetInt("t.strs"),
               StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("array of string")));
@@ -245,12 +248,9 @@ TEST(GgufTest, TensorsOfEverySupportedTypeRoundTrip) {
       std::vector<uint64_t> dims;
     };
     const std::vector<Spec> specs = {
-        {"f32.vec", GgmlType::kF32, {7}},
-        {"f16.mat", GgmlType::kF16, {5, 3}},
-        {"q4_0.mat", GgmlType::kQ4_0, {64, 3}},
-        {"q4_1.mat", GgmlType::kQ4_1, {32, 2, 2}},
-        {"q5_0.mat", GgmlType::kQ5_0, {96, 1}},
-        {"q5_1.mat", GgmlType::kQ5_1, {32, 1, 1, 3}},
+        {"f32.vec", GgmlType::kF32, {7}},        {"f16.mat", GgmlType::kF16, {5, 3}},
+        {"q4_0.mat", GgmlType::kQ4_0, {64, 3}},  {"q4_1.mat", GgmlType::kQ4_1, {32, 2, 2}},
+        {"q5_0.mat", GgmlType::kQ5_0, {96, 1}},  {"q5_1.mat", GgmlType::kQ5_1, {32, 1, 1, 3}},
         {"q8_0.mat", GgmlType::kQ8_0, {128, 2}},
     };
     std::map<std::string, std::vector<uint8_t>> data;
@@ -345,7 +345,8 @@ std::vector<uint8_t> SmallFile() {
   w.AddStringArray("toks", {"a", "bc"});
   w.AddFloat32Array("fs", {1.0f, 2.0f});
   const std::vector<float> x = Ramp(64);
-  ICECACHE_CHECK_OK(w.AddTensor("w", GgmlType::kQ8_0, {32, 2}, Quantize(GgmlType::kQ8_0, x.data(), 64)));
+  ICECACHE_CHECK_OK(
+      w.AddTensor("w", GgmlType::kQ8_0, {32, 2}, Quantize(GgmlType::kQ8_0, x.data(), 64)));
   ICECACHE_CHECK_OK(w.AddTensor("b", GgmlType::kF32, {3}, Quantize(GgmlType::kF32, x.data(), 3)));
   auto bytes = w.Serialize();
   ICECACHE_CHECK_OK(bytes.status());
@@ -417,16 +418,16 @@ TEST(GgufTest, BadMetadataIsInvalidArgument) {
       StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("nested")));
   EXPECT_THAT(OpenBytes(dir, RawGguf().Header(0, 1).Str("k").U32(9).U32(77).U64(0).bytes()),
               StatusIs(absl::StatusCode::kInvalidArgument));
-  EXPECT_THAT(OpenBytes(dir, RawGguf().Header(0, 2).Str("k").U32(4).U32(1).Str("k").U32(4).U32(2)
-                                 .bytes()),
-              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("duplicate")));
-  EXPECT_THAT(OpenBytes(dir, RawGguf().Header(0, 1).Str("general.alignment").U32(10).U64(32)
-                                 .bytes()),
-              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("u32")));
+  EXPECT_THAT(
+      OpenBytes(dir, RawGguf().Header(0, 2).Str("k").U32(4).U32(1).Str("k").U32(4).U32(2).bytes()),
+      StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("duplicate")));
+  EXPECT_THAT(
+      OpenBytes(dir, RawGguf().Header(0, 1).Str("general.alignment").U32(10).U64(32).bytes()),
+      StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("u32")));
   for (uint32_t a : {0u, 3u, 48u}) {
-    EXPECT_THAT(OpenBytes(dir, RawGguf().Header(0, 1).Str("general.alignment").U32(4).U32(a)
-                                   .bytes()),
-                StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("power of two")))
+    EXPECT_THAT(
+        OpenBytes(dir, RawGguf().Header(0, 1).Str("general.alignment").U32(4).U32(a).bytes()),
+        StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("power of two")))
         << a;
   }
 }
@@ -443,10 +444,10 @@ TEST(GgufTest, BadTensorInfosAreInvalidArgument) {
   ASSERT_OK_AND_ASSIGN(auto good, OpenBytes(dir, file_with("w", {32, 2}, 8, 0, 68)));
   EXPECT_EQ(good->tensors()[0].bytes, 68u);
 
-  EXPECT_THAT(OpenBytes(dir, file_with("blk.7.ffn_up.weight", {256, 2}, 12, 0, 4096)),
-              StatusIs(absl::StatusCode::kInvalidArgument,
-                       AllOf(HasSubstr("blk.7.ffn_up.weight"), HasSubstr("type 12"),
-                             HasSubstr("q4_K"))));
+  EXPECT_THAT(
+      OpenBytes(dir, file_with("blk.7.ffn_up.weight", {256, 2}, 12, 0, 4096)),
+      StatusIs(absl::StatusCode::kInvalidArgument,
+               AllOf(HasSubstr("blk.7.ffn_up.weight"), HasSubstr("type 12"), HasSubstr("q4_K"))));
   EXPECT_THAT(OpenBytes(dir, file_with("t", {32}, 30, 0, 64)),
               StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("type 30")));
   EXPECT_THAT(OpenBytes(dir, file_with("t", {32}, 0xffffffffu, 0, 64)),

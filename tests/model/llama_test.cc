@@ -429,17 +429,22 @@ TEST_F(LlamaTest, TraceCaptureHoldsWhatTheBackendsStore) {
 TEST_F(LlamaTest, PasskeyPromptHidesTheNumberWhereAsked) {
   std::string filler;
   for (int i = 0; i < 300; ++i) filler += "the grass is green and the sky is blue. ";
-  auto p = BuildPasskeyPrompt(model_->tokenizer(), filler, 1000, 0.25, "48213");
+  auto p = BuildPasskeyPrompt(model_->tokenizer(), filler, 1000, 0.25, "48213", /*chat=*/true);
   ASSERT_TRUE(p.ok()) << p.status();
   const std::string text = model_->tokenizer().Decode(p->tokens);
-  EXPECT_THAT(text, ::testing::HasSubstr("The pass key is 48213. Remember it."));
+  EXPECT_THAT(text, ::testing::HasSubstr("The secret number is 48213. Remember it."));
   EXPECT_EQ(text.rfind("<|im_start|>", 0), 0u) << "the chat format is used";
-  EXPECT_THAT(text, ::testing::EndsWith("<|im_start|>assistant\nThe pass key is"));
+  EXPECT_THAT(text, ::testing::EndsWith("<|im_start|>assistant\nThe secret number is"));
   const std::string before = model_->tokenizer().Decode(
       std::vector<int32_t>(p->tokens.begin(), p->tokens.begin() + p->needle_position));
   EXPECT_EQ(before.find("48213"), std::string::npos);
   EXPECT_THAT(BuildPasskeyPrompt(model_->tokenizer(), "too short", 1000, 0.5, "1").status(),
               StatusIs(absl::StatusCode::kInvalidArgument));
+  auto plain = BuildPasskeyPrompt(model_->tokenizer(), filler, 500, 0.9, "777");
+  ASSERT_TRUE(plain.ok());
+  const std::string plain_text = model_->tokenizer().Decode(plain->tokens);
+  EXPECT_EQ(plain_text.find("<|im_start|>"), std::string::npos);
+  EXPECT_THAT(plain_text, ::testing::EndsWith("What is the secret number? The secret number is"));
   EXPECT_EQ(FirstNumber(" 48213. It is"), "48213");
   EXPECT_EQ(FirstNumber("no digits"), "");
 }

@@ -103,12 +103,12 @@ TEST(DequantizeTest, Q4_1KnownBlock) {
   PutU16(&b, kHalfMinusOne);
   for (int j = 0; j < 16; ++j) b.push_back(static_cast<uint8_t>(j | ((15 - j) << 4)));
   const std::vector<float> y = Dequant(GgmlType::kQ4_1, b);
-  EXPECT_EQ(y[0], -1.0f);    // 0 * 0.25 - 1
-  EXPECT_EQ(y[15], 2.75f);   // 15 * 0.25 - 1
-  EXPECT_EQ(y[16], 2.75f);   // 15 * 0.25 - 1
-  EXPECT_EQ(y[31], -1.0f);   // 0 * 0.25 - 1
-  EXPECT_EQ(y[4], 0.0f);     // 4 * 0.25 - 1
-  EXPECT_EQ(y[20], 1.75f);   // 11 * 0.25 - 1
+  EXPECT_EQ(y[0], -1.0f);   // 0 * 0.25 - 1
+  EXPECT_EQ(y[15], 2.75f);  // 15 * 0.25 - 1
+  EXPECT_EQ(y[16], 2.75f);  // 15 * 0.25 - 1
+  EXPECT_EQ(y[31], -1.0f);  // 0 * 0.25 - 1
+  EXPECT_EQ(y[4], 0.0f);    // 4 * 0.25 - 1
+  EXPECT_EQ(y[20], 1.75f);  // 11 * 0.25 - 1
 }
 
 // Q5_0 {d; qh[4]; qs[16]}, x = ((nibble | bit << 4) - 16) * d, bit j of qh for element j.
@@ -273,8 +273,8 @@ TEST(QuantizeTest, RoundTripsWithinErrorBound) {
   for (int j = 0; j < 32; ++j) x.push_back(1e-3f * (j - 16));
   for (int j = 0; j < 32; ++j) x.push_back(j % 2 ? 60000.0f : -60000.0f);
   const uint64_t n = x.size();
-  for (GgmlType type : {GgmlType::kQ4_0, GgmlType::kQ4_1, GgmlType::kQ5_0, GgmlType::kQ5_1,
-                        GgmlType::kQ8_0}) {
+  for (GgmlType type :
+       {GgmlType::kQ4_0, GgmlType::kQ4_1, GgmlType::kQ5_0, GgmlType::kQ5_1, GgmlType::kQ8_0}) {
     SCOPED_TRACE(GgmlTypeName(type));
     const std::vector<uint8_t> q = Quantize(type, x.data(), n);
     ASSERT_EQ(q.size(), n / 32 * GgmlBlockBytes(type));
