@@ -12,6 +12,10 @@ and, from client_decode_<mode>.json and gpu_gather.json:
     client_decode_<mode>.png     decode-step breakdown (select, fetch, attention) against
                                  full attention, and the page-cache hit rate per step
     gpu_gather.png               gather kernel vs bulk and per-page copies
+and, from model_quality.csv, model_quality_by_layer.csv and model_passkey.csv (the real model):
+    model_quality_vs_budget.png  perplexity ratio, top-1 agreement, attention recall and
+                                 passkey accuracy against budget, every method
+    model_recall_by_layer.png    attention recall per layer at budget 256
 """
 import json
 import csv
@@ -33,6 +37,8 @@ def read(path):
 def style(method):
     if method.startswith("oracle"):
         return dict(linestyle="--", marker="x")
+    if method.startswith("icecache-service"):
+        return dict(linestyle="-", marker="D", linewidth=2.5, color="black")
     if method.startswith("icecache-dci") or method.startswith("dci"):
         return dict(linestyle="-", marker="o", linewidth=2 if method == "icecache-dci" else 1)
     return dict(linestyle=":", marker="s")
@@ -179,6 +185,79 @@ def gpu_gather(out):
     fig.savefig(os.path.join(out, "gpu_gather.png"), dpi=120)
 
 
+def model_quality(out):
+    path = os.path.join(out, "model_quality.csv")
+    if not os.path.exists(path):
+        return
+    rows = [r for r in read(path) if r["method"] != "full"]
+    methods = []
+    for r in rows:
+        if r["method"] not in methods:
+            methods.append(r["method"])
+    passkey = {}
+    pk_path = os.path.join(out, "model_passkey.csv")
+    if os.path.exists(pk_path):
+        for r in read(pk_path):
+            if r["method"] == "full":
+                continue
+            key = (r["method"], int(r["budget"]))
+            right, total = passkey.get(key, (0, 0))
+            passkey[key] = (right + int(r["correct"]), total + 1)
+    fig, axes = plt.subplots(1, 4, figsize=(19, 4.8))
+    panels = (("perplexity_ratio", "perplexity / full attention's (1 = equal)"),
+              ("top1_agreement", "top-1 next token = full attention's"),
+              ("recall", "attention recall (softmax mass attended)"))
+    for ax, (key, label) in zip(axes, panels):
+        for m in methods:
+            budgets = sorted({int(r["budget"]) for r in rows if r["method"] == m})
+            means = []
+            for b in budgets:
+                vals = [float(r[key]) for r in rows if r["method"] == m and int(r["budget"]) == b]
+                means.append(sum(vals) / len(vals))
+            ax.plot(budgets, means, label=m, **style(m))
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("token budget")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].axhline(1.0, color="black", linewidth=0.8)
+    axes[0].set_ylim(0.95, min(2.0, axes[0].get_ylim()[1]))
+    ax = axes[3]
+    for m in methods:
+        budgets = sorted(b for (mm, b) in passkey if mm == m)
+        if budgets:
+            ax.plot(budgets, [passkey[(m, b)][0] / passkey[(m, b)][1] for b in budgets],
+                    label=m, **style(m))
+    ax.set_xscale("log", base=2)
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_xlabel("token budget")
+    ax.set_ylabel("passkey retrieval accuracy")
+    ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("SmolLM2-135M-Instruct on real text: IceCache vs baselines and oracles")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "model_quality_vs_budget.png"), dpi=120)
+
+    path = os.path.join(out, "model_quality_by_layer.csv")
+    if os.path.exists(path):
+        layers = [r for r in read(path) if r["budget"] == "256"]
+        fig, ax = plt.subplots(figsize=(9, 4.5))
+        for m in methods:
+            by = {}
+            for r in layers:
+                if r["method"] == m:
+                    by.setdefault(int(r["layer"]), []).append(float(r["recall"]))
+            if by:
+                ls = sorted(by)
+                ax.plot(ls, [sum(by[l]) / len(by[l]) for l in ls], label=m, **style(m))
+        ax.set_xlabel("layer")
+        ax.set_ylabel("attention recall at budget 256")
+        ax.set_title("Recall per layer (mean over texts), real model")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, "model_recall_by_layer.png"), dpi=120)
+
+
 def main():
     if len(sys.argv) != 2:
         sys.exit("usage: bench/plot.py RESULTS_DIR")
@@ -188,6 +267,7 @@ def main():
     search_latency(out)
     client_decode(out)
     gpu_gather(out)
+    model_quality(out)
     print(f"plots written to {out}")
 
 

@@ -1,5 +1,7 @@
 #include "model/attention.h"
 
+#include <cblas.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -81,6 +83,20 @@ void AttendPositions(const KvStore& kv, uint32_t layer, uint32_t kv_head, const 
   }
 }
 
+void AttendPrefix(const KvStore& kv, uint32_t layer, uint32_t kv_head, const float* q,
+                  uint32_t pos, float scale, float* out) {
+  const uint32_t d = kv.config().head_dim;
+  std::vector<float> w(pos + 1);
+  // w = softmax(K[0..pos] . q * scale); out = V[0..pos]^T . w (rows contiguous per head).
+  cblas_sgemv(CblasRowMajor, CblasNoTrans, static_cast<int>(pos + 1), static_cast<int>(d), scale,
+              kv.k(layer, kv_head), static_cast<int>(d), q, 1, 0.0f, w.data(), 1);
+  const float mx = *std::max_element(w.begin(), w.end());
+  float sum = 0;
+  for (float& x : w) sum += (x = std::exp(x - mx));
+  cblas_sgemv(CblasRowMajor, CblasTrans, static_cast<int>(pos + 1), static_cast<int>(d),
+              1.0f / sum, kv.v(layer, kv_head), static_cast<int>(d), w.data(), 1, 0.0f, out, 1);
+}
+
 namespace {
 
 // Softmax mass that `attended` (sorted positions) carries among all positions [0, pos] for
@@ -88,16 +104,11 @@ namespace {
 double Recall(const KvStore& kv, uint32_t layer, uint32_t kv_head, const float* q, uint32_t pos,
               const std::vector<uint32_t>& attended, float scale) {
   const uint32_t d = kv.config().head_dim;
-  const float* K = kv.k(layer, kv_head);
   std::vector<float> s(pos + 1);
-  float mx = -std::numeric_limits<float>::infinity();
-  for (uint32_t t = 0; t <= pos; ++t) {
-    const float* kr = K + uint64_t{t} * d;
-    float dot = 0;
-    for (uint32_t i = 0; i < d; ++i) dot += q[i] * kr[i];
-    s[t] = dot * scale;
-    mx = std::max(mx, s[t]);
-  }
+  // scores = K[0..pos] . q * scale (rows contiguous per (layer, head)).
+  cblas_sgemv(CblasRowMajor, CblasNoTrans, static_cast<int>(pos + 1), static_cast<int>(d), scale,
+              kv.k(layer, kv_head), static_cast<int>(d), q, 1, 0.0f, s.data(), 1);
+  const float mx = *std::max_element(s.begin(), s.end());
   double all = 0, in = 0;
   size_t j = 0;
   for (uint32_t t = 0; t <= pos; ++t) {
@@ -159,12 +170,10 @@ absl::Status FullAttention::Decode(uint32_t layer, uint32_t pos, const float* q,
   absl::Status s = kv_.Write(layer, pos, 1, k, v);
   if (!s.ok()) return s;
   const LlamaConfig& c = kv_.config();
-  std::vector<uint32_t> all(pos + 1);
-  std::iota(all.begin(), all.end(), 0u);
   const float scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
   for (uint32_t h = 0; h < c.n_heads; ++h) {
-    AttendPositions(kv_, layer, h / c.group(), q + uint64_t{h} * c.head_dim, all.data(),
-                    all.size(), scale, out + uint64_t{h} * c.head_dim);
+    AttendPrefix(kv_, layer, h / c.group(), q + uint64_t{h} * c.head_dim, pos, scale,
+                 out + uint64_t{h} * c.head_dim);
   }
   return absl::OkStatus();
 }
@@ -234,8 +243,12 @@ absl::Status SelectiveAttention::Decode(uint32_t layer, uint32_t pos, const floa
     }
     for (uint32_t j = 0; j < g; ++j) {
       const float* qh = group_q + uint64_t{j} * d;
-      AttendPositions(kv_, layer, h, qh, positions.data(), positions.size(), scale,
-                      out + (uint64_t{h} * g + j) * d);
+      if (positions.size() == pos + 1) {  // everything: the same arithmetic as FullAttention
+        AttendPrefix(kv_, layer, h, qh, pos, scale, out + (uint64_t{h} * g + j) * d);
+      } else {
+        AttendPositions(kv_, layer, h, qh, positions.data(), positions.size(), scale,
+                        out + (uint64_t{h} * g + j) * d);
+      }
       if (measure_recall_) {
         AddRecall(&stats_, layer, c.n_layers, Recall(kv_, layer, h, qh, pos, positions, scale));
       }

@@ -51,6 +51,11 @@ class KvStore {
   std::vector<uint16_t> k_half_;
 };
 
+// Softmax attention of one query row over positions [0, pos] of one (layer, KV head), through
+// OpenBLAS.
+void AttendPrefix(const KvStore& kv, uint32_t layer, uint32_t kv_head, const float* q,
+                  uint32_t pos, float scale, float* out);
+
 // Softmax attention of one query row over the listed positions of one (layer, KV head).
 void AttendPositions(const KvStore& kv, uint32_t layer, uint32_t kv_head, const float* q,
                      const uint32_t* positions, size_t count, float scale, float* out);

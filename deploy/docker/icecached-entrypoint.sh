@@ -4,14 +4,13 @@
 #   <image> [--flag=value ...]     runs icecached with these flags
 #   <image> icecache status         runs any other command (the CLI, a shell for debugging)
 #
-# It sets the file-creation mask before exec'ing the daemon (which then is PID 1 and gets
-# SIGTERM directly). The control socket is created by gRPC with mode 0777 & ~umask: under the
-# usual 022 only the daemon's own uid could connect to it, so clients of another uid admitted
-# by --allow-uids could attach (the attach socket is always 0666) but not create sequences.
-# With 0002 (ICECACHE_UMASK) the daemon's group may connect too: engine containers of another
-# uid join that group (Kubernetes: supplementalGroups: [10001]); see deploy/README.md.
+# It exec's the command, so that icecached is PID 1 and gets SIGTERM directly. Nothing else is
+# set up here: the daemon makes both of its sockets connectable by any local uid (mode 0666,
+# whatever the umask) and decides access itself: the attach socket admits only the uids of
+# --allow_uids and --operator_uids (SO_PEERCRED), and on the control socket a caller without
+# an attachment's token gets only health, reflection, GetStats and GetConfig (deploy/README.md,
+# "Security").
 set -eu
-umask "${ICECACHE_UMASK:-0002}"
 if [ "$#" -eq 0 ] || [ "${1#-}" != "$1" ]; then
   set -- icecached "$@"
 fi

@@ -347,7 +347,9 @@ class DataPlane::Dispatcher {
       if (!client->dead.load()) {
         const uint8_t* k_rows = base;
         const uint8_t* v_rows = base + bytes / 2;
-        s = prefill ? kv->Prefill(r.layer, k_rows, v_rows, r.tokens, r.first_position)
+        // A build stops early when the client goes away (its memory comes back at once).
+        s = prefill ? kv->Prefill(r.layer, k_rows, v_rows, r.tokens, r.first_position,
+                                  &client->dead)
                     : kv->Append(r.layer, k_rows, v_rows, r.tokens, r.first_position);
         // A successful operation consumes the buffer; a refused one changes nothing (the
         // client may fix and resubmit it, or release it).

@@ -199,7 +199,8 @@ absl::Status SequenceKv::CheckLayer(uint32_t layer) const {
 }
 
 absl::Status SequenceKv::Prefill(uint32_t layer, const uint8_t* k_rows, const uint8_t* v_rows,
-                                 uint32_t tokens, uint32_t first_position) {
+                                 uint32_t tokens, uint32_t first_position,
+                                 const std::atomic<bool>* cancel) {
   absl::Status ok = CheckLayer(layer);
   if (!ok.ok()) return ok;
   if (tokens == 0 || tokens > geometry_.max_tokens) {
@@ -216,6 +217,7 @@ absl::Status SequenceKv::Prefill(uint32_t layer, const uint8_t* k_rows, const ui
     batches[h].keys = index::RowView{k_rows + uint64_t{h} * tokens * row, index_geometry_.elem_type,
                                      geometry_.head_dim, tokens, 0};
     batches[h].positions = positions.data();
+    batches[h].cancel = cancel;
     absl::Status v = index::ValidateBatch(index_geometry_, batches[h]);
     if (!v.ok()) return absl::InvalidArgumentError(absl::StrCat("KV head ", h, ": ", v.message()));
   }

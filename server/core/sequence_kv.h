@@ -66,8 +66,10 @@ class SequenceKv {
   //   non-finite keys. FAILED_PRECONDITION: the layer is not empty.
   // RESOURCE_EXHAUSTED: no frames for its pages. On error the layer stays as it was, except
   //   that a failure inside the build leaves it kFailed.
+  // `cancel`: when it becomes true the build stops early with CANCELLED (the layer fails).
   absl::Status Prefill(uint32_t layer, const uint8_t* k_rows, const uint8_t* v_rows,
-                       uint32_t tokens, uint32_t first_position);
+                       uint32_t tokens, uint32_t first_position,
+                       const std::atomic<bool>* cancel = nullptr);
 
   // 1..page_size new tokens (one window page). FAILED_PRECONDITION unless the layer is ready;
   // RESOURCE_EXHAUSTED when the sequence would exceed max_tokens or frames run out.

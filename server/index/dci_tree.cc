@@ -141,6 +141,7 @@ struct DciTree::Impl {
   std::vector<uint32_t> upper_row;  // token -> row in upper_keys, or kNone
   const KeyBatch* batch = nullptr;
   uint32_t batch_begin = 0;
+  const std::atomic<bool>* cancel_flag = nullptr;  // of the Build in progress
   absl::flat_hash_map<uint32_t, std::pair<uint32_t, uint8_t>> orig;  // pre-change locations
   std::vector<uint8_t> page_flags;  // bit 0 changed, bit 1 allocated now, bit 2 freed now
   std::vector<uint32_t> flagged;
@@ -568,6 +569,7 @@ struct DciTree::Impl {
     std::vector<uint32_t> best_j(kBlock);
     best->resize(children.size());
     for (size_t c0 = 0; c0 < children.size(); c0 += kBlock) {
+      if (Cancelled()) return;  // the caller sees it after the level
       const uint32_t nb = static_cast<uint32_t>(std::min<size_t>(kBlock, children.size() - c0));
       for (uint32_t i = 0; i < nb; ++i) {
         ToFloat(KeyPtr(children[c0 + i]), g.elem_type, d, xs.data() + uint64_t{i} * d);
@@ -594,6 +596,7 @@ struct DciTree::Impl {
     std::vector<float> buf;
     Scratch& sc = ThreadScratch();
     for (size_t i = 0; i < kids.size(); ++i) {
+      if (i % 256 == 0 && Cancelled()) return;  // the caller sees it after the level
       const Probe probe = KeyProbe(kids[i], &buf);
       Descend(probe, l + 1, o.build_fov, o.build_retrieve_ratio, 1, false, 1, sc, &found);
       ICECACHE_CHECK(!found.empty()) << "descent found no parent for token " << kids[i];
@@ -611,6 +614,7 @@ struct DciTree::Impl {
     std::vector<uint32_t> anchors, anchor_parent;
     for (size_t i = 0; i < kids.size(); i += o.anchor_interval) anchors.push_back(kids[i]);
     FullParents(anchors, parents, l, &anchor_parent);
+    if (Cancelled()) return;  // the caller sees it after the level
     // Farthest anchor child of each parent, in lifted distance M - T(c).T(p).
     absl::flat_hash_map<uint32_t, float> max_dist;
     std::vector<float> x(d);
@@ -658,9 +662,14 @@ struct DciTree::Impl {
     for (size_t f = 0; f < fallback.size(); ++f) (*parent_of)[fallback_at[f]] = fallback_parent[f];
   }
 
+  bool Cancelled() const {
+    return cancel_flag != nullptr && cancel_flag->load(std::memory_order_relaxed);
+  }
+
   absl::Status BuildLocked(const KeyBatch& b, PageWriter* writer) {
     const uint32_t n = b.keys.rows;
     batch = &b;
+    cancel_flag = b.cancel;
     batch_begin = 0;
     position.assign(b.positions, b.positions + n);
     level.resize(n);
@@ -720,6 +729,10 @@ struct DciTree::Impl {
         AnchoredParents(kids, parents, l, &parent_of);
       } else {
         FullParents(kids, parents, l, &parent_of);
+      }
+      if (Cancelled()) {
+        cancel_flag = nullptr;
+        return absl::CancelledError("the index build was cancelled");
       }
       // Group children by parent, in the parents' token order.
       absl::flat_hash_map<uint32_t, std::vector<uint32_t>> groups;

@@ -13,6 +13,7 @@
 // PageWriter is called while that lock is held.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -30,6 +31,10 @@ inline constexpr uint32_t kNoPage = 0xffffffffu;
 struct KeyBatch {
   RowView keys;
   const uint32_t* positions = nullptr;  // [keys.rows]
+  // When set and it becomes true, a Build stops early with CANCELLED (checked every few
+  // hundred tokens): the daemon sets it when the client that asked for the build goes away.
+  // An index whose Build was cancelled must not be used again.
+  const std::atomic<bool>* cancel = nullptr;
 };
 
 // Where a slot's row comes from in a layout change.

@@ -1,6 +1,7 @@
 #include "server/main/daemon.h"
 
 #include <sys/resource.h>
+#include <sys/stat.h>
 
 #include <array>
 #include <chrono>
@@ -290,6 +291,10 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const DaemonOptions& optio
         options.tcp_address.empty() ? "" : absl::StrCat(" and ", options.tcp_address),
         " (address in use or not permitted)"));
   }
+  // Like the attach socket: any local user may connect; what a caller may see and change is
+  // decided by its attachment token (issued only to the uids --allow-uids admits), not by the
+  // socket's mode (otherwise the umask would lock out admitted clients of other uids).
+  ::chmod(options.socket_path.c_str(), 0666);
   if (!options.tcp_address.empty()) {
     if (tcp_port == 0) {
       d->server_->Shutdown();

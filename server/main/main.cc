@@ -10,6 +10,7 @@
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
 #include "absl/flags/usage_config.h"
+#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
@@ -88,6 +89,12 @@ int main(int argc, char** argv) {
   absl::FlagsUsageConfig usage;
   usage.version_string = [] { return "icecached " + icecache::VersionString() + "\n"; };
   usage.normalize_filename = [](absl::string_view f) { return std::string(f); };
+  // --help and --helpshort list the daemon's own flags (those defined under server/main/);
+  // --helpfull lists every flag linked in.
+  usage.contains_help_flags = [](absl::string_view f) {
+    return absl::StrContains(f, "server/main/");
+  };
+  usage.contains_helpshort_flags = usage.contains_help_flags;
   absl::SetFlagsUsageConfig(usage);
   absl::SetProgramUsageMessage(
       "IceCache host daemon: keeps long-context KV caches in host memory and serves page "

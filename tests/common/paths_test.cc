@@ -4,6 +4,8 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <cstdio>
+#include <fstream>
 #include <string>
 
 #include "absl/strings/str_cat.h"
@@ -69,6 +71,29 @@ TEST(NormalizeFlagNames, DashesBecomeUnderscoresInNamesOnly) {
   std::vector<std::string> out = NormalizeFlagNames(7, const_cast<char**>(argv));
   EXPECT_THAT(out, ElementsAre("prog", "--memory_limit=64GiB", "--tcp=a-b:1", "-v",
                                "positional-arg", "--", "--not-a-flag"));
+}
+
+TEST(NormalizeFlagNames, FlagfilesAreExpandedWithTheSameSpelling) {
+  char tmpl[] = "/tmp/icecache-flags-XXXXXX";
+  ASSERT_NE(::mkdtemp(tmpl), nullptr);
+  const std::string dir = tmpl;
+  {
+    std::ofstream inner(dir + "/inner.flags");
+    inner << "--segment-size=32MiB\n";
+    std::ofstream outer(dir + "/outer.flags");
+    outer << "# the daemon's settings\n\n  --recall-sample-every=8  \n--flagfile=" << dir
+          << "/inner.flags\n--tcp=a-b:1\n";
+  }
+  const std::string flag = "--flagfile=" + dir + "/outer.flags";
+  const std::string missing = "--flagfile=" + dir + "/missing.flags";
+  const char* argv[] = {"prog", flag.c_str(), "--log-level=debug", missing.c_str()};
+  std::vector<std::string> out = NormalizeFlagNames(4, const_cast<char**>(argv));
+  // A file that cannot be read stays as it was, for absl to report.
+  EXPECT_THAT(out, ElementsAre("prog", "--recall_sample_every=8", "--segment_size=32MiB",
+                               "--tcp=a-b:1", "--log_level=debug", missing));
+  std::remove((dir + "/inner.flags").c_str());
+  std::remove((dir + "/outer.flags").c_str());
+  ::rmdir(dir.c_str());
 }
 
 }  // namespace

@@ -114,6 +114,20 @@ TEST_F(SequenceKvTest, PrefillAppendSelectRoundTrip) {
   EXPECT_GT(kv_->pages(), 2u * 2000 / 16);
 }
 
+TEST_F(SequenceKvTest, ACancelledBuildStopsFailsTheLayerAndReturnsItsFrames) {
+  std::vector<uint8_t> p = Staged(1, 0, 1984);
+  std::atomic<bool> cancel{true};
+  EXPECT_THAT(kv_->Prefill(1, p.data(), p.data() + p.size() / 2, 1984, 0, &cancel),
+              StatusIs(absl::StatusCode::kCancelled));
+  EXPECT_EQ(kv_->layer_state(1), SequenceKv::LayerState::kFailed);
+  EXPECT_EQ(kv_->pages(), 0u);
+  EXPECT_EQ(arena_->frames_in_use(), 0u);
+  // Another layer builds normally with a flag that stays false.
+  cancel.store(false);
+  ASSERT_OK(kv_->Prefill(2, p.data(), p.data() + p.size() / 2, 1984, 0, &cancel));
+  EXPECT_EQ(kv_->layer_state(2), SequenceKv::LayerState::kReady);
+}
+
 TEST_F(SequenceKvTest, LayerRulesAndBadInput) {
   std::vector<uint8_t> p = Staged(1, 0, 100);
   std::vector<float> q = Queries(1, 0);

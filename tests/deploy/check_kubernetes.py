@@ -15,8 +15,9 @@ fit together.
 3. The objects agree with each other and with the daemon's flags: selectors match the pods,
    ports are named where they are used, probes hit the --tcp port with grpc.health.v1, the
    NetworkPolicies keep the unauthenticated TCP control port closed, memory and CPU match
-   --memory_limit and --workers, the engine's uid is admitted, no capability or host namespace
-   is granted.
+   --memory_limit and --workers, the engine's uid is admitted (all it needs: the daemon's
+   sockets are 0666, so no pod hands out the daemon's group), the node daemon's socket
+   directory is searchable by any uid, no capability or host namespace is granted.
 """
 import argparse
 import copy
@@ -191,16 +192,18 @@ def check_daemon_container(c, pod, container, flags, where):
 
 
 def engine_admitted(c, pod, engine, values, where):
-    """An engine container can attach (uid admitted) and reach the control socket (group)."""
+    """An engine container can attach: its uid is admitted by --allow_uids. That is all it
+    needs: the daemon makes both sockets connectable by any uid (0666; deploy_daemon_flags
+    checks it against the real binary), so no pod grants the daemon's group for them."""
     psc = pod.get("securityContext", {})
     uid = engine.get("securityContext", {}).get("runAsUser", psc.get("runAsUser"))
     c.check(uid is not None, f"{where}: the engine's uid is stated")
     allowed = [int(u) for u in values.get("allow_uids", "").split(",") if u] or [DAEMON_UID]
     c.check(uid in allowed, f"{where}: engine uid {uid} is in --allow_uids {allowed}")
-    if uid != DAEMON_UID:
-        gid = engine.get("securityContext", {}).get("runAsGroup", psc.get("runAsGroup"))
-        c.check(DAEMON_GID in psc.get("supplementalGroups", []) or gid == DAEMON_GID,
-                f"{where}: the engine (uid {uid}) is in the daemon's group {DAEMON_GID}")
+    c.check(DAEMON_GID not in psc.get("supplementalGroups", []) and psc.get("fsGroup") != DAEMON_GID,
+            f"{where}: the pod does not hand out the daemon's group {DAEMON_GID} "
+            f"(supplementalGroups {psc.get('supplementalGroups')}, fsGroup {psc.get('fsGroup')}): "
+            "the sockets do not need it")
     env = {e["name"]: e.get("value") for e in engine.get("env", [])}
     c.equal(env.get("ICECACHE_SOCKET"), values["socket"], f"{where}: the engine's ICECACHE_SOCKET")
     mounts = {vm["mountPath"]: vm["name"] for vm in engine.get("volumeMounts", [])}
@@ -266,8 +269,15 @@ def check_base(c, objs, flags):
         c.equal(sc.get("capabilities"), {"drop": ["ALL"], "add": ["CHOWN", "FOWNER"]},
                 f"{where}: init container capabilities")
         c.equal(sc.get("allowPrivilegeEscalation"), False, f"{where}: init allowPrivilegeEscalation")
-        c.check(f"chown {DAEMON_UID}:{DAEMON_GID}" in " ".join(init.get("command", [])),
+        command = " ".join(init.get("command", []))
+        c.check(f"chown {DAEMON_UID}:{DAEMON_GID}" in command,
                 f"{where}: init hands the socket directory to the daemon's user")
+        m = re.search(r"chmod ([0-7]{3,4}) (\S+)", command)
+        mode = int(m.group(1), 8) if m else 0
+        c.check(m is not None and m.group(2) == os.path.dirname(values["socket"])
+                and bool(mode & 0o001) and not mode & 0o022,
+                f"{where}: init makes the socket directory searchable by engines of any uid and "
+                f"writable by the daemon only ({m.group(1) if m else 'no chmod'})")
     # Service -> pods; ServiceMonitor -> Service.
     svc = one(c, objs, "Service", "icecached")
     if svc is not None:
