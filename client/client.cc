@@ -9,9 +9,13 @@
 //      version is a hit; misses take the least recently used slot and are fetched by one
 //      gather launch for all KV heads, straight from the mapped arena;
 //   5. attention over sink + window + the selected pages (one launch for all heads);
-//   6. when the window holds window_tokens + page_size tokens, hand its oldest page to the
-//      daemon (staged, then inserted into the index asynchronously); the tokens stay in the
-//      window until step 1 of the layer's next Decode sees the insert done.
+//   6. when the window holds window_tokens tokens, hand its oldest page to the daemon (staged,
+//      then inserted into the index asynchronously); the tokens stay in the window until step
+//      1 of the layer's next Decode sees the insert done.
+//
+// So every step attends to (window_tokens - page_size, window_tokens] window tokens, the
+// paper's policy (the same as index::HeadSelector's): the prefill keeps window_tokens - 1 of
+// the prompt's last tokens, the first decode token completes the window.
 //
 // The window is a ring of window_tokens + page_size rows per KV head; position p lives in row
 // (p - ring_origin) % capacity, and pages leave it whole and unwrapped because the capacity and
@@ -414,7 +418,7 @@ absl::Status Sequence::Impl::Prefill(uint32_t layer, const void* k, const void* 
     const uint32_t S = g.sink_tokens;
     const uint32_t in_sink = std::min(n, S);
     const uint32_t rest = n - in_sink;
-    const uint32_t in_window = std::min(rest, g.window_tokens);
+    const uint32_t in_window = std::min(rest, g.window_tokens - 1);
     const uint32_t offloaded = rest - in_window;
     if (in_sink > 0) {
       WriteStagingParams w{k, v, L.sink_k.ptr, L.sink_v.ptr, 0, in_sink, kv, rb,
@@ -734,7 +738,7 @@ absl::Status Sequence::Impl::Decode(uint32_t layer, const void* q, const void* k
 
   // 6. hand a full window page to the daemon.
   if (!L.full_kv && pos >= g.sink_tokens &&
-      L.tokens - L.window_begin >= uint64_t{g.window_tokens} + g.page_size) {
+      L.tokens - L.window_begin >= g.window_tokens) {
     absl::Status st = HandOverWindowPage(layer, stream);
     if (!st.ok()) {
       L.failed = st;

@@ -17,9 +17,9 @@
 //          the kernels' CPU references on a thread pool. Used where there is no GPU.
 //
 // Per offloaded layer the client keeps, in the mode's memory: the sink (the first
-// sink_tokens positions), the window (the most recent window_tokens..window_tokens +
-// page_size positions; each full page beyond it is handed to the daemon, which inserts it into
-// the layer's index) and a page cache per KV head holding the selected pages (a page resident
+// sink_tokens positions), the window (the most recent window_tokens - page_size + 1 to
+// window_tokens positions; whenever it is full its oldest page is handed to the daemon, which
+// inserts it into the layer's index) and a page cache per KV head holding the selected pages (a page resident
 // at the same version is a hit and is not moved again). The first full_kv_layers layers keep
 // all their KV in the client and skip selection, as in the paper.
 //
