@@ -97,6 +97,15 @@ void AttendPrefix(const KvStore& kv, uint32_t layer, uint32_t kv_head, const flo
               1.0f / sum, kv.v(layer, kv_head), static_cast<int>(d), w.data(), 1, 0.0f, out, 1);
 }
 
+void PromptAttention(const LlamaConfig& c, const float* q, const float* k, const float* v,
+                     uint32_t n, float* out) {
+  std::vector<float> kr(uint64_t{n} * c.kv_dim()), vr(uint64_t{n} * c.kv_dim());
+  RoundToHalf(k, kr.size(), kr.data());
+  RoundToHalf(v, vr.size(), vr.data());
+  CausalAttention(q, kr.data(), vr.data(), n, c.n_heads, c.n_kv_heads, c.head_dim,
+                  1.0f / std::sqrt(static_cast<float>(c.head_dim)), out);
+}
+
 namespace {
 
 // Softmax mass that `attended` (sorted positions) carries among all positions [0, pos] for
@@ -154,15 +163,8 @@ absl::Status FullAttention::LoadPrompt(uint32_t layer, const float* k, const flo
 absl::Status FullAttention::Prefill(uint32_t layer, const float* q, const float* k,
                                     const float* v, uint32_t n, float* out) {
   absl::Status s = kv_.Write(layer, 0, n, k, v);
-  if (!s.ok()) return s;
-  const LlamaConfig& c = kv_.config();
-  // Attend over the stored (fp16-rounded) rows, as decode does.
-  std::vector<float> kr(uint64_t{n} * c.kv_dim()), vr(uint64_t{n} * c.kv_dim());
-  RoundToHalf(k, kr.size(), kr.data());
-  RoundToHalf(v, vr.size(), vr.data());
-  CausalAttention(q, kr.data(), vr.data(), n, c.n_heads, c.n_kv_heads, c.head_dim,
-                  1.0f / std::sqrt(static_cast<float>(c.head_dim)), out);
-  return absl::OkStatus();
+  if (s.ok()) PromptAttention(kv_.config(), q, k, v, n, out);
+  return s;
 }
 
 absl::Status FullAttention::Decode(uint32_t layer, uint32_t pos, const float* q, const float* k,
@@ -207,14 +209,8 @@ absl::Status SelectiveAttention::LoadPrompt(uint32_t layer, const float* k, cons
 absl::Status SelectiveAttention::Prefill(uint32_t layer, const float* q, const float* k,
                                          const float* v, uint32_t n, float* out) {
   absl::Status s = kv_.Write(layer, 0, n, k, v);
-  if (!s.ok()) return s;
-  const LlamaConfig& c = kv_.config();
-  std::vector<float> kr(uint64_t{n} * c.kv_dim()), vr(uint64_t{n} * c.kv_dim());
-  RoundToHalf(k, kr.size(), kr.data());
-  RoundToHalf(v, vr.size(), vr.data());
-  CausalAttention(q, kr.data(), vr.data(), n, c.n_heads, c.n_kv_heads, c.head_dim,
-                  1.0f / std::sqrt(static_cast<float>(c.head_dim)), out);
-  return absl::OkStatus();
+  if (s.ok()) PromptAttention(kv_.config(), q, k, v, n, out);
+  return s;
 }
 
 absl::Status SelectiveAttention::Decode(uint32_t layer, uint32_t pos, const float* q,
@@ -324,14 +320,9 @@ absl::Status ServiceAttention::LoadPrompt(uint32_t layer, const float* k, const 
 
 absl::Status ServiceAttention::Prefill(uint32_t layer, const float* q, const float* k,
                                        const float* v, uint32_t n, float* out) {
-  // The prompt attends in full, here, over fp16-rounded rows; its K/V go to the daemon (the
-  // layer's sink and window stay in the client).
-  const uint64_t elems = uint64_t{n} * config_.kv_dim();
-  std::vector<float> kr(elems), vr(elems);
-  RoundToHalf(k, elems, kr.data());
-  RoundToHalf(v, elems, vr.data());
-  CausalAttention(q, kr.data(), vr.data(), n, config_.n_heads, config_.n_kv_heads,
-                  config_.head_dim, 1.0f / std::sqrt(static_cast<float>(config_.head_dim)), out);
+  // The prompt attends in full, here; its K/V go to the daemon (the layer's sink and window
+  // stay in the client).
+  PromptAttention(config_, q, k, v, n, out);
   return LoadPrompt(layer, k, v, n);
 }
 

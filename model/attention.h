@@ -30,6 +30,11 @@ namespace icecache::model {
 // Rounds to fp16 and back.
 void RoundToHalf(const float* in, size_t n, float* out);
 
+// The prompt's causal attention over its K/V rounded to fp16 (what every backend keeps), the
+// same for every backend: q [n][n_heads][d], k and v [n][n_kv][d], out [n][n_heads][d].
+void PromptAttention(const LlamaConfig& config, const float* q, const float* k, const float* v,
+                     uint32_t n, float* out);
+
 // Keeps every layer's K/V (fp32 rows holding fp16-rounded values) for up to max_tokens.
 class KvStore {
  public:
