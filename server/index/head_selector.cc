@@ -152,6 +152,12 @@ absl::StatusOr<std::vector<uint32_t>> HeadSelector::Select(const RowView& keys, 
   }
   for (uint32_t t = 0; t < sink_; ++t) tokens.push_back(t);
   for (uint32_t t = end_; t <= p; ++t) tokens.push_back(t);
+  if (spec_.kind == MethodKind::kStreaming) {
+    // StreamingLLM spends the pages' share of the budget on more recent tokens: it attends
+    // the sink and the pages * page_size positions before the window, as many as the others.
+    const uint32_t extra = std::min(pages * ps, end_ - sink_);
+    for (uint32_t t = end_ - extra; t < end_; ++t) tokens.push_back(t);
+  }
   absl::Status s = state_->Select(queries, group, pages, ps, &tokens);
   if (!s.ok()) return s;
   std::sort(tokens.begin(), tokens.end());

@@ -37,7 +37,7 @@ BudgetSplit PaperSplit(uint32_t budget, uint32_t page_size = 16);
 enum class MethodKind : uint8_t {
   kDci,                   // the IceCache DCI tree (options in MethodSpec::dci)
   kQuest,                 // Quest-style bound over positional pages
-  kStreaming,             // sink + window only
+  kStreaming,             // sink + the most recent tokens (the pages' share too)
   kOraclePagesOurLayout,  // best pages (softmax mass) of the DCI layout
   kOraclePagesPositional, // best positional pages
   kOracleTokens,          // best individual tokens (budget counted in tokens)
@@ -63,7 +63,8 @@ class HeadSelector {
 
   // The positions to attend for the query at position p, sorted and unique: [0, sink), the
   // window, and the tokens of the `pages` best pages (kOracleTokens: the pages * page_size
-  // best tokens) for the group's queries ([group][head_dim] fp32). `keys` holds one row per
+  // best tokens; kStreaming: the pages * page_size positions just before the window) for the
+  // group's queries ([group][head_dim] fp32). `keys` holds one row per
   // position, at least p + 1 rows, and the rows of earlier positions must not change between
   // calls. p never decreases between calls. When p + 1 < sink + window + page_size there is
   // nothing to index yet and every position [0, p] is returned.
