@@ -292,10 +292,12 @@ class DataPlane::Dispatcher {
     std::memset(slot->message, 0, sizeof(slot->message));
     std::memcpy(slot->message, msg.data(), msg.size());
     slot->response_bytes = status.ok() ? response_bytes : 0;
-    slot->state.store(abi::kSlotDone, std::memory_order_release);
-    FutexWake(&slot->state);
+    // Counted before the client can see the answer: a scrape after a request returns always
+    // includes it (the other order lost the last request to a scrape racing the counter).
     dp->observer_->OnRequest(op, static_cast<int>(status.code()),
                              std::chrono::duration<double>(SteadyClock::now() - start).count());
+    slot->state.store(abi::kSlotDone, std::memory_order_release);
+    FutexWake(&slot->state);
   }
 
  private:
