@@ -50,6 +50,9 @@ ABSL_FLAG(uint32_t, prompt_tokens, 7936, "Prompt tokens per text (the model's co
 ABSL_FLAG(uint32_t, continuation, 128, "Teacher-forced continuation tokens per text.");
 ABSL_FLAG(std::string, budgets, "64,128,256,512", "Token budgets.");
 ABSL_FLAG(uint32_t, full_kv_layers, 2, "First layers kept whole (as in the paper).");
+ABSL_FLAG(std::string, service_presets, "paper,tuned",
+          "Index presets of the icecached runs (--index-preset): paper is the reference, tuned "
+          "every improvement option.");
 ABSL_FLAG(bool, service, true, "Also run IceCache through a real icecached.");
 ABSL_FLAG(std::string, passkey_text, "bible", "Haystack of the passkey runs (empty: skip).");
 ABSL_FLAG(uint32_t, passkey_tokens, 4000, "Haystack tokens of the passkey runs.");
@@ -219,16 +222,31 @@ int main(int argc, char** argv) {
               c.n_layers, c.n_heads, c.n_kv_heads, BlasDescription().c_str(),
               ::sysconf(_SC_NPROCESSORS_ONLN));
 
-  std::unique_ptr<bench::BenchDaemon> daemon;
-  std::unique_ptr<Client> client;
+  // One real icecached per index preset: "paper" reports as icecache-service, the others as
+  // icecache-service-<preset>.
+  struct Service {
+    std::string name;
+    std::unique_ptr<bench::BenchDaemon> daemon;
+    std::unique_ptr<Client> client;
+  };
+  std::vector<Service> services;
   if (absl::GetFlag(FLAGS_service)) {
-    daemon = bench::StartBenchDaemon(ICECACHE_BENCH_ICECACHED_BIN, {"--memory-limit=8GiB"});
-    ClientOptions co;
-    co.socket = daemon->socket;
-    auto cl = Client::Attach(co);
-    Check(cl.status(), "attach");
-    client = std::move(*cl);
-    std::printf("  icecached started; client in %s mode\n", ExecutionModeName(client->mode()));
+    for (absl::string_view preset :
+         absl::StrSplit(absl::GetFlag(FLAGS_service_presets), ',', absl::SkipEmpty())) {
+      Service svc;
+      svc.name = preset == "paper" ? "icecache-service" : absl::StrCat("icecache-service-", preset);
+      svc.daemon = bench::StartBenchDaemon(
+          ICECACHE_BENCH_ICECACHED_BIN,
+          {"--memory-limit=8GiB", absl::StrCat("--index-preset=", preset)});
+      ClientOptions co;
+      co.socket = svc.daemon->socket;
+      auto cl = Client::Attach(co);
+      Check(cl.status(), absl::StrCat("attach to the icecached of preset ", preset));
+      svc.client = std::move(*cl);
+      std::printf("  icecached (index preset %s) started; client in %s mode\n",
+                  std::string(preset).c_str(), ExecutionModeName(svc.client->mode()));
+      services.push_back(std::move(svc));
+    }
   }
   const std::vector<index::MethodSpec> methods = Methods();
   std::vector<QualityRow> rows;
@@ -301,15 +319,15 @@ int main(int argc, char** argv) {
     };
     for (double b : budgets) {
       const index::BudgetSplit split = index::PaperSplit(static_cast<uint32_t>(b));
-      if (client != nullptr) {
+      for (Service& svc : services) {
         t = Clock::now();
-        auto seq = client->CreateSequence(SequenceOptionsFor(c, total, split, full_kv_layers));
+        auto seq = svc.client->CreateSequence(SequenceOptionsFor(c, total, split, full_kv_layers));
         Check(seq.status(), "create sequence");
         ServiceAttention service(c, seq->get(), /*measure_recall=*/true, total);
         LoadPromptFrom(full, c, prompt_tokens, &service);
         ContinuationResult r = Continue(model, &service, prompt_logits, tokens, prompt_tokens,
                                         continuation, &ref.argmax);
-        report("icecache-service", split.budget, r, service.stats(), Seconds(t));
+        report(svc.name, split.budget, r, service.stats(), Seconds(t));
       }
       for (const index::MethodSpec& m : methods) {
         t = Clock::now();
@@ -356,12 +374,12 @@ int main(int argc, char** argv) {
                       ok ? "right" : "wrong", answer.c_str());
           std::fflush(stdout);
         };
-        if (client != nullptr) {
-          auto seq = client->CreateSequence(SequenceOptionsFor(c, n + max_new, split,
-                                                               full_kv_layers));
+        for (Service& svc : services) {
+          auto seq = svc.client->CreateSequence(SequenceOptionsFor(c, n + max_new, split,
+                                                                   full_kv_layers));
           Check(seq.status(), "create sequence");
           ServiceAttention service(c, seq->get(), false, n + max_new);
-          run("icecache-service", &service);
+          run(svc.name, &service);
         }
         for (const index::MethodSpec& m : methods) {
           SelectiveAttention sel(c, n + max_new, m, split, full_kv_layers, false);

@@ -37,8 +37,10 @@ def read(path):
 def style(method):
     if method.startswith("oracle"):
         return dict(linestyle="--", marker="x")
-    if method.startswith("icecache-service"):
+    if method == "icecache-service":
         return dict(linestyle="-", marker="D", linewidth=2.5, color="black")
+    if method.startswith("icecache-service"):
+        return dict(linestyle="-", marker="D", linewidth=2.5, color="tab:red")
     if method.startswith("icecache-dci") or method.startswith("dci"):
         return dict(linestyle="-", marker="o", linewidth=2 if method == "icecache-dci" else 1)
     return dict(linestyle=":", marker="s")
