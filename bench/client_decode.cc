@@ -29,6 +29,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "bench/bench_daemon.h"
+#include "bench/bench_output.h"
 #include "common/flags_compat.h"
 #include "common/half.h"
 #include "icecache/client.h"
@@ -331,6 +332,7 @@ int main(int argc, char** argv) {
   std::vector<std::string> args = NormalizeFlagNames(argc, argv);
   std::vector<char*> ptrs = ArgvPointers(args);
   absl::ParseCommandLine(static_cast<int>(args.size()), ptrs.data());
+  icecache::bench::PrepareOutDir(absl::GetFlag(FLAGS_out), "client_decode");
   const std::string mode_name = absl::GetFlag(FLAGS_mode);
   ExecutionMode mode = ExecutionMode::kAuto;
   if (mode_name == "cpu") mode = ExecutionMode::kCpu;
@@ -429,6 +431,7 @@ int main(int argc, char** argv) {
     json << "]}";
   }
   json << "\n  ]\n}\n";
+  icecache::bench::CloseResult(json, base + ".json", "client_decode");
   std::printf("wrote %s.json\n", base.c_str());
   return 0;
 }

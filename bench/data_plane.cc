@@ -25,6 +25,7 @@
 #include "absl/flags/parse.h"
 #include "absl/strings/str_cat.h"
 #include "bench/bench_daemon.h"
+#include "bench/bench_output.h"
 #include "common/flags_compat.h"
 #include "common/thread_pool.h"
 #include "grpcpp/create_channel.h"
@@ -107,6 +108,7 @@ int main(int argc, char** argv) {
   std::vector<std::string> args = NormalizeFlagNames(argc, argv);
   std::vector<char*> ptrs = ArgvPointers(args);
   absl::ParseCommandLine(static_cast<int>(args.size()), ptrs.data());
+  icecache::bench::PrepareOutDir(absl::GetFlag(FLAGS_out), "data_plane");
   const uint32_t iterations = absl::GetFlag(FLAGS_iterations);
 
   index::SyntheticOptions so;
@@ -223,7 +225,6 @@ int main(int argc, char** argv) {
   for (const Row& r : rows) std::printf("%8d %14.0f %12.1f\n", r.clients, r.selects_per_s, r.p50_us);
 
   const std::string out_dir = absl::GetFlag(FLAGS_out);
-  std::system(("mkdir -p '" + out_dir + "'").c_str());
   std::ofstream json(out_dir + "/data_plane.json");
   json << "{\n  \"tokens\": " << t.num_tokens << ", \"kv_heads\": " << t.num_kv_heads
        << ", \"q_heads\": " << t.num_q_heads << ", \"cores\": "
@@ -241,6 +242,8 @@ int main(int argc, char** argv) {
     csv << rows[i].clients << ',' << rows[i].selects_per_s << ',' << rows[i].p50_us << '\n';
   }
   json << "]\n}\n";
+  icecache::bench::CloseResult(json, out_dir + "/data_plane.json", "data_plane");
+  icecache::bench::CloseResult(csv, out_dir + "/data_plane_throughput.csv", "data_plane");
   std::printf("\nwrote %s/data_plane.json and data_plane_throughput.csv\n", out_dir.c_str());
   return 0;
 }

@@ -19,6 +19,7 @@
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
+#include "bench/bench_output.h"
 #include "common/flags_compat.h"
 #include "kernels/gather.h"
 #include "kernels/gather_cuda.h"
@@ -47,6 +48,7 @@ int main(int argc, char** argv) {
   std::vector<std::string> args = icecache::NormalizeFlagNames(argc, argv);
   std::vector<char*> ptrs = icecache::ArgvPointers(args);
   absl::ParseCommandLine(static_cast<int>(args.size()), ptrs.data());
+  icecache::bench::PrepareOutDir(absl::GetFlag(FLAGS_out), "gpu_gather");
   int devices = 0;
   if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
     std::fprintf(stderr, "gpu_gather: no CUDA device\n");
@@ -142,6 +144,7 @@ int main(int argc, char** argv) {
     }
   }
   json << "\n  ]\n}\n";
+  icecache::bench::CloseResult(json, absl::GetFlag(FLAGS_out) + "/gpu_gather.json", "gpu_gather");
   cudaHostUnregister(host);
   ::munmap(host, arena);
   return 0;

@@ -16,6 +16,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "absl/time/clock.h"
+#include "bench/bench_output.h"
 #include "common/flags_compat.h"
 #include "common/thread_pool.h"
 #include "server/index/evaluation.h"
@@ -41,6 +42,7 @@ int main(int argc, char** argv) {
   std::vector<std::string> args = icecache::NormalizeFlagNames(argc, argv);
   std::vector<char*> ptrs = icecache::ArgvPointers(args);
   absl::ParseCommandLine(static_cast<int>(args.size()), ptrs.data());
+  icecache::bench::PrepareOutDir(absl::GetFlag(FLAGS_out), "index_quality");
 
   Trace trace;
   const std::string path = absl::GetFlag(FLAGS_trace);
@@ -140,7 +142,6 @@ int main(int argc, char** argv) {
   }
 
   const std::string out_dir = absl::GetFlag(FLAGS_out);
-  std::system(("mkdir -p '" + out_dir + "'").c_str());
   const std::string stem = out_dir + "/index_quality";
   std::ofstream csv(stem + ".csv");
   csv << "method,budget,samples,recall_mean,recall_median,recall_p10,error_mean,error_median\n";
@@ -170,6 +171,9 @@ int main(int argc, char** argv) {
          << "}" << (i + 1 < sums.size() ? "," : "") << "\n";
   }
   json << "  ]\n}\n";
+  icecache::bench::CloseResult(csv, stem + ".csv", "index_quality");
+  icecache::bench::CloseResult(layers, stem + "_by_layer.csv", "index_quality");
+  icecache::bench::CloseResult(json, stem + ".json", "index_quality");
   std::printf("\nwrote %s.{json,csv} and %s_by_layer.csv\n", stem.c_str(), stem.c_str());
   return 0;
 }

@@ -24,6 +24,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "bench/bench_output.h"
 #include "common/flags_compat.h"
 #include "common/thread_pool.h"
 #include "server/index/baselines.h"
@@ -212,6 +213,7 @@ int main(int argc, char** argv) {
   std::vector<std::string> args = icecache::NormalizeFlagNames(argc, argv);
   std::vector<char*> ptrs = icecache::ArgvPointers(args);
   absl::ParseCommandLine(static_cast<int>(args.size()), ptrs.data());
+  icecache::bench::PrepareOutDir(absl::GetFlag(FLAGS_out), "index_speed");
   DciOptions dci;
   const std::string config = absl::GetFlag(FLAGS_config);
   if (config == "all" || config == "all-r1") {
@@ -309,7 +311,6 @@ int main(int argc, char** argv) {
   }
 
   const std::string out_dir = absl::GetFlag(FLAGS_out);
-  std::system(("mkdir -p '" + out_dir + "'").c_str());
   const std::string stem = out_dir + "/index_speed_" + config;
   std::ofstream csv(stem + ".csv");
   csv << "tokens,build_s,build_tokens_per_s,dci_search_us,exact_scan_us,speedup,scored_share,"
@@ -338,6 +339,8 @@ int main(int argc, char** argv) {
   }
   json << "  ],\n  \"stack\": {\"layers\": 32, \"kv_heads\": 8, \"tokens\": " << stack_tokens
        << ", \"seconds\": " << stack_s << ", \"threads\": " << stack_threads << "}\n}\n";
+  icecache::bench::CloseResult(csv, stem + ".csv", "index_speed");
+  icecache::bench::CloseResult(json, stem + ".json", "index_speed");
   std::printf("\nwrote %s.{json,csv}\n", stem.c_str());
   return 0;
 }

@@ -35,6 +35,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "bench/bench_daemon.h"
+#include "bench/bench_output.h"
 #include "common/flags_compat.h"
 #include "icecache/client.h"
 #include "model/attention.h"
@@ -195,6 +196,7 @@ int main(int argc, char** argv) {
   std::vector<std::string> args = NormalizeFlagNames(argc, argv);
   std::vector<char*> ptrs = ArgvPointers(args);
   absl::ParseCommandLine(static_cast<int>(args.size()), ptrs.data());
+  icecache::bench::PrepareOutDir(absl::GetFlag(FLAGS_out), "model_quality");
   const bool quick = absl::GetFlag(FLAGS_quick);
   std::vector<std::string> texts = absl::StrSplit(absl::GetFlag(FLAGS_texts), ',', absl::SkipEmpty());
   uint32_t prompt_tokens = absl::GetFlag(FLAGS_prompt_tokens);
@@ -411,6 +413,9 @@ int main(int argc, char** argv) {
       pk << r.method << "," << r.budget << "," << r.depth << "," << (r.correct ? 1 : 0) << ","
          << (r.same_as_full ? 1 : 0) << "\n";
     }
+    icecache::bench::CloseResult(csv, out_dir + "/model_quality.csv", "model_quality");
+    icecache::bench::CloseResult(layers, out_dir + "/model_quality_by_layer.csv", "model_quality");
+    icecache::bench::CloseResult(pk, out_dir + "/model_passkey.csv", "model_quality");
   }
   // Summary over texts: mean per (method, budget).
   std::map<std::pair<std::string, uint32_t>, std::vector<const QualityRow*>> by;
@@ -450,6 +455,7 @@ int main(int argc, char** argv) {
     first = false;
   }
   json << "\n  ]\n}\n";
+  icecache::bench::CloseResult(json, out_dir + "/model_quality.json", "model_quality");
   std::printf("\nwrote %s/model_quality.{json,csv}, model_quality_by_layer.csv, "
               "model_passkey.csv (%.0f s)\n",
               out_dir.c_str(), Seconds(start));
