@@ -43,6 +43,9 @@ ABSL_FLAG(uint32_t, full_kv_layers, 2, "First layers that keep their whole KV ca
 ABSL_FLAG(uint32_t, max_new, 10, "Tokens to generate for each answer.");
 ABSL_FLAG(std::string, mode, "auto", "Client mode: auto (GPU if usable), cpu or cuda.");
 ABSL_FLAG(std::string, socket, "", "Use the icecached at this socket instead of starting one.");
+ABSL_FLAG(std::string, index_preset, "paper",
+          "Index preset of the icecached the demo starts: paper (the daemon's default, the "
+          "IceCache paper's configuration) or tuned (every improvement option; docs/model.md).");
 ABSL_FLAG(std::string, json, "", "Also write the results to this JSON file.");
 ABSL_FLAG(bool, chat, false, "Ask in the model's chat format instead of a plain completion.");
 
@@ -133,6 +136,11 @@ int main(int argc, char** argv) {
   else if (absl::GetFlag(FLAGS_mode) != "auto") {
     return Fail(absl::InvalidArgumentError("--mode must be auto, cpu or cuda"));
   }
+  const std::string preset = absl::GetFlag(FLAGS_index_preset);
+  if (preset != "paper" && preset != "tuned") {
+    return Fail(absl::InvalidArgumentError(
+        absl::StrCat("--index_preset=", preset, ": must be paper or tuned")));
+  }
 
   std::printf("IceCache demo: a real model reads a long real text, then answers with full "
               "attention and with IceCache.\n\n");
@@ -144,10 +152,12 @@ int main(int argc, char** argv) {
   std::string socket = absl::GetFlag(FLAGS_socket);
   auto t = Clock::now();
   if (socket.empty()) {
-    daemon = bench::StartBenchDaemon(ICECACHE_DEMO_ICECACHED_BIN,
-                                     {"--memory-limit=4GiB", "--recall-sample-every=0"});
+    daemon = bench::StartBenchDaemon(
+        ICECACHE_DEMO_ICECACHED_BIN,
+        {"--memory-limit=4GiB", "--recall-sample-every=0", "--index-preset=" + preset});
     socket = daemon->socket;
-    std::printf("[2/6] started icecached at %s (%.2f s)\n", socket.c_str(), Seconds(t));
+    std::printf("[2/6] started icecached at %s, index preset %s (%.2f s)\n", socket.c_str(),
+                preset.c_str(), Seconds(t));
   } else {
     std::printf("[2/6] using the icecached at %s\n", socket.c_str());
   }
