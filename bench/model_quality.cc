@@ -89,17 +89,6 @@ std::vector<double> ParseList(const std::string& s) {
   return out;
 }
 
-int32_t Argmax(const std::vector<float>& x) {
-  return static_cast<int32_t>(std::max_element(x.begin(), x.end()) - x.begin());
-}
-
-double LogProb(const std::vector<float>& logits, int32_t token) {
-  const float mx = *std::max_element(logits.begin(), logits.end());
-  double z = 0;
-  for (float l : logits) z += std::exp(double{l} - mx);
-  return logits[token] - mx - std::log(z);
-}
-
 // The selection methods replayed in process.
 std::vector<index::MethodSpec> Methods() {
   std::vector<index::MethodSpec> m = index::DefaultMethods();
@@ -144,8 +133,8 @@ ContinuationResult Continue(const LlamaModel& model, AttentionBackend* attention
   ContinuationResult r;
   for (uint32_t i = 0; i < count; ++i) {
     const int32_t next = tokens[prompt + i];
-    r.nll -= LogProb(logits, next);
-    r.argmax.push_back(Argmax(logits));
+    r.nll -= TokenLogProb(logits.data(), static_cast<uint32_t>(logits.size()), next);
+    r.argmax.push_back(ArgmaxToken(logits));
     if (reference != nullptr && r.argmax.back() == (*reference)[i]) ++r.agree;
     if (i + 1 < count) Check(model.Decode(next, prompt + i, attention, &logits), "decode");
   }
@@ -156,7 +145,7 @@ std::string GreedyAnswer(const LlamaModel& model, AttentionBackend* attention,
                          std::vector<float> logits, uint32_t pos, uint32_t max_new) {
   std::string text;
   for (uint32_t i = 0; i < max_new; ++i) {
-    const int32_t next = Argmax(logits);
+    const int32_t next = ArgmaxToken(logits);
     if (next == model.tokenizer().eos_id()) break;
     text += model.tokenizer().TokenText(next);
     Check(model.Decode(next, pos + i, attention, &logits), "decode");

@@ -286,4 +286,15 @@ absl::Status LlamaModel::Decode(int32_t token, uint32_t pos, AttentionBackend* a
   return Forward(x.data(), 1, pos, attention, logits, 0, {});
 }
 
+int32_t ArgmaxToken(const float* logits, uint32_t vocab) {
+  return static_cast<int32_t>(std::max_element(logits, logits + vocab) - logits);
+}
+
+double TokenLogProb(const float* logits, uint32_t vocab, int32_t token) {
+  const float mx = *std::max_element(logits, logits + vocab);
+  double z = 0;
+  for (uint32_t i = 0; i < vocab; ++i) z += std::exp(double{logits[i]} - mx);
+  return logits[token] - mx - std::log(z);
+}
+
 }  // namespace icecache::model

@@ -118,4 +118,13 @@ class LlamaModel {
 void CausalAttention(const float* q, const float* k, const float* v, uint32_t n,
                      uint32_t n_heads, uint32_t n_kv, uint32_t d, float scale, float* out);
 
+// The greedy next token: the index of the largest of `vocab` logits (the first of equals).
+int32_t ArgmaxToken(const float* logits, uint32_t vocab);
+inline int32_t ArgmaxToken(const std::vector<float>& logits) {
+  return ArgmaxToken(logits.data(), static_cast<uint32_t>(logits.size()));
+}
+
+// log softmax(logits)[token] over `vocab` logits, summed in double; `token` < vocab.
+double TokenLogProb(const float* logits, uint32_t vocab, int32_t token);
+
 }  // namespace icecache::model

@@ -64,10 +64,6 @@ int Fail(const absl::Status& s) {
   return 1;
 }
 
-int32_t Argmax(const std::vector<float>& x) {
-  return static_cast<int32_t>(std::max_element(x.begin(), x.end()) - x.begin());
-}
-
 std::string CpuName() {
   std::ifstream f("/proc/cpuinfo");
   std::string line;
@@ -87,7 +83,7 @@ absl::StatusOr<std::string> Answer(const LlamaModel& model, AttentionBackend* at
   std::string text;
   const auto t0 = Clock::now();
   for (uint32_t i = 0; i < max_new; ++i) {
-    const int32_t next = Argmax(logits);
+    const int32_t next = ArgmaxToken(logits);
     if (next == tok.eos_id() || (im_end && next == *im_end)) break;
     const std::string piece = tok.TokenText(next);
     const bool had_number = !FirstNumber(text).empty();

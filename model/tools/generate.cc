@@ -34,14 +34,6 @@ double Seconds(Clock::time_point t) {
   return std::chrono::duration<double>(Clock::now() - t).count();
 }
 
-int32_t Argmax(const float* x, size_t n) {
-  size_t best = 0;
-  for (size_t i = 1; i < n; ++i) {
-    if (x[i] > x[best]) best = i;
-  }
-  return static_cast<int32_t>(best);
-}
-
 int Fail(const absl::Status& s) {
   std::fprintf(stderr, "icecache-generate: %s\n", s.ToString().c_str());
   return 1;
@@ -84,7 +76,7 @@ int main(int argc, char** argv) {
     t0 = Clock::now();
     uint32_t generated = 0;
     for (uint32_t i = 0; i < max_new; ++i) {
-      const int32_t next = Argmax(logits.data(), c.vocab);
+      const int32_t next = ArgmaxToken(logits.data(), c.vocab);
       if (next == tok.eos_id()) break;
       std::printf("%s", tok.TokenText(next).c_str());
       std::fflush(stdout);
@@ -109,12 +101,7 @@ int main(int argc, char** argv) {
     if (!s.ok()) return Fail(s);
     double nll = 0;
     for (uint32_t t = 0; t + 1 < n; ++t) {
-      const float* row = logits.data() + uint64_t{t} * c.vocab;
-      float mx = row[0];
-      for (uint32_t i = 1; i < c.vocab; ++i) mx = std::max(mx, row[i]);
-      double z = 0;
-      for (uint32_t i = 0; i < c.vocab; ++i) z += std::exp(double{row[i]} - mx);
-      nll += -(row[ids[t + 1]] - mx - std::log(z));
+      nll -= TokenLogProb(logits.data() + uint64_t{t} * c.vocab, c.vocab, ids[t + 1]);
     }
     std::printf("perplexity of %s over %u tokens: %.3f (%.1f s, %.0f tokens/s)\n",
                 absl::GetFlag(FLAGS_ppl_text).c_str(), n, std::exp(nll / (n - 1)), Seconds(t0),

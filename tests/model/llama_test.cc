@@ -449,6 +449,18 @@ TEST_F(LlamaTest, PasskeyPromptHidesTheNumberWhereAsked) {
   EXPECT_EQ(FirstNumber("no digits"), "");
 }
 
+TEST(LogitHelpers, GreedyTokenAndLogProbability) {
+  const std::vector<float> logits = {1.0f, 3.0f, -2.0f, 3.0f};
+  EXPECT_EQ(ArgmaxToken(logits), 1);  // the first of equal maxima
+  EXPECT_EQ(ArgmaxToken(logits.data(), 1), 0);
+  const double z = std::exp(1.0) + 2 * std::exp(3.0) + std::exp(-2.0);
+  EXPECT_NEAR(TokenLogProb(logits.data(), 4, 0), 1.0 - std::log(z), 1e-6);
+  EXPECT_NEAR(TokenLogProb(logits.data(), 4, 2), -2.0 - std::log(z), 1e-6);
+  // Large logits do not overflow: the maximum is subtracted first.
+  const std::vector<float> big = {1000.0f, 1000.0f};
+  EXPECT_NEAR(TokenLogProb(big.data(), 2, 1), -std::log(2.0), 1e-9);
+}
+
 TEST(LlamaLoad, RejectsWhatIsNotALlamaModel) {
   TempDir dir;
   GgufWriter w;
