@@ -150,22 +150,22 @@ double SelectionStats::MeanRecall(uint32_t first_layer) const {
   return n == 0 ? 0.0 : sum / static_cast<double>(n);
 }
 
-// ---- FullAttention
+// ---- InProcessAttention, FullAttention
 
-FullAttention::FullAttention(const LlamaConfig& config, uint32_t max_tokens)
-    : kv_(config, max_tokens) {}
-
-absl::Status FullAttention::LoadPrompt(uint32_t layer, const float* k, const float* v,
-                                       uint32_t n) {
+absl::Status InProcessAttention::LoadPrompt(uint32_t layer, const float* k, const float* v,
+                                            uint32_t n) {
   return kv_.Write(layer, 0, n, k, v);
 }
 
-absl::Status FullAttention::Prefill(uint32_t layer, const float* q, const float* k,
-                                    const float* v, uint32_t n, float* out) {
+absl::Status InProcessAttention::Prefill(uint32_t layer, const float* q, const float* k,
+                                         const float* v, uint32_t n, float* out) {
   absl::Status s = kv_.Write(layer, 0, n, k, v);
   if (s.ok()) PromptAttention(kv_.config(), q, k, v, n, out);
   return s;
 }
+
+FullAttention::FullAttention(const LlamaConfig& config, uint32_t max_tokens)
+    : InProcessAttention(config, max_tokens) {}
 
 absl::Status FullAttention::Decode(uint32_t layer, uint32_t pos, const float* q, const float* k,
                                    const float* v, float* out) {
@@ -186,7 +186,7 @@ SelectiveAttention::SelectiveAttention(const LlamaConfig& config, uint32_t max_t
                                        const index::MethodSpec& method,
                                        const index::BudgetSplit& split, uint32_t full_kv_layers,
                                        bool measure_recall)
-    : kv_(config, max_tokens),
+    : InProcessAttention(config, max_tokens),
       method_(method),
       split_(split),
       full_kv_layers_(full_kv_layers),
@@ -199,18 +199,6 @@ SelectiveAttention::SelectiveAttention(const LlamaConfig& config, uint32_t max_t
                                                     method_, split.sink, split.window, geometry));
     }
   }
-}
-
-absl::Status SelectiveAttention::LoadPrompt(uint32_t layer, const float* k, const float* v,
-                                            uint32_t n) {
-  return kv_.Write(layer, 0, n, k, v);
-}
-
-absl::Status SelectiveAttention::Prefill(uint32_t layer, const float* q, const float* k,
-                                         const float* v, uint32_t n, float* out) {
-  absl::Status s = kv_.Write(layer, 0, n, k, v);
-  if (s.ok()) PromptAttention(kv_.config(), q, k, v, n, out);
-  return s;
 }
 
 absl::Status SelectiveAttention::Decode(uint32_t layer, uint32_t pos, const float* q,

@@ -65,18 +65,24 @@ void AttendPrefix(const KvStore& kv, uint32_t layer, uint32_t kv_head, const flo
 void AttendPositions(const KvStore& kv, uint32_t layer, uint32_t kv_head, const float* q,
                      const uint32_t* positions, size_t count, float scale, float* out);
 
-class FullAttention : public AttentionBackend {
+// What the in-process backends share: every K/V in a KvStore, the prompt attended in full.
+class InProcessAttention : public AttentionBackend {
  public:
-  FullAttention(const LlamaConfig& config, uint32_t max_tokens);
   absl::Status Prefill(uint32_t layer, const float* q, const float* k, const float* v,
                        uint32_t n, float* out) override;
-  absl::Status Decode(uint32_t layer, uint32_t pos, const float* q, const float* k,
-                      const float* v, float* out) override;
   absl::Status LoadPrompt(uint32_t layer, const float* k, const float* v, uint32_t n) override;
   const KvStore& kv() const { return kv_; }
 
- private:
+ protected:
+  InProcessAttention(const LlamaConfig& config, uint32_t max_tokens) : kv_(config, max_tokens) {}
   KvStore kv_;
+};
+
+class FullAttention : public InProcessAttention {
+ public:
+  FullAttention(const LlamaConfig& config, uint32_t max_tokens);
+  absl::Status Decode(uint32_t layer, uint32_t pos, const float* q, const float* k,
+                      const float* v, float* out) override;
 };
 
 // Selection statistics of a SelectiveAttention or ServiceAttention run.
@@ -88,23 +94,18 @@ struct SelectionStats {
   double MeanRecall(uint32_t first_layer = 0) const;
 };
 
-class SelectiveAttention : public AttentionBackend {
+class SelectiveAttention : public InProcessAttention {
  public:
   // Layers [0, full_kv_layers) attend to everything; the others through `method` with the
   // budget split. measure_recall: also compute every head's exact attention recall.
   SelectiveAttention(const LlamaConfig& config, uint32_t max_tokens,
                      const index::MethodSpec& method, const index::BudgetSplit& split,
                      uint32_t full_kv_layers, bool measure_recall);
-  absl::Status Prefill(uint32_t layer, const float* q, const float* k, const float* v,
-                       uint32_t n, float* out) override;
   absl::Status Decode(uint32_t layer, uint32_t pos, const float* q, const float* k,
                       const float* v, float* out) override;
-  absl::Status LoadPrompt(uint32_t layer, const float* k, const float* v, uint32_t n) override;
   const SelectionStats& stats() const { return stats_; }
-  const KvStore& kv() const { return kv_; }
 
  private:
-  KvStore kv_;
   const index::MethodSpec method_;
   const index::BudgetSplit split_;
   const uint32_t full_kv_layers_;
