@@ -198,6 +198,26 @@ absl::Status SequenceKv::CheckLayer(uint32_t layer) const {
   return absl::OkStatus();
 }
 
+absl::Status SequenceKv::KeyBatches(const uint8_t* k_rows, uint32_t tokens,
+                                    uint32_t first_position, const std::atomic<bool>* cancel,
+                                    std::vector<uint32_t>* positions,
+                                    std::vector<index::KeyBatch>* batches) const {
+  const uint64_t row = uint64_t{geometry_.head_dim} * DTypeBytes(geometry_.dtype);
+  positions->resize(tokens);
+  std::iota(positions->begin(), positions->end(), first_position);
+  batches->assign(geometry_.num_kv_heads, index::KeyBatch{});
+  for (uint32_t h = 0; h < geometry_.num_kv_heads; ++h) {
+    index::KeyBatch& b = (*batches)[h];
+    b.keys = index::RowView{k_rows + uint64_t{h} * tokens * row, index_geometry_.elem_type,
+                            geometry_.head_dim, tokens, 0};
+    b.positions = positions->data();
+    b.cancel = cancel;
+    absl::Status v = index::ValidateBatch(index_geometry_, b);
+    if (!v.ok()) return absl::InvalidArgumentError(absl::StrCat("KV head ", h, ": ", v.message()));
+  }
+  return absl::OkStatus();
+}
+
 absl::Status SequenceKv::Prefill(uint32_t layer, const uint8_t* k_rows, const uint8_t* v_rows,
                                  uint32_t tokens, uint32_t first_position,
                                  const std::atomic<bool>* cancel) {
@@ -210,17 +230,10 @@ absl::Status SequenceKv::Prefill(uint32_t layer, const uint8_t* k_rows, const ui
   }
   Layer& L = *layers_[layer];
   const uint64_t row = uint64_t{geometry_.head_dim} * DTypeBytes(geometry_.dtype);
-  std::vector<uint32_t> positions(tokens);
-  std::iota(positions.begin(), positions.end(), first_position);
-  std::vector<index::KeyBatch> batches(geometry_.num_kv_heads);
-  for (uint32_t h = 0; h < geometry_.num_kv_heads; ++h) {
-    batches[h].keys = index::RowView{k_rows + uint64_t{h} * tokens * row, index_geometry_.elem_type,
-                                     geometry_.head_dim, tokens, 0};
-    batches[h].positions = positions.data();
-    batches[h].cancel = cancel;
-    absl::Status v = index::ValidateBatch(index_geometry_, batches[h]);
-    if (!v.ok()) return absl::InvalidArgumentError(absl::StrCat("KV head ", h, ": ", v.message()));
-  }
+  std::vector<uint32_t> positions;
+  std::vector<index::KeyBatch> batches;
+  absl::Status valid = KeyBatches(k_rows, tokens, first_position, cancel, &positions, &batches);
+  if (!valid.ok()) return valid;
   {
     absl::MutexLock lock(&L.mu);
     if (L.state.load() != LayerState::kEmpty) {
@@ -277,16 +290,10 @@ absl::Status SequenceKv::Append(uint32_t layer, const uint8_t* k_rows, const uin
   }
   Layer& L = *layers_[layer];
   const uint64_t row = uint64_t{geometry_.head_dim} * DTypeBytes(geometry_.dtype);
-  std::vector<uint32_t> positions(tokens);
-  std::iota(positions.begin(), positions.end(), first_position);
-  std::vector<index::KeyBatch> batches(geometry_.num_kv_heads);
-  for (uint32_t h = 0; h < geometry_.num_kv_heads; ++h) {
-    batches[h].keys = index::RowView{k_rows + uint64_t{h} * tokens * row, index_geometry_.elem_type,
-                                     geometry_.head_dim, tokens, 0};
-    batches[h].positions = positions.data();
-    absl::Status v = index::ValidateBatch(index_geometry_, batches[h]);
-    if (!v.ok()) return absl::InvalidArgumentError(absl::StrCat("KV head ", h, ": ", v.message()));
-  }
+  std::vector<uint32_t> positions;
+  std::vector<index::KeyBatch> batches;
+  absl::Status valid = KeyBatches(k_rows, tokens, first_position, nullptr, &positions, &batches);
+  if (!valid.ok()) return valid;
   absl::MutexLock lock(&L.mu);
   if (L.state.load() != LayerState::kReady) {
     return absl::FailedPreconditionError(

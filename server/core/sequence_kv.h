@@ -97,6 +97,12 @@ class SequenceKv {
   struct Head;
   struct Layer;
 
+  // One validated key batch per KV head over `tokens` head-major rows of `k_rows`, at positions
+  // first_position.. (filled into `positions`, which the batches point into).
+  absl::Status KeyBatches(const uint8_t* k_rows, uint32_t tokens, uint32_t first_position,
+                          const std::atomic<bool>* cancel, std::vector<uint32_t>* positions,
+                          std::vector<index::KeyBatch>* batches) const;
+
   void SampleRecall(uint32_t layer, std::vector<float> queries,
                     std::vector<abi::SelectedPageRef> picked, uint32_t k, uint64_t epoch);
 
