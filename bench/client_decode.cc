@@ -28,13 +28,13 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
-#include "bench/bench_daemon.h"
 #include "bench/bench_output.h"
 #include "common/flags_compat.h"
 #include "common/half.h"
+#include "eval/local_daemon.h"
 #include "icecache/client.h"
-#include "server/index/synthetic.h"
-#include "server/index/trace.h"
+#include "eval/synthetic.h"
+#include "eval/trace.h"
 
 #if defined(ICECACHE_HAVE_CUDA)
 #include <cuda_runtime_api.h>
@@ -145,7 +145,7 @@ class Tensors {
 };
 
 // Token-major [tokens][kv][d] rows of layer `l` of a trace (bf16/fp16 element bytes copied).
-std::vector<uint16_t> TokenMajor(const index::Trace& t, uint32_t l, bool values) {
+std::vector<uint16_t> TokenMajor(const eval::Trace& t, uint32_t l, bool values) {
   const uint32_t d = t.head_dim, kv = t.num_kv_heads;
   std::vector<uint16_t> out(size_t{t.num_tokens} * kv * d);
   for (uint32_t h = 0; h < kv; ++h) {
@@ -157,7 +157,7 @@ std::vector<uint16_t> TokenMajor(const index::Trace& t, uint32_t l, bool values)
   return out;
 }
 
-std::vector<uint16_t> QueryOf(const index::Trace& t, uint32_t l, uint32_t qi, DType dtype) {
+std::vector<uint16_t> QueryOf(const eval::Trace& t, uint32_t l, uint32_t qi, DType dtype) {
   std::vector<uint16_t> q(size_t{t.num_q_heads} * t.head_dim);
   for (uint32_t h = 0; h < t.num_q_heads; ++h) {
     const float* src = t.Query(l, h, qi);
@@ -180,9 +180,9 @@ struct StepRow {
 
 // The 8B-shape synthetic data of one context: `context` prompt tokens, then one token and one
 // query per decode step.
-index::Trace BreakdownTrace(uint32_t context) {
+eval::Trace BreakdownTrace(uint32_t context) {
   const uint32_t steps = absl::GetFlag(FLAGS_warmup) + absl::GetFlag(FLAGS_steps);
-  index::SyntheticOptions so;
+  eval::SyntheticOptions so;
   so.num_tokens = context + steps;
   so.head_dim = 128;
   so.num_kv_heads = 8;
@@ -192,10 +192,10 @@ index::Trace BreakdownTrace(uint32_t context) {
   so.seed = context;
   std::printf("  generating %u tokens of synthetic K/V...\n", so.num_tokens);
   std::fflush(stdout);
-  return index::GenerateSynthetic(so);
+  return eval::GenerateSynthetic(so);
 }
 
-StepRow RunBreakdown(const std::string& socket, ExecutionMode mode, const index::Trace& t,
+StepRow RunBreakdown(const std::string& socket, ExecutionMode mode, const eval::Trace& t,
                      uint32_t context, uint32_t budget) {
   const uint32_t warmup = absl::GetFlag(FLAGS_warmup), steps = absl::GetFlag(FLAGS_steps);
   const std::vector<uint16_t> k = TokenMajor(t, 0, false), v = TokenMajor(t, 0, true);
@@ -273,7 +273,7 @@ struct HitRow {
   std::vector<double> per_step;
 };
 
-HitRow RunHitRate(const std::string& socket, ExecutionMode mode, const index::Trace& t,
+HitRow RunHitRate(const std::string& socket, ExecutionMode mode, const eval::Trace& t,
                   uint32_t prompt, const std::string& source) {
   const uint32_t steps = static_cast<uint32_t>(t.query_positions.size());
   ClientOptions co;
@@ -339,10 +339,12 @@ int main(int argc, char** argv) {
   else if (mode_name == "cuda") mode = ExecutionMode::kCuda;
   else if (mode_name != "auto") Check(absl::InvalidArgumentError("--mode: auto, cpu or cuda"), "flags");
   const std::string out_dir = absl::GetFlag(FLAGS_out);
-  auto daemon = bench::StartBenchDaemon(ICECACHE_BENCH_ICECACHED_BIN);
+  auto started = eval::LocalDaemon::Start(eval::IcecachedPath(ICECACHE_BENCH_ICECACHED_BIN));
+  Check(started.status(), "start icecached");
+  std::unique_ptr<eval::LocalDaemon> daemon = std::move(*started);
   {
     ClientOptions co;
-    co.socket = daemon->socket;
+    co.socket = daemon->socket();
     co.mode = mode;
     auto probe = Client::Attach(co);
     Check(probe.status(), "attach");
@@ -352,12 +354,12 @@ int main(int argc, char** argv) {
 
   std::vector<StepRow> rows;
   for (double c : ParseList(absl::GetFlag(FLAGS_contexts))) {
-    const index::Trace trace = BreakdownTrace(static_cast<uint32_t>(c));
+    const eval::Trace trace = BreakdownTrace(static_cast<uint32_t>(c));
     for (double b : ParseList(absl::GetFlag(FLAGS_budgets))) {
       std::printf("== decode step, context %u, budget %u\n", static_cast<uint32_t>(c),
                   static_cast<uint32_t>(b));
       std::fflush(stdout);
-      const StepRow r = RunBreakdown(daemon->socket, mode, trace, static_cast<uint32_t>(c),
+      const StepRow r = RunBreakdown(daemon->socket(), mode, trace, static_cast<uint32_t>(c),
                                      static_cast<uint32_t>(b));
       std::printf(
           "  build %.2f s | sparse: select %.1f + fetch %.1f + attention %.1f = %.1f us "
@@ -376,7 +378,7 @@ int main(int argc, char** argv) {
   if (hit_steps > 0) {
     const uint32_t prompt = absl::GetFlag(FLAGS_hit_context);
     for (double drift : ParseList(absl::GetFlag(FLAGS_drifts))) {
-      index::SyntheticOptions so;
+      eval::SyntheticOptions so;
       so.num_tokens = prompt + hit_steps;
       so.head_dim = 128;
       so.num_kv_heads = 8;
@@ -387,18 +389,18 @@ int main(int argc, char** argv) {
       so.seed = 5;
       std::printf("== hit rate, synthetic, query drift %.2f, %u steps\n", drift, hit_steps);
       std::fflush(stdout);
-      hit_rows.push_back(RunHitRate(daemon->socket, mode, index::GenerateSynthetic(so), prompt,
+      hit_rows.push_back(RunHitRate(daemon->socket(), mode, eval::GenerateSynthetic(so), prompt,
                                     absl::StrCat("synthetic drift ", drift)));
       std::printf("  overall %.3f, steady (second half) %.3f\n", hit_rows.back().overall,
                   hit_rows.back().steady);
     }
     const std::string trace_path = absl::GetFlag(FLAGS_trace);
     if (!trace_path.empty()) {
-      auto t = index::ReadTrace(trace_path);
+      auto t = eval::ReadTrace(trace_path);
       Check(t.status(), "trace");
       std::printf("== hit rate, trace %s (%zu steps)\n", trace_path.c_str(),
                   t->query_positions.size());
-      hit_rows.push_back(RunHitRate(daemon->socket, mode, *t, t->query_positions.front(),
+      hit_rows.push_back(RunHitRate(daemon->socket(), mode, *t, t->query_positions.front(),
                                     "trace " + t->description));
       std::printf("  overall %.3f, steady (second half) %.3f\n", hit_rows.back().overall,
                   hit_rows.back().steady);

@@ -24,17 +24,18 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/strings/str_cat.h"
-#include "bench/bench_daemon.h"
 #include "bench/bench_output.h"
 #include "common/flags_compat.h"
 #include "common/thread_pool.h"
+#include "eval/local_daemon.h"
+#include "selection/index_factory.h"
 #include "grpcpp/create_channel.h"
 #include "grpcpp/security/credentials.h"
 #include "icecache/attachment.h"
 #include "icecache/v1/icecache.grpc.pb.h"
-#include "server/index/in_memory_pages.h"
-#include "server/index/layer_index.h"
-#include "server/index/synthetic.h"
+#include "eval/in_memory_pages.h"
+#include "eval/layer_index.h"
+#include "eval/synthetic.h"
 
 ABSL_FLAG(uint32_t, tokens, 32768, "Tokens per KV head of the benchmark sequence.");
 ABSL_FLAG(uint32_t, kv_heads, 8, "KV heads (8B shape: 8).");
@@ -53,8 +54,13 @@ double Percentile(std::vector<double> v, double p) {
   return v[std::min(v.size() - 1, static_cast<size_t>(p * v.size()))];
 }
 
-std::unique_ptr<bench::BenchDaemon> StartDaemon() {
-  return bench::StartBenchDaemon(ICECACHE_BENCH_ICECACHED_BIN);
+std::unique_ptr<eval::LocalDaemon> StartDaemon() {
+  auto d = eval::LocalDaemon::Start(eval::IcecachedPath(ICECACHE_BENCH_ICECACHED_BIN));
+  if (!d.ok()) {
+    std::fprintf(stderr, "data_plane: %s\n", d.status().ToString().c_str());
+    std::exit(1);
+  }
+  return std::move(*d);
 }
 
 struct Client {
@@ -63,7 +69,7 @@ struct Client {
 };
 
 // Attaches, creates a one-layer sequence and prefills it with the trace's layer 0.
-Client MakeClient(const std::string& socket, v1::IceCache::Stub& stub, const index::Trace& t) {
+Client MakeClient(const std::string& socket, v1::IceCache::Stub& stub, const eval::Trace& t) {
   Client c;
   Attachment::Options o;
   o.socket = socket;
@@ -111,7 +117,7 @@ int main(int argc, char** argv) {
   icecache::bench::PrepareOutDir(absl::GetFlag(FLAGS_out), "data_plane");
   const uint32_t iterations = absl::GetFlag(FLAGS_iterations);
 
-  index::SyntheticOptions so;
+  eval::SyntheticOptions so;
   so.num_tokens = absl::GetFlag(FLAGS_tokens);
   so.head_dim = 128;
   so.num_kv_heads = absl::GetFlag(FLAGS_kv_heads);
@@ -120,17 +126,17 @@ int main(int argc, char** argv) {
   so.kv_type = index::ElemType::kBF16;
   so.num_clusters = std::max<uint32_t>(96, so.num_tokens / 256);
   std::fprintf(stderr, "generating %u tokens x %u KV heads...\n", so.num_tokens, so.num_kv_heads);
-  const index::Trace t = index::GenerateSynthetic(so);
+  const eval::Trace t = eval::GenerateSynthetic(so);
   std::vector<float> queries(uint64_t{t.num_q_heads} * t.head_dim);
   for (uint32_t h = 0; h < t.num_q_heads; ++h) {
     std::copy_n(t.Query(0, h, 0), t.head_dim, queries.begin() + uint64_t{h} * t.head_dim);
   }
 
   auto daemon = StartDaemon();
-  auto channel = grpc::CreateChannel("unix:" + daemon->socket, grpc::InsecureChannelCredentials());
+  auto channel = grpc::CreateChannel("unix:" + daemon->socket(), grpc::InsecureChannelCredentials());
   auto stub = v1::IceCache::NewStub(channel);
   std::fprintf(stderr, "prefilling through the daemon...\n");
-  Client c = MakeClient(daemon->socket, *stub, t);
+  Client c = MakeClient(daemon->socket(), *stub, t);
 
   // NOP round trips.
   std::vector<double> nop;
@@ -144,21 +150,21 @@ int main(int argc, char** argv) {
   // the daemon's).
   ThreadPool pool(0);
   const index::IndexGeometry g{t.head_dim, index::ElemType::kBF16, 16};
-  std::vector<std::unique_ptr<index::InMemoryPages>> pages;
+  std::vector<std::unique_ptr<eval::InMemoryPages>> pages;
   std::vector<const index::PageReader*> readers;
-  std::vector<std::unique_ptr<index::InMemoryPages::Writer>> writers;
+  std::vector<std::unique_ptr<eval::InMemoryPages::Writer>> writers;
   std::vector<index::PageWriter*> writer_ptrs;
   std::vector<index::KeyBatch> batches;
   std::vector<uint32_t> positions(t.num_tokens);
   std::iota(positions.begin(), positions.end(), 0u);
   for (uint32_t h = 0; h < t.num_kv_heads; ++h) {
-    pages.push_back(std::make_unique<index::InMemoryPages>(g, false));
+    pages.push_back(std::make_unique<eval::InMemoryPages>(g, false));
     readers.push_back(pages.back().get());
-    writers.push_back(std::make_unique<index::InMemoryPages::Writer>(pages.back().get(), t.Keys(0, h), nullptr));
+    writers.push_back(std::make_unique<eval::InMemoryPages::Writer>(pages.back().get(), t.Keys(0, h), nullptr));
     writer_ptrs.push_back(writers.back().get());
     batches.push_back({t.Keys(0, h), positions.data()});
   }
-  index::LayerIndex layer(g, index::DciOptions{}, t.num_kv_heads, t.group_size(), readers, &pool);
+  eval::LayerIndex layer(g, *selection::Preset(selection::kDefaultPreset), t.num_kv_heads, t.group_size(), readers, &pool);
   (void)layer.Build(batches, writer_ptrs);
 
   std::vector<double> ring, direct;
@@ -182,7 +188,7 @@ int main(int argc, char** argv) {
   std::vector<Row> rows;
   for (int n : {1, 2, 4, 8}) {
     std::vector<Client> clients;
-    for (int i = 0; i < n; ++i) clients.push_back(MakeClient(daemon->socket, *stub, t));
+    for (int i = 0; i < n; ++i) clients.push_back(MakeClient(daemon->socket(), *stub, t));
     std::atomic<bool> go{false}, stop{false};
     std::atomic<uint64_t> done{0};
     std::vector<std::vector<double>> lat(n);

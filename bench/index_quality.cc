@@ -19,10 +19,11 @@
 #include "bench/bench_output.h"
 #include "common/flags_compat.h"
 #include "common/thread_pool.h"
-#include "server/index/evaluation.h"
+#include "eval/evaluation.h"
+#include "selection/index_factory.h"
 #include "server/index/simd.h"
-#include "server/index/synthetic.h"
-#include "server/index/trace.h"
+#include "eval/synthetic.h"
+#include "eval/trace.h"
 
 ABSL_FLAG(std::string, trace, "", "Trace file (bench/README.md); empty: synthetic data.");
 ABSL_FLAG(std::string, budgets, "64,128,256,512", "Token budgets to evaluate.");
@@ -37,6 +38,7 @@ ABSL_FLAG(float, synthetic_spread, 0.45f, "Synthetic: within-cluster spread.");
 ABSL_FLAG(bool, variants, true, "Also evaluate the DCI option variants.");
 
 using namespace icecache::index;
+using namespace icecache::eval;
 
 int main(int argc, char** argv) {
   std::vector<std::string> args = icecache::NormalizeFlagNames(argc, argv);
@@ -102,19 +104,16 @@ int main(int argc, char** argv) {
       o.group_merge = DciOptions::GroupMerge::kSumOfMass;
     });
     add("dci+joint-group", [](DciOptions& o) { o.joint_group_search = true; });
-    add("dci+all", [](DciOptions& o) {
-      o.scale_query_projection = true;
-      o.page_granular_scoring = true;
-      o.page_score = DciOptions::PageScore::kSoftmaxMass;
-      o.group_merge = DciOptions::GroupMerge::kSumOfMass;
-      o.joint_group_search = true;
+    // The tuned preset without its exact search of small trees (the trace's trees are
+    // small: the exact scan would hide the tree), and the same with promotion ratio 0.03.
+    const DciOptions tuned = icecache::selection::Preset(icecache::selection::kTunedPreset)->dci;
+    add("dci+all", [&](DciOptions& o) {
+      o = tuned;
+      o.exact_search_max_tokens = 0;
     });
-    add("dci+all+r1-0.03", [](DciOptions& o) {
-      o.scale_query_projection = true;
-      o.page_granular_scoring = true;
-      o.page_score = DciOptions::PageScore::kSoftmaxMass;
-      o.group_merge = DciOptions::GroupMerge::kSumOfMass;
-      o.joint_group_search = true;
+    add("dci+all+r1-0.03", [&](DciOptions& o) {
+      o = tuned;
+      o.exact_search_max_tokens = 0;
       o.promotion_ratio_1 = 0.03;
     });
     opts.methods.insert(opts.methods.begin() + 1, variants.begin(), variants.end());

@@ -27,12 +27,13 @@
 #include "bench/bench_output.h"
 #include "common/flags_compat.h"
 #include "common/thread_pool.h"
-#include "server/index/baselines.h"
+#include "eval/baselines.h"
+#include "selection/index_factory.h"
 #include "server/index/dci_tree.h"
-#include "server/index/in_memory_pages.h"
-#include "server/index/quality.h"
+#include "eval/in_memory_pages.h"
+#include "eval/quality.h"
 #include "server/index/simd.h"
-#include "server/index/synthetic.h"
+#include "eval/synthetic.h"
 
 ABSL_FLAG(std::string, sizes, "4096,32768,131072,524288", "Context sizes (tokens per head).");
 ABSL_FLAG(std::string, out, "bench/results", "Directory for JSON/CSV results.");
@@ -45,8 +46,8 @@ ABSL_FLAG(bool, stack, true, "Also build a 32-layer x 8-head stack at 32k on the
 ABSL_FLAG(uint32_t, stack_tokens, 32768, "Tokens per head of the stack build.");
 ABSL_FLAG(uint32_t, threads, 0, "Pool threads for the stack build (0: all cores).");
 ABSL_FLAG(std::string, config, "paper",
-          "DCI preset: paper (the reference), all (every improvement option), all-r1 (all, "
-          "with promotion ratio 0.03); the single-option flags below override it.");
+          "Index preset (selection/index_factory.h: paper, tuned), or all (= tuned), all-r1 "
+          "(tuned with promotion ratio 0.03); the single-option flags below override it.");
 ABSL_FLAG(bool, scaled_query, false, "DCI option: scale the query projection.");
 ABSL_FLAG(double, retrieve_ratio, 0.8, "DCI option: share of each expanded cell scored.");
 ABSL_FLAG(bool, joint, false, "DCI option: joint group search.");
@@ -63,6 +64,7 @@ ABSL_FLAG(uint32_t, exact_below, 0, "DCI option: exact search up to this many to
 namespace {
 
 using namespace icecache::index;
+using namespace icecache::eval;
 using Clock = std::chrono::steady_clock;
 
 double Seconds(Clock::time_point a, Clock::time_point b) {
@@ -214,19 +216,17 @@ int main(int argc, char** argv) {
   std::vector<char*> ptrs = icecache::ArgvPointers(args);
   absl::ParseCommandLine(static_cast<int>(args.size()), ptrs.data());
   icecache::bench::PrepareOutDir(absl::GetFlag(FLAGS_out), "index_speed");
-  DciOptions dci;
   const std::string config = absl::GetFlag(FLAGS_config);
-  if (config == "all" || config == "all-r1") {
-    dci.scale_query_projection = true;
-    dci.page_granular_scoring = true;
-    dci.joint_group_search = true;
-    dci.page_score = DciOptions::PageScore::kSoftmaxMass;
-    dci.group_merge = DciOptions::GroupMerge::kSumOfMass;
-    if (config == "all-r1") dci.promotion_ratio_1 = 0.03;
-  } else if (config != "paper") {
-    std::fprintf(stderr, "unknown --config=%s\n", config.c_str());
+  // "all" is the tuned preset (every improvement option), "all-r1" the same with promotion
+  // ratio 0.03; any preset name works too.
+  const std::string preset = config == "all" || config == "all-r1" ? "tuned" : config;
+  absl::StatusOr<icecache::selection::IndexSpec> spec = icecache::selection::Preset(preset);
+  if (!spec.ok()) {
+    std::fprintf(stderr, "--config=%s: %s\n", config.c_str(), spec.status().ToString().c_str());
     return 2;
   }
+  DciOptions dci = spec->dci;
+  if (config == "all-r1") dci.promotion_ratio_1 = 0.03;
   if (absl::GetFlag(FLAGS_scaled_query)) dci.scale_query_projection = true;
   if (absl::GetFlag(FLAGS_joint)) dci.joint_group_search = true;
   if (absl::GetFlag(FLAGS_page_granular)) dci.page_granular_scoring = true;

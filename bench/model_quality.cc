@@ -34,16 +34,17 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
-#include "bench/bench_daemon.h"
 #include "bench/bench_output.h"
 #include "common/flags_compat.h"
+#include "eval/local_daemon.h"
+#include "selection/index_factory.h"
 #include "icecache/client.h"
 #include "model/attention.h"
 #include "model/blas.h"
 #include "model/capture.h"
 #include "model/llama.h"
 #include "model/texts.h"
-#include "server/index/trace.h"
+#include "eval/trace.h"
 
 ABSL_FLAG(std::string, model, "", "GGUF model file (scripts/fetch_model.sh prints its path).");
 ABSL_FLAG(std::string, texts, "bible,cpp-annotations,jargon", "Texts for perplexity and recall.");
@@ -90,15 +91,12 @@ std::vector<double> ParseList(const std::string& s) {
 }
 
 // The selection methods replayed in process.
-std::vector<index::MethodSpec> Methods() {
-  std::vector<index::MethodSpec> m = index::DefaultMethods();
-  index::MethodSpec all{"icecache-dci-all-options", index::MethodKind::kDci, {}};
-  all.dci.scale_query_projection = true;
-  all.dci.page_granular_scoring = true;
-  all.dci.joint_group_search = true;
-  all.dci.page_score = index::DciOptions::PageScore::kSoftmaxMass;
-  all.dci.group_merge = index::DciOptions::GroupMerge::kSumOfMass;
-  m.insert(m.begin() + 1, all);
+std::vector<eval::MethodSpec> Methods() {
+  std::vector<eval::MethodSpec> m = eval::DefaultMethods();
+  absl::StatusOr<eval::MethodSpec> tuned =
+      eval::PresetMethod("icecache-dci-tuned", std::string(selection::kTunedPreset));
+  Check(tuned.status(), "tuned preset");
+  m.insert(m.begin() + 1, *tuned);
   return m;
 }
 
@@ -213,11 +211,11 @@ int main(int argc, char** argv) {
               c.n_layers, c.n_heads, c.n_kv_heads, BlasDescription().c_str(),
               ::sysconf(_SC_NPROCESSORS_ONLN));
 
-  // One real icecached per index preset: "paper" reports as icecache-service, the others as
-  // icecache-service-<preset>.
+  // One real icecached per index preset: the default preset reports as icecache-service, the
+  // others as icecache-service-<preset>.
   struct Service {
     std::string name;
-    std::unique_ptr<bench::BenchDaemon> daemon;
+    std::unique_ptr<eval::LocalDaemon> daemon;
     std::unique_ptr<Client> client;
   };
   std::vector<Service> services;
@@ -225,12 +223,18 @@ int main(int argc, char** argv) {
     for (absl::string_view preset :
          absl::StrSplit(absl::GetFlag(FLAGS_service_presets), ',', absl::SkipEmpty())) {
       Service svc;
-      svc.name = preset == "paper" ? "icecache-service" : absl::StrCat("icecache-service-", preset);
-      svc.daemon = bench::StartBenchDaemon(
-          ICECACHE_BENCH_ICECACHED_BIN,
-          {"--memory-limit=8GiB", absl::StrCat("--index-preset=", preset)});
+      // The daemon's default preset runs with no preset flag: what a user gets out of the box.
+      const bool is_default = preset == selection::kDefaultPreset;
+      Check(selection::Preset(preset).status(), "--service_presets");
+      svc.name = is_default ? "icecache-service" : absl::StrCat("icecache-service-", preset);
+      std::vector<std::string> flags = {"--memory-limit=8GiB"};
+      if (!is_default) flags.push_back(absl::StrCat("--index-preset=", preset));
+      auto started =
+          eval::LocalDaemon::Start(eval::IcecachedPath(ICECACHE_BENCH_ICECACHED_BIN), flags);
+      Check(started.status(), absl::StrCat("start the icecached of preset ", preset));
+      svc.daemon = std::move(*started);
       ClientOptions co;
-      co.socket = svc.daemon->socket;
+      co.socket = svc.daemon->socket();
       auto cl = Client::Attach(co);
       Check(cl.status(), absl::StrCat("attach to the icecached of preset ", preset));
       svc.client = std::move(*cl);
@@ -239,7 +243,7 @@ int main(int argc, char** argv) {
       services.push_back(std::move(svc));
     }
   }
-  const std::vector<index::MethodSpec> methods = Methods();
+  const std::vector<eval::MethodSpec> methods = Methods();
   std::vector<QualityRow> rows;
 
   // ---- 1. perplexity, agreement and recall per text
@@ -284,7 +288,7 @@ int main(int argc, char** argv) {
       Check(model.Decode(tokens[total - 1], total - 1, &full, &tail), "decode");
       model.set_observer(nullptr);
       const std::string path = absl::StrCat(trace_dir, "/", name, ".ictrace");
-      Check(index::WriteTrace(capture.trace(), path), "writing the trace");
+      Check(eval::WriteTrace(capture.trace(), path), "writing the trace");
       std::printf("  trace: %s\n", path.c_str());
     }
     const double full_ppl = std::exp(ref.nll / continuation);
@@ -309,7 +313,7 @@ int main(int argc, char** argv) {
       rows.push_back(row);
     };
     for (double b : budgets) {
-      const index::BudgetSplit split = index::PaperSplit(static_cast<uint32_t>(b));
+      const selection::BudgetSplit split = selection::PaperSplit(static_cast<uint32_t>(b));
       for (Service& svc : services) {
         t = Clock::now();
         auto seq = svc.client->CreateSequence(SequenceOptionsFor(c, total, split, full_kv_layers));
@@ -318,15 +322,15 @@ int main(int argc, char** argv) {
         LoadPromptFrom(full, c, prompt_tokens, &service);
         ContinuationResult r = Continue(model, &service, prompt_logits, tokens, prompt_tokens,
                                         continuation, &ref.argmax);
-        report(svc.name, split.budget, r, service.stats(), Seconds(t));
+        report(svc.name, split.budget_tokens, r, service.stats(), Seconds(t));
       }
-      for (const index::MethodSpec& m : methods) {
+      for (const eval::MethodSpec& m : methods) {
         t = Clock::now();
         SelectiveAttention sel(c, total, m, split, full_kv_layers, /*measure_recall=*/true);
         LoadPromptFrom(full, c, prompt_tokens, &sel);
         ContinuationResult r = Continue(model, &sel, prompt_logits, tokens, prompt_tokens,
                                         continuation, &ref.argmax);
-        report(m.name, split.budget, r, sel.stats(), Seconds(t));
+        report(m.name, split.budget_tokens, r, sel.stats(), Seconds(t));
       }
     }
   }
@@ -354,14 +358,14 @@ int main(int argc, char** argv) {
       std::printf("  %-28s %6s  %s  \"%s\"\n", "full attention", "-", full_ok ? "right" : "wrong",
                   full_answer.c_str());
       for (double b : budgets) {
-        const index::BudgetSplit split = index::PaperSplit(static_cast<uint32_t>(b));
+        const selection::BudgetSplit split = selection::PaperSplit(static_cast<uint32_t>(b));
         auto run = [&](const std::string& method, AttentionBackend* backend) {
           LoadPromptFrom(full, c, n, backend);
           const std::string answer = GreedyAnswer(model, backend, logits, n, max_new);
           const bool ok = FirstNumber(answer) == key;
-          passkeys.push_back({method, split.budget, depth, ok,
+          passkeys.push_back({method, split.budget_tokens, depth, ok,
                               FirstNumber(answer) == FirstNumber(full_answer), answer});
-          std::printf("  %-28s %6u  %s  \"%s\"\n", method.c_str(), split.budget,
+          std::printf("  %-28s %6u  %s  \"%s\"\n", method.c_str(), split.budget_tokens,
                       ok ? "right" : "wrong", answer.c_str());
           std::fflush(stdout);
         };
@@ -372,7 +376,7 @@ int main(int argc, char** argv) {
           ServiceAttention service(c, seq->get(), false, n + max_new);
           run(svc.name, &service);
         }
-        for (const index::MethodSpec& m : methods) {
+        for (const eval::MethodSpec& m : methods) {
           SelectiveAttention sel(c, n + max_new, m, split, full_kv_layers, false);
           run(m.name, &sel);
         }

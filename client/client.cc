@@ -14,7 +14,7 @@
 //      1 of the layer's next Decode sees the insert done.
 //
 // So every step attends to (window_tokens - page_size, window_tokens] window tokens, the
-// paper's policy (the same as index::HeadSelector's): the prefill keeps window_tokens - 1 of
+// paper's policy (the same as eval::HeadSelector's): the prefill keeps window_tokens - 1 of
 // the prompt's last tokens, the first decode token completes the window.
 //
 // The window is a ring of window_tokens + page_size rows per KV head; position p lives in row

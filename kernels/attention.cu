@@ -25,15 +25,9 @@ cudaError_t Launch(const DecodeAttentionParams& p, float* scratch, uint32_t spli
 template <typename T>
 cudaError_t DispatchDim(const DecodeAttentionParams& p, float* scratch, uint32_t splits,
                         cudaStream_t stream) {
-  switch (p.head_dim) {
-    case 64:
-      return Launch<T, 64>(p, scratch, splits, stream);
-    case 128:
-      return Launch<T, 128>(p, scratch, splits, stream);
-    case 256:
-      return Launch<T, 256>(p, scratch, splits, stream);
-  }
-  return cudaErrorInvalidValue;
+  return DispatchHeadDim(p.head_dim, cudaErrorInvalidValue, [&](auto dim) {
+    return Launch<T, decltype(dim)::value>(p, scratch, splits, stream);
+  });
 }
 
 }  // namespace

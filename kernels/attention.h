@@ -9,6 +9,7 @@
 
 #include <cstdint>
 
+#include "kernels/head_dim.h"
 #include "common/dtype.h"
 
 namespace icecache {
@@ -36,9 +37,6 @@ struct DecodeAttentionParams {
   DType dtype = DType::kBF16;
   float scale = 0;                // softmax scale, usually 1/sqrt(head_dim)
 };
-
-// Head dims the kernels are instantiated for (one dispatch point: IsSupportedHeadDim).
-constexpr bool IsSupportedHeadDim(uint32_t d) { return d == 64 || d == 128 || d == 256; }
 
 // What is wrong with `p` (a static string), or nullptr when it is valid: non-null pointers,
 // a supported head dim, num_q_heads a multiple of num_kv_heads, offsets non-decreasing.

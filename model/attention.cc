@@ -183,8 +183,8 @@ absl::Status FullAttention::Decode(uint32_t layer, uint32_t pos, const float* q,
 // ---- SelectiveAttention
 
 SelectiveAttention::SelectiveAttention(const LlamaConfig& config, uint32_t max_tokens,
-                                       const index::MethodSpec& method,
-                                       const index::BudgetSplit& split, uint32_t full_kv_layers,
+                                       const eval::MethodSpec& method,
+                                       const selection::BudgetSplit& split, uint32_t full_kv_layers,
                                        bool measure_recall)
     : InProcessAttention(config, max_tokens),
       method_(method),
@@ -195,8 +195,8 @@ SelectiveAttention::SelectiveAttention(const LlamaConfig& config, uint32_t max_t
   for (uint32_t l = 0; l < config.n_layers; ++l) {
     for (uint32_t h = 0; h < config.n_kv_heads; ++h) {
       selectors_.push_back(l < full_kv_layers ? nullptr
-                                              : std::make_unique<index::HeadSelector>(
-                                                    method_, split.sink, split.window, geometry));
+                                              : std::make_unique<eval::HeadSelector>(
+                                                    method_, split, geometry));
     }
   }
 }
@@ -263,7 +263,7 @@ absl::Status PrefillTee::LoadPrompt(uint32_t layer, const float* k, const float*
 // ---- ServiceAttention
 
 SequenceOptions SequenceOptionsFor(const LlamaConfig& config, uint64_t max_tokens,
-                                   const index::BudgetSplit& split, uint32_t full_kv_layers) {
+                                   const selection::BudgetSplit& split, uint32_t full_kv_layers) {
   SequenceOptions o;
   o.num_layers = config.n_layers;
   o.num_q_heads = config.n_heads;
@@ -272,9 +272,9 @@ SequenceOptions SequenceOptionsFor(const LlamaConfig& config, uint64_t max_token
   o.dtype = DType::kFP16;
   o.max_tokens = max_tokens;
   o.page_size = split.page_size;
-  o.budget_tokens = split.budget;
-  o.sink_tokens = split.sink;
-  o.window_tokens = split.window;
+  o.budget_tokens = split.budget_tokens;
+  o.sink_tokens = split.sink_tokens;
+  o.window_tokens = split.window_tokens;
   o.full_kv_layers = full_kv_layers;
   o.label = config.name;
   return o;

@@ -23,7 +23,7 @@
 #include "absl/status/statusor.h"
 #include "icecache/client.h"
 #include "model/llama.h"
-#include "server/index/head_selector.h"
+#include "eval/head_selector.h"
 
 namespace icecache::model {
 
@@ -99,18 +99,18 @@ class SelectiveAttention : public InProcessAttention {
   // Layers [0, full_kv_layers) attend to everything; the others through `method` with the
   // budget split. measure_recall: also compute every head's exact attention recall.
   SelectiveAttention(const LlamaConfig& config, uint32_t max_tokens,
-                     const index::MethodSpec& method, const index::BudgetSplit& split,
+                     const eval::MethodSpec& method, const selection::BudgetSplit& split,
                      uint32_t full_kv_layers, bool measure_recall);
   absl::Status Decode(uint32_t layer, uint32_t pos, const float* q, const float* k,
                       const float* v, float* out) override;
   const SelectionStats& stats() const { return stats_; }
 
  private:
-  const index::MethodSpec method_;
-  const index::BudgetSplit split_;
+  const eval::MethodSpec method_;
+  const selection::BudgetSplit split_;
   const uint32_t full_kv_layers_;
   const bool measure_recall_;
-  std::vector<std::unique_ptr<index::HeadSelector>> selectors_;  // [layer][kv_head]
+  std::vector<std::unique_ptr<eval::HeadSelector>> selectors_;  // [layer][kv_head]
   SelectionStats stats_;
 };
 
@@ -166,6 +166,6 @@ class PrefillTee : public AttentionBackend {
 // The client-side geometry for `config`: fp16, the given budget (sink, window and page size as
 // in the paper split), full_kv_layers first layers kept whole.
 SequenceOptions SequenceOptionsFor(const LlamaConfig& config, uint64_t max_tokens,
-                                   const index::BudgetSplit& split, uint32_t full_kv_layers);
+                                   const selection::BudgetSplit& split, uint32_t full_kv_layers);
 
 }  // namespace icecache::model

@@ -9,7 +9,7 @@
 #include <vector>
 
 #include "model/llama.h"
-#include "server/index/trace.h"
+#include "eval/trace.h"
 
 namespace icecache::model {
 
@@ -25,13 +25,13 @@ class TraceCapture {
 
   // Every position and every query position seen?
   bool complete() const;
-  const index::Trace& trace() const { return trace_; }
+  const eval::Trace& trace() const { return trace_; }
 
  private:
   void Observe(uint32_t layer, uint32_t pos0, uint32_t n, const float* q, const float* k,
                const float* v);
   const LlamaConfig config_;
-  index::Trace trace_;
+  eval::Trace trace_;
   std::vector<uint8_t> seen_;  // [layer][position]
 };
 

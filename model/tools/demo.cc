@@ -23,14 +23,15 @@
 #include "absl/flags/parse.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
-#include "bench/bench_daemon.h"
 #include "common/bytes.h"
 #include "common/flags_compat.h"
+#include "eval/local_daemon.h"
 #include "icecache/client.h"
 #include "model/attention.h"
 #include "model/blas.h"
 #include "model/llama.h"
 #include "model/texts.h"
+#include "selection/index_factory.h"
 
 ABSL_FLAG(std::string, model, "", "GGUF model file (scripts/fetch_model.sh prints its path).");
 ABSL_FLAG(std::string, text, "bible", "Haystack: bible, cpp-annotations, jargon, or a file.");
@@ -43,9 +44,9 @@ ABSL_FLAG(uint32_t, full_kv_layers, 2, "First layers that keep their whole KV ca
 ABSL_FLAG(uint32_t, max_new, 10, "Tokens to generate for each answer.");
 ABSL_FLAG(std::string, mode, "auto", "Client mode: auto (GPU if usable), cpu or cuda.");
 ABSL_FLAG(std::string, socket, "", "Use the icecached at this socket instead of starting one.");
-ABSL_FLAG(std::string, index_preset, "paper",
-          "Index preset of the icecached the demo starts: paper (the daemon's default, the "
-          "IceCache paper's configuration) or tuned (every improvement option; docs/model.md).");
+ABSL_FLAG(std::string, index_preset, "",
+          "Index preset of the icecached the demo starts (selection/index_factory.h: paper, "
+          "tuned); empty: the daemon's default.");
 ABSL_FLAG(std::string, json, "", "Also write the results to this JSON file.");
 ABSL_FLAG(bool, chat, false, "Ask in the model's chat format instead of a plain completion.");
 
@@ -132,10 +133,11 @@ int main(int argc, char** argv) {
   else if (absl::GetFlag(FLAGS_mode) != "auto") {
     return Fail(absl::InvalidArgumentError("--mode must be auto, cpu or cuda"));
   }
-  const std::string preset = absl::GetFlag(FLAGS_index_preset);
-  if (preset != "paper" && preset != "tuned") {
-    return Fail(absl::InvalidArgumentError(
-        absl::StrCat("--index_preset=", preset, ": must be paper or tuned")));
+  const std::string preset_flag = absl::GetFlag(FLAGS_index_preset);
+  const std::string preset =
+      preset_flag.empty() ? std::string(selection::kDefaultPreset) : preset_flag;
+  if (absl::Status p = selection::Preset(preset).status(); !p.ok()) {
+    return Fail(absl::InvalidArgumentError(absl::StrCat("--index_preset: ", p.message())));
   }
 
   std::printf("IceCache demo: a real model reads a long real text, then answers with full "
@@ -144,14 +146,16 @@ int main(int argc, char** argv) {
               ::sysconf(_SC_NPROCESSORS_ONLN), BlasDescription().c_str());
 
   // The daemon.
-  std::unique_ptr<bench::BenchDaemon> daemon;
+  std::unique_ptr<eval::LocalDaemon> daemon;
   std::string socket = absl::GetFlag(FLAGS_socket);
   auto t = Clock::now();
   if (socket.empty()) {
-    daemon = bench::StartBenchDaemon(
-        ICECACHE_DEMO_ICECACHED_BIN,
-        {"--memory-limit=4GiB", "--recall-sample-every=0", "--index-preset=" + preset});
-    socket = daemon->socket;
+    std::vector<std::string> flags = {"--memory-limit=4GiB"};
+    if (!preset_flag.empty()) flags.push_back("--index-preset=" + preset_flag);
+    auto started = eval::LocalDaemon::Start(eval::IcecachedPath(ICECACHE_DEMO_ICECACHED_BIN), flags);
+    if (!started.ok()) return Fail(started.status());
+    daemon = std::move(*started);
+    socket = daemon->socket();
     std::printf("[2/6] started icecached at %s, index preset %s (%.2f s)\n", socket.c_str(),
                 preset.c_str(), Seconds(t));
   } else {
@@ -200,7 +204,7 @@ int main(int argc, char** argv) {
 
   // One prefill feeds both: full attention here, and IceCache (the K/V go to the daemon,
   // which clusters them into pages and builds its index while the prefill goes on).
-  const index::BudgetSplit split = index::PaperSplit(absl::GetFlag(FLAGS_budget));
+  const selection::BudgetSplit split = selection::PaperSplit(absl::GetFlag(FLAGS_budget));
   const uint32_t full_kv_layers = std::min(absl::GetFlag(FLAGS_full_kv_layers), c.n_layers);
   auto seq = (*client)->CreateSequence(SequenceOptionsFor(c, n + max_new, split, full_kv_layers));
   if (!seq.ok()) return Fail(seq.status());

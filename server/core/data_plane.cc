@@ -383,7 +383,7 @@ class DataPlane::Dispatcher {
                                   r.payload_bytes)),
                     0);
     }
-    const uint32_t k = r.k == 0 ? g.selected_pages() : r.k;
+    const uint32_t k = (*kv)->SelectK(r.k);
     if (uint64_t{g.num_kv_heads} * k * sizeof(abi::SelectedPageRef) > capacity) {
       return Finish(r, start, absl::InvalidArgumentError(absl::StrCat(
                                   "k=", k, " pages for ", g.num_kv_heads,
@@ -688,7 +688,7 @@ absl::StatusOr<SequenceInfo> DataPlane::CreateSequence(const Caller& caller,
               "geometry.num_q_heads x head_dim fp32 queries (", qbytes,
               " bytes) exceed a request slot's payload (", options_.arena.slot_payload, ")"));
         }
-        return std::make_shared<SequenceKv>(g, options_.index_options, arena, pool_, observer_);
+        return std::make_shared<SequenceKv>(g, options_.index_spec, arena, pool_, observer_);
       },
       quota);
 }

@@ -41,7 +41,7 @@
 #include "server/core/memory_accountant.h"
 #include "server/core/sequence_kv.h"
 #include "server/core/sequence_registry.h"
-#include "server/index/dci_tree.h"
+#include "selection/index_factory.h"
 
 namespace icecache {
 
@@ -61,8 +61,8 @@ struct DataPlaneOptions {
   uint32_t recall_sample_every = 64;
   // How long a dispatcher keeps polling its queue after activity before it sleeps.
   absl::Duration poll_spin = absl::Microseconds(50);
-  // Index configuration of every tree.
-  index::DciOptions index_options;
+  // Index of every (sequence, layer, KV head): the daemon's preset.
+  selection::IndexSpec index_spec;
 };
 
 // Counters the daemon exports. Methods are called from any thread.

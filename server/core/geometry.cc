@@ -83,34 +83,11 @@ absl::StatusOr<Geometry> ResolveGeometry(const GeometrySpec& spec) {
   if (!Contains(L::kPageSizes, g.page_size)) {
     return FieldError("page_size", OneOf(L::kPageSizes), g.page_size);
   }
-  const uint32_t ps = g.page_size;
-
   g.sink_tokens = spec.sink_tokens.value_or(D::kSinkTokens);
-  if (g.sink_tokens % ps != 0) {
-    return FieldError("sink_tokens", absl::StrCat("a multiple of page_size (", ps, ")"),
-                      g.sink_tokens);
-  }
   g.window_tokens = spec.window_tokens.value_or(D::kWindowTokens);
-  if (g.window_tokens < ps || g.window_tokens % ps != 0) {
-    return FieldError("window_tokens",
-                      absl::StrCat("a positive multiple of page_size (", ps, ")"),
-                      g.window_tokens);
-  }
   g.budget_tokens = spec.budget_tokens.value_or(D::kBudgetTokens);
-  if (g.budget_tokens > L::kMaxBudgetTokens || g.budget_tokens % ps != 0) {
-    return FieldError("budget_tokens",
-                      absl::StrCat("a multiple of page_size (", ps, ") and at most ",
-                                   L::kMaxBudgetTokens),
-                      g.budget_tokens);
-  }
-  // 64-bit sum: sink and window are unbounded 32-bit inputs.
-  const uint64_t fixed = uint64_t{g.sink_tokens} + g.window_tokens + ps;
-  if (g.budget_tokens < fixed) {
-    return FieldError("budget_tokens",
-                      absl::StrCat("at least sink_tokens + window_tokens + page_size (", fixed,
-                                   ") so that one page is selected"),
-                      g.budget_tokens);
-  }
+  absl::Status split = selection::ValidateSplit(g.split());
+  if (!split.ok()) return split;
 
   g.full_kv_layers = spec.full_kv_layers.value_or(std::min(D::kFullKvLayers, g.num_layers));
   if (g.full_kv_layers > g.num_layers) {

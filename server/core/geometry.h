@@ -9,7 +9,9 @@
 
 #include "absl/status/statusor.h"
 #include "common/dtype.h"
+#include "kernels/head_dim.h"
 #include "kernels/page_layout.h"
+#include "selection/budget.h"
 
 namespace icecache {
 
@@ -21,20 +23,16 @@ struct GeometryLimits {
   static constexpr uint32_t kMaxNumQHeads = 4096;
   static constexpr uint32_t kMaxNumKvHeads = 1024;
   static constexpr uint32_t kMaxGroupSize = 64;
-  static constexpr std::array<uint32_t, 3> kHeadDims = {64, 128, 256};
+  static constexpr std::array<uint32_t, 3> kHeadDims = kSupportedHeadDims;  // kernels/head_dim.h
   static constexpr std::array<uint32_t, 3> kPageSizes = {8, 16, 32};
   static constexpr uint64_t kMaxTokens = uint64_t{1} << 24;
-  static constexpr uint32_t kMaxBudgetTokens = 65536;
+  static constexpr uint32_t kMaxBudgetTokens = selection::kMaxBudgetTokens;
   static constexpr uint32_t kMaxLabelLength = 128;
 };
 
-// Defaults for the optional fields (the paper's configuration: 16-token pages,
-// 256-token budget = 2 sink + 12 selected + 2 window pages, 2 full-KV layers).
-struct GeometryDefaults {
-  static constexpr uint32_t kPageSize = 16;
-  static constexpr uint32_t kBudgetTokens = 256;
-  static constexpr uint32_t kSinkTokens = 32;
-  static constexpr uint32_t kWindowTokens = 32;
+// Defaults for the optional fields: the budget split's (selection/budget.h, the paper's
+// configuration) and 2 full-KV layers.
+struct GeometryDefaults : selection::BudgetDefaults {
   static constexpr uint32_t kFullKvLayers = 2;  // clamped to num_layers
 };
 
@@ -74,10 +72,12 @@ struct Geometry {
   uint32_t group_size() const { return num_q_heads / num_kv_heads; }
   // Layers whose KV the daemon stores and indexes.
   uint32_t offloaded_layers() const { return num_layers - full_kv_layers; }
-  // Pages chosen by selection per KV head and decode step.
-  uint32_t selected_pages() const {
-    return (budget_tokens - sink_tokens - window_tokens) / page_size;
+  // The budget split (selection/budget.h owns its arithmetic).
+  selection::BudgetSplit split() const {
+    return selection::BudgetSplit{budget_tokens, sink_tokens, window_tokens, page_size};
   }
+  // Pages chosen by selection per KV head and decode step.
+  uint32_t selected_pages() const { return split().selected_pages(); }
   // Addressing of this sequence's pages (K then V rows of page_size tokens).
   PageLayout page_layout() const { return PageLayout{page_size, head_dim, DTypeBytes(dtype)}; }
   uint64_t page_bytes() const { return page_layout().page_bytes(); }

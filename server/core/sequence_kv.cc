@@ -8,7 +8,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/log.h"
-#include "server/index/simd.h"
+#include "server/index/exact_oracle.h"
 
 namespace icecache {
 namespace {
@@ -25,21 +25,14 @@ index::ElemType ElemTypeOf(DType d) {
 
 }  // namespace
 
-uint64_t MaxBuildPages(uint64_t tokens, uint32_t page_size, double promotion_ratio_1) {
-  const uint64_t upper = static_cast<uint64_t>(std::floor(tokens * promotion_ratio_1)) + 1;
-  return (tokens + page_size - 1) / page_size + upper + 32;
-}
-
-uint64_t MaxInsertPages(uint64_t tokens) { return 2 * tokens + 4; }
-
-// One KV head of one layer: the tree and its page table (index page id -> arena frame).
+// One KV head of one layer: the index and its page table (index page id -> arena frame).
 // Implements the PageReader the tree reads keys through. Guarded by the layer's lock.
 struct SequenceKv::Head final : public index::PageReader {
   Arena* arena = nullptr;
   PageLayout layout;
   std::vector<FrameRef> table;   // [page id]
   std::vector<uint32_t> valid;   // [page id]
-  std::unique_ptr<index::DciTree> tree;
+  std::unique_ptr<index::KvIndex> index;
 
   const void* PageKeys(uint32_t page) const override { return arena->FrameAddress(table[page]); }
 };
@@ -140,10 +133,10 @@ class HeadWriter final : public index::PageWriter {
 
 }  // namespace
 
-SequenceKv::SequenceKv(const Geometry& geometry, const index::DciOptions& options,
+SequenceKv::SequenceKv(const Geometry& geometry, const selection::IndexSpec& index_spec,
                        std::shared_ptr<Arena> arena, ThreadPool* pool, KvObserver* observer)
     : geometry_(geometry),
-      options_(options),
+      index_spec_(index_spec),
       arena_(std::move(arena)),
       pool_(pool),
       observer_(observer),
@@ -155,7 +148,7 @@ SequenceKv::SequenceKv(const Geometry& geometry, const index::DciOptions& option
       auto head = std::make_unique<Head>();
       head->arena = arena_.get();
       head->layout = geometry.page_layout();
-      head->tree = std::make_unique<index::DciTree>(index_geometry_, options, head.get());
+      head->index = selection::CreateIndex(index_spec_, index_geometry_, head.get());
       layer->heads.push_back(std::move(head));
     }
     layers_[l] = std::move(layer);
@@ -247,8 +240,8 @@ absl::Status SequenceKv::Prefill(uint32_t layer, const uint8_t* k_rows, const ui
   // Frames first, while failing is still clean.
   const uint32_t page_bytes = static_cast<uint32_t>(geometry_.page_bytes());
   std::vector<Arena::FrameReservation> reservations(geometry_.num_kv_heads);
-  const uint64_t bound = MaxBuildPages(tokens, geometry_.page_size, options_.promotion_ratio_1);
   for (uint32_t h = 0; h < geometry_.num_kv_heads; ++h) {
+    const uint64_t bound = L.heads[h]->index->MaxBuildPages(tokens);
     absl::Status r = arena_->ReserveFrames(page_bytes, static_cast<uint32_t>(bound), &reservations[h]);
     if (!r.ok()) {
       L.state.store(LayerState::kEmpty);
@@ -262,7 +255,7 @@ absl::Status SequenceKv::Prefill(uint32_t layer, const uint8_t* k_rows, const ui
     Head& head = *L.heads[h];
     HeadWriter writer(arena_.get(), &head.table, &head.valid, head.layout, k_rows + h * tokens * row,
                       v_rows + h * tokens * row, &reservations[h], &pages_);
-    status[h] = head.tree->Build(batches[h], &writer);
+    status[h] = head.index->Build(batches[h], &writer);
     failed[h] = writer.failed();
   });
   absl::MutexLock lock(&L.mu);
@@ -307,8 +300,9 @@ absl::Status SequenceKv::Append(uint32_t layer, const uint8_t* k_rows, const uin
   const uint32_t page_bytes = static_cast<uint32_t>(geometry_.page_bytes());
   std::vector<Arena::FrameReservation> reservations(geometry_.num_kv_heads);
   for (uint32_t h = 0; h < geometry_.num_kv_heads; ++h) {
-    absl::Status r = arena_->ReserveFrames(page_bytes, static_cast<uint32_t>(MaxInsertPages(tokens)),
-                                           &reservations[h]);
+    const uint64_t bound = L.heads[h]->index->MaxInsertPages(tokens);
+    absl::Status r =
+        arena_->ReserveFrames(page_bytes, static_cast<uint32_t>(bound), &reservations[h]);
     if (!r.ok()) return r;
   }
   const auto start = Clock::now();
@@ -318,7 +312,7 @@ absl::Status SequenceKv::Append(uint32_t layer, const uint8_t* k_rows, const uin
     Head& head = *L.heads[h];
     HeadWriter writer(arena_.get(), &head.table, &head.valid, head.layout, k_rows + h * tokens * row,
                       v_rows + h * tokens * row, &reservations[h], &pages_);
-    status[h] = head.tree->Insert(batches[h], &writer);
+    status[h] = head.index->Insert(batches[h], &writer);
     failed[h] = writer.failed();
   });
   for (uint32_t h = 0; h < geometry_.num_kv_heads; ++h) {
@@ -340,7 +334,7 @@ absl::StatusOr<uint32_t> SequenceKv::Select(uint32_t layer, const float* queries
                                             bool sample_recall) {
   absl::Status ok = CheckLayer(layer);
   if (!ok.ok()) return ok;
-  if (k == 0) k = geometry_.selected_pages();
+  k = SelectK(k);
   if (k > 4096) return absl::InvalidArgumentError(absl::StrCat("k=", k, " is above 4096"));
   Layer& L = *layers_[layer];
   const uint32_t group = geometry_.group_size();
@@ -354,15 +348,17 @@ absl::StatusOr<uint32_t> SequenceKv::Select(uint32_t layer, const float* queries
   out->assign(uint64_t{geometry_.num_kv_heads} * k,
               abi::SelectedPageRef{abi::kNoSegment, 0, 0, 0});
   std::vector<absl::Status> status(geometry_.num_kv_heads);
+  std::vector<std::vector<uint32_t>> picked_pages(geometry_.num_kv_heads);
   pool_->ParallelFor(geometry_.num_kv_heads, [&](size_t h) {
     Head& head = *L.heads[h];
-    const uint32_t kk = std::min(k, head.tree->num_pages());
+    const uint32_t kk = std::min(k, head.index->num_pages());
     std::vector<index::SelectedPage> picked;
-    status[h] = head.tree->Search(queries + uint64_t{h} * group * d, group, kk, &picked);
+    status[h] = head.index->Search(queries + uint64_t{h} * group * d, group, kk, &picked);
     if (!status[h].ok()) return;
     for (size_t i = 0; i < picked.size(); ++i) {
       const FrameRef f = head.table[picked[i].page];
       (*out)[h * k + i] = {f.segment, f.frame, head.valid[picked[i].page], arena_->FrameVersion(f)};
+      if (sample_recall) picked_pages[h].push_back(picked[i].page);
     }
   });
   for (const absl::Status& s : status) {
@@ -376,8 +372,9 @@ absl::StatusOr<uint32_t> SequenceKv::Select(uint32_t layer, const float* queries
     }
     std::vector<float> q(queries, queries + uint64_t{geometry_.num_q_heads} * d);
     const uint64_t epoch = L.epoch;
-    pool_->Schedule([this, layer, q = std::move(q), picked = *out, k, epoch]() mutable {
-      SampleRecall(layer, std::move(q), std::move(picked), k, epoch);
+    pool_->Schedule([this, layer, q = std::move(q), picked = std::move(picked_pages),
+                     epoch]() mutable {
+      SampleRecall(layer, std::move(q), std::move(picked), epoch);
       absl::MutexLock samples(&samples_mu_);
       --samples_in_flight_;
     });
@@ -385,52 +382,24 @@ absl::StatusOr<uint32_t> SequenceKv::Select(uint32_t layer, const float* queries
   return k;
 }
 
-// Scores every key of the layer exactly and reports, per query head, the share of the
-// softmax mass (over the offloaded tokens) on the returned pages. Skipped when an append
+// The exact oracle scores every key of the layer and reports, per query head, the share of
+// the softmax mass (over the offloaded tokens) on the returned pages. Skipped when an append
 // changed the layer since the select.
 void SequenceKv::SampleRecall(uint32_t layer, std::vector<float> queries,
-                              std::vector<abi::SelectedPageRef> picked, uint32_t k,
-                              uint64_t epoch) {
+                              std::vector<std::vector<uint32_t>> picked, uint64_t epoch) {
   Layer& L = *layers_[layer];
   absl::ReaderMutexLock lock(&L.mu);
   if (L.epoch != epoch || L.state.load() != LayerState::kReady) return;
   const uint32_t group = geometry_.group_size(), d = geometry_.head_dim;
-  const float scale = 1.0f / std::sqrt(static_cast<float>(d));
-  const uint64_t row = uint64_t{d} * DTypeBytes(geometry_.dtype);
-  std::vector<float> scores(geometry_.page_size);
+  std::vector<double> shares;
   for (uint32_t h = 0; h < geometry_.num_kv_heads; ++h) {
     const Head& head = *L.heads[h];
-    for (uint32_t g = 0; g < group; ++g) {
-      const float* q = queries.data() + (uint64_t{h} * group + g) * d;
-      // Two passes: the maximum logit, then the mass in total and on the picked frames.
-      std::vector<std::pair<FrameRef, std::vector<float>>> logits;
-      float mx = -1e30f;
-      for (size_t p = 0; p < head.table.size(); ++p) {
-        if (!head.table[p].valid() || head.valid[p] == 0) continue;
-        index::DotStrided(q, arena_->FrameAddress(head.table[p]), row, head.valid[p],
-                          index_geometry_.elem_type, d, scores.data());
-        std::vector<float> s(scores.begin(), scores.begin() + head.valid[p]);
-        for (float& x : s) {
-          x *= scale;
-          mx = std::max(mx, x);
-        }
-        logits.push_back({head.table[p], std::move(s)});
-      }
-      double total = 0, on_picked = 0;
-      for (const auto& [frame, s] : logits) {
-        double m = 0;
-        for (float x : s) m += std::exp(double(x) - mx);
-        total += m;
-        for (uint32_t i = 0; i < k; ++i) {
-          const abi::SelectedPageRef& r = picked[uint64_t{h} * k + i];
-          if (r.segment == frame.segment && r.frame == frame.frame) {
-            on_picked += m;
-            break;
-          }
-        }
-      }
-      if (total > 0) observer_->OnRecallSample(on_picked / total);
+    const index::ExactOracle oracle(head.index.get(), &head, index::ExactOracle::Rank::kSoftmaxMass);
+    if (!oracle.MassShares(queries.data() + uint64_t{h} * group * d, group, picked[h], &shares)
+             .ok()) {
+      continue;
     }
+    for (double share : shares) observer_->OnRecallSample(share);
   }
 }
 

@@ -1,5 +1,5 @@
-// The stored KV cache of one sequence: for every offloaded layer, one DCI tree per KV head
-// over pages that live in the owning client's arena, laid out by the index (the tokens of a
+// The stored KV cache of one sequence: for every offloaded layer, one index per KV head (a
+// KvIndex from selection/index_factory.h: the DCI tree of the daemon's preset) over pages that live in the owning client's arena, laid out by the index (the tokens of a
 // cluster share a page; a freshly built layer's pages take consecutive frames).
 //
 // Operations (the data plane runs them on its worker pool):
@@ -32,7 +32,8 @@
 #include "proto/icecache/v1/abi.h"
 #include "server/core/arena.h"
 #include "server/core/geometry.h"
-#include "server/index/dci_tree.h"
+#include "selection/index_factory.h"
+#include "server/index/kv_index.h"
 
 namespace icecache {
 
@@ -52,7 +53,7 @@ class SequenceKv {
   enum class LayerState : uint8_t { kEmpty, kBuilding, kReady, kFailed };
 
   // The sequence keeps its arena alive; `pool` and `observer` (may be null) must outlive it.
-  SequenceKv(const Geometry& geometry, const index::DciOptions& options,
+  SequenceKv(const Geometry& geometry, const selection::IndexSpec& index_spec,
              std::shared_ptr<Arena> arena, ThreadPool* pool, KvObserver* observer);
   ~SequenceKv();  // frees every frame
 
@@ -76,8 +77,14 @@ class SequenceKv {
   absl::Status Append(uint32_t layer, const uint8_t* k_rows, const uint8_t* v_rows,
                       uint32_t tokens, uint32_t first_position);
 
-  // queries: [num_q_heads][head_dim] fp32. `k` pages per KV head (0 = the geometry's
-  // selected pages); fewer when a head holds fewer pages. out: [num_kv_heads][k], unused
+  // The pages per KV head a select of `requested` pages returns: the geometry's selected
+  // pages when 0 (the one place that default is applied).
+  uint32_t SelectK(uint32_t requested) const {
+    return requested == 0 ? geometry_.selected_pages() : requested;
+  }
+
+  // queries: [num_q_heads][head_dim] fp32. `k` pages per KV head (SelectK); fewer when a head
+  // holds fewer pages. out: [num_kv_heads][k], unused
   // entries have segment abi::kNoSegment. Returns the number of entries per head (k).
   // `sample_recall`: also score every key exactly afterwards (on the pool, off the caller's
   // path) and report the recall of the returned pages to the observer.
@@ -103,11 +110,12 @@ class SequenceKv {
                           const std::atomic<bool>* cancel, std::vector<uint32_t>* positions,
                           std::vector<index::KeyBatch>* batches) const;
 
+  // picked: [num_kv_heads] lists of the index page ids a select returned.
   void SampleRecall(uint32_t layer, std::vector<float> queries,
-                    std::vector<abi::SelectedPageRef> picked, uint32_t k, uint64_t epoch);
+                    std::vector<std::vector<uint32_t>> picked, uint64_t epoch);
 
   const Geometry geometry_;
-  const index::DciOptions options_;
+  const selection::IndexSpec index_spec_;
   const std::shared_ptr<Arena> arena_;
   ThreadPool* const pool_;
   KvObserver* const observer_;
@@ -118,13 +126,5 @@ class SequenceKv {
   absl::Mutex samples_mu_;
   int samples_in_flight_ ABSL_GUARDED_BY(samples_mu_) = 0;
 };
-
-// Upper bound of the pages a Build of n tokens can create (the store reserves frames for it
-// before building): one per page_size tokens, plus one per cell (cells <= upper-level
-// tokens + 1), plus one per level for rounding.
-uint64_t MaxBuildPages(uint64_t tokens, uint32_t page_size, double promotion_ratio_1);
-// Upper bound of the pages an Insert of n tokens can add: a split per token, a re-projected
-// cell growing by one page, and a new cell per promoted token.
-uint64_t MaxInsertPages(uint64_t tokens);
 
 }  // namespace icecache

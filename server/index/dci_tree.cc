@@ -1316,6 +1316,12 @@ absl::Status DciTree::Search(const float* queries, uint32_t group, uint32_t k,
   return absl::OkStatus();
 }
 
+uint64_t DciTree::MaxBuildPages(uint64_t tokens) const {
+  const uint64_t upper =
+      static_cast<uint64_t>(std::floor(static_cast<double>(tokens) * impl_->o.promotion_ratio_1)) + 1;
+  return (tokens + geometry_.page_size - 1) / geometry_.page_size + upper + 32;
+}
+
 uint32_t DciTree::num_tokens() const {
   absl::ReaderMutexLock lock(&mu_);
   return static_cast<uint32_t>(impl_->position.size());

@@ -116,6 +116,12 @@ class DciTree final : public KvIndex {
   absl::Status Insert(const KeyBatch& batch, PageWriter* writer) override;
   absl::Status Search(const float* queries, uint32_t group, uint32_t k,
                       std::vector<SelectedPage>* out) const override;
+  // One page per page_size tokens, plus one per cell (cells <= upper-level tokens + 1), plus
+  // one per level for rounding.
+  uint64_t MaxBuildPages(uint64_t tokens) const override;
+  // A split per token, a re-projected cell growing by one page, and a new cell per promoted
+  // token.
+  uint64_t MaxInsertPages(uint64_t tokens) const override { return 2 * tokens + 4; }
   uint32_t num_tokens() const override;
   uint32_t num_pages() const override;
   uint32_t page_id_limit() const override;

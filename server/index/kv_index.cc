@@ -1,5 +1,6 @@
 #include "server/index/kv_index.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include "absl/container/flat_hash_set.h"
@@ -66,6 +67,16 @@ absl::Status ValidateQueries(const IndexGeometry& geometry, const float* queries
     }
   }
   return absl::OkStatus();
+}
+
+std::vector<SelectedPage> TopPages(std::vector<SelectedPage> all, uint32_t k) {
+  const size_t kk = std::min<size_t>(k, all.size());
+  std::partial_sort(all.begin(), all.begin() + kk, all.end(),
+                    [](const SelectedPage& a, const SelectedPage& b) {
+                      return a.score > b.score || (a.score == b.score && a.page < b.page);
+                    });
+  all.resize(kk);
+  return all;
 }
 
 std::vector<SelectedPage> MergeRankInterleaved(const std::vector<std::vector<SelectedPage>>& lists,

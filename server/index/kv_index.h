@@ -131,6 +131,12 @@ class KvIndex {
   virtual absl::Status Search(const float* queries, uint32_t group, uint32_t k,
                               std::vector<SelectedPage>* out) const = 0;
 
+  // Upper bounds of the pages a Build of `tokens` tokens, or an Insert of `tokens` tokens,
+  // can allocate (the store reserves frames for them before calling, so that running out of
+  // memory fails cleanly before the layout changes).
+  virtual uint64_t MaxBuildPages(uint64_t tokens) const = 0;
+  virtual uint64_t MaxInsertPages(uint64_t tokens) const = 0;
+
   virtual uint32_t num_tokens() const = 0;
   virtual uint32_t num_pages() const = 0;
   // Upper bound (exclusive) of page ids in use; ids below it may be free.
@@ -145,6 +151,9 @@ class KvIndex {
 absl::Status ValidateBatch(const IndexGeometry& geometry, const KeyBatch& batch);
 absl::Status ValidateQueries(const IndexGeometry& geometry, const float* queries,
                              uint32_t group);
+
+// The k best of `all` by score (ties: lower page id first), best first.
+std::vector<SelectedPage> TopPages(std::vector<SelectedPage> all, uint32_t k);
 
 // Merges per-query ranked lists: rank-interleaved, first occurrence kept, cut to k.
 std::vector<SelectedPage> MergeRankInterleaved(const std::vector<std::vector<SelectedPage>>& lists,

@@ -116,19 +116,6 @@ namespace {
 
 constexpr const char* kServiceName = "icecache.v1.IceCache";
 
-index::DciOptions IndexPreset(const std::string& name) {
-  index::DciOptions o;  // "paper"
-  if (name == "tuned") {
-    o.scale_query_projection = true;
-    o.page_granular_scoring = true;
-    o.joint_group_search = true;
-    o.page_score = index::DciOptions::PageScore::kSoftmaxMass;
-    o.group_merge = index::DciOptions::GroupMerge::kSumOfMass;
-    o.exact_search_max_tokens = 4096;
-  }
-  return o;
-}
-
 // Resident set size of this process in bytes (0 if /proc is unreadable).
 double ResidentBytes() {
   std::ifstream statm("/proc/self/statm");
@@ -152,9 +139,9 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const DaemonOptions& optio
   if (options.shutdown_grace < absl::ZeroDuration()) {
     return absl::InvalidArgumentError("--shutdown-grace must not be negative");
   }
-  if (options.index_preset != "paper" && options.index_preset != "tuned") {
-    return absl::InvalidArgumentError(absl::StrCat("--index-preset must be paper or tuned, got '",
-                                                   options.index_preset, "'"));
+  absl::StatusOr<selection::IndexSpec> index_spec = selection::Preset(options.index_preset);
+  if (!index_spec.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("--index-preset: ", index_spec.status().message()));
   }
   if (options.segment_bytes < (uint64_t{1} << 20) || options.segment_bytes > (uint64_t{1} << 36)) {
     return absl::InvalidArgumentError("--segment-size must be in 1MiB..64GiB");
@@ -190,7 +177,7 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const DaemonOptions& optio
   dp.arena.staging_segment_bytes = options.segment_bytes;
   dp.recall_sample_every = options.recall_sample_every;
   dp.poll_spin = options.poll_spin;
-  dp.index_options = IndexPreset(options.index_preset);
+  dp.index_spec = *index_spec;
   d->data_plane_ = std::make_unique<DataPlane>(dp, d->registry_.get(), d->arena_accountant_.get(),
                                                d->pool_.get(), d->observer_.get());
 

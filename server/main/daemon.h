@@ -12,6 +12,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "selection/index_factory.h"
 
 namespace grpc {
 class Server;
@@ -54,7 +55,8 @@ struct DaemonOptions {
   uint32_t workers = 0;                 // 0: every core
   uint32_t recall_sample_every = 64;
   absl::Duration poll_spin = absl::Microseconds(50);
-  std::string index_preset = "paper";   // "paper" or "tuned"
+  // A preset of selection/index_factory.h (INVALID_ARGUMENT for an unknown name).
+  std::string index_preset = std::string(selection::kDefaultPreset);
 };
 
 class Daemon {

@@ -6,6 +6,7 @@
 #include <string>
 #include <vector>
 
+#include "selection/index_factory.h"
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
@@ -60,9 +61,9 @@ ABSL_FLAG(uint32_t, recall_sample_every, 64,
 ABSL_FLAG(absl::Duration, poll_spin, absl::Microseconds(50),
           "How long a client's dispatcher keeps polling its queue after activity before it "
           "sleeps on the doorbell (lower latency against CPU).");
-ABSL_FLAG(std::string, index_preset, "paper",
-          "Index configuration: paper (the IceCache paper's, the reference) or tuned (every "
-          "improvement option; see docs/index.md).");
+ABSL_FLAG(std::string, index_preset, std::string(icecache::selection::kDefaultPreset),
+          "Index configuration, a preset of selection/index_factory.h: paper (the IceCache "
+          "paper's, the reference) or tuned (every improvement option; see docs/index.md).");
 
 namespace {
 

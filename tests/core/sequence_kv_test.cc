@@ -7,7 +7,7 @@
 #include "absl/synchronization/notification.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
-#include "server/index/synthetic.h"
+#include "eval/synthetic.h"
 #include "tests/support/status_matchers.h"
 
 namespace icecache {
@@ -33,13 +33,13 @@ class CountingObserver : public KvObserver {
 class SequenceKvTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    index::SyntheticOptions so;
+    eval::SyntheticOptions so;
     so.num_tokens = 2000;
     so.num_layers = 3;
     so.num_kv_heads = 2;
     so.group_size = 2;
     so.num_queries = 2;
-    trace_ = index::GenerateSynthetic(so);
+    trace_ = eval::GenerateSynthetic(so);
     GeometrySpec spec;
     spec.num_layers = 3;
     spec.num_q_heads = 4;
@@ -54,7 +54,8 @@ class SequenceKvTest : public ::testing::Test {
     ao.slot_payload = 4096;
     ao.page_segment_bytes = 1 << 20;
     arena_ = std::shared_ptr<Arena>(*Arena::Create(1, ao, 256 << 20, &global_, nullptr));
-    kv_ = std::make_unique<SequenceKv>(geometry_, index::DciOptions{}, arena_, &pool_, &observer_);
+    kv_ = std::make_unique<SequenceKv>(geometry_, *selection::Preset(selection::kPaperPreset), arena_,
+                                       &pool_, &observer_);
   }
 
   // K then V rows [head][n][64] of tokens [begin, begin + n) of `layer` of the trace.
@@ -73,7 +74,7 @@ class SequenceKvTest : public ::testing::Test {
     return q;
   }
 
-  index::Trace trace_;
+  eval::Trace trace_;
   Geometry geometry_;
   MemoryAccountant global_{1ull << 30};
   std::shared_ptr<Arena> arena_;

@@ -1,11 +1,17 @@
 #!/usr/bin/env python3
 """deploy_dockerfile: the Dockerfile parses and its stages fit the repository.
 
-No container engine runs on the development and CI machines, so the image is not built here.
-This parses the Dockerfile the way the builder does (line continuations, comments, parser
-directives, ARG substitution in FROM) and checks:
+scripts/image.sh builds the image for real and runs it (ctest label "image"), with the CUDA
+toolkit from PyPI; this checks what such a run cannot see, above all the default path through
+NVIDIA's devel image, which no registry here serves. It parses the Dockerfile the way the
+builder does (line continuations, comments, parser directives, ARG substitution in FROM) and
+checks:
 - known instructions only; global ARGs before the first FROM; every stage named and unique;
-- the builder stage comes from an NVIDIA CUDA devel image and runs the README's and CI's
+- the toolkit: a cuda-nvidia stage from NVIDIA's devel image, a cuda-pypi stage on Debian 12
+  that runs deploy/docker/install-cuda-toolkit.sh with CUDA_VERSION and the wheel directory
+  scripts/image.sh mounts, and a cuda stage that CUDA_SOURCE (default nvidia) points at one of
+  them for each value the header documents;
+- the builder stage takes /usr/local/cuda from the cuda stage and runs the README's and CI's
   commands, scripts/bootstrap.sh and scripts/build.sh;
 - COPY --from names an earlier stage; every COPY source exists in the repository and is not
   excluded by .dockerignore; files the build stage installs from the build tree are the paths
@@ -26,6 +32,8 @@ import sys
 from deploy_common import Checks, ROOT, run
 
 DOCKERFILE = os.path.join(ROOT, "Dockerfile")
+IMAGE_SH = os.path.join(ROOT, "scripts", "image.sh")
+TOOLKIT_SH = os.path.join(ROOT, "deploy", "docker", "install-cuda-toolkit.sh")
 DOCKERIGNORE = os.path.join(ROOT, ".dockerignore")
 INSTRUCTIONS = {"FROM", "RUN", "CMD", "LABEL", "EXPOSE", "ENV", "ADD", "COPY", "ENTRYPOINT",
                 "VOLUME", "USER", "WORKDIR", "ARG", "ONBUILD", "STOPSIGNAL", "HEALTHCHECK", "SHELL"}
@@ -161,9 +169,47 @@ def main():
     for name in global_args:
         c.check(re.search(rf"^#\s+{name}\b", header, re.M) is not None, f"build argument {name} documented")
 
-    # Builder: the NVIDIA devel image's toolkit, the README's and CI's commands.
-    cuda = [s for s in stages if re.fullmatch(r"nvidia/cuda:[0-9.]+-devel-\S+", s["image"])]
-    c.check(len(cuda) == 1, f"one stage from an NVIDIA CUDA devel image: {[s['image'] for s in stages]}")
+    # The toolkit stages: NVIDIA's devel image, or NVIDIA's PyPI wheels; CUDA_SOURCE picks one.
+    by_name = {s["name"]: s for s in stages}
+    nvidia = by_name.get("cuda-nvidia")
+    c.check(nvidia is not None and re.fullmatch(r"nvidia/cuda:[0-9.]+-devel-\S+", nvidia["image"]),
+            f"cuda-nvidia stage from an NVIDIA CUDA devel image: {nvidia and nvidia['image']}")
+    c.equal(global_args.get("CUDA_SOURCE"), "nvidia", "CUDA_SOURCE defaults to NVIDIA's image")
+    sources = re.search(r"^#\s+CUDA_SOURCE\b(.*?)^#\s+CUDA_VERSION\b", header, re.M | re.S)
+    # A value line: the value, "(default)" maybe, two or more spaces, its description.
+    documented = re.findall(r"^#\s+(\w+)(?: \(default\))? {2,}\S", sources.group(1), re.M) if sources else []
+    c.equal(sorted(documented), ["nvidia", "pypi"], "CUDA_SOURCE values documented in the header")
+    selector = by_name.get("cuda")
+    if c.check(selector is not None and not selector["body"], "a cuda stage that only selects"):
+        raw = next(t for w, t, l in instructions if w == "FROM" and l == selector["line"])
+        c.check(raw.split()[0] == "cuda-${CUDA_SOURCE}", f"the cuda stage is FROM cuda-${{CUDA_SOURCE}}: {raw}")
+        before = [s["name"] for s in stages[:stages.index(selector)]]
+        for value in documented:
+            c.check(f"cuda-{value}" in before, f"CUDA_SOURCE={value} names an earlier stage cuda-{value}")
+    pypi = by_name.get("cuda-pypi")
+    if c.check(pypi is not None, "a cuda-pypi stage"):
+        c.check(re.fullmatch(r"debian:12(\.[0-9]+)?", pypi["image"]) is not None,
+                f"cuda-pypi starts from Debian 12: {pypi['image']}")
+        body = pypi["body"]
+        c.check(("ARG", "CUDA_VERSION") in [(w, t) for w, t, _ in body], "cuda-pypi takes ARG CUDA_VERSION")
+        copies = [copy_parts(t) for w, t, _ in body if w == "COPY"]
+        script = [dest for _, srcs, dest in copies if srcs == ["deploy/docker/install-cuda-toolkit.sh"]]
+        c.check(len(script) == 1, "cuda-pypi copies deploy/docker/install-cuda-toolkit.sh")
+        runs = [t for w, t, _ in body if w == "RUN"]
+        call = [m for t in runs for m in re.finditer(r"(\S+) \"\$\{CUDA_VERSION\}\" (\S+)", t)]
+        if c.check(len(call) == 1 and script and os.path.basename(script[0]) == call[0].group(1),
+                   "cuda-pypi runs the copied script with \"${CUDA_VERSION}\" and a wheel directory"):
+            wheel_dir = call[0].group(2)
+            mounts = re.findall(r'-v "\$wheels:([^:"]+):ro"', open(IMAGE_SH).read())
+            c.equal(mounts, [wheel_dir], "scripts/image.sh mounts its wheels where cuda-pypi looks")
+        requirement = re.compile(r'"(cuda-toolkit\[[a-z,]+\]==)\$\w+"')
+        c.equal(requirement.findall(open(IMAGE_SH).read()), requirement.findall(open(TOOLKIT_SH).read()),
+                "scripts/image.sh downloads the wheels install-cuda-toolkit.sh installs")
+        c.check(os.access(TOOLKIT_SH, os.X_OK) and run(["sh", "-n", TOOLKIT_SH]).returncode == 0,
+                "install-cuda-toolkit.sh is executable and parses (sh -n)")
+    toolkit_stages = {"cuda", "cuda-nvidia", "cuda-pypi"}
+
+    # Builder: the toolkit of the cuda stage, the README's and CI's commands.
     build = next((s for s in stages if s["name"] == "build"), None)
     runtime = stages[-1]
     if c.check(build is not None, "a stage named build"):
@@ -171,9 +217,9 @@ def main():
         c.check(re.search(r"(^|\s|&&\s*)\./scripts/bootstrap\.sh\b", runs) is not None,
                 "build runs ./scripts/bootstrap.sh")
         c.check(re.search(r"\./scripts/build\.sh\b", runs) is not None, "build runs ./scripts/build.sh")
-        c.check("COPY" in [w for w, _, _ in build["body"]] and any(
-            "--from=" + cuda[0]["name"] in t for w, t, _ in build["body"] if w == "COPY") if cuda else False,
-            "build takes the CUDA toolkit from the CUDA stage")
+        c.check(any(copy_parts(t) == (["--from=cuda"], ["/usr/local/cuda"], "/usr/local/cuda")
+                    for w, t, _ in build["body"] if w == "COPY"),
+                "build copies /usr/local/cuda from the cuda stage")
         arch = [t for w, t, _ in build["body"] if w == "ARG" and t.startswith("CUDA_ARCHITECTURES")]
         c.check(arch and re.search(r"ICECACHE_CUDA_ARCHITECTURES=\"?\$\{CUDA_ARCHITECTURES\}", runs),
                 "CUDA_ARCHITECTURES reaches CMake")
@@ -226,7 +272,7 @@ def main():
         if word == "COPY":
             flags, sources, _ = copy_parts(text)
             frm = [f.split("=", 1)[1] for f in flags if f.startswith("--from=")]
-            c.check(not frm or frm[0] != (cuda[0]["name"] if cuda else None),
+            c.check(not frm or frm[0] not in toolkit_stages,
                     f"line {line}: the runtime stage copies nothing from the CUDA toolkit")
     for p in sorted(installed):
         c.check(not COMPILER.match(p), f"runtime installs {p}: a compiler or -dev package")

@@ -10,12 +10,14 @@
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
-#include "server/index/in_memory_pages.h"
+#include "eval/in_memory_pages.h"
 #include "server/index/simd.h"
-#include "server/index/synthetic.h"
+#include "eval/synthetic.h"
 #include "tests/support/status_matchers.h"
 
 namespace icecache::index {
+
+using namespace icecache::eval;
 namespace {
 
 using ::icecache::testing::StatusIs;

@@ -11,7 +11,7 @@
 
 #include "common/dtype.h"
 #include "common/half.h"
-#include "server/index/synthetic.h"
+#include "eval/synthetic.h"
 
 namespace icecache::testing {
 
@@ -20,7 +20,7 @@ namespace icecache::testing {
 struct Data {
   uint32_t layers = 0, kv = 0, group = 0, d = 0, tokens = 0;
   DType dtype = DType::kBF16;
-  index::Trace trace;
+  eval::Trace trace;
   std::vector<std::vector<uint16_t>> k, v;  // [layer] -> [token][kv][d]
 
   uint32_t q_heads() const { return kv * group; }
@@ -46,7 +46,7 @@ struct Data {
 
 inline Data MakeData(uint32_t layers, uint32_t kv, uint32_t group, uint32_t d, uint32_t tokens,
               DType dtype, uint64_t seed = 7) {
-  index::SyntheticOptions o;
+  eval::SyntheticOptions o;
   o.num_tokens = tokens;
   o.head_dim = d;
   o.num_layers = layers;
@@ -62,7 +62,7 @@ inline Data MakeData(uint32_t layers, uint32_t kv, uint32_t group, uint32_t d, u
   data.d = d;
   data.tokens = tokens;
   data.dtype = dtype;
-  data.trace = index::GenerateSynthetic(o);
+  data.trace = eval::GenerateSynthetic(o);
   data.k.resize(layers);
   data.v.resize(layers);
   for (uint32_t l = 0; l < layers; ++l) {

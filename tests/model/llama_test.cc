@@ -328,10 +328,10 @@ TEST_F(LlamaTest, ASelectionCoveringEveryTokenIsFullAttentionAndSmallBudgetsAreN
   std::vector<float> logits;
   ASSERT_OK(model_->Prefill(std::vector<int32_t>(ids.begin(), ids.begin() + 300), &full, &logits));
   // Budget 2048 covers all 400 tokens: every method attends to everything.
-  index::BudgetSplit big = index::PaperSplit(2048);
-  index::BudgetSplit small = index::PaperSplit(64);
-  for (const index::MethodSpec& m : index::DefaultMethods()) {
-    if (m.kind == index::MethodKind::kStreaming) continue;  // never attends to the middle
+  selection::BudgetSplit big = selection::PaperSplit(2048);
+  selection::BudgetSplit small = selection::PaperSplit(64);
+  for (const eval::MethodSpec& m : eval::DefaultMethods()) {
+    if (m.kind == eval::MethodKind::kStreaming) continue;  // never attends to the middle
     SelectiveAttention sel(c, 400, m, big, 1, /*measure_recall=*/true);
     SelectiveAttention tiny_budget(c, 400, m, small, 1, true);
     FullAttention ref(c, 400);
@@ -366,7 +366,7 @@ TEST_F(LlamaTest, IceCacheThroughTheDaemonWithAFullBudgetEqualsFullAttention) {
   const std::vector<int32_t> ids = Ids(420, 9);
   for (uint32_t budget : {2048u, 64u}) {
     auto seq = (*client)->CreateSequence(
-        SequenceOptionsFor(c, 420, index::PaperSplit(budget), 1));
+        SequenceOptionsFor(c, 420, selection::PaperSplit(budget), 1));
     ASSERT_TRUE(seq.ok()) << seq.status();
     FullAttention full(c, 420);
     ServiceAttention service(c, seq->get(), /*measure_recall=*/true, 420);
@@ -412,8 +412,8 @@ TEST_F(LlamaTest, TraceCaptureHoldsWhatTheBackendsStore) {
   for (uint32_t t = 40; t < 50; ++t) ASSERT_OK(model_->Decode(ids[t], t, &full, &logits));
   model_->set_observer(nullptr);
   ASSERT_TRUE(capture.complete());
-  const index::Trace& tr = capture.trace();
-  ASSERT_OK(index::ValidateTrace(tr));
+  const eval::Trace& tr = capture.trace();
+  ASSERT_OK(eval::ValidateTrace(tr));
   for (uint32_t l = 0; l < c.n_layers; ++l) {
     for (uint32_t h = 0; h < c.n_kv_heads; ++h) {
       EXPECT_EQ(std::memcmp(tr.Keys(l, h).data, full.kv().k_half(l, h), 50 * c.head_dim * 2), 0)

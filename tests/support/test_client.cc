@@ -75,7 +75,7 @@ int main(int argc, char** argv) {
     w.appends = 0;
     w.head_dim = 128;
     w.kv_heads = 4;
-    const icecache::index::Trace t = icecache::testing::WorkloadTrace(w);
+    const icecache::eval::Trace t = icecache::testing::WorkloadTrace(w);
     icecache::v1::CreateSequenceRequest req;
     *req.mutable_geometry() = icecache::testing::WorkloadGeometry(w);
     icecache::v1::CreateSequenceResponse resp;

@@ -8,8 +8,8 @@
 
 #include "absl/strings/str_cat.h"
 #include "server/index/dci_tree.h"
-#include "server/index/in_memory_pages.h"
-#include "server/index/synthetic.h"
+#include "eval/in_memory_pages.h"
+#include "eval/synthetic.h"
 
 namespace icecache::testing {
 namespace {
@@ -22,8 +22,8 @@ std::string RowKey(const void* row, uint64_t bytes) {
 
 }  // namespace
 
-index::Trace WorkloadTrace(const WorkloadOptions& o) {
-  index::SyntheticOptions so;
+eval::Trace WorkloadTrace(const WorkloadOptions& o) {
+  eval::SyntheticOptions so;
   so.num_tokens = o.tokens;
   so.head_dim = o.head_dim;
   so.num_layers = o.layers;
@@ -32,7 +32,7 @@ index::Trace WorkloadTrace(const WorkloadOptions& o) {
   so.num_queries = o.appends + 1;
   so.seed = o.seed;
   so.kv_type = index::ElemType::kF16;
-  return index::GenerateSynthetic(so);
+  return eval::GenerateSynthetic(so);
 }
 
 icecache::v1::SequenceGeometry WorkloadGeometry(const WorkloadOptions& o) {
@@ -63,7 +63,7 @@ std::string FormatSelections(const Selections& s) {
 
 absl::StatusOr<Selections> RunWorkload(Attachment& a, icecache::v1::IceCache::Stub& stub,
                                        const WorkloadOptions& o, std::string* handle_out) {
-  const index::Trace t = WorkloadTrace(o);
+  const eval::Trace t = WorkloadTrace(o);
   icecache::v1::CreateSequenceRequest req;
   *req.mutable_geometry() = WorkloadGeometry(o);
   req.set_label(absl::StrCat("workload-", o.seed));
@@ -147,21 +147,21 @@ absl::StatusOr<Selections> RunWorkload(Attachment& a, icecache::v1::IceCache::St
 }
 
 Selections RunWorkloadInProcess(const WorkloadOptions& o) {
-  const index::Trace t = WorkloadTrace(o);
+  const eval::Trace t = WorkloadTrace(o);
   const index::IndexGeometry g{o.head_dim, index::ElemType::kF16, 16};
   const uint32_t prompt = PromptTokens(o);
   std::vector<uint32_t> positions(o.tokens);
   std::iota(positions.begin(), positions.end(), 0u);
   Selections out(o.layers);
   for (uint32_t l = 0; l < o.layers; ++l) {
-    std::vector<std::unique_ptr<index::InMemoryPages>> pages;
+    std::vector<std::unique_ptr<eval::InMemoryPages>> pages;
     std::vector<std::unique_ptr<index::DciTree>> trees;
     for (uint32_t h = 0; h < o.kv_heads; ++h) {
-      pages.push_back(std::make_unique<index::InMemoryPages>(g, false));
+      pages.push_back(std::make_unique<eval::InMemoryPages>(g, false));
       trees.push_back(std::make_unique<index::DciTree>(g, index::DciOptions{}, pages.back().get()));
       index::RowView k = t.Keys(l, h);
       k.rows = prompt;
-      index::InMemoryPages::Writer w(pages.back().get(), k, nullptr);
+      eval::InMemoryPages::Writer w(pages.back().get(), k, nullptr);
       (void)trees.back()->Build({k, positions.data()}, &w);
     }
     for (uint32_t step = 0; step <= o.appends; ++step) {
@@ -171,7 +171,7 @@ Selections RunWorkloadInProcess(const WorkloadOptions& o) {
           index::RowView k = t.Keys(l, h);
           k.data = k.row(prompt + (step - 1) * 16);
           k.rows = 16;
-          index::InMemoryPages::Writer w(pages[h].get(), k, nullptr);
+          eval::InMemoryPages::Writer w(pages[h].get(), k, nullptr);
           (void)trees[h]->Insert({k, positions.data() + prompt + (step - 1) * 16}, &w);
         }
         std::vector<float> q(uint64_t{o.group} * o.head_dim);

@@ -12,7 +12,7 @@
 #include "absl/status/statusor.h"
 #include "icecache/attachment.h"
 #include "icecache/v1/icecache.grpc.pb.h"
-#include "server/index/trace.h"
+#include "eval/trace.h"
 
 namespace icecache::testing {
 
@@ -28,7 +28,7 @@ struct WorkloadOptions {
 };
 
 // The synthetic trace a workload runs on (deterministic in the options).
-index::Trace WorkloadTrace(const WorkloadOptions& options);
+eval::Trace WorkloadTrace(const WorkloadOptions& options);
 
 // Selections, as the positions of the selected tokens: [layer][step][kv head] -> positions,
 // each sorted. Step 0 is after the prefill, step i after the i-th append.

@@ -12,15 +12,16 @@
 
 #include "absl/status/status.h"
 #include "common/thread_pool.h"
-#include "server/index/dci_tree.h"
+#include "eval/index_types.h"
+#include "selection/index_factory.h"
 
-namespace icecache::index {
+namespace icecache::eval {
 
 class LayerIndex {
  public:
   // `readers[h]` holds the pages of KV head h; `pool` runs the per-head work. All must
   // outlive the LayerIndex.
-  LayerIndex(const IndexGeometry& geometry, const DciOptions& options, uint32_t num_kv_heads,
+  LayerIndex(const IndexGeometry& geometry, const selection::IndexSpec& spec, uint32_t num_kv_heads,
              uint32_t group_size, std::vector<const PageReader*> readers, ThreadPool* pool);
 
   uint32_t num_kv_heads() const { return static_cast<uint32_t>(heads_.size()); }
@@ -44,8 +45,8 @@ class LayerIndex {
 
   IndexGeometry geometry_;
   uint32_t group_size_;
-  std::vector<std::unique_ptr<DciTree>> heads_;
+  std::vector<std::unique_ptr<KvIndex>> heads_;
   ThreadPool* pool_;
 };
 
-}  // namespace icecache::index
+}  // namespace icecache::eval

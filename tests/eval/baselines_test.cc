@@ -1,4 +1,4 @@
-#include "server/index/baselines.h"
+#include "eval/baselines.h"
 
 #include <algorithm>
 #include <cmath>
@@ -9,12 +9,12 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "server/index/dci_tree.h"
-#include "server/index/in_memory_pages.h"
+#include "eval/in_memory_pages.h"
 #include "server/index/simd.h"
-#include "server/index/synthetic.h"
+#include "eval/synthetic.h"
 #include "tests/support/status_matchers.h"
 
-namespace icecache::index {
+namespace icecache::eval {
 namespace {
 
 using ::icecache::testing::StatusIs;
@@ -152,4 +152,4 @@ TEST_F(BaselinesTest, OracleTopTokensAreTheHighestMassTokens) {
 }
 
 }  // namespace
-}  // namespace icecache::index
+}  // namespace icecache::eval

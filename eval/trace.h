@@ -9,9 +9,9 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
-#include "server/index/rows.h"
+#include "eval/index_types.h"
 
-namespace icecache::index {
+namespace icecache::eval {
 
 struct Trace {
   std::string description;  // where the data came from (model, text, generator settings)
@@ -45,4 +45,4 @@ absl::Status WriteTrace(const Trace& trace, const std::string& path);
 absl::StatusOr<Trace> ReadTrace(const std::string& path);
 absl::Status ValidateTrace(const Trace& trace);
 
-}  // namespace icecache::index
+}  // namespace icecache::eval

@@ -1,11 +1,11 @@
-#include "server/index/quality.h"
+#include "eval/quality.h"
 
 #include <algorithm>
 #include <cmath>
 
 #include "server/index/simd.h"
 
-namespace icecache::index {
+namespace icecache::eval {
 
 void ComputeFullAttention(const float* q, const RowView& keys, const RowView* values, uint32_t n,
                           FullAttention* out) {
@@ -68,4 +68,4 @@ double OutputError(const FullAttention& full, const RowView& values,
   return den > 0 ? std::sqrt(num / den) : 0.0;
 }
 
-}  // namespace icecache::index
+}  // namespace icecache::eval

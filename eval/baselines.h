@@ -1,16 +1,15 @@
-// Baselines and the exact oracle, behind the same KvIndex interface as the DCI tree, for
-// side-by-side quality and speed numbers.
+// Baselines behind the same KvIndex interface as the DCI tree, for side-by-side quality and
+// speed numbers (evaluation only: icecached does not link them).
 //
 //   PositionalIndex  pages are runs of page_size consecutive tokens (the layout of Quest,
 //                    ArkVale, StreamingLLM); abstract over how pages are ranked.
 //   QuestIndex       ranks positional pages by the Quest upper bound
 //                    sum_c max(q_c * min_c, q_c * max_c) over per-page channel min/max.
 //   StreamingIndex   selects nothing: attention is sink + window only (StreamingLLM).
-//   ExactOracle      scores every key of another index's layout (any implementation) and
-//                    returns its best pages; also the best tokens and full attention.
 //
-// Thread safety: as KvIndex. ExactOracle reads the layout of the index it wraps; call
-// Refresh() after that index builds or inserts.
+// The exact oracle they are measured against is server/index/exact_oracle.h.
+//
+// Thread safety: as KvIndex.
 #pragma once
 
 #include <cstdint>
@@ -18,9 +17,10 @@
 
 #include "absl/base/thread_annotations.h"
 #include "absl/synchronization/mutex.h"
-#include "server/index/kv_index.h"
+#include "eval/index_types.h"
 
-namespace icecache::index {
+namespace icecache::eval {
+
 
 class PositionalIndex : public KvIndex {
  public:
@@ -29,6 +29,11 @@ class PositionalIndex : public KvIndex {
   const IndexGeometry& geometry() const override { return geometry_; }
   absl::Status Build(const KeyBatch& batch, PageWriter* writer) override;
   absl::Status Insert(const KeyBatch& batch, PageWriter* writer) override;
+  // Positional pages: the last partial page is filled first, then whole new pages.
+  uint64_t MaxBuildPages(uint64_t tokens) const override {
+    return (tokens + geometry_.page_size - 1) / geometry_.page_size;
+  }
+  uint64_t MaxInsertPages(uint64_t tokens) const override { return MaxBuildPages(tokens) + 1; }
   uint32_t num_tokens() const override;
   uint32_t num_pages() const override;
   uint32_t page_id_limit() const override { return num_pages(); }
@@ -84,49 +89,5 @@ class StreamingIndex final : public PositionalIndex {
                       std::vector<SelectedPage>* out) const override;
 };
 
-class ExactOracle final : public KvIndex {
- public:
-  enum class Rank : uint8_t {
-    kBestToken,    // a page scores as its best token (the DCI tree's criterion; the exact scan)
-    kSoftmaxMass,  // a page scores as the softmax mass of its tokens, summed over the group
-                   // (the best pages for attention recall)
-  };
-  // Wraps `layout` (whose pages `reader` holds); both must outlive the oracle.
-  ExactOracle(const KvIndex* layout, const PageReader* reader, Rank rank);
 
-  const char* name() const override {
-    return rank_ == Rank::kBestToken ? "exact-scan" : "oracle-pages";
-  }
-  const IndexGeometry& geometry() const override { return layout_->geometry(); }
-  // The oracle lays out nothing itself: Build and Insert return FAILED_PRECONDITION (build
-  // and insert into the wrapped index, then Refresh()).
-  absl::Status Build(const KeyBatch& batch, PageWriter* writer) override;
-  absl::Status Insert(const KeyBatch& batch, PageWriter* writer) override;
-  // Scores every key. kBestToken: each query ranks pages by best token, lists merge
-  // rank-interleaved; kSoftmaxMass: pages ranked by mass summed over the group.
-  absl::Status Search(const float* queries, uint32_t group, uint32_t k,
-                      std::vector<SelectedPage>* out) const override;
-  uint32_t num_tokens() const override;
-  uint32_t num_pages() const override;
-  uint32_t page_id_limit() const override { return layout_->page_id_limit(); }
-  std::vector<PageInfo> Layout() const override { return layout_->Layout(); }
-  uint64_t MemoryBytes() const override;
-
-  // Re-reads the wrapped index's layout.
-  void Refresh();
-
-  // The `count` best tokens (positions) for the group: largest softmax mass summed over the
-  // group's queries. INVALID_ARGUMENT for bad queries.
-  absl::Status TopTokens(const float* queries, uint32_t group, uint32_t count,
-                         std::vector<uint32_t>* positions) const;
-
- private:
-  const KvIndex* layout_;
-  const PageReader* reader_;
-  Rank rank_;
-  mutable absl::Mutex mu_;
-  std::vector<PageInfo> pages_ ABSL_GUARDED_BY(mu_);
-  uint32_t tokens_ ABSL_GUARDED_BY(mu_) = 0;
-};
-
-}  // namespace icecache::index
+}  // namespace icecache::eval

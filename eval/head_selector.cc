@@ -1,25 +1,12 @@
-#include "server/index/head_selector.h"
+#include "eval/head_selector.h"
 
 #include <algorithm>
 #include <numeric>
 
 #include "absl/strings/str_cat.h"
+#include "selection/index_factory.h"
 
-namespace icecache::index {
-
-BudgetSplit PaperSplit(uint32_t budget, uint32_t page_size) {
-  BudgetSplit s;
-  s.budget = budget;
-  s.page_size = page_size;
-  if (budget < 128) {
-    s.sink = page_size;
-    s.window = page_size;
-  } else {
-    s.sink = 2 * page_size;
-    s.window = 2 * page_size;
-  }
-  return s;
-}
+namespace icecache::eval {
 
 std::vector<MethodSpec> DefaultMethods() {
   std::vector<MethodSpec> m;
@@ -32,6 +19,12 @@ std::vector<MethodSpec> DefaultMethods() {
   return m;
 }
 
+absl::StatusOr<MethodSpec> PresetMethod(const std::string& name, const std::string& preset) {
+  absl::StatusOr<selection::IndexSpec> spec = selection::Preset(preset);
+  if (!spec.ok()) return spec.status();
+  return MethodSpec{name, MethodKind::kDci, spec->dci};
+}
+
 // One method's index over one (layer, KV head), with the map from pages to token positions.
 class HeadSelector::State {
  public:
@@ -40,7 +33,8 @@ class HeadSelector::State {
     switch (spec.kind) {
       case MethodKind::kDci:
       case MethodKind::kOraclePagesOurLayout:
-        layout_ = std::make_unique<DciTree>(geometry, spec.dci, pages_.get());
+        layout_ = selection::CreateIndex(selection::IndexSpec{spec.name, spec.dci}, geometry,
+                                          pages_.get());
         break;
       case MethodKind::kQuest:
         layout_ = std::make_unique<QuestIndex>(geometry, pages_.get());
@@ -103,66 +97,87 @@ class HeadSelector::State {
   std::vector<std::vector<uint32_t>> page_positions_;
 };
 
-HeadSelector::HeadSelector(const MethodSpec& spec, uint32_t sink, uint32_t window,
+HeadSelector::HeadSelector(const MethodSpec& spec, const selection::BudgetSplit& split,
                            const IndexGeometry& geometry)
-    : spec_(spec), sink_(sink), window_(window), geometry_(geometry) {
+    : spec_(spec), geometry_(geometry), policy_(split) {
   state_ = std::make_unique<State>(spec_, geometry_);
 }
 
 HeadSelector::~HeadSelector() = default;
 
-absl::Status HeadSelector::Ingest(bool build, const RowView& keys, uint32_t begin,
-                                  uint32_t count) {
+absl::Status HeadSelector::Ingest(const RowView& keys, uint64_t begin, uint64_t count) {
   if (positions_.size() < begin + count) {
     const size_t old = positions_.size();
     positions_.resize(begin + count);
     std::iota(positions_.begin() + old, positions_.end(), static_cast<uint32_t>(old));
   }
   RowView slice = keys;
-  slice.data = keys.row(begin);
-  slice.rows = count;
-  return state_->Ingest(build, slice, &positions_[begin]);
+  slice.data = keys.row(static_cast<uint32_t>(begin));
+  slice.rows = static_cast<uint32_t>(count);
+  absl::Status s = state_->Ingest(!built_, slice, &positions_[begin]);
+  if (s.ok()) built_ = true;
+  return s;
+}
+
+// Plays the service's steps up to position p: the first call's prompt, then per position the
+// hand-overs of the previous step landing in the index, the token, and a hand-over when the
+// window is full.
+absl::Status HeadSelector::Advance(const RowView& keys, uint32_t p) {
+  if (policy_.tokens() == 0 && p > 0) {
+    absl::StatusOr<selection::WindowPolicy::PromptPlan> plan = policy_.Prefill(p);
+    if (!plan.ok()) return plan.status();
+    if (plan->index_tokens > 0) {
+      absl::Status s = Ingest(keys, plan->index_begin, plan->index_tokens);
+      if (!s.ok()) return s;
+    }
+  }
+  while (policy_.tokens() <= p) {
+    while (!pending_.empty()) {
+      absl::Status s = Ingest(keys, pending_.front(), geometry_.page_size);
+      if (s.ok()) s = policy_.Retire();
+      if (!s.ok()) return s;
+      pending_.erase(pending_.begin());
+    }
+    absl::StatusOr<std::optional<uint64_t>> handed = policy_.Append();
+    if (!handed.ok()) return handed.status();
+    if (handed->has_value()) pending_.push_back(**handed);
+  }
+  return absl::OkStatus();
 }
 
 absl::StatusOr<std::vector<uint32_t>> HeadSelector::Select(const RowView& keys, uint32_t p,
                                                            const float* queries, uint32_t group,
                                                            uint32_t pages) {
-  if (keys.rows < p + 1) {
+  if (keys.rows < uint64_t{p} + 1) {
     return absl::InvalidArgumentError(
         absl::StrCat("keys hold ", keys.rows, " rows, position ", p, " needs ", p + 1));
   }
-  if (p + 1 < end_) return absl::InvalidArgumentError("positions must not decrease");
+  if (uint64_t{p} + 1 < policy_.tokens()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "positions must not decrease: position ", p, " after ", policy_.tokens() - 1));
+  }
+  absl::Status advanced = Advance(keys, p);
+  if (!advanced.ok()) return advanced;
   const uint32_t ps = geometry_.page_size;
   std::vector<uint32_t> tokens;
-  if (!built_) {
-    if (p + 1 < sink_ + window_ + ps) {
-      tokens.resize(p + 1);
-      std::iota(tokens.begin(), tokens.end(), 0u);
-      return tokens;
-    }
-    end_ = p + 1 - window_;
-    absl::Status s = Ingest(true, keys, sink_, end_ - sink_);
-    if (!s.ok()) return s;
-    built_ = true;
-  }
-  while (p + 1 - end_ > window_) {
-    absl::Status s = Ingest(false, keys, end_, ps);
-    if (!s.ok()) return s;
-    end_ += ps;
-  }
-  for (uint32_t t = 0; t < sink_; ++t) tokens.push_back(t);
-  for (uint32_t t = end_; t <= p; ++t) tokens.push_back(t);
+  const uint64_t sink = std::min<uint64_t>(policy_.sink_end(), uint64_t{p} + 1);
+  for (uint32_t t = 0; t < sink; ++t) tokens.push_back(t);
+  const uint32_t window_begin = static_cast<uint32_t>(policy_.window_begin());
+  for (uint32_t t = window_begin; t <= p; ++t) tokens.push_back(t);
   if (spec_.kind == MethodKind::kStreaming) {
     // StreamingLLM spends the pages' share of the budget on more recent tokens: it attends
     // the sink and the pages * page_size positions before the window, as many as the others.
-    const uint32_t extra = std::min(pages * ps, end_ - sink_);
-    for (uint32_t t = end_ - extra; t < end_; ++t) tokens.push_back(t);
+    const uint32_t indexed = static_cast<uint32_t>(policy_.indexed_tokens());
+    const uint32_t extra = std::min(pages * ps, indexed);
+    for (uint32_t t = window_begin - extra; t < window_begin; ++t) tokens.push_back(t);
   }
-  absl::Status s = state_->Select(queries, group, pages, ps, &tokens);
-  if (!s.ok()) return s;
+  if (built_) {
+    absl::Status s = state_->Select(queries, group, pages, ps, &tokens);
+    if (!s.ok()) return s;
+  }
   std::sort(tokens.begin(), tokens.end());
   tokens.erase(std::unique(tokens.begin(), tokens.end()), tokens.end());
   return tokens;
 }
 
-}  // namespace icecache::index
+}  // namespace icecache::eval

@@ -1,4 +1,4 @@
-#include "server/index/trace.h"
+#include "eval/trace.h"
 
 #include <cerrno>
 #include <cstring>
@@ -6,7 +6,7 @@
 
 #include "absl/strings/str_cat.h"
 
-namespace icecache::index {
+namespace icecache::eval {
 namespace {
 
 constexpr char kMagic[8] = {'I', 'C', 'T', 'R', 'A', 'C', 'E', '1'};
@@ -175,4 +175,4 @@ absl::StatusOr<Trace> ReadTrace(const std::string& path) {
   return t;
 }
 
-}  // namespace icecache::index
+}  // namespace icecache::eval

@@ -1,4 +1,4 @@
-#include "server/index/synthetic.h"
+#include "eval/synthetic.h"
 
 #include <cmath>
 #include <random>
@@ -7,7 +7,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 
-namespace icecache::index {
+namespace icecache::eval {
 namespace {
 
 void Store(float v, ElemType type, uint8_t* dst) {
@@ -143,4 +143,4 @@ Trace GenerateSynthetic(const SyntheticOptions& o) {
   return t;
 }
 
-}  // namespace icecache::index
+}  // namespace icecache::eval

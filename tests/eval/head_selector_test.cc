@@ -1,17 +1,17 @@
 // The online selection policy shared by the trace evaluation and the model's attention
 // backends: what is attended before and after the index exists, how the window slides, and
 // bad calls.
-#include "server/index/head_selector.h"
+#include "eval/head_selector.h"
 
 #include <algorithm>
 #include <numeric>
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
-#include "server/index/synthetic.h"
+#include "eval/synthetic.h"
 #include "tests/support/status_matchers.h"
 
-namespace icecache::index {
+namespace icecache::eval {
 namespace {
 
 using ::icecache::testing::StatusIs;
@@ -37,18 +37,20 @@ class HeadSelectorTest : public ::testing::Test {
   const IndexGeometry geometry_{64, ElemType::kF16, 16};
 };
 
-TEST_F(HeadSelectorTest, EverythingUntilThereIsAPageToIndexThenSinkWindowAndPages) {
+TEST_F(HeadSelectorTest, EverythingWhileTheIndexIsSmallThenSinkWindowAndPages) {
   const std::vector<float> q = Group();
   for (const MethodSpec& spec : DefaultMethods()) {
-    HeadSelector sel(spec, 32, 32, geometry_);
+    HeadSelector sel(spec, selection::PaperSplit(256), geometry_);
     const RowView keys = trace_.Keys(0, 0);
-    // 32 + 32 + 16 = 80 positions are needed before anything is indexed.
+    // A prompt of 78 positions: sink [0, 32), 15 positions indexed (one page), the window
+    // keeps 31; position 78 completes the window, whose first page is handed over. With one
+    // page in the index every method attends to everything.
     auto early = sel.Select(keys, 78, q.data(), 2, 12);
     ASSERT_TRUE(early.ok()) << early.status();
     std::vector<uint32_t> all(79);
     std::iota(all.begin(), all.end(), 0u);
     EXPECT_EQ(*early, all) << spec.name;
-    EXPECT_EQ(sel.indexed_end(), 0u);
+    EXPECT_EQ(sel.indexed_end(), 47u);
 
     for (uint32_t p = 79; p < 400; p += 7) {
       auto got = sel.Select(keys, p, q.data(), 2, 4);
@@ -83,7 +85,7 @@ TEST_F(HeadSelectorTest, EverythingUntilThereIsAPageToIndexThenSinkWindowAndPage
 
 TEST_F(HeadSelectorTest, BadCalls) {
   const std::vector<float> q = Group();
-  HeadSelector sel(DefaultMethods()[0], 32, 32, geometry_);
+  HeadSelector sel(DefaultMethods()[0], selection::PaperSplit(256), geometry_);
   RowView keys = trace_.Keys(0, 0);
   keys.rows = 100;
   EXPECT_THAT(sel.Select(keys, 100, q.data(), 2, 4).status(),
@@ -94,9 +96,9 @@ TEST_F(HeadSelectorTest, BadCalls) {
 }
 
 }  // namespace
-}  // namespace icecache::index
+}  // namespace icecache::eval
 
-namespace icecache::index {
+namespace icecache::eval {
 namespace {
 
 // Every DCI option together, a GQA group of 3 (SmolLM2's), head_dim 64: build, many inserts
@@ -116,8 +118,8 @@ TEST(HeadSelectorOptions, AllOptionsWithAGroupOfThree) {
   all.dci.page_score = DciOptions::PageScore::kSoftmaxMass;
   all.dci.group_merge = DciOptions::GroupMerge::kSumOfMass;
   for (uint32_t budget : {64u, 128u, 256u, 512u}) {
-    const BudgetSplit split = PaperSplit(budget);
-    HeadSelector sel(all, split.sink, split.window, IndexGeometry{64, ElemType::kF16, 16});
+    const selection::BudgetSplit split = selection::PaperSplit(budget);
+    HeadSelector sel(all, split, IndexGeometry{64, ElemType::kF16, 16});
     std::vector<float> q(3 * 64);
     for (uint32_t qi = 0; qi < 64; ++qi) {
       for (uint32_t g = 0; g < 3; ++g) {
@@ -127,10 +129,10 @@ TEST(HeadSelectorOptions, AllOptionsWithAGroupOfThree) {
       auto got = sel.Select(t.Keys(0, 0), p, q.data(), 3, split.selected_pages());
       ASSERT_TRUE(got.ok()) << got.status();
       ASSERT_LE(got->back(), p);
-      ASSERT_GE(got->size(), split.sink + split.window - 16u);
+      ASSERT_GE(got->size(), split.sink_tokens + split.window_tokens - 16u);
     }
   }
 }
 
 }  // namespace
-}  // namespace icecache::index
+}  // namespace icecache::eval

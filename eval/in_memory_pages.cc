@@ -1,10 +1,10 @@
-#include "server/index/in_memory_pages.h"
+#include "eval/in_memory_pages.h"
 
 #include <cstring>
 
 #include "common/log.h"
 
-namespace icecache::index {
+namespace icecache::eval {
 
 InMemoryPages::InMemoryPages(const IndexGeometry& geometry, bool with_values)
     : geometry_(geometry),
@@ -90,4 +90,4 @@ void InMemoryPages::Apply(const LayoutChange& change, const RowView& keys,
   }
 }
 
-}  // namespace icecache::index
+}  // namespace icecache::eval

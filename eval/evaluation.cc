@@ -1,4 +1,4 @@
-#include "server/index/evaluation.h"
+#include "eval/evaluation.h"
 
 #include <algorithm>
 #include <map>
@@ -7,11 +7,11 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
-#include "server/index/baselines.h"
-#include "server/index/in_memory_pages.h"
-#include "server/index/quality.h"
+#include "eval/baselines.h"
+#include "eval/in_memory_pages.h"
+#include "eval/quality.h"
 
-namespace icecache::index {
+namespace icecache::eval {
 namespace {
 
 double Quantile(std::vector<float> v, double q) {
@@ -76,10 +76,10 @@ absl::StatusOr<EvalResult> Evaluate(const Trace& trace, const EvalOptions& optio
     return absl::InvalidArgumentError("output error needs values in the trace");
   }
   if (trace.query_positions.empty()) return absl::InvalidArgumentError("trace has no queries");
-  std::vector<BudgetSplit> splits;
+  std::vector<selection::BudgetSplit> splits;
   for (uint32_t b : options.budgets) {
-    BudgetSplit s = PaperSplit(b, options.page_size);
-    if (b % options.page_size != 0 || b < s.sink + s.window + options.page_size) {
+    const selection::BudgetSplit s = selection::PaperSplit(b, options.page_size);
+    if (!selection::ValidateSplit(s).ok()) {
       return absl::InvalidArgumentError(absl::StrCat("budget ", b, " leaves no selected page"));
     }
     splits.push_back(s);
@@ -112,7 +112,7 @@ absl::StatusOr<EvalResult> Evaluate(const Trace& trace, const EvalOptions& optio
     // Methods are built once per distinct (sink, window) and serve every budget using it.
     std::map<std::pair<uint32_t, uint32_t>, std::vector<size_t>> by_split;
     for (size_t b = 0; b < splits.size(); ++b) {
-      by_split[{splits[b].sink, splits[b].window}].push_back(b);
+      by_split[{splits[b].sink_tokens, splits[b].window_tokens}].push_back(b);
     }
     const uint32_t ps = options.page_size;
     for (const auto& [sw, budget_ids] : by_split) {
@@ -121,7 +121,8 @@ absl::StatusOr<EvalResult> Evaluate(const Trace& trace, const EvalOptions& optio
       if (t0 + 1 < sink + window + ps) continue;  // context too short for this split
       std::vector<std::unique_ptr<HeadSelector>> selectors;
       for (const MethodSpec& spec : options.methods) {
-        selectors.push_back(std::make_unique<HeadSelector>(spec, sink, window, geometry));
+        selectors.push_back(
+            std::make_unique<HeadSelector>(spec, splits[budget_ids.front()], geometry));
       }
       std::vector<FullAttention> full(group);
       std::vector<float> queries(uint64_t{group} * trace.head_dim);
@@ -156,13 +157,13 @@ absl::StatusOr<EvalResult> Evaluate(const Trace& trace, const EvalOptions& optio
     first_error.Update(status);
     for (size_t m = 0; m < options.methods.size(); ++m) {
       for (size_t b = 0; b < splits.size(); ++b) {
-        auto key = std::make_tuple(options.methods[m].name, splits[b].budget, task.layer);
+        auto key = std::make_tuple(options.methods[m].name, splits[b].budget_tokens, task.layer);
         auto it = cell_at.find(key);
         if (it == cell_at.end()) {
           it = cell_at.emplace(key, result.cells.size()).first;
           EvalCell c;
           c.method = options.methods[m].name;
-          c.budget = splits[b].budget;
+          c.budget = splits[b].budget_tokens;
           c.layer = task.layer;
           result.cells.push_back(std::move(c));
         }
@@ -186,4 +187,4 @@ absl::StatusOr<EvalResult> Evaluate(const Trace& trace, const EvalOptions& optio
   return result;
 }
 
-}  // namespace icecache::index
+}  // namespace icecache::eval

@@ -1,17 +1,17 @@
-#include "server/index/layer_index.h"
+#include "eval/layer_index.h"
 
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 
-namespace icecache::index {
+namespace icecache::eval {
 
-LayerIndex::LayerIndex(const IndexGeometry& geometry, const DciOptions& options,
+LayerIndex::LayerIndex(const IndexGeometry& geometry, const selection::IndexSpec& spec,
                        uint32_t num_kv_heads, uint32_t group_size,
                        std::vector<const PageReader*> readers, ThreadPool* pool)
     : geometry_(geometry), group_size_(group_size), pool_(pool) {
   heads_.reserve(num_kv_heads);
   for (uint32_t h = 0; h < num_kv_heads; ++h) {
-    heads_.push_back(std::make_unique<DciTree>(geometry, options, readers.at(h)));
+    heads_.push_back(selection::CreateIndex(spec, geometry, readers.at(h)));
   }
 }
 
@@ -54,4 +54,4 @@ absl::Status LayerIndex::Search(const float* queries, uint32_t k,
   });
 }
 
-}  // namespace icecache::index
+}  // namespace icecache::eval

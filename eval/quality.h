@@ -8,9 +8,10 @@
 #include <cstdint>
 #include <vector>
 
-#include "server/index/rows.h"
+#include "eval/index_types.h"
 
-namespace icecache::index {
+
+namespace icecache::eval {
 
 struct FullAttention {
   std::vector<double> logits;  // [n] scaled q.k
@@ -32,4 +33,4 @@ double AttentionRecall(const FullAttention& full, const std::vector<uint32_t>& t
 double OutputError(const FullAttention& full, const RowView& values,
                    const std::vector<uint32_t>& tokens);
 
-}  // namespace icecache::index
+}  // namespace icecache::eval

@@ -5,13 +5,13 @@
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
-#include "server/index/quality.h"
-#include "server/index/synthetic.h"
-#include "server/index/trace.h"
+#include "eval/quality.h"
+#include "eval/synthetic.h"
+#include "eval/trace.h"
 #include "tests/support/status_matchers.h"
 #include "tests/support/subprocess.h"
 
-namespace icecache::index {
+namespace icecache::eval {
 namespace {
 
 using ::icecache::testing::StatusIs;
@@ -109,4 +109,4 @@ TEST(Rope, RotatesPairsByPositionTimesFrequency) {
 }
 
 }  // namespace
-}  // namespace icecache::index
+}  // namespace icecache::eval

@@ -10,9 +10,9 @@
 #include <vector>
 
 #include "kernels/page_layout.h"
-#include "server/index/kv_index.h"
+#include "eval/index_types.h"
 
-namespace icecache::index {
+namespace icecache::eval {
 
 class InMemoryPages final : public PageReader {
  public:
@@ -67,4 +67,4 @@ class InMemoryPages final : public PageReader {
   uint32_t allocated_count_ = 0;
 };
 
-}  // namespace icecache::index
+}  // namespace icecache::eval

@@ -13,9 +13,10 @@
 
 #include <cstdint>
 
-#include "server/index/trace.h"
+#include "eval/trace.h"
+#include "eval/index_types.h"
 
-namespace icecache::index {
+namespace icecache::eval {
 
 struct SyntheticOptions {
   uint32_t num_tokens = 8192;
@@ -46,4 +47,4 @@ Trace GenerateSynthetic(const SyntheticOptions& options);
 // Rotates pairs (2i, 2i+1) of x[dim] by position * base^(-2i/dim) (GGUF llama layout).
 void ApplyRope(float* x, uint32_t dim, uint32_t position, float base);
 
-}  // namespace icecache::index
+}  // namespace icecache::eval

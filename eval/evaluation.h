@@ -11,11 +11,11 @@
 #include <vector>
 
 #include "common/thread_pool.h"
-#include "server/index/dci_tree.h"
-#include "server/index/head_selector.h"
-#include "server/index/trace.h"
+#include "eval/head_selector.h"
+#include "eval/trace.h"
+#include "eval/index_types.h"
 
-namespace icecache::index {
+namespace icecache::eval {
 
 struct EvalOptions {
   std::vector<uint32_t> budgets = {64, 128, 256, 512};
@@ -59,4 +59,4 @@ absl::StatusOr<EvalResult> Evaluate(const Trace& trace, const EvalOptions& optio
                                     ThreadPool* pool,
                                     const std::function<void(size_t, size_t)>& progress = {});
 
-}  // namespace icecache::index
+}  // namespace icecache::eval

@@ -1,14 +1,14 @@
-#include "server/index/layer_index.h"
+#include "eval/layer_index.h"
 
 #include <numeric>
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
-#include "server/index/in_memory_pages.h"
-#include "server/index/synthetic.h"
+#include "eval/in_memory_pages.h"
+#include "eval/synthetic.h"
 #include "tests/support/status_matchers.h"
 
-namespace icecache::index {
+namespace icecache::eval {
 namespace {
 
 using ::icecache::testing::StatusIs;
@@ -40,7 +40,7 @@ TEST(LayerIndex, ParallelHeadsMatchHeadsAlone) {
     writer_ptrs.push_back(writers.back().get());
     batches.push_back({t.Keys(0, h), positions.data()});
   }
-  LayerIndex layer(g, DciOptions{}, 4, 2, readers, &pool);
+  LayerIndex layer(g, *selection::Preset(selection::kPaperPreset), 4, 2, readers, &pool);
   ASSERT_OK(layer.Build(batches, writer_ptrs));
 
   std::vector<float> q(8 * 64);
@@ -66,4 +66,4 @@ TEST(LayerIndex, ParallelHeadsMatchHeadsAlone) {
 }
 
 }  // namespace
-}  // namespace icecache::index
+}  // namespace icecache::eval

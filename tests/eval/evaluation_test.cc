@@ -1,14 +1,14 @@
 // Recall of the DCI tree against the oracles and baselines on the synthetic generator: a
 // correct index passes with margin; a broken one (random pages, unclustered pages, or a
 // search that ignores the query) does not.
-#include "server/index/evaluation.h"
+#include "eval/evaluation.h"
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
-#include "server/index/synthetic.h"
+#include "eval/synthetic.h"
 #include "tests/support/status_matchers.h"
 
-namespace icecache::index {
+namespace icecache::eval {
 namespace {
 
 using ::icecache::testing::StatusIs;
@@ -105,4 +105,4 @@ TEST(Evaluation, RejectsBadOptions) {
 }
 
 }  // namespace
-}  // namespace icecache::index
+}  // namespace icecache::eval

@@ -1,0 +1,88 @@
+// Online token selection for one (layer, KV head), replayed in process the way the service
+// decodes: the sink and the recent window follow selection::WindowPolicy (the client
+// library's state machine), and everything handed to the index is indexed by one method (the
+// IceCache DCI tree from a preset, a baseline, or an oracle), which picks pages (or tokens)
+// for the GQA group's queries. A page handed over at step t is in the index from step t + 1
+// on, as when the daemon inserts it while the engine runs the rest of the step.
+//
+// Used by the quality evaluation on traces (evaluation.h) and by the model's in-process
+// attention backends (model/attention.h), so both replay exactly the service's policy.
+//
+// Thread safety: none (one owner).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "eval/baselines.h"
+#include "eval/in_memory_pages.h"
+#include "eval/index_types.h"
+#include "selection/budget.h"
+#include "selection/window_policy.h"
+
+namespace icecache::eval {
+
+enum class MethodKind : uint8_t {
+  kDci,                   // the IceCache DCI tree (options in MethodSpec::dci)
+  kQuest,                 // Quest-style bound over positional pages
+  kStreaming,             // sink + the most recent tokens (the pages' share too)
+  kOraclePagesOurLayout,  // best pages (softmax mass) of the DCI layout
+  kOraclePagesPositional, // best positional pages
+  kOracleTokens,          // best individual tokens (budget counted in tokens)
+};
+
+struct MethodSpec {
+  std::string name;
+  MethodKind kind = MethodKind::kDci;
+  DciOptions dci;  // for kDci and kOraclePagesOurLayout
+};
+
+// The paper-faithful DCI tree, the baselines and the three oracles.
+std::vector<MethodSpec> DefaultMethods();
+// The DCI tree of an index preset (selection/index_factory.h), named `name`.
+absl::StatusOr<MethodSpec> PresetMethod(const std::string& name, const std::string& preset);
+
+class HeadSelector {
+ public:
+  // The sink and window of `split` (its budget is only the default of Select's `pages`);
+  // `geometry` of the keys the caller passes.
+  HeadSelector(const MethodSpec& spec, const selection::BudgetSplit& split,
+               const IndexGeometry& geometry);
+  ~HeadSelector();
+  HeadSelector(const HeadSelector&) = delete;
+  HeadSelector& operator=(const HeadSelector&) = delete;
+
+  // The positions to attend for the query at position p, sorted and unique: the sink, the
+  // window (pages in hand-over included), and the tokens of the `pages` best pages
+  // (kOracleTokens: the pages * page_size best tokens; kStreaming: the pages * page_size
+  // positions just before the window) for the group's queries ([group][head_dim] fp32).
+  // The first call treats positions [0, p) as the prompt; every later position up to p is
+  // decoded (appended, windows handed over) before selecting. `keys` holds one row per
+  // position, at least p + 1 rows, and the rows of earlier positions must not change
+  // between calls. INVALID_ARGUMENT when p goes back or keys are missing.
+  absl::StatusOr<std::vector<uint32_t>> Select(const RowView& keys, uint32_t p,
+                                               const float* queries, uint32_t group,
+                                               uint32_t pages);
+
+  // First position not in the index (the window starts here); the sink's end before
+  // anything is indexed.
+  uint32_t indexed_end() const { return static_cast<uint32_t>(policy_.window_begin()); }
+
+ private:
+  class State;
+  absl::Status Ingest(const RowView& keys, uint64_t begin, uint64_t count);
+  absl::Status Advance(const RowView& keys, uint32_t p);
+
+  const MethodSpec spec_;
+  const IndexGeometry geometry_;
+  selection::WindowPolicy policy_;
+  std::unique_ptr<State> state_;
+  std::vector<uint32_t> positions_;  // identity map position -> position, grown on demand
+  std::vector<uint64_t> pending_;    // first positions of the pages in hand-over, oldest first
+  bool built_ = false;
+};
+
+}  // namespace icecache::eval

@@ -1,0 +1,41 @@
+#include "selection/index_factory.h"
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+
+namespace icecache::selection {
+namespace {
+
+index::DciOptions TunedOptions() {
+  index::DciOptions o;
+  o.scale_query_projection = true;
+  o.page_granular_scoring = true;
+  o.joint_group_search = true;
+  o.page_score = index::DciOptions::PageScore::kSoftmaxMass;
+  o.group_merge = index::DciOptions::GroupMerge::kSumOfMass;
+  o.exact_search_max_tokens = 4096;
+  return o;
+}
+
+}  // namespace
+
+std::vector<std::string> PresetNames() {
+  return {std::string(kPaperPreset), std::string(kTunedPreset)};
+}
+
+std::string PresetList() { return absl::StrJoin(PresetNames(), ", "); }
+
+absl::StatusOr<IndexSpec> Preset(absl::string_view name) {
+  if (name == kPaperPreset) return IndexSpec{std::string(name), index::DciOptions{}};
+  if (name == kTunedPreset) return IndexSpec{std::string(name), TunedOptions()};
+  return absl::InvalidArgumentError(
+      absl::StrCat("unknown index preset '", name, "' (known: ", PresetList(), ")"));
+}
+
+std::unique_ptr<index::KvIndex> CreateIndex(const IndexSpec& spec,
+                                            const index::IndexGeometry& geometry,
+                                            const index::PageReader* reader) {
+  return std::make_unique<index::DciTree>(geometry, spec.dci, reader);
+}
+
+}  // namespace icecache::selection
