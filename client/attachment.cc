@@ -11,8 +11,10 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <algorithm>
 #include <cstring>
 
+#include "absl/strings/cord.h"
 #include "absl/strings/str_cat.h"
 #include "common/paths.h"
 
@@ -72,6 +74,21 @@ bool PeerGone(int fd) {
 
 }  // namespace
 
+namespace {
+constexpr char kSlotsExhaustedUrl[] = "type.googleapis.com/icecache.client.SlotsExhausted";
+}  // namespace
+
+absl::Status SlotsExhaustedError() {
+  absl::Status s = absl::ResourceExhaustedError("every request slot is in use");
+  s.SetPayload(kSlotsExhaustedUrl, absl::Cord("1"));
+  return s;
+}
+
+bool IsSlotsExhausted(const absl::Status& status) {
+  return status.code() == absl::StatusCode::kResourceExhausted &&
+         status.GetPayload(kSlotsExhaustedUrl).has_value();
+}
+
 absl::StatusOr<std::unique_ptr<Attachment>> Attachment::Attach(const Options& options) {
   const std::string control = options.socket.empty() ? DefaultSocketPath() : options.socket;
   const std::string path = AttachSocketPath(control);
@@ -81,7 +98,6 @@ absl::StatusOr<std::unique_ptr<Attachment>> Attachment::Attach(const Options& op
   }
   std::unique_ptr<Attachment> a(new Attachment());
   a->timeout_ = options.timeout;
-  a->on_segment_mapped_ = options.on_segment_mapped;
   a->conn_fd_ = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
   if (a->conn_fd_ < 0) return Errno(absl::StatusCode::kInternal, "socket");
   addr.sun_family = AF_UNIX;
@@ -167,7 +183,7 @@ Attachment::~Attachment() {
 absl::StatusOr<uint32_t> Attachment::AcquireSlot() {
   if (control_ == nullptr) return absl::FailedPreconditionError("operator attachments have no slots");
   absl::MutexLock lock(&slots_mu_);
-  if (free_slots_.empty()) return absl::ResourceExhaustedError("every request slot is in use");
+  if (free_slots_.empty()) return SlotsExhaustedError();
   const uint32_t i = free_slots_.back();
   free_slots_.pop_back();
   abi::SlotHeader* s = slot(i);
@@ -318,6 +334,14 @@ absl::StatusOr<std::vector<abi::SelectedPageRef>> Attachment::Select(const std::
                                                                      const float* queries,
                                                                      size_t query_floats,
                                                                      uint32_t k) {
+  absl::StatusOr<uint32_t> i = SubmitSelect(handle, layer, queries, query_floats, k);
+  if (!i.ok()) return i.status();
+  return FinishSelect(*i);
+}
+
+absl::StatusOr<uint32_t> Attachment::SubmitSelect(const std::string& handle, uint32_t layer,
+                                                  const float* queries, size_t query_floats,
+                                                  uint32_t k) {
   if (query_floats * sizeof(float) > payload_capacity_) {
     return absl::InvalidArgumentError("queries do not fit a request slot");
   }
@@ -332,13 +356,19 @@ absl::StatusOr<std::vector<abi::SelectedPageRef>> Attachment::Select(const std::
   s->payload_bytes = static_cast<uint32_t>(query_floats * sizeof(float));
   std::memcpy(payload(*i), queries, query_floats * sizeof(float));
   Submit(*i);
-  absl::Status st = Wait(*i);
+  return *i;
+}
+
+absl::StatusOr<std::vector<abi::SelectedPageRef>> Attachment::FinishSelect(uint32_t index) {
+  absl::Status st = Wait(index);
   std::vector<abi::SelectedPageRef> out;
   if (st.ok()) {
-    out.resize(s->response_bytes / sizeof(abi::SelectedPageRef));
-    std::memcpy(out.data(), payload(*i), out.size() * sizeof(abi::SelectedPageRef));
+    // The response size is read once and bounded by the payload before use.
+    const uint32_t bytes = std::min(slot(index)->response_bytes, payload_capacity_);
+    out.resize(bytes / sizeof(abi::SelectedPageRef));
+    std::memcpy(out.data(), payload(index), out.size() * sizeof(abi::SelectedPageRef));
   }
-  ReleaseSlot(*i);
+  ReleaseSlot(index);
   if (!st.ok()) return st;
   return out;
 }
@@ -379,25 +409,26 @@ absl::Status Attachment::PumpNotices(uint32_t want) {
     ::close(fd);
     if (base == MAP_FAILED) return Errno(absl::StatusCode::kInternal, "mapping a segment");
     segments_[notice.segment] = {base, notice.bytes};
-    if (on_segment_mapped_) {
-      absl::Status hooked = on_segment_mapped_(notice.segment, base, notice.bytes);
-      if (!hooked.ok()) return hooked;
-    }
   }
 }
 
-absl::StatusOr<uint8_t*> Attachment::Address(const abi::ArenaRef& ref, uint64_t bytes) {
-  if (ref.segment == 0 || ref.segment >= abi::kMaxSegments) {
+absl::StatusOr<Attachment::Segment> Attachment::MapSegment(uint32_t segment) {
+  if (segment == 0 || segment >= abi::kMaxSegments) {
     return absl::InvalidArgumentError("not a data segment");
   }
   absl::MutexLock lock(&map_mu_);
-  absl::Status pumped = PumpNotices(ref.segment);
+  absl::Status pumped = PumpNotices(segment);
   if (!pumped.ok()) return pumped;
-  const Mapped& m = segments_[ref.segment];
-  if (ref.offset > m.bytes || bytes > m.bytes - ref.offset) {
+  return Segment{static_cast<uint8_t*>(segments_[segment].base), segments_[segment].bytes};
+}
+
+absl::StatusOr<uint8_t*> Attachment::Address(const abi::ArenaRef& ref, uint64_t bytes) {
+  absl::StatusOr<Segment> m = MapSegment(ref.segment);
+  if (!m.ok()) return m.status();
+  if (ref.offset > m->bytes || bytes > m->bytes - ref.offset) {
     return absl::InvalidArgumentError("reference outside its segment");
   }
-  return static_cast<uint8_t*>(m.base) + ref.offset;
+  return m->base + ref.offset;
 }
 
 absl::Status Attachment::MapAnnouncedSegments() {

@@ -14,7 +14,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
-#include "icecache/client.h"
+#include "icecache/execution_mode.h"
 #include "kernels/attention.h"
 #include "kernels/gather.h"
 #include "kernels/kv_copy.h"

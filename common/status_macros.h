@@ -16,7 +16,7 @@
 
 // `ICECACHE_ASSIGN_OR_RETURN(auto x, MakeX());` binds the value or returns the error.
 #define ICECACHE_ASSIGN_OR_RETURN(lhs, expr) \
-  ICECACHE_ASSIGN_OR_RETURN_IMPL(ICECACHE_STATUS_CONCAT(_icecache_statusor_, __LINE__), lhs, expr)
+  ICECACHE_ASSIGN_OR_RETURN_IMPL(ICECACHE_STATUS_CONCAT(_icecache_statusor_, __COUNTER__), lhs, expr)
 
 #define ICECACHE_ASSIGN_OR_RETURN_IMPL(tmp, lhs, expr) \
   auto tmp = (expr);                                   \

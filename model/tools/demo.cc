@@ -240,12 +240,7 @@ int main(int argc, char** argv) {
   const uint64_t row = uint64_t{c.head_dim} * 2;  // fp16
   const uint64_t tokens = n + max_new;
   const uint64_t full_kv = uint64_t{c.n_layers} * c.n_kv_heads * tokens * row * 2;
-  const uint32_t cache_slots = static_cast<uint32_t>(std::ceil(2.0 * g.selected_pages()));
-  const uint64_t per_offloaded_layer =
-      uint64_t{c.n_kv_heads} * row * 2 *
-      (g.sink_tokens + g.window_tokens + g.page_size + uint64_t{cache_slots} * g.page_size);
-  const uint64_t ice_kv = uint64_t{full_kv_layers} * c.n_kv_heads * tokens * row * 2 +
-                          uint64_t{c.n_layers - full_kv_layers} * per_offloaded_layer;
+  const uint64_t ice_kv = (*seq)->kv_device_bytes();
   const ClientCounters counters = (*client)->counters();
   std::vector<double> select_us;
   for (const DecodeBreakdown& b : icecache_attention.breakdowns()) select_us.push_back(b.select_us);

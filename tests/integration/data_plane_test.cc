@@ -16,6 +16,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "server/index/rows.h"
+#include "tests/support/attachment_peer.h"
 #include "tests/support/daemon_process.h"
 #include "tests/support/status_matchers.h"
 #include "tests/support/workload.h"
@@ -242,10 +243,10 @@ TEST_F(DataPlaneTest, MalformedRequestsGetTheirCodeAndTheDaemonCarriesOn) {
   EXPECT_THAT(select(0, 1024), StatusIs(absl::StatusCode::kInvalidArgument,
                                         HasSubstr("not finite")));
   // Queue entries that name no slot, or a slot that is not submitted: counted, skipped.
-  a->SubmitRaw(9999);
+  AttachmentTestPeer::SubmitRaw(*a, 9999);
   absl::StatusOr<uint32_t> idle = a->AcquireSlot();
   ASSERT_TRUE(idle.ok());
-  a->SubmitRaw(*idle);  // state still kSlotFree
+  AttachmentTestPeer::SubmitRaw(*a, *idle);  // state still kSlotFree
   a->ReleaseSlot(*idle);
   // A client that lies about its queue tail gets a bounded pass, not a crash.
   a->header()->sq_tail.fetch_add(100000);

@@ -25,6 +25,11 @@
 
 namespace icecache {
 
+// The payload that marks AcquireSlot's RESOURCE_EXHAUSTED (every request slot in use), so
+// callers tell it from a memory limit without matching message text.
+absl::Status SlotsExhaustedError();
+bool IsSlotsExhausted(const absl::Status& status);
+
 class Attachment {
  public:
   struct Options {
@@ -36,11 +41,6 @@ class Attachment {
     // ABI version to announce (tests set others to check the refusal).
     uint32_t abi_version = abi::kAbiVersion;
     absl::Duration timeout = absl::Seconds(5);
-    // Called (under the attachment's mapping lock, from whichever thread maps it) once for
-    // each data segment right after it is mapped: the CUDA client registers it there. A
-    // non-OK status is returned by the call that mapped the segment; the segment stays
-    // mapped and the hook is not called again for it.
-    std::function<absl::Status(uint32_t segment, void* base, uint64_t bytes)> on_segment_mapped;
   };
 
   // UNAVAILABLE: no daemon at the socket. PERMISSION_DENIED: the daemon refused this uid.
@@ -55,15 +55,13 @@ class Attachment {
   bool is_operator() const { return control_ == nullptr; }
 
   // ---- requests
-  // A free slot. RESOURCE_EXHAUSTED when every slot is in use.
+  // A free slot. RESOURCE_EXHAUSTED marked by IsSlotsExhausted() when every slot is in use.
   absl::StatusOr<uint32_t> AcquireSlot();
   abi::SlotHeader* slot(uint32_t index) const;
   uint8_t* payload(uint32_t index) const { return abi::SlotPayload(slot(index)); }
   uint32_t payload_capacity() const { return payload_capacity_; }
   // Publishes the filled slot (state kSubmitted, queue entry, doorbell when the daemon sleeps).
   void Submit(uint32_t index);
-  // Publishes raw queue entries (tests use it to send malformed references).
-  void SubmitRaw(uint32_t queue_entry);
   // Waits for the slot's response: its status (code and message) as an absl::Status.
   // DEADLINE_EXCEEDED when `timeout` passes first.
   absl::Status Wait(uint32_t index, absl::Duration timeout = absl::Seconds(60));
@@ -89,11 +87,21 @@ class Attachment {
   absl::StatusOr<std::vector<abi::SelectedPageRef>> Select(const std::string& handle,
                                                            uint32_t layer, const float* queries,
                                                            size_t query_floats, uint32_t k);
+  // The same in two halves: submit (returns the slot), then wait for the pages (releases it).
+  absl::StatusOr<uint32_t> SubmitSelect(const std::string& handle, uint32_t layer,
+                                        const float* queries, size_t query_floats, uint32_t k);
+  absl::StatusOr<std::vector<abi::SelectedPageRef>> FinishSelect(uint32_t index);
   absl::Status Nop();
 
   // ---- arena memory
-  // Address of `bytes` at `ref` in a data segment, mapping the segment on first use (its
-  // descriptor arrives on the attach connection). INVALID_ARGUMENT outside the segment.
+  // A data segment's mapping, mapped on first use (its descriptor arrives on the attach
+  // connection). INVALID_ARGUMENT for a segment number outside the data segments.
+  struct Segment {
+    uint8_t* base = nullptr;
+    uint64_t bytes = 0;
+  };
+  absl::StatusOr<Segment> MapSegment(uint32_t segment);
+  // Address of `bytes` at `ref` in a data segment (MapSegment). INVALID_ARGUMENT outside it.
   absl::StatusOr<uint8_t*> Address(const abi::ArenaRef& ref, uint64_t bytes);
   // Maps every segment the daemon has announced so far (does not wait for more).
   absl::Status MapAnnouncedSegments();
@@ -104,7 +112,9 @@ class Attachment {
   abi::ArenaHeader* header() const { return static_cast<abi::ArenaHeader*>(control_); }
 
  private:
+  friend class AttachmentTestPeer;  // tests/support: raw queue entries (malformed references)
   Attachment() = default;
+  void SubmitRaw(uint32_t queue_entry);
   // Reads segment notices from the attach connection (blocking until `want` is mapped, when
   // want != 0; otherwise only what is already there).
   absl::Status PumpNotices(uint32_t want) ABSL_EXCLUSIVE_LOCKS_REQUIRED(map_mu_);
@@ -117,7 +127,6 @@ class Attachment {
   uint64_t client_id_ = 0;
   uint32_t payload_capacity_ = 0;
   absl::Duration timeout_;
-  std::function<absl::Status(uint32_t, void*, uint64_t)> on_segment_mapped_;
 
   absl::Mutex slots_mu_;
   std::vector<uint32_t> free_slots_ ABSL_GUARDED_BY(slots_mu_);

@@ -42,18 +42,15 @@
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "common/dtype.h"
+#include "icecache/execution_mode.h"
 
 namespace icecache {
 
 class Attachment;
 class Sequence;
-
-enum class ExecutionMode : uint8_t {
-  kAuto,  // kCuda when a CUDA device is usable (and the library was built with CUDA), else kCpu
-  kCpu,
-  kCuda,
-};
-const char* ExecutionModeName(ExecutionMode mode);
+namespace client_internal {
+struct SequenceFactory;
+}
 
 struct ClientOptions {
   // The daemon's control socket (the attach socket is derived from it). Empty: the default.
@@ -90,14 +87,19 @@ struct SequenceOptions {
 
 // The geometry the daemon resolved (every default applied).
 struct ResolvedGeometry {
-  uint32_t num_layers = 0, num_q_heads = 0, num_kv_heads = 0, head_dim = 0;
+  uint32_t num_layers = 0;
+  uint32_t num_q_heads = 0;
+  uint32_t num_kv_heads = 0;
+  uint32_t head_dim = 0;
   DType dtype = DType::kBF16;
   uint64_t max_tokens = 0;
-  uint32_t page_size = 0, budget_tokens = 0, sink_tokens = 0, window_tokens = 0;
+  uint32_t page_size = 0;
+  uint32_t budget_tokens = 0;
+  uint32_t sink_tokens = 0;
+  uint32_t window_tokens = 0;
   uint32_t full_kv_layers = 0;
-  uint32_t selected_pages() const {
-    return (budget_tokens - sink_tokens - window_tokens) / page_size;
-  }
+  // Pages selected per KV head and step (the budget split of selection/budget.h).
+  uint32_t selected_pages() const;
 };
 
 // Counters of one client (all its sequences), also published to the daemon's metrics.
@@ -183,6 +185,10 @@ class Sequence {
 
   // Tokens of `layer` so far (prompt + decoded).
   uint64_t tokens(uint32_t layer) const;
+  // Bytes of K/V this sequence keeps in the mode's memory (device memory in CUDA mode): the
+  // full-KV layers' caches and, per offloaded layer, the sink, the window ring and the page
+  // cache (layers count once prefilled).
+  uint64_t kv_device_bytes() const;
   const DecodeBreakdown& last_decode() const;
   // The K and V rows the last Decode of `layer` attended for KV head `head`, in attention
   // order (sink, window, then each selected page's valid rows), copied to host memory: for
@@ -196,7 +202,7 @@ class Sequence {
   class Impl;
 
  private:
-  friend class Client;
+  friend struct client_internal::SequenceFactory;
   explicit Sequence(std::unique_ptr<Impl> impl);
   std::unique_ptr<Impl> impl_;
 };
