@@ -1,0 +1,190 @@
+// The client's Sequence on the CPU backend against the in-process fake daemon (the real page
+// store and index, no sockets): what it attends, when it hands window pages over, how it
+// handles full request slots and failed daemon operations.
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <memory>
+#include <vector>
+
+#include "client/sequence_impl.h"
+#include "tests/integration/client_data.h"
+#include "tests/support/fake_daemon.h"
+#include "tests/support/status_matchers.h"
+
+namespace icecache::testing {
+namespace {
+
+using ::testing::HasSubstr;
+
+class SequenceTest : public ::testing::Test {
+ protected:
+  void SetUp() override { backend_ = client_internal::CreateCpuBackend(2); }
+
+  std::unique_ptr<Sequence> Make(FakeDaemon* daemon, const Data& data, uint32_t budget,
+                                 uint32_t full_kv_layers) {
+    GeometrySpec spec;
+    spec.num_layers = data.layers;
+    spec.num_q_heads = data.q_heads();
+    spec.num_kv_heads = data.kv;
+    spec.head_dim = data.d;
+    spec.dtype = data.dtype;
+    spec.max_tokens = data.tokens;
+    spec.budget_tokens = budget;
+    spec.full_kv_layers = full_kv_layers;
+    absl::StatusOr<client_internal::SequenceContext> c =
+        daemon->CreateSequence(spec, backend_.get());
+    EXPECT_TRUE(c.ok()) << c.status();
+    if (!c.ok()) return nullptr;
+    auto s = client_internal::SequenceFactory::Create(*c);
+    EXPECT_TRUE(s.ok()) << s.status();
+    return s.ok() ? std::move(*s) : nullptr;
+  }
+
+  std::unique_ptr<client_internal::Backend> backend_;
+};
+
+// A budget above the context attends every token: the output is float64 full attention, in
+// the full-KV layer and in the offloaded one; the window hands a page over every 16 steps.
+TEST_F(SequenceTest, FullBudgetEqualsFullAttentionAndHandsPagesOver) {
+  constexpr uint32_t kPrompt = 300, kSteps = 40;
+  const Data data = MakeData(2, 2, 2, 64, kPrompt + kSteps, DType::kFP16);
+  FakeDaemon daemon;
+  auto seq = Make(&daemon, data, 1024, 1);
+  ASSERT_NE(seq, nullptr);
+  for (uint32_t l = 0; l < 2; ++l) ASSERT_OK(seq->Prefill(l, data.K(l, 0), data.V(l, 0), kPrompt));
+  // One prefill op: the offloaded layer's [32, 269).
+  EXPECT_EQ(daemon.requests(abi::kOpPrefill), 1u);
+  std::vector<uint16_t> out(size_t{data.q_heads()} * data.d);
+  for (uint32_t step = 0; step < kSteps; ++step) {
+    const uint32_t pos = kPrompt + step;
+    for (uint32_t l = 0; l < 2; ++l) {
+      const std::vector<uint16_t> q = data.Query(l, step);
+      ASSERT_OK(seq->Decode(l, q.data(), data.K(l, pos), data.V(l, pos), out.data()));
+      EXPECT_EQ(seq->last_decode().attended_tokens, (pos + 1) * data.kv) << "step " << step;
+      for (uint32_t qh = 0; qh < data.q_heads(); ++qh) {
+        const std::vector<double> want = Attend(data, l, q, qh, Iota(pos + 1));
+        for (uint32_t i = 0; i < data.d; ++i) {
+          ASSERT_NEAR(data.ToFloat(out[size_t{qh} * data.d + i]), want[i],
+                      Tolerance(data.dtype, want[i]))
+              << "layer " << l << " step " << step << " head " << qh << " dim " << i;
+        }
+      }
+    }
+  }
+  // Window pages [269, 285), [285, 301), [301, 317) handed over at positions 300, 316, 332.
+  EXPECT_THAT(daemon.append_positions(), ::testing::ElementsAre(269, 285, 301));
+  EXPECT_EQ(seq->tokens(0), kPrompt + kSteps);
+  EXPECT_EQ(seq->tokens(1), kPrompt + kSteps);
+  // KV kept client-side: the full layer's [2][340] rows, the offloaded layer's sink (32),
+  // ring (48) and page cache (2 x 60 pages of 16) rows, K and V, 128-byte rows.
+  EXPECT_EQ(seq->kv_device_bytes(), 2u * 128 * 2 * (340 + 32 + 48 + 2 * 60 * 16));
+  ASSERT_OK(seq->Drop());
+  EXPECT_FALSE(daemon.has_sequence(seq->handle()));
+  EXPECT_THAT(seq->Drop(), StatusIs(absl::StatusCode::kFailedPrecondition));
+  EXPECT_EQ(daemon.staging_bytes_in_use(), 0u);
+}
+
+// Answers that come late (the daemon still building when the first decode needs the layer)
+// are waited for, in the order the layers need them.
+TEST_F(SequenceTest, DeferredAnswersAreWaitedFor) {
+  constexpr uint32_t kPrompt = 500;
+  const Data data = MakeData(3, 1, 2, 64, kPrompt + 20, DType::kBF16);
+  FakeDaemon daemon;
+  daemon.set_deferred(true);
+  auto seq = Make(&daemon, data, 128, 0);
+  ASSERT_NE(seq, nullptr);
+  for (uint32_t l = 0; l < 3; ++l) ASSERT_OK(seq->Prefill(l, data.K(l, 0), data.V(l, 0), kPrompt));
+  EXPECT_EQ(daemon.outstanding(), 3u);  // three builds not answered yet
+  daemon.Answer(3);                       // the last layer's build answers first
+  std::vector<uint16_t> out(size_t{data.q_heads()} * data.d);
+  for (uint32_t step = 0; step < 20; ++step) {
+    for (uint32_t l = 0; l < 3; ++l) {
+      const std::vector<uint16_t> q = data.Query(l, step);
+      ASSERT_OK(seq->Decode(l, q.data(), data.K(l, kPrompt + step), data.V(l, kPrompt + step),
+                            out.data()));
+      EXPECT_EQ(seq->last_decode().selected_pages, 4u);  // (128 - 64) / 16 pages, 1 head
+    }
+  }
+}
+
+// With two request slots, three layers' prefills still go through: the third waits for the
+// oldest pending operation instead of failing.
+TEST_F(SequenceTest, FullSlotsFinishTheOldestPendingOperation) {
+  constexpr uint32_t kPrompt = 400;
+  const Data data = MakeData(3, 1, 2, 64, kPrompt + 4, DType::kBF16);
+  FakeDaemon daemon(FakeDaemon::Options{.slots = 2});
+  daemon.set_deferred(true);
+  auto seq = Make(&daemon, data, 128, 0);
+  ASSERT_NE(seq, nullptr);
+  for (uint32_t l = 0; l < 3; ++l) ASSERT_OK(seq->Prefill(l, data.K(l, 0), data.V(l, 0), kPrompt));
+  EXPECT_EQ(daemon.requests(abi::kOpPrefill), 3u);
+  EXPECT_LE(daemon.outstanding(), 2u);
+  std::vector<uint16_t> out(size_t{data.q_heads()} * data.d);
+  for (uint32_t l = 0; l < 3; ++l) {
+    const std::vector<uint16_t> q = data.Query(l, 0);
+    ASSERT_OK(seq->Decode(l, q.data(), data.K(l, kPrompt), data.V(l, kPrompt), out.data()));
+  }
+}
+
+// A daemon operation that fails fails its layer, with the daemon's message and the layer's
+// number; the staging buffer goes back; other layers go on.
+TEST_F(SequenceTest, AFailedAppendFailsItsLayer) {
+  constexpr uint32_t kPrompt = 200;
+  const Data data = MakeData(2, 1, 2, 64, kPrompt + 40, DType::kBF16);
+  FakeDaemon daemon;
+  daemon.set_deferred(true);
+  auto seq = Make(&daemon, data, 128, 0);
+  ASSERT_NE(seq, nullptr);
+  for (uint32_t l = 0; l < 2; ++l) ASSERT_OK(seq->Prefill(l, data.K(l, 0), data.V(l, 0), kPrompt));
+  std::vector<uint16_t> out(size_t{data.q_heads()} * data.d);
+  auto decode = [&](uint32_t l, uint32_t step) {
+    const std::vector<uint16_t> q = data.Query(l, step);
+    return seq->Decode(l, q.data(), data.K(l, kPrompt + step), data.V(l, kPrompt + step),
+                       out.data());
+  };
+  // Step 0 of layer 0 hands its first window page over; that append will fail.
+  daemon.FailNext(abi::kOpAppend, absl::DataLossError("the disk is on fire"));
+  ASSERT_OK(decode(0, 0));
+  ASSERT_OK(decode(1, 0));
+  EXPECT_THAT(decode(0, 1), StatusIs(absl::StatusCode::kDataLoss,
+                                     HasSubstr("layer 0: the disk is on fire")));
+  EXPECT_THAT(decode(0, 1), StatusIs(absl::StatusCode::kFailedPrecondition,
+                                     HasSubstr("layer 0 failed earlier")));
+  ASSERT_OK(decode(1, 1));  // the other layer is fine
+  EXPECT_EQ(daemon.requests(abi::kOpRelease), 1u) << "the failed append's staging went back";
+}
+
+TEST_F(SequenceTest, BadCalls) {
+  const Data data = MakeData(2, 1, 2, 64, 300, DType::kBF16);
+  FakeDaemon daemon;
+  auto seq = Make(&daemon, data, 128, 0);
+  ASSERT_NE(seq, nullptr);
+  std::vector<uint16_t> out(size_t{data.q_heads()} * data.d);
+  const std::vector<uint16_t> q = data.Query(0, 0);
+  EXPECT_THAT(seq->Decode(0, q.data(), data.K(0, 0), data.V(0, 0), out.data()),
+              StatusIs(absl::StatusCode::kFailedPrecondition, HasSubstr("prefilled")));
+  EXPECT_THAT(seq->Prefill(2, data.K(0, 0), data.V(0, 0), 100),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("out of range")));
+  EXPECT_THAT(seq->Prefill(0, nullptr, data.V(0, 0), 100),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(seq->Prefill(0, data.K(0, 0), data.V(0, 0), 301),
+              StatusIs(absl::StatusCode::kResourceExhausted));
+  ASSERT_OK(seq->Prefill(0, data.K(0, 0), data.V(0, 0), 100));
+  EXPECT_THAT(seq->Prefill(0, data.K(0, 0), data.V(0, 0), 100),
+              StatusIs(absl::StatusCode::kFailedPrecondition, HasSubstr("prefilled already")));
+  EXPECT_THAT(seq->Prefill(1, data.K(1, 0), data.V(1, 0), 90),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("same length")));
+  ASSERT_OK(seq->Prefill(1, data.K(1, 0), data.V(1, 0), 100));
+  ASSERT_OK(seq->Decode(0, q.data(), data.K(0, 100), data.V(0, 100), out.data()));
+  EXPECT_THAT(seq->Decode(0, q.data(), data.K(0, 101), data.V(0, 101), out.data()),
+              StatusIs(absl::StatusCode::kFailedPrecondition, HasSubstr("a step ahead")));
+  EXPECT_THAT(seq->Decode(1, nullptr, data.K(1, 100), data.V(1, 100), out.data()),
+              StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(seq->LastAttended(1, 0).status(),
+              StatusIs(absl::StatusCode::kFailedPrecondition, HasSubstr("not decoded")));
+  EXPECT_THAT(seq->LastAttended(0, 1).status(), StatusIs(absl::StatusCode::kInvalidArgument));
+}
+
+}  // namespace
+}  // namespace icecache::testing

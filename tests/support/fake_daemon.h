@@ -1,0 +1,105 @@
+// An in-process stand-in for icecached behind the client's Transport interface: the real page
+// store and index (server/core Arena and SequenceKv, the index factory), no sockets, no
+// processes. A client Sequence built on it (CPU backend) is unit tested end to end, and the
+// tests steer what a daemon would decide on its own: when answers arrive (deferred, out of
+// order), errors injected into one kind of request, a bounded number of request slots.
+//
+// Thread safety: one test thread.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "client/backend.h"
+#include "client/sequence_impl.h"
+#include "client/transport.h"
+#include "common/thread_pool.h"
+#include "selection/index_factory.h"
+#include "server/core/arena.h"
+#include "server/core/geometry.h"
+#include "server/core/memory_accountant.h"
+#include "server/core/sequence_kv.h"
+
+namespace icecache::testing {
+
+class FakeDaemon final : public client_internal::Transport {
+ public:
+  struct Options {
+    std::string preset = "paper";
+    uint32_t slots = 8;               // tickets outstanding at most (then SlotsExhausted)
+    uint64_t memory = uint64_t{1} << 30;
+  };
+  explicit FakeDaemon(const Options& options);
+  FakeDaemon() : FakeDaemon(Options{}) {}
+  ~FakeDaemon() override;
+
+  // Resolves `spec` like CreateSequence does and returns a context for SequenceFactory on
+  // `backend` (the caller sets scale and cache options).
+  absl::StatusOr<client_internal::SequenceContext> CreateSequence(const GeometrySpec& spec,
+                                                                  client_internal::Backend* backend);
+
+  // ---- steering
+  // Answers wait until Finish (or Answer) instead of being computed at submission.
+  void set_deferred(bool deferred) { deferred_ = deferred; }
+  // Computes the answer of an outstanding ticket now (out of order, when the test wants).
+  void Answer(client_internal::Ticket ticket);
+  // The next request of kind `op` (abi::kOp*) gets `status` instead of being run.
+  void FailNext(uint32_t op, absl::Status status) { fail_[op] = std::move(status); }
+  // What was asked: requests of each kind so far, and the positions of every append.
+  uint64_t requests(uint32_t op) const;
+  const std::vector<uint32_t>& append_positions() const { return append_positions_; }
+  size_t outstanding() const { return tickets_.size(); }
+  uint64_t staging_bytes_in_use() const { return arena_->staging_bytes_in_use(); }
+  bool has_sequence(const std::string& handle) const { return kv_.count(handle) != 0; }
+
+  // ---- Transport
+  absl::StatusOr<abi::StageResponse> Stage(const std::string& handle, uint32_t tokens) override;
+  absl::Status ReleaseStaging(const std::string& handle, const abi::ArenaRef& staging) override;
+  absl::StatusOr<client_internal::Ticket> SubmitStaged(uint32_t op, const std::string& handle,
+                                                       uint32_t layer,
+                                                       const abi::ArenaRef& staging,
+                                                       uint32_t tokens,
+                                                       uint32_t first_position) override;
+  absl::Status Finish(client_internal::Ticket ticket) override;
+  absl::StatusOr<client_internal::Ticket> SubmitSelect(const std::string& handle, uint32_t layer,
+                                                       const float* queries, size_t query_floats,
+                                                       uint32_t k) override;
+  absl::StatusOr<std::vector<abi::SelectedPageRef>> FinishSelect(
+      client_internal::Ticket ticket) override;
+  bool Done(client_internal::Ticket ticket) const override;
+  absl::StatusOr<client_internal::ArenaSpan> Map(const abi::ArenaRef& ref,
+                                                 uint64_t bytes) override;
+  uint64_t PageBytes(uint32_t segment) const override;
+  absl::Status DropSequence(const std::string& handle) override;
+  abi::ClientStats& stats() override;
+
+ private:
+  struct Pending {
+    std::function<absl::Status(std::vector<abi::SelectedPageRef>*)> run;
+    std::optional<absl::Status> status;
+    std::vector<abi::SelectedPageRef> pages;
+  };
+  absl::StatusOr<client_internal::Ticket> Enqueue(uint32_t op, Pending p);
+  absl::StatusOr<SequenceKv*> Find(const std::string& handle);
+
+  const Options options_;
+  MemoryAccountant memory_;
+  ThreadPool pool_;
+  std::shared_ptr<Arena> arena_;
+  selection::IndexSpec index_;
+  std::map<std::string, std::unique_ptr<SequenceKv>> kv_;
+  std::map<client_internal::Ticket, Pending> tickets_;
+  client_internal::Ticket next_ticket_ = 1;
+  uint64_t next_handle_ = 1;
+  bool deferred_ = false;
+  std::map<uint32_t, absl::Status> fail_;
+  std::map<uint32_t, uint64_t> requests_;
+  std::vector<uint32_t> append_positions_;
+};
+
+}  // namespace icecache::testing
