@@ -15,10 +15,10 @@
 #include <chrono>
 #include <climits>
 #include <cstring>
-#include <deque>
 #include <functional>
 
 #include "absl/strings/str_cat.h"
+#include "common/keyed_serial_executor.h"
 #include "common/log.h"
 
 namespace icecache {
@@ -74,46 +74,6 @@ bool SendWithFds(int sock, const void* data, size_t len, const int* fds, int nfd
   return n == static_cast<ssize_t>(len);
 }
 
-// Runs tasks one after another, in submission order, on a pool.
-class SerialQueue {
- public:
-  explicit SerialQueue(ThreadPool* pool) : pool_(pool) {}
-  void Submit(std::function<void()> task) {
-    bool start = false;
-    {
-      absl::MutexLock lock(&mu_);
-      tasks_.push_back(std::move(task));
-      if (!running_) {
-        running_ = true;
-        start = true;
-      }
-    }
-    if (start) pool_->Schedule([this] { Drain(); });
-  }
-
- private:
-  void Drain() {
-    while (true) {
-      std::function<void()> task;
-      {
-        absl::MutexLock lock(&mu_);
-        if (tasks_.empty()) {
-          running_ = false;
-          return;
-        }
-        task = std::move(tasks_.front());
-        tasks_.pop_front();
-      }
-      task();
-    }
-  }
-
-  ThreadPool* pool_;
-  absl::Mutex mu_;
-  std::deque<std::function<void()>> tasks_ ABSL_GUARDED_BY(mu_);
-  bool running_ ABSL_GUARDED_BY(mu_) = false;
-};
-
 }  // namespace
 
 // ------------------------------------------------------------------ Client
@@ -130,10 +90,11 @@ struct DataPlane::Client final : public SegmentListener {
   std::thread dispatcher;
   std::atomic<bool> dead{false};
   std::atomic<uint32_t> sq_head{0};  // the daemon's own copy: the shared one is never trusted
+  // Appends of each (sequence, layer) in order; set at attach.
+  std::unique_ptr<KeyedSerialExecutor> appends;
 
   absl::Mutex mu;
   int in_flight ABSL_GUARDED_BY(mu) = 0;
-  absl::flat_hash_map<std::string, std::shared_ptr<SerialQueue>> queues ABSL_GUARDED_BY(mu);
 
   absl::Mutex send_mu;
 
@@ -161,12 +122,6 @@ struct DataPlane::Client final : public SegmentListener {
   void EndOp() {
     absl::MutexLock lock(&mu);
     --in_flight;
-  }
-  SerialQueue* QueueFor(const std::string& key, ThreadPool* pool) {
-    absl::MutexLock lock(&mu);
-    auto& q = queues[key];
-    if (q == nullptr) q = std::make_shared<SerialQueue>(pool);
-    return q.get();
   }
 };
 
@@ -363,7 +318,7 @@ class DataPlane::Dispatcher {
     if (prefill) {
       dp_->pool_->Schedule(std::move(task));
     } else {
-      c_->QueueFor(absl::StrCat(r.handle, "/", r.layer), dp_->pool_)->Submit(std::move(task));
+      c_->appends->Submit(absl::StrCat(r.handle, "/", r.layer), std::move(task));
     }
   }
 
@@ -558,6 +513,7 @@ void DataPlane::Accept() {
   client->pid = cred.pid;
   client->is_operator = as_operator;
   client->conn_fd = fd;
+  client->appends = std::make_unique<KeyedSerialExecutor>(pool_);
   int fds[2];
   int nfds = 0;
   if (!as_operator) {
