@@ -32,9 +32,9 @@
 #include "common/flags_compat.h"
 #include "common/half.h"
 #include "eval/local_daemon.h"
-#include "icecache/client.h"
 #include "eval/synthetic.h"
 #include "eval/trace.h"
+#include "icecache/client.h"
 
 #if defined(ICECACHE_HAVE_CUDA)
 #include <cuda_runtime_api.h>
@@ -335,9 +335,12 @@ int main(int argc, char** argv) {
   icecache::bench::PrepareOutDir(absl::GetFlag(FLAGS_out), "client_decode");
   const std::string mode_name = absl::GetFlag(FLAGS_mode);
   ExecutionMode mode = ExecutionMode::kAuto;
-  if (mode_name == "cpu") mode = ExecutionMode::kCpu;
-  else if (mode_name == "cuda") mode = ExecutionMode::kCuda;
-  else if (mode_name != "auto") Check(absl::InvalidArgumentError("--mode: auto, cpu or cuda"), "flags");
+  if (mode_name == "cpu")
+    mode = ExecutionMode::kCpu;
+  else if (mode_name == "cuda")
+    mode = ExecutionMode::kCuda;
+  else if (mode_name != "auto")
+    Check(absl::InvalidArgumentError("--mode: auto, cpu or cuda"), "flags");
   const std::string out_dir = absl::GetFlag(FLAGS_out);
   auto started = eval::LocalDaemon::Start(eval::IcecachedPath(ICECACHE_BENCH_ICECACHED_BIN));
   Check(started.status(), "start icecached");
@@ -367,8 +370,7 @@ int main(int argc, char** argv) {
           "full/sparse %.2fx, full/(fetch+attention) %.2fx\n",
           r.build_s, r.select_us, r.fetch_us, r.attention_us, r.sparse_total_us, r.hit_rate,
           r.attended_per_head, r.full_attention_us, r.full_total_us,
-          r.full_total_us / r.sparse_total_us,
-          r.full_attention_us / (r.fetch_us + r.attention_us));
+          r.full_total_us / r.sparse_total_us, r.full_attention_us / (r.fetch_us + r.attention_us));
       rows.push_back(r);
     }
   }
@@ -427,8 +429,8 @@ int main(int argc, char** argv) {
   json << "\n  ],\n  \"hit_rate\": [";
   for (size_t i = 0; i < hit_rows.size(); ++i) {
     const HitRow& h = hit_rows[i];
-    json << (i ? "," : "") << "\n    {\"source\": \"" << JsonEscape(h.source) << "\", \"overall\": "
-         << h.overall << ", \"steady\": " << h.steady << ", \"per_step\": [";
+    json << (i ? "," : "") << "\n    {\"source\": \"" << JsonEscape(h.source)
+         << "\", \"overall\": " << h.overall << ", \"steady\": " << h.steady << ", \"per_step\": [";
     for (size_t s = 0; s < h.per_step.size(); ++s) json << (s ? ", " : "") << h.per_step[s];
     json << "]}";
   }

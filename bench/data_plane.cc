@@ -27,15 +27,15 @@
 #include "bench/bench_output.h"
 #include "common/flags_compat.h"
 #include "common/thread_pool.h"
+#include "eval/in_memory_pages.h"
+#include "eval/layer_index.h"
 #include "eval/local_daemon.h"
-#include "selection/index_factory.h"
+#include "eval/synthetic.h"
 #include "grpcpp/create_channel.h"
 #include "grpcpp/security/credentials.h"
 #include "icecache/attachment.h"
 #include "icecache/v1/icecache.grpc.pb.h"
-#include "eval/in_memory_pages.h"
-#include "eval/layer_index.h"
-#include "eval/synthetic.h"
+#include "selection/index_factory.h"
 
 ABSL_FLAG(uint32_t, tokens, 32768, "Tokens per KV head of the benchmark sequence.");
 ABSL_FLAG(uint32_t, kv_heads, 8, "KV heads (8B shape: 8).");
@@ -133,7 +133,8 @@ int main(int argc, char** argv) {
   }
 
   auto daemon = StartDaemon();
-  auto channel = grpc::CreateChannel("unix:" + daemon->socket(), grpc::InsecureChannelCredentials());
+  auto channel =
+      grpc::CreateChannel("unix:" + daemon->socket(), grpc::InsecureChannelCredentials());
   auto stub = v1::IceCache::NewStub(channel);
   std::fprintf(stderr, "prefilling through the daemon...\n");
   Client c = MakeClient(daemon->socket(), *stub, t);
@@ -160,11 +161,13 @@ int main(int argc, char** argv) {
   for (uint32_t h = 0; h < t.num_kv_heads; ++h) {
     pages.push_back(std::make_unique<eval::InMemoryPages>(g, false));
     readers.push_back(pages.back().get());
-    writers.push_back(std::make_unique<eval::InMemoryPages::Writer>(pages.back().get(), t.Keys(0, h), nullptr));
+    writers.push_back(
+        std::make_unique<eval::InMemoryPages::Writer>(pages.back().get(), t.Keys(0, h), nullptr));
     writer_ptrs.push_back(writers.back().get());
     batches.push_back({t.Keys(0, h), positions.data()});
   }
-  eval::LayerIndex layer(g, *selection::Preset(selection::kDefaultPreset), t.num_kv_heads, t.group_size(), readers, &pool);
+  eval::LayerIndex layer(g, *selection::Preset(selection::kDefaultPreset), t.num_kv_heads,
+                         t.group_size(), readers, &pool);
   (void)layer.Build(batches, writer_ptrs);
 
   std::vector<double> ring, direct;
@@ -199,7 +202,8 @@ int main(int argc, char** argv) {
         while (!stop.load()) {
           const auto t0 = SteadyClock::now();
           (void)clients[i].a->Select(clients[i].handle, 0, queries.data(), queries.size(), 12);
-          lat[i].push_back(std::chrono::duration<double, std::micro>(SteadyClock::now() - t0).count());
+          lat[i].push_back(
+              std::chrono::duration<double, std::micro>(SteadyClock::now() - t0).count());
           done.fetch_add(1);
         }
       });
@@ -216,10 +220,10 @@ int main(int argc, char** argv) {
   }
 
   const double ring_p50 = Percentile(ring, 0.5), direct_p50 = Percentile(direct, 0.5);
-  std::printf("data plane: one layer of %u tokens x %u KV heads (%u query heads, dim %u, bf16), "
-              "k=12; daemon subprocess, %u cores\n\n",
-              t.num_tokens, t.num_kv_heads, t.num_q_heads, t.head_dim,
-              std::thread::hardware_concurrency());
+  std::printf(
+      "data plane: one layer of %u tokens x %u KV heads (%u query heads, dim %u, bf16), "
+      "k=12; daemon subprocess, %u cores\n\n",
+      t.num_tokens, t.num_kv_heads, t.num_q_heads, t.head_dim, std::thread::hardware_concurrency());
   std::printf("%-34s %10s %10s\n", "", "p50 us", "p99 us");
   std::printf("%-34s %10.1f %10.1f\n", "nop round trip (ring)", Percentile(nop, 0.5),
               Percentile(nop, 0.99));
@@ -228,23 +232,27 @@ int main(int argc, char** argv) {
               Percentile(direct, 0.99));
   std::printf("%-34s %10.1f\n", "ring overhead (p50 difference)", ring_p50 - direct_p50);
   std::printf("\n%8s %14s %12s\n", "clients", "selects/s", "p50 us");
-  for (const Row& r : rows) std::printf("%8d %14.0f %12.1f\n", r.clients, r.selects_per_s, r.p50_us);
+  for (const Row& r : rows)
+    std::printf("%8d %14.0f %12.1f\n", r.clients, r.selects_per_s, r.p50_us);
 
   const std::string out_dir = absl::GetFlag(FLAGS_out);
   std::ofstream json(out_dir + "/data_plane.json");
   json << "{\n  \"tokens\": " << t.num_tokens << ", \"kv_heads\": " << t.num_kv_heads
-       << ", \"q_heads\": " << t.num_q_heads << ", \"cores\": "
-       << std::thread::hardware_concurrency() << ",\n  \"nop_us_p50\": " << Percentile(nop, 0.5)
-       << ", \"nop_us_p99\": " << Percentile(nop, 0.99) << ",\n  \"select_ring_us_p50\": "
-       << ring_p50 << ", \"select_ring_us_p99\": " << Percentile(ring, 0.99)
-       << ",\n  \"select_direct_us_p50\": " << direct_p50 << ", \"select_direct_us_p99\": "
-       << Percentile(direct, 0.99) << ",\n  \"ring_overhead_us_p50\": " << ring_p50 - direct_p50
-       << ",\n  \"throughput\": [";
+       << ", \"q_heads\": " << t.num_q_heads
+       << ", \"cores\": " << std::thread::hardware_concurrency()
+       << ",\n  \"nop_us_p50\": " << Percentile(nop, 0.5)
+       << ", \"nop_us_p99\": " << Percentile(nop, 0.99)
+       << ",\n  \"select_ring_us_p50\": " << ring_p50
+       << ", \"select_ring_us_p99\": " << Percentile(ring, 0.99)
+       << ",\n  \"select_direct_us_p50\": " << direct_p50
+       << ", \"select_direct_us_p99\": " << Percentile(direct, 0.99)
+       << ",\n  \"ring_overhead_us_p50\": " << ring_p50 - direct_p50 << ",\n  \"throughput\": [";
   std::ofstream csv(out_dir + "/data_plane_throughput.csv");
   csv << "clients,selects_per_s,p50_us\n";
   for (size_t i = 0; i < rows.size(); ++i) {
-    json << (i ? ", " : "") << "{\"clients\": " << rows[i].clients << ", \"selects_per_s\": "
-         << rows[i].selects_per_s << ", \"p50_us\": " << rows[i].p50_us << "}";
+    json << (i ? ", " : "") << "{\"clients\": " << rows[i].clients
+         << ", \"selects_per_s\": " << rows[i].selects_per_s << ", \"p50_us\": " << rows[i].p50_us
+         << "}";
     csv << rows[i].clients << ',' << rows[i].selects_per_s << ',' << rows[i].p50_us << '\n';
   }
   json << "]\n}\n";

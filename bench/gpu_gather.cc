@@ -79,8 +79,7 @@ int main(int argc, char** argv) {
               "per_page_GB/s", "ratio");
 
   std::ofstream json(absl::GetFlag(FLAGS_out) + "/gpu_gather.json");
-  json << "{\n  \"device\": \"" << prop.name << "\",\n  \"reps\": " << reps
-       << ",\n  \"rows\": [";
+  json << "{\n  \"device\": \"" << prop.name << "\",\n  \"reps\": " << reps << ",\n  \"rows\": [";
   bool first = true;
   std::mt19937_64 rng(1);
   for (uint64_t page : {4096ull, 8192ull, 16384ull, 65536ull}) {
@@ -131,13 +130,12 @@ int main(int argc, char** argv) {
                           cudaMemcpyHostToDevice, stream);
         }
       });
-      std::printf("%10llu %7u %12.1f %12.1f %12.1f %8.3f\n",
-                  static_cast<unsigned long long>(page), n, gather, bulk, per_page,
-                  gather / bulk);
+      std::printf("%10llu %7u %12.1f %12.1f %12.1f %8.3f\n", static_cast<unsigned long long>(page),
+                  n, gather, bulk, per_page, gather / bulk);
       json << (first ? "" : ",") << "\n    {\"page_bytes\": " << page << ", \"pages\": " << n
            << ", \"gather_gbps\": " << gather << ", \"bulk_gbps\": " << bulk
-           << ", \"per_page_memcpy_gbps\": " << per_page << ", \"gather_over_bulk\": "
-           << gather / bulk << "}";
+           << ", \"per_page_memcpy_gbps\": " << per_page
+           << ", \"gather_over_bulk\": " << gather / bulk << "}";
       first = false;
       cudaFree(items_d);
       cudaFree(dst);

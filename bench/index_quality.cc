@@ -20,10 +20,10 @@
 #include "common/flags_compat.h"
 #include "common/thread_pool.h"
 #include "eval/evaluation.h"
-#include "selection/index_factory.h"
-#include "server/index/simd.h"
 #include "eval/synthetic.h"
 #include "eval/trace.h"
+#include "selection/index_factory.h"
+#include "server/index/simd.h"
 
 ABSL_FLAG(std::string, trace, "", "Trace file (bench/README.md); empty: synthetic data.");
 ABSL_FLAG(std::string, budgets, "64,128,256,512", "Token budgets to evaluate.");
@@ -71,11 +71,11 @@ int main(int argc, char** argv) {
     trace = GenerateSynthetic(so);
     data_name = "synthetic";
   }
-  std::printf("data: %s\n  %s\n  %u layers x %u KV heads (%u query heads), dim %u, %u tokens, "
-              "%zu query positions\n",
-              data_name.c_str(), trace.description.c_str(), trace.num_layers,
-              trace.num_kv_heads, trace.num_q_heads, trace.head_dim, trace.num_tokens,
-              trace.query_positions.size());
+  std::printf(
+      "data: %s\n  %s\n  %u layers x %u KV heads (%u query heads), dim %u, %u tokens, "
+      "%zu query positions\n",
+      data_name.c_str(), trace.description.c_str(), trace.num_layers, trace.num_kv_heads,
+      trace.num_q_heads, trace.head_dim, trace.num_tokens, trace.query_positions.size());
 
   EvalOptions opts;
   opts.budgets.clear();
@@ -121,19 +121,18 @@ int main(int argc, char** argv) {
   icecache::ThreadPool pool(absl::GetFlag(FLAGS_threads));
   std::printf("simd: %s, threads: %zu\n", SimdLevelName(ActiveSimdLevel()), pool.size());
   const absl::Time start = absl::Now();
-  absl::StatusOr<EvalResult> result =
-      Evaluate(trace, opts, &pool, [&](size_t done, size_t total) {
-        std::fprintf(stderr, "\r  evaluated %zu/%zu (layer, KV head) pairs, %.0f s", done, total,
-                     absl::ToDoubleSeconds(absl::Now() - start));
-        if (done == total) std::fprintf(stderr, "\n");
-      });
+  absl::StatusOr<EvalResult> result = Evaluate(trace, opts, &pool, [&](size_t done, size_t total) {
+    std::fprintf(stderr, "\r  evaluated %zu/%zu (layer, KV head) pairs, %.0f s", done, total,
+                 absl::ToDoubleSeconds(absl::Now() - start));
+    if (done == total) std::fprintf(stderr, "\n");
+  });
   if (!result.ok()) {
     std::fprintf(stderr, "index_quality: %s\n", std::string(result.status().message()).c_str());
     return 1;
   }
   const std::vector<EvalSummary> sums = result->Summaries();
-  std::printf("\n%-28s %6s %8s %12s %13s %10s %11s\n", "method", "budget", "samples",
-              "recall mean", "recall median", "recall p10", "out err mean");
+  std::printf("\n%-28s %6s %8s %12s %13s %10s %11s\n", "method", "budget", "samples", "recall mean",
+              "recall median", "recall p10", "out err mean");
   for (const EvalSummary& s : sums) {
     std::printf("%-28s %6u %8llu %12.4f %13.4f %10.4f %11.4f\n", s.method.c_str(), s.budget,
                 static_cast<unsigned long long>(s.samples), s.recall_mean, s.recall_median,
@@ -146,8 +145,8 @@ int main(int argc, char** argv) {
   csv << "method,budget,samples,recall_mean,recall_median,recall_p10,error_mean,error_median\n";
   for (const EvalSummary& s : sums) {
     csv << s.method << ',' << s.budget << ',' << s.samples << ',' << s.recall_mean << ','
-        << s.recall_median << ',' << s.recall_p10 << ',' << s.error_mean << ','
-        << s.error_median << '\n';
+        << s.recall_median << ',' << s.recall_p10 << ',' << s.error_mean << ',' << s.error_median
+        << '\n';
   }
   std::ofstream layers(stem + "_by_layer.csv");
   layers << "method,budget,layer,recall_mean\n";
@@ -166,8 +165,8 @@ int main(int argc, char** argv) {
     json << "    {\"method\": \"" << s.method << "\", \"budget\": " << s.budget
          << ", \"samples\": " << s.samples << ", \"recall_mean\": " << s.recall_mean
          << ", \"recall_median\": " << s.recall_median << ", \"recall_p10\": " << s.recall_p10
-         << ", \"error_mean\": " << s.error_mean << ", \"error_median\": " << s.error_median
-         << "}" << (i + 1 < sums.size() ? "," : "") << "\n";
+         << ", \"error_mean\": " << s.error_mean << ", \"error_median\": " << s.error_median << "}"
+         << (i + 1 < sums.size() ? "," : "") << "\n";
   }
   json << "  ]\n}\n";
   icecache::bench::CloseResult(csv, stem + ".csv", "index_quality");

@@ -28,12 +28,12 @@
 #include "common/flags_compat.h"
 #include "common/thread_pool.h"
 #include "eval/baselines.h"
-#include "selection/index_factory.h"
-#include "server/index/dci_tree.h"
 #include "eval/in_memory_pages.h"
 #include "eval/quality.h"
-#include "server/index/simd.h"
 #include "eval/synthetic.h"
+#include "selection/index_factory.h"
+#include "server/index/dci_tree.h"
+#include "server/index/simd.h"
 
 ABSL_FLAG(std::string, sizes, "4096,32768,131072,524288", "Context sizes (tokens per head).");
 ABSL_FLAG(std::string, out, "bench/results", "Directory for JSON/CSV results.");
@@ -247,10 +247,11 @@ int main(int argc, char** argv) {
   dci.exact_parent_max = absl::GetFlag(FLAGS_exact_parent_max);
   dci.anchor_interval = absl::GetFlag(FLAGS_anchor_interval);
 
-  std::printf("index speed: config %s; synthetic keys (bf16, dim %u), GQA group %u, k=%u pages "
-              "of 16, simd %s, one core unless stated\n",
-              config.c_str(), absl::GetFlag(FLAGS_dim), absl::GetFlag(FLAGS_group),
-              absl::GetFlag(FLAGS_k), SimdLevelName(ActiveSimdLevel()));
+  std::printf(
+      "index speed: config %s; synthetic keys (bf16, dim %u), GQA group %u, k=%u pages "
+      "of 16, simd %s, one core unless stated\n",
+      config.c_str(), absl::GetFlag(FLAGS_dim), absl::GetFlag(FLAGS_group), absl::GetFlag(FLAGS_k),
+      SimdLevelName(ActiveSimdLevel()));
   std::vector<SizeResult> results;
   for (absl::string_view s : absl::StrSplit(absl::GetFlag(FLAGS_sizes), ',')) {
     uint32_t n;
@@ -261,15 +262,16 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "  %u tokens...\n", n);
     results.push_back(RunSize(n, dci));
   }
-  std::printf("\n%9s %10s %12s %10s %10s %7s %8s %8s %8s %8s %10s %10s %8s\n", "tokens",
-              "build s", "build tok/s", "dci us", "scan us", "ratio", "scored", "rec dci",
-              "rec scan", "rec orc", "ins us p50", "ins us p99", "mem %");
+  std::printf("\n%9s %10s %12s %10s %10s %7s %8s %8s %8s %8s %10s %10s %8s\n", "tokens", "build s",
+              "build tok/s", "dci us", "scan us", "ratio", "scored", "rec dci", "rec scan",
+              "rec orc", "ins us p50", "ins us p99", "mem %");
   for (const SizeResult& r : results) {
-    std::printf("%9u %10.3f %12.0f %10.1f %10.1f %7.2f %7.1f%% %8.4f %8.4f %8.4f %10.1f %10.1f "
-                "%7.2f%%\n",
-                r.tokens, r.build_s, r.build_tok_per_s, r.dci_us, r.scan_us, r.ratio,
-                100 * r.scored_share, r.dci_recall, r.scan_recall, r.oracle_recall,
-                r.insert_us_median, r.insert_us_p99, 100 * r.memory_share);
+    std::printf(
+        "%9u %10.3f %12.0f %10.1f %10.1f %7.2f %7.1f%% %8.4f %8.4f %8.4f %10.1f %10.1f "
+        "%7.2f%%\n",
+        r.tokens, r.build_s, r.build_tok_per_s, r.dci_us, r.scan_us, r.ratio, 100 * r.scored_share,
+        r.dci_recall, r.scan_recall, r.oracle_recall, r.insert_us_median, r.insert_us_p99,
+        100 * r.memory_share);
   }
 
   // The 8B-shaped stack: 32 layers x 8 KV heads, each a tree over stack_tokens tokens.
@@ -304,10 +306,11 @@ int main(int argc, char** argv) {
       (void)built[i]->Build({keys, positions.data()}, &w);
     });
     stack_s = Seconds(t0, Clock::now());
-    std::printf("\nstack: 32 layers x 8 KV heads x %u tokens (dim %u) built in %.2f s on %zu "
-                "threads = %.0f tokens/s per thread (includes writing the pages)\n",
-                stack_tokens, so.head_dim, stack_s, stack_threads,
-                double(trees) * stack_tokens / stack_s / stack_threads);
+    std::printf(
+        "\nstack: 32 layers x 8 KV heads x %u tokens (dim %u) built in %.2f s on %zu "
+        "threads = %.0f tokens/s per thread (includes writing the pages)\n",
+        stack_tokens, so.head_dim, stack_s, stack_threads,
+        double(trees) * stack_tokens / stack_s / stack_threads);
   }
 
   const std::string out_dir = absl::GetFlag(FLAGS_out);
@@ -318,24 +321,25 @@ int main(int argc, char** argv) {
          "kv_bytes,memory_share\n";
   std::ofstream json(stem + ".json");
   json << "{\n  \"config\": \"" << config << "\",\n  \"simd\": \""
-       << SimdLevelName(ActiveSimdLevel()) << "\",\n  \"dim\": "
-       << absl::GetFlag(FLAGS_dim) << ",\n  \"group\": " << absl::GetFlag(FLAGS_group)
+       << SimdLevelName(ActiveSimdLevel()) << "\",\n  \"dim\": " << absl::GetFlag(FLAGS_dim)
+       << ",\n  \"group\": " << absl::GetFlag(FLAGS_group)
        << ",\n  \"k\": " << absl::GetFlag(FLAGS_k) << ",\n  \"sizes\": [\n";
   for (size_t i = 0; i < results.size(); ++i) {
     const SizeResult& r = results[i];
     csv << r.tokens << ',' << r.build_s << ',' << r.build_tok_per_s << ',' << r.dci_us << ','
         << r.scan_us << ',' << r.ratio << ',' << r.scored_share << ',' << r.dci_recall << ','
         << r.scan_recall << ',' << r.oracle_recall << ',' << r.insert_us_median << ','
-        << r.insert_us_p99 << ',' << r.index_bytes << ',' << r.kv_bytes << ','
-        << r.memory_share << '\n';
+        << r.insert_us_p99 << ',' << r.index_bytes << ',' << r.kv_bytes << ',' << r.memory_share
+        << '\n';
     json << "    {\"tokens\": " << r.tokens << ", \"build_s\": " << r.build_s
-         << ", \"build_tokens_per_s\": " << r.build_tok_per_s << ", \"dci_search_us\": "
-         << r.dci_us << ", \"exact_scan_us\": " << r.scan_us << ", \"speedup\": " << r.ratio
+         << ", \"build_tokens_per_s\": " << r.build_tok_per_s << ", \"dci_search_us\": " << r.dci_us
+         << ", \"exact_scan_us\": " << r.scan_us << ", \"speedup\": " << r.ratio
          << ", \"scored_share\": " << r.scored_share << ", \"recall_dci\": " << r.dci_recall
-         << ", \"recall_exact_scan\": " << r.scan_recall << ", \"recall_oracle\": "
-         << r.oracle_recall << ", \"insert_us_p50\": " << r.insert_us_median
-         << ", \"insert_us_p99\": " << r.insert_us_p99 << ", \"memory_share\": "
-         << r.memory_share << "}" << (i + 1 < results.size() ? "," : "") << "\n";
+         << ", \"recall_exact_scan\": " << r.scan_recall
+         << ", \"recall_oracle\": " << r.oracle_recall
+         << ", \"insert_us_p50\": " << r.insert_us_median
+         << ", \"insert_us_p99\": " << r.insert_us_p99 << ", \"memory_share\": " << r.memory_share
+         << "}" << (i + 1 < results.size() ? "," : "") << "\n";
   }
   json << "  ],\n  \"stack\": {\"layers\": 32, \"kv_heads\": 8, \"tokens\": " << stack_tokens
        << ", \"seconds\": " << stack_s << ", \"threads\": " << stack_threads << "}\n}\n";

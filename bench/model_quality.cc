@@ -37,14 +37,14 @@
 #include "bench/bench_output.h"
 #include "common/flags_compat.h"
 #include "eval/local_daemon.h"
-#include "selection/index_factory.h"
+#include "eval/trace.h"
 #include "icecache/client.h"
 #include "model/attention.h"
 #include "model/blas.h"
 #include "model/capture.h"
 #include "model/llama.h"
 #include "model/texts.h"
-#include "eval/trace.h"
+#include "selection/index_factory.h"
 
 ABSL_FLAG(std::string, model, "", "GGUF model file (scripts/fetch_model.sh prints its path).");
 ABSL_FLAG(std::string, texts, "bible,cpp-annotations,jargon", "Texts for perplexity and recall.");
@@ -127,7 +127,8 @@ struct ContinuationResult {
 // Teacher-forced continuation: tokens[prompt..prompt+count) decoded one by one.
 ContinuationResult Continue(const LlamaModel& model, AttentionBackend* attention,
                             std::vector<float> logits, const std::vector<int32_t>& tokens,
-                            uint32_t prompt, uint32_t count, const std::vector<int32_t>* reference) {
+                            uint32_t prompt, uint32_t count,
+                            const std::vector<int32_t>* reference) {
   ContinuationResult r;
   for (uint32_t i = 0; i < count; ++i) {
     const int32_t next = tokens[prompt + i];
@@ -185,7 +186,8 @@ int main(int argc, char** argv) {
   absl::ParseCommandLine(static_cast<int>(args.size()), ptrs.data());
   icecache::bench::PrepareOutDir(absl::GetFlag(FLAGS_out), "model_quality");
   const bool quick = absl::GetFlag(FLAGS_quick);
-  std::vector<std::string> texts = absl::StrSplit(absl::GetFlag(FLAGS_texts), ',', absl::SkipEmpty());
+  std::vector<std::string> texts =
+      absl::StrSplit(absl::GetFlag(FLAGS_texts), ',', absl::SkipEmpty());
   uint32_t prompt_tokens = absl::GetFlag(FLAGS_prompt_tokens);
   uint32_t continuation = absl::GetFlag(FLAGS_continuation);
   std::vector<double> budgets = ParseList(absl::GetFlag(FLAGS_budgets));
@@ -263,24 +265,27 @@ int main(int argc, char** argv) {
     FullAttention full(c, total);
     std::vector<uint32_t> query_positions;
     for (uint32_t i = 0; i < continuation; ++i) query_positions.push_back(prompt_tokens + i);
-    TraceCapture capture(c, total, query_positions,
-                         absl::StrCat(c.name, " on ", name, ": ", prompt_tokens,
-                                      " prompt tokens, queries of the ", continuation,
-                                      " continuation positions"));
+    TraceCapture capture(
+        c, total, query_positions,
+        absl::StrCat(c.name, " on ", name, ": ", prompt_tokens, " prompt tokens, queries of the ",
+                     continuation, " continuation positions"));
     const std::string trace_dir = absl::GetFlag(FLAGS_trace_dir);
     if (!trace_dir.empty()) model.set_observer(capture.Observer());
     std::vector<float> logits;
     auto t = Clock::now();
     const std::vector<int32_t> prompt(tokens.begin(), tokens.begin() + prompt_tokens);
-    Check(model.Prefill(prompt, &full, &logits, false, [&](uint32_t l) {
-      std::printf("\r  prefill: layer %u/%u, %.0f s", l + 1, c.n_layers, Seconds(t));
-      std::fflush(stdout);
-    }), "prefill");
+    Check(model.Prefill(prompt, &full, &logits, false,
+                        [&](uint32_t l) {
+                          std::printf("\r  prefill: layer %u/%u, %.0f s", l + 1, c.n_layers,
+                                      Seconds(t));
+                          std::fflush(stdout);
+                        }),
+          "prefill");
     std::printf("\n");
     const std::vector<float> prompt_logits = logits;
     t = Clock::now();
-    ContinuationResult ref = Continue(model, &full, prompt_logits, tokens, prompt_tokens,
-                                      continuation, nullptr);
+    ContinuationResult ref =
+        Continue(model, &full, prompt_logits, tokens, prompt_tokens, continuation, nullptr);
     // The continuation's last token was not decoded (its logits are unused); decode it so that
     // the trace holds every continuation query.
     if (!trace_dir.empty()) {
@@ -328,8 +333,8 @@ int main(int argc, char** argv) {
         t = Clock::now();
         SelectiveAttention sel(c, total, m, split, full_kv_layers, /*measure_recall=*/true);
         LoadPromptFrom(full, c, prompt_tokens, &sel);
-        ContinuationResult r = Continue(model, &sel, prompt_logits, tokens, prompt_tokens,
-                                        continuation, &ref.argmax);
+        ContinuationResult r =
+            Continue(model, &sel, prompt_logits, tokens, prompt_tokens, continuation, &ref.argmax);
         report(m.name, split.budget_tokens, r, sel.stats(), Seconds(t));
       }
     }
@@ -370,8 +375,8 @@ int main(int argc, char** argv) {
           std::fflush(stdout);
         };
         for (Service& svc : services) {
-          auto seq = svc.client->CreateSequence(SequenceOptionsFor(c, n + max_new, split,
-                                                                   full_kv_layers));
+          auto seq =
+              svc.client->CreateSequence(SequenceOptionsFor(c, n + max_new, split, full_kv_layers));
           Check(seq.status(), "create sequence");
           ServiceAttention service(c, seq->get(), false, n + max_new);
           run(svc.name, &service);
@@ -441,16 +446,18 @@ int main(int argc, char** argv) {
     }
     std::printf("%-28s %6u %10.4f %8.3f %8.3f   passkey %u/%u\n", key.first.c_str(), key.second,
                 ratio, top1, recall, right, total);
-    json << (first ? "" : ",") << "\n    {\"method\": \"" << key.first << "\", \"budget\": "
-         << key.second << ", \"perplexity_ratio\": " << ratio << ", \"top1_agreement\": "
-         << top1 << ", \"recall\": " << recall << ", \"passkey_correct\": " << right
-         << ", \"passkey_total\": " << total << ", \"passkey_same_as_full\": " << same << "}";
+    json << (first ? "" : ",") << "\n    {\"method\": \"" << key.first
+         << "\", \"budget\": " << key.second << ", \"perplexity_ratio\": " << ratio
+         << ", \"top1_agreement\": " << top1 << ", \"recall\": " << recall
+         << ", \"passkey_correct\": " << right << ", \"passkey_total\": " << total
+         << ", \"passkey_same_as_full\": " << same << "}";
     first = false;
   }
   json << "\n  ]\n}\n";
   icecache::bench::CloseResult(json, out_dir + "/model_quality.json", "model_quality");
-  std::printf("\nwrote %s/model_quality.{json,csv}, model_quality_by_layer.csv, "
-              "model_passkey.csv (%.0f s)\n",
-              out_dir.c_str(), Seconds(start));
+  std::printf(
+      "\nwrote %s/model_quality.{json,csv}, model_quality_by_layer.csv, "
+      "model_passkey.csv (%.0f s)\n",
+      out_dir.c_str(), Seconds(start));
   return 0;
 }

@@ -10,8 +10,8 @@
 #include <time.h>
 #include <unistd.h>
 
-#include <chrono>
 #include <algorithm>
+#include <chrono>
 #include <cstring>
 
 #include "absl/strings/cord.h"
@@ -26,8 +26,7 @@ absl::Status Errno(absl::StatusCode code, const std::string& what) {
 }
 
 // Receives one fixed-size message and up to `max_fds` descriptors.
-ssize_t RecvWithFds(int sock, void* data, size_t len, int* fds, int max_fds, int* nfds,
-                    int flags) {
+ssize_t RecvWithFds(int sock, void* data, size_t len, int* fds, int max_fds, int* nfds, int flags) {
   struct iovec iov;
   iov.iov_base = data;
   iov.iov_len = len;
@@ -59,8 +58,8 @@ ssize_t RecvWithFds(int sock, void* data, size_t len, int* fds, int max_fds, int
 // False when the wait timed out.
 bool FutexWait(std::atomic<uint32_t>* word, uint32_t expected, absl::Duration timeout) {
   struct timespec ts = absl::ToTimespec(timeout);
-  const long r = ::syscall(SYS_futex, reinterpret_cast<uint32_t*>(word), FUTEX_WAIT, expected,
-                           &ts, nullptr, 0);
+  const long r = ::syscall(SYS_futex, reinterpret_cast<uint32_t*>(word), FUTEX_WAIT, expected, &ts,
+                           nullptr, 0);
   return !(r != 0 && errno == ETIMEDOUT);
 }
 
@@ -181,7 +180,8 @@ Attachment::~Attachment() {
 }
 
 absl::StatusOr<uint32_t> Attachment::AcquireSlot() {
-  if (control_ == nullptr) return absl::FailedPreconditionError("operator attachments have no slots");
+  if (control_ == nullptr)
+    return absl::FailedPreconditionError("operator attachments have no slots");
   absl::MutexLock lock(&slots_mu_);
   if (free_slots_.empty()) return SlotsExhaustedError();
   const uint32_t i = free_slots_.back();

@@ -27,7 +27,7 @@ AttachmentTransport::~AttachmentTransport() {
 }
 
 absl::StatusOr<abi::StageResponse> AttachmentTransport::Stage(const std::string& handle,
-                                                             uint32_t tokens) {
+                                                              uint32_t tokens) {
   return attachment_->Stage(handle, tokens);
 }
 
@@ -39,21 +39,19 @@ absl::Status AttachmentTransport::ReleaseStaging(const std::string& handle,
 absl::StatusOr<Ticket> AttachmentTransport::SubmitStaged(uint32_t op, const std::string& handle,
                                                          uint32_t layer,
                                                          const abi::ArenaRef& staging,
-                                                         uint32_t tokens,
-                                                         uint32_t first_position) {
+                                                         uint32_t tokens, uint32_t first_position) {
   return attachment_->SubmitStaged(op, handle, layer, staging, tokens, first_position);
 }
 
 absl::Status AttachmentTransport::Finish(Ticket ticket) { return attachment_->Finish(ticket); }
 
-absl::StatusOr<Ticket> AttachmentTransport::SubmitSelect(const std::string& handle,
-                                                         uint32_t layer, const float* queries,
-                                                         size_t query_floats, uint32_t k) {
+absl::StatusOr<Ticket> AttachmentTransport::SubmitSelect(const std::string& handle, uint32_t layer,
+                                                         const float* queries, size_t query_floats,
+                                                         uint32_t k) {
   return attachment_->SubmitSelect(handle, layer, queries, query_floats, k);
 }
 
-absl::StatusOr<std::vector<abi::SelectedPageRef>> AttachmentTransport::FinishSelect(
-    Ticket ticket) {
+absl::StatusOr<std::vector<abi::SelectedPageRef>> AttachmentTransport::FinishSelect(Ticket ticket) {
   return attachment_->FinishSelect(ticket);
 }
 

@@ -65,9 +65,7 @@ class CpuBackend : public Backend {
     }
     return absl::OkStatus();
   }
-  size_t AttentionScratchBytes(const DecodeAttentionParams&, uint32_t) const override {
-    return 0;
-  }
+  size_t AttentionScratchBytes(const DecodeAttentionParams&, uint32_t) const override { return 0; }
 
   absl::StatusOr<std::unique_ptr<Marker>> CreateMarker() override {
     return std::unique_ptr<Marker>(new CpuMarker());

@@ -18,9 +18,10 @@ namespace {
 
 absl::Status CudaStatus(cudaError_t e, const char* what) {
   if (e == cudaSuccess) return absl::OkStatus();
-  const absl::StatusCode code = e == cudaErrorMemoryAllocation ? absl::StatusCode::kResourceExhausted
-                                : e == cudaErrorInvalidValue  ? absl::StatusCode::kInvalidArgument
-                                                              : absl::StatusCode::kInternal;
+  const absl::StatusCode code = e == cudaErrorMemoryAllocation
+                                    ? absl::StatusCode::kResourceExhausted
+                                : e == cudaErrorInvalidValue ? absl::StatusCode::kInvalidArgument
+                                                             : absl::StatusCode::kInternal;
   return absl::Status(code, absl::StrCat(what, ": ", cudaGetErrorString(e)));
 }
 
@@ -60,9 +61,8 @@ class CudaBackend : public Backend {
   }
   absl::StatusOr<void*> AllocateHost(size_t bytes) override {
     void* p = nullptr;
-    if (absl::Status s = CudaStatus(cudaHostAlloc(&p, bytes == 0 ? 256 : bytes,
-                                                  cudaHostAllocPortable),
-                                    "cudaHostAlloc");
+    if (absl::Status s = CudaStatus(
+            cudaHostAlloc(&p, bytes == 0 ? 256 : bytes, cudaHostAllocPortable), "cudaHostAlloc");
         !s.ok()) {
       return s;
     }
@@ -80,8 +80,8 @@ class CudaBackend : public Backend {
       return s;
     }
     void* device = nullptr;
-    if (absl::Status s = CudaStatus(cudaHostGetDevicePointer(&device, base, 0),
-                                    "cudaHostGetDevicePointer");
+    if (absl::Status s =
+            CudaStatus(cudaHostGetDevicePointer(&device, base, 0), "cudaHostGetDevicePointer");
         !s.ok()) {
       cudaHostUnregister(base);
       return s;
@@ -98,9 +98,9 @@ class CudaBackend : public Backend {
   absl::Status Copy2D(void* dst, size_t dpitch, const void* src, size_t spitch, size_t width,
                       size_t height, void* stream) override {
     if (width == 0 || height == 0) return absl::OkStatus();
-    return CudaStatus(cudaMemcpy2DAsync(dst, dpitch, src, spitch, width, height,
-                                        cudaMemcpyDefault, S(stream)),
-                      "cudaMemcpy2DAsync");
+    return CudaStatus(
+        cudaMemcpy2DAsync(dst, dpitch, src, spitch, width, height, cudaMemcpyDefault, S(stream)),
+        "cudaMemcpy2DAsync");
   }
   absl::Status AppendKv(const AppendKvParams& p, void* stream) override {
     return CudaStatus(LaunchAppendKv(p, S(stream)), "append kernel");
@@ -114,9 +114,8 @@ class CudaBackend : public Backend {
   }
   absl::Status Attention(const DecodeAttentionParams& p, uint32_t splits, void* scratch,
                          void* stream) override {
-    return CudaStatus(
-        LaunchDecodeAttention(p, static_cast<float*>(scratch), splits, S(stream)),
-        "attention kernel");
+    return CudaStatus(LaunchDecodeAttention(p, static_cast<float*>(scratch), splits, S(stream)),
+                      "attention kernel");
   }
   size_t AttentionScratchBytes(const DecodeAttentionParams& p, uint32_t splits) const override {
     return DecodeAttentionScratchFloats(p, splits) * sizeof(float);
@@ -140,9 +139,10 @@ class CudaBackend : public Backend {
   absl::StatusOr<double> ElapsedUs(Marker* begin, Marker* end) override {
     if (absl::Status s = WaitMarker(end); !s.ok()) return s;
     float ms = 0;
-    if (absl::Status s = CudaStatus(cudaEventElapsedTime(&ms, static_cast<CudaMarker*>(begin)->event,
-                                                         static_cast<CudaMarker*>(end)->event),
-                                    "cudaEventElapsedTime");
+    if (absl::Status s =
+            CudaStatus(cudaEventElapsedTime(&ms, static_cast<CudaMarker*>(begin)->event,
+                                            static_cast<CudaMarker*>(end)->event),
+                       "cudaEventElapsedTime");
         !s.ok()) {
       return s;
     }

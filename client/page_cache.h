@@ -51,7 +51,7 @@ class PageCache {
   }
 
   uint32_t num_heads_, slots_;
-  std::vector<Entry> entries_;                                 // [head][slot]
+  std::vector<Entry> entries_;                                  // [head][slot]
   std::vector<absl::flat_hash_map<uint64_t, uint32_t>> where_;  // per head: frame -> slot
 };
 

@@ -60,8 +60,8 @@ absl::Status Sequence::Impl::Init() {
   row_bytes_ = layout_.row_bytes();
   if (ctx_.scale == 0) ctx_.scale = 1.0f / std::sqrt(static_cast<float>(g.head_dim));
   k_sel_ = g.selected_pages();
-  cache_slots_ = std::max<uint32_t>(
-      k_sel_, static_cast<uint32_t>(std::ceil(ctx_.cache_factor * k_sel_)));
+  cache_slots_ =
+      std::max<uint32_t>(k_sel_, static_cast<uint32_t>(std::ceil(ctx_.cache_factor * k_sel_)));
   const selection::WindowPolicy probe(SplitOf(g));
   offloaded_chunks_ = ChunksFor(g.sink_tokens) + ChunksFor(probe.ring_capacity()) + 1 + k_sel_;
   full_chunks_ = g.full_kv_layers > 0 ? ChunksFor(g.max_tokens) : 0;
@@ -74,9 +74,8 @@ absl::Status Sequence::Impl::Init() {
 absl::Status Sequence::Impl::CheckUsable(uint32_t layer) const {
   if (dropped_) return absl::FailedPreconditionError("the sequence was dropped");
   if (layer >= ctx_.geometry.num_layers) {
-    return absl::InvalidArgumentError(absl::StrCat("layer ", layer,
-                                                   " out of range (the sequence has ",
-                                                   ctx_.geometry.num_layers, ")"));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "layer ", layer, " out of range (the sequence has ", ctx_.geometry.num_layers, ")"));
   }
   if (!layers_[layer].failed.ok()) {
     return absl::FailedPreconditionError(
@@ -110,8 +109,8 @@ absl::Status Sequence::Impl::AllocateLayer(uint32_t layer) {
     ICECACHE_RETURN_IF_ERROR(AllocateKv(&L.ring_v, kv * ring * row_bytes_));
     ICECACHE_RETURN_IF_ERROR(AllocateKv(&L.cache_memory, kv * cache_slots_ * layout_.page_bytes()));
     L.cache = std::make_unique<client_internal::PageCache>(g.num_kv_heads, cache_slots_);
-    L.plan = std::make_unique<DecodePlan>(g.num_kv_heads, g.num_kv_heads * k_sel_,
-                                          offloaded_chunks_);
+    L.plan =
+        std::make_unique<DecodePlan>(g.num_kv_heads, g.num_kv_heads * k_sel_, offloaded_chunks_);
   }
   ICECACHE_RETURN_IF_ERROR(L.desc_host.Allocate(be_, L.plan->buffer_bytes(), /*on_host=*/true));
   ICECACHE_RETURN_IF_ERROR(L.desc_dev.Allocate(be_, L.plan->buffer_bytes()));
@@ -161,15 +160,14 @@ auto Sequence::Impl::WithSlot(F f) -> decltype(f()) {
 
 absl::Status Sequence::Impl::Submit(uint32_t layer, uint32_t op, const abi::ArenaRef& staging,
                                     uint32_t tokens, uint32_t first_position, bool from_window) {
-  absl::StatusOr<client_internal::Ticket> ticket = WithSlot([&] {
-    return tr_->SubmitStaged(op, ctx_.handle, layer, staging, tokens, first_position);
-  });
+  absl::StatusOr<client_internal::Ticket> ticket = WithSlot(
+      [&] { return tr_->SubmitStaged(op, ctx_.handle, layer, staging, tokens, first_position); });
   if (!ticket.ok()) {
     (void)tr_->ReleaseStaging(ctx_.handle, staging);
     return ticket.status();
   }
-  layers_[layer].pending = PendingOp{
-      .ticket = *ticket, .op = op, .staging = staging, .from_window = from_window};
+  layers_[layer].pending =
+      PendingOp{.ticket = *ticket, .op = op, .staging = staging, .from_window = from_window};
   pending_order_.push_back(layer);
   return absl::OkStatus();
 }
@@ -196,9 +194,9 @@ absl::Status Sequence::Impl::Prefill(uint32_t layer, const void* k, const void* 
         absl::StrCat(n, " prompt tokens exceed the sequence's max_tokens ", g.max_tokens));
   }
   if (prompt_tokens_ && *prompt_tokens_ != n) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "every layer's prompt has the same length: earlier layers had ", *prompt_tokens_,
-        " tokens, layer ", layer, " has ", n));
+    return absl::InvalidArgumentError(
+        absl::StrCat("every layer's prompt has the same length: earlier layers had ",
+                     *prompt_tokens_, " tokens, layer ", layer, " has ", n));
   }
   ICECACHE_RETURN_IF_ERROR(AllocateLayer(layer));
   const uint32_t kv = g.num_kv_heads;
@@ -221,8 +219,7 @@ absl::Status Sequence::Impl::Prefill(uint32_t layer, const void* k, const void* 
   if (L.full_kv) {
     ICECACHE_RETURN_IF_ERROR(write(L.full_k.ptr(), L.full_v.ptr(), 0, n, g.max_tokens));
   } else {
-    ICECACHE_ASSIGN_OR_RETURN(const selection::WindowPolicy::PromptPlan plan,
-                              L.window->Prefill(n));
+    ICECACHE_ASSIGN_OR_RETURN(const selection::WindowPolicy::PromptPlan plan, L.window->Prefill(n));
     if (plan.sink_tokens > 0) {
       ICECACHE_RETURN_IF_ERROR(
           write(L.sink_k.ptr(), L.sink_v.ptr(), 0, plan.sink_tokens, g.sink_tokens));
@@ -292,21 +289,23 @@ absl::StatusOr<std::optional<uint64_t>> Sequence::Impl::AppendToken(LayerState& 
   const uint64_t pos = w.tokens();
   const bool sink = w.NextInSink();
   const uint32_t rows = sink ? g.sink_tokens : w.ring_capacity();
-  ICECACHE_RETURN_IF_ERROR(be_->AppendKv(
-      AppendKvParams{.k_new = k_new,
-                     .v_new = v_new,
-                     .k_dst = sink ? L.sink_k.ptr() : L.ring_k.ptr(),
-                     .v_dst = sink ? L.sink_v.ptr() : L.ring_v.ptr(),
-                     .head_stride = uint64_t{rows} * row_bytes_,
-                     .slot = static_cast<uint32_t>(sink ? pos : w.RingRow(pos)),
-                     .kv_heads = g.num_kv_heads,
-                     .row_bytes = static_cast<uint32_t>(row_bytes_)},
-      stream));
+  ICECACHE_RETURN_IF_ERROR(
+      be_->AppendKv(AppendKvParams{.k_new = k_new,
+                                   .v_new = v_new,
+                                   .k_dst = sink ? L.sink_k.ptr() : L.ring_k.ptr(),
+                                   .v_dst = sink ? L.sink_v.ptr() : L.ring_v.ptr(),
+                                   .head_stride = uint64_t{rows} * row_bytes_,
+                                   .slot = static_cast<uint32_t>(sink ? pos : w.RingRow(pos)),
+                                   .kv_heads = g.num_kv_heads,
+                                   .row_bytes = static_cast<uint32_t>(row_bytes_)},
+                    stream));
   return w.Append();
 }
 
-absl::StatusOr<std::vector<abi::SelectedPageRef>> Sequence::Impl::SelectPages(
-    uint32_t layer, const void* q, void* stream, DecodeBreakdown* b) {
+absl::StatusOr<std::vector<abi::SelectedPageRef>> Sequence::Impl::SelectPages(uint32_t layer,
+                                                                              const void* q,
+                                                                              void* stream,
+                                                                              DecodeBreakdown* b) {
   const ResolvedGeometry& g = ctx_.geometry;
   const size_t q_elems = size_t{g.num_q_heads} * g.head_dim;
   ICECACHE_RETURN_IF_ERROR(be_->Copy(q_host_.ptr(), q, q_elems * 2, stream));
@@ -316,9 +315,8 @@ absl::StatusOr<std::vector<abi::SelectedPageRef>> Sequence::Impl::SelectPages(
   for (size_t i = 0; i < q_elems; ++i) {
     q_float_[i] = g.dtype == DType::kBF16 ? Bf16ToFloat(qh[i]) : HalfToFloat(qh[i]);
   }
-  absl::StatusOr<client_internal::Ticket> ticket = WithSlot([&] {
-    return tr_->SubmitSelect(ctx_.handle, layer, q_float_.data(), q_elems, k_sel_);
-  });
+  absl::StatusOr<client_internal::Ticket> ticket = WithSlot(
+      [&] { return tr_->SubmitSelect(ctx_.handle, layer, q_float_.data(), q_elems, k_sel_); });
   if (!ticket.ok()) return ticket.status();
   ICECACHE_ASSIGN_OR_RETURN(std::vector<abi::SelectedPageRef> refs, tr_->FinishSelect(*ticket));
   b->select_us = MicrosSince(ts);
@@ -375,8 +373,7 @@ absl::Status Sequence::Impl::PlanOffloaded(LayerState& L,
       }
       ICECACHE_ASSIGN_OR_RETURN(const client_internal::PageCache::Placement at,
                                 L.cache->Place(h, r, step));
-      uint8_t* slot =
-          L.cache_memory.bytes() + (size_t{h} * cache_slots_ + at.slot) * page_bytes;
+      uint8_t* slot = L.cache_memory.bytes() + (size_t{h} * cache_slots_ + at.slot) * page_bytes;
       if (at.fetch) {
         ICECACHE_ASSIGN_OR_RETURN(
             const client_internal::ArenaSpan src,
@@ -480,8 +477,8 @@ absl::Status Sequence::Impl::Decode(uint32_t layer, const void* q, const void* k
   }
   if (prefilled_layers_ != g.num_layers) {
     return absl::FailedPreconditionError(
-        absl::StrCat("every layer must be prefilled before decoding (", prefilled_layers_,
-                     " of ", g.num_layers, " are)"));
+        absl::StrCat("every layer must be prefilled before decoding (", prefilled_layers_, " of ",
+                     g.num_layers, " are)"));
   }
   LayerState& L = layers_[layer];
   uint64_t min_tokens = std::numeric_limits<uint64_t>::max();
@@ -502,16 +499,16 @@ absl::Status Sequence::Impl::Decode(uint32_t layer, const void* q, const void* k
   L.plan->Clear();
   std::optional<uint64_t> hand_over;
   if (L.full_kv) {
-    ICECACHE_RETURN_IF_ERROR(be_->AppendKv(
-        AppendKvParams{.k_new = k_new,
-                       .v_new = v_new,
-                       .k_dst = L.full_k.ptr(),
-                       .v_dst = L.full_v.ptr(),
-                       .head_stride = g.max_tokens * row_bytes_,
-                       .slot = static_cast<uint32_t>(pos),
-                       .kv_heads = g.num_kv_heads,
-                       .row_bytes = static_cast<uint32_t>(row_bytes_)},
-        stream));
+    ICECACHE_RETURN_IF_ERROR(
+        be_->AppendKv(AppendKvParams{.k_new = k_new,
+                                     .v_new = v_new,
+                                     .k_dst = L.full_k.ptr(),
+                                     .v_dst = L.full_v.ptr(),
+                                     .head_stride = g.max_tokens * row_bytes_,
+                                     .slot = static_cast<uint32_t>(pos),
+                                     .kv_heads = g.num_kv_heads,
+                                     .row_bytes = static_cast<uint32_t>(row_bytes_)},
+                      stream));
     ICECACHE_RETURN_IF_ERROR(PlanFull(L, pos));
   } else {
     ICECACHE_RETURN_IF_ERROR(RetireHandOver(layer, &b));
@@ -562,7 +559,7 @@ absl::Status Sequence::Impl::Drop() {
 }
 
 absl::StatusOr<Sequence::AttendedRows> Sequence::Impl::LastAttended(uint32_t layer,
-                                                                   uint32_t head) const {
+                                                                    uint32_t head) const {
   ICECACHE_RETURN_IF_ERROR(CheckUsable(layer));
   if (head >= ctx_.geometry.num_kv_heads) return absl::InvalidArgumentError("head out of range");
   const LayerState& L = layers_[layer];
@@ -610,16 +607,15 @@ absl::Status Sequence::Prefill(uint32_t layer, const void* k, const void* v, uin
                                void* stream) {
   return impl_->Prefill(layer, k, v, tokens, stream);
 }
-absl::Status Sequence::Decode(uint32_t layer, const void* q, const void* k_new,
-                              const void* v_new, void* out, void* stream) {
+absl::Status Sequence::Decode(uint32_t layer, const void* q, const void* k_new, const void* v_new,
+                              void* out, void* stream) {
   return impl_->Decode(layer, q, k_new, v_new, out, stream);
 }
 absl::Status Sequence::Drop() { return impl_->Drop(); }
 uint64_t Sequence::tokens(uint32_t layer) const { return impl_->tokens(layer); }
 const DecodeBreakdown& Sequence::last_decode() const { return impl_->last(); }
 uint64_t Sequence::kv_device_bytes() const { return impl_->kv_device_bytes(); }
-absl::StatusOr<Sequence::AttendedRows> Sequence::LastAttended(uint32_t layer,
-                                                             uint32_t head) const {
+absl::StatusOr<Sequence::AttendedRows> Sequence::LastAttended(uint32_t layer, uint32_t head) const {
   return impl_->LastAttended(layer, head);
 }
 

@@ -77,8 +77,8 @@ struct LayerState {
 
   // Offloaded layers.
   std::unique_ptr<selection::WindowPolicy> window;
-  Buffer sink_k, sink_v;  // [kv][sink][row]
-  Buffer ring_k, ring_v;  // [kv][ring_capacity][row]
+  Buffer sink_k, sink_v;      // [kv][sink][row]
+  Buffer ring_k, ring_v;      // [kv][ring_capacity][row]
   bool daemon_built = false;  // the daemon's layer holds an index
   std::optional<PendingOp> pending;
   Buffer cache_memory;  // [kv][cache_slots][page_bytes]

@@ -59,9 +59,9 @@ absl::StatusOr<uint64_t> ParseByteSize(absl::string_view text) {
   }
   uint64_t mult = 0;
   if (!UnitMultiplier(unit, &mult)) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "byte size '", text, "' has unknown unit '", unit,
-        "' (use B, KiB, MiB, GiB, TiB, K, M, G, T, KB, MB, GB or TB)"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("byte size '", text, "' has unknown unit '", unit,
+                     "' (use B, KiB, MiB, GiB, TiB, K, M, G, T, KB, MB, GB or TB)"));
   }
   if (number.find('.') == absl::string_view::npos) {
     uint64_t n = 0;

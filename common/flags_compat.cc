@@ -49,8 +49,7 @@ std::vector<std::string> NormalizeFlagNames(int argc, char** argv) {
     if (i > 0 && !flags_done) {
       if (arg == "--") {
         flags_done = true;
-      } else if (arg.rfind("--flagfile=", 0) == 0 &&
-                 ExpandFlagfile(arg.substr(11), 0, &out)) {
+      } else if (arg.rfind("--flagfile=", 0) == 0 && ExpandFlagfile(arg.substr(11), 0, &out)) {
         continue;  // its flags are in place of it, spelled like the command line's
       } else {
         arg = Normalize(std::move(arg));

@@ -37,8 +37,7 @@ class KeyedSerialExecutor {
   struct State {
     ThreadPool* pool;
     mutable absl::Mutex mu;
-    absl::flat_hash_map<std::string, std::deque<std::function<void()>>> queues
-        ABSL_GUARDED_BY(mu);
+    absl::flat_hash_map<std::string, std::deque<std::function<void()>>> queues ABSL_GUARDED_BY(mu);
   };
   static void Drain(std::shared_ptr<State> state, std::string key);
 

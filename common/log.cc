@@ -75,9 +75,8 @@ LogMessage::~LogMessage() {
   gmtime_r(&secs, &tm_utc);
   char stamp[64];
   std::snprintf(stamp, sizeof(stamp), "%c%04d-%02d-%02dT%02d:%02d:%02d.%06ldZ %s:%d] ",
-                SeverityLetter(severity_), tm_utc.tm_year + 1900, tm_utc.tm_mon + 1,
-                tm_utc.tm_mday, tm_utc.tm_hour, tm_utc.tm_min, tm_utc.tm_sec, micros,
-                Basename(file_), line_);
+                SeverityLetter(severity_), tm_utc.tm_year + 1900, tm_utc.tm_mon + 1, tm_utc.tm_mday,
+                tm_utc.tm_hour, tm_utc.tm_min, tm_utc.tm_sec, micros, Basename(file_), line_);
   std::string text = stamp;
   text += stream_.str();
   text += '\n';

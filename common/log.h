@@ -9,6 +9,7 @@
 #pragma once
 
 #include <sstream>
+
 #include "absl/strings/string_view.h"
 
 namespace icecache {
@@ -54,27 +55,26 @@ struct Voidify {
 #define ICECACHE_LOG_SEVERITY_FATAL ::icecache::LogSeverity::kFatal
 
 // ICECACHE_LOG(INFO) << "text";
-#define ICECACHE_LOG(sev)                                                     \
-  (ICECACHE_LOG_SEVERITY_##sev < ::icecache::MinLogSeverity())                \
-      ? (void)0                                                               \
-      : ::icecache::internal::Voidify() &                                     \
-            ::icecache::internal::LogMessage(__FILE__, __LINE__,              \
-                                             ICECACHE_LOG_SEVERITY_##sev)     \
+#define ICECACHE_LOG(sev)                                                                     \
+  (ICECACHE_LOG_SEVERITY_##sev < ::icecache::MinLogSeverity())                                \
+      ? (void)0                                                                               \
+      : ::icecache::internal::Voidify() &                                                     \
+            ::icecache::internal::LogMessage(__FILE__, __LINE__, ICECACHE_LOG_SEVERITY_##sev) \
                 .stream()
 
 // Invariant check: aborts with file, line and the condition text when `cond` is false.
-#define ICECACHE_CHECK(cond)                                                            \
-  (cond) ? (void)0                                                                      \
-         : ::icecache::internal::Voidify() &                                            \
-               ::icecache::internal::LogMessage(__FILE__, __LINE__,                     \
-                                                ::icecache::LogSeverity::kFatal)        \
-                       .stream()                                                        \
-                   << "Check failed: " #cond " "
+#define ICECACHE_CHECK(cond)                                                                      \
+  (cond)                                                                                          \
+      ? (void)0                                                                                   \
+      : ::icecache::internal::Voidify() &                                                         \
+            ::icecache::internal::LogMessage(__FILE__, __LINE__, ::icecache::LogSeverity::kFatal) \
+                    .stream()                                                                     \
+                << "Check failed: " #cond " "
 
-#define ICECACHE_CHECK_OK(expr)                                                         \
-  do {                                                                                  \
-    const ::absl::Status _icecache_check_status = (expr);                               \
-    ICECACHE_CHECK(_icecache_check_status.ok()) << _icecache_check_status.ToString();   \
+#define ICECACHE_CHECK_OK(expr)                                                       \
+  do {                                                                                \
+    const ::absl::Status _icecache_check_status = (expr);                             \
+    ICECACHE_CHECK(_icecache_check_status.ok()) << _icecache_check_status.ToString(); \
   } while (0)
 
 #ifdef NDEBUG

@@ -85,9 +85,9 @@ absl::Status PrepareSocketDirectory(const std::string& socket_path) {
     struct stat st;
     if (::lstat(dir.c_str(), &st) != 0) return ErrnoStatus(errno, absl::StrCat("stat ", dir));
     if (!S_ISDIR(st.st_mode) || st.st_uid != ::geteuid() || (st.st_mode & 0022) != 0) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          dir, " must be a directory owned by uid ", ::geteuid(),
-          " and not writable by group or others; remove it or choose --socket"));
+      return absl::FailedPreconditionError(
+          absl::StrCat(dir, " must be a directory owned by uid ", ::geteuid(),
+                       " and not writable by group or others; remove it or choose --socket"));
     }
   }
   return absl::OkStatus();

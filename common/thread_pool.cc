@@ -39,9 +39,8 @@ void ThreadPool::WorkerLoop() {
     {
       absl::MutexLock lock(&mu_);
       mu_.Await(absl::Condition(
-          +[](ThreadPool* p) ABSL_EXCLUSIVE_LOCKS_REQUIRED(p->mu_) {
-            return p->stopping_ || !p->queue_.empty();
-          },
+          +[](ThreadPool* p)
+               ABSL_EXCLUSIVE_LOCKS_REQUIRED(p->mu_) { return p->stopping_ || !p->queue_.empty(); },
           this));
       if (queue_.empty()) return;  // stopping and drained
       task = std::move(queue_.front());
@@ -80,9 +79,8 @@ void ThreadPool::ParallelFor(size_t n, const std::function<void(size_t)>& fn) {
   std::pair<State*, size_t> wait_for(state.get(), n);
   absl::MutexLock lock(&state->mu);
   state->mu.Await(absl::Condition(
-      +[](std::pair<State*, size_t>* a) ABSL_NO_THREAD_SAFETY_ANALYSIS {
-        return a->first->done == a->second;
-      },
+      +[](std::pair<State*, size_t>* a)
+           ABSL_NO_THREAD_SAFETY_ANALYSIS { return a->first->done == a->second; },
       &wait_for));
 }
 

@@ -1,8 +1,8 @@
-#include "common/build_info.h"
+#include "common/version.h"
 
 #include <string>
 
-#include "common/version.h"
+#include "common/build_info.h"
 
 namespace icecache {
 

@@ -69,14 +69,12 @@ uint32_t PositionalIndex::num_tokens() const {
 
 uint32_t PositionalIndex::num_pages() const {
   absl::ReaderMutexLock lock(&mu_);
-  return static_cast<uint32_t>((positions_.size() + geometry_.page_size - 1) /
-                               geometry_.page_size);
+  return static_cast<uint32_t>((positions_.size() + geometry_.page_size - 1) / geometry_.page_size);
 }
 
 uint32_t PositionalIndex::valid(uint32_t page) const {
   const uint64_t begin = uint64_t{page} * geometry_.page_size;
-  return static_cast<uint32_t>(
-      std::min<uint64_t>(geometry_.page_size, positions_.size() - begin));
+  return static_cast<uint32_t>(std::min<uint64_t>(geometry_.page_size, positions_.size() - begin));
 }
 
 std::vector<PageInfo> PositionalIndex::Layout() const {

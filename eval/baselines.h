@@ -21,7 +21,6 @@
 
 namespace icecache::eval {
 
-
 class PositionalIndex : public KvIndex {
  public:
   PositionalIndex(const IndexGeometry& geometry, const PageReader* reader);
@@ -61,8 +60,7 @@ class PositionalIndex : public KvIndex {
   bool built_ ABSL_GUARDED_BY(mu_) = false;
 
  private:
-  absl::Status Append(const KeyBatch& batch, PageWriter* writer)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::Status Append(const KeyBatch& batch, PageWriter* writer) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 };
 
 class QuestIndex final : public PositionalIndex {
@@ -88,6 +86,5 @@ class StreamingIndex final : public PositionalIndex {
   absl::Status Search(const float* queries, uint32_t group, uint32_t k,
                       std::vector<SelectedPage>* out) const override;
 };
-
 
 }  // namespace icecache::eval

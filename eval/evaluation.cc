@@ -135,8 +135,8 @@ absl::StatusOr<EvalResult> Evaluate(const Trace& trace, const EvalOptions& optio
         }
         for (size_t m = 0; m < selectors.size() && status.ok(); ++m) {
           for (size_t b : budget_ids) {
-            absl::StatusOr<std::vector<uint32_t>> tokens = selectors[m]->Select(
-                keys, p, queries.data(), group, splits[b].selected_pages());
+            absl::StatusOr<std::vector<uint32_t>> tokens =
+                selectors[m]->Select(keys, p, queries.data(), group, splits[b].selected_pages());
             if (!tokens.ok()) {
               status.Update(tokens.status());
               break;

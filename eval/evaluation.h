@@ -12,8 +12,8 @@
 
 #include "common/thread_pool.h"
 #include "eval/head_selector.h"
-#include "eval/trace.h"
 #include "eval/index_types.h"
+#include "eval/trace.h"
 
 namespace icecache::eval {
 
@@ -21,9 +21,9 @@ struct EvalOptions {
   std::vector<uint32_t> budgets = {64, 128, 256, 512};
   uint32_t page_size = 16;
   std::vector<MethodSpec> methods = DefaultMethods();
-  uint32_t first_layer = 0;             // e.g. 2 to skip the full-KV layers
-  uint32_t end_layer = 0xffffffffu;     // exclusive
-  bool output_error = true;             // needs values in the trace
+  uint32_t first_layer = 0;          // e.g. 2 to skip the full-KV layers
+  uint32_t end_layer = 0xffffffffu;  // exclusive
+  bool output_error = true;          // needs values in the trace
 };
 
 // Aggregates of one (method, budget, layer); samples are (KV head, query head, query).
@@ -49,7 +49,7 @@ struct EvalResult {
   std::vector<EvalSummary> Summaries() const;
   // Mean recall per layer for one (method, budget).
   std::vector<std::pair<uint32_t, double>> RecallByLayer(const std::string& method,
-                                                          uint32_t budget) const;
+                                                         uint32_t budget) const;
 };
 
 // Runs every (layer, KV head) of the trace on `pool`; `progress(done, total)` is called

@@ -34,7 +34,7 @@ class HeadSelector::State {
       case MethodKind::kDci:
       case MethodKind::kOraclePagesOurLayout:
         layout_ = selection::CreateIndex(selection::IndexSpec{spec.name, spec.dci}, geometry,
-                                          pages_.get());
+                                         pages_.get());
         break;
       case MethodKind::kQuest:
         layout_ = std::make_unique<QuestIndex>(geometry, pages_.get());
@@ -78,8 +78,8 @@ class HeadSelector::State {
     const uint32_t kk = std::min(k, layout_->num_pages());
     if (kk == 0) return absl::OkStatus();
     std::vector<SelectedPage> picked;
-    const KvIndex* searcher = oracle_ != nullptr ? static_cast<const KvIndex*>(oracle_.get())
-                                                 : layout_.get();
+    const KvIndex* searcher =
+        oracle_ != nullptr ? static_cast<const KvIndex*>(oracle_.get()) : layout_.get();
     absl::Status s = searcher->Search(queries, group, kk, &picked);
     if (!s.ok()) return s;
     for (const SelectedPage& p : picked) {
@@ -153,8 +153,8 @@ absl::StatusOr<std::vector<uint32_t>> HeadSelector::Select(const RowView& keys, 
         absl::StrCat("keys hold ", keys.rows, " rows, position ", p, " needs ", p + 1));
   }
   if (uint64_t{p} + 1 < policy_.tokens()) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "positions must not decrease: position ", p, " after ", policy_.tokens() - 1));
+    return absl::InvalidArgumentError(
+        absl::StrCat("positions must not decrease: position ", p, " after ", policy_.tokens() - 1));
   }
   absl::Status advanced = Advance(keys, p);
   if (!advanced.ok()) return advanced;

@@ -26,12 +26,12 @@
 namespace icecache::eval {
 
 enum class MethodKind : uint8_t {
-  kDci,                   // the IceCache DCI tree (options in MethodSpec::dci)
-  kQuest,                 // Quest-style bound over positional pages
-  kStreaming,             // sink + the most recent tokens (the pages' share too)
-  kOraclePagesOurLayout,  // best pages (softmax mass) of the DCI layout
-  kOraclePagesPositional, // best positional pages
-  kOracleTokens,          // best individual tokens (budget counted in tokens)
+  kDci,                    // the IceCache DCI tree (options in MethodSpec::dci)
+  kQuest,                  // Quest-style bound over positional pages
+  kStreaming,              // sink + the most recent tokens (the pages' share too)
+  kOraclePagesOurLayout,   // best pages (softmax mass) of the DCI layout
+  kOraclePagesPositional,  // best positional pages
+  kOracleTokens,           // best individual tokens (budget counted in tokens)
 };
 
 struct MethodSpec {

@@ -30,8 +30,7 @@ bool InMemoryPages::allocated(uint32_t page) const {
   return page < allocated_.size() && allocated_[page] != 0;
 }
 
-void InMemoryPages::Apply(const LayoutChange& change, const RowView& keys,
-                          const RowView* values) {
+void InMemoryPages::Apply(const LayoutChange& change, const RowView& keys, const RowView* values) {
   uint32_t max_page = 0;
   for (uint32_t p : change.allocated) max_page = std::max(max_page, p + 1);
   if (max_page > valid_.size()) {

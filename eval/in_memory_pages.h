@@ -9,8 +9,8 @@
 #include <cstdint>
 #include <vector>
 
-#include "kernels/page_layout.h"
 #include "eval/index_types.h"
+#include "kernels/page_layout.h"
 
 namespace icecache::eval {
 
@@ -52,9 +52,7 @@ class InMemoryPages final : public PageReader {
 
  private:
   uint8_t* Frame(uint32_t page) { return data_.data() + uint64_t{page} * frame_bytes_; }
-  const uint8_t* Frame(uint32_t page) const {
-    return data_.data() + uint64_t{page} * frame_bytes_;
-  }
+  const uint8_t* Frame(uint32_t page) const { return data_.data() + uint64_t{page} * frame_bytes_; }
 
   IndexGeometry geometry_;
   PageLayout layout_;

@@ -29,8 +29,8 @@ absl::Status LayerIndex::ForEachHead(const std::function<absl::Status(uint32_t)>
 absl::Status LayerIndex::Build(const std::vector<KeyBatch>& batches,
                                const std::vector<PageWriter*>& writers) {
   if (batches.size() != heads_.size() || writers.size() != heads_.size()) {
-    return absl::InvalidArgumentError(absl::StrCat("need ", heads_.size(),
-                                                   " batches and writers (one per KV head)"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("need ", heads_.size(), " batches and writers (one per KV head)"));
   }
   return ForEachHead([&](uint32_t h) { return heads_[h]->Build(batches[h], writers[h]); });
 }
@@ -38,8 +38,8 @@ absl::Status LayerIndex::Build(const std::vector<KeyBatch>& batches,
 absl::Status LayerIndex::Insert(const std::vector<KeyBatch>& batches,
                                 const std::vector<PageWriter*>& writers) {
   if (batches.size() != heads_.size() || writers.size() != heads_.size()) {
-    return absl::InvalidArgumentError(absl::StrCat("need ", heads_.size(),
-                                                   " batches and writers (one per KV head)"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("need ", heads_.size(), " batches and writers (one per KV head)"));
   }
   return ForEachHead([&](uint32_t h) { return heads_[h]->Insert(batches[h], writers[h]); });
 }

@@ -61,8 +61,8 @@ absl::StatusOr<std::unique_ptr<LocalDaemon>> LocalDaemon::Start(
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(10));
   }
-  return absl::UnavailableError(
-      absl::StrCat(binary, " did not come up at ", d->socket_, " within ", absl::FormatDuration(timeout)));
+  return absl::UnavailableError(absl::StrCat(binary, " did not come up at ", d->socket_, " within ",
+                                             absl::FormatDuration(timeout)));
 }
 
 LocalDaemon::~LocalDaemon() {

@@ -10,7 +10,6 @@
 
 #include "eval/index_types.h"
 
-
 namespace icecache::eval {
 
 struct FullAttention {
@@ -18,7 +17,7 @@ struct FullAttention {
   std::vector<double> probs;   // [n] softmax
   std::vector<double> out;     // [dim] sum probs * v (empty without values)
   double max_logit = 0;
-  double z = 0;                // sum exp(logit - max_logit)
+  double z = 0;  // sum exp(logit - max_logit)
 };
 
 // Exact attention of query q[dim] over rows [0, n) of keys (and values, when given).

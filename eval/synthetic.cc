@@ -45,9 +45,8 @@ Trace GenerateSynthetic(const SyntheticOptions& o) {
   t.description = absl::StrFormat(
       "synthetic: %u tokens, dim %u, %u clusters (mean run %u, spread %.2f), %u outlier "
       "channels, %u clusters per query, sharpness %.1f, RoPE base %.0f, seed %u",
-      o.num_tokens, o.head_dim, o.num_clusters, o.mean_run, o.cluster_spread,
-      o.outlier_channels, o.query_clusters, o.query_sharpness, o.rope_base,
-      static_cast<unsigned>(o.seed));
+      o.num_tokens, o.head_dim, o.num_clusters, o.mean_run, o.cluster_spread, o.outlier_channels,
+      o.query_clusters, o.query_sharpness, o.rope_base, static_cast<unsigned>(o.seed));
   if (o.query_drift < 1.0f) {
     t.description += absl::StrFormat(", query drift %.2f per step", o.query_drift);
   }

@@ -13,8 +13,8 @@
 
 #include <cstdint>
 
-#include "eval/trace.h"
 #include "eval/index_types.h"
+#include "eval/trace.h"
 
 namespace icecache::eval {
 
@@ -23,15 +23,15 @@ struct SyntheticOptions {
   uint32_t head_dim = 64;
   uint32_t num_layers = 1;
   uint32_t num_kv_heads = 2;
-  uint32_t group_size = 4;     // query heads per KV head
-  uint32_t num_queries = 16;   // at the last positions of the sequence
+  uint32_t group_size = 4;    // query heads per KV head
+  uint32_t num_queries = 16;  // at the last positions of the sequence
   uint32_t num_clusters = 96;
-  uint32_t mean_run = 3;           // mean length of a run of tokens from one cluster
-  float cluster_spread = 0.45f;    // within-cluster noise relative to the centre's norm
+  uint32_t mean_run = 3;         // mean length of a run of tokens from one cluster
+  float cluster_spread = 0.45f;  // within-cluster noise relative to the centre's norm
   uint32_t outlier_channels = 2;
-  float outlier_offset = 4.0f;     // in units of a typical key element
-  uint32_t query_clusters = 2;     // clusters each query attends to
-  float query_sharpness = 9.0f;    // scale of the query; larger = more peaked attention
+  float outlier_offset = 4.0f;   // in units of a typical key element
+  uint32_t query_clusters = 2;   // clusters each query attends to
+  float query_sharpness = 9.0f;  // scale of the query; larger = more peaked attention
   // Chance that a query head re-draws each of its target clusters at the next query position
   // (1: every query independent; below 1: consecutive decode queries stay on a topic, as a
   // model's do, which is what a page cache lives on).

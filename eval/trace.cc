@@ -93,7 +93,8 @@ absl::Status WriteTrace(const Trace& t, const std::string& path) {
   absl::Status valid = ValidateTrace(t);
   if (!valid.ok()) return valid;
   std::ofstream out(path, std::ios::binary | std::ios::trunc);
-  if (!out) return absl::InternalError(absl::StrCat("cannot write ", path, ": ", std::strerror(errno)));
+  if (!out)
+    return absl::InternalError(absl::StrCat("cannot write ", path, ": ", std::strerror(errno)));
   Header h{};
   std::memcpy(h.magic, kMagic, sizeof(kMagic));
   h.version = kVersion;
@@ -149,8 +150,8 @@ absl::StatusOr<Trace> ReadTrace(const std::string& path) {
   t.has_values = (h.flags & 1u) != 0;
   // Refuse absurd sizes before allocating (a corrupt header must not exhaust memory).
   // In double: exact enough for a 1 TiB sanity bound, and no overflow.
-  const double kv = double(h.num_layers) * h.num_kv_heads * h.num_tokens * h.head_dim *
-                    ElemBytes(t.kv_type);
+  const double kv =
+      double(h.num_layers) * h.num_kv_heads * h.num_tokens * h.head_dim * ElemBytes(t.kv_type);
   const double q = double(h.num_layers) * h.num_q_heads * h.num_queries * h.head_dim * 4.0;
   if (kv > 1099511627776.0 || q > 1099511627776.0) {
     return absl::DataLossError(absl::StrCat(path, ": header describes more than 1 TiB"));

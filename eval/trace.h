@@ -23,9 +23,9 @@ struct Trace {
   ElemType kv_type = ElemType::kF16;  // of keys and values
   bool has_values = false;
   std::vector<uint32_t> query_positions;  // ascending, each < num_tokens
-  std::vector<uint8_t> keys;    // [layer][kv_head][token][dim] of kv_type
-  std::vector<uint8_t> values;  // same shape, when has_values
-  std::vector<float> queries;   // [layer][q_head][query][dim]
+  std::vector<uint8_t> keys;              // [layer][kv_head][token][dim] of kv_type
+  std::vector<uint8_t> values;            // same shape, when has_values
+  std::vector<float> queries;             // [layer][q_head][query][dim]
 
   uint32_t group_size() const { return num_q_heads / num_kv_heads; }
   uint64_t HeadBytes() const { return uint64_t{num_tokens} * head_dim * ElemBytes(kv_type); }

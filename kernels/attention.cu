@@ -12,12 +12,14 @@ cudaError_t Launch(const DecodeAttentionParams& p, float* scratch, uint32_t spli
   float* part_sum = part_max + size_t{p.num_q_heads} * splits;
   float* part_acc = part_sum + size_t{p.num_q_heads} * splits;
   const uint32_t warps = group < 4 ? group : 4;
-  kernels::DecodeAttentionPartialKernel<T, D><<<dim3(p.num_kv_heads, splits), warps * 32, 0, stream>>>(
-      static_cast<const T*>(p.q), p.chunks, p.chunk_offsets, group, splits, p.scale, part_max,
-      part_sum, part_acc);
+  kernels::DecodeAttentionPartialKernel<T, D>
+      <<<dim3(p.num_kv_heads, splits), warps * 32, 0, stream>>>(
+          static_cast<const T*>(p.q), p.chunks, p.chunk_offsets, group, splits, p.scale, part_max,
+          part_sum, part_acc);
   cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess) return e;
-  kernels::DecodeAttentionCombineKernel<T, D><<<p.num_q_heads, D < 128 ? D : 128, 0, stream>>>(
+  constexpr uint32_t kCombineThreads = D < 128 ? D : 128;
+  kernels::DecodeAttentionCombineKernel<T, D><<<p.num_q_heads, kCombineThreads, 0, stream>>>(
       part_max, part_sum, part_acc, splits, static_cast<T*>(p.out));
   return cudaGetLastError();
 }

@@ -31,13 +31,10 @@ __device__ __forceinline__ __half FromFloat<__half>(float f) {
 // reduces each row's dot product with shuffles, and an online softmax keeps (max, sum, acc).
 // The split's partial (max, sum, acc) goes to scratch for the combine kernel.
 template <typename T, int D>
-__global__ void DecodeAttentionPartialKernel(const T* __restrict__ q,
-                                             const AttentionChunk* __restrict__ chunks,
-                                             const uint32_t* __restrict__ chunk_offsets,
-                                             uint32_t group, uint32_t num_splits, float scale,
-                                             float* __restrict__ part_max,
-                                             float* __restrict__ part_sum,
-                                             float* __restrict__ part_acc) {
+__global__ void DecodeAttentionPartialKernel(
+    const T* __restrict__ q, const AttentionChunk* __restrict__ chunks,
+    const uint32_t* __restrict__ chunk_offsets, uint32_t group, uint32_t num_splits, float scale,
+    float* __restrict__ part_max, float* __restrict__ part_sum, float* __restrict__ part_acc) {
   constexpr int kPer = D / 32;
   const uint32_t kvh = blockIdx.x, split = blockIdx.y;
   const uint32_t warps = blockDim.x / 32, warp = threadIdx.x / 32, lane = threadIdx.x % 32;

@@ -9,8 +9,8 @@
 
 #include <cstdint>
 
-#include "kernels/head_dim.h"
 #include "common/dtype.h"
+#include "kernels/head_dim.h"
 
 namespace icecache {
 
@@ -35,7 +35,7 @@ struct DecodeAttentionParams {
   uint32_t num_kv_heads = 0;
   uint32_t head_dim = 0;
   DType dtype = DType::kBF16;
-  float scale = 0;                // softmax scale, usually 1/sqrt(head_dim)
+  float scale = 0;  // softmax scale, usually 1/sqrt(head_dim)
 };
 
 // What is wrong with `p` (a static string), or nullptr when it is valid: non-null pointers,

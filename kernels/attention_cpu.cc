@@ -42,7 +42,8 @@ void AttendOne(const DecodeAttentionParams& p, uint32_t qh) {
       m = m_new;
     }
   }
-  for (uint32_t i = 0; i < d; ++i) Store(p.out, uint64_t{qh} * d + i, l > 0 ? acc[i] / l : 0.f, p.dtype);
+  for (uint32_t i = 0; i < d; ++i)
+    Store(p.out, uint64_t{qh} * d + i, l > 0 ? acc[i] / l : 0.f, p.dtype);
 }
 
 }  // namespace

@@ -29,9 +29,9 @@ bool AppendKvCpu(const AppendKvParams& p);
 // token t of head h lands at dst + h * dst_head_stride + (dst_row_begin + t) * row_bytes
 // (dst_head_stride 0 means count * row_bytes: the staging layout).
 struct WriteStagingParams {
-  const void* k_src;   // [tokens][kv_heads][row_bytes]
+  const void* k_src;  // [tokens][kv_heads][row_bytes]
   const void* v_src;
-  void* k_dst;         // [kv_heads][...][row_bytes]
+  void* k_dst;  // [kv_heads][...][row_bytes]
   void* v_dst;
   uint32_t token_begin;
   uint32_t count;

@@ -24,7 +24,8 @@ bool WriteStagingCpu(const WriteStagingParams& p) {
       p.row_bytes == 0 || p.row_bytes % 16 != 0) {
     return false;
   }
-  const uint64_t stride = p.dst_head_stride != 0 ? p.dst_head_stride : uint64_t{p.count} * p.row_bytes;
+  const uint64_t stride =
+      p.dst_head_stride != 0 ? p.dst_head_stride : uint64_t{p.count} * p.row_bytes;
   for (uint32_t h = 0; h < p.kv_heads; ++h) {
     for (uint32_t t = 0; t < p.count; ++t) {
       const uint64_t src = (uint64_t{p.token_begin + t} * p.kv_heads + h) * p.row_bytes;

@@ -83,8 +83,8 @@ void AttendPositions(const KvStore& kv, uint32_t layer, uint32_t kv_head, const 
   }
 }
 
-void AttendPrefix(const KvStore& kv, uint32_t layer, uint32_t kv_head, const float* q,
-                  uint32_t pos, float scale, float* out) {
+void AttendPrefix(const KvStore& kv, uint32_t layer, uint32_t kv_head, const float* q, uint32_t pos,
+                  float scale, float* out) {
   const uint32_t d = kv.config().head_dim;
   std::vector<float> w(pos + 1);
   // w = softmax(K[0..pos] . q * scale); out = V[0..pos]^T . w (rows contiguous per head).
@@ -93,8 +93,8 @@ void AttendPrefix(const KvStore& kv, uint32_t layer, uint32_t kv_head, const flo
   const float mx = *std::max_element(w.begin(), w.end());
   float sum = 0;
   for (float& x : w) sum += (x = std::exp(x - mx));
-  cblas_sgemv(CblasRowMajor, CblasTrans, static_cast<int>(pos + 1), static_cast<int>(d),
-              1.0f / sum, kv.v(layer, kv_head), static_cast<int>(d), w.data(), 1, 0.0f, out, 1);
+  cblas_sgemv(CblasRowMajor, CblasTrans, static_cast<int>(pos + 1), static_cast<int>(d), 1.0f / sum,
+              kv.v(layer, kv_head), static_cast<int>(d), w.data(), 1, 0.0f, out, 1);
 }
 
 void PromptAttention(const LlamaConfig& c, const float* q, const float* k, const float* v,
@@ -194,9 +194,9 @@ SelectiveAttention::SelectiveAttention(const LlamaConfig& config, uint32_t max_t
   const index::IndexGeometry geometry{config.head_dim, index::ElemType::kF16, split.page_size};
   for (uint32_t l = 0; l < config.n_layers; ++l) {
     for (uint32_t h = 0; h < config.n_kv_heads; ++h) {
-      selectors_.push_back(l < full_kv_layers ? nullptr
-                                              : std::make_unique<eval::HeadSelector>(
-                                                    method_, split, geometry));
+      selectors_.push_back(l < full_kv_layers
+                               ? nullptr
+                               : std::make_unique<eval::HeadSelector>(method_, split, geometry));
     }
   }
 }
@@ -220,8 +220,9 @@ absl::Status SelectiveAttention::Decode(uint32_t layer, uint32_t pos, const floa
       keys.type = index::ElemType::kF16;
       keys.dim = d;
       keys.rows = pos + 1;
-      absl::StatusOr<std::vector<uint32_t>> sel = selectors_[uint64_t{layer} * c.n_kv_heads + h]->Select(
-          keys, pos, group_q, g, split_.selected_pages());
+      absl::StatusOr<std::vector<uint32_t>> sel =
+          selectors_[uint64_t{layer} * c.n_kv_heads + h]->Select(keys, pos, group_q, g,
+                                                                 split_.selected_pages());
       if (!sel.ok()) return sel.status();
       positions = std::move(*sel);
     }
@@ -314,8 +315,8 @@ absl::Status ServiceAttention::Prefill(uint32_t layer, const float* q, const flo
   return LoadPrompt(layer, k, v, n);
 }
 
-absl::Status ServiceAttention::Decode(uint32_t layer, uint32_t pos, const float* q,
-                                      const float* k, const float* v, float* out) {
+absl::Status ServiceAttention::Decode(uint32_t layer, uint32_t pos, const float* q, const float* k,
+                                      const float* v, float* out) {
   const uint32_t qn = config_.q_dim(), kvn = config_.kv_dim(), d = config_.head_dim;
   q16_.resize(qn);
   k16_.resize(kvn);
@@ -347,8 +348,8 @@ absl::Status ServiceAttention::Decode(uint32_t layer, uint32_t pos, const float*
     where_count_[slot] = pos + 1;
     std::vector<uint32_t> attended;
     for (uint32_t r = 0; r < rows->count; ++r) {
-      auto it = where.find(
-          std::string(reinterpret_cast<const char*>(&rows->k[uint64_t{r} * d]), d * 2));
+      auto it =
+          where.find(std::string(reinterpret_cast<const char*>(&rows->k[uint64_t{r} * d]), d * 2));
       if (it != where.end()) attended.push_back(it->second);
     }
     std::sort(attended.begin(), attended.end());

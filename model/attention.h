@@ -21,9 +21,9 @@
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/status/statusor.h"
+#include "eval/head_selector.h"
 #include "icecache/client.h"
 #include "model/llama.h"
-#include "eval/head_selector.h"
 
 namespace icecache::model {
 
@@ -52,14 +52,14 @@ class KvStore {
   uint64_t Offset(uint32_t layer, uint32_t head) const;
   const LlamaConfig config_;
   const uint32_t max_tokens_;
-  std::vector<float> k_, v_;     // [layer][kv_head][max_tokens][head_dim]
+  std::vector<float> k_, v_;  // [layer][kv_head][max_tokens][head_dim]
   std::vector<uint16_t> k_half_;
 };
 
 // Softmax attention of one query row over positions [0, pos] of one (layer, KV head), through
 // OpenBLAS.
-void AttendPrefix(const KvStore& kv, uint32_t layer, uint32_t kv_head, const float* q,
-                  uint32_t pos, float scale, float* out);
+void AttendPrefix(const KvStore& kv, uint32_t layer, uint32_t kv_head, const float* q, uint32_t pos,
+                  float scale, float* out);
 
 // Softmax attention of one query row over the listed positions of one (layer, KV head).
 void AttendPositions(const KvStore& kv, uint32_t layer, uint32_t kv_head, const float* q,
@@ -68,8 +68,8 @@ void AttendPositions(const KvStore& kv, uint32_t layer, uint32_t kv_head, const 
 // What the in-process backends share: every K/V in a KvStore, the prompt attended in full.
 class InProcessAttention : public AttentionBackend {
  public:
-  absl::Status Prefill(uint32_t layer, const float* q, const float* k, const float* v,
-                       uint32_t n, float* out) override;
+  absl::Status Prefill(uint32_t layer, const float* q, const float* k, const float* v, uint32_t n,
+                       float* out) override;
   absl::Status LoadPrompt(uint32_t layer, const float* k, const float* v, uint32_t n) override;
   const KvStore& kv() const { return kv_; }
 
@@ -81,8 +81,8 @@ class InProcessAttention : public AttentionBackend {
 class FullAttention : public InProcessAttention {
  public:
   FullAttention(const LlamaConfig& config, uint32_t max_tokens);
-  absl::Status Decode(uint32_t layer, uint32_t pos, const float* q, const float* k,
-                      const float* v, float* out) override;
+  absl::Status Decode(uint32_t layer, uint32_t pos, const float* q, const float* k, const float* v,
+                      float* out) override;
 };
 
 // Selection statistics of a SelectiveAttention or ServiceAttention run.
@@ -98,11 +98,11 @@ class SelectiveAttention : public InProcessAttention {
  public:
   // Layers [0, full_kv_layers) attend to everything; the others through `method` with the
   // budget split. measure_recall: also compute every head's exact attention recall.
-  SelectiveAttention(const LlamaConfig& config, uint32_t max_tokens,
-                     const eval::MethodSpec& method, const selection::BudgetSplit& split,
-                     uint32_t full_kv_layers, bool measure_recall);
-  absl::Status Decode(uint32_t layer, uint32_t pos, const float* q, const float* k,
-                      const float* v, float* out) override;
+  SelectiveAttention(const LlamaConfig& config, uint32_t max_tokens, const eval::MethodSpec& method,
+                     const selection::BudgetSplit& split, uint32_t full_kv_layers,
+                     bool measure_recall);
+  absl::Status Decode(uint32_t layer, uint32_t pos, const float* q, const float* k, const float* v,
+                      float* out) override;
   const SelectionStats& stats() const { return stats_; }
 
  private:
@@ -122,10 +122,10 @@ class ServiceAttention : public AttentionBackend {
   // attended (LastAttended rows matched against all positions); costs a copy per step.
   ServiceAttention(const LlamaConfig& config, Sequence* sequence, bool measure_recall,
                    uint32_t max_tokens);
-  absl::Status Prefill(uint32_t layer, const float* q, const float* k, const float* v,
-                       uint32_t n, float* out) override;
-  absl::Status Decode(uint32_t layer, uint32_t pos, const float* q, const float* k,
-                      const float* v, float* out) override;
+  absl::Status Prefill(uint32_t layer, const float* q, const float* k, const float* v, uint32_t n,
+                       float* out) override;
+  absl::Status Decode(uint32_t layer, uint32_t pos, const float* q, const float* k, const float* v,
+                      float* out) override;
   absl::Status LoadPrompt(uint32_t layer, const float* k, const float* v, uint32_t n) override;
   const SelectionStats& stats() const { return stats_; }
   // What each Decode of an offloaded layer did (select, fetch, attention times; hits).
@@ -150,10 +150,10 @@ class PrefillTee : public AttentionBackend {
  public:
   PrefillTee(AttentionBackend* primary, std::vector<AttentionBackend*> others)
       : primary_(primary), others_(std::move(others)) {}
-  absl::Status Prefill(uint32_t layer, const float* q, const float* k, const float* v,
-                       uint32_t n, float* out) override;
-  absl::Status Decode(uint32_t layer, uint32_t pos, const float* q, const float* k,
-                      const float* v, float* out) override {
+  absl::Status Prefill(uint32_t layer, const float* q, const float* k, const float* v, uint32_t n,
+                       float* out) override;
+  absl::Status Decode(uint32_t layer, uint32_t pos, const float* q, const float* k, const float* v,
+                      float* out) override {
     return primary_->Decode(layer, pos, q, k, v, out);
   }
   absl::Status LoadPrompt(uint32_t layer, const float* k, const float* v, uint32_t n) override;

@@ -36,8 +36,7 @@ void TraceCapture::Observe(uint32_t layer, uint32_t pos0, uint32_t n, const floa
     seen_[uint64_t{layer} * trace_.num_tokens + pos] = 1;
     for (uint32_t h = 0; h < kv; ++h) {
       auto* kd = reinterpret_cast<uint16_t*>(const_cast<void*>(trace_.Keys(layer, h).row(pos)));
-      auto* vd =
-          reinterpret_cast<uint16_t*>(const_cast<void*>(trace_.Values(layer, h).row(pos)));
+      auto* vd = reinterpret_cast<uint16_t*>(const_cast<void*>(trace_.Values(layer, h).row(pos)));
       const uint64_t src = (uint64_t{t} * kv + h) * d;
       for (uint32_t i = 0; i < d; ++i) {
         kd[i] = FloatToHalf(k[src + i]);

@@ -8,8 +8,8 @@
 #include <string>
 #include <vector>
 
-#include "model/llama.h"
 #include "eval/trace.h"
+#include "model/llama.h"
 
 namespace icecache::model {
 

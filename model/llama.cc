@@ -67,8 +67,8 @@ absl::StatusOr<uint32_t> MetaU32(const GgufFile& f, const std::string& key) {
 
 }  // namespace
 
-void CausalAttention(const float* q, const float* k, const float* v, uint32_t n,
-                     uint32_t n_heads, uint32_t n_kv, uint32_t d, float scale, float* out) {
+void CausalAttention(const float* q, const float* k, const float* v, uint32_t n, uint32_t n_heads,
+                     uint32_t n_kv, uint32_t d, float scale, float* out) {
   constexpr uint32_t kBlock = 128;
   const uint32_t group = n_heads / n_kv;
   const int q_stride = static_cast<int>(n_heads * d), kv_stride = static_cast<int>(n_kv * d);
@@ -193,8 +193,7 @@ absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::Load(const GgufFile& f) 
   if (!s.ok()) return s;
   m->rope_inv_freq_.resize(c.head_dim / 2);
   for (uint32_t i = 0; i < c.head_dim / 2; ++i) {
-    m->rope_inv_freq_[i] =
-        static_cast<float>(std::pow(double{c.rope_base}, -2.0 * i / c.head_dim));
+    m->rope_inv_freq_[i] = static_cast<float>(std::pow(double{c.rope_base}, -2.0 * i / c.head_dim));
   }
   return m;
 }
@@ -205,7 +204,8 @@ void LlamaModel::Rope(float* x, uint32_t rows, uint32_t heads, uint32_t pos0) co
     const double pos = pos0 + r;
     for (uint32_t i = 0; i < d / 2; ++i) {
       const double angle = pos * rope_inv_freq_[i];
-      const float cs = static_cast<float>(std::cos(angle)), sn = static_cast<float>(std::sin(angle));
+      const float cs = static_cast<float>(std::cos(angle)),
+                  sn = static_cast<float>(std::sin(angle));
       for (uint32_t h = 0; h < heads; ++h) {
         float* p = x + (uint64_t{r} * heads + h) * d + 2 * i;
         const float a = p[0], b = p[1];

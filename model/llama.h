@@ -86,8 +86,8 @@ class LlamaModel {
   // The post-RoPE queries and keys a forward pass computes are handed to this observer (trace
   // capture), or nothing when null: (layer, first position, count, q, k, v) with the layouts
   // of AttentionBackend::Prefill.
-  using QkvObserver = std::function<void(uint32_t, uint32_t, uint32_t, const float*,
-                                         const float*, const float*)>;
+  using QkvObserver =
+      std::function<void(uint32_t, uint32_t, uint32_t, const float*, const float*, const float*)>;
   void set_observer(QkvObserver observer) { observer_ = std::move(observer); }
 
  private:
@@ -115,8 +115,8 @@ class LlamaModel {
 // Causal softmax attention over fp32 rows for a prompt, every head, through OpenBLAS:
 // q [n][n_heads][d], k and v [n][n_kv][d] (row strides as given), out [n][n_heads][d].
 // Processes query blocks so memory stays O(block * n).
-void CausalAttention(const float* q, const float* k, const float* v, uint32_t n,
-                     uint32_t n_heads, uint32_t n_kv, uint32_t d, float scale, float* out);
+void CausalAttention(const float* q, const float* k, const float* v, uint32_t n, uint32_t n_heads,
+                     uint32_t n_kv, uint32_t d, float scale, float* out);
 
 // The greedy next token: the index of the largest of `vocab` logits (the first of equals).
 int32_t ArgmaxToken(const float* logits, uint32_t vocab);

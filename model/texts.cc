@@ -57,13 +57,12 @@ absl::StatusOr<std::string> LoadText(const std::string& name) {
     return text;
   }
   if (name == "cpp-annotations" || name == "jargon") {
-    const std::string path = name == "jargon"
-                                 ? "/usr/share/doc/jargon-text/jargon.txt.gz"
-                                 : "/usr/share/doc/c++-annotations/cplusplus.txt.gz";
+    const std::string path = name == "jargon" ? "/usr/share/doc/jargon-text/jargon.txt.gz"
+                                              : "/usr/share/doc/c++-annotations/cplusplus.txt.gz";
     if (!FileExists(path)) {
-      return absl::NotFoundError(absl::StrCat(
-          path, " is missing: install the Debian package ",
-          name == "jargon" ? "jargon-text" : "c++-annotations-txt"));
+      return absl::NotFoundError(
+          absl::StrCat(path, " is missing: install the Debian package ",
+                       name == "jargon" ? "jargon-text" : "c++-annotations-txt"));
     }
     return CommandOutput(absl::StrCat("gzip -dc '", path, "'"));
   }
@@ -85,14 +84,13 @@ absl::StatusOr<PasskeyPrompt> BuildPasskeyPrompt(const Tokenizer& tokenizer,
   const std::string intro =
       "There is an important piece of information hidden inside a lot of irrelevant text. "
       "Find it and memorize it. I will quiz you about it.\n\n";
-  const std::string needle =
-      absl::StrCat("\nThe secret number is ", passkey, ". Remember it. ", passkey,
-                   " is the secret number.\n");
+  const std::string needle = absl::StrCat("\nThe secret number is ", passkey, ". Remember it. ",
+                                          passkey, " is the secret number.\n");
   const std::string question = "\n\nWhat is the secret number?";
   std::vector<int32_t> hay = tokenizer.Encode(filler, /*parse_special=*/false);
   if (hay.size() < haystack_tokens) {
-    return absl::InvalidArgumentError(absl::StrCat("the filler has ", hay.size(),
-                                                   " tokens, ", haystack_tokens, " needed"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("the filler has ", hay.size(), " tokens, ", haystack_tokens, " needed"));
   }
   hay.resize(haystack_tokens);
   const size_t cut = static_cast<size_t>(depth * haystack_tokens);

@@ -12,9 +12,9 @@
 namespace icecache::model {
 
 struct TextInfo {
-  std::string name;      // "bible", "cpp-annotations", "jargon"
-  std::string title;     // what it is
-  std::string package;   // the Debian package that provides it
+  std::string name;     // "bible", "cpp-annotations", "jargon"
+  std::string title;    // what it is
+  std::string package;  // the Debian package that provides it
 };
 const std::vector<TextInfo>& KnownTexts();
 
@@ -25,16 +25,16 @@ absl::StatusOr<std::string> LoadText(const std::string& name);
 
 struct PasskeyPrompt {
   std::vector<int32_t> tokens;
-  std::string passkey;        // the digits hidden in the text
-  uint32_t needle_position;   // token index where the passkey sentence starts
+  std::string passkey;       // the digits hidden in the text
+  uint32_t needle_position;  // token index where the passkey sentence starts
 };
 
 // An instruction, `haystack_tokens` tokens of `filler` with the sentence "The secret number is
 // N. Remember it. N is the secret number." inserted at `depth` (0..1) of the haystack, and the
 // question, ending so that the answer's digits come next. (The classic wording, "the pass key
 // is", made SmolLM2-135M explain what a pass key is even with full attention at 1.5k-4k
-// tokens; "secret number" it retrieves: 5 of 5 depths at 2k, 3 of 3 at 4k.) `chat`: wrap it in the model's chat
-// format (needs <|im_start|> in the vocabulary), else a plain completion prompt.
+// tokens; "secret number" it retrieves: 5 of 5 depths at 2k, 3 of 3 at 4k.) `chat`: wrap it in the
+// model's chat format (needs <|im_start|> in the vocabulary), else a plain completion prompt.
 // INVALID_ARGUMENT when the filler is too short or chat is asked without a chat vocabulary.
 absl::StatusOr<PasskeyPrompt> BuildPasskeyPrompt(const Tokenizer& tokenizer,
                                                  const std::string& filler,

@@ -10,6 +10,8 @@ packages=(
   libgtest-dev libgmock-dev libbenchmark-dev
   libopenblas-dev
   curl
+  # The format check (scripts/check_format.sh, a test).
+  clang-format
   # Deployment checks (tests/deploy): promtool and Prometheus, Python for the checkers and a
   # venv for kubernetes-validate.
   prometheus python3-yaml python3-venv

@@ -154,11 +154,19 @@ if [[ -z "$driver" ]]; then
     echo "$driver" >"$cache/storage-driver"
   fi
 fi
+# Run state goes under /run (a tmpfs on most hosts, so a reboot clears it, as podman expects),
+# one directory per cache directory.
+state="/run/icecache-image/$(echo -n "$cache" | sha256sum | cut -c1-12)"
+mkdir -p "$state" 2>/dev/null || state="$cache/run"
 pod() {
-  TMPDIR="$cache/tmp" podman --root "$cache/storage-$driver" --runroot "$cache/run" \
-    --tmpdir "$cache/run/libpod" --storage-driver "$driver" --runtime runc \
+  TMPDIR="$cache/tmp" podman --root "$cache/storage-$driver" --runroot "$state/storage" \
+    --tmpdir "$state/libpod" --storage-driver "$driver" --runtime runc \
     --events-backend file "$@"
 }
+if ! pod info >"$cache/logs/podman-info.log" 2>&1; then
+  tail -5 "$cache/logs/podman-info.log"
+  die "podman does not start with the storage in $cache/storage-$driver (delete $cache to start afresh)"
+fi
 say "podman storage: $cache/storage-$driver ($driver)"
 
 # ---------------------------------------------------------------------------------------------

@@ -20,15 +20,14 @@ absl::Status ValidateSplit(const BudgetSplit& s) {
                       s.sink_tokens);
   }
   if (s.window_tokens < ps || s.window_tokens % ps != 0) {
-    return FieldError("window_tokens",
-                      absl::StrCat("a positive multiple of page_size (", ps, ")"),
+    return FieldError("window_tokens", absl::StrCat("a positive multiple of page_size (", ps, ")"),
                       s.window_tokens);
   }
   if (s.budget_tokens > kMaxBudgetTokens || s.budget_tokens % ps != 0) {
-    return FieldError("budget_tokens",
-                      absl::StrCat("a multiple of page_size (", ps, ") and at most ",
-                                   kMaxBudgetTokens),
-                      s.budget_tokens);
+    return FieldError(
+        "budget_tokens",
+        absl::StrCat("a multiple of page_size (", ps, ") and at most ", kMaxBudgetTokens),
+        s.budget_tokens);
   }
   // 64-bit sum: sink and window are unbounded 32-bit inputs.
   const uint64_t fixed = uint64_t{s.sink_tokens} + s.window_tokens + ps;

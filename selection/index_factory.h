@@ -25,8 +25,8 @@
 namespace icecache::selection {
 
 struct IndexSpec {
-  std::string name;        // the preset's name, or a caller's label for explicit options
-  index::DciOptions dci;   // the IceCache DCI tree's options
+  std::string name;       // the preset's name, or a caller's label for explicit options
+  index::DciOptions dci;  // the IceCache DCI tree's options
 };
 
 inline constexpr absl::string_view kPaperPreset = "paper";

@@ -9,7 +9,8 @@ namespace icecache::selection {
 
 WindowPolicy::WindowPolicy(const BudgetSplit& split, uint32_t max_pending_pages)
     : split_(split),
-      ring_capacity_(split.window_tokens + std::max<uint32_t>(max_pending_pages, 1) * split.page_size),
+      ring_capacity_(split.window_tokens +
+                     std::max<uint32_t>(max_pending_pages, 1) * split.page_size),
       sink_end_(split.sink_tokens),
       ring_origin_(split.sink_tokens),
       window_begin_(split.sink_tokens),
@@ -42,8 +43,8 @@ bool WindowPolicy::CanAppend() const {
 
 absl::StatusOr<std::optional<uint64_t>> WindowPolicy::Append() {
   if (!CanAppend()) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "the window ring is full (", pending_pages(), " pages in hand-over): retire one first"));
+    return absl::FailedPreconditionError(absl::StrCat("the window ring is full (", pending_pages(),
+                                                      " pages in hand-over): retire one first"));
   }
   ++tokens_;
   const uint32_t max_pending = (ring_capacity_ - split_.window_tokens) / split_.page_size;

@@ -39,8 +39,8 @@ class WindowPolicy {
 
   // Where a prompt of n tokens goes.
   struct PromptPlan {
-    uint64_t sink_tokens = 0;   // positions [0, sink_tokens) to the sink
-    uint64_t index_begin = 0;   // [index_begin, index_begin + index_tokens) to the index
+    uint64_t sink_tokens = 0;  // positions [0, sink_tokens) to the sink
+    uint64_t index_begin = 0;  // [index_begin, index_begin + index_tokens) to the index
     uint64_t index_tokens = 0;
     uint64_t window_begin = 0;  // [window_begin, n) stay in the window
   };
@@ -76,9 +76,7 @@ class WindowPolicy {
   uint64_t indexed_tokens() const { return window_begin_ - sink_end_; }
 
   uint32_t ring_capacity() const { return ring_capacity_; }
-  uint64_t RingRow(uint64_t position) const {
-    return (position - ring_origin_) % ring_capacity_;
-  }
+  uint64_t RingRow(uint64_t position) const { return (position - ring_origin_) % ring_capacity_; }
   const BudgetSplit& split() const { return split_; }
 
  private:

@@ -27,9 +27,9 @@
 #include "google/protobuf/util/json_util.h"
 #include "google/protobuf/util/time_util.h"
 #include "grpc/health/v1/health.grpc.pb.h"
-#include "icecache/attachment.h"
 #include "grpcpp/create_channel.h"
 #include "grpcpp/security/credentials.h"
+#include "icecache/attachment.h"
 #include "icecache/v1/icecache.grpc.pb.h"
 
 ABSL_FLAG(std::string, socket, icecache::DefaultSocketPath(),
@@ -75,7 +75,8 @@ class Cli {
   std::unique_ptr<grpc::ClientContext> Context() const {
     auto ctx = std::make_unique<grpc::ClientContext>();
     ctx->set_deadline(std::chrono::system_clock::now() + absl::ToChronoNanoseconds(timeout_));
-    if (operator_ != nullptr) ctx->AddMetadata(icecache::abi::kTokenMetadataKey, operator_->token());
+    if (operator_ != nullptr)
+      ctx->AddMetadata(icecache::abi::kTokenMetadataKey, operator_->token());
     return ctx;
   }
 
@@ -110,19 +111,30 @@ class Cli {
       std::fprintf(stderr, "icecache: cannot reach icecached at %s: %s\n", target_.c_str(),
                    s.error_message().c_str());
     } else {
-      std::fprintf(stderr, "icecache: %s failed: %s: %s\n", what,
-                   CodeName(s.error_code()).c_str(), s.error_message().c_str());
+      std::fprintf(stderr, "icecache: %s failed: %s: %s\n", what, CodeName(s.error_code()).c_str(),
+                   s.error_message().c_str());
     }
     return 1;
   }
 
   static std::string CodeName(grpc::StatusCode code) {
-    static const char* kNames[] = {
-        "OK",           "CANCELLED",          "UNKNOWN",         "INVALID_ARGUMENT",
-        "DEADLINE_EXCEEDED", "NOT_FOUND",     "ALREADY_EXISTS",  "PERMISSION_DENIED",
-        "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED",  "OUT_OF_RANGE",
-        "UNIMPLEMENTED", "INTERNAL",          "UNAVAILABLE",     "DATA_LOSS",
-        "UNAUTHENTICATED"};
+    static const char* kNames[] = {"OK",
+                                   "CANCELLED",
+                                   "UNKNOWN",
+                                   "INVALID_ARGUMENT",
+                                   "DEADLINE_EXCEEDED",
+                                   "NOT_FOUND",
+                                   "ALREADY_EXISTS",
+                                   "PERMISSION_DENIED",
+                                   "RESOURCE_EXHAUSTED",
+                                   "FAILED_PRECONDITION",
+                                   "ABORTED",
+                                   "OUT_OF_RANGE",
+                                   "UNIMPLEMENTED",
+                                   "INTERNAL",
+                                   "UNAVAILABLE",
+                                   "DATA_LOSS",
+                                   "UNAUTHENTICATED"};
     const int c = static_cast<int>(code);
     return (c >= 0 && c < 17) ? kNames[c] : absl::StrCat(c);
   }
@@ -174,8 +186,7 @@ int Cli::Status() {
 
   if (json_) {
     std::printf("{\"target\":\"%s\",\"healthy\":%s,\"health\":\"%s\",\"stats\":%s}\n",
-                target_.c_str(), serving ? "true" : "false", health.c_str(),
-                Json(stats).c_str());
+                target_.c_str(), serving ? "true" : "false", health.c_str(), Json(stats).c_str());
   } else {
     const double pct = stats.memory_limit_bytes() == 0
                            ? 0.0
@@ -221,9 +232,8 @@ int Cli::Sequences(uint32_t limit) {
     return 0;
   }
   const absl::Time now = absl::Now();
-  std::printf("%-36s  %-16s %6s %7s %4s %5s %4s %6s %17s %11s %9s\n", "HANDLE", "LABEL",
-              "LAYERS", "Q/KV", "DIM", "DTYPE", "PAGE", "BUDGET", "TOKENS/MAX", "KV BYTES",
-              "AGE");
+  std::printf("%-36s  %-16s %6s %7s %4s %5s %4s %6s %17s %11s %9s\n", "HANDLE", "LABEL", "LAYERS",
+              "Q/KV", "DIM", "DTYPE", "PAGE", "BUDGET", "TOKENS/MAX", "KV BYTES", "AGE");
   for (const v1::Sequence& s : all.sequences()) {
     const v1::SequenceGeometry& g = s.geometry();
     const absl::Time created = absl::FromUnixNanos(

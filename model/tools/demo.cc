@@ -128,8 +128,10 @@ int main(int argc, char** argv) {
     return Fail(absl::InvalidArgumentError("--model is required (scripts/demo.sh passes it)"));
   }
   ExecutionMode mode = ExecutionMode::kAuto;
-  if (absl::GetFlag(FLAGS_mode) == "cpu") mode = ExecutionMode::kCpu;
-  else if (absl::GetFlag(FLAGS_mode) == "cuda") mode = ExecutionMode::kCuda;
+  if (absl::GetFlag(FLAGS_mode) == "cpu")
+    mode = ExecutionMode::kCpu;
+  else if (absl::GetFlag(FLAGS_mode) == "cuda")
+    mode = ExecutionMode::kCuda;
   else if (absl::GetFlag(FLAGS_mode) != "auto") {
     return Fail(absl::InvalidArgumentError("--mode must be auto, cpu or cuda"));
   }
@@ -140,8 +142,9 @@ int main(int argc, char** argv) {
     return Fail(absl::InvalidArgumentError(absl::StrCat("--index_preset: ", p.message())));
   }
 
-  std::printf("IceCache demo: a real model reads a long real text, then answers with full "
-              "attention and with IceCache.\n\n");
+  std::printf(
+      "IceCache demo: a real model reads a long real text, then answers with full "
+      "attention and with IceCache.\n\n");
   std::printf("[1/6] machine: %s, %ld cores; %s\n", CpuName().c_str(),
               ::sysconf(_SC_NPROCESSORS_ONLN), BlasDescription().c_str());
 
@@ -152,7 +155,8 @@ int main(int argc, char** argv) {
   if (socket.empty()) {
     std::vector<std::string> flags = {"--memory-limit=4GiB"};
     if (!preset_flag.empty()) flags.push_back("--index-preset=" + preset_flag);
-    auto started = eval::LocalDaemon::Start(eval::IcecachedPath(ICECACHE_DEMO_ICECACHED_BIN), flags);
+    auto started =
+        eval::LocalDaemon::Start(eval::IcecachedPath(ICECACHE_DEMO_ICECACHED_BIN), flags);
     if (!started.ok()) return Fail(started.status());
     daemon = std::move(*started);
     socket = daemon->socket();
@@ -177,8 +181,7 @@ int main(int argc, char** argv) {
   if (!model.ok()) return Fail(model.status());
   const LlamaConfig& c = (*model)->config();
   std::printf("[3/6] loaded %s: %u layers, %u query / %u KV heads of %u, vocab %u (%.1f s)\n",
-              c.name.c_str(), c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim, c.vocab,
-              Seconds(t));
+              c.name.c_str(), c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim, c.vocab, Seconds(t));
 
   // The prompt.
   absl::StatusOr<std::string> text = LoadText(absl::GetFlag(FLAGS_text));
@@ -190,17 +193,17 @@ int main(int argc, char** argv) {
     std::mt19937 rng(seed);
     passkey = std::to_string(10000 + rng() % 90000);
   }
-  auto prompt = BuildPasskeyPrompt((*model)->tokenizer(), *text,
-                                   absl::GetFlag(FLAGS_haystack_tokens),
-                                   absl::GetFlag(FLAGS_depth), passkey,
-                                   absl::GetFlag(FLAGS_chat));
+  auto prompt =
+      BuildPasskeyPrompt((*model)->tokenizer(), *text, absl::GetFlag(FLAGS_haystack_tokens),
+                         absl::GetFlag(FLAGS_depth), passkey, absl::GetFlag(FLAGS_chat));
   if (!prompt.ok()) return Fail(prompt.status());
   const uint32_t n = static_cast<uint32_t>(prompt->tokens.size());
   const uint32_t max_new = absl::GetFlag(FLAGS_max_new);
-  std::printf("[4/6] prompt: %u tokens of %s with the secret number %s hidden at token %u (%.0f%% "
-              "deep), then the question\n",
-              n, absl::GetFlag(FLAGS_text).c_str(), passkey.c_str(), prompt->needle_position,
-              100.0 * prompt->needle_position / n);
+  std::printf(
+      "[4/6] prompt: %u tokens of %s with the secret number %s hidden at token %u (%.0f%% "
+      "deep), then the question\n",
+      n, absl::GetFlag(FLAGS_text).c_str(), passkey.c_str(), prompt->needle_position,
+      100.0 * prompt->needle_position / n);
 
   // One prefill feeds both: full attention here, and IceCache (the K/V go to the daemon,
   // which clusters them into pages and builds its index while the prefill goes on).
@@ -211,8 +214,7 @@ int main(int argc, char** argv) {
   FullAttention full(c, n + max_new);
   ServiceAttention icecache_attention(c, seq->get(), /*measure_recall=*/true, n + max_new);
   PrefillTee tee(&full, {&icecache_attention});
-  std::printf("[5/6] prefill, %u tokens through %u layers (shared by both runs):\n", n,
-              c.n_layers);
+  std::printf("[5/6] prefill, %u tokens through %u layers (shared by both runs):\n", n, c.n_layers);
   t = Clock::now();
   std::vector<float> logits;
   absl::Status s = (*model)->Prefill(prompt->tokens, &tee, &logits, false, [&](uint32_t l) {
@@ -220,8 +222,7 @@ int main(int argc, char** argv) {
   });
   if (!s.ok()) return Fail(s);
   const double prefill_s = Seconds(t);
-  std::printf("%s      %.1f s, %.0f tokens/s\n", ::isatty(1) ? "\n" : "", prefill_s,
-              n / prefill_s);
+  std::printf("%s      %.1f s, %.0f tokens/s\n", ::isatty(1) ? "\n" : "", prefill_s, n / prefill_s);
 
   std::printf("[6/6] answering (greedy, up to %u tokens):\n", max_new);
   double full_s = 0, ice_s = 0;
@@ -246,8 +247,9 @@ int main(int argc, char** argv) {
   for (const DecodeBreakdown& b : icecache_attention.breakdowns()) select_us.push_back(b.select_us);
   std::sort(select_us.begin(), select_us.end());
   const double select_p50 = select_us.empty() ? 0 : select_us[select_us.size() / 2];
-  const double bandwidth =
-      counters.fetch_nanoseconds == 0 ? 0 : counters.fetched_bytes / (counters.fetch_nanoseconds * 1e-9);
+  const double bandwidth = counters.fetch_nanoseconds == 0
+                               ? 0
+                               : counters.fetched_bytes / (counters.fetch_nanoseconds * 1e-9);
   const double recall = icecache_attention.stats().MeanRecall(full_kv_layers);
 
   std::printf("\n  %-44s %s\n", "secret number", passkey.c_str());
@@ -257,12 +259,13 @@ int main(int argc, char** argv) {
               ice_ok ? "correctly" : absl::StrCat("wrongly (", *ice_answer, ")").c_str());
   std::printf("  %-44s %s full, %s IceCache (%.1f%%)\n", "KV cache on the accelerator side",
               FormatBytes(full_kv).c_str(), FormatBytes(ice_kv).c_str(), 100.0 * ice_kv / full_kv);
-  std::printf("  %-44s %u tokens per step (%u sink + %u pages of %u + %u window), first %u "
-              "layers whole\n",
-              "IceCache budget", g.budget_tokens, g.sink_tokens, g.selected_pages(), g.page_size,
-              g.window_tokens, full_kv_layers);
-  std::printf("  %-44s %.3f (%llu hits, %llu misses)\n", "page-cache hit rate",
-              counters.hit_rate(), static_cast<unsigned long long>(counters.cache_hits),
+  std::printf(
+      "  %-44s %u tokens per step (%u sink + %u pages of %u + %u window), first %u "
+      "layers whole\n",
+      "IceCache budget", g.budget_tokens, g.sink_tokens, g.selected_pages(), g.page_size,
+      g.window_tokens, full_kv_layers);
+  std::printf("  %-44s %.3f (%llu hits, %llu misses)\n", "page-cache hit rate", counters.hit_rate(),
+              static_cast<unsigned long long>(counters.cache_hits),
               static_cast<unsigned long long>(counters.cache_misses));
   std::printf("  %-44s %s in %.2f ms (%s/s)\n", "pages fetched from the daemon's memory",
               FormatBytes(counters.fetched_bytes).c_str(), counters.fetch_nanoseconds / 1e6,

@@ -21,7 +21,8 @@ ABSL_FLAG(std::string, model, "", "GGUF file (scripts/fetch_model.sh prints its 
 ABSL_FLAG(std::string, prompt, "", "Prompt to continue greedily.");
 ABSL_FLAG(bool, chat, false, "Wrap the prompt in the model's chat format.");
 ABSL_FLAG(uint32_t, max_new, 40, "Tokens to generate.");
-ABSL_FLAG(std::string, ppl_text, "", "Text (bible, cpp-annotations, jargon, or a file) for perplexity.");
+ABSL_FLAG(std::string, ppl_text, "",
+          "Text (bible, cpp-annotations, jargon, or a file) for perplexity.");
 ABSL_FLAG(uint32_t, ppl_tokens, 1024, "Tokens of the text the perplexity is measured on.");
 
 namespace {
@@ -52,10 +53,11 @@ int main(int argc, char** argv) {
   auto model = LlamaModel::LoadFile(path);
   if (!model.ok()) return Fail(model.status());
   const LlamaConfig& c = (*model)->config();
-  std::printf("%s: %u layers, d %u, %u heads / %u KV heads of %u, FFN %u, vocab %u, RoPE %.0f "
-              "(loaded in %.1f s; %s)\n",
-              c.name.c_str(), c.n_layers, c.d_model, c.n_heads, c.n_kv_heads, c.head_dim, c.ffn,
-              c.vocab, c.rope_base, Seconds(t0), BlasDescription().c_str());
+  std::printf(
+      "%s: %u layers, d %u, %u heads / %u KV heads of %u, FFN %u, vocab %u, RoPE %.0f "
+      "(loaded in %.1f s; %s)\n",
+      c.name.c_str(), c.n_layers, c.d_model, c.n_heads, c.n_kv_heads, c.head_dim, c.ffn, c.vocab,
+      c.rope_base, Seconds(t0), BlasDescription().c_str());
   const Tokenizer& tok = (*model)->tokenizer();
 
   if (!absl::GetFlag(FLAGS_prompt).empty()) {
@@ -91,8 +93,8 @@ int main(int argc, char** argv) {
     absl::StatusOr<std::string> text = LoadText(absl::GetFlag(FLAGS_ppl_text));
     if (!text.ok()) return Fail(text.status());
     std::vector<int32_t> ids = tok.Encode(*text, false);
-    const uint32_t n = std::min<uint32_t>(absl::GetFlag(FLAGS_ppl_tokens),
-                                          static_cast<uint32_t>(ids.size()));
+    const uint32_t n =
+        std::min<uint32_t>(absl::GetFlag(FLAGS_ppl_tokens), static_cast<uint32_t>(ids.size()));
     ids.resize(n);
     FullAttention attention(c, n);
     std::vector<float> logits;

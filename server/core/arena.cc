@@ -36,11 +36,9 @@ FrameRef Arena::FrameReservation::Take() {
 // ------------------------------------------------------------------ Arena
 absl::StatusOr<std::unique_ptr<Arena>> Arena::Create(uint64_t client_id,
                                                      const ArenaOptions& options,
-                                                     uint64_t quota_bytes,
-                                                     MemoryAccountant* global,
+                                                     uint64_t quota_bytes, MemoryAccountant* global,
                                                      SegmentListener* listener) {
-  if (options.slots == 0 || (options.slots & (options.slots - 1)) != 0 ||
-      options.slots > 4096) {
+  if (options.slots == 0 || (options.slots & (options.slots - 1)) != 0 || options.slots > 4096) {
     return absl::InvalidArgumentError("arena slots must be a power of two in 1..4096");
   }
   if (options.slot_payload < 4096 || options.slot_payload > (16u << 20) ||
@@ -50,8 +48,8 @@ absl::StatusOr<std::unique_ptr<Arena>> Arena::Create(uint64_t client_id,
   std::unique_ptr<Arena> a(new Arena(client_id, options, quota_bytes, global, listener));
   a->segments_.resize(abi::kMaxSegments);
   absl::MutexLock lock(&a->mu_);
-  absl::StatusOr<uint32_t> control = a->AddSegment(
-      abi::kSegmentUnused, abi::ControlBytes(options.slots, options.slot_payload), 0);
+  absl::StatusOr<uint32_t> control =
+      a->AddSegment(abi::kSegmentUnused, abi::ControlBytes(options.slots, options.slot_payload), 0);
   if (!control.ok()) return control.status();
   auto* h = new (a->segments_[0].base) abi::ArenaHeader();
   h->magic = abi::kArenaMagic;
@@ -91,8 +89,8 @@ absl::StatusOr<uint32_t> Arena::AddSegment(uint32_t kind, uint64_t bytes, uint32
     const int err = errno;
     if (fd >= 0) ::close(fd);
     ReleaseNested(&quota_, global_, bytes);
-    return absl::InternalError(absl::StrCat(what, " for a ", FormatBytes(bytes),
-                                            " segment: ", std::strerror(err)));
+    return absl::InternalError(
+        absl::StrCat(what, " for a ", FormatBytes(bytes), " segment: ", std::strerror(err)));
   };
   if (fd < 0) return fail("memfd_create");
   if (::ftruncate(fd, static_cast<off_t>(bytes)) != 0) return fail("ftruncate");
@@ -202,9 +200,9 @@ absl::StatusOr<abi::ArenaRef> Arena::AllocStaging(uint64_t bytes) {
       return abi::ArenaRef{i, 0, off};
     }
   }
-  absl::StatusOr<uint32_t> seg = AddSegment(
-      abi::kSegmentStaging, std::max(need, RoundUp(options_.staging_segment_bytes, kStagingAlign)),
-      0);
+  absl::StatusOr<uint32_t> seg =
+      AddSegment(abi::kSegmentStaging,
+                 std::max(need, RoundUp(options_.staging_segment_bytes, kStagingAlign)), 0);
   if (!seg.ok()) return seg.status();
   Segment& s = segments_[*seg];
   s.free_ranges.clear();
@@ -250,8 +248,8 @@ absl::StatusOr<uint8_t*> Arena::StagingAddress(const abi::ArenaRef& ref, uint64_
   absl::MutexLock lock(&mu_);
   if (ref.segment == 0 || ref.segment >= used_segments_ ||
       segments_[ref.segment].kind != abi::kSegmentStaging) {
-    return absl::InvalidArgumentError(absl::StrCat("segment ", ref.segment,
-                                                   " is not a staging segment of this client"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("segment ", ref.segment, " is not a staging segment of this client"));
   }
   const Segment& s = segments_[ref.segment];
   auto it = s.allocations.find(ref.offset);
@@ -259,8 +257,8 @@ absl::StatusOr<uint8_t*> Arena::StagingAddress(const abi::ArenaRef& ref, uint64_
     return absl::InvalidArgumentError("staging reference is not a live staging buffer");
   }
   if (it->second < bytes) {
-    return absl::InvalidArgumentError(absl::StrCat("staging buffer holds ", it->second,
-                                                   " bytes, ", bytes, " needed"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("staging buffer holds ", it->second, " bytes, ", bytes, " needed"));
   }
   return static_cast<uint8_t*>(s.base) + ref.offset;
 }
@@ -288,9 +286,9 @@ uint64_t Arena::staging_bytes_in_use() const {
 abi::SlotHeader* Arena::Slot(uint32_t i) const {
   const uint64_t sq = RoundUp(sizeof(abi::ArenaHeader), 64);
   const uint64_t slots = sq + RoundUp(uint64_t{options_.slots} * 4, 64);
-  return reinterpret_cast<abi::SlotHeader*>(
-      static_cast<uint8_t*>(control()) + slots +
-      uint64_t{i} * (sizeof(abi::SlotHeader) + options_.slot_payload));
+  return reinterpret_cast<abi::SlotHeader*>(static_cast<uint8_t*>(control()) + slots +
+                                            uint64_t{i} *
+                                                (sizeof(abi::SlotHeader) + options_.slot_payload));
 }
 
 std::atomic<uint32_t>* Arena::SubmissionQueue() const {

@@ -30,9 +30,9 @@
 namespace icecache {
 
 struct ArenaOptions {
-  uint32_t slots = abi::kDefaultSlots;                // request slots, a power of two
-  uint32_t slot_payload = abi::kDefaultSlotPayload;   // bytes of payload per slot
-  uint64_t page_segment_bytes = uint64_t{64} << 20;   // size of a page segment
+  uint32_t slots = abi::kDefaultSlots;                  // request slots, a power of two
+  uint32_t slot_payload = abi::kDefaultSlotPayload;     // bytes of payload per slot
+  uint64_t page_segment_bytes = uint64_t{64} << 20;     // size of a page segment
   uint64_t staging_segment_bytes = uint64_t{64} << 20;  // minimum size of a staging segment
 };
 
@@ -116,7 +116,7 @@ class Arena {
   absl::StatusOr<uint8_t*> StagingAddress(const abi::ArenaRef& ref, uint64_t bytes) const;
 
   // ---- introspection
-  uint64_t segment_bytes() const;      // all segments, control included
+  uint64_t segment_bytes() const;  // all segments, control included
   uint64_t frames_in_use() const;
   uint64_t frame_bytes_in_use() const;
   uint64_t staging_bytes_in_use() const;
@@ -131,8 +131,8 @@ class Arena {
     uint32_t page_bytes = 0;
     uint32_t frames = 0;
     std::unique_ptr<std::atomic<uint32_t>[]> versions;  // page segments: one per frame
-    std::map<uint64_t, uint64_t> free_ranges;  // staging segments: offset -> length
-    std::map<uint64_t, uint64_t> allocations;  // staging segments: offset -> length
+    std::map<uint64_t, uint64_t> free_ranges;           // staging segments: offset -> length
+    std::map<uint64_t, uint64_t> allocations;           // staging segments: offset -> length
   };
 
   Arena(uint64_t client_id, const ArenaOptions& options, uint64_t quota_bytes,

@@ -27,8 +27,7 @@ namespace {
 using SteadyClock = std::chrono::steady_clock;
 
 void FutexWake(std::atomic<uint32_t>* word) {
-  ::syscall(SYS_futex, reinterpret_cast<uint32_t*>(word), FUTEX_WAKE, INT_MAX, nullptr, nullptr,
-            0);
+  ::syscall(SYS_futex, reinterpret_cast<uint32_t*>(word), FUTEX_WAKE, INT_MAX, nullptr, nullptr, 0);
 }
 
 std::string RandomToken() {
@@ -84,8 +83,8 @@ struct DataPlane::Client final : public SegmentListener {
   pid_t pid = 0;
   bool is_operator = false;
   int conn_fd = -1;
-  int doorbell_fd = -1;  // client rings it
-  int wake_fd = -1;      // wakes the dispatcher to stop
+  int doorbell_fd = -1;          // client rings it
+  int wake_fd = -1;              // wakes the dispatcher to stop
   std::shared_ptr<Arena> arena;  // null for operators
   std::thread dispatcher;
   std::atomic<bool> dead{false};
@@ -270,10 +269,11 @@ class DataPlane::Dispatcher {
     if (!kv.ok()) return Finish(r, start, kv.status(), 0);
     const Geometry& g = (*kv)->geometry();
     if (r.tokens == 0 || r.tokens > g.max_tokens) {
-      return Finish(r, start, absl::InvalidArgumentError(absl::StrCat(
-                                  "stage of ", r.tokens, " tokens: must be in 1..max_tokens (",
-                                  g.max_tokens, ")")),
-                    0);
+      return Finish(
+          r, start,
+          absl::InvalidArgumentError(absl::StrCat(
+              "stage of ", r.tokens, " tokens: must be in 1..max_tokens (", g.max_tokens, ")")),
+          0);
     }
     const uint64_t bytes = (*kv)->StagingBytesPerToken() * r.tokens;
     absl::StatusOr<abi::ArenaRef> ref = c_->arena->AllocStaging(bytes);
@@ -305,9 +305,9 @@ class DataPlane::Dispatcher {
         const uint8_t* k_rows = base;
         const uint8_t* v_rows = base + bytes / 2;
         // A build stops early when the client goes away (its memory comes back at once).
-        s = prefill ? kv->Prefill(r.layer, k_rows, v_rows, r.tokens, r.first_position,
-                                  &client->dead)
-                    : kv->Append(r.layer, k_rows, v_rows, r.tokens, r.first_position);
+        s = prefill
+                ? kv->Prefill(r.layer, k_rows, v_rows, r.tokens, r.first_position, &client->dead)
+                : kv->Append(r.layer, k_rows, v_rows, r.tokens, r.first_position);
         // A successful operation consumes the buffer; a refused one changes nothing (the
         // client may fix and resubmit it, or release it).
         if (s.ok()) (void)client->arena->FreeStaging(r.staging);
@@ -332,18 +332,19 @@ class DataPlane::Dispatcher {
     const uint64_t qbytes = uint64_t{g.num_q_heads} * g.head_dim * sizeof(float);
     const uint32_t capacity = dp_->options_.arena.slot_payload;
     if (r.payload_bytes != qbytes || qbytes > capacity) {
-      return Finish(r, start, absl::InvalidArgumentError(absl::StrCat(
-                                  "select payload must be the ", g.num_q_heads, " x ",
-                                  g.head_dim, " fp32 queries (", qbytes, " bytes), got ",
-                                  r.payload_bytes)),
+      return Finish(r, start,
+                    absl::InvalidArgumentError(absl::StrCat(
+                        "select payload must be the ", g.num_q_heads, " x ", g.head_dim,
+                        " fp32 queries (", qbytes, " bytes), got ", r.payload_bytes)),
                     0);
     }
     const uint32_t k = (*kv)->SelectK(r.k);
     if (uint64_t{g.num_kv_heads} * k * sizeof(abi::SelectedPageRef) > capacity) {
-      return Finish(r, start, absl::InvalidArgumentError(absl::StrCat(
-                                  "k=", k, " pages for ", g.num_kv_heads,
-                                  " KV heads do not fit a slot's payload")),
-                    0);
+      return Finish(
+          r, start,
+          absl::InvalidArgumentError(absl::StrCat("k=", k, " pages for ", g.num_kv_heads,
+                                                  " KV heads do not fit a slot's payload")),
+          0);
     }
     abi::SlotHeader* slot = c_->arena->Slot(r.slot);
     std::vector<float> queries(qbytes / sizeof(float));
@@ -365,8 +366,7 @@ class DataPlane::Dispatcher {
 
 // ------------------------------------------------------------------ DataPlane
 DataPlane::DataPlane(const DataPlaneOptions& options, SequenceRegistry* registry,
-                     MemoryAccountant* arena_limit, ThreadPool* pool,
-                     DataPlaneObserver* observer)
+                     MemoryAccountant* arena_limit, ThreadPool* pool, DataPlaneObserver* observer)
     : options_(options),
       registry_(registry),
       arena_limit_(arena_limit),
@@ -459,7 +459,9 @@ void DataPlane::AttachLoop() {
 void DataPlane::Accept() {
   const int fd = ::accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
   if (fd < 0) return;
-  struct timeval tv {1, 0};
+  struct timeval tv {
+    1, 0
+  };
   ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
   abi::AttachReply reply{};
   reply.magic = abi::kArenaMagic;
@@ -501,9 +503,8 @@ void DataPlane::Accept() {
   {
     absl::MutexLock lock(&mu_);
     if (by_token_.size() >= options_.max_clients) {
-      return refuse(abi::kAttachExhausted,
-                    absl::StrCat("the daemon serves its maximum of ", options_.max_clients,
-                                 " clients"));
+      return refuse(abi::kAttachExhausted, absl::StrCat("the daemon serves its maximum of ",
+                                                        options_.max_clients, " clients"));
     }
   }
   auto client = std::make_shared<Client>();
@@ -517,7 +518,8 @@ void DataPlane::Accept() {
   int fds[2];
   int nfds = 0;
   if (!as_operator) {
-    const uint64_t quota = options_.client_quota != 0 ? options_.client_quota : arena_limit_->limit();
+    const uint64_t quota =
+        options_.client_quota != 0 ? options_.client_quota : arena_limit_->limit();
     absl::StatusOr<std::unique_ptr<Arena>> arena =
         Arena::Create(client->id, options_.arena, quota, arena_limit_, client.get());
     if (!arena.ok()) {
@@ -603,8 +605,7 @@ void DataPlane::ReaperLoop() {
         retired_.fetch_nanoseconds += s.fetch_nanoseconds.load();
         retired_.decode_steps += s.decode_steps.load();
       }
-      ICECACHE_LOG(INFO) << "client " << c->id << " detached; dropped " << dropped
-                         << " sequences";
+      ICECACHE_LOG(INFO) << "client " << c->id << " detached; dropped " << dropped << " sequences";
       observer_->OnDetach();
     }
   }
@@ -633,8 +634,7 @@ absl::StatusOr<SequenceInfo> DataPlane::CreateSequence(const Caller& caller,
     return absl::UnauthenticatedError(
         "creating a sequence needs a client attachment (operators cannot own sequences)");
   }
-  const uint64_t quota =
-      options_.client_quota != 0 ? options_.client_quota : arena_limit_->limit();
+  const uint64_t quota = options_.client_quota != 0 ? options_.client_quota : arena_limit_->limit();
   return registry_->Create(
       spec, label, caller.client_id,
       [&](const Geometry& g) -> absl::StatusOr<std::shared_ptr<SequenceKv>> {
@@ -662,8 +662,8 @@ DataPlaneStats DataPlane::Stats() const {
     s.staging_bytes += c->arena->staging_bytes_in_use();
     s.pages += c->arena->frames_in_use();
     const abi::ArenaHeader* h = c->arena->header();
-    s.queue_depth += std::min<uint32_t>(h->sq_tail.load(std::memory_order_relaxed) - c->sq_head.load(),
-                                        options_.arena.slots);
+    s.queue_depth += std::min<uint32_t>(
+        h->sq_tail.load(std::memory_order_relaxed) - c->sq_head.load(), options_.arena.slots);
     {
       absl::MutexLock cl(&c->mu);
       s.in_flight += static_cast<uint64_t>(c->in_flight);

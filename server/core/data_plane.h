@@ -37,11 +37,11 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "common/thread_pool.h"
+#include "selection/index_factory.h"
 #include "server/core/arena.h"
 #include "server/core/memory_accountant.h"
 #include "server/core/sequence_kv.h"
 #include "server/core/sequence_registry.h"
-#include "selection/index_factory.h"
 
 namespace icecache {
 
@@ -77,12 +77,12 @@ class DataPlaneObserver : public KvObserver {
 // Sums over clients, for metrics and GetStats.
 struct DataPlaneStats {
   uint64_t clients = 0;
-  uint64_t arena_bytes = 0;       // segments of every arena
-  uint64_t frame_bytes = 0;       // page frames in use
-  uint64_t staging_bytes = 0;     // staging buffers in use
-  uint64_t pages = 0;             // frames in use
-  uint64_t queue_depth = 0;       // submitted requests not yet taken, all clients
-  uint64_t in_flight = 0;         // requests taken and not answered, all clients
+  uint64_t arena_bytes = 0;    // segments of every arena
+  uint64_t frame_bytes = 0;    // page frames in use
+  uint64_t staging_bytes = 0;  // staging buffers in use
+  uint64_t pages = 0;          // frames in use
+  uint64_t queue_depth = 0;    // submitted requests not yet taken, all clients
+  uint64_t in_flight = 0;      // requests taken and not answered, all clients
   // Client-published counters (abi::ClientStats), summed over live and departed clients.
   uint64_t cache_hits = 0, cache_misses = 0, fetched_bytes = 0, fetch_nanoseconds = 0,
            decode_steps = 0;

@@ -41,8 +41,7 @@ absl::StatusOr<Geometry> ResolveGeometry(const GeometrySpec& spec) {
   g.num_layers = spec.num_layers;
 
   if (spec.num_kv_heads < 1 || spec.num_kv_heads > L::kMaxNumKvHeads) {
-    return FieldError("num_kv_heads", absl::StrCat("in 1..", L::kMaxNumKvHeads),
-                      spec.num_kv_heads);
+    return FieldError("num_kv_heads", absl::StrCat("in 1..", L::kMaxNumKvHeads), spec.num_kv_heads);
   }
   g.num_kv_heads = spec.num_kv_heads;
 
@@ -67,8 +66,7 @@ absl::StatusOr<Geometry> ResolveGeometry(const GeometrySpec& spec) {
   }
   g.head_dim = spec.head_dim;
 
-  if (!spec.dtype.has_value() ||
-      (*spec.dtype != DType::kBF16 && *spec.dtype != DType::kFP16)) {
+  if (!spec.dtype.has_value() || (*spec.dtype != DType::kBF16 && *spec.dtype != DType::kFP16)) {
     return absl::InvalidArgumentError(
         "geometry.dtype must be DTYPE_BF16 or DTYPE_FP16, got DTYPE_UNSPECIFIED");
   }

@@ -15,7 +15,6 @@
 
 namespace icecache {
 
-
 // Limits a geometry must meet. One place, reported by GetConfig and enforced by
 // ResolveGeometry. The closed sets are the ones the kernels are instantiated for.
 struct GeometryLimits {

@@ -11,10 +11,10 @@ absl::Status MemoryAccountant::Reserve(uint64_t bytes, const char* what) {
   // used_ <= limit_ always, so limit_ - used_ cannot underflow.
   if (bytes > limit_ - used_) {
     ++rejections_;
-    return absl::ResourceExhaustedError(absl::StrCat(
-        what, " needs ", FormatBytes(bytes), " (", bytes, " bytes) but only ",
-        FormatBytes(limit_ - used_), " of the ", FormatBytes(limit_),
-        " memory limit are free (", FormatBytes(used_), " in use)"));
+    return absl::ResourceExhaustedError(
+        absl::StrCat(what, " needs ", FormatBytes(bytes), " (", bytes, " bytes) but only ",
+                     FormatBytes(limit_ - used_), " of the ", FormatBytes(limit_),
+                     " memory limit are free (", FormatBytes(used_), " in use)"));
   }
   used_ += bytes;
   return absl::OkStatus();
@@ -22,8 +22,7 @@ absl::Status MemoryAccountant::Reserve(uint64_t bytes, const char* what) {
 
 void MemoryAccountant::Release(uint64_t bytes) {
   absl::MutexLock lock(&mu_);
-  ICECACHE_CHECK(bytes <= used_) << "releasing " << bytes << " bytes with " << used_
-                                 << " reserved";
+  ICECACHE_CHECK(bytes <= used_) << "releasing " << bytes << " bytes with " << used_ << " reserved";
   used_ -= bytes;
 }
 

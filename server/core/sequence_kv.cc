@@ -30,8 +30,8 @@ index::ElemType ElemTypeOf(DType d) {
 struct SequenceKv::Head final : public index::PageReader {
   Arena* arena = nullptr;
   PageLayout layout;
-  std::vector<FrameRef> table;   // [page id]
-  std::vector<uint32_t> valid;   // [page id]
+  std::vector<FrameRef> table;  // [page id]
+  std::vector<uint32_t> valid;  // [page id]
   std::unique_ptr<index::KvIndex> index;
 
   const void* PageKeys(uint32_t page) const override { return arena->FrameAddress(table[page]); }
@@ -69,9 +69,9 @@ class HeadWriter final : public index::PageWriter {
     const uint64_t need = c.allocated.size();
     if (reservation_->remaining() < need) {
       // More pages than the bound reserved: take what is still free, or give the layer up.
-      absl::Status more = arena_->ReserveFrames(static_cast<uint32_t>(layout_.page_bytes()),
-                                                static_cast<uint32_t>(need - reservation_->remaining()),
-                                                reservation_);
+      absl::Status more = arena_->ReserveFrames(
+          static_cast<uint32_t>(layout_.page_bytes()),
+          static_cast<uint32_t>(need - reservation_->remaining()), reservation_);
       if (!more.ok()) {
         failed_ = true;
         return;
@@ -157,7 +157,8 @@ SequenceKv::SequenceKv(const Geometry& geometry, const selection::IndexSpec& ind
 
 void SequenceKv::WaitForSamples() {
   absl::MutexLock lock(&samples_mu_);
-  samples_mu_.Await(absl::Condition(+[](int* n) { return *n == 0; }, &samples_in_flight_));
+  samples_mu_.Await(absl::Condition(
+      +[](int* n) { return *n == 0; }, &samples_in_flight_));
 }
 
 SequenceKv::~SequenceKv() {
@@ -184,15 +185,15 @@ absl::Status SequenceKv::CheckLayer(uint32_t layer) const {
         absl::StrCat("layer ", layer, " is out of range (", geometry_.num_layers, " layers)"));
   }
   if (layers_[layer] == nullptr) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "layer ", layer, " is a full-KV layer (the first ", geometry_.full_kv_layers,
-        " layers keep their KV on the accelerator)"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("layer ", layer, " is a full-KV layer (the first ", geometry_.full_kv_layers,
+                     " layers keep their KV on the accelerator)"));
   }
   return absl::OkStatus();
 }
 
-absl::Status SequenceKv::KeyBatches(const uint8_t* k_rows, uint32_t tokens,
-                                    uint32_t first_position, const std::atomic<bool>* cancel,
+absl::Status SequenceKv::KeyBatches(const uint8_t* k_rows, uint32_t tokens, uint32_t first_position,
+                                    const std::atomic<bool>* cancel,
                                     std::vector<uint32_t>* positions,
                                     std::vector<index::KeyBatch>* batches) const {
   const uint64_t row = uint64_t{geometry_.head_dim} * DTypeBytes(geometry_.dtype);
@@ -217,9 +218,8 @@ absl::Status SequenceKv::Prefill(uint32_t layer, const uint8_t* k_rows, const ui
   absl::Status ok = CheckLayer(layer);
   if (!ok.ok()) return ok;
   if (tokens == 0 || tokens > geometry_.max_tokens) {
-    return absl::InvalidArgumentError(absl::StrCat("prefill of ", tokens,
-                                                   " tokens: must be in 1..max_tokens (",
-                                                   geometry_.max_tokens, ")"));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "prefill of ", tokens, " tokens: must be in 1..max_tokens (", geometry_.max_tokens, ")"));
   }
   Layer& L = *layers_[layer];
   const uint64_t row = uint64_t{geometry_.head_dim} * DTypeBytes(geometry_.dtype);
@@ -230,10 +230,9 @@ absl::Status SequenceKv::Prefill(uint32_t layer, const uint8_t* k_rows, const ui
   {
     absl::MutexLock lock(&L.mu);
     if (L.state.load() != LayerState::kEmpty) {
-      return absl::FailedPreconditionError(absl::StrCat("layer ", layer, " is already ",
-                                                        L.state.load() == LayerState::kReady
-                                                            ? "built"
-                                                            : "being built or failed"));
+      return absl::FailedPreconditionError(
+          absl::StrCat("layer ", layer, " is already ",
+                       L.state.load() == LayerState::kReady ? "built" : "being built or failed"));
     }
     L.state.store(LayerState::kBuilding);
   }
@@ -242,7 +241,8 @@ absl::Status SequenceKv::Prefill(uint32_t layer, const uint8_t* k_rows, const ui
   std::vector<Arena::FrameReservation> reservations(geometry_.num_kv_heads);
   for (uint32_t h = 0; h < geometry_.num_kv_heads; ++h) {
     const uint64_t bound = L.heads[h]->index->MaxBuildPages(tokens);
-    absl::Status r = arena_->ReserveFrames(page_bytes, static_cast<uint32_t>(bound), &reservations[h]);
+    absl::Status r =
+        arena_->ReserveFrames(page_bytes, static_cast<uint32_t>(bound), &reservations[h]);
     if (!r.ok()) {
       L.state.store(LayerState::kEmpty);
       return r;
@@ -253,8 +253,9 @@ absl::Status SequenceKv::Prefill(uint32_t layer, const uint8_t* k_rows, const ui
   std::vector<char> failed(geometry_.num_kv_heads, 0);
   pool_->ParallelFor(geometry_.num_kv_heads, [&](size_t h) {
     Head& head = *L.heads[h];
-    HeadWriter writer(arena_.get(), &head.table, &head.valid, head.layout, k_rows + h * tokens * row,
-                      v_rows + h * tokens * row, &reservations[h], &pages_);
+    HeadWriter writer(arena_.get(), &head.table, &head.valid, head.layout,
+                      k_rows + h * tokens * row, v_rows + h * tokens * row, &reservations[h],
+                      &pages_);
     status[h] = head.index->Build(batches[h], &writer);
     failed[h] = writer.failed();
   });
@@ -269,7 +270,8 @@ absl::Status SequenceKv::Prefill(uint32_t layer, const uint8_t* k_rows, const ui
   }
   L.tokens = tokens;
   L.state.store(LayerState::kReady);
-  if (observer_ != nullptr) observer_->OnBuild(Since(start), uint64_t{tokens} * geometry_.num_kv_heads);
+  if (observer_ != nullptr)
+    observer_->OnBuild(Since(start), uint64_t{tokens} * geometry_.num_kv_heads);
   return absl::OkStatus();
 }
 
@@ -293,9 +295,8 @@ absl::Status SequenceKv::Append(uint32_t layer, const uint8_t* k_rows, const uin
         absl::StrCat("layer ", layer, " is not built: prefill it (and wait) before appending"));
   }
   if (L.tokens + tokens > geometry_.max_tokens) {
-    return absl::ResourceExhaustedError(absl::StrCat("layer ", layer, " holds ", L.tokens,
-                                                     " tokens; max_tokens is ",
-                                                     geometry_.max_tokens));
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "layer ", layer, " holds ", L.tokens, " tokens; max_tokens is ", geometry_.max_tokens));
   }
   const uint32_t page_bytes = static_cast<uint32_t>(geometry_.page_bytes());
   std::vector<Arena::FrameReservation> reservations(geometry_.num_kv_heads);
@@ -310,8 +311,9 @@ absl::Status SequenceKv::Append(uint32_t layer, const uint8_t* k_rows, const uin
   std::vector<char> failed(geometry_.num_kv_heads, 0);
   pool_->ParallelFor(geometry_.num_kv_heads, [&](size_t h) {
     Head& head = *L.heads[h];
-    HeadWriter writer(arena_.get(), &head.table, &head.valid, head.layout, k_rows + h * tokens * row,
-                      v_rows + h * tokens * row, &reservations[h], &pages_);
+    HeadWriter writer(arena_.get(), &head.table, &head.valid, head.layout,
+                      k_rows + h * tokens * row, v_rows + h * tokens * row, &reservations[h],
+                      &pages_);
     status[h] = head.index->Insert(batches[h], &writer);
     failed[h] = writer.failed();
   });
@@ -325,7 +327,8 @@ absl::Status SequenceKv::Append(uint32_t layer, const uint8_t* k_rows, const uin
   }
   L.tokens += tokens;
   ++L.epoch;
-  if (observer_ != nullptr) observer_->OnInsert(Since(start), uint64_t{tokens} * geometry_.num_kv_heads);
+  if (observer_ != nullptr)
+    observer_->OnInsert(Since(start), uint64_t{tokens} * geometry_.num_kv_heads);
   return absl::OkStatus();
 }
 
@@ -345,8 +348,7 @@ absl::StatusOr<uint32_t> SequenceKv::Select(uint32_t layer, const float* queries
     return absl::FailedPreconditionError(absl::StrCat(
         "layer ", layer, " is not built: prefill it (and wait for it) before selecting"));
   }
-  out->assign(uint64_t{geometry_.num_kv_heads} * k,
-              abi::SelectedPageRef{abi::kNoSegment, 0, 0, 0});
+  out->assign(uint64_t{geometry_.num_kv_heads} * k, abi::SelectedPageRef{abi::kNoSegment, 0, 0, 0});
   std::vector<absl::Status> status(geometry_.num_kv_heads);
   std::vector<std::vector<uint32_t>> picked_pages(geometry_.num_kv_heads);
   pool_->ParallelFor(geometry_.num_kv_heads, [&](size_t h) {
@@ -372,12 +374,12 @@ absl::StatusOr<uint32_t> SequenceKv::Select(uint32_t layer, const float* queries
     }
     std::vector<float> q(queries, queries + uint64_t{geometry_.num_q_heads} * d);
     const uint64_t epoch = L.epoch;
-    pool_->Schedule([this, layer, q = std::move(q), picked = std::move(picked_pages),
-                     epoch]() mutable {
-      SampleRecall(layer, std::move(q), std::move(picked), epoch);
-      absl::MutexLock samples(&samples_mu_);
-      --samples_in_flight_;
-    });
+    pool_->Schedule(
+        [this, layer, q = std::move(q), picked = std::move(picked_pages), epoch]() mutable {
+          SampleRecall(layer, std::move(q), std::move(picked), epoch);
+          absl::MutexLock samples(&samples_mu_);
+          --samples_in_flight_;
+        });
   }
   return k;
 }
@@ -394,7 +396,8 @@ void SequenceKv::SampleRecall(uint32_t layer, std::vector<float> queries,
   std::vector<double> shares;
   for (uint32_t h = 0; h < geometry_.num_kv_heads; ++h) {
     const Head& head = *L.heads[h];
-    const index::ExactOracle oracle(head.index.get(), &head, index::ExactOracle::Rank::kSoftmaxMass);
+    const index::ExactOracle oracle(head.index.get(), &head,
+                                    index::ExactOracle::Rank::kSoftmaxMass);
     if (!oracle.MassShares(queries.data() + uint64_t{h} * group * d, group, picked[h], &shares)
              .ok()) {
       continue;

@@ -1,6 +1,7 @@
 // The stored KV cache of one sequence: for every offloaded layer, one index per KV head (a
-// KvIndex from selection/index_factory.h: the DCI tree of the daemon's preset) over pages that live in the owning client's arena, laid out by the index (the tokens of a
-// cluster share a page; a freshly built layer's pages take consecutive frames).
+// KvIndex from selection/index_factory.h: the DCI tree of the daemon's preset) over pages that live
+// in the owning client's arena, laid out by the index (the tokens of a cluster share a page; a
+// freshly built layer's pages take consecutive frames).
 //
 // Operations (the data plane runs them on its worker pool):
 //   Prefill(layer, staging)  build the layer's index for every KV head from a staging buffer
@@ -30,9 +31,9 @@
 #include "absl/synchronization/mutex.h"
 #include "common/thread_pool.h"
 #include "proto/icecache/v1/abi.h"
+#include "selection/index_factory.h"
 #include "server/core/arena.h"
 #include "server/core/geometry.h"
-#include "selection/index_factory.h"
 #include "server/index/kv_index.h"
 
 namespace icecache {
@@ -74,8 +75,8 @@ class SequenceKv {
 
   // 1..page_size new tokens (one window page). FAILED_PRECONDITION unless the layer is ready;
   // RESOURCE_EXHAUSTED when the sequence would exceed max_tokens or frames run out.
-  absl::Status Append(uint32_t layer, const uint8_t* k_rows, const uint8_t* v_rows,
-                      uint32_t tokens, uint32_t first_position);
+  absl::Status Append(uint32_t layer, const uint8_t* k_rows, const uint8_t* v_rows, uint32_t tokens,
+                      uint32_t first_position);
 
   // The pages per KV head a select of `requested` pages returns: the geometry's selected
   // pages when 0 (the one place that default is applied).

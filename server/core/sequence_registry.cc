@@ -133,8 +133,8 @@ absl::StatusOr<SequencePage> SequenceRegistry::List(uint32_t page_size,
                                                     absl::string_view page_token,
                                                     const Caller& caller) const {
   if (page_size > kMaxListPageSize) {
-    return absl::InvalidArgumentError(absl::StrCat("page_size must be at most ",
-                                                   kMaxListPageSize, ", got ", page_size));
+    return absl::InvalidArgumentError(
+        absl::StrCat("page_size must be at most ", kMaxListPageSize, ", got ", page_size));
   }
   if (!page_token.empty() && !IsWellFormedHandle(page_token)) {
     return MalformedHandle("page_token", page_token);

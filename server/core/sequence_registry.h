@@ -12,12 +12,12 @@
 #include <map>
 #include <memory>
 #include <string>
-#include "absl/strings/string_view.h"
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/random/random.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "server/core/clock.h"
@@ -41,7 +41,7 @@ struct SequenceInfo {
   uint64_t kv_bytes = 0;    // reserved in the accountant
   uint64_t num_tokens = 0;  // tokens stored in the first offloaded layer
   absl::Time create_time;
-  uint64_t owner = 0;       // client id of the attachment that created it (0: none)
+  uint64_t owner = 0;              // client id of the attachment that created it (0: none)
   std::shared_ptr<SequenceKv> kv;  // the stored KV (null without a data plane)
 };
 

@@ -78,13 +78,13 @@ thread_local uint64_t tls_last_scored = 0;
 }  // namespace
 
 struct DciTree::Cell {
-  uint32_t owner = kNone;  // parent token; kNone for the root cell
-  uint8_t level = 0;       // level of the member tokens
-  float max_sq = 0;        // M_c: the norm bound the projections below were computed with
-  std::vector<float> proj;          // ascending
-  std::vector<uint32_t> tok;        // tokens in projection order
-  std::vector<uint32_t> page_ids;   // pages of the cell, in projection order
-  std::vector<uint32_t> page_end;   // exclusive end (index into tok) of each page's run
+  uint32_t owner = kNone;          // parent token; kNone for the root cell
+  uint8_t level = 0;               // level of the member tokens
+  float max_sq = 0;                // M_c: the norm bound the projections below were computed with
+  std::vector<float> proj;         // ascending
+  std::vector<uint32_t> tok;       // tokens in projection order
+  std::vector<uint32_t> page_ids;  // pages of the cell, in projection order
+  std::vector<uint32_t> page_end;  // exclusive end (index into tok) of each page's run
 
   uint32_t PageStart(size_t j) const { return j == 0 ? 0 : page_end[j - 1]; }
   uint64_t Bytes() const {
@@ -141,7 +141,7 @@ struct DciTree::Impl {
   std::vector<uint32_t> upper_row;  // token -> row in upper_keys, or kNone
   const KeyBatch* batch = nullptr;
   uint32_t batch_begin = 0;
-  const std::atomic<bool>* cancel_flag = nullptr;  // of the Build in progress
+  const std::atomic<bool>* cancel_flag = nullptr;                    // of the Build in progress
   absl::flat_hash_map<uint32_t, std::pair<uint32_t, uint8_t>> orig;  // pre-change locations
   std::vector<uint8_t> page_flags;  // bit 0 changed, bit 1 allocated now, bit 2 freed now
   std::vector<uint32_t> flagged;
@@ -543,9 +543,9 @@ struct DciTree::Impl {
     } else {
       Scratch& sc = ThreadScratch();
       Descend(probe, lvl, fov, ratio, count, /*track_pages=*/false, count + 1, sc, out);
-      out->erase(std::remove_if(out->begin(), out->end(),
-                                [t](const Cand& c) { return c.tok == t; }),
-                 out->end());
+      out->erase(
+          std::remove_if(out->begin(), out->end(), [t](const Cand& c) { return c.tok == t; }),
+          out->end());
     }
     if (out->size() > count) out->resize(count);
   }
@@ -585,8 +585,8 @@ struct DciTree::Impl {
 
   // Nearest parents of `kids` (on level l) among `parents` (level l + 1): exact while the
   // level above is small, by descent beyond.
-  void FullParents(const std::vector<uint32_t>& kids, const std::vector<uint32_t>& parents,
-                   int l, std::vector<uint32_t>* parent_of) const {
+  void FullParents(const std::vector<uint32_t>& kids, const std::vector<uint32_t>& parents, int l,
+                   std::vector<uint32_t>* parent_of) const {
     if (parents.size() <= o.exact_parent_max) {
       ExactParents(kids, parents, parent_of);
       return;
@@ -969,8 +969,8 @@ struct DciTree::Impl {
       *hi = n;
       return;
     }
-    uint32_t a = static_cast<uint32_t>(std::lower_bound(c.proj.begin(), c.proj.end(), qp) -
-                                       c.proj.begin());
+    uint32_t a =
+        static_cast<uint32_t>(std::lower_bound(c.proj.begin(), c.proj.end(), qp) - c.proj.begin());
     uint32_t b = a;
     while (b - a < r) {
       if (a == 0) {
@@ -995,8 +995,8 @@ struct DciTree::Impl {
       *phi = np;
       return;
     }
-    const uint32_t at = static_cast<uint32_t>(std::lower_bound(c.proj.begin(), c.proj.end(), qp) -
-                                              c.proj.begin());
+    const uint32_t at =
+        static_cast<uint32_t>(std::lower_bound(c.proj.begin(), c.proj.end(), qp) - c.proj.begin());
     uint32_t a = static_cast<uint32_t>(
         std::upper_bound(c.page_end.begin(), c.page_end.end(), std::min(at, n - 1)) -
         c.page_end.begin());
@@ -1111,8 +1111,8 @@ struct DciTree::Impl {
         const uint32_t n = static_cast<uint32_t>(c.tok.size());
         if (n == 0) continue;
         const uint32_t r = std::min<uint32_t>(
-            n, std::max<uint32_t>(static_cast<uint32_t>(std::ceil(o.query_retrieve_ratio * n)),
-                                  want));
+            n,
+            std::max<uint32_t>(static_cast<uint32_t>(std::ceil(o.query_retrieve_ratio * n)), want));
         gs.ranges.clear();
         for (uint32_t q = 0; q < nq; ++q) {
           uint32_t a, b;
@@ -1161,7 +1161,8 @@ struct DciTree::Impl {
         gs.order.resize(nc);
         std::iota(gs.order.begin(), gs.order.end(), 0u);
         auto better = [&](uint32_t x, uint32_t y) {
-          const float sx = gs.cand_score[uint64_t{x} * nq + q], sy = gs.cand_score[uint64_t{y} * nq + q];
+          const float sx = gs.cand_score[uint64_t{x} * nq + q],
+                      sy = gs.cand_score[uint64_t{y} * nq + q];
           return sx > sy || (sx == sy && gs.cand_tok[x] < gs.cand_tok[y]);
         };
         const uint32_t width = lvl == 1 && o.final_fov > 0 ? o.final_fov : fov;
@@ -1274,8 +1275,7 @@ struct DciTree::Impl {
 };
 
 // =================================================================== public
-DciTree::DciTree(const IndexGeometry& geometry, const DciOptions& options,
-                 const PageReader* reader)
+DciTree::DciTree(const IndexGeometry& geometry, const DciOptions& options, const PageReader* reader)
     : impl_(std::make_unique<Impl>(geometry, options, reader)), geometry_(geometry) {}
 
 DciTree::~DciTree() = default;
@@ -1309,8 +1309,8 @@ absl::Status DciTree::Search(const float* queries, uint32_t group, uint32_t k,
   absl::ReaderMutexLock lock(&mu_);
   if (!impl_->built) return absl::FailedPreconditionError("search before build");
   if (k == 0 || k > impl_->live_pages) {
-    return absl::InvalidArgumentError(absl::StrCat("k must be in 1..", impl_->live_pages,
-                                                   " (the pages of this index), got ", k));
+    return absl::InvalidArgumentError(
+        absl::StrCat("k must be in 1..", impl_->live_pages, " (the pages of this index), got ", k));
   }
   impl_->SearchGroup(queries, group, k, out);
   return absl::OkStatus();
@@ -1318,7 +1318,8 @@ absl::Status DciTree::Search(const float* queries, uint32_t group, uint32_t k,
 
 uint64_t DciTree::MaxBuildPages(uint64_t tokens) const {
   const uint64_t upper =
-      static_cast<uint64_t>(std::floor(static_cast<double>(tokens) * impl_->o.promotion_ratio_1)) + 1;
+      static_cast<uint64_t>(std::floor(static_cast<double>(tokens) * impl_->o.promotion_ratio_1)) +
+      1;
   return (tokens + geometry_.page_size - 1) / geometry_.page_size + upper + 32;
 }
 
@@ -1424,8 +1425,7 @@ absl::Status DciTree::CheckInvariants() const {
       const uint32_t p = c.page_ids[j];
       ++live;
       const uint32_t len = c.page_end[j] - c.PageStart(j);
-      if (m.pages[p].cell != cid || m.pages[p].valid != len || len == 0 ||
-          len > m.g.page_size) {
+      if (m.pages[p].cell != cid || m.pages[p].valid != len || len == 0 || len > m.g.page_size) {
         return absl::InternalError(absl::StrCat("page ", p, " of cell ", cid, " has ", len,
                                                 " tokens, valid ", m.pages[p].valid));
       }

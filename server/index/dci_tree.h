@@ -130,11 +130,12 @@ class DciTree final : public KvIndex {
 
   // Introspection for tests and benchmarks.
   struct Stats {
-    uint32_t levels = 0;                      // top level + 1
-    std::vector<uint32_t> tokens_per_level;   // [level]
+    uint32_t levels = 0;                     // top level + 1
+    std::vector<uint32_t> tokens_per_level;  // [level]
     uint32_t cells = 0;
     uint32_t pages = 0;
-    uint64_t tokens_scored_last_search = 0;   // (key, query) dot products of the last Search on this thread
+    uint64_t tokens_scored_last_search =
+        0;  // (key, query) dot products of the last Search on this thread
   };
   Stats GetStats() const;
   // Level, parent (kNoParent for the top level) and page/slot of token `t` (insertion

@@ -60,8 +60,8 @@ absl::Status ExactOracle::Search(const float* queries, uint32_t group, uint32_t 
   absl::ReaderMutexLock lock(&mu_);
   if (pages_.empty()) return absl::FailedPreconditionError("search before build");
   if (k == 0 || k > pages_.size()) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "k must be in 1..", pages_.size(), " (the pages of this index), got ", k));
+    return absl::InvalidArgumentError(
+        absl::StrCat("k must be in 1..", pages_.size(), " (the pages of this index), got ", k));
   }
   const uint64_t row_bytes = uint64_t{g.dim} * ElemBytes(g.elem_type);
   const float scale = 1.0f / std::sqrt(static_cast<float>(g.dim));
@@ -71,8 +71,8 @@ absl::Status ExactOracle::Search(const float* queries, uint32_t group, uint32_t 
   std::vector<std::vector<float>> logits(group);  // kSoftmaxMass: every scaled logit
   for (size_t i = 0; i < pages_.size(); ++i) {
     const uint32_t n = static_cast<uint32_t>(pages_[i].positions.size());
-    DotStridedMulti(queries, group, reader_->PageKeys(pages_[i].page), row_bytes, n,
-                    g.elem_type, g.dim, scores.data(), g.page_size);
+    DotStridedMulti(queries, group, reader_->PageKeys(pages_[i].page), row_bytes, n, g.elem_type,
+                    g.dim, scores.data(), g.page_size);
     for (uint32_t h = 0; h < group; ++h) {
       const float* sc = scores.data() + uint64_t{h} * g.page_size;
       float b = -std::numeric_limits<float>::infinity();
@@ -130,10 +130,11 @@ absl::Status ExactOracle::MassShares(const float* queries, uint32_t group,
   std::vector<std::vector<float>> logits(group);
   for (size_t i = 0; i < pages_.size(); ++i) {
     const uint32_t n = static_cast<uint32_t>(pages_[i].positions.size());
-    DotStridedMulti(queries, group, reader_->PageKeys(pages_[i].page), row_bytes, n,
-                    g.elem_type, g.dim, scores.data(), g.page_size);
+    DotStridedMulti(queries, group, reader_->PageKeys(pages_[i].page), row_bytes, n, g.elem_type,
+                    g.dim, scores.data(), g.page_size);
     for (uint32_t h = 0; h < group; ++h) {
-      for (uint32_t s = 0; s < n; ++s) logits[h].push_back(scores[uint64_t{h} * g.page_size + s] * scale);
+      for (uint32_t s = 0; s < n; ++s)
+        logits[h].push_back(scores[uint64_t{h} * g.page_size + s] * scale);
     }
   }
   shares->assign(group, 0.0);
@@ -183,7 +184,8 @@ absl::Status ExactOracle::TopTokens(const float* queries, uint32_t group, uint32
     }
     double z = 0;
     for (float v : logits) z += std::exp(double(v) - mx);
-    for (size_t i = 0; i < logits.size(); ++i) mass[i].first += std::exp(double(logits[i]) - mx) / z;
+    for (size_t i = 0; i < logits.size(); ++i)
+      mass[i].first += std::exp(double(logits[i]) - mx) / z;
   }
   const size_t c = std::min<size_t>(count, mass.size());
   std::partial_sort(mass.begin(), mass.begin() + c, mass.end(),

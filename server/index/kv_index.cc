@@ -57,8 +57,7 @@ absl::Status ValidateBatch(const IndexGeometry& geometry, const KeyBatch& batch)
   return absl::OkStatus();
 }
 
-absl::Status ValidateQueries(const IndexGeometry& geometry, const float* queries,
-                             uint32_t group) {
+absl::Status ValidateQueries(const IndexGeometry& geometry, const float* queries, uint32_t group) {
   if (group == 0) return absl::InvalidArgumentError("no queries (group size 0)");
   if (queries == nullptr) return absl::InvalidArgumentError("null queries");
   for (uint32_t h = 0; h < group; ++h) {

@@ -149,8 +149,7 @@ class KvIndex {
 
 // Shared validation of the inputs above; the messages name the offending row.
 absl::Status ValidateBatch(const IndexGeometry& geometry, const KeyBatch& batch);
-absl::Status ValidateQueries(const IndexGeometry& geometry, const float* queries,
-                             uint32_t group);
+absl::Status ValidateQueries(const IndexGeometry& geometry, const float* queries, uint32_t group);
 
 // The k best of `all` by score (ties: lower page id first), best first.
 std::vector<SelectedPage> TopPages(std::vector<SelectedPage> all, uint32_t k);

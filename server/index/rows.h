@@ -25,9 +25,7 @@ struct RowView {
   uint64_t stride() const {
     return stride_bytes != 0 ? stride_bytes : uint64_t{dim} * ElemBytes(type);
   }
-  const void* row(uint32_t i) const {
-    return static_cast<const uint8_t*>(data) + i * stride();
-  }
+  const void* row(uint32_t i) const { return static_cast<const uint8_t*>(data) + i * stride(); }
 };
 
 // IEEE half / bfloat16 <-> float (common/half.h).

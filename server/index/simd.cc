@@ -119,8 +119,8 @@ ICECACHE_AVX2 float DotAvx2(const float* x, const void* row, ElemType type, uint
 }
 
 template <ElemType kType>
-ICECACHE_AVX2 void DotStridedAvx2T(const float* x, const uint8_t* base, uint64_t stride,
-                                   uint32_t n, uint32_t dim, float* out) {
+ICECACHE_AVX2 void DotStridedAvx2T(const float* x, const uint8_t* base, uint64_t stride, uint32_t n,
+                                   uint32_t dim, float* out) {
   for (uint32_t r = 0; r < n; ++r) out[r] = DotAvx2T<kType>(x, base + r * stride, dim);
 }
 
@@ -138,16 +138,16 @@ ICECACHE_AVX2 void DotStridedAvx2(const float* x, const void* base, uint64_t str
 }
 
 template <ElemType kType>
-ICECACHE_AVX2 void DotGatherAvx2T(const float* x, const void* const* rows, uint32_t n,
-                                  uint32_t dim, float* out) {
+ICECACHE_AVX2 void DotGatherAvx2T(const float* x, const void* const* rows, uint32_t n, uint32_t dim,
+                                  float* out) {
   for (uint32_t r = 0; r < n; ++r) {
     if (r + 2 < n) _mm_prefetch(static_cast<const char*>(rows[r + 2]), _MM_HINT_T0);
     out[r] = DotAvx2T<kType>(x, rows[r], dim);
   }
 }
 
-ICECACHE_AVX2 void DotGatherAvx2(const float* x, const void* const* rows, uint32_t n,
-                                 ElemType type, uint32_t dim, float* out) {
+ICECACHE_AVX2 void DotGatherAvx2(const float* x, const void* const* rows, uint32_t n, ElemType type,
+                                 uint32_t dim, float* out) {
   switch (type) {
     case ElemType::kF32:
       return DotGatherAvx2T<ElemType::kF32>(x, rows, n, dim, out);
@@ -174,7 +174,8 @@ ICECACHE_AVX2 inline void DotRowMultiAvx2T(const float* xs, const void* row, uin
   }
   for (int j = 0; j < NQ; ++j) {
     float tail = 0;
-    for (uint32_t t = i; t < dim; ++t) tail += xs[uint64_t(j) * dim + t] * LoadScalar(row, kType, t);
+    for (uint32_t t = i; t < dim; ++t)
+      tail += xs[uint64_t(j) * dim + t] * LoadScalar(row, kType, t);
     out[uint64_t(j) * out_stride] = HorizontalSum(acc[j]) + tail;
   }
 }
@@ -201,9 +202,9 @@ ICECACHE_AVX2 void DotMultiAvx2T(const float* xs, uint32_t nq, const uint8_t* ba
     const float* x = xs + uint64_t{q0} * dim;
     float* o = out + uint64_t{q0} * out_stride;
     switch (m) {
-#define ICECACHE_NQ_CASE(k)                                                           \
-  case k:                                                                             \
-    DotRowsMultiAvx2T<kType, k>(x, base, stride, rows, n, dim, o, out_stride);        \
+#define ICECACHE_NQ_CASE(k)                                                    \
+  case k:                                                                      \
+    DotRowsMultiAvx2T<kType, k>(x, base, stride, rows, n, dim, o, out_stride); \
     break;
       ICECACHE_NQ_CASE(1)
       ICECACHE_NQ_CASE(2)
@@ -280,7 +281,8 @@ ICECACHE_AVX2 void ExpAvx2(float* x, uint32_t n) {
   const __m256 log2e = _mm256_set1_ps(1.4426950408889634f);
   const __m256 ln2 = _mm256_set1_ps(0.6931471805599453f);
   const __m256 lo = _mm256_set1_ps(-87.0f), hi = _mm256_set1_ps(88.0f);
-  const __m256 c1 = _mm256_set1_ps(1.0f), c2 = _mm256_set1_ps(1.0f / 2), c3 = _mm256_set1_ps(1.0f / 6);
+  const __m256 c1 = _mm256_set1_ps(1.0f), c2 = _mm256_set1_ps(1.0f / 2),
+               c3 = _mm256_set1_ps(1.0f / 6);
   const __m256 c4 = _mm256_set1_ps(1.0f / 24), c5 = _mm256_set1_ps(1.0f / 120);
   const __m256 c6 = _mm256_set1_ps(1.0f / 720);
   uint32_t i = 0;
@@ -288,15 +290,18 @@ ICECACHE_AVX2 void ExpAvx2(float* x, uint32_t n) {
     const __m256 v = _mm256_loadu_ps(x + i);
     const __m256 under = _mm256_cmp_ps(v, lo, _CMP_LT_OQ);
     const __m256 c = _mm256_min_ps(_mm256_max_ps(v, lo), hi);
-    const __m256 k = _mm256_round_ps(_mm256_mul_ps(c, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m256 r = _mm256_mul_ps(_mm256_sub_ps(_mm256_mul_ps(c, log2e), k), ln2);  // r in [-ln2/2, ln2/2]
+    const __m256 k =
+        _mm256_round_ps(_mm256_mul_ps(c, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256 r =
+        _mm256_mul_ps(_mm256_sub_ps(_mm256_mul_ps(c, log2e), k), ln2);  // r in [-ln2/2, ln2/2]
     __m256 p = _mm256_fmadd_ps(c6, r, c5);
     p = _mm256_fmadd_ps(p, r, c4);
     p = _mm256_fmadd_ps(p, r, c3);
     p = _mm256_fmadd_ps(p, r, c2);
     p = _mm256_fmadd_ps(p, r, c1);
     p = _mm256_fmadd_ps(p, r, c1);
-    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
+    const __m256i e =
+        _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
     const __m256 out = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
     _mm256_storeu_ps(x + i, _mm256_andnot_ps(under, out));
   }
@@ -353,7 +358,8 @@ float Dot(const float* x, const void* row, ElemType type, uint32_t dim) {
 
 void DotStrided(const float* x, const void* base, uint64_t stride, uint32_t n, ElemType type,
                 uint32_t dim, float* out) {
-  if (ActiveSimdLevel() == SimdLevel::kAvx2) return DotStridedAvx2(x, base, stride, n, type, dim, out);
+  if (ActiveSimdLevel() == SimdLevel::kAvx2)
+    return DotStridedAvx2(x, base, stride, n, type, dim, out);
   const uint8_t* b = static_cast<const uint8_t*>(base);
   for (uint32_t r = 0; r < n; ++r) out[r] = DotScalar(x, b + r * stride, type, dim);
 }
@@ -372,7 +378,8 @@ void DotStridedMulti(const float* xs, uint32_t nq, const void* base, uint64_t st
   const uint8_t* b = static_cast<const uint8_t*>(base);
   for (uint32_t j = 0; j < nq; ++j) {
     for (uint32_t r = 0; r < n; ++r) {
-      out[uint64_t{j} * out_stride + r] = DotScalar(xs + uint64_t{j} * dim, b + r * stride, type, dim);
+      out[uint64_t{j} * out_stride + r] =
+          DotScalar(xs + uint64_t{j} * dim, b + r * stride, type, dim);
     }
   }
 }
@@ -393,8 +400,8 @@ void BestLiftedParents(const float* children, uint32_t nc, const float* child_li
                        const float* parents_t, const float* parent_lift, uint32_t np,
                        uint32_t np_pad, uint32_t dim, float* best_v, uint32_t* best_j) {
   if (ActiveSimdLevel() == SimdLevel::kAvx2) {
-    return BestLiftedParentsAvx2(children, nc, child_lift, parents_t, parent_lift, np, np_pad,
-                                 dim, best_v, best_j);
+    return BestLiftedParentsAvx2(children, nc, child_lift, parents_t, parent_lift, np, np_pad, dim,
+                                 best_v, best_j);
   }
   for (uint32_t c = 0; c < nc; ++c) {
     const float* x = children + uint64_t{c} * dim;

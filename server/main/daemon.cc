@@ -13,12 +13,12 @@
 #include "common/log.h"
 #include "common/paths.h"
 #include "common/status_macros.h"
+#include "common/thread_pool.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/health_check_service_interface.h"
 #include "grpcpp/security/server_credentials.h"
 #include "grpcpp/server.h"
 #include "grpcpp/server_builder.h"
-#include "common/thread_pool.h"
 #include "proto/icecache/v1/abi.h"
 #include "server/core/clock.h"
 #include "server/core/data_plane.h"
@@ -36,14 +36,14 @@ class DaemonObserver final : public DataPlaneObserver {
  public:
   explicit DaemonObserver(Metrics* m) {
     const auto& lat = Metrics::LatencyBuckets();
-    build_ = m->Histogram("icecache_index_build_seconds",
-                          "Time to build one layer's index (every KV head) from a prefill", {},
-                          lat);
+    build_ =
+        m->Histogram("icecache_index_build_seconds",
+                     "Time to build one layer's index (every KV head) from a prefill", {}, lat);
     insert_ = m->Histogram("icecache_index_insert_seconds",
                            "Time to insert one window page into a layer (every KV head)", {}, lat);
-    select_ = m->Histogram("icecache_select_seconds",
-                           "Time to select one layer's pages (every KV head), in the daemon", {},
-                           lat);
+    select_ =
+        m->Histogram("icecache_select_seconds",
+                     "Time to select one layer's pages (every KV head), in the daemon", {}, lat);
     build_tokens_ = m->Counter("icecache_index_built_tokens_total",
                                "Tokens indexed by prefills (summed over KV heads)", {});
     insert_tokens_ = m->Counter("icecache_index_inserted_tokens_total",
@@ -53,10 +53,10 @@ class DaemonObserver final : public DataPlaneObserver {
         "Sampled attention recall of selected pages: the share of the exact softmax mass over "
         "the offloaded tokens that lies on the returned pages",
         {}, {0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.97, 0.99, 1.0});
-    attach_ok_ = m->Counter("icecache_attach_total", "Attach attempts by result",
-                            {{"result", "ok"}});
-    attach_refused_ = m->Counter("icecache_attach_total", "Attach attempts by result",
-                                 {{"result", "refused"}});
+    attach_ok_ =
+        m->Counter("icecache_attach_total", "Attach attempts by result", {{"result", "ok"}});
+    attach_refused_ =
+        m->Counter("icecache_attach_total", "Attach attempts by result", {{"result", "refused"}});
     detach_ = m->Counter("icecache_detach_total", "Clients detached (exit, crash or close)", {});
     protocol_errors_ = m->Counter("icecache_protocol_errors_total",
                                   "Queue entries or slots a client submitted that could not be "
@@ -64,9 +64,9 @@ class DaemonObserver final : public DataPlaneObserver {
                                   {});
     for (uint32_t op = 0; op <= abi::kOpRelease; ++op) {
       auto& per = ops_[op];
-      per.latency = m->Histogram("icecache_data_request_seconds",
-                                 "Data-plane request handling time, by op", {{"op", abi::OpName(op)}},
-                                 lat);
+      per.latency =
+          m->Histogram("icecache_data_request_seconds", "Data-plane request handling time, by op",
+                       {{"op", abi::OpName(op)}}, lat);
       for (int code = 0; code < Metrics::kNumStatusCodes; ++code) {
         per.by_code[code] = m->Counter("icecache_data_requests_total",
                                        "Data-plane requests answered, by op and status code",
@@ -132,16 +132,17 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const DaemonOptions& optio
     return absl::InvalidArgumentError("--memory-limit must be positive");
   }
   if (options.metrics_port < -1 || options.metrics_port > 65535) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "--metrics-port must be -1 (off), 0 (any free port) or 1..65535, got ",
-        options.metrics_port));
+    return absl::InvalidArgumentError(
+        absl::StrCat("--metrics-port must be -1 (off), 0 (any free port) or 1..65535, got ",
+                     options.metrics_port));
   }
   if (options.shutdown_grace < absl::ZeroDuration()) {
     return absl::InvalidArgumentError("--shutdown-grace must not be negative");
   }
   absl::StatusOr<selection::IndexSpec> index_spec = selection::Preset(options.index_preset);
   if (!index_spec.ok()) {
-    return absl::InvalidArgumentError(absl::StrCat("--index-preset: ", index_spec.status().message()));
+    return absl::InvalidArgumentError(
+        absl::StrCat("--index-preset: ", index_spec.status().message()));
   }
   if (options.segment_bytes < (uint64_t{1} << 20) || options.segment_bytes > (uint64_t{1} << 36)) {
     return absl::InvalidArgumentError("--segment-size must be in 1MiB..64GiB");
@@ -151,8 +152,8 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const DaemonOptions& optio
                                       ? AttachSocketPath(options.socket_path)
                                       : options.attach_socket_path;
   if (attach_path.size() > MaxSocketPathLength()) {
-    return absl::InvalidArgumentError(absl::StrCat("attach socket path '", attach_path,
-                                                   "' is too long for a unix socket"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("attach socket path '", attach_path, "' is too long for a unix socket"));
   }
   ICECACHE_RETURN_IF_ERROR(PrepareSocketDirectory(options.socket_path));
 
@@ -235,8 +236,7 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const DaemonOptions& optio
   m.AddCallback("icecache_client_decode_steps_total", "Decode steps clients completed",
                 MetricType::Counter, stat(&DataPlaneStats::decode_steps));
   m.AddCallback("icecache_process_start_time_seconds", "Start time of the daemon, Unix seconds",
-                MetricType::Gauge,
-                [start_time] { return absl::ToUnixMicros(start_time) / 1e6; });
+                MetricType::Gauge, [start_time] { return absl::ToUnixMicros(start_time) / 1e6; });
   m.AddCallback("icecache_process_resident_memory_bytes", "Resident set size of the daemon",
                 MetricType::Gauge, [] { return ResidentBytes(); });
 
@@ -257,8 +257,8 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const DaemonOptions& optio
   ICECACHE_RETURN_IF_ERROR(d->data_plane_->Start());
 
   if (options.metrics_port >= 0) {
-    ICECACHE_RETURN_IF_ERROR(d->metrics_->StartExposer(
-        absl::StrCat(options.metrics_host, ":", options.metrics_port)));
+    ICECACHE_RETURN_IF_ERROR(
+        d->metrics_->StartExposer(absl::StrCat(options.metrics_host, ":", options.metrics_port)));
     d->metrics_port_ = d->metrics_->exposer_port();
   }
 
@@ -273,10 +273,10 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const DaemonOptions& optio
   builder.RegisterService(d->service_.get());
   d->server_ = builder.BuildAndStart();
   if (d->server_ == nullptr) {
-    return absl::UnavailableError(absl::StrCat(
-        "cannot serve gRPC on unix:", options.socket_path,
-        options.tcp_address.empty() ? "" : absl::StrCat(" and ", options.tcp_address),
-        " (address in use or not permitted)"));
+    return absl::UnavailableError(
+        absl::StrCat("cannot serve gRPC on unix:", options.socket_path,
+                     options.tcp_address.empty() ? "" : absl::StrCat(" and ", options.tcp_address),
+                     " (address in use or not permitted)"));
   }
   // Like the attach socket: any local user may connect; what a caller may see and change is
   // decided by its attachment token (issued only to the uids --allow-uids admits), not by the
@@ -298,10 +298,8 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const DaemonOptions& optio
   }
   d->running_ = true;
 
-  ICECACHE_LOG(INFO) << "icecached " << VersionString() << " serving unix:"
-                     << options.socket_path
-                     << (d->tcp_address_.empty() ? "" : " and " + d->tcp_address_)
-                     << "; metrics "
+  ICECACHE_LOG(INFO) << "icecached " << VersionString() << " serving unix:" << options.socket_path
+                     << (d->tcp_address_.empty() ? "" : " and " + d->tcp_address_) << "; metrics "
                      << (options.metrics_port < 0
                              ? std::string("off")
                              : absl::StrCat("on ", options.metrics_host, ":", d->metrics_port_))

@@ -52,7 +52,7 @@ struct DaemonOptions {
   uint64_t client_quota_bytes = 0;      // 0: the memory limit
   uint32_t max_clients = 256;
   uint64_t segment_bytes = uint64_t{64} << 20;
-  uint32_t workers = 0;                 // 0: every core
+  uint32_t workers = 0;  // 0: every core
   uint32_t recall_sample_every = 64;
   absl::Duration poll_spin = absl::Microseconds(50);
   // A preset of selection/index_factory.h (INVALID_ARGUMENT for an unknown name).

@@ -6,7 +6,6 @@
 #include <string>
 #include <vector>
 
-#include "selection/index_factory.h"
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
@@ -21,6 +20,7 @@
 #include "common/flags_compat.h"
 #include "common/log.h"
 #include "common/paths.h"
+#include "selection/index_factory.h"
 #include "server/core/clock.h"
 #include "server/main/daemon.h"
 #include "server/main/system_memory.h"
@@ -114,8 +114,8 @@ int main(int argc, char** argv) {
   icecache::LogSeverity severity;
   const std::string log_level = absl::GetFlag(FLAGS_log_level);
   if (!icecache::ParseLogSeverity(log_level, &severity)) {
-    return Fail(absl::StrCat("--log-level must be debug, info, warning or error, got '",
-                             log_level, "'"));
+    return Fail(
+        absl::StrCat("--log-level must be debug, info, warning or error, got '", log_level, "'"));
   }
   icecache::SetMinLogSeverity(severity);
 

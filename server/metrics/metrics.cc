@@ -8,9 +8,7 @@
 #include "prometheus/text_serializer.h"
 
 namespace icecache {
-namespace {
-
-}  // namespace
+namespace {}  // namespace
 
 // Seconds: 25 us .. 10 s. Control RPCs and selects sit in the low buckets; builds higher.
 const prometheus::Histogram::BucketBoundaries& Metrics::LatencyBuckets() {

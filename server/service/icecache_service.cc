@@ -4,8 +4,8 @@
 #include <utility>
 
 #include "common/log.h"
-#include "proto/icecache/v1/abi.h"
 #include "google/protobuf/util/time_util.h"
+#include "proto/icecache/v1/abi.h"
 #include "server/core/geometry.h"
 #include "server/service/convert.h"
 
@@ -45,8 +45,7 @@ absl::StatusOr<Caller> IceCacheService::CallerOf(grpc::CallbackServerContext* ct
 
 template <typename Fn>
 grpc::ServerUnaryReactor* IceCacheService::Unary(grpc::CallbackServerContext* ctx,
-                                                 const Metrics::RpcMethodMetrics* method,
-                                                 Fn&& fn) {
+                                                 const Metrics::RpcMethodMetrics* method, Fn&& fn) {
   const auto start = std::chrono::steady_clock::now();
   const absl::Status status =
       draining_.load(std::memory_order_acquire)
@@ -65,9 +64,9 @@ grpc::ServerUnaryReactor* IceCacheService::Unary(grpc::CallbackServerContext* ct
   return reactor;
 }
 
-grpc::ServerUnaryReactor* IceCacheService::CreateSequence(
-    grpc::CallbackServerContext* ctx, const v1::CreateSequenceRequest* request,
-    v1::CreateSequenceResponse* response) {
+grpc::ServerUnaryReactor* IceCacheService::CreateSequence(grpc::CallbackServerContext* ctx,
+                                                          const v1::CreateSequenceRequest* request,
+                                                          v1::CreateSequenceResponse* response) {
   return Unary(ctx, m_create_, [&]() -> absl::Status {
     absl::StatusOr<Caller> caller = CallerOf(ctx);
     if (!caller.ok()) return caller.status();
@@ -80,8 +79,7 @@ grpc::ServerUnaryReactor* IceCacheService::CreateSequence(
     ToProto(*info, response->mutable_sequence());
     ICECACHE_LOG(INFO) << "created " << info->handle << " (" << info->geometry.num_layers
                        << " layers, " << info->geometry.num_kv_heads << " kv heads, "
-                       << info->geometry.max_tokens << " tokens, " << info->kv_bytes
-                       << " bytes)";
+                       << info->geometry.max_tokens << " tokens, " << info->kv_bytes << " bytes)";
     return absl::OkStatus();
   });
 }
@@ -99,9 +97,9 @@ grpc::ServerUnaryReactor* IceCacheService::GetSequence(grpc::CallbackServerConte
   });
 }
 
-grpc::ServerUnaryReactor* IceCacheService::ListSequences(
-    grpc::CallbackServerContext* ctx, const v1::ListSequencesRequest* request,
-    v1::ListSequencesResponse* response) {
+grpc::ServerUnaryReactor* IceCacheService::ListSequences(grpc::CallbackServerContext* ctx,
+                                                         const v1::ListSequencesRequest* request,
+                                                         v1::ListSequencesResponse* response) {
   return Unary(ctx, m_list_, [&]() -> absl::Status {
     absl::StatusOr<Caller> caller = CallerOf(ctx);
     if (!caller.ok()) return caller.status();

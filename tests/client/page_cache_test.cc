@@ -65,8 +65,7 @@ TEST(PageCache, ASelectionLargerThanTheCacheIsAnError) {
 
 TEST(PageCache, BadInput) {
   PageCache cache(2, 2);
-  EXPECT_THAT(cache.Place(2, Ref(1, 1), 1).status(),
-              StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(cache.Place(2, Ref(1, 1), 1).status(), StatusIs(absl::StatusCode::kInvalidArgument));
   EXPECT_THAT(cache.Place(0, Ref(abi::kNoSegment, 1), 1).status(),
               StatusIs(absl::StatusCode::kInvalidArgument));
   cache.Clear();

@@ -96,7 +96,7 @@ TEST_F(SequenceTest, DeferredAnswersAreWaitedFor) {
   ASSERT_NE(seq, nullptr);
   for (uint32_t l = 0; l < 3; ++l) ASSERT_OK(seq->Prefill(l, data.K(l, 0), data.V(l, 0), kPrompt));
   EXPECT_EQ(daemon.outstanding(), 3u);  // three builds not answered yet
-  daemon.Answer(3);                       // the last layer's build answers first
+  daemon.Answer(3);                     // the last layer's build answers first
   std::vector<uint16_t> out(size_t{data.q_heads()} * data.d);
   for (uint32_t step = 0; step < 20; ++step) {
     for (uint32_t l = 0; l < 3; ++l) {
@@ -147,10 +147,10 @@ TEST_F(SequenceTest, AFailedAppendFailsItsLayer) {
   daemon.FailNext(abi::kOpAppend, absl::DataLossError("the disk is on fire"));
   ASSERT_OK(decode(0, 0));
   ASSERT_OK(decode(1, 0));
-  EXPECT_THAT(decode(0, 1), StatusIs(absl::StatusCode::kDataLoss,
-                                     HasSubstr("layer 0: the disk is on fire")));
-  EXPECT_THAT(decode(0, 1), StatusIs(absl::StatusCode::kFailedPrecondition,
-                                     HasSubstr("layer 0 failed earlier")));
+  EXPECT_THAT(decode(0, 1),
+              StatusIs(absl::StatusCode::kDataLoss, HasSubstr("layer 0: the disk is on fire")));
+  EXPECT_THAT(decode(0, 1),
+              StatusIs(absl::StatusCode::kFailedPrecondition, HasSubstr("layer 0 failed earlier")));
   ASSERT_OK(decode(1, 1));  // the other layer is fine
   EXPECT_EQ(daemon.requests(abi::kOpRelease), 1u) << "the failed append's staging went back";
 }

@@ -66,8 +66,8 @@ TEST(PrepareSocketDirectory, RefusesAWorldWritableTmpDirectory) {
 }
 
 TEST(NormalizeFlagNames, DashesBecomeUnderscoresInNamesOnly) {
-  const char* argv[] = {"prog",       "--memory-limit=64GiB", "--tcp=a-b:1", "-v",
-                        "positional-arg", "--",                "--not-a-flag"};
+  const char* argv[] = {"prog", "--memory-limit=64GiB", "--tcp=a-b:1", "-v", "positional-arg",
+                        "--",   "--not-a-flag"};
   std::vector<std::string> out = NormalizeFlagNames(7, const_cast<char**>(argv));
   EXPECT_THAT(out, ElementsAre("prog", "--memory_limit=64GiB", "--tcp=a-b:1", "-v",
                                "positional-arg", "--", "--not-a-flag"));

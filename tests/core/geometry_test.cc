@@ -127,8 +127,9 @@ TEST(ResolveGeometry, RejectsOutOfRangeValues) {
   ExpectInvalid(s, "geometry.budget_tokens must be a multiple of page_size (16)");
   s = Llama8B();
   s.budget_tokens = 64;  // 32 sink + 32 window leave no selected page
-  ExpectInvalid(s, "geometry.budget_tokens must be at least sink_tokens + window_tokens + "
-                   "page_size (80)");
+  ExpectInvalid(s,
+                "geometry.budget_tokens must be at least sink_tokens + window_tokens + "
+                "page_size (80)");
   s = Llama8B();
   s.budget_tokens = 65536 + 16;
   ExpectInvalid(s, "at most 65536");

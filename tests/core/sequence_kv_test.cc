@@ -5,9 +5,9 @@
 #include <numeric>
 
 #include "absl/synchronization/notification.h"
+#include "eval/synthetic.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
-#include "eval/synthetic.h"
 #include "tests/support/status_matchers.h"
 
 namespace icecache {
@@ -54,8 +54,8 @@ class SequenceKvTest : public ::testing::Test {
     ao.slot_payload = 4096;
     ao.page_segment_bytes = 1 << 20;
     arena_ = std::shared_ptr<Arena>(*Arena::Create(1, ao, 256 << 20, &global_, nullptr));
-    kv_ = std::make_unique<SequenceKv>(geometry_, *selection::Preset(selection::kPaperPreset), arena_,
-                                       &pool_, &observer_);
+    kv_ = std::make_unique<SequenceKv>(geometry_, *selection::Preset(selection::kPaperPreset),
+                                       arena_, &pool_, &observer_);
   }
 
   // K then V rows [head][n][64] of tokens [begin, begin + n) of `layer` of the trace.
@@ -70,7 +70,8 @@ class SequenceKvTest : public ::testing::Test {
   }
   std::vector<float> Queries(uint32_t layer, uint32_t qi) {
     std::vector<float> q(4 * 64);
-    for (uint32_t h = 0; h < 4; ++h) std::copy_n(trace_.Query(layer, h, qi), 64, q.begin() + h * 64);
+    for (uint32_t h = 0; h < 4; ++h)
+      std::copy_n(trace_.Query(layer, h, qi), 64, q.begin() + h * 64);
     return q;
   }
 

@@ -95,17 +95,16 @@ TEST_F(SequenceRegistryTest, GetAndDrop) {
 }
 
 TEST_F(SequenceRegistryTest, MalformedHandlesAreInvalidArgument) {
-  for (const std::string& h : {std::string(""), std::string("seq_123"),
-                              std::string("seq_") + std::string(32, 'G'),
-                              std::string("SEQ_") + std::string(32, 'a'),
-                              std::string(5000, 'a'), std::string("seq_\x01\x02")}) {
+  for (const std::string& h :
+       {std::string(""), std::string("seq_123"), std::string("seq_") + std::string(32, 'G'),
+        std::string("SEQ_") + std::string(32, 'a'), std::string(5000, 'a'),
+        std::string("seq_\x01\x02")}) {
     EXPECT_THAT(registry_.Get(h), StatusIs(absl::StatusCode::kInvalidArgument,
                                            HasSubstr("is not a sequence handle")));
     EXPECT_THAT(registry_.Drop(h), StatusIs(absl::StatusCode::kInvalidArgument));
   }
   // Well formed but unknown.
-  EXPECT_THAT(registry_.Get("seq_" + std::string(32, 'a')),
-              StatusIs(absl::StatusCode::kNotFound));
+  EXPECT_THAT(registry_.Get("seq_" + std::string(32, 'a')), StatusIs(absl::StatusCode::kNotFound));
 }
 
 TEST_F(SequenceRegistryTest, ListPagesInHandleOrder) {
@@ -132,8 +131,8 @@ TEST_F(SequenceRegistryTest, ListPagesInHandleOrder) {
   EXPECT_TRUE(all.next_page_token.empty());
   EXPECT_THAT(reg.List(1001, ""), StatusIs(absl::StatusCode::kInvalidArgument,
                                            HasSubstr("page_size must be at most 1000")));
-  EXPECT_THAT(reg.List(10, "garbage"), StatusIs(absl::StatusCode::kInvalidArgument,
-                                                HasSubstr("page_token")));
+  EXPECT_THAT(reg.List(10, "garbage"),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("page_token")));
 }
 
 TEST_F(SequenceRegistryTest, DestructionReleasesEverything) {

@@ -6,12 +6,12 @@
 #include <random>
 #include <set>
 
+#include "eval/in_memory_pages.h"
+#include "eval/synthetic.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "server/index/dci_tree.h"
-#include "eval/in_memory_pages.h"
 #include "server/index/simd.h"
-#include "eval/synthetic.h"
 #include "tests/support/status_matchers.h"
 
 namespace icecache::eval {

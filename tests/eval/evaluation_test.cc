@@ -3,9 +3,9 @@
 // search that ignores the query) does not.
 #include "eval/evaluation.h"
 
+#include "eval/synthetic.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
-#include "eval/synthetic.h"
 #include "tests/support/status_matchers.h"
 
 namespace icecache::eval {
@@ -38,8 +38,8 @@ class EvaluationTest : public ::testing::Test {
     for (const EvalSummary& s : r->Summaries()) {
       (*recall_)[s.method + "@" + std::to_string(s.budget)] = s.recall_mean;
       (*error_)[s.method + "@" + std::to_string(s.budget)] = s.error_mean;
-      std::printf("%-26s %4u recall %.4f error %.4f\n", s.method.c_str(), s.budget,
-                  s.recall_mean, s.error_mean);
+      std::printf("%-26s %4u recall %.4f error %.4f\n", s.method.c_str(), s.budget, s.recall_mean,
+                  s.error_mean);
     }
   }
   static double R(const std::string& key) { return recall_->at(key); }
@@ -95,13 +95,13 @@ TEST(Evaluation, RejectsBadOptions) {
   EvalOptions opts;
   opts.budgets = {48};  // 16 sink + 16 window + 16 = one page: fine; 40 is not a page multiple
   opts.budgets = {40};
-  EXPECT_THAT(Evaluate(t, opts, &pool), StatusIs(absl::StatusCode::kInvalidArgument,
-                                                 ::testing::HasSubstr("budget 40")));
+  EXPECT_THAT(Evaluate(t, opts, &pool),
+              StatusIs(absl::StatusCode::kInvalidArgument, ::testing::HasSubstr("budget 40")));
   t.has_values = false;
   t.values.clear();
   opts.budgets = {256};
-  EXPECT_THAT(Evaluate(t, opts, &pool), StatusIs(absl::StatusCode::kInvalidArgument,
-                                                 ::testing::HasSubstr("values")));
+  EXPECT_THAT(Evaluate(t, opts, &pool),
+              StatusIs(absl::StatusCode::kInvalidArgument, ::testing::HasSubstr("values")));
 }
 
 }  // namespace

@@ -6,9 +6,9 @@
 #include <algorithm>
 #include <numeric>
 
+#include "eval/synthetic.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
-#include "eval/synthetic.h"
 #include "tests/support/status_matchers.h"
 
 namespace icecache::eval {

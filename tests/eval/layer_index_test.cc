@@ -2,10 +2,10 @@
 
 #include <numeric>
 
-#include "gmock/gmock.h"
-#include "gtest/gtest.h"
 #include "eval/in_memory_pages.h"
 #include "eval/synthetic.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
 #include "tests/support/status_matchers.h"
 
 namespace icecache::eval {
@@ -36,7 +36,8 @@ TEST(LayerIndex, ParallelHeadsMatchHeadsAlone) {
   for (uint32_t h = 0; h < 4; ++h) {
     pages.push_back(std::make_unique<InMemoryPages>(g, false));
     readers.push_back(pages.back().get());
-    writers.push_back(std::make_unique<InMemoryPages::Writer>(pages.back().get(), t.Keys(0, h), nullptr));
+    writers.push_back(
+        std::make_unique<InMemoryPages::Writer>(pages.back().get(), t.Keys(0, h), nullptr));
     writer_ptrs.push_back(writers.back().get());
     batches.push_back({t.Keys(0, h), positions.data()});
   }
@@ -61,8 +62,8 @@ TEST(LayerIndex, ParallelHeadsMatchHeadsAlone) {
   // Errors name the head.
   EXPECT_THAT(layer.Search(q.data(), 100000, &got),
               StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("KV head 0")));
-  EXPECT_THAT(layer.Build({}, {}), StatusIs(absl::StatusCode::kInvalidArgument,
-                                            HasSubstr("one per KV head")));
+  EXPECT_THAT(layer.Build({}, {}),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("one per KV head")));
 }
 
 }  // namespace

@@ -3,11 +3,11 @@
 #include <fstream>
 #include <numeric>
 
-#include "gmock/gmock.h"
-#include "gtest/gtest.h"
 #include "eval/quality.h"
 #include "eval/synthetic.h"
 #include "eval/trace.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
 #include "tests/support/status_matchers.h"
 #include "tests/support/subprocess.h"
 
@@ -58,10 +58,12 @@ TEST(Trace, BadFilesGetClearErrors) {
   ASSERT_OK(WriteTrace(Small(), path));
   std::string bytes = ::icecache::testing::ReadFile(path);
   std::ofstream(path + ".cut", std::ios::binary) << bytes.substr(0, bytes.size() / 2);
-  EXPECT_THAT(ReadTrace(path + ".cut"), StatusIs(absl::StatusCode::kDataLoss, HasSubstr("truncated")));
+  EXPECT_THAT(ReadTrace(path + ".cut"),
+              StatusIs(absl::StatusCode::kDataLoss, HasSubstr("truncated")));
   bytes[8] = 9;  // version
   std::ofstream(path + ".ver", std::ios::binary) << bytes;
-  EXPECT_THAT(ReadTrace(path + ".ver"), StatusIs(absl::StatusCode::kDataLoss, HasSubstr("version 9")));
+  EXPECT_THAT(ReadTrace(path + ".ver"),
+              StatusIs(absl::StatusCode::kDataLoss, HasSubstr("version 9")));
   Trace bad = Small();
   bad.keys.pop_back();
   EXPECT_THAT(WriteTrace(bad, path), StatusIs(absl::StatusCode::kInvalidArgument));

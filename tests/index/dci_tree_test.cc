@@ -8,11 +8,11 @@
 #include <thread>
 #include <vector>
 
+#include "eval/in_memory_pages.h"
+#include "eval/synthetic.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
-#include "eval/in_memory_pages.h"
 #include "server/index/simd.h"
-#include "eval/synthetic.h"
 #include "tests/support/status_matchers.h"
 
 namespace icecache::index {
@@ -359,9 +359,8 @@ TEST_F(DciTreeTest, TheBestPageContainsTheBestKeyOfAnEasyQuery) {
 
 TEST(MergeRankInterleaved, InterleavesByRankDropsDuplicatesAndCuts) {
   auto P = [](uint32_t page) { return SelectedPage{page, 16, 0.f}; };
-  std::vector<std::vector<SelectedPage>> lists = {{P(1), P(2), P(3)},
-                                                  {P(2), P(4), P(5)},
-                                                  {P(6), P(1), P(7)}};
+  std::vector<std::vector<SelectedPage>> lists = {
+      {P(1), P(2), P(3)}, {P(2), P(4), P(5)}, {P(6), P(1), P(7)}};
   std::vector<uint32_t> order;
   for (const SelectedPage& p : MergeRankInterleaved(lists, 6)) order.push_back(p.page);
   // rank 0: 1, 2, 6; rank 1: (2 dup), 4, (1 dup); rank 2: 3, 5 -> cut at 6.
@@ -381,8 +380,7 @@ TEST_F(DciTreeTest, BadInputGetsAClearErrorAndChangesNothing) {
 
   EXPECT_THAT(tree_->Insert({k, data_.positions.data()}, &w),
               StatusIs(absl::StatusCode::kFailedPrecondition, HasSubstr("before build")));
-  EXPECT_THAT(tree_->Search(q.data(), 1, 1, &out),
-              StatusIs(absl::StatusCode::kFailedPrecondition));
+  EXPECT_THAT(tree_->Search(q.data(), 1, 1, &out), StatusIs(absl::StatusCode::kFailedPrecondition));
   RowView empty = k;
   empty.rows = 0;
   EXPECT_THAT(tree_->Build({empty, data_.positions.data()}, &w),

@@ -104,8 +104,8 @@ TEST(HalfConversion, ExactValuesAndSpecials) {
   for (float v : {0.f, -0.f, 1.f, -2.5f, 65504.f, 6.103515625e-05f, 5.960464477539063e-08f}) {
     EXPECT_EQ(HalfToFloat(FloatToHalf(v)), v) << v;
   }
-  EXPECT_EQ(FloatToHalf(1e6f), 0x7c00);                // overflow -> +inf
-  EXPECT_EQ(FloatToHalf(-1e6f), 0xfc00);               // -inf
+  EXPECT_EQ(FloatToHalf(1e6f), 0x7c00);   // overflow -> +inf
+  EXPECT_EQ(FloatToHalf(-1e6f), 0xfc00);  // -inf
   EXPECT_TRUE(std::isnan(HalfToFloat(FloatToHalf(std::nanf("")))));
   // Half steps at 1.0 are 4/4096: round to nearest, ties to even.
   EXPECT_EQ(FloatToHalf(1.0f + 1.0f / 4096), 0x3c00);

@@ -142,8 +142,8 @@ TEST_F(CliTest, UsageErrorsExitTwo) {
 }
 
 TEST_F(CliTest, TalksTcpWithAddress) {
-  absl::StatusOr<RunResult> r =
-      RunCommand({IcecacheCliBinary(), "--address=" + daemon_->tcp_address(), "status"}, dir_.path());
+  absl::StatusOr<RunResult> r = RunCommand(
+      {IcecacheCliBinary(), "--address=" + daemon_->tcp_address(), "status"}, dir_.path());
   ASSERT_TRUE(r.ok());
   EXPECT_EQ(r->exit_code, 0) << r->err;
   EXPECT_THAT(r->out, HasSubstr("icecached   " + daemon_->tcp_address()));
@@ -151,15 +151,15 @@ TEST_F(CliTest, TalksTcpWithAddress) {
 
 TEST(CliNoDaemon, SaysClearlyThatNothingIsThere) {
   TempDir dir;
-  absl::StatusOr<RunResult> r =
-      RunCommand({IcecacheCliBinary(), "--socket=" + dir.path() + "/none.sock", "status"}, dir.path());
+  absl::StatusOr<RunResult> r = RunCommand(
+      {IcecacheCliBinary(), "--socket=" + dir.path() + "/none.sock", "status"}, dir.path());
   ASSERT_TRUE(r.ok());
   EXPECT_EQ(r->exit_code, 1);
   EXPECT_THAT(r->err, HasSubstr("no icecached at unix:" + dir.path() +
                                 "/none.sock (the socket does not exist)"));
   // Nothing listens on this TCP port: a clear "cannot reach" within the timeout.
-  absl::StatusOr<RunResult> tcp =
-      RunCommand({IcecacheCliBinary(), "--address=127.0.0.1:1", "--timeout=1s", "status"}, dir.path());
+  absl::StatusOr<RunResult> tcp = RunCommand(
+      {IcecacheCliBinary(), "--address=127.0.0.1:1", "--timeout=1s", "status"}, dir.path());
   ASSERT_TRUE(tcp.ok());
   EXPECT_EQ(tcp->exit_code, 1);
   EXPECT_THAT(tcp->err, HasSubstr("cannot reach icecached at 127.0.0.1:1"));

@@ -45,7 +45,7 @@ struct Data {
 };
 
 inline Data MakeData(uint32_t layers, uint32_t kv, uint32_t group, uint32_t d, uint32_t tokens,
-              DType dtype, uint64_t seed = 7) {
+                     DType dtype, uint64_t seed = 7) {
   eval::SyntheticOptions o;
   o.num_tokens = tokens;
   o.head_dim = d;
@@ -81,7 +81,7 @@ inline Data MakeData(uint32_t layers, uint32_t kv, uint32_t group, uint32_t d, u
 
 // float64 softmax attention of query head qh over `positions` of its KV head.
 inline std::vector<double> Attend(const Data& data, uint32_t l, const std::vector<uint16_t>& q,
-                           uint32_t qh, const std::vector<uint32_t>& positions) {
+                                  uint32_t qh, const std::vector<uint32_t>& positions) {
   const uint32_t d = data.d, h = qh / data.group;
   const double scale = 1.0 / std::sqrt(static_cast<double>(d));
   std::vector<double> s(positions.size());
@@ -107,7 +107,7 @@ inline std::vector<double> Attend(const Data& data, uint32_t l, const std::vecto
 
 // Softmax mass of `subset` within `all` (both position lists) for query head qh.
 inline double Mass(const Data& data, uint32_t l, const std::vector<uint16_t>& q, uint32_t qh,
-            const std::vector<uint32_t>& all, const std::set<uint32_t>& subset) {
+                   const std::vector<uint32_t>& all, const std::set<uint32_t>& subset) {
   const uint32_t d = data.d, h = qh / data.group;
   std::vector<double> s(all.size());
   double mx = -std::numeric_limits<double>::infinity();

@@ -73,8 +73,7 @@ struct FullCase {
   uint32_t prompt;
 };
 
-class ClientFullBudgetTest : public ClientTest,
-                             public ::testing::WithParamInterface<FullCase> {};
+class ClientFullBudgetTest : public ClientTest, public ::testing::WithParamInterface<FullCase> {};
 
 TEST_P(ClientFullBudgetTest, EveryStepEqualsFullAttention) {
   const FullCase c = GetParam();
@@ -99,7 +98,8 @@ TEST_P(ClientFullBudgetTest, EveryStepEqualsFullAttention) {
       std::fill(out.begin(), out.end(), 0x7fff);  // poison
       ASSERT_OK(s.Decode(l, q.data(), data.K(l, pos), data.V(l, pos), out.data()))
           << "step " << step << " layer " << l;
-      EXPECT_EQ(s.last_decode().attended_tokens, (pos + 1) * data.kv) << "step " << step << " layer " << l;
+      EXPECT_EQ(s.last_decode().attended_tokens, (pos + 1) * data.kv)
+          << "step " << step << " layer " << l;
       EXPECT_EQ(s.last_decode().full_kv, l == 0);
       for (uint32_t qh = 0; qh < data.q_heads(); ++qh) {
         const std::vector<double> ref = Attend(data, l, q, qh, Iota(pos + 1));
@@ -123,14 +123,14 @@ TEST_P(ClientFullBudgetTest, EveryStepEqualsFullAttention) {
   RecordProperty("worst_abs_error", absl::StrCat(worst));
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    Prompts, ClientFullBudgetTest,
-    ::testing::Values(FullCase{DType::kBF16, 500}, FullCase{DType::kFP16, 500},
-                      FullCase{DType::kBF16, 10},   // shorter than the sink
-                      FullCase{DType::kFP16, 60}),  // sink + 31 window + 13 offloaded
-    [](const ::testing::TestParamInfo<FullCase>& p) {
-      return absl::StrCat(DTypeName(p.param.dtype), "_prompt", p.param.prompt);
-    });
+INSTANTIATE_TEST_SUITE_P(Prompts, ClientFullBudgetTest,
+                         ::testing::Values(FullCase{DType::kBF16, 500}, FullCase{DType::kFP16, 500},
+                                           FullCase{DType::kBF16, 10},  // shorter than the sink
+                                           FullCase{DType::kFP16,
+                                                    60}),  // sink + 31 window + 13 offloaded
+                         [](const ::testing::TestParamInfo<FullCase>& p) {
+                           return absl::StrCat(DTypeName(p.param.dtype), "_prompt", p.param.prompt);
+                         });
 
 // ---- with a small budget: attention over exactly what was selected, error bounded by recall
 
@@ -213,8 +213,8 @@ TEST_F(ClientTest, SmallBudgetAttendsSinkWindowAndSelectedPagesOnly) {
           double vmax = 0;
           for (uint32_t t = 0; t <= pos; ++t) {
             for (uint32_t i = 0; i < data.d; ++i) {
-              vmax = std::max(vmax, std::fabs(double{data.ToFloat(
-                                        data.V(l, t)[size_t{h} * data.d + i])}));
+              vmax = std::max(
+                  vmax, std::fabs(double{data.ToFloat(data.V(l, t)[size_t{h} * data.d + i])}));
             }
           }
           for (uint32_t i = 0; i < data.d; ++i) {
@@ -268,8 +268,8 @@ TEST_F(ClientTest, RepeatedQueryHitsTheCacheAndTheDaemonExportsTheCounters) {
   const ClientCounters warm = client->counters();
   EXPECT_EQ(warm.cache_hits + warm.cache_misses, 2u * k_sel * data.kv);
   for (uint32_t step = 2; step < 7; ++step) {
-    ASSERT_OK(s.Decode(0, q.data(), data.K(0, kPrompt + step), data.V(0, kPrompt + step),
-                       out.data()));
+    ASSERT_OK(
+        s.Decode(0, q.data(), data.K(0, kPrompt + step), data.V(0, kPrompt + step), out.data()));
     EXPECT_EQ(s.last_decode().hits, k_sel * data.kv) << "step " << step;
     EXPECT_EQ(s.last_decode().misses, 0u) << "step " << step;
   }
@@ -382,9 +382,9 @@ TEST_F(ClientTest, BadCallsGetClearErrors) {
   v1::GetSequenceRequest get;
   get.set_handle(handle);
   v1::GetSequenceResponse got;
-  EXPECT_THAT(daemon_->stub().GetSequence(
-                  ContextWithToken(client->attachment().token()).get(), get, &got),
-              GrpcStatusIs(grpc::StatusCode::NOT_FOUND));
+  EXPECT_THAT(
+      daemon_->stub().GetSequence(ContextWithToken(client->attachment().token()).get(), get, &got),
+      GrpcStatusIs(grpc::StatusCode::NOT_FOUND));
   EXPECT_THAT(s.Decode(1, q.data(), data.K(1, 0), data.V(1, 0), out.data()),
               StatusIs(absl::StatusCode::kFailedPrecondition, HasSubstr("dropped")));
   EXPECT_THAT(s.Drop(), StatusIs(absl::StatusCode::kFailedPrecondition));
@@ -404,9 +404,9 @@ TEST_F(ClientTest, DestroyingASequenceDropsIt) {
   v1::GetSequenceRequest get;
   get.set_handle(handle);
   v1::GetSequenceResponse got;
-  EXPECT_THAT(daemon_->stub().GetSequence(
-                  ContextWithToken(client->attachment().token()).get(), get, &got),
-              GrpcStatusIs(grpc::StatusCode::NOT_FOUND));
+  EXPECT_THAT(
+      daemon_->stub().GetSequence(ContextWithToken(client->attachment().token()).get(), get, &got),
+      GrpcStatusIs(grpc::StatusCode::NOT_FOUND));
 }
 
 }  // namespace

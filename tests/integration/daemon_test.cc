@@ -66,8 +66,8 @@ class DaemonTest : public ::testing::Test {
     v1::CreateSequenceResponse resp;
     grpc::Status s = daemon_->stub().CreateSequence(Ctx().get(), req, &resp);
     if (status_out) *status_out = s;
-    if (!s.ok()) return absl::Status(static_cast<absl::StatusCode>(s.error_code()),
-                                     s.error_message());
+    if (!s.ok())
+      return absl::Status(static_cast<absl::StatusCode>(s.error_code()), s.error_message());
     return resp.sequence();
   }
 
@@ -208,8 +208,8 @@ TEST_F(DaemonTest, BadRequestsGetTheirCodeAndChangeNothing) {
   g = SmallGeometry();
   g.set_budget_tokens(48);
   (void)Create(g, "", &s);
-  EXPECT_THAT(s, GrpcStatusIs(grpc::StatusCode::INVALID_ARGUMENT,
-                              HasSubstr("geometry.budget_tokens")));
+  EXPECT_THAT(
+      s, GrpcStatusIs(grpc::StatusCode::INVALID_ARGUMENT, HasSubstr("geometry.budget_tokens")));
   (void)Create(SmallGeometry(), std::string(300, 'x'), &s);
   EXPECT_THAT(s, GrpcStatusIs(grpc::StatusCode::INVALID_ARGUMENT, HasSubstr("label")));
 
@@ -222,9 +222,9 @@ TEST_F(DaemonTest, BadRequestsGetTheirCodeAndChangeNothing) {
   v1::GetSequenceRequest get;
   v1::GetSequenceResponse got;
   get.set_handle("seq_not-a-handle");
-  EXPECT_THAT(daemon_->stub().GetSequence(Ctx().get(), get, &got),
-              GrpcStatusIs(grpc::StatusCode::INVALID_ARGUMENT,
-                           HasSubstr("is not a sequence handle")));
+  EXPECT_THAT(
+      daemon_->stub().GetSequence(Ctx().get(), get, &got),
+      GrpcStatusIs(grpc::StatusCode::INVALID_ARGUMENT, HasSubstr("is not a sequence handle")));
   get.set_handle("seq_" + std::string(32, '0'));
   EXPECT_THAT(daemon_->stub().GetSequence(Ctx().get(), get, &got),
               GrpcStatusIs(grpc::StatusCode::NOT_FOUND));
@@ -266,8 +266,8 @@ TEST_F(DaemonTest, MetricsAreScrapedOverHttp) {
   absl::StatusOr<std::string> body = HttpGet(daemon_->metrics_port(), "/metrics");
   ASSERT_TRUE(body.ok()) << body.status();
   EXPECT_THAT(*body, HasSubstr("# TYPE icecache_rpc_requests_total counter"));
-  EXPECT_THAT(*body, HasSubstr(
-                         "icecache_rpc_requests_total{code=\"OK\",method=\"CreateSequence\"} 1"));
+  EXPECT_THAT(*body,
+              HasSubstr("icecache_rpc_requests_total{code=\"OK\",method=\"CreateSequence\"} 1"));
   EXPECT_THAT(*body, HasSubstr("icecache_rpc_requests_total{code=\"RESOURCE_EXHAUSTED\","
                                "method=\"CreateSequence\"} 1"));
   EXPECT_THAT(*body, HasSubstr("# TYPE icecache_rpc_latency_seconds histogram"));
@@ -353,13 +353,13 @@ TEST_F(DaemonTest, SigintAlsoExitsZero) {
 TEST_F(DaemonTest, ASecondDaemonOnTheSameSocketRefusesToStart) {
   absl::StatusOr<RunResult> second =
       RunCommand({IcecachedBinary(), "--socket=" + daemon_->socket_path(), "--metrics-port=-1",
-           "--memory-limit=64MiB"},
-          dir_.path(), absl::Seconds(20));
+                  "--memory-limit=64MiB"},
+                 dir_.path(), absl::Seconds(20));
   ASSERT_TRUE(second.ok()) << second.status();
   EXPECT_EQ(second->exit_code, 2);
-  EXPECT_THAT(second->err, HasSubstr(absl::StrCat("another icecached (pid ",
-                                                  daemon_->process().pid(),
-                                                  ") is already serving")));
+  EXPECT_THAT(second->err,
+              HasSubstr(absl::StrCat("another icecached (pid ", daemon_->process().pid(),
+                                     ") is already serving")));
   // The first one is untouched and still serves on its socket.
   EXPECT_TRUE(daemon_->process().Running());
   EXPECT_EQ(Stats().memory_limit_bytes(), 1ull << 30);
@@ -413,9 +413,9 @@ TEST(DaemonFlags, BusyMetricsPortIsAClearError) {
   ASSERT_TRUE(first.ok()) << first.status();
   absl::StatusOr<RunResult> r =
       RunCommand({IcecachedBinary(), "--socket=" + dir.path() + "/other.sock",
-           absl::StrCat("--metrics-port=", (*first)->metrics_port()), "--metrics-host=127.0.0.1",
-           "--memory-limit=64MiB"},
-          dir.path(), absl::Seconds(20));
+                  absl::StrCat("--metrics-port=", (*first)->metrics_port()),
+                  "--metrics-host=127.0.0.1", "--memory-limit=64MiB"},
+                 dir.path(), absl::Seconds(20));
   ASSERT_TRUE(r.ok()) << r.status();
   EXPECT_EQ(r->exit_code, 2);
   EXPECT_THAT(r->err, HasSubstr("cannot serve metrics on 127.0.0.1:"));

@@ -120,9 +120,8 @@ TEST_F(DataPlaneTest, SequencesBelongToTheirClient) {
   // Without a token, or with a forged one: UNAUTHENTICATED.
   EXPECT_THAT(daemon_->stub().ListSequences(ContextWithDeadline().get(), {}, &lo),
               GrpcStatusIs(grpc::StatusCode::UNAUTHENTICATED, HasSubstr("attach")));
-  EXPECT_THAT(
-      daemon_->stub().ListSequences(ContextWithToken(std::string(32, '0')).get(), {}, &lo),
-      GrpcStatusIs(grpc::StatusCode::UNAUTHENTICATED));
+  EXPECT_THAT(daemon_->stub().ListSequences(ContextWithToken(std::string(32, '0')).get(), {}, &lo),
+              GrpcStatusIs(grpc::StatusCode::UNAUTHENTICATED));
   // An operator sees both; it cannot own sequences.
   auto op = daemon_->Attach(/*as_operator=*/true);
   ASSERT_TRUE(op.ok()) << op.status();
@@ -202,8 +201,9 @@ TEST_F(DataPlaneTest, MalformedRequestsGetTheirCodeAndTheDaemonCarriesOn) {
   // Staging references that are not this client's live buffers.
   absl::StatusOr<abi::StageResponse> st = a->Stage(h, 16);
   ASSERT_TRUE(st.ok()) << st.status();
-  for (abi::ArenaRef bad : {abi::ArenaRef{0, 0, 0}, abi::ArenaRef{st->buffer.segment, 0, 4096 + 64},
-                            abi::ArenaRef{200, 0, 0}, abi::ArenaRef{st->buffer.segment, 0, 1ull << 40}}) {
+  for (abi::ArenaRef bad :
+       {abi::ArenaRef{0, 0, 0}, abi::ArenaRef{st->buffer.segment, 0, 4096 + 64},
+        abi::ArenaRef{200, 0, 0}, abi::ArenaRef{st->buffer.segment, 0, 1ull << 40}}) {
     EXPECT_THAT(submit([&](abi::SlotHeader* s, uint8_t*) {
                   s->op = abi::kOpPrefill;
                   s->staging = bad;
@@ -233,15 +233,15 @@ TEST_F(DataPlaneTest, MalformedRequestsGetTheirCodeAndTheDaemonCarriesOn) {
       std::memcpy(payload, q.data(), q.size() * sizeof(float));
     });
   };
-  EXPECT_THAT(select(0, 1024), StatusIs(absl::StatusCode::kFailedPrecondition,
-                                        HasSubstr("not built")));
-  EXPECT_THAT(select(0, 1000), StatusIs(absl::StatusCode::kInvalidArgument,
-                                        HasSubstr("fp32 queries")));
+  EXPECT_THAT(select(0, 1024),
+              StatusIs(absl::StatusCode::kFailedPrecondition, HasSubstr("not built")));
+  EXPECT_THAT(select(0, 1000),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("fp32 queries")));
   // The refused requests consumed nothing: the same buffer (16 zero tokens) prefills layer 0.
   ASSERT_OK(a->Prefill(h, 0, st->buffer, 16, 0));
   q[70] = std::nanf("");
-  EXPECT_THAT(select(0, 1024), StatusIs(absl::StatusCode::kInvalidArgument,
-                                        HasSubstr("not finite")));
+  EXPECT_THAT(select(0, 1024),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("not finite")));
   // Queue entries that name no slot, or a slot that is not submitted: counted, skipped.
   AttachmentTestPeer::SubmitRaw(*a, 9999);
   absl::StatusOr<uint32_t> idle = a->AcquireSlot();
@@ -257,8 +257,9 @@ TEST_F(DataPlaneTest, MalformedRequestsGetTheirCodeAndTheDaemonCarriesOn) {
   absl::StatusOr<std::string> metrics = HttpGet(daemon_->metrics_port(), "/metrics");
   ASSERT_TRUE(metrics.ok());
   EXPECT_GE(MetricValue(*metrics, "icecache_protocol_errors_total"), 2.0);
-  EXPECT_EQ(MetricValue(*metrics, "icecache_data_requests_total{code=\"INVALID_ARGUMENT\",op=\"stage\"}"),
-            3.0);
+  EXPECT_EQ(
+      MetricValue(*metrics, "icecache_data_requests_total{code=\"INVALID_ARGUMENT\",op=\"stage\"}"),
+      3.0);
   EXPECT_EQ(MetricValue(*metrics, "icecache_data_requests_total{code=\"NOT_FOUND\",op=\"stage\"}"),
             2.0);
   EXPECT_TRUE(daemon_->process().Running());
@@ -276,10 +277,9 @@ TEST_F(DataPlaneTest, AnotherUidIsRefused) {
   if (::geteuid() != 0) GTEST_SKIP() << "needs root to run a client as another uid";
   // The socket's directory must be reachable for the other uid to try at all.
   ASSERT_EQ(::chmod(dir_.path().c_str(), 0755), 0);
-  absl::StatusOr<RunResult> r =
-      RunCommand({TestClientBinary(), "--socket=" + daemon_->socket_path(), "--mode=attach",
-                  "--as_uid=65534"},
-                 dir_.path());
+  absl::StatusOr<RunResult> r = RunCommand(
+      {TestClientBinary(), "--socket=" + daemon_->socket_path(), "--mode=attach", "--as_uid=65534"},
+      dir_.path());
   ASSERT_TRUE(r.ok()) << r.status();
   EXPECT_EQ(r->exit_code, 3) << r->out << r->err;
   EXPECT_THAT(r->out, HasSubstr("PERMISSION_DENIED: icecached refused to attach: uid 65534 may "
@@ -303,18 +303,18 @@ TEST_F(DataPlaneTest, QuotaExceededIsResourceExhaustedAndChangesNothing) {
   ASSERT_OK(a->Stage(h, 7000).status());
   const v1::GetStatsResponse mid = Stats();
   EXPECT_GT(mid.arena_bytes(), before.arena_bytes() + 7000 * 512 - 1);
-  EXPECT_THAT(a->Stage(h, 12000), StatusIs(absl::StatusCode::kResourceExhausted,
-                                           HasSubstr("memory limit")));
+  EXPECT_THAT(a->Stage(h, 12000),
+              StatusIs(absl::StatusCode::kResourceExhausted, HasSubstr("memory limit")));
   EXPECT_EQ(Stats().arena_bytes(), mid.arena_bytes());  // the refusal added nothing
-  EXPECT_OK(a->Stage(h, 100).status());  // smaller requests still fit what is left
+  EXPECT_OK(a->Stage(h, 100).status());                 // smaller requests still fit what is left
 }
 
 TEST_F(DataPlaneTest, AClientKilledMidRequestIsCleanedUpWithinASecond) {
   const v1::GetStatsResponse idle = Stats();
-  absl::StatusOr<Subprocess> child = Subprocess::Start(
-      {TestClientBinary(), "--socket=" + daemon_->socket_path(), "--mode=hold-prefill",
-       "--tokens=24000"},
-      dir_.path());
+  absl::StatusOr<Subprocess> child =
+      Subprocess::Start({TestClientBinary(), "--socket=" + daemon_->socket_path(),
+                         "--mode=hold-prefill", "--tokens=24000"},
+                        dir_.path());
   ASSERT_TRUE(child.ok()) << child.status();
   const absl::Time wait_until = absl::Now() + absl::Seconds(30);
   while (child->Stdout().find("submitted") == std::string::npos && absl::Now() < wait_until) {

@@ -15,8 +15,12 @@
 
 namespace icecache::testing {
 
-inline uint16_t Encode(float f, DType t) { return t == DType::kBF16 ? FloatToBf16(f) : FloatToHalf(f); }
-inline float Decode(uint16_t v, DType t) { return t == DType::kBF16 ? Bf16ToFloat(v) : HalfToFloat(v); }
+inline uint16_t Encode(float f, DType t) {
+  return t == DType::kBF16 ? FloatToBf16(f) : FloatToHalf(f);
+}
+inline float Decode(uint16_t v, DType t) {
+  return t == DType::kBF16 ? Bf16ToFloat(v) : HalfToFloat(v);
+}
 
 // A randomly built decode step: per KV head a sink chunk, a window chunk and pages (K then V
 // rows in page_size-row frames) with random valid counts.
@@ -31,7 +35,7 @@ struct Case {
 };
 
 inline Case MakeCase(DType dtype, uint32_t d, uint32_t kv_heads, uint32_t group, uint32_t pages,
-              uint32_t seed) {
+                     uint32_t seed) {
   Case c{dtype, d, kv_heads, group, 16, {}, {}, {}, {}, {}, {}};
   std::mt19937 rng(seed);
   std::normal_distribution<float> normal(0.f, 1.f);
@@ -88,7 +92,8 @@ inline std::vector<double> Naive(const Case& c) {
       for (uint32_t r = 0; r < ch.count; ++r) {
         const uint16_t* k = static_cast<const uint16_t*>(ch.k) + uint64_t{r} * d;
         double s = 0;
-        for (uint32_t i = 0; i < d; ++i) s += double(Decode(c.q[uint64_t{qh} * d + i], c.dtype)) * Decode(k[i], c.dtype);
+        for (uint32_t i = 0; i < d; ++i)
+          s += double(Decode(c.q[uint64_t{qh} * d + i], c.dtype)) * Decode(k[i], c.dtype);
         logits.push_back(s / std::sqrt(double(d)));
         vrows.push_back(static_cast<const uint16_t*>(ch.v) + uint64_t{r} * d);
       }
@@ -98,7 +103,8 @@ inline std::vector<double> Naive(const Case& c) {
     for (double l : logits) z += std::exp(l - mx);
     for (size_t j = 0; j < logits.size(); ++j) {
       const double w = std::exp(logits[j] - mx) / z;
-      for (uint32_t i = 0; i < d; ++i) out[uint64_t{qh} * d + i] += w * Decode(vrows[j][i], c.dtype);
+      for (uint32_t i = 0; i < d; ++i)
+        out[uint64_t{qh} * d + i] += w * Decode(vrows[j][i], c.dtype);
     }
   }
   return out;

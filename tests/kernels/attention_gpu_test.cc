@@ -65,8 +65,8 @@ GpuRun RunOnGpu(const Case& c, uint32_t splits) {
   auto to_device = [&](const void* p) -> const void* {
     auto it = moved.upper_bound(p);
     --it;
-    return it->second.second + (static_cast<const uint8_t*>(p) -
-                                static_cast<const uint8_t*>(it->first));
+    return it->second.second +
+           (static_cast<const uint8_t*>(p) - static_cast<const uint8_t*>(it->first));
   };
   std::vector<AttentionChunk> chunks = c.chunks;
   for (AttentionChunk& ch : chunks) {
@@ -113,8 +113,8 @@ TEST_P(DecodeAttentionGpuTest, MatchesCpuReference) {
       const double tol = dtype == DType::kBF16 ? 1.6e-2 : 2.5e-3;
       for (size_t i = 0; i < c.out.size(); ++i) {
         const float got = Decode(run.out[i], dtype), want = Decode(c.out[i], dtype);
-        ASSERT_FALSE(std::isnan(got)) << "element " << i << " pages " << pages << " splits "
-                                      << splits;
+        ASSERT_FALSE(std::isnan(got))
+            << "element " << i << " pages " << pages << " splits " << splits;
         ASSERT_NEAR(got, want, tol * (1.0 + std::fabs(want)))
             << "element " << i << " pages " << pages << " splits " << splits;
       }
@@ -122,14 +122,15 @@ TEST_P(DecodeAttentionGpuTest, MatchesCpuReference) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    Sweep, DecodeAttentionGpuTest,
-    ::testing::Combine(::testing::Values(DType::kBF16, DType::kFP16),
-                       ::testing::Values(64u, 128u, 256u), ::testing::Values(1u, 4u, 7u)),
-    [](const auto& p) {
-      return std::string(DTypeName(std::get<0>(p.param))) + "_d" +
-             std::to_string(std::get<1>(p.param)) + "_g" + std::to_string(std::get<2>(p.param));
-    });
+INSTANTIATE_TEST_SUITE_P(Sweep, DecodeAttentionGpuTest,
+                         ::testing::Combine(::testing::Values(DType::kBF16, DType::kFP16),
+                                            ::testing::Values(64u, 128u, 256u),
+                                            ::testing::Values(1u, 4u, 7u)),
+                         [](const auto& p) {
+                           return std::string(DTypeName(std::get<0>(p.param))) + "_d" +
+                                  std::to_string(std::get<1>(p.param)) + "_g" +
+                                  std::to_string(std::get<2>(p.param));
+                         });
 
 TEST(DecodeAttentionGpu, EmptyHeadWritesZerosAndBadParamsLaunchNothing) {
   SKIP_WITHOUT_GPU();
@@ -167,9 +168,8 @@ TEST(KvCopyGpu, AppendAndStagingEqualTheirCpuReferencesExactly) {
     cudaMemcpy(vn.ptr, v_new.data(), v_new.size(), cudaMemcpyHostToDevice);
     cudaMemset(kd.ptr, 0xAB, k_ref.size());
     cudaMemset(vd.ptr, 0xAB, v_ref.size());
-    ASSERT_EQ(LaunchAppendKv({kn.ptr, vn.ptr, kd.ptr, vd.ptr, uint64_t{slots} * row, 29, heads,
-                              row},
-                             nullptr),
+    ASSERT_EQ(LaunchAppendKv(
+                  {kn.ptr, vn.ptr, kd.ptr, vd.ptr, uint64_t{slots} * row, 29, heads, row}, nullptr),
               cudaSuccess);
     std::vector<uint8_t> k_got(k_ref.size()), v_got(v_ref.size());
     cudaMemcpy(k_got.data(), kd.ptr, k_got.size(), cudaMemcpyDeviceToHost);
@@ -185,8 +185,8 @@ TEST(KvCopyGpu, AppendAndStagingEqualTheirCpuReferencesExactly) {
     const uint32_t begin = 7, count = 23, dst_rows = 30, dst_begin = 4;
     const uint64_t stride = uint64_t{dst_rows} * row;
     std::vector<uint8_t> ks_ref(heads * stride, 0xCD), vs_ref(ks_ref);
-    WriteStagingParams sp{ks.data(), vs.data(), ks_ref.data(), vs_ref.data(), begin, count,
-                          heads, row, stride, dst_begin};
+    WriteStagingParams sp{ks.data(), vs.data(), ks_ref.data(), vs_ref.data(), begin,
+                          count,     heads,     row,           stride,        dst_begin};
     ASSERT_TRUE(WriteStagingCpu(sp));
     DeviceBuffer ksd(ks.size()), vsd(vs.size());
     cudaMemcpy(ksd.ptr, ks.data(), ks.size(), cudaMemcpyHostToDevice);
@@ -203,9 +203,8 @@ TEST(KvCopyGpu, AppendAndStagingEqualTheirCpuReferencesExactly) {
     ASSERT_EQ(LaunchWriteStaging(sp, nullptr), cudaSuccess);
     ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
     EXPECT_EQ(std::memcmp(host, ks_ref.data(), heads * stride), 0) << "row " << row;
-    EXPECT_EQ(std::memcmp(static_cast<uint8_t*>(host) + heads * stride, vs_ref.data(),
-                          heads * stride),
-              0)
+    EXPECT_EQ(
+        std::memcmp(static_cast<uint8_t*>(host) + heads * stride, vs_ref.data(), heads * stride), 0)
         << "row " << row;
     cudaFreeHost(host);
 

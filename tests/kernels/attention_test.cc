@@ -1,6 +1,8 @@
 // The CPU reference of the sparse paged decode attention against a naive float64 attention,
 // over sweeps of head dims, dtypes, GQA groups and ragged chunk (page) fills; and the K/V copy
 // references against direct indexing.
+#include "kernels/attention.h"
+
 #include <cmath>
 #include <cstring>
 #include <random>
@@ -9,7 +11,6 @@
 #include "common/half.h"
 #include "common/thread_pool.h"
 #include "gtest/gtest.h"
-#include "kernels/attention.h"
 #include "kernels/kv_copy.h"
 #include "kernels/page_layout.h"
 #include "tests/kernels/attention_case.h"
@@ -37,20 +38,21 @@ TEST_P(DecodeAttentionCpuTest, MatchesNaiveFloat64Attention) {
     for (size_t i = 0; i < expect.size(); ++i) {
       const float got = Decode(c.out[i], dtype);
       ASSERT_FALSE(std::isnan(got)) << i;
-      ASSERT_NEAR(got, expect[i], tol * (1.0 + std::fabs(expect[i]))) << "element " << i
-                                                                        << " pages " << pages;
+      ASSERT_NEAR(got, expect[i], tol * (1.0 + std::fabs(expect[i])))
+          << "element " << i << " pages " << pages;
     }
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    Sweep, DecodeAttentionCpuTest,
-    ::testing::Combine(::testing::Values(DType::kBF16, DType::kFP16),
-                       ::testing::Values(64u, 128u, 256u), ::testing::Values(1u, 4u, 7u)),
-    [](const auto& p) {
-      return std::string(DTypeName(std::get<0>(p.param))) + "_d" +
-             std::to_string(std::get<1>(p.param)) + "_g" + std::to_string(std::get<2>(p.param));
-    });
+INSTANTIATE_TEST_SUITE_P(Sweep, DecodeAttentionCpuTest,
+                         ::testing::Combine(::testing::Values(DType::kBF16, DType::kFP16),
+                                            ::testing::Values(64u, 128u, 256u),
+                                            ::testing::Values(1u, 4u, 7u)),
+                         [](const auto& p) {
+                           return std::string(DTypeName(std::get<0>(p.param))) + "_d" +
+                                  std::to_string(std::get<1>(p.param)) + "_g" +
+                                  std::to_string(std::get<2>(p.param));
+                         });
 
 TEST(DecodeAttentionCpu, EmptyHeadWritesZerosAndBadParamsWriteNothing) {
   Case c = MakeCase(DType::kFP16, 64, 2, 2, 0, 1);
@@ -80,7 +82,8 @@ TEST(KvCopyCpu, AppendPlacesEachHeadsRowInItsSlot) {
     k_new[i] = static_cast<uint8_t>(i * 7 + 1);
     v_new[i] = static_cast<uint8_t>(i * 3 + 2);
   }
-  AppendKvParams p{k_new.data(), v_new.data(), k.data(), v.data(), uint64_t{slots} * row, 2, heads, row};
+  AppendKvParams p{k_new.data(), v_new.data(), k.data(), v.data(), uint64_t{slots} * row, 2,
+                   heads,        row};
   ASSERT_TRUE(AppendKvCpu(p));
   for (uint32_t h = 0; h < heads; ++h) {
     EXPECT_EQ(std::memcmp(k.data() + (h * slots + 2) * row, k_new.data() + h * row, row), 0);
@@ -100,13 +103,16 @@ TEST(KvCopyCpu, StagingTransposesTokenMajorToHeadMajor) {
   }
   const uint32_t begin = 3, count = 6;
   std::vector<uint8_t> kd(heads * count * row), vd(kd.size());
-  ASSERT_TRUE(WriteStagingCpu({k.data(), v.data(), kd.data(), vd.data(), begin, count, heads, row}));
+  ASSERT_TRUE(
+      WriteStagingCpu({k.data(), v.data(), kd.data(), vd.data(), begin, count, heads, row}));
   for (uint32_t h = 0; h < heads; ++h) {
     for (uint32_t t = 0; t < count; ++t) {
       EXPECT_EQ(std::memcmp(kd.data() + (h * count + t) * row,
-                            k.data() + ((begin + t) * heads + h) * row, row), 0);
+                            k.data() + ((begin + t) * heads + h) * row, row),
+                0);
       EXPECT_EQ(std::memcmp(vd.data() + (h * count + t) * row,
-                            v.data() + ((begin + t) * heads + h) * row, row), 0);
+                            v.data() + ((begin + t) * heads + h) * row, row),
+                0);
     }
   }
 }

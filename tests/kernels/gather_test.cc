@@ -1,3 +1,5 @@
+#include "kernels/gather.h"
+
 #include <cstdint>
 #include <cstring>
 #include <numeric>
@@ -5,7 +7,6 @@
 #include <vector>
 
 #include "gtest/gtest.h"
-#include "kernels/gather.h"
 #include "kernels/page_layout.h"
 
 namespace icecache {
@@ -41,8 +42,7 @@ TEST(GatherPagesCpu, CopiesScatteredPagesExactly) {
     }
     ASSERT_TRUE(GatherPagesCpu(items.data(), n, page_bytes));
     for (uint32_t i = 0; i < n; ++i) {
-      EXPECT_EQ(std::memcmp(dst + (n - 1 - i) * page_bytes, src + pick[i] * page_bytes,
-                            page_bytes),
+      EXPECT_EQ(std::memcmp(dst + (n - 1 - i) * page_bytes, src + pick[i] * page_bytes, page_bytes),
                 0)
           << "page " << i << " of " << page_bytes << " bytes";
     }

@@ -144,16 +144,15 @@ TinyModel WriteTinyModel(const std::string& path) {
                Random(rng, m.d * m.kv_heads * m.hd, 0.1f));
     b.wv = add(p + "attn_v.weight", wt, {m.d, m.kv_heads * m.hd},
                Random(rng, m.d * m.kv_heads * m.hd, 0.1f));
-    b.wo = add(p + "attn_output.weight", wt, {m.heads * m.hd, m.d},
-               Random(rng, m.d * m.d, 0.1f));
+    b.wo = add(p + "attn_output.weight", wt, {m.heads * m.hd, m.d}, Random(rng, m.d * m.d, 0.1f));
     norm = Random(rng, m.d, 0.1f);
     for (float& x : norm) x += 1.0f;
     b.ffn_norm = add(p + "ffn_norm.weight", GgmlType::kF32, {m.d}, norm);
-    b.gate = add(p + "ffn_gate.weight", GgmlType::kQ5_0, {m.d, m.ffn},
-                 Random(rng, m.d * m.ffn, 0.1f));
+    b.gate =
+        add(p + "ffn_gate.weight", GgmlType::kQ5_0, {m.d, m.ffn}, Random(rng, m.d * m.ffn, 0.1f));
     b.up = add(p + "ffn_up.weight", GgmlType::kQ5_1, {m.d, m.ffn}, Random(rng, m.d * m.ffn, 0.1f));
-    b.down = add(p + "ffn_down.weight", GgmlType::kQ4_0, {m.ffn, m.d},
-                 Random(rng, m.d * m.ffn, 0.1f));
+    b.down =
+        add(p + "ffn_down.weight", GgmlType::kQ4_0, {m.ffn, m.d}, Random(rng, m.d * m.ffn, 0.1f));
   }
   EXPECT_OK(w.Write(path));
   return m;
@@ -223,7 +222,8 @@ std::vector<double> NaiveLogits(const TinyModel& m, const std::vector<int32_t>& 
         for (uint32_t j = 0; j <= t; ++j) {
           double dot = 0;
           for (uint32_t i = 0; i < hd; ++i) {
-            dot += q[(uint64_t{t} * m.heads + qh) * hd + i] * k[(uint64_t{j} * m.kv_heads + kvh) * hd + i];
+            dot += q[(uint64_t{t} * m.heads + qh) * hd + i] *
+                   k[(uint64_t{j} * m.kv_heads + kvh) * hd + i];
           }
           s[j] = dot / std::sqrt(static_cast<double>(hd));
           mx = std::max(mx, s[j]);
@@ -346,7 +346,8 @@ TEST_F(LlamaTest, ASelectionCoveringEveryTokenIsFullAttentionAndSmallBudgetsAreN
       ASSERT_OK(model_->Decode(ids[t], t, &sel, &b));
       ASSERT_OK(model_->Decode(ids[t], t, &tiny_budget, &s));
       ASSERT_EQ(a, b) << m.name << " position " << t;
-      for (size_t i = 0; i < a.size(); ++i) differs = std::max(differs, double{std::fabs(a[i] - s[i])});
+      for (size_t i = 0; i < a.size(); ++i)
+        differs = std::max(differs, double{std::fabs(a[i] - s[i])});
     }
     EXPECT_NEAR(sel.stats().MeanRecall(1), 1.0, 1e-9) << m.name;
     EXPECT_LT(tiny_budget.stats().MeanRecall(1), 1.0) << m.name;
@@ -365,8 +366,8 @@ TEST_F(LlamaTest, IceCacheThroughTheDaemonWithAFullBudgetEqualsFullAttention) {
   const LlamaConfig& c = model_->config();
   const std::vector<int32_t> ids = Ids(420, 9);
   for (uint32_t budget : {2048u, 64u}) {
-    auto seq = (*client)->CreateSequence(
-        SequenceOptionsFor(c, 420, selection::PaperSplit(budget), 1));
+    auto seq =
+        (*client)->CreateSequence(SequenceOptionsFor(c, 420, selection::PaperSplit(budget), 1));
     ASSERT_TRUE(seq.ok()) << seq.status();
     FullAttention full(c, 420);
     ServiceAttention service(c, seq->get(), /*measure_recall=*/true, 420);

@@ -27,8 +27,7 @@ TEST(Metrics, RpcChildrenAreCreatedOnceAndCountByCode) {
   EXPECT_THAT(text,
               HasSubstr("icecache_rpc_requests_total{code=\"UNKNOWN\",method=\"GetStats\"} 1"));
   EXPECT_THAT(text, HasSubstr("icecache_rpc_latency_seconds_count{method=\"GetStats\"} 4"));
-  EXPECT_THAT(text,
-              HasSubstr("icecache_build_info{commit=\"abcdef12\",version=\"1.2.3\"} 1"));
+  EXPECT_THAT(text, HasSubstr("icecache_build_info{commit=\"abcdef12\",version=\"1.2.3\"} 1"));
 }
 
 TEST(Metrics, CallbacksAreReadAtScrapeTime) {

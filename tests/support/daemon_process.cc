@@ -14,8 +14,8 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "grpcpp/create_channel.h"
-#include "grpcpp/support/channel_arguments.h"
 #include "grpcpp/security/credentials.h"
+#include "grpcpp/support/channel_arguments.h"
 
 namespace icecache::testing {
 
@@ -54,10 +54,10 @@ absl::StatusOr<std::unique_ptr<Attachment>> DaemonProcess::Attach(bool as_operat
 }
 
 absl::StatusOr<std::unique_ptr<DaemonProcess>> DaemonProcess::Start(const std::string& dir,
-                                                                   const DaemonConfig& config) {
+                                                                    const DaemonConfig& config) {
   const std::string socket = dir + "/icecached.sock";
-  std::vector<std::string> argv = {IcecachedBinary(), "--socket=" + socket,
-                                   "--metrics-port=0", "--metrics-host=127.0.0.1",
+  std::vector<std::string> argv = {IcecachedBinary(), "--socket=" + socket, "--metrics-port=0",
+                                   "--metrics-host=127.0.0.1",
                                    "--memory-limit=" + config.memory_limit};
   if (config.tcp) argv.push_back("--tcp=127.0.0.1:0");
   for (const std::string& a : config.extra_args) argv.push_back(a);
@@ -126,8 +126,8 @@ absl::StatusOr<std::string> HttpGet(int port, const std::string& path) {
   addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
   if (::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
     ::close(fd);
-    return absl::UnavailableError(absl::StrCat("connect 127.0.0.1:", port, ": ",
-                                               std::strerror(errno)));
+    return absl::UnavailableError(
+        absl::StrCat("connect 127.0.0.1:", port, ": ", std::strerror(errno)));
   }
   const std::string req =
       absl::StrCat("GET ", path, " HTTP/1.0\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");

@@ -62,8 +62,7 @@ class DaemonProcess {
 
 // A ClientContext with a deadline `seconds` from now (and an attachment token, when given).
 std::unique_ptr<grpc::ClientContext> ContextWithDeadline(double seconds = 5);
-std::unique_ptr<grpc::ClientContext> ContextWithToken(const std::string& token,
-                                                      double seconds = 5);
+std::unique_ptr<grpc::ClientContext> ContextWithToken(const std::string& token, double seconds = 5);
 
 // The value of one series in a Prometheus text exposition ("name" or "name{labels}" exactly
 // as exposed); NaN when the series is absent.

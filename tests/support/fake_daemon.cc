@@ -54,8 +54,7 @@ uint64_t FakeDaemon::requests(uint32_t op) const {
   return it == requests_.end() ? 0 : it->second;
 }
 
-absl::StatusOr<abi::StageResponse> FakeDaemon::Stage(const std::string& handle,
-                                                    uint32_t tokens) {
+absl::StatusOr<abi::StageResponse> FakeDaemon::Stage(const std::string& handle, uint32_t tokens) {
   ++requests_[abi::kOpStage];
   if (tickets_.size() >= options_.slots) return SlotsExhaustedError();
   absl::StatusOr<SequenceKv*> kv = Find(handle);
@@ -91,12 +90,9 @@ void FakeDaemon::Answer(client_internal::Ticket ticket) {
   it->second.status = it->second.run(&it->second.pages);
 }
 
-absl::StatusOr<client_internal::Ticket> FakeDaemon::SubmitStaged(uint32_t op,
-                                                                const std::string& handle,
-                                                                uint32_t layer,
-                                                                const abi::ArenaRef& staging,
-                                                                uint32_t tokens,
-                                                                uint32_t first_position) {
+absl::StatusOr<client_internal::Ticket> FakeDaemon::SubmitStaged(
+    uint32_t op, const std::string& handle, uint32_t layer, const abi::ArenaRef& staging,
+    uint32_t tokens, uint32_t first_position) {
   absl::StatusOr<SequenceKv*> kv = Find(handle);
   if (!kv.ok()) return kv.status();
   if (op == abi::kOpAppend) append_positions_.push_back(first_position);
@@ -106,10 +102,9 @@ absl::StatusOr<client_internal::Ticket> FakeDaemon::SubmitStaged(uint32_t op,
     const uint64_t bytes = kv->StagingBytesPerToken() * tokens;
     absl::StatusOr<uint8_t*> data = arena_->StagingAddress(staging, bytes);
     if (!data.ok()) return data.status();
-    absl::Status s =
-        op == abi::kOpPrefill
-            ? kv->Prefill(layer, *data, *data + bytes / 2, tokens, first_position)
-            : kv->Append(layer, *data, *data + bytes / 2, tokens, first_position);
+    absl::Status s = op == abi::kOpPrefill
+                         ? kv->Prefill(layer, *data, *data + bytes / 2, tokens, first_position)
+                         : kv->Append(layer, *data, *data + bytes / 2, tokens, first_position);
     if (s.ok()) (void)arena_->FreeStaging(staging);
     return s;
   };
@@ -126,9 +121,9 @@ absl::Status FakeDaemon::Finish(client_internal::Ticket ticket) {
 }
 
 absl::StatusOr<client_internal::Ticket> FakeDaemon::SubmitSelect(const std::string& handle,
-                                                                uint32_t layer,
-                                                                const float* queries,
-                                                                size_t query_floats, uint32_t k) {
+                                                                 uint32_t layer,
+                                                                 const float* queries,
+                                                                 size_t query_floats, uint32_t k) {
   absl::StatusOr<SequenceKv*> kv = Find(handle);
   if (!kv.ok()) return kv.status();
   Pending p;
@@ -165,8 +160,8 @@ absl::StatusOr<client_internal::ArenaSpan> FakeDaemon::Map(const abi::ArenaRef& 
     if (ref.offset % page_bytes != 0 || bytes > page_bytes) {
       return absl::InternalError("not a whole page frame");
     }
-    at = arena_->FrameAddress(
-        FrameRef{ref.segment, static_cast<uint32_t>(ref.offset / page_bytes)});
+    at =
+        arena_->FrameAddress(FrameRef{ref.segment, static_cast<uint32_t>(ref.offset / page_bytes)});
   } else {
     absl::StatusOr<uint8_t*> staging = arena_->StagingAddress(ref, bytes);
     if (!staging.ok()) return absl::InternalError(staging.status().message());

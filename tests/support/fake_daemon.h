@@ -31,7 +31,7 @@ class FakeDaemon final : public client_internal::Transport {
  public:
   struct Options {
     std::string preset = "paper";
-    uint32_t slots = 8;               // tickets outstanding at most (then SlotsExhausted)
+    uint32_t slots = 8;  // tickets outstanding at most (then SlotsExhausted)
     uint64_t memory = uint64_t{1} << 30;
   };
   explicit FakeDaemon(const Options& options);
@@ -40,8 +40,8 @@ class FakeDaemon final : public client_internal::Transport {
 
   // Resolves `spec` like CreateSequence does and returns a context for SequenceFactory on
   // `backend` (the caller sets scale and cache options).
-  absl::StatusOr<client_internal::SequenceContext> CreateSequence(const GeometrySpec& spec,
-                                                                  client_internal::Backend* backend);
+  absl::StatusOr<client_internal::SequenceContext> CreateSequence(
+      const GeometrySpec& spec, client_internal::Backend* backend);
 
   // ---- steering
   // Answers wait until Finish (or Answer) instead of being computed at submission.
@@ -61,8 +61,7 @@ class FakeDaemon final : public client_internal::Transport {
   absl::StatusOr<abi::StageResponse> Stage(const std::string& handle, uint32_t tokens) override;
   absl::Status ReleaseStaging(const std::string& handle, const abi::ArenaRef& staging) override;
   absl::StatusOr<client_internal::Ticket> SubmitStaged(uint32_t op, const std::string& handle,
-                                                       uint32_t layer,
-                                                       const abi::ArenaRef& staging,
+                                                       uint32_t layer, const abi::ArenaRef& staging,
                                                        uint32_t tokens,
                                                        uint32_t first_position) override;
   absl::Status Finish(client_internal::Ticket ticket) override;
@@ -72,8 +71,7 @@ class FakeDaemon final : public client_internal::Transport {
   absl::StatusOr<std::vector<abi::SelectedPageRef>> FinishSelect(
       client_internal::Ticket ticket) override;
   bool Done(client_internal::Ticket ticket) const override;
-  absl::StatusOr<client_internal::ArenaSpan> Map(const abi::ArenaRef& ref,
-                                                 uint64_t bytes) override;
+  absl::StatusOr<client_internal::ArenaSpan> Map(const abi::ArenaRef& ref, uint64_t bytes) override;
   uint64_t PageBytes(uint32_t segment) const override;
   absl::Status DropSequence(const std::string& handle) override;
   abi::ClientStats& stats() override;

@@ -34,8 +34,7 @@ MATCHER_P2(StatusIs, code, message_matcher,
                " and a matching message") {
   const absl::Status& s = ::icecache::testing::GetStatus(arg);
   *result_listener << "whose status is " << s;
-  return s.code() == code &&
-         ::testing::Matches(message_matcher)(std::string(s.message()));
+  return s.code() == code && ::testing::Matches(message_matcher)(std::string(s.message()));
 }
 
 MATCHER(IsOk, negation ? "is not OK" : "is OK") {

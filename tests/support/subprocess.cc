@@ -122,8 +122,9 @@ bool Subprocess::Running() { return !Wait(absl::ZeroDuration()).has_value(); }
 std::string Subprocess::Stdout() const { return ReadFile(stdout_path_); }
 std::string Subprocess::Stderr() const { return ReadFile(stderr_path_); }
 
-absl::StatusOr<RunResult> RunCommand(const std::vector<std::string>& argv, const std::string& output_dir,
-                              absl::Duration timeout, const std::vector<std::string>& env) {
+absl::StatusOr<RunResult> RunCommand(const std::vector<std::string>& argv,
+                                     const std::string& output_dir, absl::Duration timeout,
+                                     const std::vector<std::string>& env) {
   absl::StatusOr<Subprocess> p = Subprocess::Start(argv, output_dir, env);
   if (!p.ok()) return p.status();
   std::optional<int> status = p->Wait(timeout);
@@ -132,9 +133,8 @@ absl::StatusOr<RunResult> RunCommand(const std::vector<std::string>& argv, const
   r.out = p->Stdout();
   r.err = p->Stderr();
   if (!status.has_value()) {
-    return absl::DeadlineExceededError(
-        absl::StrCat(argv[0], " did not finish in ", absl::FormatDuration(timeout),
-                     "; stderr: ", r.err));
+    return absl::DeadlineExceededError(absl::StrCat(
+        argv[0], " did not finish in ", absl::FormatDuration(timeout), "; stderr: ", r.err));
   }
   return r;
 }

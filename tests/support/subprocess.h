@@ -54,9 +54,10 @@ struct RunResult {
   std::string out;
   std::string err;
 };
-absl::StatusOr<RunResult> RunCommand(const std::vector<std::string>& argv, const std::string& output_dir,
-                              absl::Duration timeout = absl::Seconds(30),
-                              const std::vector<std::string>& env = {});
+absl::StatusOr<RunResult> RunCommand(const std::vector<std::string>& argv,
+                                     const std::string& output_dir,
+                                     absl::Duration timeout = absl::Seconds(30),
+                                     const std::vector<std::string>& env = {});
 
 // A fresh directory under /tmp (short, so that unix socket paths fit), removed with its
 // contents on destruction.

@@ -7,9 +7,9 @@
 #include <unordered_map>
 
 #include "absl/strings/str_cat.h"
-#include "server/index/dci_tree.h"
 #include "eval/in_memory_pages.h"
 #include "eval/synthetic.h"
+#include "server/index/dci_tree.h"
 
 namespace icecache::testing {
 namespace {

@@ -10,15 +10,15 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "eval/trace.h"
 #include "icecache/attachment.h"
 #include "icecache/v1/icecache.grpc.pb.h"
-#include "eval/trace.h"
 
 namespace icecache::testing {
 
 struct WorkloadOptions {
-  uint32_t tokens = 3000;     // prompt tokens (all offloaded) + appended tokens
-  uint32_t appends = 3;       // pages of 16 appended after the prompt
+  uint32_t tokens = 3000;  // prompt tokens (all offloaded) + appended tokens
+  uint32_t appends = 3;    // pages of 16 appended after the prompt
   uint32_t layers = 2;
   uint32_t kv_heads = 2;
   uint32_t group = 2;

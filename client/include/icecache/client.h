@@ -19,9 +19,9 @@
 // Per offloaded layer the client keeps, in the mode's memory: the sink (the first
 // sink_tokens positions), the window (the most recent window_tokens - page_size + 1 to
 // window_tokens positions; whenever it is full its oldest page is handed to the daemon, which
-// inserts it into the layer's index) and a page cache per KV head holding the selected pages (a page resident
-// at the same version is a hit and is not moved again). The first full_kv_layers layers keep
-// all their KV in the client and skip selection, as in the paper.
+// inserts it into the layer's index) and a page cache per KV head holding the selected pages (a
+// page resident at the same version is a hit and is not moved again). The first full_kv_layers
+// layers keep all their KV in the client and skip selection, as in the paper.
 //
 // Tensor layouts (dtype of the geometry, rows dense):
 //   Prefill k, v:       [tokens][num_kv_heads][head_dim]   (as engines produce them)
@@ -56,8 +56,8 @@ struct ClientOptions {
   // The daemon's control socket (the attach socket is derived from it). Empty: the default.
   std::string socket;
   ExecutionMode mode = ExecutionMode::kAuto;
-  int device = 0;             // CUDA device (kCuda)
-  uint32_t cpu_threads = 0;   // threads of the CPU mode's pool; 0 = hardware concurrency
+  int device = 0;            // CUDA device (kCuda)
+  uint32_t cpu_threads = 0;  // threads of the CPU mode's pool; 0 = hardware concurrency
   // Page cache slots per (layer, KV head) = ceil(cache_factor * selected pages), >= 1x.
   double cache_factor = 2.0;
   // Measure select, fetch and attention of every Decode separately (synchronizes the stream
@@ -124,9 +124,9 @@ struct DecodeBreakdown {
   uint32_t selected_pages = 0;   // over all KV heads
   uint32_t hits = 0;
   uint32_t misses = 0;
-  double wait_us = 0;            // waiting for this layer's pending prefill or append
-  double select_us = 0;          // query to the daemon and back
-  double fetch_us = 0;           // gather of the missed pages
+  double wait_us = 0;    // waiting for this layer's pending prefill or append
+  double select_us = 0;  // query to the daemon and back
+  double fetch_us = 0;   // gather of the missed pages
   double attention_us = 0;
   double total_us = 0;
 };

@@ -43,10 +43,10 @@ inline constexpr uint64_t kArenaMagic = 0x314E45524143'4349ull;  // "ICCAREN1" l
 // ---------------------------------------------------------------------------------- attach
 // First message on the attach connection, client -> daemon (32 bytes).
 struct AttachRequest {
-  uint64_t magic;         // kArenaMagic
-  uint32_t abi_version;   // kAbiVersion; the daemon refuses others
-  uint32_t flags;         // AttachFlags
-  uint64_t reserved[2];   // 0
+  uint64_t magic;        // kArenaMagic
+  uint32_t abi_version;  // kAbiVersion; the daemon refuses others
+  uint32_t flags;        // AttachFlags
+  uint64_t reserved[2];  // 0
 };
 
 enum AttachFlags : uint32_t {
@@ -58,22 +58,22 @@ static_assert(sizeof(AttachRequest) == 32);
 
 enum AttachStatus : uint32_t {
   kAttachOk = 0,
-  kAttachDenied = 1,        // uid not in the allowlist
-  kAttachBadVersion = 2,    // ABI version mismatch
-  kAttachExhausted = 3,     // no memory for the control segment, or too many clients
-  kAttachBadRequest = 4,    // malformed AttachRequest
+  kAttachDenied = 1,      // uid not in the allowlist
+  kAttachBadVersion = 2,  // ABI version mismatch
+  kAttachExhausted = 3,   // no memory for the control segment, or too many clients
+  kAttachBadRequest = 4,  // malformed AttachRequest
 };
 
 // The daemon's answer. With kAttachOk it carries two descriptors (SCM_RIGHTS): the control
 // segment's memfd, then the request doorbell's eventfd.
 struct AttachReply {
-  uint64_t magic;            // kArenaMagic
-  uint32_t abi_version;      // the daemon's
-  uint32_t status;           // AttachStatus
-  uint64_t client_id;        // daemon-wide id of this attachment (for logs and metrics)
-  char token[32];            // kTokenChars lowercase hex characters (not NUL-terminated)
-  uint64_t control_bytes;    // size of the control segment to map
-  char message[128];         // NUL-terminated reason when status != kAttachOk
+  uint64_t magic;          // kArenaMagic
+  uint32_t abi_version;    // the daemon's
+  uint32_t status;         // AttachStatus
+  uint64_t client_id;      // daemon-wide id of this attachment (for logs and metrics)
+  char token[32];          // kTokenChars lowercase hex characters (not NUL-terminated)
+  uint64_t control_bytes;  // size of the control segment to map
+  char message[128];       // NUL-terminated reason when status != kAttachOk
 };
 static_assert(sizeof(AttachReply) == 192);
 
@@ -84,10 +84,10 @@ inline constexpr const char* kTokenMetadataKey = "icecache-client-token";
 
 // Daemon -> client, on the attach connection, with the segment's memfd (SCM_RIGHTS).
 struct SegmentNotice {
-  uint64_t magic;        // kArenaMagic
-  uint32_t segment;      // index (1..kMaxSegments-1)
+  uint64_t magic;    // kArenaMagic
+  uint32_t segment;  // index (1..kMaxSegments-1)
   uint32_t reserved;
-  uint64_t bytes;        // size to map
+  uint64_t bytes;  // size to map
 };
 static_assert(sizeof(SegmentNotice) == 24);
 
@@ -116,11 +116,11 @@ static_assert(sizeof(ArenaRef) == 16);
 
 // Counters the client publishes for the daemon to export (monotonic; the client adds).
 struct alignas(64) ClientStats {
-  std::atomic<uint64_t> cache_hits;        // selected pages already resident on the GPU
-  std::atomic<uint64_t> cache_misses;      // selected pages fetched
-  std::atomic<uint64_t> fetched_bytes;     // bytes moved host -> GPU by the gather
-  std::atomic<uint64_t> fetch_nanoseconds; // time spent in those transfers
-  std::atomic<uint64_t> decode_steps;      // Decode calls completed
+  std::atomic<uint64_t> cache_hits;         // selected pages already resident on the GPU
+  std::atomic<uint64_t> cache_misses;       // selected pages fetched
+  std::atomic<uint64_t> fetched_bytes;      // bytes moved host -> GPU by the gather
+  std::atomic<uint64_t> fetch_nanoseconds;  // time spent in those transfers
+  std::atomic<uint64_t> decode_steps;       // Decode calls completed
   std::atomic<uint64_t> reserved[3];
 };
 static_assert(sizeof(ClientStats) == 64);
@@ -133,16 +133,16 @@ enum SlotState : uint32_t {
 };
 
 enum Op : uint32_t {
-  kOpNop = 0,       // answers kOk at once (for round-trip measurements)
-  kOpStage = 1,     // allocate a staging buffer for `tokens` tokens of the sequence
-  kOpPrefill = 2,   // build `layer`'s index from a staging buffer holding the prompt's K/V;
-                    // the buffer is consumed when it succeeds and left alone when refused
-  kOpAppend = 3,    // insert a staging buffer's page of new tokens into `layer` (likewise).
-                    // Pages of the layer may change while it runs: do not read the layer's
-                    // pages between submitting an append and its completion (a select on the
-                    // layer waits for the append).
-  kOpSelect = 4,    // best pages per KV head for the queries in the payload
-  kOpRelease = 5,   // free a staging buffer that was not consumed
+  kOpNop = 0,      // answers kOk at once (for round-trip measurements)
+  kOpStage = 1,    // allocate a staging buffer for `tokens` tokens of the sequence
+  kOpPrefill = 2,  // build `layer`'s index from a staging buffer holding the prompt's K/V;
+                   // the buffer is consumed when it succeeds and left alone when refused
+  kOpAppend = 3,   // insert a staging buffer's page of new tokens into `layer` (likewise).
+                   // Pages of the layer may change while it runs: do not read the layer's
+                   // pages between submitting an append and its completion (a select on the
+                   // layer waits for the append).
+  kOpSelect = 4,   // best pages per KV head for the queries in the payload
+  kOpRelease = 5,  // free a staging buffer that was not consumed
 };
 
 // Lower-case name of an op (for logs and metric labels); "unknown" outside the enum.
@@ -186,9 +186,9 @@ struct alignas(64) SlotHeader {
   uint32_t payload_bytes;       // request: bytes of payload the client wrote
   uint32_t first_position;      // kOpPrefill/kOpAppend: sequence position of the first token
   // ---- response (daemon)
-  uint32_t status;              // google.rpc.Code
-  uint32_t response_bytes;      // bytes of payload the daemon wrote
-  char message[96];             // NUL-terminated error text when status != 0
+  uint32_t status;          // google.rpc.Code
+  uint32_t response_bytes;  // bytes of payload the daemon wrote
+  char message[96];         // NUL-terminated error text when status != 0
   uint8_t reserved1[40];
 };
 static_assert(sizeof(SlotHeader) == 256);
@@ -206,26 +206,26 @@ static_assert(sizeof(StageResponse) == 32);
 // kOpSelect response payload: for each KV head h, `k` entries (fewer when the layer holds
 // fewer pages; unused entries have segment = 0xffffffff), best first.
 struct SelectedPageRef {
-  uint32_t segment;   // data segment of the page's frame
-  uint32_t frame;     // frame index in that segment: byte offset = frame * page_bytes
-  uint32_t valid;     // tokens in the page (slots [0, valid))
-  uint32_t version;   // bumped each time the frame's content changes; resident copies at
-                      // another version are stale
+  uint32_t segment;  // data segment of the page's frame
+  uint32_t frame;    // frame index in that segment: byte offset = frame * page_bytes
+  uint32_t valid;    // tokens in the page (slots [0, valid))
+  uint32_t version;  // bumped each time the frame's content changes; resident copies at
+                     // another version are stale
 };
 static_assert(sizeof(SelectedPageRef) == 16);
 inline constexpr uint32_t kNoSegment = 0xffffffffu;
 
 // The control segment starts with this header; offsets are from the segment's start.
 struct alignas(64) ArenaHeader {
-  uint64_t magic;               // kArenaMagic
-  uint32_t abi_version;         // kAbiVersion
-  uint32_t header_bytes;        // sizeof(ArenaHeader)
+  uint64_t magic;         // kArenaMagic
+  uint32_t abi_version;   // kAbiVersion
+  uint32_t header_bytes;  // sizeof(ArenaHeader)
   uint64_t client_id;
-  uint32_t num_slots;           // power of two
-  uint32_t slot_bytes;          // sizeof(SlotHeader) + payload capacity
-  uint64_t slots_offset;        // slot i at slots_offset + i * slot_bytes
-  uint64_t sq_offset;           // uint32_t[num_slots] ring of slot indices
-  uint64_t control_bytes;       // size of this segment
+  uint32_t num_slots;      // power of two
+  uint32_t slot_bytes;     // sizeof(SlotHeader) + payload capacity
+  uint64_t slots_offset;   // slot i at slots_offset + i * slot_bytes
+  uint64_t sq_offset;      // uint32_t[num_slots] ring of slot indices
+  uint64_t control_bytes;  // size of this segment
   uint8_t reserved0[8];
 
   // Submission queue: the client writes entries and advances sq_tail (release); the daemon
