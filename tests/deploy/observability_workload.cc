@@ -112,9 +112,8 @@ int TcpExposure(const std::string& address) {
   std::vector<std::pair<std::string, std::string>> codes;
   codes.emplace_back("Health.Check", Health(channel, ""));
   codes.emplace_back("Health.Check(icecache.v1.IceCache)", Health(channel, "icecache.v1.IceCache"));
-  codes.emplace_back("GetStats",
-                     Call<v1::GetStatsRequest, v1::GetStatsResponse>(
-                         *stub, &v1::IceCache::Stub::GetStats, v1::GetStatsRequest()));
+  codes.emplace_back("GetStats", Call<v1::GetStatsRequest, v1::GetStatsResponse>(
+                                     *stub, &v1::IceCache::Stub::GetStats, v1::GetStatsRequest()));
   codes.emplace_back("GetConfig",
                      Call<v1::GetConfigRequest, v1::GetConfigResponse>(
                          *stub, &v1::IceCache::Stub::GetConfig, v1::GetConfigRequest()));
@@ -126,9 +125,8 @@ int TcpExposure(const std::string& address) {
   g->set_head_dim(64);
   g->set_dtype(v1::DTYPE_BF16);
   g->set_max_tokens(64);
-  codes.emplace_back("CreateSequence",
-                     Call<v1::CreateSequenceRequest, v1::CreateSequenceResponse>(
-                         *stub, &v1::IceCache::Stub::CreateSequence, create));
+  codes.emplace_back("CreateSequence", Call<v1::CreateSequenceRequest, v1::CreateSequenceResponse>(
+                                           *stub, &v1::IceCache::Stub::CreateSequence, create));
   codes.emplace_back("ListSequences",
                      Call<v1::ListSequencesRequest, v1::ListSequencesResponse>(
                          *stub, &v1::IceCache::Stub::ListSequences, v1::ListSequencesRequest()));
@@ -153,7 +151,8 @@ int TcpExposure(const std::string& address) {
   codes.emplace_back("ServerReflection.ListServices", reflection_code);
 
   std::vector<std::string> fields;
-  for (const auto& [call, code] : codes) fields.push_back(absl::StrCat(Quoted(call), ": ", Quoted(code)));
+  for (const auto& [call, code] : codes)
+    fields.push_back(absl::StrCat(Quoted(call), ": ", Quoted(code)));
   std::vector<std::string> quoted;
   for (const std::string& s : services) quoted.push_back(Quoted(s));
   std::printf("{\"codes\": {%s}, \"reflection_services\": [%s]}\n",
@@ -224,9 +223,9 @@ int Workload(const std::string& socket, const std::string& out_path) {
     v1::CreateSequenceResponse response;
     const grpc::Status gs = stub->CreateSequence(&ctx, bad, &response);
     if (gs.error_code() != grpc::StatusCode::INVALID_ARGUMENT) {
-      return Fail("geometry without KV heads", absl::InternalError(absl::StrCat(
-                                                   "expected INVALID_ARGUMENT, got ",
-                                                   CodeName(gs.error_code()))));
+      return Fail("geometry without KV heads",
+                  absl::InternalError(
+                      absl::StrCat("expected INVALID_ARGUMENT, got ", CodeName(gs.error_code()))));
     }
     ++invalid_argument;
   }
