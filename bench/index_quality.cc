@@ -93,7 +93,7 @@ int main(int argc, char** argv) {
     // The improvement options, each measured beside the paper configuration.
     std::vector<MethodSpec> variants;
     auto add = [&](const std::string& name, auto&& set) {
-      MethodSpec m{name, MethodKind::kDci, DciOptions{}};
+      MethodSpec m = Method(name, MethodKind::kDci);
       set(m.dci);
       variants.push_back(m);
     };

@@ -55,6 +55,9 @@ ABSL_FLAG(uint32_t, full_kv_layers, 2, "First layers kept whole (as in the paper
 ABSL_FLAG(std::string, service_presets, "paper,tuned",
           "Index presets of the icecached runs (--index-preset): paper is the reference, tuned "
           "every improvement option.");
+ABSL_FLAG(std::string, service_modes, "sync,async",
+          "Selection modes of the service runs (SequenceOptions::selection): the client's "
+          "default keeps the plain name, the other gets a -sync / -async suffix.");
 ABSL_FLAG(bool, service, true, "Also run IceCache through a real icecached.");
 ABSL_FLAG(std::string, passkey_text, "bible", "Haystack of the passkey runs (empty: skip).");
 ABSL_FLAG(uint32_t, passkey_tokens, 4000, "Haystack tokens of the passkey runs.");
@@ -97,6 +100,13 @@ std::vector<eval::MethodSpec> Methods() {
       eval::PresetMethod("icecache-dci-tuned", std::string(selection::kTunedPreset));
   Check(tuned.status(), "tuned preset");
   m.insert(m.begin() + 1, *tuned);
+  // The daemon's default preset replayed one step ahead (SelectionMode::kAsync's policy).
+  absl::StatusOr<eval::MethodSpec> async =
+      eval::PresetMethod("icecache-dci-async", std::string(selection::kDefaultPreset));
+  Check(async.status(), "default preset");
+  async->replay.async = true;
+  async->replay.drift_threshold = SequenceOptions{}.drift_threshold;
+  m.insert(m.begin() + 2, *async);
   return m;
 }
 
@@ -215,34 +225,54 @@ int main(int argc, char** argv) {
 
   // One real icecached per index preset: the default preset reports as icecache-service, the
   // others as icecache-service-<preset>.
-  struct Service {
-    std::string name;
+  // One real icecached per index preset, and per selection mode a service row: the default
+  // preset in the client's default mode reports as icecache-service, the others as
+  // icecache-service[-<preset>][-<mode>].
+  struct Daemon {
     std::unique_ptr<eval::LocalDaemon> daemon;
     std::unique_ptr<Client> client;
   };
+  struct Service {
+    std::string name;
+    Client* client = nullptr;
+    SelectionMode mode = SelectionMode::kSync;
+  };
+  std::vector<Daemon> daemons;
   std::vector<Service> services;
   if (absl::GetFlag(FLAGS_service)) {
+    std::vector<SelectionMode> modes;
+    for (absl::string_view m :
+         absl::StrSplit(absl::GetFlag(FLAGS_service_modes), ',', absl::SkipEmpty())) {
+      if (m != "sync" && m != "async") Check(absl::InvalidArgumentError(std::string(m)), "modes");
+      modes.push_back(m == "async" ? SelectionMode::kAsync : SelectionMode::kSync);
+    }
+    const SelectionMode default_mode = SequenceOptions{}.selection;
     for (absl::string_view preset :
          absl::StrSplit(absl::GetFlag(FLAGS_service_presets), ',', absl::SkipEmpty())) {
-      Service svc;
       // The daemon's default preset runs with no preset flag: what a user gets out of the box.
       const bool is_default = preset == selection::kDefaultPreset;
       Check(selection::Preset(preset).status(), "--service_presets");
-      svc.name = is_default ? "icecache-service" : absl::StrCat("icecache-service-", preset);
       std::vector<std::string> flags = {"--memory-limit=8GiB"};
       if (!is_default) flags.push_back(absl::StrCat("--index-preset=", preset));
       auto started =
           eval::LocalDaemon::Start(eval::IcecachedPath(ICECACHE_BENCH_ICECACHED_BIN), flags);
       Check(started.status(), absl::StrCat("start the icecached of preset ", preset));
-      svc.daemon = std::move(*started);
+      Daemon d;
+      d.daemon = std::move(*started);
       ClientOptions co;
-      co.socket = svc.daemon->socket();
+      co.socket = d.daemon->socket();
       auto cl = Client::Attach(co);
       Check(cl.status(), absl::StrCat("attach to the icecached of preset ", preset));
-      svc.client = std::move(*cl);
+      d.client = std::move(*cl);
       std::printf("  icecached (index preset %s) started; client in %s mode\n",
-                  std::string(preset).c_str(), ExecutionModeName(svc.client->mode()));
-      services.push_back(std::move(svc));
+                  std::string(preset).c_str(), ExecutionModeName(d.client->mode()));
+      for (SelectionMode mode : modes) {
+        std::string name =
+            is_default ? "icecache-service" : absl::StrCat("icecache-service-", preset);
+        if (mode != default_mode) absl::StrAppend(&name, "-", SelectionModeName(mode));
+        services.push_back({name, d.client.get(), mode});
+      }
+      daemons.push_back(std::move(d));
     }
   }
   const std::vector<eval::MethodSpec> methods = Methods();
@@ -321,7 +351,9 @@ int main(int argc, char** argv) {
       const selection::BudgetSplit split = selection::PaperSplit(static_cast<uint32_t>(b));
       for (Service& svc : services) {
         t = Clock::now();
-        auto seq = svc.client->CreateSequence(SequenceOptionsFor(c, total, split, full_kv_layers));
+        SequenceOptions so = SequenceOptionsFor(c, total, split, full_kv_layers);
+        so.selection = svc.mode;
+        auto seq = svc.client->CreateSequence(so);
         Check(seq.status(), "create sequence");
         ServiceAttention service(c, seq->get(), /*measure_recall=*/true, total);
         LoadPromptFrom(full, c, prompt_tokens, &service);
@@ -375,8 +407,9 @@ int main(int argc, char** argv) {
           std::fflush(stdout);
         };
         for (Service& svc : services) {
-          auto seq =
-              svc.client->CreateSequence(SequenceOptionsFor(c, n + max_new, split, full_kv_layers));
+          SequenceOptions so = SequenceOptionsFor(c, n + max_new, split, full_kv_layers);
+          so.selection = svc.mode;
+          auto seq = svc.client->CreateSequence(so);
           Check(seq.status(), "create sequence");
           ServiceAttention service(c, seq->get(), false, n + max_new);
           run(svc.name, &service);

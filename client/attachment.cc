@@ -189,6 +189,7 @@ absl::StatusOr<uint32_t> Attachment::AcquireSlot() {
   abi::SlotHeader* s = slot(i);
   s->state.store(abi::kSlotFree, std::memory_order_relaxed);
   s->status = 0;
+  s->select_flags = 0;
   s->response_bytes = 0;
   s->message[0] = '\0';
   return i;
@@ -341,8 +342,10 @@ absl::StatusOr<std::vector<abi::SelectedPageRef>> Attachment::Select(const std::
 
 absl::StatusOr<uint32_t> Attachment::SubmitSelect(const std::string& handle, uint32_t layer,
                                                   const float* queries, size_t query_floats,
-                                                  uint32_t k) {
-  if (query_floats * sizeof(float) > payload_capacity_) {
+                                                  uint32_t k, const uint8_t* head_mask,
+                                                  size_t num_kv_heads) {
+  const size_t mask_bytes = head_mask != nullptr ? num_kv_heads : 0;
+  if (query_floats * sizeof(float) + mask_bytes > payload_capacity_) {
     return absl::InvalidArgumentError("queries do not fit a request slot");
   }
   absl::StatusOr<uint32_t> i = AcquireSlot();
@@ -353,8 +356,12 @@ absl::StatusOr<uint32_t> Attachment::SubmitSelect(const std::string& handle, uin
   s->layer = layer;
   s->k = k;
   s->query_dtype = 0;
-  s->payload_bytes = static_cast<uint32_t>(query_floats * sizeof(float));
+  s->select_flags = head_mask != nullptr ? uint32_t{abi::kSelectHeadMask} : 0u;
+  s->payload_bytes = static_cast<uint32_t>(query_floats * sizeof(float) + mask_bytes);
   std::memcpy(payload(*i), queries, query_floats * sizeof(float));
+  if (mask_bytes != 0) {
+    std::memcpy(payload(*i) + query_floats * sizeof(float), head_mask, mask_bytes);
+  }
   Submit(*i);
   return *i;
 }

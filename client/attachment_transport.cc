@@ -47,8 +47,10 @@ absl::Status AttachmentTransport::Finish(Ticket ticket) { return attachment_->Fi
 
 absl::StatusOr<Ticket> AttachmentTransport::SubmitSelect(const std::string& handle, uint32_t layer,
                                                          const float* queries, size_t query_floats,
-                                                         uint32_t k) {
-  return attachment_->SubmitSelect(handle, layer, queries, query_floats, k);
+                                                         uint32_t k, const uint8_t* head_mask,
+                                                         size_t num_kv_heads) {
+  return attachment_->SubmitSelect(handle, layer, queries, query_floats, k, head_mask,
+                                   num_kv_heads);
 }
 
 absl::StatusOr<std::vector<abi::SelectedPageRef>> AttachmentTransport::FinishSelect(Ticket ticket) {

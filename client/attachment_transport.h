@@ -34,8 +34,8 @@ class AttachmentTransport final : public Transport {
                                       uint32_t first_position) override;
   absl::Status Finish(Ticket ticket) override;
   absl::StatusOr<Ticket> SubmitSelect(const std::string& handle, uint32_t layer,
-                                      const float* queries, size_t query_floats,
-                                      uint32_t k) override;
+                                      const float* queries, size_t query_floats, uint32_t k,
+                                      const uint8_t* head_mask, size_t num_kv_heads) override;
   absl::StatusOr<std::vector<abi::SelectedPageRef>> FinishSelect(Ticket ticket) override;
   bool Done(Ticket ticket) const override;
   absl::StatusOr<ArenaSpan> Map(const abi::ArenaRef& ref, uint64_t bytes) override;

@@ -10,6 +10,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 
 #include "absl/status/status.h"
@@ -68,6 +69,10 @@ class Backend {
   // Microseconds between two recorded markers (waits for `end`).
   virtual absl::StatusOr<double> ElapsedUs(Marker* begin, Marker* end) = 0;
   virtual absl::Status Synchronize(void* stream) = 0;
+  // Runs `fn` on the host once the stream's work before it is done (CUDA: cudaLaunchHostFunc
+  // on a driver thread; CPU: at once, on the calling thread). `fn` must not call the backend
+  // or CUDA.
+  virtual absl::Status HostCallback(void* stream, std::function<void()> fn) = 0;
 };
 
 std::unique_ptr<Backend> CreateCpuBackend(uint32_t threads);

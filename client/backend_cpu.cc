@@ -80,6 +80,10 @@ class CpuBackend : public Backend {
                                                      static_cast<CpuMarker*>(begin)->at)
         .count();
   }
+  absl::Status HostCallback(void*, std::function<void()> fn) override {
+    fn();
+    return absl::OkStatus();
+  }
   absl::Status Synchronize(void*) override { return absl::OkStatus(); }
 
  private:

@@ -5,6 +5,9 @@
 #if defined(ICECACHE_HAVE_CUDA)
 #include <cuda_runtime_api.h>
 
+#include <functional>
+#include <memory>
+
 #include "absl/strings/str_cat.h"
 #include "kernels/attention_cuda.h"
 #include "kernels/gather_cuda.h"
@@ -147,6 +150,18 @@ class CudaBackend : public Backend {
       return s;
     }
     return 1000.0 * ms;
+  }
+  absl::Status HostCallback(void* stream, std::function<void()> fn) override {
+    auto* heap = new std::function<void()>(std::move(fn));
+    const cudaError_t e = cudaLaunchHostFunc(
+        S(stream),
+        [](void* p) {
+          std::unique_ptr<std::function<void()>> f(static_cast<std::function<void()>*>(p));
+          (*f)();
+        },
+        heap);
+    if (e != cudaSuccess) delete heap;
+    return CudaStatus(e, "cudaLaunchHostFunc");
   }
   absl::Status Synchronize(void* stream) override {
     return CudaStatus(cudaStreamSynchronize(S(stream)), "cudaStreamSynchronize");

@@ -80,7 +80,9 @@ ClientCounters Client::counters() const {
                         .cache_misses = s.cache_misses.load(),
                         .fetched_bytes = s.fetched_bytes.load(),
                         .fetch_nanoseconds = s.fetch_nanoseconds.load(),
-                        .decode_steps = s.decode_steps.load()};
+                        .decode_steps = s.decode_steps.load(),
+                        .prefetched_selects = s.prefetched_selects.load(),
+                        .drift_fallback_heads = s.drift_fallback_heads.load()};
 }
 
 absl::StatusOr<std::unique_ptr<Sequence>> Client::CreateSequence(const SequenceOptions& o) {
@@ -129,6 +131,8 @@ absl::StatusOr<std::unique_ptr<Sequence>> Client::CreateSequence(const SequenceO
   c.scale = o.scale;
   c.cache_factor = impl_->options.cache_factor;
   c.profile = impl_->options.profile;
+  c.selection = o.selection;
+  c.drift_threshold = o.drift_threshold;
   return client_internal::SequenceFactory::Create(std::move(c));
 }
 

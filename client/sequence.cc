@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "client/sequence_impl.h"
@@ -37,6 +38,10 @@ selection::BudgetSplit SplitOf(const ResolvedGeometry& g) {
 
 }  // namespace
 
+const char* SelectionModeName(SelectionMode mode) {
+  return mode == SelectionMode::kAsync ? "async" : "sync";
+}
+
 // The public geometry's share of the budget split (selection/budget.h owns the formula).
 uint32_t ResolvedGeometry::selected_pages() const { return SplitOf(*this).selected_pages(); }
 
@@ -55,6 +60,9 @@ absl::Status Sequence::Impl::Init() {
   }
   if (!(ctx_.scale >= 0) || !std::isfinite(ctx_.scale)) {
     return absl::InvalidArgumentError("scale must be finite and >= 0");
+  }
+  if (!(ctx_.drift_threshold >= -1.0f && ctx_.drift_threshold <= 1.0f)) {
+    return absl::InvalidArgumentError("drift_threshold must be within [-1, 1]");
   }
   layout_ = PageLayout{g.page_size, g.head_dim, DTypeBytes(g.dtype)};
   row_bytes_ = layout_.row_bytes();
@@ -275,7 +283,7 @@ absl::Status Sequence::Impl::RetireHandOver(uint32_t layer, DecodeBreakdown* b) 
   if (!layers_[layer].pending) return absl::OkStatus();
   const auto t = std::chrono::steady_clock::now();
   ICECACHE_RETURN_IF_ERROR(FinishPending(layer));
-  b->wait_us = MicrosSince(t);
+  b->wait_us += MicrosSince(t);
   return absl::OkStatus();
 }
 
@@ -302,30 +310,183 @@ absl::StatusOr<std::optional<uint64_t>> Sequence::Impl::AppendToken(LayerState& 
   return w.Append();
 }
 
-absl::StatusOr<std::vector<abi::SelectedPageRef>> Sequence::Impl::SelectPages(uint32_t layer,
-                                                                              const void* q,
-                                                                              void* stream,
-                                                                              DecodeBreakdown* b) {
+absl::StatusOr<std::vector<abi::SelectedPageRef>> Sequence::Impl::SearchNow(uint32_t layer,
+                                                                            const uint8_t* mask,
+                                                                            DecodeBreakdown* b) {
   const ResolvedGeometry& g = ctx_.geometry;
   const size_t q_elems = size_t{g.num_q_heads} * g.head_dim;
-  ICECACHE_RETURN_IF_ERROR(be_->Copy(q_host_.ptr(), q, q_elems * 2, stream));
-  ICECACHE_RETURN_IF_ERROR(be_->Synchronize(stream));
   const auto ts = std::chrono::steady_clock::now();
-  const uint16_t* qh = static_cast<const uint16_t*>(q_host_.ptr());
-  for (size_t i = 0; i < q_elems; ++i) {
-    q_float_[i] = g.dtype == DType::kBF16 ? Bf16ToFloat(qh[i]) : HalfToFloat(qh[i]);
-  }
-  absl::StatusOr<client_internal::Ticket> ticket = WithSlot(
-      [&] { return tr_->SubmitSelect(ctx_.handle, layer, q_float_.data(), q_elems, k_sel_); });
+  absl::StatusOr<client_internal::Ticket> ticket = WithSlot([&] {
+    return tr_->SubmitSelect(ctx_.handle, layer, q_float_.data(), q_elems, k_sel_, mask,
+                             g.num_kv_heads);
+  });
   if (!ticket.ok()) return ticket.status();
   ICECACHE_ASSIGN_OR_RETURN(std::vector<abi::SelectedPageRef> refs, tr_->FinishSelect(*ticket));
-  b->select_us = MicrosSince(ts);
+  const double us = MicrosSince(ts);
+  b->select_us += us;
+  b->select_wait_us += us;
   if (refs.size() != size_t{g.num_kv_heads} * k_sel_) {
     return absl::InternalError(absl::StrCat("the daemon returned ", refs.size(),
                                             " page references, expected ",
                                             g.num_kv_heads * k_sel_));
   }
   return refs;
+}
+
+absl::StatusOr<std::vector<abi::SelectedPageRef>> Sequence::Impl::SelectPages(uint32_t layer,
+                                                                              const void* q,
+                                                                              void* stream,
+                                                                              DecodeBreakdown* b) {
+  const ResolvedGeometry& g = ctx_.geometry;
+  LayerState& L = layers_[layer];
+  const size_t q_elems = size_t{g.num_q_heads} * g.head_dim;
+  // The query must reach the host: the daemon searches with it, the drift check reads it.
+  ICECACHE_RETURN_IF_ERROR(be_->Copy(q_host_.ptr(), q, q_elems * 2, stream));
+  ICECACHE_RETURN_IF_ERROR(be_->Synchronize(stream));
+  const uint16_t* qh = static_cast<const uint16_t*>(q_host_.ptr());
+  for (size_t i = 0; i < q_elems; ++i) {
+    q_float_[i] = g.dtype == DType::kBF16 ? Bf16ToFloat(qh[i]) : HalfToFloat(qh[i]);
+  }
+  if (!L.prefetch) return SearchNow(layer, nullptr, b);
+
+  // One step ahead: the pages searched with the previous query, and a synchronous search of
+  // the heads whose query moved too far since.
+  client_internal::Prefetch prefetch = std::move(*L.prefetch);
+  L.prefetch.reset();
+  const auto tw = std::chrono::steady_clock::now();
+  absl::StatusOr<std::vector<abi::SelectedPageRef>> refs = tr_->FinishSelect(prefetch.ticket);
+  b->select_wait_us += MicrosSince(tw);
+  if (!refs.ok()) return refs.status();
+  if (refs->size() != size_t{g.num_kv_heads} * k_sel_) {
+    return absl::InternalError(absl::StrCat("the daemon returned ", refs->size(),
+                                            " page references, expected ",
+                                            g.num_kv_heads * k_sel_));
+  }
+  b->prefetched = true;
+  const uint32_t group = g.num_q_heads / g.num_kv_heads, d = g.head_dim;
+  std::vector<uint8_t> drifted(g.num_kv_heads, 0);
+  uint32_t fallbacks = 0;
+  for (uint32_t h = 0; h < g.num_kv_heads; ++h) {
+    for (uint32_t j = 0; j < group && drifted[h] == 0; ++j) {
+      const float* a = prefetch.query.data() + (size_t{h} * group + j) * d;
+      const float* c = q_float_.data() + (size_t{h} * group + j) * d;
+      double dot = 0, na = 0, nc = 0;
+      for (uint32_t i = 0; i < d; ++i) {
+        dot += double{a[i]} * c[i];
+        na += double{a[i]} * a[i];
+        nc += double{c[i]} * c[i];
+      }
+      const double cosine = na > 0 && nc > 0 ? dot / std::sqrt(na * nc) : -1.0;
+      if (!(cosine >= ctx_.drift_threshold)) drifted[h] = 1;
+    }
+    fallbacks += drifted[h];
+  }
+  b->drift_fallback_heads = fallbacks;
+  tr_->stats().prefetched_selects.fetch_add(1);
+  if (fallbacks == 0) return refs;
+  tr_->stats().drift_fallback_heads.fetch_add(fallbacks);
+  ICECACHE_ASSIGN_OR_RETURN(std::vector<abi::SelectedPageRef> fresh,
+                            SearchNow(layer, drifted.data(), b));
+  for (uint32_t h = 0; h < g.num_kv_heads; ++h) {
+    if (drifted[h] == 0) continue;
+    std::copy_n(fresh.begin() + size_t{h} * k_sel_, k_sel_, refs->begin() + size_t{h} * k_sel_);
+  }
+  return refs;
+}
+
+absl::Status Sequence::Impl::CollectMailbox(uint32_t layer) {
+  LayerState& L = layers_[layer];
+  std::optional<client_internal::Ticket> append, select;
+  absl::Status append_error;
+  {
+    absl::MutexLock lock(&L.mailbox->mu);
+    append = std::exchange(L.mailbox->append, std::nullopt);
+    select = std::exchange(L.mailbox->select, std::nullopt);
+    append_error = std::exchange(L.mailbox->append_error, absl::OkStatus());
+  }
+  if (select) {
+    L.prefetch = client_internal::Prefetch{.ticket = *select, .query = std::move(L.next_query)};
+  }
+  if (!L.staged) return absl::OkStatus();
+  const client_internal::StagedHandOver staged = *L.staged;
+  L.staged.reset();
+  const uint32_t op = L.daemon_built ? abi::kOpAppend : abi::kOpPrefill;
+  if (append) {
+    L.pending = PendingOp{
+        .ticket = *append, .op = op, .staging = staged.staged.buffer, .from_window = true};
+    pending_order_.push_back(layer);
+    return absl::OkStatus();
+  }
+  // The callback could not submit the hand-over (e.g. every slot was in use): submit it now
+  // (no select was sent after it, so no prefetched page can be changed by it).
+  (void)append_error;
+  return Submit(layer, op, staged.staged.buffer, ctx_.geometry.page_size,
+                static_cast<uint32_t>(staged.first), /*from_window=*/true);
+}
+
+absl::Status Sequence::Impl::EndStepAsync(uint32_t layer, std::optional<uint64_t> hand_over,
+                                          void* stream) {
+  const ResolvedGeometry& g = ctx_.geometry;
+  LayerState& L = layers_[layer];
+  const uint32_t P = g.page_size;
+  if (hand_over) {
+    // Staged and copied now (stream-ordered after this step's attention); submitted by the
+    // callback once the stream got there, so the step's gather is done with the layer's frames
+    // before an insert may change them.
+    ICECACHE_ASSIGN_OR_RETURN(const abi::StageResponse staged, Stage(P));
+    absl::StatusOr<client_internal::ArenaSpan> dst = tr_->Map(staged.buffer, staged.bytes);
+    absl::Status st = dst.status();
+    const uint64_t ring = L.window->ring_capacity();
+    const uint64_t row0 = L.window->RingRow(*hand_over);
+    if (st.ok()) {
+      st = be_->Copy2D(dst->device, P * row_bytes_, L.ring_k.bytes() + row0 * row_bytes_,
+                       ring * row_bytes_, P * row_bytes_, g.num_kv_heads, stream);
+    }
+    if (st.ok()) {
+      st = be_->Copy2D(dst->device + staged.v_offset, P * row_bytes_,
+                       L.ring_v.bytes() + row0 * row_bytes_, ring * row_bytes_, P * row_bytes_,
+                       g.num_kv_heads, stream);
+    }
+    if (!st.ok()) {
+      (void)tr_->ReleaseStaging(ctx_.handle, staged.buffer);
+      return st;
+    }
+    L.staged = client_internal::StagedHandOver{.staged = staged, .first = *hand_over};
+  }
+  const bool send_select = L.daemon_built;
+  if (send_select) L.next_query = q_float_;
+  if (!L.staged && !send_select) return absl::OkStatus();
+
+  client_internal::Transport* tr = tr_;
+  client_internal::Mailbox* box = L.mailbox.get();
+  const std::string handle = ctx_.handle;
+  std::optional<client_internal::StagedHandOver> staged = L.staged;
+  const uint32_t op = L.daemon_built ? abi::kOpAppend : abi::kOpPrefill;
+  const float* query = L.next_query.data();
+  const size_t query_floats = L.next_query.size();
+  const uint32_t k = k_sel_;
+  ICECACHE_RETURN_IF_ERROR(be_->HostCallback(stream, [=] {
+    if (staged) {
+      absl::StatusOr<client_internal::Ticket> t = tr->SubmitStaged(
+          op, handle, layer, staged->staged.buffer, P, static_cast<uint32_t>(staged->first));
+      absl::MutexLock lock(&box->mu);
+      if (t.ok()) {
+        box->append = *t;
+      } else {
+        box->append_error = t.status();
+        return;  // no select may run ahead of a hand-over that is not submitted
+      }
+    }
+    if (!send_select) return;
+    absl::StatusOr<client_internal::Ticket> t =
+        tr->SubmitSelect(handle, layer, query, query_floats, k);
+    if (t.ok()) {
+      absl::MutexLock lock(&box->mu);
+      box->select = *t;
+    }
+  }));
+  // The layer's next step starts after the callback has run.
+  return be_->Record(L.done.get(), stream);
 }
 
 absl::Status Sequence::Impl::PlanFull(LayerState& L, uint64_t pos) {
@@ -511,12 +672,22 @@ absl::Status Sequence::Impl::Decode(uint32_t layer, const void* q, const void* k
                       stream));
     ICECACHE_RETURN_IF_ERROR(PlanFull(L, pos));
   } else {
-    ICECACHE_RETURN_IF_ERROR(RetireHandOver(layer, &b));
+    const bool async = ctx_.selection == SelectionMode::kAsync;
+    if (async) ICECACHE_RETURN_IF_ERROR(CollectMailbox(layer));
+    // The layer's index must be built before a select: wait for a pending build. A window
+    // append goes on while the step's query travels (kAsync); selects run after it anyway.
+    if (!async || (L.pending && L.pending->op == abi::kOpPrefill)) {
+      ICECACHE_RETURN_IF_ERROR(RetireHandOver(layer, &b));
+    }
+    if (!L.window->CanAppend()) ICECACHE_RETURN_IF_ERROR(RetireHandOver(layer, &b));
     ICECACHE_ASSIGN_OR_RETURN(hand_over, AppendToken(L, k_new, v_new, stream));
     std::vector<abi::SelectedPageRef> refs;
     if (L.daemon_built) {
       ICECACHE_ASSIGN_OR_RETURN(refs, SelectPages(layer, q, stream, &b));
     }
+    // Every select runs after the layer's appends submitted before it: the pending one is done
+    // (or nearly), and its page leaves the window now, as it enters the selected pages.
+    ICECACHE_RETURN_IF_ERROR(RetireHandOver(layer, &b));
     ICECACHE_RETURN_IF_ERROR(PlanOffloaded(L, refs, pos, &b));
   }
   ICECACHE_RETURN_IF_ERROR(Launch(L, q, out, stream, &b));
@@ -524,7 +695,13 @@ absl::Status Sequence::Impl::Decode(uint32_t layer, const void* q, const void* k
   stats.cache_hits.fetch_add(b.hits);
   stats.cache_misses.fetch_add(b.misses);
   L.tokens = pos + 1;
-  if (hand_over) {
+  if (!L.full_kv && ctx_.selection == SelectionMode::kAsync) {
+    absl::Status st = EndStepAsync(layer, hand_over, stream);
+    if (!st.ok()) {
+      L.failed = st;
+      return st;
+    }
+  } else if (hand_over) {
     absl::Status st = HandOver(layer, *hand_over, stream);
     if (!st.ok()) {
       L.failed = st;
@@ -544,12 +721,22 @@ absl::Status Sequence::Impl::Drop() {
   if (dropped_) return absl::FailedPreconditionError("the sequence was dropped already");
   dropped_ = true;
   absl::Status first;
+  // Every step's work and callbacks done, then every request still out answered.
+  for (uint32_t l = 0; l < layers_.size(); ++l) {
+    LayerState& L = layers_[l];
+    if (L.done_recorded) (void)be_->WaitMarker(L.done.get());
+    if (L.window != nullptr) {
+      absl::Status st = CollectMailbox(l);
+      if (first.ok() && !st.ok() && st.code() != absl::StatusCode::kUnavailable) first = st;
+    }
+    if (L.prefetch) {
+      (void)tr_->FinishSelect(L.prefetch->ticket);
+      L.prefetch.reset();
+    }
+  }
   while (!pending_order_.empty()) {
     absl::Status st = FinishPending(pending_order_.front());
     if (first.ok() && !st.ok() && st.code() != absl::StatusCode::kUnavailable) first = st;
-  }
-  for (LayerState& L : layers_) {
-    if (L.done_recorded) (void)be_->WaitMarker(L.done.get());
   }
   layers_.clear();
   q_host_.Reset();

@@ -27,7 +27,9 @@
 #include <string>
 #include <vector>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
 #include "client/backend.h"
 #include "client/buffer.h"
 #include "client/decode_plan.h"
@@ -48,6 +50,8 @@ struct SequenceContext {
   float scale = 0;            // softmax scale; 0 = 1/sqrt(head_dim)
   double cache_factor = 2.0;  // page cache slots per (layer, KV head) / selected pages, >= 1
   bool profile = false;       // time select, fetch and attention separately (synchronizes)
+  SelectionMode selection = SelectionMode::kSync;
+  float drift_threshold = 0.9f;  // kAsync: cosine below which a head is searched again
 };
 
 // Makes Sequence objects (the constructor is private to the public API).
@@ -55,6 +59,28 @@ struct SequenceFactory {
   // INVALID_ARGUMENT when the context's geometry or options are unusable; errors of the
   // backend's allocations.
   static absl::StatusOr<std::unique_ptr<Sequence>> Create(SequenceContext context);
+};
+
+// A select sent one step ahead (kAsync), with the query it searched ([num_q_heads][head_dim]).
+struct Prefetch {
+  Ticket ticket = 0;
+  std::vector<float> query;
+};
+
+// What the end-of-step callback submitted (it runs on a driver thread in CUDA mode); the
+// layer's next Decode collects it after waiting for the step's done marker.
+struct Mailbox {
+  absl::Mutex mu;
+  std::optional<Ticket> append ABSL_GUARDED_BY(mu);
+  std::optional<Ticket> select ABSL_GUARDED_BY(mu);
+  absl::Status append_error ABSL_GUARDED_BY(mu);  // the hand-over could not be submitted
+};
+
+// A window page copied into a staging buffer at the end of a step, to be submitted by the
+// step's callback once the copies (and the step's gather) are done.
+struct StagedHandOver {
+  abi::StageResponse staged{};
+  uint64_t first = 0;  // first position of the page
 };
 
 // A daemon operation in flight for one layer.
@@ -83,6 +109,13 @@ struct LayerState {
   std::optional<PendingOp> pending;
   Buffer cache_memory;  // [kv][cache_slots][page_bytes]
   std::unique_ptr<PageCache> cache;
+
+  // kAsync: the select sent for the next step, the hand-over awaiting its callback, and the
+  // callback's mailbox.
+  std::optional<Prefetch> prefetch;
+  std::optional<StagedHandOver> staged;
+  std::vector<float> next_query;  // the query the end-of-step callback sends
+  std::unique_ptr<Mailbox> mailbox = std::make_unique<Mailbox>();
 
   // The step's descriptors: built on the host (pinned), copied to working memory.
   std::unique_ptr<DecodePlan> plan;
@@ -141,6 +174,14 @@ class Sequence::Impl {
                                                       const void* v_new, void* stream);
   absl::StatusOr<std::vector<abi::SelectedPageRef>> SelectPages(uint32_t layer, const void* q,
                                                                 void* stream, DecodeBreakdown* b);
+  // A synchronous search of the heads in `mask` (all when null) with q_float_.
+  absl::StatusOr<std::vector<abi::SelectedPageRef>> SearchNow(uint32_t layer, const uint8_t* mask,
+                                                              DecodeBreakdown* b);
+  // kAsync: takes what the layer's last callback submitted.
+  absl::Status CollectMailbox(uint32_t layer);
+  // kAsync: stages the step's hand-over (if any) and enqueues the callback that submits it
+  // and the next step's select.
+  absl::Status EndStepAsync(uint32_t layer, std::optional<uint64_t> hand_over, void* stream);
   absl::Status PlanFull(LayerState& L, uint64_t pos);
   absl::Status PlanOffloaded(LayerState& L, const std::vector<abi::SelectedPageRef>& refs,
                              uint64_t pos, DecodeBreakdown* b);

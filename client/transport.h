@@ -47,10 +47,13 @@ class Transport {
   // Waits (however long the daemon takes) for the answer of a SubmitStaged ticket.
   virtual absl::Status Finish(Ticket ticket) = 0;
 
-  // queries: [num_q_heads][head_dim] fp32; k pages per KV head.
+  // queries: [num_q_heads][head_dim] fp32; k pages per KV head. `head_mask` (optional,
+  // [num_kv_heads] bytes): search only the heads with a non-zero byte (the others come back
+  // unused). A select runs after every staged op of its layer submitted before it.
   virtual absl::StatusOr<Ticket> SubmitSelect(const std::string& handle, uint32_t layer,
-                                              const float* queries, size_t query_floats,
-                                              uint32_t k) = 0;
+                                              const float* queries, size_t query_floats, uint32_t k,
+                                              const uint8_t* head_mask = nullptr,
+                                              size_t num_kv_heads = 0) = 0;
   // The answer of a SubmitSelect ticket: [num_kv_heads][k] page references.
   virtual absl::StatusOr<std::vector<abi::SelectedPageRef>> FinishSelect(Ticket ticket) = 0;
   // Whether the ticket's answer is there (FinishSelect/Finish will not wait).

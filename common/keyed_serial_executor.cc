@@ -21,6 +21,14 @@ void KeyedSerialExecutor::Submit(const std::string& key, std::function<void()> t
   }
 }
 
+bool KeyedSerialExecutor::SubmitIfBusy(const std::string& key, std::function<void()>& task) {
+  absl::MutexLock lock(&state_->mu);
+  auto it = state_->queues.find(key);
+  if (it == state_->queues.end()) return false;
+  it->second.push_back(std::move(task));
+  return true;
+}
+
 size_t KeyedSerialExecutor::active_keys() const {
   absl::MutexLock lock(&state_->mu);
   return state_->queues.size();

@@ -30,6 +30,10 @@ class KeyedSerialExecutor {
   KeyedSerialExecutor& operator=(const KeyedSerialExecutor&) = delete;
 
   void Submit(const std::string& key, std::function<void()> task);
+  // Queues `task` behind the key's work when the key has queued or running work and returns
+  // true; returns false (and drops nothing: `task` is left as it was) when the key is idle, so
+  // the caller may run it at once.
+  bool SubmitIfBusy(const std::string& key, std::function<void()>& task);
   // Keys with queued or running work.
   size_t active_keys() const;
 

@@ -1,6 +1,7 @@
 #include "eval/head_selector.h"
 
 #include <algorithm>
+#include <cmath>
 #include <numeric>
 
 #include "absl/strings/str_cat.h"
@@ -8,21 +9,30 @@
 
 namespace icecache::eval {
 
+MethodSpec Method(const std::string& name, MethodKind kind) {
+  MethodSpec m;
+  m.name = name;
+  m.kind = kind;
+  return m;
+}
+
 std::vector<MethodSpec> DefaultMethods() {
   std::vector<MethodSpec> m;
-  m.push_back({"icecache-dci", MethodKind::kDci, DciOptions{}});
-  m.push_back({"quest", MethodKind::kQuest, {}});
-  m.push_back({"streaming-llm", MethodKind::kStreaming, {}});
-  m.push_back({"oracle-pages-dci-layout", MethodKind::kOraclePagesOurLayout, DciOptions{}});
-  m.push_back({"oracle-pages-positional", MethodKind::kOraclePagesPositional, {}});
-  m.push_back({"oracle-tokens", MethodKind::kOracleTokens, {}});
+  m.push_back(Method("icecache-dci", MethodKind::kDci));
+  m.push_back(Method("quest", MethodKind::kQuest));
+  m.push_back(Method("streaming-llm", MethodKind::kStreaming));
+  m.push_back(Method("oracle-pages-dci-layout", MethodKind::kOraclePagesOurLayout));
+  m.push_back(Method("oracle-pages-positional", MethodKind::kOraclePagesPositional));
+  m.push_back(Method("oracle-tokens", MethodKind::kOracleTokens));
   return m;
 }
 
 absl::StatusOr<MethodSpec> PresetMethod(const std::string& name, const std::string& preset) {
   absl::StatusOr<selection::IndexSpec> spec = selection::Preset(preset);
   if (!spec.ok()) return spec.status();
-  return MethodSpec{name, MethodKind::kDci, spec->dci};
+  MethodSpec m = Method(name, MethodKind::kDci);
+  m.dci = spec->dci;
+  return m;
 }
 
 // One method's index over one (layer, KV head), with the map from pages to token positions.
@@ -172,9 +182,34 @@ absl::StatusOr<std::vector<uint32_t>> HeadSelector::Select(const RowView& keys, 
     for (uint32_t t = window_begin - extra; t < window_begin; ++t) tokens.push_back(t);
   }
   if (built_) {
-    absl::Status s = state_->Select(queries, group, pages, ps, &tokens);
+    // kAsync: the previous call's queries, unless one of the group's queries moved too far.
+    const float* searched = queries;
+    const size_t n = size_t{group} * geometry_.dim;
+    if (spec_.replay.async && previous_.size() == n) {
+      bool drifted = false;
+      for (uint32_t j = 0; j < group && !drifted; ++j) {
+        const float* a = previous_.data() + size_t{j} * geometry_.dim;
+        const float* c = queries + size_t{j} * geometry_.dim;
+        double dot = 0, na = 0, nc = 0;
+        for (uint32_t i = 0; i < geometry_.dim; ++i) {
+          dot += double{a[i]} * c[i];
+          na += double{a[i]} * a[i];
+          nc += double{c[i]} * c[i];
+        }
+        const double cosine = na > 0 && nc > 0 ? dot / std::sqrt(na * nc) : -1.0;
+        drifted = !(cosine >= spec_.replay.drift_threshold);
+      }
+      ++prefetched_;
+      if (drifted) {
+        ++drift_fallbacks_;
+      } else {
+        searched = previous_.data();
+      }
+    }
+    absl::Status s = state_->Select(searched, group, pages, ps, &tokens);
     if (!s.ok()) return s;
   }
+  if (spec_.replay.async) previous_.assign(queries, queries + size_t{group} * geometry_.dim);
   std::sort(tokens.begin(), tokens.end());
   tokens.erase(std::unique(tokens.begin(), tokens.end()), tokens.end());
   return tokens;

@@ -34,11 +34,24 @@ enum class MethodKind : uint8_t {
   kOracleTokens,           // best individual tokens (budget counted in tokens)
 };
 
+// How the replay selects, as the client's SelectionMode: kSync searches with each step's own
+// queries; kAsync with the previous step's (searched one step ahead in the service), except
+// when the lowest cosine between a query head's previous and current query falls below
+// drift_threshold (then with the current ones). The first selection is synchronous.
+struct ReplayOptions {
+  bool async = false;
+  float drift_threshold = 0.9f;
+};
+
 struct MethodSpec {
   std::string name;
   MethodKind kind = MethodKind::kDci;
-  DciOptions dci;  // for kDci and kOraclePagesOurLayout
+  DciOptions dci;        // for kDci and kOraclePagesOurLayout
+  ReplayOptions replay;  // synchronous unless set
 };
+
+// A method of `kind` named `name` (DCI options and replay at their defaults).
+MethodSpec Method(const std::string& name, MethodKind kind);
 
 // The paper-faithful DCI tree, the baselines and the three oracles.
 std::vector<MethodSpec> DefaultMethods();
@@ -70,6 +83,9 @@ class HeadSelector {
   // First position not in the index (the window starts here); the sink's end before
   // anything is indexed.
   uint32_t indexed_end() const { return static_cast<uint32_t>(policy_.window_begin()); }
+  // kAsync: selections made with the previous step's queries, and those that fell back.
+  uint64_t prefetched() const { return prefetched_; }
+  uint64_t drift_fallbacks() const { return drift_fallbacks_; }
 
  private:
   class State;
@@ -78,6 +94,8 @@ class HeadSelector {
 
   const MethodSpec spec_;
   const IndexGeometry geometry_;
+  std::vector<float> previous_;  // kAsync: the last call's queries
+  uint64_t prefetched_ = 0, drift_fallbacks_ = 0;
   selection::WindowPolicy policy_;
   std::unique_ptr<State> state_;
   std::vector<uint32_t> positions_;  // identity map position -> position, grown on demand

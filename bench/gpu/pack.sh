@@ -23,6 +23,7 @@ bins=(
   "$build/server/main/icecached"
   "$build/bench/gpu_gather"
   "$build/bench/client_decode"
+  "$build/bench/token_step"
 )
 for b in "${bins[@]}"; do
   [[ -x "$b" ]] || { echo "pack.sh: missing $b (is CUDA enabled in the build?)" >&2; exit 1; }

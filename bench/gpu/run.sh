@@ -12,6 +12,9 @@
 # 3. Per-layer decode step at 32k and 128k for the 8B shape, budgets 256 and 2048: select,
 #    fetch, attention against full attention over the whole context by the same kernel.
 # 4. Steady-state page-cache hit rate over 300 decode steps.
+# 5. Per-token step of the 8B shape (32 layers) at 32k and 128k, selection synchronous against
+#    one step ahead: daemon CPU per token against the exact scan, the critical-path wait for
+#    selection (p50/p99), drift fallbacks, the token's wall time.
 # Results and logs go to $OUT (or bench/results/gpu); a summary table is printed last.
 # Designed to finish in under 6 minutes.
 set -uo pipefail
@@ -48,6 +51,8 @@ step "gather vs bulk memcpy"
 timeout 90 bash -c "$(declare -f run); libpath='$libpath'; pack='$pack'; run gpu_gather --out='$out'" 2>&1 | tee -a "$log" || status=1
 step "decode step breakdown and hit rate"
 timeout 240 bash -c "$(declare -f run); libpath='$libpath'; pack='$pack'; run client_decode --mode=cuda --out='$out' --contexts=32768,131072 --budgets=256,2048 --steps=32 --hit_steps=300" 2>&1 | tee -a "$log" || status=1
+step "per-token step, sync vs async (8B shape, 32 layers)"
+timeout 200 bash -c "$(declare -f run); libpath='$libpath'; pack='$pack'; run token_step --mode=cuda --out='$out' --contexts=32768,131072 --layers_long=32 --steps=24" 2>&1 | tee -a "$log" || status=1
 step "done in $((SECONDS - start)) s, status $status"
 
 python3 - "$out" <<'PY' 2>&1 | tee -a "$log"
@@ -70,5 +75,13 @@ try:
         print(f"  hit rate {h['source']}: overall {h['overall']:.3f}, steady {h['steady']:.3f}")
 except Exception as e:
     print("no decode results:", e)
+try:
+    t = json.load(open(os.path.join(out, "token_step.json")))
+    print("per token: context mode daemon_cpu_ms scan_cpu_ms wait_p50_us wait_p99_us token_ms")
+    for r in t["rows"]:
+        print(f"  {r['context']:6d} {r['mode']:5s} {r['daemon_cpu_ms_per_token']:8.1f} {r['scan_cpu_ms_per_token']:8.1f} "
+              f"{r['wait_p50_us']:8.0f} {r['wait_p99_us']:8.0f} {r['token_ms_p50']:8.1f}")
+except Exception as e:
+    print("no per-token results:", e)
 PY
 exit $status

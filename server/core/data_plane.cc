@@ -182,7 +182,7 @@ class DataPlane::Dispatcher {
     uint32_t slot;
     uint32_t op;
     std::string handle;
-    uint32_t layer, tokens, k, query_dtype, payload_bytes, first_position;
+    uint32_t layer, tokens, k, query_dtype, payload_bytes, first_position, select_flags;
     abi::ArenaRef staging;
   };
 
@@ -211,6 +211,7 @@ class DataPlane::Dispatcher {
     r.query_dtype = slot->query_dtype;
     r.payload_bytes = slot->payload_bytes;
     r.first_position = slot->first_position;
+    r.select_flags = slot->select_flags;
     r.staging = slot->staging;
     const auto start = SteadyClock::now();
     switch (r.op) {
@@ -318,7 +319,7 @@ class DataPlane::Dispatcher {
     if (prefill) {
       dp_->pool_->Schedule(std::move(task));
     } else {
-      c_->appends->Submit(absl::StrCat(r.handle, "/", r.layer), std::move(task));
+      c_->appends->Submit(AppendKey(r), std::move(task));
     }
   }
 
@@ -329,13 +330,22 @@ class DataPlane::Dispatcher {
     if (r.query_dtype != 0) {
       return Finish(r, start, absl::InvalidArgumentError("query_dtype must be 0 (fp32)"), 0);
     }
+    if ((r.select_flags & ~uint32_t{abi::kSelectHeadMask}) != 0) {
+      return Finish(r, start,
+                    absl::InvalidArgumentError(
+                        absl::StrCat("unknown select_flags 0x", absl::Hex(r.select_flags))),
+                    0);
+    }
+    const bool masked = (r.select_flags & abi::kSelectHeadMask) != 0;
     const uint64_t qbytes = uint64_t{g.num_q_heads} * g.head_dim * sizeof(float);
+    const uint64_t want = qbytes + (masked ? g.num_kv_heads : 0);
     const uint32_t capacity = dp_->options_.arena.slot_payload;
-    if (r.payload_bytes != qbytes || qbytes > capacity) {
+    if (r.payload_bytes != want || want > capacity) {
       return Finish(r, start,
                     absl::InvalidArgumentError(absl::StrCat(
                         "select payload must be the ", g.num_q_heads, " x ", g.head_dim,
-                        " fp32 queries (", qbytes, " bytes), got ", r.payload_bytes)),
+                        " fp32 queries", masked ? " and a byte per KV head" : "", " (", want,
+                        " bytes), got ", r.payload_bytes)),
                     0);
     }
     const uint32_t k = (*kv)->SelectK(r.k);
@@ -346,18 +356,37 @@ class DataPlane::Dispatcher {
                                                   " KV heads do not fit a slot's payload")),
           0);
     }
-    abi::SlotHeader* slot = c_->arena->Slot(r.slot);
+    // Copied out of shared memory once; only the copies are used.
+    const uint8_t* payload = abi::SlotPayload(c_->arena->Slot(r.slot));
     std::vector<float> queries(qbytes / sizeof(float));
-    std::memcpy(queries.data(), abi::SlotPayload(slot), qbytes);
-    const bool sample = dp_->options_.recall_sample_every != 0 &&
+    std::memcpy(queries.data(), payload, qbytes);
+    std::vector<uint8_t> mask;
+    if (masked) mask.assign(payload + qbytes, payload + qbytes + g.num_kv_heads);
+    // Recall samples score every head: not for a select of some heads.
+    const bool sample = !masked && dp_->options_.recall_sample_every != 0 &&
                         ++selects_ % dp_->options_.recall_sample_every == 0;
-    std::vector<abi::SelectedPageRef> out;
-    absl::StatusOr<uint32_t> got = (*kv)->Select(r.layer, queries.data(), k, &out, sample);
-    if (!got.ok()) return Finish(r, start, got.status(), 0);
-    const uint32_t bytes = static_cast<uint32_t>(out.size() * sizeof(abi::SelectedPageRef));
-    std::memcpy(abi::SlotPayload(slot), out.data(), bytes);
-    Finish(r, start, absl::OkStatus(), bytes);
+    // A select runs after the appends of its (sequence, layer) submitted before it (the ABI's
+    // promise): behind them in the layer's queue when there are any, at once otherwise.
+    c_->BeginOp();
+    std::shared_ptr<Client> client = c_;
+    DataPlane* dp = dp_;
+    std::function<void()> task = [dp, client, kv = *kv, r, start, k, sample,
+                                  queries = std::move(queries), mask = std::move(mask)] {
+      std::vector<abi::SelectedPageRef> out;
+      absl::StatusOr<uint32_t> got = kv->Select(r.layer, queries.data(), k, &out, sample,
+                                                mask.empty() ? nullptr : mask.data());
+      uint32_t bytes = 0;
+      if (got.ok()) {
+        bytes = static_cast<uint32_t>(out.size() * sizeof(abi::SelectedPageRef));
+        std::memcpy(abi::SlotPayload(client->arena->Slot(r.slot)), out.data(), bytes);
+      }
+      Respond(dp, client.get(), r.slot, r.op, start, got.status(), bytes);
+      client->EndOp();
+    };
+    if (!c_->appends->SubmitIfBusy(AppendKey(r), task)) task();
   }
+
+  static std::string AppendKey(const Request& r) { return absl::StrCat(r.handle, "/", r.layer); }
 
   DataPlane* dp_;
   std::shared_ptr<Client> c_;
@@ -604,6 +633,8 @@ void DataPlane::ReaperLoop() {
         retired_.fetched_bytes += s.fetched_bytes.load();
         retired_.fetch_nanoseconds += s.fetch_nanoseconds.load();
         retired_.decode_steps += s.decode_steps.load();
+        retired_.prefetched_selects += s.prefetched_selects.load();
+        retired_.drift_fallback_heads += s.drift_fallback_heads.load();
       }
       ICECACHE_LOG(INFO) << "client " << c->id << " detached; dropped " << dropped << " sequences";
       observer_->OnDetach();
@@ -673,6 +704,8 @@ DataPlaneStats DataPlane::Stats() const {
     s.fetched_bytes += h->stats.fetched_bytes.load(std::memory_order_relaxed);
     s.fetch_nanoseconds += h->stats.fetch_nanoseconds.load(std::memory_order_relaxed);
     s.decode_steps += h->stats.decode_steps.load(std::memory_order_relaxed);
+    s.prefetched_selects += h->stats.prefetched_selects.load(std::memory_order_relaxed);
+    s.drift_fallback_heads += h->stats.drift_fallback_heads.load(std::memory_order_relaxed);
   }
   return s;
 }

@@ -85,7 +85,7 @@ struct DataPlaneStats {
   uint64_t in_flight = 0;      // requests taken and not answered, all clients
   // Client-published counters (abi::ClientStats), summed over live and departed clients.
   uint64_t cache_hits = 0, cache_misses = 0, fetched_bytes = 0, fetch_nanoseconds = 0,
-           decode_steps = 0;
+           decode_steps = 0, prefetched_selects = 0, drift_fallback_heads = 0;
 };
 
 class DataPlane {

@@ -334,7 +334,7 @@ absl::Status SequenceKv::Append(uint32_t layer, const uint8_t* k_rows, const uin
 
 absl::StatusOr<uint32_t> SequenceKv::Select(uint32_t layer, const float* queries, uint32_t k,
                                             std::vector<abi::SelectedPageRef>* out,
-                                            bool sample_recall) {
+                                            bool sample_recall, const uint8_t* head_mask) {
   absl::Status ok = CheckLayer(layer);
   if (!ok.ok()) return ok;
   k = SelectK(k);
@@ -352,6 +352,7 @@ absl::StatusOr<uint32_t> SequenceKv::Select(uint32_t layer, const float* queries
   std::vector<absl::Status> status(geometry_.num_kv_heads);
   std::vector<std::vector<uint32_t>> picked_pages(geometry_.num_kv_heads);
   pool_->ParallelFor(geometry_.num_kv_heads, [&](size_t h) {
+    if (head_mask != nullptr && head_mask[h] == 0) return;
     Head& head = *L.heads[h];
     const uint32_t kk = std::min(k, head.index->num_pages());
     std::vector<index::SelectedPage> picked;

@@ -88,9 +88,12 @@ class SequenceKv {
   // holds fewer pages. out: [num_kv_heads][k], unused
   // entries have segment abi::kNoSegment. Returns the number of entries per head (k).
   // `sample_recall`: also score every key exactly afterwards (on the pool, off the caller's
-  // path) and report the recall of the returned pages to the observer.
+  // path) and report the recall of the returned pages to the observer. `head_mask`
+  // ([num_kv_heads], optional): only heads with a non-zero byte are searched; the others get
+  // unused entries.
   absl::StatusOr<uint32_t> Select(uint32_t layer, const float* queries, uint32_t k,
-                                  std::vector<abi::SelectedPageRef>* out, bool sample_recall);
+                                  std::vector<abi::SelectedPageRef>* out, bool sample_recall,
+                                  const uint8_t* head_mask = nullptr);
 
   // Returns once every recall sample scheduled so far has been reported.
   void WaitForSamples();

@@ -235,6 +235,13 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const DaemonOptions& optio
                 [plane] { return plane->Stats().fetch_nanoseconds * 1e-9; });
   m.AddCallback("icecache_client_decode_steps_total", "Decode steps clients completed",
                 MetricType::Counter, stat(&DataPlaneStats::decode_steps));
+  m.AddCallback("icecache_client_prefetched_selects_total",
+                "Offloaded layer steps served by a select sent one step ahead (client-published)",
+                MetricType::Counter, stat(&DataPlaneStats::prefetched_selects));
+  m.AddCallback("icecache_client_drift_fallback_heads_total",
+                "KV heads searched again because their query moved too far since the select "
+                "sent one step ahead (client-published)",
+                MetricType::Counter, stat(&DataPlaneStats::drift_fallback_heads));
   m.AddCallback("icecache_process_start_time_seconds", "Start time of the daemon, Unix seconds",
                 MetricType::Gauge, [start_time] { return absl::ToUnixMicros(start_time) / 1e6; });
   m.AddCallback("icecache_process_resident_memory_bytes", "Resident set size of the daemon",

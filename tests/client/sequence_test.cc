@@ -22,7 +22,9 @@ class SequenceTest : public ::testing::Test {
   void SetUp() override { backend_ = client_internal::CreateCpuBackend(2); }
 
   std::unique_ptr<Sequence> Make(FakeDaemon* daemon, const Data& data, uint32_t budget,
-                                 uint32_t full_kv_layers) {
+                                 uint32_t full_kv_layers,
+                                 SelectionMode selection = SelectionMode::kSync,
+                                 float drift_threshold = 0.9f) {
     GeometrySpec spec;
     spec.num_layers = data.layers;
     spec.num_q_heads = data.q_heads();
@@ -36,6 +38,8 @@ class SequenceTest : public ::testing::Test {
         daemon->CreateSequence(spec, backend_.get());
     EXPECT_TRUE(c.ok()) << c.status();
     if (!c.ok()) return nullptr;
+    c->selection = selection;
+    c->drift_threshold = drift_threshold;
     auto s = client_internal::SequenceFactory::Create(*c);
     EXPECT_TRUE(s.ok()) << s.status();
     return s.ok() ? std::move(*s) : nullptr;
@@ -153,6 +157,140 @@ TEST_F(SequenceTest, AFailedAppendFailsItsLayer) {
               StatusIs(absl::StatusCode::kFailedPrecondition, HasSubstr("layer 0 failed earlier")));
   ASSERT_OK(decode(1, 1));  // the other layer is fine
   EXPECT_EQ(daemon.requests(abi::kOpRelease), 1u) << "the failed append's staging went back";
+}
+
+// One step ahead, with a query that does not move: every step after the first uses the
+// prefetched pages, no head falls back, and the outputs equal the synchronous mode's exactly.
+TEST_F(SequenceTest, AsyncEqualsSyncWhenTheQueryDoesNotMove) {
+  constexpr uint32_t kPrompt = 600, kSteps = 40;
+  const Data data = MakeData(2, 2, 2, 64, kPrompt + kSteps, DType::kBF16);
+  FakeDaemon daemon;
+  auto sync = Make(&daemon, data, 128, 0, SelectionMode::kSync);
+  auto async = Make(&daemon, data, 128, 0, SelectionMode::kAsync);
+  ASSERT_NE(sync, nullptr);
+  ASSERT_NE(async, nullptr);
+  for (uint32_t l = 0; l < 2; ++l) {
+    ASSERT_OK(sync->Prefill(l, data.K(l, 0), data.V(l, 0), kPrompt));
+    ASSERT_OK(async->Prefill(l, data.K(l, 0), data.V(l, 0), kPrompt));
+  }
+  std::vector<uint16_t> out_s(size_t{data.q_heads()} * data.d), out_a(out_s.size());
+  uint32_t prefetched = 0;
+  for (uint32_t step = 0; step < kSteps; ++step) {
+    const uint32_t pos = kPrompt + step;
+    for (uint32_t l = 0; l < 2; ++l) {
+      const std::vector<uint16_t> q = data.Query(l, 0);  // the same query every step
+      ASSERT_OK(sync->Decode(l, q.data(), data.K(l, pos), data.V(l, pos), out_s.data()));
+      ASSERT_OK(async->Decode(l, q.data(), data.K(l, pos), data.V(l, pos), out_a.data()));
+      ASSERT_EQ(out_a, out_s) << "layer " << l << " step " << step;
+      const DecodeBreakdown& b = async->last_decode();
+      EXPECT_EQ(b.prefetched, step > 0) << "step " << step;
+      EXPECT_EQ(b.drift_fallback_heads, 0u);
+      if (b.prefetched) {
+        ++prefetched;
+        EXPECT_EQ(b.select_us, 0.0) << "no synchronous search";
+      }
+    }
+  }
+  EXPECT_EQ(prefetched, 2 * (kSteps - 1));
+  // The hand-overs are the same in both modes: pages of the two sequences, each layer.
+  const std::vector<uint32_t>& appended = daemon.append_positions();
+  EXPECT_EQ(std::count(appended.begin(), appended.end(), 569u), 4);
+  EXPECT_EQ(std::count(appended.begin(), appended.end(), 585u), 4);
+  EXPECT_EQ(daemon.masked_selects(), 0u);
+}
+
+// A query that moves every step: each KV head falls back to a synchronous search of its own
+// (a head-masked select), and the outputs equal the synchronous mode's. With the threshold
+// at -1 nothing falls back.
+TEST_F(SequenceTest, DriftedHeadsAreSearchedAgain) {
+  constexpr uint32_t kPrompt = 600, kSteps = 12;
+  const Data data = MakeData(1, 2, 2, 64, kPrompt + kSteps, DType::kFP16);
+  for (float threshold : {0.9f, -1.0f}) {
+    FakeDaemon daemon;
+    auto sync = Make(&daemon, data, 128, 0, SelectionMode::kSync);
+    auto async = Make(&daemon, data, 128, 0, SelectionMode::kAsync, threshold);
+    ASSERT_OK(sync->Prefill(0, data.K(0, 0), data.V(0, 0), kPrompt));
+    ASSERT_OK(async->Prefill(0, data.K(0, 0), data.V(0, 0), kPrompt));
+    std::vector<uint16_t> out_s(size_t{data.q_heads()} * data.d), out_a(out_s.size());
+    for (uint32_t step = 0; step < kSteps; ++step) {
+      const uint32_t pos = kPrompt + step;
+      // Alternate between a query and its negation: cosine -1 between consecutive steps.
+      std::vector<uint16_t> q = data.Query(0, 0);
+      if (step % 2 == 1) {
+        for (uint16_t& x : q) x = data.FromFloat(-data.ToFloat(x));
+      }
+      ASSERT_OK(sync->Decode(0, q.data(), data.K(0, pos), data.V(0, pos), out_s.data()));
+      ASSERT_OK(async->Decode(0, q.data(), data.K(0, pos), data.V(0, pos), out_a.data()));
+      const DecodeBreakdown& b = async->last_decode();
+      if (step == 0) continue;
+      if (threshold > 0) {
+        EXPECT_EQ(b.drift_fallback_heads, 2u) << "step " << step;
+        EXPECT_GT(b.select_us, 0.0);
+        EXPECT_EQ(out_a, out_s) << "step " << step;
+      } else {
+        EXPECT_EQ(b.drift_fallback_heads, 0u);
+      }
+    }
+    if (threshold > 0) {
+      EXPECT_EQ(daemon.masked_selects(), kSteps - 1);
+      EXPECT_EQ(daemon.masked_heads(), 2 * (kSteps - 1));
+    } else {
+      EXPECT_EQ(daemon.masked_selects(), 0u);
+    }
+  }
+}
+
+// The daemon answers late and out of order (deferred answers, newest first, so the second
+// layer's prefetch before the first's): the outputs are those of a daemon that answers at
+// once.
+TEST_F(SequenceTest, AsyncToleratesLateAndReorderedAnswers) {
+  constexpr uint32_t kPrompt = 500, kSteps = 40;
+  const Data data = MakeData(2, 1, 2, 64, kPrompt + kSteps, DType::kBF16);
+  FakeDaemon prompt_daemon, late_daemon;
+  late_daemon.set_deferred(true);
+  auto prompt = Make(&prompt_daemon, data, 128, 0, SelectionMode::kAsync);
+  auto late = Make(&late_daemon, data, 128, 0, SelectionMode::kAsync);
+  for (uint32_t l = 0; l < 2; ++l) {
+    ASSERT_OK(prompt->Prefill(l, data.K(l, 0), data.V(l, 0), kPrompt));
+    ASSERT_OK(late->Prefill(l, data.K(l, 0), data.V(l, 0), kPrompt));
+  }
+  std::vector<uint16_t> out_p(size_t{data.q_heads()} * data.d), out_l(out_p.size());
+  for (uint32_t step = 0; step < kSteps; ++step) {
+    const uint32_t pos = kPrompt + step;
+    for (client_internal::Ticket t = 400; t > 0; --t) late_daemon.Answer(t);
+    for (uint32_t l = 0; l < 2; ++l) {
+      const std::vector<uint16_t> q = data.Query(l, step);
+      ASSERT_OK(prompt->Decode(l, q.data(), data.K(l, pos), data.V(l, pos), out_p.data()));
+      ASSERT_OK(late->Decode(l, q.data(), data.K(l, pos), data.V(l, pos), out_l.data()));
+      ASSERT_EQ(out_l, out_p) << "layer " << l << " step " << step;
+      EXPECT_EQ(late->last_decode().prefetched, prompt->last_decode().prefetched);
+    }
+  }
+  EXPECT_GT(late->last_decode().prefetched + prompt_daemon.requests(abi::kOpSelect), 0u);
+  // Nothing is left waiting once the sequence goes.
+  ASSERT_OK(late->Drop());
+  EXPECT_EQ(late_daemon.outstanding(), 0u);
+  EXPECT_EQ(late_daemon.staging_bytes_in_use(), 0u);
+}
+
+// Dropped with a prefetched select and a hand-over in flight: both are answered and freed.
+TEST_F(SequenceTest, DropWithASpeculativeSelectInFlight) {
+  constexpr uint32_t kPrompt = 500;
+  const Data data = MakeData(1, 1, 2, 64, kPrompt + 4, DType::kBF16);
+  FakeDaemon daemon;
+  daemon.set_deferred(true);
+  auto async = Make(&daemon, data, 128, 0, SelectionMode::kAsync);
+  ASSERT_OK(async->Prefill(0, data.K(0, 0), data.V(0, 0), kPrompt));
+  std::vector<uint16_t> out(size_t{data.q_heads()} * data.d);
+  const std::vector<uint16_t> q = data.Query(0, 0);
+  // Position 500 completes the window: a hand-over and a prefetch are submitted at the end.
+  ASSERT_OK(async->Decode(0, q.data(), data.K(0, kPrompt), data.V(0, kPrompt), out.data()));
+  EXPECT_EQ(daemon.outstanding(), 2u);
+  EXPECT_THAT(daemon.append_positions(), ::testing::ElementsAre(469));
+  ASSERT_OK(async->Drop());
+  EXPECT_EQ(daemon.outstanding(), 0u);
+  EXPECT_EQ(daemon.staging_bytes_in_use(), 0u);
+  EXPECT_FALSE(daemon.has_sequence(async->handle()));
 }
 
 TEST_F(SequenceTest, BadCalls) {

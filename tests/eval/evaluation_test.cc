@@ -26,7 +26,7 @@ class EvaluationTest : public ::testing::Test {
     pool_ = new ThreadPool(2);
     EvalOptions opts;
     opts.budgets = {128, 256};
-    MethodSpec all{"dci+all", MethodKind::kDci, DciOptions{}};
+    MethodSpec all = Method("dci+all", MethodKind::kDci);
     all.dci.scale_query_projection = true;
     all.dci.page_granular_scoring = true;
     all.dci.joint_group_search = true;

@@ -111,7 +111,7 @@ TEST(HeadSelectorOptions, AllOptionsWithAGroupOfThree) {
   o.group_size = 3;
   o.num_queries = 64;
   const Trace t = GenerateSynthetic(o);
-  MethodSpec all{"all", MethodKind::kDci, {}};
+  MethodSpec all = Method("all", MethodKind::kDci);
   all.dci.scale_query_projection = true;
   all.dci.page_granular_scoring = true;
   all.dci.joint_group_search = true;

@@ -3,6 +3,8 @@
 // computed here from the same K/V.
 #include "icecache/client.h"
 
+#include <signal.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -407,6 +409,157 @@ TEST_F(ClientTest, DestroyingASequenceDropsIt) {
   EXPECT_THAT(
       daemon_->stub().GetSequence(ContextWithToken(client->attachment().token()).get(), get, &got),
       GrpcStatusIs(grpc::StatusCode::NOT_FOUND));
+}
+
+// ---- selection one step ahead (SelectionMode::kAsync) through the real daemon
+
+// With a query that does not move, the pages searched one step ahead are the pages a
+// synchronous search finds: the outputs are equal, step by step, in every layer, and every step
+// after the first is served by the prefetched select.
+TEST_F(ClientTest, AsyncEqualsSyncWhenTheQueryDoesNotMove) {
+  constexpr uint32_t kPrompt = 1500, kSteps = 48;
+  const Data data = MakeData(3, 2, 4, 64, kPrompt + kSteps, DType::kBF16);
+  auto client = Connect();
+  ASSERT_NE(client, nullptr);
+  SequenceOptions so = Options(data, 128, 1);
+  so.selection = SelectionMode::kSync;
+  auto sync = client->CreateSequence(so);
+  so.selection = SelectionMode::kAsync;
+  auto async = client->CreateSequence(so);
+  ASSERT_TRUE(sync.ok() && async.ok());
+  for (uint32_t l = 0; l < data.layers; ++l) {
+    ASSERT_OK((*sync)->Prefill(l, data.K(l, 0), data.V(l, 0), kPrompt));
+    ASSERT_OK((*async)->Prefill(l, data.K(l, 0), data.V(l, 0), kPrompt));
+  }
+  std::vector<uint16_t> out_s(size_t{data.q_heads()} * data.d), out_a(out_s.size());
+  const ClientCounters before = client->counters();
+  for (uint32_t step = 0; step < kSteps; ++step) {
+    const uint32_t pos = kPrompt + step;
+    for (uint32_t l = 0; l < data.layers; ++l) {
+      const std::vector<uint16_t> q = data.Query(l, 0);
+      ASSERT_OK((*sync)->Decode(l, q.data(), data.K(l, pos), data.V(l, pos), out_s.data()));
+      ASSERT_OK((*async)->Decode(l, q.data(), data.K(l, pos), data.V(l, pos), out_a.data()));
+      ASSERT_EQ(out_a, out_s) << "layer " << l << " step " << step;
+      const DecodeBreakdown& b = (*async)->last_decode();
+      if (l > 0) {
+        EXPECT_EQ(b.prefetched, step > 0) << "layer " << l << " step " << step;
+      }
+      EXPECT_EQ(b.drift_fallback_heads, 0u);
+    }
+  }
+  const ClientCounters after = client->counters();
+  EXPECT_EQ(after.prefetched_selects - before.prefetched_selects, 2u * (kSteps - 1));
+  EXPECT_EQ(after.drift_fallback_heads, before.drift_fallback_heads);
+}
+
+// A query that turns around every step: each KV head is searched again with its new query,
+// and the output is the synchronous mode's.
+TEST_F(ClientTest, AsyncSearchesDriftedHeadsAgain) {
+  constexpr uint32_t kPrompt = 1200, kSteps = 10;
+  const Data data = MakeData(1, 2, 2, 64, kPrompt + kSteps, DType::kFP16);
+  auto client = Connect();
+  ASSERT_NE(client, nullptr);
+  SequenceOptions so = Options(data, 128, 0);
+  auto sync = client->CreateSequence(so);
+  so.selection = SelectionMode::kAsync;
+  so.drift_threshold = 0.5f;
+  auto async = client->CreateSequence(so);
+  ASSERT_TRUE(sync.ok() && async.ok());
+  ASSERT_OK((*sync)->Prefill(0, data.K(0, 0), data.V(0, 0), kPrompt));
+  ASSERT_OK((*async)->Prefill(0, data.K(0, 0), data.V(0, 0), kPrompt));
+  std::vector<uint16_t> out_s(size_t{data.q_heads()} * data.d), out_a(out_s.size());
+  for (uint32_t step = 0; step < kSteps; ++step) {
+    const uint32_t pos = kPrompt + step;
+    std::vector<uint16_t> q = data.Query(0, 0);
+    if (step % 2 == 1) {
+      for (uint16_t& x : q) x = data.FromFloat(-data.ToFloat(x));
+    }
+    ASSERT_OK((*sync)->Decode(0, q.data(), data.K(0, pos), data.V(0, pos), out_s.data()));
+    ASSERT_OK((*async)->Decode(0, q.data(), data.K(0, pos), data.V(0, pos), out_a.data()));
+    ASSERT_EQ(out_a, out_s) << "step " << step;
+    if (step > 0) {
+      EXPECT_EQ((*async)->last_decode().drift_fallback_heads, 2u) << step;
+    }
+  }
+  EXPECT_EQ(client->counters().drift_fallback_heads, 2u * (kSteps - 1));
+}
+
+// The daemon forgets `handle` within two seconds (an operator lists every client's sequences).
+bool SequenceGone(DaemonProcess& daemon, const std::string& handle) {
+  auto op = daemon.Attach(/*as_operator=*/true);
+  if (!op.ok()) return false;
+  for (int i = 0; i < 200; ++i) {
+    v1::ListSequencesResponse resp;
+    if (!daemon.stub()
+             .ListSequences(ContextWithToken((*op)->token()).get(), v1::ListSequencesRequest(),
+                            &resp)
+             .ok()) {
+      return false;
+    }
+    if (std::none_of(resp.sequences().begin(), resp.sequences().end(),
+                     [&](const v1::Sequence& s) { return s.handle() == handle; })) {
+      return true;
+    }
+    absl::SleepFor(absl::Milliseconds(10));
+  }
+  return false;
+}
+
+// A sequence dropped while a select sent one step ahead and a window hand-over are in flight:
+// both are answered and the daemon holds nothing for it.
+TEST_F(ClientTest, AsyncDropWithASpeculativeSelectInFlight) {
+  constexpr uint32_t kPrompt = 1000;
+  const Data data = MakeData(2, 2, 2, 64, kPrompt + 40, DType::kBF16);
+  auto client = Connect();
+  ASSERT_NE(client, nullptr);
+  SequenceOptions so = Options(data, 128, 0);
+  so.selection = SelectionMode::kAsync;
+  auto seq = client->CreateSequence(so);
+  ASSERT_TRUE(seq.ok()) << seq.status();
+  for (uint32_t l = 0; l < 2; ++l)
+    ASSERT_OK((*seq)->Prefill(l, data.K(l, 0), data.V(l, 0), kPrompt));
+  std::vector<uint16_t> out(size_t{data.q_heads()} * data.d);
+  for (uint32_t step = 0; step <= 16; ++step) {  // steps 0 and 16 hand a page over
+    for (uint32_t l = 0; l < 2; ++l) {
+      const std::vector<uint16_t> q = data.Query(l, step);
+      ASSERT_OK((*seq)->Decode(l, q.data(), data.K(l, kPrompt + step), data.V(l, kPrompt + step),
+                               out.data()));
+    }
+  }
+  const std::string handle = (*seq)->handle();
+  ASSERT_OK((*seq)->Drop());
+  EXPECT_TRUE(SequenceGone(*daemon_, handle));
+}
+
+// A client process killed while a select sent one step ahead and a hand-over are in flight:
+// the daemon reaps its sequence and serves the next client.
+TEST_F(ClientTest, AsyncClientKilledWithASpeculativeSelectInFlight) {
+  auto p = Subprocess::Start(
+      {TestClientBinary(), "--socket=" + daemon_->socket_path(), "--mode=async-decode"},
+      dir_.path());
+  ASSERT_TRUE(p.ok()) << p.status();
+  std::string handle;
+  for (int i = 0; i < 3000 && handle.empty(); ++i) {
+    const std::string out = p->Stdout();
+    const size_t at = out.find("in-flight ");
+    if (at != std::string::npos && out.find('\n', at) != std::string::npos) {
+      handle = out.substr(at + 10, out.find('\n', at) - at - 10);
+    } else {
+      ASSERT_TRUE(p->Running()) << p->Stdout() << p->Stderr();
+      absl::SleepFor(absl::Milliseconds(10));
+    }
+  }
+  ASSERT_FALSE(handle.empty()) << "the client never got there: " << p->Stderr();
+  ASSERT_TRUE(p->Signal(SIGKILL));
+  ASSERT_TRUE(p->Wait(absl::Seconds(5)).has_value());
+  EXPECT_TRUE(SequenceGone(*daemon_, handle));
+  // The daemon goes on serving.
+  const Data data = MakeData(1, 1, 2, 64, 300, DType::kBF16);
+  auto client = Connect();
+  ASSERT_NE(client, nullptr);
+  auto seq = client->CreateSequence(Options(data, 64, 0));
+  ASSERT_TRUE(seq.ok()) << seq.status();
+  ASSERT_OK((*seq)->Prefill(0, data.K(0, 0), data.V(0, 0), 200));
 }
 
 }  // namespace

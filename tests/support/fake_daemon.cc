@@ -87,6 +87,13 @@ absl::StatusOr<client_internal::Ticket> FakeDaemon::Enqueue(uint32_t op, Pending
 void FakeDaemon::Answer(client_internal::Ticket ticket) {
   auto it = tickets_.find(ticket);
   if (it == tickets_.end() || it->second.status) return;
+  if (it->second.select) {
+    for (auto& [t, p] : tickets_) {
+      if (t < ticket && !p.select && p.key == it->second.key && !p.status) {
+        p.status = p.run(&p.pages);
+      }
+    }
+  }
   it->second.status = it->second.run(&it->second.pages);
 }
 
@@ -97,6 +104,7 @@ absl::StatusOr<client_internal::Ticket> FakeDaemon::SubmitStaged(
   if (!kv.ok()) return kv.status();
   if (op == abi::kOpAppend) append_positions_.push_back(first_position);
   Pending p;
+  p.key = absl::StrCat(handle, "/", layer);
   p.run = [this, kv = *kv, op, layer, staging, tokens,
            first_position](std::vector<abi::SelectedPageRef>*) -> absl::Status {
     const uint64_t bytes = kv->StagingBytesPerToken() * tokens;
@@ -120,17 +128,26 @@ absl::Status FakeDaemon::Finish(client_internal::Ticket ticket) {
   return s;
 }
 
-absl::StatusOr<client_internal::Ticket> FakeDaemon::SubmitSelect(const std::string& handle,
-                                                                 uint32_t layer,
-                                                                 const float* queries,
-                                                                 size_t query_floats, uint32_t k) {
+absl::StatusOr<client_internal::Ticket> FakeDaemon::SubmitSelect(
+    const std::string& handle, uint32_t layer, const float* queries, size_t query_floats,
+    uint32_t k, const uint8_t* head_mask, size_t num_kv_heads) {
   absl::StatusOr<SequenceKv*> kv = Find(handle);
   if (!kv.ok()) return kv.status();
+  std::vector<uint8_t> mask;
+  if (head_mask != nullptr) {
+    mask.assign(head_mask, head_mask + num_kv_heads);
+    ++masked_selects_;
+    for (uint8_t m : mask) masked_heads_ += m != 0;
+  }
   Pending p;
-  p.run = [kv = *kv, layer, q = std::vector<float>(queries, queries + query_floats),
-           k](std::vector<abi::SelectedPageRef>* out) -> absl::Status {
-    absl::StatusOr<uint32_t> got = kv->Select(layer, q.data(), k, out, /*sample_recall=*/false);
-    return got.status();
+  p.key = absl::StrCat(handle, "/", layer);
+  p.select = true;
+  p.run = [kv = *kv, layer, q = std::vector<float>(queries, queries + query_floats), k,
+           mask = std::move(mask)](std::vector<abi::SelectedPageRef>* out) -> absl::Status {
+    return kv
+        ->Select(layer, q.data(), k, out, /*sample_recall=*/false,
+                 mask.empty() ? nullptr : mask.data())
+        .status();
   };
   return Enqueue(abi::kOpSelect, std::move(p));
 }

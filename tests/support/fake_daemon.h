@@ -46,13 +46,17 @@ class FakeDaemon final : public client_internal::Transport {
   // ---- steering
   // Answers wait until Finish (or Answer) instead of being computed at submission.
   void set_deferred(bool deferred) { deferred_ = deferred; }
-  // Computes the answer of an outstanding ticket now (out of order, when the test wants).
+  // Computes the answer of an outstanding ticket now (out of order, when the test wants; a
+  // select first answers the staged ops of its layer submitted before it, as icecached).
   void Answer(client_internal::Ticket ticket);
   // The next request of kind `op` (abi::kOp*) gets `status` instead of being run.
   void FailNext(uint32_t op, absl::Status status) { fail_[op] = std::move(status); }
   // What was asked: requests of each kind so far, and the positions of every append.
   uint64_t requests(uint32_t op) const;
   const std::vector<uint32_t>& append_positions() const { return append_positions_; }
+  // Selects that searched only some KV heads (a head mask), and the heads they searched.
+  uint64_t masked_selects() const { return masked_selects_; }
+  uint64_t masked_heads() const { return masked_heads_; }
   size_t outstanding() const { return tickets_.size(); }
   uint64_t staging_bytes_in_use() const { return arena_->staging_bytes_in_use(); }
   bool has_sequence(const std::string& handle) const { return kv_.count(handle) != 0; }
@@ -67,7 +71,8 @@ class FakeDaemon final : public client_internal::Transport {
   absl::Status Finish(client_internal::Ticket ticket) override;
   absl::StatusOr<client_internal::Ticket> SubmitSelect(const std::string& handle, uint32_t layer,
                                                        const float* queries, size_t query_floats,
-                                                       uint32_t k) override;
+                                                       uint32_t k, const uint8_t* head_mask,
+                                                       size_t num_kv_heads) override;
   absl::StatusOr<std::vector<abi::SelectedPageRef>> FinishSelect(
       client_internal::Ticket ticket) override;
   bool Done(client_internal::Ticket ticket) const override;
@@ -78,6 +83,8 @@ class FakeDaemon final : public client_internal::Transport {
 
  private:
   struct Pending {
+    std::string key;  // handle/layer: a select is answered after the staged ops before it
+    bool select = false;
     std::function<absl::Status(std::vector<abi::SelectedPageRef>*)> run;
     std::optional<absl::Status> status;
     std::vector<abi::SelectedPageRef> pages;
@@ -98,6 +105,7 @@ class FakeDaemon final : public client_internal::Transport {
   std::map<uint32_t, absl::Status> fail_;
   std::map<uint32_t, uint64_t> requests_;
   std::vector<uint32_t> append_positions_;
+  uint64_t masked_selects_ = 0, masked_heads_ = 0;
 };
 
 }  // namespace icecache::testing

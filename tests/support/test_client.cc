@@ -5,6 +5,11 @@
 //   --socket=PATH --mode=attach                             attach and exit 0 ("attached")
 //   --socket=PATH --mode=hold-prefill [--tokens=N]          submit a large prefill, print
 //                                                           "submitted", then wait forever
+//   --socket=PATH --mode=async-decode                       the client library, one step
+//                                                           ahead: prefill 2 layers, decode
+//                                                           17 steps, print "in-flight
+//                                                           <handle>" with a select and a
+//                                                           hand-over in flight, wait forever
 //   --as-uid=UID                                            drop to this uid (and gid) first
 // Errors print "error: <code>: <message>" and exit 3.
 #include <grp.h>
@@ -21,10 +26,12 @@
 #include "grpcpp/create_channel.h"
 #include "grpcpp/security/credentials.h"
 #include "icecache/attachment.h"
+#include "icecache/client.h"
+#include "tests/integration/client_data.h"
 #include "tests/support/workload.h"
 
 ABSL_FLAG(std::string, socket, "", "The daemon's control socket.");
-ABSL_FLAG(std::string, mode, "workload", "workload | attach | hold-prefill");
+ABSL_FLAG(std::string, mode, "workload", "workload | attach | hold-prefill | async-decode");
 ABSL_FLAG(uint64_t, seed, 1, "Workload seed.");
 ABSL_FLAG(uint32_t, tokens, 3000, "Workload tokens.");
 ABSL_FLAG(int, as_uid, -1, "Drop privileges to this uid/gid before attaching.");
@@ -36,6 +43,47 @@ int Fail(const absl::Status& s) {
               std::string(s.message()).c_str());
   std::fflush(stdout);
   return 3;
+}
+
+// Decodes one step ahead until a select and a window hand-over are in flight, then waits to
+// be killed.
+int AsyncDecode(const std::string& socket) {
+  using icecache::testing::Data;
+  const Data data = icecache::testing::MakeData(2, 2, 2, 64, 1100, icecache::DType::kBF16);
+  icecache::ClientOptions co;
+  co.socket = socket;
+  co.mode = icecache::ExecutionMode::kCpu;
+  auto client = icecache::Client::Attach(co);
+  if (!client.ok()) return Fail(client.status());
+  icecache::SequenceOptions so;
+  so.num_layers = 2;
+  so.num_q_heads = data.q_heads();
+  so.num_kv_heads = data.kv;
+  so.head_dim = data.d;
+  so.dtype = data.dtype;
+  so.max_tokens = data.tokens;
+  so.budget_tokens = 128;
+  so.full_kv_layers = 0;
+  so.selection = icecache::SelectionMode::kAsync;
+  auto seq = (*client)->CreateSequence(so);
+  if (!seq.ok()) return Fail(seq.status());
+  constexpr uint32_t kPrompt = 1000;
+  for (uint32_t l = 0; l < 2; ++l) {
+    absl::Status s = (*seq)->Prefill(l, data.K(l, 0), data.V(l, 0), kPrompt);
+    if (!s.ok()) return Fail(s);
+  }
+  std::vector<uint16_t> out(size_t{data.q_heads()} * data.d);
+  for (uint32_t step = 0; step <= 16; ++step) {  // steps 0 and 16 hand a window page over
+    for (uint32_t l = 0; l < 2; ++l) {
+      const std::vector<uint16_t> q = data.Query(l, step);
+      absl::Status s = (*seq)->Decode(l, q.data(), data.K(l, kPrompt + step),
+                                      data.V(l, kPrompt + step), out.data());
+      if (!s.ok()) return Fail(s);
+    }
+  }
+  std::printf("in-flight %s\n", (*seq)->handle().c_str());
+  std::fflush(stdout);
+  while (true) std::this_thread::sleep_for(std::chrono::seconds(1));
 }
 
 }  // namespace
@@ -50,6 +98,7 @@ int main(int argc, char** argv) {
       return 4;
     }
   }
+  if (absl::GetFlag(FLAGS_mode) == "async-decode") return AsyncDecode(absl::GetFlag(FLAGS_socket));
   icecache::Attachment::Options o;
   o.socket = absl::GetFlag(FLAGS_socket);
   absl::StatusOr<std::unique_ptr<icecache::Attachment>> a = icecache::Attachment::Attach(o);

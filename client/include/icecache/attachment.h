@@ -88,8 +88,11 @@ class Attachment {
                                                            uint32_t layer, const float* queries,
                                                            size_t query_floats, uint32_t k);
   // The same in two halves: submit (returns the slot), then wait for the pages (releases it).
+  // `head_mask` ([num_kv_heads] bytes, optional): search only the heads with a non-zero byte.
   absl::StatusOr<uint32_t> SubmitSelect(const std::string& handle, uint32_t layer,
-                                        const float* queries, size_t query_floats, uint32_t k);
+                                        const float* queries, size_t query_floats, uint32_t k,
+                                        const uint8_t* head_mask = nullptr,
+                                        size_t num_kv_heads = 0);
   absl::StatusOr<std::vector<abi::SelectedPageRef>> FinishSelect(uint32_t index);
   absl::Status Nop();
 

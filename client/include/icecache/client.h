@@ -66,6 +66,20 @@ struct ClientOptions {
   absl::Duration timeout = absl::Seconds(60);
 };
 
+// How a decode step of an offloaded layer gets its pages.
+enum class SelectionMode : uint8_t {
+  // Each Decode sends its own query and waits for the daemon's search.
+  kSync,
+  // One step ahead: as soon as a layer's query is known, the search for the layer's next step
+  // is sent with it and runs while the rest of the model does; the next Decode uses those
+  // pages and waits for nothing in the steady state. Per KV head it checks how far the new
+  // query moved from the one searched (the lowest cosine over the head's query heads) and
+  // searches synchronously, for those heads only, where it fell below drift_threshold. The
+  // first step after the prompt's build is synchronous.
+  kAsync,
+};
+const char* SelectionModeName(SelectionMode mode);
+
 // What a sequence declares (icecache.v1.SequenceGeometry); unset optionals take the daemon's
 // defaults (16-token pages, 256-token budget, 32 sink, 32 window, 2 full-KV layers).
 struct SequenceOptions {
@@ -83,6 +97,10 @@ struct SequenceOptions {
   std::string label;
   // Softmax scale; 0 = 1/sqrt(head_dim).
   float scale = 0;
+  // Selection off the critical path (kAsync) or not; drift_threshold in [-1, 1] is the
+  // cosine below which a KV head's prefetched pages are replaced by a synchronous search.
+  SelectionMode selection = SelectionMode::kSync;
+  float drift_threshold = 0.9f;
 };
 
 // The geometry the daemon resolved (every default applied).
@@ -109,6 +127,8 @@ struct ClientCounters {
   uint64_t fetched_bytes = 0;
   uint64_t fetch_nanoseconds = 0;
   uint64_t decode_steps = 0;
+  uint64_t prefetched_selects = 0;    // offloaded layer steps served by a one-step-ahead select
+  uint64_t drift_fallback_heads = 0;  // KV heads searched again because their query moved
   double hit_rate() const {
     const uint64_t all = cache_hits + cache_misses;
     return all == 0 ? 0.0 : static_cast<double>(cache_hits) / static_cast<double>(all);
@@ -125,8 +145,13 @@ struct DecodeBreakdown {
   uint32_t hits = 0;
   uint32_t misses = 0;
   double wait_us = 0;    // waiting for this layer's pending prefill or append
-  double select_us = 0;  // query to the daemon and back
-  double fetch_us = 0;   // gather of the missed pages
+  double select_us = 0;  // query to the daemon and back (synchronous searches)
+  // Time Decode waited for the daemon's pages on its critical path: the synchronous search
+  // (kSync, or the fallback of drifted heads) plus any wait for the prefetched answer.
+  double select_wait_us = 0;
+  bool prefetched = false;            // the step used pages selected one step ahead
+  uint32_t drift_fallback_heads = 0;  // KV heads searched again because their query moved
+  double fetch_us = 0;                // gather of the missed pages
   double attention_us = 0;
   double total_us = 0;
 };

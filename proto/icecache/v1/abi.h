@@ -116,12 +116,14 @@ static_assert(sizeof(ArenaRef) == 16);
 
 // Counters the client publishes for the daemon to export (monotonic; the client adds).
 struct alignas(64) ClientStats {
-  std::atomic<uint64_t> cache_hits;         // selected pages already resident on the GPU
-  std::atomic<uint64_t> cache_misses;       // selected pages fetched
-  std::atomic<uint64_t> fetched_bytes;      // bytes moved host -> GPU by the gather
-  std::atomic<uint64_t> fetch_nanoseconds;  // time spent in those transfers
-  std::atomic<uint64_t> decode_steps;       // Decode calls completed
-  std::atomic<uint64_t> reserved[3];
+  std::atomic<uint64_t> cache_hits;            // selected pages already resident on the GPU
+  std::atomic<uint64_t> cache_misses;          // selected pages fetched
+  std::atomic<uint64_t> fetched_bytes;         // bytes moved host -> GPU by the gather
+  std::atomic<uint64_t> fetch_nanoseconds;     // time spent in those transfers
+  std::atomic<uint64_t> decode_steps;          // Decode calls completed
+  std::atomic<uint64_t> prefetched_selects;    // layer steps served by a one-step-ahead select
+  std::atomic<uint64_t> drift_fallback_heads;  // KV heads searched again: their query moved
+  std::atomic<uint64_t> reserved[1];
 };
 static_assert(sizeof(ClientStats) == 64);
 
@@ -139,9 +141,11 @@ enum Op : uint32_t {
                    // the buffer is consumed when it succeeds and left alone when refused
   kOpAppend = 3,   // insert a staging buffer's page of new tokens into `layer` (likewise).
                    // Pages of the layer may change while it runs: do not read the layer's
-                   // pages between submitting an append and its completion (a select on the
-                   // layer waits for the append).
-  kOpSelect = 4,   // best pages per KV head for the queries in the payload
+                   // pages between submitting an append and its completion. Appends of one
+                   // (sequence, layer) run in submission order.
+  kOpSelect = 4,   // best pages per KV head for the queries in the payload. A select runs
+                   // after every append of its (sequence, layer) submitted before it, so its
+                   // pages include them and no append it follows is still changing them.
   kOpRelease = 5,  // free a staging buffer that was not consumed
 };
 
@@ -185,11 +189,12 @@ struct alignas(64) SlotHeader {
   ArenaRef staging;             // kOpPrefill/kOpAppend/kOpRelease: the buffer (from kOpStage)
   uint32_t payload_bytes;       // request: bytes of payload the client wrote
   uint32_t first_position;      // kOpPrefill/kOpAppend: sequence position of the first token
+  uint32_t select_flags;        // kOpSelect: SelectFlags
   // ---- response (daemon)
   uint32_t status;          // google.rpc.Code
   uint32_t response_bytes;  // bytes of payload the daemon wrote
   char message[96];         // NUL-terminated error text when status != 0
-  uint8_t reserved1[40];
+  uint8_t reserved1[36];
 };
 static_assert(sizeof(SlotHeader) == 256);
 
@@ -202,7 +207,14 @@ struct StageResponse {
 };
 static_assert(sizeof(StageResponse) == 32);
 
-// kOpSelect request payload: float32 queries [num_q_heads][head_dim], post-RoPE.
+enum SelectFlags : uint32_t {
+  // The payload carries, after the queries, one byte per KV head (1: search this head). Heads
+  // not searched get only unused entries in the response.
+  kSelectHeadMask = 1,
+};
+
+// kOpSelect request payload: float32 queries [num_q_heads][head_dim], post-RoPE (then the head
+// mask, [num_kv_heads] bytes, with kSelectHeadMask).
 // kOpSelect response payload: for each KV head h, `k` entries (fewer when the layer holds
 // fewer pages; unused entries have segment = 0xffffffff), best first.
 struct SelectedPageRef {
