@@ -54,9 +54,18 @@ ABSL_FLAG(uint32_t, full_kv_layers, 2, "Leading full-KV layers (as the paper).")
 ABSL_FLAG(uint32_t, steps, 48, "Timed decode steps per (context, mode), after --warmup.");
 ABSL_FLAG(uint32_t, warmup, 4, "Untimed decode steps first.");
 ABSL_FLAG(std::string, modes, "sync,async", "Selection modes to run.");
+ABSL_FLAG(float, drift_threshold, icecache::SequenceOptions{}.drift_threshold,
+          "SequenceOptions::drift_threshold of the async runs.");
 ABSL_FLAG(uint32_t, model_us, 0, "Simulated time of the rest of the model per layer (us).");
 ABSL_FLAG(std::string, mode, "cpu", "Client mode: auto, cpu or cuda.");
 ABSL_FLAG(uint32_t, scan_samples, 4, "Steps whose exact scan is timed per layer (median).");
+ABSL_FLAG(double, query_cosine, 0.83,
+          "Cosine between a query head's consecutive queries (SmolLM2 on a real text: mean 0.83; "
+          "FreeKV reports 0.84): each step's query is the previous one turned toward a fresh "
+          "query of the generator by this much.");
+ABSL_FLAG(uint32_t, distinct_layers, 4,
+          "Layers of distinct synthetic data; the others reuse them in turn (the daemon's work "
+          "per layer does not depend on which clustered keys it indexes).");
 ABSL_FLAG(std::string, out, "bench/results", "Directory for JSON/CSV results.");
 
 namespace {
@@ -133,15 +142,47 @@ LayerData MakeLayer(uint32_t tokens, uint32_t layer, uint32_t queries) {
   return d;
 }
 
-// The step's queries of one layer: [32][128] bf16 (the trace's queries, cycled).
-std::vector<uint16_t> Query(const LayerData& d, uint32_t step) {
-  std::vector<uint16_t> q(size_t{kKvHeads} * kGroup * kDim);
+// Every step's queries of one layer ([steps][32][128] bf16): per query head, each step's query
+// is the previous one turned toward a fresh generator query so that consecutive queries have
+// the given cosine (the norm follows the fresh query).
+std::vector<std::vector<uint16_t>> Queries(const LayerData& d, uint32_t steps, double cosine) {
   const uint32_t nq = static_cast<uint32_t>(d.trace.query_positions.size());
-  for (uint32_t h = 0; h < kKvHeads * kGroup; ++h) {
-    const float* src = d.trace.Query(0, h, step % nq);
-    for (uint32_t i = 0; i < kDim; ++i) q[size_t{h} * kDim + i] = FloatToBf16(src[i]);
+  const uint32_t heads = kKvHeads * kGroup;
+  std::vector<std::vector<float>> prev(heads);
+  std::vector<std::vector<uint16_t>> out(steps, std::vector<uint16_t>(size_t{heads} * kDim));
+  const double sine = std::sqrt(std::max(0.0, 1.0 - cosine * cosine));
+  for (uint32_t step = 0; step < steps; ++step) {
+    for (uint32_t h = 0; h < heads; ++h) {
+      const float* fresh = d.trace.Query(0, h, step % nq);
+      double nf = 0;
+      for (uint32_t i = 0; i < kDim; ++i) nf += double{fresh[i]} * fresh[i];
+      nf = std::sqrt(nf);
+      std::vector<float> q(fresh, fresh + kDim);
+      if (step > 0 && nf > 0) {
+        // The fresh query's part orthogonal to the previous one, then the turn.
+        const std::vector<float>& p = prev[h];
+        double np = 0, dot = 0;
+        for (uint32_t i = 0; i < kDim; ++i) {
+          np += double{p[i]} * p[i];
+          dot += double{p[i]} * fresh[i];
+        }
+        np = std::sqrt(np);
+        std::vector<double> ortho(kDim);
+        double no = 0;
+        for (uint32_t i = 0; i < kDim; ++i) {
+          ortho[i] = fresh[i] - dot / (np * np) * p[i];
+          no += ortho[i] * ortho[i];
+        }
+        no = std::sqrt(no);
+        for (uint32_t i = 0; i < kDim; ++i) {
+          q[i] = static_cast<float>(nf * (cosine * p[i] / np + sine * ortho[i] / no));
+        }
+      }
+      prev[h] = q;
+      for (uint32_t i = 0; i < kDim; ++i) out[step][size_t{h} * kDim + i] = FloatToBf16(q[i]);
+    }
   }
-  return q;
+  return out;
 }
 
 // Median CPU microseconds of the exact page scan of one layer (every KV head) for a step's
@@ -247,15 +288,20 @@ int main(int argc, char** argv) {
                     : "");
     std::fflush(stdout);
     // The data of every layer (kept: every mode replays the same K/V and queries).
-    std::vector<LayerData> data;
-    for (uint32_t l = 0; l < layers; ++l) {
-      data.push_back(MakeLayer(tokens, l, 64));
-      std::printf("  generated layer %u/%u\r", l + 1, layers);
+    std::vector<LayerData> distinct;
+    std::vector<std::vector<std::vector<uint16_t>>> queries;
+    const uint32_t nd = std::max<uint32_t>(1, std::min(layers, absl::GetFlag(FLAGS_distinct_layers)));
+    for (uint32_t l = 0; l < nd; ++l) {
+      distinct.push_back(MakeLayer(tokens, l, 64));
+      queries.push_back(
+          Queries(distinct.back(), warmup + steps, absl::GetFlag(FLAGS_query_cosine)));
+      std::printf("  generated layer data %u/%u\r", l + 1, nd);
       std::fflush(stdout);
     }
+    auto data_of = [&](uint32_t l) -> const LayerData& { return distinct[l % nd]; };
     // The exact scan's cost of one token: every offloaded layer's scan (time one, scale).
     const double scan_layer_us =
-        ExactScanLayerUs(data[full_kv], context, absl::GetFlag(FLAGS_scan_samples));
+        ExactScanLayerUs(data_of(full_kv), context, absl::GetFlag(FLAGS_scan_samples));
     const double scan_token_ms = scan_layer_us * (layers_model - full_kv) / 1000.0;
     scan_ms_per_token.push_back({context, scan_token_ms});
     std::printf("\n  exact page scan: %.0f us per layer (8 KV heads), %.1f ms CPU per token\n",
@@ -271,12 +317,13 @@ int main(int argc, char** argv) {
       so.max_tokens = tokens;
       so.full_kv_layers = full_kv;
       so.selection = mode;
+      so.drift_threshold = absl::GetFlag(FLAGS_drift_threshold);
       so.label = absl::StrCat("token-step-", context, "-", SelectionModeName(mode));
       auto seq = (*client)->CreateSequence(so);
       Check(seq.status(), "create sequence");
       const auto tp = Clock::now();
       for (uint32_t l = 0; l < layers; ++l) {
-        Check((*seq)->Prefill(l, data[l].k.data(), data[l].v.data(), context), "prefill");
+        Check((*seq)->Prefill(l, data_of(l).k.data(), data_of(l).v.data(), context), "prefill");
       }
       std::vector<uint16_t> out(size_t{kKvHeads} * kGroup * kDim);
       std::vector<double> waits, step_ms;
@@ -291,9 +338,10 @@ int main(int argc, char** argv) {
         const auto ts = Clock::now();
         const uint32_t pos = context + step;
         for (uint32_t l = 0; l < layers; ++l) {
-          const std::vector<uint16_t> q = Query(data[l], step);
-          Check((*seq)->Decode(l, q.data(), &data[l].k[size_t{pos} * kKvHeads * kDim],
-                               &data[l].v[size_t{pos} * kKvHeads * kDim], out.data()),
+          const LayerData& d = data_of(l);
+          const std::vector<uint16_t>& q = queries[l % nd][step];
+          Check((*seq)->Decode(l, q.data(), &d.k[size_t{pos} * kKvHeads * kDim],
+                               &d.v[size_t{pos} * kKvHeads * kDim], out.data()),
                 "decode");
           const DecodeBreakdown& b = (*seq)->last_decode();
           if (step >= warmup && !b.full_kv) {

@@ -380,6 +380,38 @@ absl::StatusOr<std::vector<abi::SelectedPageRef>> Attachment::FinishSelect(uint3
   return out;
 }
 
+absl::StatusOr<abi::StageResponse> Attachment::Scratch(uint64_t bytes) {
+  absl::StatusOr<uint32_t> i = AcquireSlot();
+  if (!i.ok()) return i.status();
+  abi::SlotHeader* s = slot(*i);
+  s->op = abi::kOpScratch;
+  s->payload_bytes = sizeof(bytes);
+  std::memcpy(payload(*i), &bytes, sizeof(bytes));
+  Submit(*i);
+  absl::Status st = Wait(*i);
+  abi::StageResponse resp{};
+  if (st.ok()) std::memcpy(&resp, payload(*i), sizeof(resp));
+  ReleaseSlot(*i);
+  if (!st.ok()) return st;
+  return resp;
+}
+
+absl::StatusOr<uint32_t> Attachment::SubmitSelectBatch(uint32_t layer,
+                                                       const abi::ArenaRef& scratch,
+                                                       uint32_t count) {
+  absl::StatusOr<uint32_t> i = AcquireSlot();
+  if (!i.ok()) return i.status();
+  abi::SlotHeader* s = slot(*i);
+  s->op = abi::kOpSelectBatch;
+  std::memset(s->handle, 0, sizeof(s->handle));
+  s->layer = layer;
+  s->tokens = count;
+  s->staging = scratch;
+  s->payload_bytes = 0;
+  Submit(*i);
+  return *i;
+}
+
 absl::Status Attachment::Nop() {
   absl::StatusOr<uint32_t> i = AcquireSlot();
   if (!i.ok()) return i.status();

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
+#include "absl/container/flat_hash_map.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "client/backend.h"
@@ -33,10 +34,10 @@ class AttachmentTransport final : public Transport {
                                       const abi::ArenaRef& staging, uint32_t tokens,
                                       uint32_t first_position) override;
   absl::Status Finish(Ticket ticket) override;
-  absl::StatusOr<Ticket> SubmitSelect(const std::string& handle, uint32_t layer,
-                                      const float* queries, size_t query_floats, uint32_t k,
-                                      const uint8_t* head_mask, size_t num_kv_heads) override;
-  absl::StatusOr<std::vector<abi::SelectedPageRef>> FinishSelect(Ticket ticket) override;
+  absl::StatusOr<Ticket> SubmitSelectBatch(uint32_t layer,
+                                           absl::Span<const SelectRequest> requests) override;
+  absl::StatusOr<std::vector<SelectAnswer>> FinishSelectBatch(Ticket ticket) override;
+  absl::Status PrepareSelectBatch(absl::Span<const SelectRequest> requests) override;
   bool Done(Ticket ticket) const override;
   absl::StatusOr<ArenaSpan> Map(const abi::ArenaRef& ref, uint64_t bytes) override;
   uint64_t PageBytes(uint32_t segment) const override;
@@ -60,6 +61,34 @@ class AttachmentTransport final : public Transport {
   std::unique_ptr<v1::IceCache::Stub> stub_;
   absl::Mutex mu_;
   std::vector<Registered> segments_ ABSL_GUARDED_BY(mu_);
+
+  // Scratch buffers for batch selects: a pool, each buffer owned by one ticket in flight at a
+  // time (decodes of different sequences, and a decode's select one step ahead, may be in
+  // flight together), back in the pool once its answers are read.
+  struct Scratch {
+    abi::StageResponse buffer{};
+    uint8_t* host = nullptr;
+  };
+  struct InFlight {
+    Scratch scratch;
+    std::vector<uint64_t> result_offsets;
+    std::vector<uint64_t> result_capacity;  // SelectedPageRef entries
+  };
+  // The layout of a batch's buffer.
+  struct Layout {
+    std::vector<uint64_t> query_at, result_at, result_cap;
+    uint64_t bytes = 0;
+  };
+  static Layout LayoutOf(absl::Span<const SelectRequest> requests);
+  // A free buffer of at least `bytes` (the smallest that fits), or a new one from the daemon.
+  absl::StatusOr<Scratch> AcquireScratch(uint64_t bytes);
+  // Back into the pool; beyond kMaxFreeScratch free buffers, the smallest goes back to the
+  // daemon.
+  void ReturnScratch(Scratch scratch);
+  static constexpr size_t kMaxFreeScratch = 8;
+  absl::Mutex scratch_mu_;
+  std::vector<Scratch> free_scratch_ ABSL_GUARDED_BY(scratch_mu_);
+  absl::flat_hash_map<Ticket, InFlight> in_flight_ ABSL_GUARDED_BY(scratch_mu_);
 };
 
 }  // namespace icecache::client_internal

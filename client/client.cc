@@ -8,6 +8,7 @@
 
 #include "client/attachment_transport.h"
 #include "client/backend.h"
+#include "client/decoder.h"
 #include "client/sequence_impl.h"
 #include "common/paths.h"
 #include "icecache/attachment.h"
@@ -37,6 +38,7 @@ class Client::Impl {
   std::unique_ptr<Backend> backend;
   std::unique_ptr<Attachment> attachment;
   std::unique_ptr<client_internal::AttachmentTransport> transport;
+  std::unique_ptr<client_internal::Decoder> decoder;  // before the transport goes
 };
 
 Client::Client(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
@@ -71,7 +73,21 @@ absl::StatusOr<std::unique_ptr<Client>> Client::Attach(const ClientOptions& opti
   const std::string socket = options.socket.empty() ? DefaultSocketPath() : options.socket;
   impl->transport = std::make_unique<client_internal::AttachmentTransport>(
       impl->attachment.get(), impl->backend.get(), socket, options.timeout);
+  impl->decoder =
+      std::make_unique<client_internal::Decoder>(impl->backend.get(), impl->transport.get());
   return std::unique_ptr<Client>(new Client(std::move(impl)));
+}
+
+absl::Status Client::DecodeBatch(uint32_t layer, const std::vector<Sequence*>& batch,
+                                 const void* q, const void* k_new, const void* v_new, void* out,
+                                 void* stream, std::vector<absl::Status>* statuses) {
+  std::vector<Sequence::Impl*> impls;
+  impls.reserve(batch.size());
+  for (Sequence* s : batch) {
+    if (s == nullptr) return absl::InvalidArgumentError("a null sequence in the batch");
+    impls.push_back(client_internal::SequenceFactory::ImplOf(s));
+  }
+  return impl_->decoder->DecodeBatch(layer, impls, q, k_new, v_new, out, stream, statuses);
 }
 
 ClientCounters Client::counters() const {
@@ -114,6 +130,7 @@ absl::StatusOr<std::unique_ptr<Sequence>> Client::CreateSequence(const SequenceO
   client_internal::SequenceContext c;
   c.backend = impl_->backend.get();
   c.transport = impl_->transport.get();
+  c.decoder = impl_->decoder.get();
   c.handle = resp.sequence().handle();
   c.geometry = ResolvedGeometry{
       .num_layers = rg.num_layers(),

@@ -59,7 +59,7 @@ void DecodePlan::AddGather(const void* src, void* dst) {
 
 absl::Status DecodePlan::Finish() {
   BeginHead();  // closes the last head (checks its size) and appends the end offset
-  if (overflow_ || offsets_.size() != size_t{heads_} + 1) {
+  if (overflow_ || offsets_.size() < 2 || offsets_.size() > size_t{heads_} + 1) {
     return absl::InternalError("a decode step's descriptors exceed the plan's capacity");
   }
   return absl::OkStatus();

@@ -24,14 +24,25 @@ class DecodePlan {
   // so that the attention kernel's splits have work to share.
   static constexpr uint32_t kChunkRows = 128;
 
-  // Capacity: `heads` KV heads, at most `max_items` gather items and `max_chunks_per_head`
-  // chunks in any head.
+  // Capacity: up to `heads` KV heads, at most `max_items` gather items and
+  // `max_chunks_per_head` chunks in any head.
   DecodePlan(uint32_t heads, uint32_t max_items, uint32_t max_chunks_per_head);
 
   // Bytes of the descriptor buffer at capacity (allocate this much on both sides).
   size_t buffer_bytes() const { return chunks_at_ + offsets_bytes(); }
 
   void Clear();
+  // A point to come back to: Rewind(mark) drops everything added after Mark() (a sequence of
+  // a batch that failed half-way through its heads).
+  struct Mark {
+    size_t items = 0, chunks = 0, offsets = 0;
+  };
+  Mark Marker() const { return Mark{items_.size(), chunks_.size(), offsets_.size()}; }
+  void Rewind(const Mark& m) {
+    items_.resize(m.items);
+    chunks_.resize(m.chunks);
+    offsets_.resize(m.offsets);
+  }
   // Starts the next KV head's chunk list (heads in order).
   void BeginHead();
   // Rows [begin, begin + count) of one head's K and V buffers (rows row_bytes apart).
@@ -41,8 +52,8 @@ class DecodePlan {
   void AddPage(const uint8_t* page, uint64_t half_bytes, uint32_t valid);
   // A page to gather: page_bytes from src to dst.
   void AddGather(const void* src, void* dst);
-  // Closes the plan after the last head. INTERNAL when a capacity was exceeded or a head is
-  // missing.
+  // Closes the plan after the last head. INTERNAL when a capacity was exceeded or there is no
+  // head.
   absl::Status Finish();
 
   struct View {

@@ -7,6 +7,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "client/decoder.h"
 #include "client/sequence_impl.h"
 #include "common/half.h"
 #include "common/status_macros.h"
@@ -22,10 +23,24 @@ using client_internal::PendingOp;
 
 namespace {
 
-constexpr uint32_t kMaxSplits = 64;
-
 double MicrosSince(std::chrono::steady_clock::time_point t) {
   return std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t).count();
+}
+
+// The lowest cosine between two [group][dim] query groups, row by row (-1 for a zero row).
+double LowestCosine(const float* a, const float* b, uint32_t group, uint32_t dim) {
+  double lowest = 1.0;
+  for (uint32_t j = 0; j < group; ++j) {
+    double dot = 0, na = 0, nb = 0;
+    for (uint32_t i = 0; i < dim; ++i) {
+      const double x = a[size_t{j} * dim + i], y = b[size_t{j} * dim + i];
+      dot += x * y;
+      na += x * x;
+      nb += y * y;
+    }
+    lowest = std::min(lowest, na > 0 && nb > 0 ? dot / std::sqrt(na * nb) : -1.0);
+  }
+  return lowest;
 }
 
 uint32_t ChunksFor(uint64_t rows) {
@@ -76,7 +91,8 @@ absl::Status Sequence::Impl::Init() {
   layers_.resize(g.num_layers);
   for (uint32_t l = 0; l < g.num_layers; ++l) layers_[l].full_kv = l < g.full_kv_layers;
   q_float_.resize(size_t{g.num_q_heads} * g.head_dim);
-  return q_host_.Allocate(be_, size_t{g.num_q_heads} * row_bytes_, /*on_host=*/true);
+  if (ctx_.decoder == nullptr) return absl::InvalidArgumentError("a sequence needs a decoder");
+  return absl::OkStatus();
 }
 
 absl::Status Sequence::Impl::CheckUsable(uint32_t layer) const {
@@ -105,7 +121,6 @@ absl::Status Sequence::Impl::AllocateLayer(uint32_t layer) {
   if (L.full_kv) {
     ICECACHE_RETURN_IF_ERROR(AllocateKv(&L.full_k, kv * g.max_tokens * row_bytes_));
     ICECACHE_RETURN_IF_ERROR(AllocateKv(&L.full_v, kv * g.max_tokens * row_bytes_));
-    L.plan = std::make_unique<DecodePlan>(g.num_kv_heads, 0, full_chunks_);
   } else {
     L.window = std::make_unique<selection::WindowPolicy>(SplitOf(g));
     if (g.sink_tokens > 0) {
@@ -117,20 +132,8 @@ absl::Status Sequence::Impl::AllocateLayer(uint32_t layer) {
     ICECACHE_RETURN_IF_ERROR(AllocateKv(&L.ring_v, kv * ring * row_bytes_));
     ICECACHE_RETURN_IF_ERROR(AllocateKv(&L.cache_memory, kv * cache_slots_ * layout_.page_bytes()));
     L.cache = std::make_unique<client_internal::PageCache>(g.num_kv_heads, cache_slots_);
-    L.plan =
-        std::make_unique<DecodePlan>(g.num_kv_heads, g.num_kv_heads * k_sel_, offloaded_chunks_);
   }
-  ICECACHE_RETURN_IF_ERROR(L.desc_host.Allocate(be_, L.plan->buffer_bytes(), /*on_host=*/true));
-  ICECACHE_RETURN_IF_ERROR(L.desc_dev.Allocate(be_, L.plan->buffer_bytes()));
-  DecodeAttentionParams probe;
-  probe.num_q_heads = g.num_q_heads;
-  probe.num_kv_heads = g.num_kv_heads;
-  probe.head_dim = g.head_dim;
-  const size_t scratch = be_->AttentionScratchBytes(probe, kMaxSplits);
-  if (scratch > 0) ICECACHE_RETURN_IF_ERROR(L.scratch.Allocate(be_, scratch));
-  for (std::unique_ptr<Marker>* m : {&L.done, &L.fetch_begin, &L.fetch_end}) {
-    ICECACHE_ASSIGN_OR_RETURN(*m, be_->CreateMarker());
-  }
+  ICECACHE_ASSIGN_OR_RETURN(L.done, be_->CreateMarker());
   return absl::OkStatus();
 }
 
@@ -265,19 +268,30 @@ absl::Status Sequence::Impl::Prefill(uint32_t layer, const void* k, const void* 
 }
 
 // ---------------------------------------------------------------------------------------------
-// Decode
+// One step ahead: the shared answers of a batch select
 
-absl::Status Sequence::Impl::StartStep(LayerState& L) {
-  // The previous step's work on this layer's descriptors and cache must be done before they
-  // are rewritten; its fetch time is known then.
-  if (L.done_recorded) ICECACHE_RETURN_IF_ERROR(be_->WaitMarker(L.done.get()));
-  if (L.fetch_pending_timing) {
-    absl::StatusOr<double> us = be_->ElapsedUs(L.fetch_begin.get(), L.fetch_end.get());
-    if (us.ok()) tr_->stats().fetch_nanoseconds.fetch_add(static_cast<uint64_t>(*us * 1000.0));
-    L.fetch_pending_timing = false;
+absl::Status client_internal::PrefetchBatch::FinishLocked() {
+  if (!finished_) {
+    finished_ = true;
+    answers_ = transport_->FinishSelectBatch(ticket_);
   }
-  return absl::OkStatus();
+  return answers_.status();
 }
+
+client_internal::PrefetchBatch::~PrefetchBatch() {
+  absl::MutexLock lock(&mu_);
+  (void)FinishLocked();
+}
+
+absl::StatusOr<client_internal::SelectAnswer> client_internal::PrefetchBatch::Get(size_t index) {
+  absl::MutexLock lock(&mu_);
+  ICECACHE_RETURN_IF_ERROR(FinishLocked());
+  if (index >= answers_->size()) return absl::InternalError("no such prefetched answer");
+  return (*answers_)[index];
+}
+
+// ---------------------------------------------------------------------------------------------
+// Decode: one sequence's share of a batch step (client/decoder.cc runs the batch)
 
 absl::Status Sequence::Impl::RetireHandOver(uint32_t layer, DecodeBreakdown* b) {
   if (!layers_[layer].pending) return absl::OkStatus();
@@ -287,125 +301,21 @@ absl::Status Sequence::Impl::RetireHandOver(uint32_t layer, DecodeBreakdown* b) 
   return absl::OkStatus();
 }
 
-absl::StatusOr<std::optional<uint64_t>> Sequence::Impl::AppendToken(LayerState& L,
-                                                                    const void* k_new,
-                                                                    const void* v_new,
-                                                                    void* stream) {
-  const ResolvedGeometry& g = ctx_.geometry;
-  selection::WindowPolicy& w = *L.window;
-  if (!w.CanAppend()) return absl::InternalError("the window ring is full");
-  const uint64_t pos = w.tokens();
-  const bool sink = w.NextInSink();
-  const uint32_t rows = sink ? g.sink_tokens : w.ring_capacity();
-  ICECACHE_RETURN_IF_ERROR(
-      be_->AppendKv(AppendKvParams{.k_new = k_new,
-                                   .v_new = v_new,
-                                   .k_dst = sink ? L.sink_k.ptr() : L.ring_k.ptr(),
-                                   .v_dst = sink ? L.sink_v.ptr() : L.ring_v.ptr(),
-                                   .head_stride = uint64_t{rows} * row_bytes_,
-                                   .slot = static_cast<uint32_t>(sink ? pos : w.RingRow(pos)),
-                                   .kv_heads = g.num_kv_heads,
-                                   .row_bytes = static_cast<uint32_t>(row_bytes_)},
-                    stream));
-  return w.Append();
-}
-
-absl::StatusOr<std::vector<abi::SelectedPageRef>> Sequence::Impl::SearchNow(uint32_t layer,
-                                                                            const uint8_t* mask,
-                                                                            DecodeBreakdown* b) {
-  const ResolvedGeometry& g = ctx_.geometry;
-  const size_t q_elems = size_t{g.num_q_heads} * g.head_dim;
-  const auto ts = std::chrono::steady_clock::now();
-  absl::StatusOr<client_internal::Ticket> ticket = WithSlot([&] {
-    return tr_->SubmitSelect(ctx_.handle, layer, q_float_.data(), q_elems, k_sel_, mask,
-                             g.num_kv_heads);
-  });
-  if (!ticket.ok()) return ticket.status();
-  ICECACHE_ASSIGN_OR_RETURN(std::vector<abi::SelectedPageRef> refs, tr_->FinishSelect(*ticket));
-  const double us = MicrosSince(ts);
-  b->select_us += us;
-  b->select_wait_us += us;
-  if (refs.size() != size_t{g.num_kv_heads} * k_sel_) {
-    return absl::InternalError(absl::StrCat("the daemon returned ", refs.size(),
-                                            " page references, expected ",
-                                            g.num_kv_heads * k_sel_));
-  }
-  return refs;
-}
-
-absl::StatusOr<std::vector<abi::SelectedPageRef>> Sequence::Impl::SelectPages(uint32_t layer,
-                                                                              const void* q,
-                                                                              void* stream,
-                                                                              DecodeBreakdown* b) {
-  const ResolvedGeometry& g = ctx_.geometry;
-  LayerState& L = layers_[layer];
-  const size_t q_elems = size_t{g.num_q_heads} * g.head_dim;
-  // The query must reach the host: the daemon searches with it, the drift check reads it.
-  ICECACHE_RETURN_IF_ERROR(be_->Copy(q_host_.ptr(), q, q_elems * 2, stream));
-  ICECACHE_RETURN_IF_ERROR(be_->Synchronize(stream));
-  const uint16_t* qh = static_cast<const uint16_t*>(q_host_.ptr());
-  for (size_t i = 0; i < q_elems; ++i) {
-    q_float_[i] = g.dtype == DType::kBF16 ? Bf16ToFloat(qh[i]) : HalfToFloat(qh[i]);
-  }
-  if (!L.prefetch) return SearchNow(layer, nullptr, b);
-
-  // One step ahead: the pages searched with the previous query, and a synchronous search of
-  // the heads whose query moved too far since.
-  client_internal::Prefetch prefetch = std::move(*L.prefetch);
-  L.prefetch.reset();
-  const auto tw = std::chrono::steady_clock::now();
-  absl::StatusOr<std::vector<abi::SelectedPageRef>> refs = tr_->FinishSelect(prefetch.ticket);
-  b->select_wait_us += MicrosSince(tw);
-  if (!refs.ok()) return refs.status();
-  if (refs->size() != size_t{g.num_kv_heads} * k_sel_) {
-    return absl::InternalError(absl::StrCat("the daemon returned ", refs->size(),
-                                            " page references, expected ",
-                                            g.num_kv_heads * k_sel_));
-  }
-  b->prefetched = true;
-  const uint32_t group = g.num_q_heads / g.num_kv_heads, d = g.head_dim;
-  std::vector<uint8_t> drifted(g.num_kv_heads, 0);
-  uint32_t fallbacks = 0;
-  for (uint32_t h = 0; h < g.num_kv_heads; ++h) {
-    for (uint32_t j = 0; j < group && drifted[h] == 0; ++j) {
-      const float* a = prefetch.query.data() + (size_t{h} * group + j) * d;
-      const float* c = q_float_.data() + (size_t{h} * group + j) * d;
-      double dot = 0, na = 0, nc = 0;
-      for (uint32_t i = 0; i < d; ++i) {
-        dot += double{a[i]} * c[i];
-        na += double{a[i]} * a[i];
-        nc += double{c[i]} * c[i];
-      }
-      const double cosine = na > 0 && nc > 0 ? dot / std::sqrt(na * nc) : -1.0;
-      if (!(cosine >= ctx_.drift_threshold)) drifted[h] = 1;
-    }
-    fallbacks += drifted[h];
-  }
-  b->drift_fallback_heads = fallbacks;
-  tr_->stats().prefetched_selects.fetch_add(1);
-  if (fallbacks == 0) return refs;
-  tr_->stats().drift_fallback_heads.fetch_add(fallbacks);
-  ICECACHE_ASSIGN_OR_RETURN(std::vector<abi::SelectedPageRef> fresh,
-                            SearchNow(layer, drifted.data(), b));
-  for (uint32_t h = 0; h < g.num_kv_heads; ++h) {
-    if (drifted[h] == 0) continue;
-    std::copy_n(fresh.begin() + size_t{h} * k_sel_, k_sel_, refs->begin() + size_t{h} * k_sel_);
-  }
-  return refs;
-}
-
 absl::Status Sequence::Impl::CollectMailbox(uint32_t layer) {
   LayerState& L = layers_[layer];
-  std::optional<client_internal::Ticket> append, select;
-  absl::Status append_error;
+  std::optional<client_internal::Ticket> append;
+  std::shared_ptr<client_internal::PrefetchBatch> select;
+  size_t select_index = 0;
   {
     absl::MutexLock lock(&L.mailbox->mu);
     append = std::exchange(L.mailbox->append, std::nullopt);
-    select = std::exchange(L.mailbox->select, std::nullopt);
-    append_error = std::exchange(L.mailbox->append_error, absl::OkStatus());
+    select = std::exchange(L.mailbox->select, nullptr);
+    select_index = L.mailbox->select_index;
+    L.mailbox->append_error = absl::OkStatus();
   }
-  if (select) {
-    L.prefetch = client_internal::Prefetch{.ticket = *select, .query = std::move(L.next_query)};
+  if (select != nullptr) {
+    L.prefetch = client_internal::Prefetch{
+        .batch = std::move(select), .index = select_index, .query = std::move(L.next_query)};
   }
   if (!L.staged) return absl::OkStatus();
   const client_internal::StagedHandOver staged = *L.staged;
@@ -419,227 +329,18 @@ absl::Status Sequence::Impl::CollectMailbox(uint32_t layer) {
   }
   // The callback could not submit the hand-over (e.g. every slot was in use): submit it now
   // (no select was sent after it, so no prefetched page can be changed by it).
-  (void)append_error;
   return Submit(layer, op, staged.staged.buffer, ctx_.geometry.page_size,
                 static_cast<uint32_t>(staged.first), /*from_window=*/true);
 }
 
-absl::Status Sequence::Impl::EndStepAsync(uint32_t layer, std::optional<uint64_t> hand_over,
-                                          void* stream) {
-  const ResolvedGeometry& g = ctx_.geometry;
-  LayerState& L = layers_[layer];
-  const uint32_t P = g.page_size;
-  if (hand_over) {
-    // Staged and copied now (stream-ordered after this step's attention); submitted by the
-    // callback once the stream got there, so the step's gather is done with the layer's frames
-    // before an insert may change them.
-    ICECACHE_ASSIGN_OR_RETURN(const abi::StageResponse staged, Stage(P));
-    absl::StatusOr<client_internal::ArenaSpan> dst = tr_->Map(staged.buffer, staged.bytes);
-    absl::Status st = dst.status();
-    const uint64_t ring = L.window->ring_capacity();
-    const uint64_t row0 = L.window->RingRow(*hand_over);
-    if (st.ok()) {
-      st = be_->Copy2D(dst->device, P * row_bytes_, L.ring_k.bytes() + row0 * row_bytes_,
-                       ring * row_bytes_, P * row_bytes_, g.num_kv_heads, stream);
-    }
-    if (st.ok()) {
-      st = be_->Copy2D(dst->device + staged.v_offset, P * row_bytes_,
-                       L.ring_v.bytes() + row0 * row_bytes_, ring * row_bytes_, P * row_bytes_,
-                       g.num_kv_heads, stream);
-    }
-    if (!st.ok()) {
-      (void)tr_->ReleaseStaging(ctx_.handle, staged.buffer);
-      return st;
-    }
-    L.staged = client_internal::StagedHandOver{.staged = staged, .first = *hand_over};
-  }
-  const bool send_select = L.daemon_built;
-  if (send_select) L.next_query = q_float_;
-  if (!L.staged && !send_select) return absl::OkStatus();
-
-  client_internal::Transport* tr = tr_;
-  client_internal::Mailbox* box = L.mailbox.get();
-  const std::string handle = ctx_.handle;
-  std::optional<client_internal::StagedHandOver> staged = L.staged;
-  const uint32_t op = L.daemon_built ? abi::kOpAppend : abi::kOpPrefill;
-  const float* query = L.next_query.data();
-  const size_t query_floats = L.next_query.size();
-  const uint32_t k = k_sel_;
-  ICECACHE_RETURN_IF_ERROR(be_->HostCallback(stream, [=] {
-    if (staged) {
-      absl::StatusOr<client_internal::Ticket> t = tr->SubmitStaged(
-          op, handle, layer, staged->staged.buffer, P, static_cast<uint32_t>(staged->first));
-      absl::MutexLock lock(&box->mu);
-      if (t.ok()) {
-        box->append = *t;
-      } else {
-        box->append_error = t.status();
-        return;  // no select may run ahead of a hand-over that is not submitted
-      }
-    }
-    if (!send_select) return;
-    absl::StatusOr<client_internal::Ticket> t =
-        tr->SubmitSelect(handle, layer, query, query_floats, k);
-    if (t.ok()) {
-      absl::MutexLock lock(&box->mu);
-      box->select = *t;
-    }
-  }));
-  // The layer's next step starts after the callback has run.
-  return be_->Record(L.done.get(), stream);
-}
-
-absl::Status Sequence::Impl::PlanFull(LayerState& L, uint64_t pos) {
-  const ResolvedGeometry& g = ctx_.geometry;
-  DecodePlan& plan = *L.plan;
-  for (uint32_t h = 0; h < g.num_kv_heads; ++h) {
-    plan.BeginHead();
-    const uint64_t head = uint64_t{h} * g.max_tokens * row_bytes_;
-    plan.AddRows(L.full_k.bytes() + head, L.full_v.bytes() + head, row_bytes_, 0, pos + 1);
-  }
-  return plan.Finish();
-}
-
-absl::Status Sequence::Impl::PlanOffloaded(LayerState& L,
-                                           const std::vector<abi::SelectedPageRef>& refs,
-                                           uint64_t pos, DecodeBreakdown* b) {
-  const ResolvedGeometry& g = ctx_.geometry;
-  const selection::WindowPolicy& w = *L.window;
-  DecodePlan& plan = *L.plan;
-  const uint64_t step = ++L.steps;
-  const uint64_t page_bytes = layout_.page_bytes();
-  const uint64_t in_sink = std::min<uint64_t>(pos + 1, g.sink_tokens);
-  const uint64_t window_rows = pos + 1 > w.window_begin() ? pos + 1 - w.window_begin() : 0;
-  const uint64_t row0 = w.RingRow(w.window_begin());
-  const uint64_t ring = w.ring_capacity();
-  for (uint32_t h = 0; h < g.num_kv_heads; ++h) {
-    plan.BeginHead();
-    if (in_sink > 0) {
-      const uint64_t head = uint64_t{h} * g.sink_tokens * row_bytes_;
-      plan.AddRows(L.sink_k.bytes() + head, L.sink_v.bytes() + head, row_bytes_, 0, in_sink);
-    }
-    if (window_rows > 0) {
-      const uint64_t head = uint64_t{h} * ring * row_bytes_;
-      const uint64_t first = std::min(window_rows, ring - row0);
-      plan.AddRows(L.ring_k.bytes() + head, L.ring_v.bytes() + head, row_bytes_, row0, first);
-      plan.AddRows(L.ring_k.bytes() + head, L.ring_v.bytes() + head, row_bytes_, 0,
-                   window_rows - first);
-    }
-    for (uint32_t j = 0; j < k_sel_ && !refs.empty(); ++j) {
-      const abi::SelectedPageRef& r = refs[size_t{h} * k_sel_ + j];
-      if (r.segment == abi::kNoSegment || r.valid == 0) continue;
-      if (r.valid > g.page_size) return absl::InternalError("a page's valid count is too big");
-      if (tr_->PageBytes(r.segment) != page_bytes) {
-        return absl::InternalError("the daemon returned a page of another page size");
-      }
-      ICECACHE_ASSIGN_OR_RETURN(const client_internal::PageCache::Placement at,
-                                L.cache->Place(h, r, step));
-      uint8_t* slot = L.cache_memory.bytes() + (size_t{h} * cache_slots_ + at.slot) * page_bytes;
-      if (at.fetch) {
-        ICECACHE_ASSIGN_OR_RETURN(
-            const client_internal::ArenaSpan src,
-            tr_->Map(abi::ArenaRef{r.segment, 0, uint64_t{r.frame} * page_bytes}, page_bytes));
-        plan.AddGather(src.device, slot);
-        ++b->misses;
-      } else {
-        ++b->hits;
-      }
-      plan.AddPage(slot, layout_.half_bytes(), r.valid);
-    }
-  }
-  b->selected_pages = b->hits + b->misses;
-  return plan.Finish();
-}
-
-absl::Status Sequence::Impl::Launch(LayerState& L, const void* q, void* out, void* stream,
-                                    DecodeBreakdown* b) {
-  const ResolvedGeometry& g = ctx_.geometry;
-  abi::ClientStats& stats = tr_->stats();
-  DecodePlan& plan = *L.plan;
-  size_t used = 0;
-  L.plan_view = plan.Serialize(L.desc_host.bytes(), L.desc_dev.bytes(), &used);
-  ICECACHE_RETURN_IF_ERROR(be_->Copy(L.desc_dev.ptr(), L.desc_host.ptr(), used, stream));
-
-  // The gather of every missed page of the layer, one launch.
-  const auto tf = std::chrono::steady_clock::now();
-  if (plan.num_items() > 0) {
-    ICECACHE_RETURN_IF_ERROR(be_->Record(L.fetch_begin.get(), stream));
-    ICECACHE_RETURN_IF_ERROR(
-        be_->Gather(L.plan_view.items, plan.num_items(), layout_.page_bytes(), stream));
-    ICECACHE_RETURN_IF_ERROR(be_->Record(L.fetch_end.get(), stream));
-    L.fetch_pending_timing = true;
-    stats.fetched_bytes.fetch_add(plan.num_items() * layout_.page_bytes());
-    if (ctx_.profile) {
-      ICECACHE_ASSIGN_OR_RETURN(const double us,
-                                be_->ElapsedUs(L.fetch_begin.get(), L.fetch_end.get()));
-      stats.fetch_nanoseconds.fetch_add(static_cast<uint64_t>(us * 1000.0));
-      L.fetch_pending_timing = false;
-    }
-  }
-  b->fetch_us = MicrosSince(tf);
-
-  // Attention over every head's chunks, one launch.
-  const auto ta = std::chrono::steady_clock::now();
-  const DecodeAttentionParams p{.q = q,
-                                .out = out,
-                                .chunks = L.plan_view.chunks,
-                                .chunk_offsets = L.plan_view.chunk_offsets,
-                                .num_q_heads = g.num_q_heads,
-                                .num_kv_heads = g.num_kv_heads,
-                                .head_dim = g.head_dim,
-                                .dtype = g.dtype,
-                                .scale = ctx_.scale};
-  const uint32_t splits = std::clamp<uint32_t>(plan.max_chunks_in_a_head(), 1, kMaxSplits);
-  ICECACHE_RETURN_IF_ERROR(be_->Attention(p, splits, L.scratch.ptr(), stream));
-  ICECACHE_RETURN_IF_ERROR(be_->Record(L.done.get(), stream));
-  L.done_recorded = true;
-  if (ctx_.profile) ICECACHE_RETURN_IF_ERROR(be_->WaitMarker(L.done.get()));
-  b->attention_us = MicrosSince(ta);
-  b->attended_tokens = static_cast<uint32_t>(plan.attended_rows());
-  return absl::OkStatus();
-}
-
-absl::Status Sequence::Impl::HandOver(uint32_t layer, uint64_t first, void* stream) {
-  const ResolvedGeometry& g = ctx_.geometry;
-  LayerState& L = layers_[layer];
-  const uint32_t P = g.page_size;
-  const uint64_t ring = L.window->ring_capacity();
-  ICECACHE_ASSIGN_OR_RETURN(const abi::StageResponse staged, Stage(P));
-  absl::StatusOr<client_internal::ArenaSpan> dst = tr_->Map(staged.buffer, staged.bytes);
-  absl::Status st = dst.status();
-  const uint64_t row0 = L.window->RingRow(first);
-  if (st.ok()) {
-    st = be_->Copy2D(dst->device, P * row_bytes_, L.ring_k.bytes() + row0 * row_bytes_,
-                     ring * row_bytes_, P * row_bytes_, g.num_kv_heads, stream);
-  }
-  if (st.ok()) {
-    st = be_->Copy2D(dst->device + staged.v_offset, P * row_bytes_,
-                     L.ring_v.bytes() + row0 * row_bytes_, ring * row_bytes_, P * row_bytes_,
-                     g.num_kv_heads, stream);
-  }
-  // The copies must land before the daemon reads them, and this step's gather must be done
-  // with the layer's frames before an insert may rewrite them.
-  if (st.ok()) st = be_->Synchronize(stream);
-  if (!st.ok()) {
-    (void)tr_->ReleaseStaging(ctx_.handle, staged.buffer);
-    return st;
-  }
-  return Submit(layer, L.daemon_built ? abi::kOpAppend : abi::kOpPrefill, staged.buffer, P,
-                static_cast<uint32_t>(first), /*from_window=*/true);
-}
-
-absl::Status Sequence::Impl::Decode(uint32_t layer, const void* q, const void* k_new,
-                                    const void* v_new, void* out, void* stream) {
-  const auto t0 = std::chrono::steady_clock::now();
+absl::Status Sequence::Impl::BeginStep(uint32_t layer, const void* k_new, const void* v_new,
+                                       void* stream, client_internal::StepState* st) {
   ICECACHE_RETURN_IF_ERROR(CheckUsable(layer));
   const ResolvedGeometry& g = ctx_.geometry;
-  if (q == nullptr || k_new == nullptr || v_new == nullptr || out == nullptr) {
-    return absl::InvalidArgumentError("q, k_new, v_new and out must not be null");
-  }
   if (prefilled_layers_ != g.num_layers) {
     return absl::FailedPreconditionError(
-        absl::StrCat("every layer must be prefilled before decoding (", prefilled_layers_, " of ",
-                     g.num_layers, " are)"));
+        absl::StrCat("every layer must be prefilled before decoding (", prefilled_layers_,
+                     " of ", g.num_layers, " are)"));
   }
   LayerState& L = layers_[layer];
   uint64_t min_tokens = std::numeric_limits<uint64_t>::max();
@@ -652,66 +353,285 @@ absl::Status Sequence::Impl::Decode(uint32_t layer, const void* q, const void* k
     return absl::ResourceExhaustedError(
         absl::StrCat("the sequence reached its max_tokens ", g.max_tokens));
   }
-  DecodeBreakdown b;
-  b.layer = layer;
-  b.full_kv = L.full_kv;
-  const uint64_t pos = L.tokens;
-  ICECACHE_RETURN_IF_ERROR(StartStep(L));
-  L.plan->Clear();
-  std::optional<uint64_t> hand_over;
+  st->layer = layer;
+  st->pos = L.tokens;
+  st->full_kv = L.full_kv;
+  st->b = DecodeBreakdown{};
+  st->b.layer = layer;
+  st->b.full_kv = L.full_kv;
+  // The previous step's work on this layer's cache and window must be done (and, kAsync, its
+  // callback must have run) before they change.
+  if (L.done_recorded) ICECACHE_RETURN_IF_ERROR(be_->WaitMarker(L.done.get()));
   if (L.full_kv) {
-    ICECACHE_RETURN_IF_ERROR(
-        be_->AppendKv(AppendKvParams{.k_new = k_new,
-                                     .v_new = v_new,
-                                     .k_dst = L.full_k.ptr(),
-                                     .v_dst = L.full_v.ptr(),
-                                     .head_stride = g.max_tokens * row_bytes_,
-                                     .slot = static_cast<uint32_t>(pos),
-                                     .kv_heads = g.num_kv_heads,
-                                     .row_bytes = static_cast<uint32_t>(row_bytes_)},
-                      stream));
-    ICECACHE_RETURN_IF_ERROR(PlanFull(L, pos));
-  } else {
-    const bool async = ctx_.selection == SelectionMode::kAsync;
-    if (async) ICECACHE_RETURN_IF_ERROR(CollectMailbox(layer));
-    // The layer's index must be built before a select: wait for a pending build. A window
-    // append goes on while the step's query travels (kAsync); selects run after it anyway.
-    if (!async || (L.pending && L.pending->op == abi::kOpPrefill)) {
-      ICECACHE_RETURN_IF_ERROR(RetireHandOver(layer, &b));
-    }
-    if (!L.window->CanAppend()) ICECACHE_RETURN_IF_ERROR(RetireHandOver(layer, &b));
-    ICECACHE_ASSIGN_OR_RETURN(hand_over, AppendToken(L, k_new, v_new, stream));
-    std::vector<abi::SelectedPageRef> refs;
-    if (L.daemon_built) {
-      ICECACHE_ASSIGN_OR_RETURN(refs, SelectPages(layer, q, stream, &b));
-    }
-    // Every select runs after the layer's appends submitted before it: the pending one is done
-    // (or nearly), and its page leaves the window now, as it enters the selected pages.
-    ICECACHE_RETURN_IF_ERROR(RetireHandOver(layer, &b));
-    ICECACHE_RETURN_IF_ERROR(PlanOffloaded(L, refs, pos, &b));
+    return be_->AppendKv(AppendKvParams{.k_new = k_new,
+                                        .v_new = v_new,
+                                        .k_dst = L.full_k.ptr(),
+                                        .v_dst = L.full_v.ptr(),
+                                        .head_stride = g.max_tokens * row_bytes_,
+                                        .slot = static_cast<uint32_t>(st->pos),
+                                        .kv_heads = g.num_kv_heads,
+                                        .row_bytes = static_cast<uint32_t>(row_bytes_)},
+                         stream);
   }
-  ICECACHE_RETURN_IF_ERROR(Launch(L, q, out, stream, &b));
-  abi::ClientStats& stats = tr_->stats();
-  stats.cache_hits.fetch_add(b.hits);
-  stats.cache_misses.fetch_add(b.misses);
-  L.tokens = pos + 1;
-  if (!L.full_kv && ctx_.selection == SelectionMode::kAsync) {
-    absl::Status st = EndStepAsync(layer, hand_over, stream);
-    if (!st.ok()) {
-      L.failed = st;
-      return st;
-    }
-  } else if (hand_over) {
-    absl::Status st = HandOver(layer, *hand_over, stream);
-    if (!st.ok()) {
-      L.failed = st;
-      return st;
-    }
+  const bool async = ctx_.selection == SelectionMode::kAsync;
+  if (async) ICECACHE_RETURN_IF_ERROR(CollectMailbox(layer));
+  // The index must be built before a select: wait for a pending build. A window append goes
+  // on while the step's query travels (kAsync): every select runs after it anyway.
+  if (!async || (L.pending && L.pending->op == abi::kOpPrefill)) {
+    ICECACHE_RETURN_IF_ERROR(RetireHandOver(layer, &st->b));
   }
-  stats.decode_steps.fetch_add(1);
-  b.total_us = MicrosSince(t0);
-  last_ = b;
+  if (!L.window->CanAppend()) ICECACHE_RETURN_IF_ERROR(RetireHandOver(layer, &st->b));
+  selection::WindowPolicy& w = *L.window;
+  const bool sink = w.NextInSink();
+  const uint32_t rows = sink ? g.sink_tokens : w.ring_capacity();
+  ICECACHE_RETURN_IF_ERROR(be_->AppendKv(
+      AppendKvParams{.k_new = k_new,
+                     .v_new = v_new,
+                     .k_dst = sink ? L.sink_k.ptr() : L.ring_k.ptr(),
+                     .v_dst = sink ? L.sink_v.ptr() : L.ring_v.ptr(),
+                     .head_stride = uint64_t{rows} * row_bytes_,
+                     .slot = static_cast<uint32_t>(sink ? st->pos : w.RingRow(st->pos)),
+                     .kv_heads = g.num_kv_heads,
+                     .row_bytes = static_cast<uint32_t>(row_bytes_)},
+      stream));
+  ICECACHE_ASSIGN_OR_RETURN(st->hand_over, w.Append());
+  st->needs_pages = L.daemon_built;
   return absl::OkStatus();
+}
+
+absl::Status Sequence::Impl::TakeQuery(const uint16_t* q_host, client_internal::StepState* st) {
+  const ResolvedGeometry& g = ctx_.geometry;
+  LayerState& L = layers_[st->layer];
+  const size_t q_elems = size_t{g.num_q_heads} * g.head_dim;
+  for (size_t i = 0; i < q_elems; ++i) {
+    q_float_[i] = g.dtype == DType::kBF16 ? Bf16ToFloat(q_host[i]) : HalfToFloat(q_host[i]);
+  }
+  st->search.assign(g.num_kv_heads, 1);
+  st->refs.clear();
+  if (!L.prefetch) return absl::OkStatus();
+  // One step ahead: the pages searched with the previous query; only the heads whose query
+  // moved too far since are searched again.
+  client_internal::Prefetch prefetch = std::move(*L.prefetch);
+  L.prefetch.reset();
+  const auto tw = std::chrono::steady_clock::now();
+  absl::StatusOr<client_internal::SelectAnswer> answer = prefetch.batch->Get(prefetch.index);
+  st->b.select_wait_us += MicrosSince(tw);
+  if (!answer.ok()) return answer.status();
+  if (!answer->status.ok()) return answer->status;
+  if (answer->pages.size() != size_t{g.num_kv_heads} * k_sel_) {
+    return absl::InternalError(absl::StrCat("the daemon returned ", answer->pages.size(),
+                                            " page references, expected ",
+                                            g.num_kv_heads * k_sel_));
+  }
+  st->refs = std::move(answer->pages);
+  st->b.prefetched = true;
+  tr_->stats().prefetched_selects.fetch_add(1);
+  const uint32_t group = g.num_q_heads / g.num_kv_heads;
+  uint32_t fallbacks = 0;
+  for (uint32_t h = 0; h < g.num_kv_heads; ++h) {
+    const size_t at = size_t{h} * group * g.head_dim;
+    const double cosine =
+        LowestCosine(prefetch.query.data() + at, q_float_.data() + at, group, g.head_dim);
+    st->search[h] = cosine >= ctx_.drift_threshold ? 0 : 1;
+    fallbacks += st->search[h];
+  }
+  st->b.drift_fallback_heads = fallbacks;
+  if (fallbacks > 0) tr_->stats().drift_fallback_heads.fetch_add(fallbacks);
+  return absl::OkStatus();
+}
+
+client_internal::SelectRequest Sequence::Impl::SearchRequest(
+    const client_internal::StepState& st) const {
+  const ResolvedGeometry& g = ctx_.geometry;
+  const bool every_head =
+      std::all_of(st.search.begin(), st.search.end(), [](uint8_t x) { return x != 0; });
+  return client_internal::SelectRequest{.handle = ctx_.handle,
+                                        .queries = q_float_.data(),
+                                        .query_floats = q_float_.size(),
+                                        .k = k_sel_,
+                                        .head_mask = every_head ? nullptr : st.search.data(),
+                                        .num_kv_heads = g.num_kv_heads};
+}
+
+absl::Status Sequence::Impl::AfterSelect(const client_internal::SelectAnswer* searched,
+                                         client_internal::StepState* st) {
+  const ResolvedGeometry& g = ctx_.geometry;
+  if (searched != nullptr) {
+    if (!searched->status.ok()) return searched->status;
+    if (searched->pages.size() != size_t{g.num_kv_heads} * k_sel_) {
+      return absl::InternalError(absl::StrCat("the daemon returned ", searched->pages.size(),
+                                              " page references, expected ",
+                                              g.num_kv_heads * k_sel_));
+    }
+    if (st->refs.empty()) {
+      st->refs = searched->pages;
+    } else {
+      for (uint32_t h = 0; h < g.num_kv_heads; ++h) {
+        if (st->search[h] == 0) continue;
+        std::copy_n(searched->pages.begin() + size_t{h} * k_sel_, k_sel_,
+                    st->refs.begin() + size_t{h} * k_sel_);
+      }
+    }
+  }
+  // Every select runs after the layer's appends submitted before it: the pending one is done
+  // (or nearly), and its page leaves the window now, as it enters the selected pages.
+  return RetireHandOver(st->layer, &st->b);
+}
+
+absl::Status Sequence::Impl::Plan(client_internal::StepState* st,
+                                  client_internal::DecodePlan* plan) {
+  const ResolvedGeometry& g = ctx_.geometry;
+  LayerState& L = layers_[st->layer];
+  const uint64_t pos = st->pos;
+  if (L.full_kv) {
+    for (uint32_t h = 0; h < g.num_kv_heads; ++h) {
+      plan->BeginHead();
+      const uint64_t head = uint64_t{h} * g.max_tokens * row_bytes_;
+      plan->AddRows(L.full_k.bytes() + head, L.full_v.bytes() + head, row_bytes_, 0, pos + 1);
+    }
+    return absl::OkStatus();
+  }
+  const selection::WindowPolicy& w = *L.window;
+  const uint64_t step = ++L.steps;
+  const uint64_t page_bytes = layout_.page_bytes();
+  const uint64_t in_sink = std::min<uint64_t>(pos + 1, g.sink_tokens);
+  const uint64_t window_rows = pos + 1 > w.window_begin() ? pos + 1 - w.window_begin() : 0;
+  const uint64_t row0 = w.RingRow(w.window_begin());
+  const uint64_t ring = w.ring_capacity();
+  DecodeBreakdown& b = st->b;
+  for (uint32_t h = 0; h < g.num_kv_heads; ++h) {
+    plan->BeginHead();
+    if (in_sink > 0) {
+      const uint64_t head = uint64_t{h} * g.sink_tokens * row_bytes_;
+      plan->AddRows(L.sink_k.bytes() + head, L.sink_v.bytes() + head, row_bytes_, 0, in_sink);
+    }
+    if (window_rows > 0) {
+      const uint64_t head = uint64_t{h} * ring * row_bytes_;
+      const uint64_t first = std::min(window_rows, ring - row0);
+      plan->AddRows(L.ring_k.bytes() + head, L.ring_v.bytes() + head, row_bytes_, row0, first);
+      plan->AddRows(L.ring_k.bytes() + head, L.ring_v.bytes() + head, row_bytes_, 0,
+                    window_rows - first);
+    }
+    for (uint32_t j = 0; j < k_sel_ && !st->refs.empty(); ++j) {
+      const abi::SelectedPageRef& r = st->refs[size_t{h} * k_sel_ + j];
+      if (r.segment == abi::kNoSegment || r.valid == 0) continue;
+      if (r.valid > g.page_size) return absl::InternalError("a page's valid count is too big");
+      if (tr_->PageBytes(r.segment) != page_bytes) {
+        return absl::InternalError("the daemon returned a page of another page size");
+      }
+      ICECACHE_ASSIGN_OR_RETURN(const client_internal::PageCache::Placement at,
+                                L.cache->Place(h, r, step));
+      uint8_t* slot = L.cache_memory.bytes() + (size_t{h} * cache_slots_ + at.slot) * page_bytes;
+      if (at.fetch) {
+        ICECACHE_ASSIGN_OR_RETURN(
+            const client_internal::ArenaSpan src,
+            tr_->Map(abi::ArenaRef{r.segment, 0, uint64_t{r.frame} * page_bytes}, page_bytes));
+        plan->AddGather(src.device, slot);
+        ++b.misses;
+      } else {
+        ++b.hits;
+      }
+      plan->AddPage(slot, layout_.half_bytes(), r.valid);
+    }
+  }
+  b.selected_pages = b.hits + b.misses;
+  return absl::OkStatus();
+}
+
+absl::StatusOr<client_internal::StagedHandOver> Sequence::Impl::StageWindowPage(uint32_t layer,
+                                                                                uint64_t first,
+                                                                                void* stream) {
+  const ResolvedGeometry& g = ctx_.geometry;
+  LayerState& L = layers_[layer];
+  const uint32_t P = g.page_size;
+  const uint64_t ring = L.window->ring_capacity();
+  const uint64_t row0 = L.window->RingRow(first);
+  ICECACHE_ASSIGN_OR_RETURN(const abi::StageResponse staged, Stage(P));
+  absl::StatusOr<client_internal::ArenaSpan> dst = tr_->Map(staged.buffer, staged.bytes);
+  absl::Status st = dst.status();
+  if (st.ok()) {
+    st = be_->Copy2D(dst->device, P * row_bytes_, L.ring_k.bytes() + row0 * row_bytes_,
+                     ring * row_bytes_, P * row_bytes_, g.num_kv_heads, stream);
+  }
+  if (st.ok()) {
+    st = be_->Copy2D(dst->device + staged.v_offset, P * row_bytes_,
+                     L.ring_v.bytes() + row0 * row_bytes_, ring * row_bytes_, P * row_bytes_,
+                     g.num_kv_heads, stream);
+  }
+  if (!st.ok()) {
+    (void)tr_->ReleaseStaging(ctx_.handle, staged.buffer);
+    return st;
+  }
+  return client_internal::StagedHandOver{.staged = staged, .first = first};
+}
+
+absl::Status Sequence::Impl::FinishStep(client_internal::StepState* st, void* stream) {
+  LayerState& L = layers_[st->layer];
+  abi::ClientStats& stats = tr_->stats();
+  stats.cache_hits.fetch_add(st->b.hits);
+  stats.cache_misses.fetch_add(st->b.misses);
+  L.tokens = st->pos + 1;
+  stats.decode_steps.fetch_add(1);
+  if (!st->hand_over) return absl::OkStatus();
+  absl::StatusOr<client_internal::StagedHandOver> staged =
+      StageWindowPage(st->layer, *st->hand_over, stream);
+  if (!staged.ok()) {
+    L.failed = staged.status();
+    return staged.status();
+  }
+  if (ctx_.selection == SelectionMode::kAsync) {
+    // Submitted by the batch's end-of-step callback, once the copies and the step's gather
+    // are done.
+    L.staged = *staged;
+    return absl::OkStatus();
+  }
+  // kSync: the copies must land before the daemon reads them, and this step's gather must be
+  // done with the layer's frames before an insert may rewrite them.
+  absl::Status s = be_->Synchronize(stream);
+  if (s.ok()) {
+    s = Submit(st->layer, L.daemon_built ? abi::kOpAppend : abi::kOpPrefill,
+               staged->staged.buffer, ctx_.geometry.page_size,
+               static_cast<uint32_t>(staged->first), /*from_window=*/true);
+  } else {
+    (void)tr_->ReleaseStaging(ctx_.handle, staged->staged.buffer);
+  }
+  if (!s.ok()) L.failed = s;
+  return s;
+}
+
+Sequence::Impl::EndOfStep Sequence::Impl::EndOfStepWork(uint32_t layer) {
+  LayerState& L = layers_[layer];
+  EndOfStep e;
+  e.staged = L.staged;
+  e.op = L.daemon_built ? abi::kOpAppend : abi::kOpPrefill;
+  e.send_select = L.daemon_built;
+  e.mailbox = L.mailbox.get();
+  if (e.send_select) L.next_query = q_float_;
+  return e;
+}
+
+client_internal::SelectRequest Sequence::Impl::PrefetchRequest(uint32_t layer) const {
+  const LayerState& L = layers_[layer];
+  return client_internal::SelectRequest{.handle = ctx_.handle,
+                                        .queries = L.next_query.data(),
+                                        .query_floats = L.next_query.size(),
+                                        .k = k_sel_,
+                                        .head_mask = nullptr,
+                                        .num_kv_heads = ctx_.geometry.num_kv_heads};
+}
+
+absl::Status Sequence::Impl::MarkDone(uint32_t layer, void* stream) {
+  if (layer >= layers_.size() || layers_[layer].done == nullptr) return absl::OkStatus();
+  LayerState& L = layers_[layer];
+  ICECACHE_RETURN_IF_ERROR(be_->Record(L.done.get(), stream));
+  L.done_recorded = true;
+  return absl::OkStatus();
+}
+
+bool Sequence::Impl::FinishOldestPending() {
+  if (pending_order_.empty()) return false;
+  (void)FinishPending(pending_order_.front());
+  return true;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -729,38 +649,31 @@ absl::Status Sequence::Impl::Drop() {
       absl::Status st = CollectMailbox(l);
       if (first.ok() && !st.ok() && st.code() != absl::StatusCode::kUnavailable) first = st;
     }
-    if (L.prefetch) {
-      (void)tr_->FinishSelect(L.prefetch->ticket);
-      L.prefetch.reset();
-    }
+    L.prefetch.reset();  // the batch's ticket is finished by its last holder
   }
   while (!pending_order_.empty()) {
     absl::Status st = FinishPending(pending_order_.front());
     if (first.ok() && !st.ok() && st.code() != absl::StatusCode::kUnavailable) first = st;
   }
   layers_.clear();
-  q_host_.Reset();
   absl::Status dropped = tr_->DropSequence(ctx_.handle);
   if (!dropped.ok() && first.ok()) first = dropped;
   return first;
 }
 
 absl::StatusOr<Sequence::AttendedRows> Sequence::Impl::LastAttended(uint32_t layer,
-                                                                    uint32_t head) const {
+                                                                   uint32_t head) const {
   ICECACHE_RETURN_IF_ERROR(CheckUsable(layer));
   if (head >= ctx_.geometry.num_kv_heads) return absl::InvalidArgumentError("head out of range");
   const LayerState& L = layers_[layer];
-  if (L.plan == nullptr) return absl::FailedPreconditionError("the layer was not decoded yet");
-  const std::vector<AttentionChunk>& chunks = L.plan->chunks();
-  const std::vector<uint32_t>& offsets = L.plan->offsets();
-  if (offsets.size() != size_t{ctx_.geometry.num_kv_heads} + 1) {
+  if (L.last_offsets.size() != size_t{ctx_.geometry.num_kv_heads} + 1) {
     return absl::FailedPreconditionError("the layer was not decoded yet");
   }
   if (L.done_recorded) ICECACHE_RETURN_IF_ERROR(be_->WaitMarker(L.done.get()));
   AttendedRows rows;
   const size_t elems = ctx_.geometry.head_dim;
-  for (uint32_t c = offsets[head]; c < offsets[head + 1]; ++c) {
-    const AttentionChunk& ch = chunks[c];
+  for (uint32_t c = L.last_offsets[head]; c < L.last_offsets[head + 1]; ++c) {
+    const AttentionChunk& ch = L.last_chunks[c];
     const size_t at = rows.k.size();
     rows.k.resize(at + size_t{ch.count} * elems);
     rows.v.resize(at + size_t{ch.count} * elems);
@@ -770,6 +683,17 @@ absl::StatusOr<Sequence::AttendedRows> Sequence::Impl::LastAttended(uint32_t lay
   }
   ICECACHE_RETURN_IF_ERROR(be_->Synchronize(nullptr));
   return rows;
+}
+
+void Sequence::Impl::KeepAttended(uint32_t layer, const client_internal::DecodePlan& plan,
+                                  uint32_t head_base) {
+  LayerState& L = layers_[layer];
+  const std::vector<AttentionChunk>& chunks = plan.chunks();
+  const std::vector<uint32_t>& offsets = plan.offsets();
+  const uint32_t kv = ctx_.geometry.num_kv_heads;
+  L.last_chunks.assign(chunks.begin() + offsets[head_base], chunks.begin() + offsets[head_base + kv]);
+  L.last_offsets.resize(kv + 1);
+  for (uint32_t h = 0; h <= kv; ++h) L.last_offsets[h] = offsets[head_base + h] - offsets[head_base];
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -786,6 +710,10 @@ absl::StatusOr<std::unique_ptr<Sequence>> client_internal::SequenceFactory::Crea
   return std::unique_ptr<Sequence>(new Sequence(std::move(impl)));
 }
 
+Sequence::Impl* client_internal::SequenceFactory::ImplOf(Sequence* sequence) {
+  return sequence->impl_.get();
+}
+
 Sequence::Sequence(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 Sequence::~Sequence() = default;
 const std::string& Sequence::handle() const { return impl_->handle(); }
@@ -796,7 +724,9 @@ absl::Status Sequence::Prefill(uint32_t layer, const void* k, const void* v, uin
 }
 absl::Status Sequence::Decode(uint32_t layer, const void* q, const void* k_new, const void* v_new,
                               void* out, void* stream) {
-  return impl_->Decode(layer, q, k_new, v_new, out, stream);
+  Sequence::Impl* self = impl_.get();
+  return impl_->context().decoder->DecodeBatch(layer, absl::MakeConstSpan(&self, 1), q, k_new,
+                                               v_new, out, stream, nullptr);
 }
 absl::Status Sequence::Drop() { return impl_->Drop(); }
 uint64_t Sequence::tokens(uint32_t layer) const { return impl_->tokens(layer); }

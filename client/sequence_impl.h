@@ -1,19 +1,26 @@
-// Sequence::Impl: one sequence's state in the client library and its prefill and decode, in
-// parts (internal to libicecache_client). What a decode step of an offloaded layer does:
+// Sequence::Impl: one sequence's state in the client library, its prefill, and its share of a
+// decode step (internal to libicecache_client). A decode step is always a batch (a single
+// sequence is the batch of one): client/decoder.h drives it over every sequence of the batch
+// through these parts, for one offloaded layer:
 //
-//   1. StartStep        the layer's previous step is done with its descriptors and cache;
-//   2. RetireHandOver   the layer's pending daemon operation (its prompt's index build, or the
-//                       insert of a window page handed over at an earlier step) is finished,
-//                       and a window page it carried leaves the window (WindowPolicy::Retire);
-//   3. AppendToken      the new token's K/V go to the sink or the window ring; the policy says
-//                       when the window's oldest page must be handed over (after this step);
-//   4. SelectPages      the queries go to the daemon, which returns pages per KV head;
-//   5. PlanPages        each page is placed in the layer's PageCache (a resident page at the
-//                       same version is a hit), misses become gather items; the DecodePlan
+//   1. BeginStep        the layer's previous step is done with its cache and window; kAsync:
+//                       what the previous step's callback submitted is collected; a pending
+//                       build is waited for; the new token's K/V go to the sink or the window
+//                       ring, and the window policy says whether a page is handed over after
+//                       this step;
+//   2. TakeQuery        (the batch's queries are on the host) the query is kept; kAsync: the
+//                       pages searched one step ahead are taken and each KV head's drift
+//                       checked, so that only the drifted heads are searched now;
+//   3. (the decoder)    one batch select for every sequence's heads still to search;
+//   4. AfterSelect      the answers merged; the window page whose insert the select followed
+//                       leaves the window;
+//   5. Plan             each page placed in the layer's PageCache (a hit when resident at the
+//                       same version), misses become gather items; the decoder's DecodePlan
 //                       lists sink, window and pages per KV head;
-//   6. Launch           one descriptor copy, one gather launch, one attention launch;
-//   7. HandOver         a full window page is staged and submitted to the daemon, which
-//                       inserts it into the layer's index while the engine goes on.
+//   6. (the decoder)    one descriptor copy, one gather launch, one attention launch;
+//   7. FinishStep       counters; the window page to hand over is staged (kAsync: submitted by
+//                       the batch's end-of-step callback together with the next step's select;
+//                       kSync: submitted now).
 //
 // Everything the daemon does goes through a Transport (client/transport.h); everything the
 // execution side does goes through a Backend (client/backend.h). So the same code runs in CPU
@@ -41,10 +48,13 @@
 
 namespace icecache::client_internal {
 
+class Decoder;
+
 // What a sequence needs from its client. Pointers must outlive the sequence.
 struct SequenceContext {
   Backend* backend = nullptr;
   Transport* transport = nullptr;
+  Decoder* decoder = nullptr;  // runs the sequence's decode steps (shared by a client)
   std::string handle;
   ResolvedGeometry geometry;  // as the daemon resolved it
   float scale = 0;            // softmax scale; 0 = 1/sqrt(head_dim)
@@ -59,20 +69,44 @@ struct SequenceFactory {
   // INVALID_ARGUMENT when the context's geometry or options are unusable; errors of the
   // backend's allocations.
   static absl::StatusOr<std::unique_ptr<Sequence>> Create(SequenceContext context);
+  static Sequence::Impl* ImplOf(Sequence* sequence);
+};
+
+// A batch select sent one step ahead, shared by the sequences it serves: the first that needs
+// the answers finishes the ticket and keeps them for the others; a ticket nobody finished is
+// finished when the last holder lets go. Thread-safe.
+class PrefetchBatch {
+ public:
+  PrefetchBatch(Transport* transport, Ticket ticket) : transport_(transport), ticket_(ticket) {}
+  ~PrefetchBatch();
+  PrefetchBatch(const PrefetchBatch&) = delete;
+  PrefetchBatch& operator=(const PrefetchBatch&) = delete;
+  // The answer of request `index` (waits for the daemon the first time).
+  absl::StatusOr<SelectAnswer> Get(size_t index);
+
+ private:
+  absl::Status FinishLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  Transport* const transport_;
+  const Ticket ticket_;
+  absl::Mutex mu_;
+  bool finished_ ABSL_GUARDED_BY(mu_) = false;
+  absl::StatusOr<std::vector<SelectAnswer>> answers_ ABSL_GUARDED_BY(mu_);
 };
 
 // A select sent one step ahead (kAsync), with the query it searched ([num_q_heads][head_dim]).
 struct Prefetch {
-  Ticket ticket = 0;
+  std::shared_ptr<PrefetchBatch> batch;
+  size_t index = 0;
   std::vector<float> query;
 };
 
 // What the end-of-step callback submitted (it runs on a driver thread in CUDA mode); the
-// layer's next Decode collects it after waiting for the step's done marker.
+// layer's next step collects it after waiting for the step's done marker.
 struct Mailbox {
   absl::Mutex mu;
   std::optional<Ticket> append ABSL_GUARDED_BY(mu);
-  std::optional<Ticket> select ABSL_GUARDED_BY(mu);
+  std::shared_ptr<PrefetchBatch> select ABSL_GUARDED_BY(mu);
+  size_t select_index ABSL_GUARDED_BY(mu) = 0;
   absl::Status append_error ABSL_GUARDED_BY(mu);  // the hand-over could not be submitted
 };
 
@@ -96,7 +130,7 @@ struct LayerState {
   bool prefilled = false;
   absl::Status failed;  // non-OK: the layer is unusable (a daemon operation failed)
   uint64_t tokens = 0;  // positions so far
-  uint64_t steps = 0;   // Decode calls
+  uint64_t steps = 0;   // decode steps of an offloaded layer
 
   // Full-KV layers: [kv][max_tokens][row].
   Buffer full_k, full_v;
@@ -117,14 +151,25 @@ struct LayerState {
   std::vector<float> next_query;  // the query the end-of-step callback sends
   std::unique_ptr<Mailbox> mailbox = std::make_unique<Mailbox>();
 
-  // The step's descriptors: built on the host (pinned), copied to working memory.
-  std::unique_ptr<DecodePlan> plan;
-  DecodePlan::View plan_view;  // where the last step's descriptors are in working memory
-  Buffer desc_host, desc_dev;
-  Buffer scratch;
-  std::unique_ptr<Marker> done, fetch_begin, fetch_end;
+  // The last step's work is done once `done` is (recorded after the batch's attention and
+  // callback); the chunks it attended, per KV head, for LastAttended.
+  std::unique_ptr<Marker> done;
   bool done_recorded = false;
-  bool fetch_pending_timing = false;
+  std::vector<AttentionChunk> last_chunks;
+  std::vector<uint32_t> last_offsets;  // [num_kv_heads + 1] into last_chunks
+};
+
+// One sequence's share of a batch step.
+struct StepState {
+  uint32_t layer = 0;
+  uint64_t pos = 0;
+  bool full_kv = false;
+  std::optional<uint64_t> hand_over;        // first position of the page to hand over
+  bool needs_pages = false;                 // offloaded with a built index: pages are selected
+  std::vector<uint8_t> search;              // [num_kv_heads]: heads to search now (1)
+  std::vector<abi::SelectedPageRef> refs;   // [num_kv_heads][k]: the step's pages
+  DecodeBreakdown b;
+  uint32_t head_base = 0;                   // the sequence's first KV head in the batch
 };
 
 }  // namespace icecache::client_internal
@@ -139,18 +184,54 @@ class Sequence::Impl {
   absl::Status Init();
 
   absl::Status Prefill(uint32_t layer, const void* k, const void* v, uint32_t n, void* stream);
-  absl::Status Decode(uint32_t layer, const void* q, const void* k_new, const void* v_new,
-                      void* out, void* stream);
   absl::Status Drop();
   absl::StatusOr<Sequence::AttendedRows> LastAttended(uint32_t layer, uint32_t head) const;
 
   const std::string& handle() const { return ctx_.handle; }
   const ResolvedGeometry& geometry() const { return ctx_.geometry; }
+  const client_internal::SequenceContext& context() const { return ctx_; }
   uint64_t tokens(uint32_t layer) const {
     return layer < layers_.size() ? layers_[layer].tokens : 0;
   }
   const DecodeBreakdown& last() const { return last_; }
   uint64_t kv_device_bytes() const { return kv_device_bytes_; }
+
+  // ---- the parts of a decode step (client/decoder.cc drives them; see the file comment)
+  // Capacities of this sequence in a batch plan: chunks per KV head, gather items.
+  uint32_t chunks_per_head() const { return std::max(offloaded_chunks_, full_chunks_); }
+  uint32_t gather_items() const { return ctx_.geometry.num_kv_heads * k_sel_; }
+  uint32_t selected_pages() const { return k_sel_; }
+  uint64_t page_bytes() const { return layout_.page_bytes(); }
+  absl::Status BeginStep(uint32_t layer, const void* k_new, const void* v_new, void* stream,
+                         client_internal::StepState* st);
+  // `q_host`: this sequence's [num_q_heads][head_dim] rows of the dtype, on the host.
+  absl::Status TakeQuery(const uint16_t* q_host, client_internal::StepState* st);
+  // The search request of the heads still to search (TakeQuery decided which).
+  client_internal::SelectRequest SearchRequest(const client_internal::StepState& st) const;
+  absl::Status AfterSelect(const client_internal::SelectAnswer* searched,
+                           client_internal::StepState* st);
+  absl::Status Plan(client_internal::StepState* st, client_internal::DecodePlan* plan);
+  // After the launch: counters, the hand-over (kSync: submitted now), the done marker.
+  absl::Status FinishStep(client_internal::StepState* st, void* stream);
+  // kAsync, after FinishStep: what the batch's end-of-step callback submits for this
+  // sequence: its staged hand-over (if any) and, with a built index, the next step's select.
+  struct EndOfStep {
+    std::optional<client_internal::StagedHandOver> staged;
+    uint32_t op = 0;                  // of the hand-over
+    bool send_select = false;
+    client_internal::Mailbox* mailbox = nullptr;
+  };
+  EndOfStep EndOfStepWork(uint32_t layer);
+  client_internal::SelectRequest PrefetchRequest(uint32_t layer) const;
+  // Records the layer's done marker (after the batch's work and callback).
+  absl::Status MarkDone(uint32_t layer, void* stream);
+  // When every request slot is in use: finishes this sequence's oldest daemon operation.
+  // False when it has none.
+  bool FinishOldestPending();
+  void Fail(uint32_t layer, const absl::Status& status) { layers_[layer].failed = status; }
+  // Keeps this sequence's chunks of the batch plan (heads from head_base) for LastAttended.
+  void KeepAttended(uint32_t layer, const client_internal::DecodePlan& plan, uint32_t head_base);
+  void set_last(const DecodeBreakdown& b) { last_ = b; }
 
  private:
   using LayerState = client_internal::LayerState;
@@ -166,27 +247,12 @@ class Sequence::Impl {
   absl::Status Submit(uint32_t layer, uint32_t op, const abi::ArenaRef& staging, uint32_t tokens,
                       uint32_t first_position, bool from_window);
   absl::StatusOr<abi::StageResponse> Stage(uint32_t tokens);
-
-  // The decode step's parts (see the file comment).
-  absl::Status StartStep(LayerState& L);
   absl::Status RetireHandOver(uint32_t layer, DecodeBreakdown* b);
-  absl::StatusOr<std::optional<uint64_t>> AppendToken(LayerState& L, const void* k_new,
-                                                      const void* v_new, void* stream);
-  absl::StatusOr<std::vector<abi::SelectedPageRef>> SelectPages(uint32_t layer, const void* q,
-                                                                void* stream, DecodeBreakdown* b);
-  // A synchronous search of the heads in `mask` (all when null) with q_float_.
-  absl::StatusOr<std::vector<abi::SelectedPageRef>> SearchNow(uint32_t layer, const uint8_t* mask,
-                                                              DecodeBreakdown* b);
   // kAsync: takes what the layer's last callback submitted.
   absl::Status CollectMailbox(uint32_t layer);
-  // kAsync: stages the step's hand-over (if any) and enqueues the callback that submits it
-  // and the next step's select.
-  absl::Status EndStepAsync(uint32_t layer, std::optional<uint64_t> hand_over, void* stream);
-  absl::Status PlanFull(LayerState& L, uint64_t pos);
-  absl::Status PlanOffloaded(LayerState& L, const std::vector<abi::SelectedPageRef>& refs,
-                             uint64_t pos, DecodeBreakdown* b);
-  absl::Status Launch(LayerState& L, const void* q, void* out, void* stream, DecodeBreakdown* b);
-  absl::Status HandOver(uint32_t layer, uint64_t first, void* stream);
+  // Copies the window page at `first` into a fresh staging buffer (stream-ordered).
+  absl::StatusOr<client_internal::StagedHandOver> StageWindowPage(uint32_t layer, uint64_t first,
+                                                                  void* stream);
 
   client_internal::SequenceContext ctx_;
   client_internal::Backend* const be_;
@@ -203,8 +269,7 @@ class Sequence::Impl {
   uint32_t prefilled_layers_ = 0;
   bool dropped_ = false;
   DecodeBreakdown last_;
-  client_internal::Buffer q_host_;  // [num_q_heads][head_dim] of the dtype (pinned)
-  std::vector<float> q_float_;
+  std::vector<float> q_float_;  // the last step's query as fp32
   uint64_t kv_device_bytes_ = 0;
 };
 

@@ -19,6 +19,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/types/span.h"
 #include "proto/icecache/v1/abi.h"
 
 namespace icecache::client_internal {
@@ -29,6 +30,21 @@ using Ticket = uint32_t;
 struct ArenaSpan {
   uint8_t* host = nullptr;    // the client's mapping
   uint8_t* device = nullptr;  // the address the backend's kernels use (== host on the CPU)
+};
+
+// One sequence's select in a batch.
+struct SelectRequest {
+  std::string handle;
+  const float* queries = nullptr;  // [num_q_heads][head_dim] fp32
+  size_t query_floats = 0;
+  uint32_t k = 0;                      // pages per KV head
+  const uint8_t* head_mask = nullptr;  // [num_kv_heads] (1: search) or null: every head
+  uint32_t num_kv_heads = 0;
+};
+
+struct SelectAnswer {
+  absl::Status status;
+  std::vector<abi::SelectedPageRef> pages;  // [num_kv_heads][k]; unsearched heads unused
 };
 
 class Transport {
@@ -47,15 +63,17 @@ class Transport {
   // Waits (however long the daemon takes) for the answer of a SubmitStaged ticket.
   virtual absl::Status Finish(Ticket ticket) = 0;
 
-  // queries: [num_q_heads][head_dim] fp32; k pages per KV head. `head_mask` (optional,
-  // [num_kv_heads] bytes): search only the heads with a non-zero byte (the others come back
-  // unused). A select runs after every staged op of its layer submitted before it.
-  virtual absl::StatusOr<Ticket> SubmitSelect(const std::string& handle, uint32_t layer,
-                                              const float* queries, size_t query_floats, uint32_t k,
-                                              const uint8_t* head_mask = nullptr,
-                                              size_t num_kv_heads = 0) = 0;
-  // The answer of a SubmitSelect ticket: [num_kv_heads][k] page references.
-  virtual absl::StatusOr<std::vector<abi::SelectedPageRef>> FinishSelect(Ticket ticket) = 0;
+  // The selects of several sequences for one layer, in one request (the daemon spreads the
+  // searches over its pool). Each request's search runs after every staged op of its
+  // (sequence, layer) submitted before it. Any number of tickets may be in flight at once.
+  virtual absl::StatusOr<Ticket> SubmitSelectBatch(uint32_t layer,
+                                                   absl::Span<const SelectRequest> requests) = 0;
+  // Readies room for a batch of `requests` (only their sizes are read), so that a
+  // SubmitSelectBatch from a host callback normally allocates nothing.
+  virtual absl::Status PrepareSelectBatch(absl::Span<const SelectRequest> requests) = 0;
+  // The answers of a SubmitSelectBatch ticket, one per request, in order. A request the daemon
+  // refused has its own error; the call fails only when the whole request did.
+  virtual absl::StatusOr<std::vector<SelectAnswer>> FinishSelectBatch(Ticket ticket) = 0;
   // Whether the ticket's answer is there (FinishSelect/Finish will not wait).
   virtual bool Done(Ticket ticket) const = 0;
 

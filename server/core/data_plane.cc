@@ -12,6 +12,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <climits>
 #include <cstring>
@@ -226,6 +227,10 @@ class DataPlane::Dispatcher {
         return Ingest(r, start);
       case abi::kOpSelect:
         return Select(r, start);
+      case abi::kOpScratch:
+        return Scratch(r, start);
+      case abi::kOpSelectBatch:
+        return SelectBatch(r, start);
       default:
         return Finish(r, start, absl::InvalidArgumentError(absl::StrCat("unknown op ", r.op)), 0);
     }
@@ -386,7 +391,197 @@ class DataPlane::Dispatcher {
     if (!c_->appends->SubmitIfBusy(AppendKey(r), task)) task();
   }
 
-  static std::string AppendKey(const Request& r) { return absl::StrCat(r.handle, "/", r.layer); }
+  static std::string AppendKey(const Request& r) { return AppendKey(r.handle, r.layer); }
+  static std::string AppendKey(const std::string& handle, uint32_t layer) {
+    return absl::StrCat(handle, "/", layer);
+  }
+
+  // A scratch buffer of the client's own (kOpScratch): a staging allocation of no sequence,
+  // charged to the client's arena like any staging buffer.
+  void Scratch(const Request& r, SteadyClock::time_point start) {
+    if (r.payload_bytes != sizeof(uint64_t)) {
+      return Finish(r, start,
+                    absl::InvalidArgumentError("scratch payload must be one uint64 byte count"), 0);
+    }
+    uint64_t bytes = 0;
+    abi::SlotHeader* slot = c_->arena->Slot(r.slot);
+    std::memcpy(&bytes, abi::SlotPayload(slot), sizeof(bytes));
+    if (bytes == 0 || bytes > (uint64_t{1} << 32)) {
+      return Finish(r, start,
+                    absl::InvalidArgumentError(
+                        absl::StrCat("scratch of ", bytes, " bytes: must be in 1..4GiB")),
+                    0);
+    }
+    absl::StatusOr<abi::ArenaRef> ref = c_->arena->AllocStaging(bytes);
+    if (!ref.ok()) return Finish(r, start, ref.status(), 0);
+    const abi::StageResponse resp{*ref, bytes, 0};
+    std::memcpy(abi::SlotPayload(slot), &resp, sizeof(resp));
+    Finish(r, start, absl::OkStatus(), sizeof(resp));
+  }
+
+  // Several sequences' selects for one layer (kOpSelectBatch). Every field is read once from
+  // the client's scratch buffer and checked; an entry that is wrong gets its own error and
+  // the others go on. The searches of every (entry, KV head) are spread over the pool, after
+  // the appends each entry's (sequence, layer) had queued.
+  void SelectBatch(const Request& r, SteadyClock::time_point start) {
+    const uint32_t count = r.tokens;
+    if (count == 0 || count > abi::kMaxBatchSelect) {
+      return Finish(r, start,
+                    absl::InvalidArgumentError(absl::StrCat("a batch select of ", count,
+                                                            " entries: must be in 1..",
+                                                            abi::kMaxBatchSelect)),
+                    0);
+    }
+    const uint64_t entries_bytes = uint64_t{count} * sizeof(abi::BatchSelectEntry);
+    absl::StatusOr<uint8_t*> base = c_->arena->StagingAddress(r.staging, entries_bytes);
+    if (!base.ok()) return Finish(r, start, base.status(), 0);
+    std::vector<abi::BatchSelectEntry> entries(count);
+    std::memcpy(entries.data(), *base, entries_bytes);
+
+    struct Job {
+      std::shared_ptr<SequenceKv> kv;
+      std::vector<float> queries;
+      std::vector<uint8_t> mask;
+      uint32_t k = 0;
+      uint8_t* result = nullptr;  // in the scratch buffer (the client's arena)
+      absl::Status status;
+      std::vector<std::vector<abi::SelectedPageRef>> per_head;  // [num_kv_heads]
+    };
+    auto jobs = std::make_shared<std::vector<Job>>(count);
+    std::vector<std::string> keys;
+    for (uint32_t i = 0; i < count; ++i) {
+      const abi::BatchSelectEntry& e = entries[i];
+      Job& job = (*jobs)[i];
+      job.status = PrepareBatchEntry(r, e, &job.kv, &job.queries, &job.mask, &job.k, &job.result);
+      if (job.status.ok()) {
+        char handle[sizeof(e.handle) + 1] = {};
+        std::memcpy(handle, e.handle, sizeof(e.handle));
+        keys.push_back(AppendKey(handle, r.layer));
+      }
+    }
+    c_->BeginOp();
+    std::shared_ptr<Client> client = c_;
+    DataPlane* dp = dp_;
+    uint8_t* const entries_base = *base;
+    auto run = [dp, client, jobs, r, start, count, entries_base] {
+      // Every (entry, head) search of the batch on the pool.
+      std::vector<std::pair<uint32_t, uint32_t>> items;
+      for (uint32_t i = 0; i < count; ++i) {
+        Job& job = (*jobs)[i];
+        if (!job.status.ok()) continue;
+        const uint32_t heads = job.kv->geometry().num_kv_heads;
+        job.per_head.resize(heads);
+        for (uint32_t h = 0; h < heads; ++h) {
+          if (job.mask.empty() || job.mask[h] != 0) items.push_back({i, h});
+        }
+      }
+      std::vector<absl::Status> item_status(items.size());
+      dp->pool_->ParallelFor(items.size(), [&](size_t n) {
+        const auto [i, h] = items[n];
+        Job& job = (*jobs)[i];
+        std::vector<uint8_t> one(job.kv->geometry().num_kv_heads, 0);
+        one[h] = 1;
+        item_status[n] = job.kv->Select(r.layer, job.queries.data(), job.k, &job.per_head[h],
+                                        /*sample_recall=*/false, one.data())
+                             .status();
+      });
+      for (size_t n = 0; n < items.size(); ++n) {
+        Job& job = (*jobs)[items[n].first];
+        if (job.status.ok() && !item_status[n].ok()) job.status = item_status[n];
+      }
+      // Results and statuses into the client's scratch buffer.
+      for (uint32_t i = 0; i < count; ++i) {
+        Job& job = (*jobs)[i];
+        auto* e = reinterpret_cast<abi::BatchSelectEntry*>(entries_base) + i;
+        if (job.status.ok()) {
+          const uint32_t heads = job.kv->geometry().num_kv_heads;
+          auto* out = reinterpret_cast<abi::SelectedPageRef*>(job.result);
+          for (uint32_t h = 0; h < heads; ++h) {
+            for (uint32_t j = 0; j < job.k; ++j) {
+              out[uint64_t{h} * job.k + j] =
+                  job.per_head[h].empty()
+                      ? abi::SelectedPageRef{abi::kNoSegment, 0, 0, 0}
+                      : job.per_head[h][uint64_t{h} * job.k + j];
+            }
+          }
+          e->result_k = job.k;
+        } else {
+          e->result_k = 0;
+        }
+        e->status = static_cast<uint32_t>(job.status.code());
+        const std::string msg(job.status.message().substr(0, sizeof(e->message) - 1));
+        std::memset(e->message, 0, sizeof(e->message));
+        std::memcpy(e->message, msg.data(), msg.size());
+      }
+      Respond(dp, client.get(), r.slot, r.op, start, absl::OkStatus(), 0);
+      client->EndOp();
+    };
+    // After every append already queued for each entry's (sequence, layer): a barrier in each
+    // busy key's queue; the last one to pass runs the batch.
+    struct Gate {
+      std::atomic<int> remaining{1};
+      std::function<void()> run;
+    };
+    auto gate = std::make_shared<Gate>();
+    gate->run = std::move(run);
+    std::sort(keys.begin(), keys.end());
+    keys.erase(std::unique(keys.begin(), keys.end()), keys.end());
+    for (const std::string& key : keys) {
+      gate->remaining.fetch_add(1);
+      std::function<void()> barrier = [gate] {
+        if (gate->remaining.fetch_sub(1) == 1) gate->run();
+      };
+      if (!c_->appends->SubmitIfBusy(key, barrier)) gate->remaining.fetch_sub(1);
+    }
+    if (gate->remaining.fetch_sub(1) == 1) gate->run();
+  }
+
+  // Checks one batch entry and copies what it needs out of the scratch buffer.
+  absl::Status PrepareBatchEntry(const Request& r, const abi::BatchSelectEntry& e,
+                                 std::shared_ptr<SequenceKv>* kv, std::vector<float>* queries,
+                                 std::vector<uint8_t>* mask, uint32_t* k, uint8_t** result) {
+    Request er = r;
+    char handle[sizeof(e.handle) + 1] = {};
+    std::memcpy(handle, e.handle, sizeof(e.handle));
+    er.handle = handle;
+    absl::StatusOr<std::shared_ptr<SequenceKv>> found = Sequence(er);
+    if (!found.ok()) return found.status();
+    const Geometry& g = (*found)->geometry();
+    absl::Status layer_ok = (*found)->CheckLayer(r.layer);
+    if (!layer_ok.ok()) return layer_ok;
+    if ((e.select_flags & ~uint32_t{abi::kSelectHeadMask}) != 0) {
+      return absl::InvalidArgumentError(absl::StrCat("unknown select_flags 0x", absl::Hex(e.select_flags)));
+    }
+    const bool masked = (e.select_flags & abi::kSelectHeadMask) != 0;
+    const uint64_t qbytes = uint64_t{g.num_q_heads} * g.head_dim * sizeof(float);
+    const uint64_t want = qbytes + (masked ? g.num_kv_heads : 0);
+    if (e.query_bytes != want) {
+      return absl::InvalidArgumentError(absl::StrCat("queries of ", e.query_bytes,
+                                                     " bytes, the sequence needs ", want));
+    }
+    *k = (*found)->SelectK(e.k);
+    if (*k > 4096) return absl::InvalidArgumentError(absl::StrCat("k=", *k, " is above 4096"));
+    const uint64_t rbytes = uint64_t{g.num_kv_heads} * *k * sizeof(abi::SelectedPageRef);
+    if (e.result_bytes < rbytes) {
+      return absl::InvalidArgumentError(absl::StrCat("room for ", e.result_bytes,
+                                                     " result bytes, need ", rbytes));
+    }
+    // Both ranges inside the scratch buffer (overflow-safe: offsets and sizes are bounded).
+    if (e.query_offset > (uint64_t{1} << 40) || e.result_offset > (uint64_t{1} << 40)) {
+      return absl::InvalidArgumentError("offset outside the scratch buffer");
+    }
+    absl::StatusOr<uint8_t*> qbase = c_->arena->StagingAddress(r.staging, e.query_offset + want);
+    if (!qbase.ok()) return absl::InvalidArgumentError("queries outside the scratch buffer");
+    absl::StatusOr<uint8_t*> rbase =
+        c_->arena->StagingAddress(r.staging, e.result_offset + rbytes);
+    if (!rbase.ok()) return absl::InvalidArgumentError("results outside the scratch buffer");
+    queries->resize(qbytes / sizeof(float));
+    std::memcpy(queries->data(), *qbase + e.query_offset, qbytes);
+    if (masked) mask->assign(*qbase + e.query_offset + qbytes, *qbase + e.query_offset + want);
+    *result = *rbase + e.result_offset;
+    *kv = std::move(*found);
+    return absl::OkStatus();
+  }
 
   DataPlane* dp_;
   std::shared_ptr<Client> c_;

@@ -62,7 +62,7 @@ class DaemonObserver final : public DataPlaneObserver {
                                   "Queue entries or slots a client submitted that could not be "
                                   "answered (bad index, wrong state)",
                                   {});
-    for (uint32_t op = 0; op <= abi::kOpRelease; ++op) {
+    for (uint32_t op = 0; op < abi::kNumOps; ++op) {
       auto& per = ops_[op];
       per.latency =
           m->Histogram("icecache_data_request_seconds", "Data-plane request handling time, by op",
@@ -88,7 +88,7 @@ class DaemonObserver final : public DataPlaneObserver {
   void OnDetach() override { detach_->Increment(); }
   void OnProtocolError() override { protocol_errors_->Increment(); }
   void OnRequest(uint32_t op, int code, double seconds) override {
-    if (op > abi::kOpRelease) return;  // unknown ops are counted as protocol errors
+    if (op >= abi::kNumOps) return;  // unknown ops are counted as protocol errors
     if (code < 0 || code >= Metrics::kNumStatusCodes) code = 2;
     ops_[op].by_code[code]->Increment();
     ops_[op].latency->Observe(seconds);
@@ -109,7 +109,7 @@ class DaemonObserver final : public DataPlaneObserver {
   prometheus::Counter* attach_refused_;
   prometheus::Counter* detach_;
   prometheus::Counter* protocol_errors_;
-  std::array<PerOp, abi::kOpRelease + 1> ops_;
+  std::array<PerOp, abi::kNumOps> ops_;
 };
 
 namespace {

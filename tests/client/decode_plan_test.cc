@@ -77,9 +77,15 @@ TEST(DecodePlan, CapacityIsChecked) {
     EXPECT_THAT(plan.Finish(), StatusIs(absl::StatusCode::kInternal));
   }
   {
-    DecodePlan plan(2, 0, 2);  // a head missing
-    plan.BeginHead();
+    DecodePlan plan(2, 0, 2);  // no head at all
     EXPECT_THAT(plan.Finish(), StatusIs(absl::StatusCode::kInternal));
+  }
+  {
+    DecodePlan plan(2, 0, 2);  // fewer heads than the capacity: a smaller batch
+    plan.BeginHead();
+    plan.AddPage(page, 32, 1);
+    EXPECT_TRUE(plan.Finish().ok());
+    EXPECT_EQ(plan.offsets(), (std::vector<uint32_t>{0, 1}));
   }
 }
 

@@ -411,6 +411,77 @@ TEST_F(ClientTest, DestroyingASequenceDropsIt) {
       GrpcStatusIs(grpc::StatusCode::NOT_FOUND));
 }
 
+// ---- batches through the real daemon
+
+// A batch of sequences of different lengths and budgets, in both selection modes, gives the
+// same outputs as each sequence decoded alone (bitwise), and with a budget covering every
+// token, float64 full attention.
+TEST_F(ClientTest, DecodeBatchEqualsSingleSequencesAndFullAttention) {
+  constexpr uint32_t kSteps = 24;
+  const std::vector<uint32_t> prompts = {900, 300, 1500};
+  const std::vector<uint32_t> budgets = {128, 2048, 256};
+  std::vector<Data> data;
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    data.push_back(MakeData(2, 2, 4, 64, prompts[i] + kSteps, DType::kBF16, 21 + i));
+  }
+  auto client = Connect();
+  ASSERT_NE(client, nullptr);
+  std::vector<std::unique_ptr<Sequence>> batch, single;
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    SequenceOptions so = Options(data[i], budgets[i], 1);
+    so.selection = i == 1 ? SelectionMode::kSync : SelectionMode::kAsync;
+    auto a = client->CreateSequence(so);
+    auto b = client->CreateSequence(so);
+    ASSERT_TRUE(a.ok() && b.ok());
+    batch.push_back(std::move(*a));
+    single.push_back(std::move(*b));
+    for (uint32_t l = 0; l < 2; ++l) {
+      ASSERT_OK(batch[i]->Prefill(l, data[i].K(l, 0), data[i].V(l, 0), prompts[i]));
+      ASSERT_OK(single[i]->Prefill(l, data[i].K(l, 0), data[i].V(l, 0), prompts[i]));
+    }
+  }
+  std::vector<Sequence*> members;
+  for (auto& s : batch) members.push_back(s.get());
+  const size_t q_elems = size_t{data[0].q_heads()} * data[0].d;
+  const size_t kv_elems = size_t{data[0].kv} * data[0].d;
+  for (uint32_t step = 0; step < kSteps; ++step) {
+    for (uint32_t l = 0; l < 2; ++l) {
+      std::vector<uint16_t> q, k, v;
+      std::vector<std::vector<uint16_t>> qs;
+      for (size_t i = 0; i < batch.size(); ++i) {
+        qs.push_back(data[i].Query(l, step));
+        q.insert(q.end(), qs[i].begin(), qs[i].end());
+        const uint16_t* kr = data[i].K(l, prompts[i] + step);
+        const uint16_t* vr = data[i].V(l, prompts[i] + step);
+        k.insert(k.end(), kr, kr + kv_elems);
+        v.insert(v.end(), vr, vr + kv_elems);
+      }
+      std::vector<uint16_t> out(q.size());
+      std::vector<absl::Status> statuses;
+      ASSERT_OK(client->DecodeBatch(l, members, q.data(), k.data(), v.data(), out.data(),
+                                    nullptr, &statuses));
+      for (size_t i = 0; i < batch.size(); ++i) {
+        ASSERT_OK(statuses[i]);
+        std::vector<uint16_t> one(q_elems);
+        ASSERT_OK(single[i]->Decode(l, qs[i].data(), data[i].K(l, prompts[i] + step),
+                                    data[i].V(l, prompts[i] + step), one.data()));
+        ASSERT_TRUE(std::equal(one.begin(), one.end(), out.begin() + i * q_elems))
+            << "sequence " << i << " layer " << l << " step " << step;
+      }
+      // Sequence 1's budget (2048) covers its whole context: full attention.
+      const uint32_t pos = prompts[1] + step;
+      for (uint32_t qh = 0; qh < data[1].q_heads(); ++qh) {
+        const std::vector<double> want = Attend(data[1], l, qs[1], qh, Iota(pos + 1));
+        for (uint32_t i = 0; i < data[1].d; ++i) {
+          ASSERT_NEAR(data[1].ToFloat(out[q_elems + size_t{qh} * data[1].d + i]), want[i],
+                      Tolerance(DType::kBF16, want[i]))
+              << "layer " << l << " step " << step << " head " << qh;
+        }
+      }
+    }
+  }
+}
+
 // ---- selection one step ahead (SelectionMode::kAsync) through the real daemon
 
 // With a query that does not move, the pages searched one step ahead are the pages a

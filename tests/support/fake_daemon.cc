@@ -25,9 +25,11 @@ absl::StatusOr<client_internal::SequenceContext> FakeDaemon::CreateSequence(
   if (!g.ok()) return g.status();
   const std::string handle = absl::StrCat("fake-", next_handle_++);
   kv_[handle] = std::make_unique<SequenceKv>(*g, index_, arena_, &pool_, nullptr);
+  if (decoder_ == nullptr) decoder_ = std::make_unique<client_internal::Decoder>(backend, this);
   client_internal::SequenceContext c;
   c.backend = backend;
   c.transport = this;
+  c.decoder = decoder_.get();
   c.handle = handle;
   c.geometry = ResolvedGeometry{.num_layers = g->num_layers,
                                 .num_q_heads = g->num_q_heads,
@@ -89,12 +91,16 @@ void FakeDaemon::Answer(client_internal::Ticket ticket) {
   if (it == tickets_.end() || it->second.status) return;
   if (it->second.select) {
     for (auto& [t, p] : tickets_) {
-      if (t < ticket && !p.select && p.key == it->second.key && !p.status) {
-        p.status = p.run(&p.pages);
+      if (t >= ticket || p.select || p.status) continue;
+      for (const std::string& key : it->second.keys) {
+        if (p.keys.front() == key) {
+          p.status = p.run();
+          break;
+        }
       }
     }
   }
-  it->second.status = it->second.run(&it->second.pages);
+  it->second.status = it->second.run();
 }
 
 absl::StatusOr<client_internal::Ticket> FakeDaemon::SubmitStaged(
@@ -104,9 +110,8 @@ absl::StatusOr<client_internal::Ticket> FakeDaemon::SubmitStaged(
   if (!kv.ok()) return kv.status();
   if (op == abi::kOpAppend) append_positions_.push_back(first_position);
   Pending p;
-  p.key = absl::StrCat(handle, "/", layer);
-  p.run = [this, kv = *kv, op, layer, staging, tokens,
-           first_position](std::vector<abi::SelectedPageRef>*) -> absl::Status {
+  p.keys = {absl::StrCat(handle, "/", layer)};
+  p.run = [this, kv = *kv, op, layer, staging, tokens, first_position]() -> absl::Status {
     const uint64_t bytes = kv->StagingBytesPerToken() * tokens;
     absl::StatusOr<uint8_t*> data = arena_->StagingAddress(staging, bytes);
     if (!data.ok()) return data.status();
@@ -128,40 +133,66 @@ absl::Status FakeDaemon::Finish(client_internal::Ticket ticket) {
   return s;
 }
 
-absl::StatusOr<client_internal::Ticket> FakeDaemon::SubmitSelect(
-    const std::string& handle, uint32_t layer, const float* queries, size_t query_floats,
-    uint32_t k, const uint8_t* head_mask, size_t num_kv_heads) {
-  absl::StatusOr<SequenceKv*> kv = Find(handle);
-  if (!kv.ok()) return kv.status();
-  std::vector<uint8_t> mask;
-  if (head_mask != nullptr) {
-    mask.assign(head_mask, head_mask + num_kv_heads);
-    ++masked_selects_;
-    for (uint8_t m : mask) masked_heads_ += m != 0;
-  }
-  Pending p;
-  p.key = absl::StrCat(handle, "/", layer);
-  p.select = true;
-  p.run = [kv = *kv, layer, q = std::vector<float>(queries, queries + query_floats), k,
-           mask = std::move(mask)](std::vector<abi::SelectedPageRef>* out) -> absl::Status {
-    return kv
-        ->Select(layer, q.data(), k, out, /*sample_recall=*/false,
-                 mask.empty() ? nullptr : mask.data())
-        .status();
+absl::StatusOr<client_internal::Ticket> FakeDaemon::SubmitSelectBatch(
+    uint32_t layer, absl::Span<const client_internal::SelectRequest> requests) {
+  largest_batch_ = std::max<uint64_t>(largest_batch_, requests.size());
+  struct One {
+    SequenceKv* kv = nullptr;
+    absl::Status found;
+    std::vector<float> queries;
+    std::vector<uint8_t> mask;
+    uint32_t k = 0;
   };
-  return Enqueue(abi::kOpSelect, std::move(p));
+  std::vector<One> ones(requests.size());
+  Pending p;
+  p.select = true;
+  for (size_t i = 0; i < requests.size(); ++i) {
+    const client_internal::SelectRequest& q = requests[i];
+    absl::StatusOr<SequenceKv*> kv = Find(q.handle);
+    ones[i].found = kv.status();
+    if (kv.ok()) ones[i].kv = *kv;
+    ones[i].queries.assign(q.queries, q.queries + q.query_floats);
+    if (q.head_mask != nullptr) {
+      ones[i].mask.assign(q.head_mask, q.head_mask + q.num_kv_heads);
+      ++masked_selects_;
+      for (uint8_t m : ones[i].mask) masked_heads_ += m != 0;
+    }
+    ones[i].k = q.k;
+    p.keys.push_back(absl::StrCat(q.handle, "/", layer));
+  }
+  // run() computes the answers into `answers`, kept until FinishSelectBatch.
+  auto answers = std::make_shared<std::vector<client_internal::SelectAnswer>>(requests.size());
+  p.run = [ones = std::move(ones), layer, answers]() mutable -> absl::Status {
+    for (size_t i = 0; i < ones.size(); ++i) {
+      client_internal::SelectAnswer& a = (*answers)[i];
+      if (!ones[i].found.ok()) {
+        a.status = ones[i].found;
+        continue;
+      }
+      a.status = ones[i]
+                     .kv->Select(layer, ones[i].queries.data(), ones[i].k, &a.pages, false,
+                                 ones[i].mask.empty() ? nullptr : ones[i].mask.data())
+                     .status();
+    }
+    return absl::OkStatus();
+  };
+  absl::StatusOr<client_internal::Ticket> t = Enqueue(abi::kOpSelectBatch, std::move(p));
+  if (t.ok()) batch_answers_[*t] = answers;
+  return t;
 }
 
-absl::StatusOr<std::vector<abi::SelectedPageRef>> FakeDaemon::FinishSelect(
+absl::StatusOr<std::vector<client_internal::SelectAnswer>> FakeDaemon::FinishSelectBatch(
     client_internal::Ticket ticket) {
   Answer(ticket);
   auto it = tickets_.find(ticket);
   if (it == tickets_.end()) return absl::InternalError("unknown ticket");
   const absl::Status s = *it->second.status;
-  std::vector<abi::SelectedPageRef> pages = std::move(it->second.pages);
   tickets_.erase(it);
+  auto answers = batch_answers_.find(ticket);
+  std::vector<client_internal::SelectAnswer> out = std::move(*answers->second);
+  batch_answers_.erase(answers);
   if (!s.ok()) return s;
-  return pages;
+  return out;
 }
 
 bool FakeDaemon::Done(client_internal::Ticket ticket) const {

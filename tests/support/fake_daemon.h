@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "client/backend.h"
+#include "client/decoder.h"
 #include "client/sequence_impl.h"
 #include "client/transport.h"
 #include "common/thread_pool.h"
@@ -37,6 +38,7 @@ class FakeDaemon final : public client_internal::Transport {
   explicit FakeDaemon(const Options& options);
   FakeDaemon() : FakeDaemon(Options{}) {}
   ~FakeDaemon() override;
+  client_internal::Decoder* decoder() const { return decoder_.get(); }
 
   // Resolves `spec` like CreateSequence does and returns a context for SequenceFactory on
   // `backend` (the caller sets scale and cache options).
@@ -54,9 +56,12 @@ class FakeDaemon final : public client_internal::Transport {
   // What was asked: requests of each kind so far, and the positions of every append.
   uint64_t requests(uint32_t op) const;
   const std::vector<uint32_t>& append_positions() const { return append_positions_; }
-  // Selects that searched only some KV heads (a head mask), and the heads they searched.
+  // Selects that searched only some KV heads (a head mask), and the heads they searched;
+  // batch requests and the largest batch.
   uint64_t masked_selects() const { return masked_selects_; }
   uint64_t masked_heads() const { return masked_heads_; }
+  uint64_t batch_selects() const { return requests(abi::kOpSelectBatch); }
+  uint64_t largest_batch() const { return largest_batch_; }
   size_t outstanding() const { return tickets_.size(); }
   uint64_t staging_bytes_in_use() const { return arena_->staging_bytes_in_use(); }
   bool has_sequence(const std::string& handle) const { return kv_.count(handle) != 0; }
@@ -69,12 +74,13 @@ class FakeDaemon final : public client_internal::Transport {
                                                        uint32_t tokens,
                                                        uint32_t first_position) override;
   absl::Status Finish(client_internal::Ticket ticket) override;
-  absl::StatusOr<client_internal::Ticket> SubmitSelect(const std::string& handle, uint32_t layer,
-                                                       const float* queries, size_t query_floats,
-                                                       uint32_t k, const uint8_t* head_mask,
-                                                       size_t num_kv_heads) override;
-  absl::StatusOr<std::vector<abi::SelectedPageRef>> FinishSelect(
+  absl::StatusOr<client_internal::Ticket> SubmitSelectBatch(
+      uint32_t layer, absl::Span<const client_internal::SelectRequest> requests) override;
+  absl::StatusOr<std::vector<client_internal::SelectAnswer>> FinishSelectBatch(
       client_internal::Ticket ticket) override;
+  absl::Status PrepareSelectBatch(absl::Span<const client_internal::SelectRequest>) override {
+    return absl::OkStatus();
+  }
   bool Done(client_internal::Ticket ticket) const override;
   absl::StatusOr<client_internal::ArenaSpan> Map(const abi::ArenaRef& ref, uint64_t bytes) override;
   uint64_t PageBytes(uint32_t segment) const override;
@@ -83,11 +89,11 @@ class FakeDaemon final : public client_internal::Transport {
 
  private:
   struct Pending {
-    std::string key;  // handle/layer: a select is answered after the staged ops before it
+    std::vector<std::string> keys;  // handle/layer: a select runs after the staged ops before
     bool select = false;
-    std::function<absl::Status(std::vector<abi::SelectedPageRef>*)> run;
+    std::function<absl::Status()> run;
     std::optional<absl::Status> status;
-    std::vector<abi::SelectedPageRef> pages;
+    std::vector<client_internal::SelectAnswer> answers;  // a select's
   };
   absl::StatusOr<client_internal::Ticket> Enqueue(uint32_t op, Pending p);
   absl::StatusOr<SequenceKv*> Find(const std::string& handle);
@@ -98,6 +104,7 @@ class FakeDaemon final : public client_internal::Transport {
   std::shared_ptr<Arena> arena_;
   selection::IndexSpec index_;
   std::map<std::string, std::unique_ptr<SequenceKv>> kv_;
+  std::unique_ptr<client_internal::Decoder> decoder_;  // the sequences' (one backend)
   std::map<client_internal::Ticket, Pending> tickets_;
   client_internal::Ticket next_ticket_ = 1;
   uint64_t next_handle_ = 1;
@@ -105,7 +112,9 @@ class FakeDaemon final : public client_internal::Transport {
   std::map<uint32_t, absl::Status> fail_;
   std::map<uint32_t, uint64_t> requests_;
   std::vector<uint32_t> append_positions_;
-  uint64_t masked_selects_ = 0, masked_heads_ = 0;
+  std::map<client_internal::Ticket, std::shared_ptr<std::vector<client_internal::SelectAnswer>>>
+      batch_answers_;
+  uint64_t masked_selects_ = 0, masked_heads_ = 0, largest_batch_ = 0;
 };
 
 }  // namespace icecache::testing

@@ -95,6 +95,13 @@ class Attachment {
                                         size_t num_kv_heads = 0);
   absl::StatusOr<std::vector<abi::SelectedPageRef>> FinishSelect(uint32_t index);
   absl::Status Nop();
+  // A scratch buffer of `bytes` of this client's own (kOpScratch); free it with
+  // ReleaseStaging("", buffer).
+  absl::StatusOr<abi::StageResponse> Scratch(uint64_t bytes);
+  // kOpSelectBatch: `count` abi::BatchSelectEntry at the start of `scratch` (filled by the
+  // caller); returns the slot (Finish waits for it; the entries then hold their answers).
+  absl::StatusOr<uint32_t> SubmitSelectBatch(uint32_t layer, const abi::ArenaRef& scratch,
+                                             uint32_t count);
 
   // ---- arena memory
   // A data segment's mapping, mapped on first use (its descriptor arrives on the attach

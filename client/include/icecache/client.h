@@ -171,6 +171,22 @@ class Client {
   ClientCounters counters() const;
   Attachment& attachment();
 
+  // One decode step of `layer` for a batch of this client's sequences (continuous batching:
+  // any of them, in the engine's order, of different lengths). Each sequence appends its new
+  // token's K/V and attends as Sequence::Decode does; the batch is one select request to the
+  // daemon, one gather launch and one attention launch. The sequences of a batch share
+  // num_q_heads, num_kv_heads, head_dim, dtype, page_size and scale; budget, sink, window,
+  // full-KV layers and selection mode may differ.
+  //   q, out:       [batch][num_q_heads][head_dim]
+  //   k_new, v_new: [batch][num_kv_heads][head_dim]   (the dtype; device memory in kCuda)
+  // `statuses` (optional) gets each sequence's own result: a sequence that fails does not
+  // stop the others (its output rows are zeros). INVALID_ARGUMENT (nothing done) for an empty
+  // batch, a sequence twice or of another client, sequences that do not match, or null
+  // tensors; otherwise the first sequence's error, naming it, or OK.
+  absl::Status DecodeBatch(uint32_t layer, const std::vector<Sequence*>& batch, const void* q,
+                           const void* k_new, const void* v_new, void* out,
+                           void* stream = nullptr, std::vector<absl::Status>* statuses = nullptr);
+
   class Impl;
 
  private:
@@ -196,7 +212,8 @@ class Sequence {
   absl::Status Prefill(uint32_t layer, const void* k, const void* v, uint32_t tokens,
                        void* stream = nullptr);
 
-  // One decode step of `layer`: appends the new token's K/V (position = tokens so far),
+  // One decode step of `layer` (the batch of one, Client::DecodeBatch): appends the new
+  // token's K/V (position = tokens so far),
   // selects the pages matching q, fetches the missed ones and writes the attention of every
   // query head over sink + window + selected pages (full-KV layers: over every token) to
   // `out`. Every layer of a step must be decoded before the next step's layers.

@@ -146,8 +146,19 @@ enum Op : uint32_t {
   kOpSelect = 4,   // best pages per KV head for the queries in the payload. A select runs
                    // after every append of its (sequence, layer) submitted before it, so its
                    // pages include them and no append it follows is still changing them.
-  kOpRelease = 5,  // free a staging buffer that was not consumed
+  kOpRelease = 5,  // free a staging buffer that was not consumed (or a scratch buffer)
+  kOpScratch = 6,  // a scratch buffer of the client's own (a staging allocation of no
+                   // sequence) of the uint64 byte count in the payload; answers a
+                   // StageResponse (v_offset 0); freed by kOpRelease
+  kOpSelectBatch = 7,  // the selects of several sequences for one layer: `tokens`
+                       // BatchSelectEntry at the start of the scratch buffer `staging`, each
+                       // entry's queries and results in the same buffer. The slot's status is
+                       // the request's own; each entry answers with its own status. An
+                       // entry's search runs after every append of its (sequence, layer)
+                       // submitted before the request.
 };
+
+inline constexpr uint32_t kNumOps = kOpSelectBatch + 1;
 
 // Lower-case name of an op (for logs and metric labels); "unknown" outside the enum.
 inline const char* OpName(uint32_t op) {
@@ -164,6 +175,10 @@ inline const char* OpName(uint32_t op) {
       return "select";
     case kOpRelease:
       return "release";
+    case kOpScratch:
+      return "scratch";
+    case kOpSelectBatch:
+      return "select_batch";
   }
   return "unknown";
 }
@@ -226,6 +241,25 @@ struct SelectedPageRef {
 };
 static_assert(sizeof(SelectedPageRef) == 16);
 inline constexpr uint32_t kNoSegment = 0xffffffffu;
+
+// One sequence's select in a kOpSelectBatch request. Offsets are bytes from the start of the
+// scratch buffer; the daemon reads the request fields once and checks every range against the
+// buffer before use.
+struct BatchSelectEntry {
+  char handle[40];         // sequence handle, NUL padded
+  uint32_t k;              // pages per KV head (0: the sequence's selected pages)
+  uint32_t select_flags;   // SelectFlags
+  uint64_t query_offset;   // fp32 [num_q_heads][head_dim] (then the head mask)
+  uint64_t query_bytes;    // must be exactly the queries (and mask)
+  uint64_t result_offset;  // [num_kv_heads][k] SelectedPageRef, written by the daemon
+  uint64_t result_bytes;   // room at result_offset
+  // ---- response (daemon)
+  uint32_t status;    // google.rpc.Code of this entry
+  uint32_t result_k;  // entries per KV head written (k)
+  char message[40];   // NUL-terminated error text when status != 0
+};
+static_assert(sizeof(BatchSelectEntry) == 128);
+inline constexpr uint32_t kMaxBatchSelect = 1024;
 
 // The control segment starts with this header; offsets are from the segment's start.
 struct alignas(64) ArenaHeader {
