@@ -1155,7 +1155,7 @@ struct DciTree::Impl {
     std::vector<int32_t> dots;
     std::vector<int8_t> q8;                      // [query][bits]
     std::vector<ResidualSketch::Query> qsketch;  // [query] prepared for SketchDots
-    std::vector<float> est;                      // [query][cell member]
+    std::vector<float> est, facf;  // [cell member]: estimates of one query, fp32 factors
     uint64_t sketched = 0;
 
     void Begin(uint32_t queries, size_t page_limit, size_t cell_limit) {
@@ -1540,6 +1540,11 @@ struct DciTree::Impl {
     gs.dots.resize(uint64_t{nq} * n);
     SketchDots(gs.q8.data(), nq, sketch->bits(), c.code.data(), n, gs.dots.data(), n);
     gs.sketched += uint64_t{n} * nq;
+    // The cell's factors once (F16C), then per query a vectorisable pass of estimates, the
+    // same expression as ResidualSketch::Estimate, and a rarely taken branch into the heap.
+    gs.facf.resize(n);
+    ToFloat(c.fac.data(), ElemType::kF16, n, gs.facf.data());
+    gs.est.resize(n);
     auto greater = [](const std::pair<float, uint32_t>& a, const std::pair<float, uint32_t>& b) {
       return a.first > b.first;
     };
@@ -1548,16 +1553,23 @@ struct DciTree::Impl {
       const ResidualSketch::Query& qs8 = gs.qsketch[q];
       std::vector<std::pair<float, uint32_t>>& h = gs.cand[q];
       const int32_t* d = gs.dots.data() + uint64_t{q} * n;
+      const float* f = gs.facf.data();
+      float* e = gs.est.data();
       for (uint32_t i = 0; i < n; ++i) {
-        const float e = base + ResidualSketch::Estimate(qs8, HalfToFloat(c.fac[i]), d[i]);
-        if (h.size() < rcap) {
-          h.push_back({e, c.tok[i]});
-          std::push_heap(h.begin(), h.end(), greater);
-        } else if (e > h.front().first) {
-          std::pop_heap(h.begin(), h.end(), greater);
-          h.back() = {e, c.tok[i]};
-          std::push_heap(h.begin(), h.end(), greater);
-        }
+        e[i] = base + f[i] * qs8.scale * static_cast<float>(2 * d[i] - qs8.sum);
+      }
+      uint32_t i = 0;
+      for (; i < n && h.size() < rcap; ++i) {
+        h.push_back({e[i], c.tok[i]});
+        std::push_heap(h.begin(), h.end(), greater);
+      }
+      float floor = h.empty() ? -std::numeric_limits<float>::infinity() : h.front().first;
+      for (; i < n; ++i) {
+        if (e[i] <= floor) continue;
+        std::pop_heap(h.begin(), h.end(), greater);
+        h.back() = {e[i], c.tok[i]};
+        std::push_heap(h.begin(), h.end(), greater);
+        floor = h.front().first;
       }
     }
   }

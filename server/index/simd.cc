@@ -375,26 +375,57 @@ ICECACHE_AVX2 inline int32_t HorizontalSumEpi32(__m256i v) {
   return _mm_cvtsi128_si32(s);
 }
 
+// Sums of 8 vectors' lanes, one per output lane: out[t] = sum of the lanes of v[t].
+ICECACHE_AVX2 inline __m256i SumLanes8(const __m256i* v) {
+  const __m256i h01 = _mm256_hadd_epi32(v[0], v[1]), h23 = _mm256_hadd_epi32(v[2], v[3]);
+  const __m256i h45 = _mm256_hadd_epi32(v[4], v[5]), h67 = _mm256_hadd_epi32(v[6], v[7]);
+  const __m256i a = _mm256_hadd_epi32(h01, h23), b = _mm256_hadd_epi32(h45, h67);
+  return _mm256_add_epi32(_mm256_permute2x128_si256(a, b, 0x20),
+                          _mm256_permute2x128_si256(a, b, 0x31));
+}
+
+// Tokens in groups of 8: per token and query the pair sums accumulate in int16 (at most
+// bits / 32 * 2 * 128 in magnitude: the caller keeps bits <= 2048), widen once to int32, and
+// 8 tokens' lanes are summed together (SumLanes8) instead of one horizontal sum each.
 template <int NQ>
 ICECACHE_AVX2 void SketchDotsAvx2T(const int8_t* q8, uint32_t bits, const uint8_t* codes,
                                    uint32_t n, int32_t* out, uint32_t out_stride) {
   const uint32_t bytes = bits / 8;
   const __m256i ones16 = _mm256_set1_epi16(1);
-  for (uint32_t i = 0; i < n; ++i) {
-    const uint8_t* c = codes + uint64_t{i} * bytes;
-    __m256i acc[NQ];
-    for (int j = 0; j < NQ; ++j) acc[j] = _mm256_setzero_si256();
-    for (uint32_t b = 0; b < bits; b += 32) {
-      uint32_t w;
-      std::memcpy(&w, c + b / 8, 4);
-      const __m256i a = ExpandBits32Avx2(w);
-      for (int j = 0; j < NQ; ++j) {
-        const __m256i q =
-            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q8 + uint64_t(j) * bits + b));
-        acc[j] = _mm256_add_epi32(acc[j], _mm256_madd_epi16(_mm256_maddubs_epi16(a, q), ones16));
+  __m256i lanes[NQ][8];
+  alignas(32) int32_t tail[8];
+  for (uint32_t i0 = 0; i0 < n; i0 += 8) {
+    const uint32_t m = std::min<uint32_t>(8, n - i0);
+    for (uint32_t t = 0; t < 8; ++t) {
+      if (t >= m) {
+        for (int j = 0; j < NQ; ++j) lanes[j][t] = _mm256_setzero_si256();
+        continue;
+      }
+      const uint8_t* c = codes + uint64_t{i0 + t} * bytes;
+      __m256i acc[NQ];
+      for (int j = 0; j < NQ; ++j) acc[j] = _mm256_setzero_si256();
+      for (uint32_t b = 0; b < bits; b += 32) {
+        uint32_t w;
+        std::memcpy(&w, c + b / 8, 4);
+        const __m256i a = ExpandBits32Avx2(w);
+        for (int j = 0; j < NQ; ++j) {
+          const __m256i q =
+              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q8 + uint64_t(j) * bits + b));
+          acc[j] = _mm256_add_epi16(acc[j], _mm256_maddubs_epi16(a, q));
+        }
+      }
+      for (int j = 0; j < NQ; ++j) lanes[j][t] = _mm256_madd_epi16(acc[j], ones16);
+    }
+    for (int j = 0; j < NQ; ++j) {
+      const __m256i sums = SumLanes8(lanes[j]);
+      int32_t* o = out + uint64_t(j) * out_stride + i0;
+      if (m == 8) {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), sums);
+      } else {
+        _mm256_store_si256(reinterpret_cast<__m256i*>(tail), sums);
+        std::copy_n(tail, m, o);
       }
     }
-    for (int j = 0; j < NQ; ++j) out[uint64_t(j) * out_stride + i] = HorizontalSumEpi32(acc[j]);
   }
 }
 
@@ -841,6 +872,7 @@ void SketchDots(const int8_t* q8, uint32_t nq, uint32_t bits, const uint8_t* cod
     case SimdLevel::kAvxVnni:
       return SketchDotsChunked<SketchAvxVnni>(q8, nq, bits, codes, n, out, out_stride);
     case SimdLevel::kAvx2:
+      if (bits > 2048) break;  // the int16 accumulation's range
       return SketchDotsChunked<SketchAvx2>(q8, nq, bits, codes, n, out, out_stride);
     case SimdLevel::kScalar:
       break;
