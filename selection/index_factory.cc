@@ -22,7 +22,7 @@ index::DciOptions TunedOptions() {
 index::DciOptions FastOptions() {
   index::DciOptions o;
   o.search_mode = index::DciOptions::SearchMode::kBestFirstSketch;
-  o.cell_bound_slack = 0.3f;
+  o.cell_bound_slack = 0.4f;
   o.rescore_tokens = 64;
   o.parent_beam = 8;
   return o;
