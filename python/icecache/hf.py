@@ -125,6 +125,13 @@ class IceCacheCache(Cache):
         dtype: icecache.DType of the stored K/V (FP16 default; BF16).
         budget_tokens, page_size, sink_tokens, window_tokens, full_kv_layers, label: the
             sequence's geometry (None: the daemon's defaults; see Client.create_sequence).
+        qk_layout: "as_is" hands q and k to the daemon in the model's own dimension order;
+            "interleaved" reorders each head's rotate-half RoPE pairs (i, i + d/2), the layout
+            of transformers' Llama, to adjacent pairs (2i, 2i + 1), the layout of GGUF files,
+            llama.cpp and the project's C++ model. Attention is the same either way (dot
+            products do not depend on the order); the daemon's index is not (its DCI tree
+            projects keys on a fixed random direction), so "interleaved" makes a GGUF model's
+            selections those of the C++ model path.
         sequence_options: further keyword arguments of Client.create_sequence (selection,
             drift_threshold where the library has them).
     """
@@ -142,6 +149,7 @@ class IceCacheCache(Cache):
         window_tokens: int | None = None,
         full_kv_layers: int | None = None,
         label: str = "transformers",
+        qk_layout: str = "as_is",
         **sequence_options: Any,
     ) -> None:
         text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -167,6 +175,14 @@ class IceCacheCache(Cache):
             label=label,
             **sequence_options,
         )
+        if qk_layout not in ("as_is", "interleaved"):
+            raise ValueError(f"qk_layout must be 'as_is' or 'interleaved', not {qk_layout!r}")
+        half = torch.arange(self.head_dim // 2)
+        self._qk_order = (
+            torch.stack([half, half + self.head_dim // 2], -1).flatten()
+            if qk_layout == "interleaved"
+            else None
+        )
         self.sequence: icecache.Sequence | None = None
         self._out: torch.Tensor | None = None
         super().__init__(layers=[_IceCacheLayer(self, i) for i in range(self.num_layers)])
@@ -185,7 +201,7 @@ class IceCacheCache(Cache):
             )
         # [1, kv_heads, tokens, head_dim] -> token-major [tokens, kv_heads, head_dim] (one copy,
         # which also converts to the stored dtype).
-        k = key_states[0].transpose(0, 1).to(self.torch_dtype).contiguous()
+        k = self._reorder(key_states[0].transpose(0, 1)).to(self.torch_dtype).contiguous()
         v = value_states[0].transpose(0, 1).to(self.torch_dtype).contiguous()
         self.sequence.prefill(layer, k, v, stream=_stream(k))
 
@@ -194,14 +210,21 @@ class IceCacheCache(Cache):
     ) -> torch.Tensor:
         assert self.sequence is not None
         # [1, heads, 1, head_dim] -> [heads, head_dim]: views when the dtype matches.
-        q = query[0, :, 0, :].to(self.torch_dtype).contiguous()
-        k = key[0, :, 0, :].to(self.torch_dtype).contiguous()
+        q = self._reorder(query[0, :, 0, :]).to(self.torch_dtype).contiguous()
+        k = self._reorder(key[0, :, 0, :]).to(self.torch_dtype).contiguous()
         v = value[0, :, 0, :].to(self.torch_dtype).contiguous()
         if self._out is None or self._out.device != q.device:
             self._out = torch.empty_like(q)
         self.sequence.decode(layer, q, k, v, self._out, stream=_stream(q))
         # transformers wants [batch, q_len, heads, head_dim]
         return self._out.to(query.dtype).view(1, 1, self.num_q_heads, self.head_dim)
+
+    def _reorder(self, t: torch.Tensor) -> torch.Tensor:
+        if self._qk_order is None:
+            return t
+        if self._qk_order.device != t.device:
+            self._qk_order = self._qk_order.to(t.device)
+        return t.index_select(-1, self._qk_order)
 
     def drop(self) -> None:
         """Frees the sequence in the daemon now (otherwise when the cache is collected)."""
