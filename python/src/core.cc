@@ -16,6 +16,7 @@
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/unique_ptr.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <exception>
 #include <memory>
@@ -74,8 +75,100 @@ void TranslateStatusError(const std::exception_ptr& p, void*) {
 }
 
 // ------------------------------------------------------------------------------- tensors
-using In = nb::ndarray<nb::ro>;  // any DLPack tensor, read-only access
-using Out = nb::ndarray<>;       // any writable DLPack tensor
+// A tensor argument as the C++ API needs it: a DLTensor view (nanobind's dlpack::dltensor has
+// DLPack's layout). Two ways in, neither copies:
+//   - the DLPack C exchange API (`type(t).__dlpack_c_exchange_api__`, DLPack 1.2+; PyTorch has
+//     it): the producer fills a DLTensor in C, no Python call, no allocation; tens of
+//     nanoseconds against microseconds for a __dlpack__() call, which matters on a per-layer,
+//     per-token call;
+//   - otherwise nanobind's ndarray import (__dlpack__ or the buffer protocol: numpy and every
+//     other DLPack producer), which also refuses read-only arrays for `out`.
+// The view is valid while the Python object lives (the call holds it).
+namespace dlx {  // the DLPack exchange API's C structs (dlpack.h, DLPack 1.2+)
+struct Version {
+  uint32_t major, minor;
+};
+struct Header {
+  Version version;
+  Header* prev_api;
+};
+struct Api {
+  Header header;
+  void* managed_tensor_allocator;
+  void* managed_tensor_from_py_object_no_sync;
+  void* managed_tensor_to_py_object_no_sync;
+  int (*dltensor_from_py_object_no_sync)(void* py_object, nb::dlpack::dltensor* out);
+  void* current_work_stream;
+};
+
+// The exchange API of `type`, or null (cached per type; types live as long as the process in
+// practice, and a stale entry could only be reused by a type at the same address).
+const Api* ExchangeApi(PyTypeObject* type) {
+  static PyTypeObject* cached_type = nullptr;
+  static const Api* cached_api = nullptr;
+  if (type == cached_type) return cached_api;
+  const Api* api = nullptr;
+  PyObject* capsule =
+      PyObject_GetAttrString(reinterpret_cast<PyObject*>(type), "__dlpack_c_exchange_api__");
+  if (capsule == nullptr) {
+    PyErr_Clear();
+  } else {
+    auto* a = static_cast<const Api*>(PyCapsule_GetPointer(capsule, "dlpack_exchange_api"));
+    if (a == nullptr) PyErr_Clear();
+    if (a != nullptr && a->header.version.major == 1 && a->header.version.minor >= 2 &&
+        a->dltensor_from_py_object_no_sync != nullptr) {
+      api = a;
+    }
+    Py_DECREF(capsule);
+  }
+  cached_type = type;
+  cached_api = api;
+  return api;
+}
+}  // namespace dlx
+
+struct TensorArg {
+  nb::dlpack::dltensor view{};
+  int64_t shape[8];
+  int64_t strides[8];
+  std::optional<nb::ndarray<nb::ro>> in;  // the fallback import, kept for the call
+  std::optional<nb::ndarray<>> out;
+};
+
+// Fills `arg` from `obj`; `writable`: the library writes it. INVALID_ARGUMENT when `obj` is no
+// tensor (or a read-only one where `writable`).
+void Import(nb::handle obj, const char* name, bool writable, TensorArg* arg) {
+  if (const dlx::Api* api = dlx::ExchangeApi(Py_TYPE(obj.ptr()))) {
+    if (api->dltensor_from_py_object_no_sync(obj.ptr(), &arg->view) == 0) return;
+    PyErr_Clear();  // e.g. a tensor that requires grad: let __dlpack__ say why
+  }
+  auto fill = [&](const auto& a) {
+    const size_t n = std::min<size_t>(a.ndim(), 8);
+    arg->view.data = const_cast<void*>(static_cast<const void*>(a.data()));
+    arg->view.device.device_type = a.device_type();
+    arg->view.device.device_id = a.device_id();
+    arg->view.ndim = static_cast<int32_t>(n);
+    arg->view.dtype = a.dtype();
+    arg->view.byte_offset = 0;  // data() includes it
+    for (size_t i = 0; i < n; ++i) {
+      arg->shape[i] = a.shape(i);
+      arg->strides[i] = a.stride(i);
+    }
+    arg->view.shape = arg->shape;
+    arg->view.strides = arg->strides;
+  };
+  try {
+    if (writable) {
+      fill(arg->out.emplace(nb::cast<nb::ndarray<>>(obj, /*convert=*/false)));
+    } else {
+      fill(arg->in.emplace(nb::cast<nb::ndarray<nb::ro>>(obj, /*convert=*/false)));
+    }
+  } catch (const std::exception&) {
+    PyErr_Clear();
+    InvalidArgument(std::string(name) + ": expected a " + (writable ? "writable " : "") +
+                    "tensor (numpy array, torch.Tensor, anything with __dlpack__)");
+  }
+}
 
 std::string ShapeString(size_t ndim, const int64_t* shape) {
   std::string s = "(";
@@ -83,33 +176,38 @@ std::string ShapeString(size_t ndim, const int64_t* shape) {
   return s + (ndim == 1 ? ",)" : ")");
 }
 
-// The data pointer of `a` after checking it against what the sequence expects: `shape`
-// exactly, C-contiguous (no copy is ever made, so `out` is written where the caller looks),
-// 16-bit elements of the geometry's dtype (float16 / bfloat16, or their raw bits as
-// uint16 / int16, since numpy has no bfloat16), and memory of the client's mode (host memory
-// in CPU mode; the client's CUDA device in CUDA mode). INVALID_ARGUMENT otherwise.
-template <typename Array>
-auto TensorData(const Array& a, const char* name, std::initializer_list<int64_t> shape, DType dtype,
-                ExecutionMode mode, int device) {
+// The data pointer of tensor `obj` after checking it against what the sequence expects:
+// `shape` exactly (-1: any extent), C-contiguous (no copy is ever made, so `out` is written
+// where the caller looks), 16-bit elements of the geometry's dtype (float16 / bfloat16, or
+// their raw bits as uint16 / int16, since numpy has no bfloat16), and memory of the client's
+// mode (host memory in CPU mode; the client's CUDA device in CUDA mode). INVALID_ARGUMENT
+// otherwise. `arg` holds what keeps the view valid.
+void* TensorData(nb::handle obj, const char* name, std::initializer_list<int64_t> shape,
+                 DType dtype, ExecutionMode mode, int device, bool writable, TensorArg* arg) {
+  Import(obj, name, writable, arg);
+  const nb::dlpack::dltensor& a = arg->view;
   const std::vector<int64_t> want(shape);
-  bool shape_ok = a.ndim() == want.size();
-  for (size_t i = 0; shape_ok && i < want.size(); ++i) shape_ok = a.shape(i) == want[i];
+  bool shape_ok = static_cast<size_t>(a.ndim) == want.size();
+  for (size_t i = 0; shape_ok && i < want.size(); ++i) {
+    shape_ok = want[i] < 0 ? a.shape[i] > 0 : a.shape[i] == want[i];
+  }
   if (!shape_ok) {
-    std::vector<int64_t> got(a.ndim());
-    for (size_t i = 0; i < a.ndim(); ++i) got[i] = a.shape(i);
+    std::vector<int64_t> got(a.shape, a.shape + a.ndim);
     InvalidArgument(std::string(name) + ": shape " + ShapeString(got.size(), got.data()) +
                     ", expected " + ShapeString(want.size(), want.data()));
   }
-  int64_t expected_stride = 1;
-  for (size_t i = a.ndim(); i-- > 0;) {
-    if (a.shape(i) != 1 && a.stride(i) != expected_stride) {
-      InvalidArgument(std::string(name) +
-                      ": not C-contiguous (no copy is made; pass .contiguous() / "
-                      "np.ascontiguousarray)");
+  if (a.strides != nullptr) {
+    int64_t expected_stride = 1;
+    for (int32_t i = a.ndim; i-- > 0;) {
+      if (a.shape[i] != 1 && a.strides[i] != expected_stride) {
+        InvalidArgument(std::string(name) +
+                        ": not C-contiguous (no copy is made; pass .contiguous() / "
+                        "np.ascontiguousarray)");
+      }
+      expected_stride *= a.shape[i];
     }
-    expected_stride *= a.shape(i);
   }
-  const nb::dlpack::dtype t = a.dtype();
+  const nb::dlpack::dtype t = a.dtype;
   const bool raw16 = t.bits == 16 && t.lanes == 1 &&
                      (t.code == static_cast<uint8_t>(nb::dlpack::dtype_code::UInt) ||
                       t.code == static_cast<uint8_t>(nb::dlpack::dtype_code::Int));
@@ -120,19 +218,19 @@ auto TensorData(const Array& a, const char* name, std::initializer_list<int64_t>
                     (dtype == DType::kBF16 ? "bfloat16" : "float16") +
                     " (the sequence's), or its raw bits as uint16");
   }
-  const int32_t dev = a.device_type();
+  const int32_t dev = a.device.device_type;
   if (mode == ExecutionMode::kCuda) {
     if (dev != nb::device::cuda::value && dev != nb::device::cuda_managed::value) {
       InvalidArgument(std::string(name) + ": the client is in CUDA mode; pass a CUDA tensor");
     }
-    if (a.device_id() != device) {
-      InvalidArgument(std::string(name) + ": on CUDA device " + std::to_string(a.device_id()) +
+    if (a.device.device_id != device) {
+      InvalidArgument(std::string(name) + ": on CUDA device " + std::to_string(a.device.device_id) +
                       ", the client uses device " + std::to_string(device));
     }
   } else if (dev != nb::device::cpu::value && dev != nb::device::cuda_host::value) {
     InvalidArgument(std::string(name) + ": the client is in CPU mode; pass host memory");
   }
-  return a.data();
+  return static_cast<uint8_t*>(a.data) + a.byte_offset;
 }
 
 // A stream argument: None (the default stream), an integer handle (cudaStream_t), or an object
@@ -482,13 +580,14 @@ NB_MODULE(_core, m) {
           "The resolved geometry (every default applied).")
       .def(
           "prefill",
-          [](PySequence& s, uint32_t layer, const In& k, const In& v, nb::handle stream) {
+          [](PySequence& s, uint32_t layer, nb::handle k, nb::handle v, nb::handle stream) {
             const ResolvedGeometry& g = s.get().geometry();
-            const int64_t tokens = k.ndim() == 3 ? k.shape(0) : -1;
-            const void* kp =
-                TensorData(k, "k", {tokens, g.num_kv_heads, g.head_dim}, g.dtype, s.mode, s.device);
-            const void* vp =
-                TensorData(v, "v", {tokens, g.num_kv_heads, g.head_dim}, g.dtype, s.mode, s.device);
+            const int64_t hk = g.num_kv_heads, d = g.head_dim;
+            TensorArg ka, va;
+            const void* kp = TensorData(k, "k", {-1, hk, d}, g.dtype, s.mode, s.device, false, &ka);
+            const void* vp = TensorData(v, "v", {ka.view.shape[0], hk, d}, g.dtype, s.mode,
+                                        s.device, false, &va);
+            const int64_t tokens = ka.view.shape[0];
             void* st = StreamHandle(stream);
             absl::Status status;
             {
@@ -506,14 +605,17 @@ NB_MODULE(_core, m) {
           "ResourceExhaustedError (past max_tokens or the memory limit).")
       .def(
           "decode",
-          [](PySequence& s, uint32_t layer, const In& q, const In& k_new, const In& v_new, Out& out,
-             nb::handle stream) {
+          [](PySequence& s, uint32_t layer, nb::handle q, nb::handle k_new, nb::handle v_new,
+             nb::handle out, nb::handle stream) {
             const ResolvedGeometry& g = s.get().geometry();
             const int64_t hq = g.num_q_heads, hk = g.num_kv_heads, d = g.head_dim;
-            const void* qp = TensorData(q, "q", {hq, d}, g.dtype, s.mode, s.device);
-            const void* kp = TensorData(k_new, "k_new", {hk, d}, g.dtype, s.mode, s.device);
-            const void* vp = TensorData(v_new, "v_new", {hk, d}, g.dtype, s.mode, s.device);
-            void* op = TensorData(out, "out", {hq, d}, g.dtype, s.mode, s.device);
+            TensorArg qa, ka, va, oa;
+            const void* qp = TensorData(q, "q", {hq, d}, g.dtype, s.mode, s.device, false, &qa);
+            const void* kp =
+                TensorData(k_new, "k_new", {hk, d}, g.dtype, s.mode, s.device, false, &ka);
+            const void* vp =
+                TensorData(v_new, "v_new", {hk, d}, g.dtype, s.mode, s.device, false, &va);
+            void* op = TensorData(out, "out", {hq, d}, g.dtype, s.mode, s.device, true, &oa);
             void* st = StreamHandle(stream);
             absl::Status status;
             {

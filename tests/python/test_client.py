@@ -239,8 +239,12 @@ def test_read_only_out_is_refused(client: icecache.Client) -> None:
         seq.prefill(layer, kv, kv)
     out = np.zeros((HQ, D), np.float16)
     out.flags.writeable = False
-    with pytest.raises(TypeError):
+    with pytest.raises(icecache.InvalidArgumentError) as e:
         seq.decode(0, np.zeros((HQ, D), np.float16), kv[0], kv[0], out)
+    assert "out: expected a writable tensor" in e.value.message
+    with pytest.raises(icecache.InvalidArgumentError) as e:
+        seq.decode(0, [[0.0] * D] * HQ, kv[0], kv[0], np.zeros((HQ, D), np.float16))
+    assert "q: expected a tensor" in e.value.message
     seq.drop()
 
 
