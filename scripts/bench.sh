@@ -5,8 +5,9 @@
 # same run; on a real model's trace too when bench/traces/bible.ictrace or --trace exists), the data-plane
 # benchmark (ring round trips against in-process calls, concurrent clients) and the quality
 # evaluation (every method and oracle at budgets 64-512), the client's decode step in CPU
-# mode (select, fetch, attention against full attention; page-cache hit rate), then draws the
-# plots. The GPU benchmarks run on the GPU machine: bench/gpu/pack.sh, then bench/gpu/run.sh.
+# mode (select, fetch, attention against full attention; page-cache hit rate), the Python
+# binding's overhead per decode call against the C++ call, then draws the plots. The GPU
+# benchmarks run on the GPU machine: bench/gpu/pack.sh, then bench/gpu/run.sh.
 #
 #   scripts/bench.sh [--quick] [--trace=FILE] [--model]
 #
@@ -33,7 +34,8 @@ for arg in "$@"; do
 done
 
 "$root/scripts/bootstrap.sh" --bench
-"$root/scripts/build.sh"
+venv="$("$root/scripts/python_env.sh")"  # the Python package's benchmark
+"$root/scripts/build.sh" -DPython_EXECUTABLE="$venv/bin/python"
 mkdir -p "$out"
 echo "== machine: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores"
 # The index: the daemon's default preset (what index_speed runs without --config; it also
@@ -63,6 +65,9 @@ echo "== data plane (daemon subprocess, ring round trips, concurrent clients)"
 echo "== client decode step (CPU mode: the kernels' CPU references) and page-cache hit rate"
 "$build/bench/client_decode" --mode=cpu --contexts=32768 --budgets=256,2048 --steps=16 \
   --hit_steps=300 --out="$out"
+echo "== Python binding overhead per decode call against the C++ call (same run)"
+PYTHONPATH="$build/python" "$venv/bin/python" "$root/bench/python_overhead.py" \
+  --icecached="$build/server/main/icecached" --cpp="$build/bench/python_overhead" --out="$out"
 echo "== index quality"
 "$build/bench/index_quality" --out="$out" "${quality_args[@]}"
 if $model; then
