@@ -68,7 +68,8 @@ def main() -> int:
     p.add_argument("--max_new", type=int, default=48)
     p.add_argument("--budget", type=int, default=256)
     p.add_argument("--socket", help="a running icecached's socket")
-    p.add_argument("--icecached", default=shutil.which("icecached") or "build/server/main/icecached")
+    p.add_argument("--icecached",
+                   default=shutil.which("icecached") or "build/server/main/icecached")
     args = p.parse_args()
 
     tmp = tempfile.TemporaryDirectory(prefix="icecache-example-")

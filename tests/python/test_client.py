@@ -128,7 +128,8 @@ def test_decode_equals_float64_attention_when_budget_covers_context(
 def test_sparse_decode_attends_the_budget(client: icecache.Client) -> None:
     rng = np.random.default_rng(2)
     prompt = 600
-    seq = make_sequence(client, budget_tokens=128, max_tokens=1024)  # 32 sink + 4 pages of 16 + 32 window
+    # budget 128: 32 sink + 4 pages of 16 + 32 window
+    seq = make_sequence(client, budget_tokens=128, max_tokens=1024)
     for layer in range(LAYERS):
         seq.prefill(layer, rand(rng, prompt, HK, D), rand(rng, prompt, HK, D))
     out = np.empty((HQ, D), np.float16)
