@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 
 import torch
 from transformers import AutoModelForCausalLM
@@ -33,15 +34,17 @@ from icecache.tokenizer import GgufTokenizer
 class PrintStreamer(BaseStreamer):
     """Prints each generated token as it comes."""
 
-    def __init__(self, tokenizer: GgufTokenizer, prompt_tokens: int) -> None:
-        self.tokenizer, self.skip, self.count, self.start = tokenizer, True, 0, 0.0
+    def __init__(self, tokenizer: GgufTokenizer, stop: list[int]) -> None:
+        self.tokenizer, self.stop, self.skip, self.count, self.start = (
+            tokenizer, set(stop), True, 0, 0.0)
 
     def put(self, value: torch.Tensor) -> None:
         if self.skip:  # the first call carries the prompt
             self.skip, self.start = False, time.perf_counter()
             return
         self.count += value.numel()
-        print(self.tokenizer.decode(value.flatten().tolist()), end="", flush=True)
+        ids = [i for i in value.flatten().tolist() if i not in self.stop]
+        print(self.tokenizer.decode(ids), end="", flush=True)
 
     def end(self) -> None:
         dt = time.perf_counter() - self.start
@@ -103,11 +106,14 @@ def main() -> int:
     print(f"[3/4] prompt: {len(ids)} tokens; IceCache budget {args.budget} tokens per step")
     print("[4/4] generating:\n")
     x = torch.tensor([ids], device=model.device)
+    stop = tokenizer.encode("<|im_end|>")
+    # transformers 5.24 prefers cache=, older ones know only past_key_values=.
+    warnings.filterwarnings("ignore", message="`past_key_values` is deprecated")
     with torch.inference_mode():
         model.generate(x, attention_mask=torch.ones_like(x), past_key_values=cache,
                        max_new_tokens=args.max_new, do_sample=False,
-                       eos_token_id=tokenizer.encode("<|im_end|>"), pad_token_id=0,
-                       streamer=PrintStreamer(tokenizer, len(ids)))
+                       eos_token_id=stop, pad_token_id=0,
+                       streamer=PrintStreamer(tokenizer, stop))
     c = client.counters()
     seq = cache.sequence
     print(f"KV kept on the engine's side: {seq.kv_device_bytes / 2**20:.2f} MiB; page-cache hit "

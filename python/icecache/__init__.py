@@ -7,6 +7,7 @@
                                  budget_tokens=256)
     seq.prefill(layer, k, v)                 # [tokens, kv_heads, head_dim] each
     seq.decode(layer, q, k_new, v_new, out)  # out written in place
+    client.decode_batch(layer, [seq, ...], q, k_new, v_new, out)  # where HAS_DECODE_BATCH
 
 Tensors are numpy arrays or PyTorch tensors (anything with __dlpack__), C-contiguous, of the
 sequence's dtype (float16 / bfloat16, or their bits as uint16); host memory in CPU mode, the
@@ -19,6 +20,7 @@ icecache.tokenizer (the C++ tokenizer of a GGUF model, the reference for token i
 """
 
 from icecache._core import (
+    HAS_DECODE_BATCH,
     HAS_SELECTION_MODE,
     Client,
     ClientCounters,
@@ -56,6 +58,7 @@ __all__ = [
     "ExecutionMode",
     "FailedPreconditionError",
     "Geometry",
+    "HAS_DECODE_BATCH",
     "HAS_SELECTION_MODE",
     "IceCacheError",
     "InvalidArgumentError",

@@ -15,6 +15,7 @@
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/unique_ptr.h>
+#include <nanobind/stl/vector.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -420,6 +421,88 @@ void BindCounters(nb::module_& m) {
   }
 }
 
+// Client::DecodeBatch (continuous batching: one layer's step for a batch of sequences) is
+// bound where the header has it.
+template <typename C>
+concept HasDecodeBatch = requires(C& c, uint32_t layer, const std::vector<Sequence*>& batch,
+                                  const void* in, void* out, void* stream,
+                                  std::vector<absl::Status>* statuses) {
+  c.DecodeBatch(layer, batch, in, in, in, out, stream, statuses);
+};
+
+// The exception of a failed DecodeBatch, carrying every sequence's own result as
+// `.statuses` (None for the ones that went through).
+[[noreturn]] void RaiseBatch(const absl::Status& status,
+                             const std::vector<absl::Status>& statuses) {
+  nb::object errors = nb::module_::import_("icecache.errors");
+  nb::object exc = errors.attr("error_from_status")(static_cast<int>(status.code()),
+                                                    std::string(status.message()));
+  nb::list each;
+  for (const absl::Status& s : statuses) {
+    if (s.ok()) {
+      each.append(nb::none());
+    } else {
+      each.append(
+          errors.attr("error_from_status")(static_cast<int>(s.code()), std::string(s.message())));
+    }
+  }
+  exc.attr("statuses") = each;
+  PyErr_SetObject(reinterpret_cast<PyObject*>(Py_TYPE(exc.ptr())), exc.ptr());
+  throw nb::python_error();
+}
+
+template <typename C = Client>
+void BindDecodeBatch(nb::class_<PyClient>& cls, nb::module_& m) {
+  if constexpr (HasDecodeBatch<C>) {
+    m.attr("HAS_DECODE_BATCH") = true;
+    cls.def(
+        "decode_batch",
+        [](PyClient& c, uint32_t layer, const std::vector<PySequence*>& sequences, nb::handle q,
+           nb::handle k_new, nb::handle v_new, nb::handle out, nb::handle stream) {
+          if (sequences.empty()) InvalidArgument("decode_batch: an empty batch");
+          std::vector<Sequence*> batch;
+          batch.reserve(sequences.size());
+          for (PySequence* s : sequences) {
+            if (s == nullptr) InvalidArgument("decode_batch: None in the batch");
+            batch.push_back(s->sequence.get());
+          }
+          // The shapes of the batch's first sequence; the library checks that all match.
+          const ResolvedGeometry& g = batch[0]->geometry();
+          const int64_t n = static_cast<int64_t>(batch.size());
+          const int64_t hq = g.num_q_heads, hk = g.num_kv_heads, d = g.head_dim;
+          const ExecutionMode mode = c.client->mode();
+          TensorArg qa, ka, va, oa;
+          const void* qp = TensorData(q, "q", {n, hq, d}, g.dtype, mode, c.device, false, &qa);
+          const void* kp =
+              TensorData(k_new, "k_new", {n, hk, d}, g.dtype, mode, c.device, false, &ka);
+          const void* vp =
+              TensorData(v_new, "v_new", {n, hk, d}, g.dtype, mode, c.device, false, &va);
+          void* op = TensorData(out, "out", {n, hq, d}, g.dtype, mode, c.device, true, &oa);
+          void* st = StreamHandle(stream);
+          std::vector<absl::Status> statuses;
+          absl::Status status;
+          {
+            nb::gil_scoped_release release;
+            C& client = *c.client;  // C: a dependent name, so the call is checked when bound
+            status = client.DecodeBatch(layer, batch, qp, kp, vp, op, st, &statuses);
+          }
+          if (!status.ok()) RaiseBatch(status, statuses);
+        },
+        "layer"_a, "sequences"_a, "q"_a, "k_new"_a, "v_new"_a, "out"_a, "stream"_a = nb::none(),
+        "One decode step of `layer` for a batch of this client's sequences (continuous\n"
+        "batching: any of them, in the engine's order, of different lengths): one select\n"
+        "request, one gather and one attention launch for the batch (C++ Client::DecodeBatch).\n"
+        "q, out: [batch, num_q_heads, head_dim]; k_new, v_new: [batch, num_kv_heads,\n"
+        "head_dim]; out written in place. The sequences share heads, head_dim, dtype, page size\n"
+        "and scale. A sequence that fails does not stop the others (its rows are zeros): the\n"
+        "call then raises the first one's error, naming it, with `.statuses` listing every\n"
+        "sequence's (None where it went through). InvalidArgumentError (nothing done) for an\n"
+        "empty batch, a sequence twice or of another client, or sequences that do not match.");
+  } else {
+    m.attr("HAS_DECODE_BATCH") = false;
+  }
+}
+
 template <typename B = DecodeBreakdown>
 void BindBreakdown(nb::module_& m) {
   auto cls =
@@ -672,4 +755,5 @@ NB_MODULE(_core, m) {
             (void)s.get().Drop();
           },
           "exc_type"_a.none(), "exc"_a.none(), "tb"_a.none());
+  BindDecodeBatch(client, m);
 }

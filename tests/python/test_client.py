@@ -298,3 +298,38 @@ def test_tokenizer_splits_digits_like_llama_cpp() -> None:
     assert tok.decode(ids) == "====\n\n\n1. 12345"
     with pytest.raises(icecache.IceCacheError):
         GgufTokenizer.from_file("/nonexistent.gguf")
+
+
+@pytest.mark.skipif(not icecache.HAS_DECODE_BATCH, reason="the C++ library has no DecodeBatch")
+def test_decode_batch_equals_single_sequence_decodes(client: icecache.Client) -> None:
+    rng = np.random.default_rng(5)
+    prompts = [40, 300, 130]  # different lengths in one batch
+    data = [(rand(rng, p, HK, D), rand(rng, p, HK, D)) for p in prompts]
+    batched = [make_sequence(client, budget_tokens=128) for _ in prompts]
+    single = [make_sequence(client, budget_tokens=128) for _ in prompts]
+    for seqs in (batched, single):
+        for s, (k, v) in zip(seqs, data):
+            for layer in range(LAYERS):
+                s.prefill(layer, k, v)
+    n = len(prompts)
+    for _ in range(20):
+        for layer in range(LAYERS):
+            q, kn, vn = rand(rng, n, HQ, D), rand(rng, n, HK, D), rand(rng, n, HK, D)
+            out_batch = np.full((n, HQ, D), np.nan, np.float16)
+            client.decode_batch(layer, batched, q, kn, vn, out_batch)
+            out_single = np.full((n, HQ, D), np.nan, np.float16)
+            for i, s in enumerate(single):
+                s.decode(layer, q[i], kn[i], vn[i], out_single[i])
+            np.testing.assert_array_equal(out_batch, out_single)
+    # One bad sequence does not stop the others; the error names it and lists every result.
+    batched[1].drop()
+    q, kn, vn = rand(rng, n, HQ, D), rand(rng, n, HK, D), rand(rng, n, HK, D)
+    out = np.zeros((n, HQ, D), np.float16)
+    with pytest.raises(icecache.FailedPreconditionError) as e:
+        client.decode_batch(0, batched, q, kn, vn, out)
+    assert [s is None for s in e.value.statuses] == [True, False, True]
+    assert np.abs(out[0].astype(np.float32)).sum() > 0
+    with pytest.raises(icecache.InvalidArgumentError):
+        client.decode_batch(0, [], q, kn, vn, out)
+    for s in batched[0::2] + single:
+        s.drop()
