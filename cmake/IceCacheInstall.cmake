@@ -33,9 +33,10 @@ set_target_properties(icecache_client_shared PROPERTIES
 target_link_libraries(icecache_client_shared
   PRIVATE "$<LINK_LIBRARY:WHOLE_ARCHIVE,icecache_client>"
   PUBLIC absl::status absl::statusor absl::synchronization absl::time)
+# (No --no-undefined: sanitizer and fuzzer builds leave their runtime's symbols to the
+# executable.)
 target_link_options(icecache_client_shared PRIVATE
-  "LINKER:--exclude-libs,libicecache_common.a:libicecache_proto.a:libicecache_kernels.a:libicecache_selection.a"
-  "LINKER:--no-undefined")
+  "LINKER:--exclude-libs,libicecache_common.a:libicecache_proto.a:libicecache_kernels.a:libicecache_selection.a")
 target_include_directories(icecache_client_shared PUBLIC
   "$<BUILD_INTERFACE:${PROJECT_SOURCE_DIR}/client/include>"
   "$<BUILD_INTERFACE:${PROJECT_SOURCE_DIR}>"
