@@ -79,8 +79,9 @@ configure_file("${CMAKE_CURRENT_LIST_DIR}/icecache-client.pc.in"
 install(FILES "${CMAKE_CURRENT_BINARY_DIR}/icecache-client.pc"
         DESTINATION "${CMAKE_INSTALL_LIBDIR}/pkgconfig" COMPONENT client)
 
-# The installed tree against an outside project (tests/install/run.sh).
-if(ICECACHE_BUILD_TESTS)
+# The installed tree against an outside project (tests/install/run.sh); not in sanitizer or
+# fuzzer builds, whose library needs their runtime in the outside project too.
+if(ICECACHE_BUILD_TESTS AND NOT ICECACHE_SANITIZE AND NOT ICECACHE_BUILD_FUZZERS)
   set(_install_test_python "")
   if(TARGET icecache_py_core)
     set(_install_test_python "${Python_EXECUTABLE}")
