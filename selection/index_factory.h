@@ -39,7 +39,7 @@ inline constexpr absl::string_view kDefaultPreset = kFastPreset;
 
 // Every preset name, the paper's reference first.
 std::vector<std::string> PresetNames();
-// "paper, tuned": for flag help and error messages.
+// "paper, tuned, fast": for flag help and error messages.
 std::string PresetList();
 
 // INVALID_ARGUMENT naming the known presets when `name` is not one.
