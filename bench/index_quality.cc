@@ -1,6 +1,7 @@
-// Quality of page selection, side by side: the IceCache DCI tree (paper configuration and
-// options), the Quest-style and StreamingLLM baselines and the oracles, at several token
-// budgets, on a real-model trace (--trace) or on the synthetic generator.
+// Quality of page selection, side by side: the IceCache DCI tree (paper configuration, every
+// other preset as the daemon serves it, and the single options), the Quest-style and
+// StreamingLLM baselines and the oracles, at several token budgets, on a real-model trace
+// (--trace) or on the synthetic generator.
 //
 //   build/bench/index_quality [--trace=FILE] [--budgets=64,128,256,512] [--out=DIR]
 //
@@ -117,6 +118,17 @@ int main(int argc, char** argv) {
       o.promotion_ratio_1 = 0.03;
     });
     opts.methods.insert(opts.methods.begin() + 1, variants.begin(), variants.end());
+  }
+  // Every preset other than the paper's (which DefaultMethods holds as icecache-dci) as the
+  // daemon serves it, named dci-<preset>; the daemon's default among them.
+  for (const std::string& preset : icecache::selection::PresetNames()) {
+    if (preset == icecache::selection::kPaperPreset) continue;
+    absl::StatusOr<MethodSpec> m = PresetMethod("dci-" + preset, preset);
+    if (!m.ok()) {
+      std::fprintf(stderr, "index_quality: %s\n", std::string(m.status().message()).c_str());
+      return 1;
+    }
+    opts.methods.insert(opts.methods.begin() + 1, *m);
   }
   icecache::ThreadPool pool(absl::GetFlag(FLAGS_threads));
   std::printf("simd: %s, threads: %zu\n", SimdLevelName(ActiveSimdLevel()), pool.size());

@@ -111,17 +111,28 @@ absl::StatusOr<std::unique_ptr<Attachment>> Attachment::Attach(const Options& op
   req.magic = abi::kArenaMagic;
   req.abi_version = options.abi_version;
   req.flags = options.as_operator ? uint32_t{abi::kAttachOperator} : 0u;
-  if (::send(a->conn_fd_, &req, sizeof(req), MSG_NOSIGNAL) != static_cast<ssize_t>(sizeof(req))) {
-    return Errno(absl::StatusCode::kUnavailable, "sending the attach request");
-  }
+  // The daemon checks the peer's uid before it reads anything and may refuse at once, so a
+  // failed send is not the end: its reply (with the reason) can already be waiting.
+  const bool sent =
+      ::send(a->conn_fd_, &req, sizeof(req), MSG_NOSIGNAL) == static_cast<ssize_t>(sizeof(req));
+  const int send_errno = errno;
   abi::AttachReply reply{};
   int fds[2] = {-1, -1};
   int nfds = 0;
   const ssize_t n = RecvWithFds(a->conn_fd_, &reply, sizeof(reply), fds, 2, &nfds, MSG_WAITALL);
   if (n != static_cast<ssize_t>(sizeof(reply)) || reply.magic != abi::kArenaMagic) {
     for (int i = 0; i < nfds; ++i) ::close(fds[i]);
-    return absl::UnavailableError(
-        absl::StrCat("no valid attach reply from ", path, n < 0 ? std::strerror(errno) : ""));
+    if (!sent) {
+      errno = send_errno;
+      return Errno(absl::StatusCode::kUnavailable, "sending the attach request");
+    }
+    if (n == 0) {
+      return absl::UnavailableError(absl::StrCat(
+          "icecached closed the attach connection ", path,
+          " without a reply (it is shutting down, or was too busy to take the attach)"));
+    }
+    return absl::UnavailableError(absl::StrCat(
+        "no valid attach reply from ", path, n < 0 ? ": " : "", n < 0 ? std::strerror(errno) : ""));
   }
   const std::string why(reply.message, strnlen(reply.message, sizeof(reply.message)));
   switch (reply.status) {

@@ -93,4 +93,19 @@ absl::Status PrepareSocketDirectory(const std::string& socket_path) {
   return absl::OkStatus();
 }
 
+absl::Status ApplySocketAccess(const std::string& path, const SocketAccess& access) {
+  if ((access.mode & ~0777u) != 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("socket mode 0", absl::Hex(access.mode), " has bits outside 0777"));
+  }
+  if (access.gid >= 0 &&
+      ::chown(path.c_str(), static_cast<uid_t>(-1), static_cast<gid_t>(access.gid)) != 0) {
+    return ErrnoStatus(errno, absl::StrCat("chown ", path, " to group ", access.gid));
+  }
+  if (::chmod(path.c_str(), static_cast<mode_t>(access.mode)) != 0) {
+    return ErrnoStatus(errno, absl::StrCat("chmod ", path));
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace icecache

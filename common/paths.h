@@ -2,6 +2,7 @@
 // that all of them find each other with no flags at all.
 #pragma once
 
+#include <cstdint>
 #include <string>
 
 #include "absl/status/status.h"
@@ -33,5 +34,15 @@ std::string AttachSocketPath(const std::string& control_socket);
 
 // Maximum length of a unix socket path (sizeof(sockaddr_un::sun_path) - 1).
 size_t MaxSocketPathLength();
+
+// Who may connect to a socket the daemon listens on: its file mode (permission bits only,
+// e.g. 0660) and, when `gid` is not -1, its group. Applied after bind(), whatever the umask.
+// Errors: INVALID_ARGUMENT for bits outside 0777; PERMISSION_DENIED / INTERNAL when chmod or
+// chown fail (a group the daemon is not a member of needs CAP_CHOWN).
+struct SocketAccess {
+  uint32_t mode = 0666;
+  int64_t gid = -1;
+};
+absl::Status ApplySocketAccess(const std::string& path, const SocketAccess& access);
 
 }  // namespace icecache

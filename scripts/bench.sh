@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Benchmarks and quality evaluations: their own command, not CI (minutes, not seconds).
-# Installs what is missing, builds, runs the index speed benchmark (paper configuration and
-# the improvement options, each against the exact scan in the same run), the data-plane
+# Installs what is missing, builds, runs the index speed benchmark (the daemon's default
+# preset, the paper configuration and the tuned preset, each against the exact scan in the
+# same run; on a real model's trace too when bench/traces/bible.ictrace or --trace exists), the data-plane
 # benchmark (ring round trips against in-process calls, concurrent clients) and the quality
 # evaluation (every method and oracle at budgets 64-512), the client's decode step in CPU
-# mode (select, fetch, attention against full attention; page-cache hit rate), then draws the
-# plots. The GPU benchmarks run on the GPU machine: bench/gpu/pack.sh, then bench/gpu/run.sh.
+# mode (select, fetch, attention against full attention; page-cache hit rate), the Python
+# binding's overhead per decode call against the C++ call, then draws the plots. The GPU
+# benchmarks run on the GPU machine: bench/gpu/pack.sh, then bench/gpu/run.sh.
 #
 #   scripts/bench.sh [--quick] [--trace=FILE] [--model]
 #
@@ -32,20 +34,40 @@ for arg in "$@"; do
 done
 
 "$root/scripts/bootstrap.sh" --bench
-"$root/scripts/build.sh"
+venv="$("$root/scripts/python_env.sh")"  # the Python package's benchmark
+"$root/scripts/build.sh" -DPython_EXECUTABLE="$venv/bin/python"
 mkdir -p "$out"
 echo "== machine: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores"
-for config in paper all all-r1; do
+# The index: the daemon's default preset (what index_speed runs without --config; it also
+# builds the 8B-shaped stacks), the paper's reference and the tuned preset, each against the
+# exact scan in the same run; then the same on a real model's trace when there is one.
+stacks="32768,131072"
+[[ $sizes == "4096,32768" ]] && stacks="32768"
+echo "== index speed, the daemon's default preset (and the 8B-shaped stacks)"
+"$build/bench/index_speed" --sizes="$sizes" --stack=true --stack_tokens="$stacks" --out="$out"
+for config in paper all; do
   echo "== index speed, config $config"
-  stack=false
-  [[ $config == paper ]] && stack=true
-  "$build/bench/index_speed" --config="$config" --sizes="$sizes" --stack="$stack" --out="$out"
+  "$build/bench/index_speed" --config="$config" --sizes="$sizes" --stack=false --out="$out"
 done
+index_trace=""
+for arg in "${quality_args[@]}"; do index_trace="${arg#--trace=}"; done
+[[ -z $index_trace && -f $root/bench/traces/bible.ictrace ]] && index_trace="$root/bench/traces/bible.ictrace"
+if [[ -n $index_trace ]]; then
+  mkdir -p "$out/real"
+  echo "== index speed on the trace $index_trace: the daemon's default, paper, tuned"
+  "$build/bench/index_speed" --trace="$index_trace" --out="$out/real"
+  for config in paper all; do
+    "$build/bench/index_speed" --config="$config" --trace="$index_trace" --out="$out/real"
+  done
+fi
 echo "== data plane (daemon subprocess, ring round trips, concurrent clients)"
 "$build/bench/data_plane" --out="$out"
 echo "== client decode step (CPU mode: the kernels' CPU references) and page-cache hit rate"
 "$build/bench/client_decode" --mode=cpu --contexts=32768 --budgets=256,2048 --steps=16 \
   --hit_steps=300 --out="$out"
+echo "== Python binding overhead per decode call against the C++ call (same run)"
+PYTHONPATH="$build/python" "$venv/bin/python" "$root/bench/python_overhead.py" \
+  --icecached="$build/server/main/icecached" --cpp="$build/bench/python_overhead" --out="$out"
 echo "== index quality"
 "$build/bench/index_quality" --out="$out" "${quality_args[@]}"
 if $model; then

@@ -12,6 +12,10 @@ packages=(
   curl
   # The format check (scripts/check_format.sh, a test).
   clang-format
+  # Fuzzing and sanitizer builds (scripts/fuzz.sh, scripts/sanitize.sh): clang, its runtime
+  # libraries (libFuzzer, ASan, UBSan, TSan) and llvm-symbolizer for readable reports; openssl
+  # makes the certificates of the TLS tests.
+  clang libclang-rt-14-dev llvm openssl
   # Deployment checks (tests/deploy): promtool and Prometheus, Python for the checkers and a
   # venv for kubernetes-validate.
   prometheus python3-yaml python3-venv

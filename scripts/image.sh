@@ -238,12 +238,13 @@ if ((do_build)); then
     done
     [[ -n "$py" ]] || die "no python3 with pip"
     rm -rf "$wheels.partial"
+    t0=$SECONDS
     # The same requirement deploy/docker/install-cuda-toolkit.sh installs in the image.
     "$py" -m pip download --quiet --disable-pip-version-check --only-binary=:all: \
       --dest "$wheels.partial" "cuda-toolkit[nvcc,cudart,cccl,crt,nvvm]==$cuda_version" \
       >"$cache/logs/pip.log" 2>&1 || { tail -20 "$cache/logs/pip.log"; die "pip download failed"; }
     rm -rf "$wheels"; mv "$wheels.partial" "$wheels"; touch "$wheels/.complete"
-    say "downloaded $(ls "$wheels"/*.whl | wc -l) wheels ($(du -sm "$wheels" | cut -f1) MB)"
+    say "downloaded $(ls "$wheels"/*.whl | wc -l) wheels ($(du -sm "$wheels" | cut -f1) MB) in $((SECONDS - t0)) s"
   fi
 
   # -------------------------------------------------------------------------------------------
@@ -257,7 +258,7 @@ if ((do_build)); then
     --build-arg CUDA_ARCHITECTURES="$cuda_architectures" \
     -v "$wheels:/var/cache/cuda-wheels:ro" \
     -t "$image" -f "$context/Dockerfile" "$context" 2>&1 | tee "$log" \
-    | grep --line-buffered -E '^(\[[0-9]+/[0-9]+\] )?STEP [0-9]+/[0-9]+: (FROM|RUN|COPY)|^--> Using cache|^(bootstrap|build\.sh|install-cuda-toolkit):|^-- IceCache:|^Error' \
+    | grep --line-buffered -E '^(\[[0-9]+/[0-9]+\] )?STEP [0-9]+/[0-9]+: (FROM|RUN|COPY)|^(bootstrap|build\.sh|install-cuda-toolkit):|^-- IceCache:|^Error' \
     | sed -u -e 's/^/    /' -e 's/\(.\{150\}\).*/\1 .../'
   rc=${PIPESTATUS[0]}
   set -e
@@ -291,6 +292,7 @@ start_seconds=""
 stop_seconds=""
 if ((do_check)); then
   say "[5/6] running $image and checking it"
+  checks_t0=$SECONDS
   work="$(mktemp -d "$cache/tmp/check.XXXXXX")"
   name="icecache-image-check-$$"
   mnt=""
@@ -407,7 +409,7 @@ if ((do_check)); then
 fi
 
 # ---------------------------------------------------------------------------------------------
-say "[6/6] summary"
+say "[6/6] summary (all steps: $SECONDS s)"
 echo "  image          $image"
 echo "  size           $size_mb MB ($size_bytes bytes)"
 if ((do_build)); then
@@ -416,6 +418,7 @@ fi
 if ((do_check)); then
   echo "  start time     $start_seconds s (podman run to health SERVING)"
   echo "  stop time      $stop_seconds s (SIGTERM to exit)"
+  echo "  checks time    $((SECONDS - checks_t0)) s"
   echo "  checks         $pass passed, ${#failures[@]} failed"
   echo "  cache          $cache ($(du -sm "$cache" 2>/dev/null | cut -f1) MB)"
   if ((${#failures[@]})); then

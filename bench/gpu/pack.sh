@@ -41,6 +41,26 @@ done
 loader="$(ldd "$build/server/main/icecached" | awk '/ld-linux/ {print $1}')"
 cp -L "$loader" "$pack/lib/ld-linux-x86-64.so.2"
 chmod +x "$pack/lib/ld-linux-x86-64.so.2"
+# The Python package is built on the GPU machine for its own Python (3.12, torch 2.11) from
+# python/ in the working tree (bench/gpu/run_python.sh), against this prebuilt client: the
+# shared libicecache_client with CUDA and its headers (cmake --install, component client),
+# Abseil's headers (the public API uses absl::Status), and in pylib/ links to the bundled
+# libraries it needs, without glibc, libstdc++ or libcudart (the Python process brings its own).
+cmake --install "$build" --prefix "$pack/prefix" --component client >/dev/null
+cp -r /usr/include/absl "$pack/prefix/include/absl"
+mkdir -p "$pack/pylib"
+ldd "$pack/prefix/lib/libicecache_client.so" | awk '/=> \// {print $3}' | while read -r lib; do
+  name="$(basename "$lib")"
+  case "$name" in
+    libc.so*|libm.so*|libdl.so*|librt.so*|libpthread.so*|libstdc++.so*|libgcc_s.so*|ld-linux*) continue ;;
+    libcuda.so*|libcudart.so*|libnvidia*) continue ;;
+  esac
+  [[ -e "$pack/lib/$name" ]] || objcopy --strip-debug "$(readlink -f "$lib")" "$pack/lib/$name"
+  ln -sf "../lib/$name" "$pack/pylib/$name"
+  # The unversioned name the linker looks for (-labsl_status ...), beside the client library.
+  ln -sf "../../lib/$name" "$pack/prefix/lib/${name%%.so*}.so"
+done
+objcopy --strip-debug "$(readlink -f "$pack/prefix/lib/libicecache_client.so")"
 du -sh "$pack"
 size_kib="$(du -sk "$pack" | cut -f1)"
 if (( size_kib > 60 * 1024 )); then

@@ -84,4 +84,10 @@ try:
 except Exception as e:
     print("no per-token results:", e)
 PY
+# 6. The Python package in CUDA mode (bench/gpu/run_python.sh: built here for this machine's
+#    Python; transformers on a random Llama; the batch sweep with PyTorch CUDA tensors). Also a
+#    device call of its own: bash bench/gpu/run_python.sh (carry [".gpu-pack"]).
+if [[ "${ICECACHE_GPU_PYTHON:-1}" == 1 ]]; then
+  timeout 300 bash "$root/bench/gpu/run_python.sh" 2>&1 | tee -a "$log" || status=1
+fi
 exit $status

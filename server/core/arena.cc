@@ -5,6 +5,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 
@@ -38,6 +39,14 @@ absl::StatusOr<std::unique_ptr<Arena>> Arena::Create(uint64_t client_id,
                                                      const ArenaOptions& options,
                                                      uint64_t quota_bytes, MemoryAccountant* global,
                                                      SegmentListener* listener) {
+  // Nothing promised: every segment is charged to the quota and the global limit as created.
+  return Create(client_id, options, std::make_unique<ClientBudget>(global, quota_bytes), listener);
+}
+
+absl::StatusOr<std::unique_ptr<Arena>> Arena::Create(uint64_t client_id,
+                                                     const ArenaOptions& options,
+                                                     std::unique_ptr<ClientBudget> budget,
+                                                     SegmentListener* listener) {
   if (options.slots == 0 || (options.slots & (options.slots - 1)) != 0 || options.slots > 4096) {
     return absl::InvalidArgumentError("arena slots must be a power of two in 1..4096");
   }
@@ -45,7 +54,7 @@ absl::StatusOr<std::unique_ptr<Arena>> Arena::Create(uint64_t client_id,
       options.slot_payload % 64 != 0) {
     return absl::InvalidArgumentError("slot payload must be a multiple of 64 in 4 KiB..16 MiB");
   }
-  std::unique_ptr<Arena> a(new Arena(client_id, options, quota_bytes, global, listener));
+  std::unique_ptr<Arena> a(new Arena(client_id, options, std::move(budget), listener));
   a->segments_.resize(abi::kMaxSegments);
   absl::MutexLock lock(&a->mu_);
   absl::StatusOr<uint32_t> control =
@@ -72,23 +81,50 @@ Arena::~Arena() {
     Segment& s = segments_[i];
     if (s.base != nullptr) ::munmap(s.base, s.bytes);
     if (s.fd >= 0) ::close(s.fd);
+    if (!s.dormant) budget_->ReleaseSegment(s.bytes, /*fixed=*/i == 0);
   }
-  if (charged_ > 0) ReleaseNested(&quota_, global_, charged_);
+}
+
+uint64_t Arena::NewSegmentBytes(uint64_t configured, uint64_t need, uint64_t unit) const {
+  uint64_t bytes = std::max(configured, need);
+  // Near the end of the promise, no more than it (and no less than the need): what the arena
+  // holds then stays within what was promised. (An arena nothing was promised to, the legacy
+  // Create's, takes configured segments.)
+  if (budget_->arena_promised() == 0) return bytes;
+  const uint64_t headroom = budget_->headroom() / unit * unit;
+  if (headroom < bytes) bytes = std::max(need, headroom);
+  return bytes;
 }
 
 absl::StatusOr<uint32_t> Arena::AddSegment(uint32_t kind, uint64_t bytes, uint32_t page_bytes) {
+  // A dormant segment large enough is reused first (the smallest such, to keep large ones).
+  int best = -1;
+  for (uint32_t i = 1; i < used_segments_; ++i) {
+    const Segment& s = segments_[i];
+    if (!s.dormant || s.bytes < bytes) continue;
+    if (best < 0 || s.bytes < segments_[best].bytes) best = static_cast<int>(i);
+  }
+  if (best >= 0) {
+    Segment& s = segments_[best];
+    absl::Status charged = budget_->ChargeSegment(s.bytes, /*fixed=*/false);
+    if (!charged.ok()) return charged;
+    s.dormant = false;
+    TypeSegment(static_cast<uint32_t>(best), kind, page_bytes);
+    return static_cast<uint32_t>(best);
+  }
   if (used_segments_ >= abi::kMaxSegments) {
     return absl::ResourceExhaustedError(
         absl::StrCat("client ", client_id_, " has used all ", abi::kMaxSegments, " segments"));
   }
-  absl::Status charged = ReserveNested(&quota_, global_, bytes, "arena segment");
+  const bool control = used_segments_ == 0;
+  absl::Status charged = budget_->ChargeSegment(bytes, control);
   if (!charged.ok()) return charged;
   const std::string name = absl::StrCat("icecache-c", client_id_, "-s", used_segments_);
   const int fd = ::memfd_create(name.c_str(), MFD_CLOEXEC | MFD_ALLOW_SEALING);
   auto fail = [&](const char* what) {
     const int err = errno;
     if (fd >= 0) ::close(fd);
-    ReleaseNested(&quota_, global_, bytes);
+    budget_->ReleaseSegment(bytes, control);
     return absl::InternalError(
         absl::StrCat(what, " for a ", FormatBytes(bytes), " segment: ", std::strerror(err)));
   };
@@ -105,25 +141,64 @@ absl::StatusOr<uint32_t> Arena::AddSegment(uint32_t kind, uint64_t bytes, uint32
   s.fd = fd;
   s.base = base;
   s.bytes = bytes;
-  s.kind = kind;
-  s.page_bytes = page_bytes;
-  charged_ += bytes;
-  if (kind == abi::kSegmentPages) {
-    s.frames = static_cast<uint32_t>(bytes / page_bytes);
-    s.versions = std::make_unique<std::atomic<uint32_t>[]>(s.frames);
-    for (uint32_t f = 0; f < s.frames; ++f) s.versions[f].store(0, std::memory_order_relaxed);
-  } else if (kind == abi::kSegmentStaging) {
-    s.free_ranges[0] = bytes;
-  }
   if (index > 0) {
-    abi::ArenaHeader* h = header();
-    h->segments[index].bytes = bytes;
-    h->segments[index].kind = kind;
-    h->segments[index].page_bytes = page_bytes;
-    h->num_segments.store(used_segments_, std::memory_order_release);
+    TypeSegment(index, kind, page_bytes);
     if (listener_ != nullptr) listener_->OnSegmentAdded(index, fd, bytes);
   }
   return index;
+}
+
+void Arena::TypeSegment(uint32_t index, uint32_t kind, uint32_t page_bytes) {
+  Segment& s = segments_[index];
+  s.kind = kind;
+  s.page_bytes = page_bytes;
+  s.in_use = 0;
+  s.free_ranges.clear();
+  s.allocations.clear();
+  if (kind == abi::kSegmentPages) {
+    s.frames = static_cast<uint32_t>(s.bytes / page_bytes);
+    // Every frame starts above any version a frame of this segment had before, so that a
+    // client's copy of a page from an earlier use can never look current.
+    s.versions = std::make_unique<std::atomic<uint32_t>[]>(s.frames);
+    for (uint32_t f = 0; f < s.frames; ++f) {
+      s.versions[f].store(s.next_version, std::memory_order_relaxed);
+    }
+  } else {
+    s.frames = 0;
+    s.versions.reset();
+    if (kind == abi::kSegmentStaging) s.free_ranges[0] = s.bytes;
+  }
+  abi::ArenaHeader* h = header();
+  h->segments[index].bytes = s.bytes;
+  h->segments[index].kind = kind;
+  h->segments[index].page_bytes = page_bytes;
+  h->num_segments.store(used_segments_, std::memory_order_release);
+}
+
+void Arena::MaybeReclaim(uint32_t index) {
+  Segment& s = segments_[index];
+  if (index == 0 || s.dormant || s.in_use != 0 || !budget_->over_promise()) return;
+  if (s.kind == abi::kSegmentPages) {
+    std::vector<FrameRef>& free = free_frames_[s.page_bytes];
+    free.erase(std::remove_if(free.begin(), free.end(),
+                              [&](const FrameRef& f) { return f.segment == index; }),
+               free.end());
+    uint32_t top = s.next_version;
+    for (uint32_t f = 0; f < s.frames; ++f) {
+      top = std::max(top, s.versions[f].load(std::memory_order_relaxed) + 1);
+    }
+    s.next_version = top;
+  }
+  // The memory goes back to the system; the client's mapping stays valid (reads zeros).
+  if (::fallocate(s.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0,
+                  static_cast<off_t>(s.bytes)) != 0) {
+    ICECACHE_LOG(WARNING) << "client " << client_id_ << ": cannot free segment " << index << ": "
+                          << std::strerror(errno);
+    return;  // still holds its memory: stays charged
+  }
+  s.dormant = true;
+  s.free_ranges.clear();
+  budget_->ReleaseSegment(s.bytes, /*fixed=*/false);
 }
 
 absl::Status Arena::ReserveFrames(uint32_t page_bytes, uint32_t count, FrameReservation* out) {
@@ -132,16 +207,22 @@ absl::Status Arena::ReserveFrames(uint32_t page_bytes, uint32_t count, FrameRese
   }
   absl::MutexLock lock(&mu_);
   std::vector<FrameRef>& free = free_frames_[page_bytes];
-  const uint64_t per_segment = std::max<uint64_t>(1, options_.page_segment_bytes / page_bytes);
   while (free.size() < count) {
+    const uint64_t need = uint64_t{count - free.size()} * page_bytes;
+    const uint64_t configured =
+        std::max<uint64_t>(1, options_.page_segment_bytes / page_bytes) * page_bytes;
+    // Frames come in segments of the configured size (more of them for a larger need).
     absl::StatusOr<uint32_t> seg =
-        AddSegment(abi::kSegmentPages, per_segment * page_bytes, page_bytes);
+        AddSegment(abi::kSegmentPages,
+                   NewSegmentBytes(configured, std::min(need, configured), page_bytes), page_bytes);
     if (!seg.ok()) return seg.status();
-    for (uint32_t f = static_cast<uint32_t>(per_segment); f-- > 0;) free.push_back({*seg, f});
+    const Segment& s = segments_[*seg];
+    for (uint32_t f = s.frames; f-- > 0;) free.push_back({*seg, f});
   }
   out->arena_ = this;
   for (uint32_t i = 0; i < count; ++i) {
     out->frames_.push_back(free.back());
+    ++segments_[free.back().segment].in_use;
     free.pop_back();
   }
   frames_in_use_ += count;
@@ -152,11 +233,13 @@ absl::Status Arena::ReserveFrames(uint32_t page_bytes, uint32_t count, FrameRese
 void Arena::ReturnFrames(std::vector<FrameRef>* frames) {
   absl::MutexLock lock(&mu_);
   for (FrameRef f : *frames) {
-    const uint32_t pb = segments_[f.segment].page_bytes;
-    free_frames_[pb].push_back(f);
+    Segment& s = segments_[f.segment];
+    free_frames_[s.page_bytes].push_back(f);
+    --s.in_use;
     --frames_in_use_;
-    frame_bytes_in_use_ -= pb;
+    frame_bytes_in_use_ -= s.page_bytes;
   }
+  for (FrameRef f : *frames) MaybeReclaim(f.segment);
   frames->clear();
 }
 
@@ -183,39 +266,56 @@ void Arena::BumpFrameVersion(FrameRef frame) {
   segments_[frame.segment].versions[frame.frame].fetch_add(1, std::memory_order_acq_rel);
 }
 
-absl::StatusOr<abi::ArenaRef> Arena::AllocStaging(uint64_t bytes) {
+uint64_t Arena::StagingFootprint(uint64_t bytes) { return RoundUp(bytes, kStagingAlign); }
+
+absl::StatusOr<abi::ArenaRef> Arena::AllocStaging(uint64_t bytes, uint64_t tag) {
   if (bytes == 0) return absl::InvalidArgumentError("staging buffer of 0 bytes");
+  if (bytes > (uint64_t{1} << 48)) {
+    return absl::InvalidArgumentError(absl::StrCat("staging buffer of ", bytes, " bytes"));
+  }
   const uint64_t need = RoundUp(bytes, kStagingAlign);
   absl::MutexLock lock(&mu_);
   for (uint32_t i = 1; i < used_segments_; ++i) {
     Segment& s = segments_[i];
-    if (s.kind != abi::kSegmentStaging) continue;
+    if (s.kind != abi::kSegmentStaging || s.dormant) continue;
     for (auto it = s.free_ranges.begin(); it != s.free_ranges.end(); ++it) {
       if (it->second < need) continue;
       const uint64_t off = it->first, len = it->second;
       s.free_ranges.erase(it);
       if (len > need) s.free_ranges[off + need] = len - need;
-      s.allocations[off] = need;
+      s.allocations[off] = {need, tag};
+      ++s.in_use;
       staging_in_use_ += need;
       return abi::ArenaRef{i, 0, off};
     }
   }
-  absl::StatusOr<uint32_t> seg =
-      AddSegment(abi::kSegmentStaging,
-                 std::max(need, RoundUp(options_.staging_segment_bytes, kStagingAlign)), 0);
+  absl::StatusOr<uint32_t> seg = AddSegment(
+      abi::kSegmentStaging,
+      NewSegmentBytes(RoundUp(options_.staging_segment_bytes, kStagingAlign), need, kStagingAlign),
+      0);
   if (!seg.ok()) return seg.status();
   Segment& s = segments_[*seg];
   s.free_ranges.clear();
   if (s.bytes > need) s.free_ranges[need] = s.bytes - need;
-  s.allocations[0] = need;
+  s.allocations[0] = {need, tag};
+  ++s.in_use;
   staging_in_use_ += need;
   return abi::ArenaRef{*seg, 0, 0};
+}
+
+uint64_t Arena::StagingBytes(uint64_t tag) const {
+  absl::MutexLock lock(&mu_);
+  uint64_t total = 0;
+  for (uint32_t i = 1; i < used_segments_; ++i) {
+    for (const auto& [off, a] : segments_[i].allocations) total += a.tag == tag ? a.length : 0;
+  }
+  return total;
 }
 
 absl::Status Arena::FreeStaging(const abi::ArenaRef& ref) {
   absl::MutexLock lock(&mu_);
   if (ref.segment == 0 || ref.segment >= used_segments_ ||
-      segments_[ref.segment].kind != abi::kSegmentStaging) {
+      segments_[ref.segment].kind != abi::kSegmentStaging || segments_[ref.segment].dormant) {
     return absl::InvalidArgumentError("not a staging segment");
   }
   Segment& s = segments_[ref.segment];
@@ -223,8 +323,9 @@ absl::Status Arena::FreeStaging(const abi::ArenaRef& ref) {
   if (it == s.allocations.end()) {
     return absl::InvalidArgumentError("not a live staging buffer");
   }
-  uint64_t off = it->first, len = it->second;
+  uint64_t off = it->first, len = it->second.length;
   s.allocations.erase(it);
+  --s.in_use;
   staging_in_use_ -= len;
   // Coalesce with the free neighbours.
   auto next = s.free_ranges.lower_bound(off);
@@ -241,13 +342,15 @@ absl::Status Arena::FreeStaging(const abi::ArenaRef& ref) {
     }
   }
   s.free_ranges[off] = len;
+  MaybeReclaim(ref.segment);
+  if (listener_ != nullptr) listener_->OnStagingFreed();
   return absl::OkStatus();
 }
 
 absl::StatusOr<uint8_t*> Arena::StagingAddress(const abi::ArenaRef& ref, uint64_t bytes) const {
   absl::MutexLock lock(&mu_);
   if (ref.segment == 0 || ref.segment >= used_segments_ ||
-      segments_[ref.segment].kind != abi::kSegmentStaging) {
+      segments_[ref.segment].kind != abi::kSegmentStaging || segments_[ref.segment].dormant) {
     return absl::InvalidArgumentError(
         absl::StrCat("segment ", ref.segment, " is not a staging segment of this client"));
   }
@@ -256,16 +359,26 @@ absl::StatusOr<uint8_t*> Arena::StagingAddress(const abi::ArenaRef& ref, uint64_
   if (it == s.allocations.end()) {
     return absl::InvalidArgumentError("staging reference is not a live staging buffer");
   }
-  if (it->second < bytes) {
+  if (it->second.length < bytes) {
     return absl::InvalidArgumentError(
-        absl::StrCat("staging buffer holds ", it->second, " bytes, ", bytes, " needed"));
+        absl::StrCat("staging buffer holds ", it->second.length, " bytes, ", bytes, " needed"));
   }
   return static_cast<uint8_t*>(s.base) + ref.offset;
 }
 
 uint64_t Arena::segment_bytes() const {
   absl::MutexLock lock(&mu_);
-  return charged_;
+  uint64_t total = 0;
+  for (uint32_t i = 0; i < used_segments_; ++i)
+    total += segments_[i].dormant ? 0 : segments_[i].bytes;
+  return total;
+}
+
+uint32_t Arena::dormant_segments() const {
+  absl::MutexLock lock(&mu_);
+  uint32_t n = 0;
+  for (uint32_t i = 0; i < used_segments_; ++i) n += segments_[i].dormant ? 1 : 0;
+  return n;
 }
 
 uint64_t Arena::frames_in_use() const {

@@ -2,10 +2,17 @@
 // control segment (header, submission queue, request slots, stats; layout in
 // proto/icecache/v1/abi.h), page frames and staging buffers.
 //
-// Memory: every segment's bytes are charged, when it is created, to the client's quota and
-// the daemon-wide physical limit (RESOURCE_EXHAUSTED, nothing created, when either is full)
-// and released when the arena dies. Segments are sealed against shrinking, so a client that
-// ftruncates its descriptor cannot make the daemon fault on its own mapping.
+// Memory: every segment's bytes are charged, when it is created, to the client's
+// ClientBudget (memory_accountant.h: within what the client's sequences were promised, or
+// beyond it against the daemon-wide limit; RESOURCE_EXHAUSTED, nothing created, when that is
+// full) and released when the arena dies. A new segment is sized to the promise's headroom
+// when that is below the configured size, so the arena holds no more than was promised.
+// While the arena holds more than was promised (sequences dropped), segments that empty are
+// given back: their memory is freed (the file keeps its size; pages read as zeros), their
+// charge released, and they are reused, possibly for another page size or kind, when a
+// segment is needed again (versions of reused frames continue above every earlier one).
+// Segments are sealed against shrinking, so a client that ftruncates its descriptor cannot
+// make the daemon fault on its own mapping.
 //
 // Page frames: a page segment holds frames of one size (page_bytes); frames are handed out
 // through FrameReservations (reserve first, when failure is still allowed; take later, when it
@@ -49,6 +56,8 @@ class SegmentListener {
  public:
   virtual ~SegmentListener() = default;
   virtual void OnSegmentAdded(uint32_t segment, int fd, uint64_t bytes) = 0;
+  // A staging buffer was freed (someone may be waiting for staging room).
+  virtual void OnStagingFreed() {}
 };
 
 class Arena {
@@ -72,13 +81,21 @@ class Arena {
   };
 
   // Creates the control segment. Every segment is charged to the arena's own quota of
-  // `quota_bytes` and to `global` (which must outlive the arena). RESOURCE_EXHAUSTED when the
-  // control segment does not fit; INTERNAL when memfd or mmap fail.
+  // `quota_bytes` and to `global` (which must outlive the arena), with nothing promised
+  // beforehand. RESOURCE_EXHAUSTED when the control segment does not fit; INTERNAL when memfd
+  // or mmap fail.
   static absl::StatusOr<std::unique_ptr<Arena>> Create(uint64_t client_id,
                                                        const ArenaOptions& options,
                                                        uint64_t quota_bytes,
                                                        MemoryAccountant* global,
                                                        SegmentListener* listener);
+  // The same, charging a client's budget (which the arena keeps: the client's sequences
+  // promise through budget()).
+  static absl::StatusOr<std::unique_ptr<Arena>> Create(uint64_t client_id,
+                                                       const ArenaOptions& options,
+                                                       std::unique_ptr<ClientBudget> budget,
+                                                       SegmentListener* listener);
+  ClientBudget* budget() const { return budget_.get(); }
 
   // No more segment notifications (the client is gone). Thread-safe.
   void DetachListener();
@@ -107,8 +124,13 @@ class Arena {
 
   // ---- staging buffers
   // A buffer of `bytes` (4 KiB aligned) in a staging segment. RESOURCE_EXHAUSTED when a new
-  // staging segment is needed and does not fit; INVALID_ARGUMENT for 0 bytes.
-  absl::StatusOr<abi::ArenaRef> AllocStaging(uint64_t bytes);
+  // staging segment is needed and does not fit; INVALID_ARGUMENT for 0 bytes. `tag` (any
+  // value, e.g. the sequence's) groups buffers for StagingBytes.
+  absl::StatusOr<abi::ArenaRef> AllocStaging(uint64_t bytes, uint64_t tag = 0);
+  // Bytes (4 KiB aligned) of the live staging buffers allocated with `tag`.
+  uint64_t StagingBytes(uint64_t tag) const;
+  // Bytes one buffer of `bytes` takes (4 KiB aligned).
+  static uint64_t StagingFootprint(uint64_t bytes);
   // INVALID_ARGUMENT unless `ref` is exactly a live staging allocation of this arena.
   absl::Status FreeStaging(const abi::ArenaRef& ref);
   // The address of a live staging allocation whose size is at least `bytes`; INVALID_ARGUMENT
@@ -121,6 +143,8 @@ class Arena {
   uint64_t frame_bytes_in_use() const;
   uint64_t staging_bytes_in_use() const;
   uint32_t num_segments() const;
+  // Segments given back (memory freed, charge released) and not reused yet.
+  uint32_t dormant_segments() const;
 
  private:
   struct Segment {
@@ -131,27 +155,39 @@ class Arena {
     uint32_t page_bytes = 0;
     uint32_t frames = 0;
     std::unique_ptr<std::atomic<uint32_t>[]> versions;  // page segments: one per frame
-    std::map<uint64_t, uint64_t> free_ranges;           // staging segments: offset -> length
-    std::map<uint64_t, uint64_t> allocations;           // staging segments: offset -> length
+    uint32_t next_version = 0;  // page segments: above every version a frame here ever had
+    std::map<uint64_t, uint64_t> free_ranges;  // staging segments: offset -> length
+    struct Allocation {
+      uint64_t length = 0;
+      uint64_t tag = 0;
+    };
+    std::map<uint64_t, Allocation> allocations;  // staging segments: offset -> allocation
+    uint64_t in_use = 0;   // frames reserved or taken (pages), live buffers (staging)
+    bool dormant = false;  // given back: memory freed, charge released, reusable
   };
 
-  Arena(uint64_t client_id, const ArenaOptions& options, uint64_t quota_bytes,
-        MemoryAccountant* global, SegmentListener* listener)
-      : client_id_(client_id),
-        options_(options),
-        quota_(quota_bytes),
-        global_(global),
-        listener_(listener) {}
+  Arena(uint64_t client_id, const ArenaOptions& options, std::unique_ptr<ClientBudget> budget,
+        SegmentListener* listener)
+      : client_id_(client_id), options_(options), budget_(std::move(budget)), listener_(listener) {}
 
-  // Creates, maps, seals and charges a segment; publishes it in the header.
+  // A segment of `kind` with at least `bytes` (exactly `bytes` when new): a dormant one
+  // reused, or one created, mapped, sealed and charged; published in the header.
   absl::StatusOr<uint32_t> AddSegment(uint32_t kind, uint64_t bytes, uint32_t page_bytes)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Sets segment `index` up as `kind` (frames, versions, free ranges) and publishes it.
+  void TypeSegment(uint32_t index, uint32_t kind, uint32_t page_bytes)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Gives segment `index` back when it is empty and the arena holds more than was promised.
+  void MaybeReclaim(uint32_t index) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Size of a new segment for a need of `need` bytes: the configured size, or less when the
+  // promise's headroom is smaller (never below `need`), in multiples of `unit`.
+  uint64_t NewSegmentBytes(uint64_t configured, uint64_t need, uint64_t unit) const;
   void ReturnFrames(std::vector<FrameRef>* frames);
 
   const uint64_t client_id_;
   const ArenaOptions options_;
-  MemoryAccountant quota_;
-  MemoryAccountant* const global_;
+  // Destroyed after the segments are released (declared before them).
+  const std::unique_ptr<ClientBudget> budget_;
   SegmentListener* listener_ ABSL_GUARDED_BY(mu_);
 
   mutable absl::Mutex mu_;
@@ -162,7 +198,6 @@ class Arena {
   uint64_t frames_in_use_ ABSL_GUARDED_BY(mu_) = 0;
   uint64_t frame_bytes_in_use_ ABSL_GUARDED_BY(mu_) = 0;
   uint64_t staging_in_use_ ABSL_GUARDED_BY(mu_) = 0;
-  uint64_t charged_ ABSL_GUARDED_BY(mu_) = 0;
 };
 
 }  // namespace icecache

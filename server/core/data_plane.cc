@@ -17,8 +17,11 @@
 #include <climits>
 #include <cstring>
 #include <functional>
+#include <optional>
 
+#include "absl/container/flat_hash_map.h"
 #include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
 #include "common/keyed_serial_executor.h"
 #include "common/log.h"
 
@@ -26,6 +29,11 @@ namespace icecache {
 namespace {
 
 using SteadyClock = std::chrono::steady_clock;
+
+// Scratch buffers (kOpScratch): their arena tag, and the most one client holds at once (a
+// batch of abi::kMaxBatchSelect sequences of 64 query heads of dim 256 needs 64 MiB).
+constexpr uint64_t kScratchTag = ~uint64_t{0};
+constexpr uint64_t kMaxScratchBytes = uint64_t{256} << 20;
 
 void FutexWake(std::atomic<uint32_t>* word) {
   ::syscall(SYS_futex, reinterpret_cast<uint32_t*>(word), FUTEX_WAKE, INT_MAX, nullptr, nullptr, 0);
@@ -46,6 +54,11 @@ std::string RandomToken() {
     token.push_back(kHex[b & 15]);
   }
   return token;
+}
+
+// What every request and attach gets once shutdown has begun.
+absl::Status ShuttingDown() {
+  return absl::UnavailableError("icecached is shutting down; attach to its successor");
 }
 
 bool Contains(const std::vector<uid_t>& uids, uid_t uid) {
@@ -89,12 +102,23 @@ struct DataPlane::Client final : public SegmentListener {
   std::shared_ptr<Arena> arena;  // null for operators
   std::thread dispatcher;
   std::atomic<bool> dead{false};
+  // Set by the dispatcher while stages wait for staging room; a freed buffer then wakes it.
+  std::atomic<bool> staging_waiters{false};
+  std::atomic<bool> staging_freed{false};
   std::atomic<uint32_t> sq_head{0};  // the daemon's own copy: the shared one is never trusted
   // Appends of each (sequence, layer) in order; set at attach.
   std::unique_ptr<KeyedSerialExecutor> appends;
+  // Without dispatcher threads (DataPlaneOptions::dispatcher_threads false, for fuzzing): the
+  // dispatcher a caller drives with DispatchForTesting.
+  std::shared_ptr<Dispatcher> manual;
 
   absl::Mutex mu;
   int in_flight ABSL_GUARDED_BY(mu) = 0;
+
+  // The client's scratch buffers (kOpScratch): (segment, offset) -> promised footprint.
+  absl::Mutex scratch_mu;
+  absl::flat_hash_map<std::pair<uint32_t, uint64_t>, uint64_t> scratch ABSL_GUARDED_BY(scratch_mu);
+  uint64_t scratch_bytes ABSL_GUARDED_BY(scratch_mu) = 0;
 
   absl::Mutex send_mu;
 
@@ -115,6 +139,14 @@ struct DataPlane::Client final : public SegmentListener {
     }
   }
 
+  void OnStagingFreed() override {
+    staging_freed.store(true);
+    if (staging_waiters.load() && wake_fd >= 0) {
+      const uint64_t one = 1;
+      (void)!::write(wake_fd, &one, sizeof(one));
+    }
+  }
+
   void BeginOp() {
     absl::MutexLock lock(&mu);
     ++in_flight;
@@ -130,12 +162,30 @@ class DataPlane::Dispatcher {
  public:
   Dispatcher(DataPlane* dp, std::shared_ptr<Client> client) : dp_(dp), c_(std::move(client)) {}
 
+  // One pass of Run's loop without waiting (DispatchForTesting): the requests taken.
+  uint32_t Pass() {
+    if (!started_) {
+      error_budget_ = dp_->options_.protocol_error_burst;
+      last_refill_ = SteadyClock::now();
+      started_ = true;
+    }
+    RetryDeferredStages(/*all=*/true);
+    const uint32_t taken = Drain(c_->arena->header());
+    CheckProtocolErrors();
+    return taken;
+  }
+
   void Run() {
     abi::ArenaHeader* h = c_->arena->header();
     auto last_activity = SteadyClock::now();
     const auto spin = absl::ToChronoNanoseconds(dp_->options_.poll_spin);
+    error_budget_ = dp_->options_.protocol_error_burst;
+    last_refill_ = SteadyClock::now();
     while (!c_->dead.load(std::memory_order_acquire)) {
-      if (Drain(h) > 0) {
+      RetryDeferredStages(/*all=*/false);
+      const uint32_t taken = Drain(h);
+      if (!CheckProtocolErrors()) break;  // evicted
+      if (taken > 0) {
         last_activity = SteadyClock::now();
         continue;
       }
@@ -146,36 +196,99 @@ class DataPlane::Dispatcher {
       h->daemon_sleeping.store(1, std::memory_order_seq_cst);
       if (h->sq_tail.load(std::memory_order_seq_cst) != c_->sq_head.load()) {
         h->daemon_sleeping.store(0, std::memory_order_relaxed);
+        // Entries that are not requests (a lying tail, stray indices) are not activity: a
+        // client cannot keep its dispatcher spinning with them.
+        if (throttled_) Pause(dp_->options_.protocol_error_pause);
         continue;
       }
       struct pollfd fds[2] = {{c_->doorbell_fd, POLLIN, 0}, {c_->wake_fd, POLLIN, 0}};
-      ::poll(fds, 2, 1000);
+      // Waiting stages are looked at again when a buffer is freed, and at least every 100 ms
+      // (for their deadline).
+      ::poll(fds, 2, deferred_.empty() ? 1000 : 100);
       uint64_t v;
       if (fds[0].revents & POLLIN) (void)!::read(c_->doorbell_fd, &v, sizeof(v));
+      if ((fds[1].revents & POLLIN) && !c_->dead.load()) {
+        (void)!::read(c_->wake_fd, &v, sizeof(v));
+      }
       h->daemon_sleeping.store(0, std::memory_order_relaxed);
       last_activity = SteadyClock::now();
     }
+    // Stages still waiting get an answer: the client is going away or the daemon stops.
+    for (const DeferredStage& d : deferred_) {
+      Finish(d.r, d.start, absl::UnavailableError("the client is being detached"), 0);
+    }
+    deferred_.clear();
   }
 
  private:
-  // Takes every submitted entry (at most num_slots per pass); returns how many.
+  // Counts a protocol error against the client's budget.
+  void ProtocolError() {
+    dp_->observer_->OnProtocolError();
+    error_budget_ -= 1;
+  }
+
+  // Refills the error budget; throttles a client that has spent it (a pause per pass) and
+  // evicts one that stays throttled past the grace. False when the client was evicted.
+  bool CheckProtocolErrors() {
+    const DataPlaneOptions& o = dp_->options_;
+    const auto now = SteadyClock::now();
+    const double elapsed = std::chrono::duration<double>(now - last_refill_).count();
+    last_refill_ = now;
+    error_budget_ = std::min<double>(o.protocol_error_burst,
+                                     error_budget_ + elapsed * o.protocol_errors_per_second);
+    if (error_budget_ > 0) {
+      throttled_ = false;
+      return true;
+    }
+    if (!throttled_) {
+      throttled_ = true;
+      throttled_since_ = now;
+      ICECACHE_LOG(WARNING) << "client " << c_->id << " (uid " << c_->uid << ", pid " << c_->pid
+                            << "): too many protocol errors; throttled";
+    }
+    if (now - throttled_since_ > absl::ToChronoNanoseconds(o.protocol_error_grace)) {
+      ICECACHE_LOG(WARNING) << "client " << c_->id << " (uid " << c_->uid << ", pid " << c_->pid
+                            << "): kept making protocol errors for "
+                            << absl::FormatDuration(o.protocol_error_grace) << "; detaching it";
+      dp_->observer_->OnClientEvicted();
+      // The attach thread sees the hang-up and hands the client to the reaper.
+      ::shutdown(c_->conn_fd, SHUT_RDWR);
+      c_->dead.store(true);
+      return false;
+    }
+    Pause(o.protocol_error_pause);
+    return true;
+  }
+
+  // Sleeps (a throttled client), waking early only when the client is being detached.
+  void Pause(absl::Duration d) {
+    struct pollfd fd = {c_->wake_fd, POLLIN, 0};
+    ::poll(&fd, 1, static_cast<int>(absl::ToInt64Milliseconds(d)));
+  }
+
+  // Takes every submitted entry (at most num_slots per pass); returns how many were requests.
   uint32_t Drain(abi::ArenaHeader* h) {
     const uint32_t slots = dp_->options_.arena.slots;  // ours, not the shared header's
     const uint32_t head = c_->sq_head.load(std::memory_order_relaxed);
     const uint32_t tail = h->sq_tail.load(std::memory_order_acquire);
     uint32_t n = tail - head;
     if (n == 0) return 0;
-    if (n > slots) {  // a client that lies about its tail: do a bounded amount of work
-      dp_->observer_->OnProtocolError();
-      n = slots;
+    if (n > slots) {
+      // A tail more than a ring ahead names entries the client never wrote: skip them all
+      // (a bounded, constant amount of work) and count the lie.
+      ProtocolError();
+      c_->sq_head.store(tail, std::memory_order_relaxed);
+      h->sq_head.store(tail, std::memory_order_release);
+      return 0;
     }
     std::atomic<uint32_t>* sq = c_->arena->SubmissionQueue();
+    uint32_t taken = 0;
     for (uint32_t i = 0; i < n; ++i) {
-      Take(sq[(head + i) & (slots - 1)].load(std::memory_order_acquire));
+      taken += Take(sq[(head + i) & (slots - 1)].load(std::memory_order_acquire)) ? 1 : 0;
     }
     c_->sq_head.store(head + n, std::memory_order_relaxed);
     h->sq_head.store(head + n, std::memory_order_release);
-    return n;
+    return taken;
   }
 
   // The request as copied out of shared memory (the client may change the slot meanwhile).
@@ -187,18 +300,20 @@ class DataPlane::Dispatcher {
     abi::ArenaRef staging;
   };
 
-  void Take(uint32_t index) {
+  // Takes and runs (or starts) the request in slot `index`; false when the entry names no
+  // submitted slot (a protocol error, counted).
+  bool Take(uint32_t index) {
     const uint32_t slots = dp_->options_.arena.slots;
     if (index >= slots) {
-      dp_->observer_->OnProtocolError();
-      return;
+      ProtocolError();
+      return false;
     }
     abi::SlotHeader* slot = c_->arena->Slot(index);
     uint32_t expected = abi::kSlotSubmitted;
     if (!slot->state.compare_exchange_strong(expected, abi::kSlotRunning,
                                              std::memory_order_acq_rel)) {
-      dp_->observer_->OnProtocolError();  // not submitted (duplicate entry, or a stray one)
-      return;
+      ProtocolError();  // not submitted (duplicate entry, or a stray one)
+      return false;
     }
     Request r;
     r.slot = index;
@@ -215,25 +330,39 @@ class DataPlane::Dispatcher {
     r.select_flags = slot->select_flags;
     r.staging = slot->staging;
     const auto start = SteadyClock::now();
+    if (dp_->draining_.load(std::memory_order_relaxed)) {
+      Finish(r, start, ShuttingDown(), 0);
+      return true;
+    }
     switch (r.op) {
       case abi::kOpNop:
-        return Finish(r, start, absl::OkStatus(), 0);
+        Finish(r, start, absl::OkStatus(), 0);
+        break;
       case abi::kOpStage:
-        return Stage(r, start);
+        Stage(r, start);
+        break;
       case abi::kOpRelease:
-        return Finish(r, start, c_->arena->FreeStaging(r.staging), 0);
+        Release(r, start);
+        break;
       case abi::kOpPrefill:
       case abi::kOpAppend:
-        return Ingest(r, start);
+        Ingest(r, start);
+        break;
       case abi::kOpSelect:
-        return Select(r, start);
+        Select(r, start);
+        break;
       case abi::kOpScratch:
-        return Scratch(r, start);
+        Scratch(r, start);
+        break;
       case abi::kOpSelectBatch:
-        return SelectBatch(r, start);
+        SelectBatch(r, start);
+        break;
       default:
-        return Finish(r, start, absl::InvalidArgumentError(absl::StrCat("unknown op ", r.op)), 0);
+        ProtocolError();
+        Finish(r, start, absl::InvalidArgumentError(absl::StrCat("unknown op ", r.op)), 0);
+        break;
     }
+    return true;
   }
 
   // Writes the response and releases the slot to the client.
@@ -271,22 +400,107 @@ class DataPlane::Dispatcher {
   }
 
   void Stage(const Request& r, SteadyClock::time_point start) {
+    if (TryStage(r, start)) return;
+    // Over the sequence's staging allowance: the stage waits (the client sees a stall, not an
+    // error) until its prefills consume buffers, at most kStagingWait.
+    deferred_.push_back({r, start, SteadyClock::now() + kStagingWait});
+    c_->staging_waiters.store(true);
+  }
+
+  // Answers a stage (a buffer, or an error) and returns true; false when the sequence's
+  // staged buffers leave no room for it within its allowance (nothing changed).
+  bool TryStage(const Request& r, SteadyClock::time_point start) {
     absl::StatusOr<std::shared_ptr<SequenceKv>> kv = Sequence(r);
-    if (!kv.ok()) return Finish(r, start, kv.status(), 0);
+    if (!kv.ok()) {
+      Finish(r, start, kv.status(), 0);
+      return true;
+    }
     const Geometry& g = (*kv)->geometry();
     if (r.tokens == 0 || r.tokens > g.max_tokens) {
-      return Finish(
-          r, start,
-          absl::InvalidArgumentError(absl::StrCat(
-              "stage of ", r.tokens, " tokens: must be in 1..max_tokens (", g.max_tokens, ")")),
-          0);
+      Finish(r, start,
+             absl::InvalidArgumentError(absl::StrCat(
+                 "stage of ", r.tokens, " tokens: must be in 1..max_tokens (", g.max_tokens, ")")),
+             0);
+      return true;
     }
     const uint64_t bytes = (*kv)->StagingBytesPerToken() * r.tokens;
-    absl::StatusOr<abi::ArenaRef> ref = c_->arena->AllocStaging(bytes);
-    if (!ref.ok()) return Finish(r, start, ref.status(), 0);
+    std::optional<StagingAllowance> allowance;
+    {
+      absl::MutexLock lock(&dp_->allowance_mu_);
+      auto it = dp_->allowances_.find(kv->get());
+      if (it != dp_->allowances_.end()) allowance = it->second;
+    }
+    const uint64_t tag = allowance ? allowance->tag : 0;
+    const uint64_t allowed = allowance ? ShrinkAfterPrefill(**kv, allowance->charge.get()) : 0;
+    if (allowance && c_->arena->StagingBytes(tag) + Arena::StagingFootprint(bytes) > allowed) {
+      if (c_->arena->StagingBytes(tag) == 0) {  // cannot fit even alone (never, by the promise)
+        Finish(r, start,
+               absl::ResourceExhaustedError(absl::StrCat(
+                   "a stage of ", r.tokens, " tokens exceeds the sequence's staging allowance")),
+               0);
+        return true;
+      }
+      return false;
+    }
+    absl::StatusOr<abi::ArenaRef> ref = c_->arena->AllocStaging(bytes, tag);
+    if (!ref.ok()) {
+      Finish(r, start, ref.status(), 0);
+      return true;
+    }
     abi::StageResponse resp{*ref, bytes, bytes / 2};
     std::memcpy(abi::SlotPayload(c_->arena->Slot(r.slot)), &resp, sizeof(resp));
     Finish(r, start, absl::OkStatus(), sizeof(resp));
+    return true;
+  }
+
+  // The sequence's staging allowance. Once every offloaded layer is built, its promise
+  // shrinks (once) to what the rest of the sequence can need (PromiseCalculator::AfterPrefill)
+  // and the difference goes back to the client's budget.
+  uint64_t ShrinkAfterPrefill(const SequenceKv& kv, SequenceCharge* charge) {
+    absl::MutexLock lock(&charge->mu);
+    if (!charge->prefilled) {
+      const Geometry& g = kv.geometry();
+      bool built = g.offloaded_layers() > 0;
+      for (uint32_t l = g.full_kv_layers; l < g.num_layers && built; ++l) {
+        built = kv.layer_state(l) == SequenceKv::LayerState::kReady;
+      }
+      if (built) {
+        const SequencePromise after = dp_->promises_.AfterPrefill(g, charge->promise, kv.pages(),
+                                                                  kv.tokens(g.full_kv_layers));
+        c_->arena->budget()->Unpromise(charge->promise.arena() - after.arena(),
+                                       charge->promise.heap - after.heap);
+        charge->promise = after;
+        charge->prefilled = true;
+      }
+    }
+    return charge->promise.staging;
+  }
+
+  // Answers the waiting stages that fit now (in arrival order) and those past their deadline;
+  // the others keep waiting. Looks only when a buffer was freed, or `all`.
+  void RetryDeferredStages(bool all) {
+    if (deferred_.empty()) return;
+    const auto now = SteadyClock::now();
+    const bool freed = c_->staging_freed.exchange(false);
+    std::vector<DeferredStage> still;
+    for (DeferredStage& d : deferred_) {
+      if (dp_->draining_.load()) {
+        Finish(d.r, d.start, ShuttingDown(), 0);
+      } else if ((freed || all) && TryStage(d.r, d.start)) {
+        continue;
+      } else if (now >= d.deadline) {
+        Finish(d.r, d.start,
+               absl::ResourceExhaustedError(absl::StrCat(
+                   "the sequence's staged buffers stayed at its staging allowance for ",
+                   absl::FormatDuration(absl::FromChrono(kStagingWait)),
+                   ": prefill or release them before staging more")),
+               0);
+      } else {
+        still.push_back(std::move(d));
+      }
+    }
+    deferred_.swap(still);
+    c_->staging_waiters.store(!deferred_.empty());
   }
 
   void Ingest(const Request& r, SteadyClock::time_point start) {
@@ -308,7 +522,11 @@ class DataPlane::Dispatcher {
     auto task = [dp, client, kv = *kv, r, start, base = *data, bytes, prefill] {
       absl::Status s;
       if (!client->dead.load()) {
-        const uint8_t* k_rows = base;
+        // The keys are validated, then read again by the index and written into pages: they
+        // are copied out of shared memory first, so that the client cannot change them in
+        // between (no double fetch). V rows are copied into pages verbatim, never interpreted.
+        const std::vector<uint8_t> keys(base, base + bytes / 2);
+        const uint8_t* k_rows = keys.data();
         const uint8_t* v_rows = base + bytes / 2;
         // A build stops early when the client goes away (its memory comes back at once).
         s = prefill
@@ -396,6 +614,21 @@ class DataPlane::Dispatcher {
     return absl::StrCat(handle, "/", layer);
   }
 
+  // Frees a staging or scratch buffer (a scratch buffer's promise goes back to the budget).
+  void Release(const Request& r, SteadyClock::time_point start) {
+    absl::MutexLock lock(&c_->scratch_mu);
+    absl::Status st = c_->arena->FreeStaging(r.staging);
+    if (st.ok()) {
+      auto it = c_->scratch.find({r.staging.segment, r.staging.offset});
+      if (it != c_->scratch.end()) {
+        c_->arena->budget()->Unpromise(it->second, 0);
+        c_->scratch_bytes -= it->second;
+        c_->scratch.erase(it);
+      }
+    }
+    Finish(r, start, st, 0);
+  }
+
   // A scratch buffer of the client's own (kOpScratch): a staging allocation of no sequence,
   // charged to the client's arena like any staging buffer.
   void Scratch(const Request& r, SteadyClock::time_point start) {
@@ -406,14 +639,33 @@ class DataPlane::Dispatcher {
     uint64_t bytes = 0;
     abi::SlotHeader* slot = c_->arena->Slot(r.slot);
     std::memcpy(&bytes, abi::SlotPayload(slot), sizeof(bytes));
-    if (bytes == 0 || bytes > (uint64_t{1} << 32)) {
+    if (bytes == 0 || bytes > kMaxScratchBytes) {
       return Finish(r, start,
-                    absl::InvalidArgumentError(
-                        absl::StrCat("scratch of ", bytes, " bytes: must be in 1..4GiB")),
+                    absl::InvalidArgumentError(absl::StrCat("scratch of ", bytes,
+                                                            " bytes: must be in 1..",
+                                                            kMaxScratchBytes)),
                     0);
     }
-    absl::StatusOr<abi::ArenaRef> ref = c_->arena->AllocStaging(bytes);
-    if (!ref.ok()) return Finish(r, start, ref.status(), 0);
+    // Promised like a sequence's staging (so that it never takes room a sequence was
+    // promised), within a per-client bound, and given back on kOpRelease.
+    const uint64_t footprint = Arena::StagingFootprint(bytes);
+    absl::MutexLock lock(&c_->scratch_mu);
+    if (c_->scratch_bytes + footprint > kMaxScratchBytes) {
+      return Finish(r, start,
+                    absl::ResourceExhaustedError(absl::StrCat(
+                        "scratch buffers of ", c_->scratch_bytes + footprint,
+                        " bytes in all: at most ", kMaxScratchBytes, " per client")),
+                    0);
+    }
+    absl::Status promised = c_->arena->budget()->Promise(footprint, 0, "a scratch buffer");
+    if (!promised.ok()) return Finish(r, start, promised, 0);
+    absl::StatusOr<abi::ArenaRef> ref = c_->arena->AllocStaging(bytes, kScratchTag);
+    if (!ref.ok()) {
+      c_->arena->budget()->Unpromise(footprint, 0);
+      return Finish(r, start, ref.status(), 0);
+    }
+    c_->scratch[{ref->segment, ref->offset}] = footprint;
+    c_->scratch_bytes += footprint;
     const abi::StageResponse resp{*ref, bytes, 0};
     std::memcpy(abi::SlotPayload(slot), &resp, sizeof(resp));
     Finish(r, start, absl::OkStatus(), sizeof(resp));
@@ -586,16 +838,31 @@ class DataPlane::Dispatcher {
   DataPlane* dp_;
   std::shared_ptr<Client> c_;
   uint64_t selects_ = 0;
+  bool started_ = false;
+  // Stages waiting for staging room (answered by RetryDeferredStages).
+  struct DeferredStage {
+    Request r;
+    SteadyClock::time_point start;
+    SteadyClock::time_point deadline;
+  };
+  static constexpr std::chrono::seconds kStagingWait{30};
+  std::vector<DeferredStage> deferred_;
+  // Protocol errors: a token bucket (see DataPlaneOptions) and the throttled state.
+  double error_budget_ = 0;
+  SteadyClock::time_point last_refill_;
+  bool throttled_ = false;
+  SteadyClock::time_point throttled_since_;
 };
 
 // ------------------------------------------------------------------ DataPlane
 DataPlane::DataPlane(const DataPlaneOptions& options, SequenceRegistry* registry,
-                     MemoryAccountant* arena_limit, ThreadPool* pool, DataPlaneObserver* observer)
+                     MemoryAccountant* memory, ThreadPool* pool, DataPlaneObserver* observer)
     : options_(options),
       registry_(registry),
-      arena_limit_(arena_limit),
+      memory_(memory),
       pool_(pool),
-      observer_(observer) {}
+      observer_(observer),
+      promises_(options.index_spec, static_cast<uint32_t>(pool->size())) {}
 
 DataPlane::~DataPlane() { Stop(); }
 
@@ -620,8 +887,15 @@ absl::Status DataPlane::Start() {
     return absl::UnavailableError(
         absl::StrCat("cannot listen on attach socket ", path, ": ", std::strerror(err)));
   }
-  // Any local user may connect; SO_PEERCRED decides who is let in.
-  ::chmod(path.c_str(), 0666);
+  // Who may connect is the socket's mode and group (--socket-mode, --socket-group); who is let
+  // in is decided by SO_PEERCRED against the allowlists.
+  absl::Status access = ApplySocketAccess(path, options_.socket_access);
+  if (!access.ok()) {
+    ::close(listen_fd_);
+    listen_fd_ = -1;
+    ::unlink(path.c_str());
+    return access;
+  }
   stop_fd_ = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
   started_ = true;
   attach_thread_ = std::thread([this] { AttachLoop(); });
@@ -651,7 +925,21 @@ void DataPlane::Stop() {
   ::unlink(options_.attach_socket.c_str());
 }
 
+// One connection in the attach handshake: admitted uid, request not (fully) read yet.
+struct DataPlane::PendingAttach {
+  int fd = -1;
+  struct ucred cred {};
+  SteadyClock::time_point deadline;
+  abi::AttachRequest request{};
+  size_t received = 0;
+};
+
+// The attach thread: one poll over the listening socket, every handshake in progress and
+// every attached client's connection. Nothing in it blocks on a peer: accept, the credential
+// check and the refusals happen without reading; requests are read as they arrive (a silent
+// or slow connection only occupies its own pending entry until its deadline).
 void DataPlane::AttachLoop() {
+  std::vector<PendingAttach> pending;
   std::vector<struct pollfd> fds;
   std::vector<std::shared_ptr<Client>> watched;
   while (!stopping_.load()) {
@@ -659,6 +947,7 @@ void DataPlane::AttachLoop() {
     watched.clear();
     fds.push_back({listen_fd_, POLLIN, 0});
     fds.push_back({stop_fd_, POLLIN, 0});
+    for (const PendingAttach& p : pending) fds.push_back({p.fd, POLLIN | POLLRDHUP, 0});
     {
       absl::MutexLock lock(&mu_);
       for (auto& [token, c] : by_token_) {
@@ -666,71 +955,160 @@ void DataPlane::AttachLoop() {
         watched.push_back(c);
       }
     }
-    if (::poll(fds.data(), fds.size(), 500) < 0 && errno != EINTR) {
+    // Wake for the earliest handshake deadline (and at least twice a second).
+    auto now = SteadyClock::now();
+    int64_t timeout_ms = 500;
+    for (const PendingAttach& p : pending) {
+      const int64_t left =
+          std::chrono::duration_cast<std::chrono::milliseconds>(p.deadline - now).count() + 1;
+      timeout_ms = std::clamp<int64_t>(left, 0, timeout_ms);
+    }
+    if (::poll(fds.data(), fds.size(), static_cast<int>(timeout_ms)) < 0 && errno != EINTR) {
       ICECACHE_LOG(ERROR) << "attach poll: " << std::strerror(errno);
       continue;
     }
     if (fds[1].revents & POLLIN) break;
-    for (size_t i = 2; i < fds.size(); ++i) {
+    const size_t first_client = 2 + pending.size();
+    for (size_t i = first_client; i < fds.size(); ++i) {
       if (fds[i].revents == 0) continue;
       // After the handshake a client sends nothing: data, EOF, hang-up or error all end it.
-      Detach(watched[i - 2]);
+      Detach(watched[i - first_client]);
     }
-    if (fds[0].revents & POLLIN) Accept();
+    now = SteadyClock::now();
+    std::vector<PendingAttach> waiting;
+    for (size_t i = 0; i < pending.size(); ++i) {
+      PendingAttach& p = pending[i];
+      if (fds[2 + i].revents != 0) {
+        const ssize_t n = ::recv(p.fd, reinterpret_cast<char*>(&p.request) + p.received,
+                                 sizeof(p.request) - p.received, MSG_DONTWAIT);
+        if (n > 0) p.received += static_cast<size_t>(n);
+        if (p.received == sizeof(p.request)) {
+          Handshake(p);
+          continue;
+        }
+        if (n == 0 || (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)) {
+          ::close(p.fd);  // gone before it finished its request
+          observer_->OnAttach(false);
+          continue;
+        }
+      }
+      if (now >= p.deadline) {
+        Refuse(p.fd, abi::kAttachBadRequest,
+               absl::StrCat("no complete attach request within ",
+                            absl::FormatDuration(options_.handshake_timeout)));
+        continue;
+      }
+      waiting.push_back(p);
+    }
+    pending.swap(waiting);
+    if (fds[0].revents & POLLIN) AcceptNew(&pending);
   }
+  for (const PendingAttach& p : pending) ::close(p.fd);
 }
 
-void DataPlane::Accept() {
-  const int fd = ::accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
-  if (fd < 0) return;
-  struct timeval tv {
-    1, 0
-  };
-  ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+void DataPlane::Refuse(int fd, uint32_t status, const std::string& why) {
   abi::AttachReply reply{};
   reply.magic = abi::kArenaMagic;
   reply.abi_version = abi::kAbiVersion;
-  auto refuse = [&](abi::AttachStatus status, const std::string& why) {
-    reply.status = status;
-    std::strncpy(reply.message, why.c_str(), sizeof(reply.message) - 1);
-    SendWithFds(fd, &reply, sizeof(reply), nullptr, 0);
-    ::close(fd);
-    observer_->OnAttach(false);
-    ICECACHE_LOG(WARNING) << "attach refused: " << why;
-  };
-  struct ucred cred {};
-  socklen_t len = sizeof(cred);
-  if (::getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0) {
-    return refuse(abi::kAttachBadRequest, "cannot read peer credentials");
+  reply.status = status;
+  std::strncpy(reply.message, why.c_str(), sizeof(reply.message) - 1);
+  SendWithFds(fd, &reply, sizeof(reply), nullptr, 0);
+  ::close(fd);
+  observer_->OnAttach(false);
+  ICECACHE_LOG(WARNING) << "attach refused: " << why;
+}
+
+void DataPlane::AcceptNew(std::vector<PendingAttach>* pending) {
+  const std::vector<uid_t> self = {::geteuid()};
+  const auto& allowed = options_.allowed_uids.empty() ? self : options_.allowed_uids;
+  const auto& operators = options_.operator_uids.empty() ? self : options_.operator_uids;
+  // A bounded batch per pass, so that a flood of connections cannot starve the handshakes
+  // and detaches of this loop; the rest wait in the backlog for the next pass.
+  for (int i = 0; i < 64; ++i) {
+    const int fd = ::accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK);
+    if (fd < 0) {
+      if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
+        ICECACHE_LOG(WARNING) << "attach accept: " << std::strerror(errno);
+      }
+      return;
+    }
+    if (draining_.load()) {
+      // Shutting down: no new attachments (the client sees the connection closed unanswered
+      // and retries against the successor).
+      ::close(fd);
+      observer_->OnAttach(false);
+      continue;
+    }
+    // Identity first: nothing is read from a connection before its uid is known and admitted.
+    struct ucred cred {};
+    socklen_t len = sizeof(cred);
+    if (::getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0) {
+      Refuse(fd, abi::kAttachBadRequest, "cannot read peer credentials");
+      continue;
+    }
+    if (!Contains(allowed, cred.uid) && !Contains(operators, cred.uid)) {
+      Refuse(fd, abi::kAttachDenied, absl::StrCat("uid ", cred.uid, " may not attach"));
+      continue;
+    }
+    const size_t of_uid = std::count_if(pending->begin(), pending->end(),
+                                        [&](const auto& p) { return p.cred.uid == cred.uid; });
+    if (pending->size() >= options_.max_pending_attaches ||
+        of_uid >= options_.max_pending_attaches_per_uid) {
+      Refuse(fd, abi::kAttachExhausted,
+             absl::StrCat("too many attaches in progress (uid ", cred.uid, " has ", of_uid,
+                          ", all uids ", pending->size(), "); retry"));
+      continue;
+    }
+    PendingAttach p;
+    p.fd = fd;
+    p.cred = cred;
+    p.deadline = SteadyClock::now() + absl::ToChronoNanoseconds(options_.handshake_timeout);
+    pending->push_back(p);
   }
-  abi::AttachRequest req{};
-  if (::recv(fd, &req, sizeof(req), MSG_WAITALL) != static_cast<ssize_t>(sizeof(req)) ||
-      req.magic != abi::kArenaMagic) {
-    return refuse(abi::kAttachBadRequest, "malformed attach request");
+}
+
+void DataPlane::Handshake(const PendingAttach& p) {
+  const int fd = p.fd;
+  const struct ucred& cred = p.cred;
+  const abi::AttachRequest& req = p.request;
+  if (req.magic != abi::kArenaMagic) {
+    return Refuse(fd, abi::kAttachBadRequest, "malformed attach request");
   }
   if (req.abi_version != abi::kAbiVersion) {
-    return refuse(abi::kAttachBadVersion,
+    return Refuse(fd, abi::kAttachBadVersion,
                   absl::StrCat("ABI version ", req.abi_version, " is not supported (daemon speaks ",
                                abi::kAbiVersion, ")"));
   }
   if ((req.flags & ~uint32_t{abi::kAttachOperator}) != 0) {
-    return refuse(abi::kAttachBadRequest, "unknown attach flags");
+    return Refuse(fd, abi::kAttachBadRequest, "unknown attach flags");
   }
   const bool as_operator = (req.flags & abi::kAttachOperator) != 0;
   const std::vector<uid_t> self = {::geteuid()};
   const auto& allowed = options_.allowed_uids.empty() ? self : options_.allowed_uids;
   const auto& operators = options_.operator_uids.empty() ? self : options_.operator_uids;
   if (!Contains(as_operator ? operators : allowed, cred.uid)) {
-    return refuse(abi::kAttachDenied, absl::StrCat("uid ", cred.uid, " may not attach",
-                                                   as_operator ? " as an operator" : ""));
+    return Refuse(
+        fd, abi::kAttachDenied,
+        absl::StrCat("uid ", cred.uid, " may not attach", as_operator ? " as an operator" : ""));
   }
   {
     absl::MutexLock lock(&mu_);
     if (by_token_.size() >= options_.max_clients) {
-      return refuse(abi::kAttachExhausted, absl::StrCat("the daemon serves its maximum of ",
-                                                        options_.max_clients, " clients"));
+      return Refuse(
+          fd, abi::kAttachExhausted,
+          absl::StrCat("the daemon serves its maximum of ", options_.max_clients, " clients"));
+    }
+    const size_t of_uid = std::count_if(by_token_.begin(), by_token_.end(),
+                                        [&](const auto& e) { return e.second->uid == cred.uid; });
+    if (of_uid >= options_.max_clients_per_uid) {
+      return Refuse(fd, abi::kAttachExhausted,
+                    absl::StrCat("uid ", cred.uid, " has its maximum of ",
+                                 options_.max_clients_per_uid, " attached clients"));
     }
   }
+  abi::AttachReply reply{};
+  reply.magic = abi::kArenaMagic;
+  reply.abi_version = abi::kAbiVersion;
   auto client = std::make_shared<Client>();
   client->id = next_client_id_.fetch_add(1);
   client->token = RandomToken();
@@ -742,13 +1120,14 @@ void DataPlane::Accept() {
   int fds[2];
   int nfds = 0;
   if (!as_operator) {
-    const uint64_t quota =
-        options_.client_quota != 0 ? options_.client_quota : arena_limit_->limit();
-    absl::StatusOr<std::unique_ptr<Arena>> arena =
-        Arena::Create(client->id, options_.arena, quota, arena_limit_, client.get());
+    // The client's memory: its control segment now, its sequences' promises later.
+    absl::StatusOr<std::unique_ptr<Arena>> arena = Arena::Create(
+        client->id, options_.arena,
+        std::make_unique<ClientBudget>(memory_, options_.client_quota, &segment_bytes_),
+        client.get());
     if (!arena.ok()) {
       client->conn_fd = -1;
-      return refuse(abi::kAttachExhausted, std::string(arena.status().message()));
+      return Refuse(fd, abi::kAttachExhausted, std::string(arena.status().message()));
     }
     client->arena = std::move(*arena);
     client->doorbell_fd = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
@@ -763,7 +1142,11 @@ void DataPlane::Accept() {
   std::memcpy(reply.token, client->token.data(), abi::kTokenChars);
   // Registered before the reply leaves: the client may use its token the moment it has it.
   if (!as_operator) {
-    client->dispatcher = std::thread([this, client] { Dispatcher(this, client).Run(); });
+    if (options_.dispatcher_threads) {
+      client->dispatcher = std::thread([this, client] { Dispatcher(this, client).Run(); });
+    } else {
+      client->manual = std::make_shared<Dispatcher>(this, client);
+    }
   }
   {
     absl::MutexLock lock(&mu_);
@@ -812,6 +1195,7 @@ void DataPlane::ReaperLoop() {
         (void)!::write(c->wake_fd, &one, sizeof(one));
       }
       if (c->dispatcher.joinable()) c->dispatcher.join();
+      c->manual.reset();  // it holds the client
       {
         absl::MutexLock lock(&c->mu);
         c->mu.Await(absl::Condition(
@@ -837,6 +1221,42 @@ void DataPlane::ReaperLoop() {
   }
 }
 
+uint32_t DataPlane::DispatchForTesting(absl::string_view token) {
+  std::shared_ptr<Client> c;
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = by_token_.find(token);
+    if (it == by_token_.end() || it->second->manual == nullptr) return 0;
+    c = it->second;
+  }
+  return c->manual->Pass();
+}
+
+absl::StatusOr<uid_t> DataPlane::TokenUid(absl::string_view token) const {
+  absl::MutexLock lock(&mu_);
+  auto it = by_token_.find(token);
+  if (it == by_token_.end()) {
+    return absl::UnauthenticatedError("unknown or expired attachment token");
+  }
+  return it->second->uid;
+}
+
+void DataPlane::Drain(absl::Duration grace) {
+  draining_.store(true);
+  {
+    // Stages waiting for staging room get their answer now.
+    absl::MutexLock lock(&mu_);
+    for (auto& [token, c] : by_token_) {
+      if (c->wake_fd < 0) continue;
+      c->staging_freed.store(true);
+      const uint64_t one = 1;
+      (void)!::write(c->wake_fd, &one, sizeof(one));
+    }
+  }
+  const absl::Time deadline = absl::Now() + grace;
+  while (absl::Now() < deadline && Stats().in_flight > 0) absl::SleepFor(absl::Milliseconds(5));
+}
+
 absl::StatusOr<Caller> DataPlane::Authenticate(absl::string_view token) const {
   absl::MutexLock lock(&mu_);
   auto it = by_token_.find(token);
@@ -849,6 +1269,7 @@ absl::StatusOr<Caller> DataPlane::Authenticate(absl::string_view token) const {
 absl::StatusOr<SequenceInfo> DataPlane::CreateSequence(const Caller& caller,
                                                        const GeometrySpec& spec,
                                                        const std::string& label) {
+  if (draining_.load()) return absl::UnavailableError("icecached is shutting down");
   std::shared_ptr<Arena> arena;
   {
     absl::MutexLock lock(&mu_);
@@ -860,19 +1281,48 @@ absl::StatusOr<SequenceInfo> DataPlane::CreateSequence(const Caller& caller,
     return absl::UnauthenticatedError(
         "creating a sequence needs a client attachment (operators cannot own sequences)");
   }
-  const uint64_t quota = options_.client_quota != 0 ? options_.client_quota : arena_limit_->limit();
-  return registry_->Create(
-      spec, label, caller.client_id,
-      [&](const Geometry& g) -> absl::StatusOr<std::shared_ptr<SequenceKv>> {
-        const uint64_t qbytes = uint64_t{g.num_q_heads} * g.head_dim * sizeof(float);
-        if (qbytes > options_.arena.slot_payload) {
-          return absl::InvalidArgumentError(absl::StrCat(
-              "geometry.num_q_heads x head_dim fp32 queries (", qbytes,
-              " bytes) exceed a request slot's payload (", options_.arena.slot_payload, ")"));
-        }
-        return std::make_shared<SequenceKv>(g, options_.index_spec, arena, pool_, observer_);
-      },
-      quota);
+  SequenceRegistry::CreateOptions o;
+  o.owner = caller.client_id;
+  o.max_owned = options_.max_sequences_per_client;
+  // The sequence's staging allowance is keyed by its SequenceKv (Stage finds that through the
+  // handle); the key is known once make_kv ran, and the release may run before or after that.
+  auto kv_key = std::make_shared<const SequenceKv*>(nullptr);
+  auto charge = std::make_shared<SequenceCharge>();
+  o.charge = [&](const Geometry& g) -> absl::StatusOr<SequenceRegistry::Charge> {
+    const uint64_t qbytes = uint64_t{g.num_q_heads} * g.head_dim * sizeof(float);
+    if (qbytes > options_.arena.slot_payload) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "geometry.num_q_heads x head_dim fp32 queries (", qbytes,
+          " bytes) exceed a request slot's payload (", options_.arena.slot_payload, ")"));
+    }
+    const SequencePromise p = promises_.For(g);
+    {
+      absl::MutexLock lock(&charge->mu);
+      charge->promise = p;
+    }
+    SequenceRegistry::Charge c;
+    c.bytes = p.total();
+    c.reserve = [arena, p] { return arena->budget()->Promise(p.arena(), p.heap, "sequence"); };
+    // Gives back the promise as it stands then (it may have shrunk).
+    c.release = [this, arena, charge, kv_key] {
+      {
+        absl::MutexLock lock(&charge->mu);
+        arena->budget()->Unpromise(charge->promise.arena(), charge->promise.heap);
+        charge->promise = SequencePromise{};
+      }
+      absl::MutexLock lock(&allowance_mu_);
+      if (*kv_key != nullptr) allowances_.erase(*kv_key);
+    };
+    return c;
+  };
+  o.make_kv = [&](const Geometry& g) -> absl::StatusOr<std::shared_ptr<SequenceKv>> {
+    auto kv = std::make_shared<SequenceKv>(g, options_.index_spec, arena, pool_, observer_);
+    absl::MutexLock lock(&allowance_mu_);
+    *kv_key = kv.get();
+    allowances_[kv.get()] = StagingAllowance{next_staging_tag_.fetch_add(1), charge};
+    return kv;
+  };
+  return registry_->Create(spec, label, o);
 }
 
 DataPlaneStats DataPlane::Stats() const {
@@ -881,7 +1331,7 @@ DataPlaneStats DataPlane::Stats() const {
   s.clients = by_token_.size();
   // Every arena's segments, including those of clients being reaped (the accountant is the
   // truth: an arena is charged until its last user lets it go).
-  s.arena_bytes = arena_limit_->used();
+  s.arena_bytes = segment_bytes_.load();
   for (const auto& [token, c] : by_token_) {
     if (c->arena == nullptr) continue;
     s.frame_bytes += c->arena->frame_bytes_in_use();

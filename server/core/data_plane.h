@@ -36,10 +36,12 @@
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "common/paths.h"
 #include "common/thread_pool.h"
 #include "selection/index_factory.h"
 #include "server/core/arena.h"
 #include "server/core/memory_accountant.h"
+#include "server/core/promise.h"
 #include "server/core/sequence_kv.h"
 #include "server/core/sequence_registry.h"
 
@@ -52,9 +54,29 @@ struct DataPlaneOptions {
   std::vector<uid_t> allowed_uids;
   // Uids allowed to attach as operators (empty: the daemon's own uid only).
   std::vector<uid_t> operator_uids;
+  // Who may connect to the attach socket (mode and group); SO_PEERCRED decides who attaches.
+  SocketAccess socket_access;
   // Bytes of arena memory (segments) one client may hold; 0 = the daemon's memory limit.
   uint64_t client_quota = 0;
   uint32_t max_clients = 256;
+  // Attached clients of one uid (operator attachments included).
+  uint32_t max_clients_per_uid = 64;
+  // Attach handshakes in progress (connected, admitted uid, request not read yet), in all and
+  // per uid. A connection beyond them is refused at once, before anything is read from it.
+  uint32_t max_pending_attaches = 128;
+  uint32_t max_pending_attaches_per_uid = 8;
+  // A connection whose attach request has not fully arrived by then is closed.
+  absl::Duration handshake_timeout = absl::Seconds(2);
+  // Sequences one client may own at once (CreateSequence: RESOURCE_EXHAUSTED beyond).
+  uint32_t max_sequences_per_client = 1024;
+  // Protocol errors (queue entries naming no submitted slot, a queue tail beyond the ring,
+  // unknown ops): a client may make `protocol_error_burst` of them, refilled at
+  // `protocol_errors_per_second`; past that its dispatcher pauses `protocol_error_pause` per
+  // pass (throttled), and a client still throttled after `protocol_error_grace` is detached.
+  uint32_t protocol_error_burst = 64;
+  double protocol_errors_per_second = 16;
+  absl::Duration protocol_error_pause = absl::Milliseconds(20);
+  absl::Duration protocol_error_grace = absl::Seconds(2);
   ArenaOptions arena;
   // One select in N also scores every key exactly (off the critical path) to record the
   // recall of the returned pages; 0 turns sampling off.
@@ -63,6 +85,9 @@ struct DataPlaneOptions {
   absl::Duration poll_spin = absl::Microseconds(50);
   // Index of every (sequence, layer, KV head): the daemon's preset.
   selection::IndexSpec index_spec;
+  // One dispatcher thread per client. Off (fuzzing only): clients' queues are drained by
+  // DispatchForTesting on the caller's thread.
+  bool dispatcher_threads = true;
 };
 
 // Counters the daemon exports. Methods are called from any thread.
@@ -72,6 +97,8 @@ class DataPlaneObserver : public KvObserver {
   virtual void OnDetach() = 0;
   virtual void OnRequest(uint32_t op, int code, double seconds) = 0;
   virtual void OnProtocolError() = 0;  // a slot or queue entry that could not be answered
+  // A client detached by the daemon because it kept making protocol errors.
+  virtual void OnClientEvicted() = 0;
 };
 
 // Sums over clients, for metrics and GetStats.
@@ -91,8 +118,8 @@ struct DataPlaneStats {
 class DataPlane {
  public:
   // All pointers must outlive the data plane.
-  DataPlane(const DataPlaneOptions& options, SequenceRegistry* registry,
-            MemoryAccountant* arena_limit, ThreadPool* pool, DataPlaneObserver* observer);
+  DataPlane(const DataPlaneOptions& options, SequenceRegistry* registry, MemoryAccountant* memory,
+            ThreadPool* pool, DataPlaneObserver* observer);
   DataPlane(const DataPlane&) = delete;
   DataPlane& operator=(const DataPlane&) = delete;
   ~DataPlane();  // Stop()
@@ -106,29 +133,73 @@ class DataPlane {
   // The identity behind an attachment token (gRPC metadata). UNAUTHENTICATED when unknown.
   absl::StatusOr<Caller> Authenticate(absl::string_view token) const;
 
-  // Creates a sequence owned by `caller` with its KV in the caller's arena.
-  // UNAUTHENTICATED for operator or anonymous callers; otherwise as SequenceRegistry::Create.
+  // Creates a sequence owned by `caller` with its KV in the caller's arena, promising it what
+  // its prefill and decode can need (server/core/promise.h) in the caller's budget.
+  // UNAUTHENTICATED for operator or anonymous callers; RESOURCE_EXHAUSTED when the promise
+  // does not fit (the memory limit or the client quota) or the caller holds
+  // max_sequences_per_client sequences; otherwise as SequenceRegistry::Create.
   absl::StatusOr<SequenceInfo> CreateSequence(const Caller& caller, const GeometrySpec& spec,
                                               const std::string& label);
 
+  // The uid behind an attachment (for binding control calls to the caller's identity).
+  // UNAUTHENTICATED when the token is unknown.
+  absl::StatusOr<uid_t> TokenUid(absl::string_view token) const;
+
+  // Shutdown: from now on every request is answered UNAVAILABLE ("shutting down") and attach
+  // is refused; requests in flight finish. Returns once none is in flight or `grace` passed.
+  void Drain(absl::Duration grace);
+
   DataPlaneStats Stats() const;
   const DataPlaneOptions& options() const { return options_; }
+  // One dispatch pass over the queue of the client behind `token` (dispatcher_threads off):
+  // returns the requests taken. Work that runs on the pool may still be in flight.
+  uint32_t DispatchForTesting(absl::string_view token);
+  // What a sequence of geometry `g` is promised (for tests and GetConfig).
+  SequencePromise PromiseFor(const Geometry& g) { return promises_.For(g); }
 
  private:
   struct Client;
   class Dispatcher;
 
+  struct PendingAttach;
+
   void AttachLoop();
   void ReaperLoop();
-  void Accept();
+  // Accepts what is waiting on the attach socket: reads each peer's credentials and refuses
+  // uids that may not attach, or that have too many handshakes in progress, at once.
+  void AcceptNew(std::vector<PendingAttach>* pending);
+  // Admits a connection whose attach request has fully arrived (or refuses it).
+  void Handshake(const PendingAttach& p);
+  void Refuse(int fd, uint32_t status, const std::string& why);
   void Detach(std::shared_ptr<Client> client);
   std::shared_ptr<Client> FindByFd(int fd) const;
 
   const DataPlaneOptions options_;
   SequenceRegistry* const registry_;
-  MemoryAccountant* const arena_limit_;
+  MemoryAccountant* const memory_;  // --memory-limit: promises and arenas, every client
   ThreadPool* const pool_;
   DataPlaneObserver* const observer_;
+
+  PromiseCalculator promises_;
+  // Staging each live sequence may hold at once (its promise's staging part) and the tag its
+  // staging buffers carry in the arena, by the sequence's stored KV.
+  // A sequence's promise as it stands (it shrinks once the sequence is prefilled).
+  struct SequenceCharge {
+    absl::Mutex mu;
+    SequencePromise promise ABSL_GUARDED_BY(mu);
+    bool prefilled ABSL_GUARDED_BY(mu) = false;
+  };
+  struct StagingAllowance {
+    uint64_t tag = 0;
+    std::shared_ptr<SequenceCharge> charge;
+  };
+  mutable absl::Mutex allowance_mu_;
+  absl::flat_hash_map<const SequenceKv*, StagingAllowance> allowances_
+      ABSL_GUARDED_BY(allowance_mu_);
+  // Bytes of every client's arena segments (their budgets count them).
+  std::atomic<uint64_t> segment_bytes_{0};
+  std::atomic<uint64_t> next_staging_tag_{1};
+  std::atomic<bool> draining_{false};
 
   int listen_fd_ = -1;
   int stop_fd_ = -1;  // eventfd: wakes the attach thread

@@ -1,5 +1,7 @@
 #include "server/core/memory_accountant.h"
 
+#include <algorithm>
+
 #include "absl/strings/str_cat.h"
 #include "common/bytes.h"
 #include "common/log.h"
@@ -53,6 +55,115 @@ absl::Status ReserveNested(MemoryAccountant* inner, MemoryAccountant* outer, uin
 void ReleaseNested(MemoryAccountant* inner, MemoryAccountant* outer, uint64_t bytes) {
   outer->Release(bytes);
   inner->Release(bytes);
+}
+
+// ------------------------------------------------------------------ ClientBudget
+ClientBudget::ClientBudget(MemoryAccountant* global, uint64_t quota_bytes,
+                           std::atomic<uint64_t>* segments_total)
+    : global_(global), quota_(quota_bytes), segments_total_(segments_total) {}
+
+ClientBudget::~ClientBudget() {
+  absl::MutexLock lock(&mu_);
+  const uint64_t charged = Charged();
+  if (charged > 0) global_->Release(charged);
+  if (segments_total_ != nullptr) segments_total_->fetch_sub(fixed_ + held_);
+}
+
+absl::Status ClientBudget::Settle(uint64_t before, const char* what) {
+  const uint64_t after = Charged();
+  if (after > before) return global_->Reserve(after - before, what);
+  if (after < before) global_->Release(before - after);
+  return absl::OkStatus();
+}
+
+absl::Status ClientBudget::Promise(uint64_t arena_bytes, uint64_t heap_bytes, const char* what) {
+  absl::MutexLock lock(&mu_);
+  if (quota_ != 0 && (arena_bytes > quota_ || promised_ + arena_bytes > quota_ - fixed_)) {
+    global_->RecordRejection();
+    return absl::ResourceExhaustedError(
+        absl::StrCat(what, " needs ", FormatBytes(arena_bytes),
+                     " of shared memory; the client's quota of ", FormatBytes(quota_), " has ",
+                     FormatBytes(quota_ - std::min(quota_, fixed_ + promised_)), " left"));
+  }
+  const uint64_t before = Charged();
+  promised_ += arena_bytes;
+  heap_ += heap_bytes;
+  absl::Status s = Settle(before, what);
+  if (!s.ok()) {
+    promised_ -= arena_bytes;
+    heap_ -= heap_bytes;
+  }
+  return s;
+}
+
+void ClientBudget::Unpromise(uint64_t arena_bytes, uint64_t heap_bytes) {
+  absl::MutexLock lock(&mu_);
+  ICECACHE_CHECK(arena_bytes <= promised_ && heap_bytes <= heap_)
+      << "unpromising more than was promised";
+  const uint64_t before = Charged();
+  promised_ -= arena_bytes;
+  heap_ -= heap_bytes;
+  (void)Settle(before, "release");  // never grows
+}
+
+absl::Status ClientBudget::ChargeSegment(uint64_t bytes, bool fixed) {
+  absl::MutexLock lock(&mu_);
+  const uint64_t arena_after =
+      fixed ? std::max(promised_, held_) : std::max(promised_, held_ + bytes);
+  const uint64_t fixed_after = fixed_ + (fixed ? bytes : 0);
+  if (quota_ != 0 && (bytes > quota_ || arena_after > quota_ - std::min(quota_, fixed_after) ||
+                      fixed_after > quota_)) {
+    global_->RecordRejection();
+    return absl::ResourceExhaustedError(
+        absl::StrCat("arena segment needs ", FormatBytes(bytes), " but the client's quota of ",
+                     FormatBytes(quota_), " has ",
+                     FormatBytes(quota_ - std::min(quota_, fixed_ + std::max(promised_, held_))),
+                     " left (memory limit per client)"));
+  }
+  const uint64_t before = Charged();
+  (fixed ? fixed_ : held_) += bytes;
+  absl::Status s = Settle(before, "arena segment");
+  if (!s.ok()) {
+    (fixed ? fixed_ : held_) -= bytes;
+  } else if (segments_total_ != nullptr) {
+    segments_total_->fetch_add(bytes);
+  }
+  return s;
+}
+
+void ClientBudget::ReleaseSegment(uint64_t bytes, bool fixed) {
+  absl::MutexLock lock(&mu_);
+  uint64_t& from = fixed ? fixed_ : held_;
+  ICECACHE_CHECK(bytes <= from) << "releasing a segment that was not charged";
+  const uint64_t before = Charged();
+  from -= bytes;
+  (void)Settle(before, "release");
+  if (segments_total_ != nullptr) segments_total_->fetch_sub(bytes);
+}
+
+uint64_t ClientBudget::headroom() const {
+  absl::MutexLock lock(&mu_);
+  return promised_ > held_ ? promised_ - held_ : 0;
+}
+
+bool ClientBudget::over_promise() const {
+  absl::MutexLock lock(&mu_);
+  return held_ > promised_;
+}
+
+uint64_t ClientBudget::charged() const {
+  absl::MutexLock lock(&mu_);
+  return Charged();
+}
+
+uint64_t ClientBudget::arena_held() const {
+  absl::MutexLock lock(&mu_);
+  return held_;
+}
+
+uint64_t ClientBudget::arena_promised() const {
+  absl::MutexLock lock(&mu_);
+  return promised_;
 }
 
 }  // namespace icecache

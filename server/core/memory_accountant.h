@@ -1,12 +1,14 @@
 // Accounting of the host memory the daemon promises to its clients, against --memory-limit.
 //
-// Every byte the daemon will hold for a client (today: a sequence's KV bytes) is reserved
-// here before anything is allocated, so that the limit is enforced by the daemon with a
-// RESOURCE_EXHAUSTED error instead of by the kernel's OOM killer.
+// Every byte the daemon will hold for a client (its sequences' promises and its arena, through
+// a ClientBudget per client) is reserved here before anything is allocated, so that the limit is
+// enforced by the daemon with a RESOURCE_EXHAUSTED error instead of by the kernel's OOM killer.
 //
 // Thread safety: all methods are thread-safe.
 #pragma once
 
+#include <algorithm>
+#include <atomic>
 #include <cstdint>
 
 #include "absl/base/thread_annotations.h"
@@ -41,6 +43,71 @@ class MemoryAccountant {
   mutable absl::Mutex mu_;
   uint64_t used_ ABSL_GUARDED_BY(mu_) = 0;
   uint64_t rejections_ ABSL_GUARDED_BY(mu_) = 0;
+};
+
+// The memory of one client, charged to the daemon-wide accountant as one amount:
+//
+//   charged = fixed + heap + max(arena promised, arena held)
+//
+// where `fixed` is memory the client holds by being attached (its control segment), `heap`
+// the daemon's own memory its sequences were promised (index metadata, private copies),
+// `arena promised` the shared memory its sequences were promised (page frames and staging at
+// their worst case) and `arena held` the data segments its arena actually holds. A sequence's
+// promise is reserved when it is created (the admission decision); the arena then grows
+// within the promise without touching the daemon-wide accountant, so an admitted sequence is
+// not refused midway. Holding more than was promised (a client staging beyond its allowance,
+// or segments stranded by dropped sequences) is charged as it happens, and refused only when
+// the daemon-wide limit is full.
+//
+// `quota` bounds fixed + max(arena promised, arena held) (--client-quota).
+//
+// Thread safety: all methods are thread-safe (one internal mutex; `global` is called under
+// it, never the other way round).
+class ClientBudget {
+ public:
+  // `global` (and `segments_total`, when given: the bytes of every budget's segments) must
+  // outlive the budget; quota_bytes 0 means no per-client bound.
+  ClientBudget(MemoryAccountant* global, uint64_t quota_bytes,
+               std::atomic<uint64_t>* segments_total = nullptr);
+  ClientBudget(const ClientBudget&) = delete;
+  ClientBudget& operator=(const ClientBudget&) = delete;
+  ~ClientBudget();  // releases whatever is still charged
+
+  // A sequence's promise. RESOURCE_EXHAUSTED (nothing changes) when it does not fit the quota
+  // or the daemon-wide limit; `what` names the requester in the message.
+  absl::Status Promise(uint64_t arena_bytes, uint64_t heap_bytes, const char* what);
+  void Unpromise(uint64_t arena_bytes, uint64_t heap_bytes);
+
+  // A segment the arena creates (`fixed`: the control segment) and its release.
+  // RESOURCE_EXHAUSTED (nothing changes) above the quota, or when a segment beyond the
+  // promises does not fit the daemon-wide limit.
+  absl::Status ChargeSegment(uint64_t bytes, bool fixed);
+  void ReleaseSegment(uint64_t bytes, bool fixed);
+
+  // Promised arena bytes not held yet (0 when the arena holds more than was promised).
+  uint64_t headroom() const;
+  // Whether the arena holds more than its sequences were promised.
+  bool over_promise() const;
+  uint64_t charged() const;
+  uint64_t arena_held() const;
+  uint64_t arena_promised() const;
+
+ private:
+  uint64_t Charged() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    return fixed_ + heap_ + std::max(promised_, held_);
+  }
+  // Moves the global charge from `before` to Charged(); false (nothing reserved) when the
+  // global limit refuses the growth.
+  absl::Status Settle(uint64_t before, const char* what) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+
+  MemoryAccountant* const global_;
+  const uint64_t quota_;
+  std::atomic<uint64_t>* const segments_total_;
+  mutable absl::Mutex mu_;
+  uint64_t fixed_ ABSL_GUARDED_BY(mu_) = 0;
+  uint64_t heap_ ABSL_GUARDED_BY(mu_) = 0;
+  uint64_t promised_ ABSL_GUARDED_BY(mu_) = 0;
+  uint64_t held_ ABSL_GUARDED_BY(mu_) = 0;
 };
 
 // Reserves `bytes` in `inner` (a client's quota) and then `outer` (the daemon's limit): both

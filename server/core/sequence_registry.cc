@@ -30,7 +30,7 @@ SequenceRegistry::SequenceRegistry(MemoryAccountant* accountant, const Clock* cl
 
 SequenceRegistry::~SequenceRegistry() {
   absl::MutexLock lock(&mu_);
-  for (const auto& [handle, info] : sequences_) accountant_->Release(info.kv_bytes);
+  for (const auto& [handle, info] : sequences_) Release(info);
   sequences_.clear();
 }
 
@@ -58,40 +58,87 @@ std::string SequenceRegistry::NewHandle() {
 }
 
 absl::StatusOr<SequenceInfo> SequenceRegistry::Create(const GeometrySpec& spec,
-                                                      const std::string& label, uint64_t owner,
-                                                      const KvFactory& make_kv,
-                                                      uint64_t quota_bytes) {
+                                                      const std::string& label,
+                                                      const CreateOptions& options) {
   ICECACHE_ASSIGN_OR_RETURN(Geometry geometry, ResolveGeometry(spec));
   ICECACHE_RETURN_IF_ERROR(ValidateLabel(label));
-  const uint64_t bytes = geometry.host_kv_bytes();
-  if (quota_bytes != 0 && bytes > quota_bytes) {
-    accountant_->RecordRejection();
-    return absl::ResourceExhaustedError(absl::StrCat(
-        "sequence needs ", bytes, " bytes of KV, above the per-client quota of ", quota_bytes));
+  if (options.max_owned != 0) {
+    absl::MutexLock lock(&mu_);
+    uint64_t owned = 0;
+    for (const auto& [h, info] : sequences_) owned += info.owner == options.owner ? 1 : 0;
+    if (owned >= options.max_owned) {
+      return absl::ResourceExhaustedError(absl::StrCat("this client already holds its maximum of ",
+                                                       options.max_owned,
+                                                       " sequences; drop one first"));
+    }
   }
-  ICECACHE_RETURN_IF_ERROR(accountant_->Reserve(bytes, "sequence"));
-  std::shared_ptr<SequenceKv> kv;
-  if (make_kv) {
-    absl::StatusOr<std::shared_ptr<SequenceKv>> made = make_kv(geometry);
-    if (!made.ok()) {
+  Charge charge;
+  if (options.charge) {
+    ICECACHE_ASSIGN_OR_RETURN(charge, options.charge(geometry));
+  } else {
+    charge.bytes = geometry.host_kv_bytes();
+  }
+  const uint64_t bytes = charge.bytes;
+  if (options.quota_bytes != 0 && bytes > options.quota_bytes) {
+    accountant_->RecordRejection();
+    return absl::ResourceExhaustedError(absl::StrCat("sequence needs ", bytes,
+                                                     " bytes of KV, above the per-client quota of ",
+                                                     options.quota_bytes));
+  }
+  if (charge.reserve) {
+    ICECACHE_RETURN_IF_ERROR(charge.reserve());
+  } else {
+    ICECACHE_RETURN_IF_ERROR(accountant_->Reserve(bytes, "sequence"));
+  }
+  auto give_back = [&] {
+    if (charge.release) {
+      charge.release();
+    } else {
       accountant_->Release(bytes);
+    }
+  };
+  std::shared_ptr<SequenceKv> kv;
+  if (options.make_kv) {
+    absl::StatusOr<std::shared_ptr<SequenceKv>> made = options.make_kv(geometry);
+    if (!made.ok()) {
+      give_back();
       return made.status();
     }
     kv = std::move(*made);
   }
 
-  absl::MutexLock lock(&mu_);
   SequenceInfo info;
-  info.handle = NewHandle();
-  info.geometry = geometry;
-  info.label = label;
-  info.kv_bytes = bytes;
-  info.create_time = clock_->Now();
-  info.owner = owner;
-  info.kv = std::move(kv);
-  sequences_.emplace(info.handle, info);
-  ++created_total_;
-  return info;
+  {
+    absl::MutexLock lock(&mu_);
+    // Counted again under the lock that inserts: concurrent creations cannot pass together.
+    uint64_t owned = 0;
+    for (const auto& [h, other] : sequences_) owned += other.owner == options.owner ? 1 : 0;
+    if (options.max_owned == 0 || owned < options.max_owned) {
+      info.handle = NewHandle();
+      info.geometry = geometry;
+      info.label = label;
+      info.kv_bytes = bytes;
+      info.create_time = clock_->Now();
+      info.owner = options.owner;
+      info.kv = std::move(kv);
+      info.release = charge.release;
+      sequences_.emplace(info.handle, info);
+      ++created_total_;
+      return info;
+    }
+  }
+  give_back();  // outside the lock (it may free memory)
+  return absl::ResourceExhaustedError(absl::StrCat("this client already holds its maximum of ",
+                                                   options.max_owned,
+                                                   " sequences; drop one first"));
+}
+
+void SequenceRegistry::Release(const SequenceInfo& info) {
+  if (info.release) {
+    info.release();
+  } else {
+    accountant_->Release(info.kv_bytes);
+  }
 }
 
 absl::StatusOr<SequenceInfo> SequenceRegistry::Get(absl::string_view handle,
@@ -117,7 +164,7 @@ uint64_t SequenceRegistry::DropOwnedBy(uint64_t owner) {
     absl::MutexLock lock(&mu_);
     for (auto it = sequences_.begin(); it != sequences_.end();) {
       if (it->second.owner == owner) {
-        accountant_->Release(it->second.kv_bytes);
+        Release(it->second);
         ++dropped_total_;
         dropped.push_back(std::move(it->second));
         it = sequences_.erase(it);
@@ -163,7 +210,7 @@ absl::StatusOr<uint64_t> SequenceRegistry::Drop(absl::string_view handle, const 
     }
     dropped = std::move(it->second);
     sequences_.erase(it);
-    accountant_->Release(dropped.kv_bytes);
+    Release(dropped);
     ++dropped_total_;
   }
   return dropped.kv_bytes;

@@ -43,6 +43,9 @@ struct SequenceInfo {
   absl::Time create_time;
   uint64_t owner = 0;              // client id of the attachment that created it (0: none)
   std::shared_ptr<SequenceKv> kv;  // the stored KV (null without a data plane)
+  // Gives the charge back (a Charge's release); called once by the registry when the sequence
+  // is dropped, never by holders of copies. Empty: kv_bytes go back to the accountant.
+  std::function<void()> release;
 };
 
 struct SequencePage {
@@ -66,12 +69,40 @@ class SequenceRegistry {
   // reserved; an error aborts the creation (the reservation is returned).
   using KvFactory = std::function<absl::StatusOr<std::shared_ptr<SequenceKv>>(const Geometry&)>;
 
+  // How a sequence's memory is charged, when not by the registry's own accountant: `bytes`
+  // (reported as its kv_bytes) are reserved by `reserve` before the sequence exists (an error
+  // aborts the creation) and given back by `release` exactly once, when it is dropped.
+  struct Charge {
+    uint64_t bytes = 0;
+    std::function<absl::Status()> reserve;
+    std::function<void()> release;
+  };
+  using ChargeFactory = std::function<absl::StatusOr<Charge>(const Geometry&)>;
+
+  struct CreateOptions {
+    uint64_t owner = 0;  // client id of the creator (0: none)
+    KvFactory make_kv;
+    uint64_t quota_bytes = 0;  // the owner's quota for the KV bytes (0: none)
+    uint32_t max_owned = 0;    // sequences `owner` may hold at once (0: no limit)
+    // Empty: the geometry's host_kv_bytes() are reserved in the registry's accountant.
+    ChargeFactory charge;
+  };
+
   // INVALID_ARGUMENT: a geometry field or the label is invalid (message names it).
   // RESOURCE_EXHAUSTED: the KV bytes do not fit in the memory limit (or `quota_bytes`, the
-  // owner's quota, when non-zero). Errors of `make_kv` pass through. On error nothing changes.
+  // owner's quota, when non-zero), or the owner already holds `max_owned` sequences. Errors
+  // of `make_kv` and `charge` pass through. On error nothing changes.
+  absl::StatusOr<SequenceInfo> Create(const GeometrySpec& spec, const std::string& label,
+                                      const CreateOptions& options);
   absl::StatusOr<SequenceInfo> Create(const GeometrySpec& spec, const std::string& label,
                                       uint64_t owner = 0, const KvFactory& make_kv = {},
-                                      uint64_t quota_bytes = 0);
+                                      uint64_t quota_bytes = 0) {
+    CreateOptions options;
+    options.owner = owner;
+    options.make_kv = make_kv;
+    options.quota_bytes = quota_bytes;
+    return Create(spec, label, options);
+  }
 
   // INVALID_ARGUMENT: malformed handle. NOT_FOUND: no live sequence with this handle that
   // `caller` may see (another client's sequence is NOT_FOUND too).
@@ -107,6 +138,8 @@ class SequenceRegistry {
     return caller.is_operator || info.owner == caller.client_id;
   }
   SequenceInfo WithTokens(const SequenceInfo& info) const;
+  // Returns a dropped sequence's memory (its release, or the accountant's bytes).
+  void Release(const SequenceInfo& info);
 
   MemoryAccountant* const accountant_;
   const Clock* const clock_;

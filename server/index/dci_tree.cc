@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <numeric>
 #include <random>
@@ -10,6 +11,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/log.h"
 #include "server/index/simd.h"
+#include "server/index/sketch.h"
 
 namespace icecache::index {
 namespace {
@@ -74,6 +76,15 @@ Scratch& ThreadScratch() {
 }
 
 thread_local uint64_t tls_last_scored = 0;
+thread_local uint64_t tls_last_sketched = 0;
+thread_local uint32_t tls_last_cells_opened = 0;
+
+// Grows a vector's capacity by an eighth at a time (not doubling), so that the metadata of a
+// tree that grows by inserts stays close to its size.
+template <class V>
+void ReserveFor(V& v, size_t n) {
+  if (v.capacity() < n) v.reserve(n + n / 8 + 4);
+}
 
 }  // namespace
 
@@ -85,11 +96,16 @@ struct DciTree::Cell {
   std::vector<uint32_t> tok;       // tokens in projection order
   std::vector<uint32_t> page_ids;  // pages of the cell, in projection order
   std::vector<uint32_t> page_end;  // exclusive end (index into tok) of each page's run
+  // kBestFirstSketch: the sketch of each token's residual to the cell's reference point,
+  // parallel to tok ([tok.size()][code_bytes] and [tok.size()]).
+  std::vector<uint8_t> code;
+  std::vector<uint16_t> fac;  // fp16
 
   uint32_t PageStart(size_t j) const { return j == 0 ? 0 : page_end[j - 1]; }
   uint64_t Bytes() const {
     return proj.capacity() * sizeof(float) + tok.capacity() * sizeof(uint32_t) +
-           page_ids.capacity() * sizeof(uint32_t) + page_end.capacity() * sizeof(uint32_t);
+           page_ids.capacity() * sizeof(uint32_t) + page_end.capacity() * sizeof(uint32_t) +
+           code.capacity() + fac.capacity() * sizeof(uint16_t);
   }
 };
 
@@ -133,12 +149,25 @@ struct DciTree::Impl {
   float M = 0;
   bool built = false;
 
+  // Best-first search state (search_mode != kBeamDescent), per cell: the reference point
+  // (bf16, the mean of the members when last centred), the radius (an upper bound of
+  // |k - ref| over the members), |ref|, and the member count when last centred (a cell is
+  // re-centred when it doubles).
+  bool cell_refs = false;
+  bool sketching = false;
+  std::unique_ptr<ResidualSketch> sketch;
+  std::vector<uint16_t> cell_ref;  // [cells][dim]
+  std::vector<float> cell_radius, cell_ref_norm;
+  std::vector<uint32_t> cell_centered;
+
   // Ingest context (Build/Insert, under the writer lock).
   // During Build, the keys of the upper levels (about r1 of all tokens, read over and over
   // by every parent search) are gathered into one small buffer, so that the searches hit
   // cache instead of striding through the whole prompt. Freed when Build ends.
   std::vector<uint8_t> upper_keys;
   std::vector<uint32_t> upper_row;  // token -> row in upper_keys, or kNone
+  std::vector<float> lifted_rows;   // parent_beam: the upper tokens' lifted fp32 rows
+  uint32_t lifted_w = 0;
   const KeyBatch* batch = nullptr;
   uint32_t batch_begin = 0;
   const std::atomic<bool>* cancel_flag = nullptr;                    // of the Build in progress
@@ -165,6 +194,9 @@ struct DciTree::Impl {
     for (float& v : u) v = static_cast<float>(v / std::sqrt(norm));
     level_tokens.resize(kMaxLevels);
     count_ge.assign(kMaxLevels + 1, 0);
+    cell_refs = o.search_mode != DciOptions::SearchMode::kBeamDescent;
+    sketching = o.search_mode == DciOptions::SearchMode::kBestFirstSketch;
+    if (sketching) sketch = std::make_unique<ResidualSketch>(g.dim, o.seed);
   }
 
   // ------------------------------------------------------------------ key access
@@ -278,7 +310,110 @@ struct DciTree::Impl {
     cells.back().level = static_cast<uint8_t>(lvl);
     const uint32_t id = static_cast<uint32_t>(cells.size() - 1);
     if (owner != kNone) child_cell[owner] = id;
+    if (cell_refs) {
+      ReserveFor(cell_ref, cells.size() * uint64_t{g.dim});
+      cell_ref.resize(cells.size() * uint64_t{g.dim}, 0);
+      cell_radius.push_back(0);
+      cell_ref_norm.push_back(0);
+      cell_centered.push_back(0);
+    }
     return id;
+  }
+
+  // ------------------------------------------------------------------ cell references
+  // Sets the cell's reference point to the mean of its members (rounded to bf16), its radius
+  // to the farthest member, and (sketching) every member's sketch.
+  void RecenterCell(uint32_t cid) {
+    Cell& c = cells[cid];
+    const uint32_t n = static_cast<uint32_t>(c.tok.size());
+    const uint32_t d = g.dim;
+    cell_centered[cid] = n;
+    cell_radius[cid] = 0;
+    if (n == 0) {
+      c.code.clear();
+      c.fac.clear();
+      return;
+    }
+    std::vector<float> x(d), mean(d, 0.f);
+    for (uint32_t t : c.tok) {
+      ToFloat(KeyPtr(t), g.elem_type, d, x.data());
+      for (uint32_t i = 0; i < d; ++i) mean[i] += x[i];
+    }
+    uint16_t* ref = cell_ref.data() + uint64_t{cid} * d;
+    double norm = 0;
+    for (uint32_t i = 0; i < d; ++i) {
+      ref[i] = FloatToBf16(mean[i] / static_cast<float>(n));
+      mean[i] = Bf16ToFloat(ref[i]);
+      norm += double(mean[i]) * mean[i];
+    }
+    cell_ref_norm[cid] = static_cast<float>(std::sqrt(norm));
+    if (sketching) {
+      c.code.resize(uint64_t{n} * sketch->code_bytes());
+      c.fac.resize(n);
+    }
+    for (uint32_t i = 0; i < n; ++i) MemberResidual(cid, i, mean.data(), x.data());
+  }
+
+  // Residual of member i of cell cid to the reference `ref` (fp32): widens the radius and,
+  // when sketching, writes the member's sketch. `x` is scratch of dim floats.
+  void MemberResidual(uint32_t cid, uint32_t i, const float* ref, float* x) {
+    Cell& c = cells[cid];
+    const uint32_t d = g.dim;
+    ToFloat(KeyPtr(c.tok[i]), g.elem_type, d, x);
+    double e2 = 0;
+    for (uint32_t k = 0; k < d; ++k) {
+      x[k] -= ref[k];
+      e2 += double(x[k]) * x[k];
+    }
+    // Rounded up: the bound must hold for the scores the kernels compute.
+    const float r = static_cast<float>(std::sqrt(e2)) * (1.0f + 1e-5f) + 1e-6f;
+    cell_radius[cid] = std::max(cell_radius[cid], r);
+    if (sketching) {
+      std::vector<float>& buf = SketchBuffer();
+      c.fac[i] = FloatToHalf(
+          sketch->Encode(x, c.code.data() + uint64_t{i} * sketch->code_bytes(), buf.data()));
+    }
+  }
+
+  std::vector<float>& SketchBuffer() const {
+    thread_local std::vector<float> buf;
+    if (buf.size() < sketch->bits()) buf.resize(sketch->bits());
+    return buf;
+  }
+
+  std::vector<float> CellRef(uint32_t cid) const {
+    std::vector<float> r(g.dim);
+    const uint16_t* ref = cell_ref.data() + uint64_t{cid} * g.dim;
+    for (uint32_t i = 0; i < g.dim; ++i) r[i] = Bf16ToFloat(ref[i]);
+    return r;
+  }
+
+  // Member idx of cell cid was just inserted into tok: re-centre the cell when it has doubled
+  // since its last centring, else widen the radius and sketch the new member.
+  void AddMember(uint32_t cid, uint32_t idx) {
+    if (!cell_refs) return;
+    Cell& c = cells[cid];
+    if (c.tok.size() >= 2 * std::max<uint32_t>(cell_centered[cid], 2)) {
+      RecenterCell(cid);
+      return;
+    }
+    if (sketching) {
+      const uint32_t cb = sketch->code_bytes();
+      c.code.insert(c.code.begin() + uint64_t{idx} * cb, cb, 0);
+      c.fac.insert(c.fac.begin() + idx, uint16_t{0});
+    }
+    std::vector<float> x(g.dim);
+    const std::vector<float> ref = CellRef(cid);
+    MemberResidual(cid, idx, ref.data(), x.data());
+  }
+
+  // Member idx of cell cid was just erased from tok (the radius stays a valid bound).
+  void RemoveMember(uint32_t cid, uint32_t idx) {
+    if (!sketching) return;
+    Cell& c = cells[cid];
+    const uint32_t cb = sketch->code_bytes();
+    c.code.erase(c.code.begin() + uint64_t{idx} * cb, c.code.begin() + uint64_t{idx + 1} * cb);
+    c.fac.erase(c.fac.begin() + idx);
   }
 
   // Lays the cell's tokens (already sorted) into ceil(n / page_size) pages of even fill,
@@ -316,6 +451,7 @@ struct DciTree::Impl {
       c.tok[i] = order[i].second;
     }
     ChunkCell(cid);
+    if (cell_refs) RecenterCell(cid);
   }
 
   // Adds token t (detached) to cell cid.
@@ -324,6 +460,8 @@ struct DciTree::Impl {
       Cell& c = cells[cid];
       if (sq[t] > c.max_sq || c.page_ids.empty()) {
         c.max_sq = std::max(c.max_sq, sq[t]);
+        ReserveFor(c.proj, c.proj.size() + 1);
+        ReserveFor(c.tok, c.tok.size() + 1);
         c.proj.push_back(0);
         c.tok.push_back(t);
         Reproject(cid);
@@ -344,10 +482,17 @@ struct DciTree::Impl {
                pages[c.page_ids[j - 1]].valid <= pages[c.page_ids[j]].valid) {
       j = j - 1;
     }
+    ReserveFor(c.proj, c.proj.size() + 1);
+    ReserveFor(c.tok, c.tok.size() + 1);
+    if (sketching) {
+      ReserveFor(c.code, c.code.size() + sketch->code_bytes());
+      ReserveFor(c.fac, c.fac.size() + 1);
+    }
     c.proj.insert(c.proj.begin() + idx, pr);
     c.tok.insert(c.tok.begin() + idx, t);
     for (size_t i = j; i < c.page_end.size(); ++i) ++c.page_end[i];
     (void)n;
+    AddMember(cid, idx);
     const uint32_t p = c.page_ids[j];
     if (pages[p].valid < g.page_size) {
       SetLoc(t, p, pages[p].valid);
@@ -407,6 +552,7 @@ struct DciTree::Impl {
     const uint32_t last = pages[p].valid - 1;
     c.proj.erase(c.proj.begin() + idx);
     c.tok.erase(c.tok.begin() + idx);
+    RemoveMember(cid, static_cast<uint32_t>(idx));
     for (size_t i = j; i < c.page_end.size(); ++i) --c.page_end[i];
     DetachLoc(t);
     if (hole != last) {
@@ -534,7 +680,7 @@ struct DciTree::Impl {
     ICECACHE_CHECK(lvl >= 1 && lvl <= top) << "no neighbour search on level " << lvl;
     const std::vector<uint32_t>& members = level_tokens[lvl];
     out->clear();
-    if (lvl == top || members.size() <= o.exact_parent_max) {
+    if (lvl == top || members.size() <= ExactParentMax()) {
       for (uint32_t v : members) {
         if (v == t) continue;
         out->push_back({Dot(probe.x, KeyPtr(v), g.elem_type, g.dim) + probe.extra * Lift(v), v});
@@ -587,8 +733,12 @@ struct DciTree::Impl {
   // level above is small, by descent beyond.
   void FullParents(const std::vector<uint32_t>& kids, const std::vector<uint32_t>& parents, int l,
                    std::vector<uint32_t>* parent_of) const {
-    if (parents.size() <= o.exact_parent_max) {
+    if (parents.size() <= ExactParentMax() || (o.parent_beam > 0 && l + 1 == top)) {
       ExactParents(kids, parents, parent_of);
+      return;
+    }
+    if (o.parent_beam > 0 && !lifted_rows.empty()) {
+      BeamParents(kids, l, parent_of);
       return;
     }
     parent_of->resize(kids.size());
@@ -598,9 +748,68 @@ struct DciTree::Impl {
     for (size_t i = 0; i < kids.size(); ++i) {
       if (i % 256 == 0 && Cancelled()) return;  // the caller sees it after the level
       const Probe probe = KeyProbe(kids[i], &buf);
-      Descend(probe, l + 1, o.build_fov, o.build_retrieve_ratio, 1, false, 1, sc, &found);
+      Descend(probe, l + 1, BuildFov(), BuildRatio(), 1, false, 1, sc, &found);
       ICECACHE_CHECK(!found.empty()) << "descent found no parent for token " << kids[i];
       (*parent_of)[i] = found.front().tok;
+    }
+  }
+
+  // Build only: the lifted fp32 rows T(k) = [k, sqrt(M - |k|^2), 0...] of every token on
+  // levels >= 1 (row upper_row[t], lifted_w floats), for the beam parent search.
+  void PrepareLifted(const std::vector<uint32_t>& upper) {
+    lifted_w = (g.dim + 1 + 7) / 8 * 8;
+    lifted_rows.assign(uint64_t{lifted_w} * upper.size(), 0.f);
+    for (uint32_t t : upper) {
+      float* r = lifted_rows.data() + uint64_t{upper_row[t]} * lifted_w;
+      ToFloat(KeyPtr(t), g.elem_type, g.dim, r);
+      r[g.dim] = Lift(t);
+    }
+  }
+
+  // The build's parent search with parent_beam: each kid descends from the root cell, keeping
+  // the parent_beam best tokens (lifted inner product) of each level and scoring every child
+  // of theirs on the next, down to level l + 1, whose best scored token is its parent.
+  void BeamParents(const std::vector<uint32_t>& kids, int l,
+                   std::vector<uint32_t>* parent_of) const {
+    const uint32_t w = lifted_w, beam = o.parent_beam;
+    parent_of->resize(kids.size());
+    std::vector<float> x(w, 0.f), scores;
+    std::vector<uint32_t> cand, next;
+    std::vector<const void*> rows;
+    std::vector<std::pair<float, uint32_t>> ranked;
+    for (size_t i = 0; i < kids.size(); ++i) {
+      if (i % 256 == 0 && Cancelled()) return;  // the caller sees it after the level
+      ToFloat(KeyPtr(kids[i]), g.elem_type, g.dim, x.data());
+      x[g.dim] = Lift(kids[i]);
+      cand = cells[root_cell].tok;
+      for (int lvl = top;; --lvl) {
+        const uint32_t n = static_cast<uint32_t>(cand.size());
+        rows.resize(n);
+        scores.resize(n);
+        for (uint32_t j = 0; j < n; ++j)
+          rows[j] = lifted_rows.data() + uint64_t{upper_row[cand[j]]} * w;
+        DotGather(x.data(), rows.data(), n, ElemType::kF32, w, scores.data());
+        ranked.resize(n);
+        for (uint32_t j = 0; j < n; ++j) ranked[j] = {scores[j], cand[j]};
+        auto better = [](const std::pair<float, uint32_t>& a, const std::pair<float, uint32_t>& b) {
+          return a.first > b.first || (a.first == b.first && a.second < b.second);
+        };
+        if (lvl == l + 1) {
+          (*parent_of)[i] = std::min_element(ranked.begin(), ranked.end(), better)->second;
+          break;
+        }
+        std::sort(ranked.begin(), ranked.end(), better);
+        // The children of the beam; past it, of the next best, until some child is found.
+        next.clear();
+        for (size_t j = 0; j < ranked.size() && (j < beam || next.empty()); ++j) {
+          auto it = child_cell.find(ranked[j].second);
+          if (it == child_cell.end()) continue;
+          const std::vector<uint32_t>& kids_of = cells[it->second].tok;
+          next.insert(next.end(), kids_of.begin(), kids_of.end());
+        }
+        ICECACHE_CHECK(!next.empty()) << "no child below level " << lvl;
+        cand.swap(next);
+      }
     }
   }
 
@@ -662,6 +871,13 @@ struct DciTree::Impl {
     for (size_t f = 0; f < fallback.size(); ++f) (*parent_of)[fallback_at[f]] = fallback_parent[f];
   }
 
+  // The parent search's parameters: the paper's, or the beam (parent_beam > 0).
+  uint32_t ExactParentMax() const { return o.parent_beam > 0 ? 64 : o.exact_parent_max; }
+  uint32_t BuildFov() const { return o.parent_beam > 0 ? o.parent_beam : o.build_fov; }
+  double BuildRatio() const { return o.parent_beam > 0 ? 1.0 : o.build_retrieve_ratio; }
+  uint32_t InsertFov() const { return o.parent_beam > 0 ? o.parent_beam : o.insert_fov; }
+  double InsertRatio() const { return o.parent_beam > 0 ? 1.0 : o.insert_retrieve_ratio; }
+
   bool Cancelled() const {
     return cancel_flag != nullptr && cancel_flag->load(std::memory_order_relaxed);
   }
@@ -690,13 +906,16 @@ struct DciTree::Impl {
     }
     for (int l = 1; l <= top; ++l) level_tokens[l] = by_level[l];
     upper_row.assign(n, kNone);
+    std::vector<uint32_t> upper;
     for (int l = 1; l <= top; ++l) {
       for (uint32_t t : by_level[l]) {
         upper_row[t] = static_cast<uint32_t>(upper_keys.size() / row_bytes);
+        upper.push_back(t);
         const uint8_t* src = static_cast<const uint8_t*>(b.keys.row(t));
         upper_keys.insert(upper_keys.end(), src, src + row_bytes);
       }
     }
+    if (o.parent_beam > 0) PrepareLifted(upper);
 
     // Root cell: the top level, projected and sorted.
     root_cell = NewCell(kNone, top);
@@ -725,7 +944,7 @@ struct DciTree::Impl {
     for (int l = top - 1; l >= 0; --l) {
       const std::vector<uint32_t>& kids = by_level[l];
       const std::vector<uint32_t>& parents = by_level[l + 1];
-      if (o.anchor_interval > 0 && kids.size() > o.exact_parent_max) {
+      if (o.anchor_interval > 0 && kids.size() > ExactParentMax()) {
         AnchoredParents(kids, parents, l, &parent_of);
       } else {
         FullParents(kids, parents, l, &parent_of);
@@ -745,8 +964,18 @@ struct DciTree::Impl {
         cell_order.push_back(cid);
       }
     }
+    if (cell_refs) {
+      for (uint32_t cid = 0; cid < cells.size(); ++cid) {
+        if (cid % 64 == 0 && Cancelled()) {
+          cancel_flag = nullptr;
+          return absl::CancelledError("the index build was cancelled");
+        }
+        RecenterCell(cid);
+      }
+    }
     std::vector<uint8_t>().swap(upper_keys);
     std::vector<uint32_t>().swap(upper_row);
+    std::vector<float>().swap(lifted_rows);
     // Pages: cell after cell, so that a cluster's pages have consecutive ids.
     for (uint32_t cid : cell_order) ChunkCell(cid);
     EmitChange(writer);
@@ -760,6 +989,11 @@ struct DciTree::Impl {
     const uint32_t n0 = static_cast<uint32_t>(position.size());
     batch = &b;
     batch_begin = n0;
+    ReserveFor(position, n0 + m);
+    ReserveFor(level, n0 + m);
+    ReserveFor(page_of, n0 + m);
+    ReserveFor(slot_of, n0 + m);
+    ReserveFor(sq, n0 + m);
     position.insert(position.end(), b.positions, b.positions + m);
     level.resize(n0 + m);
     page_of.resize(n0 + m, kNone);
@@ -797,7 +1031,7 @@ struct DciTree::Impl {
       if (l == top) {
         CellInsert(root_cell, t);
       } else {
-        NearestOnLevel(t, l + 1, 1, o.insert_fov, o.insert_retrieve_ratio, &found);
+        NearestOnLevel(t, l + 1, 1, InsertFov(), InsertRatio(), &found);
         ICECACHE_CHECK(!found.empty()) << "no parent for token " << t << " on level " << l + 1;
         const uint32_t p = found.front().tok;
         auto it = child_cell.find(p);
@@ -815,7 +1049,7 @@ struct DciTree::Impl {
   void Reparent(uint32_t t) {
     const int l = level[t];
     std::vector<Cand> near;
-    NearestOnLevel(t, l, o.reparent_neighbors, o.insert_fov, o.insert_retrieve_ratio, &near);
+    NearestOnLevel(t, l, o.reparent_neighbors, InsertFov(), InsertRatio(), &near);
     std::vector<float> tx(g.dim), wx(g.dim);
     ToFloat(KeyPtr(t), g.elem_type, g.dim, tx.data());
     const float tl = Lift(t);
@@ -910,6 +1144,19 @@ struct DciTree::Impl {
     std::vector<float> tmp, ex;
     std::vector<uint32_t> order;
     uint64_t scored = 0;
+    // Best-first search.
+    std::vector<float> cell_score;                 // [query][cell]: q.ref
+    std::vector<float> qnorm;                      // [query]
+    std::vector<std::pair<float, uint32_t>> heap;  // one query's (bound, cell) max-heap
+    std::vector<std::vector<float>> kth;           // [query]: min-heap of best values
+    std::vector<std::vector<std::pair<float, uint32_t>>> cand;  // [query]: (estimate, token)
+    std::vector<uint32_t> opened;                               // cells opened, in order
+    std::vector<uint32_t> union_tok;
+    std::vector<int32_t> dots;
+    std::vector<int8_t> q8;                      // [query][bits]
+    std::vector<ResidualSketch::Query> qsketch;  // [query] prepared for SketchDots
+    std::vector<float> est, facf;  // [cell member]: estimates of one query, fp32 factors
+    uint64_t sketched = 0;
 
     void Begin(uint32_t queries, size_t page_limit, size_t cell_limit) {
       nq = queries;
@@ -1216,10 +1463,239 @@ struct DciTree::Impl {
     }
   }
 
+  // ------------------------------------------------------------------ best-first search
+  // The bound of every cell for every query: bounds[c] = q.ref + slack |q| R (+ a rounding
+  // margin), -inf for empty cells. Fills gs.cell_score and gs.qnorm.
+  void CellScores(const float* qs, uint32_t nq, GroupScratch& gs) const {
+    const uint32_t nc = static_cast<uint32_t>(cells.size());
+    gs.cell_score.resize(uint64_t{nq} * nc);
+    DotStridedMulti(qs, nq, cell_ref.data(), uint64_t{g.dim} * 2, nc, ElemType::kBF16, g.dim,
+                    gs.cell_score.data(), nc);
+    gs.qnorm.resize(nq);
+    for (uint32_t j = 0; j < nq; ++j) {
+      double n2 = 0;
+      for (uint32_t i = 0; i < g.dim; ++i)
+        n2 += double(qs[uint64_t{j} * g.dim + i]) * qs[uint64_t{j} * g.dim + i];
+      gs.qnorm[j] = static_cast<float>(std::sqrt(n2));
+    }
+  }
+
+  // Query j's max-heap of (bound, cell) over the non-empty cells.
+  void BuildCellHeap(uint32_t j, GroupScratch& gs) const {
+    const uint32_t nc = static_cast<uint32_t>(cells.size());
+    const float* cs = gs.cell_score.data() + uint64_t{j} * nc;
+    const float qn = gs.qnorm[j];
+    gs.heap.clear();
+    for (uint32_t c = 0; c < nc; ++c) {
+      if (cells[c].tok.empty()) continue;
+      // Rounding margin: the kernels' float error on q.ref and on the keys' scores.
+      const float margin = 1e-5f * qn * (cell_ref_norm[c] + cell_radius[c]) + 1e-6f;
+      gs.heap.push_back({cs[c] + o.cell_bound_slack * qn * cell_radius[c] + margin, c});
+    }
+    std::make_heap(gs.heap.begin(), gs.heap.end());
+  }
+
+  // Pushes v into a min-heap of at most `cap` values.
+  static void PushBest(std::vector<float>* h, uint32_t cap, float v) {
+    if (h->size() < cap) {
+      h->push_back(v);
+      std::push_heap(h->begin(), h->end(), std::greater<float>());
+    } else if (v > h->front()) {
+      std::pop_heap(h->begin(), h->end(), std::greater<float>());
+      h->back() = v;
+      std::push_heap(h->begin(), h->end(), std::greater<float>());
+    }
+  }
+
+  // Scores every page of cell cid exactly for the group (the exact scan's kernel and call, so
+  // the same floats): per (query, page) best key in gs.Max, and each query's best-k heap.
+  void OpenCellExact(const float* qs, uint32_t cid, uint32_t k, GroupScratch& gs) const {
+    const Cell& c = cells[cid];
+    const uint32_t nq = gs.nq;
+    gs.tmp.resize(uint64_t{nq} * g.page_size);
+    for (uint32_t j = 0; j < c.page_ids.size(); ++j) {
+      const uint32_t p = c.page_ids[j];
+      const uint32_t valid = pages[p].valid;
+      DotStridedMulti(qs, nq, reader->PageKeys(p), row_bytes, valid, g.elem_type, g.dim,
+                      gs.tmp.data(), g.page_size);
+      gs.scored += uint64_t{valid} * nq;
+      gs.Touch(p);
+      for (uint32_t q = 0; q < nq; ++q) {
+        const float* v = gs.tmp.data() + uint64_t{q} * g.page_size;
+        float m = -std::numeric_limits<float>::infinity();
+        for (uint32_t s = 0; s < valid; ++s) m = std::max(m, v[s]);
+        gs.Max(q)[p] = m;
+        PushBest(&gs.kth[q], k, m);
+      }
+    }
+  }
+
+  // Estimates every key of cell cid for the group from its sketches; pushes them into each
+  // query's best-R candidates (a min-heap of (estimate, token)).
+  void OpenCellSketch(uint32_t cid, uint32_t rcap, GroupScratch& gs) const {
+    const Cell& c = cells[cid];
+    const uint32_t nq = gs.nq;
+    const uint32_t n = static_cast<uint32_t>(c.tok.size());
+    const uint32_t nc = static_cast<uint32_t>(cells.size());
+    gs.dots.resize(uint64_t{nq} * n);
+    SketchDots(gs.q8.data(), nq, sketch->bits(), c.code.data(), n, gs.dots.data(), n);
+    gs.sketched += uint64_t{n} * nq;
+    // The cell's factors once (F16C), then per query a vectorisable pass of estimates, the
+    // same expression as ResidualSketch::Estimate, and a rarely taken branch into the heap.
+    gs.facf.resize(n);
+    ToFloat(c.fac.data(), ElemType::kF16, n, gs.facf.data());
+    gs.est.resize(n);
+    auto greater = [](const std::pair<float, uint32_t>& a, const std::pair<float, uint32_t>& b) {
+      return a.first > b.first;
+    };
+    for (uint32_t q = 0; q < nq; ++q) {
+      const float base = gs.cell_score[uint64_t{q} * nc + cid];
+      const ResidualSketch::Query& qs8 = gs.qsketch[q];
+      std::vector<std::pair<float, uint32_t>>& h = gs.cand[q];
+      const int32_t* d = gs.dots.data() + uint64_t{q} * n;
+      const float* f = gs.facf.data();
+      float* e = gs.est.data();
+      for (uint32_t i = 0; i < n; ++i) {
+        e[i] = base + f[i] * qs8.scale * static_cast<float>(2 * d[i] - qs8.sum);
+      }
+      uint32_t i = 0;
+      for (; i < n && h.size() < rcap; ++i) {
+        h.push_back({e[i], c.tok[i]});
+        std::push_heap(h.begin(), h.end(), greater);
+      }
+      float floor = h.empty() ? -std::numeric_limits<float>::infinity() : h.front().first;
+      for (; i < n; ++i) {
+        if (e[i] <= floor) continue;
+        std::pop_heap(h.begin(), h.end(), greater);
+        h.back() = {e[i], c.tok[i]};
+        std::push_heap(h.begin(), h.end(), greater);
+        floor = h.front().first;
+      }
+    }
+  }
+
+  void SearchBestFirst(const float* qs, uint32_t nq, uint32_t k,
+                       std::vector<SelectedPage>* out) const {
+    GroupScratch& gs = ThreadGroupScratch();
+    gs.Begin(nq, pages.size(), cells.size());
+    gs.sketched = 0;
+    gs.opened.clear();
+    if (++gs.cell_cur == 0) {
+      std::fill(gs.cell_stamp.begin(), gs.cell_stamp.end(), 0);
+      gs.cell_cur = 1;
+    }
+    CellScores(qs, nq, gs);
+    const bool exact = !sketching;
+    const uint32_t rcap = std::max<uint32_t>(o.rescore_tokens, 1);
+    gs.kth.resize(nq);
+    gs.cand.resize(nq);
+    for (uint32_t q = 0; q < nq; ++q) {
+      gs.kth[q].clear();
+      gs.cand[q].clear();
+    }
+    if (!exact) {
+      gs.qsketch.resize(nq);
+      gs.q8.resize(uint64_t{nq} * sketch->bits());
+      std::vector<float>& buf = SketchBuffer();
+      for (uint32_t q = 0; q < nq; ++q) {
+        sketch->Prepare(qs + uint64_t{q} * g.dim, &gs.qsketch[q], buf.data());
+        std::copy(gs.qsketch[q].q8.begin(), gs.qsketch[q].q8.end(),
+                  gs.q8.begin() + uint64_t{q} * sketch->bits());
+      }
+    }
+    // Each query opens cells best bound first until no unopened cell's bound reaches its
+    // threshold (the k-th best page, or the R-th best estimate); a cell opened for one query
+    // serves them all.
+    for (uint32_t q = 0; q < nq; ++q) {
+      BuildCellHeap(q, gs);
+      while (!gs.heap.empty()) {
+        const float bound = gs.heap.front().first;
+        const uint32_t cid = gs.heap.front().second;
+        if (exact) {
+          if (gs.kth[q].size() >= k && bound < gs.kth[q].front()) break;
+        } else if (gs.cand[q].size() >= rcap && bound < gs.cand[q].front().first) {
+          break;
+        }
+        std::pop_heap(gs.heap.begin(), gs.heap.end());
+        gs.heap.pop_back();
+        if (gs.cell_stamp[cid] == gs.cell_cur) continue;
+        gs.cell_stamp[cid] = gs.cell_cur;
+        gs.opened.push_back(cid);
+        if (exact) {
+          OpenCellExact(qs, cid, k, gs);
+        } else {
+          OpenCellSketch(cid, rcap, gs);
+        }
+      }
+    }
+    if (!exact) {
+      // Rescore the union of the queries' best estimates exactly, for the whole group.
+      gs.union_tok.clear();
+      for (uint32_t q = 0; q < nq; ++q) {
+        for (const auto& e : gs.cand[q]) gs.union_tok.push_back(e.second);
+      }
+      std::sort(gs.union_tok.begin(), gs.union_tok.end());
+      gs.union_tok.erase(std::unique(gs.union_tok.begin(), gs.union_tok.end()), gs.union_tok.end());
+      const uint32_t m = static_cast<uint32_t>(gs.union_tok.size());
+      gs.rows.resize(m);
+      for (uint32_t i = 0; i < m; ++i) gs.rows[i] = KeyPtr(gs.union_tok[i]);
+      gs.tmp.resize(uint64_t{nq} * m);
+      DotGatherMulti(qs, nq, gs.rows.data(), m, g.elem_type, g.dim, gs.tmp.data(), m);
+      gs.scored += uint64_t{m} * nq;
+      for (uint32_t i = 0; i < m; ++i) {
+        const uint32_t p = page_of[gs.union_tok[i]];
+        gs.Touch(p);
+        for (uint32_t q = 0; q < nq; ++q) {
+          float& mx = gs.Max(q)[p];
+          mx = std::max(mx, gs.tmp[uint64_t{q} * m + i]);
+        }
+      }
+    }
+    tls_last_scored = gs.scored;
+    tls_last_sketched = gs.sketched;
+    tls_last_cells_opened = static_cast<uint32_t>(gs.opened.size());
+    // Per query: its best k pages among those scored; merged rank-interleaved.
+    auto by_value = [](const SelectedPage& a, const SelectedPage& b) {
+      return a.score > b.score || (a.score == b.score && a.page < b.page);
+    };
+    std::vector<std::vector<SelectedPage>> lists(nq);
+    for (uint32_t q = 0; q < nq; ++q) {
+      for (uint32_t p : gs.touched) lists[q].push_back({p, pages[p].valid, gs.Max(q)[p]});
+      const size_t kk = std::min<size_t>(k, lists[q].size());
+      std::partial_sort(lists[q].begin(), lists[q].begin() + kk, lists[q].end(), by_value);
+      lists[q].resize(kk);
+    }
+    *out = nq == 1 ? std::move(lists[0]) : MergeRankInterleaved(lists, k);
+    if (out->size() < k) {
+      // Fewer pages scored than asked for (tiny trees): complete with the pages of the opened
+      // cells, then of any cell, unranked (score: -inf).
+      std::vector<uint32_t> have;
+      for (const SelectedPage& sp : *out) have.push_back(sp.page);
+      std::sort(have.begin(), have.end());
+      auto add_cell = [&](uint32_t cid) {
+        for (uint32_t p : cells[cid].page_ids) {
+          if (out->size() >= k) return;
+          if (std::binary_search(have.begin(), have.end(), p)) continue;
+          out->push_back({p, pages[p].valid, -std::numeric_limits<float>::infinity()});
+        }
+      };
+      for (uint32_t cid : gs.opened) add_cell(cid);
+      for (uint32_t cid = 0; cid < cells.size() && out->size() < k; ++cid) {
+        if (gs.cell_stamp[cid] != gs.cell_cur) add_cell(cid);
+      }
+    }
+  }
+
   void SearchGroup(const float* qs, uint32_t nq, uint32_t k, std::vector<SelectedPage>* out) const {
     GroupScratch& gs = ThreadGroupScratch();
     std::vector<PageValues> per_query;
     uint64_t scored = 0;
+    tls_last_sketched = 0;
+    tls_last_cells_opened = 0;
+    if (cell_refs && position.size() > o.exact_search_max_tokens) {
+      SearchBestFirst(qs, nq, k, out);
+      return;
+    }
     if (position.size() <= o.exact_search_max_tokens) {
       gs.Begin(nq, pages.size(), cells.size());
       for (const Cell& c : cells) {
@@ -1367,6 +1843,9 @@ uint64_t DciTree::MemoryBytes() const {
                    m.cells.capacity() * sizeof(Cell) +
                    m.child_cell.capacity() * (sizeof(uint32_t) * 2 + 1);
   for (const Cell& c : m.cells) bytes += c.Bytes();
+  bytes += m.cell_ref.capacity() * sizeof(uint16_t) + m.cell_radius.capacity() * 4 +
+           m.cell_ref_norm.capacity() * 4 + m.cell_centered.capacity() * 4;
+  if (m.sketch) bytes += m.sketch->MemoryBytes();
   for (const auto& lt : m.level_tokens) bytes += lt.capacity() * 4;
   return bytes;
 }
@@ -1380,6 +1859,8 @@ DciTree::Stats DciTree::GetStats() const {
   s.cells = static_cast<uint32_t>(impl_->cells.size());
   s.pages = impl_->live_pages;
   s.tokens_scored_last_search = tls_last_scored;
+  s.tokens_sketched_last_search = tls_last_sketched;
+  s.cells_opened_last_search = tls_last_cells_opened;
   return s;
 }
 

@@ -25,8 +25,14 @@
 //     lets a newly promoted token adopt the nearby tokens it is closer to than their parent,
 //     and reports every page it touched.
 //
+//   - Options add a best-first search over cells by an upper bound (exact, or with 1-bit
+//     sketches and exact rescoring) and a beam-descent parent search that builds in
+//     O(n log n); see DciOptions::search_mode and parent_beam.
+//
 // Memory: about 22 bytes of metadata per token (position, level, page, slot, |k|^2, and the
-// cell's sorted projection and token id), no copy of the keys.
+// cell's sorted projection and token id), no copy of the keys; the best-first modes add a
+// bf16 reference point and a radius per cell (about 1 in 80 tokens), and kBestFirstSketch a
+// 1-bit sketch per key (dim / 8 + 4 bytes).
 //
 // Thread safety: see KvIndex. Searches share a reader lock; Build and Insert take the
 // writer lock for their whole duration (metadata update and page rewrites), so a search
@@ -100,6 +106,38 @@ struct DciOptions {
   // group in one pass): below a few thousand tokens a scan is both cheaper and exact.
   // 0 = never (paper).
   uint32_t exact_search_max_tokens = 0;
+  // ---- The best-first search and the n log n build (this project's; off by default).
+  // How a search finds its pages:
+  //   kBeamDescent      the paper's beam descent (with the options above);
+  //   kBestFirstExact   every cell (the children of one parent) has a reference point r (the
+  //                     mean of its keys) and a radius R (its farthest key from r), so
+  //                     q.r + |q| R bounds the score of every key in it. Each query opens
+  //                     cells best bound first, scoring their pages exactly (sequential page
+  //                     reads, one pass for the group), until no unopened cell's bound
+  //                     reaches its k-th best page. With cell_bound_slack 1 the bound is valid
+  //                     and the result is the exact scan's pages (same ranking: best key per
+  //                     page, per query, merged rank-interleaved).
+  //   kBestFirstSketch  the same order, but an opened cell's keys are only estimated, from a
+  //                     1-bit sketch of their residual to r (sketch.h, 20 bytes per key at dim
+  //                     128); each query opens cells until no unopened bound reaches its
+  //                     rescore_tokens-th best estimate, then those best estimates (the union
+  //                     over the group) are rescored exactly and pages ranked by their best
+  //                     rescored key. Approximate: the estimate can miss a best key.
+  // The best-first modes rank pages by best key (page_score, group_merge, joint_group_search,
+  // page_granular_scoring and final_fov apply to kBeamDescent only).
+  enum class SearchMode : uint8_t { kBeamDescent, kBestFirstExact, kBestFirstSketch };
+  SearchMode search_mode = SearchMode::kBeamDescent;
+  // The bound of a cell is q.r + cell_bound_slack * |q| * R: 1 is a valid upper bound; below 1
+  // an estimate of the best key that opens fewer cells (the Cauchy-Schwarz term assumes the
+  // worst alignment, which high-dimensional residuals almost never reach).
+  float cell_bound_slack = 1.0f;
+  // kBestFirstSketch: keys per query rescored exactly (the best estimates).
+  uint32_t rescore_tokens = 64;
+  // Parent search at build and insert: a beam of this width descends through the levels above
+  // (every child of the beam's tokens scored exactly), so a build costs O(n log n) dot
+  // products instead of O(n^2 r1) for the exact search; levels of at most 64 tokens are still
+  // searched exactly. 0 = the paper's (exact up to exact_parent_max, FOV descent beyond).
+  uint32_t parent_beam = 0;
   // Seed of the projection direction (shared by every tree built with these options).
   uint64_t seed = 0x1CECAC4E;
 };
@@ -136,6 +174,8 @@ class DciTree final : public KvIndex {
     uint32_t pages = 0;
     uint64_t tokens_scored_last_search =
         0;  // (key, query) dot products of the last Search on this thread
+    uint64_t tokens_sketched_last_search = 0;  // (key, query) sketch estimates, same search
+    uint32_t cells_opened_last_search = 0;     // cells opened by a best-first search
   };
   Stats GetStats() const;
   // Level, parent (kNoParent for the top level) and page/slot of token `t` (insertion

@@ -1,6 +1,15 @@
 #include "server/index/simd.h"
 
+#include <cpuid.h>
+
+// GCC 12's AVX-512 intrinsics pass an undefined register as the unused merge source
+// (_mm512_undefined_*), which its -Wmaybe-uninitialized reports inside the header (GCC bug
+// 105593, fixed in later releases). Ignored for the header's lines only.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
+#pragma GCC diagnostic pop
 
 #include <algorithm>
 #include <atomic>
@@ -329,50 +338,483 @@ ICECACHE_AVX2 void ToFloatAvx2(const void* row, ElemType type, uint32_t dim, flo
   for (; i < dim; ++i) dst[i] = LoadScalar(row, type, i);
 }
 
-bool CpuHasAvx2() {
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-         __builtin_cpu_supports("f16c");
+// ---------------------------------------------------------------- sketch dots
+// Scalar reference: exact integer sums.
+void SketchDotsScalar(const int8_t* q8, uint32_t nq, uint32_t bits, const uint8_t* codes,
+                      uint32_t n, int32_t* out, uint32_t out_stride) {
+  const uint32_t bytes = bits / 8;
+  for (uint32_t i = 0; i < n; ++i) {
+    const uint8_t* c = codes + uint64_t{i} * bytes;
+    for (uint32_t j = 0; j < nq; ++j) {
+      const int8_t* q = q8 + uint64_t{j} * bits;
+      int32_t acc = 0;
+      for (uint32_t b = 0; b < bits; ++b) {
+        if ((c[b / 8] >> (b % 8)) & 1) acc += q[b];
+      }
+      out[uint64_t{j} * out_stride + i] = acc;
+    }
+  }
 }
 
-std::atomic<SimdLevel> g_level{CpuHasAvx2() ? SimdLevel::kAvx2 : SimdLevel::kScalar};
+// AVX2: 32 bits of a code become 32 bytes of 0/1 (byte m of the word is replicated over 8
+// bytes, each tested against its bit); u8 x s8 products summed in pairs (maddubs: at most
+// 2 * 127, no saturation), then in fours (madd with ones) into 8 int32 lanes.
+ICECACHE_AVX2 inline __m256i ExpandBits32Avx2(uint32_t w) {
+  const __m256i shuf = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2,
+                                        2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+  const __m256i bit = _mm256_set1_epi64x(static_cast<long long>(0x8040201008040201ull));
+  __m256i v = _mm256_shuffle_epi8(_mm256_set1_epi32(static_cast<int>(w)), shuf);
+  v = _mm256_cmpeq_epi8(_mm256_and_si256(v, bit), bit);
+  return _mm256_and_si256(v, _mm256_set1_epi8(1));
+}
+
+ICECACHE_AVX2 inline int32_t HorizontalSumEpi32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+  return _mm_cvtsi128_si32(s);
+}
+
+// Sums of 8 vectors' lanes, one per output lane: out[t] = sum of the lanes of v[t].
+ICECACHE_AVX2 inline __m256i SumLanes8(const __m256i* v) {
+  const __m256i h01 = _mm256_hadd_epi32(v[0], v[1]), h23 = _mm256_hadd_epi32(v[2], v[3]);
+  const __m256i h45 = _mm256_hadd_epi32(v[4], v[5]), h67 = _mm256_hadd_epi32(v[6], v[7]);
+  const __m256i a = _mm256_hadd_epi32(h01, h23), b = _mm256_hadd_epi32(h45, h67);
+  return _mm256_add_epi32(_mm256_permute2x128_si256(a, b, 0x20),
+                          _mm256_permute2x128_si256(a, b, 0x31));
+}
+
+// Tokens in groups of 8: per token and query the pair sums accumulate in int16 (at most
+// bits / 32 * 2 * 128 in magnitude: the caller keeps bits <= 2048), widen once to int32, and
+// 8 tokens' lanes are summed together (SumLanes8) instead of one horizontal sum each.
+template <int NQ>
+ICECACHE_AVX2 void SketchDotsAvx2T(const int8_t* q8, uint32_t bits, const uint8_t* codes,
+                                   uint32_t n, int32_t* out, uint32_t out_stride) {
+  const uint32_t bytes = bits / 8;
+  const __m256i ones16 = _mm256_set1_epi16(1);
+  __m256i lanes[NQ][8];
+  alignas(32) int32_t tail[8];
+  for (uint32_t i0 = 0; i0 < n; i0 += 8) {
+    const uint32_t m = std::min<uint32_t>(8, n - i0);
+    for (uint32_t t = 0; t < 8; ++t) {
+      if (t >= m) {
+        for (int j = 0; j < NQ; ++j) lanes[j][t] = _mm256_setzero_si256();
+        continue;
+      }
+      const uint8_t* c = codes + uint64_t{i0 + t} * bytes;
+      __m256i acc[NQ];
+      for (int j = 0; j < NQ; ++j) acc[j] = _mm256_setzero_si256();
+      for (uint32_t b = 0; b < bits; b += 32) {
+        uint32_t w;
+        std::memcpy(&w, c + b / 8, 4);
+        const __m256i a = ExpandBits32Avx2(w);
+        for (int j = 0; j < NQ; ++j) {
+          const __m256i q =
+              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q8 + uint64_t(j) * bits + b));
+          acc[j] = _mm256_add_epi16(acc[j], _mm256_maddubs_epi16(a, q));
+        }
+      }
+      for (int j = 0; j < NQ; ++j) lanes[j][t] = _mm256_madd_epi16(acc[j], ones16);
+    }
+    for (int j = 0; j < NQ; ++j) {
+      const __m256i sums = SumLanes8(lanes[j]);
+      int32_t* o = out + uint64_t(j) * out_stride + i0;
+      if (m == 8) {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), sums);
+      } else {
+        _mm256_store_si256(reinterpret_cast<__m256i*>(tail), sums);
+        std::copy_n(tail, m, o);
+      }
+    }
+  }
+}
+
+// AVX-VNNI: the same with the VEX dot product (u8 x s8 summed in fours into int32).
+#define ICECACHE_AVXVNNI __attribute__((target("avx2,fma,f16c,avxvnni")))
+
+ICECACHE_AVXVNNI inline __m256i ExpandBits32AvxVnni(uint32_t w) {
+  const __m256i shuf = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2,
+                                        2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+  const __m256i bit = _mm256_set1_epi64x(static_cast<long long>(0x8040201008040201ull));
+  __m256i v = _mm256_shuffle_epi8(_mm256_set1_epi32(static_cast<int>(w)), shuf);
+  v = _mm256_cmpeq_epi8(_mm256_and_si256(v, bit), bit);
+  return _mm256_and_si256(v, _mm256_set1_epi8(1));
+}
+
+ICECACHE_AVXVNNI inline int32_t HorizontalSumEpi32AvxVnni(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+  return _mm_cvtsi128_si32(s);
+}
+
+template <int NQ>
+ICECACHE_AVXVNNI void SketchDotsAvxVnniT(const int8_t* q8, uint32_t bits, const uint8_t* codes,
+                                         uint32_t n, int32_t* out, uint32_t out_stride) {
+  const uint32_t bytes = bits / 8;
+  for (uint32_t i = 0; i < n; ++i) {
+    const uint8_t* c = codes + uint64_t{i} * bytes;
+    __m256i acc[NQ];
+    for (int j = 0; j < NQ; ++j) acc[j] = _mm256_setzero_si256();
+    for (uint32_t b = 0; b < bits; b += 32) {
+      uint32_t w;
+      std::memcpy(&w, c + b / 8, 4);
+      const __m256i a = ExpandBits32AvxVnni(w);
+      for (int j = 0; j < NQ; ++j) {
+        const __m256i q =
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q8 + uint64_t(j) * bits + b));
+        acc[j] = _mm256_dpbusd_avx_epi32(acc[j], a, q);
+      }
+    }
+    for (int j = 0; j < NQ; ++j) {
+      out[uint64_t(j) * out_stride + i] = HorizontalSumEpi32AvxVnni(acc[j]);
+    }
+  }
+}
+
+#define ICECACHE_AVX512 __attribute__((target("avx512f,avx512bw,avx2,fma,f16c")))
+#define ICECACHE_AVX512VNNI __attribute__((target("avx512f,avx512bw,avx512vnni,avx2,fma,f16c")))
+
+// Lane sums of a zmm register through memory: GCC 12's AVX-512 reduction and 512->256 cast
+// intrinsics read an undefined register inside the header, which -Werror rejects.
+ICECACHE_AVX512 inline int32_t ReduceAddEpi32Avx512(__m512i v) {
+  alignas(64) int32_t t[16];
+  _mm512_store_si512(t, v);
+  const __m256i s = _mm256_add_epi32(_mm256_load_si256(reinterpret_cast<const __m256i*>(t)),
+                                     _mm256_load_si256(reinterpret_cast<const __m256i*>(t + 8)));
+  return HorizontalSumEpi32(s);
+}
+
+ICECACHE_AVX512 inline float ReduceAddPsAvx512(__m512 v) {
+  alignas(64) float t[16];
+  _mm512_store_ps(t, v);
+  return HorizontalSum(_mm256_add_ps(_mm256_load_ps(t), _mm256_load_ps(t + 8)));
+}
+
+// AVX-512 (F+BW): 64 bits of a code become 64 bytes of 0/1 through a byte mask; maddubs and
+// madd as on AVX2, 16 int32 lanes.
+template <int NQ>
+ICECACHE_AVX512 void SketchDotsAvx512T(const int8_t* q8, uint32_t bits, const uint8_t* codes,
+                                       uint32_t n, int32_t* out, uint32_t out_stride) {
+  const uint32_t bytes = bits / 8;
+  const __m512i ones8 = _mm512_set1_epi8(1);
+  const __m512i ones16 = _mm512_set1_epi16(1);
+  for (uint32_t i = 0; i < n; ++i) {
+    const uint8_t* c = codes + uint64_t{i} * bytes;
+    __m512i acc[NQ];
+    for (int j = 0; j < NQ; ++j) acc[j] = _mm512_setzero_si512();
+    for (uint32_t b = 0; b < bits; b += 64) {
+      uint64_t w;
+      std::memcpy(&w, c + b / 8, 8);
+      const __m512i a = _mm512_maskz_mov_epi8(static_cast<__mmask64>(w), ones8);
+      for (int j = 0; j < NQ; ++j) {
+        const __m512i q = _mm512_loadu_si512(q8 + uint64_t(j) * bits + b);
+        acc[j] = _mm512_add_epi32(acc[j], _mm512_madd_epi16(_mm512_maddubs_epi16(a, q), ones16));
+      }
+    }
+    for (int j = 0; j < NQ; ++j) out[uint64_t(j) * out_stride + i] = ReduceAddEpi32Avx512(acc[j]);
+  }
+}
+
+// AVX-512 VNNI: the same with vpdpbusd.
+template <int NQ>
+ICECACHE_AVX512VNNI void SketchDotsAvx512VnniT(const int8_t* q8, uint32_t bits,
+                                               const uint8_t* codes, uint32_t n, int32_t* out,
+                                               uint32_t out_stride) {
+  const uint32_t bytes = bits / 8;
+  const __m512i ones8 = _mm512_set1_epi8(1);
+  for (uint32_t i = 0; i < n; ++i) {
+    const uint8_t* c = codes + uint64_t{i} * bytes;
+    __m512i acc[NQ];
+    for (int j = 0; j < NQ; ++j) acc[j] = _mm512_setzero_si512();
+    for (uint32_t b = 0; b < bits; b += 64) {
+      uint64_t w;
+      std::memcpy(&w, c + b / 8, 8);
+      const __m512i a = _mm512_maskz_mov_epi8(static_cast<__mmask64>(w), ones8);
+      for (int j = 0; j < NQ; ++j) {
+        const __m512i q = _mm512_loadu_si512(q8 + uint64_t(j) * bits + b);
+        acc[j] = _mm512_dpbusd_epi32(acc[j], a, q);
+      }
+    }
+    for (int j = 0; j < NQ; ++j) out[uint64_t(j) * out_stride + i] = ReduceAddEpi32Avx512(acc[j]);
+  }
+}
+
+// Runs kernel K<NQ> over the queries in chunks of at most 4 (accumulators stay in registers).
+template <template <int> class K>
+void SketchDotsChunked(const int8_t* q8, uint32_t nq, uint32_t bits, const uint8_t* codes,
+                       uint32_t n, int32_t* out, uint32_t out_stride) {
+  for (uint32_t q0 = 0; q0 < nq; q0 += 4) {
+    const uint32_t m = std::min<uint32_t>(4, nq - q0);
+    const int8_t* q = q8 + uint64_t{q0} * bits;
+    int32_t* o = out + uint64_t{q0} * out_stride;
+    switch (m) {
+      case 1:
+        K<1>::Run(q, bits, codes, n, o, out_stride);
+        break;
+      case 2:
+        K<2>::Run(q, bits, codes, n, o, out_stride);
+        break;
+      case 3:
+        K<3>::Run(q, bits, codes, n, o, out_stride);
+        break;
+      default:
+        K<4>::Run(q, bits, codes, n, o, out_stride);
+        break;
+    }
+  }
+}
+
+template <int NQ>
+struct SketchAvx2 {
+  static void Run(const int8_t* q, uint32_t bits, const uint8_t* c, uint32_t n, int32_t* o,
+                  uint32_t s) {
+    SketchDotsAvx2T<NQ>(q, bits, c, n, o, s);
+  }
+};
+template <int NQ>
+struct SketchAvxVnni {
+  static void Run(const int8_t* q, uint32_t bits, const uint8_t* c, uint32_t n, int32_t* o,
+                  uint32_t s) {
+    SketchDotsAvxVnniT<NQ>(q, bits, c, n, o, s);
+  }
+};
+template <int NQ>
+struct SketchAvx512 {
+  static void Run(const int8_t* q, uint32_t bits, const uint8_t* c, uint32_t n, int32_t* o,
+                  uint32_t s) {
+    SketchDotsAvx512T<NQ>(q, bits, c, n, o, s);
+  }
+};
+template <int NQ>
+struct SketchAvx512Vnni {
+  static void Run(const int8_t* q, uint32_t bits, const uint8_t* c, uint32_t n, int32_t* o,
+                  uint32_t s) {
+    SketchDotsAvx512VnniT<NQ>(q, bits, c, n, o, s);
+  }
+};
+
+// ---------------------------------------------------------------- AVX-512 float dots
+// The AVX2 multi-query kernel, 16 lanes wide (the scan's and the rescoring's kernel).
+template <ElemType kType>
+ICECACHE_AVX512 inline __m512 Load16(const void* row, uint32_t i) {
+  if constexpr (kType == ElemType::kF32) {
+    return _mm512_loadu_ps(static_cast<const float*>(row) + i);
+  } else if constexpr (kType == ElemType::kF16) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(
+        reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(row) + i)));
+  } else {
+    const __m256i raw =
+        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(row) + i));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+  }
+}
+
+template <ElemType kType, int NQ>
+ICECACHE_AVX512 inline void DotRowMultiAvx512T(const float* xs, const void* row, uint32_t dim,
+                                               float* out, uint32_t out_stride) {
+  __m512 acc[NQ];
+  for (int j = 0; j < NQ; ++j) acc[j] = _mm512_setzero_ps();
+  uint32_t i = 0;
+  for (; i + 16 <= dim; i += 16) {
+    const __m512 r = Load16<kType>(row, i);
+    for (int j = 0; j < NQ; ++j) {
+      acc[j] = _mm512_fmadd_ps(_mm512_loadu_ps(xs + uint64_t(j) * dim + i), r, acc[j]);
+    }
+  }
+  for (int j = 0; j < NQ; ++j) {
+    float tail = 0;
+    for (uint32_t t = i; t < dim; ++t)
+      tail += xs[uint64_t(j) * dim + t] * LoadScalar(row, kType, t);
+    out[uint64_t(j) * out_stride] = ReduceAddPsAvx512(acc[j]) + tail;
+  }
+}
+
+template <ElemType kType, int NQ>
+ICECACHE_AVX512 void DotRowsMultiAvx512T(const float* xs, const uint8_t* base, uint64_t stride,
+                                         const void* const* rows, uint32_t n, uint32_t dim,
+                                         float* out, uint32_t out_stride) {
+  for (uint32_t r = 0; r < n; ++r) {
+    const void* row = rows != nullptr ? rows[r] : base + r * stride;
+    if (rows != nullptr && r + 2 < n) {
+      _mm_prefetch(static_cast<const char*>(rows[r + 2]), _MM_HINT_T0);
+    }
+    DotRowMultiAvx512T<kType, NQ>(xs, row, dim, out + r, out_stride);
+  }
+}
+
+template <ElemType kType>
+ICECACHE_AVX512 void DotMultiAvx512T(const float* xs, uint32_t nq, const uint8_t* base,
+                                     uint64_t stride, const void* const* rows, uint32_t n,
+                                     uint32_t dim, float* out, uint32_t out_stride) {
+  for (uint32_t q0 = 0; q0 < nq; q0 += 8) {
+    const uint32_t m = std::min<uint32_t>(8, nq - q0);
+    const float* x = xs + uint64_t{q0} * dim;
+    float* o = out + uint64_t{q0} * out_stride;
+    switch (m) {
+#define ICECACHE_NQ_CASE(k)                                                      \
+  case k:                                                                        \
+    DotRowsMultiAvx512T<kType, k>(x, base, stride, rows, n, dim, o, out_stride); \
+    break;
+      ICECACHE_NQ_CASE(1)
+      ICECACHE_NQ_CASE(2)
+      ICECACHE_NQ_CASE(3)
+      ICECACHE_NQ_CASE(4)
+      ICECACHE_NQ_CASE(5)
+      ICECACHE_NQ_CASE(6)
+      ICECACHE_NQ_CASE(7)
+      ICECACHE_NQ_CASE(8)
+#undef ICECACHE_NQ_CASE
+    }
+  }
+}
+
+ICECACHE_AVX512 void DotMultiAvx512(const float* xs, uint32_t nq, const void* base, uint64_t stride,
+                                    const void* const* rows, uint32_t n, ElemType type,
+                                    uint32_t dim, float* out, uint32_t out_stride) {
+  const uint8_t* b = static_cast<const uint8_t*>(base);
+  switch (type) {
+    case ElemType::kF32:
+      return DotMultiAvx512T<ElemType::kF32>(xs, nq, b, stride, rows, n, dim, out, out_stride);
+    case ElemType::kF16:
+      return DotMultiAvx512T<ElemType::kF16>(xs, nq, b, stride, rows, n, dim, out, out_stride);
+    case ElemType::kBF16:
+      return DotMultiAvx512T<ElemType::kBF16>(xs, nq, b, stride, rows, n, dim, out, out_stride);
+  }
+}
+
+// ---------------------------------------------------------------- detection
+// cpuid and xgetbv directly: the feature bits, and the OS's saved state (XCR0) for the
+// registers (AVX: XMM+YMM; AVX-512: also opmask and ZMM).
+struct CpuFeatures {
+  bool avx2 = false, avxvnni = false, avx512 = false, avx512vnni = false;
+};
+
+uint64_t ReadXcr0() {
+  uint32_t eax, edx;
+  __asm__ volatile("xgetbv" : "=a"(eax), "=d"(edx) : "c"(0));
+  return (uint64_t{edx} << 32) | eax;
+}
+
+CpuFeatures DetectFeatures() {
+  CpuFeatures f;
+  uint32_t a, b, c, d;
+  if (!__get_cpuid(1, &a, &b, &c, &d)) return f;
+  const bool osxsave = (c >> 27) & 1, fma = (c >> 12) & 1, f16c = (c >> 29) & 1,
+             avx = (c >> 28) & 1;
+  if (!osxsave || !avx) return f;
+  const uint64_t xcr0 = ReadXcr0();
+  const bool ymm_state = (xcr0 & 0x6) == 0x6;
+  const bool zmm_state = (xcr0 & 0xe6) == 0xe6;
+  if (__get_cpuid_max(0, nullptr) < 7) return f;
+  __cpuid_count(7, 0, a, b, c, d);
+  const bool avx2 = (b >> 5) & 1, avx512f = (b >> 16) & 1, avx512bw = (b >> 30) & 1;
+  const bool avx512vnni = (c >> 11) & 1;
+  uint32_t a1 = 0, b1, c1, d1;
+  __cpuid_count(7, 1, a1, b1, c1, d1);
+  const bool avxvnni = (a1 >> 4) & 1;
+  f.avx2 = ymm_state && avx2 && fma && f16c;
+  f.avxvnni = f.avx2 && avxvnni;
+  f.avx512 = f.avx2 && zmm_state && avx512f && avx512bw;
+  f.avx512vnni = f.avx512 && avx512vnni;
+  return f;
+}
+
+const CpuFeatures& Features() {
+  static const CpuFeatures f = DetectFeatures();
+  return f;
+}
+
+bool Supported(SimdLevel level) {
+  const CpuFeatures& f = Features();
+  switch (level) {
+    case SimdLevel::kScalar:
+      return true;
+    case SimdLevel::kAvx2:
+      return f.avx2;
+    case SimdLevel::kAvxVnni:
+      return f.avxvnni;
+    case SimdLevel::kAvx512:
+      return f.avx512;
+    case SimdLevel::kAvx512Vnni:
+      return f.avx512vnni;
+  }
+  return false;
+}
+
+SimdLevel Best() {
+  for (int l = static_cast<int>(SimdLevel::kAvx512Vnni); l > 0; --l) {
+    if (Supported(static_cast<SimdLevel>(l))) return static_cast<SimdLevel>(l);
+  }
+  return SimdLevel::kScalar;
+}
+
+std::atomic<SimdLevel> g_level{Best()};
+
+inline SimdLevel Level() { return g_level.load(std::memory_order_relaxed); }
+inline bool UseAvx512() { return Level() >= SimdLevel::kAvx512; }
+inline bool UseAvx2() { return Level() >= SimdLevel::kAvx2; }
 
 }  // namespace
 
-SimdLevel DetectSimdLevel() { return CpuHasAvx2() ? SimdLevel::kAvx2 : SimdLevel::kScalar; }
-SimdLevel ActiveSimdLevel() { return g_level.load(std::memory_order_relaxed); }
+bool SimdLevelSupported(SimdLevel level) { return Supported(level); }
+SimdLevel DetectSimdLevel() { return Best(); }
+SimdLevel ActiveSimdLevel() { return Level(); }
 
 SimdLevel SetSimdLevel(SimdLevel level) {
-  if (level == SimdLevel::kAvx2 && !CpuHasAvx2()) level = SimdLevel::kScalar;
+  while (level != SimdLevel::kScalar && !Supported(level)) {
+    level = static_cast<SimdLevel>(static_cast<int>(level) - 1);
+  }
   g_level.store(level, std::memory_order_relaxed);
   return level;
 }
 
 const char* SimdLevelName(SimdLevel level) {
-  return level == SimdLevel::kAvx2 ? "avx2+fma+f16c" : "scalar";
+  switch (level) {
+    case SimdLevel::kScalar:
+      return "scalar";
+    case SimdLevel::kAvx2:
+      return "avx2+fma+f16c";
+    case SimdLevel::kAvxVnni:
+      return "avx2+fma+f16c+avx-vnni";
+    case SimdLevel::kAvx512:
+      return "avx512f+bw";
+    case SimdLevel::kAvx512Vnni:
+      return "avx512f+bw+vnni";
+  }
+  return "?";
 }
 
 float Dot(const float* x, const void* row, ElemType type, uint32_t dim) {
-  return ActiveSimdLevel() == SimdLevel::kAvx2 ? DotAvx2(x, row, type, dim)
-                                               : DotScalar(x, row, type, dim);
+  if (UseAvx512()) {
+    float out;
+    DotMultiAvx512(x, 1, row, 0, nullptr, 1, type, dim, &out, 1);
+    return out;
+  }
+  return UseAvx2() ? DotAvx2(x, row, type, dim) : DotScalar(x, row, type, dim);
 }
 
 void DotStrided(const float* x, const void* base, uint64_t stride, uint32_t n, ElemType type,
                 uint32_t dim, float* out) {
-  if (ActiveSimdLevel() == SimdLevel::kAvx2)
-    return DotStridedAvx2(x, base, stride, n, type, dim, out);
+  if (UseAvx512()) return DotMultiAvx512(x, 1, base, stride, nullptr, n, type, dim, out, n);
+  if (UseAvx2()) return DotStridedAvx2(x, base, stride, n, type, dim, out);
   const uint8_t* b = static_cast<const uint8_t*>(base);
   for (uint32_t r = 0; r < n; ++r) out[r] = DotScalar(x, b + r * stride, type, dim);
 }
 
 void DotGather(const float* x, const void* const* rows, uint32_t n, ElemType type, uint32_t dim,
                float* out) {
-  if (ActiveSimdLevel() == SimdLevel::kAvx2) return DotGatherAvx2(x, rows, n, type, dim, out);
+  if (UseAvx512()) return DotMultiAvx512(x, 1, nullptr, 0, rows, n, type, dim, out, n);
+  if (UseAvx2()) return DotGatherAvx2(x, rows, n, type, dim, out);
   for (uint32_t r = 0; r < n; ++r) out[r] = DotScalar(x, rows[r], type, dim);
 }
 
 void DotStridedMulti(const float* xs, uint32_t nq, const void* base, uint64_t stride, uint32_t n,
                      ElemType type, uint32_t dim, float* out, uint32_t out_stride) {
-  if (ActiveSimdLevel() == SimdLevel::kAvx2) {
+  if (UseAvx512()) {
+    return DotMultiAvx512(xs, nq, base, stride, nullptr, n, type, dim, out, out_stride);
+  }
+  if (UseAvx2()) {
     return DotMultiAvx2(xs, nq, base, stride, nullptr, n, type, dim, out, out_stride);
   }
   const uint8_t* b = static_cast<const uint8_t*>(base);
@@ -386,7 +828,10 @@ void DotStridedMulti(const float* xs, uint32_t nq, const void* base, uint64_t st
 
 void DotGatherMulti(const float* xs, uint32_t nq, const void* const* rows, uint32_t n,
                     ElemType type, uint32_t dim, float* out, uint32_t out_stride) {
-  if (ActiveSimdLevel() == SimdLevel::kAvx2) {
+  if (UseAvx512()) {
+    return DotMultiAvx512(xs, nq, nullptr, 0, rows, n, type, dim, out, out_stride);
+  }
+  if (UseAvx2()) {
     return DotMultiAvx2(xs, nq, nullptr, 0, rows, n, type, dim, out, out_stride);
   }
   for (uint32_t j = 0; j < nq; ++j) {
@@ -399,7 +844,7 @@ void DotGatherMulti(const float* xs, uint32_t nq, const void* const* rows, uint3
 void BestLiftedParents(const float* children, uint32_t nc, const float* child_lift,
                        const float* parents_t, const float* parent_lift, uint32_t np,
                        uint32_t np_pad, uint32_t dim, float* best_v, uint32_t* best_j) {
-  if (ActiveSimdLevel() == SimdLevel::kAvx2) {
+  if (UseAvx2()) {
     return BestLiftedParentsAvx2(children, nc, child_lift, parents_t, parent_lift, np, np_pad, dim,
                                  best_v, best_j);
   }
@@ -417,18 +862,35 @@ void BestLiftedParents(const float* children, uint32_t nc, const float* child_li
   }
 }
 
+void SketchDots(const int8_t* q8, uint32_t nq, uint32_t bits, const uint8_t* codes, uint32_t n,
+                int32_t* out, uint32_t out_stride) {
+  switch (Level()) {
+    case SimdLevel::kAvx512Vnni:
+      return SketchDotsChunked<SketchAvx512Vnni>(q8, nq, bits, codes, n, out, out_stride);
+    case SimdLevel::kAvx512:
+      return SketchDotsChunked<SketchAvx512>(q8, nq, bits, codes, n, out, out_stride);
+    case SimdLevel::kAvxVnni:
+      return SketchDotsChunked<SketchAvxVnni>(q8, nq, bits, codes, n, out, out_stride);
+    case SimdLevel::kAvx2:
+      if (bits > 2048) break;  // the int16 accumulation's range
+      return SketchDotsChunked<SketchAvx2>(q8, nq, bits, codes, n, out, out_stride);
+    case SimdLevel::kScalar:
+      break;
+  }
+  SketchDotsScalar(q8, nq, bits, codes, n, out, out_stride);
+}
+
 void ExpInPlace(float* x, uint32_t n) {
-  if (ActiveSimdLevel() == SimdLevel::kAvx2) return ExpAvx2(x, n);
+  if (UseAvx2()) return ExpAvx2(x, n);
   for (uint32_t i = 0; i < n; ++i) x[i] = x[i] < -87.f ? 0.f : std::exp(x[i]);
 }
 
 float SquaredNorm(const void* row, ElemType type, uint32_t dim) {
-  return ActiveSimdLevel() == SimdLevel::kAvx2 ? SquaredNormAvx2(row, type, dim)
-                                               : SquaredNormScalar(row, type, dim);
+  return UseAvx2() ? SquaredNormAvx2(row, type, dim) : SquaredNormScalar(row, type, dim);
 }
 
 void ToFloat(const void* row, ElemType type, uint32_t dim, float* dst) {
-  if (ActiveSimdLevel() == SimdLevel::kAvx2) return ToFloatAvx2(row, type, dim, dst);
+  if (UseAvx2()) return ToFloatAvx2(row, type, dim, dst);
   ToFloatScalar(row, type, dim, dst);
 }
 

@@ -1,6 +1,9 @@
 // Scoring kernels: dot products of fp32 vectors with key rows stored as fp32, fp16 or bf16,
-// converted on the fly. AVX2+FMA+F16C when the CPU has them (chosen once at startup), a
-// portable scalar path otherwise; both give the same results within float rounding.
+// converted on the fly, and integer dot products of int8 queries with 1-bit sketch codes.
+// The level is chosen once at startup from cpuid (and the OS's saved register state):
+// AVX-512 (F+BW) with or without AVX-512 VNNI, AVX2 with or without AVX-VNNI, or a portable
+// scalar path. Float kernels agree with the scalar path within float rounding; the sketch
+// kernel is integer arithmetic and agrees exactly at every level.
 //
 // Thread safety: all functions are pure; SetSimdLevel is for tests and benchmarks and must
 // not race with scoring.
@@ -12,13 +15,26 @@
 
 namespace icecache::index {
 
-enum class SimdLevel : uint8_t { kScalar = 0, kAvx2 = 1 };
+// Levels in order of preference. Every level from kAvx2 up also uses AVX2+FMA+F16C;
+// kAvxVnni adds the VEX-encoded VNNI dot product (AVX-VNNI: Alder Lake, Sapphire Rapids, Zen 5);
+// kAvx512 is AVX-512 F+BW (Skylake-SP, Zen 4); kAvx512Vnni adds AVX-512 VNNI (Cascade Lake,
+// Ice Lake, Sapphire Rapids, Zen 4). A CPU may have kAvx512Vnni without kAvxVnni.
+enum class SimdLevel : uint8_t {
+  kScalar = 0,
+  kAvx2 = 1,
+  kAvxVnni = 2,
+  kAvx512 = 3,
+  kAvx512Vnni = 4,
+};
 
+// Whether this CPU (and OS) can run `level`.
+bool SimdLevelSupported(SimdLevel level);
 // The best level this CPU supports.
 SimdLevel DetectSimdLevel();
 // The level in use (DetectSimdLevel() unless overridden).
 SimdLevel ActiveSimdLevel();
-// Forces a level (clamped to what the CPU supports); returns the level now in use.
+// Forces a level: the highest supported level at or below `level`; returns the level now in
+// use.
 SimdLevel SetSimdLevel(SimdLevel level);
 const char* SimdLevelName(SimdLevel level);
 
@@ -46,6 +62,14 @@ void DotGatherMulti(const float* xs, uint32_t nq, const void* const* rows, uint3
 void BestLiftedParents(const float* children, uint32_t nc, const float* child_lift,
                        const float* parents_t, const float* parent_lift, uint32_t np,
                        uint32_t np_pad, uint32_t dim, float* best_v, uint32_t* best_j);
+
+// Integer dot products of int8 queries with 1-bit codes (sketch.h): for queries j in [0, nq)
+// and codes i in [0, n),
+//   out[j * out_stride + i] = sum of q8[j * bits + b] over the bits b set in code i,
+// where code i is bits / 8 bytes at codes + i * bits / 8 and bit b is bit (b % 8) of byte
+// b / 8. `bits` is a multiple of 64. Exact (integer) at every level.
+void SketchDots(const int8_t* q8, uint32_t nq, uint32_t bits, const uint8_t* codes, uint32_t n,
+                int32_t* out, uint32_t out_stride);
 
 // x[i] = exp(x[i]) for i in [0, n); inputs below -87 give 0. Relative error below 2e-7
 // (a polynomial on AVX2; std::exp on the scalar path).

@@ -3,12 +3,16 @@
 #include <sys/resource.h>
 #include <sys/stat.h>
 
+#include <algorithm>
 #include <array>
 #include <chrono>
 #include <fstream>
+#include <iterator>
 #include <string>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
 #include "common/build_info.h"
 #include "common/log.h"
 #include "common/paths.h"
@@ -26,6 +30,7 @@
 #include "server/core/sequence_registry.h"
 #include "server/main/socket_lock.h"
 #include "server/metrics/metrics.h"
+#include "server/service/control_listener.h"
 #include "server/service/icecache_service.h"
 
 namespace icecache {
@@ -62,6 +67,9 @@ class DaemonObserver final : public DataPlaneObserver {
                                   "Queue entries or slots a client submitted that could not be "
                                   "answered (bad index, wrong state)",
                                   {});
+    evicted_ = m->Counter("icecache_clients_evicted_total",
+                          "Clients the daemon detached because they kept making protocol errors",
+                          {{"reason", "protocol_errors"}});
     for (uint32_t op = 0; op < abi::kNumOps; ++op) {
       auto& per = ops_[op];
       per.latency =
@@ -87,6 +95,7 @@ class DaemonObserver final : public DataPlaneObserver {
   void OnAttach(bool ok) override { (ok ? attach_ok_ : attach_refused_)->Increment(); }
   void OnDetach() override { detach_->Increment(); }
   void OnProtocolError() override { protocol_errors_->Increment(); }
+  void OnClientEvicted() override { evicted_->Increment(); }
   void OnRequest(uint32_t op, int code, double seconds) override {
     if (op >= abi::kNumOps) return;  // unknown ops are counted as protocol errors
     if (code < 0 || code >= Metrics::kNumStatusCodes) code = 2;
@@ -109,12 +118,73 @@ class DaemonObserver final : public DataPlaneObserver {
   prometheus::Counter* attach_refused_;
   prometheus::Counter* detach_;
   prometheus::Counter* protocol_errors_;
+  prometheus::Counter* evicted_;
   std::array<PerOp, abi::kNumOps> ops_;
 };
 
 namespace {
 
 constexpr const char* kServiceName = "icecache.v1.IceCache";
+
+std::string ReadWholeFile(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+}
+
+// Whether host:port names a loopback address (127.0.0.0/8, [::1], localhost).
+bool IsLoopback(const std::string& address) {
+  const size_t colon = address.rfind(':');
+  std::string host = colon == std::string::npos ? address : address.substr(0, colon);
+  if (host.size() >= 2 && host.front() == '[' && host.back() == ']') {
+    host = host.substr(1, host.size() - 2);
+  }
+  return host == "localhost" || host == "::1" || absl::StartsWith(host, "127.");
+}
+
+absl::Status ValidateTcpSecurity(const DaemonOptions& o) {
+  const bool tls = !o.tls_cert_path.empty() || !o.tls_key_path.empty();
+  if (tls && (o.tls_cert_path.empty() || o.tls_key_path.empty())) {
+    return absl::InvalidArgumentError("--tls-cert and --tls-key go together");
+  }
+  if (!o.tls_client_ca_path.empty() && !tls) {
+    return absl::InvalidArgumentError("--tls-client-ca needs --tls-cert and --tls-key");
+  }
+  if ((tls || o.tcp_insecure) && o.tcp_address.empty()) {
+    return absl::InvalidArgumentError("--tls-cert, --tls-key and --tcp-insecure need --tcp");
+  }
+  if (o.tcp_insecure && tls) {
+    return absl::InvalidArgumentError("--tcp-insecure and --tls-cert exclude each other");
+  }
+  if (o.tcp_insecure && !IsLoopback(o.tcp_address)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--tcp-insecure serves the control API in plaintext and is allowed on a loopback "
+        "address only (127.0.0.1, [::1], localhost), not on ",
+        o.tcp_address, "; use --tls-cert and --tls-key"));
+  }
+  for (const std::string* f : {&o.tls_cert_path, &o.tls_key_path, &o.tls_client_ca_path}) {
+    if (!f->empty() && ReadWholeFile(*f).empty()) {
+      return absl::InvalidArgumentError(absl::StrCat("cannot read ", *f, " (or it is empty)"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> TcpCredentials(const DaemonOptions& o) {
+  if (o.tls_cert_path.empty()) {
+    if (!o.tcp_insecure) {
+      ICECACHE_LOG(WARNING) << "--tcp=" << o.tcp_address
+                            << " without TLS: it serves health and reflection only (control "
+                               "calls get UNAUTHENTICATED); give --tls-cert and --tls-key";
+    }
+    return grpc::InsecureServerCredentials();
+  }
+  grpc::SslServerCredentialsOptions ssl(
+      o.tls_client_ca_path.empty() ? GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE
+                                   : GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY);
+  ssl.pem_key_cert_pairs.push_back({ReadWholeFile(o.tls_key_path), ReadWholeFile(o.tls_cert_path)});
+  if (!o.tls_client_ca_path.empty()) ssl.pem_root_certs = ReadWholeFile(o.tls_client_ca_path);
+  return grpc::SslServerCredentials(ssl);
+}
 
 // Resident set size of this process in bytes (0 if /proc is unreadable).
 double ResidentBytes() {
@@ -148,6 +218,19 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const DaemonOptions& optio
     return absl::InvalidArgumentError("--segment-size must be in 1MiB..64GiB");
   }
   if (options.max_clients == 0) return absl::InvalidArgumentError("--max-clients must be positive");
+  if (options.max_clients_per_uid == 0 || options.max_pending_attaches_per_uid == 0 ||
+      options.max_control_connections_per_uid == 0) {
+    return absl::InvalidArgumentError(
+        "--max-clients-per-uid, --max-pending-attaches-per-uid and "
+        "--max-control-connections-per-uid must be positive");
+  }
+  if (options.handshake_timeout <= absl::ZeroDuration()) {
+    return absl::InvalidArgumentError("--handshake-timeout must be positive");
+  }
+  if (!(options.control_rate >= 0)) {
+    return absl::InvalidArgumentError("--control-rate must not be negative");
+  }
+  ICECACHE_RETURN_IF_ERROR(ValidateTcpSecurity(options));
   const std::string attach_path = options.attach_socket_path.empty()
                                       ? AttachSocketPath(options.socket_path)
                                       : options.attach_socket_path;
@@ -162,8 +245,8 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const DaemonOptions& optio
   ICECACHE_ASSIGN_OR_RETURN(d->lock_, SocketLock::Acquire(options.socket_path));
 
   const absl::Time start_time = clock->Now();
+  // One accountant for --memory-limit: sequences' promises, arenas, the daemon's own share.
   d->accountant_ = std::make_unique<MemoryAccountant>(options.memory_limit_bytes);
-  d->arena_accountant_ = std::make_unique<MemoryAccountant>(options.memory_limit_bytes);
   d->metrics_ = std::make_unique<Metrics>(VersionString(), GitCommit());
   d->observer_ = std::make_unique<DaemonObserver>(d->metrics_.get());
   d->pool_ = std::make_unique<ThreadPool>(options.workers);
@@ -172,14 +255,19 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const DaemonOptions& optio
   dp.attach_socket = attach_path;
   dp.allowed_uids.assign(options.allowed_uids.begin(), options.allowed_uids.end());
   dp.operator_uids.assign(options.operator_uids.begin(), options.operator_uids.end());
+  dp.socket_access = options.socket_access;
   dp.client_quota = options.client_quota_bytes;
   dp.max_clients = options.max_clients;
+  dp.max_clients_per_uid = options.max_clients_per_uid;
+  dp.max_pending_attaches_per_uid = options.max_pending_attaches_per_uid;
+  dp.handshake_timeout = options.handshake_timeout;
+  dp.max_sequences_per_client = options.max_sequences_per_client;
   dp.arena.page_segment_bytes = options.segment_bytes;
   dp.arena.staging_segment_bytes = options.segment_bytes;
   dp.recall_sample_every = options.recall_sample_every;
   dp.poll_spin = options.poll_spin;
   dp.index_spec = *index_spec;
-  d->data_plane_ = std::make_unique<DataPlane>(dp, d->registry_.get(), d->arena_accountant_.get(),
+  d->data_plane_ = std::make_unique<DataPlane>(dp, d->registry_.get(), d->accountant_.get(),
                                                d->pool_.get(), d->observer_.get());
 
   // State gauges are read from the core when Prometheus scrapes.
@@ -201,7 +289,7 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const DaemonOptions& optio
   m.AddCallback("icecache_sequences_dropped_total", "Sequences dropped since start",
                 MetricType::Counter, [reg] { return static_cast<double>(reg->dropped_total()); });
   DataPlane* plane = d->data_plane_.get();
-  MemoryAccountant* arenas = d->arena_accountant_.get();
+  MemoryAccountant* arenas = d->accountant_.get();
   auto stat = [plane](uint64_t DataPlaneStats::*field) {
     return [plane, field] { return static_cast<double>(plane->Stats().*field); };
   };
@@ -258,6 +346,13 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const DaemonOptions& optio
       options.client_quota_bytes != 0 ? options.client_quota_bytes : options.memory_limit_bytes;
   info.recall_sample_every = options.recall_sample_every;
   info.index_preset = options.index_preset;
+  info.control_rate = options.control_rate;
+  info.control_burst = std::max(1.0, options.control_rate);
+  info.tcp_plaintext_control = options.tcp_insecure;
+  info.tcp_tls = !options.tls_cert_path.empty();
+  info.tcp_client_auth = !options.tls_client_ca_path.empty();
+  info.socket_mode = options.socket_access.mode;
+  info.max_sequences_per_client = options.max_sequences_per_client;
   d->service_ = std::make_unique<IceCacheService>(d->registry_.get(), d->accountant_.get(),
                                                   d->data_plane_.get(), d->metrics_.get(), clock,
                                                   std::move(info));
@@ -269,26 +364,31 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const DaemonOptions& optio
     d->metrics_port_ = d->metrics_->exposer_port();
   }
 
+  // The control socket is accepted here, not by gRPC: each connection's peer credentials are
+  // read first, then it is handed to the server (server/service/control_listener.h).
+  ControlListener::Options lo;
+  lo.path = options.socket_path;
+  lo.access = options.socket_access;
+  lo.max_connections_per_uid = options.max_control_connections_per_uid;
+  ICECACHE_ASSIGN_OR_RETURN(d->control_listener_, ControlListener::Listen(lo));
+
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
-  builder.AddListeningPort("unix:" + options.socket_path, grpc::InsecureServerCredentials());
   int tcp_port = 0;
   if (!options.tcp_address.empty()) {
-    builder.AddListeningPort(options.tcp_address, grpc::InsecureServerCredentials(), &tcp_port);
+    ICECACHE_ASSIGN_OR_RETURN(std::shared_ptr<grpc::ServerCredentials> creds,
+                              TcpCredentials(options));
+    builder.AddListeningPort(options.tcp_address, creds, &tcp_port);
   }
   builder.RegisterService(d->service_.get());
   d->server_ = builder.BuildAndStart();
   if (d->server_ == nullptr) {
     return absl::UnavailableError(
-        absl::StrCat("cannot serve gRPC on unix:", options.socket_path,
-                     options.tcp_address.empty() ? "" : absl::StrCat(" and ", options.tcp_address),
-                     " (address in use or not permitted)"));
+        absl::StrCat("cannot serve gRPC", options.tcp_address.empty() ? "" : " on ",
+                     options.tcp_address, " (address in use or not permitted)"));
   }
-  // Like the attach socket: any local user may connect; what a caller may see and change is
-  // decided by its attachment token (issued only to the uids --allow-uids admits), not by the
-  // socket's mode (otherwise the umask would lock out admitted clients of other uids).
-  ::chmod(options.socket_path.c_str(), 0666);
+  d->control_listener_->Serve(d->server_.get());
   if (!options.tcp_address.empty()) {
     if (tcp_port == 0) {
       d->server_->Shutdown();
@@ -297,7 +397,13 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const DaemonOptions& optio
     const size_t colon = options.tcp_address.rfind(':');
     d->tcp_address_ = absl::StrCat(options.tcp_address.substr(0, colon), ":", tcp_port);
   }
-  d->service_->SetListening(d->tcp_address_, d->metrics_port_);
+  d->service_->SetListening(d->tcp_address_, d->metrics_port_, d->control_listener_.get());
+  ControlListener* listener = d->control_listener_.get();
+  m.AddCallback("icecache_control_connections_refused_total",
+                "Control socket connections closed at accept: their uid held "
+                "--max-control-connections-per-uid already",
+                MetricType::Counter,
+                [listener] { return static_cast<double>(listener->refused()); });
   grpc::HealthCheckServiceInterface* health = d->server_->GetHealthCheckService();
   if (health != nullptr) {
     health->SetServingStatus(kServiceName, true);
@@ -317,14 +423,19 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const DaemonOptions& optio
 void Daemon::Shutdown() {
   if (!running_) return;
   running_ = false;
-  ICECACHE_LOG(INFO) << "shutting down: draining in-flight RPCs (grace "
+  ICECACHE_LOG(INFO) << "shutting down: draining in-flight requests and RPCs (grace "
                      << absl::FormatDuration(options_.shutdown_grace) << ")";
+  const absl::Time deadline = absl::Now() + options_.shutdown_grace;
+  // Health reports NOT_SERVING while the server still answers it: a probe or a client sees
+  // the daemon going away, not a refused connection.
   grpc::HealthCheckServiceInterface* health = server_->GetHealthCheckService();
   if (health != nullptr) health->Shutdown();  // every service reports NOT_SERVING
-  service_->StartDraining();                  // new calls: UNAVAILABLE, handled, not dropped
-  const auto deadline =
-      std::chrono::system_clock::now() + absl::ToChronoNanoseconds(options_.shutdown_grace);
-  server_->Shutdown(deadline);  // stop accepting; wait for in-flight calls up to deadline
+  service_->StartDraining();                  // new control calls: UNAVAILABLE "shutting down"
+  // Data-plane requests: new ones are answered UNAVAILABLE "shutting down", attaches are
+  // refused, and those in flight (prefills, appends, selects) get the grace to finish.
+  data_plane_->Drain(deadline - absl::Now());
+  control_listener_->Stop();  // no new control connections
+  server_->Shutdown(absl::ToChronoTime(std::max(deadline, absl::Now())));
   server_->Wait();
   ICECACHE_LOG(DEBUG) << "gRPC server stopped";
   data_plane_->Stop();  // detaches every client, frees their arenas

@@ -12,6 +12,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "common/paths.h"
 #include "selection/index_factory.h"
 
 namespace grpc {
@@ -29,12 +30,22 @@ class Clock;
 class ThreadPool;
 class DataPlane;
 class DaemonObserver;
+class ControlListener;
 
 struct DaemonOptions {
   // Unix socket for the control API (absolute path).
   std::string socket_path;
   // Optional TCP listener for the control API, "host:port" (port 0 picks one); "" for none.
+  // With tls_cert_path and tls_key_path it serves TLS (mutual TLS with tls_client_ca_path:
+  // clients must present a certificate that CA signed). Without TLS it serves health and
+  // reflection only, unless tcp_insecure, which needs a loopback address.
   std::string tcp_address;
+  std::string tls_cert_path;
+  std::string tls_key_path;
+  std::string tls_client_ca_path;
+  bool tcp_insecure = false;
+  // Mode and group of both unix sockets (control and attach).
+  SocketAccess socket_access;
   // Metrics endpoint: host to bind and port; port -1 disables it, 0 picks a free port.
   std::string metrics_host = "0.0.0.0";
   int metrics_port = 9464;
@@ -51,6 +62,13 @@ struct DaemonOptions {
   std::vector<uint32_t> operator_uids;  // empty: the daemon's own uid
   uint64_t client_quota_bytes = 0;      // 0: the memory limit
   uint32_t max_clients = 256;
+  uint32_t max_clients_per_uid = 64;
+  uint32_t max_pending_attaches_per_uid = 8;
+  absl::Duration handshake_timeout = absl::Seconds(2);
+  uint32_t max_sequences_per_client = 1024;
+  // Control calls per second per caller (uid, or TCP host); 0: no limit.
+  double control_rate = 1000;
+  uint32_t max_control_connections_per_uid = 64;
   uint64_t segment_bytes = uint64_t{64} << 20;
   uint32_t workers = 0;  // 0: every core
   uint32_t recall_sample_every = 64;
@@ -71,8 +89,10 @@ class Daemon {
   Daemon& operator=(const Daemon&) = delete;
   ~Daemon();  // Shutdown() if still running.
 
-  // Health turns NOT_SERVING, listeners close, in-flight RPCs get the grace period to finish,
-  // the metrics endpoint stops, and the socket and lock files are removed. Idempotent.
+  // Health turns NOT_SERVING (and stays reachable through the grace), new control calls and
+  // data-plane requests get UNAVAILABLE "shutting down", requests and RPCs in flight get the
+  // grace period to finish, then the listeners close, the metrics endpoint stops, and the
+  // socket and lock files are removed. Idempotent.
   void Shutdown();
 
   const std::string& tcp_address() const { return tcp_address_; }
@@ -86,7 +106,6 @@ class Daemon {
   int metrics_port_ = 0;
   std::unique_ptr<SocketLock> lock_;
   std::unique_ptr<MemoryAccountant> accountant_;
-  std::unique_ptr<MemoryAccountant> arena_accountant_;
   std::unique_ptr<Metrics> metrics_;
   std::unique_ptr<DaemonObserver> observer_;
   std::unique_ptr<ThreadPool> pool_;
@@ -94,6 +113,7 @@ class Daemon {
   std::unique_ptr<DataPlane> data_plane_;
   std::unique_ptr<IceCacheService> service_;
   std::unique_ptr<grpc::Server> server_;
+  std::unique_ptr<ControlListener> control_listener_;
   bool running_ = false;
 };
 

@@ -1,8 +1,10 @@
 // icecached: the IceCache host daemon. See README.md and `icecached --help`.
+#include <grp.h>
 #include <signal.h>
 #include <unistd.h>
 
 #include <cstdio>
+#include <cstdlib>
 #include <string>
 #include <vector>
 
@@ -30,8 +32,24 @@ ABSL_FLAG(std::string, socket, icecache::DefaultSocketPath(),
           "$ICECACHE_SOCKET, else /run/icecache/icecached.sock for root, else "
           "$XDG_RUNTIME_DIR/icecache/icecached.sock, else /tmp/icecache-<uid>/icecached.sock.");
 ABSL_FLAG(std::string, tcp, "",
-          "Also serve the control API on this TCP address, host:port (port 0 picks one). "
-          "Unauthenticated: bind it to loopback or a pod IP only. Empty: no TCP listener.");
+          "Also listen on this TCP address, host:port (port 0 picks one): the control API over "
+          "TLS with --tls-cert/--tls-key; without TLS only health and reflection (for gRPC "
+          "probes), or the whole control API with --tcp-insecure on a loopback address. Calls "
+          "that act for a client (a token) are never served over TCP. Empty: no TCP listener.");
+ABSL_FLAG(std::string, tls_cert, "",
+          "PEM certificate (chain) the --tcp listener presents; with --tls-key it serves TLS.");
+ABSL_FLAG(std::string, tls_key, "", "PEM private key of --tls-cert.");
+ABSL_FLAG(std::string, tls_client_ca, "",
+          "PEM CA certificate(s): --tcp clients must present a certificate they signed "
+          "(mutual TLS). Empty: no client certificate asked.");
+ABSL_FLAG(bool, tcp_insecure, false,
+          "Serve the control API on --tcp in plaintext. Allowed only on a loopback address.");
+ABSL_FLAG(std::string, socket_mode, "0666",
+          "File mode (octal) of the control and attach sockets: who may connect. Who may "
+          "attach is decided by --allow-uids (SO_PEERCRED) whatever the mode; e.g. 0660 with "
+          "--socket-group limits connecting to a group.");
+ABSL_FLAG(std::string, socket_group, "",
+          "Group (name or gid) of the control and attach sockets. Empty: the daemon's.");
 ABSL_FLAG(int, metrics_port, icecache::kDefaultMetricsPort,
           "Port of the Prometheus /metrics endpoint; 0 picks a free port, -1 turns it off.");
 ABSL_FLAG(std::string, metrics_host, "0.0.0.0", "Address the /metrics endpoint binds to.");
@@ -52,6 +70,18 @@ ABSL_FLAG(std::string, operator_uids, "",
 ABSL_FLAG(icecache::ByteSize, client_quota, icecache::ByteSize{0},
           "Shared memory one client's arena may hold. Default (0): the whole memory limit.");
 ABSL_FLAG(uint32_t, max_clients, 256, "Most clients attached at once.");
+ABSL_FLAG(uint32_t, max_clients_per_uid, 64, "Most clients of one uid attached at once.");
+ABSL_FLAG(uint32_t, max_pending_attaches_per_uid, 8,
+          "Attach handshakes one uid may have in progress; more connections are refused at "
+          "once, before anything is read from them.");
+ABSL_FLAG(absl::Duration, handshake_timeout, absl::Seconds(2),
+          "An attach connection that has not sent its request by then is closed.");
+ABSL_FLAG(uint32_t, max_sequences_per_client, 1024, "Most sequences one client holds at once.");
+ABSL_FLAG(double, control_rate, 1000,
+          "Control calls per second one caller (a uid on the unix socket, a host over TCP) may "
+          "make (bursts of as many); above it calls get RESOURCE_EXHAUSTED. 0: no limit.");
+ABSL_FLAG(uint32_t, max_control_connections_per_uid, 64,
+          "Connections one uid may hold open to the control socket.");
 ABSL_FLAG(icecache::ByteSize, segment_size, icecache::ByteSize{uint64_t{64} << 20},
           "Size of one arena segment (a client registers each with CUDA in one call).");
 ABSL_FLAG(uint32_t, workers, 0, "Worker threads for builds, inserts and selects (0: every core).");
@@ -82,6 +112,18 @@ bool ParseUids(const std::string& text, std::vector<uint32_t>* out) {
     out->push_back(uid);
   }
   return true;
+}
+
+// "" -> -1 (the daemon's group); a number or a group name -> its gid.
+absl::StatusOr<int64_t> ParseGroup(const std::string& text) {
+  if (text.empty()) return -1;
+  uint32_t gid;
+  if (absl::SimpleAtoi(text, &gid)) return gid;
+  struct group* g = ::getgrnam(text.c_str());
+  if (g == nullptr) {
+    return absl::InvalidArgumentError(absl::StrCat("--socket-group: no group named '", text, "'"));
+  }
+  return static_cast<int64_t>(g->gr_gid);
 }
 
 }  // namespace
@@ -151,6 +193,29 @@ int main(int argc, char** argv) {
     return Fail("--client-quota must not exceed --memory-limit");
   }
   options.max_clients = absl::GetFlag(FLAGS_max_clients);
+  options.max_clients_per_uid = absl::GetFlag(FLAGS_max_clients_per_uid);
+  options.max_pending_attaches_per_uid = absl::GetFlag(FLAGS_max_pending_attaches_per_uid);
+  options.handshake_timeout = absl::GetFlag(FLAGS_handshake_timeout);
+  options.max_sequences_per_client = absl::GetFlag(FLAGS_max_sequences_per_client);
+  options.control_rate = absl::GetFlag(FLAGS_control_rate);
+  options.max_control_connections_per_uid = absl::GetFlag(FLAGS_max_control_connections_per_uid);
+  options.tls_cert_path = absl::GetFlag(FLAGS_tls_cert);
+  options.tls_key_path = absl::GetFlag(FLAGS_tls_key);
+  options.tls_client_ca_path = absl::GetFlag(FLAGS_tls_client_ca);
+  options.tcp_insecure = absl::GetFlag(FLAGS_tcp_insecure);
+  {
+    const std::string mode = absl::GetFlag(FLAGS_socket_mode);
+    char* end = nullptr;
+    const unsigned long bits = std::strtoul(mode.c_str(), &end, 8);
+    if (mode.empty() || *end != '\0' || bits > 0777) {
+      return Fail(
+          absl::StrCat("--socket-mode must be an octal mode within 0777, got '", mode, "'"));
+    }
+    options.socket_access.mode = static_cast<uint32_t>(bits);
+    absl::StatusOr<int64_t> gid = ParseGroup(absl::GetFlag(FLAGS_socket_group));
+    if (!gid.ok()) return Fail(std::string(gid.status().message()));
+    options.socket_access.gid = *gid;
+  }
   options.segment_bytes = absl::GetFlag(FLAGS_segment_size).bytes;
   options.workers = absl::GetFlag(FLAGS_workers);
   options.recall_sample_every = absl::GetFlag(FLAGS_recall_sample_every);

@@ -155,5 +155,82 @@ TEST(Arena, BadOptionsAreInvalidArgument) {
   EXPECT_EQ(global.used(), 0u);
 }
 
+// ------------------------------------------------------------------ promises
+
+// An arena charged to a client's budget grows within what was promised without touching the
+// daemon-wide accountant, sizes its last segment to the promise's headroom, and charges only
+// what goes beyond the promise.
+TEST(Arena, SegmentsWithinThePromiseCostNothingMore) {
+  MemoryAccountant global(64 << 20);
+  auto budget = std::make_unique<ClientBudget>(&global, 0);
+  ClientBudget* b = budget.get();
+  ASSERT_OK_AND_ASSIGN(auto arena, Arena::Create(1, Small(), std::move(budget), nullptr));
+  const uint64_t control = arena->control_bytes();
+  ASSERT_OK(b->Promise(1536 << 10, 1000, "sequence"));  // 1.5 MiB of arena, 1000 B of heap
+  EXPECT_EQ(global.used(), control + (1536 << 10) + 1000);
+  Arena::FrameReservation r1, r2;
+  ASSERT_OK(arena->ReserveFrames(4096, 256, &r1));  // 1 MiB: a whole configured segment
+  EXPECT_EQ(global.used(), control + (1536 << 10) + 1000);
+  ASSERT_OK(arena->ReserveFrames(4096, 10, &r2));  // the last 0.5 MiB: sized to the headroom
+  EXPECT_EQ(arena->segment_bytes(), control + (1536 << 10));
+  EXPECT_EQ(global.used(), control + (1536 << 10) + 1000);
+  // Beyond the promise: charged as it happens.
+  Arena::FrameReservation r3;
+  ASSERT_OK(arena->ReserveFrames(4096, 200, &r3));
+  EXPECT_GT(global.used(), control + (1536 << 10) + 1000);
+}
+
+// When the promise shrinks below what the arena holds (a sequence dropped), segments that
+// empty are given back and reused later, for another page size too, with versions above any
+// their frames had.
+TEST(Arena, EmptySegmentsBeyondThePromiseAreGivenBackAndReused) {
+  MemoryAccountant global(64 << 20);
+  auto budget = std::make_unique<ClientBudget>(&global, 0);
+  ClientBudget* b = budget.get();
+  RecordingListener listener;
+  ASSERT_OK_AND_ASSIGN(auto arena, Arena::Create(1, Small(), std::move(budget), &listener));
+  const uint64_t control = arena->control_bytes();
+  ASSERT_OK(b->Promise(1 << 20, 0, "sequence"));
+  std::vector<FrameRef> frames;
+  {
+    Arena::FrameReservation r;
+    ASSERT_OK(arena->ReserveFrames(4096, 256, &r));
+    for (int i = 0; i < 256; ++i) frames.push_back(r.Take());
+  }
+  const uint32_t seg = frames[0].segment;
+  for (FrameRef f : frames) arena->BumpFrameVersion(f);
+  b->Unpromise(1 << 20, 0);
+  EXPECT_EQ(global.used(), control + (1 << 20));  // still held: still charged
+  for (FrameRef f : frames) arena->FreeFrame(f);
+  EXPECT_EQ(arena->dormant_segments(), 1u);
+  EXPECT_EQ(global.used(), control);
+  EXPECT_EQ(arena->segment_bytes(), control);
+  // A new promise for another page size reuses the segment (no new descriptor).
+  ASSERT_OK(b->Promise(1 << 20, 0, "sequence"));
+  Arena::FrameReservation r;
+  ASSERT_OK(arena->ReserveFrames(8192, 4, &r));
+  const FrameRef g = r.Take();
+  EXPECT_EQ(g.segment, seg);
+  EXPECT_EQ(arena->dormant_segments(), 0u);
+  EXPECT_EQ(listener.segments.size(), 1u);
+  EXPECT_EQ(arena->header()->segments[seg].page_bytes, 8192u);
+  EXPECT_GE(arena->FrameVersion(g), 2u);  // above the 2 the 4 KiB frames reached
+}
+
+TEST(Arena, StagingIsTaggedPerSequence) {
+  MemoryAccountant global(64 << 20);
+  ASSERT_OK_AND_ASSIGN(auto arena, Arena::Create(1, Small(), 16 << 20, &global, nullptr));
+  ASSERT_OK_AND_ASSIGN(abi::ArenaRef a, arena->AllocStaging(100, 7));
+  ASSERT_OK_AND_ASSIGN(abi::ArenaRef b, arena->AllocStaging(5000, 7));
+  ASSERT_OK(arena->AllocStaging(10, 8).status());
+  EXPECT_EQ(arena->StagingBytes(7), 4096u + 8192u);
+  EXPECT_EQ(arena->StagingBytes(8), 4096u);
+  ASSERT_OK(arena->FreeStaging(a));
+  EXPECT_EQ(arena->StagingBytes(7), 8192u);
+  ASSERT_OK(arena->FreeStaging(b));
+  EXPECT_EQ(arena->StagingBytes(7), 0u);
+  EXPECT_EQ(Arena::StagingFootprint(4097), 8192u);
+}
+
 }  // namespace
 }  // namespace icecache

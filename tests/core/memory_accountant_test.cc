@@ -67,5 +67,51 @@ TEST(MemoryAccountant, ConcurrentReservationsNeverExceedTheLimit) {
   EXPECT_EQ(acc.rejections(), 8000u - 10'000 / 7);
 }
 
+// ------------------------------------------------------------------ ClientBudget
+
+TEST(ClientBudget, ChargesPromisesAndHoldsAsOneAmount) {
+  MemoryAccountant global(1000);
+  {
+    ClientBudget b(&global, 0);
+    ASSERT_OK(b.ChargeSegment(100, /*fixed=*/true));  // the control segment
+    ASSERT_OK(b.Promise(500, 50, "sequence"));
+    EXPECT_EQ(global.used(), 650u);
+    // Segments within the promise: nothing more.
+    ASSERT_OK(b.ChargeSegment(300, false));
+    ASSERT_OK(b.ChargeSegment(200, false));
+    EXPECT_EQ(global.used(), 650u);
+    EXPECT_EQ(b.headroom(), 0u);
+    // Beyond it: charged, and refused when the limit is full (nothing changes).
+    ASSERT_OK(b.ChargeSegment(300, false));
+    EXPECT_EQ(global.used(), 950u);
+    EXPECT_THAT(b.ChargeSegment(100, false),
+                StatusIs(absl::StatusCode::kResourceExhausted, HasSubstr("arena segment")));
+    EXPECT_EQ(global.used(), 950u);
+    EXPECT_TRUE(b.over_promise());
+    // A promise on top reuses what is held beyond the old one.
+    ASSERT_OK(b.Promise(300, 0, "sequence"));
+    EXPECT_EQ(global.used(), 950u);
+    EXPECT_FALSE(b.over_promise());
+    b.Unpromise(800, 50);
+    EXPECT_EQ(global.used(), 900u);  // what the arena holds stays charged
+    b.ReleaseSegment(800, false);
+    EXPECT_EQ(global.used(), 100u);
+  }
+  EXPECT_EQ(global.used(), 0u);
+}
+
+TEST(ClientBudget, QuotaBoundsPromisesAndSegments) {
+  MemoryAccountant global(1 << 20);
+  ClientBudget b(&global, 1000);
+  ASSERT_OK(b.ChargeSegment(200, true));
+  EXPECT_THAT(b.Promise(801, 0, "sequence"),
+              StatusIs(absl::StatusCode::kResourceExhausted, HasSubstr("quota")));
+  ASSERT_OK(b.Promise(800, 0, "sequence"));
+  ASSERT_OK(b.ChargeSegment(800, false));
+  EXPECT_THAT(b.ChargeSegment(1, false),
+              StatusIs(absl::StatusCode::kResourceExhausted, HasSubstr("quota")));
+  EXPECT_EQ(global.used(), 1000u);
+}
+
 }  // namespace
 }  // namespace icecache

@@ -2,9 +2,10 @@
 """deploy_observability_e2e: a real icecached, a real client workload and a real Prometheus.
 
 1. Starts icecached (loopback metrics and TCP control listener, --recall-sample-every=1).
-2. Probes the TCP control listener without a token: health, reflection, GetStats and GetConfig
-   answer; every sequence call is UNAUTHENTICATED (what deploy/README.md and the
-   NetworkPolicies state).
+2. Probes the plaintext TCP control listener without a token: health and reflection answer;
+   every control call, GetStats and GetConfig included, is UNAUTHENTICATED (plaintext TCP
+   without --tcp-insecure serves probes only; what deploy/README.md and the NetworkPolicies
+   state).
 3. Starts Debian's Prometheus in a fresh temporary directory on a free loopback port, scraping
    every second with deploy/prometheus/prometheus.example.yaml's icecached job (its
    relabel_configs as they are; Kubernetes discovery swapped for a file_sd target carrying the
@@ -227,7 +228,8 @@ def main():
             exposure = json.loads(out.stdout)
             codes = exposure["codes"]
             want = {"Health.Check": "SERVING", "Health.Check(icecache.v1.IceCache)": "SERVING",
-                    "GetStats": "OK", "GetConfig": "OK", "ServerReflection.ListServices": "OK",
+                    "GetStats": "UNAUTHENTICATED", "GetConfig": "UNAUTHENTICATED",
+                    "ServerReflection.ListServices": "OK",
                     "CreateSequence": "UNAUTHENTICATED", "ListSequences": "UNAUTHENTICATED",
                     "GetSequence": "UNAUTHENTICATED", "DropSequence": "UNAUTHENTICATED",
                     "CreateSequence(made-up token)": "UNAUTHENTICATED"}

@@ -9,9 +9,11 @@
 #include <vector>
 
 #include "eval/in_memory_pages.h"
+#include "eval/quality.h"
 #include "eval/synthetic.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "server/index/exact_oracle.h"
 #include "server/index/simd.h"
 #include "tests/support/status_matchers.h"
 
@@ -452,6 +454,190 @@ TEST_F(DciTreeTest, SearchesRunSafelyWhileInsertsLand) {
   EXPECT_GT(searches.load(), 0);
   ASSERT_OK(tree_->CheckInvariants());
   ExpectPagesHoldTheirTokens(6000);
+}
+
+// ---- The best-first search and the beam build.
+
+DciOptions BestFirst(DciOptions::SearchMode mode, float slack = 1.0f, uint32_t rescore = 64) {
+  DciOptions o;
+  o.search_mode = mode;
+  o.cell_bound_slack = slack;
+  o.rescore_tokens = rescore;
+  return o;
+}
+
+std::vector<uint32_t> PageIds(const std::vector<SelectedPage>& v) {
+  std::vector<uint32_t> ids;
+  for (const SelectedPage& p : v) ids.push_back(p.page);
+  return ids;
+}
+
+// The group's queries of step qi.
+std::vector<float> GroupQueries(const HeadData& h, uint32_t qi, uint32_t group, uint32_t dim) {
+  std::vector<float> q(uint64_t{group} * dim);
+  for (uint32_t g = 0; g < group; ++g) {
+    std::copy_n(h.trace.Query(0, g, qi), dim, q.begin() + uint64_t{g} * dim);
+  }
+  return q;
+}
+
+// With the valid bound (slack 1) the exact best-first search returns the exact scan's pages,
+// in the same order, for groups of 1 and 4 and every k; and it reads fewer keys than the scan.
+TEST_F(DciTreeTest, BestFirstExactReturnsTheExactScansPages) {
+  BuildOn(6000, BestFirst(DciOptions::SearchMode::kBestFirstExact));
+  ExactOracle scan(tree_.get(), pages_.get(), ExactOracle::Rank::kBestToken);
+  uint64_t scored = 0;
+  for (uint32_t qi = 0; qi < 8; ++qi) {
+    for (uint32_t group : {1u, 4u}) {
+      for (uint32_t k : {1u, 12u, 40u}) {
+        const std::vector<float> q = GroupQueries(data_, qi, group, geometry_.dim);
+        std::vector<SelectedPage> got, want;
+        ASSERT_OK(tree_->Search(q.data(), group, k, &got));
+        ASSERT_OK(scan.Search(q.data(), group, k, &want));
+        EXPECT_EQ(PageIds(got), PageIds(want))
+            << "query " << qi << " group " << group << " k " << k;
+        if (group == 4 && k == 12) scored += tree_->GetStats().tokens_scored_last_search;
+      }
+    }
+  }
+  EXPECT_LT(scored, 8u * 6000u * 4u) << "the bound pruned nothing";
+}
+
+// Inserts (new cells, splits, re-projections, re-centring) keep every bound valid.
+TEST_F(DciTreeTest, BestFirstExactStaysExactAcrossInserts) {
+  BuildOn(3008, BestFirst(DciOptions::SearchMode::kBestFirstExact));
+  for (uint32_t begin = 3008; begin < 6000; begin += 16) InsertPage(begin);
+  ASSERT_OK(tree_->CheckInvariants());
+  ExpectPagesHoldTheirTokens(6000);
+  ExactOracle scan(tree_.get(), pages_.get(), ExactOracle::Rank::kBestToken);
+  for (uint32_t qi = 0; qi < 8; ++qi) {
+    const std::vector<float> q = GroupQueries(data_, qi, 4, geometry_.dim);
+    std::vector<SelectedPage> got, want;
+    ASSERT_OK(tree_->Search(q.data(), 4, 12, &got));
+    ASSERT_OK(scan.Search(q.data(), 4, 12, &want));
+    EXPECT_EQ(PageIds(got), PageIds(want)) << "query " << qi;
+  }
+}
+
+// The sketch search rescoring every key it estimates, with the valid bound, on a small tree:
+// every cell is opened, every key rescored exactly, so it returns the exact scan's pages.
+TEST_F(DciTreeTest, SketchSearchIsExactWhenEverythingIsRescored) {
+  data_ = MakeHead(1500);
+  BuildOn(1500, BestFirst(DciOptions::SearchMode::kBestFirstSketch, 1.0f, 100000));
+  ExactOracle scan(tree_.get(), pages_.get(), ExactOracle::Rank::kBestToken);
+  for (uint32_t qi = 0; qi < 8; ++qi) {
+    const std::vector<float> q = GroupQueries(data_, qi, 4, geometry_.dim);
+    std::vector<SelectedPage> got, want;
+    ASSERT_OK(tree_->Search(q.data(), 4, 12, &got));
+    ASSERT_OK(scan.Search(q.data(), 4, 12, &want));
+    EXPECT_EQ(PageIds(got), PageIds(want)) << "query " << qi;
+    EXPECT_EQ(tree_->GetStats().tokens_scored_last_search, 1500u * 4u);
+  }
+}
+
+// The sketch search as configured for speed: the attention recall of its pages stays close to
+// the exact scan's (over the indexed tokens), while it rescores a small share of the keys,
+// and it always returns k distinct live pages.
+TEST_F(DciTreeTest, SketchSearchRecallIsCloseToTheExactScans) {
+  data_ = MakeHead(6000, 128);
+  DciOptions o = BestFirst(DciOptions::SearchMode::kBestFirstSketch, 0.35f, 64);
+  o.parent_beam = 8;
+  BuildOn(6000, o);
+  ExactOracle scan(tree_.get(), pages_.get(), ExactOracle::Rank::kBestToken);
+  std::vector<std::vector<uint32_t>> positions(tree_->page_id_limit());
+  for (PageInfo& p : tree_->Layout()) positions[p.page] = std::move(p.positions);
+  double got_recall = 0, scan_recall = 0;
+  uint64_t scored = 0;
+  for (uint32_t qi = 0; qi < 8; ++qi) {
+    const std::vector<float> q = GroupQueries(data_, qi, 4, 128);
+    std::vector<SelectedPage> got, want;
+    ASSERT_OK(tree_->Search(q.data(), 4, 12, &got));
+    scored += tree_->GetStats().tokens_scored_last_search;
+    ASSERT_OK(scan.Search(q.data(), 4, 12, &want));
+    ASSERT_EQ(got.size(), 12u);
+    const std::vector<uint32_t> ids = PageIds(got);
+    const std::set<uint32_t> distinct(ids.begin(), ids.end());
+    EXPECT_EQ(distinct.size(), 12u);
+    for (uint32_t g = 0; g < 4; ++g) {
+      FullAttention full;
+      ComputeFullAttention(q.data() + g * 128, data_.Rows(0, 6000), nullptr, 6000, &full);
+      for (const auto* sel : {&got, &want}) {
+        std::vector<uint32_t> toks;
+        for (const SelectedPage& p : *sel) {
+          toks.insert(toks.end(), positions[p.page].begin(), positions[p.page].end());
+        }
+        (sel == &got ? got_recall : scan_recall) += AttentionRecall(full, toks) / 32;
+      }
+    }
+  }
+  EXPECT_GT(got_recall, scan_recall - 0.03) << got_recall << " vs the scan's " << scan_recall;
+  EXPECT_LT(scored, 8u * 6000u * 4u / 5) << "rescored more than a fifth of the keys";
+}
+
+// Searches with sketches run while inserts land (re-centred cells rewrite their sketches).
+TEST_F(DciTreeTest, SketchSearchesRunSafelyWhileInsertsLand) {
+  DciOptions o = BestFirst(DciOptions::SearchMode::kBestFirstSketch, 0.35f, 32);
+  o.parent_beam = 8;
+  BuildOn(3008, o);
+  std::atomic<bool> stop{false};
+  std::atomic<int> searches{0}, failures{0};
+  std::vector<std::thread> readers;
+  for (int r = 0; r < 2; ++r) {
+    readers.emplace_back([&, r] {
+      std::vector<SelectedPage> got;
+      const std::vector<float> q = GroupQueries(data_, r, 4, geometry_.dim);
+      while (!stop.load()) {
+        const absl::Status s = tree_->Search(q.data(), 4, 12, &got);
+        if (!s.ok() || got.size() != 12) failures.fetch_add(1);
+        searches.fetch_add(1);
+      }
+    });
+  }
+  for (uint32_t begin = 3008; begin < 6000; begin += 16) InsertPage(begin);
+  stop.store(true);
+  for (auto& t : readers) t.join();
+  EXPECT_EQ(failures.load(), 0);
+  EXPECT_GT(searches.load(), 0);
+  ASSERT_OK(tree_->CheckInvariants());
+  ExpectPagesHoldTheirTokens(6000);
+}
+
+// The beam build keeps every structural invariant of the paper's build, finds most of the
+// exact nearest parents, and inserts after it keep them too.
+TEST_F(DciTreeTest, BeamBuildKeepsTheInvariantsAndMostExactParents) {
+  DciOptions beam;
+  beam.parent_beam = 8;
+  BuildOn(6000, beam);
+  ASSERT_OK(tree_->CheckInvariants());
+  ExpectPagesHoldTheirTokens(6000);
+  InMemoryPages scratch(geometry_, false);
+  DciTree reference(geometry_, DciOptions{}, &scratch);
+  RowView k = data_.Rows(0, 6000);
+  InMemoryPages::Writer w(&scratch, k, nullptr);
+  ASSERT_OK(reference.Build({k, data_.positions.data()}, &w));
+  EXPECT_EQ(tree_->GetStats().tokens_per_level, reference.GetStats().tokens_per_level);
+  uint32_t same = 0, level0 = 0;
+  for (uint32_t t = 0; t < 6000; ++t) {
+    if (tree_->LevelOf(t) != 0) continue;
+    ++level0;
+    same += tree_->ParentOf(t) == reference.ParentOf(t);
+  }
+  EXPECT_GT(same, level0 * 85 / 100) << same << " of " << level0;
+  data_ = MakeHead(9000);
+  BuildOn(3008, beam);
+  for (uint32_t begin = 3008; begin + 16 <= 9000; begin += 16) InsertPage(begin);
+  ASSERT_OK(tree_->CheckInvariants());
+  ExpectPagesHoldTheirTokens(3008 + (9000 - 3008) / 16 * 16);
+}
+
+TEST_F(DciTreeTest, SketchMetadataStaysUnderATenthOfTheKvBytes) {
+  data_ = MakeHead(20000 + 64 * 16, 128);
+  DciOptions o = BestFirst(DciOptions::SearchMode::kBestFirstSketch, 0.35f, 64);
+  o.parent_beam = 8;
+  BuildOn(20000, o);
+  for (uint32_t p = 0; p < 64; ++p) InsertPage(20000 + p * 16);
+  const double kv_bytes = (20000.0 + 64 * 16) * 128 * 2 /*K+V*/ * 2 /*fp16*/;
+  EXPECT_LT(tree_->MemoryBytes() / kv_bytes, 0.10) << tree_->MemoryBytes();
 }
 
 TEST_F(DciTreeTest, MetadataStaysSmallAgainstTheKvBytes) {

@@ -1,11 +1,13 @@
 #include "server/index/simd.h"
 
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <random>
 #include <vector>
 
 #include "gtest/gtest.h"
+#include "server/index/sketch.h"
 
 namespace icecache::index {
 namespace {
@@ -49,8 +51,9 @@ class SimdTest : public ::testing::TestWithParam<ElemType> {
 // and typical dims.
 TEST_P(SimdTest, KernelsMatchFloat64Reference) {
   const ElemType type = GetParam();
-  for (SimdLevel level : {SimdLevel::kScalar, SimdLevel::kAvx2}) {
-    if (SetSimdLevel(level) != level) continue;  // CPU without AVX2: scalar only
+  for (SimdLevel level : {SimdLevel::kScalar, SimdLevel::kAvx2, SimdLevel::kAvxVnni,
+                          SimdLevel::kAvx512, SimdLevel::kAvx512Vnni}) {
+    if (SetSimdLevel(level) != level) continue;  // levels this CPU lacks: skipped
     for (uint32_t dim : {1u, 7u, 8u, 33u, 64u, 128u, 130u, 256u}) {
       const uint32_t rows = 9;
       std::vector<float> ref_rows, x;
@@ -98,6 +101,169 @@ TEST(SimdLevels, Avx2AndScalarAgree) {
   SetSimdLevel(SimdLevel::kAvx2);
   DotStrided(x.data(), rows.data(), 256, 64, ElemType::kBF16, 128, b.data());
   for (int i = 0; i < 64; ++i) EXPECT_NEAR(a[i], b[i], 1e-4f * (std::fabs(a[i]) + 1));
+}
+
+// The multi-query kernels at `level` against the scalar path: every elem type, group sizes
+// 1..9, dims with and without a 16-wide tail, strided and gathered rows.
+void ExpectMultiDotsMatchScalar(SimdLevel level) {
+  for (ElemType type : {ElemType::kF32, ElemType::kF16, ElemType::kBF16}) {
+    for (uint32_t dim : {8u, 64u, 72u, 128u, 136u}) {
+      for (uint32_t nq : {1u, 3u, 4u, 9u}) {
+        const uint32_t rows = 13;
+        std::vector<float> rows_f, xs;
+        std::vector<uint8_t> data = RandomRows(type, rows, dim, dim + nq, &rows_f);
+        RandomRows(ElemType::kF32, nq, dim, 7 * dim + nq, &xs);
+        const uint64_t stride = uint64_t{dim} * ElemBytes(type);
+        std::vector<const void*> ptrs(rows);
+        for (uint32_t r = 0; r < rows; ++r) ptrs[r] = data.data() + (rows - 1 - r) * stride;
+        std::vector<float> want_s(nq * rows), want_g(nq * rows), got_s(nq * rows), got_g(nq * rows);
+        ASSERT_EQ(SetSimdLevel(SimdLevel::kScalar), SimdLevel::kScalar);
+        DotStridedMulti(xs.data(), nq, data.data(), stride, rows, type, dim, want_s.data(), rows);
+        DotGatherMulti(xs.data(), nq, ptrs.data(), rows, type, dim, want_g.data(), rows);
+        const float want_one = Dot(xs.data(), data.data(), type, dim);
+        ASSERT_EQ(SetSimdLevel(level), level);
+        DotStridedMulti(xs.data(), nq, data.data(), stride, rows, type, dim, got_s.data(), rows);
+        DotGatherMulti(xs.data(), nq, ptrs.data(), rows, type, dim, got_g.data(), rows);
+        for (uint32_t i = 0; i < nq * rows; ++i) {
+          EXPECT_NEAR(got_s[i], want_s[i], 1e-4f * (std::fabs(want_s[i]) + dim)) << dim;
+          EXPECT_NEAR(got_g[i], want_g[i], 1e-4f * (std::fabs(want_g[i]) + dim)) << dim;
+        }
+        EXPECT_NEAR(Dot(xs.data(), data.data(), type, dim), want_one,
+                    1e-4f * (std::fabs(want_one) + dim));
+      }
+    }
+  }
+  SetSimdLevel(DetectSimdLevel());
+}
+
+// SketchDots at `level` equals the scalar integer sums exactly: random codes and int8 queries
+// (the extremes included), code lengths 64..512 bits, 1..9 queries.
+void ExpectSketchDotsEqualScalar(SimdLevel level) {
+  std::mt19937 rng(11);
+  std::uniform_int_distribution<int> byte(0, 255), q(-127, 127);
+  for (uint32_t bits : {64u, 128u, 192u, 512u}) {
+    for (uint32_t nq : {1u, 2u, 4u, 5u, 9u}) {
+      const uint32_t n = 37;
+      std::vector<uint8_t> codes(uint64_t{n} * bits / 8);
+      for (uint8_t& c : codes) c = static_cast<uint8_t>(byte(rng));
+      for (uint32_t b = 0; b < bits / 8; ++b) codes[b] = 0xff;          // code 0: every bit set
+      for (uint32_t b = 0; b < bits / 8; ++b) codes[bits / 8 + b] = 0;  // code 1: none
+      std::vector<int8_t> q8(uint64_t{nq} * bits);
+      for (int8_t& v : q8) v = static_cast<int8_t>(q(rng));
+      for (uint32_t b = 0; b < bits; ++b) q8[b] = b % 2 ? 127 : -127;
+      std::vector<int32_t> want(uint64_t{nq} * n), got(uint64_t{nq} * n, -1);
+      ASSERT_EQ(SetSimdLevel(SimdLevel::kScalar), SimdLevel::kScalar);
+      SketchDots(q8.data(), nq, bits, codes.data(), n, want.data(), n);
+      ASSERT_EQ(SetSimdLevel(level), level);
+      SketchDots(q8.data(), nq, bits, codes.data(), n, got.data(), n);
+      EXPECT_EQ(got, want) << bits << " bits, " << nq << " queries, " << SimdLevelName(level);
+      // The scalar path against a direct count for the all-set and empty codes.
+      int32_t all = 0;
+      for (uint32_t b = 0; b < bits; ++b) all += q8[b];
+      EXPECT_EQ(want[0], all);
+      EXPECT_EQ(want[1], 0);
+    }
+  }
+  SetSimdLevel(DetectSimdLevel());
+}
+
+TEST(SimdLevels, DetectionAndClamping) {
+  const SimdLevel best = DetectSimdLevel();
+  EXPECT_TRUE(SimdLevelSupported(best));
+  EXPECT_TRUE(SimdLevelSupported(SimdLevel::kScalar));
+  // Forcing the top level lands on the best supported level at or below it.
+  const SimdLevel top = SetSimdLevel(SimdLevel::kAvx512Vnni);
+  EXPECT_TRUE(SimdLevelSupported(top));
+  EXPECT_LE(static_cast<int>(top), static_cast<int>(SimdLevel::kAvx512Vnni));
+  EXPECT_EQ(SetSimdLevel(SimdLevel::kScalar), SimdLevel::kScalar);
+  EXPECT_STREQ(SimdLevelName(SimdLevel::kAvx512Vnni), "avx512f+bw+vnni");
+  SetSimdLevel(best);
+}
+
+TEST(SketchDots, ScalarCountsTheSetBits) {
+  SetSimdLevel(SimdLevel::kScalar);
+  std::vector<int8_t> q8(64);
+  for (int i = 0; i < 64; ++i) q8[i] = static_cast<int8_t>(i - 32);
+  const uint64_t word = (1ull << 0) | (1ull << 5) | (1ull << 63);
+  uint8_t code[8];
+  std::memcpy(code, &word, 8);
+  int32_t out = 0;
+  SketchDots(q8.data(), 1, 64, code, 1, &out, 1);
+  EXPECT_EQ(out, (0 - 32) + (5 - 32) + (63 - 32));
+  SetSimdLevel(DetectSimdLevel());
+}
+
+TEST(SketchDots, Avx2EqualsScalar) {
+  if (!SimdLevelSupported(SimdLevel::kAvx2)) GTEST_SKIP() << "this CPU has no AVX2+FMA+F16C";
+  ExpectSketchDotsEqualScalar(SimdLevel::kAvx2);
+}
+
+TEST(SketchDots, AvxVnniEqualsScalar) {
+  if (!SimdLevelSupported(SimdLevel::kAvxVnni)) GTEST_SKIP() << "this CPU has no AVX-VNNI";
+  ExpectSketchDotsEqualScalar(SimdLevel::kAvxVnni);
+}
+
+TEST(SketchDots, Avx512EqualsScalar) {
+  if (!SimdLevelSupported(SimdLevel::kAvx512)) GTEST_SKIP() << "this CPU has no AVX-512 F+BW";
+  ExpectSketchDotsEqualScalar(SimdLevel::kAvx512);
+}
+
+TEST(SketchDots, Avx512VnniEqualsScalar) {
+  if (!SimdLevelSupported(SimdLevel::kAvx512Vnni)) {
+    GTEST_SKIP() << "this CPU has no AVX-512 VNNI";
+  }
+  ExpectSketchDotsEqualScalar(SimdLevel::kAvx512Vnni);
+}
+
+TEST(SimdLevels, Avx2MultiDotsMatchScalar) {
+  if (!SimdLevelSupported(SimdLevel::kAvx2)) GTEST_SKIP() << "this CPU has no AVX2+FMA+F16C";
+  ExpectMultiDotsMatchScalar(SimdLevel::kAvx2);
+}
+
+TEST(SimdLevels, Avx512MultiDotsMatchScalar) {
+  if (!SimdLevelSupported(SimdLevel::kAvx512)) GTEST_SKIP() << "this CPU has no AVX-512 F+BW";
+  ExpectMultiDotsMatchScalar(SimdLevel::kAvx512);
+}
+
+// The sketch's estimate of q.e tracks the true value: unbiased over keys (mean error near 0)
+// and strongly correlated (about 0.8 for 1-bit codes), for a dim that is and one that is not
+// a power of two.
+TEST(ResidualSketch, EstimatesTrackTheInnerProduct) {
+  for (uint32_t dim : {128u, 80u}) {
+    ResidualSketch sk(dim, 3);
+    EXPECT_EQ(sk.bits(), 128u);
+    std::mt19937 rng(dim);
+    std::normal_distribution<float> normal(0.f, 1.f);
+    std::vector<float> q(dim), e(dim), scratch(sk.bits());
+    for (float& v : q) v = normal(rng);
+    ResidualSketch::Query prepared;
+    sk.Prepare(q.data(), &prepared, scratch.data());
+    double sx = 0, sy = 0, sxx = 0, syy = 0, sxy = 0;
+    const int n = 2000;
+    std::vector<uint8_t> code(sk.code_bytes());
+    for (int i = 0; i < n; ++i) {
+      for (float& v : e) v = normal(rng) * (1 + (i % 3));
+      const float fac = sk.Encode(e.data(), code.data(), scratch.data());
+      int32_t dots = 0;
+      SketchDots(prepared.q8.data(), 1, sk.bits(), code.data(), 1, &dots, 1);
+      double x = 0;
+      for (uint32_t k = 0; k < dim; ++k) x += double(q[k]) * e[k];
+      const double y = ResidualSketch::Estimate(prepared, fac, dots);
+      sx += x;
+      sy += y;
+      sxx += x * x;
+      syy += y * y;
+      sxy += x * y;
+    }
+    const double cov = sxy / n - (sx / n) * (sy / n);
+    const double corr = cov / std::sqrt((sxx / n - sx * sx / n / n) * (syy / n - sy * sy / n / n));
+    EXPECT_GT(corr, 0.7) << dim;
+    EXPECT_NEAR((sy - sx) / n, 0.0, 0.1 * std::sqrt(sxx / n)) << dim;
+  }
+  ResidualSketch sk(64, 1);
+  std::vector<float> zero(64, 0.f), scratch(64);
+  std::vector<uint8_t> code(8, 0xaa);
+  EXPECT_EQ(sk.Encode(zero.data(), code.data(), scratch.data()), 0.f);
 }
 
 TEST(HalfConversion, ExactValuesAndSpecials) {

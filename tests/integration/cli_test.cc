@@ -2,6 +2,8 @@
 #include <string>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "common/bytes.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "tests/support/daemon_process.h"
@@ -18,6 +20,7 @@ class CliTest : public ::testing::Test {
   void SetUp() override {
     DaemonConfig config;
     config.tcp = true;
+    config.memory_limit = "4GiB";
     auto d = DaemonProcess::Start(dir_.path(), config);
     ASSERT_TRUE(d.ok()) << d.status();
     daemon_ = std::move(*d);
@@ -33,7 +36,7 @@ class CliTest : public ::testing::Test {
     return r.ok() ? *r : RunResult{};
   }
 
-  std::string CreateSequence(const std::string& label) {
+  std::string CreateSequence(const std::string& label, uint64_t* kv_bytes = nullptr) {
     v1::CreateSequenceRequest req;
     v1::SequenceGeometry* g = req.mutable_geometry();
     g->set_num_layers(32);
@@ -47,7 +50,14 @@ class CliTest : public ::testing::Test {
     grpc::Status s =
         daemon_->stub().CreateSequence(ContextWithToken(client_->token()).get(), req, &resp);
     EXPECT_TRUE(s.ok()) << s.error_message();
+    if (kv_bytes != nullptr) *kv_bytes = resp.sequence().kv_bytes();
     return resp.sequence().handle();
+  }
+
+  uint64_t MemoryUsed() {
+    v1::GetStatsResponse r;
+    EXPECT_TRUE(daemon_->stub().GetStats(ContextWithDeadline().get(), {}, &r).ok());
+    return r.memory_used_bytes();
   }
 
   TempDir dir_;
@@ -63,8 +73,10 @@ TEST_F(CliTest, StatusShowsHealthVersionMemoryAndSequences) {
   EXPECT_THAT(r.out, HasSubstr("health      SERVING"));
   EXPECT_THAT(r.out, HasSubstr("version     0."));
   EXPECT_THAT(r.out, MatchesRegex("(.|\n)*uptime      [0-9]+s(.|\n)*"));
-  // 30 offloaded layers x 8 heads x 128 pages x 8 KiB = 240 MiB of a 1 GiB limit.
-  EXPECT_THAT(r.out, HasSubstr("memory      240.00 MiB used of 1.00 GiB limit (23.4%)"));
+  // The sequence's promise and the client's control segment, of a 4 GiB limit.
+  const uint64_t used = MemoryUsed();
+  EXPECT_THAT(r.out, HasSubstr(absl::StrFormat("memory      %s used of 4.00 GiB limit (%.1f%%)",
+                                               FormatBytes(used), 100.0 * used / (4ull << 30))));
   EXPECT_THAT(r.out, HasSubstr("sequences   1"));
 }
 
@@ -73,7 +85,7 @@ TEST_F(CliTest, StatusJsonIsOneObject) {
   EXPECT_EQ(r.exit_code, 0) << r.err;
   EXPECT_THAT(r.out, ::testing::StartsWith("{\"target\":\"unix:"));
   EXPECT_THAT(r.out, HasSubstr("\"healthy\":true"));
-  EXPECT_THAT(r.out, HasSubstr("\"memory_limit_bytes\":\"1073741824\""));
+  EXPECT_THAT(r.out, HasSubstr("\"memory_limit_bytes\":\"4294967296\""));
   EXPECT_THAT(r.out, HasSubstr("\"num_sequences\":\"0\""));
 }
 
@@ -82,7 +94,8 @@ TEST_F(CliTest, SequencesTableAndJson) {
   EXPECT_EQ(empty.exit_code, 0);
   EXPECT_EQ(empty.out, "no sequences\n");
 
-  const std::string a = CreateSequence("llama-a");
+  uint64_t kv = 0;
+  const std::string a = CreateSequence("llama-a", &kv);
   const std::string b = CreateSequence("llama-b");
   RunResult table = Cli({"sequences"});
   EXPECT_EQ(table.exit_code, 0) << table.err;
@@ -91,8 +104,9 @@ TEST_F(CliTest, SequencesTableAndJson) {
   EXPECT_THAT(table.out, HasSubstr(a));
   EXPECT_THAT(table.out, HasSubstr(b));
   EXPECT_THAT(table.out, HasSubstr("llama-a"));
-  EXPECT_THAT(table.out, MatchesRegex("(.|\n)*    32    32/8  128  bf16   16    256            "
-                                      "0/2048  240.00 MiB(.|\n)*"));
+  EXPECT_THAT(table.out, HasSubstr(absl::StrCat("    32    32/8  128  bf16   16    256            "
+                                                "0/2048  ",
+                                                FormatBytes(kv))));
 
   RunResult json = Cli({"--json", "sequences"});
   EXPECT_EQ(json.exit_code, 0);
@@ -108,7 +122,7 @@ TEST_F(CliTest, StatsAndConfig) {
   RunResult stats = Cli({"stats"});
   EXPECT_EQ(stats.exit_code, 0);
   EXPECT_THAT(stats.out, HasSubstr("sequences_created_total  1"));
-  EXPECT_THAT(stats.out, HasSubstr("memory_limit_bytes       1073741824 (1.00 GiB)"));
+  EXPECT_THAT(stats.out, HasSubstr("memory_limit_bytes       4294967296 (4.00 GiB)"));
   RunResult config = Cli({"config"});
   EXPECT_EQ(config.exit_code, 0);
   EXPECT_THAT(config.out, HasSubstr("head dims         64,128,256"));
@@ -116,10 +130,11 @@ TEST_F(CliTest, StatsAndConfig) {
 }
 
 TEST_F(CliTest, DropFreesAndReportsUnknownHandles) {
-  const std::string h = CreateSequence("gone");
+  uint64_t kv = 0;
+  const std::string h = CreateSequence("gone", &kv);
   RunResult r = Cli({"drop", h});
   EXPECT_EQ(r.exit_code, 0) << r.err;
-  EXPECT_EQ(r.out, "dropped " + h + " (freed 240.00 MiB)\n");
+  EXPECT_EQ(r.out, "dropped " + h + " (freed " + FormatBytes(kv) + ")\n");
   RunResult again = Cli({"drop", h});
   EXPECT_EQ(again.exit_code, 1);
   EXPECT_THAT(again.err, HasSubstr("drop failed: NOT_FOUND: no sequence " + h));
@@ -127,7 +142,7 @@ TEST_F(CliTest, DropFreesAndReportsUnknownHandles) {
   EXPECT_EQ(bad.exit_code, 1);
   EXPECT_THAT(bad.err, HasSubstr("INVALID_ARGUMENT"));
   RunResult json = Cli({"--json", "drop", CreateSequence("j")});
-  EXPECT_THAT(json.out, HasSubstr("\"freed_bytes\":251658240"));
+  EXPECT_THAT(json.out, HasSubstr(absl::StrCat("\"freed_bytes\":", kv)));
 }
 
 TEST_F(CliTest, UsageErrorsExitTwo) {

@@ -41,11 +41,16 @@ v1::SequenceGeometry SmallGeometry(uint64_t max_tokens = 4096) {
   g.set_max_tokens(max_tokens);
   return g;
 }
-// (4 - 2 full-KV layers) x 2 heads x 256 pages x 8 KiB.
+// The dense KV of SmallGeometry(): (4 - 2 full-KV layers) x 2 heads x 256 pages x 8 KiB. A
+// sequence is promised more (kv_bytes): pages are clusters and not all full, staging, index
+// metadata (server/core/promise.h).
 constexpr uint64_t kSmallBytes = 2ull * 2 * 256 * 8192;
 
 class DaemonTest : public ::testing::Test {
  protected:
+  // These tests call as fast as they can; the per-caller rate limit has its own test.
+  DaemonTest() { config_.extra_args.push_back("--control-rate=0"); }
+
   void SetUp() override {
     auto d = DaemonProcess::Start(dir_.path(), config_);
     ASSERT_TRUE(d.ok()) << d.status();
@@ -53,6 +58,7 @@ class DaemonTest : public ::testing::Test {
     auto a = daemon_->Attach();
     ASSERT_TRUE(a.ok()) << a.status();
     client_ = std::move(*a);
+    base_ = Stats().memory_used_bytes();  // the attachment's control segment
   }
 
   // A context acting for this test's client attachment.
@@ -83,6 +89,7 @@ class DaemonTest : public ::testing::Test {
   DaemonConfig config_;
   std::unique_ptr<DaemonProcess> daemon_;
   std::unique_ptr<Attachment> client_;
+  uint64_t base_ = 0;  // memory in use with the client attached and no sequence
 };
 
 TEST_F(DaemonTest, HealthServesTheServerAndTheControlApi) {
@@ -144,7 +151,8 @@ TEST_F(DaemonTest, SequenceLifecycle) {
   EXPECT_THAT(a->handle(), ::testing::StartsWith("seq_"));
   EXPECT_EQ(a->handle().size(), 36u);
   EXPECT_EQ(a->label(), "alpha");
-  EXPECT_EQ(a->kv_bytes(), kSmallBytes);
+  EXPECT_GT(a->kv_bytes(), kSmallBytes);  // the promise covers more than the dense KV
+  EXPECT_LT(a->kv_bytes(), 4 * kSmallBytes);
   EXPECT_EQ(a->geometry().page_size(), 16u);  // defaults are filled in
   EXPECT_EQ(a->geometry().budget_tokens(), 256u);
   EXPECT_EQ(a->geometry().full_kv_layers(), 2u);
@@ -173,14 +181,15 @@ TEST_F(DaemonTest, SequenceLifecycle) {
   EXPECT_EQ((std::set<std::string>{page1.sequences(0).handle(), page2.sequences(0).handle()}),
             (std::set<std::string>{a->handle(), b->handle()}));
 
-  EXPECT_EQ(Stats().memory_used_bytes(), 2 * kSmallBytes);
+  EXPECT_EQ(b->kv_bytes(), a->kv_bytes());
+  EXPECT_EQ(Stats().memory_used_bytes(), base_ + 2 * a->kv_bytes());
   v1::DropSequenceRequest drop;
   drop.set_handle(a->handle());
   v1::DropSequenceResponse dropped;
   ASSERT_TRUE(daemon_->stub().DropSequence(Ctx().get(), drop, &dropped).ok());
-  EXPECT_EQ(dropped.freed_bytes(), kSmallBytes);
+  EXPECT_EQ(dropped.freed_bytes(), a->kv_bytes());
   const v1::GetStatsResponse stats = Stats();
-  EXPECT_EQ(stats.memory_used_bytes(), kSmallBytes);
+  EXPECT_EQ(stats.memory_used_bytes(), base_ + a->kv_bytes());
   EXPECT_EQ(stats.num_sequences(), 1u);
   EXPECT_EQ(stats.sequences_created_total(), 2u);
   EXPECT_EQ(stats.sequences_dropped_total(), 1u);
@@ -213,10 +222,13 @@ TEST_F(DaemonTest, BadRequestsGetTheirCodeAndChangeNothing) {
   (void)Create(SmallGeometry(), std::string(300, 'x'), &s);
   EXPECT_THAT(s, GrpcStatusIs(grpc::StatusCode::INVALID_ARGUMENT, HasSubstr("label")));
 
-  // 1 GiB limit: a 128k-token sequence of this shape needs 2 x 2 x 8192 x 8 KiB = 256 MiB,
-  // so four fit and the fifth does not.
-  for (int i = 0; i < 4; ++i) ASSERT_TRUE(Create(SmallGeometry(131072), "big").ok());
-  (void)Create(SmallGeometry(131072), "too-much", &s);
+  // 1 GiB limit: as many 32k-token sequences as their promise allows fit, the next does not.
+  absl::StatusOr<v1::Sequence> big = Create(SmallGeometry(32768), "big");
+  ASSERT_TRUE(big.ok()) << big.status();
+  const uint64_t fit = ((1ull << 30) - base_) / big->kv_bytes();
+  ASSERT_GE(fit, 2u);
+  for (uint64_t i = 1; i < fit; ++i) ASSERT_TRUE(Create(SmallGeometry(32768), "big").ok());
+  (void)Create(SmallGeometry(32768), "too-much", &s);
   EXPECT_THAT(s, GrpcStatusIs(grpc::StatusCode::RESOURCE_EXHAUSTED, HasSubstr("memory limit")));
 
   v1::GetSequenceRequest get;
@@ -235,11 +247,11 @@ TEST_F(DaemonTest, BadRequestsGetTheirCodeAndChangeNothing) {
               GrpcStatusIs(grpc::StatusCode::INVALID_ARGUMENT));
 
   const v1::GetStatsResponse stats = Stats();
-  EXPECT_EQ(stats.num_sequences(), 4u);
-  EXPECT_EQ(stats.memory_used_bytes(), 4ull << 28);
+  EXPECT_EQ(stats.num_sequences(), fit);
+  EXPECT_EQ(stats.memory_used_bytes(), base_ + fit * big->kv_bytes());
   EXPECT_EQ(stats.memory_limit_bytes(), 1ull << 30);
   EXPECT_EQ(stats.memory_rejections_total(), 1u);
-  EXPECT_EQ(stats.sequences_created_total(), 4u);
+  EXPECT_EQ(stats.sequences_created_total(), fit);
 }
 
 TEST_F(DaemonTest, ConfigReportsWhatIsInForce) {
@@ -259,7 +271,8 @@ TEST_F(DaemonTest, ConfigReportsWhatIsInForce) {
 }
 
 TEST_F(DaemonTest, MetricsAreScrapedOverHttp) {
-  ASSERT_TRUE(Create(SmallGeometry(), "m").ok());
+  absl::StatusOr<v1::Sequence> m = Create(SmallGeometry(), "m");
+  ASSERT_TRUE(m.ok());
   grpc::Status s;
   (void)Create(SmallGeometry(1u << 24), "too-big", &s);
   ASSERT_EQ(s.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
@@ -273,7 +286,7 @@ TEST_F(DaemonTest, MetricsAreScrapedOverHttp) {
   EXPECT_THAT(*body, HasSubstr("# TYPE icecache_rpc_latency_seconds histogram"));
   EXPECT_THAT(*body, HasSubstr("icecache_rpc_latency_seconds_count{method=\"CreateSequence\"} 2"));
   EXPECT_THAT(*body, HasSubstr("icecache_sequences 1"));
-  EXPECT_THAT(*body, HasSubstr(absl::StrCat("icecache_memory_used_bytes ", kSmallBytes)));
+  EXPECT_THAT(*body, HasSubstr(absl::StrCat("icecache_memory_used_bytes ", base_ + m->kv_bytes())));
   EXPECT_THAT(*body, HasSubstr("icecache_memory_limit_bytes 1073741824"));
   EXPECT_THAT(*body, HasSubstr("icecache_memory_rejections_total 1"));
   EXPECT_THAT(*body, HasSubstr("icecache_build_info{"));
@@ -339,6 +352,61 @@ TEST_F(DaemonTest, SigtermDrainsExitsZeroAndRemovesTheSocket) {
   EXPECT_NE(::access(daemon_->socket_path().c_str(), F_OK), 0) << "socket left behind";
   EXPECT_NE(::access((daemon_->socket_path() + ".lock").c_str(), F_OK), 0);
   EXPECT_THAT(daemon_->process().Stderr(), HasSubstr("shutdown complete"));
+}
+
+// During the shutdown grace the daemon still answers: health NOT_SERVING, new control calls
+// and data-plane requests UNAVAILABLE "shutting down", while a prefill in flight completes.
+TEST_F(DaemonTest, ShutdownGraceShowsNotServingAndFinishesWhatIsInFlight) {
+  daemon_.reset();
+  client_.reset();
+  config_.extra_args.push_back("--shutdown-grace=30s");
+  config_.memory_limit = "4GiB";
+  SetUp();
+  v1::SequenceGeometry g;
+  g.set_num_layers(1);
+  g.set_num_q_heads(4);
+  g.set_num_kv_heads(4);
+  g.set_head_dim(128);
+  g.set_dtype(v1::DTYPE_FP16);
+  g.set_max_tokens(120000);
+  g.set_full_kv_layers(0);
+  absl::StatusOr<v1::Sequence> seq = Create(g, "long");
+  ASSERT_TRUE(seq.ok()) << seq.status();
+  const uint32_t tokens = 120000;
+  absl::StatusOr<abi::StageResponse> st = client_->Stage(seq->handle(), tokens);
+  ASSERT_TRUE(st.ok()) << st.status();
+  absl::StatusOr<uint8_t*> base = client_->Address(st->buffer, st->bytes);
+  ASSERT_TRUE(base.ok());
+  uint64_t x = 1;
+  auto* h = reinterpret_cast<uint16_t*>(*base);
+  for (uint64_t i = 0; i < st->bytes / 2; ++i) {
+    x = x * 6364136223846793005ull + 1442695040888963407ull;
+    h[i] = 0x3000 | static_cast<uint16_t>((x >> 33) & 0x0fff);  // finite fp16 values
+  }
+  absl::StatusOr<uint32_t> prefill =
+      client_->SubmitStaged(abi::kOpPrefill, seq->handle(), 0, st->buffer, tokens, 0);
+  ASSERT_TRUE(prefill.ok());
+  absl::SleepFor(absl::Milliseconds(50));
+  ASSERT_TRUE(daemon_->process().Signal(SIGTERM));
+  grpc::health::v1::HealthCheckResponse::ServingStatus seen =
+      grpc::health::v1::HealthCheckResponse::SERVING;
+  const absl::Time until = absl::Now() + absl::Seconds(5);
+  while (seen == grpc::health::v1::HealthCheckResponse::SERVING && absl::Now() < until) {
+    grpc::health::v1::HealthCheckRequest req;
+    grpc::health::v1::HealthCheckResponse resp;
+    ASSERT_TRUE(daemon_->health().Check(ContextWithDeadline().get(), req, &resp).ok());
+    seen = resp.status();
+  }
+  EXPECT_EQ(seen, grpc::health::v1::HealthCheckResponse::NOT_SERVING);
+  v1::GetStatsResponse stats;
+  EXPECT_THAT(daemon_->stub().GetStats(ContextWithDeadline().get(), {}, &stats),
+              GrpcStatusIs(grpc::StatusCode::UNAVAILABLE, HasSubstr("shutting down")));
+  EXPECT_THAT(client_->Nop(),
+              StatusIs(absl::StatusCode::kUnavailable, HasSubstr("icecached is shutting down")));
+  EXPECT_OK(client_->Finish(*prefill));  // the prefill in flight completes
+  std::optional<int> status = daemon_->process().Wait(absl::Seconds(40));
+  ASSERT_TRUE(status.has_value());
+  EXPECT_TRUE(WIFEXITED(*status) && WEXITSTATUS(*status) == 0);
 }
 
 TEST_F(DaemonTest, SigintAlsoExitsZero) {

@@ -296,17 +296,24 @@ TEST_F(DataPlaneTest, QuotaExceededIsResourceExhaustedAndChangesNothing) {
   StartDaemon({"--client-quota=12MiB", "--segment-size=2MiB"});
   auto a = AttachClient();
   ASSERT_NE(a, nullptr);
-  const std::string h = Create(*a, 20000, 1);
   const v1::GetStatsResponse before = Stats();  // the control segment: about 4 MiB
-  // One staged token is 2 heads x 64 dims x (K, V) x 2 bytes = 512 bytes.
-  // 7000 tokens (3.4 MiB) fit the 12 MiB quota; 12000 more (5.9 MiB) do not.
-  ASSERT_OK(a->Stage(h, 7000).status());
-  const v1::GetStatsResponse mid = Stats();
-  EXPECT_GT(mid.arena_bytes(), before.arena_bytes() + 7000 * 512 - 1);
-  EXPECT_THAT(a->Stage(h, 12000),
-              StatusIs(absl::StatusCode::kResourceExhausted, HasSubstr("memory limit")));
-  EXPECT_EQ(Stats().arena_bytes(), mid.arena_bytes());  // the refusal added nothing
-  EXPECT_OK(a->Stage(h, 100).status());                 // smaller requests still fit what is left
+  // A sequence's promise (its pages at worst, its staging, its index metadata) is reserved
+  // in the client's quota when it is created: 20000 tokens do not fit what the quota leaves,
+  // and the refusal changes nothing.
+  v1::CreateSequenceRequest req;
+  WorkloadOptions w;
+  w.tokens = 20000;
+  w.layers = 1;
+  *req.mutable_geometry() = WorkloadGeometry(w);
+  v1::CreateSequenceResponse resp;
+  EXPECT_THAT(daemon_->stub().CreateSequence(ContextWithToken(a->token()).get(), req, &resp),
+              GrpcStatusIs(grpc::StatusCode::RESOURCE_EXHAUSTED, HasSubstr("quota")));
+  EXPECT_EQ(Stats().memory_used_bytes(), before.memory_used_bytes());
+  // 3000 tokens fit, and what was promised is there: the whole prompt stages at once.
+  const std::string h = Create(*a, 3000, 1);
+  ASSERT_FALSE(h.empty());
+  EXPECT_OK(a->Stage(h, 3000).status());
+  EXPECT_GT(Stats().arena_bytes(), before.arena_bytes() + 3000 * 512 - 1);
 }
 
 TEST_F(DataPlaneTest, AClientKilledMidRequestIsCleanedUpWithinASecond) {

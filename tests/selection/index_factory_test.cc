@@ -16,12 +16,11 @@ using ::testing::ElementsAre;
 using ::testing::HasSubstr;
 
 TEST(IndexFactory, PresetNames) {
-  EXPECT_THAT(PresetNames(), ElementsAre("paper", "tuned"));
-  EXPECT_EQ(PresetNames().front(), std::string(kDefaultPreset));
-  EXPECT_EQ(PresetList(), "paper, tuned");
-  EXPECT_THAT(Preset("fast").status(),
+  EXPECT_THAT(PresetNames(), ElementsAre("paper", "tuned", "fast"));
+  EXPECT_EQ(PresetList(), "paper, tuned, fast");
+  EXPECT_THAT(Preset("quick").status(),
               StatusIs(absl::StatusCode::kInvalidArgument,
-                       "unknown index preset 'fast' (known: paper, tuned)"));
+                       "unknown index preset 'quick' (known: paper, tuned, fast)"));
   EXPECT_THAT(Preset("").status(), StatusIs(absl::StatusCode::kInvalidArgument));
 }
 
@@ -42,6 +41,21 @@ TEST(IndexFactory, PaperIsTheDciDefaults) {
   EXPECT_EQ(tuned->dci.page_score, index::DciOptions::PageScore::kSoftmaxMass);
   EXPECT_EQ(tuned->dci.group_merge, index::DciOptions::GroupMerge::kSumOfMass);
   EXPECT_EQ(tuned->dci.exact_search_max_tokens, 4096u);
+  // The paper preset keeps the paper's descent and build.
+  EXPECT_EQ(paper->dci.search_mode, index::DciOptions::SearchMode::kBeamDescent);
+  EXPECT_EQ(paper->dci.parent_beam, 0u);
+  EXPECT_EQ(paper->dci.exact_parent_max, 3000u);
+  absl::StatusOr<IndexSpec> fast = Preset("fast");
+  ASSERT_TRUE(fast.ok());
+  EXPECT_EQ(fast->dci.search_mode, index::DciOptions::SearchMode::kBestFirstSketch);
+  EXPECT_GT(fast->dci.parent_beam, 0u);
+  EXPECT_EQ(fast->dci.promotion_ratio_1, d.promotion_ratio_1);
+}
+
+// The daemon's default is the fast preset (docs/index.md: it wins on speed and quality).
+TEST(IndexFactory, TheDefaultIsTheFastPreset) {
+  EXPECT_EQ(kDefaultPreset, kFastPreset);
+  EXPECT_TRUE(Preset(kDefaultPreset).ok());
 }
 
 // The factory's tuned index scans small trees exactly and ranks by mass: on 1,500 tokens its

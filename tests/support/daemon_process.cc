@@ -59,7 +59,11 @@ absl::StatusOr<std::unique_ptr<DaemonProcess>> DaemonProcess::Start(const std::s
   std::vector<std::string> argv = {IcecachedBinary(), "--socket=" + socket, "--metrics-port=0",
                                    "--metrics-host=127.0.0.1",
                                    "--memory-limit=" + config.memory_limit};
-  if (config.tcp) argv.push_back("--tcp=127.0.0.1:0");
+  if (config.tcp) {
+    // The control API over plaintext TCP: loopback only, and only with --tcp-insecure.
+    argv.push_back("--tcp=127.0.0.1:0");
+    argv.push_back("--tcp-insecure");
+  }
   for (const std::string& a : config.extra_args) argv.push_back(a);
   absl::StatusOr<Subprocess> proc = Subprocess::Start(argv, dir);
   if (!proc.ok()) return proc.status();

@@ -10,19 +10,36 @@
 //                                                           17 steps, print "in-flight
 //                                                           <handle>" with a select and a
 //                                                           hand-over in flight, wait forever
+//   --socket=PATH --mode=hold-silent --connections=N        connect N times to the attach
+//                                                           socket, send nothing, print
+//                                                           "held N", then wait forever
+//   --socket=PATH --mode=use-token --token=T                ListSequences and CreateSequence
+//                                                           on the control socket with
+//                                                           someone's token; print each code
+//   --socket=PATH --mode=churn --seconds=S [--sequences=N]  attach, run the workload on N
+//                                                           sequences, detach; again until S
+//                                                           seconds pass; print "cycles C
+//                                                           errors E" (and each error)
 //   --as-uid=UID                                            drop to this uid (and gid) first
 // Errors print "error: <code>: <message>" and exit 3.
 #include <grp.h>
+#include <sys/socket.h>
+#include <sys/un.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <chrono>
 #include <cstdio>
 #include <cstring>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "common/paths.h"
 #include "grpcpp/create_channel.h"
 #include "grpcpp/security/credentials.h"
 #include "icecache/attachment.h"
@@ -31,10 +48,15 @@
 #include "tests/support/workload.h"
 
 ABSL_FLAG(std::string, socket, "", "The daemon's control socket.");
-ABSL_FLAG(std::string, mode, "workload", "workload | attach | hold-prefill | async-decode");
+ABSL_FLAG(std::string, mode, "workload",
+          "workload | attach | hold-prefill | async-decode | hold-silent | use-token | churn");
 ABSL_FLAG(uint64_t, seed, 1, "Workload seed.");
 ABSL_FLAG(uint32_t, tokens, 3000, "Workload tokens.");
 ABSL_FLAG(int, as_uid, -1, "Drop privileges to this uid/gid before attaching.");
+ABSL_FLAG(uint32_t, connections, 64, "hold-silent: connections to hold.");
+ABSL_FLAG(std::string, token, "", "use-token: the attachment token to present.");
+ABSL_FLAG(double, seconds, 10, "churn: how long to keep cycling.");
+ABSL_FLAG(uint32_t, sequences, 4, "churn: sequences per attachment.");
 
 namespace {
 
@@ -86,6 +108,92 @@ int AsyncDecode(const std::string& socket) {
   while (true) std::this_thread::sleep_for(std::chrono::seconds(1));
 }
 
+std::string CodeName(grpc::StatusCode code) {
+  return absl::StatusCodeToString(static_cast<absl::StatusCode>(code));
+}
+
+// Connections that never send their attach request (a hostile or stuck process).
+int HoldSilent(const std::string& control_socket) {
+  const std::string path = icecache::AttachSocketPath(control_socket);
+  std::vector<int> held;
+  for (uint32_t i = 0; i < absl::GetFlag(FLAGS_connections); ++i) {
+    const int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    sockaddr_un addr{};
+    addr.sun_family = AF_UNIX;
+    std::memcpy(addr.sun_path, path.c_str(), std::min(path.size(), sizeof(addr.sun_path) - 1));
+    if (fd >= 0 && ::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0) {
+      held.push_back(fd);
+    } else if (fd >= 0) {
+      ::close(fd);
+    }
+  }
+  std::printf("held %zu\n", held.size());
+  std::fflush(stdout);
+  while (true) std::this_thread::sleep_for(std::chrono::seconds(1));
+}
+
+// Control calls with a token this process did not get (one leaked from another uid).
+int UseToken(const std::string& control_socket) {
+  auto channel = grpc::CreateChannel("unix:" + control_socket, grpc::InsecureChannelCredentials());
+  auto stub = icecache::v1::IceCache::NewStub(channel);
+  const std::string token = absl::GetFlag(FLAGS_token);
+  auto context = [&] {
+    auto ctx = std::make_unique<grpc::ClientContext>();
+    ctx->set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+    ctx->AddMetadata(icecache::abi::kTokenMetadataKey, token);
+    return ctx;
+  };
+  icecache::v1::ListSequencesResponse list;
+  const grpc::Status ls = stub->ListSequences(context().get(), {}, &list);
+  std::printf("list: %s: %s\n", CodeName(ls.error_code()).c_str(), ls.error_message().c_str());
+  icecache::v1::CreateSequenceRequest req;
+  *req.mutable_geometry() = icecache::testing::WorkloadGeometry({});
+  icecache::v1::CreateSequenceResponse resp;
+  const grpc::Status cs = stub->CreateSequence(context().get(), req, &resp);
+  std::printf("create: %s: %s\n", CodeName(cs.error_code()).c_str(), cs.error_message().c_str());
+  icecache::v1::GetStatsResponse stats;
+  const grpc::Status gs = stub->GetStats(context().get(), {}, &stats);
+  std::printf("stats: %s\n", CodeName(gs.error_code()).c_str());
+  std::fflush(stdout);
+  return 0;
+}
+
+// A healthy client that keeps attaching, working and detaching (the soak's).
+int Churn(const std::string& control_socket) {
+  auto channel = grpc::CreateChannel("unix:" + control_socket, grpc::InsecureChannelCredentials());
+  auto stub = icecache::v1::IceCache::NewStub(channel);
+  const absl::Time until = absl::Now() + absl::Seconds(absl::GetFlag(FLAGS_seconds));
+  uint64_t cycles = 0, errors = 0;
+  uint64_t seed = absl::GetFlag(FLAGS_seed);
+  while (absl::Now() < until) {
+    icecache::Attachment::Options o;
+    o.socket = control_socket;
+    absl::StatusOr<std::unique_ptr<icecache::Attachment>> a = icecache::Attachment::Attach(o);
+    if (!a.ok()) {
+      ++errors;
+      std::printf("error: attach: %s\n", a.status().ToString().c_str());
+      continue;
+    }
+    for (uint32_t s = 0; s < absl::GetFlag(FLAGS_sequences); ++s) {
+      icecache::testing::WorkloadOptions w;
+      w.seed = seed++;
+      w.tokens = absl::GetFlag(FLAGS_tokens);
+      absl::StatusOr<icecache::testing::Selections> got =
+          icecache::testing::RunWorkload(**a, *stub, w);
+      if (!got.ok()) {
+        ++errors;
+        std::printf("error: workload: %s\n", got.status().ToString().c_str());
+      }
+    }
+    ++cycles;
+    std::printf("cycle %llu\n", static_cast<unsigned long long>(cycles));
+    std::fflush(stdout);
+  }
+  std::printf("cycles %llu errors %llu\n", static_cast<unsigned long long>(cycles),
+              static_cast<unsigned long long>(errors));
+  return errors == 0 ? 0 : 3;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -98,12 +206,15 @@ int main(int argc, char** argv) {
       return 4;
     }
   }
-  if (absl::GetFlag(FLAGS_mode) == "async-decode") return AsyncDecode(absl::GetFlag(FLAGS_socket));
+  const std::string mode = absl::GetFlag(FLAGS_mode);
+  if (mode == "async-decode") return AsyncDecode(absl::GetFlag(FLAGS_socket));
+  if (mode == "hold-silent") return HoldSilent(absl::GetFlag(FLAGS_socket));
+  if (mode == "use-token") return UseToken(absl::GetFlag(FLAGS_socket));
+  if (mode == "churn") return Churn(absl::GetFlag(FLAGS_socket));
   icecache::Attachment::Options o;
   o.socket = absl::GetFlag(FLAGS_socket);
   absl::StatusOr<std::unique_ptr<icecache::Attachment>> a = icecache::Attachment::Attach(o);
   if (!a.ok()) return Fail(a.status());
-  const std::string mode = absl::GetFlag(FLAGS_mode);
   if (mode == "attach") {
     std::printf("attached\n");
     return 0;

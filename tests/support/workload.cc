@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <numeric>
 #include <unordered_map>
@@ -9,7 +11,8 @@
 #include "absl/strings/str_cat.h"
 #include "eval/in_memory_pages.h"
 #include "eval/synthetic.h"
-#include "server/index/dci_tree.h"
+#include "selection/index_factory.h"
+#include "server/index/kv_index.h"
 
 namespace icecache::testing {
 namespace {
@@ -150,15 +153,22 @@ Selections RunWorkloadInProcess(const WorkloadOptions& o) {
   const eval::Trace t = WorkloadTrace(o);
   const index::IndexGeometry g{o.head_dim, index::ElemType::kF16, 16};
   const uint32_t prompt = PromptTokens(o);
+  // The daemon under test serves its default preset; the reference builds the same index.
+  const absl::StatusOr<selection::IndexSpec> preset = selection::Preset(selection::kDefaultPreset);
+  if (!preset.ok()) {
+    std::fprintf(stderr, "workload: %s\n", preset.status().ToString().c_str());
+    std::abort();
+  }
+  const selection::IndexSpec& spec = *preset;
   std::vector<uint32_t> positions(o.tokens);
   std::iota(positions.begin(), positions.end(), 0u);
   Selections out(o.layers);
   for (uint32_t l = 0; l < o.layers; ++l) {
     std::vector<std::unique_ptr<eval::InMemoryPages>> pages;
-    std::vector<std::unique_ptr<index::DciTree>> trees;
+    std::vector<std::unique_ptr<index::KvIndex>> trees;
     for (uint32_t h = 0; h < o.kv_heads; ++h) {
       pages.push_back(std::make_unique<eval::InMemoryPages>(g, false));
-      trees.push_back(std::make_unique<index::DciTree>(g, index::DciOptions{}, pages.back().get()));
+      trees.push_back(selection::CreateIndex(spec, g, pages.back().get()));
       index::RowView k = t.Keys(l, h);
       k.rows = prompt;
       eval::InMemoryPages::Writer w(pages.back().get(), k, nullptr);

@@ -1,0 +1,530 @@
+// Identity, limits and hostile clients, end to end: the real icecached as a subprocess, real
+// sockets, and real processes of another uid (icecache_test_client --as-uid=65534; these tests
+// need root to start them and skip without it).
+#include <grp.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <condition_variable>
+#include <cstring>
+#include <fstream>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "absl/time/clock.h"
+#include "common/paths.h"
+#include "gmock/gmock.h"
+#include "grpcpp/create_channel.h"
+#include "grpcpp/generic/generic_stub.h"
+#include "grpcpp/security/credentials.h"
+#include "gtest/gtest.h"
+#include "tests/support/attachment_peer.h"
+#include "tests/support/daemon_process.h"
+#include "tests/support/status_matchers.h"
+#include "tests/support/workload.h"
+
+namespace icecache::testing {
+namespace {
+
+namespace v1 = ::icecache::v1;
+using ::testing::HasSubstr;
+
+constexpr int kNobody = 65534;
+
+class SecurityTest : public ::testing::Test {
+ protected:
+  void StartDaemon(const std::vector<std::string>& extra = {}, const std::string& limit = "1GiB") {
+    daemon_.reset();
+    DaemonConfig config;
+    config.extra_args = extra;
+    config.memory_limit = limit;
+    auto d = DaemonProcess::Start(dir_.path(), config);
+    ASSERT_TRUE(d.ok()) << d.status();
+    daemon_ = std::move(*d);
+  }
+
+  // Processes of another uid must reach the sockets' directory.
+  void OpenDirectory() { ASSERT_EQ(::chmod(dir_.path().c_str(), 0755), 0); }
+
+  absl::StatusOr<std::string> Metrics() { return HttpGet(daemon_->metrics_port(), "/metrics"); }
+
+  v1::GetStatsResponse Stats() {
+    v1::GetStatsResponse r;
+    EXPECT_TRUE(daemon_->stub().GetStats(ContextWithDeadline().get(), {}, &r).ok());
+    return r;
+  }
+
+  std::string Create(Attachment& a, const WorkloadOptions& w = {}) {
+    v1::CreateSequenceRequest req;
+    *req.mutable_geometry() = WorkloadGeometry(w);
+    v1::CreateSequenceResponse resp;
+    grpc::Status s = daemon_->stub().CreateSequence(ContextWithToken(a.token()).get(), req, &resp);
+    EXPECT_TRUE(s.ok()) << s.error_message();
+    return resp.sequence().handle();
+  }
+
+  // Median wall time of `n` attach + detach round trips, in microseconds.
+  double MedianAttachMicros(int n) {
+    std::vector<double> us;
+    for (int i = 0; i < n; ++i) {
+      const absl::Time t = absl::Now();
+      auto a = daemon_->Attach();
+      us.push_back(absl::ToDoubleMicroseconds(absl::Now() - t));
+      EXPECT_TRUE(a.ok()) << a.status();
+    }
+    std::sort(us.begin(), us.end());
+    return us[us.size() / 2];
+  }
+
+  // A process of uid 65534 holding `n` silent attach connections; waits until they are held.
+  Subprocess HoldSilent(int n) {
+    absl::StatusOr<Subprocess> p = Subprocess::Start(
+        {TestClientBinary(), "--socket=" + daemon_->socket_path(), "--mode=hold-silent",
+         absl::StrCat("--connections=", n), absl::StrCat("--as_uid=", kNobody)},
+        dir_.path());
+    EXPECT_TRUE(p.ok()) << p.status();
+    const absl::Time until = absl::Now() + absl::Seconds(10);
+    while (p->Stdout().find("held") == std::string::npos && absl::Now() < until) {
+      absl::SleepFor(absl::Milliseconds(10));
+    }
+    EXPECT_THAT(p->Stdout(), HasSubstr(absl::StrCat("held ", n))) << p->Stderr();
+    return std::move(*p);
+  }
+
+  TempDir dir_;
+  std::unique_ptr<DaemonProcess> daemon_;
+};
+
+bool IsRoot() { return ::geteuid() == 0; }
+
+// ------------------------------------------------------------------ attach under load
+
+// 64 silent connections of a uid that may not attach are refused at accept (SO_PEERCRED,
+// nothing read); 64 of an admitted uid occupy at most its pending allowance (8) until their
+// deadline, the rest are refused at once. Either way a legitimate client attaches within 2x
+// of its latency against an idle daemon.
+TEST_F(SecurityTest, SilentConnectionsDoNotDelayALegitimateAttach) {
+  if (!IsRoot()) GTEST_SKIP() << "needs root to hold connections as another uid";
+  StartDaemon({"--allow-uids=0," + std::to_string(kNobody), "--handshake-timeout=30s"});
+  OpenDirectory();
+  MedianAttachMicros(5);  // warm up
+  const double idle = MedianAttachMicros(41);
+  Subprocess hostile = HoldSilent(64);
+  absl::SleepFor(absl::Milliseconds(100));
+  const double loaded = MedianAttachMicros(41);
+  std::printf("attach p50: idle %.0f us, with 64 silent connections of an admitted uid %.0f us\n",
+              idle, loaded);
+  EXPECT_LE(loaded, 2 * idle + 200) << "idle " << idle << " us, loaded " << loaded << " us";
+  absl::StatusOr<std::string> m = Metrics();
+  ASSERT_TRUE(m.ok());
+  // The 56 beyond the per-uid allowance were refused when they connected.
+  EXPECT_GE(MetricValue(*m, "icecache_attach_total{result=\"refused\"}"), 56.0);
+  hostile.Signal(SIGKILL);
+  hostile.Wait(absl::Seconds(5));
+}
+
+TEST_F(SecurityTest, SilentConnectionsOfAnotherUidAreRefusedBeforeAnythingIsRead) {
+  if (!IsRoot()) GTEST_SKIP() << "needs root to hold connections as another uid";
+  StartDaemon();
+  OpenDirectory();
+  const double idle = MedianAttachMicros(21);
+  Subprocess hostile = HoldSilent(64);
+  absl::SleepFor(absl::Milliseconds(100));
+  const double loaded = MedianAttachMicros(21);
+  EXPECT_LE(loaded, 2 * idle + 200) << "idle " << idle << " us, loaded " << loaded << " us";
+  absl::StatusOr<std::string> m = Metrics();
+  ASSERT_TRUE(m.ok());
+  EXPECT_EQ(MetricValue(*m, "icecache_attach_total{result=\"refused\"}"), 64.0);
+  hostile.Signal(SIGKILL);
+  hostile.Wait(absl::Seconds(5));
+}
+
+TEST_F(SecurityTest, AnAttachRequestThatNeverComesTimesOut) {
+  StartDaemon({"--handshake-timeout=300ms"});
+  const std::string path = AttachSocketPath(daemon_->socket_path());
+  const int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  std::memcpy(addr.sun_path, path.c_str(), path.size());
+  ASSERT_EQ(::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
+  // Half a request, then silence: the daemon answers with the reason and closes.
+  abi::AttachRequest req{};
+  req.magic = abi::kArenaMagic;
+  ASSERT_EQ(::send(fd, &req, 8, MSG_NOSIGNAL), 8);
+  const absl::Time t = absl::Now();
+  abi::AttachReply reply{};
+  ASSERT_EQ(::recv(fd, &reply, sizeof(reply), MSG_WAITALL), static_cast<ssize_t>(sizeof(reply)));
+  const double waited = absl::ToDoubleSeconds(absl::Now() - t);
+  EXPECT_EQ(reply.status, abi::kAttachBadRequest);
+  EXPECT_THAT(reply.message, HasSubstr("no complete attach request within 300ms"));
+  EXPECT_GT(waited, 0.2);
+  EXPECT_LT(waited, 2.0);
+  ::close(fd);
+}
+
+TEST_F(SecurityTest, AttachesPerUidAreCapped) {
+  StartDaemon({"--max-clients-per-uid=2"});
+  auto a = daemon_->Attach(), b = daemon_->Attach();
+  ASSERT_TRUE(a.ok() && b.ok());
+  EXPECT_THAT(daemon_->Attach(), StatusIs(absl::StatusCode::kResourceExhausted,
+                                          HasSubstr("has its maximum of 2 attached clients")));
+  a->reset();
+  // The reaper frees the slot within moments.
+  absl::StatusOr<std::unique_ptr<Attachment>> c;
+  const absl::Time until = absl::Now() + absl::Seconds(2);
+  do {
+    c = daemon_->Attach();
+  } while (!c.ok() && absl::Now() < until);
+  EXPECT_TRUE(c.ok()) << c.status();
+}
+
+// ------------------------------------------------------------------ a token is no identity
+
+TEST_F(SecurityTest, ALeakedTokenIsRefusedToAnotherUid) {
+  if (!IsRoot()) GTEST_SKIP() << "needs root to run a client as another uid";
+  StartDaemon();
+  OpenDirectory();
+  auto a = daemon_->Attach();
+  ASSERT_TRUE(a.ok()) << a.status();
+  const std::string handle = Create(**a);
+  absl::StatusOr<RunResult> r =
+      RunCommand({TestClientBinary(), "--socket=" + daemon_->socket_path(), "--mode=use-token",
+                  "--token=" + (*a)->token(), absl::StrCat("--as_uid=", kNobody)},
+                 dir_.path());
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->exit_code, 0) << r->out << r->err;
+  EXPECT_THAT(r->out, HasSubstr("list: PERMISSION_DENIED: this attachment token belongs to "
+                                "another uid; the call comes from uid 65534"));
+  EXPECT_THAT(r->out, HasSubstr("create: PERMISSION_DENIED"));
+  EXPECT_THAT(r->out, HasSubstr("stats: OK"));  // what needs no token stays open
+  // Nothing was created for the owner; the owner's own calls still work.
+  v1::ListSequencesResponse list;
+  ASSERT_TRUE(daemon_->stub().ListSequences(ContextWithToken((*a)->token()).get(), {}, &list).ok());
+  ASSERT_EQ(list.sequences_size(), 1);
+  EXPECT_EQ(list.sequences(0).handle(), handle);
+}
+
+// ------------------------------------------------------------------ TCP
+
+class TcpTest : public SecurityTest {
+ protected:
+  std::shared_ptr<grpc::Channel> Tcp(const std::shared_ptr<grpc::ChannelCredentials>& creds,
+                                     const std::string& address) {
+    grpc::ChannelArguments args;
+    args.SetSslTargetNameOverride("localhost");
+    return grpc::CreateCustomChannel(address, creds, args);
+  }
+  grpc::Status GetStats(const std::shared_ptr<grpc::Channel>& ch) {
+    v1::GetStatsResponse r;
+    return v1::IceCache::NewStub(ch)->GetStats(ContextWithDeadline(3).get(), {}, &r);
+  }
+  std::string TcpAddress() {
+    v1::GetConfigResponse c;
+    EXPECT_TRUE(daemon_->stub().GetConfig(ContextWithDeadline().get(), {}, &c).ok());
+    return c.tcp_address();
+  }
+  // A CA, a server certificate for localhost and a client certificate, made with openssl.
+  void MakeCertificates() {
+    const std::string d = dir_.path();
+    const std::string script = absl::StrCat(
+        "set -e; cd ", d,
+        "; openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 2 "
+        "-subj /CN=icecache-test-ca 2>/dev/null"
+        "; printf 'subjectAltName=DNS:localhost,IP:127.0.0.1' > san.ext"
+        "; for n in server client; do openssl req -newkey rsa:2048 -nodes -keyout $n.key "
+        "-out $n.csr -subj /CN=localhost 2>/dev/null; openssl x509 -req -in $n.csr -CA ca.pem "
+        "-CAkey ca.key -CAcreateserial -out $n.pem -days 2 -extfile san.ext 2>/dev/null; done");
+    absl::StatusOr<RunResult> r = RunCommand({"/bin/sh", "-c", script}, d);
+    ASSERT_TRUE(r.ok() && r->exit_code == 0) << (r.ok() ? r->err : r.status().ToString());
+  }
+  std::shared_ptr<grpc::ChannelCredentials> TlsCredentials(bool with_client_cert) {
+    grpc::SslCredentialsOptions o;
+    o.pem_root_certs = ReadFile(dir_.path() + "/ca.pem");
+    if (with_client_cert) {
+      o.pem_private_key = ReadFile(dir_.path() + "/client.key");
+      o.pem_cert_chain = ReadFile(dir_.path() + "/client.pem");
+    }
+    return grpc::SslCredentials(o);
+  }
+};
+
+TEST_F(TcpTest, PlaintextTcpServesHealthButNotTheControlApi) {
+  StartDaemon({"--tcp=127.0.0.1:0"});
+  auto ch = Tcp(grpc::InsecureChannelCredentials(), TcpAddress());
+  EXPECT_THAT(GetStats(ch), GrpcStatusIs(grpc::StatusCode::UNAUTHENTICATED,
+                                         HasSubstr("the control API over TCP needs TLS")));
+  grpc::health::v1::HealthCheckRequest hreq;
+  grpc::health::v1::HealthCheckResponse hresp;
+  ASSERT_TRUE(grpc::health::v1::Health::NewStub(ch)
+                  ->Check(ContextWithDeadline(3).get(), hreq, &hresp)
+                  .ok());
+  EXPECT_EQ(hresp.status(), grpc::health::v1::HealthCheckResponse::SERVING);
+}
+
+TEST_F(TcpTest, InsecureTcpIsForLoopbackOnly) {
+  absl::StatusOr<RunResult> r =
+      RunCommand({IcecachedBinary(), "--socket=" + dir_.path() + "/x.sock", "--metrics-port=-1",
+                  "--tcp=0.0.0.0:0", "--tcp-insecure"},
+                 dir_.path());
+  ASSERT_TRUE(r.ok());
+  EXPECT_EQ(r->exit_code, 2);
+  EXPECT_THAT(r->err, HasSubstr("--tcp-insecure serves the control API in plaintext and is "
+                                "allowed on a loopback address only"));
+  StartDaemon({"--tcp=127.0.0.1:0", "--tcp-insecure"});
+  EXPECT_TRUE(GetStats(Tcp(grpc::InsecureChannelCredentials(), TcpAddress())).ok());
+}
+
+TEST_F(TcpTest, TlsServesTheControlApiAndNeverTokenCalls) {
+  MakeCertificates();
+  const std::string d = dir_.path();
+  StartDaemon(
+      {"--tcp=127.0.0.1:0", "--tls-cert=" + d + "/server.pem", "--tls-key=" + d + "/server.key"});
+  const std::string address = TcpAddress();
+  auto tls = Tcp(TlsCredentials(false), address);
+  EXPECT_TRUE(GetStats(tls).ok());
+  EXPECT_FALSE(GetStats(Tcp(grpc::InsecureChannelCredentials(), address)).ok());
+  // A valid token over TCP is still refused: no kernel-checked uid there.
+  auto a = daemon_->Attach();
+  ASSERT_TRUE(a.ok());
+  v1::ListSequencesResponse list;
+  EXPECT_THAT(
+      v1::IceCache::NewStub(tls)->ListSequences(ContextWithToken((*a)->token()).get(), {}, &list),
+      GrpcStatusIs(grpc::StatusCode::PERMISSION_DENIED,
+                   HasSubstr("served only on the daemon's unix socket")));
+  v1::GetConfigResponse c;
+  ASSERT_TRUE(daemon_->stub().GetConfig(ContextWithDeadline().get(), {}, &c).ok());
+  EXPECT_TRUE(c.tcp_tls());
+  EXPECT_FALSE(c.tcp_client_auth());
+}
+
+TEST_F(TcpTest, MutualTlsRequiresAClientCertificate) {
+  MakeCertificates();
+  const std::string d = dir_.path();
+  StartDaemon({"--tcp=127.0.0.1:0", "--tls-cert=" + d + "/server.pem",
+               "--tls-key=" + d + "/server.key", "--tls-client-ca=" + d + "/ca.pem"});
+  const std::string address = TcpAddress();
+  EXPECT_TRUE(GetStats(Tcp(TlsCredentials(true), address)).ok());
+  EXPECT_FALSE(GetStats(Tcp(TlsCredentials(false), address)).ok());
+}
+
+// ------------------------------------------------------------------ socket access
+
+TEST_F(SecurityTest, SocketModeAndGroupAreWhatTheFlagsSay) {
+  if (!IsRoot()) GTEST_SKIP() << "needs root to hand the sockets to another group";
+  StartDaemon({"--socket-mode=0660", absl::StrCat("--socket-group=", kNobody)});
+  for (const std::string& path :
+       {daemon_->socket_path(), AttachSocketPath(daemon_->socket_path())}) {
+    struct stat st {};
+    ASSERT_EQ(::stat(path.c_str(), &st), 0) << path;
+    EXPECT_TRUE(S_ISSOCK(st.st_mode));
+    EXPECT_EQ(st.st_mode & 0777, 0660u) << path;
+    EXPECT_EQ(st.st_gid, static_cast<gid_t>(kNobody)) << path;
+  }
+  v1::GetConfigResponse c;
+  ASSERT_TRUE(daemon_->stub().GetConfig(ContextWithDeadline().get(), {}, &c).ok());
+  EXPECT_EQ(c.socket_mode(), 0660u);
+}
+
+// ------------------------------------------------------------------ control API limits
+
+TEST_F(SecurityTest, ControlCallsAreRateLimitedPerCaller) {
+  StartDaemon({"--control-rate=20"});
+  int ok = 0, limited = 0;
+  const auto begin = std::chrono::steady_clock::now();
+  for (int i = 0; i < 100; ++i) {
+    v1::GetStatsResponse r;
+    const grpc::Status s = daemon_->stub().GetStats(ContextWithDeadline().get(), {}, &r);
+    if (s.ok()) ++ok;
+    if (s.error_code() == grpc::StatusCode::RESOURCE_EXHAUSTED) {
+      ++limited;
+      EXPECT_THAT(s.error_message(), HasSubstr("at most 20 per second"));
+    }
+  }
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - begin).count();
+  // The burst is one second's worth (20); the harness's own readiness calls spend a little of
+  // it before the loop starts.
+  EXPECT_GE(ok, 15);
+  // The burst (one second's worth) plus what refills while the loop runs (a loaded machine
+  // runs the loop for longer; the bound follows the time it took).
+  EXPECT_LE(ok, 20 + static_cast<int>(20 * seconds) + 1) << "in " << seconds << " s";
+  EXPECT_GE(limited, 1);
+  EXPECT_EQ(ok + limited, 100);
+}
+
+TEST_F(SecurityTest, SequencesPerClientAreCapped) {
+  StartDaemon({"--max-sequences-per-client=3"});
+  auto a = daemon_->Attach();
+  ASSERT_TRUE(a.ok());
+  for (int i = 0; i < 3; ++i) Create(**a);
+  v1::CreateSequenceRequest req;
+  *req.mutable_geometry() = WorkloadGeometry({});
+  v1::CreateSequenceResponse resp;
+  EXPECT_THAT(
+      daemon_->stub().CreateSequence(ContextWithToken((*a)->token()).get(), req, &resp),
+      GrpcStatusIs(grpc::StatusCode::RESOURCE_EXHAUSTED, HasSubstr("maximum of 3 sequences")));
+  // Another client has its own allowance.
+  auto b = daemon_->Attach();
+  ASSERT_TRUE(b.ok());
+  Create(**b);
+}
+
+TEST_F(SecurityTest, AnUnparsableRequestGetsInvalidArgument) {
+  StartDaemon();
+  grpc::GenericStub generic(daemon_->channel());
+  const char garbage[] = "\xff\xff\xff\xff not a protobuf";
+  grpc::Slice slice(garbage, sizeof(garbage));
+  grpc::ByteBuffer request(&slice, 1);
+  grpc::ByteBuffer response;
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
+  std::mutex mu;
+  std::condition_variable cv;
+  bool done = false;
+  grpc::Status status;
+  generic.UnaryCall(&ctx, "/icecache.v1.IceCache/CreateSequence", grpc::StubOptions(), &request,
+                    &response, [&](grpc::Status s) {
+                      std::lock_guard<std::mutex> lock(mu);
+                      status = s;
+                      done = true;
+                      cv.notify_all();
+                    });
+  std::unique_lock<std::mutex> lock(mu);
+  cv.wait(lock, [&] { return done; });
+  EXPECT_THAT(status, GrpcStatusIs(grpc::StatusCode::INVALID_ARGUMENT,
+                                   HasSubstr("not a valid icecache.v1.CreateSequenceRequest")));
+}
+
+// ------------------------------------------------------------------ hostile clients
+
+TEST_F(SecurityTest, AClientThatKeepsMakingProtocolErrorsIsThrottledThenDetached) {
+  StartDaemon();
+  auto bad = daemon_->Attach(), good = daemon_->Attach();
+  ASSERT_TRUE(bad.ok() && good.ok());
+  // Queue entries naming no slot, as fast as the client can write them.
+  const absl::Time start = absl::Now();
+  bool detached = false;
+  while (absl::Now() - start < absl::Seconds(8)) {
+    for (int i = 0; i < 32; ++i) AttachmentTestPeer::SubmitRaw(**bad, 9999);
+    absl::SleepFor(absl::Milliseconds(2));
+    if ((*bad)->Nop().code() == absl::StatusCode::kUnavailable) {
+      detached = true;
+      break;
+    }
+  }
+  const double seconds = absl::ToDoubleSeconds(absl::Now() - start);
+  EXPECT_TRUE(detached) << "still attached after " << seconds << " s";
+  EXPECT_LT(seconds, 6.0);
+  absl::StatusOr<std::string> m = Metrics();
+  ASSERT_TRUE(m.ok());
+  EXPECT_EQ(MetricValue(*m, "icecache_clients_evicted_total{reason=\"protocol_errors\"}"), 1.0);
+  // The well-behaved client never noticed.
+  EXPECT_TRUE(RunWorkload(**good, daemon_->stub(), WorkloadOptions{}).ok());
+}
+
+// Seconds of CPU the process has used (user + system).
+double CpuSeconds(pid_t pid) {
+  std::ifstream in(absl::StrCat("/proc/", pid, "/stat"));
+  std::string line;
+  std::getline(in, line);
+  const size_t close = line.rfind(')');
+  std::vector<std::string> f = absl::StrSplit(line.substr(close + 2), ' ');
+  double utime = 0, stime = 0;
+  (void)absl::SimpleAtod(f[11], &utime);
+  (void)absl::SimpleAtod(f[12], &stime);
+  return (utime + stime) / static_cast<double>(::sysconf(_SC_CLK_TCK));
+}
+
+TEST_F(SecurityTest, ALyingQueueTailCostsNoCpu) {
+  StartDaemon();
+  auto a = daemon_->Attach();
+  ASSERT_TRUE(a.ok());
+  ASSERT_OK((*a)->Nop());
+  absl::SleepFor(absl::Milliseconds(200));
+  (*a)->header()->sq_tail.fetch_add(1u << 31);
+  const double before = CpuSeconds(daemon_->process().pid());
+  absl::SleepFor(absl::Seconds(1));
+  const double used = CpuSeconds(daemon_->process().pid()) - before;
+  EXPECT_LT(used, 0.1) << "the daemon burnt " << used << " s of CPU in 1 s";
+  absl::StatusOr<std::string> m = Metrics();
+  ASSERT_TRUE(m.ok());
+  EXPECT_GE(MetricValue(*m, "icecache_protocol_errors_total"), 1.0);
+  // The client's ring works again from where the daemon resynchronised.
+  EXPECT_OK((*a)->Nop());
+}
+
+// A client writes NaN into its staging buffer right after submitting a prefill: the daemon
+// copies the keys before it validates and uses them, so the prefill either saw finite keys
+// (and the pages hold them) or is refused; NaN never reaches the index or a page.
+TEST_F(SecurityTest, KeysChangedAfterSubmitNeverReachTheIndex) {
+  StartDaemon();
+  auto a = daemon_->Attach();
+  ASSERT_TRUE(a.ok());
+  WorkloadOptions w;
+  w.layers = 1;
+  w.tokens = 2000;
+  w.appends = 0;
+  const eval::Trace t = WorkloadTrace(w);
+  const uint64_t row = uint64_t{w.head_dim} * 2;
+  int accepted = 0, refused = 0;
+  for (int trial = 0; trial < 16; ++trial) {
+    const std::string h = Create(**a, w);
+    absl::StatusOr<abi::StageResponse> st = (*a)->Stage(h, w.tokens);
+    ASSERT_TRUE(st.ok()) << st.status();
+    absl::StatusOr<uint8_t*> base = (*a)->Address(st->buffer, st->bytes);
+    ASSERT_TRUE(base.ok());
+    for (uint32_t kv = 0; kv < w.kv_heads; ++kv) {
+      std::memcpy(*base + kv * w.tokens * row, t.Keys(0, kv).data, w.tokens * row);
+      std::memcpy(*base + st->v_offset + kv * w.tokens * row, t.Values(0, kv).data, w.tokens * row);
+    }
+    absl::StatusOr<uint32_t> slot =
+        (*a)->SubmitStaged(abi::kOpPrefill, h, 0, st->buffer, w.tokens, 0);
+    ASSERT_TRUE(slot.ok());
+    // Scribble NaN (fp16 0x7e00) over the keys until the prefill is answered.
+    auto* keys = reinterpret_cast<volatile uint16_t*>(*base);
+    const uint64_t n = uint64_t{w.kv_heads} * w.tokens * w.head_dim;
+    uint64_t i = trial * 7919;
+    while (!(*a)->Done(*slot)) keys[i++ % n] = 0x7e00;
+    const absl::Status done = (*a)->Finish(*slot);
+    if (!done.ok()) {
+      EXPECT_THAT(done, StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("not finite")));
+      ++refused;
+      continue;
+    }
+    ++accepted;
+    // Every key in every page the daemon selects is finite.
+    std::vector<float> q(w.kv_heads * w.group * w.head_dim, 0.5f);
+    absl::StatusOr<std::vector<abi::SelectedPageRef>> pages =
+        (*a)->Select(h, 0, q.data(), q.size(), 1000);
+    ASSERT_TRUE(pages.ok()) << pages.status();
+    for (const abi::SelectedPageRef& p : *pages) {
+      if (p.segment == abi::kNoSegment) continue;
+      uint32_t page_bytes = 0;
+      absl::StatusOr<const uint8_t*> frame = (*a)->Frame(p.segment, p.frame, &page_bytes);
+      ASSERT_TRUE(frame.ok());
+      const auto* k = reinterpret_cast<const uint16_t*>(*frame);
+      for (uint32_t j = 0; j < p.valid * w.head_dim; ++j) {
+        ASSERT_NE(k[j] & 0x7c00, 0x7c00) << "a non-finite key reached page " << p.frame;
+      }
+    }
+  }
+  std::printf("prefills with keys scribbled after submit: %d accepted, %d refused\n", accepted,
+              refused);
+  EXPECT_EQ(accepted + refused, 16);
+}
+
+}  // namespace
+}  // namespace icecache::testing

@@ -1,0 +1,335 @@
+"""The icecache binding against a real icecached (CPU mode): calls, tensors, errors."""
+
+from __future__ import annotations
+
+import pathlib
+
+import numpy as np
+import pytest
+import torch
+
+import icecache
+from icecache import DType, ExecutionMode, StatusCode
+
+# A small GQA geometry: 3 layers (the first keeps its whole KV), 4 query / 2 KV heads of 64.
+LAYERS, HQ, HK, D = 3, 4, 2, 64
+
+
+def make_sequence(client: icecache.Client, **kw: object) -> icecache.Sequence:
+    args: dict = dict(max_tokens=512, dtype=DType.FP16, full_kv_layers=1, label="pytest")
+    args.update(kw)
+    return client.create_sequence(LAYERS, HQ, HK, D, **args)
+
+
+def rand(rng: np.random.Generator, *shape: int) -> np.ndarray:
+    return rng.standard_normal(shape).astype(np.float16)
+
+
+def attention64(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """float64 GQA attention of q [HQ, D] over k, v [T, HK, D]."""
+    q64, k64, v64 = (x.astype(np.float64) for x in (q, k, v))
+    out = np.empty((HQ, D))
+    for h in range(HQ):
+        kv = h // (HQ // HK)
+        s = k64[:, kv, :] @ q64[h] / np.sqrt(D)
+        p = np.exp(s - s.max())
+        out[h] = (p / p.sum()) @ v64[:, kv, :]
+    return out
+
+
+def test_geometry_defaults(client: icecache.Client) -> None:
+    seq = client.create_sequence(2, 8, 2, 128, max_tokens=4096, label="defaults")
+    g = seq.geometry
+    assert (g.num_layers, g.num_q_heads, g.num_kv_heads, g.head_dim) == (2, 8, 2, 128)
+    assert g.dtype == DType.BF16
+    assert (g.page_size, g.budget_tokens, g.sink_tokens, g.window_tokens) == (16, 256, 32, 32)
+    assert g.full_kv_layers == 2
+    assert g.selected_pages == 12
+    assert seq.handle.startswith("seq_") and len(seq.handle) == 36
+    assert client.mode == ExecutionMode.CPU
+    seq.drop()
+
+
+def test_attach_without_daemon_is_unavailable(tmp_path: pathlib.Path) -> None:
+    with pytest.raises(icecache.UnavailableError) as e:
+        icecache.Client.attach(str(tmp_path / "none.sock"), mode=ExecutionMode.CPU, timeout=1)
+    assert e.value.code == StatusCode.UNAVAILABLE
+    assert isinstance(e.value, ConnectionError)
+
+
+def test_invalid_geometry_names_the_field(client: icecache.Client) -> None:
+    with pytest.raises(icecache.InvalidArgumentError) as e:
+        client.create_sequence(0, HQ, HK, D, max_tokens=16)
+    assert e.value.code == StatusCode.INVALID_ARGUMENT == 3
+    assert "num_layers" in e.value.message
+    assert isinstance(e.value, ValueError)
+    with pytest.raises(icecache.InvalidArgumentError) as e:
+        client.create_sequence(2, 5, 2, 64, max_tokens=16)  # 5 query heads over 2 KV heads
+    assert "num_q_heads" in e.value.message
+
+
+def test_memory_limit_is_resource_exhausted(client: icecache.Client) -> None:
+    with pytest.raises(icecache.ResourceExhaustedError) as e:
+        client.create_sequence(32, 32, 8, 128, max_tokens=1 << 24)  # 2 TiB of K/V
+    assert e.value.code == StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_keyword_only_options(client: icecache.Client) -> None:
+    with pytest.raises(TypeError):
+        client.create_sequence(LAYERS, HQ, HK, D, 64, DType.FP16)  # type: ignore[misc]
+
+
+def test_decode_before_prefill_is_failed_precondition(client: icecache.Client) -> None:
+    seq = make_sequence(client)
+    q = np.zeros((HQ, D), np.float16)
+    kv = np.zeros((HK, D), np.float16)
+    with pytest.raises(icecache.FailedPreconditionError) as e:
+        seq.decode(1, q, kv, kv, np.zeros_like(q))
+    assert e.value.code == StatusCode.FAILED_PRECONDITION
+    with pytest.raises(icecache.InvalidArgumentError):
+        seq.prefill(LAYERS, np.zeros((4, HK, D), np.float16), np.zeros((4, HK, D), np.float16))
+
+
+def test_decode_equals_float64_attention_when_budget_covers_context(
+    client: icecache.Client,
+) -> None:
+    rng = np.random.default_rng(1)
+    prompt, steps = 150, 40  # past the 32-token window several times: hand-overs to the daemon
+    seq = make_sequence(client, budget_tokens=1024)
+    k = [rand(rng, prompt, HK, D) for _ in range(LAYERS)]
+    v = [rand(rng, prompt, HK, D) for _ in range(LAYERS)]
+    for layer in range(LAYERS):
+        seq.prefill(layer, k[layer], v[layer])
+    assert seq.tokens(0) == prompt
+    out = np.empty((HQ, D), np.float16)
+    for step in range(steps):
+        for layer in range(LAYERS):
+            q, kn, vn = rand(rng, HQ, D), rand(rng, HK, D), rand(rng, HK, D)
+            k[layer] = np.concatenate([k[layer], kn[None]])
+            v[layer] = np.concatenate([v[layer], vn[None]])
+            out.fill(np.nan)
+            seq.decode(layer, q, kn, vn, out)
+            np.testing.assert_allclose(
+                out.astype(np.float64), attention64(q, k[layer], v[layer]), atol=2e-3, rtol=2e-3
+            )
+            b = seq.last_decode()
+            assert b.layer == layer
+            assert b.full_kv == (layer == 0)
+            assert b.attended_tokens == (prompt + step + 1) * HK
+    assert seq.tokens(2) == prompt + steps
+    rows_k, rows_v = seq.last_attended(2, 1)
+    assert rows_k.shape == rows_v.shape == (prompt + steps, D)
+    assert rows_k.dtype == np.uint16
+    # The new token's key is among the attended rows, bit for bit.
+    assert any((rows_k == k[2][-1, 1].view(np.uint16)).all(axis=1))
+    seq.drop()
+
+
+def test_sparse_decode_attends_the_budget(client: icecache.Client) -> None:
+    rng = np.random.default_rng(2)
+    prompt = 600
+    # budget 128: 32 sink + 4 pages of 16 + 32 window
+    seq = make_sequence(client, budget_tokens=128, max_tokens=1024)
+    for layer in range(LAYERS):
+        seq.prefill(layer, rand(rng, prompt, HK, D), rand(rng, prompt, HK, D))
+    out = np.empty((HQ, D), np.float16)
+    before = client.counters()
+    for layer in range(LAYERS):
+        seq.decode(layer, rand(rng, HQ, D), rand(rng, HK, D), rand(rng, HK, D), out)
+    b = seq.last_decode()
+    assert not b.full_kv and b.layer == 2
+    assert b.selected_pages == 4 * HK
+    assert 0 < b.attended_tokens <= 128 * HK
+    assert b.hits + b.misses == b.selected_pages
+    after = client.counters()
+    assert after.decode_steps > before.decode_steps
+    assert after.cache_hits + after.cache_misses > before.cache_hits + before.cache_misses
+    assert 0.0 <= after.hit_rate <= 1.0
+    assert np.isfinite(out.astype(np.float32)).all()
+    seq.drop()
+
+
+def test_out_is_written_in_place_numpy_and_torch(client: icecache.Client) -> None:
+    rng = np.random.default_rng(3)
+    seq = make_sequence(client)
+    k, v = rand(rng, 40, HK, D), rand(rng, 40, HK, D)
+    for layer in range(LAYERS):
+        seq.prefill(layer, torch.from_numpy(k), torch.from_numpy(v))
+    q, kn, vn = rand(rng, HQ, D), rand(rng, HK, D), rand(rng, HK, D)
+    out_np = np.zeros((HQ, D), np.float16)
+    seq.decode(0, q, kn, vn, out_np)
+    out_t = torch.zeros(HQ, D, dtype=torch.float16)
+    ptr = out_t.data_ptr()
+    seq.decode(1, torch.from_numpy(q), torch.from_numpy(kn), torch.from_numpy(vn), out_t)
+    assert out_t.data_ptr() == ptr and out_t.abs().sum() > 0
+    # A view into a larger buffer is written where it points, nothing around it.
+    big = torch.zeros(3, HQ, D, dtype=torch.float16)
+    seq.decode(2, q, kn, vn, big[1])
+    assert big[0].abs().sum() == 0 and big[2].abs().sum() == 0 and big[1].abs().sum() > 0
+    seq.drop()
+
+
+def test_bf16_as_torch_bfloat16_or_raw_uint16_bits(client: icecache.Client) -> None:
+    g = torch.Generator().manual_seed(4)
+    k = torch.randn(50, HK, D, generator=g).to(torch.bfloat16)
+    v = torch.randn(50, HK, D, generator=g).to(torch.bfloat16)
+    q = torch.randn(HQ, D, generator=g).to(torch.bfloat16)
+    kn = torch.randn(HK, D, generator=g).to(torch.bfloat16)
+    outs = []
+    for raw in (False, True):
+        seq = make_sequence(client, dtype=DType.BF16)
+        for layer in range(LAYERS):
+            if raw:  # numpy has no bfloat16: its bits as uint16
+                seq.prefill(layer, k.view(torch.int16).numpy().view(np.uint16),
+                            v.view(torch.int16).numpy().view(np.uint16))
+            else:
+                seq.prefill(layer, k, v)
+        out = torch.empty(HQ, D, dtype=torch.bfloat16)
+        for layer in range(LAYERS):
+            if raw:
+                bits = out.view(torch.int16).numpy().view(np.uint16)
+                seq.decode(layer, q.view(torch.int16).numpy().view(np.uint16),
+                           kn.view(torch.int16).numpy().view(np.uint16),
+                           kn.view(torch.int16).numpy().view(np.uint16), bits)
+            else:
+                seq.decode(layer, q, kn, kn, out)
+        outs.append(out.clone())
+        seq.drop()
+    assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("dtype", "dtype must be float16"),
+        ("shape", "shape (4, 32), expected (4, 64)"),
+        ("strided", "not C-contiguous"),
+        ("out_dtype", "out: dtype"),
+    ],
+)
+def test_bad_tensors_are_invalid_argument(client: icecache.Client, case: str, message: str) -> None:
+    seq = make_sequence(client)
+    kv = np.zeros((8, HK, D), np.float16)
+    for layer in range(LAYERS):
+        seq.prefill(layer, kv, kv)
+    q = np.zeros((HQ, D), np.float16)
+    kn = np.zeros((HK, D), np.float16)
+    out = np.zeros((HQ, D), np.float16)
+    if case == "dtype":
+        q = q.astype(np.float32)
+    elif case == "shape":
+        q = np.zeros((HQ, 32), np.float16)
+    elif case == "strided":
+        q = np.zeros((HQ, 2 * D), np.float16)[:, ::2]
+    elif case == "out_dtype":
+        out = out.astype(np.float32)
+    with pytest.raises(icecache.InvalidArgumentError) as e:
+        seq.decode(0, q, kn, kn, out)
+    assert message in e.value.message
+    # Nothing happened: the layer still has its 8 tokens, and a good call goes through.
+    assert seq.tokens(0) == 8
+    seq.decode(0, np.zeros((HQ, D), np.float16), kn, kn, np.zeros((HQ, D), np.float16))
+    assert seq.tokens(0) == 9
+    seq.drop()
+
+
+def test_read_only_out_is_refused(client: icecache.Client) -> None:
+    seq = make_sequence(client)
+    kv = np.zeros((8, HK, D), np.float16)
+    for layer in range(LAYERS):
+        seq.prefill(layer, kv, kv)
+    out = np.zeros((HQ, D), np.float16)
+    out.flags.writeable = False
+    with pytest.raises(icecache.InvalidArgumentError) as e:
+        seq.decode(0, np.zeros((HQ, D), np.float16), kv[0], kv[0], out)
+    assert "out: expected a writable tensor" in e.value.message
+    with pytest.raises(icecache.InvalidArgumentError) as e:
+        seq.decode(0, [[0.0] * D] * HQ, kv[0], kv[0], np.zeros((HQ, D), np.float16))
+    assert "q: expected a tensor" in e.value.message
+    seq.drop()
+
+
+def test_drop_then_calls_fail(client: icecache.Client) -> None:
+    with make_sequence(client) as seq:
+        kv = np.zeros((8, HK, D), np.float16)
+        seq.prefill(0, kv, kv)
+    with pytest.raises(icecache.FailedPreconditionError):
+        seq.prefill(1, kv, kv)
+    with pytest.raises(icecache.FailedPreconditionError):
+        seq.drop()
+
+
+def test_sequence_keeps_its_client_alive(daemon: object) -> None:
+    c = icecache.Client.attach(daemon.socket, mode=ExecutionMode.CPU)  # type: ignore[attr-defined]
+    seq = make_sequence(c)
+    del c
+    kv = np.ones((8, HK, D), np.float16)
+    for layer in range(LAYERS):
+        seq.prefill(layer, kv, kv)
+    out = np.zeros((HQ, D), np.float16)
+    seq.decode(0, np.ones((HQ, D), np.float16), kv[0], kv[0], out)
+    np.testing.assert_array_equal(out, np.ones((HQ, D), np.float16))
+
+
+def test_stubs_and_docstrings_are_installed() -> None:
+    import icecache._core as core
+
+    stub = pathlib.Path(core.__file__).with_name("_core.pyi").read_text()
+    assert "def decode(self, layer: int, q:" in stub
+    assert "def attach(" in stub and "class Sequence" in stub
+    assert "written in place" in (icecache.Sequence.decode.__doc__ or "")
+    assert (pathlib.Path(core.__file__).parent / "py.typed").exists()
+
+
+def test_tokenizer_splits_digits_like_llama_cpp() -> None:
+    from conftest import model_path
+
+    path = model_path()
+    if path is None:
+        pytest.skip("the model is not fetched (scripts/fetch_model.sh)")
+    from icecache.tokenizer import GgufTokenizer
+
+    tok = GgufTokenizer.from_file(str(path))
+    assert tok.pre == "smollm" and tok.vocab_size == 49152
+    ids = tok.encode("====\n\n\n1. 12345")
+    pieces = [tok.token_text(i) for i in ids]
+    assert "\n\n\n" in pieces  # one token, as llama.cpp (transformers' GGUF tokenizer: two)
+    assert pieces[-5:] == ["1", "2", "3", "4", "5"]
+    assert tok.decode(ids) == "====\n\n\n1. 12345"
+    with pytest.raises(icecache.IceCacheError):
+        GgufTokenizer.from_file("/nonexistent.gguf")
+
+
+@pytest.mark.skipif(not icecache.HAS_DECODE_BATCH, reason="the C++ library has no DecodeBatch")
+def test_decode_batch_equals_single_sequence_decodes(client: icecache.Client) -> None:
+    rng = np.random.default_rng(5)
+    prompts = [40, 300, 130]  # different lengths in one batch
+    data = [(rand(rng, p, HK, D), rand(rng, p, HK, D)) for p in prompts]
+    batched = [make_sequence(client, budget_tokens=128) for _ in prompts]
+    single = [make_sequence(client, budget_tokens=128) for _ in prompts]
+    for seqs in (batched, single):
+        for s, (k, v) in zip(seqs, data):
+            for layer in range(LAYERS):
+                s.prefill(layer, k, v)
+    n = len(prompts)
+    for _ in range(20):
+        for layer in range(LAYERS):
+            q, kn, vn = rand(rng, n, HQ, D), rand(rng, n, HK, D), rand(rng, n, HK, D)
+            out_batch = np.full((n, HQ, D), np.nan, np.float16)
+            client.decode_batch(layer, batched, q, kn, vn, out_batch)
+            out_single = np.full((n, HQ, D), np.nan, np.float16)
+            for i, s in enumerate(single):
+                s.decode(layer, q[i], kn[i], vn[i], out_single[i])
+            np.testing.assert_array_equal(out_batch, out_single)
+    # One bad sequence does not stop the others; the error names it and lists every result.
+    batched[1].drop()
+    q, kn, vn = rand(rng, n, HQ, D), rand(rng, n, HK, D), rand(rng, n, HK, D)
+    out = np.zeros((n, HQ, D), np.float16)
+    with pytest.raises(icecache.FailedPreconditionError) as e:
+        client.decode_batch(0, batched, q, kn, vn, out)
+    assert [s is None for s in e.value.statuses] == [True, False, True]
+    assert np.abs(out[0].astype(np.float32)).sum() > 0
+    with pytest.raises(icecache.InvalidArgumentError):
+        client.decode_batch(0, [], q, kn, vn, out)
+    for s in batched[0::2] + single:
+        s.drop()
