@@ -52,9 +52,12 @@ ABSL_FLAG(uint32_t, prompt_tokens, 7936, "Prompt tokens per text (the model's co
 ABSL_FLAG(uint32_t, continuation, 128, "Teacher-forced continuation tokens per text.");
 ABSL_FLAG(std::string, budgets, "64,128,256,512", "Token budgets.");
 ABSL_FLAG(uint32_t, full_kv_layers, 2, "First layers kept whole (as in the paper).");
-ABSL_FLAG(std::string, service_presets, "paper,tuned",
-          "Index presets of the icecached runs (--index-preset): paper is the reference, tuned "
-          "every improvement option.");
+ABSL_FLAG(std::string, service_presets, "fast,paper",
+          "Index presets of the icecached runs (--index-preset): the daemon's default (fast) "
+          "and paper, the reference.");
+ABSL_FLAG(std::string, drift_thresholds, "",
+          "Also replay the default preset one step ahead in process with each of these drift "
+          "thresholds (icecache-dci-async-t<T>), beside the client's default threshold.");
 ABSL_FLAG(std::string, service_modes, "sync,async",
           "Selection modes of the service runs (SequenceOptions::selection): the client's "
           "default keeps the plain name, the other gets a -sync / -async suffix.");
@@ -107,6 +110,13 @@ std::vector<eval::MethodSpec> Methods() {
   async->replay.async = true;
   async->replay.drift_threshold = SequenceOptions{}.drift_threshold;
   m.insert(m.begin() + 2, *async);
+  size_t at = 3;
+  for (double t : ParseList(absl::GetFlag(FLAGS_drift_thresholds))) {
+    eval::MethodSpec sweep = *async;
+    sweep.name = absl::StrCat("icecache-dci-async-t", t);
+    sweep.replay.drift_threshold = static_cast<float>(t);
+    m.insert(m.begin() + static_cast<ptrdiff_t>(at++), sweep);
+  }
   return m;
 }
 

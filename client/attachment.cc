@@ -407,8 +407,7 @@ absl::StatusOr<abi::StageResponse> Attachment::Scratch(uint64_t bytes) {
   return resp;
 }
 
-absl::StatusOr<uint32_t> Attachment::SubmitSelectBatch(uint32_t layer,
-                                                       const abi::ArenaRef& scratch,
+absl::StatusOr<uint32_t> Attachment::SubmitSelectBatch(uint32_t layer, const abi::ArenaRef& scratch,
                                                        uint32_t count) {
   absl::StatusOr<uint32_t> i = AcquireSlot();
   if (!i.ok()) return i.status();

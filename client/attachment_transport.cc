@@ -64,8 +64,8 @@ AttachmentTransport::Layout AttachmentTransport::LayoutOf(
   for (uint64_t i = 0; i < n; ++i) {
     const SelectRequest& q = requests[i];
     l.query_at[i] = l.bytes;
-    l.bytes += Align64(q.query_floats * sizeof(float) +
-                       (q.head_mask != nullptr ? q.num_kv_heads : 0));
+    l.bytes +=
+        Align64(q.query_floats * sizeof(float) + (q.head_mask != nullptr ? q.num_kv_heads : 0));
     l.result_at[i] = l.bytes;
     l.result_cap[i] = uint64_t{q.num_kv_heads} * q.k;
     l.bytes += Align64(l.result_cap[i] * sizeof(abi::SelectedPageRef));
@@ -128,9 +128,8 @@ absl::Status AttachmentTransport::PrepareSelectBatch(absl::Span<const SelectRequ
 absl::StatusOr<Ticket> AttachmentTransport::SubmitSelectBatch(
     uint32_t layer, absl::Span<const SelectRequest> requests) {
   if (requests.empty() || requests.size() > abi::kMaxBatchSelect) {
-    return absl::InvalidArgumentError(absl::StrCat("a batch select of ", requests.size(),
-                                                   " sequences: must be in 1..",
-                                                   abi::kMaxBatchSelect));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "a batch select of ", requests.size(), " sequences: must be in 1..", abi::kMaxBatchSelect));
   }
   Layout l = LayoutOf(requests);
   absl::StatusOr<Scratch> sc = AcquireScratch(l.bytes);
@@ -144,8 +143,7 @@ absl::StatusOr<Ticket> AttachmentTransport::SubmitSelectBatch(
     e.k = q.k;
     e.select_flags = q.head_mask != nullptr ? uint32_t{abi::kSelectHeadMask} : 0u;
     e.query_offset = l.query_at[i];
-    e.query_bytes =
-        q.query_floats * sizeof(float) + (q.head_mask != nullptr ? q.num_kv_heads : 0);
+    e.query_bytes = q.query_floats * sizeof(float) + (q.head_mask != nullptr ? q.num_kv_heads : 0);
     e.result_offset = l.result_at[i];
     e.result_bytes = l.result_cap[i] * sizeof(abi::SelectedPageRef);
     std::memcpy(host + i * sizeof(abi::BatchSelectEntry), &e, sizeof(e));

@@ -78,9 +78,9 @@ absl::StatusOr<std::unique_ptr<Client>> Client::Attach(const ClientOptions& opti
   return std::unique_ptr<Client>(new Client(std::move(impl)));
 }
 
-absl::Status Client::DecodeBatch(uint32_t layer, const std::vector<Sequence*>& batch,
-                                 const void* q, const void* k_new, const void* v_new, void* out,
-                                 void* stream, std::vector<absl::Status>* statuses) {
+absl::Status Client::DecodeBatch(uint32_t layer, const std::vector<Sequence*>& batch, const void* q,
+                                 const void* k_new, const void* v_new, void* out, void* stream,
+                                 std::vector<absl::Status>* statuses) {
   std::vector<Sequence::Impl*> impls;
   impls.reserve(batch.size());
   for (Sequence* s : batch) {

@@ -54,8 +54,7 @@ absl::Status Decoder::Reserve(Workspace& ws, uint32_t heads, uint32_t items,
     ws.items = std::max(items, ws.items);
     ws.chunks_per_head = std::max(chunks_per_head, ws.chunks_per_head);
     ws.plan = std::make_unique<DecodePlan>(ws.heads, ws.items, ws.chunks_per_head);
-    ICECACHE_RETURN_IF_ERROR(
-        ws.desc_host.Allocate(be_, ws.plan->buffer_bytes(), /*on_host=*/true));
+    ICECACHE_RETURN_IF_ERROR(ws.desc_host.Allocate(be_, ws.plan->buffer_bytes(), /*on_host=*/true));
     ICECACHE_RETURN_IF_ERROR(ws.desc_dev.Allocate(be_, ws.plan->buffer_bytes()));
   }
   DecodeAttentionParams probe;
@@ -99,11 +98,10 @@ absl::Status Decoder::DecodeBatch(uint32_t layer, absl::Span<Sequence::Impl* con
     if (g.num_q_heads != g0.num_q_heads || g.num_kv_heads != g0.num_kv_heads ||
         g.head_dim != g0.head_dim || g.dtype != g0.dtype || g.page_size != g0.page_size ||
         s->context().scale != scale0) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("sequence ", s->handle(), " does not match the batch's first (",
-                       batch[0]->handle(),
-                       "): a batch shares num_q_heads, num_kv_heads, head_dim, dtype, page_size "
-                       "and scale"));
+      return absl::InvalidArgumentError(absl::StrCat(
+          "sequence ", s->handle(), " does not match the batch's first (", batch[0]->handle(),
+          "): a batch shares num_q_heads, num_kv_heads, head_dim, dtype, page_size "
+          "and scale"));
     }
   }
   const uint32_t n = static_cast<uint32_t>(batch.size());
@@ -124,8 +122,8 @@ absl::Status Decoder::DecodeBatch(uint32_t layer, absl::Span<Sequence::Impl* con
     items += s->gather_items();
     chunks = std::max(chunks, s->chunks_per_head());
   }
-  ICECACHE_RETURN_IF_ERROR(Reserve(*ws, n * kv, items, chunks, n * g0.num_q_heads, g0.head_dim,
-                                   n * q_row));
+  ICECACHE_RETURN_IF_ERROR(
+      Reserve(*ws, n * kv, items, chunks, n * g0.num_q_heads, g0.head_dim, n * q_row));
 
   // ---- 1. each sequence's token, and what it still needs selected
   std::vector<absl::Status> status(n);
@@ -134,8 +132,8 @@ absl::Status Decoder::DecodeBatch(uint32_t layer, absl::Span<Sequence::Impl* con
   const auto* v_bytes = static_cast<const uint8_t*>(v_new);
   bool any_query = false;
   for (uint32_t i = 0; i < n; ++i) {
-    status[i] = batch[i]->BeginStep(layer, k_bytes + i * kv_row, v_bytes + i * kv_row, stream,
-                                    &steps[i]);
+    status[i] =
+        batch[i]->BeginStep(layer, k_bytes + i * kv_row, v_bytes + i * kv_row, stream, &steps[i]);
     steps[i].head_base = i * kv;
     any_query |= status[i].ok() && steps[i].needs_pages;
   }

@@ -5,8 +5,8 @@
 //
 // What the sequences of one batch must share: num_q_heads, num_kv_heads, head_dim, dtype,
 // page_size and the softmax scale (one gather and one attention launch serve them). Budget,
-// sink, window, full-KV layers, lengths and selection mode may differ. Each sequence fails alone: its output rows
-// are zeros and its status names it; the others' step goes on.
+// sink, window, full-KV layers, lengths and selection mode may differ. Each sequence fails alone:
+// its output rows are zeros and its status names it; the others' step goes on.
 //
 // Per layer the decoder keeps a workspace (the descriptor buffers, the attention scratch),
 // grown as batches need; calls for one layer are serialized, different layers may run on
@@ -42,9 +42,9 @@ class Decoder {
   // sequence's own result. INVALID_ARGUMENT (nothing done) for an empty batch, a sequence
   // twice, sequences of another decoder, geometries that must match and do not, or null
   // tensors; otherwise the first sequence's failure (its message names it), or OK.
-  absl::Status DecodeBatch(uint32_t layer, absl::Span<Sequence::Impl* const> batch,
-                           const void* q, const void* k_new, const void* v_new, void* out,
-                           void* stream, std::vector<absl::Status>* statuses);
+  absl::Status DecodeBatch(uint32_t layer, absl::Span<Sequence::Impl* const> batch, const void* q,
+                           const void* k_new, const void* v_new, void* out, void* stream,
+                           std::vector<absl::Status>* statuses);
 
  private:
   struct Workspace {

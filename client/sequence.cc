@@ -339,8 +339,8 @@ absl::Status Sequence::Impl::BeginStep(uint32_t layer, const void* k_new, const 
   const ResolvedGeometry& g = ctx_.geometry;
   if (prefilled_layers_ != g.num_layers) {
     return absl::FailedPreconditionError(
-        absl::StrCat("every layer must be prefilled before decoding (", prefilled_layers_,
-                     " of ", g.num_layers, " are)"));
+        absl::StrCat("every layer must be prefilled before decoding (", prefilled_layers_, " of ",
+                     g.num_layers, " are)"));
   }
   LayerState& L = layers_[layer];
   uint64_t min_tokens = std::numeric_limits<uint64_t>::max();
@@ -589,9 +589,8 @@ absl::Status Sequence::Impl::FinishStep(client_internal::StepState* st, void* st
   // done with the layer's frames before an insert may rewrite them.
   absl::Status s = be_->Synchronize(stream);
   if (s.ok()) {
-    s = Submit(st->layer, L.daemon_built ? abi::kOpAppend : abi::kOpPrefill,
-               staged->staged.buffer, ctx_.geometry.page_size,
-               static_cast<uint32_t>(staged->first), /*from_window=*/true);
+    s = Submit(st->layer, L.daemon_built ? abi::kOpAppend : abi::kOpPrefill, staged->staged.buffer,
+               ctx_.geometry.page_size, static_cast<uint32_t>(staged->first), /*from_window=*/true);
   } else {
     (void)tr_->ReleaseStaging(ctx_.handle, staged->staged.buffer);
   }
@@ -662,7 +661,7 @@ absl::Status Sequence::Impl::Drop() {
 }
 
 absl::StatusOr<Sequence::AttendedRows> Sequence::Impl::LastAttended(uint32_t layer,
-                                                                   uint32_t head) const {
+                                                                    uint32_t head) const {
   ICECACHE_RETURN_IF_ERROR(CheckUsable(layer));
   if (head >= ctx_.geometry.num_kv_heads) return absl::InvalidArgumentError("head out of range");
   const LayerState& L = layers_[layer];
@@ -691,9 +690,11 @@ void Sequence::Impl::KeepAttended(uint32_t layer, const client_internal::DecodeP
   const std::vector<AttentionChunk>& chunks = plan.chunks();
   const std::vector<uint32_t>& offsets = plan.offsets();
   const uint32_t kv = ctx_.geometry.num_kv_heads;
-  L.last_chunks.assign(chunks.begin() + offsets[head_base], chunks.begin() + offsets[head_base + kv]);
+  L.last_chunks.assign(chunks.begin() + offsets[head_base],
+                       chunks.begin() + offsets[head_base + kv]);
   L.last_offsets.resize(kv + 1);
-  for (uint32_t h = 0; h <= kv; ++h) L.last_offsets[h] = offsets[head_base + h] - offsets[head_base];
+  for (uint32_t h = 0; h <= kv; ++h)
+    L.last_offsets[h] = offsets[head_base + h] - offsets[head_base];
 }
 
 // ---------------------------------------------------------------------------------------------

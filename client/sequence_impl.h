@@ -164,12 +164,12 @@ struct StepState {
   uint32_t layer = 0;
   uint64_t pos = 0;
   bool full_kv = false;
-  std::optional<uint64_t> hand_over;        // first position of the page to hand over
-  bool needs_pages = false;                 // offloaded with a built index: pages are selected
-  std::vector<uint8_t> search;              // [num_kv_heads]: heads to search now (1)
-  std::vector<abi::SelectedPageRef> refs;   // [num_kv_heads][k]: the step's pages
+  std::optional<uint64_t> hand_over;       // first position of the page to hand over
+  bool needs_pages = false;                // offloaded with a built index: pages are selected
+  std::vector<uint8_t> search;             // [num_kv_heads]: heads to search now (1)
+  std::vector<abi::SelectedPageRef> refs;  // [num_kv_heads][k]: the step's pages
   DecodeBreakdown b;
-  uint32_t head_base = 0;                   // the sequence's first KV head in the batch
+  uint32_t head_base = 0;  // the sequence's first KV head in the batch
 };
 
 }  // namespace icecache::client_internal
@@ -217,7 +217,7 @@ class Sequence::Impl {
   // sequence: its staged hand-over (if any) and, with a built index, the next step's select.
   struct EndOfStep {
     std::optional<client_internal::StagedHandOver> staged;
-    uint32_t op = 0;                  // of the hand-over
+    uint32_t op = 0;  // of the hand-over
     bool send_select = false;
     client_internal::Mailbox* mailbox = nullptr;
   };

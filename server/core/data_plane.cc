@@ -641,9 +641,8 @@ class DataPlane::Dispatcher {
     std::memcpy(&bytes, abi::SlotPayload(slot), sizeof(bytes));
     if (bytes == 0 || bytes > kMaxScratchBytes) {
       return Finish(r, start,
-                    absl::InvalidArgumentError(absl::StrCat("scratch of ", bytes,
-                                                            " bytes: must be in 1..",
-                                                            kMaxScratchBytes)),
+                    absl::InvalidArgumentError(absl::StrCat(
+                        "scratch of ", bytes, " bytes: must be in 1..", kMaxScratchBytes)),
                     0);
     }
     // Promised like a sequence's staging (so that it never takes room a sequence was
@@ -652,9 +651,9 @@ class DataPlane::Dispatcher {
     absl::MutexLock lock(&c_->scratch_mu);
     if (c_->scratch_bytes + footprint > kMaxScratchBytes) {
       return Finish(r, start,
-                    absl::ResourceExhaustedError(absl::StrCat(
-                        "scratch buffers of ", c_->scratch_bytes + footprint,
-                        " bytes in all: at most ", kMaxScratchBytes, " per client")),
+                    absl::ResourceExhaustedError(
+                        absl::StrCat("scratch buffers of ", c_->scratch_bytes + footprint,
+                                     " bytes in all: at most ", kMaxScratchBytes, " per client")),
                     0);
     }
     absl::Status promised = c_->arena->budget()->Promise(footprint, 0, "a scratch buffer");
@@ -678,11 +677,11 @@ class DataPlane::Dispatcher {
   void SelectBatch(const Request& r, SteadyClock::time_point start) {
     const uint32_t count = r.tokens;
     if (count == 0 || count > abi::kMaxBatchSelect) {
-      return Finish(r, start,
-                    absl::InvalidArgumentError(absl::StrCat("a batch select of ", count,
-                                                            " entries: must be in 1..",
-                                                            abi::kMaxBatchSelect)),
-                    0);
+      return Finish(
+          r, start,
+          absl::InvalidArgumentError(absl::StrCat(
+              "a batch select of ", count, " entries: must be in 1..", abi::kMaxBatchSelect)),
+          0);
     }
     const uint64_t entries_bytes = uint64_t{count} * sizeof(abi::BatchSelectEntry);
     absl::StatusOr<uint8_t*> base = c_->arena->StagingAddress(r.staging, entries_bytes);
@@ -695,9 +694,10 @@ class DataPlane::Dispatcher {
       std::vector<float> queries;
       std::vector<uint8_t> mask;
       uint32_t k = 0;
-      uint8_t* result = nullptr;  // in the scratch buffer (the client's arena)
+      bool sample = false;        // a recall sample, as for single selects
+      uint8_t* result = nullptr;  // in the client's scratch buffer
       absl::Status status;
-      std::vector<std::vector<abi::SelectedPageRef>> per_head;  // [num_kv_heads]
+      std::vector<abi::SelectedPageRef> pages;  // [num_kv_heads][k]
     };
     auto jobs = std::make_shared<std::vector<Job>>(count);
     std::vector<std::string> keys;
@@ -709,6 +709,8 @@ class DataPlane::Dispatcher {
         char handle[sizeof(e.handle) + 1] = {};
         std::memcpy(handle, e.handle, sizeof(e.handle));
         keys.push_back(AppendKey(handle, r.layer));
+        job.sample = job.mask.empty() && dp_->options_.recall_sample_every != 0 &&
+                     ++selects_ % dp_->options_.recall_sample_every == 0;
       }
     }
     c_->BeginOp();
@@ -716,46 +718,26 @@ class DataPlane::Dispatcher {
     DataPlane* dp = dp_;
     uint8_t* const entries_base = *base;
     auto run = [dp, client, jobs, r, start, count, entries_base] {
-      // Every (entry, head) search of the batch on the pool.
-      std::vector<std::pair<uint32_t, uint32_t>> items;
+      // The entries' searches over the pool: each entry is one select of its sequence (its
+      // heads spread further where a pool thread is free), observed and sampled as one.
+      std::vector<uint32_t> live;
       for (uint32_t i = 0; i < count; ++i) {
-        Job& job = (*jobs)[i];
-        if (!job.status.ok()) continue;
-        const uint32_t heads = job.kv->geometry().num_kv_heads;
-        job.per_head.resize(heads);
-        for (uint32_t h = 0; h < heads; ++h) {
-          if (job.mask.empty() || job.mask[h] != 0) items.push_back({i, h});
-        }
+        if ((*jobs)[i].status.ok()) live.push_back(i);
       }
-      std::vector<absl::Status> item_status(items.size());
-      dp->pool_->ParallelFor(items.size(), [&](size_t n) {
-        const auto [i, h] = items[n];
-        Job& job = (*jobs)[i];
-        std::vector<uint8_t> one(job.kv->geometry().num_kv_heads, 0);
-        one[h] = 1;
-        item_status[n] = job.kv->Select(r.layer, job.queries.data(), job.k, &job.per_head[h],
-                                        /*sample_recall=*/false, one.data())
-                             .status();
+      dp->pool_->ParallelFor(live.size(), [&](size_t n) {
+        Job& job = (*jobs)[live[n]];
+        job.status = job.kv
+                         ->Select(r.layer, job.queries.data(), job.k, &job.pages, job.sample,
+                                  job.mask.empty() ? nullptr : job.mask.data())
+                         .status();
       });
-      for (size_t n = 0; n < items.size(); ++n) {
-        Job& job = (*jobs)[items[n].first];
-        if (job.status.ok() && !item_status[n].ok()) job.status = item_status[n];
-      }
       // Results and statuses into the client's scratch buffer.
       for (uint32_t i = 0; i < count; ++i) {
         Job& job = (*jobs)[i];
         auto* e = reinterpret_cast<abi::BatchSelectEntry*>(entries_base) + i;
         if (job.status.ok()) {
-          const uint32_t heads = job.kv->geometry().num_kv_heads;
-          auto* out = reinterpret_cast<abi::SelectedPageRef*>(job.result);
-          for (uint32_t h = 0; h < heads; ++h) {
-            for (uint32_t j = 0; j < job.k; ++j) {
-              out[uint64_t{h} * job.k + j] =
-                  job.per_head[h].empty()
-                      ? abi::SelectedPageRef{abi::kNoSegment, 0, 0, 0}
-                      : job.per_head[h][uint64_t{h} * job.k + j];
-            }
-          }
+          std::memcpy(job.result, job.pages.data(),
+                      job.pages.size() * sizeof(abi::SelectedPageRef));
           e->result_k = job.k;
         } else {
           e->result_k = 0;
@@ -802,21 +784,22 @@ class DataPlane::Dispatcher {
     absl::Status layer_ok = (*found)->CheckLayer(r.layer);
     if (!layer_ok.ok()) return layer_ok;
     if ((e.select_flags & ~uint32_t{abi::kSelectHeadMask}) != 0) {
-      return absl::InvalidArgumentError(absl::StrCat("unknown select_flags 0x", absl::Hex(e.select_flags)));
+      return absl::InvalidArgumentError(
+          absl::StrCat("unknown select_flags 0x", absl::Hex(e.select_flags)));
     }
     const bool masked = (e.select_flags & abi::kSelectHeadMask) != 0;
     const uint64_t qbytes = uint64_t{g.num_q_heads} * g.head_dim * sizeof(float);
     const uint64_t want = qbytes + (masked ? g.num_kv_heads : 0);
     if (e.query_bytes != want) {
-      return absl::InvalidArgumentError(absl::StrCat("queries of ", e.query_bytes,
-                                                     " bytes, the sequence needs ", want));
+      return absl::InvalidArgumentError(
+          absl::StrCat("queries of ", e.query_bytes, " bytes, the sequence needs ", want));
     }
     *k = (*found)->SelectK(e.k);
     if (*k > 4096) return absl::InvalidArgumentError(absl::StrCat("k=", *k, " is above 4096"));
     const uint64_t rbytes = uint64_t{g.num_kv_heads} * *k * sizeof(abi::SelectedPageRef);
     if (e.result_bytes < rbytes) {
-      return absl::InvalidArgumentError(absl::StrCat("room for ", e.result_bytes,
-                                                     " result bytes, need ", rbytes));
+      return absl::InvalidArgumentError(
+          absl::StrCat("room for ", e.result_bytes, " result bytes, need ", rbytes));
     }
     // Both ranges inside the scratch buffer (overflow-safe: offsets and sizes are bounded).
     if (e.query_offset > (uint64_t{1} << 40) || e.result_offset > (uint64_t{1} << 40)) {
@@ -824,8 +807,7 @@ class DataPlane::Dispatcher {
     }
     absl::StatusOr<uint8_t*> qbase = c_->arena->StagingAddress(r.staging, e.query_offset + want);
     if (!qbase.ok()) return absl::InvalidArgumentError("queries outside the scratch buffer");
-    absl::StatusOr<uint8_t*> rbase =
-        c_->arena->StagingAddress(r.staging, e.result_offset + rbytes);
+    absl::StatusOr<uint8_t*> rbase = c_->arena->StagingAddress(r.staging, e.result_offset + rbytes);
     if (!rbase.ok()) return absl::InvalidArgumentError("results outside the scratch buffer");
     queries->resize(qbytes / sizeof(float));
     std::memcpy(queries->data(), *qbase + e.query_offset, qbytes);

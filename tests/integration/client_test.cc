@@ -458,8 +458,8 @@ TEST_F(ClientTest, DecodeBatchEqualsSingleSequencesAndFullAttention) {
       }
       std::vector<uint16_t> out(q.size());
       std::vector<absl::Status> statuses;
-      ASSERT_OK(client->DecodeBatch(l, members, q.data(), k.data(), v.data(), out.data(),
-                                    nullptr, &statuses));
+      ASSERT_OK(client->DecodeBatch(l, members, q.data(), k.data(), v.data(), out.data(), nullptr,
+                                    &statuses));
       for (size_t i = 0; i < batch.size(); ++i) {
         ASSERT_OK(statuses[i]);
         std::vector<uint16_t> one(q_elems);

@@ -4,6 +4,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstring>
@@ -400,6 +401,97 @@ TEST_F(DataPlaneTest, NopRoundTripsAndMetricsCountRequests) {
 
 namespace icecache::testing {
 namespace {
+
+// kOpSelectBatch: every entry is checked alone (a bad one answers its own error, the others
+// their pages), and a good entry's pages equal a single select's with the same queries.
+TEST_F(DataPlaneTest, ABatchSelectAnswersEachEntryAloneAndEqualsSingleSelects) {
+  auto a = AttachClient();
+  ASSERT_NE(a, nullptr);
+  WorkloadOptions w;
+  std::string first, second;
+  ASSERT_TRUE(RunWorkload(*a, daemon_->stub(), w, &first).ok());
+  w.seed = 2;
+  ASSERT_TRUE(RunWorkload(*a, daemon_->stub(), w, &second).ok());
+  const uint32_t q_floats = w.kv_heads * w.group * w.head_dim;
+  std::vector<float> queries(q_floats);
+  for (uint32_t i = 0; i < q_floats; ++i) queries[i] = std::sin(0.37f * i);
+  const uint64_t result_bytes = uint64_t{w.kv_heads} * w.k * sizeof(abi::SelectedPageRef);
+
+  absl::StatusOr<abi::StageResponse> scratch = a->Scratch(64 << 10);
+  ASSERT_TRUE(scratch.ok()) << scratch.status();
+  absl::StatusOr<uint8_t*> base = a->Address(scratch->buffer, scratch->bytes);
+  ASSERT_TRUE(base.ok());
+  // Entries: first (good), an unknown handle, wrong query bytes, results outside the buffer,
+  // second (good).
+  // A well-formed handle no sequence has: the first's with its last character changed.
+  std::string unknown = first;
+  unknown.back() = unknown.back() == 'a' ? 'b' : 'a';
+  const char* handles[] = {first.c_str(), unknown.c_str(), first.c_str(), first.c_str(),
+                           second.c_str()};
+  constexpr uint32_t kEntries = 5;
+  for (uint32_t i = 0; i < kEntries; ++i) {
+    abi::BatchSelectEntry e{};
+    std::memcpy(e.handle, handles[i], std::min(std::strlen(handles[i]), sizeof(e.handle)));
+    e.k = w.k;
+    e.query_offset = 4096 + uint64_t{i} * 4096;
+    e.query_bytes = q_floats * sizeof(float) - (i == 2 ? 4 : 0);
+    e.result_offset = 32768 + uint64_t{i} * 4096;
+    if (i == 3) e.result_offset = scratch->bytes - 8;
+    e.result_bytes = result_bytes;
+    e.status = 77;  // the daemon overwrites the answer fields
+    std::memcpy(*base + i * sizeof(e), &e, sizeof(e));
+    std::memcpy(*base + e.query_offset, queries.data(), q_floats * sizeof(float));
+  }
+  absl::StatusOr<uint32_t> slot = a->SubmitSelectBatch(0, scratch->buffer, kEntries);
+  ASSERT_TRUE(slot.ok()) << slot.status();
+  ASSERT_TRUE(a->Finish(*slot).ok());
+  abi::BatchSelectEntry got[kEntries];
+  std::memcpy(got, *base, sizeof(got));
+  EXPECT_EQ(got[0].status, 0u) << got[0].message;
+  EXPECT_EQ(got[0].result_k, w.k);
+  EXPECT_EQ(got[1].status, static_cast<uint32_t>(absl::StatusCode::kNotFound)) << got[1].message;
+  EXPECT_EQ(got[2].status, static_cast<uint32_t>(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(got[2].message, HasSubstr("queries of"));
+  EXPECT_EQ(got[3].status, static_cast<uint32_t>(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(got[3].message, HasSubstr("results outside"));
+  EXPECT_EQ(got[4].status, 0u) << got[4].message;
+  for (uint32_t i : {0u, 4u}) {
+    absl::StatusOr<std::vector<abi::SelectedPageRef>> single =
+        a->Select(handles[i], 0, queries.data(), q_floats, w.k);
+    ASSERT_TRUE(single.ok()) << single.status();
+    ASSERT_EQ(single->size(), uint64_t{w.kv_heads} * w.k);
+    EXPECT_EQ(std::memcmp(single->data(), *base + 32768 + uint64_t{i} * 4096, result_bytes), 0)
+        << "entry " << i;
+  }
+  // A count of 0 or above the bound fails the whole request.
+  slot = a->SubmitSelectBatch(0, scratch->buffer, 0);
+  ASSERT_TRUE(slot.ok());
+  EXPECT_THAT(a->Finish(*slot),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("must be in 1..")));
+  slot = a->SubmitSelectBatch(0, scratch->buffer, abi::kMaxBatchSelect);
+  ASSERT_TRUE(slot.ok());  // 1024 entries of 128 bytes do not fit a 64 KiB buffer
+  EXPECT_THAT(a->Finish(*slot), StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_TRUE(a->ReleaseStaging("", scratch->buffer).ok());
+}
+
+// Scratch buffers are bounded per client, promised like staging, and given back on release.
+TEST_F(DataPlaneTest, ScratchBuffersAreBoundedAndGivenBack) {
+  auto a = AttachClient();
+  ASSERT_NE(a, nullptr);
+  EXPECT_THAT(a->Scratch(0), StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(a->Scratch((uint64_t{256} << 20) + 1),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("must be in 1..")));
+  absl::StatusOr<abi::StageResponse> big = a->Scratch(uint64_t{200} << 20);
+  ASSERT_TRUE(big.ok()) << big.status();
+  EXPECT_THAT(a->Scratch(uint64_t{100} << 20),
+              StatusIs(absl::StatusCode::kResourceExhausted, HasSubstr("per client")));
+  ASSERT_TRUE(a->ReleaseStaging("", big->buffer).ok());
+  absl::StatusOr<abi::StageResponse> again = a->Scratch(uint64_t{100} << 20);
+  ASSERT_TRUE(again.ok()) << again.status();
+  ASSERT_TRUE(a->ReleaseStaging("", again->buffer).ok());
+  // A buffer released twice is refused.
+  EXPECT_THAT(a->ReleaseStaging("", again->buffer), StatusIs(absl::StatusCode::kInvalidArgument));
+}
 
 TEST_F(DataPlaneTest, SampledRecallIsExportedForOperators) {
   daemon_.reset();

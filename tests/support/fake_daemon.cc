@@ -170,8 +170,9 @@ absl::StatusOr<client_internal::Ticket> FakeDaemon::SubmitSelectBatch(
         continue;
       }
       a.status = ones[i]
-                     .kv->Select(layer, ones[i].queries.data(), ones[i].k, &a.pages, false,
-                                 ones[i].mask.empty() ? nullptr : ones[i].mask.data())
+                     .kv
+                     ->Select(layer, ones[i].queries.data(), ones[i].k, &a.pages, false,
+                              ones[i].mask.empty() ? nullptr : ones[i].mask.data())
                      .status();
     }
     return absl::OkStatus();

@@ -184,8 +184,8 @@ class Client {
   // batch, a sequence twice or of another client, sequences that do not match, or null
   // tensors; otherwise the first sequence's error, naming it, or OK.
   absl::Status DecodeBatch(uint32_t layer, const std::vector<Sequence*>& batch, const void* q,
-                           const void* k_new, const void* v_new, void* out,
-                           void* stream = nullptr, std::vector<absl::Status>* statuses = nullptr);
+                           const void* k_new, const void* v_new, void* out, void* stream = nullptr,
+                           std::vector<absl::Status>* statuses = nullptr);
 
   class Impl;
 

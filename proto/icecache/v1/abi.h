@@ -135,21 +135,21 @@ enum SlotState : uint32_t {
 };
 
 enum Op : uint32_t {
-  kOpNop = 0,      // answers kOk at once (for round-trip measurements)
-  kOpStage = 1,    // allocate a staging buffer for `tokens` tokens of the sequence
-  kOpPrefill = 2,  // build `layer`'s index from a staging buffer holding the prompt's K/V;
-                   // the buffer is consumed when it succeeds and left alone when refused
-  kOpAppend = 3,   // insert a staging buffer's page of new tokens into `layer` (likewise).
-                   // Pages of the layer may change while it runs: do not read the layer's
-                   // pages between submitting an append and its completion. Appends of one
-                   // (sequence, layer) run in submission order.
-  kOpSelect = 4,   // best pages per KV head for the queries in the payload. A select runs
-                   // after every append of its (sequence, layer) submitted before it, so its
-                   // pages include them and no append it follows is still changing them.
-  kOpRelease = 5,  // free a staging buffer that was not consumed (or a scratch buffer)
-  kOpScratch = 6,  // a scratch buffer of the client's own (a staging allocation of no
-                   // sequence) of the uint64 byte count in the payload; answers a
-                   // StageResponse (v_offset 0); freed by kOpRelease
+  kOpNop = 0,          // answers kOk at once (for round-trip measurements)
+  kOpStage = 1,        // allocate a staging buffer for `tokens` tokens of the sequence
+  kOpPrefill = 2,      // build `layer`'s index from a staging buffer holding the prompt's K/V;
+                       // the buffer is consumed when it succeeds and left alone when refused
+  kOpAppend = 3,       // insert a staging buffer's page of new tokens into `layer` (likewise).
+                       // Pages of the layer may change while it runs: do not read the layer's
+                       // pages between submitting an append and its completion. Appends of one
+                       // (sequence, layer) run in submission order.
+  kOpSelect = 4,       // best pages per KV head for the queries in the payload. A select runs
+                       // after every append of its (sequence, layer) submitted before it, so its
+                       // pages include them and no append it follows is still changing them.
+  kOpRelease = 5,      // free a staging buffer that was not consumed (or a scratch buffer)
+  kOpScratch = 6,      // a scratch buffer of the client's own (a staging allocation of no
+                       // sequence) of the uint64 byte count in the payload; answers a
+                       // StageResponse (v_offset 0); freed by kOpRelease
   kOpSelectBatch = 7,  // the selects of several sequences for one layer: `tokens`
                        // BatchSelectEntry at the start of the scratch buffer `staging`, each
                        // entry's queries and results in the same buffer. The slot's status is
