@@ -103,14 +103,19 @@ std::vector<eval::MethodSpec> Methods() {
       eval::PresetMethod("icecache-dci-tuned", std::string(selection::kTunedPreset));
   Check(tuned.status(), "tuned preset");
   m.insert(m.begin() + 1, *tuned);
+  // The daemon's default preset, synchronous: the pair of the one-step-ahead replays below.
+  absl::StatusOr<eval::MethodSpec> fast =
+      eval::PresetMethod("icecache-dci-default", std::string(selection::kDefaultPreset));
+  Check(fast.status(), "default preset");
+  m.insert(m.begin() + 2, *fast);
   // The daemon's default preset replayed one step ahead (SelectionMode::kAsync's policy).
   absl::StatusOr<eval::MethodSpec> async =
       eval::PresetMethod("icecache-dci-async", std::string(selection::kDefaultPreset));
   Check(async.status(), "default preset");
   async->replay.async = true;
   async->replay.drift_threshold = SequenceOptions{}.drift_threshold;
-  m.insert(m.begin() + 2, *async);
-  size_t at = 3;
+  m.insert(m.begin() + 3, *async);
+  size_t at = 4;
   for (double t : ParseList(absl::GetFlag(FLAGS_drift_thresholds))) {
     eval::MethodSpec sweep = *async;
     sweep.name = absl::StrCat("icecache-dci-async-t", t);

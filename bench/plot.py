@@ -16,6 +16,11 @@ and, from model_quality.csv, model_quality_by_layer.csv and model_passkey.csv (t
     model_quality_vs_budget.png  perplexity ratio, top-1 agreement, attention recall and
                                  passkey accuracy against budget, every method
     model_recall_by_layer.png    attention recall per layer at budget 256
+and, from token_step.json and batch_decode.json:
+    token_step.png               per token at the 8B shape: daemon CPU against the exact scan,
+                                 and the select wait on the critical path, sync vs async
+    batch_decode.png             batched decode against single-sequence calls: time per
+                                 sequence and tokens per second against batch size
 """
 import json
 import csv
@@ -260,6 +265,72 @@ def model_quality(out):
         fig.savefig(os.path.join(out, "model_recall_by_layer.png"), dpi=120)
 
 
+def token_step(out):
+    path = os.path.join(out, "token_step.json")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        rows = json.load(f)["rows"]
+    if not rows:
+        return
+    contexts = sorted({r["context"] for r in rows})
+    modes = [m for m in ("sync", "async") if any(r["mode"] == m for r in rows)]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    width = 0.8 / (len(modes) + 1)
+    for i, c in enumerate(contexts):
+        scan = next(r["scan_cpu_ms_per_token"] for r in rows if r["context"] == c)
+        a.bar(i, scan, width, color="lightgray", label="exact scan" if i == 0 else None)
+        for j, m in enumerate(modes):
+            r = next((r for r in rows if r["context"] == c and r["mode"] == m), None)
+            if r is None:
+                continue
+            a.bar(i + (j + 1) * width, r["daemon_cpu_ms_per_token"], width,
+                  color="tab:blue" if m == "sync" else "tab:orange", label=m if i == 0 else None)
+            b.bar(i + j * width, r["wait_p50_us"], width,
+                  color="tab:blue" if m == "sync" else "tab:orange",
+                  label=f"{m} p50" if i == 0 else None)
+            b.plot([i + j * width], [r["wait_p99_us"]], "k_", markersize=14)
+    for ax, title, unit in ((a, "daemon CPU per token", "ms"),
+                            (b, "select wait per layer step (tick: p99)", "us")):
+        ax.set_xticks(range(len(contexts)))
+        ax.set_xticklabels([f"{c // 1024}k" for c in contexts])
+        ax.set_title(title)
+        ax.set_ylabel(unit)
+        ax.legend()
+    a.set_yscale("log")
+    fig.suptitle("token_step: 8B shape (32 layers x 8 KV heads)")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "token_step.png"), dpi=120)
+    plt.close(fig)
+
+
+def batch_decode(out):
+    path = os.path.join(out, "batch_decode.json")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        data = json.load(f)
+    rows = data["rows"]
+    if not rows:
+        return
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for path_name, color in (("single", "tab:blue"), ("batch", "tab:orange")):
+        rs = sorted((r for r in rows if r["path"] == path_name), key=lambda r: r["batch"])
+        xs = [r["batch"] for r in rs]
+        a.plot(xs, [r["us_per_sequence"] for r in rs], "o-", color=color, label=path_name)
+        b.plot(xs, [r["tokens_per_s"] for r in rs], "o-", color=color, label=path_name)
+    for ax, title in ((a, "step time per sequence (us)"), (b, "tokens per second")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch size")
+        ax.set_title(title)
+        ax.legend()
+    fig.suptitle(f"batch_decode: 8B-shaped layer, {data['tokens']} tokens each, "
+                 f"{data['mode']} mode")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "batch_decode.png"), dpi=120)
+    plt.close(fig)
+
+
 def main():
     if len(sys.argv) != 2:
         sys.exit("usage: bench/plot.py RESULTS_DIR")
@@ -270,6 +341,8 @@ def main():
     client_decode(out)
     gpu_gather(out)
     model_quality(out)
+    token_step(out)
+    batch_decode(out)
     print(f"plots written to {out}")
 
 

@@ -65,6 +65,14 @@ echo "== data plane (daemon subprocess, ring round trips, concurrent clients)"
 echo "== client decode step (CPU mode: the kernels' CPU references) and page-cache hit rate"
 "$build/bench/client_decode" --mode=cpu --contexts=32768 --budgets=256,2048 --steps=16 \
   --hit_steps=300 --out="$out"
+echo "== per-token step at the 8B shape: daemon CPU against the exact scan, sync against async"
+token_contexts="32768,131072"
+[[ $sizes == "4096,32768" ]] && token_contexts="32768"
+"$build/bench/token_step" --contexts="$token_contexts" --out="$out"
+echo "== batched decode against single-sequence calls (8B-shaped layer)"
+batch_tokens=32768
+[[ $sizes == "4096,32768" ]] && batch_tokens=8192
+"$build/bench/batch_decode" --batches=1,4,16,64 --tokens="$batch_tokens" --out="$out"
 echo "== Python binding overhead per decode call against the C++ call (same run)"
 PYTHONPATH="$build/python" "$venv/bin/python" "$root/bench/python_overhead.py" \
   --icecached="$build/server/main/icecached" --cpp="$build/bench/python_overhead" --out="$out"

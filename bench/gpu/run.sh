@@ -53,6 +53,8 @@ step "decode step breakdown and hit rate"
 timeout 240 bash -c "$(declare -f run); libpath='$libpath'; pack='$pack'; run client_decode --mode=cuda --out='$out' --contexts=32768,131072 --budgets=256,2048 --steps=32 --hit_steps=300" 2>&1 | tee -a "$log" || status=1
 step "per-token step, sync vs async (8B shape, 32 layers)"
 timeout 200 bash -c "$(declare -f run); libpath='$libpath'; pack='$pack'; run token_step --mode=cuda --out='$out' --contexts=32768,131072 --layers_long=32 --steps=24" 2>&1 | tee -a "$log" || status=1
+step "batched decode against single calls (8B-shaped layer, 32k each, batch 1-64)"
+timeout 240 bash -c "$(declare -f run); libpath='$libpath'; pack='$pack'; run batch_decode --mode=cuda --out='$out' --batches=1,4,16,64 --tokens=32768 --steps=16" 2>&1 | tee -a "$log" || status=1
 step "done in $((SECONDS - start)) s, status $status"
 
 python3 - "$out" <<'PY' 2>&1 | tee -a "$log"
@@ -83,6 +85,14 @@ try:
               f"{r['wait_p50_us']:8.0f} {r['wait_p99_us']:8.0f} {r['token_ms_p50']:8.1f}")
 except Exception as e:
     print("no per-token results:", e)
+try:
+    b = json.load(open(os.path.join(out, "batch_decode.json")))
+    print("batched decode: batch path step_ms tokens/s us_per_seq daemon_cpu_ms/token batch/single")
+    for r in b["rows"]:
+        print(f"  {r['batch']:3d} {r['path']:6s} {r['step_ms_p50']:8.2f} {r['tokens_per_s']:9.1f} "
+              f"{r['us_per_sequence']:8.0f} {r['daemon_cpu_ms_per_token']:7.2f} {r['batch_over_single']:.3f}")
+except Exception as e:
+    print("no batched-decode results:", e)
 PY
 # 6. The Python package in CUDA mode (bench/gpu/run_python.sh: built here for this machine's
 #    Python; transformers on a random Llama; the batch sweep with PyTorch CUDA tensors). Also a
