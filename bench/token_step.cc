@@ -322,7 +322,9 @@ int main(int argc, char** argv) {
          "wait_p50_us,wait_p99_us,wait_mean_us,prefetched_share,drift_fallback_rate,"
          "token_ms_p50,projected_daemon_ms_16_cores,h200_full_kv_ms\n";
   std::ofstream json(stem + ".json");
-  json << "{\n  \"model_us\": " << absl::GetFlag(FLAGS_model_us) << ",\n  \"rows\": [\n";
+  json << "{\n  \"model_us\": " << absl::GetFlag(FLAGS_model_us)
+       << ",\n  \"drift_threshold\": " << absl::GetFlag(FLAGS_drift_threshold)
+       << ",\n  \"query_cosine\": " << absl::GetFlag(FLAGS_query_cosine) << ",\n  \"rows\": [\n";
   for (size_t i = 0; i < results.size(); ++i) {
     const ModeResult& r = results[i];
     double scan = 0;
