@@ -74,9 +74,8 @@ int main(int argc, char** argv) {
   absl::ParseCommandLine(static_cast<int>(args.size()), ptrs.data());
   const std::string out_dir = absl::GetFlag(FLAGS_out);
   bench::PrepareOutDir(out_dir, "batch_decode");
-  ExecutionMode exec = ExecutionMode::kCpu;
-  if (absl::GetFlag(FLAGS_mode) == "auto") exec = ExecutionMode::kAuto;
-  if (absl::GetFlag(FLAGS_mode) == "cuda") exec = ExecutionMode::kCuda;
+  const absl::StatusOr<ExecutionMode> exec = bench::ParseExecutionMode(absl::GetFlag(FLAGS_mode));
+  Check(exec.status(), "--mode");
   std::vector<uint32_t> batches;
   for (absl::string_view b : absl::StrSplit(absl::GetFlag(FLAGS_batches), ',', absl::SkipEmpty())) {
     uint32_t v = 0;
@@ -100,7 +99,7 @@ int main(int argc, char** argv) {
   std::unique_ptr<eval::LocalDaemon> daemon = std::move(*started);
   ClientOptions co;
   co.socket = daemon->socket();
-  co.mode = exec;
+  co.mode = *exec;
   auto client = Client::Attach(co);
   Check(client.status(), "attach");
   std::printf(

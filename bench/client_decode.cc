@@ -29,6 +29,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "bench/bench_output.h"
+#include "bench/decode_workload.h"
 #include "common/flags_compat.h"
 #include "common/half.h"
 #include "eval/local_daemon.h"
@@ -333,14 +334,10 @@ int main(int argc, char** argv) {
   std::vector<char*> ptrs = ArgvPointers(args);
   absl::ParseCommandLine(static_cast<int>(args.size()), ptrs.data());
   icecache::bench::PrepareOutDir(absl::GetFlag(FLAGS_out), "client_decode");
-  const std::string mode_name = absl::GetFlag(FLAGS_mode);
-  ExecutionMode mode = ExecutionMode::kAuto;
-  if (mode_name == "cpu")
-    mode = ExecutionMode::kCpu;
-  else if (mode_name == "cuda")
-    mode = ExecutionMode::kCuda;
-  else if (mode_name != "auto")
-    Check(absl::InvalidArgumentError("--mode: auto, cpu or cuda"), "flags");
+  const absl::StatusOr<ExecutionMode> parsed =
+      icecache::bench::ParseExecutionMode(absl::GetFlag(FLAGS_mode));
+  Check(parsed.status(), "flags");
+  ExecutionMode mode = *parsed;
   const std::string out_dir = absl::GetFlag(FLAGS_out);
   auto started = eval::LocalDaemon::Start(eval::IcecachedPath(ICECACHE_BENCH_ICECACHED_BIN));
   Check(started.status(), "start icecached");

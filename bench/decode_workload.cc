@@ -15,6 +15,14 @@
 
 namespace icecache::bench {
 
+absl::StatusOr<ExecutionMode> ParseExecutionMode(absl::string_view name) {
+  if (name == "auto") return ExecutionMode::kAuto;
+  if (name == "cpu") return ExecutionMode::kCpu;
+  if (name == "cuda") return ExecutionMode::kCuda;
+  return absl::InvalidArgumentError(
+      absl::StrCat("--mode must be auto, cpu or cuda, not '", name, "'"));
+}
+
 double Percentile(std::vector<double> v, double p) {
   if (v.empty()) return 0;
   std::sort(v.begin(), v.end());

@@ -8,12 +8,18 @@
 #include <cstdint>
 #include <vector>
 
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "eval/synthetic.h"
+#include "icecache/execution_mode.h"
 
 namespace icecache::bench {
 
 // The 8B shape (Llama 3 8B): 8 KV heads, GQA 4, head dim 128.
 inline constexpr uint32_t kKvHeads = 8, kGroup = 4, kDim = 128;
+
+// A benchmark's --mode flag: "auto", "cpu" or "cuda"; INVALID_ARGUMENT otherwise.
+absl::StatusOr<ExecutionMode> ParseExecutionMode(absl::string_view name);
 
 // The value at fraction p of `v` (0.5: the median).
 double Percentile(std::vector<double> v, double p);

@@ -151,9 +151,8 @@ int main(int argc, char** argv) {
   absl::ParseCommandLine(static_cast<int>(args.size()), ptrs.data());
   const std::string out_dir = absl::GetFlag(FLAGS_out);
   bench::PrepareOutDir(out_dir, "token_step");
-  ExecutionMode exec = ExecutionMode::kCpu;
-  if (absl::GetFlag(FLAGS_mode) == "auto") exec = ExecutionMode::kAuto;
-  if (absl::GetFlag(FLAGS_mode) == "cuda") exec = ExecutionMode::kCuda;
+  const absl::StatusOr<ExecutionMode> exec = bench::ParseExecutionMode(absl::GetFlag(FLAGS_mode));
+  Check(exec.status(), "--mode");
   const uint32_t layers_model = absl::GetFlag(FLAGS_layers);
   const uint32_t steps = absl::GetFlag(FLAGS_steps), warmup = absl::GetFlag(FLAGS_warmup);
   const uint32_t full_kv = absl::GetFlag(FLAGS_full_kv_layers);
@@ -176,7 +175,7 @@ int main(int argc, char** argv) {
   std::unique_ptr<eval::LocalDaemon> daemon = std::move(*started);
   ClientOptions co;
   co.socket = daemon->socket();
-  co.mode = exec;
+  co.mode = *exec;
   auto client = Client::Attach(co);
   Check(client.status(), "attach");
   std::printf(

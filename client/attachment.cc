@@ -277,6 +277,22 @@ void FillHandle(abi::SlotHeader* s, const std::string& handle) {
 
 }  // namespace
 
+namespace {
+
+// Submits a filled slot whose answer is a buffer (kOpStage, kOpScratch), waits, and returns
+// the buffer; the slot is released either way.
+absl::StatusOr<abi::StageResponse> SubmitForBuffer(Attachment& a, uint32_t slot) {
+  a.Submit(slot);
+  absl::Status st = a.Wait(slot);
+  abi::StageResponse resp{};
+  if (st.ok()) std::memcpy(&resp, a.payload(slot), sizeof(resp));
+  a.ReleaseSlot(slot);
+  if (!st.ok()) return st;
+  return resp;
+}
+
+}  // namespace
+
 absl::StatusOr<abi::StageResponse> Attachment::Stage(const std::string& handle, uint32_t tokens) {
   absl::StatusOr<uint32_t> i = AcquireSlot();
   if (!i.ok()) return i.status();
@@ -285,13 +301,7 @@ absl::StatusOr<abi::StageResponse> Attachment::Stage(const std::string& handle, 
   FillHandle(s, handle);
   s->tokens = tokens;
   s->payload_bytes = 0;
-  Submit(*i);
-  absl::Status st = Wait(*i);
-  abi::StageResponse resp{};
-  if (st.ok()) std::memcpy(&resp, payload(*i), sizeof(resp));
-  ReleaseSlot(*i);
-  if (!st.ok()) return st;
-  return resp;
+  return SubmitForBuffer(*this, *i);
 }
 
 absl::StatusOr<uint32_t> Attachment::SubmitStaged(uint32_t op, const std::string& handle,
@@ -398,13 +408,7 @@ absl::StatusOr<abi::StageResponse> Attachment::Scratch(uint64_t bytes) {
   s->op = abi::kOpScratch;
   s->payload_bytes = sizeof(bytes);
   std::memcpy(payload(*i), &bytes, sizeof(bytes));
-  Submit(*i);
-  absl::Status st = Wait(*i);
-  abi::StageResponse resp{};
-  if (st.ok()) std::memcpy(&resp, payload(*i), sizeof(resp));
-  ReleaseSlot(*i);
-  if (!st.ok()) return st;
-  return resp;
+  return SubmitForBuffer(*this, *i);
 }
 
 absl::StatusOr<uint32_t> Attachment::SubmitSelectBatch(uint32_t layer, const abi::ArenaRef& scratch,
