@@ -85,14 +85,16 @@ Arena::~Arena() {
   }
 }
 
-uint64_t Arena::NewSegmentBytes(uint64_t configured, uint64_t need, uint64_t unit) const {
+uint64_t Arena::NewSegmentBytes(uint64_t configured, uint64_t need, uint64_t unit,
+                                bool exact_near_limit) const {
   uint64_t bytes = std::max(configured, need);
   // Near the end of the promise, no more than it (and no less than the need): what the arena
   // holds then stays within what was promised. (An arena nothing was promised to, the legacy
-  // Create's, takes configured segments.)
+  // Create's, takes configured segments.) Staging takes only what it needs there: the rest of
+  // the headroom is the page frames' share of the promises.
   if (budget_->arena_promised() == 0) return bytes;
   const uint64_t headroom = budget_->headroom() / unit * unit;
-  if (headroom < bytes) bytes = std::max(need, headroom);
+  if (headroom < bytes) bytes = exact_near_limit ? need : std::max(need, headroom);
   return bytes;
 }
 
@@ -291,7 +293,8 @@ absl::StatusOr<abi::ArenaRef> Arena::AllocStaging(uint64_t bytes, uint64_t tag) 
   }
   absl::StatusOr<uint32_t> seg = AddSegment(
       abi::kSegmentStaging,
-      NewSegmentBytes(RoundUp(options_.staging_segment_bytes, kStagingAlign), need, kStagingAlign),
+      NewSegmentBytes(RoundUp(options_.staging_segment_bytes, kStagingAlign), need, kStagingAlign,
+                      /*exact_near_limit=*/true),
       0);
   if (!seg.ok()) return seg.status();
   Segment& s = segments_[*seg];

@@ -180,8 +180,10 @@ class Arena {
   // Gives segment `index` back when it is empty and the arena holds more than was promised.
   void MaybeReclaim(uint32_t index) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Size of a new segment for a need of `need` bytes: the configured size, or less when the
-  // promise's headroom is smaller (never below `need`), in multiples of `unit`.
-  uint64_t NewSegmentBytes(uint64_t configured, uint64_t need, uint64_t unit) const;
+  // promise's headroom is smaller (never below `need`), in multiples of `unit`;
+  // `exact_near_limit` (staging): then exactly `need`, leaving the rest to the page frames.
+  uint64_t NewSegmentBytes(uint64_t configured, uint64_t need, uint64_t unit,
+                           bool exact_near_limit = false) const;
   void ReturnFrames(std::vector<FrameRef>* frames);
 
   const uint64_t client_id_;

@@ -526,5 +526,138 @@ TEST_F(SecurityTest, KeysChangedAfterSubmitNeverReachTheIndex) {
   EXPECT_EQ(accepted + refused, 16);
 }
 
+// ------------------------------------------------------------------ accounting
+
+// The limit is exactly the control segment of one client and the promises of three sequences:
+// the three are admitted and run to max_tokens (every layer's prompt staged at once, beyond
+// the prefill depth: the extra stages wait rather than fail; then appends to max_tokens,
+// selects) without one refusal, the account stays exactly at the limit, and a fourth sequence
+// is refused at creation.
+TEST_F(SecurityTest, ThreeSequencesFillTheLimitExactlyAndNeverFailMidway) {
+  WorkloadOptions w;
+  w.layers = 4;
+  w.tokens = 2048;
+  w.appends = 3;
+  const uint32_t prompt = w.tokens - w.appends * 16;
+  // Learn the promise and the control segment from a daemon with room to spare.
+  StartDaemon({}, "1GiB");
+  uint64_t control = 0, promise = 0;
+  {
+    auto probe = daemon_->Attach();
+    ASSERT_TRUE(probe.ok());
+    control = Stats().memory_used_bytes();
+    v1::CreateSequenceRequest req;
+    *req.mutable_geometry() = WorkloadGeometry(w);
+    v1::CreateSequenceResponse resp;
+    ASSERT_TRUE(
+        daemon_->stub().CreateSequence(ContextWithToken((*probe)->token()).get(), req, &resp).ok());
+    promise = resp.sequence().kv_bytes();
+  }
+  const uint64_t limit = control + 3 * promise;
+  StartDaemon({}, std::to_string(limit));
+  auto a = daemon_->Attach();
+  ASSERT_TRUE(a.ok());
+  Attachment& at = **a;
+  const eval::Trace t = WorkloadTrace(w);
+  const uint64_t row = uint64_t{w.head_dim} * 2;
+  auto fill = [&](const abi::StageResponse& st, uint32_t layer, uint32_t from, uint32_t n) {
+    absl::StatusOr<uint8_t*> base = at.Address(st.buffer, st.bytes);
+    ASSERT_TRUE(base.ok());
+    for (uint32_t h = 0; h < w.kv_heads; ++h) {
+      std::memcpy(*base + uint64_t{h} * n * row,
+                  static_cast<const uint8_t*>(t.Keys(layer, h).data) + from * row, n * row);
+      std::memcpy(*base + st.v_offset + uint64_t{h} * n * row,
+                  static_cast<const uint8_t*>(t.Values(layer, h).data) + from * row, n * row);
+    }
+  };
+  auto stage_response = [&](uint32_t slot) {
+    abi::StageResponse r{};
+    std::memcpy(&r, at.payload(slot), sizeof(r));
+    return r;
+  };
+  // Admission: the three promises fill the limit to the byte; a fourth is refused.
+  std::vector<std::string> handles;
+  for (int s = 0; s < 3; ++s) {
+    handles.push_back(Create(at, w));
+    ASSERT_FALSE(handles.back().empty());
+  }
+  const v1::GetStatsResponse full = Stats();
+  EXPECT_EQ(full.memory_used_bytes(), limit);
+  EXPECT_EQ(full.memory_limit_bytes(), limit);
+  v1::CreateSequenceRequest req;
+  *req.mutable_geometry() = WorkloadGeometry(w);
+  v1::CreateSequenceResponse resp;
+  EXPECT_THAT(daemon_->stub().CreateSequence(ContextWithToken(at.token()).get(), req, &resp),
+              GrpcStatusIs(grpc::StatusCode::RESOURCE_EXHAUSTED, HasSubstr("memory limit")));
+  for (const std::string& h : handles) {
+    // Every layer's prompt staged at once.
+    std::vector<uint32_t> stages;
+    for (uint32_t l = 0; l < w.layers; ++l) {
+      absl::StatusOr<uint32_t> i = at.AcquireSlot();
+      ASSERT_TRUE(i.ok());
+      abi::SlotHeader* slot = at.slot(*i);
+      slot->op = abi::kOpStage;
+      std::memset(slot->handle, 0, sizeof(slot->handle));
+      std::memcpy(slot->handle, h.data(), h.size());
+      slot->tokens = prompt;
+      slot->payload_bytes = 0;
+      at.Submit(*i);
+      stages.push_back(*i);
+    }
+    absl::SleepFor(absl::Milliseconds(300));
+    int waiting = 0;
+    for (uint32_t i : stages) waiting += at.Done(i) ? 0 : 1;
+    EXPECT_EQ(waiting, 2) << "stages beyond the prefill depth (2 layers) wait";
+    std::vector<uint32_t> prefills;
+    for (uint32_t l = 0; l < w.layers; ++l) {
+      ASSERT_OK(at.Wait(stages[l], absl::Seconds(60)));
+      const abi::StageResponse st = stage_response(stages[l]);
+      at.ReleaseSlot(stages[l]);
+      fill(st, l, 0, prompt);
+      absl::StatusOr<uint32_t> p = at.SubmitStaged(abi::kOpPrefill, h, l, st.buffer, prompt, 0);
+      ASSERT_TRUE(p.ok());
+      prefills.push_back(*p);
+    }
+    for (uint32_t p : prefills) ASSERT_OK(at.Finish(p));
+    // Appends up to max_tokens, a select after each.
+    std::vector<float> q(w.kv_heads * w.group * w.head_dim, 0.25f);
+    for (uint32_t page = 0; page < w.appends; ++page) {
+      for (uint32_t l = 0; l < w.layers; ++l) {
+        absl::StatusOr<abi::StageResponse> st = at.Stage(h, 16);
+        ASSERT_TRUE(st.ok()) << st.status();
+        fill(*st, l, prompt + page * 16, 16);
+        ASSERT_OK(at.Append(h, l, st->buffer, 16, prompt + page * 16));
+        ASSERT_TRUE(at.Select(h, l, q.data(), q.size(), 0).ok());
+      }
+    }
+  }
+  // Not one refusal midway (the fourth creation is the only one), and once prefilled the
+  // promises shrank to what the rest of each sequence can need.
+  const v1::GetStatsResponse after = Stats();
+  EXPECT_EQ(after.memory_rejections_total(), 1u);
+  EXPECT_LT(after.memory_used_bytes(), limit);
+  std::printf("limit %llu B = control %llu + 3 x promise %llu; after the runs %llu B in use\n",
+              static_cast<unsigned long long>(limit), static_cast<unsigned long long>(control),
+              static_cast<unsigned long long>(promise),
+              static_cast<unsigned long long>(after.memory_used_bytes()));
+}
+
+// A sequence whose layers all stay on the accelerator still costs its fixed overhead: the
+// limit bounds how many such sequences exist.
+TEST_F(SecurityTest, AllFullKvSequencesAreCharged) {
+  StartDaemon({}, "64MiB");
+  auto a = daemon_->Attach();
+  ASSERT_TRUE(a.ok());
+  WorkloadOptions w;
+  v1::SequenceGeometry g = WorkloadGeometry(w);
+  g.set_full_kv_layers(g.num_layers());
+  v1::CreateSequenceRequest req;
+  *req.mutable_geometry() = g;
+  v1::CreateSequenceResponse resp;
+  ASSERT_TRUE(
+      daemon_->stub().CreateSequence(ContextWithToken((*a)->token()).get(), req, &resp).ok());
+  EXPECT_EQ(resp.sequence().kv_bytes(), 16u << 10);
+}
+
 }  // namespace
 }  // namespace icecache::testing
