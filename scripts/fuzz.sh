@@ -39,12 +39,16 @@ results="$build/tests/fuzz/results"
 mkdir -p "$results"
 run_one() {
   local t="$1" work="$build/tests/fuzz/corpus/$1" art="$build/tests/fuzz/artifacts/$1/"
+  local seeds=()
   mkdir -p "$work" "$art"
-  # New inputs go to the build tree's corpus; the repository's seeds are read only.
+  touch "$results/$t.start"
+  # New inputs go to the build tree's corpus; the repository's seeds (tests/fuzz/make_seeds.py)
+  # are read only.
+  [[ -d "$root/tests/fuzz/corpus/$t" ]] && seeds=("$root/tests/fuzz/corpus/$t")
   set +e
-  ASAN_OPTIONS="${ASAN_OPTIONS:-abort_on_error=1}" \
+  ASAN_OPTIONS="${ASAN_OPTIONS:-abort_on_error=1}" UBSAN_OPTIONS="${UBSAN_OPTIONS:-print_stacktrace=1}" \
     "$build/tests/fuzz/$t" -max_total_time="$seconds" -timeout=30 -rss_limit_mb=4096 \
-    -print_final_stats=1 -artifact_prefix="$art" "$work" "$root/tests/fuzz/corpus/$t" \
+    -print_final_stats=1 -artifact_prefix="$art" "$work" "${seeds[@]}" \
     >"$results/$t.log" 2>&1
   echo $? >"$results/$t.rc"
   set -e
@@ -64,11 +68,13 @@ for t in "${targets[@]}"; do
   execs=$(grep -oE "stat::number_of_executed_units: *[0-9]+" "$results/$t.log" | grep -oE "[0-9]+$" | tail -1)
   speed=$(grep -oE "stat::average_exec_per_sec: *[0-9]+" "$results/$t.log" | grep -oE "[0-9]+$" | tail -1)
   rc=$(cat "$results/$t.rc")
-  crashes=0
-  if [[ "$rc" != 0 ]]; then crashes=1; failed=1; fi
+  # A crash, leak, timeout or out-of-memory stops the run and leaves a reproducer; a non-zero
+  # exit without one (a sanitizer report outside an input, a bad flag) still counts as one.
+  crashes=$(find "$build/tests/fuzz/artifacts/$t" -type f -newer "$results/$t.start" | wc -l)
+  if [[ "$rc" != 0 ]]; then ((crashes)) || crashes=1; failed=1; fi
   files=$(find "$build/tests/fuzz/corpus/$t" -type f | wc -l)
   printf "%-16s %14s %10s %8s %s\n" "$t" "${execs:-?}" "${speed:-?}" "$crashes" "$files"
-  json+="{\"target\":\"$t\",\"seconds\":$seconds,\"executions\":${execs:-0},\"exec_per_sec\":${speed:-0},\"crashes\":$crashes},"
+  json+="{\"target\":\"$t\",\"seconds\":$seconds,\"executions\":${execs:-0},\"exec_per_sec\":${speed:-0},\"crashes\":$crashes,\"exit_status\":$rc,\"corpus\":$files},"
   if [[ "$rc" != 0 ]]; then
     echo "---- $t failed (exit $rc); the end of its log:"; tail -40 "$results/$t.log"
     ls "$build/tests/fuzz/artifacts/$t/" 2>/dev/null | sed 's/^/reproducer: /'

@@ -70,6 +70,7 @@ void Dispatch(World& w) { w.core.plane->DispatchForTesting(w.client->token()); }
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   using namespace icecache;
+  namespace abi = ::icecache::abi;  // not cxxabi.h's ::abi
   fuzz::World& w = fuzz::TheWorld();
   FuzzedDataProvider in(data, size);
   absl::StatusOr<SequenceInfo> seq = w.core.plane->CreateSequence(w.me, fuzz::World::Spec(), "");
@@ -100,7 +101,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       if (base.ok()) {
         // Keys and values from the input (fp16 bits: NaN and infinities included).
         const std::vector<uint8_t> bytes = in.ConsumeBytes<uint8_t>(r.bytes);
-        std::memcpy(*base, bytes.data(), bytes.size());
+        if (!bytes.empty()) std::memcpy(*base, bytes.data(), bytes.size());
         std::memset(*base + bytes.size(), 0x3c, r.bytes - bytes.size());
       }
     }
