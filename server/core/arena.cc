@@ -215,8 +215,7 @@ absl::Status Arena::ReserveFrames(uint32_t page_bytes, uint32_t count, FrameRese
     // A frame takes its page and its tag (abi::FrameTag) in the segment.
     const uint64_t footprint = abi::FrameFootprint(page_bytes);
     const uint64_t need = uint64_t{count - free.size()} * footprint;
-    const uint64_t configured =
-        std::max<uint64_t>(1, options_.page_segment_bytes / footprint) * footprint;
+    const uint64_t configured = std::max<uint64_t>(options_.page_segment_bytes, footprint);
     // Frames come in segments of the configured size (more of them for a larger need).
     absl::StatusOr<uint32_t> seg =
         AddSegment(abi::kSegmentPages,
@@ -269,6 +268,27 @@ uint8_t* Arena::FrameAddress(FrameRef frame) const {
 abi::FrameTag* Arena::TagOf(const Segment& s, uint32_t frame) {
   return reinterpret_cast<abi::FrameTag*>(static_cast<uint8_t*>(s.base) +
                                           abi::TagOffset(s.bytes, s.page_bytes, frame));
+}
+
+std::vector<Arena::TagCopy> Arena::Tags() const {
+  absl::MutexLock lock(&mu_);
+  std::vector<TagCopy> out;
+  for (uint32_t i = 1; i < used_segments_; ++i) {
+    const Segment& s = segments_[i];
+    if (s.kind != abi::kSegmentPages || s.dormant) continue;
+    for (uint32_t f = 0; f < s.frames; ++f) {
+      const abi::FrameTag* t = TagOf(s, f);
+      TagCopy c;
+      c.frame = FrameRef{i, f};
+      c.owner = t->owner.load(std::memory_order_acquire);
+      c.layer = t->layer;
+      c.kv_head = t->kv_head;
+      c.count = t->count;
+      std::memcpy(c.positions, t->positions, sizeof(c.positions));
+      out.push_back(c);
+    }
+  }
+  return out;
 }
 
 void Arena::ClearTag(FrameRef frame) {

@@ -126,6 +126,14 @@ class Arena {
   void WriteTag(FrameRef frame, uint64_t owner, uint32_t layer, uint32_t kv_head,
                 const uint32_t* positions, uint32_t count);
   void ClearTag(FrameRef frame);
+  // A copy of the tag of every frame of every page segment (introspection and tests).
+  struct TagCopy {
+    FrameRef frame;
+    uint64_t owner = 0;
+    uint32_t layer = 0, kv_head = 0, count = 0;
+    uint32_t positions[abi::kMaxTagSlots] = {};
+  };
+  std::vector<TagCopy> Tags() const;
   void BumpFrameVersion(FrameRef frame);
 
   // ---- staging buffers
