@@ -27,6 +27,7 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
 #include "bench/bench_output.h"
 #include "bench/decode_workload.h"
 #include "common/flags_compat.h"
@@ -147,20 +148,50 @@ int main(int argc, char** argv) {
   }
   std::sort(calm_ms.begin(), calm_ms.end());
   const double calm_p50 = calm_ms.empty() ? 0 : calm_ms[calm_ms.size() / 2];
-  for (uint32_t k = 0; k < kills && s < steps; ++k, ++s) {
+  // One thread kills and restarts the daemon, and lives until the end: a daemon it starts
+  // gets SIGTERM when the thread that forked it ends (LocalDaemon's PR_SET_PDEATHSIG).
+  struct KillState {
+    int64_t delay_us = -1;  // >= 0: a kill is asked for
+    bool done = false, quit = false;
+    absl::Status restarted;
+  };
+  absl::Mutex kill_mu;
+  KillState ks;
+  std::thread killer([&] {
+    while (true) {
+      int64_t delay;
+      {
+        absl::MutexLock lock(&kill_mu);
+        kill_mu.Await(absl::Condition(
+            +[](KillState* k) { return k->delay_us >= 0 || k->quit; }, &ks));
+        if (ks.quit) return;
+        delay = ks.delay_us;
+        ks.delay_us = -1;
+      }
+      std::this_thread::sleep_for(std::chrono::microseconds(delay));
+      absl::Status st = daemon->Restart(SIGKILL, absl::Seconds(60));
+      absl::MutexLock lock(&kill_mu);
+      ks.restarted = st;
+      ks.done = true;
+    }
+  });
+  for (uint32_t k = 0; k < kills && s + 1 < steps; ++k, ++s) {
     const uint64_t before = (*client)->recovery().recoveries;
     const int64_t delay_us =
         std::uniform_int_distribution<int64_t>(0, static_cast<int64_t>(calm_p50 * 1e3 * 0.8))(rng);
-    absl::Status restarted;
-    std::thread killer([&] {
-      std::this_thread::sleep_for(std::chrono::microseconds(delay_us));
-      restarted = daemon->Restart(SIGKILL, absl::Seconds(60));
-    });
+    {
+      absl::MutexLock lock(&kill_mu);
+      ks.done = false;
+      ks.delay_us = delay_us;
+    }
     const auto t0 = Clock::now();
     decode_step(s);
     const double step_s = Seconds(t0, Clock::now());
-    killer.join();
-    Check(restarted, "restart icecached");
+    {
+      absl::MutexLock lock(&kill_mu);
+      kill_mu.Await(absl::Condition(&ks.done));
+      Check(ks.restarted, "restart icecached");
+    }
     const ClientRecovery r = (*client)->recovery();
     if (r.recoveries == before) {
       // The step ended before the kill: the next step finds the daemon gone.
@@ -185,6 +216,7 @@ int main(int argc, char** argv) {
     return v.empty() ? 0.0 : *std::max_element(v.begin(), v.end());
   };
   const ClientRecovery total = (*client)->recovery();
+  const std::string mode_name = ExecutionModeName((*client)->mode());
   std::printf(
       "\nrestart: %zu kills, %lu recoveries, %lu sequences restored, %lu lost, %lu requests "
       "resubmitted\n  stall p50 %.2f s, max %.2f s; the prefill of the same sequence %.2f s "
@@ -195,6 +227,14 @@ int main(int argc, char** argv) {
       static_cast<unsigned long>(total.resubmitted_requests), p50(stalls_s), mx(stalls_s),
       prefill_s, prefill_s > 0 ? p50(stalls_s) / prefill_s : 0, calm_p50);
 
+  // The sequence and the client go while their daemon runs; then the killer thread.
+  seq->reset();
+  client->reset();
+  {
+    absl::MutexLock lock(&kill_mu);
+    ks.quit = true;
+  }
+  killer.join();
   const std::string stem = out_dir + "/restart";
   std::ofstream csv(stem + ".csv");
   csv << "kill,stall_s,step_s\n";
@@ -203,10 +243,9 @@ int main(int argc, char** argv) {
   }
   std::ofstream json(stem + ".json");
   json << "{\"bench\":\"restart\",\"machine_cores\":" << ::sysconf(_SC_NPROCESSORS_ONLN)
-       << ",\"mode\":\"" << ExecutionModeName((*client)->mode()) << "\",\"tokens\":" << tokens
-       << ",\"layers\":" << layers << ",\"full_kv_layers\":" << full_kv
-       << ",\"kills\":" << stalls_s.size() << ",\"recoveries\":" << total.recoveries
-       << ",\"lost_sequences\":" << total.lost_sequences
+       << ",\"mode\":\"" << mode_name << "\",\"tokens\":" << tokens << ",\"layers\":" << layers
+       << ",\"full_kv_layers\":" << full_kv << ",\"kills\":" << stalls_s.size()
+       << ",\"recoveries\":" << total.recoveries << ",\"lost_sequences\":" << total.lost_sequences
        << ",\"resubmitted\":" << total.resubmitted_requests << ",\"stall_s_p50\":" << p50(stalls_s)
        << ",\"stall_s_max\":" << mx(stalls_s) << ",\"prefill_s\":" << prefill_s
        << ",\"stall_over_prefill\":" << (prefill_s > 0 ? p50(stalls_s) / prefill_s : 0)

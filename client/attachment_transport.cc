@@ -168,6 +168,15 @@ absl::Status AttachmentTransport::DropSequence(const std::string& handle) {
 // ------------------------------------------------------------------ staging
 absl::StatusOr<abi::StageResponse> AttachmentTransport::Stage(const std::string& handle,
                                                               uint32_t tokens) {
+  bool old_generations;
+  {
+    absl::ReaderMutexLock lock(&mu_);
+    old_generations = !old_.empty();
+  }
+  if (old_generations) {
+    absl::MutexLock lock(&mu_);
+    DropOldGenerations();
+  }
   return Retry<abi::StageResponse>([&]() -> absl::StatusOr<abi::StageResponse> {
     ICECACHE_ASSIGN_OR_RETURN(const std::string cur, Current(handle));
     Attachment& a = *current_->attachment;
@@ -761,7 +770,8 @@ absl::Status AttachmentTransport::RecoverLocked() {
     }
     ++counters_.resubmitted;
   }
-  DropOldGenerations();
+  // The old generations go later, from Stage (never from a host callback, which may be
+  // where this recovery runs: unregistering host memory is a CUDA call).
   ++counters_.recoveries;
   counters_.last_stall_seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();

@@ -21,7 +21,8 @@
 // generation that answered it (generation()); a page cache must be cleared when it changes.
 //
 // Thread safety: thread-safe. Recovery runs in the thread that finds the daemon gone, while
-// every other operation waits for it.
+// every other operation waits for it; it makes no CUDA call (it may run in a host callback):
+// the previous generation's registered memory is let go by a later Stage.
 #pragma once
 
 #include <deque>

@@ -468,8 +468,11 @@ absl::Status Sequence::Impl::AfterSelect(const client_internal::SelectAnswer* se
                                               g.num_kv_heads * k_sel_));
     }
     if (!st->refs.empty() && st->generation != searched->generation) {
-      return absl::UnavailableError(
-          "icecached was replaced during this decode step (its pages are gone); decode again");
+      // The prefetched pages belong to a daemon replaced during this select: every head is
+      // searched again (the decoder sees ABORTED with no refs, and asks once more).
+      st->refs.clear();
+      st->search.assign(ctx_.geometry.num_kv_heads, 1);
+      return absl::AbortedError("the daemon was replaced: search every head again");
     }
     st->generation = searched->generation;
     if (st->refs.empty()) {

@@ -182,6 +182,8 @@ void Arena::TypeSegment(uint32_t index, uint32_t kind, uint32_t page_bytes) {
 void Arena::MaybeReclaim(uint32_t index) {
   Segment& s = segments_[index];
   if (index == 0 || s.dormant || s.in_use != 0 || !budget_->over_promise()) return;
+  // A stopping daemon leaves the memory to the client, which recovers from it.
+  if (keep_tags_.load(std::memory_order_acquire)) return;
   if (s.kind == abi::kSegmentPages) {
     std::vector<FrameRef>& free = free_frames_[s.page_bytes];
     free.erase(std::remove_if(free.begin(), free.end(),
@@ -253,8 +255,11 @@ void Arena::FreeFrame(FrameRef frame) {
                  segments_[frame.segment].kind == abi::kSegmentPages &&
                  frame.frame < segments_[frame.segment].frames)
       << "freeing a frame that is not one";
-  // Not this frame's content any more: a restarted daemon must not take it for a page.
-  TagOf(segments_[frame.segment], frame.frame)->owner.store(0, std::memory_order_release);
+  // Not this frame's content any more: a restarted daemon must not take it for a page
+  // (unless this daemon is stopping: then the frame is freed only with the daemon).
+  if (!keep_tags_.load(std::memory_order_acquire)) {
+    TagOf(segments_[frame.segment], frame.frame)->owner.store(0, std::memory_order_release);
+  }
   BumpFrameVersion(frame);
   std::vector<FrameRef> one = {frame};
   ReturnFrames(&one);

@@ -126,6 +126,10 @@ class Arena {
   void WriteTag(FrameRef frame, uint64_t owner, uint32_t layer, uint32_t kv_head,
                 const uint32_t* positions, uint32_t count);
   void ClearTag(FrameRef frame);
+  // From now on FreeFrame leaves tags as they are and no segment is given back (punched):
+  // the daemon is stopping and the client, which keeps the memory, will hand it to the
+  // successor (docs/data_plane.md, Recovery).
+  void KeepTagsOnRelease() { keep_tags_.store(true, std::memory_order_release); }
   // A copy of the tag of every frame of every page segment (introspection and tests).
   struct TagCopy {
     FrameRef frame;
@@ -203,6 +207,7 @@ class Arena {
 
   const uint64_t client_id_;
   const ArenaOptions options_;
+  std::atomic<bool> keep_tags_{false};
   // Destroyed after the segments are released (declared before them).
   const std::unique_ptr<ClientBudget> budget_;
   SegmentListener* listener_ ABSL_GUARDED_BY(mu_);

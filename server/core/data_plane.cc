@@ -538,9 +538,11 @@ class DataPlane::Dispatcher {
                 ? kv->Prefill(r.layer, k_rows, v_rows, r.tokens, r.first_position, &client->dead)
                 : kv->Append(r.layer, k_rows, v_rows, r.tokens, r.first_position);
         // A successful operation consumes the buffer; a refused one changes nothing (the
-        // client may fix and resubmit it, or release it).
-        if (s.ok()) (void)client->arena->FreeStaging(r.staging);
+        // client may fix and resubmit it, or release it). Answered first, freed after: until
+        // the client has the answer its buffer is not handed to anyone else, so that a client
+        // recovering from a crash in between resubmits it intact (docs/data_plane.md).
         Respond(dp, client.get(), r.slot, r.op, start, s, 0);
+        if (s.ok()) (void)client->arena->FreeStaging(r.staging);
       }
       client->EndOp();
     };
@@ -902,7 +904,12 @@ void DataPlane::Stop() {
   attach_thread_.join();
   {
     absl::MutexLock lock(&mu_);
-    for (auto& [token, c] : by_token_) reap_queue_.push_back(c);
+    for (auto& [token, c] : by_token_) {
+      // The clients outlive this daemon and recover from their arenas with its successor:
+      // their frames keep their tags as the sequences are torn down.
+      if (c->arena != nullptr) c->arena->KeepTagsOnRelease();
+      reap_queue_.push_back(c);
+    }
     by_token_.clear();
     reaper_exit_ = true;
   }
@@ -1138,7 +1145,12 @@ void DataPlane::Handshake(const PendingAttach& p) {
   if (recover) {
     std::vector<int> taken;
     taken.swap(donated);  // Map owns them now, also on error
-    absl::StatusOr<std::unique_ptr<DonatedArena>> mapped = DonatedArena::Map(std::move(taken));
+    // No arena of this daemon is larger than a client's quota or the memory limit.
+    const uint64_t limit = memory_->limit();
+    const uint64_t max_bytes =
+        options_.client_quota != 0 ? std::min(options_.client_quota, limit) : limit;
+    absl::StatusOr<std::unique_ptr<DonatedArena>> mapped =
+        DonatedArena::Map(std::move(taken), max_bytes);
     if (!mapped.ok()) {
       return Refuse(fd, abi::kAttachBadRequest,
                     absl::StrCat("recovery: ", mapped.status().message()));

@@ -19,7 +19,8 @@ DonatedArena::~DonatedArena() {
   }
 }
 
-absl::StatusOr<std::unique_ptr<DonatedArena>> DonatedArena::Map(std::vector<int> fds) {
+absl::StatusOr<std::unique_ptr<DonatedArena>> DonatedArena::Map(std::vector<int> fds,
+                                                                uint64_t max_bytes) {
   std::unique_ptr<DonatedArena> a(new DonatedArena());
   // Owned from here on: closed with the object whatever happens.
   for (int fd : fds) a->segments_.push_back(Segment{fd});
@@ -27,6 +28,7 @@ absl::StatusOr<std::unique_ptr<DonatedArena>> DonatedArena::Map(std::vector<int>
     return absl::InvalidArgumentError(absl::StrCat(
         "a recovery hands back 1..", abi::kMaxDonatedSegments, " segments, not ", fds.size()));
   }
+  uint64_t total = 0;
   for (size_t i = 0; i < a->segments_.size(); ++i) {
     Segment& s = a->segments_[i];
     struct stat st {};
@@ -39,6 +41,12 @@ absl::StatusOr<std::unique_ptr<DonatedArena>> DonatedArena::Map(std::vector<int>
           absl::StrCat("segment ", i, " is not a sealed arena segment"));
     }
     s.bytes = static_cast<uint64_t>(st.st_size);
+    total += s.bytes;
+    if (total > max_bytes) {
+      return absl::ResourceExhaustedError(
+          absl::StrCat("the segments handed back hold more than ", max_bytes,
+                       " bytes, more than any arena of this daemon"));
+    }
     if (s.bytes == 0) continue;  // a segment given back (reads as nothing)
     void* base = ::mmap(nullptr, s.bytes, PROT_READ, MAP_SHARED, s.fd, 0);
     if (base == MAP_FAILED) {

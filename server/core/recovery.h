@@ -27,7 +27,11 @@ class DonatedArena {
   // them: each is closed when it is destroyed, also on error). Each must be a sealed memfd
   // (F_SEAL_SHRINK and F_SEAL_GROW, so that nobody can shrink it under the daemon's mapping).
   // INVALID_ARGUMENT when they are not, or the control segment is not an arena's.
-  static absl::StatusOr<std::unique_ptr<DonatedArena>> Map(std::vector<int> fds);
+  // RESOURCE_EXHAUSTED when the segments hold more than `max_bytes` together (an arena is
+  // never larger than the memory limit: more is not an arena, and scanning it would only
+  // burn the daemon's time).
+  static absl::StatusOr<std::unique_ptr<DonatedArena>> Map(std::vector<int> fds,
+                                                           uint64_t max_bytes);
   ~DonatedArena();
   DonatedArena(const DonatedArena&) = delete;
   DonatedArena& operator=(const DonatedArena&) = delete;
