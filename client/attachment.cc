@@ -64,7 +64,7 @@ bool FutexWait(std::atomic<uint32_t>* word, uint32_t expected, absl::Duration ti
 }
 
 // True when the daemon closed its end of the attach connection (it exited or dropped us).
-bool PeerGone(int fd) {
+bool PeerGoneFd(int fd) {
   struct pollfd p {};
   p.fd = fd;
   p.events = POLLRDHUP;
@@ -111,10 +111,36 @@ absl::StatusOr<std::unique_ptr<Attachment>> Attachment::Attach(const Options& op
   req.magic = abi::kArenaMagic;
   req.abi_version = options.abi_version;
   req.flags = options.as_operator ? uint32_t{abi::kAttachOperator} : 0u;
+  std::vector<int> donated;
+  if (options.previous != nullptr) {
+    donated = options.previous->ArenaFds();
+    if (donated.size() > abi::kMaxDonatedSegments) donated.resize(abi::kMaxDonatedSegments);
+    req.flags |= abi::kAttachRecover;
+    req.reserved[0] = donated.size();
+  }
   // The daemon checks the peer's uid before it reads anything and may refuse at once, so a
   // failed send is not the end: its reply (with the reason) can already be waiting.
-  const bool sent =
-      ::send(a->conn_fd_, &req, sizeof(req), MSG_NOSIGNAL) == static_cast<ssize_t>(sizeof(req));
+  bool sent;
+  if (donated.empty()) {
+    sent =
+        ::send(a->conn_fd_, &req, sizeof(req), MSG_NOSIGNAL) == static_cast<ssize_t>(sizeof(req));
+  } else {
+    struct iovec iov {
+      &req, sizeof(req)
+    };
+    struct msghdr msg {};
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    std::vector<char> cmsg(CMSG_SPACE(sizeof(int) * donated.size()));
+    msg.msg_control = cmsg.data();
+    msg.msg_controllen = cmsg.size();
+    struct cmsghdr* c = CMSG_FIRSTHDR(&msg);
+    c->cmsg_level = SOL_SOCKET;
+    c->cmsg_type = SCM_RIGHTS;
+    c->cmsg_len = CMSG_LEN(sizeof(int) * donated.size());
+    std::memcpy(CMSG_DATA(c), donated.data(), sizeof(int) * donated.size());
+    sent = ::sendmsg(a->conn_fd_, &msg, MSG_NOSIGNAL) == static_cast<ssize_t>(sizeof(req));
+  }
   const int send_errno = errno;
   abi::AttachReply reply{};
   int fds[2] = {-1, -1};
@@ -157,7 +183,7 @@ absl::StatusOr<std::unique_ptr<Attachment>> Attachment::Attach(const Options& op
   a->doorbell_fd_ = fds[1];
   a->control_bytes_ = reply.control_bytes;
   a->control_ = ::mmap(nullptr, reply.control_bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fds[0], 0);
-  ::close(fds[0]);
+  a->control_fd_ = fds[0];
   if (a->control_ == MAP_FAILED) {
     a->control_ = nullptr;
     return Errno(absl::StatusCode::kInternal, "mapping the control segment");
@@ -183,9 +209,11 @@ Attachment::~Attachment() {
     absl::MutexLock lock(&map_mu_);
     for (Mapped& m : segments_) {
       if (m.base != nullptr) ::munmap(m.base, m.bytes);
+      if (m.fd >= 0) ::close(m.fd);
     }
   }
   if (control_ != nullptr) ::munmap(control_, control_bytes_);
+  if (control_fd_ >= 0) ::close(control_fd_);
   if (doorbell_fd_ >= 0) ::close(doorbell_fd_);
   if (conn_fd_ >= 0) ::close(conn_fd_);
 }
@@ -252,7 +280,7 @@ absl::Status Attachment::Wait(uint32_t index, absl::Duration timeout) {
       return absl::DeadlineExceededError("no response from icecached in time");
     }
     if (!FutexWait(&s->state, state, std::min(left, absl::Milliseconds(100))) &&
-        s->state.load(std::memory_order_acquire) != abi::kSlotDone && PeerGone(conn_fd_)) {
+        s->state.load(std::memory_order_acquire) != abi::kSlotDone && PeerGoneFd(conn_fd_)) {
       return absl::UnavailableError("icecached went away while the request was in flight");
     }
   }
@@ -459,10 +487,33 @@ absl::Status Attachment::PumpNotices(uint32_t want) {
       return absl::UnavailableError("the attach connection to icecached broke");
     }
     void* base = ::mmap(nullptr, notice.bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-    ::close(fd);
-    if (base == MAP_FAILED) return Errno(absl::StatusCode::kInternal, "mapping a segment");
-    segments_[notice.segment] = {base, notice.bytes};
+    if (base == MAP_FAILED) {
+      ::close(fd);
+      return Errno(absl::StatusCode::kInternal, "mapping a segment");
+    }
+    Mapped& m = segments_[notice.segment];
+    if (m.base != nullptr) {  // announced twice (a dormant segment reused): keep the first map
+      ::munmap(base, notice.bytes);
+      ::close(fd);
+      continue;
+    }
+    m = Mapped{base, notice.bytes, fd};
   }
+}
+
+bool Attachment::PeerGone() const { return PeerGoneFd(conn_fd_); }
+
+std::vector<int> Attachment::ArenaFds() {
+  absl::MutexLock lock(&map_mu_);
+  // Every notice still buffered (a daemon that died leaves them readable before the EOF).
+  (void)PumpNotices(0);
+  std::vector<int> fds;
+  if (control_fd_ < 0) return fds;
+  fds.push_back(control_fd_);
+  for (uint32_t i = 1; i < segments_.size() && segments_[i].fd >= 0; ++i) {
+    fds.push_back(segments_[i].fd);
+  }
+  return fds;
 }
 
 absl::StatusOr<Attachment::Segment> Attachment::MapSegment(uint32_t segment) {

@@ -5,56 +5,363 @@
 #include <algorithm>
 #include <chrono>
 #include <cstring>
+#include <thread>
 
 #include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "common/log.h"
+#include "common/status_macros.h"
 
 namespace icecache::client_internal {
+namespace {
 
-AttachmentTransport::AttachmentTransport(Attachment* attachment, Backend* backend,
-                                         const std::string& socket, absl::Duration timeout)
-    : attachment_(attachment),
-      backend_(backend),
+uint64_t Align64(uint64_t n) { return (n + 63) / 64 * 64; }
+
+bool DaemonLost(const absl::Status& s) { return s.code() == absl::StatusCode::kUnavailable; }
+
+absl::Status FromGrpc(const grpc::Status& st, absl::string_view what) {
+  if (st.ok()) return absl::OkStatus();
+  return absl::Status(static_cast<absl::StatusCode>(st.error_code()),
+                      absl::StrCat(what, ": ", st.error_message()));
+}
+
+}  // namespace
+
+AttachmentTransport::AttachmentTransport(Backend* backend, const std::string& socket,
+                                         absl::Duration timeout, absl::Duration reconnect_timeout)
+    : backend_(backend),
+      socket_(socket),
       timeout_(timeout),
-      channel_(grpc::CreateChannel("unix:" + socket, grpc::InsecureChannelCredentials())),
-      stub_(v1::IceCache::NewStub(channel_)),
-      segments_(abi::kMaxSegments) {}
+      reconnect_timeout_(reconnect_timeout) {}
+
+absl::StatusOr<std::unique_ptr<AttachmentTransport>> AttachmentTransport::Create(
+    Backend* backend, const std::string& socket, absl::Duration timeout,
+    absl::Duration reconnect_timeout) {
+  std::unique_ptr<AttachmentTransport> t(
+      new AttachmentTransport(backend, socket, timeout, reconnect_timeout));
+  ICECACHE_ASSIGN_OR_RETURN(std::unique_ptr<Generation> g, t->Connect(nullptr));
+  absl::MutexLock lock(&t->mu_);
+  g->id = t->next_generation_++;
+  t->current_ = std::move(g);
+  return t;
+}
 
 AttachmentTransport::~AttachmentTransport() {
-  // Registrations go before the attachment unmaps the segments.
+  // Registrations go before the attachments unmap the segments.
   absl::MutexLock lock(&mu_);
-  for (Registered& r : segments_) {
+  if (current_ != nullptr) Unregister(current_.get());
+  for (auto& g : old_) Unregister(g.get());
+}
+
+void AttachmentTransport::Unregister(Generation* g) {
+  for (Registered& r : g->segments) {
     if (r.host != nullptr) backend_->UnregisterHost(r.host);
     r = Registered{};
   }
 }
 
+absl::StatusOr<std::unique_ptr<AttachmentTransport::Generation>> AttachmentTransport::Connect(
+    Attachment* previous) {
+  Attachment::Options ao;
+  ao.socket = socket_;
+  ao.timeout = timeout_;
+  ao.previous = previous;
+  ICECACHE_ASSIGN_OR_RETURN(std::unique_ptr<Attachment> a, Attachment::Attach(ao));
+  auto g = std::make_unique<Generation>();
+  g->attachment = std::move(a);
+  g->segments.resize(abi::kMaxSegments);
+  // A fresh channel: the old one may sit in gRPC's reconnect backoff for a second.
+  g->channel = grpc::CreateChannel("unix:" + socket_, grpc::InsecureChannelCredentials());
+  g->stub = v1::IceCache::NewStub(g->channel);
+  return g;
+}
+
+Attachment& AttachmentTransport::attachment() {
+  absl::ReaderMutexLock lock(&mu_);
+  return *current_->attachment;
+}
+
+uint64_t AttachmentTransport::generation() const {
+  absl::ReaderMutexLock lock(&mu_);
+  return current_->id;
+}
+
+RecoveryCounters AttachmentTransport::recovery_counters() const {
+  absl::ReaderMutexLock lock(&mu_);
+  return counters_;
+}
+
+void AttachmentTransport::PrepareContext(grpc::ClientContext* ctx) const {
+  ctx->AddMetadata(abi::kTokenMetadataKey, current_->attachment->token());
+  ctx->set_deadline(std::chrono::system_clock::now() + absl::ToChronoMilliseconds(timeout_));
+}
+
+template <typename T>
+absl::StatusOr<T> AttachmentTransport::Retry(const std::function<absl::StatusOr<T>()>& f) {
+  for (int attempt = 0;; ++attempt) {
+    uint64_t seen;
+    absl::StatusOr<T> r;
+    {
+      absl::ReaderMutexLock lock(&mu_);
+      seen = current_->id;
+      r = f();
+    }
+    if (r.ok() || !DaemonLost(r.status()) || attempt == 3) return r;
+    ICECACHE_RETURN_IF_ERROR(Recover(seen));
+  }
+}
+
+absl::StatusOr<std::string> AttachmentTransport::Current(const std::string& handle) const {
+  absl::MutexLock lock(&book_mu_);
+  auto it = sequences_.find(handle);
+  if (it == sequences_.end()) return handle;  // not created through this transport
+  if (it->second.current.empty()) {
+    return absl::Status(
+        it->second.lost.code() == absl::StatusCode::kOk ? absl::StatusCode::kFailedPrecondition
+                                                        : it->second.lost.code(),
+        absl::StrCat("sequence ", handle, " could not be restored after icecached went away: ",
+                     it->second.lost.message()));
+  }
+  return it->second.current;
+}
+
+// ------------------------------------------------------------------ sequences
+absl::StatusOr<v1::Sequence> AttachmentTransport::CreateSequence(
+    const v1::CreateSequenceRequest& request) {
+  return Retry<v1::Sequence>([&]() -> absl::StatusOr<v1::Sequence> {
+    grpc::ClientContext ctx;
+    PrepareContext(&ctx);
+    v1::CreateSequenceResponse resp;
+    const grpc::Status st = current_->stub->CreateSequence(&ctx, request, &resp);
+    if (!st.ok()) {
+      return absl::Status(static_cast<absl::StatusCode>(st.error_code()), st.error_message());
+    }
+    absl::MutexLock lock(&book_mu_);
+    SequenceRecord& r = sequences_[resp.sequence().handle()];
+    r.request = request;
+    r.current = resp.sequence().handle();
+    return resp.sequence();
+  });
+}
+
+absl::Status AttachmentTransport::DropSequence(const std::string& handle) {
+  absl::StatusOr<bool> r = Retry<bool>([&]() -> absl::StatusOr<bool> {
+    absl::StatusOr<std::string> cur = Current(handle);
+    if (cur.ok()) {
+      grpc::ClientContext ctx;
+      PrepareContext(&ctx);
+      v1::DropSequenceRequest req;
+      req.set_handle(*cur);
+      v1::DropSequenceResponse resp;
+      const grpc::Status st = current_->stub->DropSequence(&ctx, req, &resp);
+      if (!st.ok() && st.error_code() != grpc::StatusCode::NOT_FOUND) {
+        return FromGrpc(st, "DropSequence");
+      }
+    }
+    absl::MutexLock lock(&book_mu_);
+    sequences_.erase(handle);
+    return true;
+  });
+  return r.status();
+}
+
+// ------------------------------------------------------------------ staging
 absl::StatusOr<abi::StageResponse> AttachmentTransport::Stage(const std::string& handle,
                                                               uint32_t tokens) {
-  return attachment_->Stage(handle, tokens);
+  bool old_generations;
+  {
+    absl::ReaderMutexLock lock(&mu_);
+    old_generations = !old_.empty();
+  }
+  if (old_generations) {
+    absl::MutexLock lock(&mu_);
+    DropOldGenerations();
+  }
+  return Retry<abi::StageResponse>([&]() -> absl::StatusOr<abi::StageResponse> {
+    ICECACHE_ASSIGN_OR_RETURN(const std::string cur, Current(handle));
+    Attachment& a = *current_->attachment;
+    ICECACHE_ASSIGN_OR_RETURN(const abi::StageResponse real, a.Stage(cur, tokens));
+    absl::StatusOr<uint8_t*> host = a.Address(real.buffer, real.bytes);
+    if (!host.ok()) {
+      (void)a.ReleaseStaging(cur, real.buffer);
+      return host.status();
+    }
+    absl::MutexLock lock(&book_mu_);
+    const uint32_t vid = next_vid_++ & ~kVirtualSegment;
+    staged_[vid] =
+        Staged{handle, tokens, current_.get(), real.buffer, real.bytes, real.v_offset, *host};
+    return abi::StageResponse{abi::ArenaRef{kVirtualSegment | vid, 0, 0}, real.bytes,
+                              real.v_offset};
+  });
 }
 
 absl::Status AttachmentTransport::ReleaseStaging(const std::string& handle,
                                                  const abi::ArenaRef& staging) {
-  return attachment_->ReleaseStaging(handle, staging);
+  absl::ReaderMutexLock lock(&mu_);
+  Staged s;
+  {
+    absl::MutexLock book(&book_mu_);
+    auto it = staged_.find(staging.segment & ~kVirtualSegment);
+    if ((staging.segment & kVirtualSegment) == 0 || it == staged_.end()) {
+      return absl::InvalidArgumentError("not a staging buffer of this client");
+    }
+    s = it->second;
+    staged_.erase(it);
+  }
+  if (s.gen != current_.get()) return absl::OkStatus();  // its daemon is gone, and with it
+  absl::StatusOr<std::string> cur = Current(handle);
+  absl::Status st = current_->attachment->ReleaseStaging(cur.ok() ? *cur : handle, s.real);
+  return DaemonLost(st) ? absl::OkStatus() : st;
+}
+
+absl::Status AttachmentTransport::MigrateStaging(uint32_t vid) {
+  Staged s;
+  {
+    absl::MutexLock book(&book_mu_);
+    s = staged_.at(vid);
+  }
+  ICECACHE_ASSIGN_OR_RETURN(const std::string cur, Current(s.handle));
+  Attachment& a = *current_->attachment;
+  ICECACHE_ASSIGN_OR_RETURN(const abi::StageResponse got, a.Stage(cur, s.tokens));
+  if (got.bytes != s.bytes || got.v_offset != s.v_offset) {
+    (void)a.ReleaseStaging(cur, got.buffer);
+    return absl::InternalError("the new daemon stages another layout");
+  }
+  ICECACHE_ASSIGN_OR_RETURN(uint8_t * host, a.Address(got.buffer, got.bytes));
+  std::memcpy(host, s.host, s.bytes);
+  absl::MutexLock book(&book_mu_);
+  staged_[vid] = Staged{s.handle, s.tokens, current_.get(), got.buffer, s.bytes, s.v_offset, host};
+  return absl::OkStatus();
+}
+
+// ------------------------------------------------------------------ requests
+absl::Status AttachmentTransport::SubmitLocked(Pending* p) {
+  Attachment& a = *current_->attachment;
+  if (p->kind == Pending::kStaged) {
+    ICECACHE_ASSIGN_OR_RETURN(const std::string cur, Current(p->handle));
+    Staged s;
+    {
+      absl::MutexLock book(&book_mu_);
+      auto it = staged_.find(p->vid);
+      if (it == staged_.end()) {
+        return absl::InvalidArgumentError("not a staging buffer of this client");
+      }
+      s = it->second;
+    }
+    if (s.gen != current_.get()) {
+      return absl::FailedPreconditionError("the staging buffer belongs to a daemon that went away");
+    }
+    ICECACHE_ASSIGN_OR_RETURN(
+        p->slot, a.SubmitStaged(p->op, cur, p->layer, s.real, p->tokens, p->first_position));
+    p->gen = current_.get();
+    return absl::OkStatus();
+  }
+  const Layout l = LayoutOf(p->selects);
+  ICECACHE_ASSIGN_OR_RETURN(Scratch sc, AcquireScratch(l.bytes));
+  uint8_t* const host = sc.host;
+  for (size_t i = 0; i < p->selects.size(); ++i) {
+    const Pending::Select& q = p->selects[i];
+    abi::BatchSelectEntry e{};
+    absl::StatusOr<std::string> cur = Current(q.handle);
+    const std::string& h = cur.ok() ? *cur : q.handle;  // a lost one: the daemon refuses it
+    std::memcpy(e.handle, h.data(), std::min(h.size(), sizeof(e.handle)));
+    e.k = q.k;
+    e.select_flags = q.mask.empty() ? 0u : uint32_t{abi::kSelectHeadMask};
+    e.query_offset = l.query_at[i];
+    e.query_bytes = q.queries.size() * sizeof(float) + q.mask.size();
+    e.result_offset = l.result_at[i];
+    e.result_bytes = l.result_cap[i] * sizeof(abi::SelectedPageRef);
+    std::memcpy(host + i * sizeof(abi::BatchSelectEntry), &e, sizeof(e));
+    std::memcpy(host + l.query_at[i], q.queries.data(), q.queries.size() * sizeof(float));
+    if (!q.mask.empty()) {
+      std::memcpy(host + l.query_at[i] + q.queries.size() * sizeof(float), q.mask.data(),
+                  q.mask.size());
+    }
+  }
+  absl::StatusOr<uint32_t> slot =
+      a.SubmitSelectBatch(p->layer, sc.buffer.buffer, static_cast<uint32_t>(p->selects.size()));
+  if (!slot.ok()) {
+    ReturnScratch(sc);
+    return slot.status();
+  }
+  p->slot = *slot;
+  p->gen = current_.get();
+  p->scratch = sc;
+  p->result_offsets = l.result_at;
+  p->result_capacity = l.result_cap;
+  return absl::OkStatus();
 }
 
 absl::StatusOr<Ticket> AttachmentTransport::SubmitStaged(uint32_t op, const std::string& handle,
                                                          uint32_t layer,
                                                          const abi::ArenaRef& staging,
                                                          uint32_t tokens, uint32_t first_position) {
-  return attachment_->SubmitStaged(op, handle, layer, staging, tokens, first_position);
+  if ((staging.segment & kVirtualSegment) == 0 || staging.offset != 0) {
+    return absl::InvalidArgumentError("not a staging buffer of this client");
+  }
+  auto p = std::make_shared<Pending>();
+  p->kind = Pending::kStaged;
+  p->op = op;
+  p->handle = handle;
+  p->layer = layer;
+  p->vid = staging.segment & ~kVirtualSegment;
+  p->tokens = tokens;
+  p->first_position = first_position;
+  return Retry<Ticket>([&]() -> absl::StatusOr<Ticket> {
+    ICECACHE_RETURN_IF_ERROR(SubmitLocked(p.get()));
+    absl::MutexLock book(&book_mu_);
+    const Ticket t = next_ticket_++;
+    pending_[t] = p;
+    return t;
+  });
 }
 
-absl::Status AttachmentTransport::Finish(Ticket ticket) { return attachment_->Finish(ticket); }
+void AttachmentTransport::Acknowledge(const Pending& p) {
+  absl::MutexLock book(&book_mu_);
+  staged_.erase(p.vid);  // consumed
+  auto it = sequences_.find(p.handle);
+  if (it == sequences_.end()) return;
+  History& h = it->second.layers[p.layer];
+  if (p.op == abi::kOpPrefill) {
+    h.built = true;
+    h.prefill_first = p.first_position;
+    h.prefill_tokens = p.tokens;
+  } else if (p.op == abi::kOpAppend) {
+    h.appends.emplace_back(p.first_position, p.tokens);
+  }
+}
 
-namespace {
-
-uint64_t Align64(uint64_t n) { return (n + 63) / 64 * 64; }
-
-}  // namespace
+absl::Status AttachmentTransport::Finish(Ticket ticket) {
+  for (int attempt = 0;; ++attempt) {
+    uint64_t seen;
+    {
+      absl::ReaderMutexLock lock(&mu_);
+      seen = current_->id;
+      std::shared_ptr<Pending> p;
+      {
+        absl::MutexLock book(&book_mu_);
+        auto it = pending_.find(ticket);
+        if (it == pending_.end() || it->second->kind != Pending::kStaged) {
+          return absl::InternalError("not a prefill or append in flight");
+        }
+        p = it->second;
+      }
+      absl::Status st = p->settled ? p->settled_status : p->gen->attachment->Finish(p->slot);
+      // The daemon went away: the recovery resubmits the request, then it is waited for again.
+      const bool again = !p->settled && DaemonLost(st) && attempt < 3;
+      if (!again) {
+        if (st.ok() && !p->settled) Acknowledge(*p);
+        absl::MutexLock book(&book_mu_);
+        pending_.erase(ticket);
+        return st;
+      }
+    }
+    ICECACHE_RETURN_IF_ERROR(Recover(seen));
+  }
+}
 
 AttachmentTransport::Layout AttachmentTransport::LayoutOf(
-    absl::Span<const SelectRequest> requests) {
+    const std::vector<Pending::Select>& requests) {
   Layout l;
   const uint64_t n = requests.size();
   l.query_at.resize(n);
@@ -62,10 +369,9 @@ AttachmentTransport::Layout AttachmentTransport::LayoutOf(
   l.result_cap.resize(n);
   l.bytes = Align64(n * sizeof(abi::BatchSelectEntry));
   for (uint64_t i = 0; i < n; ++i) {
-    const SelectRequest& q = requests[i];
+    const Pending::Select& q = requests[i];
     l.query_at[i] = l.bytes;
-    l.bytes +=
-        Align64(q.query_floats * sizeof(float) + (q.head_mask != nullptr ? q.num_kv_heads : 0));
+    l.bytes += Align64(q.queries.size() * sizeof(float) + q.mask.size());
     l.result_at[i] = l.bytes;
     l.result_cap[i] = uint64_t{q.num_kv_heads} * q.k;
     l.bytes += Align64(l.result_cap[i] * sizeof(abi::SelectedPageRef));
@@ -75,7 +381,7 @@ AttachmentTransport::Layout AttachmentTransport::LayoutOf(
 
 absl::StatusOr<AttachmentTransport::Scratch> AttachmentTransport::AcquireScratch(uint64_t bytes) {
   {
-    absl::MutexLock lock(&scratch_mu_);
+    absl::MutexLock book(&book_mu_);
     size_t best = free_scratch_.size();
     for (size_t i = 0; i < free_scratch_.size(); ++i) {
       if (free_scratch_[i].buffer.bytes >= bytes &&
@@ -90,22 +396,22 @@ absl::StatusOr<AttachmentTransport::Scratch> AttachmentTransport::AcquireScratch
       return sc;
     }
   }
+  Attachment& a = *current_->attachment;
   // Room to grow: a batch may gain sequences.
-  absl::StatusOr<abi::StageResponse> got =
-      attachment_->Scratch(std::max<uint64_t>(bytes * 2, uint64_t{64} << 10));
-  if (!got.ok()) return got.status();
-  absl::StatusOr<uint8_t*> at = attachment_->Address(got->buffer, got->bytes);
+  ICECACHE_ASSIGN_OR_RETURN(const abi::StageResponse got,
+                            a.Scratch(std::max<uint64_t>(bytes * 2, uint64_t{64} << 10)));
+  absl::StatusOr<uint8_t*> at = a.Address(got.buffer, got.bytes);
   if (!at.ok()) {
-    (void)attachment_->ReleaseStaging("", got->buffer);
+    (void)a.ReleaseStaging("", got.buffer);
     return at.status();
   }
-  return Scratch{*got, *at};
+  return Scratch{got, *at};
 }
 
 void AttachmentTransport::ReturnScratch(Scratch scratch) {
   Scratch drop;
   {
-    absl::MutexLock lock(&scratch_mu_);
+    absl::MutexLock book(&book_mu_);
     free_scratch_.push_back(scratch);
     if (free_scratch_.size() <= kMaxFreeScratch) return;
     auto smallest = std::min_element(
@@ -114,15 +420,24 @@ void AttachmentTransport::ReturnScratch(Scratch scratch) {
     drop = *smallest;
     free_scratch_.erase(smallest);
   }
-  (void)attachment_->ReleaseStaging("", drop.buffer.buffer);
+  (void)current_->attachment->ReleaseStaging("", drop.buffer.buffer);
 }
 
 absl::Status AttachmentTransport::PrepareSelectBatch(absl::Span<const SelectRequest> requests) {
   if (requests.empty()) return absl::OkStatus();
-  absl::StatusOr<Scratch> sc = AcquireScratch(LayoutOf(requests).bytes);
-  if (!sc.ok()) return sc.status();
-  ReturnScratch(*sc);
-  return absl::OkStatus();
+  std::vector<Pending::Select> sizes(requests.size());
+  for (size_t i = 0; i < requests.size(); ++i) {
+    sizes[i].queries.resize(requests[i].query_floats);
+    if (requests[i].head_mask != nullptr) sizes[i].mask.resize(requests[i].num_kv_heads);
+    sizes[i].k = requests[i].k;
+    sizes[i].num_kv_heads = requests[i].num_kv_heads;
+  }
+  absl::StatusOr<bool> r = Retry<bool>([&]() -> absl::StatusOr<bool> {
+    ICECACHE_ASSIGN_OR_RETURN(Scratch sc, AcquireScratch(LayoutOf(sizes).bytes));
+    ReturnScratch(sc);
+    return true;
+  });
+  return r.status();
 }
 
 absl::StatusOr<Ticket> AttachmentTransport::SubmitSelectBatch(
@@ -131,59 +446,38 @@ absl::StatusOr<Ticket> AttachmentTransport::SubmitSelectBatch(
     return absl::InvalidArgumentError(absl::StrCat(
         "a batch select of ", requests.size(), " sequences: must be in 1..", abi::kMaxBatchSelect));
   }
-  Layout l = LayoutOf(requests);
-  absl::StatusOr<Scratch> sc = AcquireScratch(l.bytes);
-  if (!sc.ok()) return sc.status();
-  uint8_t* const host = sc->host;
-  const uint64_t n = requests.size();
-  for (uint64_t i = 0; i < n; ++i) {
+  auto p = std::make_shared<Pending>();
+  p->kind = Pending::kSelect;
+  p->layer = layer;
+  p->selects.resize(requests.size());
+  for (size_t i = 0; i < requests.size(); ++i) {
     const SelectRequest& q = requests[i];
-    abi::BatchSelectEntry e{};
-    std::memcpy(e.handle, q.handle.data(), std::min(q.handle.size(), sizeof(e.handle)));
-    e.k = q.k;
-    e.select_flags = q.head_mask != nullptr ? uint32_t{abi::kSelectHeadMask} : 0u;
-    e.query_offset = l.query_at[i];
-    e.query_bytes = q.query_floats * sizeof(float) + (q.head_mask != nullptr ? q.num_kv_heads : 0);
-    e.result_offset = l.result_at[i];
-    e.result_bytes = l.result_cap[i] * sizeof(abi::SelectedPageRef);
-    std::memcpy(host + i * sizeof(abi::BatchSelectEntry), &e, sizeof(e));
-    std::memcpy(host + l.query_at[i], q.queries, q.query_floats * sizeof(float));
-    if (q.head_mask != nullptr) {
-      std::memcpy(host + l.query_at[i] + q.query_floats * sizeof(float), q.head_mask,
-                  q.num_kv_heads);
-    }
+    Pending::Select& s = p->selects[i];
+    s.handle = q.handle;
+    s.queries.assign(q.queries, q.queries + q.query_floats);
+    if (q.head_mask != nullptr) s.mask.assign(q.head_mask, q.head_mask + q.num_kv_heads);
+    s.k = q.k;
+    s.num_kv_heads = q.num_kv_heads;
   }
-  absl::StatusOr<uint32_t> slot =
-      attachment_->SubmitSelectBatch(layer, sc->buffer.buffer, static_cast<uint32_t>(n));
-  if (!slot.ok()) {
-    ReturnScratch(*sc);
-    return slot.status();
-  }
-  absl::MutexLock lock(&scratch_mu_);
-  in_flight_[*slot] = InFlight{*sc, std::move(l.result_at), std::move(l.result_cap)};
-  return *slot;
+  return Retry<Ticket>([&]() -> absl::StatusOr<Ticket> {
+    ICECACHE_RETURN_IF_ERROR(SubmitLocked(p.get()));
+    absl::MutexLock book(&book_mu_);
+    const Ticket t = next_ticket_++;
+    pending_[t] = p;
+    return t;
+  });
 }
 
-absl::StatusOr<std::vector<SelectAnswer>> AttachmentTransport::FinishSelectBatch(Ticket ticket) {
-  InFlight f;
-  {
-    absl::MutexLock lock(&scratch_mu_);
-    auto it = in_flight_.find(ticket);
-    if (it == in_flight_.end()) return absl::InternalError("not a batch select in flight");
-    f = std::move(it->second);
-    in_flight_.erase(it);
-  }
-  // Finish waits for the daemon's answer however long it takes: the buffer is ours again after.
-  absl::Status st = attachment_->Finish(ticket);
-  if (!st.ok()) {
-    ReturnScratch(f.scratch);
-    return st;
-  }
-  std::vector<SelectAnswer> answers(f.result_offsets.size());
-  const uint8_t* const host = f.scratch.host;
+namespace {
+
+// The answers a batch select left in its buffer.
+std::vector<SelectAnswer> ReadAnswers(const uint8_t* host, const std::vector<uint64_t>& offsets,
+                                      const std::vector<uint64_t>& capacity, uint64_t generation) {
+  std::vector<SelectAnswer> answers(offsets.size());
   for (size_t i = 0; i < answers.size(); ++i) {
     abi::BatchSelectEntry e;
     std::memcpy(&e, host + i * sizeof(abi::BatchSelectEntry), sizeof(e));
+    answers[i].generation = generation;
     if (e.status != 0) {
       // A code outside google.rpc.Code would be the daemon's bug; it reads as UNKNOWN.
       const uint32_t code = e.status <= 16 ? e.status : 2;
@@ -192,23 +486,65 @@ absl::StatusOr<std::vector<SelectAnswer>> AttachmentTransport::FinishSelectBatch
                        std::string(e.message, strnlen(e.message, sizeof(e.message))));
       continue;
     }
-    answers[i].pages.resize(f.result_capacity[i]);
-    std::memcpy(answers[i].pages.data(), host + f.result_offsets[i],
-                f.result_capacity[i] * sizeof(abi::SelectedPageRef));
+    answers[i].pages.resize(capacity[i]);
+    std::memcpy(answers[i].pages.data(), host + offsets[i],
+                capacity[i] * sizeof(abi::SelectedPageRef));
   }
-  ReturnScratch(f.scratch);
   return answers;
 }
 
-bool AttachmentTransport::Done(Ticket ticket) const { return attachment_->Done(ticket); }
+}  // namespace
 
-absl::StatusOr<ArenaSpan> AttachmentTransport::Map(const abi::ArenaRef& ref, uint64_t bytes) {
+absl::StatusOr<std::vector<SelectAnswer>> AttachmentTransport::FinishSelectBatch(Ticket ticket) {
+  for (int attempt = 0;; ++attempt) {
+    uint64_t seen;
+    {
+      absl::ReaderMutexLock lock(&mu_);
+      seen = current_->id;
+      std::shared_ptr<Pending> p;
+      {
+        absl::MutexLock book(&book_mu_);
+        auto it = pending_.find(ticket);
+        if (it == pending_.end() || it->second->kind != Pending::kSelect) {
+          return absl::InternalError("not a batch select in flight");
+        }
+        p = it->second;
+      }
+      // Finish waits for the daemon's answer however long it takes.
+      absl::Status st = p->settled ? p->settled_status : p->gen->attachment->Finish(p->slot);
+      if (p->settled || !(DaemonLost(st) && attempt < 3)) {
+        absl::StatusOr<std::vector<SelectAnswer>> out =
+            st.ok() ? absl::StatusOr<std::vector<SelectAnswer>>(ReadAnswers(
+                          p->scratch.host, p->result_offsets, p->result_capacity, p->gen->id))
+                    : absl::StatusOr<std::vector<SelectAnswer>>(st);
+        if (!p->settled && p->gen == current_.get()) ReturnScratch(p->scratch);
+        absl::MutexLock book(&book_mu_);
+        pending_.erase(ticket);
+        return out;
+      }
+    }
+    ICECACHE_RETURN_IF_ERROR(Recover(seen));
+  }
+}
+
+bool AttachmentTransport::Done(Ticket ticket) const {
+  absl::ReaderMutexLock lock(&mu_);
+  absl::MutexLock book(&book_mu_);
+  auto it = pending_.find(ticket);
+  if (it == pending_.end()) return false;
+  const Pending& p = *it->second;
+  return p.settled || p.gen->attachment->Done(p.slot);
+}
+
+// ------------------------------------------------------------------ memory
+absl::StatusOr<ArenaSpan> AttachmentTransport::MapIn(Generation* g, const abi::ArenaRef& ref,
+                                                     uint64_t bytes) {
   if (ref.segment == 0 || ref.segment >= abi::kMaxSegments) {
     return absl::InternalError("the daemon returned a reference outside the data segments");
   }
   {
-    absl::MutexLock lock(&mu_);
-    const Registered& r = segments_[ref.segment];
+    absl::MutexLock book(&book_mu_);
+    const Registered& r = g->segments[ref.segment];
     if (r.host != nullptr) {
       if (ref.offset > r.bytes || bytes > r.bytes - ref.offset) {
         return absl::InternalError("the daemon returned a reference outside its segment");
@@ -216,15 +552,13 @@ absl::StatusOr<ArenaSpan> AttachmentTransport::Map(const abi::ArenaRef& ref, uin
       return ArenaSpan{r.host + ref.offset, r.device + ref.offset};
     }
   }
-  // First use of the segment: map it (the attachment's lock), then register it (ours).
-  absl::StatusOr<Attachment::Segment> seg = attachment_->MapSegment(ref.segment);
-  if (!seg.ok()) return seg.status();
-  absl::MutexLock lock(&mu_);
-  Registered& r = segments_[ref.segment];
+  // First use of the segment: map it (the attachment's lock), then register it.
+  ICECACHE_ASSIGN_OR_RETURN(const Attachment::Segment seg, g->attachment->MapSegment(ref.segment));
+  absl::MutexLock book(&book_mu_);
+  Registered& r = g->segments[ref.segment];
   if (r.host == nullptr) {
-    absl::StatusOr<void*> device = backend_->RegisterHost(seg->base, seg->bytes);
-    if (!device.ok()) return device.status();
-    r = Registered{seg->base, static_cast<uint8_t*>(*device), seg->bytes};
+    ICECACHE_ASSIGN_OR_RETURN(void* device, backend_->RegisterHost(seg.base, seg.bytes));
+    r = Registered{seg.base, static_cast<uint8_t*>(device), seg.bytes};
   }
   if (ref.offset > r.bytes || bytes > r.bytes - ref.offset) {
     return absl::InternalError("the daemon returned a reference outside its segment");
@@ -232,28 +566,239 @@ absl::StatusOr<ArenaSpan> AttachmentTransport::Map(const abi::ArenaRef& ref, uin
   return ArenaSpan{r.host + ref.offset, r.device + ref.offset};
 }
 
+absl::StatusOr<ArenaSpan> AttachmentTransport::Map(const abi::ArenaRef& ref, uint64_t bytes) {
+  absl::ReaderMutexLock lock(&mu_);
+  if ((ref.segment & kVirtualSegment) == 0) return MapIn(current_.get(), ref, bytes);
+  Staged s;
+  {
+    absl::MutexLock book(&book_mu_);
+    auto it = staged_.find(ref.segment & ~kVirtualSegment);
+    if (it == staged_.end()) return absl::InvalidArgumentError("not a live staging buffer");
+    s = it->second;
+  }
+  if (ref.offset > s.bytes || bytes > s.bytes - ref.offset) {
+    return absl::InvalidArgumentError("outside the staging buffer");
+  }
+  abi::ArenaRef real = s.real;
+  real.offset += ref.offset;
+  return MapIn(s.gen, real, bytes);
+}
+
 uint64_t AttachmentTransport::PageBytes(uint32_t segment) const {
   if (segment == 0 || segment >= abi::kMaxSegments) return 0;
-  return attachment_->header()->segments[segment].page_bytes;
+  absl::ReaderMutexLock lock(&mu_);
+  return current_->attachment->header()->segments[segment].page_bytes;
 }
 
-void AttachmentTransport::PrepareContext(grpc::ClientContext* ctx) const {
-  ctx->AddMetadata(abi::kTokenMetadataKey, attachment_->token());
-  ctx->set_deadline(std::chrono::system_clock::now() + absl::ToChronoMilliseconds(timeout_));
+abi::ClientStats& AttachmentTransport::stats() {
+  absl::ReaderMutexLock lock(&mu_);
+  return current_->attachment->stats();
 }
 
-absl::Status AttachmentTransport::DropSequence(const std::string& handle) {
-  grpc::ClientContext ctx;
-  PrepareContext(&ctx);
-  v1::DropSequenceRequest req;
-  req.set_handle(handle);
-  v1::DropSequenceResponse resp;
-  const grpc::Status st = stub_->DropSequence(&ctx, req, &resp);
-  if (st.ok()) return absl::OkStatus();
-  return absl::Status(static_cast<absl::StatusCode>(st.error_code()),
-                      absl::StrCat("DropSequence: ", st.error_message()));
+// ------------------------------------------------------------------ recovery
+absl::Status AttachmentTransport::Recover(uint64_t seen) {
+  absl::MutexLock lock(&mu_);
+  if (current_->id != seen) return absl::OkStatus();  // another thread did it
+  return RecoverLocked();
 }
 
-abi::ClientStats& AttachmentTransport::stats() { return attachment_->stats(); }
+absl::Status AttachmentTransport::RecoverLocked() {
+  const auto start = std::chrono::steady_clock::now();
+  const absl::Time deadline = absl::Now() + reconnect_timeout_;
+  Generation* const old = current_.get();
+  // The daemon is gone once it closed the attach connection (a draining one answers
+  // "shutting down" first and closes it when it exits).
+  while (!old->attachment->PeerGone()) {
+    if (absl::Now() > deadline) {
+      return absl::UnavailableError("icecached answered UNAVAILABLE but did not go away");
+    }
+    absl::SleepFor(absl::Milliseconds(10));
+  }
+  // Answers that arrived before it went: acknowledged (a select's answers are read now,
+  // while its buffer is still mapped). Unanswered requests are carried out again below.
+  std::vector<std::shared_ptr<Pending>> resubmit, acknowledged;
+  bool any_sequence;
+  {
+    absl::MutexLock book(&book_mu_);
+    any_sequence = !sequences_.empty();
+    for (auto& [t, p] : pending_) {
+      if (p->settled || p->gen != old) continue;
+      const abi::SlotHeader* slot = old->attachment->slot(p->slot);
+      const uint32_t status = slot->status;
+      const bool answered = old->attachment->Done(p->slot) &&
+                            status != static_cast<uint32_t>(absl::StatusCode::kUnavailable);
+      // A select answered OK is asked again: its pages are frames of the daemon that went.
+      if (!answered || (p->kind == Pending::kSelect && status == 0)) {
+        resubmit.push_back(p);
+        continue;
+      }
+      p->settled = true;
+      const uint32_t code = status <= 16 ? status : 2;
+      p->settled_status =
+          absl::Status(static_cast<absl::StatusCode>(code),
+                       std::string(slot->message, strnlen(slot->message, sizeof(slot->message))));
+      if (p->kind == Pending::kStaged && status == 0) acknowledged.push_back(p);
+    }
+  }
+  for (auto& p : acknowledged) Acknowledge(*p);
+  // Reconnect with backoff, handing back the old arena when there is something to restore.
+  absl::Duration backoff = absl::Milliseconds(20);
+  std::unique_ptr<Generation> g;
+  while (true) {
+    absl::StatusOr<std::unique_ptr<Generation>> got =
+        Connect(any_sequence ? old->attachment.get() : nullptr);
+    if (got.ok()) {
+      g = std::move(*got);
+      break;
+    }
+    if (absl::Now() + backoff > deadline) {
+      return absl::UnavailableError(absl::StrCat("icecached did not come back within ",
+                                                 absl::FormatDuration(reconnect_timeout_), ": ",
+                                                 got.status().message()));
+    }
+    absl::SleepFor(backoff);
+    backoff = std::min(backoff * 2, absl::Milliseconds(500));
+  }
+  g->id = next_generation_++;
+  // The counters this client published go on in the new arena.
+  {
+    abi::ClientStats& from = old->attachment->stats();
+    abi::ClientStats& to = g->attachment->stats();
+    to.cache_hits.fetch_add(from.cache_hits.load());
+    to.cache_misses.fetch_add(from.cache_misses.load());
+    to.fetched_bytes.fetch_add(from.fetched_bytes.load());
+    to.fetch_nanoseconds.fetch_add(from.fetch_nanoseconds.load());
+    to.decode_steps.fetch_add(from.decode_steps.load());
+    to.prefetched_selects.fetch_add(from.prefetched_selects.load());
+    to.drift_fallback_heads.fetch_add(from.drift_fallback_heads.load());
+  }
+  old_.push_back(std::move(current_));
+  current_ = std::move(g);
+  {
+    absl::MutexLock book(&book_mu_);
+    free_scratch_.clear();  // buffers of the old arena
+  }
+  // Restore every sequence from its acknowledged history.
+  std::vector<std::string> handles;
+  {
+    absl::MutexLock book(&book_mu_);
+    for (auto& [h, r] : sequences_) {
+      if (!r.current.empty()) handles.push_back(h);
+    }
+  }
+  for (size_t i = 0; i < handles.size(); ++i) {
+    v1::RestoreSequenceRequest req;
+    {
+      absl::MutexLock book(&book_mu_);
+      const SequenceRecord& r = sequences_.at(handles[i]);
+      *req.mutable_geometry() = r.request.geometry();
+      req.set_label(r.request.label());
+      req.set_previous_handle(r.current);
+      for (const auto& [layer, h] : r.layers) {
+        if (!h.built) continue;
+        v1::LayerHistory* lh = req.add_layers();
+        lh->set_layer(layer);
+        lh->set_prefill_first_position(h.prefill_first);
+        lh->set_prefill_tokens(h.prefill_tokens);
+        for (const auto& [first, tokens] : h.appends) {
+          const int n = lh->appends_size();
+          v1::AppendRun* last = n > 0 ? lh->mutable_appends(n - 1) : nullptr;
+          if (last != nullptr && last->tokens() == tokens &&
+              last->first_position() + last->count() * last->tokens() == first) {
+            last->set_count(last->count() + 1);
+          } else {
+            v1::AppendRun* run = lh->add_appends();
+            run->set_first_position(first);
+            run->set_tokens(tokens);
+            run->set_count(1);
+          }
+        }
+      }
+    }
+    req.set_last(i + 1 == handles.size());
+    v1::RestoreSequenceResponse resp;
+    grpc::Status st;
+    // The successor's control socket may come up after its attach socket: wait for it, and
+    // try again while the channel is not connected, up to the deadline.
+    for (absl::Duration pause = absl::Milliseconds(10);;
+         pause = std::min(pause * 2, absl::Milliseconds(200))) {
+      grpc::ClientContext ctx;
+      ctx.AddMetadata(abi::kTokenMetadataKey, current_->attachment->token());
+      ctx.set_wait_for_ready(true);
+      // A restore rebuilds every layer: as long as the reconnect may take.
+      ctx.set_deadline(std::chrono::system_clock::now() +
+                       absl::ToChronoMilliseconds(std::max(reconnect_timeout_, timeout_)));
+      st = current_->stub->RestoreSequence(&ctx, req, &resp);
+      if (st.error_code() != grpc::StatusCode::UNAVAILABLE || absl::Now() + pause > deadline) {
+        break;
+      }
+      absl::SleepFor(pause);
+    }
+    absl::MutexLock book(&book_mu_);
+    SequenceRecord& r = sequences_.at(handles[i]);
+    if (st.ok()) {
+      r.current = resp.sequence().handle();
+      ++counters_.restored_sequences;
+    } else {
+      r.lost = FromGrpc(st, "RestoreSequence");
+      r.current.clear();
+      ++counters_.lost_sequences;
+      ICECACHE_LOG(WARNING) << "sequence " << handles[i]
+                            << " could not be restored: " << r.lost.message();
+    }
+  }
+  // Staging buffers still held by sequences move into the new arena.
+  std::vector<uint32_t> vids;
+  {
+    absl::MutexLock book(&book_mu_);
+    for (auto& [vid, s] : staged_) {
+      if (s.gen != current_.get()) vids.push_back(vid);
+    }
+  }
+  for (uint32_t vid : vids) {
+    absl::Status st = MigrateStaging(vid);
+    if (!st.ok()) {
+      ICECACHE_LOG(WARNING) << "a staging buffer could not move to the new arena: " << st;
+    }
+  }
+  // Requests that had no answer, again, in their original order.
+  for (auto& p : resubmit) {
+    absl::Status st = SubmitLocked(p.get());
+    if (!st.ok()) {
+      p->settled = true;
+      p->settled_status = st;
+    }
+    ++counters_.resubmitted;
+  }
+  // The old generations go later, from Stage (never from a host callback, which may be
+  // where this recovery runs: unregistering host memory is a CUDA call).
+  ++counters_.recoveries;
+  counters_.last_stall_seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  counters_.total_stall_seconds += counters_.last_stall_seconds;
+  ICECACHE_LOG(INFO) << "icecached came back: " << handles.size() << " sequences restored ("
+                     << counters_.lost_sequences << " lost so far), " << resubmit.size()
+                     << " requests resubmitted, " << counters_.last_stall_seconds << " s";
+  return absl::OkStatus();
+}
+
+void AttachmentTransport::DropOldGenerations() {
+  absl::MutexLock book(&book_mu_);
+  for (auto it = old_.begin(); it != old_.end();) {
+    Generation* g = it->get();
+    bool used = false;
+    for (auto& [vid, s] : staged_) used |= s.gen == g;
+    for (auto& [t, p] : pending_) used |= !p->settled && p->gen == g;
+    if (used) {
+      ++it;
+      continue;
+    }
+    for (Registered& r : g->segments) {
+      if (r.host != nullptr) backend_->UnregisterHost(r.host);
+      r = Registered{};
+    }
+    it = old_.erase(it);
+  }
+}
 
 }  // namespace icecache::client_internal

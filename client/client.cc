@@ -36,7 +36,7 @@ class Client::Impl {
   // Destroyed in reverse order: the transport (unregisters segments) before the attachment
   // (unmaps them), the backend last.
   std::unique_ptr<Backend> backend;
-  std::unique_ptr<Attachment> attachment;
+  // Holds the attachment (replaced when a daemon that went away is recovered from).
   std::unique_ptr<client_internal::AttachmentTransport> transport;
   std::unique_ptr<client_internal::Decoder> decoder;  // before the transport goes
 };
@@ -44,7 +44,7 @@ class Client::Impl {
 Client::Client(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 Client::~Client() = default;
 ExecutionMode Client::mode() const { return impl_->backend->mode(); }
-Attachment& Client::attachment() { return *impl_->attachment; }
+Attachment& Client::attachment() { return impl_->transport->attachment(); }
 
 absl::StatusOr<std::unique_ptr<Client>> Client::Attach(const ClientOptions& options) {
   if (!(options.cache_factor >= 1.0) || options.cache_factor > 64.0) {
@@ -64,15 +64,12 @@ absl::StatusOr<std::unique_ptr<Client>> Client::Attach(const ClientOptions& opti
   } else {
     impl->backend = client_internal::CreateCpuBackend(options.cpu_threads);
   }
-  Attachment::Options ao;
-  ao.socket = options.socket;
-  ao.timeout = options.timeout;
-  absl::StatusOr<std::unique_ptr<Attachment>> a = Attachment::Attach(ao);
-  if (!a.ok()) return a.status();
-  impl->attachment = std::move(*a);
   const std::string socket = options.socket.empty() ? DefaultSocketPath() : options.socket;
-  impl->transport = std::make_unique<client_internal::AttachmentTransport>(
-      impl->attachment.get(), impl->backend.get(), socket, options.timeout);
+  absl::StatusOr<std::unique_ptr<client_internal::AttachmentTransport>> transport =
+      client_internal::AttachmentTransport::Create(impl->backend.get(), socket, options.timeout,
+                                                   options.reconnect_timeout);
+  if (!transport.ok()) return transport.status();
+  impl->transport = std::move(*transport);
   impl->decoder =
       std::make_unique<client_internal::Decoder>(impl->backend.get(), impl->transport.get());
   return std::unique_ptr<Client>(new Client(std::move(impl)));
@@ -90,8 +87,18 @@ absl::Status Client::DecodeBatch(uint32_t layer, const std::vector<Sequence*>& b
   return impl_->decoder->DecodeBatch(layer, impls, q, k_new, v_new, out, stream, statuses);
 }
 
+ClientRecovery Client::recovery() const {
+  const client_internal::RecoveryCounters c = impl_->transport->recovery_counters();
+  return ClientRecovery{.recoveries = c.recoveries,
+                        .restored_sequences = c.restored_sequences,
+                        .lost_sequences = c.lost_sequences,
+                        .resubmitted_requests = c.resubmitted,
+                        .last_stall_seconds = c.last_stall_seconds,
+                        .total_stall_seconds = c.total_stall_seconds};
+}
+
 ClientCounters Client::counters() const {
-  const abi::ClientStats& s = impl_->attachment->stats();
+  const abi::ClientStats& s = impl_->transport->stats();
   return ClientCounters{.cache_hits = s.cache_hits.load(),
                         .cache_misses = s.cache_misses.load(),
                         .fetched_bytes = s.fetched_bytes.load(),
@@ -119,19 +126,14 @@ absl::StatusOr<std::unique_ptr<Sequence>> Client::CreateSequence(const SequenceO
   if (o.window_tokens) geo->set_window_tokens(*o.window_tokens);
   if (o.full_kv_layers) geo->set_full_kv_layers(*o.full_kv_layers);
   req.set_label(o.label);
-  grpc::ClientContext ctx;
-  impl_->transport->PrepareContext(&ctx);
-  v1::CreateSequenceResponse resp;
-  const grpc::Status st = impl_->transport->stub().CreateSequence(&ctx, req, &resp);
-  if (!st.ok()) {
-    return absl::Status(static_cast<absl::StatusCode>(st.error_code()), st.error_message());
-  }
-  const v1::SequenceGeometry& rg = resp.sequence().geometry();
+  absl::StatusOr<v1::Sequence> created = impl_->transport->CreateSequence(req);
+  if (!created.ok()) return created.status();
+  const v1::SequenceGeometry& rg = created->geometry();
   client_internal::SequenceContext c;
   c.backend = impl_->backend.get();
   c.transport = impl_->transport.get();
   c.decoder = impl_->decoder.get();
-  c.handle = resp.sequence().handle();
+  c.handle = created->handle();
   c.geometry = ResolvedGeometry{
       .num_layers = rg.num_layers(),
       .num_q_heads = rg.num_q_heads(),

@@ -158,47 +158,69 @@ absl::Status Decoder::DecodeBatch(uint32_t layer, absl::Span<Sequence::Impl* con
   }
 
   // ---- 3. one batch select for every head still to search
-  std::vector<SelectAnswer> answers;
-  if (!requests.empty()) {
-    const auto ts = std::chrono::steady_clock::now();
-    absl::StatusOr<Ticket> ticket;
-    while (true) {
-      ticket = tr_->SubmitSelectBatch(layer, requests);
-      if (ticket.ok() || !IsSlotsExhausted(ticket.status())) break;
-      // Every slot is held by pending operations: finish one and try again.
-      bool finished = false;
-      for (Sequence::Impl* s : batch) {
-        if (s->FinishOldestPending()) {
-          finished = true;
-          break;
+  auto select = [&](const std::vector<SelectRequest>& reqs, const std::vector<uint32_t>& who) {
+    std::vector<SelectAnswer> answers;
+    if (!reqs.empty()) {
+      const auto ts = std::chrono::steady_clock::now();
+      absl::StatusOr<Ticket> ticket;
+      while (true) {
+        ticket = tr_->SubmitSelectBatch(layer, reqs);
+        if (ticket.ok() || !IsSlotsExhausted(ticket.status())) break;
+        // Every slot is held by pending operations: finish one and try again.
+        bool finished = false;
+        for (Sequence::Impl* s : batch) {
+          if (s->FinishOldestPending()) {
+            finished = true;
+            break;
+          }
         }
+        if (!finished) break;
       }
-      if (!finished) break;
+      absl::StatusOr<std::vector<SelectAnswer>> got =
+          ticket.ok() ? tr_->FinishSelectBatch(*ticket) : ticket.status();
+      const double us = MicrosSince(ts);
+      for (uint32_t i : who) {
+        steps[i].b.select_us += us;
+        steps[i].b.select_wait_us += us;
+      }
+      if (!got.ok()) {
+        for (uint32_t i : who) status[i] = got.status();
+      } else {
+        answers = std::move(*got);
+      }
     }
-    absl::StatusOr<std::vector<SelectAnswer>> got =
-        ticket.ok() ? tr_->FinishSelectBatch(*ticket) : ticket.status();
-    const double us = MicrosSince(ts);
-    for (uint32_t r = 0; r < requester.size(); ++r) {
-      StepState& st = steps[requester[r]];
-      st.b.select_us += us;
-      st.b.select_wait_us += us;
+    for (uint32_t i = 0, r = 0; i < n; ++i) {
+      if (!status[i].ok() || !steps[i].needs_pages) continue;
+      const SelectAnswer* a = nullptr;
+      if (r < who.size() && who[r] == i) {
+        a = r < answers.size() ? &answers[r] : nullptr;
+        ++r;
+        if (a == nullptr) continue;  // the whole select failed: status set above
+      } else if (&who != &requester) {
+        continue;  // not part of this round
+      }
+      status[i] = batch[i]->AfterSelect(a, &steps[i]);
     }
-    if (!got.ok()) {
-      for (uint32_t i : requester) status[i] = got.status();
-    } else {
-      answers = std::move(*got);
-    }
+  };
+  select(requests, requester);
+  // Pages selected one step ahead by a daemon that was replaced during this select mean
+  // nothing now: those sequences search every head again, once (Sequence::AfterSelect).
+  std::vector<SelectRequest> again;
+  std::vector<uint32_t> again_who;
+  const uint64_t generation = tr_->generation();
+  for (uint32_t i = 0; i < n; ++i) {
+    StepState& st = steps[i];
+    const bool aborted = status[i].code() == absl::StatusCode::kAborted && st.refs.empty();
+    const bool stale = status[i].ok() && st.needs_pages && !st.refs.empty() &&
+                       st.generation != generation;  // prefetched only, replaced meanwhile
+    if (!aborted && !stale) continue;
+    status[i] = absl::OkStatus();
+    st.refs.clear();
+    st.search.assign(st.search.size(), 1);
+    again.push_back(batch[i]->SearchRequest(st));
+    again_who.push_back(i);
   }
-  for (uint32_t i = 0, r = 0; i < n; ++i) {
-    if (!status[i].ok() || !steps[i].needs_pages) continue;
-    const SelectAnswer* a = nullptr;
-    if (r < requester.size() && requester[r] == i) {
-      a = r < answers.size() ? &answers[r] : nullptr;
-      ++r;
-      if (a == nullptr) continue;  // the whole select failed: status set above
-    }
-    status[i] = batch[i]->AfterSelect(a, &steps[i]);
-  }
+  if (!again.empty()) select(again, again_who);
 
   // ---- 4. the plan: every sequence's heads (empty for one that failed: zeros out)
   DecodePlan& plan = *ws->plan;

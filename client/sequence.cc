@@ -423,7 +423,11 @@ absl::Status Sequence::Impl::TakeQuery(const uint16_t* q_host, client_internal::
                                             " page references, expected ",
                                             g.num_kv_heads * k_sel_));
   }
+  if (answer->generation != tr_->generation()) {
+    return absl::OkStatus();  // answered by a daemon that was replaced since: search again
+  }
   st->refs = std::move(answer->pages);
+  st->generation = answer->generation;
   st->b.prefetched = true;
   tr_->stats().prefetched_selects.fetch_add(1);
   const uint32_t group = g.num_q_heads / g.num_kv_heads;
@@ -463,6 +467,14 @@ absl::Status Sequence::Impl::AfterSelect(const client_internal::SelectAnswer* se
                                               " page references, expected ",
                                               g.num_kv_heads * k_sel_));
     }
+    if (!st->refs.empty() && st->generation != searched->generation) {
+      // The prefetched pages belong to a daemon replaced during this select: every head is
+      // searched again (the decoder sees ABORTED with no refs, and asks once more).
+      st->refs.clear();
+      st->search.assign(ctx_.geometry.num_kv_heads, 1);
+      return absl::AbortedError("the daemon was replaced: search every head again");
+    }
+    st->generation = searched->generation;
     if (st->refs.empty()) {
       st->refs = searched->pages;
     } else {
@@ -490,6 +502,18 @@ absl::Status Sequence::Impl::Plan(client_internal::StepState* st,
       plan->AddRows(L.full_k.bytes() + head, L.full_v.bytes() + head, row_bytes_, 0, pos + 1);
     }
     return absl::OkStatus();
+  }
+  const uint64_t generation = tr_->generation();
+  if (!st->refs.empty() && st->generation != generation) {
+    return absl::UnavailableError(
+        "icecached was replaced during this decode step (its pages are gone); decode again");
+  }
+  if (cache_generation_ != generation) {
+    // Pages cached by frame of a daemon that is gone: the new one's frames are other pages.
+    for (LayerState& other : layers_) {
+      if (other.cache != nullptr) other.cache->Clear();
+    }
+    cache_generation_ = generation;
   }
   const selection::WindowPolicy& w = *L.window;
   const uint64_t step = ++L.steps;

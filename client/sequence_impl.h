@@ -168,6 +168,7 @@ struct StepState {
   bool needs_pages = false;                // offloaded with a built index: pages are selected
   std::vector<uint8_t> search;             // [num_kv_heads]: heads to search now (1)
   std::vector<abi::SelectedPageRef> refs;  // [num_kv_heads][k]: the step's pages
+  uint64_t generation = 0;                 // Transport::generation() that answered refs
   DecodeBreakdown b;
   uint32_t head_base = 0;  // the sequence's first KV head in the batch
 };
@@ -260,6 +261,8 @@ class Sequence::Impl {
   PageLayout layout_;
   uint64_t row_bytes_ = 0;
   uint32_t k_sel_ = 0;
+  // The daemon generation the page caches hold pages of (cleared when it changes).
+  uint64_t cache_generation_ = 0;
   uint32_t cache_slots_ = 0;
   uint32_t offloaded_chunks_ = 0;  // per KV head and step
   uint32_t full_chunks_ = 0;

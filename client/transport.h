@@ -45,6 +45,7 @@ struct SelectRequest {
 struct SelectAnswer {
   absl::Status status;
   std::vector<abi::SelectedPageRef> pages;  // [num_kv_heads][k]; unsearched heads unused
+  uint64_t generation = 0;                  // Transport::generation() of the daemon that answered
 };
 
 class Transport {
@@ -88,6 +89,9 @@ class Transport {
 
   // The counters this client publishes for the daemon to export.
   virtual abi::ClientStats& stats() = 0;
+  // Changes when the daemon was replaced (a recovery): page references of an earlier
+  // generation, and what a page cache holds by them, mean nothing any more.
+  virtual uint64_t generation() const { return 0; }
 };
 
 }  // namespace icecache::client_internal

@@ -33,16 +33,23 @@ absl::StatusOr<std::unique_ptr<LocalDaemon>> LocalDaemon::Start(
   }
   d->dir_ = tmpl;
   d->socket_ = d->dir_ + "/icecached.sock";
-  std::vector<std::string> args = {binary, "--socket=" + d->socket_, "--metrics-port=-1",
-                                   "--recall-sample-every=0", "--log-level=warning"};
-  args.insert(args.end(), extra_flags.begin(), extra_flags.end());
+  d->args_ = {binary, "--socket=" + d->socket_, "--metrics-port=-1", "--recall-sample-every=0",
+              "--log-level=warning"};
+  d->args_.insert(d->args_.end(), extra_flags.begin(), extra_flags.end());
+  absl::Status st = d->Spawn(timeout);
+  if (!st.ok()) return st;
+  return d;
+}
+
+absl::Status LocalDaemon::Spawn(absl::Duration timeout) {
+  std::vector<std::string> args = args_;
   std::vector<char*> argv;
   for (std::string& a : args) argv.push_back(a.data());
   argv.push_back(nullptr);
   const pid_t parent = ::getpid();
-  d->pid_ = ::fork();
-  if (d->pid_ < 0) return absl::InternalError(absl::StrCat("fork: ", std::strerror(errno)));
-  if (d->pid_ == 0) {
+  pid_ = ::fork();
+  if (pid_ < 0) return absl::InternalError(absl::StrCat("fork: ", std::strerror(errno)));
+  if (pid_ == 0) {
     ::prctl(PR_SET_PDEATHSIG, SIGTERM);
     if (::getppid() != parent) _exit(127);  // the parent died before prctl took effect
     ::execv(argv[0], argv.data());
@@ -51,18 +58,27 @@ absl::StatusOr<std::unique_ptr<LocalDaemon>> LocalDaemon::Start(
   const absl::Time deadline = absl::Now() + timeout;
   while (absl::Now() < deadline) {
     Attachment::Options o;
-    o.socket = d->socket_;
-    if (Attachment::Attach(o).ok()) return d;
+    o.socket = socket_;
+    if (Attachment::Attach(o).ok()) return absl::OkStatus();
     int status = 0;
-    if (::waitpid(d->pid_, &status, WNOHANG) == d->pid_) {
-      d->pid_ = -1;
+    if (::waitpid(pid_, &status, WNOHANG) == pid_) {
+      pid_ = -1;
       return absl::UnavailableError(
-          absl::StrCat(binary, " exited (status ", status, ") before serving at ", d->socket_));
+          absl::StrCat(args_[0], " exited (status ", status, ") before serving at ", socket_));
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(10));
   }
-  return absl::UnavailableError(absl::StrCat(binary, " did not come up at ", d->socket_, " within ",
+  return absl::UnavailableError(absl::StrCat(args_[0], " did not come up at ", socket_, " within ",
                                              absl::FormatDuration(timeout)));
+}
+
+absl::Status LocalDaemon::Restart(int signal, absl::Duration timeout) {
+  if (pid_ > 0) {
+    ::kill(pid_, signal);
+    ::waitpid(pid_, nullptr, 0);
+    pid_ = -1;
+  }
+  return Spawn(timeout);
 }
 
 LocalDaemon::~LocalDaemon() {

@@ -33,8 +33,15 @@ class LocalDaemon {
   const std::string& socket() const { return socket_; }
   pid_t pid() const { return pid_; }
 
+  // Ends the daemon with `signal` (SIGKILL: a crash; SIGTERM: a planned stop), reaps it, and
+  // starts the same binary with the same flags on the same socket (a successor), returning
+  // once a client can attach. Errors as Start.
+  absl::Status Restart(int signal, absl::Duration timeout = absl::Seconds(10));
+
  private:
   LocalDaemon() = default;
+  absl::Status Spawn(absl::Duration timeout);
+  std::vector<std::string> args_;
   pid_t pid_ = -1;
   std::string dir_;
   std::string socket_;

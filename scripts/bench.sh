@@ -6,7 +6,8 @@
 # benchmark (ring round trips against in-process calls, concurrent clients) and the quality
 # evaluation (every method and oracle at budgets 64-512), the client's decode step in CPU
 # mode (select, fetch, attention against full attention; page-cache hit rate), the Python
-# binding's overhead per decode call against the C++ call, then draws the plots. The GPU
+# binding's overhead per decode call against the C++ call, the stall a daemon crash costs a
+# decode (SIGKILL, successor, the client's recovery) beside a re-prefill, then draws the plots. The GPU
 # benchmarks run on the GPU machine: bench/gpu/pack.sh, then bench/gpu/run.sh.
 #
 #   scripts/bench.sh [--quick] [--trace=FILE] [--model]
@@ -74,6 +75,10 @@ echo "== batched decode against single-sequence calls (8B-shaped layer)"
 batch_tokens=16384
 [[ $sizes == "4096,32768" ]] && batch_tokens=8192
 "$build/bench/batch_decode" --batches=1,4,16,64 --tokens="$batch_tokens" --out="$out"
+echo "== a daemon crash during an 8B-shaped decode: the client's stall against a re-prefill"
+restart_tokens=32768
+[[ $sizes == "4096,32768" ]] && restart_tokens=8192
+"$build/bench/restart" --tokens="$restart_tokens" --kills=3 --out="$out"
 echo "== Python binding overhead per decode call against the C++ call (same run)"
 PYTHONPATH="$build/python" "$venv/bin/python" "$root/bench/python_overhead.py" \
   --icecached="$build/server/main/icecached" --cpp="$build/bench/python_overhead" --out="$out"

@@ -25,6 +25,7 @@ bins=(
   "$build/bench/client_decode"
   "$build/bench/token_step"
   "$build/bench/batch_decode"
+  "$build/bench/restart"
 )
 for b in "${bins[@]}"; do
   [[ -x "$b" ]] || { echo "pack.sh: missing $b (is CUDA enabled in the build?)" >&2; exit 1; }

@@ -55,6 +55,8 @@ step "per-token step, sync vs async (8B shape, 32 layers)"
 timeout 200 bash -c "$(declare -f run); libpath='$libpath'; pack='$pack'; run token_step --mode=cuda --out='$out' --contexts=32768,131072 --layers_long=32 --steps=24" 2>&1 | tee -a "$log" || status=1
 step "batched decode against single calls (8B-shaped layer, 32k each, batch 1-64)"
 timeout 240 bash -c "$(declare -f run); libpath='$libpath'; pack='$pack'; run batch_decode --mode=cuda --out='$out' --batches=1,4,16,64 --tokens=32768 --steps=16" 2>&1 | tee -a "$log" || status=1
+step "a daemon crash during a CUDA-mode decode (8B shape, 32k): stall against a re-prefill"
+timeout 150 bash -c "$(declare -f run); libpath='$libpath'; pack='$pack'; run restart --mode=cuda --out='$out' --tokens=32768 --kills=2 --steps=12" 2>&1 | tee -a "$log" || status=1
 step "done in $((SECONDS - start)) s, status $status"
 
 python3 - "$out" <<'PY' 2>&1 | tee -a "$log"

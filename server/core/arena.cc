@@ -158,7 +158,9 @@ void Arena::TypeSegment(uint32_t index, uint32_t kind, uint32_t page_bytes) {
   s.free_ranges.clear();
   s.allocations.clear();
   if (kind == abi::kSegmentPages) {
-    s.frames = static_cast<uint32_t>(s.bytes / page_bytes);
+    s.frames = abi::FramesInPageSegment(s.bytes, page_bytes);
+    // Reused segments may hold tags of an earlier use: nothing in them is committed now.
+    for (uint32_t f = 0; f < s.frames; ++f) TagOf(s, f)->owner.store(0, std::memory_order_relaxed);
     // Every frame starts above any version a frame of this segment had before, so that a
     // client's copy of a page from an earlier use can never look current.
     s.versions = std::make_unique<std::atomic<uint32_t>[]>(s.frames);
@@ -180,6 +182,8 @@ void Arena::TypeSegment(uint32_t index, uint32_t kind, uint32_t page_bytes) {
 void Arena::MaybeReclaim(uint32_t index) {
   Segment& s = segments_[index];
   if (index == 0 || s.dormant || s.in_use != 0 || !budget_->over_promise()) return;
+  // A stopping daemon leaves the memory to the client, which recovers from it.
+  if (keep_tags_.load(std::memory_order_acquire)) return;
   if (s.kind == abi::kSegmentPages) {
     std::vector<FrameRef>& free = free_frames_[s.page_bytes];
     free.erase(std::remove_if(free.begin(), free.end(),
@@ -210,13 +214,14 @@ absl::Status Arena::ReserveFrames(uint32_t page_bytes, uint32_t count, FrameRese
   absl::MutexLock lock(&mu_);
   std::vector<FrameRef>& free = free_frames_[page_bytes];
   while (free.size() < count) {
-    const uint64_t need = uint64_t{count - free.size()} * page_bytes;
-    const uint64_t configured =
-        std::max<uint64_t>(1, options_.page_segment_bytes / page_bytes) * page_bytes;
+    // A frame takes its page and its tag (abi::FrameTag) in the segment.
+    const uint64_t footprint = abi::FrameFootprint(page_bytes);
+    const uint64_t need = uint64_t{count - free.size()} * footprint;
+    const uint64_t configured = std::max<uint64_t>(options_.page_segment_bytes, footprint);
     // Frames come in segments of the configured size (more of them for a larger need).
     absl::StatusOr<uint32_t> seg =
         AddSegment(abi::kSegmentPages,
-                   NewSegmentBytes(configured, std::min(need, configured), page_bytes), page_bytes);
+                   NewSegmentBytes(configured, std::min(need, configured), footprint), page_bytes);
     if (!seg.ok()) return seg.status();
     const Segment& s = segments_[*seg];
     for (uint32_t f = s.frames; f-- > 0;) free.push_back({*seg, f});
@@ -250,6 +255,11 @@ void Arena::FreeFrame(FrameRef frame) {
                  segments_[frame.segment].kind == abi::kSegmentPages &&
                  frame.frame < segments_[frame.segment].frames)
       << "freeing a frame that is not one";
+  // Not this frame's content any more: a restarted daemon must not take it for a page
+  // (unless this daemon is stopping: then the frame is freed only with the daemon).
+  if (!keep_tags_.load(std::memory_order_acquire)) {
+    TagOf(segments_[frame.segment], frame.frame)->owner.store(0, std::memory_order_release);
+  }
   BumpFrameVersion(frame);
   std::vector<FrameRef> one = {frame};
   ReturnFrames(&one);
@@ -258,6 +268,51 @@ void Arena::FreeFrame(FrameRef frame) {
 uint8_t* Arena::FrameAddress(FrameRef frame) const {
   const Segment& s = segments_[frame.segment];
   return static_cast<uint8_t*>(s.base) + uint64_t{frame.frame} * s.page_bytes;
+}
+
+abi::FrameTag* Arena::TagOf(const Segment& s, uint32_t frame) {
+  return reinterpret_cast<abi::FrameTag*>(static_cast<uint8_t*>(s.base) +
+                                          abi::TagOffset(s.bytes, s.page_bytes, frame));
+}
+
+std::vector<Arena::TagCopy> Arena::Tags() const {
+  absl::MutexLock lock(&mu_);
+  std::vector<TagCopy> out;
+  for (uint32_t i = 1; i < used_segments_; ++i) {
+    const Segment& s = segments_[i];
+    if (s.kind != abi::kSegmentPages || s.dormant) continue;
+    for (uint32_t f = 0; f < s.frames; ++f) {
+      const abi::FrameTag* t = TagOf(s, f);
+      TagCopy c;
+      c.frame = FrameRef{i, f};
+      c.owner = t->owner.load(std::memory_order_acquire);
+      c.layer = t->layer;
+      c.kv_head = t->kv_head;
+      c.count = t->count;
+      std::memcpy(c.positions, t->positions, sizeof(c.positions));
+      out.push_back(c);
+    }
+  }
+  return out;
+}
+
+void Arena::ClearTag(FrameRef frame) {
+  TagOf(segments_[frame.segment], frame.frame)->owner.store(0, std::memory_order_release);
+  std::atomic_thread_fence(std::memory_order_seq_cst);
+}
+
+void Arena::WriteTag(FrameRef frame, uint64_t owner, uint32_t layer, uint32_t kv_head,
+                     const uint32_t* positions, uint32_t count) {
+  abi::FrameTag* t = TagOf(segments_[frame.segment], frame.frame);
+  t->owner.store(0, std::memory_order_relaxed);
+  std::atomic_thread_fence(std::memory_order_release);
+  t->layer = layer;
+  t->kv_head = kv_head;
+  t->count = count;
+  t->reserved = 0;
+  std::memcpy(t->positions, positions, sizeof(uint32_t) * std::min(count, abi::kMaxTagSlots));
+  // The rows and the fields above are in place before the owner names them.
+  t->owner.store(owner, std::memory_order_release);
 }
 
 uint32_t Arena::FrameVersion(FrameRef frame) const {

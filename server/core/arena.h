@@ -14,7 +14,8 @@
 // Segments are sealed against shrinking, so a client that ftruncates its descriptor cannot
 // make the daemon fault on its own mapping.
 //
-// Page frames: a page segment holds frames of one size (page_bytes); frames are handed out
+// Page frames: a page segment holds frames of one size (page_bytes), then one abi::FrameTag
+// per frame (what a restarted daemon rebuilds the sequences from); frames are handed out
 // through FrameReservations (reserve first, when failure is still allowed; take later, when it
 // is not). Each frame carries a version, bumped whenever its content changes or it is freed.
 //
@@ -120,6 +121,23 @@ class Arena {
   void FreeFrame(FrameRef frame);
   uint8_t* FrameAddress(FrameRef frame) const;
   uint32_t FrameVersion(FrameRef frame) const;
+  // The frame's tag (abi::FrameTag): written after the frame's rows, owner last; cleared
+  // (owner 0) before the frame is rewritten in place, and by FreeFrame.
+  void WriteTag(FrameRef frame, uint64_t owner, uint32_t layer, uint32_t kv_head,
+                const uint32_t* positions, uint32_t count);
+  void ClearTag(FrameRef frame);
+  // From now on FreeFrame leaves tags as they are and no segment is given back (punched):
+  // the daemon is stopping and the client, which keeps the memory, will hand it to the
+  // successor (docs/data_plane.md, Recovery).
+  void KeepTagsOnRelease() { keep_tags_.store(true, std::memory_order_release); }
+  // A copy of the tag of every frame of every page segment (introspection and tests).
+  struct TagCopy {
+    FrameRef frame;
+    uint64_t owner = 0;
+    uint32_t layer = 0, kv_head = 0, count = 0;
+    uint32_t positions[abi::kMaxTagSlots] = {};
+  };
+  std::vector<TagCopy> Tags() const;
   void BumpFrameVersion(FrameRef frame);
 
   // ---- staging buffers
@@ -185,9 +203,11 @@ class Arena {
   uint64_t NewSegmentBytes(uint64_t configured, uint64_t need, uint64_t unit,
                            bool exact_near_limit = false) const;
   void ReturnFrames(std::vector<FrameRef>* frames);
+  static abi::FrameTag* TagOf(const Segment& s, uint32_t frame);
 
   const uint64_t client_id_;
   const ArenaOptions options_;
+  std::atomic<bool> keep_tags_{false};
   // Destroyed after the segments are released (declared before them).
   const std::unique_ptr<ClientBudget> budget_;
   SegmentListener* listener_ ABSL_GUARDED_BY(mu_);

@@ -24,6 +24,7 @@
 #include "absl/time/clock.h"
 #include "common/keyed_serial_executor.h"
 #include "common/log.h"
+#include "server/core/recovery.h"
 
 namespace icecache {
 namespace {
@@ -121,6 +122,10 @@ struct DataPlane::Client final : public SegmentListener {
   uint64_t scratch_bytes ABSL_GUARDED_BY(scratch_mu) = 0;
 
   absl::Mutex send_mu;
+
+  // A recovery attach: the previous arena, until the client's last RestoreSequence.
+  absl::Mutex previous_mu;
+  std::shared_ptr<DonatedArena> previous ABSL_GUARDED_BY(previous_mu);
 
   ~Client() override {
     for (int fd : {conn_fd, doorbell_fd, wake_fd}) {
@@ -533,9 +538,11 @@ class DataPlane::Dispatcher {
                 ? kv->Prefill(r.layer, k_rows, v_rows, r.tokens, r.first_position, &client->dead)
                 : kv->Append(r.layer, k_rows, v_rows, r.tokens, r.first_position);
         // A successful operation consumes the buffer; a refused one changes nothing (the
-        // client may fix and resubmit it, or release it).
-        if (s.ok()) (void)client->arena->FreeStaging(r.staging);
+        // client may fix and resubmit it, or release it). Answered first, freed after: until
+        // the client has the answer its buffer is not handed to anyone else, so that a client
+        // recovering from a crash in between resubmits it intact (docs/data_plane.md).
         Respond(dp, client.get(), r.slot, r.op, start, s, 0);
+        if (s.ok()) (void)client->arena->FreeStaging(r.staging);
       }
       client->EndOp();
     };
@@ -897,7 +904,12 @@ void DataPlane::Stop() {
   attach_thread_.join();
   {
     absl::MutexLock lock(&mu_);
-    for (auto& [token, c] : by_token_) reap_queue_.push_back(c);
+    for (auto& [token, c] : by_token_) {
+      // The clients outlive this daemon and recover from their arenas with its successor:
+      // their frames keep their tags as the sequences are torn down.
+      if (c->arena != nullptr) c->arena->KeepTagsOnRelease();
+      reap_queue_.push_back(c);
+    }
     by_token_.clear();
     reaper_exit_ = true;
   }
@@ -914,7 +926,49 @@ struct DataPlane::PendingAttach {
   SteadyClock::time_point deadline;
   abi::AttachRequest request{};
   size_t received = 0;
+  // Descriptors that came with the request (a recovery's previous arena); closed unless a
+  // recovery attach takes them.
+  std::shared_ptr<std::vector<int>> fds = std::make_shared<std::vector<int>>();
 };
+
+namespace {
+
+// recv that also takes SCM_RIGHTS descriptors (appended to `fds`; at most kMaxDonatedSegments
+// are kept, any beyond are closed). MSG_CMSG_CLOEXEC: none leaks into a child.
+ssize_t RecvWithFds(int sock, void* data, size_t len, std::vector<int>* fds) {
+  struct iovec iov {
+    data, len
+  };
+  struct msghdr msg {};
+  msg.msg_iov = &iov;
+  msg.msg_iovlen = 1;
+  alignas(struct cmsghdr) char control[CMSG_SPACE(sizeof(int) * 253)];
+  msg.msg_control = control;
+  msg.msg_controllen = sizeof(control);
+  const ssize_t n = ::recvmsg(sock, &msg, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
+  if (n < 0) return n;
+  for (struct cmsghdr* c = CMSG_FIRSTHDR(&msg); c != nullptr; c = CMSG_NXTHDR(&msg, c)) {
+    if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
+    const size_t count = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+    for (size_t i = 0; i < count; ++i) {
+      int fd;
+      std::memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof(int));
+      if (fds->size() < abi::kMaxDonatedSegments) {
+        fds->push_back(fd);
+      } else {
+        ::close(fd);
+      }
+    }
+  }
+  return n;
+}
+
+void CloseAll(std::vector<int>* fds) {
+  for (int fd : *fds) ::close(fd);
+  fds->clear();
+}
+
+}  // namespace
 
 // The attach thread: one poll over the listening socket, every handshake in progress and
 // every attached client's connection. Nothing in it blocks on a peer: accept, the credential
@@ -961,20 +1015,22 @@ void DataPlane::AttachLoop() {
     for (size_t i = 0; i < pending.size(); ++i) {
       PendingAttach& p = pending[i];
       if (fds[2 + i].revents != 0) {
-        const ssize_t n = ::recv(p.fd, reinterpret_cast<char*>(&p.request) + p.received,
-                                 sizeof(p.request) - p.received, MSG_DONTWAIT);
+        const ssize_t n = RecvWithFds(p.fd, reinterpret_cast<char*>(&p.request) + p.received,
+                                      sizeof(p.request) - p.received, p.fds.get());
         if (n > 0) p.received += static_cast<size_t>(n);
         if (p.received == sizeof(p.request)) {
           Handshake(p);
           continue;
         }
         if (n == 0 || (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)) {
+          CloseAll(p.fds.get());
           ::close(p.fd);  // gone before it finished its request
           observer_->OnAttach(false);
           continue;
         }
       }
       if (now >= p.deadline) {
+        CloseAll(p.fds.get());
         Refuse(p.fd, abi::kAttachBadRequest,
                absl::StrCat("no complete attach request within ",
                             absl::FormatDuration(options_.handshake_timeout)));
@@ -985,7 +1041,10 @@ void DataPlane::AttachLoop() {
     pending.swap(waiting);
     if (fds[0].revents & POLLIN) AcceptNew(&pending);
   }
-  for (const PendingAttach& p : pending) ::close(p.fd);
+  for (const PendingAttach& p : pending) {
+    CloseAll(p.fds.get());
+    ::close(p.fd);
+  }
 }
 
 void DataPlane::Refuse(int fd, uint32_t status, const std::string& why) {
@@ -1053,6 +1112,13 @@ void DataPlane::Handshake(const PendingAttach& p) {
   const int fd = p.fd;
   const struct ucred& cred = p.cred;
   const abi::AttachRequest& req = p.request;
+  // The descriptors a recovery hands back; closed on every other path.
+  std::vector<int> donated;
+  donated.swap(*p.fds);
+  struct CloseDonated {
+    std::vector<int>* fds;
+    ~CloseDonated() { CloseAll(fds); }
+  } close_donated{&donated};
   if (req.magic != abi::kArenaMagic) {
     return Refuse(fd, abi::kAttachBadRequest, "malformed attach request");
   }
@@ -1061,10 +1127,36 @@ void DataPlane::Handshake(const PendingAttach& p) {
                   absl::StrCat("ABI version ", req.abi_version, " is not supported (daemon speaks ",
                                abi::kAbiVersion, ")"));
   }
-  if ((req.flags & ~uint32_t{abi::kAttachOperator}) != 0) {
+  if ((req.flags & ~uint32_t{abi::kAttachOperator | abi::kAttachRecover}) != 0) {
     return Refuse(fd, abi::kAttachBadRequest, "unknown attach flags");
   }
   const bool as_operator = (req.flags & abi::kAttachOperator) != 0;
+  const bool recover = (req.flags & abi::kAttachRecover) != 0;
+  if (recover && (as_operator || req.reserved[0] != donated.size() || donated.empty())) {
+    return Refuse(fd, abi::kAttachBadRequest,
+                  absl::StrCat("a recovery attach hands back its previous arena's segments (",
+                               req.reserved[0], " announced, ", donated.size(),
+                               " descriptors received); operators have none"));
+  }
+  if (!recover && !donated.empty()) {
+    return Refuse(fd, abi::kAttachBadRequest, "descriptors sent with a plain attach request");
+  }
+  std::shared_ptr<DonatedArena> previous;
+  if (recover) {
+    std::vector<int> taken;
+    taken.swap(donated);  // Map owns them now, also on error
+    // No arena of this daemon is larger than a client's quota or the memory limit.
+    const uint64_t limit = memory_->limit();
+    const uint64_t max_bytes =
+        options_.client_quota != 0 ? std::min(options_.client_quota, limit) : limit;
+    absl::StatusOr<std::unique_ptr<DonatedArena>> mapped =
+        DonatedArena::Map(std::move(taken), max_bytes);
+    if (!mapped.ok()) {
+      return Refuse(fd, abi::kAttachBadRequest,
+                    absl::StrCat("recovery: ", mapped.status().message()));
+    }
+    previous = std::move(*mapped);
+  }
   const std::vector<uid_t> self = {::geteuid()};
   const auto& allowed = options_.allowed_uids.empty() ? self : options_.allowed_uids;
   const auto& operators = options_.operator_uids.empty() ? self : options_.operator_uids;
@@ -1099,6 +1191,7 @@ void DataPlane::Handshake(const PendingAttach& p) {
   client->is_operator = as_operator;
   client->conn_fd = fd;
   client->appends = std::make_unique<KeyedSerialExecutor>(pool_);
+  client->previous = std::move(previous);
   int fds[2];
   int nfds = 0;
   if (!as_operator) {
@@ -1146,7 +1239,8 @@ void DataPlane::Handshake(const PendingAttach& p) {
   }
   observer_->OnAttach(true);
   ICECACHE_LOG(INFO) << "client " << client->id << " attached (uid " << cred.uid << ", pid "
-                     << cred.pid << (as_operator ? ", operator" : "") << ")";
+                     << cred.pid << (as_operator ? ", operator" : "")
+                     << (recover ? ", recovering its previous arena" : "") << ")";
 }
 
 void DataPlane::Detach(std::shared_ptr<Client> client) {
@@ -1304,7 +1398,77 @@ absl::StatusOr<SequenceInfo> DataPlane::CreateSequence(const Caller& caller,
     allowances_[kv.get()] = StagingAllowance{next_staging_tag_.fetch_add(1), charge};
     return kv;
   };
-  return registry_->Create(spec, label, o);
+  absl::StatusOr<SequenceInfo> info = registry_->Create(spec, label, o);
+  if (info.ok() && info->kv != nullptr)
+    info->kv->set_durable_id(SequenceRegistry::DurableIdOf(info->handle));
+  return info;
+}
+
+absl::StatusOr<SequenceInfo> DataPlane::RestoreSequence(
+    const Caller& caller, const GeometrySpec& spec, const std::string& label,
+    const std::string& previous_handle, const std::vector<SequenceKv::LayerJournal>& layers,
+    bool last) {
+  if (draining_.load()) return absl::UnavailableError("icecached is shutting down");
+  std::shared_ptr<Client> client;
+  {
+    absl::MutexLock lock(&mu_);
+    for (const auto& [token, c] : by_token_) {
+      if (c->id == caller.client_id && !c->is_operator) client = c;
+    }
+  }
+  if (client == nullptr) {
+    return absl::UnauthenticatedError("restoring a sequence needs a client attachment");
+  }
+  if (!SequenceRegistry::IsWellFormedHandle(previous_handle)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("previous_handle \"", previous_handle.substr(0, 64), "\" is not a handle"));
+  }
+  std::shared_ptr<DonatedArena> previous;
+  {
+    absl::MutexLock lock(&client->previous_mu);
+    previous = client->previous;
+    if (last) client->previous.reset();
+  }
+  if (previous == nullptr) {
+    return absl::FailedPreconditionError(
+        "this attachment handed back no previous arena (attach with kAttachRecover), or its "
+        "last restore was already made");
+  }
+  absl::StatusOr<SequenceInfo> info = CreateSequence(caller, spec, label);
+  if (!info.ok()) return info.status();
+  const Geometry& g = info->geometry;
+  auto fail = [&](absl::Status st) {
+    (void)registry_->Drop(info->handle, caller);
+    return st;
+  };
+  std::vector<char> seen(g.num_layers, 0);
+  for (const SequenceKv::LayerJournal& j : layers) {
+    if (j.layer >= g.num_layers || j.layer < g.full_kv_layers) {
+      return fail(absl::InvalidArgumentError(
+          absl::StrCat("layers: layer ", j.layer, " is not an offloaded layer of the sequence")));
+    }
+    if (seen[j.layer]) {
+      return fail(absl::InvalidArgumentError(absl::StrCat("layers: layer ", j.layer, " twice")));
+    }
+    seen[j.layer] = 1;
+  }
+  const std::unique_ptr<SequenceKv::RowSource> rows =
+      previous->RowsOf(SequenceRegistry::DurableIdOf(previous_handle), g);
+  const auto start = SteadyClock::now();
+  uint64_t tokens = 0;
+  for (const SequenceKv::LayerJournal& j : layers) {
+    absl::Status st = info->kv->Restore(j, *rows);
+    if (!st.ok()) {
+      return fail(absl::Status(st.code(), absl::StrCat("restoring layer ", j.layer, " of ",
+                                                       previous_handle, ": ", st.message())));
+    }
+    tokens += info->kv->tokens(j.layer);
+  }
+  ICECACHE_LOG(INFO) << "client " << caller.client_id << ": restored " << previous_handle << " as "
+                     << info->handle << " (" << layers.size() << " layers, " << tokens
+                     << " tokens) in "
+                     << std::chrono::duration<double>(SteadyClock::now() - start).count() << " s";
+  return info;
 }
 
 DataPlaneStats DataPlane::Stats() const {

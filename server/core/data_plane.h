@@ -141,6 +141,19 @@ class DataPlane {
   absl::StatusOr<SequenceInfo> CreateSequence(const Caller& caller, const GeometrySpec& spec,
                                               const std::string& label);
 
+  // Rebuilds a sequence of the caller's previous arena (handed back by a recovery attach,
+  // abi::kAttachRecover) after the daemon that held it went away: creates a sequence of `spec`
+  // as CreateSequence does (a new handle), then replays each layer's acknowledged history
+  // (`layers`) on the rows found under `previous_handle`'s frame tags, so that it selects what
+  // the lost sequence would have. `last`: the previous arena is let go after this call.
+  // FAILED_PRECONDITION: no previous arena. INVALID_ARGUMENT: a malformed handle or journal.
+  // DATA_LOSS: a token of the journal is in no frame. On error no sequence is left.
+  absl::StatusOr<SequenceInfo> RestoreSequence(const Caller& caller, const GeometrySpec& spec,
+                                               const std::string& label,
+                                               const std::string& previous_handle,
+                                               const std::vector<SequenceKv::LayerJournal>& layers,
+                                               bool last);
+
   // The uid behind an attachment (for binding control calls to the caller's identity).
   // UNAUTHENTICATED when the token is unknown.
   absl::StatusOr<uid_t> TokenUid(absl::string_view token) const;

@@ -89,7 +89,7 @@ SequencePromise PromiseCalculator::AfterPrefill(const Geometry& g, const Sequenc
   const uint64_t heads = uint64_t{g.offloaded_layers()} * g.num_kv_heads;
   const uint64_t remaining = g.max_tokens > tokens ? g.max_tokens - tokens : 0;
   const uint64_t pages = pages_held + heads * InsertPagesPerHead(g, remaining);
-  after.pages = std::min(before.pages, pages * g.page_bytes());
+  after.pages = std::min(before.pages, pages * abi::FrameFootprint(g.page_bytes()));
   const uint64_t row = uint64_t{g.head_dim} * DTypeBytes(g.dtype);
   const uint64_t window = uint64_t{g.offloaded_layers()} *
                           Arena::StagingFootprint(uint64_t{g.page_size} * 2 * g.num_kv_heads * row);
@@ -147,7 +147,7 @@ SequencePromise PromiseCalculator::For(const Geometry& g) {
   if (heads == 0) return p;
   const uint64_t row = uint64_t{g.head_dim} * DTypeBytes(g.dtype);
   const uint64_t staged_token = 2 * uint64_t{g.num_kv_heads} * row;  // K and V, every KV head
-  p.pages = heads * PagesPerHead(g) * g.page_bytes();
+  p.pages = heads * PagesPerHead(g) * abi::FrameFootprint(g.page_bytes());
   p.prefill_depth = PrefillDepth(g);
   p.staging = uint64_t{p.prefill_depth} * Arena::StagingFootprint(g.max_tokens * staged_token) +
               uint64_t{g.offloaded_layers()} * Arena::StagingFootprint(g.page_size * staged_token);

@@ -6,8 +6,10 @@
 #include <cstring>
 #include <numeric>
 
+#include "absl/container/flat_hash_map.h"
 #include "absl/strings/str_cat.h"
 #include "common/log.h"
+#include "common/status_macros.h"
 #include "server/index/exact_oracle.h"
 
 namespace icecache {
@@ -30,8 +32,9 @@ index::ElemType ElemTypeOf(DType d) {
 struct SequenceKv::Head final : public index::PageReader {
   Arena* arena = nullptr;
   PageLayout layout;
-  std::vector<FrameRef> table;  // [page id]
-  std::vector<uint32_t> valid;  // [page id]
+  std::vector<FrameRef> table;      // [page id]
+  std::vector<uint32_t> valid;      // [page id]
+  std::vector<uint32_t> positions;  // [page id * page_size + slot]: what the frame tags say
   std::unique_ptr<index::KvIndex> index;
 
   const void* PageKeys(uint32_t page) const override { return arena->FrameAddress(table[page]); }
@@ -48,46 +51,70 @@ struct SequenceKv::Layer {
 namespace {
 
 // Applies one head's layout changes: frames from a reservation, rows from the staged batch
-// (this head's K and V rows) or from the head's existing frames.
+// (this head's K and V rows) or from the head's existing frames, and each changed frame's tag
+// (abi::FrameTag). Crash consistency: a page that held tokens before the change is rewritten
+// into a fresh frame (copy on write) and its old frame is freed only after every changed
+// frame is tagged, so a token the daemon acknowledged is in a tagged frame at every instant.
+// When no frame is free for the copies, the change is applied in place (the tags of the
+// pages rewritten are cleared first) and counted: a crash during that change can lose
+// tokens of those pages, which a restore then reports as DATA_LOSS.
 class HeadWriter final : public index::PageWriter {
  public:
+  struct Tagging {
+    uint64_t owner = 0;
+    uint32_t layer = 0;
+    uint32_t kv_head = 0;
+    const uint32_t* batch_positions = nullptr;  // [batch rows]
+    std::atomic<uint64_t>* in_place = nullptr;  // changes applied without copy on write
+  };
   HeadWriter(Arena* arena, std::vector<FrameRef>* table, std::vector<uint32_t>* valid,
-             const PageLayout& layout, const uint8_t* k_rows, const uint8_t* v_rows,
-             Arena::FrameReservation* reservation, std::atomic<uint64_t>* pages)
+             std::vector<uint32_t>* positions, const PageLayout& layout, const uint8_t* k_rows,
+             const uint8_t* v_rows, Arena::FrameReservation* reservation,
+             std::atomic<uint64_t>* pages, const Tagging& tagging)
       : arena_(arena),
         table_(table),
         valid_(valid),
+        positions_(positions),
         layout_(layout),
         k_rows_(k_rows),
         v_rows_(v_rows),
         reservation_(reservation),
-        pages_(pages) {}
+        pages_(pages),
+        tagging_(tagging) {}
 
   bool failed() const { return failed_; }
 
   void Apply(const index::LayoutChange& c) override {
     const uint64_t need = c.allocated.size();
+    const uint32_t page_bytes = static_cast<uint32_t>(layout_.page_bytes());
+    const uint32_t ps = layout_.page_size;
     if (reservation_->remaining() < need) {
       // More pages than the bound reserved: take what is still free, or give the layer up.
       absl::Status more = arena_->ReserveFrames(
-          static_cast<uint32_t>(layout_.page_bytes()),
-          static_cast<uint32_t>(need - reservation_->remaining()), reservation_);
+          page_bytes, static_cast<uint32_t>(need - reservation_->remaining()), reservation_);
       if (!more.ok()) {
         failed_ = true;
         return;
       }
     }
-    for (uint32_t p : c.allocated) {
-      if (table_->size() <= p) {
-        table_->resize(p + 1);
-        valid_->resize(p + 1, 0);
+    // Pages that held tokens before and change now: rewritten into fresh frames.
+    std::vector<uint32_t> rewritten;
+    for (const index::PageFill& f : c.changed) {
+      if (!std::binary_search(c.allocated.begin(), c.allocated.end(), f.page)) {
+        rewritten.push_back(f.page);
       }
-      (*table_)[p] = reservation_->Take();
     }
-    pages_->fetch_add(c.allocated.size(), std::memory_order_relaxed);
+    Arena::FrameReservation copies;
+    const bool copy_on_write =
+        rewritten.empty() ||
+        arena_->ReserveFrames(page_bytes, static_cast<uint32_t>(rewritten.size()), &copies).ok();
+    if (!copy_on_write && tagging_.in_place != nullptr) {
+      tagging_.in_place->fetch_add(1, std::memory_order_relaxed);
+    }
     const uint64_t row = layout_.row_bytes();
-    // Parallel assignment: read every existing source before any write.
+    // Parallel assignment: read every existing source (row and position) before any write.
     std::vector<uint8_t> staged(c.writes.size() * row * 2);
+    std::vector<uint32_t> staged_positions(c.writes.size());
     for (size_t i = 0; i < c.writes.size(); ++i) {
       const index::SlotWrite& w = c.writes[i];
       uint8_t* k = staged.data() + 2 * i * row;
@@ -96,21 +123,59 @@ class HeadWriter final : public index::PageWriter {
         const uint8_t* frame = arena_->FrameAddress((*table_)[w.src.page]);
         std::memcpy(k, frame + layout_.k_offset(w.src.slot), row);
         std::memcpy(v, frame + layout_.v_offset(w.src.slot), row);
+        staged_positions[i] = (*positions_)[uint64_t{w.src.page} * ps + w.src.slot];
       } else {
         std::memcpy(k, k_rows_ + uint64_t{w.src.batch_row} * row, row);
         std::memcpy(v, v_rows_ + uint64_t{w.src.batch_row} * row, row);
+        staged_positions[i] = tagging_.batch_positions[w.src.batch_row];
+      }
+    }
+    for (uint32_t p : c.allocated) {
+      if (table_->size() <= p) {
+        table_->resize(p + 1);
+        valid_->resize(p + 1, 0);
+        positions_->resize(uint64_t{p + 1} * ps, 0);
+      }
+      (*table_)[p] = reservation_->Take();
+    }
+    pages_->fetch_add(c.allocated.size(), std::memory_order_relaxed);
+    // Where each changed page's content goes: its new frame, a copy of its old one, or (no
+    // frames for copies) the old one with its tag cleared first.
+    absl::flat_hash_map<uint32_t, FrameRef> target;
+    for (uint32_t p : c.allocated) target[p] = (*table_)[p];
+    for (uint32_t p : rewritten) {
+      const FrameRef old = (*table_)[p];
+      if (copy_on_write) {
+        const FrameRef fresh = copies.Take();
+        std::memcpy(arena_->FrameAddress(fresh), arena_->FrameAddress(old), page_bytes);
+        target[p] = fresh;
+      } else {
+        arena_->ClearTag(old);
+        target[p] = old;
       }
     }
     for (size_t i = 0; i < c.writes.size(); ++i) {
       const index::SlotWrite& w = c.writes[i];
-      uint8_t* frame = arena_->FrameAddress((*table_)[w.page]);
+      uint8_t* frame = arena_->FrameAddress(target.at(w.page));
       std::memcpy(frame + layout_.k_offset(w.slot), staged.data() + 2 * i * row, row);
       std::memcpy(frame + layout_.v_offset(w.slot), staged.data() + (2 * i + 1) * row, row);
+      (*positions_)[uint64_t{w.page} * ps + w.slot] = staged_positions[i];
     }
     for (const index::PageFill& f : c.changed) {
       (*valid_)[f.page] = f.valid;
-      arena_->BumpFrameVersion((*table_)[f.page]);
+      arena_->WriteTag(target.at(f.page), tagging_.owner, tagging_.layer, tagging_.kv_head,
+                       positions_->data() + uint64_t{f.page} * ps, f.valid);
     }
+    // Every changed frame is tagged: the old copies can go.
+    for (uint32_t p : rewritten) {
+      if (copy_on_write) {
+        arena_->FreeFrame((*table_)[p]);
+        (*table_)[p] = target.at(p);
+      } else {
+        arena_->BumpFrameVersion((*table_)[p]);
+      }
+    }
+    for (uint32_t p : c.allocated) arena_->BumpFrameVersion((*table_)[p]);
     for (uint32_t p : c.freed) {
       arena_->FreeFrame((*table_)[p]);
       (*table_)[p] = FrameRef{};
@@ -123,13 +188,26 @@ class HeadWriter final : public index::PageWriter {
   Arena* arena_;
   std::vector<FrameRef>* table_;
   std::vector<uint32_t>* valid_;
+  std::vector<uint32_t>* positions_;
   PageLayout layout_;
   const uint8_t* k_rows_;
   const uint8_t* v_rows_;
   Arena::FrameReservation* reservation_;
   std::atomic<uint64_t>* pages_;
+  Tagging tagging_;
   bool failed_ = false;
 };
+
+HeadWriter::Tagging MakeTagging(uint64_t owner, std::atomic<uint64_t>* in_place, uint32_t layer,
+                                uint32_t kv_head, const uint32_t* batch_positions) {
+  HeadWriter::Tagging t;
+  t.owner = owner;
+  t.layer = layer;
+  t.kv_head = kv_head;
+  t.batch_positions = batch_positions;
+  t.in_place = in_place;
+  return t;
+}
 
 }  // namespace
 
@@ -253,9 +331,11 @@ absl::Status SequenceKv::Prefill(uint32_t layer, const uint8_t* k_rows, const ui
   std::vector<char> failed(geometry_.num_kv_heads, 0);
   pool_->ParallelFor(geometry_.num_kv_heads, [&](size_t h) {
     Head& head = *L.heads[h];
-    HeadWriter writer(arena_.get(), &head.table, &head.valid, head.layout,
+    HeadWriter writer(arena_.get(), &head.table, &head.valid, &head.positions, head.layout,
                       k_rows + h * tokens * row, v_rows + h * tokens * row, &reservations[h],
-                      &pages_);
+                      &pages_,
+                      MakeTagging(durable_id_.load(std::memory_order_acquire), &in_place_changes_,
+                                  layer, static_cast<uint32_t>(h), positions.data()));
     status[h] = head.index->Build(batches[h], &writer);
     failed[h] = writer.failed();
   });
@@ -311,9 +391,11 @@ absl::Status SequenceKv::Append(uint32_t layer, const uint8_t* k_rows, const uin
   std::vector<char> failed(geometry_.num_kv_heads, 0);
   pool_->ParallelFor(geometry_.num_kv_heads, [&](size_t h) {
     Head& head = *L.heads[h];
-    HeadWriter writer(arena_.get(), &head.table, &head.valid, head.layout,
+    HeadWriter writer(arena_.get(), &head.table, &head.valid, &head.positions, head.layout,
                       k_rows + h * tokens * row, v_rows + h * tokens * row, &reservations[h],
-                      &pages_);
+                      &pages_,
+                      MakeTagging(durable_id_.load(std::memory_order_acquire), &in_place_changes_,
+                                  layer, static_cast<uint32_t>(h), positions.data()));
     status[h] = head.index->Insert(batches[h], &writer);
     failed[h] = writer.failed();
   });
@@ -419,5 +501,28 @@ uint64_t SequenceKv::tokens(uint32_t layer) const {
 }
 
 uint64_t SequenceKv::pages() const { return pages_.load(std::memory_order_relaxed); }
+
+absl::Status SequenceKv::Restore(const LayerJournal& journal, const RowSource& source) {
+  ICECACHE_RETURN_IF_ERROR(CheckLayer(journal.layer));
+  const uint64_t row = uint64_t{geometry_.head_dim} * DTypeBytes(geometry_.dtype);
+  const uint64_t heads = geometry_.num_kv_heads;
+  std::vector<uint32_t> want;
+  std::vector<uint8_t> k, v;
+  auto gather = [&](uint32_t first, uint32_t tokens) -> absl::Status {
+    want.resize(tokens);
+    std::iota(want.begin(), want.end(), first);
+    k.assign(heads * tokens * row, 0);
+    v.assign(heads * tokens * row, 0);
+    return source.Gather(journal.layer, want, k.data(), v.data());
+  };
+  ICECACHE_RETURN_IF_ERROR(gather(journal.prefill_first, journal.prefill_tokens));
+  ICECACHE_RETURN_IF_ERROR(
+      Prefill(journal.layer, k.data(), v.data(), journal.prefill_tokens, journal.prefill_first));
+  for (const auto& [first, tokens] : journal.appends) {
+    ICECACHE_RETURN_IF_ERROR(gather(first, tokens));
+    ICECACHE_RETURN_IF_ERROR(Append(journal.layer, k.data(), v.data(), tokens, first));
+  }
+  return absl::OkStatus();
+}
 
 }  // namespace icecache

@@ -104,6 +104,35 @@ class SequenceKv {
   uint64_t tokens(uint32_t layer) const;  // tokens stored in the layer
   uint64_t pages() const;                 // frames held by the sequence
 
+  // The id the frame tags name as owner (abi::FrameTag): the sequence's durable id, set once
+  // before its first prefill (the data plane derives it from the handle). Not 0.
+  void set_durable_id(uint64_t id) { durable_id_.store(id, std::memory_order_release); }
+  uint64_t durable_id() const { return durable_id_.load(std::memory_order_acquire); }
+  // Layout changes applied in place because no frame was free for a copy (not crash-safe).
+  uint64_t in_place_changes() const { return in_place_changes_.load(std::memory_order_relaxed); }
+
+  // A restore's source of stored rows (a previous daemon's arena, recovery.h): fills
+  // k_out/v_out, [num_kv_heads][positions.size()][head_dim], with the rows of `layer` at
+  // `positions` of this sequence's previous incarnation. DATA_LOSS when one is missing.
+  class RowSource {
+   public:
+    virtual ~RowSource() = default;
+    virtual absl::Status Gather(uint32_t layer, const std::vector<uint32_t>& positions,
+                                uint8_t* k_out, uint8_t* v_out) const = 0;
+  };
+  // One layer's history as the client saw it acknowledged: the prompt's build, then each
+  // append in order. Replaying it gives the identical index (every index is deterministic in
+  // its input), so the restored sequence selects what the lost one would have.
+  struct LayerJournal {
+    uint32_t layer = 0;
+    uint32_t prefill_first = 0;
+    uint32_t prefill_tokens = 0;
+    std::vector<std::pair<uint32_t, uint32_t>> appends;  // (first position, tokens)
+  };
+  // Rebuilds `journal.layer` (empty) from `source`: Prefill, then every Append, on rows copied
+  // out of the source first. Errors as Prefill/Append, or the source's DATA_LOSS.
+  absl::Status Restore(const LayerJournal& journal, const RowSource& source);
+
  private:
   struct Head;
   struct Layer;
@@ -126,6 +155,8 @@ class SequenceKv {
   const index::IndexGeometry index_geometry_;
   std::vector<std::unique_ptr<Layer>> layers_;  // [num_layers]; full-KV layers stay null
   std::atomic<uint64_t> pages_{0};
+  std::atomic<uint64_t> durable_id_{1};
+  std::atomic<uint64_t> in_place_changes_{0};
   // Recall samples in flight hold this count; the destructor waits for them.
   absl::Mutex samples_mu_;
   int samples_in_flight_ ABSL_GUARDED_BY(samples_mu_) = 0;

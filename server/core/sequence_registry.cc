@@ -43,6 +43,13 @@ bool SequenceRegistry::IsWellFormedHandle(absl::string_view handle) {
   return true;
 }
 
+uint64_t SequenceRegistry::DurableIdOf(absl::string_view handle) {
+  uint64_t id = 0;
+  const absl::string_view hex = handle.substr(kHandlePrefix.size(), 16);
+  for (char c : hex) id = id * 16 + static_cast<uint64_t>(c <= '9' ? c - '0' : c - 'a' + 10);
+  return id == 0 ? 1 : id;
+}
+
 std::string SequenceRegistry::NewHandle() {
   // 128 random bits from a BitGen seeded from the OS: unguessable by other clients.
   std::string handle;

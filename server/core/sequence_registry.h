@@ -129,6 +129,9 @@ class SequenceRegistry {
   uint64_t created_total() const;
   uint64_t dropped_total() const;
 
+  // The durable id of a well-formed handle (its first 16 hex digits; never 0), which the frame
+  // tags of its pages name (abi::FrameTag).
+  static uint64_t DurableIdOf(absl::string_view handle);
   // True for strings of the handle format; says nothing about liveness.
   static bool IsWellFormedHandle(absl::string_view handle);
 

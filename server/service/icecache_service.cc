@@ -32,6 +32,7 @@ IceCacheService::IceCacheService(SequenceRegistry* registry, const MemoryAccount
       m_drop_(metrics->RpcMethod("DropSequence")),
       m_stats_(metrics->RpcMethod("GetStats")),
       m_config_(metrics->RpcMethod("GetConfig")),
+      m_restore_(metrics->RpcMethod("RestoreSequence")),
       rate_(info_.control_rate, info_.control_burst) {
   // Method indices in the order of icecache.proto's service.
   ServeRaw<v1::CreateSequenceRequest, v1::CreateSequenceResponse>(
@@ -45,6 +46,8 @@ IceCacheService::IceCacheService(SequenceRegistry* registry, const MemoryAccount
   ServeRaw<v1::GetStatsRequest, v1::GetStatsResponse>(4, m_stats_, &IceCacheService::OnGetStats);
   ServeRaw<v1::GetConfigRequest, v1::GetConfigResponse>(5, m_config_,
                                                         &IceCacheService::OnGetConfig);
+  ServeRaw<v1::RestoreSequenceRequest, v1::RestoreSequenceResponse>(
+      6, m_restore_, &IceCacheService::OnRestoreSequence);
 }
 
 void IceCacheService::SetListening(const std::string& tcp_address, int metrics_port,
@@ -190,6 +193,44 @@ grpc::ServerUnaryReactor* IceCacheService::Unary(grpc::CallbackServerContext* ct
   grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
   reactor->Finish(ToGrpcStatus(status));
   return reactor;
+}
+
+absl::Status IceCacheService::OnRestoreSequence(grpc::CallbackServerContext* ctx,
+                                                const v1::RestoreSequenceRequest* request,
+                                                v1::RestoreSequenceResponse* response) {
+  absl::StatusOr<Caller> caller = CallerOf(ctx);
+  if (!caller.ok()) return caller.status();
+  if (!request->has_geometry()) return absl::InvalidArgumentError("geometry is required");
+  // The history, runs expanded; bounded before anything is allocated for it.
+  std::vector<SequenceKv::LayerJournal> layers;
+  for (const v1::LayerHistory& h : request->layers()) {
+    SequenceKv::LayerJournal j;
+    j.layer = h.layer();
+    j.prefill_first = h.prefill_first_position();
+    j.prefill_tokens = h.prefill_tokens();
+    uint64_t appends = 0, position = 0;
+    for (const v1::AppendRun& r : h.appends()) {
+      appends += r.count();
+      if (appends > GeometryLimits::kMaxTokens || r.tokens() == 0 ||
+          uint64_t{r.first_position()} + uint64_t{r.count()} * r.tokens() > UINT32_MAX) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "layers: layer ", h.layer(), ": append runs out of range (count ", r.count(),
+            ", tokens ", r.tokens(), ", first_position ", r.first_position(), ")"));
+      }
+      position = r.first_position();
+      for (uint32_t i = 0; i < r.count(); ++i) {
+        j.appends.emplace_back(static_cast<uint32_t>(position), r.tokens());
+        position += r.tokens();
+      }
+    }
+    layers.push_back(std::move(j));
+  }
+  absl::StatusOr<SequenceInfo> info =
+      data_plane_->RestoreSequence(*caller, FromProto(request->geometry()), request->label(),
+                                   request->previous_handle(), layers, request->last());
+  if (!info.ok()) return info.status();
+  ToProto(*info, response->mutable_sequence());
+  return absl::OkStatus();
 }
 
 absl::Status IceCacheService::OnCreateSequence(grpc::CallbackServerContext* ctx,

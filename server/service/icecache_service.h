@@ -101,6 +101,9 @@ class IceCacheService final : public v1::IceCache::CallbackService {
                           v1::GetStatsResponse* response);
   absl::Status OnGetConfig(grpc::CallbackServerContext* ctx, const v1::GetConfigRequest* request,
                            v1::GetConfigResponse* response);
+  absl::Status OnRestoreSequence(grpc::CallbackServerContext* ctx,
+                                 const v1::RestoreSequenceRequest* request,
+                                 v1::RestoreSequenceResponse* response);
 
   // The caller behind the call's attachment token (metadata "icecache-client-token"), which
   // must come over the unix socket from the uid the token was issued to (a token alone is no
@@ -124,6 +127,7 @@ class IceCacheService final : public v1::IceCache::CallbackService {
   const Metrics::RpcMethodMetrics* const m_drop_;
   const Metrics::RpcMethodMetrics* const m_stats_;
   const Metrics::RpcMethodMetrics* const m_config_;
+  const Metrics::RpcMethodMetrics* const m_restore_;
 
   std::atomic<bool> draining_{false};
   RateLimiter rate_;

@@ -77,7 +77,8 @@ TEST(Arena, FramesComeFromSegmentsAndReturnWithNewVersions) {
   FrameRef first;
   {
     Arena::FrameReservation r;
-    ASSERT_OK(arena->ReserveFrames(8192, 200, &r));  // 128 frames per 1 MiB segment: two segments
+    ASSERT_OK(
+        arena->ReserveFrames(8192, 200, &r));  // 125 frames (and tags) per 1 MiB: two segments
     EXPECT_EQ(arena->num_segments(), 3u);
     EXPECT_EQ(arena->frames_in_use(), 200u);
     for (int i = 0; i < 150; ++i) {
@@ -169,10 +170,12 @@ TEST(Arena, SegmentsWithinThePromiseCostNothingMore) {
   ASSERT_OK(b->Promise(1536 << 10, 1000, "sequence"));  // 1.5 MiB of arena, 1000 B of heap
   EXPECT_EQ(global.used(), control + (1536 << 10) + 1000);
   Arena::FrameReservation r1, r2;
-  ASSERT_OK(arena->ReserveFrames(4096, 256, &r1));  // 1 MiB: a whole configured segment
+  // 1 MiB: a whole configured segment (frames and their tags).
+  ASSERT_OK(arena->ReserveFrames(4096, abi::FramesInPageSegment(1 << 20, 4096), &r1));
   EXPECT_EQ(global.used(), control + (1536 << 10) + 1000);
-  ASSERT_OK(arena->ReserveFrames(4096, 10, &r2));  // the last 0.5 MiB: sized to the headroom
-  EXPECT_EQ(arena->segment_bytes(), control + (1536 << 10));
+  ASSERT_OK(arena->ReserveFrames(4096, 10, &r2));        // the last 0.5 MiB: sized to the headroom
+  const uint64_t footprint = abi::FrameFootprint(4096);  // whole frames with their tags
+  EXPECT_EQ(arena->segment_bytes(), control + (1 << 20) + (512 << 10) / footprint * footprint);
   EXPECT_EQ(global.used(), control + (1536 << 10) + 1000);
   // Beyond the promise: charged as it happens.
   Arena::FrameReservation r3;
@@ -194,13 +197,16 @@ TEST(Arena, EmptySegmentsBeyondThePromiseAreGivenBackAndReused) {
   std::vector<FrameRef> frames;
   {
     Arena::FrameReservation r;
-    ASSERT_OK(arena->ReserveFrames(4096, 256, &r));
-    for (int i = 0; i < 256; ++i) frames.push_back(r.Take());
+    const uint32_t n = abi::FramesInPageSegment(1 << 20, 4096);  // one segment's frames
+    ASSERT_OK(arena->ReserveFrames(4096, n, &r));
+    for (uint32_t i = 0; i < n; ++i) frames.push_back(r.Take());
   }
   const uint32_t seg = frames[0].segment;
   for (FrameRef f : frames) arena->BumpFrameVersion(f);
   b->Unpromise(1 << 20, 0);
-  EXPECT_EQ(global.used(), control + (1 << 20));  // still held: still charged
+  // Still held: still charged (the segment was sized to the promise, in whole frames).
+  EXPECT_EQ(global.used(),
+            control + abi::FramesInPageSegment(1 << 20, 4096) * abi::FrameFootprint(4096));
   for (FrameRef f : frames) arena->FreeFrame(f);
   EXPECT_EQ(arena->dormant_segments(), 1u);
   EXPECT_EQ(global.used(), control);

@@ -202,5 +202,110 @@ TEST_F(SequenceKvTest, DestructionReturnsEveryFrame) {
   EXPECT_EQ(arena_->frames_in_use(), 0u);
 }
 
+// Frame tags (abi::FrameTag) name every stored token: after a prefill and appends, each
+// position of each (layer, KV head) is in exactly one frame tagged with the sequence's
+// durable id, and the frames the tags name hold those tokens' keys (copy on write frees the
+// old copies, whose tags are cleared).
+TEST_F(SequenceKvTest, FrameTagsNameEveryTokenOnceAfterPrefillAndAppends) {
+  kv_->set_durable_id(0xfeedface);
+  std::vector<uint8_t> p = Staged(1, 0, 1500);
+  ASSERT_OK(kv_->Prefill(1, p.data(), p.data() + p.size() / 2, 1500, 0));
+  for (uint32_t first = 1500; first < 1980; first += 16) {
+    std::vector<uint8_t> a = Staged(1, first, 16);
+    ASSERT_OK(kv_->Append(1, a.data(), a.data() + a.size() / 2, 16, first));
+  }
+  EXPECT_EQ(kv_->in_place_changes(), 0u);
+  std::vector<std::vector<int>> seen(2, std::vector<int>(2000, 0));
+  uint64_t tagged = 0;
+  for (const Arena::TagCopy& tag : arena_->Tags()) {
+    const uint64_t owner = tag.owner;
+    if (owner == 0) continue;
+    ASSERT_EQ(owner, 0xfeedfaceu);
+    ASSERT_EQ(tag.layer, 1u);
+    ASSERT_LT(tag.kv_head, 2u);
+    ASSERT_GE(tag.count, 1u);
+    ASSERT_LE(tag.count, 16u);
+    ++tagged;
+    const uint8_t* frame = arena_->FrameAddress(tag.frame);
+    for (uint32_t slot = 0; slot < tag.count; ++slot) {
+      const uint32_t pos = tag.positions[slot];
+      ASSERT_LT(pos, 2000u);
+      ++seen[tag.kv_head][pos];
+      ASSERT_EQ(std::memcmp(frame + slot * 128, trace_.Keys(1, tag.kv_head).row(pos), 128), 0)
+          << "head " << tag.kv_head << " position " << pos;
+    }
+  }
+  EXPECT_EQ(tagged, kv_->pages());
+  for (uint32_t h = 0; h < 2; ++h) {  // the prompt and 30 appends of 16: positions 0..1979
+    for (uint32_t t = 0; t < 1980; ++t) ASSERT_EQ(seen[h][t], 1) << "head " << h << " pos " << t;
+    for (uint32_t t = 1980; t < 2000; ++t) ASSERT_EQ(seen[h][t], 0) << "head " << h << " pos " << t;
+  }
+}
+
+// Rows from the trace, as a restore's source.
+class TraceRows final : public SequenceKv::RowSource {
+ public:
+  explicit TraceRows(const eval::Trace* trace) : trace_(trace) {}
+  absl::Status Gather(uint32_t layer, const std::vector<uint32_t>& positions, uint8_t* k_out,
+                      uint8_t* v_out) const override {
+    const uint64_t n = positions.size();
+    for (uint32_t h = 0; h < 2; ++h) {
+      for (uint64_t i = 0; i < n; ++i) {
+        if (positions[i] >= 2000) return absl::DataLossError("no such token");
+        std::memcpy(k_out + (h * n + i) * 128, trace_->Keys(layer, h).row(positions[i]), 128);
+        std::memcpy(v_out + (h * n + i) * 128, trace_->Values(layer, h).row(positions[i]), 128);
+      }
+    }
+    return absl::OkStatus();
+  }
+
+ private:
+  const eval::Trace* trace_;
+};
+
+// A restore replays the acknowledged history: the restored layer selects, for every query,
+// pages with the same valid counts and the same rows as the layer it replaces.
+TEST_F(SequenceKvTest, RestoreReplaysTheHistoryIntoTheIdenticalIndex) {
+  SequenceKv::LayerJournal journal;
+  journal.layer = 2;
+  journal.prefill_first = 0;
+  journal.prefill_tokens = 1200;
+  std::vector<uint8_t> p = Staged(2, 0, 1200);
+  ASSERT_OK(kv_->Prefill(2, p.data(), p.data() + p.size() / 2, 1200, 0));
+  for (uint32_t first = 1200; first + 16 <= 2000; first += 16) {
+    std::vector<uint8_t> a = Staged(2, first, 16);
+    ASSERT_OK(kv_->Append(2, a.data(), a.data() + a.size() / 2, 16, first));
+    journal.appends.emplace_back(first, 16);
+  }
+  SequenceKv restored(geometry_, *selection::Preset(selection::kPaperPreset), arena_, &pool_,
+                      nullptr);
+  TraceRows rows(&trace_);
+  ASSERT_OK(restored.Restore(journal, rows));
+  EXPECT_EQ(restored.tokens(2), 2000u);
+  EXPECT_EQ(restored.pages(), kv_->pages());
+  for (uint32_t qi = 0; qi < 2; ++qi) {
+    std::vector<float> q = Queries(2, qi);
+    std::vector<abi::SelectedPageRef> a, b;
+    ASSERT_OK_AND_ASSIGN(uint32_t k, kv_->Select(2, q.data(), 0, &a, false));
+    ASSERT_OK(restored.Select(2, q.data(), 0, &b, false).status());
+    ASSERT_EQ(a.size(), b.size());
+    for (size_t i = 0; i < a.size(); ++i) {
+      ASSERT_EQ(a[i].valid, b[i].valid) << "query " << qi << " entry " << i;
+      // K rows of the valid slots (then V rows, half a page further on).
+      const uint8_t* fa = arena_->FrameAddress({a[i].segment, a[i].frame});
+      const uint8_t* fb = arena_->FrameAddress({b[i].segment, b[i].frame});
+      const uint64_t half = geometry_.page_bytes() / 2, used = uint64_t{a[i].valid} * 128;
+      ASSERT_EQ(std::memcmp(fa, fb, used), 0) << "query " << qi << " entry " << i << " of " << k;
+      ASSERT_EQ(std::memcmp(fa + half, fb + half, used), 0) << "query " << qi << " entry " << i;
+    }
+  }
+  // A history naming a token the source lacks: DATA_LOSS, reported as such.
+  SequenceKv short_of_rows(geometry_, *selection::Preset(selection::kPaperPreset), arena_, &pool_,
+                           nullptr);
+  SequenceKv::LayerJournal beyond = journal;
+  beyond.appends.emplace_back(2000, 16);
+  EXPECT_THAT(short_of_rows.Restore(beyond, rows), StatusIs(absl::StatusCode::kDataLoss));
+}
+
 }  // namespace
 }  // namespace icecache

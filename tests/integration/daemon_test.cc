@@ -137,8 +137,9 @@ TEST_F(DaemonTest, ReflectionListsAndDescribesTheServices) {
     ASSERT_EQ(file.service_size(), 1);
     std::set<std::string> methods;
     for (const auto& m : file.service(0).method()) methods.insert(m.name());
-    EXPECT_EQ(methods, (std::set<std::string>{"CreateSequence", "GetSequence", "ListSequences",
-                                              "DropSequence", "GetStats", "GetConfig"}));
+    EXPECT_EQ(methods,
+              (std::set<std::string>{"CreateSequence", "GetSequence", "ListSequences",
+                                     "DropSequence", "GetStats", "GetConfig", "RestoreSequence"}));
   }
   EXPECT_TRUE(found);
   stream->WritesDone();

@@ -270,8 +270,51 @@ TEST_F(DataPlaneTest, AWrongAbiVersionIsRefused) {
   Attachment::Options o;
   o.socket = daemon_->socket_path();
   o.abi_version = abi::kAbiVersion + 1;
-  EXPECT_THAT(Attachment::Attach(o), StatusIs(absl::StatusCode::kFailedPrecondition,
-                                              HasSubstr("ABI version 2 is not supported")));
+  EXPECT_THAT(
+      Attachment::Attach(o),
+      StatusIs(absl::StatusCode::kFailedPrecondition,
+               HasSubstr(absl::StrCat("ABI version ", abi::kAbiVersion + 1, " is not supported"))));
+}
+
+// A recovery attach and RestoreSequence check what they are handed: no arena, a handle
+// whose tokens are in no frame, a malformed handle, no recovery at all; the daemon carries on
+// and nothing is left behind.
+TEST_F(DataPlaneTest, RecoveryAttachAndRestoreCheckWhatTheyAreHanded) {
+  auto op = daemon_->Attach(/*as_operator=*/true);
+  ASSERT_TRUE(op.ok()) << op.status();
+  Attachment::Options o;
+  o.socket = daemon_->socket_path();
+  o.previous = op->get();  // an operator has no arena to hand back
+  EXPECT_THAT(Attachment::Attach(o), StatusIs(absl::StatusCode::kInvalidArgument,
+                                              HasSubstr("hands back its previous arena")));
+  auto a = AttachClient();
+  ASSERT_NE(a, nullptr);
+  const std::string live = Create(*a);
+  o.previous = a.get();  // a live client's arena: mapped read-only, nothing of it restorable
+  auto b = Attachment::Attach(o);
+  ASSERT_TRUE(b.ok()) << b.status();
+  v1::RestoreSequenceRequest req;
+  *req.mutable_geometry() = WorkloadGeometry({});
+  req.set_previous_handle("seq_" + std::string(32, '0'));
+  v1::LayerHistory* layer = req.add_layers();
+  layer->set_layer(req.geometry().full_kv_layers());
+  layer->set_prefill_first_position(0);
+  layer->set_prefill_tokens(64);
+  v1::RestoreSequenceResponse resp;
+  grpc::Status st =
+      daemon_->stub().RestoreSequence(ContextWithToken((*b)->token()).get(), req, &resp);
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::DATA_LOSS) << st.error_message();
+  EXPECT_THAT(st.error_message(), HasSubstr("is in no frame of the previous arena"));
+  req.set_previous_handle("not-a-handle");
+  st = daemon_->stub().RestoreSequence(ContextWithToken((*b)->token()).get(), req, &resp);
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << st.error_message();
+  // A plain attachment has no previous arena.
+  req.set_previous_handle(live);
+  st = daemon_->stub().RestoreSequence(ContextWithToken(a->token()).get(), req, &resp);
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::FAILED_PRECONDITION) << st.error_message();
+  // Nothing was created by the refused restores: only the live sequence exists.
+  EXPECT_EQ(Stats().num_sequences(), 1u);
+  EXPECT_TRUE(daemon_->process().Running());
 }
 
 TEST_F(DataPlaneTest, AnotherUidIsRefused) {

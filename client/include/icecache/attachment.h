@@ -41,6 +41,9 @@ class Attachment {
     // ABI version to announce (tests set others to check the refusal).
     uint32_t abi_version = abi::kAbiVersion;
     absl::Duration timeout = absl::Seconds(5);
+    // A recovery attach (abi::kAttachRecover): the attachment of a daemon that went away,
+    // whose arena (still held here) is handed to the new daemon to restore sequences from.
+    Attachment* previous = nullptr;
   };
 
   // UNAVAILABLE: no daemon at the socket. PERMISSION_DENIED: the daemon refused this uid.
@@ -117,6 +120,14 @@ class Attachment {
   absl::Status MapAnnouncedSegments();
   // Start of a page frame and its size (from the segment table).
   absl::StatusOr<const uint8_t*> Frame(uint32_t segment, uint32_t frame, uint32_t* page_bytes);
+  // True when the daemon closed its end of the attach connection (it exited, crashed or
+  // dropped this client).
+  bool PeerGone() const;
+  // The arena's descriptors in segment order, control segment first, after taking every
+  // segment notice still buffered on the connection (also once the daemon is gone): what a
+  // recovery attach hands back. The descriptors stay this attachment's.
+  std::vector<int> ArenaFds();
+
   // The counters this client publishes for the daemon to export.
   abi::ClientStats& stats() const { return header()->stats; }
   abi::ArenaHeader* header() const { return static_cast<abi::ArenaHeader*>(control_); }
@@ -147,7 +158,9 @@ class Attachment {
   struct Mapped {
     void* base = nullptr;
     uint64_t bytes = 0;
+    int fd = -1;  // kept: a recovery hands it to the daemon's successor
   };
+  int control_fd_ = -1;
   std::vector<Mapped> segments_ ABSL_GUARDED_BY(map_mu_);
 };
 

@@ -64,6 +64,21 @@ struct ClientOptions {
   // between the phases; for benchmarks). Off: only what needs no extra synchronization.
   bool profile = false;
   absl::Duration timeout = absl::Seconds(60);
+  // When icecached goes away (crash, restart, upgrade), how long the client keeps trying to
+  // reattach to its successor and restore its sequences before an operation fails with
+  // UNAVAILABLE. Until then the operation in progress stalls and then completes.
+  absl::Duration reconnect_timeout = absl::Seconds(60);
+};
+
+// What surviving the daemon cost this client (Client::recovery()).
+struct ClientRecovery {
+  uint64_t recoveries = 0;            // daemons found gone and replaced by a successor
+  uint64_t restored_sequences = 0;    // sequences the successor rebuilt (no token lost)
+  uint64_t lost_sequences = 0;        // sequences it could not rebuild (they fail from then on)
+  uint64_t resubmitted_requests = 0;  // requests without an answer, carried out again once
+  double last_stall_seconds = 0;      // the last recovery: from finding the daemon gone to
+                                      // the resubmission of what was in flight
+  double total_stall_seconds = 0;
 };
 
 // How a decode step of an offloaded layer gets its pages.
@@ -169,6 +184,7 @@ class Client {
   // INVALID_ARGUMENT (the daemon's message names the field), RESOURCE_EXHAUSTED (memory).
   absl::StatusOr<std::unique_ptr<Sequence>> CreateSequence(const SequenceOptions& options);
   ClientCounters counters() const;
+  ClientRecovery recovery() const;
   Attachment& attachment();
 
   // One decode step of `layer` for a batch of this client's sequences (continuous batching:

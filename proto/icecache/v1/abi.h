@@ -1,4 +1,4 @@
-// IceCache shared-memory ABI, version 1: the one definition of everything a client process and
+// IceCache shared-memory ABI, version 2: the one definition of everything a client process and
 // icecached exchange outside gRPC. Plain C++ (no nvcc, no protobuf), fixed-size little-endian
 // fields, every struct's size pinned by static_assert so that both sides agree byte for byte.
 //
@@ -37,7 +37,7 @@
 
 namespace icecache::abi {
 
-inline constexpr uint32_t kAbiVersion = 1;
+inline constexpr uint32_t kAbiVersion = 2;                       // 2: frame tags in page segments
 inline constexpr uint64_t kArenaMagic = 0x314E45524143'4349ull;  // "ICCAREN1" little-endian
 
 // ---------------------------------------------------------------------------------- attach
@@ -53,7 +53,16 @@ enum AttachFlags : uint32_t {
   // An operator attachment (the `icecache` CLI): no arena, but its token sees and drops every
   // client's sequences. Granted only to uids in the daemon's operator allowlist.
   kAttachOperator = 1u << 0,
+  // Recovery after the daemon went away (crash, restart, upgrade): the request carries, as
+  // SCM_RIGHTS on its first byte, the descriptors of the client's previous arena in segment
+  // order (control segment first; reserved[0] = how many, at most kMaxDonatedSegments). The
+  // client gets a new arena as in any attach; the daemon maps the old segments read-only and
+  // serves RestoreSequence from the pages and frame tags it finds there (it trusts nothing in
+  // them: every tag and row is checked and copied before use). The old segments are let go
+  // when the client sets RestoreSequenceRequest.last or detaches.
+  kAttachRecover = 1u << 1,
 };
+inline constexpr uint32_t kMaxDonatedSegments = 250;  // below SCM_MAX_FD (253)
 static_assert(sizeof(AttachRequest) == 32);
 
 enum AttachStatus : uint32_t {
@@ -105,6 +114,35 @@ struct SegmentInfo {
   uint32_t page_bytes;  // kSegmentPages: bytes of each frame (K then V, page_layout.h)
 };
 static_assert(sizeof(SegmentInfo) == 16);
+
+// Frame tags. A page segment of `bytes` holds FramesInPageSegment(bytes, page_bytes) frames
+// from offset 0, then one FrameTag per frame (at TagOffset). The daemon writes a frame's tag
+// after its rows, the owner last (release), and clears the owner before it rewrites or frees
+// the frame; a page whose content changes moves to a fresh frame (copy on write) and the old
+// frame is freed only after the new one is tagged. So at every instant each token the daemon
+// acknowledged is in some frame whose tag names it: what a daemon restarted after a crash
+// needs to rebuild the sequence (the owner is the sequence's durable id: the first 16 hex
+// digits of its handle). Clients need not read tags.
+inline constexpr uint32_t kMaxTagSlots = 32;  // the largest page size
+struct FrameTag {
+  std::atomic<uint64_t> owner;  // durable id of the owning sequence; 0: the frame holds nothing
+  uint32_t layer;
+  uint32_t kv_head;
+  uint32_t count;  // tokens in slots [0, count)
+  uint32_t reserved;
+  uint32_t positions[kMaxTagSlots];  // sequence positions of slots [0, count)
+};
+static_assert(sizeof(FrameTag) == 152);
+inline constexpr uint64_t FrameFootprint(uint64_t page_bytes) {
+  return page_bytes + sizeof(FrameTag);
+}
+inline constexpr uint32_t FramesInPageSegment(uint64_t bytes, uint64_t page_bytes) {
+  return page_bytes == 0 ? 0 : static_cast<uint32_t>(bytes / FrameFootprint(page_bytes));
+}
+inline constexpr uint64_t TagOffset(uint64_t bytes, uint64_t page_bytes, uint32_t frame) {
+  return uint64_t{FramesInPageSegment(bytes, page_bytes)} * page_bytes +
+         uint64_t{frame} * sizeof(FrameTag);
+}
 
 // A location in the arena.
 struct ArenaRef {
