@@ -5,6 +5,7 @@
 // not parse: INVALID_ARGUMENT), never a crash or a sanitizer report; what a call created is
 // dropped again so that inputs do not pile state up.
 #include <algorithm>
+#include <iterator>
 #include <condition_variable>
 #include <mutex>
 #include <string>
@@ -23,7 +24,8 @@ namespace icecache::fuzz {
 namespace {
 
 constexpr const char* kMethods[] = {"CreateSequence", "GetSequence", "ListSequences",
-                                    "DropSequence",   "GetStats",    "GetConfig"};
+                                    "DropSequence",   "GetStats",    "GetConfig",
+                                    "RestoreSequence"};
 
 struct World {
   World() {
@@ -95,7 +97,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   using namespace icecache;
   if (size < 2) return 0;
   fuzz::World& w = fuzz::TheWorld();
-  const std::string method = fuzz::kMethods[data[0] % 6];
+  const std::string method = fuzz::kMethods[data[0] % std::size(fuzz::kMethods)];
   std::string token;
   switch (data[1] % 4) {
     case 0:

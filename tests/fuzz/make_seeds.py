@@ -118,15 +118,17 @@ write("fuzz_attach", "empty", b"")
 write("fuzz_attach", "short", b"ICEA")
 write("fuzz_attach", "zeros", b"\0" * 64)
 write("fuzz_attach", "counting", bytes(range(128)))
-MAGIC, ABI = 0x314E455241434349, 1  # kArenaMagic ("ICCAREN1"), kAbiVersion
+MAGIC, ABI = 0x314E455241434349, 2  # kArenaMagic ("ICCAREN1"), kAbiVersion
 write("fuzz_attach", "client", struct.pack("<QIIQQ", MAGIC, ABI, 0, 0, 0))
 write("fuzz_attach", "operator", struct.pack("<QIIQQ", MAGIC, ABI, 1, 0, 0))
+# A recovery attach (kAttachRecover) announcing segments it does not send: refused.
+write("fuzz_attach", "recover_without_fds", struct.pack("<QIIQQ", MAGIC, ABI, 2, 3, 0))
 write("fuzz_attach", "bad_version", struct.pack("<QIIQQ", MAGIC, ABI + 1, 0, 0, 0))
 write("fuzz_attach", "bad_flags", struct.pack("<QIIQQ", MAGIC, ABI, 0xFFFFFFFF, 1, 2))
 write("fuzz_attach", "twice", struct.pack("<QIIQQ", MAGIC, ABI, 0, 0, 0) * 2)
 
 # fuzz_control: first byte = method, second = identity, rest = the request body (protobuf).
-for m in range(6):
+for m in range(7):
     for who in range(4):
         write("fuzz_control", f"m{m}_id{who}", bytes([m, who]))
 # CreateSequenceRequest{geometry{2 layers, 4 q heads, 2 kv heads, head_dim 64, fp16, 128
@@ -142,3 +144,10 @@ write("fuzz_control", "list_page", bytes([2, 0]) + b"\x08\x02")
 write("fuzz_control", "bad_body", bytes([0, 0]) + b"\xff\xff\xff\xff\x0f")
 write("fuzz_control", "handle_body", bytes([1, 0]) + b"\x0a\x10" + b"0123456789abcdef")
 write("fuzz_control", "drop_body", bytes([3, 0]) + b"\x0a\x10" + b"0123456789abcdef")
+# RestoreSequenceRequest{geometry, previous_handle "seq_0..0", layers [{layer 1, prefill 0..64,
+# appends [{first 64, tokens 16, count 2}]}], last}.
+handle = b"seq_" + b"0" * 32
+history = b"\x08\x01\x10\x00\x18\x40" + b"\x22\x06" + b"\x08\x40\x10\x10\x18\x02"
+write("fuzz_control", "restore_body", bytes([6, 0]) + b"\x0a" + bytes([len(geometry)]) + geometry +
+      b"\x1a" + bytes([len(handle)]) + handle + b"\x22" + bytes([len(history)]) + history +
+      b"\x28\x01")
