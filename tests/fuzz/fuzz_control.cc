@@ -5,8 +5,8 @@
 // not parse: INVALID_ARGUMENT), never a crash or a sanitizer report; what a call created is
 // dropped again so that inputs do not pile state up.
 #include <algorithm>
-#include <iterator>
 #include <condition_variable>
+#include <iterator>
 #include <mutex>
 #include <string>
 
