@@ -308,6 +308,21 @@ TEST_F(DataPlaneTest, RecoveryAttachAndRestoreCheckWhatTheyAreHanded) {
   req.set_previous_handle("not-a-handle");
   st = daemon_->stub().RestoreSequence(ContextWithToken((*b)->token()).get(), req, &resp);
   EXPECT_EQ(st.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << st.error_message();
+  // A history naming a layer the geometry has not, or an append run of no tokens.
+  req.set_previous_handle("seq_" + std::string(32, '0'));
+  layer->set_layer(req.geometry().num_layers());
+  st = daemon_->stub().RestoreSequence(ContextWithToken((*b)->token()).get(), req, &resp);
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << st.error_message();
+  EXPECT_THAT(st.error_message(), HasSubstr("is not an offloaded layer"));
+  layer->set_layer(req.geometry().full_kv_layers());
+  v1::AppendRun* run = layer->add_appends();
+  run->set_first_position(64);
+  run->set_tokens(0);
+  run->set_count(1);
+  st = daemon_->stub().RestoreSequence(ContextWithToken((*b)->token()).get(), req, &resp);
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << st.error_message();
+  EXPECT_THAT(st.error_message(), HasSubstr("append runs out of range"));
+  layer->clear_appends();
   // A plain attachment has no previous arena.
   req.set_previous_handle(live);
   st = daemon_->stub().RestoreSequence(ContextWithToken(a->token()).get(), req, &resp);
