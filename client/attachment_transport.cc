@@ -307,13 +307,7 @@ absl::StatusOr<Ticket> AttachmentTransport::SubmitStaged(uint32_t op, const std:
   p->vid = staging.segment & ~kVirtualSegment;
   p->tokens = tokens;
   p->first_position = first_position;
-  return Retry<Ticket>([&]() -> absl::StatusOr<Ticket> {
-    ICECACHE_RETURN_IF_ERROR(SubmitLocked(p.get()));
-    absl::MutexLock book(&book_mu_);
-    const Ticket t = next_ticket_++;
-    pending_[t] = p;
-    return t;
-  });
+  return Track(std::move(p));
 }
 
 void AttachmentTransport::Acknowledge(const Pending& p) {
@@ -331,7 +325,20 @@ void AttachmentTransport::Acknowledge(const Pending& p) {
   }
 }
 
-absl::Status AttachmentTransport::Finish(Ticket ticket) {
+absl::StatusOr<Ticket> AttachmentTransport::Track(std::shared_ptr<Pending> p) {
+  return Retry<Ticket>([&]() -> absl::StatusOr<Ticket> {
+    ICECACHE_RETURN_IF_ERROR(SubmitLocked(p.get()));
+    absl::MutexLock book(&book_mu_);
+    const Ticket t = next_ticket_++;
+    pending_[t] = p;
+    return t;
+  });
+}
+
+template <typename T>
+absl::StatusOr<T> AttachmentTransport::Await(
+    Ticket ticket, Pending::Kind kind, const char* what,
+    const std::function<absl::StatusOr<T>(Pending&, const absl::Status&)>& answered) {
   for (int attempt = 0;; ++attempt) {
     uint64_t seen;
     {
@@ -341,23 +348,34 @@ absl::Status AttachmentTransport::Finish(Ticket ticket) {
       {
         absl::MutexLock book(&book_mu_);
         auto it = pending_.find(ticket);
-        if (it == pending_.end() || it->second->kind != Pending::kStaged) {
-          return absl::InternalError("not a prefill or append in flight");
+        if (it == pending_.end() || it->second->kind != kind) {
+          return absl::InternalError(absl::StrCat("not a ", what, " in flight"));
         }
         p = it->second;
       }
-      absl::Status st = p->settled ? p->settled_status : p->gen->attachment->Finish(p->slot);
+      // Finish waits for the daemon's answer however long it takes.
+      const absl::Status st = p->settled ? p->settled_status : p->gen->attachment->Finish(p->slot);
       // The daemon went away: the recovery resubmits the request, then it is waited for again.
       const bool again = !p->settled && DaemonLost(st) && attempt < 3;
       if (!again) {
-        if (st.ok() && !p->settled) Acknowledge(*p);
+        absl::StatusOr<T> out = answered(*p, st);
         absl::MutexLock book(&book_mu_);
         pending_.erase(ticket);
-        return st;
+        return out;
       }
     }
     ICECACHE_RETURN_IF_ERROR(Recover(seen));
   }
+}
+
+absl::Status AttachmentTransport::Finish(Ticket ticket) {
+  return Await<bool>(ticket, Pending::kStaged, "prefill or append",
+                     [&](Pending& p, const absl::Status& st) -> absl::StatusOr<bool> {
+                       if (!st.ok()) return st;
+                       if (!p.settled) Acknowledge(p);  // settled ones were at the recovery
+                       return true;
+                     })
+      .status();
 }
 
 AttachmentTransport::Layout AttachmentTransport::LayoutOf(
@@ -459,13 +477,7 @@ absl::StatusOr<Ticket> AttachmentTransport::SubmitSelectBatch(
     s.k = q.k;
     s.num_kv_heads = q.num_kv_heads;
   }
-  return Retry<Ticket>([&]() -> absl::StatusOr<Ticket> {
-    ICECACHE_RETURN_IF_ERROR(SubmitLocked(p.get()));
-    absl::MutexLock book(&book_mu_);
-    const Ticket t = next_ticket_++;
-    pending_[t] = p;
-    return t;
-  });
+  return Track(std::move(p));
 }
 
 namespace {
@@ -496,35 +508,20 @@ std::vector<SelectAnswer> ReadAnswers(const uint8_t* host, const std::vector<uin
 }  // namespace
 
 absl::StatusOr<std::vector<SelectAnswer>> AttachmentTransport::FinishSelectBatch(Ticket ticket) {
-  for (int attempt = 0;; ++attempt) {
-    uint64_t seen;
-    {
-      absl::ReaderMutexLock lock(&mu_);
-      seen = current_->id;
-      std::shared_ptr<Pending> p;
-      {
-        absl::MutexLock book(&book_mu_);
-        auto it = pending_.find(ticket);
-        if (it == pending_.end() || it->second->kind != Pending::kSelect) {
-          return absl::InternalError("not a batch select in flight");
-        }
-        p = it->second;
-      }
-      // Finish waits for the daemon's answer however long it takes.
-      absl::Status st = p->settled ? p->settled_status : p->gen->attachment->Finish(p->slot);
-      if (p->settled || !(DaemonLost(st) && attempt < 3)) {
-        absl::StatusOr<std::vector<SelectAnswer>> out =
-            st.ok() ? absl::StatusOr<std::vector<SelectAnswer>>(ReadAnswers(
-                          p->scratch.host, p->result_offsets, p->result_capacity, p->gen->id))
-                    : absl::StatusOr<std::vector<SelectAnswer>>(st);
-        if (!p->settled && p->gen == current_.get()) ReturnScratch(p->scratch);
-        absl::MutexLock book(&book_mu_);
-        pending_.erase(ticket);
+  using Answers = std::vector<SelectAnswer>;
+  return Await<Answers>(
+      ticket, Pending::kSelect, "batch select",
+      [&](Pending& p, const absl::Status& st) -> absl::StatusOr<Answers> {
+        // Settled: refused before its daemon went away (its buffer went with it); a select
+        // answered OK is never settled but asked again.
+        if (p.settled) return st.ok() ? absl::InternalError("a settled select without pages") : st;
+        absl::StatusOr<Answers> out =
+            st.ok() ? absl::StatusOr<Answers>(ReadAnswers(p.scratch.host, p.result_offsets,
+                                                          p.result_capacity, p.gen->id))
+                    : absl::StatusOr<Answers>(st);
+        if (p.gen == current_.get()) ReturnScratch(p.scratch);
         return out;
-      }
-    }
-    ICECACHE_RETURN_IF_ERROR(Recover(seen));
-  }
+      });
 }
 
 bool AttachmentTransport::Done(Ticket ticket) const {

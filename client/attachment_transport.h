@@ -26,6 +26,7 @@
 #pragma once
 
 #include <deque>
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -165,6 +166,15 @@ class AttachmentTransport final : public Transport {
   absl::StatusOr<std::string> Current(const std::string& handle) const
       ABSL_SHARED_LOCKS_REQUIRED(mu_);
   absl::Status SubmitLocked(Pending* p) ABSL_SHARED_LOCKS_REQUIRED(mu_);
+  // Submits `p` and returns its ticket; recoveries carry it out again until it is answered.
+  absl::StatusOr<Ticket> Track(std::shared_ptr<Pending> p);
+  // Waits for the answer to `ticket` (a request of `kind`, named `what` in errors) through
+  // recoveries, then lets `answered` turn the request and its status into the result, once,
+  // before the ticket goes.
+  template <typename T>
+  absl::StatusOr<T> Await(
+      Ticket ticket, Pending::Kind kind, const char* what,
+      const std::function<absl::StatusOr<T>(Pending&, const absl::Status&)>& answered);
   absl::Status MigrateStaging(uint32_t vid) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::StatusOr<ArenaSpan> MapIn(Generation* g, const abi::ArenaRef& ref, uint64_t bytes)
       ABSL_SHARED_LOCKS_REQUIRED(mu_);
