@@ -97,7 +97,8 @@ struct DciTree::Cell {
   std::vector<uint32_t> page_ids;  // pages of the cell, in projection order
   std::vector<uint32_t> page_end;  // exclusive end (index into tok) of each page's run
   // kBestFirstSketch: the sketch of each token's residual to the cell's reference point,
-  // parallel to tok ([tok.size()][code_bytes] and [tok.size()]).
+  // parallel to tok: the codes in the fast-scan layout (simd.h: blocks of 16 keys,
+  // PackedSketchBytes(tok.size(), bits)) and one fp16 factor per key.
   std::vector<uint8_t> code;
   std::vector<uint16_t> fac;  // fp16
 
@@ -347,16 +348,39 @@ struct DciTree::Impl {
       norm += double(mean[i]) * mean[i];
     }
     cell_ref_norm[cid] = static_cast<float>(std::sqrt(norm));
+    uint8_t* rows = nullptr;
     if (sketching) {
-      c.code.resize(uint64_t{n} * sketch->code_bytes());
       c.fac.resize(n);
+      rows = RowCodes(n);
     }
-    for (uint32_t i = 0; i < n; ++i) MemberResidual(cid, i, mean.data(), x.data());
+    for (uint32_t i = 0; i < n; ++i) {
+      MemberResidual(cid, i, mean.data(), x.data(),
+                     sketching ? rows + uint64_t{i} * sketch->code_bytes() : nullptr);
+    }
+    if (sketching) PackCell(c, rows);
+  }
+
+  // Scratch for a cell's codes in row-major order ([n][code_bytes], per thread).
+  uint8_t* RowCodes(uint32_t n) const {
+    thread_local std::vector<uint8_t> buf;
+    const uint64_t need = uint64_t{n} * sketch->code_bytes();
+    if (buf.size() < need) buf.resize(need);
+    return buf.data();
+  }
+  // The cell's codes (tok.size() of them) from row-major `rows` into the fast-scan layout.
+  void PackCell(Cell& c, const uint8_t* rows) const {
+    const uint32_t n = static_cast<uint32_t>(c.tok.size());
+    const uint64_t bytes = PackedSketchBytes(n, sketch->bits());
+    // Grows by a block (16 keys) at a time: no further slack.
+    if (c.code.capacity() < bytes) c.code.reserve(bytes);
+    c.code.resize(bytes);
+    PackSketchCodes(rows, n, sketch->bits(), c.code.data());
   }
 
   // Residual of member i of cell cid to the reference `ref` (fp32): widens the radius and,
-  // when sketching, writes the member's sketch. `x` is scratch of dim floats.
-  void MemberResidual(uint32_t cid, uint32_t i, const float* ref, float* x) {
+  // when sketching, writes the member's code to `code` (row-major) and its factor. `x` is
+  // scratch of dim floats.
+  void MemberResidual(uint32_t cid, uint32_t i, const float* ref, float* x, uint8_t* code) {
     Cell& c = cells[cid];
     const uint32_t d = g.dim;
     ToFloat(KeyPtr(c.tok[i]), g.elem_type, d, x);
@@ -370,8 +394,7 @@ struct DciTree::Impl {
     cell_radius[cid] = std::max(cell_radius[cid], r);
     if (sketching) {
       std::vector<float>& buf = SketchBuffer();
-      c.fac[i] = FloatToHalf(
-          sketch->Encode(x, c.code.data() + uint64_t{i} * sketch->code_bytes(), buf.data()));
+      c.fac[i] = FloatToHalf(sketch->Encode(x, code, buf.data()));
     }
   }
 
@@ -397,14 +420,22 @@ struct DciTree::Impl {
       RecenterCell(cid);
       return;
     }
-    if (sketching) {
-      const uint32_t cb = sketch->code_bytes();
-      c.code.insert(c.code.begin() + uint64_t{idx} * cb, cb, 0);
-      c.fac.insert(c.fac.begin() + idx, uint16_t{0});
-    }
     std::vector<float> x(g.dim);
     const std::vector<float> ref = CellRef(cid);
-    MemberResidual(cid, idx, ref.data(), x.data());
+    if (!sketching) {
+      MemberResidual(cid, idx, ref.data(), x.data(), nullptr);
+      return;
+    }
+    // The packed codes of the n - 1 old members, unpacked with a gap at idx, repacked.
+    const uint32_t cb = sketch->code_bytes();
+    const uint32_t n = static_cast<uint32_t>(c.tok.size());
+    uint8_t* rows = RowCodes(n);
+    UnpackSketchCodes(c.code.data(), n - 1, sketch->bits(), rows);
+    std::copy_backward(rows + uint64_t{idx} * cb, rows + uint64_t{n - 1} * cb,
+                       rows + uint64_t{n} * cb);
+    c.fac.insert(c.fac.begin() + idx, uint16_t{0});
+    MemberResidual(cid, idx, ref.data(), x.data(), rows + uint64_t{idx} * cb);
+    PackCell(c, rows);
   }
 
   // Member idx of cell cid was just erased from tok (the radius stays a valid bound).
@@ -412,8 +443,12 @@ struct DciTree::Impl {
     if (!sketching) return;
     Cell& c = cells[cid];
     const uint32_t cb = sketch->code_bytes();
-    c.code.erase(c.code.begin() + uint64_t{idx} * cb, c.code.begin() + uint64_t{idx + 1} * cb);
+    const uint32_t n = static_cast<uint32_t>(c.tok.size());  // after the erase
+    uint8_t* rows = RowCodes(n + 1);
+    UnpackSketchCodes(c.code.data(), n + 1, sketch->bits(), rows);
+    std::copy(rows + uint64_t{idx + 1} * cb, rows + uint64_t{n + 1} * cb, rows + uint64_t{idx} * cb);
     c.fac.erase(c.fac.begin() + idx);
+    PackCell(c, rows);
   }
 
   // Lays the cell's tokens (already sorted) into ceil(n / page_size) pages of even fill,
@@ -484,10 +519,7 @@ struct DciTree::Impl {
     }
     ReserveFor(c.proj, c.proj.size() + 1);
     ReserveFor(c.tok, c.tok.size() + 1);
-    if (sketching) {
-      ReserveFor(c.code, c.code.size() + sketch->code_bytes());
-      ReserveFor(c.fac, c.fac.size() + 1);
-    }
+    if (sketching) ReserveFor(c.fac, c.fac.size() + 1);
     c.proj.insert(c.proj.begin() + idx, pr);
     c.tok.insert(c.tok.begin() + idx, t);
     for (size_t i = j; i < c.page_end.size(); ++i) ++c.page_end[i];
@@ -1153,8 +1185,9 @@ struct DciTree::Impl {
     std::vector<uint32_t> opened;                               // cells opened, in order
     std::vector<uint32_t> union_tok;
     std::vector<int32_t> dots;
-    std::vector<int8_t> q8;                      // [query][bits]
-    std::vector<ResidualSketch::Query> qsketch;  // [query] prepared for SketchDots
+    std::vector<uint8_t> luts;                   // [query][bits * 4]: fast-scan tables
+    std::vector<int32_t> lut_bias;               // [query]
+    std::vector<ResidualSketch::Query> qsketch;  // [query] prepared for SketchDotsPacked
     std::vector<float> est, facf;  // [cell member]: estimates of one query, fp32 factors
     uint64_t sketched = 0;
 
@@ -1538,7 +1571,8 @@ struct DciTree::Impl {
     const uint32_t n = static_cast<uint32_t>(c.tok.size());
     const uint32_t nc = static_cast<uint32_t>(cells.size());
     gs.dots.resize(uint64_t{nq} * n);
-    SketchDots(gs.q8.data(), nq, sketch->bits(), c.code.data(), n, gs.dots.data(), n);
+    SketchDotsPacked(gs.luts.data(), gs.lut_bias.data(), nq, sketch->bits(), c.code.data(), n,
+                     gs.dots.data(), n);
     gs.sketched += uint64_t{n} * nq;
     // The cell's factors once (F16C), then per query a vectorisable pass of estimates, the
     // same expression as ResidualSketch::Estimate, and a rarely taken branch into the heap.
@@ -1595,12 +1629,15 @@ struct DciTree::Impl {
     }
     if (!exact) {
       gs.qsketch.resize(nq);
-      gs.q8.resize(uint64_t{nq} * sketch->bits());
+      const uint64_t lut_bytes = uint64_t{sketch->bits()} * 4;
+      gs.luts.resize(nq * lut_bytes);
+      gs.lut_bias.resize(nq);
       std::vector<float>& buf = SketchBuffer();
       for (uint32_t q = 0; q < nq; ++q) {
         sketch->Prepare(qs + uint64_t{q} * g.dim, &gs.qsketch[q], buf.data());
-        std::copy(gs.qsketch[q].q8.begin(), gs.qsketch[q].q8.end(),
-                  gs.q8.begin() + uint64_t{q} * sketch->bits());
+        std::copy(gs.qsketch[q].lut.begin(), gs.qsketch[q].lut.end(),
+                  gs.luts.begin() + q * lut_bytes);
+        gs.lut_bias[q] = gs.qsketch[q].lut_bias;
       }
     }
     // Each query opens cells best bound first until no unopened cell's bound reaches its
@@ -1927,6 +1964,40 @@ absl::Status DciTree::CheckInvariants() const {
     if (!seen[t]) return absl::InternalError(absl::StrCat("token ", t, " is in no page"));
   }
   if (live != m.live_pages) return absl::InternalError("live page count is off");
+  if (m.sketching) {
+    // Every member's packed code and factor are its residual's to the cell's reference, in
+    // tok order (re-encoded here: inserts, removals and re-centring keep them in step), and
+    // the padding of the last block is zero.
+    const uint32_t cb = m.sketch->code_bytes(), bits = m.sketch->bits();
+    std::vector<float> x(m.g.dim), scratch(bits);
+    std::vector<uint8_t> want(cb), rows, padded;
+    for (uint32_t cid = 0; cid < m.cells.size(); ++cid) {
+      const Cell& c = m.cells[cid];
+      const uint32_t cn = static_cast<uint32_t>(c.tok.size());
+      if (c.code.size() != PackedSketchBytes(cn, bits) || c.fac.size() != cn) {
+        return absl::InternalError(absl::StrCat("cell ", cid, " sketch arrays have the wrong size"));
+      }
+      if (cn == 0) continue;
+      rows.resize(uint64_t{cn} * cb);
+      UnpackSketchCodes(c.code.data(), cn, bits, rows.data());
+      padded.resize(c.code.size());
+      PackSketchCodes(rows.data(), cn, bits, padded.data());
+      if (padded != c.code) {
+        return absl::InternalError(absl::StrCat("cell ", cid, " sketch padding is not zero"));
+      }
+      const std::vector<float> ref = m.CellRef(cid);
+      for (uint32_t i = 0; i < cn; ++i) {
+        ToFloat(m.KeyPtr(c.tok[i]), m.g.elem_type, m.g.dim, x.data());
+        for (uint32_t k = 0; k < m.g.dim; ++k) x[k] -= ref[k];
+        const uint16_t fac = FloatToHalf(m.sketch->Encode(x.data(), want.data(), scratch.data()));
+        if (fac != c.fac[i] ||
+            !std::equal(want.begin(), want.end(), rows.begin() + uint64_t{i} * cb)) {
+          return absl::InternalError(
+              absl::StrCat("cell ", cid, " member ", i, " has a stale sketch"));
+        }
+      }
+    }
+  }
   return absl::OkStatus();
 }
 

@@ -429,6 +429,81 @@ ICECACHE_AVX2 void SketchDotsAvx2T(const int8_t* q8, uint32_t bits, const uint8_
   }
 }
 
+// ---------------------------------------------------------------- fast-scan sketch dots
+// Scalar reference over the packed layout (simd.h): per key, the sum of its groups' table
+// entries plus the bias.
+void SketchDotsPackedScalar(const uint8_t* luts, const int32_t* bias, uint32_t nq, uint32_t bits,
+                            const uint8_t* packed, uint32_t n, int32_t* out, uint32_t out_stride) {
+  const uint32_t bytes = bits / 8;
+  for (uint32_t i = 0; i < n; ++i) {
+    const uint8_t* blk = packed + uint64_t{i / kSketchBlockKeys} * bits * 2;
+    const uint32_t j = i % kSketchBlockKeys;
+    for (uint32_t q = 0; q < nq; ++q) {
+      const uint8_t* lut = luts + uint64_t{q} * bits * 4;
+      int32_t acc = bias[q];
+      for (uint32_t p = 0; p < bytes; ++p) {
+        const uint8_t c = blk[p * kSketchBlockKeys + j];
+        acc += lut[SketchLutOffset(2 * p) + (c & 15u)] + lut[SketchLutOffset(2 * p + 1) + (c >> 4)];
+      }
+      out[uint64_t{q} * out_stride + i] = acc;
+    }
+  }
+}
+
+// AVX2 fast scan, 16 keys per block, NQ <= 4 queries. Per pair of code bytes (p, p + 1): one
+// 32-byte load holds both bytes of the 16 keys (one per lane); its low nibbles index the
+// tables of groups 2p | 2p + 2 and its high nibbles those of 2p + 1 | 2p + 3, one pshufb each.
+// The uint8 entries accumulate in uint16 lanes, FAISS's way: the result added as 16-bit words
+// (even byte + 256 * odd byte, modulo 2^16) and shifted right by 8 (the odd bytes); the even
+// sums are recovered at the end as words - (odd << 8). Per key the sum is at most
+// bits / 4 * 252, within uint16 for bits <= 1024.
+template <int NQ>
+ICECACHE_AVX2 void SketchDotsPackedAvx2T(const uint8_t* luts, const int32_t* bias, uint32_t bits,
+                                         const uint8_t* packed, uint32_t n, int32_t* out,
+                                         uint32_t out_stride) {
+  const uint32_t pairs = bits / 16;
+  const uint64_t lut_stride = uint64_t{bits} * 4;
+  const __m256i low4 = _mm256_set1_epi8(0x0f);
+  alignas(32) int32_t tail[16];
+  for (uint32_t i0 = 0; i0 < n; i0 += kSketchBlockKeys) {
+    const uint8_t* blk = packed + uint64_t{i0 / kSketchBlockKeys} * bits * 2;
+    __m256i w[NQ], odd[NQ];
+    for (int j = 0; j < NQ; ++j) w[j] = odd[j] = _mm256_setzero_si256();
+    for (uint32_t m = 0; m < pairs; ++m) {
+      const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + m * 32));
+      const __m256i lo = _mm256_and_si256(c, low4);
+      const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(c, 4), low4);
+      for (int j = 0; j < NQ; ++j) {
+        const uint8_t* t = luts + j * lut_stride + m * 64;
+        const __m256i rl =
+            _mm256_shuffle_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(t)), lo);
+        const __m256i rh =
+            _mm256_shuffle_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(t + 32)), hi);
+        w[j] = _mm256_add_epi16(w[j], _mm256_add_epi16(rl, rh));
+        odd[j] = _mm256_add_epi16(
+            odd[j], _mm256_add_epi16(_mm256_srli_epi16(rl, 8), _mm256_srli_epi16(rh, 8)));
+      }
+    }
+    const uint32_t cnt = std::min<uint32_t>(kSketchBlockKeys, n - i0);
+    for (int j = 0; j < NQ; ++j) {
+      int32_t* o = out + uint64_t(j) * out_stride + i0;
+      int32_t* dst = cnt == kSketchBlockKeys ? o : tail;
+      const __m256i even = _mm256_sub_epi16(w[j], _mm256_slli_epi16(odd[j], 8));
+      // The two lanes (different groups of the same keys), summed.
+      const __m128i ev =
+          _mm_add_epi16(_mm256_castsi256_si128(even), _mm256_extracti128_si256(even, 1));
+      const __m128i od =
+          _mm_add_epi16(_mm256_castsi256_si128(odd[j]), _mm256_extracti128_si256(odd[j], 1));
+      const __m256i b = _mm256_set1_epi32(bias[j]);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst),
+                          _mm256_add_epi32(_mm256_cvtepu16_epi32(_mm_unpacklo_epi16(ev, od)), b));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 8),
+                          _mm256_add_epi32(_mm256_cvtepu16_epi32(_mm_unpackhi_epi16(ev, od)), b));
+      if (cnt < kSketchBlockKeys) std::copy_n(tail, cnt, o);
+    }
+  }
+}
+
 // AVX-VNNI: the same with the VEX dot product (u8 x s8 summed in fours into int32).
 #define ICECACHE_AVXVNNI __attribute__((target("avx2,fma,f16c,avxvnni")))
 
@@ -878,6 +953,73 @@ void SketchDots(const int8_t* q8, uint32_t nq, uint32_t bits, const uint8_t* cod
       break;
   }
   SketchDotsScalar(q8, nq, bits, codes, n, out, out_stride);
+}
+
+void PackSketchCodes(const uint8_t* codes, uint32_t n, uint32_t bits, uint8_t* packed) {
+  const uint32_t bytes = bits / 8;
+  std::memset(packed, 0, PackedSketchBytes(n, bits));
+  for (uint32_t i = 0; i < n; ++i) {
+    uint8_t* blk = packed + uint64_t{i / kSketchBlockKeys} * bits * 2 + i % kSketchBlockKeys;
+    const uint8_t* c = codes + uint64_t{i} * bytes;
+    for (uint32_t p = 0; p < bytes; ++p) blk[p * kSketchBlockKeys] = c[p];
+  }
+}
+
+void UnpackSketchCodes(const uint8_t* packed, uint32_t n, uint32_t bits, uint8_t* codes) {
+  const uint32_t bytes = bits / 8;
+  for (uint32_t i = 0; i < n; ++i) {
+    const uint8_t* blk =
+        packed + uint64_t{i / kSketchBlockKeys} * bits * 2 + i % kSketchBlockKeys;
+    uint8_t* c = codes + uint64_t{i} * bytes;
+    for (uint32_t p = 0; p < bytes; ++p) c[p] = blk[p * kSketchBlockKeys];
+  }
+}
+
+void BuildSketchLuts(const int8_t* q8, uint32_t bits, uint8_t* luts, int32_t* bias) {
+  int32_t total = 0;
+  for (uint32_t g = 0; g < bits / 4; ++g) {
+    const int8_t* q = q8 + 4 * g;
+    int32_t mn = 0;
+    for (int i = 0; i < 4; ++i) mn += std::min<int32_t>(q[i], 0);
+    uint8_t* t = luts + SketchLutOffset(g);
+    for (uint32_t v = 0; v < 16; ++v) {
+      int32_t s = 0;
+      for (int i = 0; i < 4; ++i) {
+        if ((v >> i) & 1) s += q[i];
+      }
+      t[v] = static_cast<uint8_t>(s - mn);
+    }
+    total += mn;
+  }
+  *bias = total;
+}
+
+void SketchDotsPacked(const uint8_t* luts, const int32_t* bias, uint32_t nq, uint32_t bits,
+                      const uint8_t* packed, uint32_t n, int32_t* out, uint32_t out_stride) {
+  if (UseAvx2() && bits <= 1024) {
+    const uint64_t lut_stride = uint64_t{bits} * 4;
+    for (uint32_t q0 = 0; q0 < nq; q0 += 4) {
+      const uint8_t* l = luts + q0 * lut_stride;
+      const int32_t* b = bias + q0;
+      int32_t* o = out + uint64_t{q0} * out_stride;
+      switch (std::min<uint32_t>(4, nq - q0)) {
+        case 1:
+          SketchDotsPackedAvx2T<1>(l, b, bits, packed, n, o, out_stride);
+          break;
+        case 2:
+          SketchDotsPackedAvx2T<2>(l, b, bits, packed, n, o, out_stride);
+          break;
+        case 3:
+          SketchDotsPackedAvx2T<3>(l, b, bits, packed, n, o, out_stride);
+          break;
+        default:
+          SketchDotsPackedAvx2T<4>(l, b, bits, packed, n, o, out_stride);
+          break;
+      }
+    }
+    return;
+  }
+  SketchDotsPackedScalar(luts, bias, nq, bits, packed, n, out, out_stride);
 }
 
 void ExpInPlace(float* x, uint32_t n) {

@@ -71,6 +71,40 @@ void BestLiftedParents(const float* children, uint32_t nc, const float* child_li
 void SketchDots(const int8_t* q8, uint32_t nq, uint32_t bits, const uint8_t* codes, uint32_t n,
                 int32_t* out, uint32_t out_stride);
 
+// The fast-scan layout of the same codes (FAISS / RaBitQ "fast scan", transposed): keys in
+// blocks of 16, each block bits * 2 bytes (the last block padded with zero codes). Block b
+// holds, for each code byte p (bits 8p..8p+7: the 4-bit groups 2p and 2p+1), the 16 keys'
+// bytes p contiguously: packed[b * bits * 2 + p * 16 + j] = byte p of the code of key
+// 16 b + j. A 256-bit register thus holds code bytes p and p + 1 of 16 keys (one per lane),
+// and one pshufb per nibble half looks up 4 groups of all 16 keys at once.
+constexpr uint32_t kSketchBlockKeys = 16;
+inline uint64_t PackedSketchBytes(uint32_t n, uint32_t bits) {
+  return uint64_t{(n + kSketchBlockKeys - 1) / kSketchBlockKeys} * bits * 2;
+}
+// Row-major codes[n][bits / 8] -> packed[PackedSketchBytes(n, bits)], and back.
+void PackSketchCodes(const uint8_t* codes, uint32_t n, uint32_t bits, uint8_t* packed);
+void UnpackSketchCodes(const uint8_t* packed, uint32_t n, uint32_t bits, uint8_t* codes);
+// Per-query lookup tables of the fast-scan kernel: for each 4-bit group g of the code (bits
+// 4g..4g+3) and nibble v, the table entry of (g, v) is (sum of q8[4g + i] over the bits i set
+// in v) - (sum of the negative q8[4g + i]), in [0, 4 * kSketchLutQueryMax]; *bias = the sum
+// of the subtracted minima. The 16-entry table of group g sits at luts + SketchLutOffset(g)
+// (arranged for the AVX2 kernel's registers: per pair of code bytes, the two low-nibble
+// tables, then the two high-nibble tables). Requires |q8[b]| <= kSketchLutQueryMax (so that
+// an entry fits a byte). luts has bits * 4 bytes.
+inline uint32_t SketchLutOffset(uint32_t g) {
+  const uint32_t p = g / 2, h = g % 2;  // code byte, nibble half
+  return (p / 2) * 64 + h * 32 + (p % 2) * 16;
+}
+constexpr int kSketchLutQueryMax = 63;
+void BuildSketchLuts(const int8_t* q8, uint32_t bits, uint8_t* luts, int32_t* bias);
+// SketchDots over the packed layout, from the queries' tables: luts[j * bits * 4 ..] and
+// bias[j] of query j (BuildSketchLuts), codes packed[PackedSketchBytes(n, bits)]; the same
+// integers as SketchDots on the row-major codes with the same q8, at every level. The AVX2
+// kernel (also used at the AVX-VNNI and AVX-512 levels) accumulates in uint16 and needs
+// bits <= 1024; longer codes use the scalar kernel.
+void SketchDotsPacked(const uint8_t* luts, const int32_t* bias, uint32_t nq, uint32_t bits,
+                      const uint8_t* packed, uint32_t n, int32_t* out, uint32_t out_stride);
+
 // x[i] = exp(x[i]) for i in [0, n); inputs below -87 give 0. Relative error below 2e-7
 // (a polynomial on AVX2; std::exp on the scalar path).
 void ExpInPlace(float* x, uint32_t n);

@@ -5,7 +5,12 @@
 #include <cstring>
 #include <random>
 
+#include "server/index/simd.h"
+
 namespace icecache::index {
+
+static_assert(ResidualSketch::kQueryMax <= kSketchLutQueryMax,
+              "a fast-scan table entry (4 coordinates) must fit a byte");
 
 ResidualSketch::ResidualSketch(uint32_t dim, uint64_t seed) : dim_(dim) {
   bits_ = 64;
@@ -50,13 +55,15 @@ void ResidualSketch::Prepare(const float* q, Query* out, float* scratch) const {
   float mx = 0;
   for (uint32_t i = 0; i < bits_; ++i) mx = std::max(mx, std::fabs(scratch[i]));
   out->q8.resize(bits_);
-  out->scale = mx > 0 ? mx / 127.f : 1.f;
+  out->scale = mx > 0 ? mx / static_cast<float>(kQueryMax) : 1.f;
   out->sum = 0;
   for (uint32_t i = 0; i < bits_; ++i) {
     const int v = static_cast<int>(std::lrint(scratch[i] / out->scale));
-    out->q8[i] = static_cast<int8_t>(std::clamp(v, -127, 127));
+    out->q8[i] = static_cast<int8_t>(std::clamp(v, -kQueryMax, kQueryMax));
     out->sum += out->q8[i];
   }
+  out->lut.resize(uint64_t{bits_} * 4);
+  BuildSketchLuts(out->q8.data(), bits_, out->lut.data(), &out->lut_bias);
 }
 
 }  // namespace icecache::index
