@@ -75,6 +75,8 @@ class HeadSelector::State {
     return absl::OkStatus();
   }
 
+  const std::vector<std::vector<uint32_t>>& page_positions() const { return page_positions_; }
+
   // Appends the positions this method attends to besides sink and window.
   absl::Status Select(const float* queries, uint32_t group, uint32_t k, uint32_t page_size,
                       std::vector<uint32_t>* tokens) const {
@@ -114,6 +116,10 @@ HeadSelector::HeadSelector(const MethodSpec& spec, const selection::BudgetSplit&
 }
 
 HeadSelector::~HeadSelector() = default;
+
+const std::vector<std::vector<uint32_t>>& HeadSelector::page_positions() const {
+  return state_->page_positions();
+}
 
 absl::Status HeadSelector::Ingest(const RowView& keys, uint64_t begin, uint64_t count) {
   if (positions_.size() < begin + count) {

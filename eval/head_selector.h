@@ -21,6 +21,7 @@
 #include "eval/in_memory_pages.h"
 #include "eval/index_types.h"
 #include "selection/budget.h"
+#include "selection/tail.h"
 #include "selection/window_policy.h"
 
 namespace icecache::eval {
@@ -48,6 +49,8 @@ struct MethodSpec {
   MethodKind kind = MethodKind::kDci;
   DciOptions dci;        // for kDci and kOraclePagesOurLayout
   ReplayOptions replay;  // synchronous unless set
+  // How the attention treats the indexed tokens it did not select (selection/tail.h).
+  selection::TailMode tail = selection::TailMode::kNone;
 };
 
 // A method of `kind` named `name` (DCI options and replay at their defaults).
@@ -82,6 +85,10 @@ class HeadSelector {
 
   // First position not in the index (the window starts here); the sink's end before
   // anything is indexed.
+  // The index's pages after the last Select: each page's token positions (every page of the
+  // layout, selected or not; positional pages for the baselines and the token oracle).
+  const std::vector<std::vector<uint32_t>>& page_positions() const;
+
   uint32_t indexed_end() const { return static_cast<uint32_t>(policy_.window_begin()); }
   // kAsync: selections made with the previous step's queries, and those that fell back.
   uint64_t prefetched() const { return prefetched_; }

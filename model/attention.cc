@@ -182,6 +182,46 @@ absl::Status FullAttention::Decode(uint32_t layer, uint32_t pos, const float* q,
 
 // ---- SelectiveAttention
 
+void AttendWithTail(const KvStore& kv, uint32_t layer, uint32_t kv_head, const float* q,
+                    const std::vector<uint32_t>& positions, selection::TailMode mode,
+                    const std::vector<selection::PageSummaryView>& tail, float scale, float* out) {
+  const uint32_t d = kv.config().head_dim;
+  const float* K = kv.k(layer, kv_head);
+  const float* V = kv.v(layer, kv_head);
+  selection::SoftmaxPartial part(d);
+  for (uint32_t t : positions) {
+    const float* kr = K + uint64_t{t} * d;
+    double dot = 0;
+    for (uint32_t i = 0; i < d; ++i) dot += double{q[i]} * kr[i];
+    part.Add(static_cast<float>(dot * scale), V + uint64_t{t} * d);
+  }
+  selection::AddTail(mode, q, d, scale, tail, &part);
+  part.Output(out);
+}
+
+void SelectiveAttention::SummarizeTail(uint32_t layer, uint32_t kv_head,
+                                       const std::vector<std::vector<uint32_t>>& pages,
+                                       const std::vector<uint32_t>& attended) {
+  const uint32_t d = kv_.config().head_dim;
+  const float* K = kv_.k(layer, kv_head);
+  const float* V = kv_.v(layer, kv_head);
+  tail_pages_.clear();
+  tail_store_.resize(pages.size() * 3 * uint64_t{d});
+  size_t used = 0;
+  for (const std::vector<uint32_t>& page : pages) {
+    selection::SummaryBuilder b(d);
+    for (uint32_t t : page) {
+      if (std::binary_search(attended.begin(), attended.end(), t)) continue;
+      b.Add(K + uint64_t{t} * d, V + uint64_t{t} * d);
+    }
+    if (b.count() == 0) continue;
+    float* m = &tail_store_[used * 3 * d];
+    b.Finish(m, m + d, m + 2 * d);
+    tail_pages_.push_back({b.count(), m, m + d, m + 2 * d});
+    ++used;
+  }
+}
+
 SelectiveAttention::SelectiveAttention(const LlamaConfig& config, uint32_t max_tokens,
                                        const eval::MethodSpec& method,
                                        const selection::BudgetSplit& split, uint32_t full_kv_layers,
@@ -226,9 +266,18 @@ absl::Status SelectiveAttention::Decode(uint32_t layer, uint32_t pos, const floa
       if (!sel.ok()) return sel.status();
       positions = std::move(*sel);
     }
+    const bool tail = layer >= full_kv_layers_ && method_.tail != selection::TailMode::kNone &&
+                      positions.size() < pos + 1;
+    if (tail) {
+      SummarizeTail(layer, h, selectors_[uint64_t{layer} * c.n_kv_heads + h]->page_positions(),
+                    positions);
+    }
     for (uint32_t j = 0; j < g; ++j) {
       const float* qh = group_q + uint64_t{j} * d;
-      if (positions.size() == pos + 1) {  // everything: the same arithmetic as FullAttention
+      if (tail) {
+        AttendWithTail(kv_, layer, h, qh, positions, method_.tail, tail_pages_, scale,
+                       out + (uint64_t{h} * g + j) * d);
+      } else if (positions.size() == pos + 1) {  // everything: the same arithmetic as Full
         AttendPrefix(kv_, layer, h, qh, pos, scale, out + (uint64_t{h} * g + j) * d);
       } else {
         AttendPositions(kv_, layer, h, qh, positions.data(), positions.size(), scale,

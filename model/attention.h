@@ -65,6 +65,12 @@ void AttendPrefix(const KvStore& kv, uint32_t layer, uint32_t kv_head, const flo
 void AttendPositions(const KvStore& kv, uint32_t layer, uint32_t kv_head, const float* q,
                      const uint32_t* positions, size_t count, float scale, float* out);
 
+// Exact attention over `positions` (sorted) plus the estimated tail of the pages summarised
+// in `tail` (selection/tail.h), in float64 accumulation.
+void AttendWithTail(const KvStore& kv, uint32_t layer, uint32_t kv_head, const float* q,
+                    const std::vector<uint32_t>& positions, selection::TailMode mode,
+                    const std::vector<selection::PageSummaryView>& tail, float scale, float* out);
+
 // What the in-process backends share: every K/V in a KvStore, the prompt attended in full.
 class InProcessAttention : public AttentionBackend {
  public:
@@ -106,6 +112,12 @@ class SelectiveAttention : public InProcessAttention {
   const SelectionStats& stats() const { return stats_; }
 
  private:
+  // Summaries of the parts of `pages` not in `attended` (sorted) into tail_pages_.
+  void SummarizeTail(uint32_t layer, uint32_t kv_head,
+                     const std::vector<std::vector<uint32_t>>& pages,
+                     const std::vector<uint32_t>& attended);
+  std::vector<selection::PageSummaryView> tail_pages_;
+  std::vector<float> tail_store_;
   const eval::MethodSpec method_;
   const selection::BudgetSplit split_;
   const uint32_t full_kv_layers_;

@@ -1,6 +1,7 @@
 #include "server/core/geometry.h"
 
 #include <algorithm>
+#include <cmath>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -91,6 +92,13 @@ absl::StatusOr<Geometry> ResolveGeometry(const GeometrySpec& spec) {
   if (g.full_kv_layers > g.num_layers) {
     return FieldError("full_kv_layers", absl::StrCat("at most num_layers (", g.num_layers, ")"),
                       g.full_kv_layers);
+  }
+  g.tail = spec.tail.value_or(D::kTail);
+  g.softmax_scale =
+      spec.softmax_scale.value_or(1.0f / std::sqrt(static_cast<float>(g.head_dim)));
+  if (!std::isfinite(g.softmax_scale) || !(g.softmax_scale > 0) || g.softmax_scale > 1e6f) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "geometry.softmax_scale must be finite, above 0 and at most 1e6, got ", g.softmax_scale));
   }
   return g;
 }

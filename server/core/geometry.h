@@ -12,6 +12,7 @@
 #include "kernels/head_dim.h"
 #include "kernels/page_layout.h"
 #include "selection/budget.h"
+#include "selection/tail.h"
 
 namespace icecache {
 
@@ -33,6 +34,8 @@ struct GeometryLimits {
 // configuration) and 2 full-KV layers.
 struct GeometryDefaults : selection::BudgetDefaults {
   static constexpr uint32_t kFullKvLayers = 2;  // clamped to num_layers
+  // The tail estimate of a sequence that names none (docs/model.md: the measured winner).
+  static constexpr selection::TailMode kTail = selection::TailMode::kMeanVariance;
 };
 
 // What a client asks for. Required fields are plain (0 = missing); optional ones are
@@ -49,6 +52,8 @@ struct GeometrySpec {
   std::optional<uint32_t> sink_tokens;
   std::optional<uint32_t> window_tokens;
   std::optional<uint32_t> full_kv_layers;
+  std::optional<selection::TailMode> tail;  // nullopt: GeometryDefaults::kTail
+  std::optional<float> softmax_scale;        // nullopt: 1/sqrt(head_dim)
 };
 
 // A validated geometry with every default applied. Invariants (established by
@@ -67,6 +72,11 @@ struct Geometry {
   uint32_t sink_tokens = 0;
   uint32_t window_tokens = 0;
   uint32_t full_kv_layers = 0;
+  // How selects estimate the unselected pages (selection/tail.h), and the attention's softmax
+  // scale the estimate is computed in.
+  selection::TailMode tail = selection::TailMode::kNone;
+  float softmax_scale = 0;
+  bool keeps_summaries() const { return tail != selection::TailMode::kNone; }
 
   uint32_t group_size() const { return num_q_heads / num_kv_heads; }
   // Layers whose KV the daemon stores and indexes.

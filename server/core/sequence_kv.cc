@@ -416,7 +416,8 @@ absl::Status SequenceKv::Append(uint32_t layer, const uint8_t* k_rows, const uin
 
 absl::StatusOr<uint32_t> SequenceKv::Select(uint32_t layer, const float* queries, uint32_t k,
                                             std::vector<abi::SelectedPageRef>* out,
-                                            bool sample_recall, const uint8_t* head_mask) {
+                                            bool sample_recall, const uint8_t* head_mask,
+                                            std::vector<float>* tail) {
   absl::Status ok = CheckLayer(layer);
   if (!ok.ok()) return ok;
   k = SelectK(k);

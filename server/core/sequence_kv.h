@@ -90,10 +90,14 @@ class SequenceKv {
   // `sample_recall`: also score every key exactly afterwards (on the pool, off the caller's
   // path) and report the recall of the returned pages to the observer. `head_mask`
   // ([num_kv_heads], optional): only heads with a non-zero byte are searched; the others get
-  // unused entries.
+  // unused entries. `tail` (optional; used when the geometry keeps summaries): the tail
+  // partials of every query head, [num_q_heads][abi::TailPartialFloats(head_dim)] (the layout
+  // of proto/icecache/v1/abi.h): the estimated unselected pages of its KV head; empty
+  // partials (sum 0) for masked heads.
   absl::StatusOr<uint32_t> Select(uint32_t layer, const float* queries, uint32_t k,
                                   std::vector<abi::SelectedPageRef>* out, bool sample_recall,
-                                  const uint8_t* head_mask = nullptr);
+                                  const uint8_t* head_mask = nullptr,
+                                  std::vector<float>* tail = nullptr);
 
   // Returns once every recall sample scheduled so far has been reported.
   void WaitForSamples();

@@ -37,7 +37,7 @@
 
 namespace icecache::abi {
 
-inline constexpr uint32_t kAbiVersion = 2;                       // 2: frame tags in page segments
+inline constexpr uint32_t kAbiVersion = 3;  // 2: frame tags in page segments; 3: select tails
 inline constexpr uint64_t kArenaMagic = 0x314E45524143'4349ull;  // "ICCAREN1" little-endian
 
 // ---------------------------------------------------------------------------------- attach
@@ -279,6 +279,26 @@ struct SelectedPageRef {
 };
 static_assert(sizeof(SelectedPageRef) == 16);
 inline constexpr uint32_t kNoSegment = 0xffffffffu;
+
+// Tail estimate (a sequence whose geometry's tail_estimate is MEAN or MEAN_VAR): the kOpSelect
+// response payload continues, right after the [num_kv_heads][k] SelectedPageRef entries, with
+// one tail partial per query head, [num_q_heads][2 + head_dim] float32:
+//   max, sum, acc[head_dim]
+// the softmax partial of the estimated unselected pages of that head's KV head: every page of
+// the layer's index not among the entries returned for it counts as one virtual token
+// (selection/tail.h) of logit s_p and value mean_value_p, with max = max_p s_p,
+// sum = sum_p exp(s_p - max) and acc = sum_p exp(s_p - max) mean_value_p. Logits are in the
+// units of the attention's softmax (scaled by the sequence's softmax_scale). sum == 0: nothing
+// to add (a masked KV head, every page selected, an empty index). The attention merges it with
+// its own partial over what it fetched: out = (acc_f e^(m_f - M) + acc e^(max - M)) /
+// (sum_f e^(m_f - M) + sum e^(max - M)), M = max(m_f, max).
+// kOpSelectBatch: the same tail partials follow each entry's result_k entries per KV head
+// inside [result_offset, result_offset + result_bytes) (the room must hold both, else that
+// entry's status is INVALID_ARGUMENT).
+inline constexpr uint64_t TailPartialFloats(uint32_t head_dim) { return 2 + uint64_t{head_dim}; }
+inline constexpr uint64_t TailBytes(uint32_t num_q_heads, uint32_t head_dim) {
+  return uint64_t{num_q_heads} * TailPartialFloats(head_dim) * sizeof(float);
+}
 
 // One sequence's select in a kOpSelectBatch request. Offsets are bytes from the start of the
 // scratch buffer; the daemon reads the request fields once and checks every range against the
