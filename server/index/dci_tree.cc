@@ -1188,7 +1188,8 @@ struct DciTree::Impl {
     std::vector<uint8_t> luts;                   // [query][bits * 4]: fast-scan tables
     std::vector<int32_t> lut_bias;               // [query]
     std::vector<ResidualSketch::Query> qsketch;  // [query] prepared for SketchDotsPacked
-    std::vector<float> est, facf;  // [cell member]: estimates of one query, fp32 factors
+    std::vector<float> est;        // [cell member]: estimates of one query
+    std::vector<uint32_t> above;   // [cell member]: members above the query's floor
     uint64_t sketched = 0;
 
     void Begin(uint32_t queries, size_t page_limit, size_t cell_limit) {
@@ -1574,11 +1575,11 @@ struct DciTree::Impl {
     SketchDotsPacked(gs.luts.data(), gs.lut_bias.data(), nq, sketch->bits(), c.code.data(), n,
                      gs.dots.data(), n);
     gs.sketched += uint64_t{n} * nq;
-    // The cell's factors once (F16C), then per query a vectorisable pass of estimates, the
-    // same expression as ResidualSketch::Estimate, and a rarely taken branch into the heap.
-    gs.facf.resize(n);
-    ToFloat(c.fac.data(), ElemType::kF16, n, gs.facf.data());
+    // Per query: every estimate and the keys above the query's current R-th best (AVX2:
+    // 8 at a time, F16C factors; ResidualSketch::Estimate plus q.r), then only those into the
+    // heap, each rechecked against its rising floor.
     gs.est.resize(n);
+    gs.above.resize(n);
     auto greater = [](const std::pair<float, uint32_t>& a, const std::pair<float, uint32_t>& b) {
       return a.first > b.first;
     };
@@ -1586,22 +1587,22 @@ struct DciTree::Impl {
       const float base = gs.cell_score[uint64_t{q} * nc + cid];
       const ResidualSketch::Query& qs8 = gs.qsketch[q];
       std::vector<std::pair<float, uint32_t>>& h = gs.cand[q];
-      const int32_t* d = gs.dots.data() + uint64_t{q} * n;
-      const float* f = gs.facf.data();
-      float* e = gs.est.data();
-      for (uint32_t i = 0; i < n; ++i) {
-        e[i] = base + f[i] * qs8.scale * static_cast<float>(2 * d[i] - qs8.sum);
-      }
-      uint32_t i = 0;
-      for (; i < n && h.size() < rcap; ++i) {
-        h.push_back({e[i], c.tok[i]});
-        std::push_heap(h.begin(), h.end(), greater);
-      }
-      float floor = h.empty() ? -std::numeric_limits<float>::infinity() : h.front().first;
-      for (; i < n; ++i) {
-        if (e[i] <= floor) continue;
+      float floor = h.size() < rcap ? -std::numeric_limits<float>::infinity() : h.front().first;
+      const uint32_t m =
+          SketchEstimatesAbove(gs.dots.data() + uint64_t{q} * n, c.fac.data(), n, base, qs8.scale,
+                               qs8.sum, floor, gs.est.data(), gs.above.data());
+      for (uint32_t a = 0; a < m; ++a) {
+        const uint32_t i = gs.above[a];
+        const float e = gs.est[i];
+        if (h.size() < rcap) {
+          h.push_back({e, c.tok[i]});
+          std::push_heap(h.begin(), h.end(), greater);
+          if (h.size() == rcap) floor = h.front().first;
+          continue;
+        }
+        if (e <= floor) continue;
         std::pop_heap(h.begin(), h.end(), greater);
-        h.back() = {e[i], c.tok[i]};
+        h.back() = {e, c.tok[i]};
         std::push_heap(h.begin(), h.end(), greater);
         floor = h.front().first;
       }

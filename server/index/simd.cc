@@ -504,6 +504,33 @@ ICECACHE_AVX2 void SketchDotsPackedAvx2T(const uint8_t* luts, const int32_t* bia
   }
 }
 
+// Estimates 8 keys at a time (F16C factors), compare with the floor, and a movemask that
+// skips the 8 when none beats it (most of them, once a query's candidate heap is full).
+ICECACHE_AVX2 uint32_t SketchEstimatesAboveAvx2(const int32_t* dots, const uint16_t* fac,
+                                                uint32_t n, float base, float scale, int32_t sum,
+                                                float floor, float* est, uint32_t* above) {
+  const __m256 vb = _mm256_set1_ps(base), vs = _mm256_set1_ps(scale), vf = _mm256_set1_ps(floor);
+  const __m256i vsum = _mm256_set1_epi32(sum);
+  uint32_t m = 0, i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256i d = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(dots + i));
+    const __m256 t = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_add_epi32(d, d), vsum));
+    const __m256 f = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(fac + i)));
+    const __m256 e = _mm256_add_ps(vb, _mm256_mul_ps(_mm256_mul_ps(f, vs), t));
+    _mm256_storeu_ps(est + i, e);
+    uint32_t mask = static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(e, vf, _CMP_GT_OQ)));
+    while (mask) {
+      above[m++] = i + static_cast<uint32_t>(__builtin_ctz(mask));
+      mask &= mask - 1;
+    }
+  }
+  for (; i < n; ++i) {
+    est[i] = base + (HalfToFloat(fac[i]) * scale) * static_cast<float>(2 * dots[i] - sum);
+    if (est[i] > floor) above[m++] = i;
+  }
+  return m;
+}
+
 // AVX-VNNI: the same with the VEX dot product (u8 x s8 summed in fours into int32).
 #define ICECACHE_AVXVNNI __attribute__((target("avx2,fma,f16c,avxvnni")))
 
@@ -1020,6 +1047,20 @@ void SketchDotsPacked(const uint8_t* luts, const int32_t* bias, uint32_t nq, uin
     return;
   }
   SketchDotsPackedScalar(luts, bias, nq, bits, packed, n, out, out_stride);
+}
+
+uint32_t SketchEstimatesAbove(const int32_t* dots, const uint16_t* fac, uint32_t n, float base,
+                              float scale, int32_t sum, float floor, float* est,
+                              uint32_t* above) {
+  if (UseAvx2()) {
+    return SketchEstimatesAboveAvx2(dots, fac, n, base, scale, sum, floor, est, above);
+  }
+  uint32_t m = 0;
+  for (uint32_t i = 0; i < n; ++i) {
+    est[i] = base + (HalfToFloat(fac[i]) * scale) * static_cast<float>(2 * dots[i] - sum);
+    if (est[i] > floor) above[m++] = i;
+  }
+  return m;
 }
 
 void ExpInPlace(float* x, uint32_t n) {
