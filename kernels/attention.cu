@@ -20,7 +20,7 @@ cudaError_t Launch(const DecodeAttentionParams& p, float* scratch, uint32_t spli
   if (e != cudaSuccess) return e;
   constexpr uint32_t kCombineThreads = D < 128 ? D : 128;
   kernels::DecodeAttentionCombineKernel<T, D><<<p.num_q_heads, kCombineThreads, 0, stream>>>(
-      part_max, part_sum, part_acc, splits, static_cast<T*>(p.out));
+      part_max, part_sum, part_acc, splits, p.tail, static_cast<T*>(p.out));
   return cudaGetLastError();
 }
 

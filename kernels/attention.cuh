@@ -84,20 +84,29 @@ __global__ void DecodeAttentionPartialKernel(
 }
 
 // Grid mapping: blockIdx.x = query head; threads stride over the D output dims and merge the
-// head's splits (rescaling each by exp(max_split - max)).
+// head's splits (rescaling each by exp(max_split - max)), then the head's tail partial
+// (max, sum, acc[D] at tail + qh * (2 + D)) when `tail` is set and its sum is above 0.
 template <typename T, int D>
 __global__ void DecodeAttentionCombineKernel(const float* __restrict__ part_max,
                                              const float* __restrict__ part_sum,
                                              const float* __restrict__ part_acc,
-                                             uint32_t num_splits, T* __restrict__ out) {
+                                             uint32_t num_splits, const float* __restrict__ tail,
+                                             T* __restrict__ out) {
   const uint32_t qh = blockIdx.x;
   const uint64_t base = uint64_t(qh) * num_splits;
+  const float* t = tail != nullptr ? tail + uint64_t(qh) * (2 + D) : nullptr;
+  const bool with_tail = t != nullptr && t[1] > 0.f;
   float mx = -INFINITY;
-  for (uint32_t s = 0; s < num_splits; ++s) mx = fmaxf(mx, part_max[base + s]);
+  for (uint32_t s = 0; s < num_splits; ++s) {
+    if (part_sum[base + s] > 0.f) mx = fmaxf(mx, part_max[base + s]);
+  }
+  if (with_tail) mx = fmaxf(mx, t[0]);
   float total = 0.f;
   for (uint32_t s = 0; s < num_splits; ++s) {
     if (part_sum[base + s] > 0.f) total += part_sum[base + s] * __expf(part_max[base + s] - mx);
   }
+  const float tail_w = with_tail ? __expf(t[0] - mx) : 0.f;
+  if (with_tail) total += t[1] * tail_w;
   for (uint32_t d = threadIdx.x; d < D; d += blockDim.x) {
     float a = 0.f;
     for (uint32_t s = 0; s < num_splits; ++s) {
@@ -105,6 +114,7 @@ __global__ void DecodeAttentionCombineKernel(const float* __restrict__ part_max,
         a += part_acc[(base + s) * D + d] * __expf(part_max[base + s] - mx);
       }
     }
+    if (with_tail) a += t[2 + d] * tail_w;
     out[uint64_t(qh) * D + d] = FromFloat<T>(total > 0.f ? a / total : 0.f);
   }
 }

@@ -36,6 +36,15 @@ struct DecodeAttentionParams {
   uint32_t head_dim = 0;
   DType dtype = DType::kBF16;
   float scale = 0;  // softmax scale, usually 1/sqrt(head_dim)
+  // Estimated softmax partials of what the chunks leave out (tail estimation,
+  // selection/tail.h), or nullptr: [num_q_heads][2 + head_dim] fp32, per query head
+  //   max, sum, acc[head_dim]
+  // in the units of the scaled logits (proto/icecache/v1/abi.h "Tail estimate"). Merged after
+  // the softmax over the chunks: with (m_f, sum_f, acc_f) the chunks' own partial and
+  // M = max(m_f, max), out = (acc_f e^(m_f-M) + acc e^(max-M)) / (sum_f e^(m_f-M) + sum e^(max-M)).
+  // A head whose partial's sum is 0 is unchanged; a KV head with no rows outputs acc / sum.
+  // Host memory for the CPU reference, device memory for the kernel.
+  const float* tail = nullptr;
 };
 
 // What is wrong with `p` (a static string), or nullptr when it is valid: non-null pointers,
@@ -43,8 +52,9 @@ struct DecodeAttentionParams {
 const char* ValidateDecodeAttention(const DecodeAttentionParams& p);
 
 // CPU reference with the kernel's semantics over host pointers: for every query head, the
-// softmax over all its KV head's chunk rows, in fp32, written to out in the dtype. A KV head
-// with no rows writes zeros. Heads run on `pool` when given. Returns false (writing nothing)
+// softmax over all its KV head's chunk rows, in fp32, merged with its tail partial when
+// p.tail is set, written to out in the dtype. A KV head with no rows (and no tail) writes
+// zeros. Heads run on `pool` when given. Returns false (writing nothing)
 // when ValidateDecodeAttention fails.
 bool DecodeAttentionCpu(const DecodeAttentionParams& p, ThreadPool* pool = nullptr);
 

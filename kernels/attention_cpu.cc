@@ -42,6 +42,19 @@ void AttendOne(const DecodeAttentionParams& p, uint32_t qh) {
       m = m_new;
     }
   }
+  if (p.tail != nullptr) {
+    // The estimated tail's partial (max, sum, acc[d]) joins like one more block of the online
+    // softmax; an empty one (sum 0) changes nothing.
+    const float* t = p.tail + uint64_t{qh} * (2 + d);
+    if (t[1] > 0.f) {
+      const float m_new = std::max(m, t[0]);
+      const float a = std::exp(m - m_new);  // 0 when nothing was attended (m = -inf)
+      const float b = std::exp(t[0] - m_new);
+      l = l * a + t[1] * b;
+      for (uint32_t i = 0; i < d; ++i) acc[i] = acc[i] * a + t[2 + i] * b;
+      m = m_new;
+    }
+  }
   for (uint32_t i = 0; i < d; ++i)
     Store(p.out, uint64_t{qh} * d + i, l > 0 ? acc[i] / l : 0.f, p.dtype);
 }

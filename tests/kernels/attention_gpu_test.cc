@@ -18,6 +18,7 @@
 namespace icecache {
 namespace {
 
+using testing::AddVirtualTail;
 using testing::Case;
 using testing::Decode;
 using testing::MakeCase;
@@ -87,12 +88,17 @@ GpuRun RunOnGpu(const Case& c, uint32_t splits) {
   p.out = out_d->ptr;
   p.chunks = chunks_d->as<AttentionChunk>();
   p.chunk_offsets = offsets_d->as<uint32_t>();
+  auto tail_d = std::make_unique<DeviceBuffer>(c.tail.size() * sizeof(float));
+  if (c.params.tail != nullptr) {
+    cudaMemcpy(tail_d->ptr, c.tail.data(), c.tail.size() * sizeof(float), cudaMemcpyHostToDevice);
+    p.tail = tail_d->as<float>();
+  }
   DeviceBuffer scratch(DecodeAttentionScratchFloats(p, splits) * sizeof(float));
   run.launch = LaunchDecodeAttention(p, scratch.as<float>(), splits, nullptr);
   cudaDeviceSynchronize();
   run.out.resize(c.q.size());
   cudaMemcpy(run.out.data(), out_d->ptr, c.q.size() * 2, cudaMemcpyDeviceToHost);
-  for (auto* d : {&chunks_d, &offsets_d, &q_d, &out_d}) run.owned.push_back(std::move(*d));
+  for (auto* d : {&chunks_d, &offsets_d, &q_d, &out_d, &tail_d}) run.owned.push_back(std::move(*d));
   return run;
 }
 
@@ -149,6 +155,37 @@ TEST(DecodeAttentionGpu, EmptyHeadWritesZerosAndBadParamsLaunchNothing) {
   for (uint16_t v : refused.out) ASSERT_EQ(v, 0xFFFF) << "a refused launch wrote output";
   Case too_many = MakeCase(DType::kBF16, 64, 1, 1, 1, 7);
   EXPECT_EQ(RunOnGpu(too_many, 65).launch, cudaErrorInvalidValue);
+}
+
+// Tail partials merged by the combine kernel: equal to the CPU reference (itself tested
+// against float64 over the virtual tokens), for every split count; empty partials (every
+// other head here) change nothing; a KV head with no rows outputs its tail's acc / sum.
+TEST(DecodeAttentionGpu, TailPartialsMatchTheCpuReference) {
+  SKIP_WITHOUT_GPU();
+  for (DType dtype : {DType::kBF16, DType::kFP16}) {
+    for (uint32_t d : {64u, 128u, 256u}) {
+      for (uint32_t pages : {0u, 7u, 300u}) {
+        for (uint32_t splits : {1u, 4u, 64u}) {
+          Case c = MakeCase(dtype, d, 3, 4, pages, d + pages);
+          if (pages == 0) {
+            c.chunks.resize(c.offsets[2]);
+            c.offsets[3] = c.offsets[2];  // KV head 2: no rows
+          }
+          AddVirtualTail(c, 16, d * 3 + pages, pages == 300 ? 3.0 : -1.0, /*empty_every=*/2);
+          ASSERT_TRUE(DecodeAttentionCpu(c.params));
+          const GpuRun run = RunOnGpu(c, splits);
+          ASSERT_EQ(run.launch, cudaSuccess) << cudaGetErrorString(run.launch);
+          const double tol = dtype == DType::kBF16 ? 1.6e-2 : 2.5e-3;
+          for (size_t i = 0; i < c.out.size(); ++i) {
+            const float got = Decode(run.out[i], dtype), want = Decode(c.out[i], dtype);
+            ASSERT_FALSE(std::isnan(got)) << i;
+            ASSERT_NEAR(got, want, tol * (1.0 + std::fabs(want)))
+                << "element " << i << " d " << d << " pages " << pages << " splits " << splits;
+          }
+        }
+      }
+    }
+  }
 }
 
 TEST(KvCopyGpu, AppendAndStagingEqualTheirCpuReferencesExactly) {

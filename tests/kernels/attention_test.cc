@@ -18,6 +18,7 @@
 namespace icecache {
 namespace {
 
+using testing::AddVirtualTail;
 using testing::Case;
 using testing::Decode;
 using testing::MakeCase;
@@ -72,6 +73,92 @@ TEST(DecodeAttentionCpu, EmptyHeadWritesZerosAndBadParamsWriteNothing) {
   bad.offsets[1] = 99;
   bad.offsets[2] = 3;
   EXPECT_FALSE(DecodeAttentionCpu(bad.params));
+}
+
+// Tail estimation: each query head's tail partial stands for virtual tokens of explicit
+// logits and values; the output must be the float64 softmax over the real rows and those
+// virtual tokens together. The virtual logits sit below, level with and above the real ones
+// (shift), so the merge's rescaling goes both ways. Tolerance: the dtype's output rounding, as
+// without a tail (the partials are fp32, their rounding is far below it).
+class DecodeAttentionTailTest
+    : public ::testing::TestWithParam<std::tuple<DType, uint32_t, uint32_t>> {};
+
+TEST_P(DecodeAttentionTailTest, MatchesFloat64OverRealAndVirtualTokens) {
+  const auto [dtype, d, group] = GetParam();
+  ThreadPool pool(2);
+  const double tol = dtype == DType::kBF16 ? 1.6e-2 : 2.5e-3;
+  for (uint32_t pages : {0u, 5u}) {
+    for (double shift : {-4.0, 0.0, 6.0}) {
+      for (uint32_t virtual_tokens : {1u, 40u}) {
+        Case c = MakeCase(dtype, d, 3, group, pages, d * 5 + group * 11 + pages);
+        AddVirtualTail(c, virtual_tokens, d + pages + virtual_tokens, shift);
+        ASSERT_TRUE(DecodeAttentionCpu(c.params, pages % 2 ? &pool : nullptr));
+        const std::vector<double> expect = Naive(c);
+        for (size_t i = 0; i < expect.size(); ++i) {
+          const float got = Decode(c.out[i], dtype);
+          ASSERT_FALSE(std::isnan(got)) << i;
+          ASSERT_NEAR(got, expect[i], tol * (1.0 + std::fabs(expect[i])))
+              << "element " << i << " pages " << pages << " shift " << shift << " virtual "
+              << virtual_tokens;
+        }
+      }
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Sweep, DecodeAttentionTailTest,
+                         ::testing::Combine(::testing::Values(DType::kBF16, DType::kFP16),
+                                            ::testing::Values(64u, 128u, 256u),
+                                            ::testing::Values(1u, 4u)),
+                         [](const auto& p) {
+                           return std::string(DTypeName(std::get<0>(p.param))) + "_d" +
+                                  std::to_string(std::get<1>(p.param)) + "_g" +
+                                  std::to_string(std::get<2>(p.param));
+                         });
+
+// A partial whose sum is 0 changes nothing (its max and acc, garbage here, are not read): the
+// output is bit for bit the output without a tail; the other heads do merge theirs.
+TEST(DecodeAttentionCpu, EmptyTailPartialChangesNothing) {
+  for (DType dtype : {DType::kBF16, DType::kFP16}) {
+    Case plain = MakeCase(dtype, 128, 2, 4, 3, 77);
+    ASSERT_TRUE(DecodeAttentionCpu(plain.params));
+    Case tailed = MakeCase(dtype, 128, 2, 4, 3, 77);
+    AddVirtualTail(tailed, 8, 5, /*shift=*/2.0, /*empty_every=*/2);  // heads 0, 2, 4, 6 empty
+    ASSERT_TRUE(DecodeAttentionCpu(tailed.params));
+    const std::vector<double> expect = Naive(tailed);
+    bool some_merged = false;
+    for (uint32_t qh = 0; qh < 8; ++qh) {
+      for (uint32_t i = 0; i < 128; ++i) {
+        const size_t at = size_t{qh} * 128 + i;
+        if (qh % 2 == 0) {
+          ASSERT_EQ(tailed.out[at], plain.out[at]) << "head " << qh << " dim " << i;
+        } else {
+          some_merged |= tailed.out[at] != plain.out[at];
+          ASSERT_NEAR(Decode(tailed.out[at], dtype), expect[at], 1.6e-2 * (1 + std::fabs(expect[at])));
+        }
+      }
+    }
+    EXPECT_TRUE(some_merged);
+  }
+}
+
+// A KV head with no rows outputs its tail's own acc / sum; with an empty tail, zeros.
+TEST(DecodeAttentionCpu, NoRowsWithATailOutputsTheTail) {
+  Case c = MakeCase(DType::kFP16, 64, 2, 2, 0, 9);
+  c.offsets[2] = c.offsets[1];  // KV head 1 (query heads 2, 3) has no rows
+  AddVirtualTail(c, 6, 3, 0.0, /*empty_every=*/3);  // query heads 0 and 3 empty
+  ASSERT_TRUE(DecodeAttentionCpu(c.params));
+  const float* t2 = c.tail.data() + 2 * 66;
+  for (uint32_t i = 0; i < 64; ++i) {
+    const float want = t2[2 + i] / t2[1];
+    EXPECT_NEAR(Decode(c.out[2 * 64 + i], DType::kFP16), want, 2.5e-3 * (1 + std::fabs(want)));
+    EXPECT_EQ(Decode(c.out[3 * 64 + i], DType::kFP16), 0.f);  // no rows, empty tail
+  }
+  const std::vector<double> expect = Naive(c);
+  for (size_t i = 0; i < 4 * 64; ++i) {
+    EXPECT_NEAR(Decode(c.out[i], DType::kFP16), expect[i], 2.5e-3 * (1 + std::fabs(expect[i])))
+        << i;
+  }
 }
 
 TEST(KvCopyCpu, AppendPlacesEachHeadsRowInItsSlot) {
