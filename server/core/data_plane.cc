@@ -579,12 +579,15 @@ class DataPlane::Dispatcher {
                     0);
     }
     const uint32_t k = (*kv)->SelectK(r.k);
-    if (uint64_t{g.num_kv_heads} * k * sizeof(abi::SelectedPageRef) > capacity) {
-      return Finish(
-          r, start,
-          absl::InvalidArgumentError(absl::StrCat("k=", k, " pages for ", g.num_kv_heads,
-                                                  " KV heads do not fit a slot's payload")),
-          0);
+    const uint64_t tail_bytes = g.keeps_summaries() ? abi::TailBytes(g.num_q_heads, g.head_dim) : 0;
+    if (uint64_t{g.num_kv_heads} * k * sizeof(abi::SelectedPageRef) + tail_bytes > capacity) {
+      return Finish(r, start,
+                    absl::InvalidArgumentError(absl::StrCat(
+                        "k=", k, " pages for ", g.num_kv_heads, " KV heads",
+                        tail_bytes != 0 ? absl::StrCat(" and ", tail_bytes, " bytes of tail")
+                                        : std::string(),
+                        " do not fit a slot's payload (", capacity, " bytes)")),
+                    0);
     }
     // Copied out of shared memory once; only the copies are used.
     const uint8_t* payload = abi::SlotPayload(c_->arena->Slot(r.slot));
@@ -603,12 +606,17 @@ class DataPlane::Dispatcher {
     std::function<void()> task = [dp, client, kv = *kv, r, start, k, sample,
                                   queries = std::move(queries), mask = std::move(mask)] {
       std::vector<abi::SelectedPageRef> out;
+      std::vector<float> tail;
       absl::StatusOr<uint32_t> got = kv->Select(r.layer, queries.data(), k, &out, sample,
-                                                mask.empty() ? nullptr : mask.data());
+                                                mask.empty() ? nullptr : mask.data(), &tail);
       uint32_t bytes = 0;
       if (got.ok()) {
+        uint8_t* answer = abi::SlotPayload(client->arena->Slot(r.slot));
         bytes = static_cast<uint32_t>(out.size() * sizeof(abi::SelectedPageRef));
-        std::memcpy(abi::SlotPayload(client->arena->Slot(r.slot)), out.data(), bytes);
+        std::memcpy(answer, out.data(), bytes);
+        // The tail partials right after the entries (abi.h); sized against the slot above.
+        std::memcpy(answer + bytes, tail.data(), tail.size() * sizeof(float));
+        bytes += static_cast<uint32_t>(tail.size() * sizeof(float));
       }
       Respond(dp, client.get(), r.slot, r.op, start, got.status(), bytes);
       client->EndOp();
@@ -705,6 +713,7 @@ class DataPlane::Dispatcher {
       uint8_t* result = nullptr;  // in the client's scratch buffer
       absl::Status status;
       std::vector<abi::SelectedPageRef> pages;  // [num_kv_heads][k]
+      std::vector<float> tail;                  // [num_q_heads][2 + head_dim] or empty
     };
     auto jobs = std::make_shared<std::vector<Job>>(count);
     std::vector<std::string> keys;
@@ -735,7 +744,7 @@ class DataPlane::Dispatcher {
         Job& job = (*jobs)[live[n]];
         job.status = job.kv
                          ->Select(r.layer, job.queries.data(), job.k, &job.pages, job.sample,
-                                  job.mask.empty() ? nullptr : job.mask.data())
+                                  job.mask.empty() ? nullptr : job.mask.data(), &job.tail)
                          .status();
       });
       // Results and statuses into the client's scratch buffer.
@@ -745,6 +754,9 @@ class DataPlane::Dispatcher {
         if (job.status.ok()) {
           std::memcpy(job.result, job.pages.data(),
                       job.pages.size() * sizeof(abi::SelectedPageRef));
+          // The tail partials after the entries (room checked in PrepareBatchEntry).
+          std::memcpy(job.result + job.pages.size() * sizeof(abi::SelectedPageRef),
+                      job.tail.data(), job.tail.size() * sizeof(float));
           e->result_k = job.k;
         } else {
           e->result_k = 0;
@@ -803,7 +815,9 @@ class DataPlane::Dispatcher {
     }
     *k = (*found)->SelectK(e.k);
     if (*k > 4096) return absl::InvalidArgumentError(absl::StrCat("k=", *k, " is above 4096"));
-    const uint64_t rbytes = uint64_t{g.num_kv_heads} * *k * sizeof(abi::SelectedPageRef);
+    const uint64_t rbytes =
+        uint64_t{g.num_kv_heads} * *k * sizeof(abi::SelectedPageRef) +
+        (g.keeps_summaries() ? abi::TailBytes(g.num_q_heads, g.head_dim) : 0);
     if (e.result_bytes < rbytes) {
       return absl::InvalidArgumentError(
           absl::StrCat("room for ", e.result_bytes, " result bytes, need ", rbytes));

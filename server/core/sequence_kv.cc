@@ -8,6 +8,7 @@
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/strings/str_cat.h"
+#include "common/half.h"
 #include "common/log.h"
 #include "common/status_macros.h"
 #include "server/index/exact_oracle.h"
@@ -35,9 +36,38 @@ struct SequenceKv::Head final : public index::PageReader {
   std::vector<FrameRef> table;      // [page id]
   std::vector<uint32_t> valid;      // [page id]
   std::vector<uint32_t> positions;  // [page id * page_size + slot]: what the frame tags say
+  // Geometry::keeps_summaries(): [page id][selection::kSummaryVectors][head_dim] fp32, the
+  // mean key, key variance and mean value of the page's valid slots (selection/tail.h).
+  std::vector<float> summaries;
   std::unique_ptr<index::KvIndex> index;
 
   const void* PageKeys(uint32_t page) const override { return arena->FrameAddress(table[page]); }
+
+  // Recomputes the summaries of `pages` (any order, repeats allowed) from their frames.
+  void Summarize(DType dtype, std::vector<uint32_t>* pages) {
+    const uint32_t d = layout.head_dim;
+    const uint64_t stride = uint64_t{selection::kSummaryVectors} * d;
+    if (summaries.size() < table.size() * stride) summaries.resize(table.size() * stride, 0.0f);
+    std::sort(pages->begin(), pages->end());
+    pages->erase(std::unique(pages->begin(), pages->end()), pages->end());
+    std::vector<float> k(d), v(d);
+    for (uint32_t p : *pages) {
+      if (p >= table.size() || !table[p].valid()) continue;
+      const uint8_t* frame = static_cast<const uint8_t*>(arena->FrameAddress(table[p]));
+      selection::SummaryBuilder b(d);
+      for (uint32_t slot = 0; slot < valid[p]; ++slot) {
+        const auto* kr = reinterpret_cast<const uint16_t*>(frame + layout.k_offset(slot));
+        const auto* vr = reinterpret_cast<const uint16_t*>(frame + layout.v_offset(slot));
+        for (uint32_t i = 0; i < d; ++i) {
+          k[i] = dtype == DType::kFP16 ? HalfToFloat(kr[i]) : Bf16ToFloat(kr[i]);
+          v[i] = dtype == DType::kFP16 ? HalfToFloat(vr[i]) : Bf16ToFloat(vr[i]);
+        }
+        b.Add(k.data(), v.data());
+      }
+      float* out = &summaries[p * stride];
+      b.Finish(out, out + d, out + 2 * d);
+    }
+  }
 };
 
 struct SequenceKv::Layer {
@@ -66,6 +96,7 @@ class HeadWriter final : public index::PageWriter {
     uint32_t kv_head = 0;
     const uint32_t* batch_positions = nullptr;  // [batch rows]
     std::atomic<uint64_t>* in_place = nullptr;  // changes applied without copy on write
+    std::vector<uint32_t>* touched = nullptr;   // appended: every page whose rows changed
   };
   HeadWriter(Arena* arena, std::vector<FrameRef>* table, std::vector<uint32_t>* valid,
              std::vector<uint32_t>* positions, const PageLayout& layout, const uint8_t* k_rows,
@@ -162,6 +193,7 @@ class HeadWriter final : public index::PageWriter {
       (*positions_)[uint64_t{w.page} * ps + w.slot] = staged_positions[i];
     }
     for (const index::PageFill& f : c.changed) {
+      if (tagging_.touched != nullptr) tagging_.touched->push_back(f.page);
       (*valid_)[f.page] = f.valid;
       arena_->WriteTag(target.at(f.page), tagging_.owner, tagging_.layer, tagging_.kv_head,
                        positions_->data() + uint64_t{f.page} * ps, f.valid);
@@ -331,13 +363,19 @@ absl::Status SequenceKv::Prefill(uint32_t layer, const uint8_t* k_rows, const ui
   std::vector<char> failed(geometry_.num_kv_heads, 0);
   pool_->ParallelFor(geometry_.num_kv_heads, [&](size_t h) {
     Head& head = *L.heads[h];
+    std::vector<uint32_t> touched;
+    HeadWriter::Tagging tagging =
+        MakeTagging(durable_id_.load(std::memory_order_acquire), &in_place_changes_, layer,
+                    static_cast<uint32_t>(h), positions.data());
+    if (geometry_.keeps_summaries()) tagging.touched = &touched;
     HeadWriter writer(arena_.get(), &head.table, &head.valid, &head.positions, head.layout,
                       k_rows + h * tokens * row, v_rows + h * tokens * row, &reservations[h],
-                      &pages_,
-                      MakeTagging(durable_id_.load(std::memory_order_acquire), &in_place_changes_,
-                                  layer, static_cast<uint32_t>(h), positions.data()));
+                      &pages_, tagging);
     status[h] = head.index->Build(batches[h], &writer);
     failed[h] = writer.failed();
+    if (geometry_.keeps_summaries() && status[h].ok() && !failed[h]) {
+      head.Summarize(geometry_.dtype, &touched);
+    }
   });
   absl::MutexLock lock(&L.mu);
   for (uint32_t h = 0; h < geometry_.num_kv_heads; ++h) {
@@ -391,13 +429,19 @@ absl::Status SequenceKv::Append(uint32_t layer, const uint8_t* k_rows, const uin
   std::vector<char> failed(geometry_.num_kv_heads, 0);
   pool_->ParallelFor(geometry_.num_kv_heads, [&](size_t h) {
     Head& head = *L.heads[h];
+    std::vector<uint32_t> touched;
+    HeadWriter::Tagging tagging =
+        MakeTagging(durable_id_.load(std::memory_order_acquire), &in_place_changes_, layer,
+                    static_cast<uint32_t>(h), positions.data());
+    if (geometry_.keeps_summaries()) tagging.touched = &touched;
     HeadWriter writer(arena_.get(), &head.table, &head.valid, &head.positions, head.layout,
                       k_rows + h * tokens * row, v_rows + h * tokens * row, &reservations[h],
-                      &pages_,
-                      MakeTagging(durable_id_.load(std::memory_order_acquire), &in_place_changes_,
-                                  layer, static_cast<uint32_t>(h), positions.data()));
+                      &pages_, tagging);
     status[h] = head.index->Insert(batches[h], &writer);
     failed[h] = writer.failed();
+    if (geometry_.keeps_summaries() && status[h].ok() && !failed[h]) {
+      head.Summarize(geometry_.dtype, &touched);
+    }
   });
   for (uint32_t h = 0; h < geometry_.num_kv_heads; ++h) {
     if (!status[h].ok() || failed[h]) {
@@ -432,6 +476,10 @@ absl::StatusOr<uint32_t> SequenceKv::Select(uint32_t layer, const float* queries
         "layer ", layer, " is not built: prefill it (and wait for it) before selecting"));
   }
   out->assign(uint64_t{geometry_.num_kv_heads} * k, abi::SelectedPageRef{abi::kNoSegment, 0, 0, 0});
+  const bool with_tail = tail != nullptr && geometry_.keeps_summaries();
+  if (tail != nullptr) {
+    tail->assign(with_tail ? uint64_t{geometry_.num_q_heads} * (2 + d) : 0, 0.0f);
+  }
   std::vector<absl::Status> status(geometry_.num_kv_heads);
   std::vector<std::vector<uint32_t>> picked_pages(geometry_.num_kv_heads);
   pool_->ParallelFor(geometry_.num_kv_heads, [&](size_t h) {
@@ -445,6 +493,18 @@ absl::StatusOr<uint32_t> SequenceKv::Select(uint32_t layer, const float* queries
       const FrameRef f = head.table[picked[i].page];
       (*out)[h * k + i] = {f.segment, f.frame, head.valid[picked[i].page], arena_->FrameVersion(f)};
       if (sample_recall) picked_pages[h].push_back(picked[i].page);
+    }
+    if (with_tail) {
+      // Every page of the head not returned: valid counts with the picked pages zeroed.
+      std::vector<uint32_t> counts(head.valid);
+      for (const index::SelectedPage& p : picked) {
+        if (p.page < counts.size()) counts[p.page] = 0;
+      }
+      const uint32_t pages = static_cast<uint32_t>(
+          std::min<uint64_t>(counts.size(), head.summaries.size() / (3ull * d)));
+      selection::TailPartials(geometry_.tail, queries + uint64_t{h} * group * d, group, d,
+                              geometry_.softmax_scale, head.summaries.data(), counts.data(), pages,
+                              nullptr, tail->data() + uint64_t{h} * group * (2 + d));
     }
   });
   for (const absl::Status& s : status) {

@@ -2,6 +2,7 @@
 
 #include <string>
 
+#include "absl/strings/str_cat.h"
 #include "google/protobuf/util/time_util.h"
 
 namespace icecache {
@@ -21,7 +22,9 @@ v1::DType ToProto(DType dtype) {
   return v1::DTYPE_UNSPECIFIED;
 }
 
-GeometrySpec FromProto(const v1::SequenceGeometry& proto) {
+absl::Status TailFromProto(const v1::SequenceGeometry& proto, GeometrySpec* spec);
+
+absl::StatusOr<GeometrySpec> FromProto(const v1::SequenceGeometry& proto) {
   GeometrySpec spec;
   spec.num_layers = proto.num_layers();
   spec.num_q_heads = proto.num_q_heads();
@@ -43,7 +46,41 @@ GeometrySpec FromProto(const v1::SequenceGeometry& proto) {
   if (proto.has_sink_tokens()) spec.sink_tokens = proto.sink_tokens();
   if (proto.has_window_tokens()) spec.window_tokens = proto.window_tokens();
   if (proto.has_full_kv_layers()) spec.full_kv_layers = proto.full_kv_layers();
+  if (proto.has_softmax_scale()) spec.softmax_scale = proto.softmax_scale();
+  absl::Status tail = TailFromProto(proto, &spec);
+  if (!tail.ok()) return tail;
   return spec;
+}
+
+absl::Status TailFromProto(const v1::SequenceGeometry& proto, GeometrySpec* spec) {
+  switch (proto.tail_estimate()) {
+    case v1::TAIL_ESTIMATE_UNSPECIFIED:
+      return absl::OkStatus();
+    case v1::TAIL_ESTIMATE_NONE:
+      spec->tail = selection::TailMode::kNone;
+      return absl::OkStatus();
+    case v1::TAIL_ESTIMATE_MEAN:
+      spec->tail = selection::TailMode::kMean;
+      return absl::OkStatus();
+    case v1::TAIL_ESTIMATE_MEAN_VAR:
+      spec->tail = selection::TailMode::kMeanVariance;
+      return absl::OkStatus();
+    default:
+      return absl::InvalidArgumentError(absl::StrCat(
+          "geometry.tail_estimate must be NONE, MEAN or MEAN_VAR, got ", proto.tail_estimate()));
+  }
+}
+
+v1::TailEstimate ToProto(selection::TailMode mode) {
+  switch (mode) {
+    case selection::TailMode::kNone:
+      return v1::TAIL_ESTIMATE_NONE;
+    case selection::TailMode::kMean:
+      return v1::TAIL_ESTIMATE_MEAN;
+    case selection::TailMode::kMeanVariance:
+      return v1::TAIL_ESTIMATE_MEAN_VAR;
+  }
+  return v1::TAIL_ESTIMATE_UNSPECIFIED;
 }
 
 void ToProto(const Geometry& g, v1::SequenceGeometry* proto) {
@@ -58,6 +95,8 @@ void ToProto(const Geometry& g, v1::SequenceGeometry* proto) {
   proto->set_sink_tokens(g.sink_tokens);
   proto->set_window_tokens(g.window_tokens);
   proto->set_full_kv_layers(g.full_kv_layers);
+  proto->set_tail_estimate(ToProto(g.tail));
+  proto->set_softmax_scale(g.softmax_scale);
 }
 
 void ToProto(const SequenceInfo& info, v1::Sequence* proto) {

@@ -3,6 +3,7 @@
 #pragma once
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 #include "grpcpp/support/status.h"
 #include "icecache/v1/icecache.pb.h"
 #include "server/core/geometry.h"
@@ -14,10 +15,14 @@ grpc::Status ToGrpcStatus(const absl::Status& status);
 
 // Copies the fields as sent; presence of optional fields is kept. An unknown dtype enum
 // value leaves `dtype` empty (ResolveGeometry then reports it).
-GeometrySpec FromProto(const v1::SequenceGeometry& proto);
+// INVALID_ARGUMENT for an unknown tail_estimate value (the rest is checked by ResolveGeometry).
+absl::StatusOr<GeometrySpec> FromProto(const v1::SequenceGeometry& proto);
+// Helper of FromProto: the tail estimate into spec->tail (unset when UNSPECIFIED).
+absl::Status TailFromProto(const v1::SequenceGeometry& proto, GeometrySpec* spec);
 // Every field set, the optional ones explicitly.
 void ToProto(const Geometry& geometry, v1::SequenceGeometry* proto);
 void ToProto(const SequenceInfo& info, v1::Sequence* proto);
 v1::DType ToProto(DType dtype);
+v1::TailEstimate ToProto(selection::TailMode mode);
 
 }  // namespace icecache

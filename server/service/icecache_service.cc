@@ -225,8 +225,10 @@ absl::Status IceCacheService::OnRestoreSequence(grpc::CallbackServerContext* ctx
     }
     layers.push_back(std::move(j));
   }
+  absl::StatusOr<GeometrySpec> spec = FromProto(request->geometry());
+  if (!spec.ok()) return spec.status();
   absl::StatusOr<SequenceInfo> info =
-      data_plane_->RestoreSequence(*caller, FromProto(request->geometry()), request->label(),
+      data_plane_->RestoreSequence(*caller, *spec, request->label(),
                                    request->previous_handle(), layers, request->last());
   if (!info.ok()) return info.status();
   ToProto(*info, response->mutable_sequence());
@@ -241,8 +243,9 @@ absl::Status IceCacheService::OnCreateSequence(grpc::CallbackServerContext* ctx,
   if (!request->has_geometry()) {
     return absl::InvalidArgumentError("geometry is required");
   }
-  absl::StatusOr<SequenceInfo> info =
-      data_plane_->CreateSequence(*caller, FromProto(request->geometry()), request->label());
+  absl::StatusOr<GeometrySpec> spec = FromProto(request->geometry());
+  if (!spec.ok()) return spec.status();
+  absl::StatusOr<SequenceInfo> info = data_plane_->CreateSequence(*caller, *spec, request->label());
   if (!info.ok()) return info.status();
   ToProto(*info, response->mutable_sequence());
   ICECACHE_LOG(INFO) << "created " << info->handle << " (" << info->geometry.num_layers
@@ -353,6 +356,7 @@ absl::Status IceCacheService::OnGetConfig(grpc::CallbackServerContext* /*ctx*/,
   defaults->set_sink_tokens(D::kSinkTokens);
   defaults->set_window_tokens(D::kWindowTokens);
   defaults->set_full_kv_layers(D::kFullKvLayers);
+  defaults->set_tail_estimate(ToProto(D::kTail));
   return absl::OkStatus();
 }
 

@@ -1,5 +1,8 @@
 #include "server/core/geometry.h"
 
+#include <cmath>
+#include <limits>
+
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "tests/support/status_matchers.h"
@@ -167,6 +170,35 @@ TEST(ValidateLabel, PrintableAsciiUpTo128) {
               StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("at most 128")));
   EXPECT_THAT(ValidateLabel("tab\there"),
               StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("printable ASCII")));
+}
+
+}  // namespace
+}  // namespace icecache
+
+namespace icecache {
+namespace {
+
+TEST(ResolveGeometry, TailEstimateDefaultsToMeanVarianceAtTheHeadDimsScale) {
+  ASSERT_OK_AND_ASSIGN(Geometry g, ResolveGeometry(Llama8B()));
+  EXPECT_EQ(g.tail, selection::TailMode::kMeanVariance);
+  EXPECT_TRUE(g.keeps_summaries());
+  EXPECT_FLOAT_EQ(g.softmax_scale, 1.0f / std::sqrt(128.0f));
+  GeometrySpec s = Llama8B();
+  s.tail = selection::TailMode::kNone;
+  s.softmax_scale = 0.5f;
+  ASSERT_OK_AND_ASSIGN(Geometry off, ResolveGeometry(s));
+  EXPECT_EQ(off.tail, selection::TailMode::kNone);
+  EXPECT_FALSE(off.keeps_summaries());
+  EXPECT_EQ(off.softmax_scale, 0.5f);
+}
+
+TEST(ResolveGeometry, SoftmaxScaleMustBeFiniteAndPositive) {
+  for (float bad : {0.0f, -1.0f, std::numeric_limits<float>::infinity(),
+                    std::numeric_limits<float>::quiet_NaN(), 2e6f}) {
+    GeometrySpec s = Llama8B();
+    s.softmax_scale = bad;
+    ExpectInvalid(s, "geometry.softmax_scale must be finite, above 0 and at most 1e6");
+  }
 }
 
 }  // namespace

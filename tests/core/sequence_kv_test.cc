@@ -1,11 +1,14 @@
 #include "server/core/sequence_kv.h"
 
 #include <atomic>
+#include <cmath>
 #include <cstring>
 #include <numeric>
 
 #include "absl/synchronization/notification.h"
+#include "common/half.h"
 #include "eval/synthetic.h"
+#include "selection/tail.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "tests/support/status_matchers.h"
@@ -240,6 +243,104 @@ TEST_F(SequenceKvTest, FrameTagsNameEveryTokenOnceAfterPrefillAndAppends) {
     for (uint32_t t = 0; t < 1980; ++t) ASSERT_EQ(seen[h][t], 1) << "head " << h << " pos " << t;
     for (uint32_t t = 1980; t < 2000; ++t) ASSERT_EQ(seen[h][t], 0) << "head " << h << " pos " << t;
   }
+}
+
+// Tail estimate (selection/tail.h): a select's tail partial of each query head is the
+// estimate over exactly the head's pages it did not return, each summarised from the rows its
+// frame tag names, checked against a float64 reference built from the trace's rows.
+TEST_F(SequenceKvTest, TailPartialsEstimateEveryUnselectedPageFromTheRowsItHolds) {
+  ASSERT_EQ(geometry_.tail, selection::TailMode::kMeanVariance);  // the default
+  kv_->set_durable_id(0xabc);
+  std::vector<uint8_t> p = Staged(1, 0, 1500);
+  ASSERT_OK(kv_->Prefill(1, p.data(), p.data() + p.size() / 2, 1500, 0));
+  for (uint32_t first = 1500; first < 1660; first += 16) {
+    std::vector<uint8_t> a = Staged(1, first, 16);
+    ASSERT_OK(kv_->Append(1, a.data(), a.data() + a.size() / 2, 16, first));
+  }
+  const uint8_t mask[2] = {1, 0};  // the second KV head is not searched: empty partials
+  for (uint32_t qi = 0; qi < 2; ++qi) {
+    std::vector<abi::SelectedPageRef> out;
+    std::vector<float> tail;
+    std::vector<float> q = Queries(1, qi);
+    ASSERT_OK_AND_ASSIGN(uint32_t k, kv_->Select(1, q.data(), 0, &out, false, mask, &tail));
+    ASSERT_EQ(tail.size(), 4u * (2 + 64));
+    // Reference: every tagged frame of head 0 not among the returned entries.
+    std::vector<std::vector<float>> store;
+    std::vector<selection::PageSummaryView> pages;
+    store.reserve(arena_->Tags().size());
+    uint32_t unselected = 0;
+    for (const Arena::TagCopy& tag : arena_->Tags()) {
+      if (tag.owner != 0xabc || tag.kv_head != 0) continue;
+      bool picked = false;
+      for (uint32_t i = 0; i < k; ++i) {
+        picked |= out[i].segment == tag.frame.segment && out[i].frame == tag.frame.frame;
+      }
+      if (picked) continue;
+      ++unselected;
+      selection::SummaryBuilder b(64);
+      std::vector<float> key(64), value(64);
+      for (uint32_t slot = 0; slot < tag.count; ++slot) {
+        const auto* kr = reinterpret_cast<const uint16_t*>(trace_.Keys(1, 0).row(tag.positions[slot]));
+        const auto* vr =
+            reinterpret_cast<const uint16_t*>(trace_.Values(1, 0).row(tag.positions[slot]));
+        for (int i = 0; i < 64; ++i) {
+          key[i] = HalfToFloat(kr[i]);
+          value[i] = HalfToFloat(vr[i]);
+        }
+        b.Add(key.data(), value.data());
+      }
+      store.emplace_back(3 * 64);
+      b.Finish(store.back().data(), store.back().data() + 64, store.back().data() + 128);
+      pages.push_back({b.count(), store.back().data(), store.back().data() + 64,
+                       store.back().data() + 128});
+    }
+    ASSERT_GT(unselected, 50u);
+    for (uint32_t j = 0; j < 4; ++j) {
+      const float* got = &tail[j * 66];
+      if (j >= 2) {  // query heads of the masked KV head
+        EXPECT_EQ(got[1], 0.0f) << "query head " << j;
+        continue;
+      }
+      selection::SoftmaxPartial ref(64);
+      selection::AddTail(selection::TailMode::kMeanVariance, &q[j * 64], 64,
+                         geometry_.softmax_scale, pages, &ref);
+      ASSERT_GT(got[1], 0.0f);
+      // Same log-sum-exp and the same normalised value.
+      EXPECT_NEAR(got[0] + std::log(got[1]), ref.max + std::log(ref.sum), 1e-4) << j;
+      for (int i = 0; i < 64; ++i) {
+        EXPECT_NEAR(got[2 + i] / got[1], ref.acc[i] / ref.sum, 1e-4) << j << " " << i;
+      }
+    }
+  }
+}
+
+// With a k that returns every page there is nothing to estimate; a sequence created without a
+// tail estimate answers none.
+TEST_F(SequenceKvTest, TailPartialsAreEmptyWhenEverythingIsSelectedOrTheEstimateIsOff) {
+  std::vector<uint8_t> p = Staged(1, 0, 320);
+  ASSERT_OK(kv_->Prefill(1, p.data(), p.data() + p.size() / 2, 320, 0));
+  std::vector<abi::SelectedPageRef> out;
+  std::vector<float> tail;
+  std::vector<float> q = Queries(1, 0);
+  ASSERT_OK(kv_->Select(1, q.data(), 4000, &out, false, nullptr, &tail));
+  ASSERT_EQ(tail.size(), 4u * 66);
+  for (uint32_t j = 0; j < 4; ++j) EXPECT_EQ(tail[j * 66 + 1], 0.0f) << j;
+
+  GeometrySpec spec;
+  spec.num_layers = 3;
+  spec.num_q_heads = 4;
+  spec.num_kv_heads = 2;
+  spec.head_dim = 64;
+  spec.dtype = DType::kFP16;
+  spec.max_tokens = 2000;
+  spec.full_kv_layers = 1;
+  spec.tail = selection::TailMode::kNone;
+  SequenceKv off(*ResolveGeometry(spec), *selection::Preset(selection::kPaperPreset), arena_,
+                 &pool_, nullptr);
+  ASSERT_OK(off.Prefill(1, p.data(), p.data() + p.size() / 2, 320, 0));
+  tail.assign(5, 1.0f);
+  ASSERT_OK(off.Select(1, q.data(), 0, &out, false, nullptr, &tail));
+  EXPECT_TRUE(tail.empty());
 }
 
 // Rows from the trace, as a restore's source.
