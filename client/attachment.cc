@@ -429,6 +429,35 @@ absl::StatusOr<std::vector<abi::SelectedPageRef>> Attachment::FinishSelect(uint3
   return out;
 }
 
+absl::StatusOr<std::vector<abi::SelectedPageRef>> Attachment::FinishSelect(
+    uint32_t index, size_t refs, size_t tail_floats, std::vector<float>* tail) {
+  absl::Status st = Wait(index);
+  std::vector<abi::SelectedPageRef> out;
+  if (st.ok()) {
+    // The response size is read once and bounded by the payload before use.
+    const uint64_t bytes = std::min(slot(index)->response_bytes, payload_capacity_);
+    const uint64_t want =
+        uint64_t{refs} * sizeof(abi::SelectedPageRef) + uint64_t{tail_floats} * sizeof(float);
+    if (bytes < want) {
+      st = absl::InternalError(absl::StrCat("icecached answered a select with ", bytes,
+                                            " bytes, expected ", refs, " page references and ",
+                                            tail_floats, " floats of tail partials (", want,
+                                            " bytes)"));
+    } else {
+      out.resize(refs);
+      std::memcpy(out.data(), payload(index), refs * sizeof(abi::SelectedPageRef));
+      if (tail != nullptr) {
+        tail->resize(tail_floats);
+        std::memcpy(tail->data(), payload(index) + refs * sizeof(abi::SelectedPageRef),
+                    tail_floats * sizeof(float));
+      }
+    }
+  }
+  ReleaseSlot(index);
+  if (!st.ok()) return st;
+  return out;
+}
+
 absl::StatusOr<abi::StageResponse> Attachment::Scratch(uint64_t bytes) {
   absl::StatusOr<uint32_t> i = AcquireSlot();
   if (!i.ok()) return i.status();

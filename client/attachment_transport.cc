@@ -139,6 +139,14 @@ absl::StatusOr<v1::Sequence> AttachmentTransport::CreateSequence(
     absl::MutexLock lock(&book_mu_);
     SequenceRecord& r = sequences_[resp.sequence().handle()];
     r.request = request;
+    // A restore asks for what this daemon resolved, not for its defaults (a successor may
+    // default otherwise): the tail estimate and softmax scale shape every select's answer.
+    const v1::SequenceGeometry& resolved = resp.sequence().geometry();
+    v1::SequenceGeometry* pinned = r.request.mutable_geometry();
+    if (resolved.tail_estimate() != v1::TAIL_ESTIMATE_UNSPECIFIED) {
+      pinned->set_tail_estimate(resolved.tail_estimate());
+    }
+    if (resolved.has_softmax_scale()) pinned->set_softmax_scale(resolved.softmax_scale());
     r.current = resp.sequence().handle();
     return resp.sequence();
   });
@@ -270,8 +278,11 @@ absl::Status AttachmentTransport::SubmitLocked(Pending* p) {
     e.query_offset = l.query_at[i];
     e.query_bytes = q.queries.size() * sizeof(float) + q.mask.size();
     e.result_offset = l.result_at[i];
-    e.result_bytes = l.result_cap[i] * sizeof(abi::SelectedPageRef);
+    e.result_bytes = l.result_bytes[i];
     std::memcpy(host + i * sizeof(abi::BatchSelectEntry), &e, sizeof(e));
+    // The room's tail part starts zeroed (empty partials): the buffer is reused.
+    const uint64_t refs_bytes = l.result_cap[i] * sizeof(abi::SelectedPageRef);
+    std::memset(host + l.result_at[i] + refs_bytes, 0, l.result_bytes[i] - refs_bytes);
     std::memcpy(host + l.query_at[i], q.queries.data(), q.queries.size() * sizeof(float));
     if (!q.mask.empty()) {
       std::memcpy(host + l.query_at[i] + q.queries.size() * sizeof(float), q.mask.data(),
@@ -289,6 +300,7 @@ absl::Status AttachmentTransport::SubmitLocked(Pending* p) {
   p->scratch = sc;
   p->result_offsets = l.result_at;
   p->result_capacity = l.result_cap;
+  p->result_bytes = l.result_bytes;
   return absl::OkStatus();
 }
 
@@ -385,6 +397,7 @@ AttachmentTransport::Layout AttachmentTransport::LayoutOf(
   l.query_at.resize(n);
   l.result_at.resize(n);
   l.result_cap.resize(n);
+  l.result_bytes.resize(n);
   l.bytes = Align64(n * sizeof(abi::BatchSelectEntry));
   for (uint64_t i = 0; i < n; ++i) {
     const Pending::Select& q = requests[i];
@@ -392,7 +405,10 @@ AttachmentTransport::Layout AttachmentTransport::LayoutOf(
     l.bytes += Align64(q.queries.size() * sizeof(float) + q.mask.size());
     l.result_at[i] = l.bytes;
     l.result_cap[i] = uint64_t{q.num_kv_heads} * q.k;
-    l.bytes += Align64(l.result_cap[i] * sizeof(abi::SelectedPageRef));
+    // The pages, then (a sequence that keeps a tail estimate) its tail partials.
+    l.result_bytes[i] =
+        l.result_cap[i] * sizeof(abi::SelectedPageRef) + uint64_t{q.tail_floats} * sizeof(float);
+    l.bytes += Align64(l.result_bytes[i]);
   }
   return l;
 }
@@ -449,6 +465,7 @@ absl::Status AttachmentTransport::PrepareSelectBatch(absl::Span<const SelectRequ
     if (requests[i].head_mask != nullptr) sizes[i].mask.resize(requests[i].num_kv_heads);
     sizes[i].k = requests[i].k;
     sizes[i].num_kv_heads = requests[i].num_kv_heads;
+    sizes[i].tail_floats = requests[i].tail_floats;
   }
   absl::StatusOr<bool> r = Retry<bool>([&]() -> absl::StatusOr<bool> {
     ICECACHE_ASSIGN_OR_RETURN(Scratch sc, AcquireScratch(LayoutOf(sizes).bytes));
@@ -476,20 +493,20 @@ absl::StatusOr<Ticket> AttachmentTransport::SubmitSelectBatch(
     if (q.head_mask != nullptr) s.mask.assign(q.head_mask, q.head_mask + q.num_kv_heads);
     s.k = q.k;
     s.num_kv_heads = q.num_kv_heads;
+    s.tail_floats = q.tail_floats;
   }
   return Track(std::move(p));
 }
 
-namespace {
-
-// The answers a batch select left in its buffer.
-std::vector<SelectAnswer> ReadAnswers(const uint8_t* host, const std::vector<uint64_t>& offsets,
-                                      const std::vector<uint64_t>& capacity, uint64_t generation) {
-  std::vector<SelectAnswer> answers(offsets.size());
+// The answers a batch select left in its buffer: each entry's pages ([num_kv_heads][k]) and,
+// for a sequence that keeps a tail estimate, the tail partials right after the result_k
+// entries per KV head the daemon wrote, within the entry's room.
+std::vector<SelectAnswer> AttachmentTransport::ReadAnswers(const uint8_t* host, const Pending& p) {
+  std::vector<SelectAnswer> answers(p.result_offsets.size());
   for (size_t i = 0; i < answers.size(); ++i) {
     abi::BatchSelectEntry e;
     std::memcpy(&e, host + i * sizeof(abi::BatchSelectEntry), sizeof(e));
-    answers[i].generation = generation;
+    answers[i].generation = p.gen->id;
     if (e.status != 0) {
       // A code outside google.rpc.Code would be the daemon's bug; it reads as UNKNOWN.
       const uint32_t code = e.status <= 16 ? e.status : 2;
@@ -498,14 +515,32 @@ std::vector<SelectAnswer> ReadAnswers(const uint8_t* host, const std::vector<uin
                        std::string(e.message, strnlen(e.message, sizeof(e.message))));
       continue;
     }
-    answers[i].pages.resize(capacity[i]);
-    std::memcpy(answers[i].pages.data(), host + offsets[i],
-                capacity[i] * sizeof(abi::SelectedPageRef));
+    const uint64_t capacity = p.result_capacity[i];
+    const uint64_t tail_floats = p.selects[i].tail_floats;
+    if (tail_floats != 0) {
+      // Where the daemon put the tail: after result_k entries per KV head (k when it answers
+      // as asked). Read only within the room this client gave it.
+      const uint64_t refs_bytes =
+          uint64_t{p.selects[i].num_kv_heads} * e.result_k * sizeof(abi::SelectedPageRef);
+      if (e.result_k > p.selects[i].k ||
+          refs_bytes + tail_floats * sizeof(float) > p.result_bytes[i]) {
+        answers[i].status = absl::InternalError(absl::StrCat(
+            "icecached answered a select with ", e.result_k,
+            " pages per KV head and no room left for its tail partials (", tail_floats,
+            " floats in ", p.result_bytes[i], " bytes)"));
+        continue;
+      }
+      answers[i].tail.resize(tail_floats);
+      std::memcpy(answers[i].tail.data(), host + p.result_offsets[i] + refs_bytes,
+                  tail_floats * sizeof(float));
+    }
+    answers[i].pages.resize(capacity);
+    std::memcpy(answers[i].pages.data(), host + p.result_offsets[i],
+                capacity * sizeof(abi::SelectedPageRef));
   }
   return answers;
 }
 
-}  // namespace
 
 absl::StatusOr<std::vector<SelectAnswer>> AttachmentTransport::FinishSelectBatch(Ticket ticket) {
   using Answers = std::vector<SelectAnswer>;
@@ -516,8 +551,7 @@ absl::StatusOr<std::vector<SelectAnswer>> AttachmentTransport::FinishSelectBatch
         // answered OK is never settled but asked again.
         if (p.settled) return st.ok() ? absl::InternalError("a settled select without pages") : st;
         absl::StatusOr<Answers> out =
-            st.ok() ? absl::StatusOr<Answers>(ReadAnswers(p.scratch.host, p.result_offsets,
-                                                          p.result_capacity, p.gen->id))
+            st.ok() ? absl::StatusOr<Answers>(ReadAnswers(p.scratch.host, p))
                     : absl::StatusOr<Answers>(st);
         if (p.gen == current_.get()) ReturnScratch(p.scratch);
         return out;

@@ -142,17 +142,20 @@ class AttachmentTransport final : public Transport {
       std::vector<float> queries;
       std::vector<uint8_t> mask;
       uint32_t k = 0, num_kv_heads = 0;
+      uint32_t tail_floats = 0;  // after the pages, in the result room
     };
     std::vector<Select> selects;
     struct Scratch {
       abi::StageResponse buffer{};
       uint8_t* host = nullptr;
     } scratch;
-    std::vector<uint64_t> result_offsets, result_capacity;
+    // Per request: where its result room starts, its page references, the room's bytes
+    // (the references and the tail partials).
+    std::vector<uint64_t> result_offsets, result_capacity, result_bytes;
   };
   using Scratch = Pending::Scratch;
   struct Layout {
-    std::vector<uint64_t> query_at, result_at, result_cap;
+    std::vector<uint64_t> query_at, result_at, result_cap, result_bytes;
     uint64_t bytes = 0;
   };
 
@@ -182,6 +185,8 @@ class AttachmentTransport final : public Transport {
   void Unregister(Generation* g);
   void DropOldGenerations() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   static Layout LayoutOf(const std::vector<Pending::Select>& requests);
+  // The answers a batch select left in its buffer (`host`).
+  static std::vector<SelectAnswer> ReadAnswers(const uint8_t* host, const Pending& p);
   absl::StatusOr<Scratch> AcquireScratch(uint64_t bytes) ABSL_SHARED_LOCKS_REQUIRED(mu_);
   void ReturnScratch(Scratch scratch) ABSL_SHARED_LOCKS_REQUIRED(mu_);
   void PrepareContext(grpc::ClientContext* ctx) const ABSL_SHARED_LOCKS_REQUIRED(mu_);

@@ -30,6 +30,34 @@ const char* ExecutionModeName(ExecutionMode mode) {
   return "unknown";
 }
 
+namespace {
+
+v1::TailEstimate ToProto(TailEstimate t) {
+  switch (t) {
+    case TailEstimate::kNone:
+      return v1::TAIL_ESTIMATE_NONE;
+    case TailEstimate::kMean:
+      return v1::TAIL_ESTIMATE_MEAN;
+    case TailEstimate::kMeanVariance:
+      return v1::TAIL_ESTIMATE_MEAN_VAR;
+  }
+  return v1::TAIL_ESTIMATE_UNSPECIFIED;
+}
+
+// What the daemon resolved; UNSPECIFIED (a daemon that predates tail estimation) is none.
+TailEstimate FromProto(v1::TailEstimate t) {
+  switch (t) {
+    case v1::TAIL_ESTIMATE_MEAN:
+      return TailEstimate::kMean;
+    case v1::TAIL_ESTIMATE_MEAN_VAR:
+      return TailEstimate::kMeanVariance;
+    default:
+      return TailEstimate::kNone;
+  }
+}
+
+}  // namespace
+
 class Client::Impl {
  public:
   ClientOptions options;
@@ -125,6 +153,8 @@ absl::StatusOr<std::unique_ptr<Sequence>> Client::CreateSequence(const SequenceO
   if (o.sink_tokens) geo->set_sink_tokens(*o.sink_tokens);
   if (o.window_tokens) geo->set_window_tokens(*o.window_tokens);
   if (o.full_kv_layers) geo->set_full_kv_layers(*o.full_kv_layers);
+  if (o.tail_estimate) geo->set_tail_estimate(ToProto(*o.tail_estimate));
+  if (o.scale != 0) geo->set_softmax_scale(o.scale);
   req.set_label(o.label);
   absl::StatusOr<v1::Sequence> created = impl_->transport->CreateSequence(req);
   if (!created.ok()) return created.status();
@@ -146,6 +176,9 @@ absl::StatusOr<std::unique_ptr<Sequence>> Client::CreateSequence(const SequenceO
       .sink_tokens = rg.sink_tokens(),
       .window_tokens = rg.window_tokens(),
       .full_kv_layers = rg.full_kv_layers(),
+      .tail_estimate = FromProto(rg.tail_estimate()),
+      // A daemon that does not report it (older than ABI 3) computes no tails: the option's.
+      .softmax_scale = rg.has_softmax_scale() ? rg.softmax_scale() : o.scale,
   };
   c.scale = o.scale;
   c.cache_factor = impl_->options.cache_factor;

@@ -216,6 +216,7 @@ absl::Status Decoder::DecodeBatch(uint32_t layer, absl::Span<Sequence::Impl* con
     if (!aborted && !stale) continue;
     status[i] = absl::OkStatus();
     st.refs.clear();
+    st.tail.clear();
     st.search.assign(st.search.size(), 1);
     again.push_back(batch[i]->SearchRequest(st));
     again_who.push_back(i);
@@ -235,10 +236,37 @@ absl::Status Decoder::DecodeBatch(uint32_t layer, absl::Span<Sequence::Impl* con
   }
   ICECACHE_RETURN_IF_ERROR(plan.Finish());
 
-  // ---- 5. one descriptor copy, one gather, one attention
+  // ---- 5. one descriptor copy (and one of the tail partials), one gather, one attention
   size_t used = 0;
   const DecodePlan::View view = plan.Serialize(ws->desc_host.bytes(), ws->desc_dev.bytes(), &used);
   ICECACHE_RETURN_IF_ERROR(be_->Copy(ws->desc_dev.ptr(), ws->desc_host.ptr(), used, stream));
+  // The tail partials of every sequence whose step has them, at its query heads; the others'
+  // rows are empty partials (sum 0: their attention is unchanged).
+  const float* tail = nullptr;
+  const size_t tail_row = 2 + size_t{g0.head_dim};
+  const size_t seq_tail = size_t{g0.num_q_heads} * tail_row;
+  bool any_tail = false;
+  for (uint32_t i = 0; i < n; ++i) {
+    any_tail |= status[i].ok() && steps[i].tail.size() == seq_tail;
+  }
+  if (any_tail) {
+    const size_t bytes = n * seq_tail * sizeof(float);
+    if (bytes > ws->tail_host.size()) {
+      ICECACHE_RETURN_IF_ERROR(ws->tail_host.Allocate(be_, bytes, /*on_host=*/true));
+      ICECACHE_RETURN_IF_ERROR(ws->tail_dev.Allocate(be_, bytes));
+    }
+    auto* host = reinterpret_cast<float*>(ws->tail_host.bytes());
+    for (uint32_t i = 0; i < n; ++i) {
+      float* at = host + i * seq_tail;
+      if (status[i].ok() && steps[i].tail.size() == seq_tail) {
+        std::memcpy(at, steps[i].tail.data(), seq_tail * sizeof(float));
+      } else {
+        std::fill(at, at + seq_tail, 0.0f);
+      }
+    }
+    ICECACHE_RETURN_IF_ERROR(be_->Copy(ws->tail_dev.ptr(), ws->tail_host.ptr(), bytes, stream));
+    tail = reinterpret_cast<const float*>(ws->tail_dev.bytes());
+  }
   const bool profile = batch[0]->context().profile;
   const auto tf = std::chrono::steady_clock::now();
   abi::ClientStats& stats = tr_->stats();
@@ -266,7 +294,8 @@ absl::Status Decoder::DecodeBatch(uint32_t layer, absl::Span<Sequence::Impl* con
                                 .num_kv_heads = n * kv,
                                 .head_dim = g0.head_dim,
                                 .dtype = g0.dtype,
-                                .scale = scale0};
+                                .scale = scale0,
+                                .tail = tail};
   const uint32_t splits = std::clamp<uint32_t>(plan.max_chunks_in_a_head(), 1, kMaxSplits);
   ICECACHE_RETURN_IF_ERROR(be_->Attention(p, splits, ws->scratch.ptr(), stream));
   if (profile) {

@@ -52,6 +52,7 @@ class Decoder {
     std::unique_ptr<DecodePlan> plan;
     uint32_t heads = 0, items = 0, chunks_per_head = 0;  // the plan's capacity
     Buffer desc_host, desc_dev, scratch, q_host;
+    Buffer tail_host, tail_dev;  // the batch's tail partials [q heads][2 + head_dim], fp32
     size_t scratch_bytes = 0;
     std::unique_ptr<Marker> done, fetch_begin, fetch_end;
     bool done_recorded = false;

@@ -57,6 +57,18 @@ const char* SelectionModeName(SelectionMode mode) {
   return mode == SelectionMode::kAsync ? "async" : "sync";
 }
 
+const char* TailEstimateName(TailEstimate estimate) {
+  switch (estimate) {
+    case TailEstimate::kNone:
+      return "none";
+    case TailEstimate::kMean:
+      return "mean";
+    case TailEstimate::kMeanVariance:
+      return "mean-var";
+  }
+  return "unknown";
+}
+
 // The public geometry's share of the budget split (selection/budget.h owns the formula).
 uint32_t ResolvedGeometry::selected_pages() const { return SplitOf(*this).selected_pages(); }
 
@@ -81,7 +93,11 @@ absl::Status Sequence::Impl::Init() {
   }
   layout_ = PageLayout{g.page_size, g.head_dim, DTypeBytes(g.dtype)};
   row_bytes_ = layout_.row_bytes();
+  // The attention's scale is the one the daemon resolved (the tail partials are computed in
+  // its units); a daemon that reports none leaves it to the option (0: 1/sqrt(head_dim)).
+  if (g.softmax_scale > 0 && std::isfinite(g.softmax_scale)) ctx_.scale = g.softmax_scale;
   if (ctx_.scale == 0) ctx_.scale = 1.0f / std::sqrt(static_cast<float>(g.head_dim));
+  tail_floats_ = g.keeps_tail() ? g.num_q_heads * (2 + g.head_dim) : 0;
   k_sel_ = g.selected_pages();
   cache_slots_ =
       std::max<uint32_t>(k_sel_, static_cast<uint32_t>(std::ceil(ctx_.cache_factor * k_sel_)));
@@ -408,6 +424,7 @@ absl::Status Sequence::Impl::TakeQuery(const uint16_t* q_host, client_internal::
   }
   st->search.assign(g.num_kv_heads, 1);
   st->refs.clear();
+  st->tail.clear();
   if (!L.prefetch) return absl::OkStatus();
   // One step ahead: the pages searched with the previous query; only the heads whose query
   // moved too far since are searched again.
@@ -423,10 +440,14 @@ absl::Status Sequence::Impl::TakeQuery(const uint16_t* q_host, client_internal::
                                             " page references, expected ",
                                             g.num_kv_heads * k_sel_));
   }
+  ICECACHE_RETURN_IF_ERROR(CheckTail(*answer));
   if (answer->generation != tr_->generation()) {
     return absl::OkStatus();  // answered by a daemon that was replaced since: search again
   }
   st->refs = std::move(answer->pages);
+  // The tail partials of the query searched one step ahead (stale by a step, like its pages;
+  // drifted heads get fresh ones in AfterSelect).
+  st->tail = std::move(answer->tail);
   st->generation = answer->generation;
   st->b.prefetched = true;
   tr_->stats().prefetched_selects.fetch_add(1);
@@ -454,7 +475,14 @@ client_internal::SelectRequest Sequence::Impl::SearchRequest(
                                         .query_floats = q_float_.size(),
                                         .k = k_sel_,
                                         .head_mask = every_head ? nullptr : st.search.data(),
-                                        .num_kv_heads = g.num_kv_heads};
+                                        .num_kv_heads = g.num_kv_heads,
+                                        .tail_floats = tail_floats_};
+}
+
+absl::Status Sequence::Impl::CheckTail(const client_internal::SelectAnswer& answer) const {
+  if (answer.tail.size() == tail_floats_) return absl::OkStatus();
+  return absl::InternalError(absl::StrCat("icecached answered a select with ", answer.tail.size(),
+                                          " floats of tail partials, expected ", tail_floats_));
 }
 
 absl::Status Sequence::Impl::AfterSelect(const client_internal::SelectAnswer* searched,
@@ -467,21 +495,33 @@ absl::Status Sequence::Impl::AfterSelect(const client_internal::SelectAnswer* se
                                               " page references, expected ",
                                               g.num_kv_heads * k_sel_));
     }
+    ICECACHE_RETURN_IF_ERROR(CheckTail(*searched));
     if (!st->refs.empty() && st->generation != searched->generation) {
       // The prefetched pages belong to a daemon replaced during this select: every head is
       // searched again (the decoder sees ABORTED with no refs, and asks once more).
       st->refs.clear();
+      st->tail.clear();
       st->search.assign(ctx_.geometry.num_kv_heads, 1);
       return absl::AbortedError("the daemon was replaced: search every head again");
     }
     st->generation = searched->generation;
+    if (st->refs.empty() || st->tail.size() != searched->tail.size()) {
+      st->tail = searched->tail;
+    }
     if (st->refs.empty()) {
       st->refs = searched->pages;
     } else {
+      const size_t group_floats =
+          size_t{g.num_q_heads / g.num_kv_heads} * (2 + size_t{g.head_dim});
       for (uint32_t h = 0; h < g.num_kv_heads; ++h) {
         if (st->search[h] == 0) continue;
         std::copy_n(searched->pages.begin() + size_t{h} * k_sel_, k_sel_,
                     st->refs.begin() + size_t{h} * k_sel_);
+        // The searched heads' query heads take the fresh tail partials too.
+        if (!searched->tail.empty()) {
+          std::copy_n(searched->tail.begin() + h * group_floats, group_floats,
+                      st->tail.begin() + h * group_floats);
+        }
       }
     }
   }
@@ -640,7 +680,8 @@ client_internal::SelectRequest Sequence::Impl::PrefetchRequest(uint32_t layer) c
                                         .query_floats = L.next_query.size(),
                                         .k = k_sel_,
                                         .head_mask = nullptr,
-                                        .num_kv_heads = ctx_.geometry.num_kv_heads};
+                                        .num_kv_heads = ctx_.geometry.num_kv_heads,
+                                        .tail_floats = tail_floats_};
 }
 
 absl::Status Sequence::Impl::MarkDone(uint32_t layer, void* stream) {

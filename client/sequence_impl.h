@@ -168,6 +168,9 @@ struct StepState {
   bool needs_pages = false;                // offloaded with a built index: pages are selected
   std::vector<uint8_t> search;             // [num_kv_heads]: heads to search now (1)
   std::vector<abi::SelectedPageRef> refs;  // [num_kv_heads][k]: the step's pages
+  // [num_q_heads][2 + head_dim]: the tail partials of the unselected pages that the step's
+  // attention merges (empty: none, e.g. no tail estimate, a full-KV layer, no index yet).
+  std::vector<float> tail;
   uint64_t generation = 0;                 // Transport::generation() that answered refs
   DecodeBreakdown b;
   uint32_t head_base = 0;  // the sequence's first KV head in the batch
@@ -203,6 +206,8 @@ class Sequence::Impl {
   uint32_t gather_items() const { return ctx_.geometry.num_kv_heads * k_sel_; }
   uint32_t selected_pages() const { return k_sel_; }
   uint64_t page_bytes() const { return layout_.page_bytes(); }
+  // Floats of a select's tail partials (0 without a tail estimate).
+  uint32_t tail_floats() const { return tail_floats_; }
   absl::Status BeginStep(uint32_t layer, const void* k_new, const void* v_new, void* stream,
                          client_internal::StepState* st);
   // `q_host`: this sequence's [num_q_heads][head_dim] rows of the dtype, on the host.
@@ -238,6 +243,8 @@ class Sequence::Impl {
   using LayerState = client_internal::LayerState;
 
   absl::Status CheckUsable(uint32_t layer) const;
+  // INTERNAL when an answer's tail partials are not the size the geometry says.
+  absl::Status CheckTail(const client_internal::SelectAnswer& answer) const;
   absl::Status AllocateLayer(uint32_t layer);
   absl::Status AllocateKv(client_internal::Buffer* buffer, size_t bytes);
 
@@ -261,6 +268,7 @@ class Sequence::Impl {
   PageLayout layout_;
   uint64_t row_bytes_ = 0;
   uint32_t k_sel_ = 0;
+  uint32_t tail_floats_ = 0;  // num_q_heads * (2 + head_dim) when the geometry keeps a tail
   // The daemon generation the page caches hold pages of (cleared when it changes).
   uint64_t cache_generation_ = 0;
   uint32_t cache_slots_ = 0;

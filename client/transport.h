@@ -40,11 +40,17 @@ struct SelectRequest {
   uint32_t k = 0;                      // pages per KV head
   const uint8_t* head_mask = nullptr;  // [num_kv_heads] (1: search) or null: every head
   uint32_t num_kv_heads = 0;
+  // Floats of the tail partials the answer carries after its pages (abi.h "Tail estimate"):
+  // num_q_heads * (2 + head_dim) when the sequence keeps a tail estimate, else 0.
+  uint32_t tail_floats = 0;
 };
 
 struct SelectAnswer {
   absl::Status status;
   std::vector<abi::SelectedPageRef> pages;  // [num_kv_heads][k]; unsearched heads unused
+  // [num_q_heads][2 + head_dim] (max, sum, acc) of the unselected pages, per query head; sum 0
+  // for unsearched heads. Empty when the sequence keeps no tail estimate.
+  std::vector<float> tail;
   uint64_t generation = 0;                  // Transport::generation() of the daemon that answered
 };
 

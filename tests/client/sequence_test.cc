@@ -4,12 +4,15 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <memory>
+#include <optional>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "client/decoder.h"
 #include "client/sequence_impl.h"
+#include "selection/tail.h"
 #include "tests/integration/client_data.h"
 #include "tests/support/fake_daemon.h"
 #include "tests/support/status_matchers.h"
@@ -26,7 +29,8 @@ class SequenceTest : public ::testing::Test {
   std::unique_ptr<Sequence> Make(FakeDaemon* daemon, const Data& data, uint32_t budget,
                                  uint32_t full_kv_layers,
                                  SelectionMode selection = SelectionMode::kSync,
-                                 float drift_threshold = 0.9f) {
+                                 float drift_threshold = 0.9f,
+                                 std::optional<selection::TailMode> tail = std::nullopt) {
     GeometrySpec spec;
     spec.num_layers = data.layers;
     spec.num_q_heads = data.q_heads();
@@ -36,6 +40,7 @@ class SequenceTest : public ::testing::Test {
     spec.max_tokens = data.tokens;
     spec.budget_tokens = budget;
     spec.full_kv_layers = full_kv_layers;
+    spec.tail = tail;
     absl::StatusOr<client_internal::SequenceContext> c =
         daemon->CreateSequence(spec, backend_.get());
     EXPECT_TRUE(c.ok()) << c.status();
@@ -89,6 +94,147 @@ TEST_F(SequenceTest, FullBudgetEqualsFullAttentionAndHandsPagesOver) {
   EXPECT_FALSE(daemon.has_sequence(seq->handle()));
   EXPECT_THAT(seq->Drop(), StatusIs(absl::StatusCode::kFailedPrecondition));
   EXPECT_EQ(daemon.staging_bytes_in_use(), 0u);
+}
+
+// The float64 attention of query head qh over the rows the last Decode of `layer` attended
+// for its KV head, merged with the tail partial `tail` ([2 + d], may be empty) by the
+// reference formula (selection::MergeTail).
+std::vector<double> AttendedWithTail(const Sequence& seq, const Data& data, uint32_t layer,
+                                     const std::vector<uint16_t>& q, uint32_t qh,
+                                     const float* tail) {
+  const uint32_t d = data.d;
+  absl::StatusOr<Sequence::AttendedRows> rows = seq.LastAttended(layer, qh / data.group);
+  EXPECT_TRUE(rows.ok()) << rows.status();
+  if (!rows.ok()) return {};
+  const double scale = 1.0 / std::sqrt(static_cast<double>(d));
+  std::vector<double> s(rows->count);
+  double mx = -INFINITY;
+  for (uint32_t j = 0; j < rows->count; ++j) {
+    double dot = 0;
+    for (uint32_t i = 0; i < d; ++i) {
+      dot += double{data.ToFloat(q[size_t{qh} * d + i])} * data.ToFloat(rows->k[size_t{j} * d + i]);
+    }
+    s[j] = dot * scale;
+    mx = std::max(mx, s[j]);
+  }
+  double sum = 0;
+  std::vector<double> acc(d, 0.0);
+  for (uint32_t j = 0; j < rows->count; ++j) {
+    const double w = std::exp(s[j] - mx);
+    sum += w;
+    for (uint32_t i = 0; i < d; ++i) acc[i] += w * data.ToFloat(rows->v[size_t{j} * d + i]);
+  }
+  std::vector<float> out(d);
+  for (uint32_t i = 0; i < d; ++i) out[i] = static_cast<float>(acc[i] / sum);
+  if (tail != nullptr) {
+    selection::MergeTail(tail, static_cast<float>(mx), static_cast<float>(sum), d, out.data());
+  }
+  return std::vector<double>(out.begin(), out.end());
+}
+
+// Tail estimation: a sequence whose geometry keeps one gets tail partials with every select
+// and its attention merges them. With a small budget the output is the float64 attention over
+// exactly what was attended merged with the answer's partials (selection::MergeTail), and it
+// differs from the same sequence without a tail estimate; with a budget covering every token
+// nothing is unselected, the partials are empty and the outputs equal kNone's bit for bit.
+TEST_F(SequenceTest, TailEstimateMergesTheUnselectedPages) {
+  constexpr uint32_t kPrompt = 600, kSteps = 6;
+  const Data data = MakeData(2, 2, 2, 64, kPrompt + kSteps, DType::kFP16);
+  for (uint32_t budget : {128u, 1024u}) {
+    FakeDaemon daemon;
+    auto none = Make(&daemon, data, budget, 1, SelectionMode::kSync, 0.9f, selection::TailMode::kNone);
+    auto mean = Make(&daemon, data, budget, 1, SelectionMode::kSync, 0.9f, selection::TailMode::kMean);
+    auto var = Make(&daemon, data, budget, 1, SelectionMode::kSync, 0.9f,
+                    selection::TailMode::kMeanVariance);
+    ASSERT_NE(none, nullptr);
+    ASSERT_NE(mean, nullptr);
+    ASSERT_NE(var, nullptr);
+    EXPECT_EQ(none->geometry().tail_estimate, TailEstimate::kNone);
+    EXPECT_EQ(mean->geometry().tail_estimate, TailEstimate::kMean);
+    EXPECT_EQ(var->geometry().tail_estimate, TailEstimate::kMeanVariance);
+    EXPECT_FLOAT_EQ(var->geometry().softmax_scale, 0.125f);
+    for (Sequence* s : {none.get(), mean.get(), var.get()}) {
+      for (uint32_t l = 0; l < 2; ++l) ASSERT_OK(s->Prefill(l, data.K(l, 0), data.V(l, 0), kPrompt));
+    }
+    const size_t row = 2 + data.d;
+    std::vector<uint16_t> out_none(size_t{data.q_heads()} * data.d), out(out_none.size());
+    uint64_t differing = 0, merged_heads = 0;
+    for (uint32_t step = 0; step < kSteps; ++step) {
+      const uint32_t pos = kPrompt + step;
+      for (uint32_t l = 0; l < 2; ++l) {
+        const std::vector<uint16_t> q = data.Query(l, step);
+        ASSERT_OK(none->Decode(l, q.data(), data.K(l, pos), data.V(l, pos), out_none.data()));
+        if (l == 1) {
+          EXPECT_TRUE(daemon.last_answer(none->handle()).tail.empty());
+        }
+        for (Sequence* s : {mean.get(), var.get()}) {
+          ASSERT_OK(s->Decode(l, q.data(), data.K(l, pos), data.V(l, pos), out.data()));
+          if (l == 0) {  // full-KV layer: no select, no tail
+            ASSERT_EQ(out, out_none) << "step " << step;
+            continue;
+          }
+          const std::vector<float> tail = daemon.last_answer(s->handle()).tail;
+          ASSERT_EQ(tail.size(), data.q_heads() * row);
+          if (budget == 1024) {
+            for (size_t qh = 0; qh < data.q_heads(); ++qh) EXPECT_EQ(tail[qh * row + 1], 0.f);
+            ASSERT_EQ(out, out_none) << "step " << step;
+            continue;
+          }
+          for (uint32_t qh = 0; qh < data.q_heads(); ++qh) {
+            merged_heads += tail[qh * row + 1] > 0;
+            const std::vector<double> want =
+                AttendedWithTail(*s, data, l, q, qh, tail.data() + qh * row);
+            for (uint32_t i = 0; i < data.d; ++i) {
+              const size_t at = size_t{qh} * data.d + i;
+              ASSERT_NEAR(data.ToFloat(out[at]), want[i], Tolerance(data.dtype, want[i]))
+                  << TailEstimateName(s->geometry().tail_estimate) << " step " << step
+                  << " head " << qh << " dim " << i;
+              differing += out[at] != out_none[at];
+            }
+          }
+        }
+      }
+    }
+    if (budget == 128) {
+      EXPECT_EQ(merged_heads, 2u * kSteps * data.q_heads());  // every head, every step
+      EXPECT_GT(differing, 2u * kSteps * data.q_heads() * data.d / 2);
+    }
+  }
+}
+
+// One step ahead (kAsync), the tail partials come with the prefetched pages: those of the
+// previous step's query. A query that does not move makes them the same as the synchronous
+// mode's, so the outputs are equal; the answers did carry partials.
+TEST_F(SequenceTest, AsyncTailPartialsComeWithThePrefetchedPages) {
+  constexpr uint32_t kPrompt = 600, kSteps = 10;
+  const Data data = MakeData(1, 2, 2, 64, kPrompt + kSteps, DType::kBF16);
+  FakeDaemon daemon;
+  auto sync = Make(&daemon, data, 128, 0, SelectionMode::kSync, 0.9f,
+                   selection::TailMode::kMeanVariance);
+  auto async = Make(&daemon, data, 128, 0, SelectionMode::kAsync, 0.9f,
+                    selection::TailMode::kMeanVariance);
+  auto none = Make(&daemon, data, 128, 0, SelectionMode::kAsync, 0.9f, selection::TailMode::kNone);
+  ASSERT_NE(sync, nullptr);
+  ASSERT_NE(async, nullptr);
+  ASSERT_NE(none, nullptr);
+  for (Sequence* s : {sync.get(), async.get(), none.get()}) {
+    ASSERT_OK(s->Prefill(0, data.K(0, 0), data.V(0, 0), kPrompt));
+  }
+  std::vector<uint16_t> out_s(size_t{data.q_heads()} * data.d), out_a(out_s.size()),
+      out_n(out_s.size());
+  const std::vector<uint16_t> q = data.Query(0, 0);
+  for (uint32_t step = 0; step < kSteps; ++step) {
+    const uint32_t pos = kPrompt + step;
+    ASSERT_OK(sync->Decode(0, q.data(), data.K(0, pos), data.V(0, pos), out_s.data()));
+    ASSERT_OK(async->Decode(0, q.data(), data.K(0, pos), data.V(0, pos), out_a.data()));
+    ASSERT_OK(none->Decode(0, q.data(), data.K(0, pos), data.V(0, pos), out_n.data()));
+    EXPECT_EQ(async->last_decode().prefetched, step > 0);
+    ASSERT_EQ(out_a, out_s) << "step " << step;
+    EXPECT_NE(out_a, out_n) << "step " << step;
+    const std::vector<float> tail = daemon.last_answer(async->handle()).tail;
+    ASSERT_EQ(tail.size(), size_t{data.q_heads()} * (2 + data.d));
+    EXPECT_GT(tail[1], 0.f);
+  }
 }
 
 // Answers that come late (the daemon still building when the first decode needs the layer)

@@ -4,6 +4,21 @@
 #include "icecache/attachment.h"
 
 namespace icecache::testing {
+namespace {
+
+TailEstimate ToTailEstimate(selection::TailMode mode) {
+  switch (mode) {
+    case selection::TailMode::kNone:
+      return TailEstimate::kNone;
+    case selection::TailMode::kMean:
+      return TailEstimate::kMean;
+    case selection::TailMode::kMeanVariance:
+      return TailEstimate::kMeanVariance;
+  }
+  return TailEstimate::kNone;
+}
+
+}  // namespace
 
 FakeDaemon::FakeDaemon(const Options& options)
     : options_(options), memory_(options.memory), pool_(2) {
@@ -41,7 +56,9 @@ absl::StatusOr<client_internal::SequenceContext> FakeDaemon::CreateSequence(
                                 .budget_tokens = g->budget_tokens,
                                 .sink_tokens = g->sink_tokens,
                                 .window_tokens = g->window_tokens,
-                                .full_kv_layers = g->full_kv_layers};
+                                .full_kv_layers = g->full_kv_layers,
+                                .tail_estimate = ToTailEstimate(g->tail),
+                                .softmax_scale = g->softmax_scale};
   return c;
 }
 
@@ -138,10 +155,12 @@ absl::StatusOr<client_internal::Ticket> FakeDaemon::SubmitSelectBatch(
   largest_batch_ = std::max<uint64_t>(largest_batch_, requests.size());
   struct One {
     SequenceKv* kv = nullptr;
+    std::string handle;
     absl::Status found;
     std::vector<float> queries;
     std::vector<uint8_t> mask;
     uint32_t k = 0;
+    bool tail = false;  // the geometry keeps summaries: the answer carries tail partials
   };
   std::vector<One> ones(requests.size());
   Pending p;
@@ -150,6 +169,7 @@ absl::StatusOr<client_internal::Ticket> FakeDaemon::SubmitSelectBatch(
     const client_internal::SelectRequest& q = requests[i];
     absl::StatusOr<SequenceKv*> kv = Find(q.handle);
     ones[i].found = kv.status();
+    ones[i].handle = q.handle;
     if (kv.ok()) ones[i].kv = *kv;
     ones[i].queries.assign(q.queries, q.queries + q.query_floats);
     if (q.head_mask != nullptr) {
@@ -158,11 +178,12 @@ absl::StatusOr<client_internal::Ticket> FakeDaemon::SubmitSelectBatch(
       for (uint8_t m : ones[i].mask) masked_heads_ += m != 0;
     }
     ones[i].k = q.k;
+    ones[i].tail = kv.ok() && (*kv)->geometry().keeps_summaries();
     p.keys.push_back(absl::StrCat(q.handle, "/", layer));
   }
   // run() computes the answers into `answers`, kept until FinishSelectBatch.
   auto answers = std::make_shared<std::vector<client_internal::SelectAnswer>>(requests.size());
-  p.run = [ones = std::move(ones), layer, answers]() mutable -> absl::Status {
+  p.run = [this, ones = std::move(ones), layer, answers]() mutable -> absl::Status {
     for (size_t i = 0; i < ones.size(); ++i) {
       client_internal::SelectAnswer& a = (*answers)[i];
       if (!ones[i].found.ok()) {
@@ -172,8 +193,10 @@ absl::StatusOr<client_internal::Ticket> FakeDaemon::SubmitSelectBatch(
       a.status = ones[i]
                      .kv
                      ->Select(layer, ones[i].queries.data(), ones[i].k, &a.pages, false,
-                              ones[i].mask.empty() ? nullptr : ones[i].mask.data())
+                              ones[i].mask.empty() ? nullptr : ones[i].mask.data(),
+                              ones[i].tail ? &a.tail : nullptr)
                      .status();
+      last_answers_[ones[i].handle] = a;
     }
     return absl::OkStatus();
   };

@@ -65,6 +65,12 @@ class FakeDaemon final : public client_internal::Transport {
   size_t outstanding() const { return tickets_.size(); }
   uint64_t staging_bytes_in_use() const { return arena_->staging_bytes_in_use(); }
   bool has_sequence(const std::string& handle) const { return kv_.count(handle) != 0; }
+  // The last select answer computed for a sequence (any layer; empty before one): its pages
+  // and, when its geometry keeps a tail estimate, its tail partials.
+  client_internal::SelectAnswer last_answer(const std::string& handle) const {
+    auto it = last_answers_.find(handle);
+    return it == last_answers_.end() ? client_internal::SelectAnswer{} : it->second;
+  }
 
   // ---- Transport
   absl::StatusOr<abi::StageResponse> Stage(const std::string& handle, uint32_t tokens) override;
@@ -115,6 +121,7 @@ class FakeDaemon final : public client_internal::Transport {
   std::map<client_internal::Ticket, std::shared_ptr<std::vector<client_internal::SelectAnswer>>>
       batch_answers_;
   uint64_t masked_selects_ = 0, masked_heads_ = 0, largest_batch_ = 0;
+  std::map<std::string, client_internal::SelectAnswer> last_answers_;
 };
 
 }  // namespace icecache::testing

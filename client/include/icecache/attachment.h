@@ -96,7 +96,15 @@ class Attachment {
                                         const float* queries, size_t query_floats, uint32_t k,
                                         const uint8_t* head_mask = nullptr,
                                         size_t num_kv_heads = 0);
+  // Every byte of the answer read as page references: for a sequence without a tail estimate.
   absl::StatusOr<std::vector<abi::SelectedPageRef>> FinishSelect(uint32_t index);
+  // A sequence that keeps a tail estimate (abi.h "Tail estimate"): the answer is `refs` page
+  // references ([num_kv_heads][k]) followed by `tail_floats` floats of tail partials
+  // ([num_q_heads][2 + head_dim]) into *tail. INTERNAL (naming icecached) when the answer is
+  // shorter.
+  absl::StatusOr<std::vector<abi::SelectedPageRef>> FinishSelect(uint32_t index, size_t refs,
+                                                                 size_t tail_floats,
+                                                                 std::vector<float>* tail);
   absl::Status Nop();
   // A scratch buffer of `bytes` of this client's own (kOpScratch); free it with
   // ReleaseStaging("", buffer).

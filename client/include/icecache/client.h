@@ -95,6 +95,19 @@ enum class SelectionMode : uint8_t {
 };
 const char* SelectionModeName(SelectionMode mode);
 
+// Whether the attention estimates what the selected pages leave out (icecache.v1.TailEstimate,
+// selection/tail.h). With kMean or kMeanVariance the daemon keeps a summary per page (token
+// count, mean key, per-dimension key variance, mean value) and answers every select with one
+// softmax partial per query head over the pages it did not select, each page one virtual
+// token; the attention merges it, so its softmax sees the whole context, not only the fetched
+// tokens. kNone: the paper's attention over the fetched tokens alone.
+enum class TailEstimate : uint8_t {
+  kNone,          // drop the unselected pages
+  kMean,          // one virtual token per page: count * exp(scale q . mean key), mean value
+  kMeanVariance,  // ... times the log-normal correction of the keys' variance (capped)
+};
+const char* TailEstimateName(TailEstimate estimate);  // "none", "mean", "mean-var"
+
 // What a sequence declares (icecache.v1.SequenceGeometry); unset optionals take the daemon's
 // defaults (16-token pages, 256-token budget, 32 sink, 32 window, 2 full-KV layers).
 struct SequenceOptions {
@@ -110,8 +123,11 @@ struct SequenceOptions {
   std::optional<uint32_t> window_tokens;
   std::optional<uint32_t> full_kv_layers;
   std::string label;
-  // Softmax scale; 0 = 1/sqrt(head_dim).
+  // Softmax scale; 0 = 1/sqrt(head_dim). Sent to the daemon (softmax_scale) when set: the tail
+  // estimate is computed in the attention's units.
   float scale = 0;
+  // Estimate of the unselected pages; unset: the daemon's default (kMeanVariance).
+  std::optional<TailEstimate> tail_estimate;
   // Selection off the critical path (kAsync) or not; drift_threshold in [-1, 1] is the
   // cosine below which a KV head's prefetched pages are replaced by a synchronous search.
   SelectionMode selection = SelectionMode::kSync;
@@ -131,6 +147,9 @@ struct ResolvedGeometry {
   uint32_t sink_tokens = 0;
   uint32_t window_tokens = 0;
   uint32_t full_kv_layers = 0;
+  TailEstimate tail_estimate = TailEstimate::kNone;
+  float softmax_scale = 0;  // the attention's (SequenceOptions::scale, or 1/sqrt(head_dim))
+  bool keeps_tail() const { return tail_estimate != TailEstimate::kNone; }
   // Pages selected per KV head and step (the budget split of selection/budget.h).
   uint32_t selected_pages() const;
 };
