@@ -207,17 +207,36 @@ void SelectiveAttention::SummarizeTail(uint32_t layer, uint32_t kv_head,
   const float* V = kv_.v(layer, kv_head);
   tail_pages_.clear();
   tail_store_.resize(pages.size() * 3 * uint64_t{d});
+  // Summaries of whole pages are kept between steps (a page's rows never change while its
+  // positions stay the same); a page partly attended is summarised afresh without them.
+  std::vector<CachedSummary>& cache =
+      tail_cache_[uint64_t{layer} * kv_.config().n_kv_heads + kv_head];
+  if (cache.size() < pages.size()) cache.resize(pages.size());
   size_t used = 0;
-  for (const std::vector<uint32_t>& page : pages) {
-    selection::SummaryBuilder b(d);
-    for (uint32_t t : page) {
-      if (std::binary_search(attended.begin(), attended.end(), t)) continue;
-      b.Add(K + uint64_t{t} * d, V + uint64_t{t} * d);
-    }
-    if (b.count() == 0) continue;
+  for (size_t i = 0; i < pages.size(); ++i) {
+    const std::vector<uint32_t>& page = pages[i];
+    bool partly = false;
+    for (uint32_t t : page) partly |= std::binary_search(attended.begin(), attended.end(), t);
     float* m = &tail_store_[used * 3 * d];
-    b.Finish(m, m + d, m + 2 * d);
-    tail_pages_.push_back({b.count(), m, m + d, m + 2 * d});
+    uint32_t count = 0;
+    if (!partly && !page.empty() && cache[i].positions == page) {
+      std::copy(cache[i].summary.begin(), cache[i].summary.end(), m);
+      count = static_cast<uint32_t>(page.size());
+    } else {
+      selection::SummaryBuilder b(d);
+      for (uint32_t t : page) {
+        if (std::binary_search(attended.begin(), attended.end(), t)) continue;
+        b.Add(K + uint64_t{t} * d, V + uint64_t{t} * d);
+      }
+      count = b.count();
+      if (count == 0) continue;
+      b.Finish(m, m + d, m + 2 * d);
+      if (!partly) {
+        cache[i].positions = page;
+        cache[i].summary.assign(m, m + 3 * d);
+      }
+    }
+    tail_pages_.push_back({count, m, m + d, m + 2 * d});
     ++used;
   }
 }
@@ -234,6 +253,7 @@ SelectiveAttention::SelectiveAttention(const LlamaConfig& config, uint32_t max_t
   const index::IndexGeometry geometry{config.head_dim, index::ElemType::kF16, split.page_size};
   for (uint32_t l = 0; l < config.n_layers; ++l) {
     for (uint32_t h = 0; h < config.n_kv_heads; ++h) {
+      tail_cache_.emplace_back();
       selectors_.push_back(l < full_kv_layers
                                ? nullptr
                                : std::make_unique<eval::HeadSelector>(method_, split, geometry));

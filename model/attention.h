@@ -118,6 +118,11 @@ class SelectiveAttention : public InProcessAttention {
                      const std::vector<uint32_t>& attended);
   std::vector<selection::PageSummaryView> tail_pages_;
   std::vector<float> tail_store_;
+  struct CachedSummary {
+    std::vector<uint32_t> positions;
+    std::vector<float> summary;  // [3][head_dim]
+  };
+  std::vector<std::vector<CachedSummary>> tail_cache_;  // [layer][kv_head][page]
   const eval::MethodSpec method_;
   const selection::BudgetSplit split_;
   const uint32_t full_kv_layers_;
