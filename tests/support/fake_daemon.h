@@ -41,7 +41,8 @@ class FakeDaemon final : public client_internal::Transport {
   client_internal::Decoder* decoder() const { return decoder_.get(); }
 
   // Resolves `spec` like CreateSequence does and returns a context for SequenceFactory on
-  // `backend` (the caller sets scale and cache options).
+  // `backend` (the caller sets cache options; the attention's scale is spec.softmax_scale,
+  // resolved, as the daemon's).
   absl::StatusOr<client_internal::SequenceContext> CreateSequence(
       const GeometrySpec& spec, client_internal::Backend* backend);
 
