@@ -439,10 +439,9 @@ absl::StatusOr<std::vector<abi::SelectedPageRef>> Attachment::FinishSelect(
     const uint64_t want =
         uint64_t{refs} * sizeof(abi::SelectedPageRef) + uint64_t{tail_floats} * sizeof(float);
     if (bytes < want) {
-      st = absl::InternalError(absl::StrCat("icecached answered a select with ", bytes,
-                                            " bytes, expected ", refs, " page references and ",
-                                            tail_floats, " floats of tail partials (", want,
-                                            " bytes)"));
+      st = absl::InternalError(absl::StrCat(
+          "icecached answered a select with ", bytes, " bytes, expected ", refs,
+          " page references and ", tail_floats, " floats of tail partials (", want, " bytes)"));
     } else {
       out.resize(refs);
       std::memcpy(out.data(), payload(index), refs * sizeof(abi::SelectedPageRef));

@@ -524,10 +524,10 @@ std::vector<SelectAnswer> AttachmentTransport::ReadAnswers(const uint8_t* host, 
           uint64_t{p.selects[i].num_kv_heads} * e.result_k * sizeof(abi::SelectedPageRef);
       if (e.result_k > p.selects[i].k ||
           refs_bytes + tail_floats * sizeof(float) > p.result_bytes[i]) {
-        answers[i].status = absl::InternalError(absl::StrCat(
-            "icecached answered a select with ", e.result_k,
-            " pages per KV head and no room left for its tail partials (", tail_floats,
-            " floats in ", p.result_bytes[i], " bytes)"));
+        answers[i].status = absl::InternalError(
+            absl::StrCat("icecached answered a select with ", e.result_k,
+                         " pages per KV head and no room left for its tail partials (", tail_floats,
+                         " floats in ", p.result_bytes[i], " bytes)"));
         continue;
       }
       answers[i].tail.resize(tail_floats);
@@ -541,21 +541,21 @@ std::vector<SelectAnswer> AttachmentTransport::ReadAnswers(const uint8_t* host, 
   return answers;
 }
 
-
 absl::StatusOr<std::vector<SelectAnswer>> AttachmentTransport::FinishSelectBatch(Ticket ticket) {
   using Answers = std::vector<SelectAnswer>;
-  return Await<Answers>(
-      ticket, Pending::kSelect, "batch select",
-      [&](Pending& p, const absl::Status& st) -> absl::StatusOr<Answers> {
-        // Settled: refused before its daemon went away (its buffer went with it); a select
-        // answered OK is never settled but asked again.
-        if (p.settled) return st.ok() ? absl::InternalError("a settled select without pages") : st;
-        absl::StatusOr<Answers> out =
-            st.ok() ? absl::StatusOr<Answers>(ReadAnswers(p.scratch.host, p))
-                    : absl::StatusOr<Answers>(st);
-        if (p.gen == current_.get()) ReturnScratch(p.scratch);
-        return out;
-      });
+  return Await<Answers>(ticket, Pending::kSelect, "batch select",
+                        [&](Pending& p, const absl::Status& st) -> absl::StatusOr<Answers> {
+                          // Settled: refused before its daemon went away (its buffer went with it);
+                          // a select answered OK is never settled but asked again.
+                          if (p.settled)
+                            return st.ok() ? absl::InternalError("a settled select without pages")
+                                           : st;
+                          absl::StatusOr<Answers> out =
+                              st.ok() ? absl::StatusOr<Answers>(ReadAnswers(p.scratch.host, p))
+                                      : absl::StatusOr<Answers>(st);
+                          if (p.gen == current_.get()) ReturnScratch(p.scratch);
+                          return out;
+                        });
 }
 
 bool AttachmentTransport::Done(Ticket ticket) const {

@@ -511,8 +511,7 @@ absl::Status Sequence::Impl::AfterSelect(const client_internal::SelectAnswer* se
     if (st->refs.empty()) {
       st->refs = searched->pages;
     } else {
-      const size_t group_floats =
-          size_t{g.num_q_heads / g.num_kv_heads} * (2 + size_t{g.head_dim});
+      const size_t group_floats = size_t{g.num_q_heads / g.num_kv_heads} * (2 + size_t{g.head_dim});
       for (uint32_t h = 0; h < g.num_kv_heads; ++h) {
         if (st->search[h] == 0) continue;
         std::copy_n(searched->pages.begin() + size_t{h} * k_sel_, k_sel_,

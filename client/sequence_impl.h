@@ -171,7 +171,7 @@ struct StepState {
   // [num_q_heads][2 + head_dim]: the tail partials of the unselected pages that the step's
   // attention merges (empty: none, e.g. no tail estimate, a full-KV layer, no index yet).
   std::vector<float> tail;
-  uint64_t generation = 0;                 // Transport::generation() that answered refs
+  uint64_t generation = 0;  // Transport::generation() that answered refs
   DecodeBreakdown b;
   uint32_t head_base = 0;  // the sequence's first KV head in the batch
 };

@@ -51,7 +51,7 @@ struct SelectAnswer {
   // [num_q_heads][2 + head_dim] (max, sum, acc) of the unselected pages, per query head; sum 0
   // for unsearched heads. Empty when the sequence keeps no tail estimate.
   std::vector<float> tail;
-  uint64_t generation = 0;                  // Transport::generation() of the daemon that answered
+  uint64_t generation = 0;  // Transport::generation() of the daemon that answered
 };
 
 class Transport {

@@ -142,8 +142,10 @@ TEST_F(SequenceTest, TailEstimateMergesTheUnselectedPages) {
   const Data data = MakeData(2, 2, 2, 64, kPrompt + kSteps, DType::kFP16);
   for (uint32_t budget : {128u, 1024u}) {
     FakeDaemon daemon;
-    auto none = Make(&daemon, data, budget, 1, SelectionMode::kSync, 0.9f, selection::TailMode::kNone);
-    auto mean = Make(&daemon, data, budget, 1, SelectionMode::kSync, 0.9f, selection::TailMode::kMean);
+    auto none =
+        Make(&daemon, data, budget, 1, SelectionMode::kSync, 0.9f, selection::TailMode::kNone);
+    auto mean =
+        Make(&daemon, data, budget, 1, SelectionMode::kSync, 0.9f, selection::TailMode::kMean);
     auto var = Make(&daemon, data, budget, 1, SelectionMode::kSync, 0.9f,
                     selection::TailMode::kMeanVariance);
     ASSERT_NE(none, nullptr);
@@ -154,7 +156,8 @@ TEST_F(SequenceTest, TailEstimateMergesTheUnselectedPages) {
     EXPECT_EQ(var->geometry().tail_estimate, TailEstimate::kMeanVariance);
     EXPECT_FLOAT_EQ(var->geometry().softmax_scale, 0.125f);
     for (Sequence* s : {none.get(), mean.get(), var.get()}) {
-      for (uint32_t l = 0; l < 2; ++l) ASSERT_OK(s->Prefill(l, data.K(l, 0), data.V(l, 0), kPrompt));
+      for (uint32_t l = 0; l < 2; ++l)
+        ASSERT_OK(s->Prefill(l, data.K(l, 0), data.V(l, 0), kPrompt));
     }
     const size_t row = 2 + data.d;
     std::vector<uint16_t> out_none(size_t{data.q_heads()} * data.d), out(out_none.size());
@@ -187,8 +190,8 @@ TEST_F(SequenceTest, TailEstimateMergesTheUnselectedPages) {
             for (uint32_t i = 0; i < data.d; ++i) {
               const size_t at = size_t{qh} * data.d + i;
               ASSERT_NEAR(data.ToFloat(out[at]), want[i], Tolerance(data.dtype, want[i]))
-                  << TailEstimateName(s->geometry().tail_estimate) << " step " << step
-                  << " head " << qh << " dim " << i;
+                  << TailEstimateName(s->geometry().tail_estimate) << " step " << step << " head "
+                  << qh << " dim " << i;
               differing += out[at] != out_none[at];
             }
           }
@@ -209,10 +212,10 @@ TEST_F(SequenceTest, AsyncTailPartialsComeWithThePrefetchedPages) {
   constexpr uint32_t kPrompt = 600, kSteps = 10;
   const Data data = MakeData(1, 2, 2, 64, kPrompt + kSteps, DType::kBF16);
   FakeDaemon daemon;
-  auto sync = Make(&daemon, data, 128, 0, SelectionMode::kSync, 0.9f,
-                   selection::TailMode::kMeanVariance);
-  auto async = Make(&daemon, data, 128, 0, SelectionMode::kAsync, 0.9f,
-                    selection::TailMode::kMeanVariance);
+  auto sync =
+      Make(&daemon, data, 128, 0, SelectionMode::kSync, 0.9f, selection::TailMode::kMeanVariance);
+  auto async =
+      Make(&daemon, data, 128, 0, SelectionMode::kAsync, 0.9f, selection::TailMode::kMeanVariance);
   auto none = Make(&daemon, data, 128, 0, SelectionMode::kAsync, 0.9f, selection::TailMode::kNone);
   ASSERT_NE(sync, nullptr);
   ASSERT_NE(async, nullptr);

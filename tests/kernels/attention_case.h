@@ -157,9 +157,8 @@ inline std::vector<double> Naive(const Case& c) {
     for (size_t j = 0; j < logits.size(); ++j) {
       const double w = std::exp(logits[j] - mx) / z;
       for (uint32_t i = 0; i < d; ++i) {
-        out[uint64_t{qh} * d + i] +=
-            w * (j < real ? double{Decode(vrows[j][i], c.dtype)}
-                          : double{c.virtual_values[qh][j - real][i]});
+        out[uint64_t{qh} * d + i] += w * (j < real ? double{Decode(vrows[j][i], c.dtype)}
+                                                   : double{c.virtual_values[qh][j - real][i]});
       }
     }
   }

@@ -134,7 +134,8 @@ TEST(DecodeAttentionCpu, EmptyTailPartialChangesNothing) {
           ASSERT_EQ(tailed.out[at], plain.out[at]) << "head " << qh << " dim " << i;
         } else {
           some_merged |= tailed.out[at] != plain.out[at];
-          ASSERT_NEAR(Decode(tailed.out[at], dtype), expect[at], 1.6e-2 * (1 + std::fabs(expect[at])));
+          ASSERT_NEAR(Decode(tailed.out[at], dtype), expect[at],
+                      1.6e-2 * (1 + std::fabs(expect[at])));
         }
       }
     }
@@ -145,7 +146,7 @@ TEST(DecodeAttentionCpu, EmptyTailPartialChangesNothing) {
 // A KV head with no rows outputs its tail's own acc / sum; with an empty tail, zeros.
 TEST(DecodeAttentionCpu, NoRowsWithATailOutputsTheTail) {
   Case c = MakeCase(DType::kFP16, 64, 2, 2, 0, 9);
-  c.offsets[2] = c.offsets[1];  // KV head 1 (query heads 2, 3) has no rows
+  c.offsets[2] = c.offsets[1];                      // KV head 1 (query heads 2, 3) has no rows
   AddVirtualTail(c, 6, 3, 0.0, /*empty_every=*/3);  // query heads 0 and 3 empty
   ASSERT_TRUE(DecodeAttentionCpu(c.params));
   const float* t2 = c.tail.data() + 2 * 66;
