@@ -10,8 +10,9 @@
 //      DCI tree replayed in process (paper configuration and all options), the Quest-style
 //      and StreamingLLM baselines, and the oracles; each under the same sink + window + pages
 //      split, the first --full_kv_layers layers whole.
-//   2. Passkey retrieval: a number hidden at several depths of a long real text, asked for at
-//      the end; accuracy of every method against full attention's.
+//   2. Passkey retrieval: a number hidden at several depths of long real texts of different
+//      kinds (--passkey_texts), asked for at the end; every method's answer at every
+//      (haystack, depth), against full attention's.
 //   3. Optionally (--trace_dir) the full run's post-RoPE keys, values and continuation queries
 //      as ICTRACE1 files for the index benchmarks (index_quality --trace=...).
 //
@@ -27,6 +28,7 @@
 #include <memory>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/flags/flag.h"
@@ -47,7 +49,9 @@
 #include "selection/index_factory.h"
 
 ABSL_FLAG(std::string, model, "", "GGUF model file (scripts/fetch_model.sh prints its path).");
-ABSL_FLAG(std::string, texts, "bible,cpp-annotations,jargon", "Texts for perplexity and recall.");
+ABSL_FLAG(std::string, texts, "bible,cpp-annotations,jargon,debian-policy,python-asyncio",
+          "Texts for perplexity and recall (model/texts.h: prose, a programming book, a "
+          "glossary, a reference manual, source code).");
 ABSL_FLAG(uint32_t, prompt_tokens, 7936, "Prompt tokens per text (the model's context is 8192).");
 ABSL_FLAG(uint32_t, continuation, 128, "Teacher-forced continuation tokens per text.");
 ABSL_FLAG(std::string, budgets, "64,128,256,512", "Token budgets.");
@@ -62,10 +66,12 @@ ABSL_FLAG(std::string, service_modes, "sync,async",
           "Selection modes of the service runs (SequenceOptions::selection): the client's "
           "default keeps the plain name, the other gets a -sync / -async suffix.");
 ABSL_FLAG(bool, service, true, "Also run IceCache through a real icecached.");
-ABSL_FLAG(std::string, passkey_text, "bible", "Haystack of the passkey runs (empty: skip).");
+ABSL_FLAG(std::string, passkey_texts, "bible,python-asyncio",
+          "Haystacks of the passkey runs, every method at every depth of each (empty: skip).");
 ABSL_FLAG(uint32_t, passkey_tokens, 4000, "Haystack tokens of the passkey runs.");
 ABSL_FLAG(std::string, depths, "0.1,0.3,0.5,0.7,0.9", "Depths of the passkey.");
-ABSL_FLAG(bool, quick, false, "One text, 2048-token prompt, budgets 128 and 256, three depths.");
+ABSL_FLAG(bool, quick, false,
+          "One text, 2048-token prompt, budgets 128 and 256, 3 depths, 1500-token haystacks.");
 ABSL_FLAG(std::string, trace_dir, "", "Write each text's full run as an ICTRACE1 trace here.");
 ABSL_FLAG(std::string, out, "bench/results", "Directory for JSON/CSV results.");
 
@@ -186,7 +192,7 @@ struct QualityRow {
 };
 
 struct PasskeyRow {
-  std::string method;
+  std::string haystack, method;
   uint32_t budget = 0;
   double depth = 0;
   bool correct = false;
@@ -229,6 +235,15 @@ int main(int argc, char** argv) {
   const uint32_t full_kv_layers = absl::GetFlag(FLAGS_full_kv_layers);
   const std::string out_dir = absl::GetFlag(FLAGS_out);
   const auto start = Clock::now();
+  // The passkey haystacks, loaded now so that a missing package stops the run before the long
+  // perplexity part rather than after it.
+  std::vector<std::pair<std::string, std::string>> haystacks;
+  for (absl::string_view name :
+       absl::StrSplit(absl::GetFlag(FLAGS_passkey_texts), ',', absl::SkipEmpty())) {
+    absl::StatusOr<std::string> hay = LoadText(std::string(name));
+    Check(hay.status(), absl::StrCat("passkey text ", name));
+    haystacks.emplace_back(std::string(name), std::move(*hay));
+  }
 
   auto model_or = LlamaModel::LoadFile(absl::GetFlag(FLAGS_model));
   Check(model_or.status(), "loading the model");
@@ -387,26 +402,26 @@ int main(int argc, char** argv) {
     }
   }
 
-  // ---- 2. passkey retrieval
+  // ---- 2. passkey retrieval: every method at every (haystack, depth)
   std::vector<PasskeyRow> passkeys;
-  const std::string passkey_text = absl::GetFlag(FLAGS_passkey_text);
-  if (!passkey_text.empty()) {
-    absl::StatusOr<std::string> hay = LoadText(passkey_text);
-    Check(hay.status(), "passkey text");
-    std::mt19937 rng(2026);
+  for (const auto& h : haystacks) {
+    const std::string& haystack = h.first;
+    const std::string& hay = h.second;
+    std::mt19937 rng(2026);  // per haystack: the same keys in each, whatever the others
     for (double depth : depths) {
       const std::string key = std::to_string(10000 + rng() % 90000);
-      auto prompt = BuildPasskeyPrompt(model.tokenizer(), *hay, passkey_tokens, depth, key);
-      Check(prompt.status(), "passkey prompt");
+      auto prompt = BuildPasskeyPrompt(model.tokenizer(), hay, passkey_tokens, depth, key);
+      Check(prompt.status(), "passkey prompt in " + haystack);
       const uint32_t n = static_cast<uint32_t>(prompt->tokens.size());
       const uint32_t max_new = 8;
-      std::printf("== passkey %s at depth %.1f of %u tokens\n", key.c_str(), depth, n);
+      std::printf("== passkey %s in %s at depth %.1f of %u tokens\n", key.c_str(), haystack.c_str(),
+                  depth, n);
       FullAttention full(c, n + max_new);
       std::vector<float> logits;
       Check(model.Prefill(prompt->tokens, &full, &logits), "prefill");
       const std::string full_answer = GreedyAnswer(model, &full, logits, n, max_new);
       const bool full_ok = FirstNumber(full_answer) == key;
-      passkeys.push_back({"full", 0, depth, full_ok, true, full_answer});
+      passkeys.push_back({haystack, "full", 0, depth, full_ok, true, full_answer});
       std::printf("  %-28s %6s  %s  \"%s\"\n", "full attention", "-", full_ok ? "right" : "wrong",
                   full_answer.c_str());
       for (double b : budgets) {
@@ -415,7 +430,7 @@ int main(int argc, char** argv) {
           LoadPromptFrom(full, c, n, backend);
           const std::string answer = GreedyAnswer(model, backend, logits, n, max_new);
           const bool ok = FirstNumber(answer) == key;
-          passkeys.push_back({method, split.budget_tokens, depth, ok,
+          passkeys.push_back({haystack, method, split.budget_tokens, depth, ok,
                               FirstNumber(answer) == FirstNumber(full_answer), answer});
           std::printf("  %-28s %6u  %s  \"%s\"\n", method.c_str(), split.budget_tokens,
                       ok ? "right" : "wrong", answer.c_str());
@@ -454,10 +469,10 @@ int main(int argc, char** argv) {
       }
     }
     std::ofstream pk(out_dir + "/model_passkey.csv");
-    pk << "method,budget,depth,correct,same_as_full\n";
+    pk << "haystack,method,budget,depth,correct,same_as_full\n";
     for (const PasskeyRow& r : passkeys) {
-      pk << r.method << "," << r.budget << "," << r.depth << "," << (r.correct ? 1 : 0) << ","
-         << (r.same_as_full ? 1 : 0) << "\n";
+      pk << r.haystack << "," << r.method << "," << r.budget << "," << r.depth << ","
+         << (r.correct ? 1 : 0) << "," << (r.same_as_full ? 1 : 0) << "\n";
     }
     icecache::bench::CloseResult(csv, out_dir + "/model_quality.csv", "model_quality");
     icecache::bench::CloseResult(layers, out_dir + "/model_quality_by_layer.csv", "model_quality");
@@ -471,6 +486,12 @@ int main(int argc, char** argv) {
        << ", \"continuation\": " << continuation << ", \"full_kv_layers\": " << full_kv_layers
        << ",\n  \"texts\": [";
   for (size_t i = 0; i < texts.size(); ++i) json << (i ? ", " : "") << "\"" << texts[i] << "\"";
+  json << "],\n  \"passkey_tokens\": " << passkey_tokens << ", \"passkey_haystacks\": [";
+  for (size_t i = 0; i < haystacks.size(); ++i) {
+    json << (i ? ", " : "") << "\"" << haystacks[i].first << "\"";
+  }
+  json << "], \"passkey_depths\": [";
+  for (size_t i = 0; i < depths.size(); ++i) json << (i ? ", " : "") << depths[i];
   json << "],\n  \"summary\": [";
   bool first = true;
   std::printf("\n%-28s %6s %10s %8s %8s\n", "method", "budget", "ppl ratio", "top-1", "recall");
@@ -501,7 +522,49 @@ int main(int argc, char** argv) {
          << ", \"passkey_same_as_full\": " << same << "}";
     first = false;
   }
+  // Every passkey answer, and per haystack a table: the answer of each method at each depth.
+  json << "\n  ],\n  \"passkey\": [";
+  for (size_t i = 0; i < passkeys.size(); ++i) {
+    const PasskeyRow& p = passkeys[i];
+    json << (i ? "," : "") << "\n    {\"haystack\": \"" << p.haystack << "\", \"method\": \""
+         << p.method << "\", \"budget\": " << p.budget << ", \"depth\": " << p.depth
+         << ", \"correct\": " << (p.correct ? "true" : "false")
+         << ", \"same_as_full\": " << (p.same_as_full ? "true" : "false") << "}";
+  }
   json << "\n  ]\n}\n";
+  int width = 28;  // of the method column: the longest name
+  for (const PasskeyRow& p : passkeys) width = std::max(width, static_cast<int>(p.method.size()));
+  for (const auto& h : haystacks) {
+    const std::string& haystack = h.first;
+    std::printf("\npasskey in %s (%u haystack tokens), answers by depth\n%-*s %6s",
+                haystack.c_str(), passkey_tokens, width, "method", "budget");
+    for (double depth : depths) std::printf(" %6.2f", depth);
+    std::printf("  right\n");
+    std::vector<std::pair<std::string, uint32_t>> order;  // as run: full, then per budget
+    for (const PasskeyRow& p : passkeys) {
+      const std::pair<std::string, uint32_t> key{p.method, p.budget};
+      if (p.haystack == haystack && std::find(order.begin(), order.end(), key) == order.end()) {
+        order.push_back(key);
+      }
+    }
+    for (const auto& [method, budget] : order) {
+      std::printf("%-*s %6s", width, method.c_str(),
+                  budget ? std::to_string(budget).c_str() : "-");
+      uint32_t right = 0;
+      for (double depth : depths) {
+        const char* answer = "";
+        for (const PasskeyRow& p : passkeys) {
+          if (p.haystack == haystack && p.method == method && p.budget == budget &&
+              p.depth == depth) {
+            answer = p.correct ? "right" : "wrong";
+            right += p.correct;
+          }
+        }
+        std::printf(" %6s", answer);
+      }
+      std::printf("  %u/%zu\n", right, depths.size());
+    }
+  }
   icecache::bench::CloseResult(json, out_dir + "/model_quality.json", "model_quality");
   std::printf(
       "\nwrote %s/model_quality.{json,csv}, model_quality_by_layer.csv, "

@@ -1,9 +1,12 @@
 #include "model/texts.h"
 
+#include <algorithm>
 #include <cctype>
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
 #include <sstream>
+#include <system_error>
 
 #include "absl/strings/str_cat.h"
 
@@ -25,46 +28,81 @@ absl::StatusOr<std::string> CommandOutput(const std::string& command) {
 
 bool FileExists(const std::string& path) { return std::ifstream(path).good(); }
 
+absl::Status Missing(const TextInfo& info, const std::string& path) {
+  return absl::NotFoundError(absl::StrCat(
+      info.title, ": ", path, " is missing: install the Debian package ", info.package));
+}
+
+// The King James Bible from the `bible` program, one verse a line, the references dropped.
+absl::StatusOr<std::string> LoadBible(const std::string& program) {
+  absl::StatusOr<std::string> raw = CommandOutput(absl::StrCat(program, " -f 'Gen1:1-Rev22:21'"));
+  if (!raw.ok()) return raw.status();
+  // Lines are "Ge1:1 In the beginning ...": drop the references, keep the verses.
+  std::string text;
+  std::istringstream in(*raw);
+  std::string line;
+  while (std::getline(in, line)) {
+    const size_t space = line.find(' ');
+    if (space == std::string::npos) continue;
+    text += line.substr(space + 1);
+    text += '\n';
+  }
+  return text;
+}
+
+// Every regular *.py file of `dir`, in byte order of the names (independent of the file system's
+// order and of the locale), each after a line naming it. NOT_FOUND when there is none.
+absl::StatusOr<std::string> LoadPythonModules(const TextInfo& info, const std::string& dir) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  std::vector<std::string> names;
+  for (fs::directory_iterator it(dir, ec), end; !ec && it != end; it.increment(ec)) {
+    const fs::path& p = it->path();
+    if (it->is_regular_file() && p.extension() == ".py") names.push_back(p.filename().string());
+  }
+  if (names.empty()) return Missing(info, dir);
+  std::sort(names.begin(), names.end());
+  const std::string package_dir = fs::path(dir).filename().string();
+  std::string text;
+  for (const std::string& name : names) {
+    std::ifstream f(fs::path(dir) / name, std::ios::binary);
+    if (!f) return absl::InternalError(absl::StrCat("cannot read ", dir, "/", name));
+    std::ostringstream s;
+    s << f.rdbuf();
+    absl::StrAppend(&text, "# file: ", package_dir, "/", name, "\n", s.str());
+    if (text.back() != '\n') text += '\n';
+  }
+  return text;
+}
+
 }  // namespace
 
 const std::vector<TextInfo>& KnownTexts() {
   static const std::vector<TextInfo> texts = {
-      {"bible", "The King James Bible", "bible-kjv"},
-      {"cpp-annotations", "The C++ Annotations (a book by Frank B. Brokken)",
-       "c++-annotations-txt"},
-      {"jargon", "The Jargon File", "jargon-text"},
+      {"bible", "The King James Bible", "bible-kjv", "/usr/bin/bible"},
+      {"cpp-annotations", "The C++ Annotations (a book by Frank B. Brokken)", "c++-annotations-txt",
+       "/usr/share/doc/c++-annotations/cplusplus.txt.gz"},
+      {"jargon", "The Jargon File", "jargon-text", "/usr/share/doc/jargon-text/jargon.txt.gz"},
+      {"debian-policy", "The Debian Policy Manual (version 4.6.2 in Debian 12)", "debian-policy",
+       "/usr/share/doc/debian-policy/policy.txt.gz"},
+      {"python-asyncio", "Python 3.11's asyncio package, source code", "libpython3.11-stdlib",
+       "/usr/lib/python3.11/asyncio"},
   };
   return texts;
 }
 
-absl::StatusOr<std::string> LoadText(const std::string& name) {
-  if (name == "bible") {
-    if (!FileExists("/usr/bin/bible")) {
-      return absl::NotFoundError("the King James Bible needs the Debian package bible-kjv");
+absl::StatusOr<std::string> LoadText(const std::string& name, const std::string& root) {
+  for (const TextInfo& info : KnownTexts()) {
+    if (info.name != name) continue;
+    const std::string path = root + info.path;
+    // The paths reach a shell inside single quotes.
+    if (path.find('\'') != std::string::npos) {
+      return absl::InvalidArgumentError(absl::StrCat("a quote in the path ", path));
     }
-    absl::StatusOr<std::string> raw = CommandOutput("/usr/bin/bible -f 'Gen1:1-Rev22:21'");
-    if (!raw.ok()) return raw.status();
-    // Lines are "Ge1:1 In the beginning ...": drop the references, keep the verses.
-    std::string text;
-    std::istringstream in(*raw);
-    std::string line;
-    while (std::getline(in, line)) {
-      const size_t space = line.find(' ');
-      if (space == std::string::npos) continue;
-      text += line.substr(space + 1);
-      text += '\n';
-    }
-    return text;
-  }
-  if (name == "cpp-annotations" || name == "jargon") {
-    const std::string path = name == "jargon" ? "/usr/share/doc/jargon-text/jargon.txt.gz"
-                                              : "/usr/share/doc/c++-annotations/cplusplus.txt.gz";
-    if (!FileExists(path)) {
-      return absl::NotFoundError(
-          absl::StrCat(path, " is missing: install the Debian package ",
-                       name == "jargon" ? "jargon-text" : "c++-annotations-txt"));
-    }
-    return CommandOutput(absl::StrCat("gzip -dc '", path, "'"));
+    if (name == "python-asyncio") return LoadPythonModules(info, path);
+    if (!FileExists(path)) return Missing(info, path);
+    if (name == "bible") return LoadBible(absl::StrCat("'", path, "'"));
+    return CommandOutput(absl::StrCat("gzip -dc '", path, "'"));  // the .gz texts
   }
   std::ifstream f(name, std::ios::binary);
   if (!f) return absl::NotFoundError(absl::StrCat("no text named ", name, " and no such file"));

@@ -12,16 +12,28 @@
 namespace icecache::model {
 
 struct TextInfo {
-  std::string name;     // "bible", "cpp-annotations", "jargon"
+  std::string name;     // "bible", "cpp-annotations", "jargon", "debian-policy", "python-asyncio"
   std::string title;    // what it is
   std::string package;  // the Debian package that provides it
+  std::string path;     // what of the package LoadText reads: a program, a .gz file or a directory
 };
+// Every known text: prose (the Bible), a programming book (the C++ Annotations), a glossary (the
+// Jargon File), a reference manual (the Debian Policy Manual) and source code (the asyncio
+// package of Python 3.11's standard library).
 const std::vector<TextInfo>& KnownTexts();
 
-// The plain text of a known text (the King James Bible without verse references, the C++
-// Annotations book, the Jargon File), or of a file when `name` is a path. NOT_FOUND, naming the
-// Debian package to install, when it is missing.
-absl::StatusOr<std::string> LoadText(const std::string& name);
+// The plain text of a known text, or of a file when `name` is a path:
+//   bible            the King James Bible without verse references (the `bible` program)
+//   cpp-annotations  the C++ Annotations book, as text
+//   jargon           the Jargon File, as text
+//   debian-policy    the Debian Policy Manual, as text (the package's own policy.txt)
+//   python-asyncio   every asyncio/*.py module in byte order of the file names, each after a
+//                    line "# file: asyncio/NAME.py"
+// The same bytes on every call. NOT_FOUND, naming the Debian package to install, when the
+// package's file is missing (or the directory holds no module). `root`: a directory under which
+// the packages' paths are looked up instead of / (tests); empty for the system's own;
+// INVALID_ARGUMENT when it holds a single quote (the paths reach a shell quoted).
+absl::StatusOr<std::string> LoadText(const std::string& name, const std::string& root = "");
 
 struct PasskeyPrompt {
   std::vector<int32_t> tokens;

