@@ -141,9 +141,12 @@ TEST_F(ClientTest, SmallBudgetAttendsSinkWindowAndSelectedPagesOnly) {
   const Data data = MakeData(2, 2, 4, 64, kPrompt + kSteps, DType::kBF16);
   auto client = Connect();
   ASSERT_NE(client, nullptr);
-  auto seq = client->CreateSequence(Options(data, kBudget, 0));
+  SequenceOptions o = Options(data, kBudget, 0);
+  o.tail_estimate = TailEstimate::kNone;  // the paper's attention: the attended rows only
+  auto seq = client->CreateSequence(o);
   ASSERT_TRUE(seq.ok()) << seq.status();
   Sequence& s = **seq;
+  EXPECT_EQ(s.geometry().tail_estimate, TailEstimate::kNone);
   const uint32_t k_sel = s.geometry().selected_pages();
   ASSERT_EQ(k_sel, 5u);
   for (uint32_t l = 0; l < data.layers; ++l) {
@@ -243,6 +246,54 @@ TEST_F(ClientTest, SmallBudgetAttendsSinkWindowAndSelectedPagesOnly) {
   // window the client keeps) capture much less.
   EXPECT_GT(mean_mass, mean_streaming + 0.25) << "streaming " << mean_streaming;
   EXPECT_LE(mean_mass, 1.0);
+}
+
+// ---- the tail estimate (the daemon's default): the unselected pages' estimated share
+
+// Two sequences over the same tokens and queries, through a real daemon, at the same small
+// budget: the default (MEAN_VAR tail estimate) and none. Both attend the same rows; the one
+// with the estimate adds the unselected pages' estimated contribution, so its output is
+// closer to full attention on every layer, summed over the steps.
+TEST_F(ClientTest, TheTailEstimateBringsTheOutputCloserToFullAttention) {
+  constexpr uint32_t kPrompt = 2000, kSteps = 12, kBudget = 128;
+  const Data data = MakeData(2, 2, 4, 64, kPrompt + kSteps, DType::kFP16);
+  auto client = Connect();
+  ASSERT_NE(client, nullptr);
+  auto with = client->CreateSequence(Options(data, kBudget, 0));
+  ASSERT_TRUE(with.ok()) << with.status();
+  SequenceOptions o = Options(data, kBudget, 0);
+  o.tail_estimate = TailEstimate::kNone;
+  auto without = client->CreateSequence(o);
+  ASSERT_TRUE(without.ok()) << without.status();
+  EXPECT_EQ((*with)->geometry().tail_estimate, TailEstimate::kMeanVariance);
+  for (uint32_t l = 0; l < data.layers; ++l) {
+    ASSERT_OK((*with)->Prefill(l, data.K(l, 0), data.V(l, 0), kPrompt));
+    ASSERT_OK((*without)->Prefill(l, data.K(l, 0), data.V(l, 0), kPrompt));
+  }
+  std::vector<uint16_t> a(size_t{data.q_heads()} * data.d), b(a.size());
+  std::vector<double> err_with(data.layers, 0.0), err_without(data.layers, 0.0);
+  for (uint32_t step = 0; step < kSteps; ++step) {
+    const uint32_t pos = kPrompt + step;
+    const std::vector<uint32_t> all = Iota(pos + 1);
+    for (uint32_t l = 0; l < data.layers; ++l) {
+      const std::vector<uint16_t> q = data.Query(l, step);
+      ASSERT_OK((*with)->Decode(l, q.data(), data.K(l, pos), data.V(l, pos), a.data()));
+      ASSERT_OK((*without)->Decode(l, q.data(), data.K(l, pos), data.V(l, pos), b.data()));
+      for (uint32_t qh = 0; qh < data.q_heads(); ++qh) {
+        const std::vector<double> full = Attend(data, l, q, qh, all);
+        for (uint32_t i = 0; i < data.d; ++i) {
+          const size_t at = size_t{qh} * data.d + i;
+          err_with[l] += std::fabs(data.ToFloat(a[at]) - full[i]);
+          err_without[l] += std::fabs(data.ToFloat(b[at]) - full[i]);
+        }
+      }
+    }
+  }
+  for (uint32_t l = 0; l < data.layers; ++l) {
+    RecordProperty(absl::StrCat("l1_error_layer", l, "_with_tail"), absl::StrCat(err_with[l]));
+    RecordProperty(absl::StrCat("l1_error_layer", l, "_without"), absl::StrCat(err_without[l]));
+    EXPECT_LT(err_with[l], err_without[l]) << "layer " << l;
+  }
 }
 
 // ---- the page cache: a page resident at the same version is not moved again

@@ -1,5 +1,6 @@
 // Integration tests: the real icecached binary as a subprocess, talked to over its real unix
 // socket (and TCP) with the generated stubs, its /metrics scraped over HTTP.
+#include <cmath>
 #include <signal.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -153,8 +154,12 @@ TEST_F(DaemonTest, SequenceLifecycle) {
   EXPECT_EQ(a->handle().size(), 36u);
   EXPECT_EQ(a->label(), "alpha");
   EXPECT_GT(a->kv_bytes(), kSmallBytes);  // the promise covers more than the dense KV
-  EXPECT_LT(a->kv_bytes(), 4 * kSmallBytes);
+  // At most 4x the dense KV, plus the tail estimate's page summaries (3 fp32 vectors of
+  // head_dim per page: 18.75% of a page of d 128 bf16, on every page the promise bounds).
+  EXPECT_LT(a->kv_bytes(), 4.75 * kSmallBytes);
   EXPECT_EQ(a->geometry().page_size(), 16u);  // defaults are filled in
+  EXPECT_EQ(a->geometry().tail_estimate(), v1::TAIL_ESTIMATE_MEAN_VAR);
+  EXPECT_FLOAT_EQ(a->geometry().softmax_scale(), 1.0f / std::sqrt(128.0f));
   EXPECT_EQ(a->geometry().budget_tokens(), 256u);
   EXPECT_EQ(a->geometry().full_kv_layers(), 2u);
   EXPECT_GT(a->create_time().seconds(), 1'700'000'000);
