@@ -26,6 +26,7 @@
 #include <fstream>
 #include <map>
 #include <memory>
+#include <optional>
 #include <random>
 #include <string>
 #include <utility>
@@ -65,6 +66,14 @@ ABSL_FLAG(std::string, drift_thresholds, "",
 ABSL_FLAG(std::string, service_modes, "sync,async",
           "Selection modes of the service runs (SequenceOptions::selection): the client's "
           "default keeps the plain name, the other gets a -sync / -async suffix.");
+ABSL_FLAG(std::string, tail_modes, "mean,mean-var",
+          "Also replay the default preset with each of these tail estimations "
+          "(icecache-dci-default-tail-<mode>; selection/tail.h).");
+ABSL_FLAG(std::string, methods, "",
+          "Only these in-process methods, by name (empty: all; full attention always runs).");
+ABSL_FLAG(
+    bool, service_without_tail, true,
+    "Also run the default preset's service with no tail estimate (icecache-service-no-tail).");
 ABSL_FLAG(bool, service, true, "Also run IceCache through a real icecached.");
 ABSL_FLAG(std::string, passkey_texts, "bible,python-asyncio",
           "Haystacks of the passkey runs, every method at every depth of each (empty: skip).");
@@ -127,6 +136,24 @@ std::vector<eval::MethodSpec> Methods() {
     sweep.name = absl::StrCat("icecache-dci-async-t", t);
     sweep.replay.drift_threshold = static_cast<float>(t);
     m.insert(m.begin() + static_cast<ptrdiff_t>(at++), sweep);
+  }
+  // Tail estimation (selection/tail.h) on the default preset, alone, per mode.
+  for (absl::string_view t :
+       absl::StrSplit(absl::GetFlag(FLAGS_tail_modes), ',', absl::SkipEmpty())) {
+    absl::StatusOr<selection::TailMode> mode = selection::ParseTailMode(std::string(t));
+    Check(mode.status(), "--tail_modes");
+    eval::MethodSpec with_tail = *fast;
+    with_tail.name = absl::StrCat("icecache-dci-default-tail-", t);
+    with_tail.tail = *mode;
+    m.insert(m.begin() + static_cast<ptrdiff_t>(at++), with_tail);
+  }
+  // --methods: keep only the named in-process methods (empty: all).
+  const std::vector<std::string> keep =
+      absl::StrSplit(absl::GetFlag(FLAGS_methods), ',', absl::SkipEmpty());
+  if (!keep.empty()) {
+    std::erase_if(m, [&](const eval::MethodSpec& spec) {
+      return std::find(keep.begin(), keep.end(), spec.name) == keep.end();
+    });
   }
   return m;
 }
@@ -266,6 +293,7 @@ int main(int argc, char** argv) {
     std::string name;
     Client* client = nullptr;
     SelectionMode mode = SelectionMode::kSync;
+    std::optional<TailEstimate> tail;  // unset: the daemon's default
   };
   std::vector<Daemon> daemons;
   std::vector<Service> services;
@@ -296,11 +324,20 @@ int main(int argc, char** argv) {
       d.client = std::move(*cl);
       std::printf("  icecached (index preset %s) started; client in %s mode\n",
                   std::string(preset).c_str(), ExecutionModeName(d.client->mode()));
+      // The paper preset runs the paper's attention (no tail estimate), as the reference.
+      const std::optional<TailEstimate> tail =
+          preset == selection::kPaperPreset ? std::optional<TailEstimate>(TailEstimate::kNone)
+                                            : std::nullopt;
       for (SelectionMode mode : modes) {
         std::string name =
             is_default ? "icecache-service" : absl::StrCat("icecache-service-", preset);
         if (mode != default_mode) absl::StrAppend(&name, "-", SelectionModeName(mode));
-        services.push_back({name, d.client.get(), mode});
+        services.push_back({name, d.client.get(), mode, tail});
+      }
+      if (is_default && absl::GetFlag(FLAGS_service_without_tail)) {
+        // The default preset without the tail estimate: what the estimate adds, in the service.
+        services.push_back(
+            {"icecache-service-no-tail", d.client.get(), default_mode, TailEstimate::kNone});
       }
       daemons.push_back(std::move(d));
     }
@@ -383,6 +420,7 @@ int main(int argc, char** argv) {
         t = Clock::now();
         SequenceOptions so = SequenceOptionsFor(c, total, split, full_kv_layers);
         so.selection = svc.mode;
+        so.tail_estimate = svc.tail;
         auto seq = svc.client->CreateSequence(so);
         Check(seq.status(), "create sequence");
         ServiceAttention service(c, seq->get(), /*measure_recall=*/true, total);
@@ -439,6 +477,7 @@ int main(int argc, char** argv) {
         for (Service& svc : services) {
           SequenceOptions so = SequenceOptionsFor(c, n + max_new, split, full_kv_layers);
           so.selection = svc.mode;
+          so.tail_estimate = svc.tail;
           auto seq = svc.client->CreateSequence(so);
           Check(seq.status(), "create sequence");
           ServiceAttention service(c, seq->get(), false, n + max_new);
@@ -548,8 +587,7 @@ int main(int argc, char** argv) {
       }
     }
     for (const auto& [method, budget] : order) {
-      std::printf("%-*s %6s", width, method.c_str(),
-                  budget ? std::to_string(budget).c_str() : "-");
+      std::printf("%-*s %6s", width, method.c_str(), budget ? std::to_string(budget).c_str() : "-");
       uint32_t right = 0;
       for (double depth : depths) {
         const char* answer = "";
