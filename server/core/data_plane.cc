@@ -581,13 +581,13 @@ class DataPlane::Dispatcher {
     const uint32_t k = (*kv)->SelectK(r.k);
     const uint64_t tail_bytes = g.keeps_summaries() ? abi::TailBytes(g.num_q_heads, g.head_dim) : 0;
     if (uint64_t{g.num_kv_heads} * k * sizeof(abi::SelectedPageRef) + tail_bytes > capacity) {
-      return Finish(r, start,
-                    absl::InvalidArgumentError(absl::StrCat(
-                        "k=", k, " pages for ", g.num_kv_heads, " KV heads",
-                        tail_bytes != 0 ? absl::StrCat(" and ", tail_bytes, " bytes of tail")
-                                        : std::string(),
-                        " do not fit a slot's payload (", capacity, " bytes)")),
-                    0);
+      return Finish(
+          r, start,
+          absl::InvalidArgumentError(absl::StrCat(
+              "k=", k, " pages for ", g.num_kv_heads, " KV heads",
+              tail_bytes != 0 ? absl::StrCat(" and ", tail_bytes, " bytes of tail") : std::string(),
+              " do not fit a slot's payload (", capacity, " bytes)")),
+          0);
     }
     // Copied out of shared memory once; only the copies are used.
     const uint8_t* payload = abi::SlotPayload(c_->arena->Slot(r.slot));
@@ -755,8 +755,8 @@ class DataPlane::Dispatcher {
           std::memcpy(job.result, job.pages.data(),
                       job.pages.size() * sizeof(abi::SelectedPageRef));
           // The tail partials after the entries (room checked in PrepareBatchEntry).
-          std::memcpy(job.result + job.pages.size() * sizeof(abi::SelectedPageRef),
-                      job.tail.data(), job.tail.size() * sizeof(float));
+          std::memcpy(job.result + job.pages.size() * sizeof(abi::SelectedPageRef), job.tail.data(),
+                      job.tail.size() * sizeof(float));
           e->result_k = job.k;
         } else {
           e->result_k = 0;
@@ -815,9 +815,8 @@ class DataPlane::Dispatcher {
     }
     *k = (*found)->SelectK(e.k);
     if (*k > 4096) return absl::InvalidArgumentError(absl::StrCat("k=", *k, " is above 4096"));
-    const uint64_t rbytes =
-        uint64_t{g.num_kv_heads} * *k * sizeof(abi::SelectedPageRef) +
-        (g.keeps_summaries() ? abi::TailBytes(g.num_q_heads, g.head_dim) : 0);
+    const uint64_t rbytes = uint64_t{g.num_kv_heads} * *k * sizeof(abi::SelectedPageRef) +
+                            (g.keeps_summaries() ? abi::TailBytes(g.num_q_heads, g.head_dim) : 0);
     if (e.result_bytes < rbytes) {
       return absl::InvalidArgumentError(
           absl::StrCat("room for ", e.result_bytes, " result bytes, need ", rbytes));

@@ -94,8 +94,7 @@ absl::StatusOr<Geometry> ResolveGeometry(const GeometrySpec& spec) {
                       g.full_kv_layers);
   }
   g.tail = spec.tail.value_or(D::kTail);
-  g.softmax_scale =
-      spec.softmax_scale.value_or(1.0f / std::sqrt(static_cast<float>(g.head_dim)));
+  g.softmax_scale = spec.softmax_scale.value_or(1.0f / std::sqrt(static_cast<float>(g.head_dim)));
   if (!std::isfinite(g.softmax_scale) || !(g.softmax_scale > 0) || g.softmax_scale > 1e6f) {
     return absl::InvalidArgumentError(absl::StrCat(
         "geometry.softmax_scale must be finite, above 0 and at most 1e6, got ", g.softmax_scale));

@@ -53,7 +53,7 @@ struct GeometrySpec {
   std::optional<uint32_t> window_tokens;
   std::optional<uint32_t> full_kv_layers;
   std::optional<selection::TailMode> tail;  // nullopt: GeometryDefaults::kTail
-  std::optional<float> softmax_scale;        // nullopt: 1/sqrt(head_dim)
+  std::optional<float> softmax_scale;       // nullopt: 1/sqrt(head_dim)
 };
 
 // A validated geometry with every default applied. Invariants (established by

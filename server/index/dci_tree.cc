@@ -446,7 +446,8 @@ struct DciTree::Impl {
     const uint32_t n = static_cast<uint32_t>(c.tok.size());  // after the erase
     uint8_t* rows = RowCodes(n + 1);
     UnpackSketchCodes(c.code.data(), n + 1, sketch->bits(), rows);
-    std::copy(rows + uint64_t{idx + 1} * cb, rows + uint64_t{n + 1} * cb, rows + uint64_t{idx} * cb);
+    std::copy(rows + uint64_t{idx + 1} * cb, rows + uint64_t{n + 1} * cb,
+              rows + uint64_t{idx} * cb);
     c.fac.erase(c.fac.begin() + idx);
     PackCell(c, rows);
   }
@@ -1188,8 +1189,8 @@ struct DciTree::Impl {
     std::vector<uint8_t> luts;                   // [query][bits * 4]: fast-scan tables
     std::vector<int32_t> lut_bias;               // [query]
     std::vector<ResidualSketch::Query> qsketch;  // [query] prepared for SketchDotsPacked
-    std::vector<float> est;        // [cell member]: estimates of one query
-    std::vector<uint32_t> above;   // [cell member]: members above the query's floor
+    std::vector<float> est;                      // [cell member]: estimates of one query
+    std::vector<uint32_t> above;                 // [cell member]: members above the query's floor
     uint64_t sketched = 0;
 
     void Begin(uint32_t queries, size_t page_limit, size_t cell_limit) {
@@ -1976,7 +1977,8 @@ absl::Status DciTree::CheckInvariants() const {
       const Cell& c = m.cells[cid];
       const uint32_t cn = static_cast<uint32_t>(c.tok.size());
       if (c.code.size() != PackedSketchBytes(cn, bits) || c.fac.size() != cn) {
-        return absl::InternalError(absl::StrCat("cell ", cid, " sketch arrays have the wrong size"));
+        return absl::InternalError(
+            absl::StrCat("cell ", cid, " sketch arrays have the wrong size"));
       }
       if (cn == 0) continue;
       rows.resize(uint64_t{cn} * cb);

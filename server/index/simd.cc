@@ -995,8 +995,7 @@ void PackSketchCodes(const uint8_t* codes, uint32_t n, uint32_t bits, uint8_t* p
 void UnpackSketchCodes(const uint8_t* packed, uint32_t n, uint32_t bits, uint8_t* codes) {
   const uint32_t bytes = bits / 8;
   for (uint32_t i = 0; i < n; ++i) {
-    const uint8_t* blk =
-        packed + uint64_t{i / kSketchBlockKeys} * bits * 2 + i % kSketchBlockKeys;
+    const uint8_t* blk = packed + uint64_t{i / kSketchBlockKeys} * bits * 2 + i % kSketchBlockKeys;
     uint8_t* c = codes + uint64_t{i} * bytes;
     for (uint32_t p = 0; p < bytes; ++p) c[p] = blk[p * kSketchBlockKeys];
   }
@@ -1050,8 +1049,7 @@ void SketchDotsPacked(const uint8_t* luts, const int32_t* bias, uint32_t nq, uin
 }
 
 uint32_t SketchEstimatesAbove(const int32_t* dots, const uint16_t* fac, uint32_t n, float base,
-                              float scale, int32_t sum, float floor, float* est,
-                              uint32_t* above) {
+                              float scale, int32_t sum, float floor, float* est, uint32_t* above) {
   if (UseAvx2()) {
     return SketchEstimatesAboveAvx2(dots, fac, n, base, scale, sum, floor, est, above);
   }

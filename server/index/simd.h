@@ -110,8 +110,7 @@ void SketchDotsPacked(const uint8_t* luts, const int32_t* bias, uint32_t nq, uin
 // (ResidualSketch::Estimate plus the cell's q.r), and the indices i with est[i] > floor
 // written to above[] in ascending order; returns their count. fac is fp16.
 uint32_t SketchEstimatesAbove(const int32_t* dots, const uint16_t* fac, uint32_t n, float base,
-                              float scale, int32_t sum, float floor, float* est,
-                              uint32_t* above);
+                              float scale, int32_t sum, float floor, float* est, uint32_t* above);
 
 // x[i] = exp(x[i]) for i in [0, n); inputs below -87 give 0. Relative error below 2e-7
 // (a polynomial on AVX2; std::exp on the scalar path).

@@ -58,7 +58,6 @@ class ResidualSketch {
   void Rotate(const float* x, float* y) const;
 
  private:
-
   uint32_t dim_;
   uint32_t bits_;
   std::vector<float> signs_;  // [bits] of +-1

@@ -227,9 +227,8 @@ absl::Status IceCacheService::OnRestoreSequence(grpc::CallbackServerContext* ctx
   }
   absl::StatusOr<GeometrySpec> spec = FromProto(request->geometry());
   if (!spec.ok()) return spec.status();
-  absl::StatusOr<SequenceInfo> info =
-      data_plane_->RestoreSequence(*caller, *spec, request->label(),
-                                   request->previous_handle(), layers, request->last());
+  absl::StatusOr<SequenceInfo> info = data_plane_->RestoreSequence(
+      *caller, *spec, request->label(), request->previous_handle(), layers, request->last());
   if (!info.ok()) return info.status();
   ToProto(*info, response->mutable_sequence());
   return absl::OkStatus();

@@ -8,9 +8,9 @@
 #include "absl/synchronization/notification.h"
 #include "common/half.h"
 #include "eval/synthetic.h"
-#include "selection/tail.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "selection/tail.h"
 #include "tests/support/status_matchers.h"
 
 namespace icecache {
@@ -280,7 +280,8 @@ TEST_F(SequenceKvTest, TailPartialsEstimateEveryUnselectedPageFromTheRowsItHolds
       selection::SummaryBuilder b(64);
       std::vector<float> key(64), value(64);
       for (uint32_t slot = 0; slot < tag.count; ++slot) {
-        const auto* kr = reinterpret_cast<const uint16_t*>(trace_.Keys(1, 0).row(tag.positions[slot]));
+        const auto* kr =
+            reinterpret_cast<const uint16_t*>(trace_.Keys(1, 0).row(tag.positions[slot]));
         const auto* vr =
             reinterpret_cast<const uint16_t*>(trace_.Values(1, 0).row(tag.positions[slot]));
         for (int i = 0; i < 64; ++i) {
@@ -291,8 +292,8 @@ TEST_F(SequenceKvTest, TailPartialsEstimateEveryUnselectedPageFromTheRowsItHolds
       }
       store.emplace_back(3 * 64);
       b.Finish(store.back().data(), store.back().data() + 64, store.back().data() + 128);
-      pages.push_back({b.count(), store.back().data(), store.back().data() + 64,
-                       store.back().data() + 128});
+      pages.push_back(
+          {b.count(), store.back().data(), store.back().data() + 64, store.back().data() + 128});
     }
     ASSERT_GT(unselected, 50u);
     for (uint32_t j = 0; j < 4; ++j) {

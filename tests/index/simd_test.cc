@@ -281,8 +281,8 @@ void ExpectPackedSketchDotsEqualRowMajor(SimdLevel level) {
         std::vector<uint8_t> luts(uint64_t{nq} * bits * 4);
         std::vector<int32_t> bias(nq);
         for (uint32_t j = 0; j < nq; ++j) {
-          BuildSketchLuts(q8.data() + uint64_t{j} * bits, bits, luts.data() + uint64_t{j} * bits * 4,
-                          &bias[j]);
+          BuildSketchLuts(q8.data() + uint64_t{j} * bits, bits,
+                          luts.data() + uint64_t{j} * bits * 4, &bias[j]);
         }
         std::vector<uint8_t> packed(PackedSketchBytes(n, bits));
         PackSketchCodes(codes.data(), n, bits, packed.data());

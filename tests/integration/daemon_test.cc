@@ -1,12 +1,12 @@
 // Integration tests: the real icecached binary as a subprocess, talked to over its real unix
 // socket (and TCP) with the generated stubs, its /metrics scraped over HTTP.
-#include <cmath>
 #include <signal.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <atomic>
+#include <cmath>
 #include <set>
 #include <string>
 #include <thread>
