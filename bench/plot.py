@@ -13,6 +13,7 @@ and, from client_decode_<mode>.json and gpu_gather.json:
                                  full attention, and the page-cache hit rate per step
     gpu_gather.png               gather kernel vs bulk and per-page copies
 and, from model_quality.csv, model_quality_by_layer.csv and model_passkey.csv (the real model):
+    model_quality_by_text.png, model_top1_by_text.png  per text and the worst text
     model_quality_vs_budget.png  perplexity ratio, top-1 agreement, attention recall and
                                  passkey accuracy against budget, every method
     model_recall_by_layer.png    attention recall per layer at budget 256
@@ -243,6 +244,41 @@ def model_quality(out):
     fig.suptitle("SmolLM2-135M-Instruct on real text: IceCache vs baselines and oracles")
     fig.tight_layout()
     fig.savefig(os.path.join(out, "model_quality_vs_budget.png"), dpi=120)
+
+    # Per text, and the worst text per method and budget: perplexity ratio and top-1.
+    texts = []
+    for r in rows:
+        if r["text"] not in texts:
+            texts.append(r["text"])
+    if texts:
+        for key, label, fname, worst in (
+                ("perplexity_ratio", "perplexity / full attention's", "model_quality_by_text.png",
+                 max),
+                ("top1_agreement", "top-1 = full attention's", "model_top1_by_text.png", min)):
+            fig, axes = plt.subplots(1, len(texts) + 1, figsize=(4.2 * (len(texts) + 1), 4.4),
+                                     squeeze=False)
+            for ax, text in zip(axes[0], texts + ["worst text"]):
+                for m in methods:
+                    budgets = sorted({int(r["budget"]) for r in rows if r["method"] == m})
+                    ys = []
+                    for b in budgets:
+                        vals = [float(r[key]) for r in rows if r["method"] == m and
+                                int(r["budget"]) == b and (text == "worst text" or
+                                                           r["text"] == text)]
+                        ys.append(worst(vals) if vals else float("nan"))
+                    ax.plot(budgets, ys, label=m, **style(m))
+                ax.set_xscale("log", base=2)
+                ax.set_title(text)
+                ax.set_xlabel("token budget")
+                ax.grid(alpha=0.3)
+                if key == "perplexity_ratio":
+                    ax.axhline(1.0, color="black", linewidth=0.8)
+                    ax.set_ylim(0.9, min(2.0, ax.get_ylim()[1]))
+            axes[0][0].set_ylabel(label)
+            axes[0][0].legend(fontsize=6)
+            fig.suptitle(f"{label}, per text and the worst text (SmolLM2-135M-Instruct)")
+            fig.tight_layout()
+            fig.savefig(os.path.join(out, fname), dpi=110)
 
     path = os.path.join(out, "model_quality_by_layer.csv")
     if os.path.exists(path):
