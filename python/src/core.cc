@@ -347,12 +347,25 @@ void BindCreateSequence(nb::class_<PyClient>& cls) {
            std::optional<uint32_t> budget_tokens, std::optional<uint32_t> sink_tokens,
            std::optional<uint32_t> window_tokens, std::optional<uint32_t> full_kv_layers,
            std::string label, float scale, std::optional<Mode> selection,
-           std::optional<float> drift_threshold) {
+           std::optional<float> drift_threshold, std::optional<std::string> tail_estimate) {
           O o = MakeOptions(num_layers, num_q_heads, num_kv_heads, head_dim, dtype, max_tokens,
                             page_size, budget_tokens, sink_tokens, window_tokens, full_kv_layers,
                             std::move(label), scale);
           if (selection) o.selection = *selection;
           if (drift_threshold) o.drift_threshold = *drift_threshold;
+          if (tail_estimate) {
+            if (*tail_estimate == "none") {
+              o.tail_estimate = TailEstimate::kNone;
+            } else if (*tail_estimate == "mean") {
+              o.tail_estimate = TailEstimate::kMean;
+            } else if (*tail_estimate == "mean-var") {
+              o.tail_estimate = TailEstimate::kMeanVariance;
+            } else {
+              Check(absl::InvalidArgumentError(
+                  "tail_estimate must be \"none\", \"mean\" or \"mean-var\", got \"" +
+                  *tail_estimate + "\""));
+            }
+          }
           return Create(c, o);
         },
         "num_layers"_a, "num_q_heads"_a, "num_kv_heads"_a, "head_dim"_a, "max_tokens"_a,
@@ -360,11 +373,13 @@ void BindCreateSequence(nb::class_<PyClient>& cls) {
         "budget_tokens"_a = nb::none(), "sink_tokens"_a = nb::none(),
         "window_tokens"_a = nb::none(), "full_kv_layers"_a = nb::none(), "label"_a = "",
         "scale"_a = 0.0f, "selection"_a = nb::none(), "drift_threshold"_a = nb::none(),
-        nb::keep_alive<0, 1>(),
+        "tail_estimate"_a = nb::none(), nb::keep_alive<0, 1>(),
         (std::string(kCreateDoc) +
          "\nselection: SelectionMode.SYNC (search on every decode) or ASYNC (one step ahead,\n"
          "drifted KV heads searched again when their query's cosine falls below\n"
-         "drift_threshold); None keeps the C++ defaults.")
+         "drift_threshold); None keeps the C++ defaults.\n"
+         "tail_estimate: \"none\", \"mean\" or \"mean-var\" (how the unselected pages are\n"
+         "estimated); None: the daemon's default (mean-var).")
             .c_str());
   } else {
     cls.def(

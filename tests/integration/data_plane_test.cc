@@ -473,7 +473,12 @@ TEST_F(DataPlaneTest, ABatchSelectAnswersEachEntryAloneAndEqualsSingleSelects) {
   const uint32_t q_floats = w.kv_heads * w.group * w.head_dim;
   std::vector<float> queries(q_floats);
   for (uint32_t i = 0; i < q_floats; ++i) queries[i] = std::sin(0.37f * i);
-  const uint64_t result_bytes = uint64_t{w.kv_heads} * w.k * sizeof(abi::SelectedPageRef);
+  // The workload's sequences keep the daemon's default tail estimate: the entries' room holds
+  // the page references and the tail partials (abi.h).
+  const uint64_t ref_bytes = uint64_t{w.kv_heads} * w.k * sizeof(abi::SelectedPageRef);
+  const uint64_t tail_floats = uint64_t{w.kv_heads} * w.group * abi::TailPartialFloats(w.head_dim);
+  const uint64_t result_bytes = ref_bytes + tail_floats * sizeof(float);
+  ASSERT_LE(result_bytes, 4096u);
 
   absl::StatusOr<abi::StageResponse> scratch = a->Scratch(64 << 10);
   ASSERT_TRUE(scratch.ok()) << scratch.status();
@@ -513,14 +518,44 @@ TEST_F(DataPlaneTest, ABatchSelectAnswersEachEntryAloneAndEqualsSingleSelects) {
   EXPECT_EQ(got[3].status, static_cast<uint32_t>(absl::StatusCode::kInvalidArgument));
   EXPECT_THAT(got[3].message, HasSubstr("results outside"));
   EXPECT_EQ(got[4].status, 0u) << got[4].message;
+  // A room without space for the tail partials is refused (that entry alone).
+  {
+    abi::BatchSelectEntry e{};
+    std::memcpy(e.handle, first.data(), std::min(first.size(), sizeof(e.handle)));
+    e.k = w.k;
+    e.query_offset = 4096;
+    e.query_bytes = q_floats * sizeof(float);
+    e.result_offset = 32768;
+    e.result_bytes = ref_bytes;  // the references only
+    std::memcpy(*base + 5 * sizeof(e), &e, sizeof(e));
+  }
   for (uint32_t i : {0u, 4u}) {
+    absl::StatusOr<uint32_t> submitted =
+        a->SubmitSelect(handles[i], 0, queries.data(), q_floats, w.k);
+    ASSERT_TRUE(submitted.ok()) << submitted.status();
+    std::vector<float> tail;
     absl::StatusOr<std::vector<abi::SelectedPageRef>> single =
-        a->Select(handles[i], 0, queries.data(), q_floats, w.k);
+        a->FinishSelect(*submitted, uint64_t{w.kv_heads} * w.k, tail_floats, &tail);
     ASSERT_TRUE(single.ok()) << single.status();
     ASSERT_EQ(single->size(), uint64_t{w.kv_heads} * w.k);
-    EXPECT_EQ(std::memcmp(single->data(), *base + 32768 + uint64_t{i} * 4096, result_bytes), 0)
-        << "entry " << i;
+    ASSERT_EQ(tail.size(), tail_floats);
+    const uint8_t* batched = *base + 32768 + uint64_t{i} * 4096;
+    EXPECT_EQ(std::memcmp(single->data(), batched, ref_bytes), 0) << "entry " << i;
+    EXPECT_EQ(std::memcmp(tail.data(), batched + ref_bytes, tail_floats * sizeof(float)), 0)
+        << "entry " << i << "'s tail partials";
+    bool some = false;
+    for (uint64_t j = 0; j < tail_floats; j += abi::TailPartialFloats(w.head_dim)) {
+      some |= tail[j + 1] > 0;  // a query head's sum
+    }
+    EXPECT_TRUE(some) << "entry " << i << " estimated nothing";
   }
+  slot = a->SubmitSelectBatch(0, scratch->buffer, 6);
+  ASSERT_TRUE(slot.ok()) << slot.status();
+  ASSERT_TRUE(a->Finish(*slot).ok());
+  abi::BatchSelectEntry short_room;
+  std::memcpy(&short_room, *base + 5 * sizeof(short_room), sizeof(short_room));
+  EXPECT_EQ(short_room.status, static_cast<uint32_t>(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(short_room.message, HasSubstr("room for"));
   // A count of 0 or above the bound fails the whole request.
   slot = a->SubmitSelectBatch(0, scratch->buffer, 0);
   ASSERT_TRUE(slot.ok());
