@@ -68,6 +68,15 @@ def test_invalid_geometry_names_the_field(client: icecache.Client) -> None:
     assert "num_q_heads" in e.value.message
 
 
+def test_tail_estimate_is_named_or_refused(client: icecache.Client) -> None:
+    for name in ("none", "mean", "mean-var"):
+        seq = client.create_sequence(2, HQ, HK, D, max_tokens=64, tail_estimate=name)
+        del seq
+    with pytest.raises(icecache.InvalidArgumentError) as e:
+        client.create_sequence(2, HQ, HK, D, max_tokens=64, tail_estimate="median")
+    assert "tail_estimate" in e.value.message and "median" in e.value.message
+
+
 def test_memory_limit_is_resource_exhausted(client: icecache.Client) -> None:
     with pytest.raises(icecache.ResourceExhaustedError) as e:
         client.create_sequence(32, 32, 8, 128, max_tokens=1 << 24)  # 2 TiB of K/V
