@@ -20,6 +20,7 @@
 #include <cstring>
 #include <fstream>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -50,6 +51,11 @@ ABSL_FLAG(uint32_t, hit_steps, 300, "Decode steps of each hit-rate run (0: skip)
 ABSL_FLAG(uint32_t, hit_context, 32768, "Prompt tokens of the hit-rate runs.");
 ABSL_FLAG(std::string, drifts, "1,0.1", "Synthetic query drifts of the hit-rate runs.");
 ABSL_FLAG(std::string, trace, "", "ICTRACE1 file whose layer 0 drives a hit-rate run too.");
+ABSL_FLAG(std::string, configs, "default,no-tail,paper",
+          "Configurations of the step breakdown, each in the same run: default (the daemon's "
+          "defaults: fast index preset, MEAN_VAR tail estimate), no-tail (the same without the "
+          "tail estimate), paper (a second icecached with --index-preset=paper, no tail: the "
+          "paper's configuration).");
 ABSL_FLAG(std::string, out, "bench/results", "Directory for JSON/CSV results.");
 
 namespace {
@@ -171,6 +177,7 @@ std::vector<uint16_t> QueryOf(const eval::Trace& t, uint32_t l, uint32_t qi, DTy
 }
 
 struct StepRow {
+  std::string config = "default";
   uint32_t context = 0, budget = 0;
   double build_s = 0;
   double select_us = 0, fetch_us = 0, attention_us = 0, sparse_total_us = 0;
@@ -197,7 +204,8 @@ eval::Trace BreakdownTrace(uint32_t context) {
 }
 
 StepRow RunBreakdown(const std::string& socket, ExecutionMode mode, const eval::Trace& t,
-                     uint32_t context, uint32_t budget) {
+                     uint32_t context, uint32_t budget,
+                     std::optional<TailEstimate> tail = std::nullopt) {
   const uint32_t warmup = absl::GetFlag(FLAGS_warmup), steps = absl::GetFlag(FLAGS_steps);
   const std::vector<uint16_t> k = TokenMajor(t, 0, false), v = TokenMajor(t, 0, true);
 
@@ -217,6 +225,7 @@ StepRow RunBreakdown(const std::string& socket, ExecutionMode mode, const eval::
   sq.max_tokens = t.num_tokens;
   sq.budget_tokens = budget;
   sq.label = "bench";
+  sq.tail_estimate = tail;
   auto seq = (*client)->CreateSequence(sq);
   Check(seq.status(), "create sequence");
   const bool cuda = (*client)->mode() == ExecutionMode::kCuda;
@@ -352,23 +361,55 @@ int main(int argc, char** argv) {
   }
   std::printf("client_decode: mode %s\n", ExecutionModeName(mode));
 
+  const std::vector<std::string> configs =
+      absl::StrSplit(absl::GetFlag(FLAGS_configs), ',', absl::SkipEmpty());
+  std::unique_ptr<eval::LocalDaemon> paper;
+  for (const std::string& cfg : configs) {
+    if (cfg != "default" && cfg != "no-tail" && cfg != "paper") {
+      Check(absl::InvalidArgumentError("--configs: default, no-tail or paper, got " + cfg),
+            "flags");
+    }
+    if (cfg == "paper" && paper == nullptr) {
+      auto p = eval::LocalDaemon::Start(eval::IcecachedPath(ICECACHE_BENCH_ICECACHED_BIN),
+                                        {"--index-preset=paper"});
+      Check(p.status(), "start the paper preset's icecached");
+      paper = std::move(*p);
+    }
+  }
   std::vector<StepRow> rows;
   for (double c : ParseList(absl::GetFlag(FLAGS_contexts))) {
     const eval::Trace trace = BreakdownTrace(static_cast<uint32_t>(c));
     for (double b : ParseList(absl::GetFlag(FLAGS_budgets))) {
-      std::printf("== decode step, context %u, budget %u\n", static_cast<uint32_t>(c),
-                  static_cast<uint32_t>(b));
-      std::fflush(stdout);
-      const StepRow r = RunBreakdown(daemon->socket(), mode, trace, static_cast<uint32_t>(c),
-                                     static_cast<uint32_t>(b));
-      std::printf(
-          "  build %.2f s | sparse: select %.1f + fetch %.1f + attention %.1f = %.1f us "
-          "(hit rate %.2f, %u tokens/head) | full attention %.1f us (total %.1f) | "
-          "full/sparse %.2fx, full/(fetch+attention) %.2fx\n",
-          r.build_s, r.select_us, r.fetch_us, r.attention_us, r.sparse_total_us, r.hit_rate,
-          r.attended_per_head, r.full_attention_us, r.full_total_us,
-          r.full_total_us / r.sparse_total_us, r.full_attention_us / (r.fetch_us + r.attention_us));
-      rows.push_back(r);
+      for (const std::string& cfg : configs) {
+        std::printf("== decode step, context %u, budget %u, %s\n", static_cast<uint32_t>(c),
+                    static_cast<uint32_t>(b), cfg.c_str());
+        std::fflush(stdout);
+        StepRow r = RunBreakdown(
+            cfg == "paper" ? paper->socket() : daemon->socket(), mode, trace,
+            static_cast<uint32_t>(c), static_cast<uint32_t>(b),
+            cfg == "default" ? std::nullopt : std::optional<TailEstimate>(TailEstimate::kNone));
+        r.config = cfg;
+        std::printf(
+            "  build %.2f s | sparse: select %.1f + fetch %.1f + attention %.1f = %.1f us "
+            "(hit rate %.2f, %u tokens/head) | full attention %.1f us (total %.1f) | "
+            "full/sparse %.2fx, full/(fetch+attention) %.2fx\n",
+            r.build_s, r.select_us, r.fetch_us, r.attention_us, r.sparse_total_us, r.hit_rate,
+            r.attended_per_head, r.full_attention_us, r.full_total_us,
+            r.full_total_us / r.sparse_total_us,
+            r.full_attention_us / (r.fetch_us + r.attention_us));
+        rows.push_back(r);
+      }
+      // Selection latency of each configuration against the paper's, same context and budget.
+      const StepRow* base_row = nullptr;
+      for (const StepRow& r : rows) {
+        if (r.context == c && r.budget == b && r.config == "paper") base_row = &r;
+      }
+      for (const StepRow& r : rows) {
+        if (base_row != nullptr && r.context == c && r.budget == b && r.config != "paper") {
+          std::printf("  select %s / paper: %.2fx\n", r.config.c_str(),
+                      r.select_us / base_row->select_us);
+        }
+      }
     }
   }
 
@@ -413,7 +454,8 @@ int main(int argc, char** argv) {
        << "  \"steps\": " << absl::GetFlag(FLAGS_steps) << ",\n  \"breakdown\": [";
   for (size_t i = 0; i < rows.size(); ++i) {
     const StepRow& r = rows[i];
-    json << (i ? "," : "") << "\n    {\"context\": " << r.context << ", \"budget\": " << r.budget
+    json << (i ? "," : "") << "\n    {\"config\": \"" << r.config
+         << "\", \"context\": " << r.context << ", \"budget\": " << r.budget
          << ", \"build_s\": " << r.build_s << ", \"select_us\": " << r.select_us
          << ", \"fetch_us\": " << r.fetch_us << ", \"attention_us\": " << r.attention_us
          << ", \"sparse_total_us\": " << r.sparse_total_us

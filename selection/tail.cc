@@ -103,16 +103,8 @@ void TailPartials(TailMode mode, const float* queries, uint32_t group, uint32_t 
     for (uint32_t p = 0; p < pages; ++p) {
       if (counts[p] == 0 || (skip != nullptr && skip[p] != 0)) continue;
       const float* m = summaries + p * stride;
-      float dot = 0, var = 0;
-      for (uint32_t i = 0; i < dim; ++i) dot += q[i] * m[i];
-      float s = std::log(static_cast<float>(counts[p])) + scale * dot;
-      if (mode == TailMode::kMeanVariance) {
-        const float* v = m + dim;
-        for (uint32_t i = 0; i < dim; ++i) var += q[i] * q[i] * v[i];
-        s += std::min(0.5f * scale * scale * var, kTailVarianceCap);
-      }
-      logits[p] = s;
-      mx = std::max(mx, s);
+      logits[p] = TailLogit(mode, q, dim, scale, PageSummaryView{counts[p], m, m + dim, nullptr});
+      mx = std::max(mx, logits[p]);
     }
     if (mx == -std::numeric_limits<float>::infinity()) continue;
     double sum = 0;

@@ -7,6 +7,7 @@
 
 #include <atomic>
 #include <cmath>
+#include <limits>
 #include <set>
 #include <string>
 #include <thread>
@@ -227,6 +228,18 @@ TEST_F(DaemonTest, BadRequestsGetTheirCodeAndChangeNothing) {
       s, GrpcStatusIs(grpc::StatusCode::INVALID_ARGUMENT, HasSubstr("geometry.budget_tokens")));
   (void)Create(SmallGeometry(), std::string(300, 'x'), &s);
   EXPECT_THAT(s, GrpcStatusIs(grpc::StatusCode::INVALID_ARGUMENT, HasSubstr("label")));
+  g = SmallGeometry();
+  g.set_tail_estimate(static_cast<v1::TailEstimate>(9));  // a value this server does not know
+  (void)Create(g, "", &s);
+  EXPECT_THAT(s, GrpcStatusIs(grpc::StatusCode::INVALID_ARGUMENT,
+                              HasSubstr("geometry.tail_estimate must be NONE, MEAN or MEAN_VAR")));
+  for (float bad : {0.0f, -0.125f, std::numeric_limits<float>::quiet_NaN()}) {
+    g = SmallGeometry();
+    g.set_softmax_scale(bad);
+    (void)Create(g, "", &s);
+    EXPECT_THAT(s, GrpcStatusIs(grpc::StatusCode::INVALID_ARGUMENT,
+                                HasSubstr("geometry.softmax_scale must be finite")));
+  }
 
   // 1 GiB limit: as many 32k-token sequences as their promise allows fit, the next does not.
   absl::StatusOr<v1::Sequence> big = Create(SmallGeometry(32768), "big");
