@@ -507,8 +507,14 @@ TEST_F(SecurityTest, KeysChangedAfterSubmitNeverReachTheIndex) {
     ++accepted;
     // Every key in every page the daemon selects is finite.
     std::vector<float> q(w.kv_heads * w.group * w.head_dim, 0.5f);
-    absl::StatusOr<std::vector<abi::SelectedPageRef>> pages =
-        (*a)->Select(h, 0, q.data(), q.size(), 1000);
+    // The answer: 1000 references per KV head, then the tail partials (the daemon's default
+    // tail estimate; abi.h).
+    absl::StatusOr<uint32_t> submitted = (*a)->SubmitSelect(h, 0, q.data(), q.size(), 1000);
+    ASSERT_TRUE(submitted.ok()) << submitted.status();
+    std::vector<float> tail;
+    absl::StatusOr<std::vector<abi::SelectedPageRef>> pages = (*a)->FinishSelect(
+        *submitted, uint64_t{w.kv_heads} * 1000,
+        uint64_t{w.kv_heads} * w.group * abi::TailPartialFloats(w.head_dim), &tail);
     ASSERT_TRUE(pages.ok()) << pages.status();
     for (const abi::SelectedPageRef& p : *pages) {
       if (p.segment == abi::kNoSegment) continue;
