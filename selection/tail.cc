@@ -89,38 +89,6 @@ void AddTail(TailMode mode, const float* q, uint32_t dim, float scale,
   }
 }
 
-void TailPartials(TailMode mode, const float* queries, uint32_t group, uint32_t dim, float scale,
-                  const float* summaries, const uint32_t* counts, uint32_t pages,
-                  const uint8_t* skip, float* out) {
-  const uint64_t stride = uint64_t{kSummaryVectors} * dim;
-  std::vector<float> logits(pages);
-  for (uint32_t j = 0; j < group; ++j) {
-    const float* q = queries + uint64_t{j} * dim;
-    float* o = out + uint64_t{j} * (2 + dim);
-    std::fill(o, o + 2 + dim, 0.0f);
-    if (mode == TailMode::kNone) continue;
-    float mx = -std::numeric_limits<float>::infinity();
-    for (uint32_t p = 0; p < pages; ++p) {
-      if (counts[p] == 0 || (skip != nullptr && skip[p] != 0)) continue;
-      const float* m = summaries + p * stride;
-      logits[p] = TailLogit(mode, q, dim, scale, PageSummaryView{counts[p], m, m + dim, nullptr});
-      mx = std::max(mx, logits[p]);
-    }
-    if (mx == -std::numeric_limits<float>::infinity()) continue;
-    double sum = 0;
-    float* acc = o + 2;
-    for (uint32_t p = 0; p < pages; ++p) {
-      if (counts[p] == 0 || (skip != nullptr && skip[p] != 0)) continue;
-      const float w = std::exp(logits[p] - mx);
-      sum += w;
-      const float* value = summaries + p * stride + 2 * uint64_t{dim};
-      for (uint32_t i = 0; i < dim; ++i) acc[i] += w * value[i];
-    }
-    o[0] = mx;
-    o[1] = static_cast<float>(sum);
-  }
-}
-
 void MergeTail(const float* tail, float fetched_max, float fetched_sum, uint32_t dim, float* out) {
   const float tail_sum = tail[1];
   if (!(tail_sum > 0)) return;

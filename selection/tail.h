@@ -79,15 +79,6 @@ void AddTail(TailMode mode, const float* q, uint32_t dim, float scale,
 // A page summary as the daemon stores it: [3][dim] floats, mean key, key variance, mean value.
 inline constexpr uint32_t kSummaryVectors = 3;
 
-// The tail partials of `group` queries ([group][dim]) over `pages` summaries ([pages][3][dim],
-// kSummaryVectors layout) with token counts counts[pages]: pages whose count is 0 or whose
-// skip byte is non-zero (skip may be null) are left out. out: [group][2 + dim] in the layout of
-// abi::TailPartialFloats (max, sum, acc[dim]); sum 0 when no page counts. kNone writes empty
-// partials.
-void TailPartials(TailMode mode, const float* queries, uint32_t group, uint32_t dim, float scale,
-                  const float* summaries, const uint32_t* counts, uint32_t pages,
-                  const uint8_t* skip, float* out);
-
 // Merges a tail partial (max, sum, acc[dim]) into `out` [dim], the attention output normalised
 // over the fetched tokens whose own max logit and sum of exp(s - max) were fetched_max and
 // fetched_sum. An empty partial (sum 0) leaves out unchanged; fetched_sum 0 (nothing fetched)

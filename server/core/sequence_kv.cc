@@ -4,6 +4,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <numeric>
 
 #include "absl/container/flat_hash_map.h"
@@ -12,6 +13,7 @@
 #include "common/log.h"
 #include "common/status_macros.h"
 #include "server/index/exact_oracle.h"
+#include "server/index/simd.h"
 
 namespace icecache {
 namespace {
@@ -239,6 +241,60 @@ HeadWriter::Tagging MakeTagging(uint64_t owner, std::atomic<uint64_t>* in_place,
   t.batch_positions = batch_positions;
   t.in_place = in_place;
   return t;
+}
+
+// The tail partials of `group` queries ([group][dim]) over a head's page summaries
+// ([pages][selection::kSummaryVectors][dim] fp32) with token counts counts[pages] (0: left
+// out, e.g. a selected page), into out [group][2 + dim] (abi.h "Tail estimate"). The logit of
+// a page is selection::TailLogit's; the dot products run through the index's SIMD kernels
+// (each summary row read once for the whole group).
+void TailPartials(selection::TailMode mode, const float* queries, uint32_t group, uint32_t dim,
+                  float scale, const float* summaries, const uint32_t* counts, uint32_t pages,
+                  float* out) {
+  std::fill(out, out + uint64_t{group} * (2 + dim), 0.0f);
+  if (mode == selection::TailMode::kNone || pages == 0) return;
+  const uint64_t stride = uint64_t{selection::kSummaryVectors} * dim * sizeof(float);
+  std::vector<float> dots(uint64_t{group} * pages), vars;
+  index::DotStridedMulti(queries, group, summaries, stride, pages, index::ElemType::kF32, dim,
+                         dots.data(), pages);
+  if (mode == selection::TailMode::kMeanVariance) {
+    std::vector<float> q2(uint64_t{group} * dim);
+    for (uint64_t i = 0; i < q2.size(); ++i) q2[i] = queries[i] * queries[i];
+    vars.resize(dots.size());
+    index::DotStridedMulti(q2.data(), group, summaries + dim, stride, pages, index::ElemType::kF32,
+                           dim, vars.data(), pages);
+  }
+  std::vector<float> logs(pages);
+  for (uint32_t p = 0; p < pages; ++p) {
+    logs[p] = counts[p] == 0 ? 0.0f : std::log(static_cast<float>(counts[p]));
+  }
+  for (uint32_t j = 0; j < group; ++j) {
+    float* logit = &dots[uint64_t{j} * pages];
+    float mx = -std::numeric_limits<float>::infinity();
+    for (uint32_t p = 0; p < pages; ++p) {
+      if (counts[p] == 0) continue;
+      float s = logs[p] + scale * logit[p];
+      if (!vars.empty()) {
+        s += std::min(0.5f * scale * scale * vars[uint64_t{j} * pages + p],
+                      selection::kTailVarianceCap);
+      }
+      logit[p] = s;
+      mx = std::max(mx, s);
+    }
+    if (mx == -std::numeric_limits<float>::infinity()) continue;
+    float* o = out + uint64_t{j} * (2 + dim);
+    float* acc = o + 2;
+    double sum = 0;
+    for (uint32_t p = 0; p < pages; ++p) {
+      if (counts[p] == 0) continue;
+      const float w = std::exp(logit[p] - mx);
+      sum += w;
+      const float* value = summaries + uint64_t{p} * selection::kSummaryVectors * dim + 2 * dim;
+      for (uint32_t i = 0; i < dim; ++i) acc[i] += w * value[i];
+    }
+    o[0] = mx;
+    o[1] = static_cast<float>(sum);
+  }
 }
 
 }  // namespace
@@ -502,9 +558,9 @@ absl::StatusOr<uint32_t> SequenceKv::Select(uint32_t layer, const float* queries
       }
       const uint32_t pages = static_cast<uint32_t>(
           std::min<uint64_t>(counts.size(), head.summaries.size() / (3ull * d)));
-      selection::TailPartials(geometry_.tail, queries + uint64_t{h} * group * d, group, d,
-                              geometry_.softmax_scale, head.summaries.data(), counts.data(), pages,
-                              nullptr, tail->data() + uint64_t{h} * group * (2 + d));
+      TailPartials(geometry_.tail, queries + uint64_t{h} * group * d, group, d,
+                   geometry_.softmax_scale, head.summaries.data(), counts.data(), pages,
+                   tail->data() + uint64_t{h} * group * (2 + d));
     }
   });
   for (const absl::Status& s : status) {
