@@ -13,6 +13,7 @@
 #include "common/status_macros.h"
 #include "icecache/attachment.h"
 #include "selection/budget.h"
+#include "selection/tail.h"
 
 namespace icecache {
 
@@ -57,16 +58,17 @@ const char* SelectionModeName(SelectionMode mode) {
   return mode == SelectionMode::kAsync ? "async" : "sync";
 }
 
+// The public enum mirrors selection::TailMode value for value; its names are the one list.
+static_assert(static_cast<int>(TailEstimate::kNone) ==
+                  static_cast<int>(selection::TailMode::kNone) &&
+              static_cast<int>(TailEstimate::kMean) ==
+                  static_cast<int>(selection::TailMode::kMean) &&
+              static_cast<int>(TailEstimate::kMeanVariance) ==
+                  static_cast<int>(selection::TailMode::kMeanVariance));
+
 const char* TailEstimateName(TailEstimate estimate) {
-  switch (estimate) {
-    case TailEstimate::kNone:
-      return "none";
-    case TailEstimate::kMean:
-      return "mean";
-    case TailEstimate::kMeanVariance:
-      return "mean-var";
-  }
-  return "unknown";
+  // TailModeName returns views of string literals: NUL-terminated.
+  return selection::TailModeName(static_cast<selection::TailMode>(estimate)).data();
 }
 
 // The public geometry's share of the budget split (selection/budget.h owns the formula).

@@ -43,6 +43,18 @@ class SequenceKvTest : public ::testing::Test {
     so.group_size = 2;
     so.num_queries = 2;
     trace_ = eval::GenerateSynthetic(so);
+    geometry_ = *ResolveGeometry(Spec());
+    ArenaOptions ao;
+    ao.slots = 8;
+    ao.slot_payload = 4096;
+    ao.page_segment_bytes = 1 << 20;
+    arena_ = std::shared_ptr<Arena>(*Arena::Create(1, ao, 256 << 20, &global_, nullptr));
+    kv_ = std::make_unique<SequenceKv>(geometry_, *selection::Preset(selection::kPaperPreset),
+                                       arena_, &pool_, &observer_);
+  }
+
+  // The fixture's geometry: 3 layers (the first full-KV), 4 query / 2 KV heads of 64, fp16.
+  static GeometrySpec Spec() {
     GeometrySpec spec;
     spec.num_layers = 3;
     spec.num_q_heads = 4;
@@ -51,14 +63,7 @@ class SequenceKvTest : public ::testing::Test {
     spec.dtype = DType::kFP16;
     spec.max_tokens = 2000;
     spec.full_kv_layers = 1;
-    geometry_ = *ResolveGeometry(spec);
-    ArenaOptions ao;
-    ao.slots = 8;
-    ao.slot_payload = 4096;
-    ao.page_segment_bytes = 1 << 20;
-    arena_ = std::shared_ptr<Arena>(*Arena::Create(1, ao, 256 << 20, &global_, nullptr));
-    kv_ = std::make_unique<SequenceKv>(geometry_, *selection::Preset(selection::kPaperPreset),
-                                       arena_, &pool_, &observer_);
+    return spec;
   }
 
   // K then V rows [head][n][64] of tokens [begin, begin + n) of `layer` of the trace.
@@ -327,14 +332,7 @@ TEST_F(SequenceKvTest, TailPartialsAreEmptyWhenEverythingIsSelectedOrTheEstimate
   ASSERT_EQ(tail.size(), 4u * 66);
   for (uint32_t j = 0; j < 4; ++j) EXPECT_EQ(tail[j * 66 + 1], 0.0f) << j;
 
-  GeometrySpec spec;
-  spec.num_layers = 3;
-  spec.num_q_heads = 4;
-  spec.num_kv_heads = 2;
-  spec.head_dim = 64;
-  spec.dtype = DType::kFP16;
-  spec.max_tokens = 2000;
-  spec.full_kv_layers = 1;
+  GeometrySpec spec = Spec();
   spec.tail = selection::TailMode::kNone;
   SequenceKv off(*ResolveGeometry(spec), *selection::Preset(selection::kPaperPreset), arena_,
                  &pool_, nullptr);
