@@ -45,35 +45,44 @@ void InMemoryPages::Apply(const LayoutChange& change, const RowView& keys, const
     ++allocated_count_;
   }
   const uint64_t row = layout_.row_bytes();
-  // Read every existing source first (parallel assignment), then write.
-  std::vector<uint8_t> staged;
-  staged.resize(change.writes.size() * row * (with_values_ ? 2 : 1));
+  // Rows moved within the store are read first (the moves are a parallel assignment); rows
+  // of the batch are copied straight in.
+  std::vector<uint64_t> staged_at(change.writes.size(), ~uint64_t{0});
+  uint64_t n_staged = 0;
+  for (size_t i = 0; i < change.writes.size(); ++i) {
+    if (change.writes[i].src.kind == SlotSource::Kind::kExisting) staged_at[i] = n_staged++;
+  }
+  std::vector<uint8_t> staged(n_staged * row * (with_values_ ? 2 : 1));
   for (size_t i = 0; i < change.writes.size(); ++i) {
     const SlotWrite& w = change.writes[i];
-    uint8_t* k_dst = staged.data() + i * row;
-    uint8_t* v_dst = with_values_ ? staged.data() + (change.writes.size() + i) * row : nullptr;
-    if (w.src.kind == SlotSource::Kind::kExisting) {
-      ICECACHE_CHECK(allocated(w.src.page)) << "source page " << w.src.page << " not allocated";
-      std::memcpy(k_dst, Frame(w.src.page) + layout_.k_offset(w.src.slot), row);
-      if (v_dst) std::memcpy(v_dst, Frame(w.src.page) + layout_.v_offset(w.src.slot), row);
-    } else {
-      ICECACHE_CHECK(w.src.batch_row < keys.rows) << "batch row " << w.src.batch_row;
-      std::memcpy(k_dst, keys.row(w.src.batch_row), row);
-      if (v_dst) {
-        ICECACHE_CHECK(values != nullptr) << "store holds values but the batch has none";
-        std::memcpy(v_dst, values->row(w.src.batch_row), row);
-      }
+    if (w.src.kind != SlotSource::Kind::kExisting) continue;
+    ICECACHE_CHECK(allocated(w.src.page)) << "source page " << w.src.page << " not allocated";
+    std::memcpy(staged.data() + staged_at[i] * row,
+                Frame(w.src.page) + layout_.k_offset(w.src.slot), row);
+    if (with_values_) {
+      std::memcpy(staged.data() + (n_staged + staged_at[i]) * row,
+                  Frame(w.src.page) + layout_.v_offset(w.src.slot), row);
     }
   }
   for (size_t i = 0; i < change.writes.size(); ++i) {
     const SlotWrite& w = change.writes[i];
     ICECACHE_CHECK(allocated(w.page) && w.slot < layout_.page_size)
         << "write to page " << w.page << " slot " << w.slot;
-    std::memcpy(Frame(w.page) + layout_.k_offset(w.slot), staged.data() + i * row, row);
-    if (with_values_) {
-      std::memcpy(Frame(w.page) + layout_.v_offset(w.slot),
-                  staged.data() + (change.writes.size() + i) * row, row);
+    const uint8_t* k_src;
+    const uint8_t* v_src = nullptr;
+    if (w.src.kind == SlotSource::Kind::kExisting) {
+      k_src = staged.data() + staged_at[i] * row;
+      if (with_values_) v_src = staged.data() + (n_staged + staged_at[i]) * row;
+    } else {
+      ICECACHE_CHECK(w.src.batch_row < keys.rows) << "batch row " << w.src.batch_row;
+      k_src = static_cast<const uint8_t*>(keys.row(w.src.batch_row));
+      if (with_values_) {
+        ICECACHE_CHECK(values != nullptr) << "store holds values but the batch has none";
+        v_src = static_cast<const uint8_t*>(values->row(w.src.batch_row));
+      }
     }
+    std::memcpy(Frame(w.page) + layout_.k_offset(w.slot), k_src, row);
+    if (with_values_) std::memcpy(Frame(w.page) + layout_.v_offset(w.slot), v_src, row);
   }
   for (const PageFill& f : change.changed) {
     ICECACHE_CHECK(allocated(f.page) && f.valid <= layout_.page_size) << "fill of page " << f.page;

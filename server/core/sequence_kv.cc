@@ -145,21 +145,24 @@ class HeadWriter final : public index::PageWriter {
       tagging_.in_place->fetch_add(1, std::memory_order_relaxed);
     }
     const uint64_t row = layout_.row_bytes();
-    // Parallel assignment: read every existing source (row and position) before any write.
-    std::vector<uint8_t> staged(c.writes.size() * row * 2);
+    // Parallel assignment: every existing source (row and position) is read before any
+    // write; rows of the batch (outside the arena) are copied straight from it.
+    std::vector<uint64_t> staged_at(c.writes.size(), ~uint64_t{0});
+    uint64_t n_staged = 0;
+    for (size_t i = 0; i < c.writes.size(); ++i) {
+      if (c.writes[i].src.kind == index::SlotSource::Kind::kExisting) staged_at[i] = n_staged++;
+    }
+    std::vector<uint8_t> staged(n_staged * row * 2);
     std::vector<uint32_t> staged_positions(c.writes.size());
     for (size_t i = 0; i < c.writes.size(); ++i) {
       const index::SlotWrite& w = c.writes[i];
-      uint8_t* k = staged.data() + 2 * i * row;
-      uint8_t* v = k + row;
       if (w.src.kind == index::SlotSource::Kind::kExisting) {
+        uint8_t* k = staged.data() + 2 * staged_at[i] * row;
         const uint8_t* frame = arena_->FrameAddress((*table_)[w.src.page]);
         std::memcpy(k, frame + layout_.k_offset(w.src.slot), row);
-        std::memcpy(v, frame + layout_.v_offset(w.src.slot), row);
+        std::memcpy(k + row, frame + layout_.v_offset(w.src.slot), row);
         staged_positions[i] = (*positions_)[uint64_t{w.src.page} * ps + w.src.slot];
       } else {
-        std::memcpy(k, k_rows_ + uint64_t{w.src.batch_row} * row, row);
-        std::memcpy(v, v_rows_ + uint64_t{w.src.batch_row} * row, row);
         staged_positions[i] = tagging_.batch_positions[w.src.batch_row];
       }
     }
@@ -190,8 +193,12 @@ class HeadWriter final : public index::PageWriter {
     for (size_t i = 0; i < c.writes.size(); ++i) {
       const index::SlotWrite& w = c.writes[i];
       uint8_t* frame = arena_->FrameAddress(target.at(w.page));
-      std::memcpy(frame + layout_.k_offset(w.slot), staged.data() + 2 * i * row, row);
-      std::memcpy(frame + layout_.v_offset(w.slot), staged.data() + (2 * i + 1) * row, row);
+      const bool existing = w.src.kind == index::SlotSource::Kind::kExisting;
+      const uint8_t* k = existing ? staged.data() + 2 * staged_at[i] * row
+                                  : k_rows_ + uint64_t{w.src.batch_row} * row;
+      const uint8_t* v = existing ? k + row : v_rows_ + uint64_t{w.src.batch_row} * row;
+      std::memcpy(frame + layout_.k_offset(w.slot), k, row);
+      std::memcpy(frame + layout_.v_offset(w.slot), v, row);
       (*positions_)[uint64_t{w.page} * ps + w.slot] = staged_positions[i];
     }
     for (const index::PageFill& f : c.changed) {

@@ -9,6 +9,7 @@
 #include <random>
 
 #include "absl/strings/str_cat.h"
+#include "absl/types/span.h"
 #include "common/log.h"
 #include "server/index/simd.h"
 #include "server/index/sketch.h"
@@ -167,8 +168,15 @@ struct DciTree::Impl {
   // cache instead of striding through the whole prompt. Freed when Build ends.
   std::vector<uint8_t> upper_keys;
   std::vector<uint32_t> upper_row;  // token -> row in upper_keys, or kNone
-  std::vector<float> lifted_rows;   // parent_beam: the upper tokens' lifted fp32 rows
-  uint32_t lifted_w = 0;
+  // parent_beam (BeamLayoutBegin): the upper tokens' keys and lifted coordinates in cell order,
+  // the token of each row, each row's children as a row range, the row of each upper token
+  // (by upper_row), the root's rows.
+  std::vector<uint8_t> beam_rows;
+  std::vector<float> beam_lift;
+  std::vector<uint32_t> beam_tok;
+  std::vector<std::pair<uint32_t, uint32_t>> beam_child;  // [row]: its children's rows
+  std::vector<uint32_t> beam_row_of;                      // [upper_row]: row, or kNone
+  std::pair<uint32_t, uint32_t> root_rows{0, 0};
   const KeyBatch* batch = nullptr;
   uint32_t batch_begin = 0;
   const std::atomic<bool>* cancel_flag = nullptr;                    // of the Build in progress
@@ -384,11 +392,8 @@ struct DciTree::Impl {
     Cell& c = cells[cid];
     const uint32_t d = g.dim;
     ToFloat(KeyPtr(c.tok[i]), g.elem_type, d, x);
-    double e2 = 0;
-    for (uint32_t k = 0; k < d; ++k) {
-      x[k] -= ref[k];
-      e2 += double(x[k]) * x[k];
-    }
+    for (uint32_t k = 0; k < d; ++k) x[k] -= ref[k];
+    const float e2 = SquaredNorm(x, ElemType::kF32, d);  // within ~1e-6 relative
     // Rounded up: the bound must hold for the scores the kernels compute.
     const float r = static_cast<float>(std::sqrt(e2)) * (1.0f + 1e-5f) + 1e-6f;
     cell_radius[cid] = std::max(cell_radius[cid], r);
@@ -396,6 +401,12 @@ struct DciTree::Impl {
       std::vector<float>& buf = SketchBuffer();
       c.fac[i] = FloatToHalf(sketch->Encode(x, code, buf.data()));
     }
+  }
+
+  std::vector<uint8_t>& CodeBuffer() const {
+    thread_local std::vector<uint8_t> buf;
+    if (buf.size() < sketch->code_bytes()) buf.resize(sketch->code_bytes());
+    return buf;
   }
 
   std::vector<float>& SketchBuffer() const {
@@ -426,30 +437,27 @@ struct DciTree::Impl {
       MemberResidual(cid, idx, ref.data(), x.data(), nullptr);
       return;
     }
-    // The packed codes of the n - 1 old members, unpacked with a gap at idx, repacked.
-    const uint32_t cb = sketch->code_bytes();
+    // The new member's code goes in place into the packed codes of the n - 1 old members.
     const uint32_t n = static_cast<uint32_t>(c.tok.size());
-    uint8_t* rows = RowCodes(n);
-    UnpackSketchCodes(c.code.data(), n - 1, sketch->bits(), rows);
-    std::copy_backward(rows + uint64_t{idx} * cb, rows + uint64_t{n - 1} * cb,
-                       rows + uint64_t{n} * cb);
+    std::vector<uint8_t>& code = CodeBuffer();
     c.fac.insert(c.fac.begin() + idx, uint16_t{0});
-    MemberResidual(cid, idx, ref.data(), x.data(), rows + uint64_t{idx} * cb);
-    PackCell(c, rows);
+    MemberResidual(cid, idx, ref.data(), x.data(), code.data());
+    const uint64_t bytes = PackedSketchBytes(n, sketch->bits());
+    if (c.code.size() < bytes) {
+      if (c.code.capacity() < bytes) c.code.reserve(bytes);  // a block (16 keys) at a time
+      c.code.resize(bytes, 0);
+    }
+    InsertPackedSketchCode(c.code.data(), n, sketch->bits(), idx, code.data());
   }
 
   // Member idx of cell cid was just erased from tok (the radius stays a valid bound).
   void RemoveMember(uint32_t cid, uint32_t idx) {
     if (!sketching) return;
     Cell& c = cells[cid];
-    const uint32_t cb = sketch->code_bytes();
     const uint32_t n = static_cast<uint32_t>(c.tok.size());  // after the erase
-    uint8_t* rows = RowCodes(n + 1);
-    UnpackSketchCodes(c.code.data(), n + 1, sketch->bits(), rows);
-    std::copy(rows + uint64_t{idx + 1} * cb, rows + uint64_t{n + 1} * cb,
-              rows + uint64_t{idx} * cb);
+    ErasePackedSketchCode(c.code.data(), n + 1, sketch->bits(), idx);
+    c.code.resize(PackedSketchBytes(n, sketch->bits()));
     c.fac.erase(c.fac.begin() + idx);
-    PackCell(c, rows);
   }
 
   // Lays the cell's tokens (already sorted) into ceil(n / page_size) pages of even fill,
@@ -770,7 +778,7 @@ struct DciTree::Impl {
       ExactParents(kids, parents, parent_of);
       return;
     }
-    if (o.parent_beam > 0 && !lifted_rows.empty()) {
+    if (o.parent_beam > 0 && !beam_tok.empty()) {
       BeamParents(kids, l, parent_of);
       return;
     }
@@ -787,61 +795,111 @@ struct DciTree::Impl {
     }
   }
 
-  // Build only: the lifted fp32 rows T(k) = [k, sqrt(M - |k|^2), 0...] of every token on
-  // levels >= 1 (row upper_row[t], lifted_w floats), for the beam parent search.
-  void PrepareLifted(const std::vector<uint32_t>& upper) {
-    lifted_w = (g.dim + 1 + 7) / 8 * 8;
-    lifted_rows.assign(uint64_t{lifted_w} * upper.size(), 0.f);
-    for (uint32_t t : upper) {
-      float* r = lifted_rows.data() + uint64_t{upper_row[t]} * lifted_w;
-      ToFloat(KeyPtr(t), g.elem_type, g.dim, r);
-      r[g.dim] = Lift(t);
+  // Build only (parent_beam): the keys of the tokens on levels >= 1 (as stored) and their
+  // lifted coordinates sqrt(M - |k|^2), laid out cell after cell (the root's tokens first,
+  // then the children of each upper token contiguously, appended as each level's cells are
+  // made), so that scoring the children of a beam token is one pass over consecutive rows.
+  void BeamLayoutBegin(const std::vector<uint32_t>& root_tokens) {
+    beam_rows.clear();
+    beam_lift.clear();
+    beam_tok.clear();
+    beam_row_of.assign(upper_keys.size() / row_bytes, kNone);
+    beam_child.clear();
+    root_rows = BeamAppend(root_tokens);
+  }
+
+  // Appends the rows of `members`; returns their row range.
+  std::pair<uint32_t, uint32_t> BeamAppend(absl::Span<const uint32_t> members) {
+    const uint32_t begin = static_cast<uint32_t>(beam_tok.size());
+    beam_rows.resize(row_bytes * (begin + members.size()));
+    for (size_t i = 0; i < members.size(); ++i) {
+      std::memcpy(beam_rows.data() + row_bytes * (begin + i), KeyPtr(members[i]), row_bytes);
+      beam_lift.push_back(Lift(members[i]));
+      if (upper_row[members[i]] != kNone) beam_row_of[upper_row[members[i]]] = begin + i;
+      beam_tok.push_back(members[i]);
+      beam_child.push_back({0, 0});
     }
+    return {begin, static_cast<uint32_t>(beam_tok.size())};
   }
 
   // The build's parent search with parent_beam: each kid descends from the root cell, keeping
-  // the parent_beam best tokens (lifted inner product) of each level and scoring every child
-  // of theirs on the next, down to level l + 1, whose best scored token is its parent.
+  // the parent_beam best tokens (lifted inner product; ties to the lower token) of each level
+  // and scoring every child of theirs on the next, down to level l + 1, whose best scored
+  // token is its parent. Where no beam token has children, the next best ones are taken
+  // until one has.
   void BeamParents(const std::vector<uint32_t>& kids, int l,
                    std::vector<uint32_t>* parent_of) const {
-    const uint32_t w = lifted_w, beam = o.parent_beam;
+    const uint32_t beam = o.parent_beam;
     parent_of->resize(kids.size());
-    std::vector<float> x(w, 0.f), scores;
-    std::vector<uint32_t> cand, next;
-    std::vector<const void*> rows;
-    std::vector<std::pair<float, uint32_t>> ranked;
+    std::vector<float> x(g.dim), scores;
+    std::vector<uint32_t> rows;  // rows (into beam_rows) scored on the current level
+    std::vector<std::pair<uint32_t, uint32_t>> ranges, next;
+    std::vector<float> top_s(beam);
+    std::vector<uint32_t> top_r(beam);  // the beam: rows, best first
+    auto better = [&](float sa, uint32_t ra, float sb, uint32_t rb) {
+      return sa > sb || (sa == sb && beam_tok[ra] < beam_tok[rb]);
+    };
     for (size_t i = 0; i < kids.size(); ++i) {
       if (i % 256 == 0 && Cancelled()) return;  // the caller sees it after the level
       ToFloat(KeyPtr(kids[i]), g.elem_type, g.dim, x.data());
-      x[g.dim] = Lift(kids[i]);
-      cand = cells[root_cell].tok;
+      const float lift = Lift(kids[i]);
+      ranges.assign(1, root_rows);
       for (int lvl = top;; --lvl) {
-        const uint32_t n = static_cast<uint32_t>(cand.size());
-        rows.resize(n);
+        uint32_t n = 0;
+        for (const auto& [b, e] : ranges) n += e - b;
         scores.resize(n);
-        for (uint32_t j = 0; j < n; ++j)
-          rows[j] = lifted_rows.data() + uint64_t{upper_row[cand[j]]} * w;
-        DotGather(x.data(), rows.data(), n, ElemType::kF32, w, scores.data());
-        ranked.resize(n);
-        for (uint32_t j = 0; j < n; ++j) ranked[j] = {scores[j], cand[j]};
-        auto better = [](const std::pair<float, uint32_t>& a, const std::pair<float, uint32_t>& b) {
-          return a.first > b.first || (a.first == b.first && a.second < b.second);
-        };
+        rows.resize(n);
+        uint32_t at = 0;
+        for (const auto& [b, e] : ranges) {
+          DotStrided(x.data(), beam_rows.data() + row_bytes * b, row_bytes, e - b, g.elem_type,
+                     g.dim, scores.data() + at);
+          for (uint32_t r = b; r < e; ++r) {
+            scores[at] += lift * beam_lift[r];
+            rows[at++] = r;
+          }
+        }
         if (lvl == l + 1) {
-          (*parent_of)[i] = std::min_element(ranked.begin(), ranked.end(), better)->second;
+          uint32_t best = 0;
+          for (uint32_t j = 1; j < n; ++j) {
+            if (better(scores[j], rows[j], scores[best], rows[best])) best = j;
+          }
+          (*parent_of)[i] = beam_tok[rows[best]];
           break;
         }
-        std::sort(ranked.begin(), ranked.end(), better);
-        // The children of the beam; past it, of the next best, until some child is found.
+        // The beam: the `beam` best rows, kept sorted by insertion.
+        uint32_t kept = 0;
+        for (uint32_t j = 0; j < n; ++j) {
+          if (kept == beam && !better(scores[j], rows[j], top_s[kept - 1], top_r[kept - 1])) {
+            continue;
+          }
+          uint32_t p = kept < beam ? kept++ : beam - 1;
+          while (p > 0 && better(scores[j], rows[j], top_s[p - 1], top_r[p - 1])) {
+            top_s[p] = top_s[p - 1];
+            top_r[p] = top_r[p - 1];
+            --p;
+          }
+          top_s[p] = scores[j];
+          top_r[p] = rows[j];
+        }
         next.clear();
-        for (size_t j = 0; j < ranked.size() && (j < beam || next.empty()); ++j) {
-          auto it = child_cell.find(ranked[j].second);
-          if (it == child_cell.end()) continue;
-          const std::vector<uint32_t>& kids_of = cells[it->second].tok;
-          next.insert(next.end(), kids_of.begin(), kids_of.end());
+        for (uint32_t j = 0; j < kept; ++j) {
+          const auto& kr = beam_child[top_r[j]];
+          if (kr.second > kr.first) next.push_back(kr);
+        }
+        if (next.empty()) {
+          // No beam token has children: the rest in rank order, until one has.
+          std::vector<uint32_t> order(n);
+          for (uint32_t j = 0; j < n; ++j) order[j] = j;
+          std::sort(order.begin(), order.end(), [&](uint32_t a, uint32_t b) {
+            return better(scores[a], rows[a], scores[b], rows[b]);
+          });
+          for (uint32_t j = kept; j < n && next.empty(); ++j) {
+            const auto& kr = beam_child[rows[order[j]]];
+            if (kr.second > kr.first) next.push_back(kr);
+          }
         }
         ICECACHE_CHECK(!next.empty()) << "no child below level " << lvl;
-        cand.swap(next);
+        ranges.swap(next);
       }
     }
   }
@@ -939,21 +997,19 @@ struct DciTree::Impl {
     }
     for (int l = 1; l <= top; ++l) level_tokens[l] = by_level[l];
     upper_row.assign(n, kNone);
-    std::vector<uint32_t> upper;
     for (int l = 1; l <= top; ++l) {
       for (uint32_t t : by_level[l]) {
         upper_row[t] = static_cast<uint32_t>(upper_keys.size() / row_bytes);
-        upper.push_back(t);
         const uint8_t* src = static_cast<const uint8_t*>(b.keys.row(t));
         upper_keys.insert(upper_keys.end(), src, src + row_bytes);
       }
     }
-    if (o.parent_beam > 0) PrepareLifted(upper);
+    if (o.parent_beam > 0) BeamLayoutBegin(by_level[top]);
 
     // Root cell: the top level, projected and sorted.
     root_cell = NewCell(kNone, top);
     std::vector<uint32_t> cell_order = {root_cell};
-    auto fill_cell = [&](uint32_t cid, const std::vector<uint32_t>& members) {
+    auto fill_cell = [&](uint32_t cid, absl::Span<const uint32_t> members) {
       Cell& c = cells[cid];
       c.max_sq = 0;
       for (uint32_t t : members) c.max_sq = std::max(c.max_sq, sq[t]);
@@ -974,6 +1030,7 @@ struct DciTree::Impl {
     // Parents level by level, top-down; each level's cells exist before the next one's
     // parents are searched through them.
     std::vector<uint32_t> parent_of;
+    std::vector<uint32_t> parent_index(top > 0 ? n : 0, kNone);  // token -> index in parents
     for (int l = top - 1; l >= 0; --l) {
       const std::vector<uint32_t>& kids = by_level[l];
       const std::vector<uint32_t>& parents = by_level[l + 1];
@@ -986,15 +1043,27 @@ struct DciTree::Impl {
         cancel_flag = nullptr;
         return absl::CancelledError("the index build was cancelled");
       }
-      // Group children by parent, in the parents' token order.
-      absl::flat_hash_map<uint32_t, std::vector<uint32_t>> groups;
-      for (size_t i = 0; i < kids.size(); ++i) groups[parent_of[i]].push_back(kids[i]);
-      for (uint32_t p : parents) {
-        auto it = groups.find(p);
-        if (it == groups.end()) continue;
+      // Group children by parent (a counting sort, kids in their order), in the parents'
+      // token order.
+      for (uint32_t j = 0; j < parents.size(); ++j) parent_index[parents[j]] = j;
+      std::vector<uint32_t> start(parents.size() + 1, 0), grouped(kids.size());
+      for (size_t i = 0; i < kids.size(); ++i) ++start[parent_index[parent_of[i]] + 1];
+      for (size_t j = 0; j < parents.size(); ++j) start[j + 1] += start[j];
+      {
+        std::vector<uint32_t> at(start.begin(), start.end() - 1);
+        for (size_t i = 0; i < kids.size(); ++i)
+          grouped[at[parent_index[parent_of[i]]]++] = kids[i];
+      }
+      for (uint32_t j = 0; j < parents.size(); ++j) {
+        if (start[j + 1] == start[j]) continue;
+        const absl::Span<const uint32_t> members(grouped.data() + start[j],
+                                                 start[j + 1] - start[j]);
+        const uint32_t p = parents[j];
         const uint32_t cid = NewCell(p, l);
-        fill_cell(cid, it->second);
+        fill_cell(cid, members);
         cell_order.push_back(cid);
+        if (o.parent_beam > 0 && l >= 1)
+          beam_child[beam_row_of[upper_row[p]]] = BeamAppend(members);
       }
     }
     if (cell_refs) {
@@ -1008,7 +1077,11 @@ struct DciTree::Impl {
     }
     std::vector<uint8_t>().swap(upper_keys);
     std::vector<uint32_t>().swap(upper_row);
-    std::vector<float>().swap(lifted_rows);
+    std::vector<uint8_t>().swap(beam_rows);
+    std::vector<float>().swap(beam_lift);
+    std::vector<uint32_t>().swap(beam_tok);
+    std::vector<std::pair<uint32_t, uint32_t>>().swap(beam_child);
+    std::vector<uint32_t>().swap(beam_row_of);
     // Pages: cell after cell, so that a cluster's pages have consecutive ids.
     for (uint32_t cid : cell_order) ChunkCell(cid);
     EmitChange(writer);
@@ -1106,6 +1179,10 @@ struct DciTree::Impl {
         auto own = child_cell.find(t);
         tcell = own != child_cell.end() ? own->second : NewCell(t, l - 1);
       }
+      // Largest norm first: the cell's max_sq is then set by the first insert, and the others
+      // do not each re-project the whole cell.
+      std::stable_sort(moving.begin(), moving.end(),
+                       [&](uint32_t a, uint32_t b) { return sq[a] > sq[b]; });
       for (uint32_t c : moving) {
         CellRemove(wcell, c);
         CellInsert(tcell, c);

@@ -68,6 +68,38 @@ void ToFloatScalar(const void* row, ElemType type, uint32_t dim, float* dst) {
   for (uint32_t i = 0; i < dim; ++i) dst[i] = LoadScalar(row, type, i);
 }
 
+void SignedFwhtScalar(const float* x, const float* signs, uint32_t dim, uint32_t n, float scale,
+                      float* y) {
+  for (uint32_t i = 0; i < dim; ++i) y[i] = x[i] * signs[i];
+  for (uint32_t i = dim; i < n; ++i) y[i] = 0.f;
+  for (uint32_t h = 1; h < n; h *= 2) {
+    for (uint32_t i = 0; i < n; i += 2 * h) {
+      for (uint32_t j = i; j < i + h; ++j) {
+        const float a = y[j], b = y[j + h];
+        y[j] = a + b;
+        y[j + h] = a - b;
+      }
+    }
+  }
+  for (uint32_t i = 0; i < n; ++i) y[i] *= scale;
+}
+
+void SignCodeScalar(const float* y, uint32_t n, uint8_t* code, float* l1, float* sq) {
+  float a = 0, b = 0;
+  for (uint32_t i = 0; i < n; i += 8) {
+    uint8_t byte = 0;
+    for (uint32_t j = 0; j < 8; ++j) {
+      const float v = y[i + j];
+      byte |= static_cast<uint8_t>(v > 0) << j;
+      a += std::fabs(v);
+      b += v * v;
+    }
+    code[i / 8] = byte;
+  }
+  *l1 = a;
+  *sq = b;
+}
+
 // ---------------------------------------------------------------- AVX2 + FMA + F16C
 #define ICECACHE_AVX2 __attribute__((target("avx2,fma,f16c")))
 
@@ -125,6 +157,54 @@ ICECACHE_AVX2 float DotAvx2(const float* x, const void* row, ElemType type, uint
       return DotAvx2T<ElemType::kBF16>(x, row, dim);
   }
   return 0;
+}
+
+// Butterflies within 8 lanes (h = 1, 2, 4) use the lanes' partner p: the lower element of a
+// pair gets y + p (= a + b), the upper p - y (= a - b), as the scalar transform computes them.
+ICECACHE_AVX2 void SignedFwhtAvx2(const float* x, const float* signs, uint32_t dim, uint32_t n,
+                                  float scale, float* y) {
+  uint32_t i = 0;
+  for (; i + 8 <= dim; i += 8) {
+    _mm256_storeu_ps(y + i, _mm256_mul_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(signs + i)));
+  }
+  for (; i < dim; ++i) y[i] = x[i] * signs[i];
+  for (; i < n; ++i) y[i] = 0.f;
+  for (uint32_t j = 0; j < n; j += 8) {
+    __m256 v = _mm256_loadu_ps(y + j);
+    __m256 p = _mm256_permute_ps(v, 0xB1);  // pairs swapped
+    v = _mm256_blend_ps(_mm256_add_ps(v, p), _mm256_sub_ps(p, v), 0xAA);
+    p = _mm256_permute_ps(v, 0x4E);  // 64-bit halves of each 128-bit lane swapped
+    v = _mm256_blend_ps(_mm256_add_ps(v, p), _mm256_sub_ps(p, v), 0xCC);
+    p = _mm256_permute2f128_ps(v, v, 0x01);  // 128-bit lanes swapped
+    v = _mm256_blend_ps(_mm256_add_ps(v, p), _mm256_sub_ps(p, v), 0xF0);
+    _mm256_storeu_ps(y + j, v);
+  }
+  for (uint32_t h = 8; h < n; h *= 2) {
+    for (uint32_t b = 0; b < n; b += 2 * h) {
+      for (uint32_t j = b; j < b + h; j += 8) {
+        const __m256 lo = _mm256_loadu_ps(y + j), hi = _mm256_loadu_ps(y + j + h);
+        _mm256_storeu_ps(y + j, _mm256_add_ps(lo, hi));
+        _mm256_storeu_ps(y + j + h, _mm256_sub_ps(lo, hi));
+      }
+    }
+  }
+  const __m256 s = _mm256_set1_ps(scale);
+  for (uint32_t j = 0; j < n; j += 8)
+    _mm256_storeu_ps(y + j, _mm256_mul_ps(_mm256_loadu_ps(y + j), s));
+}
+
+ICECACHE_AVX2 void SignCodeAvx2(const float* y, uint32_t n, uint8_t* code, float* l1, float* sq) {
+  const __m256 zero = _mm256_setzero_ps();
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  __m256 a = zero, b = zero;
+  for (uint32_t i = 0; i < n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(y + i);
+    code[i / 8] = static_cast<uint8_t>(_mm256_movemask_ps(_mm256_cmp_ps(v, zero, _CMP_GT_OQ)));
+    a = _mm256_add_ps(a, _mm256_and_ps(v, abs_mask));
+    b = _mm256_fmadd_ps(v, v, b);
+  }
+  *l1 = HorizontalSum(a);
+  *sq = HorizontalSum(b);
 }
 
 template <ElemType kType>
@@ -1001,6 +1081,38 @@ void UnpackSketchCodes(const uint8_t* packed, uint32_t n, uint32_t bits, uint8_t
   }
 }
 
+void InsertPackedSketchCode(uint8_t* packed, uint32_t n, uint32_t bits, uint32_t idx,
+                            const uint8_t* code) {
+  constexpr uint32_t kB = kSketchBlockKeys;
+  const uint32_t bytes = bits / 8, first = idx / kB, last = (n - 1) / kB;
+  const uint64_t block = uint64_t{bits} * 2;
+  // Last block first: a block's lane 15 moves to lane 0 of the next one before that block is
+  // itself shifted.
+  for (uint32_t b = last + 1; b-- > first;) {
+    const uint32_t lo = b == first ? idx % kB : 0;
+    for (uint32_t p = 0; p < bytes; ++p) {
+      uint8_t* row = packed + b * block + p * kB;
+      const uint8_t in = b == first ? code[p] : packed[(b - 1) * block + p * kB + kB - 1];
+      std::memmove(row + lo + 1, row + lo, kB - 1 - lo);
+      row[lo] = in;
+    }
+  }
+}
+
+void ErasePackedSketchCode(uint8_t* packed, uint32_t n, uint32_t bits, uint32_t idx) {
+  constexpr uint32_t kB = kSketchBlockKeys;
+  const uint32_t bytes = bits / 8, first = idx / kB, last = (n - 1) / kB;
+  const uint64_t block = uint64_t{bits} * 2;
+  for (uint32_t b = first; b <= last; ++b) {
+    const uint32_t lo = b == first ? idx % kB : 0;
+    for (uint32_t p = 0; p < bytes; ++p) {
+      uint8_t* row = packed + b * block + p * kB;
+      std::memmove(row + lo, row + lo + 1, kB - 1 - lo);
+      row[kB - 1] = b < last ? packed[(b + 1) * block + p * kB] : 0;
+    }
+  }
+}
+
 void BuildSketchLuts(const int8_t* q8, uint32_t bits, uint8_t* luts, int32_t* bias) {
   int32_t total = 0;
   for (uint32_t g = 0; g < bits / 4; ++g) {
@@ -1073,6 +1185,17 @@ float SquaredNorm(const void* row, ElemType type, uint32_t dim) {
 void ToFloat(const void* row, ElemType type, uint32_t dim, float* dst) {
   if (UseAvx2()) return ToFloatAvx2(row, type, dim, dst);
   ToFloatScalar(row, type, dim, dst);
+}
+
+void SignedFwht(const float* x, const float* signs, uint32_t dim, uint32_t n, float scale,
+                float* y) {
+  if (UseAvx2() && n >= 8) return SignedFwhtAvx2(x, signs, dim, n, scale, y);
+  SignedFwhtScalar(x, signs, dim, n, scale, y);
+}
+
+void SignCode(const float* y, uint32_t n, uint8_t* code, float* l1, float* sq) {
+  if (UseAvx2()) return SignCodeAvx2(y, n, code, l1, sq);
+  SignCodeScalar(y, n, code, l1, sq);
 }
 
 }  // namespace icecache::index

@@ -84,6 +84,14 @@ inline uint64_t PackedSketchBytes(uint32_t n, uint32_t bits) {
 // Row-major codes[n][bits / 8] -> packed[PackedSketchBytes(n, bits)], and back.
 void PackSketchCodes(const uint8_t* codes, uint32_t n, uint32_t bits, uint8_t* packed);
 void UnpackSketchCodes(const uint8_t* packed, uint32_t n, uint32_t bits, uint8_t* codes);
+// In place, O(bytes after idx): a code inserted as key idx of n (keys idx.. move up one; packed
+// holds PackedSketchBytes(n, bits) bytes, the padding after key n - 1 zero before and after),
+// and key idx of n erased (keys after it move down; the freed lane is zeroed; the caller may
+// then shrink packed to PackedSketchBytes(n - 1, bits)). Equal to unpacking, inserting or
+// erasing the row, and packing again.
+void InsertPackedSketchCode(uint8_t* packed, uint32_t n, uint32_t bits, uint32_t idx,
+                            const uint8_t* code);
+void ErasePackedSketchCode(uint8_t* packed, uint32_t n, uint32_t bits, uint32_t idx);
 // Per-query lookup tables of the fast-scan kernel: for each 4-bit group g of the code (bits
 // 4g..4g+3) and nibble v, the table entry of (g, v) is (sum of q8[4g + i] over the bits i set
 // in v) - (sum of the negative q8[4g + i]), in [0, 4 * kSketchLutQueryMax]; *bias = the sum
@@ -117,6 +125,17 @@ uint32_t SketchEstimatesAbove(const int32_t* dots, const uint16_t* fac, uint32_t
 void ExpInPlace(float* x, uint32_t n);
 // |row|^2.
 float SquaredNorm(const void* row, ElemType type, uint32_t dim);
+
+// The sketch's rotation (sketch.h): y[i] = x[i] * signs[i] for i < dim, 0 up to n, then the
+// in-place fast Walsh-Hadamard transform of y[n] (n a power of two, at least 8), then
+// y *= scale. Only additions, subtractions and products, element by element in the same
+// order at every level: the results are bit-identical at every level.
+void SignedFwht(const float* x, const float* signs, uint32_t dim, uint32_t n, float scale,
+                float* y);
+// The 1-bit code of y[n] (n a multiple of 8): bit i % 8 of code[i / 8] is set where y[i] > 0
+// (bit-identical at every level); returns sum |y[i]| and sum y[i]^2 (float lanes, within
+// float rounding of the float64 sums).
+void SignCode(const float* y, uint32_t n, uint8_t* code, float* l1, float* sq);
 // dst[0..dim) = row as fp32.
 void ToFloat(const void* row, ElemType type, uint32_t dim, float* dst);
 

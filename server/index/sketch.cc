@@ -21,33 +21,14 @@ ResidualSketch::ResidualSketch(uint32_t dim, uint64_t seed) : dim_(dim) {
 }
 
 void ResidualSketch::Rotate(const float* x, float* y) const {
-  for (uint32_t i = 0; i < dim_; ++i) y[i] = x[i] * signs_[i];
-  std::fill(y + dim_, y + bits_, 0.f);
-  // In-place fast Walsh-Hadamard transform.
-  for (uint32_t h = 1; h < bits_; h *= 2) {
-    for (uint32_t i = 0; i < bits_; i += 2 * h) {
-      for (uint32_t j = i; j < i + h; ++j) {
-        const float a = y[j], b = y[j + h];
-        y[j] = a + b;
-        y[j + h] = a - b;
-      }
-    }
-  }
-  const float norm = 1.0f / std::sqrt(static_cast<float>(bits_));
-  for (uint32_t i = 0; i < bits_; ++i) y[i] *= norm;
+  SignedFwht(x, signs_.data(), dim_, bits_, 1.0f / std::sqrt(static_cast<float>(bits_)), y);
 }
 
 float ResidualSketch::Encode(const float* e, uint8_t* code, float* scratch) const {
   Rotate(e, scratch);
-  std::memset(code, 0, code_bytes());
-  double l1 = 0, sq = 0;
-  for (uint32_t i = 0; i < bits_; ++i) {
-    const float v = scratch[i];
-    if (v > 0) code[i / 8] |= static_cast<uint8_t>(1u << (i % 8));
-    l1 += std::fabs(v);
-    sq += double(v) * v;
-  }
-  return l1 > 0 ? static_cast<float>(sq / l1) : 0.f;
+  float l1 = 0, sq = 0;
+  SignCode(scratch, bits_, code, &l1, &sq);
+  return l1 > 0 ? sq / l1 : 0.f;
 }
 
 void ResidualSketch::Prepare(const float* q, Query* out, float* scratch) const {

@@ -241,6 +241,45 @@ TEST(SketchFastScan, PackedLayoutRoundTrips) {
 }
 
 // The tables: entry (g, v) minus the bias share of g is the sum of q8 under v's bits.
+// Inserting or erasing one code in the packed layout, in place, gives exactly the bytes that
+// unpacking, editing the rows and packing again gives (padding included), at every position,
+// across block boundaries and when the edit adds or frees a block.
+TEST(SketchFastScan, InPlaceInsertAndEraseEqualRepacking) {
+  std::mt19937 rng(5);
+  for (uint32_t bits : {64u, 128u, 256u}) {
+    const uint32_t cb = bits / 8;
+    for (uint32_t n : {1u, 2u, 15u, 16u, 17u, 31u, 32u, 33u, 50u}) {
+      std::vector<uint8_t> rows(uint64_t{n} * cb);
+      for (uint8_t& b : rows) b = static_cast<uint8_t>(rng());
+      std::vector<uint8_t> packed(PackedSketchBytes(n, bits));
+      PackSketchCodes(rows.data(), n, bits, packed.data());
+      for (uint32_t idx = 0; idx <= n; ++idx) {
+        std::vector<uint8_t> code(cb);
+        for (uint8_t& b : code) b = static_cast<uint8_t>(rng());
+        std::vector<uint8_t> want_rows = rows;
+        want_rows.insert(want_rows.begin() + uint64_t{idx} * cb, code.begin(), code.end());
+        std::vector<uint8_t> want(PackedSketchBytes(n + 1, bits));
+        PackSketchCodes(want_rows.data(), n + 1, bits, want.data());
+        std::vector<uint8_t> got = packed;
+        got.resize(PackedSketchBytes(n + 1, bits), 0);
+        InsertPackedSketchCode(got.data(), n + 1, bits, idx, code.data());
+        ASSERT_EQ(got, want) << "insert bits " << bits << " n " << n << " idx " << idx;
+      }
+      for (uint32_t idx = 0; idx < n; ++idx) {
+        std::vector<uint8_t> want_rows = rows;
+        want_rows.erase(want_rows.begin() + uint64_t{idx} * cb,
+                        want_rows.begin() + uint64_t{idx + 1} * cb);
+        std::vector<uint8_t> want(PackedSketchBytes(n - 1, bits));
+        PackSketchCodes(want_rows.data(), n - 1, bits, want.data());
+        std::vector<uint8_t> got = packed;
+        ErasePackedSketchCode(got.data(), n, bits, idx);
+        got.resize(PackedSketchBytes(n - 1, bits));
+        ASSERT_EQ(got, want) << "erase bits " << bits << " n " << n << " idx " << idx;
+      }
+    }
+  }
+}
+
 TEST(SketchFastScan, TablesHoldTheGroupSums) {
   std::vector<int8_t> q8(64);
   for (int i = 0; i < 64; ++i) q8[i] = static_cast<int8_t>((i * 37) % 127 - 63);
@@ -322,6 +361,73 @@ TEST(SimdLevels, Avx2MultiDotsMatchScalar) {
 TEST(SimdLevels, Avx512MultiDotsMatchScalar) {
   if (!SimdLevelSupported(SimdLevel::kAvx512)) GTEST_SKIP() << "this CPU has no AVX-512 F+BW";
   ExpectMultiDotsMatchScalar(SimdLevel::kAvx512);
+}
+
+// The sketch's rotation: against a float64 Walsh-Hadamard transform (H[i][j] = (-1)^popcount(i
+// & j)), and bit-identical between the scalar and the AVX2 level (the codes of a key must not
+// depend on the machine that built them), for dims below, at and not at a power of two.
+TEST(SketchRotation, SignedFwhtMatchesFloat64AndIsBitIdenticalAcrossLevels) {
+  std::mt19937 rng(7);
+  std::normal_distribution<float> normal(0.f, 1.5f);
+  for (const auto& [dim, n] :
+       {std::pair{5u, 8u}, {64u, 64u}, {96u, 128u}, {128u, 128u}, {200u, 256u}, {256u, 256u}}) {
+    std::vector<float> x(dim), signs(n);
+    for (float& v : x) v = normal(rng);
+    for (float& s : signs) s = (rng() & 1) ? 1.f : -1.f;
+    const float scale = 1.0f / std::sqrt(static_cast<float>(n));
+    std::vector<float> scalar(n), avx2(n);
+    SetSimdLevel(SimdLevel::kScalar);
+    SignedFwht(x.data(), signs.data(), dim, n, scale, scalar.data());
+    for (uint32_t i = 0; i < n; ++i) {
+      double ref = 0;
+      for (uint32_t j = 0; j < dim; ++j) {
+        ref += (__builtin_popcount(i & j) % 2 ? -1.0 : 1.0) * double(x[j]) * signs[j];
+      }
+      ref *= scale;
+      EXPECT_NEAR(scalar[i], ref, 1e-5 * std::sqrt(double(dim)) * 4) << dim << " " << i;
+    }
+    if (SimdLevelSupported(SimdLevel::kAvx2)) {
+      SetSimdLevel(SimdLevel::kAvx2);
+      SignedFwht(x.data(), signs.data(), dim, n, scale, avx2.data());
+      EXPECT_EQ(std::memcmp(scalar.data(), avx2.data(), n * sizeof(float)), 0) << "dim " << dim;
+    }
+    SetSimdLevel(DetectSimdLevel());
+  }
+}
+
+// SignCode: bit i % 8 of byte i / 8 set exactly where y[i] > 0 (0 and -0 are not), the same
+// bytes at every level, and the two sums within float rounding of float64.
+TEST(SketchRotation, SignCodeSetsThePositiveBitsAtEveryLevel) {
+  std::mt19937 rng(11);
+  std::normal_distribution<float> normal(0.f, 1.f);
+  for (uint32_t n : {8u, 64u, 256u}) {
+    std::vector<float> y(n);
+    for (float& v : y) v = normal(rng);
+    y[0] = 0.f;
+    y[n - 1] = -0.f;
+    y[1] = 1e-30f;
+    std::vector<uint8_t> want(n / 8, 0);
+    double l1 = 0, sq = 0;
+    for (uint32_t i = 0; i < n; ++i) {
+      if (y[i] > 0) want[i / 8] |= static_cast<uint8_t>(1u << (i % 8));
+      l1 += std::fabs(double(y[i]));
+      sq += double(y[i]) * y[i];
+    }
+    for (SimdLevel level : {SimdLevel::kScalar, SimdLevel::kAvx2}) {
+      if (!SimdLevelSupported(level)) continue;
+      SetSimdLevel(level);
+      std::vector<uint8_t> code(n / 8, 0xAB);
+      float got_l1 = -1, got_sq = -1;
+      SignCode(y.data(), n, code.data(), &got_l1, &got_sq);
+      EXPECT_EQ(code, want) << SimdLevelName(level) << " n " << n;
+      EXPECT_NEAR(got_l1, l1, 1e-5 * l1) << SimdLevelName(level);
+      EXPECT_NEAR(got_sq, sq, 1e-5 * sq) << SimdLevelName(level);
+      EXPECT_EQ(code[0] & 1, 0);             // y[0] == 0
+      EXPECT_EQ(code[0] & 2, 2);             // y[1] > 0
+      EXPECT_EQ(code[n / 8 - 1] & 0x80, 0);  // -0
+    }
+    SetSimdLevel(DetectSimdLevel());
+  }
 }
 
 // The sketch's estimate of q.e tracks the true value: unbiased over keys (mean error near 0)
