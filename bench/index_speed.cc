@@ -68,6 +68,8 @@ ABSL_FLAG(std::string, search, "", "DCI option: search mode descent, exact or sk
 ABSL_FLAG(std::string, slack, "", "DCI option: cell_bound_slack of the best-first search.");
 ABSL_FLAG(std::string, rescore, "", "DCI option: rescore_tokens of the sketch search.");
 ABSL_FLAG(std::string, parent_beam, "", "DCI option: parent_beam of the build (0: paper's).");
+ABSL_FLAG(std::string, reproject_growth, "",
+          "DCI option: norm growth (squared) before an insert re-projects a cell (1: paper's).");
 ABSL_FLAG(bool, scaled_query, false, "DCI option: scale the query projection.");
 ABSL_FLAG(std::string, retrieve_ratio, "", "DCI option: share of each expanded cell scored.");
 ABSL_FLAG(bool, joint, false, "DCI option: joint group search.");
@@ -336,6 +338,7 @@ bool ApplyOverrides(DciOptions* dci) {
   return num(absl::GetFlag(FLAGS_slack), "slack", &dci->cell_bound_slack) &&
          num(absl::GetFlag(FLAGS_rescore), "rescore", &dci->rescore_tokens) &&
          num(absl::GetFlag(FLAGS_parent_beam), "parent_beam", &dci->parent_beam) &&
+         num(absl::GetFlag(FLAGS_reproject_growth), "reproject_growth", &dci->reproject_growth) &&
          num(absl::GetFlag(FLAGS_retrieve_ratio), "retrieve_ratio", &dci->query_retrieve_ratio) &&
          num(absl::GetFlag(FLAGS_promotion_ratio_1), "promotion_ratio_1",
              &dci->promotion_ratio_1) &&
@@ -480,7 +483,9 @@ int main(int argc, char** argv) {
        << "\",\n  \"data\": \"" << data << "\",\n  \"simd\": \"" << SimdLevelName(ActiveSimdLevel())
        << "\",\n  \"dim\": " << absl::GetFlag(FLAGS_dim)
        << ",\n  \"group\": " << absl::GetFlag(FLAGS_group)
-       << ",\n  \"k\": " << absl::GetFlag(FLAGS_k) << ",\n  \"sizes\": [\n";
+       << ",\n  \"k\": " << absl::GetFlag(FLAGS_k)
+       << ",\n  \"build_reps\": " << absl::GetFlag(FLAGS_build_reps)
+       << ",\n  \"insert_pages\": " << absl::GetFlag(FLAGS_insert_pages) << ",\n  \"sizes\": [\n";
   for (size_t i = 0; i < results.size(); ++i) {
     const SizeResult& r = results[i];
     csv << r.tokens << ',' << r.build_s << ',' << r.build_tok_per_s << ',' << r.dci_us << ','

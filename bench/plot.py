@@ -8,6 +8,7 @@ RESULTS_DIR (whichever exist) and writes next to them:
     index_recall_vs_budget.png   attention recall against token budget, every method
     index_recall_by_layer.png    mean recall per layer at budget 256
     index_search_latency.png     search latency against context, DCI configs vs exact scan
+    index_build_rate.png         build throughput and insert p99 against context, with the goals
 and, from client_decode_<mode>.json and gpu_gather.json:
     client_decode_<mode>.png     decode-step breakdown (select, fetch, attention) against
                                  full attention, and the page-cache hit rate per step
@@ -125,6 +126,44 @@ def search_latency(out):
     ax2.set_title("Speed-up (the goal is 10x at 32k)")
     fig.tight_layout()
     fig.savefig(os.path.join(out, "index_search_latency.png"), dpi=120)
+
+
+def build_rate(out):
+    """Build throughput and insert p99 of the daemon's default (index_speed_fast.csv) and the
+    build before its speed-up, run right after it (index_speed_fast-before.csv), with the goals.
+    """
+    files = [os.path.join(out, f"index_speed_{c}.csv") for c in ("fast", "fast-before")]
+    files = [f for f in files if os.path.exists(f)]
+    if not files:
+        return
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 5))
+    for i, path in enumerate(files):
+        config = os.path.basename(path)[len("index_speed_"):-len(".csv")]
+        rows = read(path)
+        if not rows or "build_tokens_per_s" not in rows[0]:
+            continue
+        xs = [int(r["tokens"]) for r in rows]
+        ax.plot(xs, [float(r["build_tokens_per_s"]) / 1e3 for r in rows], marker="o",
+                color=f"C{i}", label=config)
+        ax2.plot(xs, [float(r["insert_us_p99"]) / 1e3 for r in rows], marker="o",
+                 color=f"C{i}", label=config)
+    goals = [(32768, 300), (131072, 150), (524288, 100)]
+    ax.scatter([g[0] for g in goals], [g[1] for g in goals], marker="_", s=400, color="black",
+               label="goal (tokens/s per core)", zorder=5)
+    ax2.axhline(1.0, color="black", linewidth=0.8, label="goal at 128k: 1 ms")
+    for a in (ax, ax2):
+        a.set_xscale("log", base=2)
+        a.set_xlabel("tokens per (layer, KV head)")
+        a.grid(alpha=0.3, which="both")
+        a.legend(fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel("build throughput, one core (thousand tokens/s)")
+    ax.set_title("Prompt build (median of the timed builds)")
+    ax2.set_yscale("log")
+    ax2.set_ylabel("insert of one 16-token page, p99 (ms)")
+    ax2.set_title("Insert latency after the build")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "index_build_rate.png"), dpi=120)
 
 
 def client_decode(out):
@@ -374,6 +413,7 @@ def main():
     recall_vs_budget(out)
     recall_by_layer(out)
     search_latency(out)
+    build_rate(out)
     client_decode(out)
     gpu_gather(out)
     model_quality(out)

@@ -502,8 +502,9 @@ struct DciTree::Impl {
   void CellInsert(uint32_t cid, uint32_t t) {
     {
       Cell& c = cells[cid];
-      if (sq[t] > c.max_sq || c.page_ids.empty()) {
-        c.max_sq = std::max(c.max_sq, sq[t]);
+      if (sq[t] > c.max_sq * o.reproject_growth || c.page_ids.empty()) {
+        c.max_sq = sq[t];
+        for (uint32_t m : c.tok) c.max_sq = std::max(c.max_sq, sq[m]);
         ReserveFor(c.proj, c.proj.size() + 1);
         ReserveFor(c.tok, c.tok.size() + 1);
         c.proj.push_back(0);

@@ -630,6 +630,26 @@ TEST_F(DciTreeTest, BeamBuildKeepsTheInvariantsAndMostExactParents) {
   ExpectPagesHoldTheirTokens(3008 + (9000 - 3008) / 16 * 16);
 }
 
+// reproject_growth: a member whose norm exceeds its cell's bound by less than the factor is
+// placed without re-projecting the cell. The tree keeps every invariant and every token, and
+// the inserts rewrite fewer page slots than re-projecting at every new largest norm does.
+TEST_F(DciTreeTest, ReprojectGrowthKeepsTheInvariantsAndRewritesLess) {
+  uint64_t slots[2] = {0, 0};
+  for (int relaxed = 0; relaxed < 2; ++relaxed) {
+    data_ = MakeHead(9000);
+    DciOptions o = BestFirst(DciOptions::SearchMode::kBestFirstSketch, 0.4f, 64);
+    o.parent_beam = 8;
+    o.reproject_growth = relaxed ? 1.25f : 1.0f;
+    BuildOn(3008, o);
+    for (uint32_t begin = 3008; begin + 16 <= 9000; begin += 16) {
+      slots[relaxed] += InsertPage(begin).writes.size();
+    }
+    ASSERT_OK(tree_->CheckInvariants());
+    ExpectPagesHoldTheirTokens(3008 + (9000 - 3008) / 16 * 16);
+  }
+  EXPECT_LT(slots[1], slots[0]) << "relaxed " << slots[1] << " paper " << slots[0];
+}
+
 TEST_F(DciTreeTest, SketchMetadataStaysUnderATenthOfTheKvBytes) {
   data_ = MakeHead(20000 + 64 * 16, 128);
   DciOptions o = BestFirst(DciOptions::SearchMode::kBestFirstSketch, 0.35f, 64);
