@@ -1157,23 +1157,28 @@ struct DciTree::Impl {
     const int l = level[t];
     std::vector<Cand> near;
     NearestOnLevel(t, l, o.reparent_neighbors, InsertFov(), InsertRatio(), &near);
-    std::vector<float> tx(g.dim), wx(g.dim);
-    ToFloat(KeyPtr(t), g.elem_type, g.dim, tx.data());
+    // tw: t's key then w's, so that each member's row is read once for both.
+    std::vector<float> tw(2 * uint64_t{g.dim}), dots;
+    std::vector<const void*> rows;
+    ToFloat(KeyPtr(t), g.elem_type, g.dim, tw.data());
     const float tl = Lift(t);
     uint32_t tcell = kNone;
     for (const Cand& w : near) {
       auto it = child_cell.find(w.tok);
       if (it == child_cell.end()) continue;
       const uint32_t wcell = it->second;
-      ToFloat(KeyPtr(w.tok), g.elem_type, g.dim, wx.data());
+      ToFloat(KeyPtr(w.tok), g.elem_type, g.dim, tw.data() + g.dim);
       const float wl = Lift(w.tok);
+      const std::vector<uint32_t>& members = cells[wcell].tok;
+      const uint32_t n = static_cast<uint32_t>(members.size());
+      rows.resize(n);
+      dots.resize(2 * uint64_t{n});
+      for (uint32_t i = 0; i < n; ++i) rows[i] = KeyPtr(members[i]);
+      DotGatherMulti(tw.data(), 2, rows.data(), n, g.elem_type, g.dim, dots.data(), n);
       std::vector<uint32_t> moving;
-      for (uint32_t c : cells[wcell].tok) {
-        const void* row = KeyPtr(c);
-        const float cl = Lift(c);
-        const float to_t = Dot(tx.data(), row, g.elem_type, g.dim) + tl * cl;
-        const float to_w = Dot(wx.data(), row, g.elem_type, g.dim) + wl * cl;
-        if (to_t > to_w) moving.push_back(c);
+      for (uint32_t i = 0; i < n; ++i) {
+        const float cl = Lift(members[i]);
+        if (dots[i] + tl * cl > dots[n + i] + wl * cl) moving.push_back(members[i]);
       }
       if (moving.empty()) continue;
       if (tcell == kNone) {
