@@ -8,6 +8,7 @@
 #include <numeric>
 #include <random>
 
+#include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_cat.h"
 #include "absl/types/span.h"
 #include "common/log.h"
@@ -615,6 +616,81 @@ struct DciTree::Impl {
     }
   }
 
+  // Removes the members `gone` (distinct, all in cell cid) in one pass: O(cell) in all, where
+  // CellRemove is O(cell) per member. In each page the remaining members keep slots
+  // [0, valid): those above the new fill move into the holes; emptied pages are freed.
+  void CellRemoveMany(uint32_t cid, const std::vector<uint32_t>& gone) {
+    if (gone.empty()) return;
+    const absl::flat_hash_set<uint32_t> out(gone.begin(), gone.end());
+    Cell& c = cells[cid];
+    const uint32_t n = static_cast<uint32_t>(c.tok.size());
+    std::vector<uint8_t> keep(n, 1);
+    std::vector<uint32_t> ids, ends, holes, movers;
+    uint32_t kept = 0;
+    for (size_t j = 0; j < c.page_ids.size(); ++j) {
+      const uint32_t p = c.page_ids[j];
+      const uint32_t a = c.PageStart(j), b = c.page_end[j];
+      uint32_t removed = 0;
+      for (uint32_t i = a; i < b; ++i) {
+        if (out.contains(c.tok[i])) {
+          keep[i] = 0;
+          ++removed;
+        }
+      }
+      if (removed > 0) {
+        ICECACHE_CHECK(pages[p].valid == b - a) << "page " << p << " is not its run";
+        const uint32_t fill = b - a - removed;
+        holes.clear();
+        movers.clear();
+        for (uint32_t i = a; i < b; ++i) {
+          const uint32_t t = c.tok[i];
+          if (!keep[i]) {
+            if (slot_of[t] < fill) holes.push_back(slot_of[t]);
+            DetachLoc(t);
+          } else if (slot_of[t] >= fill) {
+            movers.push_back(t);
+          }
+        }
+        ICECACHE_CHECK(holes.size() == movers.size()) << "page " << p << " slots out of step";
+        for (size_t k = 0; k < movers.size(); ++k) SetLoc(movers[k], p, holes[k]);
+        pages[p].valid = fill;
+        MarkChanged(p);
+        if (fill == 0) {
+          FreePage(p);
+          continue;
+        }
+      }
+      kept += b - a - removed;
+      ids.push_back(p);
+      ends.push_back(kept);
+    }
+    c.page_ids.swap(ids);
+    c.page_end.swap(ends);
+    uint8_t* rows = nullptr;
+    const uint32_t cb = sketching ? sketch->code_bytes() : 0;
+    if (sketching) {
+      rows = RowCodes(n);
+      UnpackSketchCodes(c.code.data(), n, sketch->bits(), rows);
+    }
+    uint32_t w = 0;
+    for (uint32_t i = 0; i < n; ++i) {
+      if (!keep[i]) continue;
+      c.tok[w] = c.tok[i];
+      c.proj[w] = c.proj[i];
+      if (sketching) {
+        c.fac[w] = c.fac[i];
+        if (w != i) std::memcpy(rows + uint64_t{w} * cb, rows + uint64_t{i} * cb, cb);
+      }
+      ++w;
+    }
+    c.tok.resize(w);
+    c.proj.resize(w);
+    if (sketching) {
+      c.fac.resize(w);
+      PackCell(c, rows);
+    }
+  }
+
   // ------------------------------------------------------------------ scoring and descent
   // Scores the `ratio` share (at least `want`) of cell c closest to the probe in projection;
   // appends candidates and, when `scratch_pages`, records each page's best score.
@@ -1189,10 +1265,8 @@ struct DciTree::Impl {
       // do not each re-project the whole cell.
       std::stable_sort(moving.begin(), moving.end(),
                        [&](uint32_t a, uint32_t b) { return sq[a] > sq[b]; });
-      for (uint32_t c : moving) {
-        CellRemove(wcell, c);
-        CellInsert(tcell, c);
-      }
+      CellRemoveMany(wcell, moving);
+      for (uint32_t c : moving) CellInsert(tcell, c);
     }
   }
 
