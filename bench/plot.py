@@ -129,10 +129,11 @@ def search_latency(out):
 
 
 def build_rate(out):
-    """Build throughput and insert p99 of the daemon's default (index_speed_fast.csv) and the
-    build before its speed-up, run right after it (index_speed_fast-before.csv), with the goals.
-    """
-    files = [os.path.join(out, f"index_speed_{c}.csv") for c in ("fast", "fast-before")]
+    """Build throughput and insert p99 of the daemon's default (index_speed_fast.csv), and of
+    the same binary and the build before its speed-up on the same data, run one after the
+    other (index_speed_fast-pair.csv, index_speed_fast-before.csv), with the goals."""
+    configs = ("fast", "fast-pair", "fast-before")
+    files = [os.path.join(out, f"index_speed_{c}.csv") for c in configs]
     files = [f for f in files if os.path.exists(f)]
     if not files:
         return

@@ -45,10 +45,12 @@ echo "== machine: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores"
 stacks="32768,131072"
 [[ $sizes == "4096,32768" ]] && stacks="32768"
 echo "== index speed, the daemon's default preset (and the 8B-shaped stacks)"
-"$build/bench/index_speed" --sizes="$sizes" --stack=true --stack_tokens="$stacks" --out="$out"
+"$build/bench/index_speed" --sizes="$sizes" --stack=true --stack_tokens="$stacks" --build_reps=3 \
+  --insert_pages=1024 --out="$out"
 for config in paper all; do
   echo "== index speed, config $config"
-  "$build/bench/index_speed" --config="$config" --sizes="$sizes" --stack=false --out="$out"
+  "$build/bench/index_speed" --config="$config" --sizes="$sizes" --stack=false --insert_pages=1024 \
+    --out="$out"
 done
 index_trace=""
 for arg in "${quality_args[@]}"; do index_trace="${arg#--trace=}"; done
