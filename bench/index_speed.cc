@@ -335,19 +335,25 @@ bool ApplyOverrides(DciOptions* dci) {
     dci->page_score = DciOptions::PageScore::kSoftmaxMass;
     dci->group_merge = DciOptions::GroupMerge::kSumOfMass;
   }
-  return num(absl::GetFlag(FLAGS_slack), "slack", &dci->cell_bound_slack) &&
-         num(absl::GetFlag(FLAGS_rescore), "rescore", &dci->rescore_tokens) &&
-         num(absl::GetFlag(FLAGS_parent_beam), "parent_beam", &dci->parent_beam) &&
-         num(absl::GetFlag(FLAGS_reproject_growth), "reproject_growth", &dci->reproject_growth) &&
-         num(absl::GetFlag(FLAGS_retrieve_ratio), "retrieve_ratio", &dci->query_retrieve_ratio) &&
-         num(absl::GetFlag(FLAGS_promotion_ratio_1), "promotion_ratio_1",
-             &dci->promotion_ratio_1) &&
-         num(absl::GetFlag(FLAGS_min_fov), "min_fov", &dci->min_fov) &&
-         num(absl::GetFlag(FLAGS_fov_ratio), "fov_ratio", &dci->fov_ratio) &&
-         num(absl::GetFlag(FLAGS_exact_parent_max), "exact_parent_max", &dci->exact_parent_max) &&
-         num(absl::GetFlag(FLAGS_final_fov), "final_fov", &dci->final_fov) &&
-         num(absl::GetFlag(FLAGS_anchor_interval), "anchor_interval", &dci->anchor_interval) &&
-         num(absl::GetFlag(FLAGS_exact_below), "exact_below", &dci->exact_search_max_tokens);
+  const bool parsed =
+      num(absl::GetFlag(FLAGS_slack), "slack", &dci->cell_bound_slack) &&
+      num(absl::GetFlag(FLAGS_rescore), "rescore", &dci->rescore_tokens) &&
+      num(absl::GetFlag(FLAGS_parent_beam), "parent_beam", &dci->parent_beam) &&
+      num(absl::GetFlag(FLAGS_reproject_growth), "reproject_growth", &dci->reproject_growth) &&
+      num(absl::GetFlag(FLAGS_retrieve_ratio), "retrieve_ratio", &dci->query_retrieve_ratio) &&
+      num(absl::GetFlag(FLAGS_promotion_ratio_1), "promotion_ratio_1", &dci->promotion_ratio_1) &&
+      num(absl::GetFlag(FLAGS_min_fov), "min_fov", &dci->min_fov) &&
+      num(absl::GetFlag(FLAGS_fov_ratio), "fov_ratio", &dci->fov_ratio) &&
+      num(absl::GetFlag(FLAGS_exact_parent_max), "exact_parent_max", &dci->exact_parent_max) &&
+      num(absl::GetFlag(FLAGS_final_fov), "final_fov", &dci->final_fov) &&
+      num(absl::GetFlag(FLAGS_anchor_interval), "anchor_interval", &dci->anchor_interval) &&
+      num(absl::GetFlag(FLAGS_exact_below), "exact_below", &dci->exact_search_max_tokens);
+  if (parsed && !(std::isfinite(dci->reproject_growth) && dci->reproject_growth >= 1.0f)) {
+    std::fprintf(stderr, "--reproject_growth=%s: must be a finite number >= 1\n",
+                 absl::GetFlag(FLAGS_reproject_growth).c_str());
+    return false;
+  }
+  return parsed;
 }
 
 }  // namespace

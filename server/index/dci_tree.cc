@@ -451,16 +451,6 @@ struct DciTree::Impl {
     InsertPackedSketchCode(c.code.data(), n, sketch->bits(), idx, code.data());
   }
 
-  // Member idx of cell cid was just erased from tok (the radius stays a valid bound).
-  void RemoveMember(uint32_t cid, uint32_t idx) {
-    if (!sketching) return;
-    Cell& c = cells[cid];
-    const uint32_t n = static_cast<uint32_t>(c.tok.size());  // after the erase
-    ErasePackedSketchCode(c.code.data(), n + 1, sketch->bits(), idx);
-    c.code.resize(PackedSketchBytes(n, sketch->bits()));
-    c.fac.erase(c.fac.begin() + idx);
-  }
-
   // Lays the cell's tokens (already sorted) into ceil(n / page_size) pages of even fill,
   // reusing the cell's page ids and allocating or freeing the difference.
   void ChunkCell(uint32_t cid) {
@@ -582,42 +572,8 @@ struct DciTree::Impl {
     MarkChanged(q);
   }
 
-  // Removes token t from cell cid; its page compacts (the last slot fills the hole) and is
-  // freed when it empties.
-  void CellRemove(uint32_t cid, uint32_t t) {
-    Cell& c = cells[cid];
-    const size_t idx = std::find(c.tok.begin(), c.tok.end(), t) - c.tok.begin();
-    ICECACHE_CHECK(idx < c.tok.size()) << "token " << t << " not in its cell";
-    const size_t j =
-        std::upper_bound(c.page_end.begin(), c.page_end.end(), idx) - c.page_end.begin();
-    const uint32_t p = c.page_ids[j];
-    const uint32_t hole = slot_of[t];
-    const uint32_t last = pages[p].valid - 1;
-    c.proj.erase(c.proj.begin() + idx);
-    c.tok.erase(c.tok.begin() + idx);
-    RemoveMember(cid, static_cast<uint32_t>(idx));
-    for (size_t i = j; i < c.page_end.size(); ++i) --c.page_end[i];
-    DetachLoc(t);
-    if (hole != last) {
-      for (uint32_t i = c.PageStart(j); i < c.page_end[j]; ++i) {
-        const uint32_t v = c.tok[i];
-        if (page_of[v] == p && slot_of[v] == last) {
-          SetLoc(v, p, hole);
-          break;
-        }
-      }
-    }
-    --pages[p].valid;
-    MarkChanged(p);
-    if (pages[p].valid == 0) {
-      c.page_ids.erase(c.page_ids.begin() + j);
-      c.page_end.erase(c.page_end.begin() + j);
-      FreePage(p);
-    }
-  }
-
-  // Removes the members `gone` (distinct, all in cell cid) in one pass: O(cell) in all, where
-  // CellRemove is O(cell) per member. In each page the remaining members keep slots
+  // Removes the members `gone` (distinct, all in cell cid) in one pass, O(cell) in all (the
+  // radius stays a valid bound). In each page the remaining members keep slots
   // [0, valid): those above the new fill move into the holes; emptied pages are freed.
   void CellRemoveMany(uint32_t cid, const std::vector<uint32_t>& gone) {
     if (gone.empty()) return;

@@ -141,8 +141,8 @@ struct DciOptions {
   // Insert: a cell re-projects (re-sorts, re-chunks and re-centres every member) when a new
   // member's squared norm exceeds the bound its projections were computed with (M_c) times
   // this factor. Below that the member is placed with its lifted coordinate clamped to 0 and
-  // M_c stays; the re-projection that follows takes the largest norm of all members. 1 = at
-  // every new largest norm (the paper).
+  // M_c stays; the re-projection that follows takes the largest norm of all members. At least
+  // 1; 1 = at every new largest norm (the paper).
   float reproject_growth = 1.0f;
   // Seed of the projection direction (shared by every tree built with these options).
   uint64_t seed = 0x1CECAC4E;

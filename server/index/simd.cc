@@ -1099,20 +1099,6 @@ void InsertPackedSketchCode(uint8_t* packed, uint32_t n, uint32_t bits, uint32_t
   }
 }
 
-void ErasePackedSketchCode(uint8_t* packed, uint32_t n, uint32_t bits, uint32_t idx) {
-  constexpr uint32_t kB = kSketchBlockKeys;
-  const uint32_t bytes = bits / 8, first = idx / kB, last = (n - 1) / kB;
-  const uint64_t block = uint64_t{bits} * 2;
-  for (uint32_t b = first; b <= last; ++b) {
-    const uint32_t lo = b == first ? idx % kB : 0;
-    for (uint32_t p = 0; p < bytes; ++p) {
-      uint8_t* row = packed + b * block + p * kB;
-      std::memmove(row + lo, row + lo + 1, kB - 1 - lo);
-      row[kB - 1] = b < last ? packed[(b + 1) * block + p * kB] : 0;
-    }
-  }
-}
-
 void BuildSketchLuts(const int8_t* q8, uint32_t bits, uint8_t* luts, int32_t* bias) {
   int32_t total = 0;
   for (uint32_t g = 0; g < bits / 4; ++g) {

@@ -85,13 +85,10 @@ inline uint64_t PackedSketchBytes(uint32_t n, uint32_t bits) {
 void PackSketchCodes(const uint8_t* codes, uint32_t n, uint32_t bits, uint8_t* packed);
 void UnpackSketchCodes(const uint8_t* packed, uint32_t n, uint32_t bits, uint8_t* codes);
 // In place, O(bytes after idx): a code inserted as key idx of n (keys idx.. move up one; packed
-// holds PackedSketchBytes(n, bits) bytes, the padding after key n - 1 zero before and after),
-// and key idx of n erased (keys after it move down; the freed lane is zeroed; the caller may
-// then shrink packed to PackedSketchBytes(n - 1, bits)). Equal to unpacking, inserting or
-// erasing the row, and packing again.
+// holds PackedSketchBytes(n, bits) bytes, the padding after key n - 1 zero before and after).
+// Equal to unpacking, inserting the row and packing again.
 void InsertPackedSketchCode(uint8_t* packed, uint32_t n, uint32_t bits, uint32_t idx,
                             const uint8_t* code);
-void ErasePackedSketchCode(uint8_t* packed, uint32_t n, uint32_t bits, uint32_t idx);
 // Per-query lookup tables of the fast-scan kernel: for each 4-bit group g of the code (bits
 // 4g..4g+3) and nibble v, the table entry of (g, v) is (sum of q8[4g + i] over the bits i set
 // in v) - (sum of the negative q8[4g + i]), in [0, 4 * kSketchLutQueryMax]; *bias = the sum

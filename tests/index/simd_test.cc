@@ -241,10 +241,10 @@ TEST(SketchFastScan, PackedLayoutRoundTrips) {
 }
 
 // The tables: entry (g, v) minus the bias share of g is the sum of q8 under v's bits.
-// Inserting or erasing one code in the packed layout, in place, gives exactly the bytes that
-// unpacking, editing the rows and packing again gives (padding included), at every position,
-// across block boundaries and when the edit adds or frees a block.
-TEST(SketchFastScan, InPlaceInsertAndEraseEqualRepacking) {
+// Inserting one code in the packed layout, in place, gives exactly the bytes that unpacking,
+// inserting the row and packing again gives (padding included), at every position, across
+// block boundaries and when the insert adds a block.
+TEST(SketchFastScan, InPlaceInsertEqualsRepacking) {
   std::mt19937 rng(5);
   for (uint32_t bits : {64u, 128u, 256u}) {
     const uint32_t cb = bits / 8;
@@ -264,17 +264,6 @@ TEST(SketchFastScan, InPlaceInsertAndEraseEqualRepacking) {
         got.resize(PackedSketchBytes(n + 1, bits), 0);
         InsertPackedSketchCode(got.data(), n + 1, bits, idx, code.data());
         ASSERT_EQ(got, want) << "insert bits " << bits << " n " << n << " idx " << idx;
-      }
-      for (uint32_t idx = 0; idx < n; ++idx) {
-        std::vector<uint8_t> want_rows = rows;
-        want_rows.erase(want_rows.begin() + uint64_t{idx} * cb,
-                        want_rows.begin() + uint64_t{idx + 1} * cb);
-        std::vector<uint8_t> want(PackedSketchBytes(n - 1, bits));
-        PackSketchCodes(want_rows.data(), n - 1, bits, want.data());
-        std::vector<uint8_t> got = packed;
-        ErasePackedSketchCode(got.data(), n, bits, idx);
-        got.resize(PackedSketchBytes(n - 1, bits));
-        ASSERT_EQ(got, want) << "erase bits " << bits << " n " << n << " idx " << idx;
       }
     }
   }
