@@ -98,6 +98,15 @@ def recall_by_layer(out, budget="256"):
     fig.savefig(os.path.join(out, "index_recall_by_layer.png"), dpi=120)
 
 
+def context_axes(*axes):
+    """Log2 context-size x axis, grid and legend of the index_speed plots."""
+    for a in axes:
+        a.set_xscale("log", base=2)
+        a.set_xlabel("tokens per (layer, KV head)")
+        a.grid(alpha=0.3, which="both")
+        a.legend(fontsize=8)
+
+
 def search_latency(out):
     files = sorted(glob.glob(os.path.join(out, "index_speed_*.csv")))
     if not files:
@@ -113,11 +122,7 @@ def search_latency(out):
         ax.plot(xs, [float(r["exact_scan_us"]) for r in rows], marker="s", linestyle=":",
                 color=color, label=f"exact scan, same run as {config}")
         ax2.plot(xs, [float(r["speedup"]) for r in rows], marker="o", color=color, label=config)
-    for a in (ax, ax2):
-        a.set_xscale("log", base=2)
-        a.set_xlabel("tokens per (layer, KV head)")
-        a.grid(alpha=0.3, which="both")
-        a.legend(fontsize=8)
+    context_axes(ax, ax2)
     ax.set_yscale("log")
     ax.set_ylabel("median latency of one decode step's search (us)")
     ax.set_title("Search vs exact scan, GQA group of 4, one core")
@@ -152,11 +157,7 @@ def build_rate(out):
     ax.scatter([g[0] for g in goals], [g[1] for g in goals], marker="_", s=400, color="black",
                label="goal (tokens/s per core)", zorder=5)
     ax2.axhline(1.0, color="black", linewidth=0.8, label="goal at 128k: 1 ms")
-    for a in (ax, ax2):
-        a.set_xscale("log", base=2)
-        a.set_xlabel("tokens per (layer, KV head)")
-        a.grid(alpha=0.3, which="both")
-        a.legend(fontsize=8)
+    context_axes(ax, ax2)
     ax.set_yscale("log")
     ax.set_ylabel("build throughput, one core (thousand tokens/s)")
     ax.set_title("Prompt build (median of the timed builds)")
