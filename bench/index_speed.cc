@@ -68,6 +68,8 @@ ABSL_FLAG(std::string, search, "", "DCI option: search mode descent, exact or sk
 ABSL_FLAG(std::string, slack, "", "DCI option: cell_bound_slack of the best-first search.");
 ABSL_FLAG(std::string, rescore, "", "DCI option: rescore_tokens of the sketch search.");
 ABSL_FLAG(std::string, parent_beam, "", "DCI option: parent_beam of the build (0: paper's).");
+ABSL_FLAG(std::string, rerank, "",
+          "DCI option: rerank_extra_pages of the best-first search (0: best key, no re-ranking).");
 ABSL_FLAG(std::string, reproject_growth, "",
           "DCI option: norm growth (squared) before an insert re-projects a cell (1: paper's).");
 ABSL_FLAG(bool, scaled_query, false, "DCI option: scale the query projection.");
@@ -339,6 +341,7 @@ bool ApplyOverrides(DciOptions* dci) {
       num(absl::GetFlag(FLAGS_slack), "slack", &dci->cell_bound_slack) &&
       num(absl::GetFlag(FLAGS_rescore), "rescore", &dci->rescore_tokens) &&
       num(absl::GetFlag(FLAGS_parent_beam), "parent_beam", &dci->parent_beam) &&
+      num(absl::GetFlag(FLAGS_rerank), "rerank", &dci->rerank_extra_pages) &&
       num(absl::GetFlag(FLAGS_reproject_growth), "reproject_growth", &dci->reproject_growth) &&
       num(absl::GetFlag(FLAGS_retrieve_ratio), "retrieve_ratio", &dci->query_retrieve_ratio) &&
       num(absl::GetFlag(FLAGS_promotion_ratio_1), "promotion_ratio_1", &dci->promotion_ratio_1) &&

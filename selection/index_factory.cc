@@ -17,13 +17,15 @@ index::DciOptions TunedOptions() {
   return o;
 }
 
-// The best-first search with 1-bit sketches and exact rescoring, and the beam-descent build
-// (docs/index.md: measured against the exact scan and the paper configuration).
+// The best-first search with 1-bit sketches and exact rescoring, the k + 24 best pages
+// re-ranked by the group's softmax mass, and the beam-descent build (docs/index.md: measured
+// against the exact scan and the paper configuration; docs/model.md: the re-ranking's quality).
 index::DciOptions FastOptions() {
   index::DciOptions o;
   o.search_mode = index::DciOptions::SearchMode::kBestFirstSketch;
   o.cell_bound_slack = 0.4f;
   o.rescore_tokens = 64;
+  o.rerank_extra_pages = 24;
   o.parent_beam = 8;
   return o;
 }

@@ -1723,6 +1723,59 @@ struct DciTree::Impl {
     }
   }
 
+  // DciOptions::rerank_extra_pages: scores every key of the candidate pages in `out` for the group
+  // and keeps the k of the largest summed softmax-mass share (ties to the lower page id); a
+  // page's score becomes its share.
+  void RerankByMass(const float* qs, uint32_t nq, uint32_t k, GroupScratch& gs,
+                    std::vector<SelectedPage>* out) const {
+    const uint32_t n = static_cast<uint32_t>(out->size());
+    if (n == 0) return;
+    const uint32_t ps = g.page_size;
+    const float scale = 1.0f / std::sqrt(static_cast<float>(g.dim));
+    // vals[q][i * ps + s]: the scaled score of slot s of candidate i for query q.
+    gs.ex.assign(uint64_t{nq} * n * ps, -std::numeric_limits<float>::infinity());
+    gs.tmp.resize(uint64_t{nq} * ps);
+    std::vector<float> best(nq, -std::numeric_limits<float>::infinity());
+    for (uint32_t i = 0; i < n; ++i) {
+      const uint32_t p = (*out)[i].page;
+      const uint32_t valid = pages[p].valid;
+      DotStridedMulti(qs, nq, reader->PageKeys(p), row_bytes, valid, g.elem_type, g.dim,
+                      gs.tmp.data(), ps);
+      gs.scored += uint64_t{valid} * nq;
+      for (uint32_t q = 0; q < nq; ++q) {
+        float* dst = gs.ex.data() + (uint64_t{q} * n + i) * ps;
+        for (uint32_t s = 0; s < valid; ++s) {
+          dst[s] = gs.tmp[uint64_t{q} * ps + s] * scale;
+          best[q] = std::max(best[q], dst[s]);
+        }
+      }
+    }
+    std::vector<double> share(n, 0.0);
+    std::vector<double> mass(n);
+    for (uint32_t q = 0; q < nq; ++q) {
+      float* v = gs.ex.data() + uint64_t{q} * n * ps;
+      for (uint64_t x = 0; x < uint64_t{n} * ps; ++x) v[x] -= best[q];  // -inf stays -inf
+      ExpInPlace(v, n * ps);
+      double total = 0;
+      for (uint32_t i = 0; i < n; ++i) {
+        double m = 0;
+        for (uint32_t s = 0; s < ps; ++s) m += v[uint64_t{i} * ps + s];
+        mass[i] = m;
+        total += m;
+      }
+      if (total > 0) {
+        for (uint32_t i = 0; i < n; ++i) share[i] += mass[i] / total;
+      }
+    }
+    for (uint32_t i = 0; i < n; ++i) (*out)[i].score = static_cast<float>(share[i]);
+    auto by_share = [](const SelectedPage& a, const SelectedPage& b) {
+      return a.score > b.score || (a.score == b.score && a.page < b.page);
+    };
+    const uint32_t kk = std::min(k, n);
+    std::partial_sort(out->begin(), out->begin() + kk, out->end(), by_share);
+    out->resize(kk);
+  }
+
   void SearchBestFirst(const float* qs, uint32_t nq, uint32_t k,
                        std::vector<SelectedPage>* out) const {
     GroupScratch& gs = ThreadGroupScratch();
@@ -1803,21 +1856,25 @@ struct DciTree::Impl {
         }
       }
     }
-    tls_last_scored = gs.scored;
     tls_last_sketched = gs.sketched;
     tls_last_cells_opened = static_cast<uint32_t>(gs.opened.size());
     // Per query: its best k pages among those scored; merged rank-interleaved.
     auto by_value = [](const SelectedPage& a, const SelectedPage& b) {
       return a.score > b.score || (a.score == b.score && a.page < b.page);
     };
+    // With re-ranking, the best k + rerank_extra_pages pages are the candidates.
+    const uint32_t want = static_cast<uint32_t>(
+        std::min<uint64_t>(uint64_t{k} + o.rerank_extra_pages, pages.size() + uint64_t{k}));
     std::vector<std::vector<SelectedPage>> lists(nq);
     for (uint32_t q = 0; q < nq; ++q) {
       for (uint32_t p : gs.touched) lists[q].push_back({p, pages[p].valid, gs.Max(q)[p]});
-      const size_t kk = std::min<size_t>(k, lists[q].size());
+      const size_t kk = std::min<size_t>(want, lists[q].size());
       std::partial_sort(lists[q].begin(), lists[q].begin() + kk, lists[q].end(), by_value);
       lists[q].resize(kk);
     }
-    *out = nq == 1 ? std::move(lists[0]) : MergeRankInterleaved(lists, k);
+    *out = nq == 1 ? std::move(lists[0]) : MergeRankInterleaved(lists, want);
+    if (o.rerank_extra_pages > 0) RerankByMass(qs, nq, k, gs, out);
+    tls_last_scored = gs.scored;
     if (out->size() < k) {
       // Fewer pages scored than asked for (tiny trees): complete with the pages of the opened
       // cells, then of any cell, unranked (score: -inf).

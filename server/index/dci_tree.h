@@ -123,8 +123,9 @@ struct DciOptions {
   //                     rescore_tokens-th best estimate, then those best estimates (the union
   //                     over the group) are rescored exactly and pages ranked by their best
   //                     rescored key. Approximate: the estimate can miss a best key.
-  // The best-first modes rank pages by best key (page_score, group_merge, joint_group_search,
-  // page_granular_scoring and final_fov apply to kBeamDescent only).
+  // The best-first modes rank pages by best key, then optionally re-rank the best ones by mass
+  // (rerank_extra_pages); page_score, group_merge, joint_group_search, page_granular_scoring
+  // and final_fov apply to kBeamDescent only.
   enum class SearchMode : uint8_t { kBeamDescent, kBestFirstExact, kBestFirstSketch };
   SearchMode search_mode = SearchMode::kBeamDescent;
   // The bound of a cell is q.r + cell_bound_slack * |q| * R: 1 is a valid upper bound; below 1
@@ -133,6 +134,13 @@ struct DciOptions {
   float cell_bound_slack = 1.0f;
   // kBestFirstSketch: keys per query rescored exactly (the best estimates).
   uint32_t rescore_tokens = 64;
+  // Best-first modes: the best k + rerank_extra_pages pages of the search (best key per page,
+  // merged rank-interleaved) are scored whole for the group and the k returned are those of
+  // the largest group softmax mass: per query, each candidate's share of the softmax mass of
+  // every key in the candidates (scale 1/sqrt(dim)), summed over the group. A page with many
+  // warm keys then beats a page with one hot key, as the attention weighs them. 0 = off (best
+  // key, the exact scan's ranking).
+  uint32_t rerank_extra_pages = 0;
   // Parent search at build and insert: a beam of this width descends through the levels above
   // (every child of the beam's tokens scored exactly), so a build costs O(n log n) dot
   // products instead of O(n^2 r1) for the exact search; levels of at most 64 tokens are still

@@ -519,6 +519,91 @@ TEST_F(DciTreeTest, BestFirstExactStaysExactAcrossInserts) {
   }
 }
 
+// Re-ranking (DciOptions::rerank_extra_pages) keeps, of the exact best-first search's candidates
+// (the exact scan's best 36 pages by best key), the 12 of the largest summed softmax-mass
+// share, as a float64 reference computes it from every key of every candidate.
+TEST_F(DciTreeTest, RerankKeepsThePagesOfTheLargestGroupMass) {
+  DciOptions o = BestFirst(DciOptions::SearchMode::kBestFirstExact);
+  o.rerank_extra_pages = 24;
+  BuildOn(6000, o);
+  ExactOracle scan(tree_.get(), pages_.get(), ExactOracle::Rank::kBestToken);
+  std::vector<std::vector<uint32_t>> positions(tree_->page_id_limit());
+  for (PageInfo& p : tree_->Layout()) positions[p.page] = std::move(p.positions);
+  const uint32_t d = geometry_.dim;
+  const double scale = 1.0 / std::sqrt(double(d));
+  uint32_t differs_from_best_key = 0;
+  for (uint32_t qi = 0; qi < 8; ++qi) {
+    const std::vector<float> q = GroupQueries(data_, qi, 4, d);
+    std::vector<SelectedPage> got, candidates, best_key;
+    ASSERT_OK(tree_->Search(q.data(), 4, 12, &got));
+    ASSERT_OK(scan.Search(q.data(), 4, 36, &candidates));
+    ASSERT_OK(scan.Search(q.data(), 4, 12, &best_key));
+    ASSERT_EQ(candidates.size(), 36u);
+    std::vector<double> share(candidates.size(), 0.0);
+    std::vector<float> key(d);
+    for (uint32_t g = 0; g < 4; ++g) {
+      std::vector<std::vector<double>> x(candidates.size());
+      double best = -1e300;
+      for (size_t i = 0; i < candidates.size(); ++i) {
+        for (uint32_t pos : positions[candidates[i].page]) {
+          ToFloat(data_.Rows(pos, 1).data, geometry_.elem_type, d, key.data());
+          double dot = 0;
+          for (uint32_t j = 0; j < d; ++j) dot += double(q[g * d + j]) * key[j];
+          x[i].push_back(dot * scale);
+          best = std::max(best, dot * scale);
+        }
+      }
+      std::vector<double> mass(candidates.size(), 0.0);
+      double total = 0;
+      for (size_t i = 0; i < candidates.size(); ++i) {
+        for (double v : x[i]) mass[i] += std::exp(v - best);
+        total += mass[i];
+      }
+      for (size_t i = 0; i < candidates.size(); ++i) share[i] += mass[i] / total;
+    }
+    std::vector<size_t> order(candidates.size());
+    std::iota(order.begin(), order.end(), size_t{0});
+    std::sort(order.begin(), order.end(), [&](size_t a, size_t b) {
+      return share[a] > share[b] ||
+             (share[a] == share[b] && candidates[a].page < candidates[b].page);
+    });
+    std::vector<uint32_t> want;
+    for (size_t i = 0; i < 12; ++i) want.push_back(candidates[order[i]].page);
+    EXPECT_EQ(PageIds(got), want) << "query " << qi;
+    EXPECT_NEAR(got[0].score, share[order[0]], 1e-4) << "query " << qi;
+    std::vector<uint32_t> a = PageIds(got), b = PageIds(best_key);
+    std::sort(a.begin(), a.end());
+    std::sort(b.begin(), b.end());
+    differs_from_best_key += a != b;
+  }
+  EXPECT_GT(differs_from_best_key, 0u)
+      << "re-ranking never changed the set: the test proves nothing";
+}
+
+// The sketch search with re-ranking (the fast preset's) returns k distinct live pages, at every
+// k, also when k + the extra pages exceed the tree's pages.
+TEST_F(DciTreeTest, RerankedSketchSearchReturnsKDistinctPages) {
+  DciOptions sk = BestFirst(DciOptions::SearchMode::kBestFirstSketch, 0.4f, 64);
+  sk.rerank_extra_pages = 24;
+  sk.parent_beam = 8;
+  BuildOn(6000, sk);
+  const uint32_t pages = tree_->num_pages();
+  for (uint32_t qi = 0; qi < 8; ++qi) {
+    const std::vector<float> q = GroupQueries(data_, qi, 4, geometry_.dim);
+    std::vector<SelectedPage> got;
+    for (uint32_t k : {1u, 12u, pages - 10, pages}) {
+      ASSERT_OK(tree_->Search(q.data(), 4, k, &got));
+      ASSERT_EQ(got.size(), k) << "k " << k;
+      const std::vector<uint32_t> ids = PageIds(got);
+      EXPECT_EQ(std::set<uint32_t>(ids.begin(), ids.end()).size(), k) << "k " << k;
+    }
+    for (const SelectedPage& p : got) {
+      EXPECT_GT(p.valid, 0u);
+      EXPECT_LE(p.valid, 16u);
+    }
+  }
+}
+
 // The sketch search rescoring every key it estimates, with the valid bound, on a small tree:
 // every cell is opened, every key rescored exactly, so it returns the exact scan's pages.
 TEST_F(DciTreeTest, SketchSearchIsExactWhenEverythingIsRescored) {

@@ -50,6 +50,9 @@ TEST(IndexFactory, PaperIsTheDciDefaults) {
   EXPECT_EQ(fast->dci.search_mode, index::DciOptions::SearchMode::kBestFirstSketch);
   EXPECT_GT(fast->dci.parent_beam, 0u);
   EXPECT_EQ(fast->dci.promotion_ratio_1, d.promotion_ratio_1);
+  // The fast preset re-ranks its best k + 24 pages by the group's mass; the paper's does not.
+  EXPECT_EQ(fast->dci.rerank_extra_pages, 24u);
+  EXPECT_EQ(paper->dci.rerank_extra_pages, 0u);
 }
 
 // The daemon's default is the fast preset (docs/index.md: it wins on speed and quality).
