@@ -76,7 +76,8 @@ float TailLogit(TailMode mode, const float* q, uint32_t dim, float scale,
 void AddTail(TailMode mode, const float* q, uint32_t dim, float scale,
              const std::vector<PageSummaryView>& pages, SoftmaxPartial* partial);
 
-// A page summary as the daemon stores it: [3][dim] floats, mean key, key variance, mean value.
+// Vectors of dim floats in a page summary as the daemon stores it: the mean key, the key
+// variance and the mean value (in three planes of [page][dim], server/core/sequence_kv.cc).
 inline constexpr uint32_t kSummaryVectors = 3;
 
 // Merges a tail partial (max, sum, acc[dim]) into `out` [dim], the attention output normalised

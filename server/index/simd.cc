@@ -322,6 +322,94 @@ ICECACHE_AVX2 void DotMultiAvx2(const float* xs, uint32_t nq, const void* base, 
   }
 }
 
+// NQ (1..4) weight vectors over the rows, 16 output columns at a time: 2 * NQ accumulators,
+// per row two loads (converted once), NQ broadcasts and 2 * NQ FMAs. Each pass over the rows
+// reads one 64-byte run of each (fp32), so every row byte is read once over all passes.
+template <ElemType kType, int NQ>
+ICECACHE_AVX2 void WeightedSumAvx2T(const float* weights, uint64_t w_stride, const uint8_t* base,
+                                    uint64_t stride, uint32_t n, uint32_t dim, float* out) {
+  uint32_t c = 0;
+  for (; c + 16 <= dim; c += 16) {
+    __m256 acc[NQ][2];
+    for (int j = 0; j < NQ; ++j) acc[j][0] = acc[j][1] = _mm256_setzero_ps();
+    for (uint32_t i = 0; i < n; ++i) {
+      const uint8_t* row = base + i * stride;
+      const __m256 r0 = Load8(row, kType, c), r1 = Load8(row, kType, c + 8);
+      for (int j = 0; j < NQ; ++j) {
+        const __m256 w = _mm256_broadcast_ss(weights + j * w_stride + i);
+        acc[j][0] = _mm256_fmadd_ps(w, r0, acc[j][0]);
+        acc[j][1] = _mm256_fmadd_ps(w, r1, acc[j][1]);
+      }
+    }
+    for (int j = 0; j < NQ; ++j) {
+      float* o = out + uint64_t(j) * dim + c;
+      _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), acc[j][0]));
+      _mm256_storeu_ps(o + 8, _mm256_add_ps(_mm256_loadu_ps(o + 8), acc[j][1]));
+    }
+  }
+  for (; c + 8 <= dim; c += 8) {
+    __m256 acc[NQ];
+    for (int j = 0; j < NQ; ++j) acc[j] = _mm256_setzero_ps();
+    for (uint32_t i = 0; i < n; ++i) {
+      const __m256 r = Load8(base + i * stride, kType, c);
+      for (int j = 0; j < NQ; ++j) {
+        acc[j] = _mm256_fmadd_ps(_mm256_broadcast_ss(weights + j * w_stride + i), r, acc[j]);
+      }
+    }
+    for (int j = 0; j < NQ; ++j) {
+      float* o = out + uint64_t(j) * dim + c;
+      _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), acc[j]));
+    }
+  }
+  for (; c < dim; ++c) {
+    for (int j = 0; j < NQ; ++j) {
+      float a = 0;
+      for (uint32_t i = 0; i < n; ++i) {
+        a += weights[j * w_stride + i] * LoadScalar(base + i * stride, kType, c);
+      }
+      out[uint64_t(j) * dim + c] += a;
+    }
+  }
+}
+
+template <ElemType kType>
+ICECACHE_AVX2 void WeightedSumAvx2Q(const float* weights, uint32_t nq, uint64_t w_stride,
+                                    const uint8_t* base, uint64_t stride, uint32_t n, uint32_t dim,
+                                    float* out) {
+  for (uint32_t q0 = 0; q0 < nq; q0 += 4) {
+    const float* w = weights + q0 * w_stride;
+    float* o = out + uint64_t{q0} * dim;
+    switch (std::min<uint32_t>(4, nq - q0)) {
+      case 1:
+        WeightedSumAvx2T<kType, 1>(w, w_stride, base, stride, n, dim, o);
+        break;
+      case 2:
+        WeightedSumAvx2T<kType, 2>(w, w_stride, base, stride, n, dim, o);
+        break;
+      case 3:
+        WeightedSumAvx2T<kType, 3>(w, w_stride, base, stride, n, dim, o);
+        break;
+      default:
+        WeightedSumAvx2T<kType, 4>(w, w_stride, base, stride, n, dim, o);
+        break;
+    }
+  }
+}
+
+ICECACHE_AVX2 void WeightedSumAvx2(const float* weights, uint32_t nq, uint64_t w_stride,
+                                   const void* base, uint64_t stride, uint32_t n, ElemType type,
+                                   uint32_t dim, float* out) {
+  const uint8_t* b = static_cast<const uint8_t*>(base);
+  switch (type) {
+    case ElemType::kF32:
+      return WeightedSumAvx2Q<ElemType::kF32>(weights, nq, w_stride, b, stride, n, dim, out);
+    case ElemType::kF16:
+      return WeightedSumAvx2Q<ElemType::kF16>(weights, nq, w_stride, b, stride, n, dim, out);
+    case ElemType::kBF16:
+      return WeightedSumAvx2Q<ElemType::kBF16>(weights, nq, w_stride, b, stride, n, dim, out);
+  }
+}
+
 // 4 children x 16 parents per register tile: 8 accumulators, per element two parent loads,
 // four broadcasts and eight FMAs (no horizontal sums).
 ICECACHE_AVX2 void BestLiftedParentsAvx2(const float* children, uint32_t nc,
@@ -1004,6 +1092,19 @@ void DotStridedMulti(const float* xs, uint32_t nq, const void* base, uint64_t st
     for (uint32_t r = 0; r < n; ++r) {
       out[uint64_t{j} * out_stride + r] =
           DotScalar(xs + uint64_t{j} * dim, b + r * stride, type, dim);
+    }
+  }
+}
+
+void WeightedSumStridedMulti(const float* weights, uint32_t nq, uint64_t w_stride, const void* base,
+                             uint64_t stride, uint32_t n, ElemType type, uint32_t dim, float* out) {
+  if (UseAvx2()) return WeightedSumAvx2(weights, nq, w_stride, base, stride, n, type, dim, out);
+  const uint8_t* b = static_cast<const uint8_t*>(base);
+  for (uint32_t j = 0; j < nq; ++j) {
+    float* o = out + uint64_t{j} * dim;
+    for (uint32_t i = 0; i < n; ++i) {
+      const float w = weights[j * w_stride + i];
+      for (uint32_t c = 0; c < dim; ++c) o[c] += w * LoadScalar(b + i * stride, type, c);
     }
   }
 }

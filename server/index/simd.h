@@ -53,6 +53,13 @@ void DotStridedMulti(const float* xs, uint32_t nq, const void* base, uint64_t st
                      ElemType type, uint32_t dim, float* out, uint32_t out_stride);
 void DotGatherMulti(const float* xs, uint32_t nq, const void* const* rows, uint32_t n,
                     ElemType type, uint32_t dim, float* out, uint32_t out_stride);
+// Weighted sums of rows at a fixed stride for several weight vectors, each row read once:
+//   out[j * dim + c] += sum over i of weights[j * w_stride + i] * row_i[c]
+// for j in [0, nq), rows i in [0, n) at base + i * stride, c in [0, dim). Accumulates into
+// out (fp32, [nq][dim]). The attention's "probabilities times values" over rows (the tail
+// estimate's page summaries). Agrees with the scalar path within float rounding.
+void WeightedSumStridedMulti(const float* weights, uint32_t nq, uint64_t w_stride, const void* base,
+                             uint64_t stride, uint32_t n, ElemType type, uint32_t dim, float* out);
 // Nearest parents in the lifted metric, the build's heavy loop: for each child i in
 // [0, nc), over parents j in [0, np):
 //   v = children[i] . parent_j + child_lift[i] * parent_lift[j]
