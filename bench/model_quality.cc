@@ -69,6 +69,14 @@ ABSL_FLAG(std::string, service_modes, "sync,async",
 ABSL_FLAG(std::string, tail_modes, "mean,mean-var",
           "Also replay the default preset with each of these tail estimations "
           "(icecache-dci-default-tail-<mode>; selection/tail.h).");
+ABSL_FLAG(std::string, windows, "",
+          "Also replay the default preset with the tail estimate (mean-var) and each of these "
+          "recent windows (icecache-dci-hybrid-w<W>: the StreamingLLM + pages hybrid; budgets "
+          "too small for a window skip it).");
+ABSL_FLAG(std::string, rerank, "",
+          "Also replay the default preset with the tail estimate (mean-var) and each of these "
+          "DciOptions::rerank_extra_pages (icecache-dci-rerank<N>; 0: the default preset without "
+          "re-ranking, icecache-dci-default-no-rerank).");
 ABSL_FLAG(std::string, methods, "",
           "Only these in-process methods, by name (empty: all; full attention always runs).");
 ABSL_FLAG(
@@ -77,6 +85,8 @@ ABSL_FLAG(
 ABSL_FLAG(bool, service, true, "Also run IceCache through a real icecached.");
 ABSL_FLAG(std::string, passkey_texts, "bible,python-asyncio",
           "Haystacks of the passkey runs, every method at every depth of each (empty: skip).");
+ABSL_FLAG(std::string, passkey_budgets, "",
+          "Budgets of the passkey runs (empty: every --budgets value).");
 ABSL_FLAG(uint32_t, passkey_tokens, 4000, "Haystack tokens of the passkey runs.");
 ABSL_FLAG(std::string, depths, "0.1,0.3,0.5,0.7,0.9", "Depths of the passkey.");
 ABSL_FLAG(bool, quick, false,
@@ -146,6 +156,34 @@ std::vector<eval::MethodSpec> Methods() {
     with_tail.name = absl::StrCat("icecache-dci-default-tail-", t);
     with_tail.tail = *mode;
     m.insert(m.begin() + static_cast<ptrdiff_t>(at++), with_tail);
+  }
+  // The StreamingLLM + pages hybrid: a longer recent window, fewer pages, the tail estimated.
+  for (double w : ParseList(absl::GetFlag(FLAGS_windows))) {
+    const uint32_t page = selection::BudgetDefaults::kPageSize;
+    if (!(w >= page && w <= selection::kMaxBudgetTokens && w == std::floor(w)) ||
+        static_cast<uint32_t>(w) % page != 0) {
+      Check(absl::InvalidArgumentError(absl::StrCat(
+                "--windows: ", w, " is not a positive multiple of the page size ", page)),
+            "--windows");
+    }
+    eval::MethodSpec hybrid = *fast;
+    hybrid.name = absl::StrCat("icecache-dci-hybrid-w", w);
+    hybrid.tail = selection::TailMode::kMeanVariance;
+    hybrid.window_tokens = static_cast<uint32_t>(w);
+    m.insert(m.begin() + static_cast<ptrdiff_t>(at++), hybrid);
+  }
+  for (double r : ParseList(absl::GetFlag(FLAGS_rerank))) {
+    if (!(r >= 0 && r <= 4096 && r == std::floor(r))) {
+      Check(absl::InvalidArgumentError(
+                absl::StrCat("--rerank: ", r, " is not a whole number of pages in [0, 4096]")),
+            "--rerank");
+    }
+    eval::MethodSpec rerank = *fast;
+    rerank.name = r == 0 ? std::string("icecache-dci-default-no-rerank")
+                         : absl::StrCat("icecache-dci-rerank", r);
+    rerank.tail = selection::TailMode::kMeanVariance;
+    rerank.dci.rerank_extra_pages = static_cast<uint32_t>(r);
+    m.insert(m.begin() + static_cast<ptrdiff_t>(at++), rerank);
   }
   // --methods: keep only the named in-process methods (empty: all).
   const std::vector<std::string> keep =
@@ -250,15 +288,18 @@ int main(int argc, char** argv) {
   uint32_t continuation = absl::GetFlag(FLAGS_continuation);
   std::vector<double> budgets = ParseList(absl::GetFlag(FLAGS_budgets));
   std::vector<double> depths = ParseList(absl::GetFlag(FLAGS_depths));
+  std::vector<double> passkey_budgets = ParseList(absl::GetFlag(FLAGS_passkey_budgets));
   uint32_t passkey_tokens = absl::GetFlag(FLAGS_passkey_tokens);
   if (quick) {
     texts.resize(1);
     prompt_tokens = 2048;
     continuation = 48;
     budgets = {128, 256};
+    passkey_budgets.clear();
     depths = {0.2, 0.5, 0.8};
     passkey_tokens = 1500;
   }
+  if (passkey_budgets.empty()) passkey_budgets = budgets;
   const uint32_t full_kv_layers = absl::GetFlag(FLAGS_full_kv_layers);
   const std::string out_dir = absl::GetFlag(FLAGS_out);
   const auto start = Clock::now();
@@ -272,6 +313,8 @@ int main(int argc, char** argv) {
     haystacks.emplace_back(std::string(name), std::move(*hay));
   }
 
+  // The in-process methods, their flags checked before anything is loaded.
+  const std::vector<eval::MethodSpec> methods = Methods();
   auto model_or = LlamaModel::LoadFile(absl::GetFlag(FLAGS_model));
   Check(model_or.status(), "loading the model");
   LlamaModel& model = **model_or;
@@ -342,7 +385,6 @@ int main(int argc, char** argv) {
       daemons.push_back(std::move(d));
     }
   }
-  const std::vector<eval::MethodSpec> methods = Methods();
   std::vector<QualityRow> rows;
 
   // ---- 1. perplexity, agreement and recall per text
@@ -430,8 +472,10 @@ int main(int argc, char** argv) {
         report(svc.name, split.budget_tokens, r, service.stats(), Seconds(t));
       }
       for (const eval::MethodSpec& m : methods) {
+        absl::StatusOr<selection::BudgetSplit> msplit = eval::WithWindow(m, split);
+        if (!msplit.ok()) continue;  // a window the budget cannot hold
         t = Clock::now();
-        SelectiveAttention sel(c, total, m, split, full_kv_layers, /*measure_recall=*/true);
+        SelectiveAttention sel(c, total, m, *msplit, full_kv_layers, /*measure_recall=*/true);
         LoadPromptFrom(full, c, prompt_tokens, &sel);
         ContinuationResult r =
             Continue(model, &sel, prompt_logits, tokens, prompt_tokens, continuation, &ref.argmax);
@@ -462,7 +506,7 @@ int main(int argc, char** argv) {
       passkeys.push_back({haystack, "full", 0, depth, full_ok, true, full_answer});
       std::printf("  %-28s %6s  %s  \"%s\"\n", "full attention", "-", full_ok ? "right" : "wrong",
                   full_answer.c_str());
-      for (double b : budgets) {
+      for (double b : passkey_budgets) {
         const selection::BudgetSplit split = selection::PaperSplit(static_cast<uint32_t>(b));
         auto run = [&](const std::string& method, AttentionBackend* backend) {
           LoadPromptFrom(full, c, n, backend);
@@ -484,7 +528,9 @@ int main(int argc, char** argv) {
           run(svc.name, &service);
         }
         for (const eval::MethodSpec& m : methods) {
-          SelectiveAttention sel(c, n + max_new, m, split, full_kv_layers, false);
+          absl::StatusOr<selection::BudgetSplit> msplit = eval::WithWindow(m, split);
+          if (!msplit.ok()) continue;  // a window the budget cannot hold
+          SelectiveAttention sel(c, n + max_new, m, *msplit, full_kv_layers, false);
           run(m.name, &sel);
         }
       }

@@ -27,6 +27,20 @@ std::vector<MethodSpec> DefaultMethods() {
   return m;
 }
 
+absl::StatusOr<selection::BudgetSplit> WithWindow(const MethodSpec& spec,
+                                                  const selection::BudgetSplit& split) {
+  if (spec.window_tokens == 0) return split;
+  selection::BudgetSplit out = split;
+  out.window_tokens = spec.window_tokens;
+  absl::Status s = selection::ValidateSplit(out);
+  if (!s.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("method ", spec.name, ": window of ",
+                                                   spec.window_tokens, " tokens in a budget of ",
+                                                   split.budget_tokens, ": ", s.message()));
+  }
+  return out;
+}
+
 absl::StatusOr<MethodSpec> PresetMethod(const std::string& name, const std::string& preset) {
   absl::StatusOr<selection::IndexSpec> spec = selection::Preset(preset);
   if (!spec.ok()) return spec.status();

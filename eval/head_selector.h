@@ -51,7 +51,16 @@ struct MethodSpec {
   ReplayOptions replay;  // synchronous unless set
   // How the attention treats the indexed tokens it did not select (selection/tail.h).
   selection::TailMode tail = selection::TailMode::kNone;
+  // Recent-window tokens replacing the budget split's (0: the split's): the StreamingLLM +
+  // pages hybrid spends part of the pages' share on a longer window. The split stays valid
+  // (WithWindow).
+  uint32_t window_tokens = 0;
 };
+
+// `split` with the method's window (MethodSpec::window_tokens), the pages' share shrunk to
+// keep the budget; INVALID_ARGUMENT when no selected page would be left.
+absl::StatusOr<selection::BudgetSplit> WithWindow(const MethodSpec& spec,
+                                                  const selection::BudgetSplit& split);
 
 // A method of `kind` named `name` (DCI options and replay at their defaults).
 MethodSpec Method(const std::string& name, MethodKind kind);

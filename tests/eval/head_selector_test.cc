@@ -95,6 +95,28 @@ TEST_F(HeadSelectorTest, BadCalls) {
               StatusIs(absl::StatusCode::kInvalidArgument));
 }
 
+// The hybrid's split: a method's window replaces the split's and the pages' share shrinks to
+// keep the budget; a window the budget cannot hold (with one page) is refused, naming it.
+TEST(HeadSelectorWindow, WithWindowKeepsTheBudget) {
+  MethodSpec m = Method("hybrid", MethodKind::kDci);
+  const selection::BudgetSplit paper = selection::PaperSplit(256);
+  absl::StatusOr<selection::BudgetSplit> same = WithWindow(m, paper);
+  ASSERT_TRUE(same.ok());
+  EXPECT_EQ(*same, paper);
+  m.window_tokens = 96;
+  absl::StatusOr<selection::BudgetSplit> wide = WithWindow(m, paper);
+  ASSERT_TRUE(wide.ok()) << wide.status();
+  EXPECT_EQ(wide->window_tokens, 96u);
+  EXPECT_EQ(wide->sink_tokens, paper.sink_tokens);
+  EXPECT_EQ(wide->budget_tokens, 256u);
+  EXPECT_EQ(wide->selected_pages(), 8u);  // (256 - 32 - 96) / 16
+  EXPECT_THAT(WithWindow(m, selection::PaperSplit(128)).status(),
+              StatusIs(absl::StatusCode::kInvalidArgument,
+                       ::testing::HasSubstr("window of 96 tokens in a budget of 128")));
+  m.window_tokens = 40;  // not a multiple of the page size
+  EXPECT_THAT(WithWindow(m, paper).status(), StatusIs(absl::StatusCode::kInvalidArgument));
+}
+
 }  // namespace
 }  // namespace icecache::eval
 
