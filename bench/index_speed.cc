@@ -351,6 +351,15 @@ bool ApplyOverrides(DciOptions* dci) {
       num(absl::GetFlag(FLAGS_final_fov), "final_fov", &dci->final_fov) &&
       num(absl::GetFlag(FLAGS_anchor_interval), "anchor_interval", &dci->anchor_interval) &&
       num(absl::GetFlag(FLAGS_exact_below), "exact_below", &dci->exact_search_max_tokens);
+  const std::string rerank = absl::GetFlag(FLAGS_rerank);
+  double rerank_pages = 0;
+  if (parsed && !rerank.empty() &&
+      !(absl::SimpleAtod(rerank, &rerank_pages) && rerank_pages >= 0 && rerank_pages <= 4096 &&
+        rerank_pages == std::floor(rerank_pages))) {
+    std::fprintf(stderr, "--rerank=%s: must be a whole number of pages in [0, 4096]\n",
+                 rerank.c_str());
+    return false;
+  }
   if (parsed && !(std::isfinite(dci->reproject_growth) && dci->reproject_growth >= 1.0f)) {
     std::fprintf(stderr, "--reproject_growth=%s: must be a finite number >= 1\n",
                  absl::GetFlag(FLAGS_reproject_growth).c_str());

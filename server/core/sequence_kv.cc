@@ -281,7 +281,6 @@ void TailPartials(selection::TailMode mode, const float* queries, uint32_t group
     logs[p] = counts[p] == 0 ? 0.0f : std::log(static_cast<float>(counts[p]));
   }
   // Per query: logits, then weights exp(logit - max) in place (left-out pages weigh 0).
-  bool any = false;
   for (uint32_t j = 0; j < group; ++j) {
     float* logit = &dots[uint64_t{j} * pages];
     float mx = -std::numeric_limits<float>::infinity();
@@ -303,7 +302,6 @@ void TailPartials(selection::TailMode mode, const float* queries, uint32_t group
       std::fill(logit, logit + pages, 0.0f);
       continue;
     }
-    any = true;
     for (uint32_t p = 0; p < pages; ++p) logit[p] -= mx;  // -inf stays -inf: weight 0
     index::ExpInPlace(logit, pages);
     double sum = 0;
@@ -311,15 +309,13 @@ void TailPartials(selection::TailMode mode, const float* queries, uint32_t group
     o[0] = mx;
     o[1] = static_cast<float>(sum);
   }
-  if (!any) return;
-  // Every query's weighted sum of the mean values, each summary row read once for the group.
+  // Every query's weighted sum of the mean values, each summary row read once for the group
+  // (a query with nothing left out has weights 0 and keeps its zeros).
   std::vector<float> acc(uint64_t{group} * dim, 0.0f);
   index::WeightedSumStridedMulti(dots.data(), group, pages, value_mean, stride, pages,
                                  index::ElemType::kF32, dim, acc.data());
   for (uint32_t j = 0; j < group; ++j) {
-    float* o = out + uint64_t{j} * (2 + dim);
-    if (o[1] == 0.0f) continue;
-    std::copy_n(acc.data() + uint64_t{j} * dim, dim, o + 2);
+    std::copy_n(acc.data() + uint64_t{j} * dim, dim, out + uint64_t{j} * (2 + dim) + 2);
   }
 }
 

@@ -1862,9 +1862,10 @@ struct DciTree::Impl {
     auto by_value = [](const SelectedPage& a, const SelectedPage& b) {
       return a.score > b.score || (a.score == b.score && a.page < b.page);
     };
-    // With re-ranking, the best k + rerank_extra_pages pages are the candidates.
-    const uint32_t want = static_cast<uint32_t>(
-        std::min<uint64_t>(uint64_t{k} + o.rerank_extra_pages, pages.size() + uint64_t{k}));
+    // With re-ranking, the best k + rerank_extra_pages pages are the candidates (at most every
+    // page; never fewer than k).
+    const uint32_t want = static_cast<uint32_t>(std::max<uint64_t>(
+        k, std::min<uint64_t>(uint64_t{k} + o.rerank_extra_pages, pages.size())));
     std::vector<std::vector<SelectedPage>> lists(nq);
     for (uint32_t q = 0; q < nq; ++q) {
       for (uint32_t p : gs.touched) lists[q].push_back({p, pages[p].valid, gs.Max(q)[p]});
