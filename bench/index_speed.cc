@@ -17,6 +17,7 @@
 #include <cmath>
 #include <cstdio>
 #include <fstream>
+#include <limits>
 #include <memory>
 #include <numeric>
 #include <string>
@@ -309,14 +310,25 @@ SizeResult RunTrace(const Trace& t, const DciOptions& dci_options) {
 
 // Applies the option flags that were given to the preset's options.
 bool ApplyOverrides(DciOptions* dci) {
-  auto num = [](const std::string& flag, const char* name, auto* v) {
+  // A flag is refused with its value and what it must be; the run stops before any work.
+  auto refuse = [](const char* name, const std::string& flag, const char* must) {
+    std::fprintf(stderr, "--%s=%s: must be %s\n", name, flag.c_str(), must);
+    return false;
+  };
+  // Integer options take whole numbers in their type's range, the others finite numbers.
+  auto num = [&refuse](const std::string& flag, const char* name, auto* v) {
+    using T = std::remove_pointer_t<decltype(v)>;
     if (flag.empty()) return true;
     double x;
-    if (!absl::SimpleAtod(flag, &x)) {
-      std::fprintf(stderr, "--%s=%s: not a number\n", name, flag.c_str());
-      return false;
+    if (!absl::SimpleAtod(flag, &x) || !std::isfinite(x)) {
+      return refuse(name, flag, "a finite number");
     }
-    *v = static_cast<std::remove_pointer_t<decltype(v)>>(x);
+    if constexpr (std::is_integral_v<T>) {
+      if (!(x >= 0 && x == std::floor(x) && x <= double(std::numeric_limits<T>::max()))) {
+        return refuse(name, flag, "a whole number >= 0");
+      }
+    }
+    *v = static_cast<T>(x);
     return true;
   };
   const std::string search = absl::GetFlag(FLAGS_search);
@@ -351,21 +363,15 @@ bool ApplyOverrides(DciOptions* dci) {
       num(absl::GetFlag(FLAGS_final_fov), "final_fov", &dci->final_fov) &&
       num(absl::GetFlag(FLAGS_anchor_interval), "anchor_interval", &dci->anchor_interval) &&
       num(absl::GetFlag(FLAGS_exact_below), "exact_below", &dci->exact_search_max_tokens);
-  const std::string rerank = absl::GetFlag(FLAGS_rerank);
-  double rerank_pages = 0;
-  if (parsed && !rerank.empty() &&
-      !(absl::SimpleAtod(rerank, &rerank_pages) && rerank_pages >= 0 && rerank_pages <= 4096 &&
-        rerank_pages == std::floor(rerank_pages))) {
-    std::fprintf(stderr, "--rerank=%s: must be a whole number of pages in [0, 4096]\n",
-                 rerank.c_str());
-    return false;
+  if (!parsed) return false;
+  if (dci->rerank_extra_pages > 4096) {
+    return refuse("rerank", absl::GetFlag(FLAGS_rerank), "a whole number of pages in [0, 4096]");
   }
-  if (parsed && !(std::isfinite(dci->reproject_growth) && dci->reproject_growth >= 1.0f)) {
-    std::fprintf(stderr, "--reproject_growth=%s: must be a finite number >= 1\n",
-                 absl::GetFlag(FLAGS_reproject_growth).c_str());
-    return false;
+  if (!(dci->reproject_growth >= 1.0f)) {
+    return refuse("reproject_growth", absl::GetFlag(FLAGS_reproject_growth),
+                  "a finite number >= 1");
   }
-  return parsed;
+  return true;
 }
 
 }  // namespace
