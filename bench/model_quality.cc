@@ -77,6 +77,12 @@ ABSL_FLAG(std::string, rerank, "",
           "Also replay the default preset with the tail estimate (mean-var) and each of these "
           "DciOptions::rerank_extra_pages (icecache-dci-rerank<N>; 0: the default preset without "
           "re-ranking, icecache-dci-default-no-rerank).");
+ABSL_FLAG(std::string, head_budgets, "",
+          "Comma-separated adaptive splits of a layer's pages between its KV heads, each run on "
+          "the default preset with the MEAN_VAR tail (icecache-dci-heads-<name>): observed (the "
+          "previous step's attention outside sink and window), oracle (this step's exact "
+          "attention), observed-layers (pages moved between layers), observed-all (between every "
+          "(layer, KV head) pair).");
 ABSL_FLAG(std::string, methods, "",
           "Only these in-process methods, by name (empty: all; full attention always runs).");
 ABSL_FLAG(
@@ -184,6 +190,27 @@ std::vector<eval::MethodSpec> Methods() {
     rerank.tail = selection::TailMode::kMeanVariance;
     rerank.dci.rerank_extra_pages = static_cast<uint32_t>(r);
     m.insert(m.begin() + static_cast<ptrdiff_t>(at++), rerank);
+  }
+  for (absl::string_view b :
+       absl::StrSplit(absl::GetFlag(FLAGS_head_budgets), ',', absl::SkipEmpty())) {
+    eval::MethodSpec heads = *fast;
+    heads.tail = selection::TailMode::kMeanVariance;
+    if (b == "observed") {
+      heads.head_budget = eval::HeadBudget::kObserved;
+    } else if (b == "oracle") {
+      heads.head_budget = eval::HeadBudget::kOracle;
+    } else if (b == "observed-layers") {
+      heads.head_budget = eval::HeadBudget::kObservedLayers;
+    } else if (b == "observed-all") {
+      heads.head_budget = eval::HeadBudget::kObservedAll;
+    } else {
+      Check(absl::InvalidArgumentError(absl::StrCat("--head_budgets: unknown split '", b,
+                                                    "' (known: observed, oracle, "
+                                                    "observed-layers, observed-all)")),
+            "--head_budgets");
+    }
+    heads.name = absl::StrCat("icecache-dci-heads-", b);
+    m.insert(m.begin() + static_cast<ptrdiff_t>(at++), heads);
   }
   // --methods: keep only the named in-process methods (empty: all).
   const std::vector<std::string> keep =

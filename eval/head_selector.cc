@@ -9,6 +9,22 @@
 
 namespace icecache::eval {
 
+std::string_view HeadBudgetName(HeadBudget b) {
+  switch (b) {
+    case HeadBudget::kFixed:
+      return "fixed";
+    case HeadBudget::kObserved:
+      return "observed";
+    case HeadBudget::kOracle:
+      return "oracle";
+    case HeadBudget::kObservedLayers:
+      return "observed-layers";
+    case HeadBudget::kObservedAll:
+      return "observed-all";
+  }
+  return "unknown";
+}
+
 MethodSpec Method(const std::string& name, MethodKind kind) {
   MethodSpec m;
   m.name = name;

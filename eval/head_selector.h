@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -44,6 +45,21 @@ struct ReplayOptions {
   float drift_threshold = 0.9f;
 };
 
+// How the pages of a layer's decode step are shared between its KV heads.
+enum class HeadBudget : uint8_t {
+  kFixed,     // every head selected_pages() (the paper's split)
+  kObserved,  // the layer's num_kv_heads * selected_pages() shared in proportion to each head's
+              // share of attention mass outside its sink and window in the previous step, as
+              // its attention saw it (exact over what it attended, plus the tail estimate);
+              // realisable by a client from its own softmax partials
+  kOracle,    // the same shares from the exact attention over every position at this step
+              // (an upper bound of what the split can give, not realisable)
+  kObservedLayers,  // the observed shares averaged per layer move pages between layers (all
+                    // selective layers' total kept; a layer's heads get the same count)
+  kObservedAll,     // the observed shares move pages between every (layer, KV head) pair
+};
+std::string_view HeadBudgetName(HeadBudget b);
+
 struct MethodSpec {
   std::string name;
   MethodKind kind = MethodKind::kDci;
@@ -55,6 +71,8 @@ struct MethodSpec {
   // pages hybrid spends part of the pages' share on a longer window. The split stays valid
   // (WithWindow).
   uint32_t window_tokens = 0;
+  // Pages between the KV heads of a layer (kFixed: the split's selected_pages() each).
+  HeadBudget head_budget = HeadBudget::kFixed;
 };
 
 // `split` with the method's window (MethodSpec::window_tokens), the pages' share shrunk to

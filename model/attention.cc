@@ -129,6 +129,58 @@ double Recall(const KvStore& kv, uint32_t layer, uint32_t kv_head, const float* 
   return in / all;
 }
 
+// The share of query q's exact attention over positions [0, pos] that falls outside the sink
+// [0, sink) and the window [window_begin, pos].
+double OutsideShareExact(const KvStore& kv, uint32_t layer, uint32_t kv_head, const float* q,
+                         uint32_t pos, uint32_t sink, uint32_t window_begin, float scale) {
+  const uint32_t d = kv.config().head_dim;
+  std::vector<float> s(pos + 1);
+  cblas_sgemv(CblasRowMajor, CblasNoTrans, static_cast<int>(pos + 1), static_cast<int>(d), scale,
+              kv.k(layer, kv_head), static_cast<int>(d), q, 1, 0.0f, s.data(), 1);
+  const float mx = *std::max_element(s.begin(), s.end());
+  double all = 0, out = 0;
+  for (uint32_t t = 0; t <= pos; ++t) {
+    const double e = std::exp(double{s[t]} - mx);
+    all += e;
+    if (t >= sink && t < window_begin) out += e;
+  }
+  return out / all;
+}
+
+// The same share in what a step attended: the positions exactly, the unfetched pages through
+// the tail estimate's virtual tokens (all of them outside the sink and window).
+double OutsideShareAttended(const KvStore& kv, uint32_t layer, uint32_t kv_head, const float* q,
+                            const std::vector<uint32_t>& positions, uint32_t sink,
+                            uint32_t window_begin, selection::TailMode mode,
+                            const std::vector<selection::PageSummaryView>& tail, float scale) {
+  const uint32_t d = kv.config().head_dim;
+  const float* K = kv.k(layer, kv_head);
+  std::vector<double> s;
+  std::vector<bool> outside;
+  for (uint32_t t : positions) {
+    double dot = 0;
+    for (uint32_t i = 0; i < d; ++i) dot += double{q[i]} * K[uint64_t{t} * d + i];
+    s.push_back(dot * scale);
+    outside.push_back(t >= sink && t < window_begin);
+  }
+  if (mode != selection::TailMode::kNone) {
+    for (const selection::PageSummaryView& p : tail) {
+      if (p.count == 0) continue;
+      s.push_back(selection::TailLogit(mode, q, d, scale, p));
+      outside.push_back(true);
+    }
+  }
+  if (s.empty()) return 0;
+  const double mx = *std::max_element(s.begin(), s.end());
+  double all = 0, out = 0;
+  for (size_t i = 0; i < s.size(); ++i) {
+    const double e = std::exp(s[i] - mx);
+    all += e;
+    if (outside[i]) out += e;
+  }
+  return out / all;
+}
+
 void AddRecall(SelectionStats* stats, uint32_t layer, uint32_t layers, double r) {
   if (stats->recall_sum.size() < layers) {
     stats->recall_sum.resize(layers, 0.0);
@@ -249,7 +301,9 @@ SelectiveAttention::SelectiveAttention(const LlamaConfig& config, uint32_t max_t
       method_(method),
       split_(split),
       full_kv_layers_(full_kv_layers),
-      measure_recall_(measure_recall) {
+      measure_recall_(measure_recall),
+      observed_share_(uint64_t{config.n_layers} * config.n_kv_heads, -1.0) {
+  stats_.pages_asked.assign(uint64_t{config.n_layers} * config.n_kv_heads, 0);
   const index::IndexGeometry geometry{config.head_dim, index::ElemType::kF16, split.page_size};
   for (uint32_t l = 0; l < config.n_layers; ++l) {
     for (uint32_t h = 0; h < config.n_kv_heads; ++h) {
@@ -268,6 +322,74 @@ absl::Status SelectiveAttention::Decode(uint32_t layer, uint32_t pos, const floa
   const LlamaConfig& c = kv_.config();
   const float scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
   const uint32_t g = c.group(), d = c.head_dim;
+  // Pages per KV head (MethodSpec::head_budget): the fixed split, or the layer's total shared
+  // by each head's share of mass outside its sink and window.
+  const uint32_t per_head = split_.selected_pages();
+  std::vector<uint32_t> pages_for(c.n_kv_heads, per_head);
+  const eval::HeadBudget hb = method_.head_budget;
+  const bool across_layers =
+      hb == eval::HeadBudget::kObservedLayers || hb == eval::HeadBudget::kObservedAll;
+  const bool adaptive = layer >= full_kv_layers_ && hb != eval::HeadBudget::kFixed &&
+                        (c.n_kv_heads > 1 || across_layers);
+  const bool observe = adaptive && hb != eval::HeadBudget::kOracle;
+  if (adaptive && across_layers) {
+    // Once per step (at its first selective layer): every selective layer's pages from the
+    // shares observed in the previous step.
+    const uint64_t first = uint64_t{full_kv_layers_} * c.n_kv_heads;
+    if (layer == full_kv_layers_) {
+      const uint32_t layers = c.n_layers - full_kv_layers_;
+      step_pages_.assign(uint64_t{c.n_layers} * c.n_kv_heads, per_head);
+      const bool seen_all = std::all_of(observed_share_.begin() + first, observed_share_.end(),
+                                        [](double x) { return x >= 0; });
+      if (seen_all) {
+        const uint32_t lo = std::max<uint32_t>(1, per_head / 4), hi = 2 * per_head;
+        if (hb == eval::HeadBudget::kObservedAll) {
+          absl::StatusOr<std::vector<uint32_t>> split = selection::SplitPagesAcrossHeads(
+              layers * c.n_kv_heads * per_head,
+              std::vector<double>(observed_share_.begin() + first, observed_share_.end()), lo, hi);
+          if (!split.ok()) return split.status();
+          std::copy(split->begin(), split->end(), step_pages_.begin() + first);
+        } else {
+          std::vector<double> w(layers, 0.0);
+          for (uint32_t l = 0; l < layers; ++l) {
+            for (uint32_t h = 0; h < c.n_kv_heads; ++h)
+              w[l] += observed_share_[first + l * c.n_kv_heads + h];
+          }
+          absl::StatusOr<std::vector<uint32_t>> split =
+              selection::SplitPagesAcrossHeads(layers * per_head, w, lo, hi);
+          if (!split.ok()) return split.status();
+          for (uint32_t l = 0; l < layers; ++l) {
+            std::fill_n(step_pages_.begin() + first + l * c.n_kv_heads, c.n_kv_heads, (*split)[l]);
+          }
+        }
+      }
+    }
+    std::copy_n(step_pages_.begin() + uint64_t{layer} * c.n_kv_heads, c.n_kv_heads,
+                pages_for.begin());
+  } else if (adaptive) {
+    std::vector<double> w(c.n_kv_heads, 1.0);
+    double* seen = observed_share_.data() + uint64_t{layer} * c.n_kv_heads;
+    for (uint32_t h = 0; h < c.n_kv_heads; ++h) {
+      if (method_.head_budget == eval::HeadBudget::kOracle) {
+        const eval::HeadSelector& hs = *selectors_[uint64_t{layer} * c.n_kv_heads + h];
+        double share = 0;
+        for (uint32_t j = 0; j < g; ++j) {
+          share += OutsideShareExact(kv_, layer, h, q + (uint64_t{h} * g + j) * d, pos,
+                                     split_.sink_tokens, hs.indexed_end(), scale);
+        }
+        w[h] = share / g;
+      } else if (seen[h] >= 0) {
+        w[h] = seen[h];
+      } else {
+        w.assign(c.n_kv_heads, 1.0);  // a head not yet seen: the fixed split this step
+        break;
+      }
+    }
+    absl::StatusOr<std::vector<uint32_t>> split = selection::SplitPagesAcrossHeads(
+        c.n_kv_heads * per_head, w, std::max<uint32_t>(1, per_head / 4), 2 * per_head);
+    if (!split.ok()) return split.status();
+    pages_for = std::move(*split);
+  }
   for (uint32_t h = 0; h < c.n_kv_heads; ++h) {
     const float* group_q = q + uint64_t{h} * g * d;
     std::vector<uint32_t> positions;
@@ -282,9 +404,10 @@ absl::Status SelectiveAttention::Decode(uint32_t layer, uint32_t pos, const floa
       keys.rows = pos + 1;
       absl::StatusOr<std::vector<uint32_t>> sel =
           selectors_[uint64_t{layer} * c.n_kv_heads + h]->Select(keys, pos, group_q, g,
-                                                                 split_.selected_pages());
+                                                                 pages_for[h]);
       if (!sel.ok()) return sel.status();
       positions = std::move(*sel);
+      stats_.pages_asked[uint64_t{layer} * c.n_kv_heads + h] += pages_for[h];
     }
     const bool tail = layer >= full_kv_layers_ && method_.tail != selection::TailMode::kNone &&
                       positions.size() < pos + 1;
@@ -306,6 +429,17 @@ absl::Status SelectiveAttention::Decode(uint32_t layer, uint32_t pos, const floa
       if (measure_recall_) {
         AddRecall(&stats_, layer, c.n_layers, Recall(kv_, layer, h, qh, pos, positions, scale));
       }
+    }
+    if (observe) {
+      const eval::HeadSelector& hs = *selectors_[uint64_t{layer} * c.n_kv_heads + h];
+      double share = 0;
+      for (uint32_t j = 0; j < g; ++j) {
+        share += OutsideShareAttended(
+            kv_, layer, h, group_q + uint64_t{j} * d, positions, split_.sink_tokens,
+            hs.indexed_end(), method_.tail,
+            tail ? tail_pages_ : std::vector<selection::PageSummaryView>{}, scale);
+      }
+      observed_share_[uint64_t{layer} * c.n_kv_heads + h] = share / g;
     }
   }
   return absl::OkStatus();

@@ -97,6 +97,9 @@ struct SelectionStats {
   // the attended positions carry), one sample per (decode step, query head).
   std::vector<double> recall_sum;
   std::vector<uint64_t> recall_count;
+  // Per (layer, KV head), layers [full_kv_layers, n): pages asked of the head's selection,
+  // summed over decode steps (SelectiveAttention; MethodSpec::head_budget moves them).
+  std::vector<uint64_t> pages_asked;
   double MeanRecall(uint32_t first_layer = 0) const;
 };
 
@@ -128,6 +131,11 @@ class SelectiveAttention : public InProcessAttention {
   const uint32_t full_kv_layers_;
   const bool measure_recall_;
   std::vector<std::unique_ptr<eval::HeadSelector>> selectors_;  // [layer][kv_head]
+  // HeadBudget::kObserved: each head's share of attended mass outside its sink and window in
+  // its last step ([layer][kv_head], -1 before the first).
+  std::vector<double> observed_share_;
+  // HeadBudget::kObservedLayers / kObservedAll: this step's pages per (layer, KV head).
+  std::vector<uint32_t> step_pages_;
   SelectionStats stats_;
 };
 

@@ -14,8 +14,10 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 
 namespace icecache::selection {
 
@@ -55,5 +57,17 @@ absl::Status ValidateSplit(const BudgetSplit& split);
 // (the paper publishes no split for 64). Used wherever a budget is given alone (the
 // benchmarks' budget sweeps, the demo's --budget).
 BudgetSplit PaperSplit(uint32_t budget, uint32_t page_size = BudgetDefaults::kPageSize);
+
+// Adaptive split between the KV heads of a layer: `total_pages` (the layer's budget, e.g.
+// num_kv_heads * selected_pages()) shared out in proportion to weights[h] >= 0 (for example
+// each head's share of attention mass outside its sink and window), each head getting at
+// least min_pages and at most max_pages. Largest remainders, ties to the lower head; a
+// head's share above max_pages goes to the others in proportion to their weights; weights
+// all zero share evenly. The result sums to total_pages exactly. INVALID_ARGUMENT when there
+// are no heads, a weight is negative or not finite, min_pages > max_pages, or total_pages
+// is outside [heads * min_pages, heads * max_pages].
+absl::StatusOr<std::vector<uint32_t>> SplitPagesAcrossHeads(uint32_t total_pages,
+                                                            const std::vector<double>& weights,
+                                                            uint32_t min_pages, uint32_t max_pages);
 
 }  // namespace icecache::selection

@@ -355,6 +355,92 @@ TEST_F(LlamaTest, ASelectionCoveringEveryTokenIsFullAttentionAndSmallBudgetsAreN
   }
 }
 
+TEST_F(LlamaTest, AdaptiveHeadSplitMovesPagesBetweenHeadsUnderTheLayersTotal) {
+  const std::vector<int32_t> ids = Ids(400, 11);
+  const LlamaConfig& c = model_->config();
+  ASSERT_EQ(c.n_kv_heads, 2u);
+  const selection::BudgetSplit small = selection::PaperSplit(128);  // 4 pages per head
+  const uint32_t k = small.selected_pages(), steps = 100, full_layers = 1;
+  ASSERT_EQ(k, 4u);
+  absl::StatusOr<eval::MethodSpec> base = eval::PresetMethod("dci", "fast");
+  ASSERT_TRUE(base.ok()) << base.status();
+  base->tail = selection::TailMode::kMeanVariance;
+  for (eval::HeadBudget b :
+       {eval::HeadBudget::kFixed, eval::HeadBudget::kObserved, eval::HeadBudget::kOracle}) {
+    eval::MethodSpec m = *base;
+    m.head_budget = b;
+    SCOPED_TRACE(std::string(eval::HeadBudgetName(b)));
+    FullAttention ref(c, 400);
+    SelectiveAttention sel(c, 400, m, small, full_layers, /*measure_recall=*/true);
+    SelectiveAttention all(c, 400, m, selection::PaperSplit(2048), full_layers, true);
+    PrefillTee tee(&ref, {&sel, &all});
+    std::vector<float> a, s, f;
+    ASSERT_OK(model_->Prefill(std::vector<int32_t>(ids.begin(), ids.begin() + 300), &tee, &a));
+    s = f = a;
+    for (uint32_t t = 300; t < 300 + steps; ++t) {
+      ASSERT_OK(model_->Decode(ids[t], t, &ref, &a));
+      ASSERT_OK(model_->Decode(ids[t], t, &sel, &s));
+      ASSERT_OK(model_->Decode(ids[t], t, &all, &f));
+      // A budget over every token stays full attention whatever the split.
+      ASSERT_EQ(a, f) << "position " << t;
+    }
+    const std::vector<uint64_t>& asked = sel.stats().pages_asked;
+    ASSERT_EQ(asked.size(), uint64_t{c.n_layers} * c.n_kv_heads);
+    EXPECT_EQ(asked[0] + asked[1], 0u);  // the full-KV layer selects nothing
+    bool moved = false;
+    for (uint32_t l = full_layers; l < c.n_layers; ++l) {
+      const uint64_t h0 = asked[l * 2], h1 = asked[l * 2 + 1];
+      // The layer's total is the fixed split's, every step, and each head stays in
+      // [max(1, k / 4), 2 k] pages per step.
+      EXPECT_EQ(h0 + h1, uint64_t{steps} * 2 * k) << "layer " << l;
+      EXPECT_GE(std::min(h0, h1), uint64_t{steps} * 1) << "layer " << l;
+      EXPECT_LE(std::max(h0, h1), uint64_t{steps} * 2 * k) << "layer " << l;
+      moved |= h0 != uint64_t{steps} * k;
+    }
+    EXPECT_EQ(moved, b != eval::HeadBudget::kFixed);
+  }
+}
+
+TEST_F(LlamaTest, AdaptiveSplitAcrossLayersKeepsTheStepsTotal) {
+  const std::vector<int32_t> ids = Ids(400, 13);
+  const LlamaConfig& c = model_->config();
+  const selection::BudgetSplit small = selection::PaperSplit(128);  // 4 pages per head
+  const uint32_t k = small.selected_pages(), steps = 100, full_layers = 1;
+  const uint32_t layers = c.n_layers - full_layers;
+  absl::StatusOr<eval::MethodSpec> base = eval::PresetMethod("dci", "fast");
+  ASSERT_TRUE(base.ok()) << base.status();
+  base->tail = selection::TailMode::kMeanVariance;
+  for (eval::HeadBudget b : {eval::HeadBudget::kObservedLayers, eval::HeadBudget::kObservedAll}) {
+    eval::MethodSpec m = *base;
+    m.head_budget = b;
+    SCOPED_TRACE(std::string(eval::HeadBudgetName(b)));
+    FullAttention ref(c, 400);
+    SelectiveAttention sel(c, 400, m, small, full_layers, /*measure_recall=*/true);
+    PrefillTee tee(&ref, {&sel});
+    std::vector<float> a;
+    ASSERT_OK(model_->Prefill(std::vector<int32_t>(ids.begin(), ids.begin() + 300), &tee, &a));
+    for (uint32_t t = 300; t < 300 + steps; ++t) ASSERT_OK(model_->Decode(ids[t], t, &sel, &a));
+    const std::vector<uint64_t>& asked = sel.stats().pages_asked;
+    uint64_t total = 0;
+    bool moved = false;
+    for (uint32_t l = full_layers; l < c.n_layers; ++l) {
+      for (uint32_t h = 0; h < c.n_kv_heads; ++h) {
+        const uint64_t x = asked[l * c.n_kv_heads + h];
+        total += x;
+        moved |= x != uint64_t{steps} * k;
+        EXPECT_GE(x, uint64_t{steps} * 1);
+        EXPECT_LE(x, uint64_t{steps} * 2 * k);
+      }
+      // Moved between layers only: a layer's heads ask the same.
+      if (b == eval::HeadBudget::kObservedLayers) {
+        EXPECT_EQ(asked[l * c.n_kv_heads], asked[l * c.n_kv_heads + 1]) << "layer " << l;
+      }
+    }
+    EXPECT_EQ(total, uint64_t{steps} * layers * c.n_kv_heads * k);
+    EXPECT_TRUE(moved);
+  }
+}
+
 TEST_F(LlamaTest, IceCacheThroughTheDaemonWithAFullBudgetEqualsFullAttention) {
   auto daemon = ::icecache::testing::DaemonProcess::Start(dir_.path());
   ASSERT_TRUE(daemon.ok()) << daemon.status();
