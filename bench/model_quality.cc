@@ -36,6 +36,7 @@
 #include "absl/flags/parse.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "bench/bench_output.h"
 #include "common/flags_compat.h"
@@ -195,18 +196,17 @@ std::vector<eval::MethodSpec> Methods() {
        absl::StrSplit(absl::GetFlag(FLAGS_head_budgets), ',', absl::SkipEmpty())) {
     eval::MethodSpec heads = *fast;
     heads.tail = selection::TailMode::kMeanVariance;
-    if (b == "observed") {
-      heads.head_budget = eval::HeadBudget::kObserved;
-    } else if (b == "oracle") {
-      heads.head_budget = eval::HeadBudget::kOracle;
-    } else if (b == "observed-layers") {
-      heads.head_budget = eval::HeadBudget::kObservedLayers;
-    } else if (b == "observed-all") {
-      heads.head_budget = eval::HeadBudget::kObservedAll;
-    } else {
+    const eval::HeadBudget adaptive[] = {eval::HeadBudget::kObserved, eval::HeadBudget::kOracle,
+                                         eval::HeadBudget::kObservedLayers,
+                                         eval::HeadBudget::kObservedAll};
+    std::vector<std::string> known;
+    for (eval::HeadBudget a : adaptive) {
+      known.emplace_back(eval::HeadBudgetName(a));
+      if (known.back() == b) heads.head_budget = a;
+    }
+    if (heads.head_budget == eval::HeadBudget::kFixed) {
       Check(absl::InvalidArgumentError(absl::StrCat("--head_budgets: unknown split '", b,
-                                                    "' (known: observed, oracle, "
-                                                    "observed-layers, observed-all)")),
+                                                    "' (known: ", absl::StrJoin(known, ", "), ")")),
             "--head_budgets");
     }
     heads.name = absl::StrCat("icecache-dci-heads-", b);

@@ -336,7 +336,7 @@ absl::Status SelectiveAttention::Decode(uint32_t layer, uint32_t pos, const floa
     // Once per step (at its first selective layer): every selective layer's pages from the
     // shares observed in the previous step.
     const uint64_t first = uint64_t{full_kv_layers_} * c.n_kv_heads;
-    if (layer == full_kv_layers_) {
+    if (layer == full_kv_layers_ || step_pages_.empty()) {
       const uint32_t layers = c.n_layers - full_kv_layers_;
       step_pages_.assign(uint64_t{c.n_layers} * c.n_kv_heads, per_head);
       const bool seen_all = std::all_of(observed_share_.begin() + first, observed_share_.end(),
@@ -368,9 +368,10 @@ absl::Status SelectiveAttention::Decode(uint32_t layer, uint32_t pos, const floa
                 pages_for.begin());
   } else if (adaptive) {
     std::vector<double> w(c.n_kv_heads, 1.0);
-    double* seen = observed_share_.data() + uint64_t{layer} * c.n_kv_heads;
+    const double* seen = observed_share_.data() + uint64_t{layer} * c.n_kv_heads;
     for (uint32_t h = 0; h < c.n_kv_heads; ++h) {
       if (method_.head_budget == eval::HeadBudget::kOracle) {
+        // The window as it stands before this step's hand-over (Select moves it after).
         const eval::HeadSelector& hs = *selectors_[uint64_t{layer} * c.n_kv_heads + h];
         double share = 0;
         for (uint32_t j = 0; j < g; ++j) {
