@@ -108,43 +108,43 @@ void PromptAttention(const LlamaConfig& c, const float* q, const float* k, const
 
 namespace {
 
-// Softmax mass that `attended` (sorted positions) carries among all positions [0, pos] for
-// query q on one (layer, KV head).
-double Recall(const KvStore& kv, uint32_t layer, uint32_t kv_head, const float* q, uint32_t pos,
-              const std::vector<uint32_t>& attended, float scale) {
+// The share of query q's exact softmax mass over positions [0, pos] of one (layer, KV head)
+// carried by the positions t where in(t) holds (called once per t, in ascending order).
+template <class In>
+double ExactMassShare(const KvStore& kv, uint32_t layer, uint32_t kv_head, const float* q,
+                      uint32_t pos, float scale, In in) {
   const uint32_t d = kv.config().head_dim;
   std::vector<float> s(pos + 1);
   // scores = K[0..pos] . q * scale (rows contiguous per (layer, head)).
   cblas_sgemv(CblasRowMajor, CblasNoTrans, static_cast<int>(pos + 1), static_cast<int>(d), scale,
               kv.k(layer, kv_head), static_cast<int>(d), q, 1, 0.0f, s.data(), 1);
   const float mx = *std::max_element(s.begin(), s.end());
-  double all = 0, in = 0;
-  size_t j = 0;
+  double all = 0, part = 0;
   for (uint32_t t = 0; t <= pos; ++t) {
     const double e = std::exp(double{s[t]} - mx);
     all += e;
-    while (j < attended.size() && attended[j] < t) ++j;
-    if (j < attended.size() && attended[j] == t) in += e;
+    if (in(t)) part += e;
   }
-  return in / all;
+  return part / all;
+}
+
+// Softmax mass that `attended` (sorted positions) carries among all positions [0, pos] for
+// query q on one (layer, KV head).
+double Recall(const KvStore& kv, uint32_t layer, uint32_t kv_head, const float* q, uint32_t pos,
+              const std::vector<uint32_t>& attended, float scale) {
+  size_t j = 0;
+  return ExactMassShare(kv, layer, kv_head, q, pos, scale, [&](uint32_t t) {
+    while (j < attended.size() && attended[j] < t) ++j;
+    return j < attended.size() && attended[j] == t;
+  });
 }
 
 // The share of query q's exact attention over positions [0, pos] that falls outside the sink
 // [0, sink) and the window [window_begin, pos].
 double OutsideShareExact(const KvStore& kv, uint32_t layer, uint32_t kv_head, const float* q,
                          uint32_t pos, uint32_t sink, uint32_t window_begin, float scale) {
-  const uint32_t d = kv.config().head_dim;
-  std::vector<float> s(pos + 1);
-  cblas_sgemv(CblasRowMajor, CblasNoTrans, static_cast<int>(pos + 1), static_cast<int>(d), scale,
-              kv.k(layer, kv_head), static_cast<int>(d), q, 1, 0.0f, s.data(), 1);
-  const float mx = *std::max_element(s.begin(), s.end());
-  double all = 0, out = 0;
-  for (uint32_t t = 0; t <= pos; ++t) {
-    const double e = std::exp(double{s[t]} - mx);
-    all += e;
-    if (t >= sink && t < window_begin) out += e;
-  }
-  return out / all;
+  return ExactMassShare(kv, layer, kv_head, q, pos, scale,
+                        [&](uint32_t t) { return t >= sink && t < window_begin; });
 }
 
 // The same share in what a step attended: the positions exactly, the unfetched pages through
