@@ -84,6 +84,10 @@ ABSL_FLAG(std::string, head_budgets, "",
           "previous step's attention outside sink and window), oracle (this step's exact "
           "attention), observed-layers (pages moved between layers), observed-all (between every "
           "(layer, KV head) pair).");
+ABSL_FLAG(std::string, splits, "paper",
+          "Comma-separated splits of each budget, every method run under each: 'paper' (2 sink + "
+          "2 window pages of 16 tokens, 1 + 1 below 128) or page:sink:window in tokens, e.g. "
+          "8:8:16 (rows named <method>-p<page>s<sink>w<window>).");
 ABSL_FLAG(std::string, methods, "",
           "Only these in-process methods, by name (empty: all; full attention always runs).");
 ABSL_FLAG(
@@ -292,6 +296,48 @@ struct PasskeyRow {
   std::string answer;
 };
 
+// A --splits entry: "paper" or "page:sink:window".
+struct SplitSpec {
+  bool paper = true;
+  uint32_t page = 0, sink = 0, window = 0;
+  std::string suffix;  // appended to the method names ("" for the paper split)
+};
+
+absl::StatusOr<SplitSpec> ParseSplitSpec(absl::string_view s) {
+  SplitSpec spec;
+  if (s == "paper") return spec;
+  const std::vector<absl::string_view> parts = absl::StrSplit(s, ':');
+  uint32_t v[3] = {0, 0, 0};
+  if (parts.size() != 3 || !absl::SimpleAtoi(parts[0], &v[0]) ||
+      !absl::SimpleAtoi(parts[1], &v[1]) || !absl::SimpleAtoi(parts[2], &v[2])) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--splits: '", s, "' is neither 'paper' nor page:sink:window"));
+  }
+  spec.paper = false;
+  spec.page = v[0];
+  spec.sink = v[1];
+  spec.window = v[2];
+  spec.suffix = absl::StrCat("-p", v[0], "s", v[1], "w", v[2]);
+  return spec;
+}
+
+// The split of `budget` under `spec`, validated (selection::ValidateSplit).
+absl::StatusOr<selection::BudgetSplit> SplitFor(const SplitSpec& spec, uint32_t budget) {
+  if (spec.paper) return selection::PaperSplit(budget);
+  selection::BudgetSplit split;
+  split.budget_tokens = budget;
+  split.page_size = spec.page;
+  split.sink_tokens = spec.sink;
+  split.window_tokens = spec.window;
+  absl::Status s = selection::ValidateSplit(split);
+  if (!s.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("--splits ", spec.page, ":", spec.sink, ":",
+                                                   spec.window, " at budget ", budget, ": ",
+                                                   s.message()));
+  }
+  return split;
+}
+
 std::vector<double> RecallByLayer(const SelectionStats& s, uint32_t layers) {
   std::vector<double> out(layers, 0.0);
   for (uint32_t l = 0; l < layers && l < s.recall_sum.size(); ++l) {
@@ -327,6 +373,18 @@ int main(int argc, char** argv) {
     passkey_tokens = 1500;
   }
   if (passkey_budgets.empty()) passkey_budgets = budgets;
+  // Every split at every budget is checked before the model loads.
+  std::vector<SplitSpec> splits;
+  for (absl::string_view part :
+       absl::StrSplit(absl::GetFlag(FLAGS_splits), ',', absl::SkipEmpty())) {
+    absl::StatusOr<SplitSpec> spec = ParseSplitSpec(part);
+    Check(spec.status(), "--splits");
+    for (const std::vector<double>* list : {&budgets, &passkey_budgets}) {
+      for (double b : *list) Check(SplitFor(*spec, static_cast<uint32_t>(b)).status(), "--splits");
+    }
+    splits.push_back(*spec);
+  }
+  if (splits.empty()) Check(absl::InvalidArgumentError("--splits: empty"), "--splits");
   const uint32_t full_kv_layers = absl::GetFlag(FLAGS_full_kv_layers);
   const std::string out_dir = absl::GetFlag(FLAGS_out);
   const auto start = Clock::now();
@@ -484,29 +542,31 @@ int main(int argc, char** argv) {
       rows.push_back(row);
     };
     for (double b : budgets) {
-      const selection::BudgetSplit split = selection::PaperSplit(static_cast<uint32_t>(b));
-      for (Service& svc : services) {
-        t = Clock::now();
-        SequenceOptions so = SequenceOptionsFor(c, total, split, full_kv_layers);
-        so.selection = svc.mode;
-        so.tail_estimate = svc.tail;
-        auto seq = svc.client->CreateSequence(so);
-        Check(seq.status(), "create sequence");
-        ServiceAttention service(c, seq->get(), /*measure_recall=*/true, total);
-        LoadPromptFrom(full, c, prompt_tokens, &service);
-        ContinuationResult r = Continue(model, &service, prompt_logits, tokens, prompt_tokens,
-                                        continuation, &ref.argmax);
-        report(svc.name, split.budget_tokens, r, service.stats(), Seconds(t));
-      }
-      for (const eval::MethodSpec& m : methods) {
-        absl::StatusOr<selection::BudgetSplit> msplit = eval::WithWindow(m, split);
-        if (!msplit.ok()) continue;  // a window the budget cannot hold
-        t = Clock::now();
-        SelectiveAttention sel(c, total, m, *msplit, full_kv_layers, /*measure_recall=*/true);
-        LoadPromptFrom(full, c, prompt_tokens, &sel);
-        ContinuationResult r =
-            Continue(model, &sel, prompt_logits, tokens, prompt_tokens, continuation, &ref.argmax);
-        report(m.name, split.budget_tokens, r, sel.stats(), Seconds(t));
+      for (const SplitSpec& spec : splits) {
+        const selection::BudgetSplit split = *SplitFor(spec, static_cast<uint32_t>(b));
+        for (Service& svc : services) {
+          t = Clock::now();
+          SequenceOptions so = SequenceOptionsFor(c, total, split, full_kv_layers);
+          so.selection = svc.mode;
+          so.tail_estimate = svc.tail;
+          auto seq = svc.client->CreateSequence(so);
+          Check(seq.status(), "create sequence");
+          ServiceAttention service(c, seq->get(), /*measure_recall=*/true, total);
+          LoadPromptFrom(full, c, prompt_tokens, &service);
+          ContinuationResult r = Continue(model, &service, prompt_logits, tokens, prompt_tokens,
+                                          continuation, &ref.argmax);
+          report(svc.name + spec.suffix, split.budget_tokens, r, service.stats(), Seconds(t));
+        }
+        for (const eval::MethodSpec& m : methods) {
+          absl::StatusOr<selection::BudgetSplit> msplit = eval::WithWindow(m, split);
+          if (!msplit.ok()) continue;  // a window the budget cannot hold
+          t = Clock::now();
+          SelectiveAttention sel(c, total, m, *msplit, full_kv_layers, /*measure_recall=*/true);
+          LoadPromptFrom(full, c, prompt_tokens, &sel);
+          ContinuationResult r = Continue(model, &sel, prompt_logits, tokens, prompt_tokens,
+                                          continuation, &ref.argmax);
+          report(m.name + spec.suffix, split.budget_tokens, r, sel.stats(), Seconds(t));
+        }
       }
     }
   }
@@ -534,31 +594,33 @@ int main(int argc, char** argv) {
       std::printf("  %-28s %6s  %s  \"%s\"\n", "full attention", "-", full_ok ? "right" : "wrong",
                   full_answer.c_str());
       for (double b : passkey_budgets) {
-        const selection::BudgetSplit split = selection::PaperSplit(static_cast<uint32_t>(b));
-        auto run = [&](const std::string& method, AttentionBackend* backend) {
-          LoadPromptFrom(full, c, n, backend);
-          const std::string answer = GreedyAnswer(model, backend, logits, n, max_new);
-          const bool ok = FirstNumber(answer) == key;
-          passkeys.push_back({haystack, method, split.budget_tokens, depth, ok,
-                              FirstNumber(answer) == FirstNumber(full_answer), answer});
-          std::printf("  %-28s %6u  %s  \"%s\"\n", method.c_str(), split.budget_tokens,
-                      ok ? "right" : "wrong", answer.c_str());
-          std::fflush(stdout);
-        };
-        for (Service& svc : services) {
-          SequenceOptions so = SequenceOptionsFor(c, n + max_new, split, full_kv_layers);
-          so.selection = svc.mode;
-          so.tail_estimate = svc.tail;
-          auto seq = svc.client->CreateSequence(so);
-          Check(seq.status(), "create sequence");
-          ServiceAttention service(c, seq->get(), false, n + max_new);
-          run(svc.name, &service);
-        }
-        for (const eval::MethodSpec& m : methods) {
-          absl::StatusOr<selection::BudgetSplit> msplit = eval::WithWindow(m, split);
-          if (!msplit.ok()) continue;  // a window the budget cannot hold
-          SelectiveAttention sel(c, n + max_new, m, *msplit, full_kv_layers, false);
-          run(m.name, &sel);
+        for (const SplitSpec& spec : splits) {
+          const selection::BudgetSplit split = *SplitFor(spec, static_cast<uint32_t>(b));
+          auto run = [&](const std::string& method, AttentionBackend* backend) {
+            LoadPromptFrom(full, c, n, backend);
+            const std::string answer = GreedyAnswer(model, backend, logits, n, max_new);
+            const bool ok = FirstNumber(answer) == key;
+            passkeys.push_back({haystack, method, split.budget_tokens, depth, ok,
+                                FirstNumber(answer) == FirstNumber(full_answer), answer});
+            std::printf("  %-28s %6u  %s  \"%s\"\n", method.c_str(), split.budget_tokens,
+                        ok ? "right" : "wrong", answer.c_str());
+            std::fflush(stdout);
+          };
+          for (Service& svc : services) {
+            SequenceOptions so = SequenceOptionsFor(c, n + max_new, split, full_kv_layers);
+            so.selection = svc.mode;
+            so.tail_estimate = svc.tail;
+            auto seq = svc.client->CreateSequence(so);
+            Check(seq.status(), "create sequence");
+            ServiceAttention service(c, seq->get(), false, n + max_new);
+            run(svc.name + spec.suffix, &service);
+          }
+          for (const eval::MethodSpec& m : methods) {
+            absl::StatusOr<selection::BudgetSplit> msplit = eval::WithWindow(m, split);
+            if (!msplit.ok()) continue;  // a window the budget cannot hold
+            SelectiveAttention sel(c, n + max_new, m, *msplit, full_kv_layers, false);
+            run(m.name + spec.suffix, &sel);
+          }
         }
       }
     }
