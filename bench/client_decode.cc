@@ -37,6 +37,7 @@
 #include "eval/synthetic.h"
 #include "eval/trace.h"
 #include "icecache/client.h"
+#include "selection/budget.h"
 
 #if defined(ICECACHE_HAVE_CUDA)
 #include <cuda_runtime_api.h>
@@ -54,8 +55,8 @@ ABSL_FLAG(std::string, trace, "", "ICTRACE1 file whose layer 0 drives a hit-rate
 ABSL_FLAG(std::string, configs, "default,no-tail,paper",
           "Configurations of the step breakdown, each in the same run: default (the daemon's "
           "defaults: fast index preset, MEAN_VAR tail estimate), no-tail (the same without the "
-          "tail estimate), paper (a second icecached with --index-preset=paper, no tail: the "
-          "paper's configuration).");
+          "tail estimate), paper (a second icecached with --index-preset=paper, no tail, pages of "
+          "16 tokens with 32 sink and 32 window tokens: the paper's configuration).");
 ABSL_FLAG(std::string, out, "bench/results", "Directory for JSON/CSV results.");
 
 namespace {
@@ -205,7 +206,7 @@ eval::Trace BreakdownTrace(uint32_t context) {
 
 StepRow RunBreakdown(const std::string& socket, ExecutionMode mode, const eval::Trace& t,
                      uint32_t context, uint32_t budget,
-                     std::optional<TailEstimate> tail = std::nullopt) {
+                     std::optional<TailEstimate> tail = std::nullopt, bool paper_split = false) {
   const uint32_t warmup = absl::GetFlag(FLAGS_warmup), steps = absl::GetFlag(FLAGS_steps);
   const std::vector<uint16_t> k = TokenMajor(t, 0, false), v = TokenMajor(t, 0, true);
 
@@ -224,6 +225,12 @@ StepRow RunBreakdown(const std::string& socket, ExecutionMode mode, const eval::
   sq.dtype = DType::kBF16;
   sq.max_tokens = t.num_tokens;
   sq.budget_tokens = budget;
+  if (paper_split) {  // the paper's pages of 16 tokens, 2 sink + 2 window pages
+    const selection::BudgetSplit p = selection::PaperSplit(budget);
+    sq.page_size = p.page_size;
+    sq.sink_tokens = p.sink_tokens;
+    sq.window_tokens = p.window_tokens;
+  }
   sq.label = "bench";
   sq.tail_estimate = tail;
   auto seq = (*client)->CreateSequence(sq);
@@ -387,7 +394,8 @@ int main(int argc, char** argv) {
         StepRow r = RunBreakdown(
             cfg == "paper" ? paper->socket() : daemon->socket(), mode, trace,
             static_cast<uint32_t>(c), static_cast<uint32_t>(b),
-            cfg == "default" ? std::nullopt : std::optional<TailEstimate>(TailEstimate::kNone));
+            cfg == "default" ? std::nullopt : std::optional<TailEstimate>(TailEstimate::kNone),
+            cfg == "paper");
         r.config = cfg;
         std::printf(
             "  build %.2f s | sparse: select %.1f + fetch %.1f + attention %.1f = %.1f us "

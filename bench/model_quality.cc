@@ -84,10 +84,12 @@ ABSL_FLAG(std::string, head_budgets, "",
           "previous step's attention outside sink and window), oracle (this step's exact "
           "attention), observed-layers (pages moved between layers), observed-all (between every "
           "(layer, KV head) pair).");
-ABSL_FLAG(std::string, splits, "paper",
-          "Comma-separated splits of each budget, every method run under each: 'paper' (2 sink + "
-          "2 window pages of 16 tokens, 1 + 1 below 128) or page:sink:window in tokens, e.g. "
-          "8:8:16 (rows named <method>-p<page>s<sink>w<window>).");
+ABSL_FLAG(std::string, splits, "default",
+          "Comma-separated splits of each budget, every method run under each: 'default' (the "
+          "daemon's: 2 sink + 2 window pages of 8 tokens, 1 + 1 below 128; rows named "
+          "<method>), 'paper' (the same rule with pages of 16, the paper's; rows named "
+          "<method>-paper-split) or page:sink:window in tokens, e.g. 16:16:32 (rows named "
+          "<method>-p<page>s<sink>w<window>).");
 ABSL_FLAG(std::string, methods, "",
           "Only these in-process methods, by name (empty: all; full attention always runs).");
 ABSL_FLAG(
@@ -296,24 +298,29 @@ struct PasskeyRow {
   std::string answer;
 };
 
-// A --splits entry: "paper" or "page:sink:window".
+// A --splits entry: "default", "paper" or "page:sink:window".
 struct SplitSpec {
-  bool paper = true;
+  enum class Rule { kDefault, kPaper, kExplicit } rule = Rule::kDefault;
   uint32_t page = 0, sink = 0, window = 0;
-  std::string suffix;  // appended to the method names ("" for the paper split)
+  std::string suffix;  // appended to the method names ("" for the default split)
 };
 
 absl::StatusOr<SplitSpec> ParseSplitSpec(absl::string_view s) {
   SplitSpec spec;
-  if (s == "paper") return spec;
+  if (s == "default") return spec;
+  if (s == "paper") {
+    spec.rule = SplitSpec::Rule::kPaper;
+    spec.suffix = "-paper-split";
+    return spec;
+  }
   const std::vector<absl::string_view> parts = absl::StrSplit(s, ':');
   uint32_t v[3] = {0, 0, 0};
   if (parts.size() != 3 || !absl::SimpleAtoi(parts[0], &v[0]) ||
       !absl::SimpleAtoi(parts[1], &v[1]) || !absl::SimpleAtoi(parts[2], &v[2])) {
     return absl::InvalidArgumentError(
-        absl::StrCat("--splits: '", s, "' is neither 'paper' nor page:sink:window"));
+        absl::StrCat("--splits: '", s, "' is neither 'default', 'paper' nor page:sink:window"));
   }
-  spec.paper = false;
+  spec.rule = SplitSpec::Rule::kExplicit;
   spec.page = v[0];
   spec.sink = v[1];
   spec.window = v[2];
@@ -323,7 +330,8 @@ absl::StatusOr<SplitSpec> ParseSplitSpec(absl::string_view s) {
 
 // The split of `budget` under `spec`, validated (selection::ValidateSplit).
 absl::StatusOr<selection::BudgetSplit> SplitFor(const SplitSpec& spec, uint32_t budget) {
-  if (spec.paper) return selection::PaperSplit(budget);
+  if (spec.rule == SplitSpec::Rule::kDefault) return selection::DefaultSplit(budget);
+  if (spec.rule == SplitSpec::Rule::kPaper) return selection::PaperSplit(budget);
   selection::BudgetSplit split;
   split.budget_tokens = budget;
   split.page_size = spec.page;

@@ -53,6 +53,8 @@ BudgetSplit PaperSplit(uint32_t budget, uint32_t page_size) {
   return s;
 }
 
+BudgetSplit DefaultSplit(uint32_t budget) { return PaperSplit(budget, BudgetDefaults::kPageSize); }
+
 absl::StatusOr<std::vector<uint32_t>> SplitPagesAcrossHeads(uint32_t total_pages,
                                                             const std::vector<double>& weights,
                                                             uint32_t min_pages,

@@ -21,13 +21,20 @@
 
 namespace icecache::selection {
 
-// The paper's configuration (IceCache, budget 256 = 2 sink + 12 selected + 2 window pages of
-// 16 tokens): the defaults of every sequence that leaves a field unset.
+// The defaults of every sequence that leaves a field unset: the paper's rule (2 sink + 2
+// window pages, the rest selected) with pages of 8 tokens, so budget 256 = 16 sink + 28
+// selected pages of 8 + 16 window tokens. The paper itself uses pages of 16 (kPaperPageSize:
+// 32 sink + 12 pages of 16 + 32 window at 256); the 8-token pages won on every text in
+// bench/model_quality (docs/model.md "Pages of 8 tokens: the default").
+// A sequence that sets its page_size but not its sink or window gets kEdgePages pages of
+// each (so any allowed page size is valid with the other defaults).
 struct BudgetDefaults {
-  static constexpr uint32_t kPageSize = 16;
+  static constexpr uint32_t kPageSize = 8;
   static constexpr uint32_t kBudgetTokens = 256;
-  static constexpr uint32_t kSinkTokens = 32;
-  static constexpr uint32_t kWindowTokens = 32;
+  static constexpr uint32_t kEdgePages = 2;
+  static constexpr uint32_t kSinkTokens = kEdgePages * kPageSize;
+  static constexpr uint32_t kWindowTokens = kEdgePages * kPageSize;
+  static constexpr uint32_t kPaperPageSize = 16;
 };
 
 struct BudgetSplit {
@@ -54,9 +61,13 @@ inline constexpr uint32_t kMaxBudgetTokens = 65536;
 absl::Status ValidateSplit(const BudgetSplit& split);
 
 // The paper's split of `budget`: 2 sink + 2 window pages from 128 tokens up, 1 + 1 below
-// (the paper publishes no split for 64). Used wherever a budget is given alone (the
-// benchmarks' budget sweeps, the demo's --budget).
-BudgetSplit PaperSplit(uint32_t budget, uint32_t page_size = BudgetDefaults::kPageSize);
+// (the paper publishes no split for 64), pages of 16 tokens unless `page_size` is given.
+BudgetSplit PaperSplit(uint32_t budget, uint32_t page_size = BudgetDefaults::kPaperPageSize);
+
+// The daemon's default split of `budget`: the paper's rule with BudgetDefaults::kPageSize
+// pages (at 256 exactly the defaults of a sequence that sets no field). Used wherever a
+// budget is given alone (the demo's --budget, the benchmarks' budget sweeps).
+BudgetSplit DefaultSplit(uint32_t budget);
 
 // Adaptive split between the KV heads of a layer: `total_pages` (the layer's budget, e.g.
 // num_kv_heads * selected_pages()) shared out in proportion to weights[h] >= 0 (for example

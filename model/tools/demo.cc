@@ -207,7 +207,7 @@ int main(int argc, char** argv) {
 
   // One prefill feeds both: full attention here, and IceCache (the K/V go to the daemon,
   // which clusters them into pages and builds its index while the prefill goes on).
-  const selection::BudgetSplit split = selection::PaperSplit(absl::GetFlag(FLAGS_budget));
+  const selection::BudgetSplit split = selection::DefaultSplit(absl::GetFlag(FLAGS_budget));
   const uint32_t full_kv_layers = std::min(absl::GetFlag(FLAGS_full_kv_layers), c.n_layers);
   auto seq = (*client)->CreateSequence(SequenceOptionsFor(c, n + max_new, split, full_kv_layers));
   if (!seq.ok()) return Fail(seq.status());

@@ -30,8 +30,8 @@ struct GeometryLimits {
   static constexpr uint32_t kMaxLabelLength = 128;
 };
 
-// Defaults for the optional fields: the budget split's (selection/budget.h, the paper's
-// configuration) and 2 full-KV layers.
+// Defaults for the optional fields: the budget split's (selection/budget.h: pages of 8, two
+// sink and two window pages) and 2 full-KV layers.
 struct GeometryDefaults : selection::BudgetDefaults {
   static constexpr uint32_t kFullKvLayers = 2;  // clamped to num_layers
   // The tail estimate of a sequence that names none (docs/model.md: the measured winner).

@@ -39,6 +39,7 @@ class SequenceTest : public ::testing::Test {
     spec.dtype = data.dtype;
     spec.max_tokens = data.tokens;
     spec.budget_tokens = budget;
+    spec.page_size = 16;  // the positions and counts below are in pages of 16 (2 sink, 2 window)
     spec.full_kv_layers = full_kv_layers;
     spec.tail = tail;
     absl::StatusOr<client_internal::SequenceContext> c =

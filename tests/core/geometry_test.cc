@@ -30,30 +30,50 @@ void ExpectInvalid(const GeometrySpec& spec, const std::string& field_message) {
               StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr(field_message)));
 }
 
-TEST(ResolveGeometry, AppliesThePapersDefaults) {
+TEST(ResolveGeometry, AppliesTheDefaults) {
   ASSERT_OK_AND_ASSIGN(Geometry g, ResolveGeometry(Llama8B()));
-  EXPECT_EQ(g.page_size, 16u);
+  EXPECT_EQ(g.page_size, 8u);
   EXPECT_EQ(g.budget_tokens, 256u);
-  EXPECT_EQ(g.sink_tokens, 32u);
-  EXPECT_EQ(g.window_tokens, 32u);
+  EXPECT_EQ(g.sink_tokens, 16u);
+  EXPECT_EQ(g.window_tokens, 16u);
   EXPECT_EQ(g.full_kv_layers, 2u);
-  EXPECT_EQ(g.selected_pages(), 12u);
+  EXPECT_EQ(g.selected_pages(), 28u);
   EXPECT_EQ(g.group_size(), 4u);
   EXPECT_EQ(g.offloaded_layers(), 30u);
 }
 
 TEST(ResolveGeometry, HostKvBytesCountsOffloadedLayersInWholePages) {
   ASSERT_OK_AND_ASSIGN(Geometry g, ResolveGeometry(Llama8B()));
-  // 16 tokens x 128 dims x 2 bytes x (K+V) = 8 KiB per page; 8192 pages per head.
-  EXPECT_EQ(g.page_bytes(), 8192u);
-  EXPECT_EQ(g.pages_per_head(), 8192u);
-  EXPECT_EQ(g.host_kv_bytes(), 30ull * 8 * 8192 * 8192);  // 15 GiB (30 of 32 layers)
+  // 8 tokens x 128 dims x 2 bytes x (K+V) = 4 KiB per page; 16384 pages per head.
+  EXPECT_EQ(g.page_bytes(), 4096u);
+  EXPECT_EQ(g.pages_per_head(), 16384u);
+  EXPECT_EQ(g.host_kv_bytes(), 30ull * 8 * 16384 * 4096);  // 15 GiB (30 of 32 layers)
 
   GeometrySpec s = Llama8B();
-  s.max_tokens = 17;  // rounds up to 2 pages of 16
+  s.max_tokens = 17;  // rounds up to 3 pages of 8
   s.full_kv_layers = 0;
   ASSERT_OK_AND_ASSIGN(Geometry small, ResolveGeometry(s));
-  EXPECT_EQ(small.host_kv_bytes(), 32ull * 8 * 2 * 8192);
+  EXPECT_EQ(small.host_kv_bytes(), 32ull * 8 * 3 * 4096);
+  s.page_size = 16;  // 2 pages of 16
+  ASSERT_OK_AND_ASSIGN(Geometry sixteen, ResolveGeometry(s));
+  EXPECT_EQ(sixteen.host_kv_bytes(), 32ull * 8 * 2 * 8192);
+}
+
+TEST(ResolveGeometry, UnsetSinkAndWindowAreTwoPagesOfTheChosenSize) {
+  for (uint32_t page : {8u, 16u, 32u}) {
+    GeometrySpec s = Llama8B();
+    s.page_size = page;
+    ASSERT_OK_AND_ASSIGN(Geometry g, ResolveGeometry(s));
+    EXPECT_EQ(g.sink_tokens, 2 * page);
+    EXPECT_EQ(g.window_tokens, 2 * page);
+    EXPECT_EQ(g.selected_pages(), (256 - 4 * page) / page);  // 28, 12, 4
+  }
+  GeometrySpec s = Llama8B();
+  s.page_size = 16;
+  s.sink_tokens = 0;  // an explicit value is kept
+  ASSERT_OK_AND_ASSIGN(Geometry g, ResolveGeometry(s));
+  EXPECT_EQ(g.sink_tokens, 0u);
+  EXPECT_EQ(g.window_tokens, 32u);
 }
 
 TEST(ResolveGeometry, FullKvLayersDefaultIsClampedToTheLayerCount) {
@@ -121,15 +141,21 @@ TEST(ResolveGeometry, RejectsOutOfRangeValues) {
   ExpectInvalid(s, "geometry.page_size must be 8, 16 or 32, got 12");
   s = Llama8B();
   s.sink_tokens = 20;
-  ExpectInvalid(s, "geometry.sink_tokens must be a multiple of page_size (16), got 20");
+  ExpectInvalid(s, "geometry.sink_tokens must be a multiple of page_size (8), got 20");
   s = Llama8B();
   s.window_tokens = 0;
-  ExpectInvalid(s, "geometry.window_tokens must be a positive multiple of page_size (16)");
+  ExpectInvalid(s, "geometry.window_tokens must be a positive multiple of page_size (8)");
   s = Llama8B();
   s.budget_tokens = 250;
-  ExpectInvalid(s, "geometry.budget_tokens must be a multiple of page_size (16)");
+  ExpectInvalid(s, "geometry.budget_tokens must be a multiple of page_size (8)");
   s = Llama8B();
-  s.budget_tokens = 64;  // 32 sink + 32 window leave no selected page
+  s.budget_tokens = 32;  // 16 sink + 16 window leave no selected page
+  ExpectInvalid(s,
+                "geometry.budget_tokens must be at least sink_tokens + window_tokens + "
+                "page_size (40)");
+  s = Llama8B();
+  s.page_size = 16;
+  s.budget_tokens = 64;  // 32 sink + 32 window (2 pages of 16 each) leave no selected page
   ExpectInvalid(s,
                 "geometry.budget_tokens must be at least sink_tokens + window_tokens + "
                 "page_size (80)");

@@ -63,6 +63,7 @@ class SequenceKvTest : public ::testing::Test {
     spec.dtype = DType::kFP16;
     spec.max_tokens = 2000;
     spec.full_kv_layers = 1;
+    spec.page_size = 16;  // the counts below are in pages of 16 (sink and window: 2 pages each)
     return spec;
   }
 

@@ -158,7 +158,9 @@ TEST_F(DaemonTest, SequenceLifecycle) {
   // At most 4x the dense KV, plus the tail estimate's page summaries (3 fp32 vectors of
   // head_dim per page: 18.75% of a page of d 128 bf16, on every page the promise bounds).
   EXPECT_LT(a->kv_bytes(), 4.75 * kSmallBytes);
-  EXPECT_EQ(a->geometry().page_size(), 16u);  // defaults are filled in
+  EXPECT_EQ(a->geometry().page_size(), 8u);  // defaults are filled in
+  EXPECT_EQ(a->geometry().sink_tokens(), 16u);
+  EXPECT_EQ(a->geometry().window_tokens(), 16u);
   EXPECT_EQ(a->geometry().tail_estimate(), v1::TAIL_ESTIMATE_MEAN_VAR);
   EXPECT_FLOAT_EQ(a->geometry().softmax_scale(), 1.0f / std::sqrt(128.0f));
   EXPECT_EQ(a->geometry().budget_tokens(), 256u);
@@ -222,7 +224,7 @@ TEST_F(DaemonTest, BadRequestsGetTheirCodeAndChangeNothing) {
   (void)Create(g, "", &s);
   EXPECT_THAT(s, GrpcStatusIs(grpc::StatusCode::INVALID_ARGUMENT, HasSubstr("geometry.dtype")));
   g = SmallGeometry();
-  g.set_budget_tokens(48);
+  g.set_budget_tokens(32);  // 16 sink + 16 window (the defaults) leave no page
   (void)Create(g, "", &s);
   EXPECT_THAT(
       s, GrpcStatusIs(grpc::StatusCode::INVALID_ARGUMENT, HasSubstr("geometry.budget_tokens")));

@@ -163,7 +163,7 @@ int main(int argc, char** argv) {
                              : ExecutionMode::kCpu;
   auto client = Client::Attach(co);
   if (!client.ok()) return Fail(client.status());
-  const selection::BudgetSplit split = selection::PaperSplit(absl::GetFlag(FLAGS_budget));
+  const selection::BudgetSplit split = selection::DefaultSplit(absl::GetFlag(FLAGS_budget));
   auto seq = (*client)->CreateSequence(SequenceOptionsFor(
       c, n + extra, split, std::min(absl::GetFlag(FLAGS_full_kv_layers), c.n_layers)));
   if (!seq.ok()) return Fail(seq.status());

@@ -13,14 +13,25 @@ namespace {
 using ::icecache::testing::StatusIs;
 using ::testing::HasSubstr;
 
-TEST(BudgetSplit, DefaultsAreThePapersSplit) {
+TEST(BudgetSplit, DefaultsAreThePapersRuleWithPagesOfEight) {
   const BudgetSplit s;
   EXPECT_EQ(s.budget_tokens, 256u);
-  EXPECT_EQ(s.sink_tokens, 32u);
-  EXPECT_EQ(s.window_tokens, 32u);
-  EXPECT_EQ(s.page_size, 16u);
-  EXPECT_EQ(s.selected_pages(), 12u);  // 2 sink + 12 selected + 2 window pages
+  EXPECT_EQ(s.sink_tokens, 16u);
+  EXPECT_EQ(s.window_tokens, 16u);
+  EXPECT_EQ(s.page_size, 8u);
+  EXPECT_EQ(s.selected_pages(), 28u);  // 2 sink + 28 selected + 2 window pages of 8
   EXPECT_TRUE(ValidateSplit(s).ok());
+  EXPECT_EQ(DefaultSplit(256), s);
+}
+
+TEST(BudgetSplit, DefaultSplitAcrossBudgets) {
+  EXPECT_EQ(DefaultSplit(64), (BudgetSplit{64, 8, 8, 8}));
+  EXPECT_EQ(DefaultSplit(64).selected_pages(), 6u);
+  EXPECT_EQ(DefaultSplit(128), (BudgetSplit{128, 16, 16, 8}));
+  EXPECT_EQ(DefaultSplit(128).selected_pages(), 12u);
+  EXPECT_EQ(DefaultSplit(512).selected_pages(), 60u);
+  for (uint32_t b : {64u, 128u, 256u, 512u, 2048u})
+    EXPECT_TRUE(ValidateSplit(DefaultSplit(b)).ok());
 }
 
 TEST(BudgetSplit, PaperSplitAcrossBudgets) {

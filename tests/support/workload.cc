@@ -46,6 +46,7 @@ icecache::v1::SequenceGeometry WorkloadGeometry(const WorkloadOptions& o) {
   g.set_head_dim(o.head_dim);
   g.set_dtype(icecache::v1::DTYPE_FP16);
   g.set_max_tokens(o.tokens);
+  g.set_page_size(16);  // the workload appends and indexes pages of 16 (sink, window: 2 each)
   g.set_full_kv_layers(0);
   return g;
 }
