@@ -55,7 +55,9 @@ ABSL_FLAG(std::string, trace, "", "ICTRACE1 file whose layer 0 drives a hit-rate
 ABSL_FLAG(std::string, configs, "default,no-tail,paper",
           "Configurations of the step breakdown, each in the same run: default (the daemon's "
           "defaults: fast index preset, MEAN_VAR tail estimate), no-tail (the same without the "
-          "tail estimate), paper (a second icecached with --index-preset=paper, no tail, pages of "
+          "tail estimate), default-pages16 (the defaults with the paper's split: pages of 16, 32 "
+          "sink and 32 window tokens), paper (a second icecached with --index-preset=paper, no "
+          "tail, pages of "
           "16 tokens with 32 sink and 32 window tokens: the paper's configuration).");
 ABSL_FLAG(std::string, out, "bench/results", "Directory for JSON/CSV results.");
 
@@ -372,8 +374,9 @@ int main(int argc, char** argv) {
       absl::StrSplit(absl::GetFlag(FLAGS_configs), ',', absl::SkipEmpty());
   std::unique_ptr<eval::LocalDaemon> paper;
   for (const std::string& cfg : configs) {
-    if (cfg != "default" && cfg != "no-tail" && cfg != "paper") {
-      Check(absl::InvalidArgumentError("--configs: default, no-tail or paper, got " + cfg),
+    if (cfg != "default" && cfg != "no-tail" && cfg != "paper" && cfg != "default-pages16") {
+      Check(absl::InvalidArgumentError(
+                "--configs: default, no-tail, default-pages16 or paper, got " + cfg),
             "flags");
     }
     if (cfg == "paper" && paper == nullptr) {
@@ -391,11 +394,12 @@ int main(int argc, char** argv) {
         std::printf("== decode step, context %u, budget %u, %s\n", static_cast<uint32_t>(c),
                     static_cast<uint32_t>(b), cfg.c_str());
         std::fflush(stdout);
-        StepRow r = RunBreakdown(
-            cfg == "paper" ? paper->socket() : daemon->socket(), mode, trace,
-            static_cast<uint32_t>(c), static_cast<uint32_t>(b),
-            cfg == "default" ? std::nullopt : std::optional<TailEstimate>(TailEstimate::kNone),
-            cfg == "paper");
+        StepRow r = RunBreakdown(cfg == "paper" ? paper->socket() : daemon->socket(), mode, trace,
+                                 static_cast<uint32_t>(c), static_cast<uint32_t>(b),
+                                 cfg == "default" || cfg == "default-pages16"
+                                     ? std::nullopt
+                                     : std::optional<TailEstimate>(TailEstimate::kNone),
+                                 cfg == "paper" || cfg == "default-pages16");
         r.config = cfg;
         std::printf(
             "  build %.2f s | sparse: select %.1f + fetch %.1f + attention %.1f = %.1f us "
