@@ -331,8 +331,8 @@ std::unique_ptr<PySequence> Create(PyClient& c, const SequenceOptions& o) {
 
 constexpr const char* kCreateDoc =
     "Registers a sequence of this geometry with the daemon (icecache.v1.SequenceGeometry).\n\n"
-    "Unset optionals take the daemon's defaults (16-token pages, 256-token budget, 32 sink,\n"
-    "32 window, 2 full-KV layers); scale 0 means 1/sqrt(head_dim).\n"
+    "Unset optionals take the daemon's defaults (8-token pages, 256-token budget, 2 sink and\n"
+    "2 window pages, 2 full-KV layers); scale 0 means 1/sqrt(head_dim).\n"
     "Raises InvalidArgumentError (the message names the field) or ResourceExhaustedError\n"
     "(memory limit).";
 

@@ -109,7 +109,8 @@ enum class TailEstimate : uint8_t {
 const char* TailEstimateName(TailEstimate estimate);  // "none", "mean", "mean-var"
 
 // What a sequence declares (icecache.v1.SequenceGeometry); unset optionals take the daemon's
-// defaults (16-token pages, 256-token budget, 32 sink, 32 window, 2 full-KV layers).
+// defaults (8-token pages, 256-token budget, 2 sink and 2 window pages of the sequence's
+// page size: 16 + 16 tokens by default, 2 full-KV layers).
 struct SequenceOptions {
   uint32_t num_layers = 0;
   uint32_t num_q_heads = 0;
