@@ -57,8 +57,7 @@ ABSL_FLAG(std::string, configs, "default,no-tail,paper",
           "defaults: fast index preset, MEAN_VAR tail estimate), no-tail (the same without the "
           "tail estimate), default-pages16 (the defaults with the paper's split: pages of 16, 32 "
           "sink and 32 window tokens), paper (a second icecached with --index-preset=paper, no "
-          "tail, pages of "
-          "16 tokens with 32 sink and 32 window tokens: the paper's configuration).");
+          "tail, the paper's split: the paper's configuration).");
 ABSL_FLAG(std::string, out, "bench/results", "Directory for JSON/CSV results.");
 
 namespace {
