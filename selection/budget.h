@@ -65,8 +65,10 @@ absl::Status ValidateSplit(const BudgetSplit& split);
 BudgetSplit PaperSplit(uint32_t budget, uint32_t page_size = BudgetDefaults::kPaperPageSize);
 
 // The daemon's default split of `budget`: the paper's rule with BudgetDefaults::kPageSize
-// pages (at 256 exactly the defaults of a sequence that sets no field). Used wherever a
-// budget is given alone (the demo's --budget, the benchmarks' budget sweeps).
+// pages (from 128 up exactly what the daemon gives a sequence that sets only its budget;
+// below 128 the rule's 1 + 1 pages, where the daemon's unset sink and window stay 2 pages
+// each). Used wherever a budget is given alone (the demo's --budget, the benchmarks' budget
+// sweeps).
 BudgetSplit DefaultSplit(uint32_t budget);
 
 // Adaptive split between the KV heads of a layer: `total_pages` (the layer's budget, e.g.
