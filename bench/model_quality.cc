@@ -301,12 +301,14 @@ struct PasskeyRow {
 // A --splits entry: "default", "paper" or "page:sink:window".
 struct SplitSpec {
   enum class Rule { kDefault, kPaper, kExplicit } rule = Rule::kDefault;
+  std::string name;  // the --splits entry, for messages
   uint32_t page = 0, sink = 0, window = 0;
   std::string suffix;  // appended to the method names ("" for the default split)
 };
 
 absl::StatusOr<SplitSpec> ParseSplitSpec(absl::string_view s) {
   SplitSpec spec;
+  spec.name = std::string(s);
   if (s == "default") return spec;
   if (s == "paper") {
     spec.rule = SplitSpec::Rule::kPaper;
@@ -328,20 +330,25 @@ absl::StatusOr<SplitSpec> ParseSplitSpec(absl::string_view s) {
   return spec;
 }
 
-// The split of `budget` under `spec`, validated (selection::ValidateSplit).
+// The split of `budget` under `spec`, validated (selection::ValidateSplit) whatever its rule:
+// a budget too small for the default or the paper's split is refused as an explicit one is.
 absl::StatusOr<selection::BudgetSplit> SplitFor(const SplitSpec& spec, uint32_t budget) {
-  if (spec.rule == SplitSpec::Rule::kDefault) return selection::DefaultSplit(budget);
-  if (spec.rule == SplitSpec::Rule::kPaper) return selection::PaperSplit(budget);
   selection::BudgetSplit split;
-  split.budget_tokens = budget;
-  split.page_size = spec.page;
-  split.sink_tokens = spec.sink;
-  split.window_tokens = spec.window;
+  switch (spec.rule) {
+    case SplitSpec::Rule::kDefault:
+      split = selection::DefaultSplit(budget);
+      break;
+    case SplitSpec::Rule::kPaper:
+      split = selection::PaperSplit(budget);
+      break;
+    case SplitSpec::Rule::kExplicit:
+      split = {budget, spec.sink, spec.window, spec.page};
+      break;
+  }
   absl::Status s = selection::ValidateSplit(split);
   if (!s.ok()) {
-    return absl::InvalidArgumentError(absl::StrCat("--splits ", spec.page, ":", spec.sink, ":",
-                                                   spec.window, " at budget ", budget, ": ",
-                                                   s.message()));
+    return absl::InvalidArgumentError(
+        absl::StrCat("--splits ", spec.name, " at budget ", budget, ": ", s.message()));
   }
   return split;
 }
