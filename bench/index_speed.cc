@@ -86,6 +86,9 @@ ABSL_FLAG(std::string, final_fov, "", "DCI option: beam width over level-0 cells
 ABSL_FLAG(std::string, anchor_interval, "", "DCI option: anchor shortcut interval (0: off).");
 ABSL_FLAG(std::string, exact_below, "", "DCI option: exact search up to this many tokens.");
 ABSL_FLAG(std::string, label, "", "Name of the result files (default: the config).");
+ABSL_FLAG(std::string, simd, "best",
+          "SIMD level of the index kernels: best (this CPU's), scalar, avx2, avx-vnni, avx512 or "
+          "avx512-vnni (a level this CPU lacks is refused).");
 
 namespace {
 
@@ -393,6 +396,31 @@ int main(int argc, char** argv) {
   DciOptions dci = spec->dci;
   if (config == "all-r1") dci.promotion_ratio_1 = 0.03;
   if (!ApplyOverrides(&dci)) return 2;
+  {
+    const std::string simd = absl::GetFlag(FLAGS_simd);
+    const std::pair<const char*, SimdLevel> levels[] = {{"scalar", SimdLevel::kScalar},
+                                                        {"avx2", SimdLevel::kAvx2},
+                                                        {"avx-vnni", SimdLevel::kAvxVnni},
+                                                        {"avx512", SimdLevel::kAvx512},
+                                                        {"avx512-vnni", SimdLevel::kAvx512Vnni}};
+    if (simd != "best") {
+      const auto* it = std::find_if(std::begin(levels), std::end(levels),
+                                    [&](const auto& l) { return simd == l.first; });
+      if (it == std::end(levels)) {
+        std::fprintf(stderr,
+                     "--simd=%s: unknown level (best, scalar, avx2, avx-vnni, avx512, "
+                     "avx512-vnni)\n",
+                     simd.c_str());
+        return 2;
+      }
+      if (!SimdLevelSupported(it->second)) {
+        std::fprintf(stderr, "--simd=%s: this CPU (or OS) cannot run it; best here: %s\n",
+                     simd.c_str(), SimdLevelName(DetectSimdLevel()));
+        return 2;
+      }
+      SetSimdLevel(it->second);
+    }
+  }
   const std::string label =
       absl::GetFlag(FLAGS_label).empty() ? config : absl::GetFlag(FLAGS_label);
 

@@ -1,5 +1,6 @@
 #include "server/index/simd.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -130,7 +131,7 @@ INSTANTIATE_TEST_SUITE_P(AllTypes, SimdTest,
                          [](const auto& p) { return std::string(ElemTypeName(p.param)); });
 
 TEST(SimdLevels, Avx2AndScalarAgree) {
-  if (DetectSimdLevel() != SimdLevel::kAvx2) GTEST_SKIP() << "CPU has no AVX2";
+  if (!SimdLevelSupported(SimdLevel::kAvx2)) GTEST_SKIP() << "this CPU has no AVX2+FMA+F16C";
   std::vector<float> rows_f, x;
   std::vector<uint8_t> rows = RandomRows(ElemType::kBF16, 64, 128, 3, &rows_f);
   RandomRows(ElemType::kF32, 1, 128, 4, &x);
@@ -376,9 +377,78 @@ TEST(SketchFastScan, Avx2EqualsRowMajor) {
   ExpectPackedSketchDotsEqualRowMajor(SimdLevel::kAvx2);
 }
 
-// The levels above AVX2 run the AVX2 fast-scan kernel; checked at the best level this CPU has.
+TEST(SketchFastScan, Avx512EqualsRowMajor) {
+  if (!SimdLevelSupported(SimdLevel::kAvx512)) GTEST_SKIP() << "this CPU has no AVX-512 F+BW";
+  ExpectPackedSketchDotsEqualRowMajor(SimdLevel::kAvx512);
+}
+
+// AVX-VNNI runs the AVX2 kernel, AVX-512 VNNI the AVX-512 one; checked at the best level.
 TEST(SketchFastScan, BestLevelEqualsRowMajor) {
   ExpectPackedSketchDotsEqualRowMajor(DetectSimdLevel());
+}
+
+// SketchEstimatesAbove at `level` against a float64 evaluation of its formula: every estimate
+// within float rounding, and exactly the indices whose float64 estimate beats the floor (the
+// floor is put halfway between two neighbouring estimates, so rounding cannot move a key
+// across it), in ascending order; n with and without 8- and 16-key tails, floors that pass
+// none, some and all.
+void ExpectEstimatesAboveMatchFloat64(SimdLevel level) {
+  std::mt19937 rng(29);
+  std::uniform_int_distribution<int32_t> dot(0, 4000);
+  std::normal_distribution<float> fac_dist(0.f, 0.05f);
+  for (uint32_t n : {1u, 7u, 8u, 15u, 16u, 17u, 31u, 33u, 100u, 257u}) {
+    std::vector<int32_t> dots(n);
+    std::vector<uint16_t> fac(n);
+    for (uint32_t i = 0; i < n; ++i) {
+      dots[i] = dot(rng);
+      fac[i] = FloatToHalf(std::fabs(fac_dist(rng)) + 1e-3f);
+    }
+    const float base = 0.375f, scale = 0.0123f;
+    const int32_t sum = 2100;
+    std::vector<double> want(n);
+    for (uint32_t i = 0; i < n; ++i) {
+      want[i] = base + double{HalfToFloat(fac[i])} * scale * (2.0 * dots[i] - sum);
+    }
+    std::vector<double> sorted = want;
+    std::sort(sorted.begin(), sorted.end());
+    // Floors: below every estimate, between the 1st and 2nd largest... and above every one.
+    std::vector<double> floors = {sorted.front() - 1.0, sorted.back() + 1.0};
+    for (uint32_t r : {n / 2, n - n / 8 - 1, n - 1 - std::min(n - 1, 1u)}) {
+      if (r + 1 < n && sorted[r + 1] - sorted[r] > 1e-4 * (std::fabs(sorted[r]) + 1)) {
+        floors.push_back((sorted[r] + sorted[r + 1]) / 2);
+      }
+    }
+    ASSERT_EQ(SetSimdLevel(level), level);
+    for (double fl : floors) {
+      std::vector<float> est(n, -1.f);
+      std::vector<uint32_t> above(n + 16, 0xdeadbeef);
+      const uint32_t m = SketchEstimatesAbove(dots.data(), fac.data(), n, base, scale, sum,
+                                              static_cast<float>(fl), est.data(), above.data());
+      std::vector<uint32_t> want_above;
+      for (uint32_t i = 0; i < n; ++i) {
+        EXPECT_NEAR(est[i], want[i], 1e-5 * (std::fabs(want[i]) + 1)) << i << " of " << n;
+        if (want[i] > fl) want_above.push_back(i);
+      }
+      ASSERT_EQ(m, want_above.size()) << n << " keys, floor " << fl << ", " << SimdLevelName(level);
+      EXPECT_TRUE(std::equal(want_above.begin(), want_above.end(), above.begin()));
+      EXPECT_EQ(above[m], 0xdeadbeefu) << "written past the count";
+    }
+  }
+  SetSimdLevel(DetectSimdLevel());
+}
+
+TEST(SketchEstimates, ScalarMatchesFloat64) {
+  ExpectEstimatesAboveMatchFloat64(SimdLevel::kScalar);
+}
+
+TEST(SketchEstimates, Avx2MatchesFloat64) {
+  if (!SimdLevelSupported(SimdLevel::kAvx2)) GTEST_SKIP() << "this CPU has no AVX2+FMA+F16C";
+  ExpectEstimatesAboveMatchFloat64(SimdLevel::kAvx2);
+}
+
+TEST(SketchEstimates, Avx512MatchesFloat64) {
+  if (!SimdLevelSupported(SimdLevel::kAvx512)) GTEST_SKIP() << "this CPU has no AVX-512 F+BW";
+  ExpectEstimatesAboveMatchFloat64(SimdLevel::kAvx512);
 }
 
 TEST(SimdLevels, Avx2MultiDotsMatchScalar) {

@@ -537,10 +537,14 @@ TEST(GgufTest, RandomCorruptionNeverCrashes) {
 
 // ------------------------------------------------------------------------------- real model
 
-// Runs when ICECACHE_MODEL_GGUF names SmolLM2-135M-Instruct.Q4_1.gguf.
+// Runs when ICECACHE_MODEL_GGUF, or else ICECACHE_MODEL (which the test command exports), names
+// SmolLM2-135M-Instruct.Q4_1.gguf.
 TEST(GgufRealModelTest, SmolLM2Structure) {
   const char* path = std::getenv("ICECACHE_MODEL_GGUF");
-  if (path == nullptr || *path == '\0') GTEST_SKIP() << "ICECACHE_MODEL_GGUF is not set";
+  if (path == nullptr || *path == '\0') path = std::getenv("ICECACHE_MODEL");
+  if (path == nullptr || *path == '\0') {
+    GTEST_SKIP() << "neither ICECACHE_MODEL_GGUF nor ICECACHE_MODEL is set";
+  }
   ASSERT_OK_AND_ASSIGN(auto f, GgufFile::Open(path));
   EXPECT_EQ(f->version(), 3u);
   EXPECT_EQ(f->alignment(), 32u);

@@ -366,10 +366,14 @@ TEST(TokenizerTest, EncodesAMegabyteQuickly) {
 
 // ------------------------------------------------------------------------------- real model
 
-// Runs when ICECACHE_MODEL_GGUF names SmolLM2-135M-Instruct.Q4_1.gguf.
+// Runs when ICECACHE_MODEL_GGUF, or else ICECACHE_MODEL (which the test command exports), names
+// SmolLM2-135M-Instruct.Q4_1.gguf.
 TEST(TokenizerRealModelTest, SmolLM2MatchesHuggingFace) {
   const char* path = std::getenv("ICECACHE_MODEL_GGUF");
-  if (path == nullptr || *path == '\0') GTEST_SKIP() << "ICECACHE_MODEL_GGUF is not set";
+  if (path == nullptr || *path == '\0') path = std::getenv("ICECACHE_MODEL");
+  if (path == nullptr || *path == '\0') {
+    GTEST_SKIP() << "neither ICECACHE_MODEL_GGUF nor ICECACHE_MODEL is set";
+  }
   ASSERT_OK_AND_ASSIGN(auto f, GgufFile::Open(path));
   ASSERT_OK_AND_ASSIGN(TokenizerSpec spec, TokenizerSpecFromGguf(*f));
   EXPECT_EQ(spec.pre, "smollm");
