@@ -23,6 +23,7 @@
 #include "eval/evaluation.h"
 #include "eval/synthetic.h"
 #include "eval/trace.h"
+#include "selection/budget.h"
 #include "selection/index_factory.h"
 #include "server/index/simd.h"
 
@@ -37,6 +38,9 @@ ABSL_FLAG(float, synthetic_sharpness, 9.0f, "Synthetic: query sharpness.");
 ABSL_FLAG(uint32_t, synthetic_run, 3, "Synthetic: mean run length of a cluster.");
 ABSL_FLAG(float, synthetic_spread, 0.45f, "Synthetic: within-cluster spread.");
 ABSL_FLAG(bool, variants, true, "Also evaluate the DCI option variants.");
+ABSL_FLAG(uint32_t, page_size, icecache::selection::BudgetDefaults::kPageSize,
+          "Tokens per page (the daemon's default; 16 is the paper's). Each budget is split by "
+          "the paper's rule with pages of this size.");
 
 using namespace icecache::index;
 using namespace icecache::eval;
@@ -88,6 +92,7 @@ int main(int argc, char** argv) {
     }
     opts.budgets.push_back(v);
   }
+  opts.page_size = absl::GetFlag(FLAGS_page_size);
   opts.first_layer = absl::GetFlag(FLAGS_first_layer);
   opts.output_error = trace.has_values;
   if (absl::GetFlag(FLAGS_variants)) {
@@ -118,6 +123,24 @@ int main(int argc, char** argv) {
       o.promotion_ratio_1 = 0.03;
     });
     opts.methods.insert(opts.methods.begin() + 1, variants.begin(), variants.end());
+  }
+  // The page oracle on the default preset's layout (its beam-built cells), beside the one on
+  // the paper's layout that DefaultMethods holds.
+  {
+    MethodSpec m = Method("oracle-pages-default-layout", MethodKind::kOraclePagesOurLayout);
+    m.dci = icecache::selection::Preset(icecache::selection::kDefaultPreset)->dci;
+    opts.methods.push_back(m);
+    m.name = "oracle-pages-default-clustered-layout";
+    m.dci.page_order = DciOptions::PageOrder::kClustered;
+    opts.methods.push_back(m);
+    absl::StatusOr<MethodSpec> d =
+        PresetMethod("dci-default-clustered", std::string(icecache::selection::kDefaultPreset));
+    if (!d.ok()) {
+      std::fprintf(stderr, "index_quality: %s\n", std::string(d.status().message()).c_str());
+      return 1;
+    }
+    d->dci.page_order = DciOptions::PageOrder::kClustered;
+    opts.methods.push_back(*d);
   }
   // Every preset other than the paper's (which DefaultMethods holds as icecache-dci) as the
   // daemon serves it, named dci-<preset>; the daemon's default among them.

@@ -78,6 +78,10 @@ ABSL_FLAG(std::string, rerank, "",
           "Also replay the default preset with the tail estimate (mean-var) and each of these "
           "DciOptions::rerank_extra_pages (icecache-dci-rerank<N>; 0: the default preset without "
           "re-ranking, icecache-dci-default-no-rerank).");
+ABSL_FLAG(std::string, page_orders, "",
+          "Also replay the default preset with the tail estimate (mean-var) and each of these "
+          "page orders (DciOptions::page_order; icecache-dci-<order>-pages): projection (the "
+          "paper's slices along one direction, the default before clustered) or clustered.");
 ABSL_FLAG(std::string, head_budgets, "",
           "Comma-separated adaptive splits of a layer's pages between its KV heads, each run on "
           "the default preset with the MEAN_VAR tail (icecache-dci-heads-<name>): observed (the "
@@ -197,6 +201,22 @@ std::vector<eval::MethodSpec> Methods() {
     rerank.tail = selection::TailMode::kMeanVariance;
     rerank.dci.rerank_extra_pages = static_cast<uint32_t>(r);
     m.insert(m.begin() + static_cast<ptrdiff_t>(at++), rerank);
+  }
+  for (absl::string_view order :
+       absl::StrSplit(absl::GetFlag(FLAGS_page_orders), ',', absl::SkipEmpty())) {
+    eval::MethodSpec pages = *fast;
+    pages.tail = selection::TailMode::kMeanVariance;
+    if (order == "projection") {
+      pages.dci.page_order = index::DciOptions::PageOrder::kProjection;
+    } else if (order == "clustered") {
+      pages.dci.page_order = index::DciOptions::PageOrder::kClustered;
+    } else {
+      Check(absl::InvalidArgumentError(absl::StrCat("--page_orders: unknown order '", order,
+                                                    "' (known: projection, clustered)")),
+            "--page_orders");
+    }
+    pages.name = absl::StrCat("icecache-dci-", order, "-pages");
+    m.insert(m.begin() + static_cast<ptrdiff_t>(at++), pages);
   }
   for (absl::string_view b :
        absl::StrSplit(absl::GetFlag(FLAGS_head_budgets), ',', absl::SkipEmpty())) {

@@ -18,8 +18,9 @@ index::DciOptions TunedOptions() {
 }
 
 // The best-first search with 1-bit sketches and exact rescoring, the k + 24 best pages
-// re-ranked by the group's softmax mass, and the beam-descent build (docs/index.md: measured
-// against the exact scan and the paper configuration; docs/model.md: the re-ranking's quality).
+// re-ranked by the group's softmax mass, the beam-descent build, and pages cut from each cell
+// by a PCA tree (docs/index.md: measured against the exact scan and the paper configuration;
+// docs/model.md: the re-ranking's and the clustered pages' quality).
 index::DciOptions FastOptions() {
   index::DciOptions o;
   o.search_mode = index::DciOptions::SearchMode::kBestFirstSketch;
@@ -27,6 +28,7 @@ index::DciOptions FastOptions() {
   o.rescore_tokens = 64;
   o.rerank_extra_pages = 24;
   o.parent_beam = 8;
+  o.page_order = index::DciOptions::PageOrder::kClustered;
   return o;
 }
 

@@ -158,6 +158,7 @@ struct DciTree::Impl {
   // re-centred when it doubles).
   bool cell_refs = false;
   bool sketching = false;
+  bool clustered = false;  // DciOptions::kClustered in effect
   std::unique_ptr<ResidualSketch> sketch;
   std::vector<uint16_t> cell_ref;  // [cells][dim]
   std::vector<float> cell_radius, cell_ref_norm;
@@ -205,6 +206,8 @@ struct DciTree::Impl {
     level_tokens.resize(kMaxLevels);
     count_ge.assign(kMaxLevels + 1, 0);
     cell_refs = o.search_mode != DciOptions::SearchMode::kBeamDescent;
+    clustered = o.page_order == DciOptions::PageOrder::kClustered && cell_refs &&
+                o.parent_beam > 0 && !o.page_granular_scoring;
     sketching = o.search_mode == DciOptions::SearchMode::kBestFirstSketch;
     if (sketching) sketch = std::make_unique<ResidualSketch>(g.dim, o.seed);
   }
@@ -475,9 +478,100 @@ struct DciTree::Impl {
     }
   }
 
+  // kClustered: reorders toks (the members of one cell) so that ChunkCell's runs are clusters.
+  // The pages [lo, hi) of ChunkCell's even fill over rows [start(lo), start(hi)) of the
+  // permutation are cut at the page boundary nearest their middle, the rows split there by
+  // their projection on the rows' first principal component (nth_element at the cut), and
+  // both sides recursed. The component: power iteration (4 steps) on the centred rows, from
+  // the row farthest from their mean. Rows are the members' keys in fp32.
+  void ClusterOrder(std::vector<uint32_t>* toks) const {
+    const uint32_t n = static_cast<uint32_t>(toks->size()), ps = g.page_size, dim = g.dim;
+    const uint32_t need = (n + ps - 1) / ps;
+    if (need <= 1) return;
+    auto start = [&](uint32_t j) { return j * (n / need) + std::min(j, n % need); };
+    std::vector<float> x(uint64_t{n} * dim);
+    for (uint32_t i = 0; i < n; ++i) ToFloat(KeyPtr((*toks)[i]), g.elem_type, dim, &x[i * dim]);
+    std::vector<uint32_t> perm(n);
+    for (uint32_t i = 0; i < n; ++i) perm[i] = i;
+    std::vector<float> rows, mean(dim), v(dim), w(dim), pr(n), weights(n);
+    struct Range {
+      uint32_t lo, hi;
+    };
+    std::vector<Range> todo = {{0, need}};
+    while (!todo.empty()) {
+      const Range r = todo.back();
+      todo.pop_back();
+      if (r.hi - r.lo <= 1) continue;
+      const uint32_t b = start(r.lo), e = start(r.hi), m = e - b;
+      const uint32_t mid_page = r.lo + (r.hi - r.lo) / 2;
+      const uint32_t cut = start(mid_page) - b;
+      rows.resize(uint64_t{m} * dim);
+      for (uint32_t i = 0; i < m; ++i) {
+        std::copy_n(&x[uint64_t{perm[b + i]} * dim], dim, &rows[uint64_t{i} * dim]);
+      }
+      std::fill(mean.begin(), mean.end(), 0.f);
+      for (uint32_t i = 0; i < m; ++i) {
+        for (uint32_t d = 0; d < dim; ++d) mean[d] += rows[uint64_t{i} * dim + d];
+      }
+      for (float& c : mean) c /= static_cast<float>(m);
+      for (uint32_t i = 0; i < m; ++i) {
+        for (uint32_t d = 0; d < dim; ++d) rows[uint64_t{i} * dim + d] -= mean[d];
+      }
+      uint32_t far = 0;
+      float far_sq = -1;
+      for (uint32_t i = 0; i < m; ++i) {
+        float s2 = 0;
+        for (uint32_t d = 0; d < dim; ++d)
+          s2 += rows[uint64_t{i} * dim + d] * rows[uint64_t{i} * dim + d];
+        if (s2 > far_sq) far_sq = s2, far = i;
+      }
+      std::copy_n(&rows[uint64_t{far} * dim], dim, v.begin());
+      const uint64_t stride = uint64_t{dim} * sizeof(float);
+      for (int it = 0; it < 4; ++it) {
+        DotStrided(v.data(), rows.data(), stride, m, ElemType::kF32, dim, weights.data());
+        std::fill(w.begin(), w.end(), 0.f);
+        WeightedSumStridedMulti(weights.data(), 1, m, rows.data(), stride, m, ElemType::kF32, dim,
+                                w.data());
+        double norm = 0;
+        for (float c : w) norm += double{c} * c;
+        if (norm <= 0) break;  // every row equal
+        const float inv = static_cast<float>(1.0 / std::sqrt(norm));
+        for (uint32_t d = 0; d < dim; ++d) v[d] = w[d] * inv;
+      }
+      DotStrided(v.data(), rows.data(), stride, m, ElemType::kF32, dim, pr.data());
+      // Sort the range's permutation entries by projection around the cut (ties by index).
+      std::vector<uint32_t> local(m);
+      for (uint32_t i = 0; i < m; ++i) local[i] = i;
+      std::nth_element(
+          local.begin(), local.begin() + cut, local.end(),
+          [&](uint32_t a, uint32_t c) { return pr[a] < pr[c] || (pr[a] == pr[c] && a < c); });
+      std::vector<uint32_t> reordered(m);
+      for (uint32_t i = 0; i < m; ++i) reordered[i] = perm[b + local[i]];
+      std::copy(reordered.begin(), reordered.end(), perm.begin() + b);
+      todo.push_back({r.lo, mid_page});
+      todo.push_back({mid_page, r.hi});
+    }
+    std::vector<uint32_t> out(n);
+    for (uint32_t i = 0; i < n; ++i) out[i] = (*toks)[perm[i]];
+    *toks = std::move(out);
+  }
+
+  // kClustered: the cell's tokens in ClusterOrder, projections their ranks (kept ascending by
+  // inserts: a new token takes the midpoint of its neighbours').
+  void ClusterCell(Cell& c) const {
+    ClusterOrder(&c.tok);
+    for (size_t i = 0; i < c.proj.size(); ++i) c.proj[i] = static_cast<float>(i);
+  }
+
   // Recomputes every projection of the cell with its current max_sq, re-sorts, re-chunks.
   void Reproject(uint32_t cid) {
     Cell& c = cells[cid];
+    if (clustered) {
+      ClusterCell(c);
+      ChunkCell(cid);
+      if (cell_refs) RecenterCell(cid);
+      return;
+    }
     std::vector<std::pair<float, uint32_t>> order(c.tok.size());
     for (size_t i = 0; i < c.tok.size(); ++i) order[i] = {ProjOf(c.tok[i], c.max_sq), c.tok[i]};
     std::sort(order.begin(), order.end());
@@ -491,6 +585,10 @@ struct DciTree::Impl {
 
   // Adds token t (detached) to cell cid.
   void CellInsert(uint32_t cid, uint32_t t) {
+    if (clustered && !cells[cid].page_ids.empty()) {
+      ClusteredInsert(cid, t);
+      return;
+    }
     {
       Cell& c = cells[cid];
       if (sq[t] > c.max_sq * o.reproject_growth || c.page_ids.empty()) {
@@ -525,6 +623,45 @@ struct DciTree::Impl {
     c.tok.insert(c.tok.begin() + idx, t);
     for (size_t i = j; i < c.page_end.size(); ++i) ++c.page_end[i];
     (void)n;
+    AddMember(cid, idx);
+    const uint32_t p = c.page_ids[j];
+    if (pages[p].valid < g.page_size) {
+      SetLoc(t, p, pages[p].valid);
+      ++pages[p].valid;
+      MarkChanged(p);
+    } else {
+      Split(cid, j);
+    }
+  }
+
+  // kClustered: token t (detached) joins the run of its nearest member (Euclidean), right
+  // after it, in that member's page (split in two when full).
+  void ClusteredInsert(uint32_t cid, uint32_t t) {
+    Cell& c = cells[cid];
+    c.max_sq = std::max(c.max_sq, sq[t]);
+    const uint32_t n = static_cast<uint32_t>(c.tok.size());
+    std::vector<float> x(g.dim);
+    ToFloat(KeyPtr(t), g.elem_type, g.dim, x.data());
+    std::vector<const void*> rows(n);
+    for (uint32_t i = 0; i < n; ++i) rows[i] = KeyPtr(c.tok[i]);
+    std::vector<float> dots(n);
+    DotGather(x.data(), rows.data(), n, g.elem_type, g.dim, dots.data());
+    uint32_t near = 0;
+    float best = std::numeric_limits<float>::infinity();
+    for (uint32_t i = 0; i < n; ++i) {
+      const float d2 = sq[c.tok[i]] - 2 * dots[i];  // |x - k_i|^2 - |x|^2
+      if (d2 < best) best = d2, near = i;
+    }
+    const uint32_t idx = near + 1;
+    const float pr = idx < n ? (c.proj[near] + c.proj[idx]) / 2 : c.proj[near] + 1;
+    const size_t j =
+        std::upper_bound(c.page_end.begin(), c.page_end.end(), near) - c.page_end.begin();
+    ReserveFor(c.proj, c.proj.size() + 1);
+    ReserveFor(c.tok, c.tok.size() + 1);
+    if (sketching) ReserveFor(c.fac, c.fac.size() + 1);
+    c.proj.insert(c.proj.begin() + idx, pr);
+    c.tok.insert(c.tok.begin() + idx, t);
+    for (size_t i = j; i < c.page_end.size(); ++i) ++c.page_end[i];
     AddMember(cid, idx);
     const uint32_t p = c.page_ids[j];
     if (pages[p].valid < g.page_size) {
@@ -1057,6 +1194,7 @@ struct DciTree::Impl {
         c.proj[i] = order[i].first;
         c.tok[i] = order[i].second;
       }
+      if (clustered) ClusterCell(c);
     };
     fill_cell(root_cell, by_level[top]);
 

@@ -152,6 +152,18 @@ struct DciOptions {
   // M_c stays; the re-projection that follows takes the largest norm of all members. At least
   // 1; 1 = at every new largest norm (the paper).
   float reproject_growth = 1.0f;
+  // How a cell's tokens are ordered, pages being runs of page_size consecutive tokens:
+  //   kProjection  by their projection onto one random direction (the paper): a page is a
+  //                slice of its cell along that direction.
+  //   kClustered   by recursive splits of the cell at the median of its first principal
+  //                component, each split on a page boundary, down to single pages (a balanced
+  //                PCA tree per cell): a page holds keys close in every direction the cell varies
+  //                most. An inserted token joins the page of its nearest cell member (splitting
+  //                a full page in two). Applies only where nothing reads the projection order:
+  //                the best-first search modes with parent_beam > 0 and no page-granular
+  //                scoring; with any other options the order stays kProjection.
+  enum class PageOrder : uint8_t { kProjection, kClustered };
+  PageOrder page_order = PageOrder::kProjection;
   // Seed of the projection direction (shared by every tree built with these options).
   uint64_t seed = 0x1CECAC4E;
 };

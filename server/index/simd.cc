@@ -810,62 +810,6 @@ ICECACHE_AVX512VNNI void SketchDotsAvx512VnniT(const int8_t* q8, uint32_t bits,
   }
 }
 
-// AVX-512 (F+BW) fast scan: the AVX2 kernel's tables and layout, one 512-bit pshufb per pair of
-// code bytes instead of two 256-bit ones. The codes of bytes p and p + 1 of the block's 16 keys
-// (32 bytes) are broadcast to both halves of a zmm; the upper half shifted right by 4, both
-// masked to nibbles, its four 128-bit lanes index the tables of groups 2p, 2p + 2 (low nibbles)
-// and 2p + 1, 2p + 3 (high nibbles): exactly the 64 table bytes SketchLutOffset puts at
-// luts + 64 m. The uint16 accumulation is the AVX2 kernel's; the four lanes are summed once per
-// block (through memory, see ReduceAddEpi32Avx512). Per key the sum is at most bits / 4 * 252:
-// uint16 for bits <= 1024.
-template <int NQ>
-ICECACHE_AVX512 void SketchDotsPackedAvx512T(const uint8_t* luts, const int32_t* bias,
-                                             uint32_t bits, const uint8_t* packed, uint32_t n,
-                                             int32_t* out, uint32_t out_stride) {
-  const uint32_t pairs = bits / 16;
-  const uint64_t lut_stride = uint64_t{bits} * 4;
-  const __m512i low4 = _mm512_set1_epi8(0x0f);
-  const __mmask32 upper = 0xffff0000u;  // the upper 16 words: the high nibbles
-  alignas(64) uint16_t ev[32], od[32];
-  alignas(32) int32_t tail[16];
-  for (uint32_t i0 = 0; i0 < n; i0 += kSketchBlockKeys) {
-    const uint8_t* blk = packed + uint64_t{i0 / kSketchBlockKeys} * bits * 2;
-    __m512i w[NQ], odd[NQ];
-    for (int j = 0; j < NQ; ++j) w[j] = odd[j] = _mm512_setzero_si512();
-    for (uint32_t m = 0; m < pairs; ++m) {
-      const __m512i c = _mm512_broadcast_i64x4(
-          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + m * 32)));
-      const __m512i idx = _mm512_and_si512(_mm512_mask_srli_epi16(c, upper, c, 4), low4);
-      for (int j = 0; j < NQ; ++j) {
-        const __m512i r =
-            _mm512_shuffle_epi8(_mm512_loadu_si512(luts + j * lut_stride + uint64_t{m} * 64), idx);
-        w[j] = _mm512_add_epi16(w[j], r);
-        odd[j] = _mm512_add_epi16(odd[j], _mm512_srli_epi16(r, 8));
-      }
-    }
-    const uint32_t cnt = std::min<uint32_t>(kSketchBlockKeys, n - i0);
-    for (int j = 0; j < NQ; ++j) {
-      int32_t* o = out + uint64_t(j) * out_stride + i0;
-      int32_t* dst = cnt == kSketchBlockKeys ? o : tail;
-      _mm512_store_si512(ev, _mm512_sub_epi16(w[j], _mm512_slli_epi16(odd[j], 8)));
-      _mm512_store_si512(od, odd[j]);
-      // The four lanes (different groups of the same keys), summed.
-      __m128i e = _mm_load_si128(reinterpret_cast<const __m128i*>(ev));
-      __m128i d = _mm_load_si128(reinterpret_cast<const __m128i*>(od));
-      for (int l = 1; l < 4; ++l) {
-        e = _mm_add_epi16(e, _mm_load_si128(reinterpret_cast<const __m128i*>(ev + 8 * l)));
-        d = _mm_add_epi16(d, _mm_load_si128(reinterpret_cast<const __m128i*>(od + 8 * l)));
-      }
-      const __m256i b = _mm256_set1_epi32(bias[j]);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst),
-                          _mm256_add_epi32(_mm256_cvtepu16_epi32(_mm_unpacklo_epi16(e, d)), b));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 8),
-                          _mm256_add_epi32(_mm256_cvtepu16_epi32(_mm_unpackhi_epi16(e, d)), b));
-      if (cnt < kSketchBlockKeys) std::copy_n(tail, cnt, o);
-    }
-  }
-}
-
 // The estimates 16 keys at a time; the indices above the floor compressed straight to above[].
 ICECACHE_AVX512 uint32_t SketchEstimatesAboveAvx512(const int32_t* dots, const uint16_t* fac,
                                                     uint32_t n, float base, float scale,
@@ -1306,29 +1250,6 @@ void BuildSketchLuts(const int8_t* q8, uint32_t bits, uint8_t* luts, int32_t* bi
 
 void SketchDotsPacked(const uint8_t* luts, const int32_t* bias, uint32_t nq, uint32_t bits,
                       const uint8_t* packed, uint32_t n, int32_t* out, uint32_t out_stride) {
-  if (UseAvx512() && bits <= 1024) {
-    const uint64_t lut_stride = uint64_t{bits} * 4;
-    for (uint32_t q0 = 0; q0 < nq; q0 += 4) {
-      const uint8_t* l = luts + q0 * lut_stride;
-      const int32_t* b = bias + q0;
-      int32_t* o = out + uint64_t{q0} * out_stride;
-      switch (std::min<uint32_t>(4, nq - q0)) {
-        case 1:
-          SketchDotsPackedAvx512T<1>(l, b, bits, packed, n, o, out_stride);
-          break;
-        case 2:
-          SketchDotsPackedAvx512T<2>(l, b, bits, packed, n, o, out_stride);
-          break;
-        case 3:
-          SketchDotsPackedAvx512T<3>(l, b, bits, packed, n, o, out_stride);
-          break;
-        default:
-          SketchDotsPackedAvx512T<4>(l, b, bits, packed, n, o, out_stride);
-          break;
-      }
-    }
-    return;
-  }
   if (UseAvx2() && bits <= 1024) {
     const uint64_t lut_stride = uint64_t{bits} * 4;
     for (uint32_t q0 = 0; q0 < nq; q0 += 4) {

@@ -715,6 +715,103 @@ TEST_F(DciTreeTest, BeamBuildKeepsTheInvariantsAndMostExactParents) {
   ExpectPagesHoldTheirTokens(3008 + (9000 - 3008) / 16 * 16);
 }
 
+// The options of the fast preset's search and build, with the given page order.
+DciOptions FastLike(DciOptions::PageOrder order) {
+  DciOptions o = BestFirst(DciOptions::SearchMode::kBestFirstSketch, 0.4f, 64);
+  o.parent_beam = 8;
+  o.rerank_extra_pages = 24;
+  o.page_order = order;
+  return o;
+}
+
+// Mean squared distance of a page's keys to their page's mean (float64, from the data), over
+// every token of the layout.
+double MeanWithinPageSpread(const HeadData& h, const std::vector<PageInfo>& layout, uint32_t dim) {
+  double total = 0;
+  uint64_t tokens = 0;
+  for (const PageInfo& p : layout) {
+    std::vector<double> mean(dim, 0.0);
+    std::vector<std::vector<float>> keys;
+    for (uint32_t pos : p.positions) {
+      keys.emplace_back(dim);
+      ToFloat(h.Rows(pos, 1).data, h.Rows(pos, 1).type, dim, keys.back().data());
+      for (uint32_t d = 0; d < dim; ++d) mean[d] += keys.back()[d];
+    }
+    for (double& m : mean) m /= static_cast<double>(keys.size());
+    for (const std::vector<float>& k : keys) {
+      for (uint32_t d = 0; d < dim; ++d) total += (k[d] - mean[d]) * (k[d] - mean[d]);
+    }
+    tokens += keys.size();
+  }
+  return total / static_cast<double>(tokens);
+}
+
+// kClustered changes which tokens share a page within each cell, nothing else: the same
+// levels and parents as kProjection, every invariant and token in place after the build and
+// after 374 inserted pages (nearest-member placement, splits), and pages whose keys sit much
+// closer to their page's mean than the projection's slices of the same cells.
+TEST_F(DciTreeTest, ClusteredPagesAreTighterAndKeepTheInvariantsThroughInserts) {
+  BuildOn(6000, FastLike(DciOptions::PageOrder::kProjection));
+  std::vector<uint32_t> parents(6000);
+  for (uint32_t t = 0; t < 6000; ++t) parents[t] = tree_->ParentOf(t);
+  const double slices = MeanWithinPageSpread(data_, tree_->Layout(), geometry_.dim);
+  const uint32_t slice_pages = tree_->num_pages();
+  BuildOn(6000, FastLike(DciOptions::PageOrder::kClustered));
+  ASSERT_OK(tree_->CheckInvariants());
+  ExpectPagesHoldTheirTokens(6000);
+  for (uint32_t t = 0; t < 6000; ++t) ASSERT_EQ(tree_->ParentOf(t), parents[t]) << t;
+  EXPECT_EQ(tree_->num_pages(), slice_pages);  // the same even fill of the same cells
+  const double clustered = MeanWithinPageSpread(data_, tree_->Layout(), geometry_.dim);
+  EXPECT_LT(clustered, 0.8 * slices) << "clustered " << clustered << ", slices " << slices;
+
+  data_ = MakeHead(9000);
+  BuildOn(3008, FastLike(DciOptions::PageOrder::kClustered));
+  for (uint32_t begin = 3008; begin + 16 <= 9000; begin += 16) InsertPage(begin);
+  ASSERT_OK(tree_->CheckInvariants());
+  const uint32_t total = 3008 + (9000 - 3008) / 16 * 16;
+  ExpectPagesHoldTheirTokens(total);
+  EXPECT_EQ(tree_->num_tokens(), total);
+}
+
+// Where the search or the build reads the projection order (the paper's descent, or no beam
+// build), kClustered is not applied: the layout is kProjection's, page for page.
+TEST_F(DciTreeTest, ClusteredOrderIsIgnoredWhereTheProjectionOrderIsRead) {
+  for (DciOptions o : {DciOptions{}, BestFirst(DciOptions::SearchMode::kBestFirstSketch)}) {
+    o.page_order = DciOptions::PageOrder::kProjection;
+    BuildOn(3000, o);
+    std::vector<PageInfo> want = tree_->Layout();
+    o.page_order = DciOptions::PageOrder::kClustered;
+    BuildOn(3000, o);
+    std::vector<PageInfo> got = tree_->Layout();
+    ASSERT_EQ(got.size(), want.size());
+    for (size_t i = 0; i < got.size(); ++i) {
+      EXPECT_EQ(got[i].page, want[i].page);
+      EXPECT_EQ(got[i].positions, want[i].positions) << "page " << got[i].page;
+    }
+  }
+}
+
+// On a clustered layout the exact best-first search (valid bound) still returns the exact
+// scan's pages of that layout, before and after inserts.
+TEST_F(DciTreeTest, BestFirstExactReturnsTheExactScansPagesOnClusteredPages) {
+  DciOptions o = BestFirst(DciOptions::SearchMode::kBestFirstExact);
+  o.parent_beam = 8;
+  o.page_order = DciOptions::PageOrder::kClustered;
+  BuildOn(3008, o);
+  for (int round = 0; round < 2; ++round) {
+    ExactOracle scan(tree_.get(), pages_.get(), ExactOracle::Rank::kBestToken);
+    for (uint32_t qi = 0; qi < 8; ++qi) {
+      const std::vector<float> q = GroupQueries(data_, qi, 4, geometry_.dim);
+      std::vector<SelectedPage> got, want;
+      ASSERT_OK(tree_->Search(q.data(), 4, 12, &got));
+      ASSERT_OK(scan.Search(q.data(), 4, 12, &want));
+      EXPECT_EQ(PageIds(got), PageIds(want)) << "round " << round << " query " << qi;
+    }
+    for (uint32_t begin = 3008; begin < 6000; begin += 16) InsertPage(begin);
+    ASSERT_OK(tree_->CheckInvariants());
+  }
+}
+
 // reproject_growth: a member whose norm exceeds its cell's bound by less than the factor is
 // placed without re-projecting the cell. The tree keeps every invariant and every token, and
 // the inserts rewrite fewer page slots than re-projecting at every new largest norm does.
