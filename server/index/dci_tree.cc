@@ -484,6 +484,7 @@ struct DciTree::Impl {
   // their projection on the rows' first principal component (nth_element at the cut), and
   // both sides recursed. The component: power iteration (4 steps) on the centred rows, from
   // the row farthest from their mean. Rows are the members' keys in fp32.
+  static constexpr int kClusterPowerSteps = 4;
   void ClusterOrder(std::vector<uint32_t>* toks) const {
     const uint32_t n = static_cast<uint32_t>(toks->size()), ps = g.page_size, dim = g.dim;
     const uint32_t need = (n + ps - 1) / ps;
@@ -506,28 +507,24 @@ struct DciTree::Impl {
       const uint32_t mid_page = r.lo + (r.hi - r.lo) / 2;
       const uint32_t cut = start(mid_page) - b;
       rows.resize(uint64_t{m} * dim);
-      for (uint32_t i = 0; i < m; ++i) {
-        std::copy_n(&x[uint64_t{perm[b + i]} * dim], dim, &rows[uint64_t{i} * dim]);
-      }
       std::fill(mean.begin(), mean.end(), 0.f);
       for (uint32_t i = 0; i < m; ++i) {
-        for (uint32_t d = 0; d < dim; ++d) mean[d] += rows[uint64_t{i} * dim + d];
+        const float* src = &x[uint64_t{perm[b + i]} * dim];
+        std::copy_n(src, dim, &rows[uint64_t{i} * dim]);
+        for (uint32_t d = 0; d < dim; ++d) mean[d] += src[d];
       }
       for (float& c : mean) c /= static_cast<float>(m);
-      for (uint32_t i = 0; i < m; ++i) {
-        for (uint32_t d = 0; d < dim; ++d) rows[uint64_t{i} * dim + d] -= mean[d];
-      }
       uint32_t far = 0;
       float far_sq = -1;
       for (uint32_t i = 0; i < m; ++i) {
-        float s2 = 0;
-        for (uint32_t d = 0; d < dim; ++d)
-          s2 += rows[uint64_t{i} * dim + d] * rows[uint64_t{i} * dim + d];
+        float* row = &rows[uint64_t{i} * dim];
+        for (uint32_t d = 0; d < dim; ++d) row[d] -= mean[d];
+        const float s2 = SquaredNorm(row, ElemType::kF32, dim);
         if (s2 > far_sq) far_sq = s2, far = i;
       }
       std::copy_n(&rows[uint64_t{far} * dim], dim, v.begin());
       const uint64_t stride = uint64_t{dim} * sizeof(float);
-      for (int it = 0; it < 4; ++it) {
+      for (int it = 0; it < kClusterPowerSteps; ++it) {
         DotStrided(v.data(), rows.data(), stride, m, ElemType::kF32, dim, weights.data());
         std::fill(w.begin(), w.end(), 0.f);
         WeightedSumStridedMulti(weights.data(), 1, m, rows.data(), stride, m, ElemType::kF32, dim,
