@@ -485,6 +485,12 @@ struct DciTree::Impl {
   // both sides recursed. The component: power iteration (4 steps) on the centred rows, from
   // the row farthest from their mean. Rows are the members' keys in fp32.
   static constexpr int kClusterPowerSteps = 4;
+  // Cells above this many members keep the projection order (bounds the build's fp32 copies
+  // to 2 x kClusterMaxRows x dim floats and its time on degenerate data, e.g. identical keys,
+  // where one cell holds everything); inserts compare with at most kClusterInsertProbes
+  // members of a cell, evenly spaced.
+  static constexpr uint32_t kClusterMaxRows = 8192;
+  static constexpr uint32_t kClusterInsertProbes = 1024;
   void ClusterOrder(std::vector<uint32_t>* toks) const {
     const uint32_t n = static_cast<uint32_t>(toks->size()), ps = g.page_size, dim = g.dim;
     const uint32_t need = (n + ps - 1) / ps;
@@ -556,6 +562,7 @@ struct DciTree::Impl {
   // kClustered: the cell's tokens in ClusterOrder, projections their ranks (kept ascending by
   // inserts: a new token takes the midpoint of its neighbours').
   void ClusterCell(Cell& c) const {
+    if (c.tok.size() > kClusterMaxRows) return;  // keeps the projection order and values
     ClusterOrder(&c.tok);
     for (size_t i = 0; i < c.proj.size(); ++i) c.proj[i] = static_cast<float>(i);
   }
@@ -631,23 +638,26 @@ struct DciTree::Impl {
     }
   }
 
-  // kClustered: token t (detached) joins the run of its nearest member (Euclidean), right
-  // after it, in that member's page (split in two when full).
+  // kClustered: token t (detached) joins the run of its nearest member (Euclidean; of at most
+  // kClusterInsertProbes evenly spaced members), right after it, in that member's page (split
+  // in two when full).
   void ClusteredInsert(uint32_t cid, uint32_t t) {
     Cell& c = cells[cid];
     c.max_sq = std::max(c.max_sq, sq[t]);
     const uint32_t n = static_cast<uint32_t>(c.tok.size());
     std::vector<float> x(g.dim);
     ToFloat(KeyPtr(t), g.elem_type, g.dim, x.data());
-    std::vector<const void*> rows(n);
-    for (uint32_t i = 0; i < n; ++i) rows[i] = KeyPtr(c.tok[i]);
-    std::vector<float> dots(n);
-    DotGather(x.data(), rows.data(), n, g.elem_type, g.dim, dots.data());
+    const uint32_t step = (n + kClusterInsertProbes - 1) / kClusterInsertProbes;
+    const uint32_t probes = (n + step - 1) / step;
+    std::vector<const void*> rows(probes);
+    for (uint32_t i = 0; i < probes; ++i) rows[i] = KeyPtr(c.tok[i * step]);
+    std::vector<float> dots(probes);
+    DotGather(x.data(), rows.data(), probes, g.elem_type, g.dim, dots.data());
     uint32_t near = 0;
     float best = std::numeric_limits<float>::infinity();
-    for (uint32_t i = 0; i < n; ++i) {
-      const float d2 = sq[c.tok[i]] - 2 * dots[i];  // |x - k_i|^2 - |x|^2
-      if (d2 < best) best = d2, near = i;
+    for (uint32_t i = 0; i < probes; ++i) {
+      const float d2 = sq[c.tok[i * step]] - 2 * dots[i];  // |x - k_i|^2 - |x|^2
+      if (d2 < best) best = d2, near = i * step;
     }
     const uint32_t idx = near + 1;
     const float pr = idx < n ? (c.proj[near] + c.proj[idx]) / 2 : c.proj[near] + 1;

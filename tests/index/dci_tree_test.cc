@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <map>
 #include <numeric>
 #include <set>
 #include <thread>
@@ -771,6 +772,33 @@ TEST_F(DciTreeTest, ClusteredPagesAreTighterAndKeepTheInvariantsThroughInserts) 
   const uint32_t total = 3008 + (9000 - 3008) / 16 * 16;
   ExpectPagesHoldTheirTokens(total);
   EXPECT_EQ(tree_->num_tokens(), total);
+}
+
+// Degenerate keys (every key the same): one cell may hold nearly everything. Above 8,192
+// members a cell keeps the projection order (bounded copies), below it the clustered split
+// meets all-equal rows; either way the build and the inserts keep every invariant and token.
+TEST_F(DciTreeTest, ClusteredPagesOnIdenticalKeysKeepTheInvariants) {
+  for (uint32_t tokens : {3000u, 9600u}) {
+    data_ = MakeHead(tokens + 320);
+    const uint64_t row = uint64_t{data_.trace.head_dim} * ElemBytes(data_.trace.kv_type);
+    uint8_t* keys = const_cast<uint8_t*>(static_cast<const uint8_t*>(data_.Rows(0, 1).data));
+    for (uint32_t t = 1; t < tokens + 320; ++t) std::memcpy(keys + t * row, keys, row);
+    BuildOn(tokens, FastLike(DciOptions::PageOrder::kClustered));
+    ASSERT_OK(tree_->CheckInvariants());
+    ExpectPagesHoldTheirTokens(tokens);
+    // The largest cell: above the insert's 1,024 probes at 3,000 tokens, above the 8,192-member
+    // clustering bound at 9,600.
+    std::map<uint32_t, uint32_t> kids;
+    for (uint32_t t = 0; t < tokens; ++t) {
+      if (tree_->ParentOf(t) != DciTree::kNoParent) ++kids[tree_->ParentOf(t)];
+    }
+    uint32_t largest = 0;
+    for (const auto& [parent, count] : kids) largest = std::max(largest, count);
+    EXPECT_GT(largest, tokens == 3000u ? 1024u : 8192u);
+    for (uint32_t begin = tokens; begin < tokens + 320; begin += 16) InsertPage(begin);
+    ASSERT_OK(tree_->CheckInvariants());
+    ExpectPagesHoldTheirTokens(tokens + 320);
+  }
 }
 
 // Where the search or the build reads the projection order (the paper's descent, or no beam
