@@ -74,6 +74,8 @@ ABSL_FLAG(std::string, rerank, "",
 ABSL_FLAG(std::string, reproject_growth, "",
           "DCI option: norm growth (squared) before an insert re-projects a cell (1: paper's).");
 ABSL_FLAG(bool, scaled_query, false, "DCI option: scale the query projection.");
+ABSL_FLAG(std::string, page_order, "",
+          "DCI option: page order within a cell, projection (the paper's) or clustered.");
 ABSL_FLAG(std::string, retrieve_ratio, "", "DCI option: share of each expanded cell scored.");
 ABSL_FLAG(bool, joint, false, "DCI option: joint group search.");
 ABSL_FLAG(bool, page_granular, false, "DCI option: page-granular scoring.");
@@ -343,6 +345,15 @@ bool ApplyOverrides(DciOptions* dci) {
     dci->search_mode = DciOptions::SearchMode::kBestFirstSketch;
   } else if (!search.empty()) {
     std::fprintf(stderr, "--search=%s: descent, exact or sketch\n", search.c_str());
+    return false;
+  }
+  const std::string order = absl::GetFlag(FLAGS_page_order);
+  if (order == "projection") {
+    dci->page_order = DciOptions::PageOrder::kProjection;
+  } else if (order == "clustered") {
+    dci->page_order = DciOptions::PageOrder::kClustered;
+  } else if (!order.empty()) {
+    std::fprintf(stderr, "--page_order=%s: projection or clustered\n", order.c_str());
     return false;
   }
   if (absl::GetFlag(FLAGS_scaled_query)) dci->scale_query_projection = true;

@@ -500,7 +500,7 @@ struct DciTree::Impl {
     for (uint32_t i = 0; i < n; ++i) ToFloat(KeyPtr((*toks)[i]), g.elem_type, dim, &x[i * dim]);
     std::vector<uint32_t> perm(n);
     for (uint32_t i = 0; i < n; ++i) perm[i] = i;
-    std::vector<float> rows, mean(dim), v(dim), w(dim), pr(n), weights(n);
+    std::vector<float> rows, cols, mean(dim), v(dim), w(dim), pr(n), weights(n);
     struct Range {
       uint32_t lo, hi;
     };
@@ -520,18 +520,30 @@ struct DciTree::Impl {
         for (uint32_t d = 0; d < dim; ++d) mean[d] += src[d];
       }
       for (float& c : mean) c /= static_cast<float>(m);
+      // Centred rows, row-major (for X^T p) and column-major (for X v): both products are
+      // then weighted sums of contiguous rows, with no per-row horizontal reduction.
+      cols.resize(uint64_t{m} * dim);
       uint32_t far = 0;
       float far_sq = -1;
       for (uint32_t i = 0; i < m; ++i) {
         float* row = &rows[uint64_t{i} * dim];
-        for (uint32_t d = 0; d < dim; ++d) row[d] -= mean[d];
+        for (uint32_t d = 0; d < dim; ++d) {
+          row[d] -= mean[d];
+          cols[uint64_t{d} * m + i] = row[d];
+        }
         const float s2 = SquaredNorm(row, ElemType::kF32, dim);
         if (s2 > far_sq) far_sq = s2, far = i;
       }
       std::copy_n(&rows[uint64_t{far} * dim], dim, v.begin());
       const uint64_t stride = uint64_t{dim} * sizeof(float);
+      const uint64_t col_stride = uint64_t{m} * sizeof(float);
+      auto project = [&](float* out) {  // out[i] = row_i . v
+        std::fill(out, out + m, 0.f);
+        WeightedSumStridedMulti(v.data(), 1, dim, cols.data(), col_stride, dim, ElemType::kF32, m,
+                                out);
+      };
       for (int it = 0; it < kClusterPowerSteps; ++it) {
-        DotStrided(v.data(), rows.data(), stride, m, ElemType::kF32, dim, weights.data());
+        project(weights.data());
         std::fill(w.begin(), w.end(), 0.f);
         WeightedSumStridedMulti(weights.data(), 1, m, rows.data(), stride, m, ElemType::kF32, dim,
                                 w.data());
@@ -541,7 +553,7 @@ struct DciTree::Impl {
         const float inv = static_cast<float>(1.0 / std::sqrt(norm));
         for (uint32_t d = 0; d < dim; ++d) v[d] = w[d] * inv;
       }
-      DotStrided(v.data(), rows.data(), stride, m, ElemType::kF32, dim, pr.data());
+      project(pr.data());
       // Sort the range's permutation entries by projection around the cut (ties by index).
       std::vector<uint32_t> local(m);
       for (uint32_t i = 0; i < m; ++i) local[i] = i;
