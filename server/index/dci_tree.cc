@@ -497,7 +497,9 @@ struct DciTree::Impl {
     if (need <= 1) return;
     auto start = [&](uint32_t j) { return j * (n / need) + std::min(j, n % need); };
     std::vector<float> x(uint64_t{n} * dim);
-    for (uint32_t i = 0; i < n; ++i) ToFloat(KeyPtr((*toks)[i]), g.elem_type, dim, &x[i * dim]);
+    for (uint32_t i = 0; i < n; ++i) {
+      ToFloat(KeyPtr((*toks)[i]), g.elem_type, dim, &x[uint64_t{i} * dim]);
+    }
     std::vector<uint32_t> perm(n);
     for (uint32_t i = 0; i < n; ++i) perm[i] = i;
     std::vector<float> rows, cols, mean(dim), v(dim), w(dim), pr(n), weights(n);
@@ -571,29 +573,29 @@ struct DciTree::Impl {
     *toks = std::move(out);
   }
 
-  // kClustered: the cell's tokens in ClusterOrder, projections their ranks (kept ascending by
-  // inserts: a new token takes the midpoint of its neighbours').
-  void ClusterCell(Cell& c) const {
-    if (c.tok.size() > kClusterMaxRows) return;  // keeps the projection order and values
+  // kClustered: the cell's tokens (c.tok, any order) in ClusterOrder, projections their ranks
+  // (kept ascending by inserts: a new token takes the midpoint of its neighbours'). Returns
+  // false, changing nothing, where the cell keeps the projection order (kProjection, or a cell
+  // over kClusterMaxRows members).
+  bool ClusterCell(Cell& c) const {
+    if (!clustered || c.tok.size() > kClusterMaxRows) return false;
     ClusterOrder(&c.tok);
+    c.proj.resize(c.tok.size());
     for (size_t i = 0; i < c.proj.size(); ++i) c.proj[i] = static_cast<float>(i);
+    return true;
   }
 
   // Recomputes every projection of the cell with its current max_sq, re-sorts, re-chunks.
   void Reproject(uint32_t cid) {
     Cell& c = cells[cid];
-    if (clustered) {
-      ClusterCell(c);
-      ChunkCell(cid);
-      if (cell_refs) RecenterCell(cid);
-      return;
-    }
-    std::vector<std::pair<float, uint32_t>> order(c.tok.size());
-    for (size_t i = 0; i < c.tok.size(); ++i) order[i] = {ProjOf(c.tok[i], c.max_sq), c.tok[i]};
-    std::sort(order.begin(), order.end());
-    for (size_t i = 0; i < order.size(); ++i) {
-      c.proj[i] = order[i].first;
-      c.tok[i] = order[i].second;
+    if (!ClusterCell(c)) {
+      std::vector<std::pair<float, uint32_t>> order(c.tok.size());
+      for (size_t i = 0; i < c.tok.size(); ++i) order[i] = {ProjOf(c.tok[i], c.max_sq), c.tok[i]};
+      std::sort(order.begin(), order.end());
+      for (size_t i = 0; i < order.size(); ++i) {
+        c.proj[i] = order[i].first;
+        c.tok[i] = order[i].second;
+      }
     }
     ChunkCell(cid);
     if (cell_refs) RecenterCell(cid);
@@ -620,7 +622,6 @@ struct DciTree::Impl {
     }
     const float pr = ProjOf(t, cells[cid].max_sq);
     Cell& c = cells[cid];
-    const uint32_t n = static_cast<uint32_t>(c.tok.size());
     const uint32_t idx =
         static_cast<uint32_t>(std::upper_bound(c.proj.begin(), c.proj.end(), pr) - c.proj.begin());
     // The page that takes it: the one whose run contains idx; at a boundary between two
@@ -632,13 +633,19 @@ struct DciTree::Impl {
                pages[c.page_ids[j - 1]].valid <= pages[c.page_ids[j]].valid) {
       j = j - 1;
     }
+    PlaceMember(cid, t, idx, pr, j);
+  }
+
+  // Puts token t (detached) at position idx of cell cid's order, with projection pr, into the
+  // cell's page j (whose run then holds idx): a free slot of that page, or a split when full.
+  void PlaceMember(uint32_t cid, uint32_t t, uint32_t idx, float pr, size_t j) {
+    Cell& c = cells[cid];
     ReserveFor(c.proj, c.proj.size() + 1);
     ReserveFor(c.tok, c.tok.size() + 1);
     if (sketching) ReserveFor(c.fac, c.fac.size() + 1);
     c.proj.insert(c.proj.begin() + idx, pr);
     c.tok.insert(c.tok.begin() + idx, t);
     for (size_t i = j; i < c.page_end.size(); ++i) ++c.page_end[i];
-    (void)n;
     AddMember(cid, idx);
     const uint32_t p = c.page_ids[j];
     if (pages[p].valid < g.page_size) {
@@ -675,21 +682,7 @@ struct DciTree::Impl {
     const float pr = idx < n ? (c.proj[near] + c.proj[idx]) / 2 : c.proj[near] + 1;
     const size_t j =
         std::upper_bound(c.page_end.begin(), c.page_end.end(), near) - c.page_end.begin();
-    ReserveFor(c.proj, c.proj.size() + 1);
-    ReserveFor(c.tok, c.tok.size() + 1);
-    if (sketching) ReserveFor(c.fac, c.fac.size() + 1);
-    c.proj.insert(c.proj.begin() + idx, pr);
-    c.tok.insert(c.tok.begin() + idx, t);
-    for (size_t i = j; i < c.page_end.size(); ++i) ++c.page_end[i];
-    AddMember(cid, idx);
-    const uint32_t p = c.page_ids[j];
-    if (pages[p].valid < g.page_size) {
-      SetLoc(t, p, pages[p].valid);
-      ++pages[p].valid;
-      MarkChanged(p);
-    } else {
-      Split(cid, j);
-    }
+    PlaceMember(cid, t, idx, pr, j);
   }
 
   // Page j of the cell holds page_size + 1 tokens in its run (one of them detached): cut
@@ -1202,6 +1195,8 @@ struct DciTree::Impl {
       Cell& c = cells[cid];
       c.max_sq = 0;
       for (uint32_t t : members) c.max_sq = std::max(c.max_sq, sq[t]);
+      c.tok.assign(members.begin(), members.end());
+      if (ClusterCell(c)) return;
       std::vector<std::pair<float, uint32_t>> order(members.size());
       for (size_t i = 0; i < members.size(); ++i) {
         order[i] = {ProjOf(members[i], c.max_sq), members[i]};
@@ -1213,7 +1208,6 @@ struct DciTree::Impl {
         c.proj[i] = order[i].first;
         c.tok[i] = order[i].second;
       }
-      if (clustered) ClusterCell(c);
     };
     fill_cell(root_cell, by_level[top]);
 
