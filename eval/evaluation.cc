@@ -79,8 +79,9 @@ absl::StatusOr<EvalResult> Evaluate(const Trace& trace, const EvalOptions& optio
   std::vector<selection::BudgetSplit> splits;
   for (uint32_t b : options.budgets) {
     const selection::BudgetSplit s = selection::PaperSplit(b, options.page_size);
-    if (!selection::ValidateSplit(s).ok()) {
-      return absl::InvalidArgumentError(absl::StrCat("budget ", b, " leaves no selected page"));
+    if (const absl::Status st = selection::ValidateSplit(s); !st.ok()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("budget ", b, " with pages of ", options.page_size, ": ", st.message()));
     }
     splits.push_back(s);
   }
