@@ -6,6 +6,7 @@
 #include <map>
 #include <numeric>
 #include <set>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -482,6 +483,20 @@ std::vector<float> GroupQueries(const HeadData& h, uint32_t qi, uint32_t group, 
   return q;
 }
 
+// The tree's search returns the exact scan's pages of its own layout (best key per page), for
+// the GQA group of 4 and k = 12, at each of the 8 query steps.
+void ExpectSearchEqualsExactScan(const DciTree& tree, const InMemoryPages& pages,
+                                 const HeadData& data, uint32_t dim, const std::string& context) {
+  ExactOracle scan(&tree, &pages, ExactOracle::Rank::kBestToken);
+  for (uint32_t qi = 0; qi < 8; ++qi) {
+    const std::vector<float> q = GroupQueries(data, qi, 4, dim);
+    std::vector<SelectedPage> got, want;
+    ASSERT_OK(tree.Search(q.data(), 4, 12, &got));
+    ASSERT_OK(scan.Search(q.data(), 4, 12, &want));
+    EXPECT_EQ(PageIds(got), PageIds(want)) << context << "query " << qi;
+  }
+}
+
 // With the valid bound (slack 1) the exact best-first search returns the exact scan's pages,
 // in the same order, for groups of 1 and 4 and every k; and it reads fewer keys than the scan.
 TEST_F(DciTreeTest, BestFirstExactReturnsTheExactScansPages) {
@@ -510,14 +525,7 @@ TEST_F(DciTreeTest, BestFirstExactStaysExactAcrossInserts) {
   for (uint32_t begin = 3008; begin < 6000; begin += 16) InsertPage(begin);
   ASSERT_OK(tree_->CheckInvariants());
   ExpectPagesHoldTheirTokens(6000);
-  ExactOracle scan(tree_.get(), pages_.get(), ExactOracle::Rank::kBestToken);
-  for (uint32_t qi = 0; qi < 8; ++qi) {
-    const std::vector<float> q = GroupQueries(data_, qi, 4, geometry_.dim);
-    std::vector<SelectedPage> got, want;
-    ASSERT_OK(tree_->Search(q.data(), 4, 12, &got));
-    ASSERT_OK(scan.Search(q.data(), 4, 12, &want));
-    EXPECT_EQ(PageIds(got), PageIds(want)) << "query " << qi;
-  }
+  ExpectSearchEqualsExactScan(*tree_, *pages_, data_, geometry_.dim, "");
 }
 
 // Re-ranking (DciOptions::rerank_extra_pages) keeps, of the exact best-first search's candidates
@@ -827,14 +835,8 @@ TEST_F(DciTreeTest, BestFirstExactReturnsTheExactScansPagesOnClusteredPages) {
   o.page_order = DciOptions::PageOrder::kClustered;
   BuildOn(3008, o);
   for (int round = 0; round < 2; ++round) {
-    ExactOracle scan(tree_.get(), pages_.get(), ExactOracle::Rank::kBestToken);
-    for (uint32_t qi = 0; qi < 8; ++qi) {
-      const std::vector<float> q = GroupQueries(data_, qi, 4, geometry_.dim);
-      std::vector<SelectedPage> got, want;
-      ASSERT_OK(tree_->Search(q.data(), 4, 12, &got));
-      ASSERT_OK(scan.Search(q.data(), 4, 12, &want));
-      EXPECT_EQ(PageIds(got), PageIds(want)) << "round " << round << " query " << qi;
-    }
+    ExpectSearchEqualsExactScan(*tree_, *pages_, data_, geometry_.dim,
+                                "round " + std::to_string(round) + ", ");
     for (uint32_t begin = 3008; begin < 6000; begin += 16) InsertPage(begin);
     ASSERT_OK(tree_->CheckInvariants());
   }
