@@ -483,7 +483,10 @@ struct DciTree::Impl {
   // permutation are cut at the page boundary nearest their middle, the rows split there by
   // their projection on the rows' first principal component (nth_element at the cut), and
   // both sides recursed. The component: power iteration (4 steps) on the centred rows, from
-  // the row farthest from their mean. Rows are the members' keys in fp32.
+  // the row farthest from their mean. Rows are the members' keys in fp32, kept in the order
+  // being built (each range one contiguous block, permuted in place after its split), and
+  // never centred in memory: X_c v = X v - (mean . v) and X_c^T p = X^T p - mean * sum(p), so
+  // every product is one sequential pass of a SIMD kernel over the block.
   static constexpr int kClusterPowerSteps = 4;
   // Cells above this many members keep the projection order (bounds the build's fp32 copies
   // to 2 x kClusterMaxRows x dim floats and its time on degenerate data, e.g. identical keys,
@@ -496,13 +499,16 @@ struct DciTree::Impl {
     const uint32_t need = (n + ps - 1) / ps;
     if (need <= 1) return;
     auto start = [&](uint32_t j) { return j * (n / need) + std::min(j, n % need); };
-    std::vector<float> x(uint64_t{n} * dim);
+    std::vector<uint32_t>& ids = *toks;  // permuted along with the rows of x
+    std::vector<float> x(uint64_t{n} * dim), scratch(uint64_t{n} * dim), sqn(n), sqn_tmp(n);
     for (uint32_t i = 0; i < n; ++i) {
-      ToFloat(KeyPtr((*toks)[i]), g.elem_type, dim, &x[uint64_t{i} * dim]);
+      float* row = &x[uint64_t{i} * dim];
+      ToFloat(KeyPtr(ids[i]), g.elem_type, dim, row);
+      sqn[i] = SquaredNorm(row, ElemType::kF32, dim);
     }
-    std::vector<uint32_t> perm(n);
-    for (uint32_t i = 0; i < n; ++i) perm[i] = i;
-    std::vector<float> rows, cols, mean(dim), v(dim), w(dim), pr(n), weights(n);
+    std::vector<float> ones(n, 1.f), mean(dim), v(dim), w(dim), p(n);
+    std::vector<uint32_t> local(n), ids_tmp(n);
+    const uint64_t stride = uint64_t{dim} * sizeof(float);
     struct Range {
       uint32_t lo, hi;
     };
@@ -514,63 +520,55 @@ struct DciTree::Impl {
       const uint32_t b = start(r.lo), e = start(r.hi), m = e - b;
       const uint32_t mid_page = r.lo + (r.hi - r.lo) / 2;
       const uint32_t cut = start(mid_page) - b;
-      rows.resize(uint64_t{m} * dim);
+      float* block = &x[uint64_t{b} * dim];
       std::fill(mean.begin(), mean.end(), 0.f);
-      for (uint32_t i = 0; i < m; ++i) {
-        const float* src = &x[uint64_t{perm[b + i]} * dim];
-        std::copy_n(src, dim, &rows[uint64_t{i} * dim]);
-        for (uint32_t d = 0; d < dim; ++d) mean[d] += src[d];
-      }
+      WeightedSumStridedMulti(ones.data(), 1, m, block, stride, m, ElemType::kF32, dim,
+                              mean.data());
       for (float& c : mean) c /= static_cast<float>(m);
-      // Centred rows, row-major (for X^T p) and column-major (for X v): both products are
-      // then weighted sums of contiguous rows, with no per-row horizontal reduction.
-      cols.resize(uint64_t{m} * dim);
+      // The farthest row from the mean: |x_i|^2 - 2 x_i . mean is largest (ties: the first).
+      DotStrided(mean.data(), block, stride, m, ElemType::kF32, dim, p.data());
       uint32_t far = 0;
-      float far_sq = -1;
+      float far_sq = -std::numeric_limits<float>::infinity();
       for (uint32_t i = 0; i < m; ++i) {
-        float* row = &rows[uint64_t{i} * dim];
-        for (uint32_t d = 0; d < dim; ++d) {
-          row[d] -= mean[d];
-          cols[uint64_t{d} * m + i] = row[d];
-        }
-        const float s2 = SquaredNorm(row, ElemType::kF32, dim);
+        const float s2 = sqn[b + i] - 2 * p[i];
         if (s2 > far_sq) far_sq = s2, far = i;
       }
-      std::copy_n(&rows[uint64_t{far} * dim], dim, v.begin());
-      const uint64_t stride = uint64_t{dim} * sizeof(float);
-      const uint64_t col_stride = uint64_t{m} * sizeof(float);
-      auto project = [&](float* out) {  // out[i] = row_i . v
-        std::fill(out, out + m, 0.f);
-        WeightedSumStridedMulti(v.data(), 1, dim, cols.data(), col_stride, dim, ElemType::kF32, m,
-                                out);
-      };
+      for (uint32_t d = 0; d < dim; ++d) v[d] = block[uint64_t{far} * dim + d] - mean[d];
       for (int it = 0; it < kClusterPowerSteps; ++it) {
-        project(weights.data());
+        DotStrided(v.data(), block, stride, m, ElemType::kF32, dim, p.data());
+        float mv = 0;
+        for (uint32_t d = 0; d < dim; ++d) mv += mean[d] * v[d];
+        double sum_p = 0;
+        for (uint32_t i = 0; i < m; ++i) sum_p += p[i] -= mv;
         std::fill(w.begin(), w.end(), 0.f);
-        WeightedSumStridedMulti(weights.data(), 1, m, rows.data(), stride, m, ElemType::kF32, dim,
-                                w.data());
+        WeightedSumStridedMulti(p.data(), 1, m, block, stride, m, ElemType::kF32, dim, w.data());
         double norm = 0;
-        for (float c : w) norm += double{c} * c;
+        for (uint32_t d = 0; d < dim; ++d) {
+          w[d] -= mean[d] * static_cast<float>(sum_p);
+          norm += double{w[d]} * w[d];
+        }
         if (norm <= 0) break;  // every row equal
         const float inv = static_cast<float>(1.0 / std::sqrt(norm));
         for (uint32_t d = 0; d < dim; ++d) v[d] = w[d] * inv;
       }
-      project(pr.data());
-      // Sort the range's permutation entries by projection around the cut (ties by index).
-      std::vector<uint32_t> local(m);
+      // Projections (uncentred: a constant shift leaves the order); the range sorted around
+      // the cut (ties by position), then its rows, ids and norms permuted to match.
+      DotStrided(v.data(), block, stride, m, ElemType::kF32, dim, p.data());
       for (uint32_t i = 0; i < m; ++i) local[i] = i;
       std::nth_element(
-          local.begin(), local.begin() + cut, local.end(),
-          [&](uint32_t a, uint32_t c) { return pr[a] < pr[c] || (pr[a] == pr[c] && a < c); });
-      std::vector<uint32_t> reordered(m);
-      for (uint32_t i = 0; i < m; ++i) reordered[i] = perm[b + local[i]];
-      std::copy(reordered.begin(), reordered.end(), perm.begin() + b);
+          local.begin(), local.begin() + cut, local.begin() + m,
+          [&](uint32_t a, uint32_t c) { return p[a] < p[c] || (p[a] == p[c] && a < c); });
+      for (uint32_t i = 0; i < m; ++i) {
+        std::copy_n(block + uint64_t{local[i]} * dim, dim, &scratch[uint64_t{i} * dim]);
+        ids_tmp[i] = ids[b + local[i]];
+        sqn_tmp[i] = sqn[b + local[i]];
+      }
+      std::copy_n(scratch.begin(), uint64_t{m} * dim, block);
+      std::copy_n(ids_tmp.begin(), m, ids.begin() + b);
+      std::copy_n(sqn_tmp.begin(), m, sqn.begin() + b);
       todo.push_back({r.lo, mid_page});
       todo.push_back({mid_page, r.hi});
     }
-    std::vector<uint32_t> out(n);
-    for (uint32_t i = 0; i < n; ++i) out[i] = (*toks)[perm[i]];
-    *toks = std::move(out);
   }
 
   // kClustered: the cell's tokens (c.tok, any order) in ClusterOrder, projections their ranks
@@ -1014,7 +1012,8 @@ struct DciTree::Impl {
     const uint32_t beam = o.parent_beam;
     parent_of->resize(kids.size());
     std::vector<float> x(g.dim), scores;
-    std::vector<uint32_t> rows;  // rows (into beam_rows) scored on the current level
+    std::vector<uint32_t> rows;     // rows (into beam_rows) scored on the current level
+    std::vector<const void*> ptrs;  // their addresses
     std::vector<std::pair<uint32_t, uint32_t>> ranges, next;
     std::vector<float> top_s(beam);
     std::vector<uint32_t> top_r(beam);  // the beam: rows, best first
@@ -1031,15 +1030,17 @@ struct DciTree::Impl {
         for (const auto& [b, e] : ranges) n += e - b;
         scores.resize(n);
         rows.resize(n);
+        ptrs.resize(n);
         uint32_t at = 0;
         for (const auto& [b, e] : ranges) {
-          DotStrided(x.data(), beam_rows.data() + row_bytes * b, row_bytes, e - b, g.elem_type,
-                     g.dim, scores.data() + at);
           for (uint32_t r = b; r < e; ++r) {
-            scores[at] += lift * beam_lift[r];
+            ptrs[at] = beam_rows.data() + row_bytes * r;
             rows[at++] = r;
           }
         }
+        // One gather over every range of the level (the ranges are a few rows each).
+        DotGather(x.data(), ptrs.data(), n, g.elem_type, g.dim, scores.data());
+        for (uint32_t j = 0; j < n; ++j) scores[j] += lift * beam_lift[rows[j]];
         if (lvl == l + 1) {
           uint32_t best = 0;
           for (uint32_t j = 1; j < n; ++j) {

@@ -207,10 +207,48 @@ ICECACHE_AVX2 void SignCodeAvx2(const float* y, uint32_t n, uint8_t* code, float
   *sq = HorizontalSum(b);
 }
 
+// One query against four rows: two accumulator chains per row (eight in all), one joint
+// reduction of the four sums. out[k] = x . row_k.
+template <ElemType kType>
+ICECACHE_AVX2 inline void DotFourRowsAvx2T(const float* x, const void* const* row, uint32_t dim,
+                                           float* out) {
+  __m256 a[4][2];
+  for (auto& ak : a) ak[0] = ak[1] = _mm256_setzero_ps();
+  uint32_t i = 0;
+  for (; i + 16 <= dim; i += 16) {
+    const __m256 q0 = _mm256_loadu_ps(x + i), q1 = _mm256_loadu_ps(x + i + 8);
+    for (int k = 0; k < 4; ++k) {
+      a[k][0] = _mm256_fmadd_ps(q0, Load8(row[k], kType, i), a[k][0]);
+      a[k][1] = _mm256_fmadd_ps(q1, Load8(row[k], kType, i + 8), a[k][1]);
+    }
+  }
+  for (; i + 8 <= dim; i += 8) {
+    const __m256 q = _mm256_loadu_ps(x + i);
+    for (int k = 0; k < 4; ++k) a[k][0] = _mm256_fmadd_ps(q, Load8(row[k], kType, i), a[k][0]);
+  }
+  __m256 s[4];
+  for (int k = 0; k < 4; ++k) s[k] = _mm256_add_ps(a[k][0], a[k][1]);
+  // hadd(hadd(s0, s1), hadd(s2, s3)) holds row k's halves in lanes k and k + 4.
+  const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(s[0], s[1]), _mm256_hadd_ps(s[2], s[3]));
+  alignas(16) float sums[4];
+  _mm_store_ps(sums, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+  for (int k = 0; k < 4; ++k) {
+    float tail = 0;
+    for (uint32_t t = i; t < dim; ++t) tail += x[t] * LoadScalar(row[k], kType, t);
+    out[k] = sums[k] + tail;
+  }
+}
+
 template <ElemType kType>
 ICECACHE_AVX2 void DotStridedAvx2T(const float* x, const uint8_t* base, uint64_t stride, uint32_t n,
                                    uint32_t dim, float* out) {
-  for (uint32_t r = 0; r < n; ++r) out[r] = DotAvx2T<kType>(x, base + r * stride, dim);
+  uint32_t r = 0;
+  for (; r + 4 <= n; r += 4) {
+    const void* four[4] = {base + r * stride, base + (r + 1) * stride, base + (r + 2) * stride,
+                           base + (r + 3) * stride};
+    DotFourRowsAvx2T<kType>(x, four, dim, out + r);
+  }
+  for (; r < n; ++r) out[r] = DotAvx2T<kType>(x, base + r * stride, dim);
 }
 
 ICECACHE_AVX2 void DotStridedAvx2(const float* x, const void* base, uint64_t stride, uint32_t n,
@@ -229,7 +267,14 @@ ICECACHE_AVX2 void DotStridedAvx2(const float* x, const void* base, uint64_t str
 template <ElemType kType>
 ICECACHE_AVX2 void DotGatherAvx2T(const float* x, const void* const* rows, uint32_t n, uint32_t dim,
                                   float* out) {
-  for (uint32_t r = 0; r < n; ++r) {
+  uint32_t r = 0;
+  for (; r + 4 <= n; r += 4) {
+    for (uint32_t k = r + 4; k < std::min(n, r + 8); ++k) {
+      _mm_prefetch(static_cast<const char*>(rows[k]), _MM_HINT_T0);
+    }
+    DotFourRowsAvx2T<kType>(x, rows + r, dim, out + r);
+  }
+  for (; r < n; ++r) {
     if (r + 2 < n) _mm_prefetch(static_cast<const char*>(rows[r + 2]), _MM_HINT_T0);
     out[r] = DotAvx2T<kType>(x, rows[r], dim);
   }
@@ -929,11 +974,60 @@ ICECACHE_AVX512 inline void DotRowMultiAvx512T(const float* xs, const void* row,
   }
 }
 
+// 16 lanes to 8 by adding the halves (AVX-512F alone: no extractf32x8).
+ICECACHE_AVX512 inline __m256 FoldAvx512(__m512 a) {
+  return _mm256_add_ps(_mm512_castps512_ps256(a),
+                       _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)));
+}
+
+// One query against four rows (the single-query case, a build's parent search and the PCA
+// passes): four independent accumulator chains instead of one dependent chain per row, and one
+// joint reduction of the four sums. out[k] = x . row_k.
+template <ElemType kType>
+ICECACHE_AVX512 inline void DotFourRowsAvx512T(const float* x, const void* const* row, uint32_t dim,
+                                               float* out) {
+  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+  __m512 a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+  uint32_t i = 0;
+  for (; i + 16 <= dim; i += 16) {
+    const __m512 q = _mm512_loadu_ps(x + i);
+    a0 = _mm512_fmadd_ps(q, Load16<kType>(row[0], i), a0);
+    a1 = _mm512_fmadd_ps(q, Load16<kType>(row[1], i), a1);
+    a2 = _mm512_fmadd_ps(q, Load16<kType>(row[2], i), a2);
+    a3 = _mm512_fmadd_ps(q, Load16<kType>(row[3], i), a3);
+  }
+  // hadd(hadd(s0, s1), hadd(s2, s3)) holds row k's halves in lanes k and k + 4.
+  const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(FoldAvx512(a0), FoldAvx512(a1)),
+                                  _mm256_hadd_ps(FoldAvx512(a2), FoldAvx512(a3)));
+  alignas(16) float sums[4];
+  _mm_store_ps(sums, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+  for (int k = 0; k < 4; ++k) {
+    float tail = 0;
+    for (uint32_t t = i; t < dim; ++t) tail += x[t] * LoadScalar(row[k], kType, t);
+    out[k] = sums[k] + tail;
+  }
+}
+
 template <ElemType kType, int NQ>
 ICECACHE_AVX512 void DotRowsMultiAvx512T(const float* xs, const uint8_t* base, uint64_t stride,
                                          const void* const* rows, uint32_t n, uint32_t dim,
                                          float* out, uint32_t out_stride) {
-  for (uint32_t r = 0; r < n; ++r) {
+  uint32_t r = 0;
+  if constexpr (NQ == 1) {
+    for (; r + 4 <= n; r += 4) {
+      const void* four[4];
+      for (int k = 0; k < 4; ++k) {
+        four[k] = rows != nullptr ? rows[r + k] : base + (r + k) * stride;
+      }
+      if (rows != nullptr) {
+        for (uint32_t k = r + 4; k < std::min(n, r + 8); ++k) {
+          _mm_prefetch(static_cast<const char*>(rows[k]), _MM_HINT_T0);
+        }
+      }
+      DotFourRowsAvx512T<kType>(xs, four, dim, out + r);
+    }
+  }
+  for (; r < n; ++r) {
     const void* row = rows != nullptr ? rows[r] : base + r * stride;
     if (rows != nullptr && r + 2 < n) {
       _mm_prefetch(static_cast<const char*>(rows[r + 2]), _MM_HINT_T0);

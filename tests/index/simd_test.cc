@@ -56,32 +56,34 @@ TEST_P(SimdTest, KernelsMatchFloat64Reference) {
                           SimdLevel::kAvx512, SimdLevel::kAvx512Vnni}) {
     if (SetSimdLevel(level) != level) continue;  // levels this CPU lacks: skipped
     for (uint32_t dim : {1u, 7u, 8u, 33u, 64u, 128u, 130u, 256u}) {
-      const uint32_t rows = 9;
-      std::vector<float> ref_rows, x;
-      std::vector<uint8_t> data = RandomRows(type, rows, dim, dim * 31 + 1, &ref_rows);
-      RandomRows(ElemType::kF32, 1, dim, dim * 17 + 5, &x);
-      const uint64_t stride = uint64_t{dim} * ElemBytes(type);
-      std::vector<float> strided(rows), gathered(rows);
-      std::vector<const void*> ptrs(rows);
-      for (uint32_t r = 0; r < rows; ++r) ptrs[r] = data.data() + (rows - 1 - r) * stride;
-      DotStrided(x.data(), data.data(), stride, rows, type, dim, strided.data());
-      DotGather(x.data(), ptrs.data(), rows, type, dim, gathered.data());
-      for (uint32_t r = 0; r < rows; ++r) {
-        double dot = 0, sq = 0, mag = 0;
-        for (uint32_t i = 0; i < dim; ++i) {
-          dot += double(x[i]) * ref_rows[uint64_t{r} * dim + i];
-          mag += std::fabs(double(x[i]) * ref_rows[uint64_t{r} * dim + i]);
-          sq += double(ref_rows[uint64_t{r} * dim + i]) * ref_rows[uint64_t{r} * dim + i];
+      for (uint32_t rows : {1u, 3u, 4u, 9u}) {  // the four-row blocks and their remainders
+        std::vector<float> ref_rows, x;
+        std::vector<uint8_t> data = RandomRows(type, rows, dim, dim * 31 + 1, &ref_rows);
+        RandomRows(ElemType::kF32, 1, dim, dim * 17 + 5, &x);
+        const uint64_t stride = uint64_t{dim} * ElemBytes(type);
+        std::vector<float> strided(rows), gathered(rows);
+        std::vector<const void*> ptrs(rows);
+        for (uint32_t r = 0; r < rows; ++r) ptrs[r] = data.data() + (rows - 1 - r) * stride;
+        DotStrided(x.data(), data.data(), stride, rows, type, dim, strided.data());
+        DotGather(x.data(), ptrs.data(), rows, type, dim, gathered.data());
+        for (uint32_t r = 0; r < rows; ++r) {
+          double dot = 0, sq = 0, mag = 0;
+          for (uint32_t i = 0; i < dim; ++i) {
+            dot += double(x[i]) * ref_rows[uint64_t{r} * dim + i];
+            mag += std::fabs(double(x[i]) * ref_rows[uint64_t{r} * dim + i]);
+            sq += double(ref_rows[uint64_t{r} * dim + i]) * ref_rows[uint64_t{r} * dim + i];
+          }
+          const double tol = 1e-5 * (mag + 1);
+          const void* row = data.data() + r * stride;
+          EXPECT_NEAR(Dot(x.data(), row, type, dim), dot, tol)
+              << dim << " " << SimdLevelName(level);
+          EXPECT_NEAR(strided[r], dot, tol);
+          EXPECT_NEAR(gathered[rows - 1 - r], dot, tol);
+          EXPECT_NEAR(SquaredNorm(row, type, dim), sq, 1e-5 * (sq + 1));
+          std::vector<float> f(dim);
+          ToFloat(row, type, dim, f.data());
+          for (uint32_t i = 0; i < dim; ++i) EXPECT_EQ(f[i], ref_rows[uint64_t{r} * dim + i]);
         }
-        const double tol = 1e-5 * (mag + 1);
-        const void* row = data.data() + r * stride;
-        EXPECT_NEAR(Dot(x.data(), row, type, dim), dot, tol) << dim << " " << SimdLevelName(level);
-        EXPECT_NEAR(strided[r], dot, tol);
-        EXPECT_NEAR(gathered[rows - 1 - r], dot, tol);
-        EXPECT_NEAR(SquaredNorm(row, type, dim), sq, 1e-5 * (sq + 1));
-        std::vector<float> f(dim);
-        ToFloat(row, type, dim, f.data());
-        for (uint32_t i = 0; i < dim; ++i) EXPECT_EQ(f[i], ref_rows[uint64_t{r} * dim + i]);
       }
     }
   }
