@@ -347,14 +347,13 @@ bool ApplyOverrides(DciOptions* dci) {
     std::fprintf(stderr, "--search=%s: descent, exact or sketch\n", search.c_str());
     return false;
   }
-  const std::string order = absl::GetFlag(FLAGS_page_order);
-  if (order == "projection") {
-    dci->page_order = DciOptions::PageOrder::kProjection;
-  } else if (order == "clustered") {
-    dci->page_order = DciOptions::PageOrder::kClustered;
-  } else if (!order.empty()) {
-    std::fprintf(stderr, "--page_order=%s: projection or clustered\n", order.c_str());
-    return false;
+  if (const std::string order = absl::GetFlag(FLAGS_page_order); !order.empty()) {
+    const auto parsed = icecache::selection::ParsePageOrder(order);
+    if (!parsed.ok()) {
+      std::fprintf(stderr, "--page_order: %s\n", std::string(parsed.status().message()).c_str());
+      return false;
+    }
+    dci->page_order = *parsed;
   }
   if (absl::GetFlag(FLAGS_scaled_query)) dci->scale_query_projection = true;
   if (absl::GetFlag(FLAGS_joint)) dci->joint_group_search = true;

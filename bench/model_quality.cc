@@ -206,15 +206,9 @@ std::vector<eval::MethodSpec> Methods() {
        absl::StrSplit(absl::GetFlag(FLAGS_page_orders), ',', absl::SkipEmpty())) {
     eval::MethodSpec pages = *fast;
     pages.tail = selection::TailMode::kMeanVariance;
-    if (order == "projection") {
-      pages.dci.page_order = index::DciOptions::PageOrder::kProjection;
-    } else if (order == "clustered") {
-      pages.dci.page_order = index::DciOptions::PageOrder::kClustered;
-    } else {
-      Check(absl::InvalidArgumentError(absl::StrCat("--page_orders: unknown order '", order,
-                                                    "' (known: projection, clustered)")),
-            "--page_orders");
-    }
+    const auto parsed = selection::ParsePageOrder(order);
+    Check(parsed.status(), "--page_orders");
+    pages.dci.page_order = *parsed;
     pages.name = absl::StrCat("icecache-dci-", order, "-pages");
     m.insert(m.begin() + static_cast<ptrdiff_t>(at++), pages);
   }

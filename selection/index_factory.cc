@@ -48,6 +48,13 @@ absl::StatusOr<IndexSpec> Preset(absl::string_view name) {
       absl::StrCat("unknown index preset '", name, "' (known: ", PresetList(), ")"));
 }
 
+absl::StatusOr<index::DciOptions::PageOrder> ParsePageOrder(absl::string_view name) {
+  if (name == "projection") return index::DciOptions::PageOrder::kProjection;
+  if (name == "clustered") return index::DciOptions::PageOrder::kClustered;
+  return absl::InvalidArgumentError(
+      absl::StrCat("unknown page order '", name, "' (known: projection, clustered)"));
+}
+
 std::unique_ptr<index::KvIndex> CreateIndex(const IndexSpec& spec,
                                             const index::IndexGeometry& geometry,
                                             const index::PageReader* reader) {

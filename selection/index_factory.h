@@ -45,6 +45,10 @@ std::string PresetList();
 // INVALID_ARGUMENT naming the known presets when `name` is not one.
 absl::StatusOr<IndexSpec> Preset(absl::string_view name);
 
+// DciOptions::PageOrder by name: "projection" (the paper's slices along one direction) or
+// "clustered" (the default preset's PCA-tree pages); INVALID_ARGUMENT naming both otherwise.
+absl::StatusOr<index::DciOptions::PageOrder> ParsePageOrder(absl::string_view name);
+
 // A new, empty index of `spec` over pages read through `reader` (which must outlive it).
 std::unique_ptr<index::KvIndex> CreateIndex(const IndexSpec& spec,
                                             const index::IndexGeometry& geometry,

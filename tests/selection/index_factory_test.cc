@@ -24,6 +24,16 @@ TEST(IndexFactory, PresetNames) {
   EXPECT_THAT(Preset("").status(), StatusIs(absl::StatusCode::kInvalidArgument));
 }
 
+TEST(IndexFactory, ParsePageOrder) {
+  EXPECT_EQ(*ParsePageOrder("projection"), index::DciOptions::PageOrder::kProjection);
+  EXPECT_EQ(*ParsePageOrder("clustered"), index::DciOptions::PageOrder::kClustered);
+  EXPECT_THAT(ParsePageOrder("spiral").status(),
+              StatusIs(absl::StatusCode::kInvalidArgument,
+                       "unknown page order 'spiral' (known: projection, clustered)"));
+  EXPECT_THAT(ParsePageOrder("").status(), StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(ParsePageOrder("Clustered").status(), StatusIs(absl::StatusCode::kInvalidArgument));
+}
+
 TEST(IndexFactory, PaperIsTheDciDefaults) {
   absl::StatusOr<IndexSpec> paper = Preset("paper");
   ASSERT_TRUE(paper.ok());
