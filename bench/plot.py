@@ -4,7 +4,8 @@
     bench/plot.py RESULTS_DIR
 
 Reads index_quality.csv, index_quality_by_layer.csv and index_speed_<config>.csv from
-RESULTS_DIR (whichever exist) and writes next to them:
+RESULTS_DIR (whichever exist; alternating runs in RESULTS_DIR/runs/ become index_speed_<label>.csv
+medians first) and writes next to them:
     index_recall_vs_budget.png   attention recall against token budget, every method
     index_recall_by_layer.png    mean recall per layer at budget 256
     index_search_latency.png     search latency against context, DCI configs vs exact scan
@@ -133,13 +134,44 @@ def search_latency(out):
     fig.savefig(os.path.join(out, "index_search_latency.png"), dpi=120)
 
 
+def median_runs(out):
+    """Alternating runs (RESULTS_DIR/runs/index_speed_<label>-<i>.csv, the same command for
+    several labels in turn, i = 1, 2, ...): writes index_speed_<label>.csv with each column's
+    median over the runs, per context size, so the plots below read it as one config."""
+    groups = {}
+    for path in glob.glob(os.path.join(out, "runs", "index_speed_*-*.csv")):
+        label, _, rep = os.path.basename(path)[len("index_speed_"):-len(".csv")].rpartition("-")
+        if rep.isdigit():
+            groups.setdefault(label, []).append(read(path))
+    for label, runs in sorted(groups.items()):
+        fields = list(runs[0][0].keys())
+        by_size = {}
+        for rows in runs:
+            for r in rows:
+                by_size.setdefault(r["tokens"], []).append(r)
+        with open(os.path.join(out, f"index_speed_{label}.csv"), "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(fields + ["runs"])
+            for tokens in sorted(by_size, key=int):
+                rs = by_size[tokens]
+                med = []
+                for k in fields:
+                    vals = sorted(float(r[k]) for r in rs)
+                    n = len(vals)
+                    med.append(f"{(vals[n // 2] + vals[(n - 1) // 2]) / 2:.6g}")
+                w.writerow(med + [len(rs)])
+
+
 def build_rate(out):
     """Build throughput and insert p99 of the daemon's default (index_speed_fast.csv), and of
     the same binary and the build before its speed-up on the same data, run one after the
-    other (index_speed_fast-pair.csv, index_speed_fast-before.csv), with the goals."""
+    other (index_speed_fast-pair.csv, index_speed_fast-before.csv), with the goals; where none
+    of those exists, of every index_speed_<config>.csv (e.g. the medians of median_runs)."""
     configs = ("fast", "fast-pair", "fast-before")
     files = [os.path.join(out, f"index_speed_{c}.csv") for c in configs]
     files = [f for f in files if os.path.exists(f)]
+    if not files:
+        files = sorted(glob.glob(os.path.join(out, "index_speed_*.csv")))
     if not files:
         return
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 5))
@@ -414,6 +446,7 @@ def main():
     out = sys.argv[1]
     recall_vs_budget(out)
     recall_by_layer(out)
+    median_runs(out)
     search_latency(out)
     build_rate(out)
     client_decode(out)
