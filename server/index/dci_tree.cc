@@ -539,7 +539,10 @@ struct DciTree::Impl {
         float mv = 0;
         for (uint32_t d = 0; d < dim; ++d) mv += mean[d] * v[d];
         double sum_p = 0;
-        for (uint32_t i = 0; i < m; ++i) sum_p += p[i] -= mv;
+        for (uint32_t i = 0; i < m; ++i) {
+          p[i] -= mv;  // (x_i - mean) . v
+          sum_p += p[i];
+        }
         std::fill(w.begin(), w.end(), 0.f);
         WeightedSumStridedMulti(p.data(), 1, m, block, stride, m, ElemType::kF32, dim, w.data());
         double norm = 0;
