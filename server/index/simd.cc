@@ -207,6 +207,22 @@ ICECACHE_AVX2 void SignCodeAvx2(const float* y, uint32_t n, uint8_t* code, float
   *sq = HorizontalSum(b);
 }
 
+// The end of a four-row dot product: out[k] = the 8 lanes of s_k summed, plus row k's scalar
+// tail over columns [i, dim). hadd(hadd(s0, s1), hadd(s2, s3)) holds row k's two half-sums in
+// lanes k and k + 4, so one add of the two 128-bit halves gives all four sums.
+ICECACHE_AVX2 inline void FinishFourRows(__m256 s0, __m256 s1, __m256 s2, __m256 s3, const float* x,
+                                         const void* const* row, ElemType type, uint32_t i,
+                                         uint32_t dim, float* out) {
+  const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(s0, s1), _mm256_hadd_ps(s2, s3));
+  alignas(16) float sums[4];
+  _mm_store_ps(sums, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+  for (int k = 0; k < 4; ++k) {
+    float tail = 0;
+    for (uint32_t t = i; t < dim; ++t) tail += x[t] * LoadScalar(row[k], type, t);
+    out[k] = sums[k] + tail;
+  }
+}
+
 // One query against four rows: two accumulator chains per row (eight in all), one joint
 // reduction of the four sums. out[k] = x . row_k.
 template <ElemType kType>
@@ -226,17 +242,9 @@ ICECACHE_AVX2 inline void DotFourRowsAvx2T(const float* x, const void* const* ro
     const __m256 q = _mm256_loadu_ps(x + i);
     for (int k = 0; k < 4; ++k) a[k][0] = _mm256_fmadd_ps(q, Load8(row[k], kType, i), a[k][0]);
   }
-  __m256 s[4];
-  for (int k = 0; k < 4; ++k) s[k] = _mm256_add_ps(a[k][0], a[k][1]);
-  // hadd(hadd(s0, s1), hadd(s2, s3)) holds row k's halves in lanes k and k + 4.
-  const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(s[0], s[1]), _mm256_hadd_ps(s[2], s[3]));
-  alignas(16) float sums[4];
-  _mm_store_ps(sums, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
-  for (int k = 0; k < 4; ++k) {
-    float tail = 0;
-    for (uint32_t t = i; t < dim; ++t) tail += x[t] * LoadScalar(row[k], kType, t);
-    out[k] = sums[k] + tail;
-  }
+  FinishFourRows(_mm256_add_ps(a[0][0], a[0][1]), _mm256_add_ps(a[1][0], a[1][1]),
+                 _mm256_add_ps(a[2][0], a[2][1]), _mm256_add_ps(a[3][0], a[3][1]), x, row, kType, i,
+                 dim, out);
 }
 
 template <ElemType kType>
@@ -996,16 +1004,8 @@ ICECACHE_AVX512 inline void DotFourRowsAvx512T(const float* x, const void* const
     a2 = _mm512_fmadd_ps(q, Load16<kType>(row[2], i), a2);
     a3 = _mm512_fmadd_ps(q, Load16<kType>(row[3], i), a3);
   }
-  // hadd(hadd(s0, s1), hadd(s2, s3)) holds row k's halves in lanes k and k + 4.
-  const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(FoldAvx512(a0), FoldAvx512(a1)),
-                                  _mm256_hadd_ps(FoldAvx512(a2), FoldAvx512(a3)));
-  alignas(16) float sums[4];
-  _mm_store_ps(sums, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
-  for (int k = 0; k < 4; ++k) {
-    float tail = 0;
-    for (uint32_t t = i; t < dim; ++t) tail += x[t] * LoadScalar(row[k], kType, t);
-    out[k] = sums[k] + tail;
-  }
+  FinishFourRows(FoldAvx512(a0), FoldAvx512(a1), FoldAvx512(a2), FoldAvx512(a3), x, row, kType, i,
+                 dim, out);
 }
 
 template <ElemType kType, int NQ>
