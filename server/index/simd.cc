@@ -1076,6 +1076,117 @@ ICECACHE_AVX512 void DotMultiAvx512(const float* xs, uint32_t nq, const void* ba
   }
 }
 
+// Weighted row sums with 16-lane columns: per query NQ (1..4) and column block, one
+// accumulator per 16 columns over the rows in order, as the AVX2 kernel keeps one per 8, so
+// every output column sees the same FMAs in the same order and the result equals the AVX2
+// kernel's bit for bit. Blocks of 64 columns (4 x NQ accumulators) read each row's 256 bytes
+// (fp32) in one pass, where the AVX2 kernel's 16-column blocks pass over the rows dim / 16
+// times; then 16-, 8-column blocks and scalar columns.
+template <ElemType kType, int NQ>
+ICECACHE_AVX512 void WeightedSumAvx512T(const float* weights, uint64_t w_stride,
+                                        const uint8_t* base, uint64_t stride, uint32_t n,
+                                        uint32_t dim, float* out) {
+  uint32_t c = 0;
+  for (; c + 64 <= dim; c += 64) {
+    __m512 acc[NQ][4];
+    for (int j = 0; j < NQ; ++j)
+      acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = _mm512_setzero_ps();
+    for (uint32_t i = 0; i < n; ++i) {
+      const uint8_t* row = base + i * stride;
+      const __m512 r0 = Load16<kType>(row, c), r1 = Load16<kType>(row, c + 16);
+      const __m512 r2 = Load16<kType>(row, c + 32), r3 = Load16<kType>(row, c + 48);
+      for (int j = 0; j < NQ; ++j) {
+        const __m512 w = _mm512_set1_ps(weights[j * w_stride + i]);
+        acc[j][0] = _mm512_fmadd_ps(w, r0, acc[j][0]);
+        acc[j][1] = _mm512_fmadd_ps(w, r1, acc[j][1]);
+        acc[j][2] = _mm512_fmadd_ps(w, r2, acc[j][2]);
+        acc[j][3] = _mm512_fmadd_ps(w, r3, acc[j][3]);
+      }
+    }
+    for (int j = 0; j < NQ; ++j) {
+      float* o = out + uint64_t(j) * dim + c;
+      for (int b = 0; b < 4; ++b) {
+        _mm512_storeu_ps(o + 16 * b, _mm512_add_ps(_mm512_loadu_ps(o + 16 * b), acc[j][b]));
+      }
+    }
+  }
+  for (; c + 16 <= dim; c += 16) {
+    __m512 acc[NQ];
+    for (int j = 0; j < NQ; ++j) acc[j] = _mm512_setzero_ps();
+    for (uint32_t i = 0; i < n; ++i) {
+      const __m512 r = Load16<kType>(base + i * stride, c);
+      for (int j = 0; j < NQ; ++j) {
+        acc[j] = _mm512_fmadd_ps(_mm512_set1_ps(weights[j * w_stride + i]), r, acc[j]);
+      }
+    }
+    for (int j = 0; j < NQ; ++j) {
+      float* o = out + uint64_t(j) * dim + c;
+      _mm512_storeu_ps(o, _mm512_add_ps(_mm512_loadu_ps(o), acc[j]));
+    }
+  }
+  for (; c + 8 <= dim; c += 8) {
+    __m256 acc[NQ];
+    for (int j = 0; j < NQ; ++j) acc[j] = _mm256_setzero_ps();
+    for (uint32_t i = 0; i < n; ++i) {
+      const __m256 r = Load8(base + i * stride, kType, c);
+      for (int j = 0; j < NQ; ++j) {
+        acc[j] = _mm256_fmadd_ps(_mm256_broadcast_ss(weights + j * w_stride + i), r, acc[j]);
+      }
+    }
+    for (int j = 0; j < NQ; ++j) {
+      float* o = out + uint64_t(j) * dim + c;
+      _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), acc[j]));
+    }
+  }
+  for (; c < dim; ++c) {
+    for (int j = 0; j < NQ; ++j) {
+      float a = 0;
+      for (uint32_t i = 0; i < n; ++i) {
+        a += weights[j * w_stride + i] * LoadScalar(base + i * stride, kType, c);
+      }
+      out[uint64_t(j) * dim + c] += a;
+    }
+  }
+}
+
+template <ElemType kType>
+ICECACHE_AVX512 void WeightedSumAvx512Q(const float* weights, uint32_t nq, uint64_t w_stride,
+                                        const uint8_t* base, uint64_t stride, uint32_t n,
+                                        uint32_t dim, float* out) {
+  for (uint32_t q0 = 0; q0 < nq; q0 += 4) {
+    const float* w = weights + q0 * w_stride;
+    float* o = out + uint64_t{q0} * dim;
+    switch (std::min<uint32_t>(4, nq - q0)) {
+      case 1:
+        WeightedSumAvx512T<kType, 1>(w, w_stride, base, stride, n, dim, o);
+        break;
+      case 2:
+        WeightedSumAvx512T<kType, 2>(w, w_stride, base, stride, n, dim, o);
+        break;
+      case 3:
+        WeightedSumAvx512T<kType, 3>(w, w_stride, base, stride, n, dim, o);
+        break;
+      default:
+        WeightedSumAvx512T<kType, 4>(w, w_stride, base, stride, n, dim, o);
+        break;
+    }
+  }
+}
+
+ICECACHE_AVX512 void WeightedSumAvx512(const float* weights, uint32_t nq, uint64_t w_stride,
+                                       const void* base, uint64_t stride, uint32_t n, ElemType type,
+                                       uint32_t dim, float* out) {
+  const uint8_t* b = static_cast<const uint8_t*>(base);
+  switch (type) {
+    case ElemType::kF32:
+      return WeightedSumAvx512Q<ElemType::kF32>(weights, nq, w_stride, b, stride, n, dim, out);
+    case ElemType::kF16:
+      return WeightedSumAvx512Q<ElemType::kF16>(weights, nq, w_stride, b, stride, n, dim, out);
+    case ElemType::kBF16:
+      return WeightedSumAvx512Q<ElemType::kBF16>(weights, nq, w_stride, b, stride, n, dim, out);
+  }
+}
+
 // ---------------------------------------------------------------- detection
 // cpuid and xgetbv directly: the feature bits, and the OS's saved state (XCR0) for the
 // registers (AVX: XMM+YMM; AVX-512: also opmask and ZMM).
@@ -1221,6 +1332,9 @@ void DotStridedMulti(const float* xs, uint32_t nq, const void* base, uint64_t st
 
 void WeightedSumStridedMulti(const float* weights, uint32_t nq, uint64_t w_stride, const void* base,
                              uint64_t stride, uint32_t n, ElemType type, uint32_t dim, float* out) {
+  if (UseAvx512()) {
+    return WeightedSumAvx512(weights, nq, w_stride, base, stride, n, type, dim, out);
+  }
   if (UseAvx2()) return WeightedSumAvx2(weights, nq, w_stride, base, stride, n, type, dim, out);
   const uint8_t* b = static_cast<const uint8_t*>(base);
   for (uint32_t j = 0; j < nq; ++j) {

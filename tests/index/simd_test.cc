@@ -97,7 +97,7 @@ TEST_P(SimdTest, WeightedSumsMatchFloat64Reference) {
   const ElemType type = GetParam();
   for (SimdLevel level : {SimdLevel::kScalar, SimdLevel::kAvx2, SimdLevel::kAvx512}) {
     if (SetSimdLevel(level) != level) continue;
-    for (uint32_t dim : {1u, 7u, 8u, 24u, 33u, 64u, 128u}) {
+    for (uint32_t dim : {1u, 7u, 8u, 24u, 33u, 64u, 80u, 128u, 200u}) {
       for (uint32_t nq : {1u, 3u, 4u, 5u, 9u}) {
         const uint32_t rows = 37, pad = 3;  // stride: dim + pad elements
         std::vector<float> ref_rows, w, start;
@@ -131,6 +131,39 @@ TEST_P(SimdTest, WeightedSumsMatchFloat64Reference) {
 INSTANTIATE_TEST_SUITE_P(AllTypes, SimdTest,
                          ::testing::Values(ElemType::kF32, ElemType::kF16, ElemType::kBF16),
                          [](const auto& p) { return std::string(ElemTypeName(p.param)); });
+
+// The AVX-512 weighted sums keep the AVX2 kernel's per-column order of FMAs (one accumulator
+// per column block, rows in order), so they equal it bit for bit: the tail estimate's value
+// sums and the clustered build's PCA passes give the same answers at either level. Every elem
+// type, groups of 1 to 9 (blocks of 4 and remainders), dims through the 64-, 16- and 8-column
+// blocks and the scalar columns.
+TEST(SimdLevels, Avx512WeightedSumsEqualAvx2BitForBit) {
+  if (!SimdLevelSupported(SimdLevel::kAvx512)) GTEST_SKIP() << "this CPU has no AVX-512 F+BW";
+  for (ElemType type : {ElemType::kF32, ElemType::kF16, ElemType::kBF16}) {
+    for (uint32_t dim : {8u, 24u, 64u, 100u, 128u, 200u}) {
+      for (uint32_t nq : {1u, 2u, 4u, 5u, 9u}) {
+        const uint32_t rows = 41;
+        std::vector<float> rows_f, w, start;
+        std::vector<uint8_t> data = RandomRows(type, rows, dim, dim * 3 + nq, &rows_f);
+        RandomRows(ElemType::kF32, nq, rows, dim + nq, &w);
+        RandomRows(ElemType::kF32, nq, dim, dim + 7, &start);
+        const uint64_t stride = uint64_t{dim} * ElemBytes(type);
+        std::vector<float> avx2 = start, avx512 = start;
+        SetSimdLevel(SimdLevel::kAvx2);
+        WeightedSumStridedMulti(w.data(), nq, rows, data.data(), stride, rows, type, dim,
+                                avx2.data());
+        SetSimdLevel(SimdLevel::kAvx512);
+        WeightedSumStridedMulti(w.data(), nq, rows, data.data(), stride, rows, type, dim,
+                                avx512.data());
+        for (size_t i = 0; i < avx2.size(); ++i) {
+          ASSERT_EQ(avx512[i], avx2[i])
+              << ElemTypeName(type) << " dim " << dim << " nq " << nq << " element " << i;
+        }
+      }
+    }
+  }
+  SetSimdLevel(DetectSimdLevel());
+}
 
 TEST(SimdLevels, Avx2AndScalarAgree) {
   if (!SimdLevelSupported(SimdLevel::kAvx2)) GTEST_SKIP() << "this CPU has no AVX2+FMA+F16C";
