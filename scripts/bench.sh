@@ -44,6 +44,8 @@ echo "== machine: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores"
 # exact scan in the same run; then the same on a real model's trace when there is one.
 stacks="32768,131072"
 [[ $sizes == "4096,32768" ]] && stacks="32768"
+echo "== the index's float kernels at every SIMD level of this CPU, side by side"
+"$build/bench/kernel_speed" --out="$out"
 echo "== index speed, the daemon's default preset (and the 8B-shaped stacks)"
 "$build/bench/index_speed" --sizes="$sizes" --stack=true --stack_tokens="$stacks" --build_reps=3 \
   --insert_pages=1024 --out="$out"
