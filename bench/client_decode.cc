@@ -31,6 +31,7 @@
 #include "absl/strings/str_split.h"
 #include "bench/bench_output.h"
 #include "bench/decode_workload.h"
+#include "bench/stats.h"
 #include "common/flags_compat.h"
 #include "common/half.h"
 #include "eval/local_daemon.h"
@@ -64,11 +65,7 @@ namespace {
 
 using namespace icecache;
 
-double Median(std::vector<double> v) {
-  if (v.empty()) return 0;
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
+using icecache::bench::Median;
 
 std::vector<double> ParseList(const std::string& s) {
   std::vector<double> out;

@@ -20,6 +20,7 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "bench/bench_output.h"
+#include "bench/stats.h"
 #include "common/flags_compat.h"
 #include "kernels/gather.h"
 #include "kernels/gather_cuda.h"
@@ -37,10 +38,7 @@ void Die(cudaError_t e, const char* what) {
   }
 }
 
-double Median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
+using icecache::bench::Median;
 
 }  // namespace
 

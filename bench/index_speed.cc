@@ -30,6 +30,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "bench/bench_output.h"
+#include "bench/stats.h"
 #include "common/flags_compat.h"
 #include "common/thread_pool.h"
 #include "eval/baselines.h"
@@ -102,11 +103,7 @@ double Seconds(Clock::time_point a, Clock::time_point b) {
   return std::chrono::duration<double>(b - a).count();
 }
 
-double Median(std::vector<double> v) {
-  if (v.empty()) return 0;
-  std::nth_element(v.begin(), v.begin() + v.size() / 2, v.end());
-  return v[v.size() / 2];
-}
+using icecache::bench::Median;
 
 double Percentile(std::vector<double> v, double p) {
   if (v.empty()) return 0;

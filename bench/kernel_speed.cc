@@ -2,8 +2,8 @@
 // single-query dot products (the build's parent search, the PCA passes of the clustered
 // pages), the group dot products (exact scan, tail logits) and the weighted row sums (the
 // tail estimate's value pass, the PCA passes). Each (kernel, shape) is timed at every level in
-// turn, `--reps` rounds, the median per call reported with its ratio to the scalar path and
-// to AVX2 in the same run.
+// turn, `--reps` rounds, the median per call reported (upper median for an even --reps) with its
+// ratio to the scalar path and to AVX2 in the same run.
 //
 //   build/bench/kernel_speed [--dim=128] [--rows=64,512,4096] [--reps=15] [--out=DIR]
 //
@@ -23,6 +23,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_split.h"
 #include "bench/bench_output.h"
+#include "bench/stats.h"
 #include "server/index/simd.h"
 
 ABSL_FLAG(uint32_t, dim, 128, "Row dimension (head dim).");
@@ -41,10 +42,7 @@ struct Row {
   std::vector<std::pair<SimdLevel, double>> us;  // median us per call, per level
 };
 
-double Median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v.size() % 2 ? v[v.size() / 2] : (v[v.size() / 2 - 1] + v[v.size() / 2]) / 2;
-}
+using icecache::bench::Median;
 
 }  // namespace
 
