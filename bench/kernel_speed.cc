@@ -24,6 +24,7 @@
 #include "absl/strings/str_split.h"
 #include "bench/bench_output.h"
 #include "bench/stats.h"
+#include "common/half.h"
 #include "server/index/simd.h"
 
 ABSL_FLAG(uint32_t, dim, 128, "Row dimension (head dim).");
@@ -89,9 +90,7 @@ int main(int argc, char** argv) {
           if (type == ElemType::kF32) {
             std::memcpy(data.data() + i * row_bytes + c * 4, &v, 4);
           } else {
-            uint32_t bits;
-            std::memcpy(&bits, &v, 4);
-            const uint16_t b = static_cast<uint16_t>(bits >> 16);
+            const uint16_t b = icecache::FloatToBf16(v);
             std::memcpy(data.data() + i * row_bytes + c * 2, &b, 2);
           }
         }
