@@ -586,18 +586,23 @@ struct DciTree::Impl {
     return true;
   }
 
+  // The cell's tokens (c.tok, any order) in its page order, c.proj to match: ClusterCell's
+  // where it applies, else ascending projection at the cell's max_sq (ties by token).
+  void OrderCell(Cell& c) const {
+    if (ClusterCell(c)) return;
+    std::vector<std::pair<float, uint32_t>> order(c.tok.size());
+    for (size_t i = 0; i < c.tok.size(); ++i) order[i] = {ProjOf(c.tok[i], c.max_sq), c.tok[i]};
+    std::sort(order.begin(), order.end());
+    c.proj.resize(order.size());
+    for (size_t i = 0; i < order.size(); ++i) {
+      c.proj[i] = order[i].first;
+      c.tok[i] = order[i].second;
+    }
+  }
+
   // Recomputes every projection of the cell with its current max_sq, re-sorts, re-chunks.
   void Reproject(uint32_t cid) {
-    Cell& c = cells[cid];
-    if (!ClusterCell(c)) {
-      std::vector<std::pair<float, uint32_t>> order(c.tok.size());
-      for (size_t i = 0; i < c.tok.size(); ++i) order[i] = {ProjOf(c.tok[i], c.max_sq), c.tok[i]};
-      std::sort(order.begin(), order.end());
-      for (size_t i = 0; i < order.size(); ++i) {
-        c.proj[i] = order[i].first;
-        c.tok[i] = order[i].second;
-      }
-    }
+    OrderCell(cells[cid]);
     ChunkCell(cid);
     if (cell_refs) RecenterCell(cid);
   }
@@ -1200,18 +1205,7 @@ struct DciTree::Impl {
       c.max_sq = 0;
       for (uint32_t t : members) c.max_sq = std::max(c.max_sq, sq[t]);
       c.tok.assign(members.begin(), members.end());
-      if (ClusterCell(c)) return;
-      std::vector<std::pair<float, uint32_t>> order(members.size());
-      for (size_t i = 0; i < members.size(); ++i) {
-        order[i] = {ProjOf(members[i], c.max_sq), members[i]};
-      }
-      std::sort(order.begin(), order.end());
-      c.proj.resize(order.size());
-      c.tok.resize(order.size());
-      for (size_t i = 0; i < order.size(); ++i) {
-        c.proj[i] = order[i].first;
-        c.tok[i] = order[i].second;
-      }
+      OrderCell(c);
     };
     fill_cell(root_cell, by_level[top]);
 
