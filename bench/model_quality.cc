@@ -82,6 +82,10 @@ ABSL_FLAG(std::string, page_orders, "",
           "Also replay the default preset with the tail estimate (mean-var) and each of these "
           "page orders (DciOptions::page_order; icecache-dci-<order>-pages): projection (the "
           "paper's slices along one direction, the default before clustered) or clustered.");
+ABSL_FLAG(std::string, summary_types, "",
+          "Also replay the default preset with the tail estimate (mean-var) and its page "
+          "summaries in each of these types (icecache-dci-summaries-<type>): fp32, or fp16 / "
+          "bf16 rounded as icecached stores them (in the KV's type).");
 ABSL_FLAG(std::string, head_budgets, "",
           "Comma-separated adaptive splits of a layer's pages between its KV heads, each run on "
           "the default preset with the MEAN_VAR tail (icecache-dci-heads-<name>): observed (the "
@@ -211,6 +215,22 @@ std::vector<eval::MethodSpec> Methods() {
     pages.dci.page_order = *parsed;
     pages.name = absl::StrCat("icecache-dci-", order, "-pages");
     m.insert(m.begin() + static_cast<ptrdiff_t>(at++), pages);
+  }
+  for (absl::string_view type :
+       absl::StrSplit(absl::GetFlag(FLAGS_summary_types), ',', absl::SkipEmpty())) {
+    eval::MethodSpec summaries = *fast;
+    summaries.tail = selection::TailMode::kMeanVariance;
+    if (type == "fp16") {
+      summaries.summary_type = DType::kFP16;
+    } else if (type == "bf16") {
+      summaries.summary_type = DType::kBF16;
+    } else if (type != "fp32") {
+      Check(absl::InvalidArgumentError(
+                absl::StrCat("unknown summary type '", type, "' (known: fp32, fp16, bf16)")),
+            "--summary_types");
+    }
+    summaries.name = absl::StrCat("icecache-dci-summaries-", type);
+    m.insert(m.begin() + static_cast<ptrdiff_t>(at++), summaries);
   }
   for (absl::string_view b :
        absl::StrSplit(absl::GetFlag(FLAGS_head_budgets), ',', absl::SkipEmpty())) {

@@ -68,4 +68,20 @@ inline float Bf16ToFloat(uint16_t b) {
   return f;
 }
 
+// A float stored in 16 bits of `fp16` (true) or bfloat16 (false) type, with finite values
+// beyond the type's range saturated to its largest finite value instead of becoming infinite
+// (NaN stays NaN). For stored statistics (the tail estimate's page summaries), where an
+// infinity would turn a zero weight into NaN.
+inline uint16_t FloatToStorage16Saturated(float f, bool fp16) {
+  if (!std::isnan(f)) {
+    const float max = fp16 ? 65504.0f : 3.3895313892515355e38f;  // 0x7bff, 0x7f7f
+    f = std::fmin(std::fmax(f, -max), max);
+  }
+  return fp16 ? FloatToHalf(f) : FloatToBf16(f);
+}
+
+inline float Storage16ToFloat(uint16_t b, bool fp16) {
+  return fp16 ? HalfToFloat(b) : Bf16ToFloat(b);
+}
+
 }  // namespace icecache

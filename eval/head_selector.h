@@ -13,11 +13,13 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "common/dtype.h"
 #include "eval/baselines.h"
 #include "eval/in_memory_pages.h"
 #include "eval/index_types.h"
@@ -73,6 +75,9 @@ struct MethodSpec {
   uint32_t window_tokens = 0;
   // Pages between the KV heads of a layer (kFixed: the split's selected_pages() each).
   HeadBudget head_budget = HeadBudget::kFixed;
+  // The tail estimate's page summaries rounded to this 16-bit type, as icecached stores them
+  // (server/core/sequence_kv.cc); nullopt: kept in fp32.
+  std::optional<DType> summary_type;
 };
 
 // `split` with the method's window (MethodSpec::window_tokens), the pages' share shrunk to

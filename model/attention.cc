@@ -283,6 +283,12 @@ void SelectiveAttention::SummarizeTail(uint32_t layer, uint32_t kv_head,
       count = b.count();
       if (count == 0) continue;
       b.Finish(m, m + d, m + 2 * d);
+      if (method_.summary_type.has_value()) {  // as icecached stores them
+        const bool fp16 = *method_.summary_type == DType::kFP16;
+        for (float* x = m; x < m + 3 * d; ++x) {
+          *x = Storage16ToFloat(FloatToStorage16Saturated(*x, fp16), fp16);
+        }
+      }
       if (!partly) {
         cache[i].positions = page;
         cache[i].summary.assign(m, m + 3 * d);

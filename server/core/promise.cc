@@ -152,9 +152,9 @@ SequencePromise PromiseCalculator::For(const Geometry& g) {
   p.staging = uint64_t{p.prefill_depth} * Arena::StagingFootprint(g.max_tokens * staged_token) +
               uint64_t{g.offloaded_layers()} * Arena::StagingFootprint(g.page_size * staged_token);
   p.heap += heads * (kHeadOverhead + MetadataBytesPerToken(g) * g.max_tokens);
-  // Tail estimate: a summary per page (selection/tail.h, fp32).
+  // Tail estimate: a summary per page (selection/tail.h), in the KV's 16-bit type.
   if (g.keeps_summaries()) {
-    p.heap += heads * PagesPerHead(g) * selection::kSummaryVectors * g.head_dim * sizeof(float);
+    p.heap += heads * PagesPerHead(g) * selection::kSummaryVectors * row;
   }
   return p;
 }

@@ -1,6 +1,7 @@
 #include "server/core/sequence_kv.h"
 
 #include <algorithm>
+#include <array>
 #include <chrono>
 #include <cmath>
 #include <cstring>
@@ -38,12 +39,13 @@ struct SequenceKv::Head final : public index::PageReader {
   std::vector<FrameRef> table;      // [page id]
   std::vector<uint32_t> valid;      // [page id]
   std::vector<uint32_t> positions;  // [page id * page_size + slot]: what the frame tags say
-  // Geometry::keeps_summaries(): per page id, head_dim fp32 each, the mean key, key variance
-  // and mean value of the page's valid slots (selection/tail.h). Three planes, each
-  // [page id][head_dim] contiguous: the tail estimate streams each plane once per select (on
-  // the development VM 3.5x faster than rows interleaved per page, which the prefetcher does
-  // not follow).
-  std::vector<float> key_mean, key_var, value_mean;
+  // Geometry::keeps_summaries(): per page id, head_dim values each, the mean key, key variance
+  // and mean value of the page's valid slots (selection/tail.h), in the KV's own 16-bit type
+  // (saturated to its finite range). Three planes, each [page id][head_dim] contiguous: the
+  // tail estimate streams each plane once per select (on the development VM 3.5x faster than
+  // rows interleaved per page, which the prefetcher does not follow), and that stream is most
+  // of a select's cost at 32k, so 16 bits halve it against fp32 (docs/model.md).
+  std::vector<uint16_t> key_mean, key_var, value_mean;
   std::unique_ptr<index::KvIndex> index;
 
   const void* PageKeys(uint32_t page) const override { return arena->FrameAddress(table[page]); }
@@ -52,13 +54,13 @@ struct SequenceKv::Head final : public index::PageReader {
   void Summarize(DType dtype, std::vector<uint32_t>* pages) {
     const uint32_t d = layout.head_dim;
     if (key_mean.size() < table.size() * d) {
-      key_mean.resize(table.size() * d, 0.0f);
-      key_var.resize(table.size() * d, 0.0f);
-      value_mean.resize(table.size() * d, 0.0f);
+      key_mean.resize(table.size() * d, 0);
+      key_var.resize(table.size() * d, 0);
+      value_mean.resize(table.size() * d, 0);
     }
     std::sort(pages->begin(), pages->end());
     pages->erase(std::unique(pages->begin(), pages->end()), pages->end());
-    std::vector<float> k(d), v(d);
+    std::vector<float> k(d), v(d), km(d), kv(d), vm(d);
     for (uint32_t p : *pages) {
       if (p >= table.size() || !table[p].valid()) continue;
       const uint8_t* frame = static_cast<const uint8_t*>(arena->FrameAddress(table[p]));
@@ -72,7 +74,13 @@ struct SequenceKv::Head final : public index::PageReader {
         }
         b.Add(k.data(), v.data());
       }
-      b.Finish(&key_mean[uint64_t{p} * d], &key_var[uint64_t{p} * d], &value_mean[uint64_t{p} * d]);
+      b.Finish(km.data(), kv.data(), vm.data());
+      const bool fp16 = dtype == DType::kFP16;
+      for (uint32_t i = 0; i < d; ++i) {
+        key_mean[uint64_t{p} * d + i] = FloatToStorage16Saturated(km[i], fp16);
+        key_var[uint64_t{p} * d + i] = FloatToStorage16Saturated(kv[i], fp16);
+        value_mean[uint64_t{p} * d + i] = FloatToStorage16Saturated(vm[i], fp16);
+      }
     }
   }
 };
@@ -256,29 +264,36 @@ HeadWriter::Tagging MakeTagging(uint64_t owner, std::atomic<uint64_t>* in_place,
 }
 
 // The tail partials of `group` queries ([group][dim]) over a head's page summaries (planes
-// key_mean, key_var, value_mean, [pages][dim] fp32 each) with token counts counts[pages] (0:
+// key_mean, key_var, value_mean, [pages][dim] of `type` each) with token counts counts[pages] (0:
 // left out, e.g. a selected page), into out [group][2 + dim] (abi.h "Tail estimate"). The
 // logit of a page is selection::TailLogit's; the dot products and the value sums run through
 // the index's SIMD kernels (each summary row read once for the whole group).
 void TailPartials(selection::TailMode mode, const float* queries, uint32_t group, uint32_t dim,
-                  float scale, const float* key_mean, const float* key_var, const float* value_mean,
-                  const uint32_t* counts, uint32_t pages, float* out) {
+                  float scale, index::ElemType type, const uint16_t* key_mean,
+                  const uint16_t* key_var, const uint16_t* value_mean, const uint32_t* counts,
+                  uint32_t pages, float* out) {
   std::fill(out, out + uint64_t{group} * (2 + dim), 0.0f);
   if (mode == selection::TailMode::kNone || pages == 0) return;
-  const uint64_t stride = uint64_t{dim} * sizeof(float);
+  const uint64_t stride = uint64_t{dim} * sizeof(uint16_t);
   std::vector<float> dots(uint64_t{group} * pages), vars;
-  index::DotStridedMulti(queries, group, key_mean, stride, pages, index::ElemType::kF32, dim,
-                         dots.data(), pages);
+  index::DotStridedMulti(queries, group, key_mean, stride, pages, type, dim, dots.data(), pages);
   if (mode == selection::TailMode::kMeanVariance) {
     std::vector<float> q2(uint64_t{group} * dim);
     for (uint64_t i = 0; i < q2.size(); ++i) q2[i] = queries[i] * queries[i];
     vars.resize(dots.size());
-    index::DotStridedMulti(q2.data(), group, key_var, stride, pages, index::ElemType::kF32, dim,
-                           vars.data(), pages);
+    index::DotStridedMulti(q2.data(), group, key_var, stride, pages, type, dim, vars.data(), pages);
   }
+  // log(count) per page; counts are at most a page's slots, so a table of the small ones
+  // spares a log() per page and select.
+  static const std::array<float, 65> kSmallLogs = [] {
+    std::array<float, 65> t{};
+    for (uint32_t c = 1; c < t.size(); ++c) t[c] = std::log(static_cast<float>(c));
+    return t;
+  }();
   std::vector<float> logs(pages);
   for (uint32_t p = 0; p < pages; ++p) {
-    logs[p] = counts[p] == 0 ? 0.0f : std::log(static_cast<float>(counts[p]));
+    logs[p] = counts[p] < kSmallLogs.size() ? kSmallLogs[counts[p]]
+                                            : std::log(static_cast<float>(counts[p]));
   }
   // Per query: logits, then weights exp(logit - max) in place (left-out pages weigh 0).
   for (uint32_t j = 0; j < group; ++j) {
@@ -312,8 +327,8 @@ void TailPartials(selection::TailMode mode, const float* queries, uint32_t group
   // Every query's weighted sum of the mean values, each summary row read once for the group
   // (a query with nothing left out has weights 0 and keeps its zeros).
   std::vector<float> acc(uint64_t{group} * dim, 0.0f);
-  index::WeightedSumStridedMulti(dots.data(), group, pages, value_mean, stride, pages,
-                                 index::ElemType::kF32, dim, acc.data());
+  index::WeightedSumStridedMulti(dots.data(), group, pages, value_mean, stride, pages, type, dim,
+                                 acc.data());
   for (uint32_t j = 0; j < group; ++j) {
     std::copy_n(acc.data() + uint64_t{j} * dim, dim, out + uint64_t{j} * (2 + dim) + 2);
   }
@@ -581,8 +596,8 @@ absl::StatusOr<uint32_t> SequenceKv::Select(uint32_t layer, const float* queries
       const uint32_t pages =
           static_cast<uint32_t>(std::min<uint64_t>(counts.size(), head.key_mean.size() / d));
       TailPartials(geometry_.tail, queries + uint64_t{h} * group * d, group, d,
-                   geometry_.softmax_scale, head.key_mean.data(), head.key_var.data(),
-                   head.value_mean.data(), counts.data(), pages,
+                   geometry_.softmax_scale, index_geometry_.elem_type, head.key_mean.data(),
+                   head.key_var.data(), head.value_mean.data(), counts.data(), pages,
                    tail->data() + uint64_t{h} * group * (2 + d));
     }
   });

@@ -298,6 +298,8 @@ TEST_F(SequenceKvTest, TailPartialsEstimateEveryUnselectedPageFromTheRowsItHolds
       }
       store.emplace_back(3 * 64);
       b.Finish(store.back().data(), store.back().data() + 64, store.back().data() + 128);
+      // Stored in the KV's type (fp16 here).
+      for (float& x : store.back()) x = HalfToFloat(FloatToHalf(x));
       pages.push_back(
           {b.count(), store.back().data(), store.back().data() + 64, store.back().data() + 128});
     }

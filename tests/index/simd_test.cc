@@ -670,5 +670,23 @@ TEST(Bf16Conversion, RoundsToNearestEven) {
   EXPECT_EQ(FloatToBf16(std::numeric_limits<float>::infinity()), 0x7f80);
 }
 
+// Stored statistics saturate instead of overflowing: an infinite variance times a zero query
+// component would be NaN in the tail estimate.
+TEST(Storage16Saturated, ClampsToTheLargestFiniteValueAndKeepsTheRest) {
+  constexpr float kInf = std::numeric_limits<float>::infinity();
+  EXPECT_EQ(FloatToStorage16Saturated(1e6f, true), 0x7bff);      // 65504
+  EXPECT_EQ(FloatToStorage16Saturated(65520.0f, true), 0x7bff);  // would round to inf
+  EXPECT_EQ(FloatToStorage16Saturated(-1e6f, true), 0xfbff);
+  EXPECT_EQ(FloatToStorage16Saturated(kInf, true), 0x7bff);
+  EXPECT_EQ(FloatToStorage16Saturated(-kInf, false), 0xff7f);
+  EXPECT_EQ(FloatToStorage16Saturated(std::numeric_limits<float>::max(), false), 0x7f7f);
+  EXPECT_EQ(FloatToStorage16Saturated(-2.5f, true), FloatToHalf(-2.5f));
+  EXPECT_EQ(FloatToStorage16Saturated(1.0f + 1.0f / 256, false), FloatToBf16(1.0f + 1.0f / 256));
+  EXPECT_TRUE(std::isnan(Storage16ToFloat(FloatToStorage16Saturated(std::nanf(""), true), true)));
+  EXPECT_TRUE(std::isnan(Storage16ToFloat(FloatToStorage16Saturated(std::nanf(""), false), false)));
+  EXPECT_EQ(Storage16ToFloat(0x7bff, true), 65504.0f);
+  EXPECT_EQ(Storage16ToFloat(0x3f80, false), 1.0f);
+}
+
 }  // namespace
 }  // namespace icecache::index

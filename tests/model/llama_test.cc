@@ -401,6 +401,46 @@ TEST_F(LlamaTest, AdaptiveHeadSplitMovesPagesBetweenHeadsUnderTheLayersTotal) {
   }
 }
 
+// The tail estimate's summaries rounded as icecached stores them (MethodSpec::summary_type):
+// the outputs move by the rounding only, bf16 (8 significant bits) more than fp16 (11), and a
+// budget over every token, which estimates nothing, is untouched.
+TEST_F(LlamaTest, SummariesRoundedToSixteenBitsMoveTheOutputsByTheirRoundingOnly) {
+  const std::vector<int32_t> ids = Ids(400, 17);
+  const LlamaConfig& c = model_->config();
+  absl::StatusOr<eval::MethodSpec> base = eval::PresetMethod("dci", "fast");
+  ASSERT_TRUE(base.ok()) << base.status();
+  base->tail = selection::TailMode::kMeanVariance;
+  eval::MethodSpec fp16 = *base, bf16 = *base;
+  fp16.summary_type = DType::kFP16;
+  bf16.summary_type = DType::kBF16;
+  const selection::BudgetSplit small = selection::PaperSplit(128);
+  SelectiveAttention exact(c, 400, *base, small, 1, false), half(c, 400, fp16, small, 1, false),
+      brain(c, 400, bf16, small, 1, false);
+  SelectiveAttention exact_all(c, 400, *base, selection::PaperSplit(2048), 1, false),
+      brain_all(c, 400, bf16, selection::PaperSplit(2048), 1, false);
+  PrefillTee tee(&exact, {&half, &brain, &exact_all, &brain_all});
+  std::vector<float> e, h, b, ea, ba;
+  ASSERT_OK(model_->Prefill(std::vector<int32_t>(ids.begin(), ids.begin() + 300), &tee, &e));
+  h = b = ea = ba = e;
+  double fp16_diff = 0, bf16_diff = 0, scale = 0;
+  for (uint32_t t = 300; t < 400; ++t) {
+    ASSERT_OK(model_->Decode(ids[t], t, &exact, &e));
+    ASSERT_OK(model_->Decode(ids[t], t, &half, &h));
+    ASSERT_OK(model_->Decode(ids[t], t, &brain, &b));
+    ASSERT_OK(model_->Decode(ids[t], t, &exact_all, &ea));
+    ASSERT_OK(model_->Decode(ids[t], t, &brain_all, &ba));
+    ASSERT_EQ(ea, ba) << "position " << t;
+    for (size_t i = 0; i < e.size(); ++i) {
+      fp16_diff = std::max(fp16_diff, double{std::fabs(e[i] - h[i])});
+      bf16_diff = std::max(bf16_diff, double{std::fabs(e[i] - b[i])});
+      scale = std::max(scale, double{std::fabs(e[i])});
+    }
+  }
+  EXPECT_GT(fp16_diff, 0.0);
+  EXPECT_GT(bf16_diff, 2 * fp16_diff);
+  EXPECT_LT(bf16_diff, 1e-3 * scale) << "fp16 " << fp16_diff << " bf16 " << bf16_diff;
+}
+
 TEST_F(LlamaTest, AdaptiveSplitAcrossLayersKeepsTheStepsTotal) {
   const std::vector<int32_t> ids = Ids(400, 13);
   const LlamaConfig& c = model_->config();
