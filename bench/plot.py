@@ -14,6 +14,9 @@ and, from client_decode_<mode>.json and gpu_gather.json:
     client_decode_<mode>.png     decode-step breakdown (select, fetch, attention) against
                                  full attention, and the page-cache hit rate per step
     gpu_gather.png               gather kernel vs bulk and per-page copies
+    select_latency.png           from runs/<label>-<i>/client_decode_cpu.json (alternating
+                                 runs): select_latency_medians.json and the default's select
+                                 (search + tail estimate) against the paper preset's
 and, from model_quality.csv, model_quality_by_layer.csv and model_passkey.csv (the real model):
     model_quality_by_text.png, model_top1_by_text.png  per text and the worst text
     model_quality_vs_budget.png  perplexity ratio, top-1 agreement, attention recall and
@@ -199,6 +202,69 @@ def build_rate(out):
     fig.tight_layout()
     fig.savefig(os.path.join(out, "index_build_rate.png"), dpi=120)
 
+
+def select_latency(out):
+    """Alternating client_decode runs of several binaries or settings
+    (RESULTS_DIR/runs/<label>-<i>/client_decode_cpu.json, each with the configs default,
+    no-tail and paper): writes select_latency_medians.json (per label and context, the medians
+    over the runs of each config's select, of the tail estimate = default - no-tail, and of
+    default / paper) and plots the default's select, split into search and tail estimate,
+    beside the paper preset's with the issue's bound (1.5x the paper preset's)."""
+    groups = {}
+    for path in glob.glob(os.path.join(out, "runs", "*-*", "client_decode_cpu.json")):
+        label, _, rep = os.path.basename(os.path.dirname(path)).rpartition("-")
+        if rep.isdigit():
+            groups.setdefault(label, []).append(path)
+    if not groups:
+        return
+
+    def median(vals):
+        vals = sorted(vals)
+        return (vals[len(vals) // 2] + vals[(len(vals) - 1) // 2]) / 2
+
+    rows = []
+    for label, paths in sorted(groups.items()):
+        per_context = {}
+        for path in paths:
+            with open(path) as f:
+                sel = {(b["config"], b["context"]): b["select_us"]
+                       for b in json.load(f)["breakdown"]}
+            for (config, context), us in sel.items():
+                if config != "default" or ("paper", context) not in sel:
+                    continue
+                r = per_context.setdefault(context, {"default": [], "no-tail": [], "paper": [],
+                                                     "tail": [], "ratio": []})
+                r["default"].append(us)
+                r["paper"].append(sel[("paper", context)])
+                r["ratio"].append(us / sel[("paper", context)])
+                if ("no-tail", context) in sel:
+                    r["no-tail"].append(sel[("no-tail", context)])
+                    r["tail"].append(us - sel[("no-tail", context)])
+        for context, r in sorted(per_context.items()):
+            row = {"label": label, "context": context, "runs": len(r["ratio"]),
+                   "ratios": r["ratio"]}
+            row.update({f"median_{k}": median(v) for k, v in r.items() if v})
+            rows.append(row)
+    rows.sort(key=lambda r: (r["context"], r["label"]))
+    with open(os.path.join(out, "select_latency_medians.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    x = range(len(rows))
+    search = [r.get("median_no-tail", r["median_default"]) / 1000 for r in rows]
+    tail = [r.get("median_tail", 0) / 1000 for r in rows]
+    ax.bar([i - 0.2 for i in x], search, 0.4, label="default: search (no tail)")
+    ax.bar([i - 0.2 for i in x], tail, 0.4, bottom=search, label="default: tail estimate")
+    ax.bar([i + 0.2 for i in x], [r["median_paper"] / 1000 for r in rows], 0.4, color="gray",
+           label="paper preset")
+    ax.scatter([i + 0.2 for i in x], [1.5 * r["median_paper"] / 1000 for r in rows],
+               marker="_", s=400, color="black", label="1.5x the paper preset (goal)", zorder=5)
+    ax.set_xticks(list(x))
+    ax.set_xticklabels([f"{r['context'] // 1024}k\n{r['label']}" for r in rows])
+    ax.set_ylabel("select per layer, 8 KV heads (ms, median of runs)")
+    ax.set_title("Select latency, 8B shape, budget 256")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "select_latency.png"), dpi=120)
 
 def client_decode(out):
     for path in sorted(glob.glob(os.path.join(out, "client_decode_*.json"))):
@@ -450,6 +516,7 @@ def main():
     search_latency(out)
     build_rate(out)
     client_decode(out)
+    select_latency(out)
     gpu_gather(out)
     model_quality(out)
     token_step(out)

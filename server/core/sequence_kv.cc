@@ -43,8 +43,8 @@ struct SequenceKv::Head final : public index::PageReader {
   // and mean value of the page's valid slots (selection/tail.h), in the KV's own 16-bit type
   // (saturated to its finite range). Three planes, each [page id][head_dim] contiguous: the
   // tail estimate streams each plane once per select (on the development VM 3.5x faster than
-  // rows interleaved per page, which the prefetcher does not follow), and that stream is most
-  // of a select's cost at 32k, so 16 bits halve it against fp32 (docs/model.md).
+  // rows interleaved per page, which the prefetcher does not follow); 16 bits halve the
+  // bytes of that stream against fp32 (docs/model.md "Page summaries in 16 bits").
   std::vector<uint16_t> key_mean, key_var, value_mean;
   std::unique_ptr<index::KvIndex> index;
 
