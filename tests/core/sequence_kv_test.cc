@@ -67,13 +67,23 @@ class SequenceKvTest : public ::testing::Test {
     return spec;
   }
 
-  // K then V rows [head][n][64] of tokens [begin, begin + n) of `layer` of the trace.
-  std::vector<uint8_t> Staged(uint32_t layer, uint32_t begin, uint32_t n) {
+  // K then V rows [head][n][64] of tokens [begin, begin + n) of `layer` of the trace, in
+  // `dtype` (the trace's fp16 rows, rounded to bf16 for kBF16).
+  std::vector<uint8_t> Staged(uint32_t layer, uint32_t begin, uint32_t n,
+                              DType dtype = DType::kFP16) {
     const uint64_t row = 128;
     std::vector<uint8_t> buf(2 * 2 * n * row);
     for (uint32_t h = 0; h < 2; ++h) {
       std::memcpy(buf.data() + h * n * row, trace_.Keys(layer, h).row(begin), n * row);
       std::memcpy(buf.data() + (2 + h) * n * row, trace_.Values(layer, h).row(begin), n * row);
+    }
+    if (dtype == DType::kBF16) {
+      for (size_t i = 0; i + 1 < buf.size(); i += 2) {
+        uint16_t x;
+        std::memcpy(&x, &buf[i], 2);
+        x = FloatToBf16(HalfToFloat(x));
+        std::memcpy(&buf[i], &x, 2);
+      }
     }
     return buf;
   }
@@ -253,71 +263,88 @@ TEST_F(SequenceKvTest, FrameTagsNameEveryTokenOnceAfterPrefillAndAppends) {
 
 // Tail estimate (selection/tail.h): a select's tail partial of each query head is the
 // estimate over exactly the head's pages it did not return, each summarised from the rows its
-// frame tag names, checked against a float64 reference built from the trace's rows.
+// frame tag names, checked against a float64 reference built from the trace's rows, with the
+// summaries rounded to the K/V's type as the daemon stores them; for fp16 and bf16 K/V.
 TEST_F(SequenceKvTest, TailPartialsEstimateEveryUnselectedPageFromTheRowsItHolds) {
   ASSERT_EQ(geometry_.tail, selection::TailMode::kMeanVariance);  // the default
-  kv_->set_durable_id(0xabc);
-  std::vector<uint8_t> p = Staged(1, 0, 1500);
-  ASSERT_OK(kv_->Prefill(1, p.data(), p.data() + p.size() / 2, 1500, 0));
-  for (uint32_t first = 1500; first < 1660; first += 16) {
-    std::vector<uint8_t> a = Staged(1, first, 16);
-    ASSERT_OK(kv_->Append(1, a.data(), a.data() + a.size() / 2, 16, first));
-  }
-  const uint8_t mask[2] = {1, 0};  // the second KV head is not searched: empty partials
-  for (uint32_t qi = 0; qi < 2; ++qi) {
-    std::vector<abi::SelectedPageRef> out;
-    std::vector<float> tail;
-    std::vector<float> q = Queries(1, qi);
-    ASSERT_OK_AND_ASSIGN(uint32_t k, kv_->Select(1, q.data(), 0, &out, false, mask, &tail));
-    ASSERT_EQ(tail.size(), 4u * (2 + 64));
-    // Reference: every tagged frame of head 0 not among the returned entries.
-    std::vector<std::vector<float>> store;
-    std::vector<selection::PageSummaryView> pages;
-    store.reserve(arena_->Tags().size());
-    uint32_t unselected = 0;
-    for (const Arena::TagCopy& tag : arena_->Tags()) {
-      if (tag.owner != 0xabc || tag.kv_head != 0) continue;
-      bool picked = false;
-      for (uint32_t i = 0; i < k; ++i) {
-        picked |= out[i].segment == tag.frame.segment && out[i].frame == tag.frame.frame;
-      }
-      if (picked) continue;
-      ++unselected;
-      selection::SummaryBuilder b(64);
-      std::vector<float> key(64), value(64);
-      for (uint32_t slot = 0; slot < tag.count; ++slot) {
-        const auto* kr =
-            reinterpret_cast<const uint16_t*>(trace_.Keys(1, 0).row(tag.positions[slot]));
-        const auto* vr =
-            reinterpret_cast<const uint16_t*>(trace_.Values(1, 0).row(tag.positions[slot]));
-        for (int i = 0; i < 64; ++i) {
-          key[i] = HalfToFloat(kr[i]);
-          value[i] = HalfToFloat(vr[i]);
-        }
-        b.Add(key.data(), value.data());
-      }
-      store.emplace_back(3 * 64);
-      b.Finish(store.back().data(), store.back().data() + 64, store.back().data() + 128);
-      // Stored in the KV's type (fp16 here).
-      for (float& x : store.back()) x = HalfToFloat(FloatToHalf(x));
-      pages.push_back(
-          {b.count(), store.back().data(), store.back().data() + 64, store.back().data() + 128});
+  uint64_t owner = 0xabc;
+  for (DType dtype : {DType::kFP16, DType::kBF16}) {
+    SCOPED_TRACE(dtype == DType::kFP16 ? "fp16" : "bf16");
+    GeometrySpec spec = Spec();
+    spec.dtype = dtype;
+    SequenceKv kv(*ResolveGeometry(spec), *selection::Preset(selection::kPaperPreset), arena_,
+                  &pool_, nullptr);
+    kv.set_durable_id(++owner);
+    std::vector<uint8_t> p = Staged(1, 0, 1500, dtype);
+    ASSERT_OK(kv.Prefill(1, p.data(), p.data() + p.size() / 2, 1500, 0));
+    for (uint32_t first = 1500; first < 1660; first += 16) {
+      std::vector<uint8_t> a = Staged(1, first, 16, dtype);
+      ASSERT_OK(kv.Append(1, a.data(), a.data() + a.size() / 2, 16, first));
     }
-    ASSERT_GT(unselected, 50u);
-    for (uint32_t j = 0; j < 4; ++j) {
-      const float* got = &tail[j * 66];
-      if (j >= 2) {  // query heads of the masked KV head
-        EXPECT_EQ(got[1], 0.0f) << "query head " << j;
-        continue;
+    const bool fp16 = dtype == DType::kFP16;
+    // A row as the daemon holds it, and a summary value as it stores it.
+    auto held = [&](uint16_t trace_half) {
+      const float x = HalfToFloat(trace_half);
+      return fp16 ? x : Bf16ToFloat(FloatToBf16(x));
+    };
+    auto stored = [&](float x) {
+      return fp16 ? HalfToFloat(FloatToHalf(x)) : Bf16ToFloat(FloatToBf16(x));
+    };
+    const uint8_t mask[2] = {1, 0};  // the second KV head is not searched: empty partials
+    for (uint32_t qi = 0; qi < 2; ++qi) {
+      std::vector<abi::SelectedPageRef> out;
+      std::vector<float> tail;
+      std::vector<float> q = Queries(1, qi);
+      ASSERT_OK_AND_ASSIGN(uint32_t k, kv.Select(1, q.data(), 0, &out, false, mask, &tail));
+      ASSERT_EQ(tail.size(), 4u * (2 + 64));
+      // Reference: every tagged frame of head 0 not among the returned entries.
+      std::vector<std::vector<float>> store;
+      std::vector<selection::PageSummaryView> pages;
+      store.reserve(arena_->Tags().size());
+      uint32_t unselected = 0;
+      for (const Arena::TagCopy& tag : arena_->Tags()) {
+        if (tag.owner != owner || tag.kv_head != 0) continue;
+        bool picked = false;
+        for (uint32_t i = 0; i < k; ++i) {
+          picked |= out[i].segment == tag.frame.segment && out[i].frame == tag.frame.frame;
+        }
+        if (picked) continue;
+        ++unselected;
+        selection::SummaryBuilder b(64);
+        std::vector<float> key(64), value(64);
+        for (uint32_t slot = 0; slot < tag.count; ++slot) {
+          const auto* kr =
+              reinterpret_cast<const uint16_t*>(trace_.Keys(1, 0).row(tag.positions[slot]));
+          const auto* vr =
+              reinterpret_cast<const uint16_t*>(trace_.Values(1, 0).row(tag.positions[slot]));
+          for (int i = 0; i < 64; ++i) {
+            key[i] = held(kr[i]);
+            value[i] = held(vr[i]);
+          }
+          b.Add(key.data(), value.data());
+        }
+        store.emplace_back(3 * 64);
+        b.Finish(store.back().data(), store.back().data() + 64, store.back().data() + 128);
+        for (float& x : store.back()) x = stored(x);
+        pages.push_back(
+            {b.count(), store.back().data(), store.back().data() + 64, store.back().data() + 128});
       }
-      selection::SoftmaxPartial ref(64);
-      selection::AddTail(selection::TailMode::kMeanVariance, &q[j * 64], 64,
-                         geometry_.softmax_scale, pages, &ref);
-      ASSERT_GT(got[1], 0.0f);
-      // Same log-sum-exp and the same normalised value.
-      EXPECT_NEAR(got[0] + std::log(got[1]), ref.max + std::log(ref.sum), 1e-4) << j;
-      for (int i = 0; i < 64; ++i) {
-        EXPECT_NEAR(got[2 + i] / got[1], ref.acc[i] / ref.sum, 1e-4) << j << " " << i;
+      ASSERT_GT(unselected, 50u);
+      for (uint32_t j = 0; j < 4; ++j) {
+        const float* got = &tail[j * 66];
+        if (j >= 2) {  // query heads of the masked KV head
+          EXPECT_EQ(got[1], 0.0f) << "query head " << j;
+          continue;
+        }
+        selection::SoftmaxPartial ref(64);
+        selection::AddTail(selection::TailMode::kMeanVariance, &q[j * 64], 64,
+                           geometry_.softmax_scale, pages, &ref);
+        ASSERT_GT(got[1], 0.0f);
+        // Same log-sum-exp and the same normalised value.
+        EXPECT_NEAR(got[0] + std::log(got[1]), ref.max + std::log(ref.sum), 1e-4) << j;
+        for (int i = 0; i < 64; ++i) {
+          EXPECT_NEAR(got[2 + i] / got[1], ref.acc[i] / ref.sum, 1e-4) << j << " " << i;
+        }
       }
     }
   }
