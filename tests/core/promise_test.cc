@@ -53,6 +53,20 @@ TEST(Promise, CoversPagesStagingAndHeap) {
   EXPECT_EQ(p.total(), p.pages + p.staging + p.heap);
 }
 
+// The tail estimate's page summaries are charged to the heap at their stored size: three
+// vectors of head_dim values in the K/V's 16-bit type per page the promise allows.
+TEST(Promise, ChargesThePageSummariesAtTheirSixteenBitSize) {
+  PromiseCalculator calc(*selection::Preset("paper"), 2);
+  Geometry with = Shape(4096);
+  with.tail = selection::TailMode::kMeanVariance;
+  Geometry without = with;
+  without.tail = selection::TailMode::kNone;
+  const uint64_t heads = uint64_t{3} * 2;  // offloaded layers x KV heads
+  EXPECT_EQ(calc.For(with).heap - calc.For(without).heap,
+            heads * calc.PagesPerHead(with) * 3 * 64 * 2);
+  EXPECT_EQ(calc.For(with).pages, calc.For(without).pages);
+}
+
 // The page bound holds for what the index really does: a prompt and appends up to max_tokens,
 // in several splits, on clustered and on random keys, and the index's metadata stays within
 // the heap part.
