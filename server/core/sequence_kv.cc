@@ -60,6 +60,7 @@ struct SequenceKv::Head final : public index::PageReader {
     }
     std::sort(pages->begin(), pages->end());
     pages->erase(std::unique(pages->begin(), pages->end()), pages->end());
+    const bool fp16 = dtype == DType::kFP16;
     std::vector<float> k(d), v(d), km(d), kv(d), vm(d);
     for (uint32_t p : *pages) {
       if (p >= table.size() || !table[p].valid()) continue;
@@ -69,13 +70,12 @@ struct SequenceKv::Head final : public index::PageReader {
         const auto* kr = reinterpret_cast<const uint16_t*>(frame + layout.k_offset(slot));
         const auto* vr = reinterpret_cast<const uint16_t*>(frame + layout.v_offset(slot));
         for (uint32_t i = 0; i < d; ++i) {
-          k[i] = dtype == DType::kFP16 ? HalfToFloat(kr[i]) : Bf16ToFloat(kr[i]);
-          v[i] = dtype == DType::kFP16 ? HalfToFloat(vr[i]) : Bf16ToFloat(vr[i]);
+          k[i] = Storage16ToFloat(kr[i], fp16);
+          v[i] = Storage16ToFloat(vr[i], fp16);
         }
         b.Add(k.data(), v.data());
       }
       b.Finish(km.data(), kv.data(), vm.data());
-      const bool fp16 = dtype == DType::kFP16;
       for (uint32_t i = 0; i < d; ++i) {
         key_mean[uint64_t{p} * d + i] = FloatToStorage16Saturated(km[i], fp16);
         key_var[uint64_t{p} * d + i] = FloatToStorage16Saturated(kv[i], fp16);
@@ -264,8 +264,8 @@ HeadWriter::Tagging MakeTagging(uint64_t owner, std::atomic<uint64_t>* in_place,
 }
 
 // The tail partials of `group` queries ([group][dim]) over a head's page summaries (planes
-// key_mean, key_var, value_mean, [pages][dim] of `type` each) with token counts counts[pages] (0:
-// left out, e.g. a selected page), into out [group][2 + dim] (abi.h "Tail estimate"). The
+// key_mean, key_var, value_mean, [pages][dim] of `type` each) with token counts counts[pages]
+// (0: left out, e.g. a selected page), into out [group][2 + dim] (abi.h "Tail estimate"). The
 // logit of a page is selection::TailLogit's; the dot products and the value sums run through
 // the index's SIMD kernels (each summary row read once for the whole group).
 void TailPartials(selection::TailMode mode, const float* queries, uint32_t group, uint32_t dim,
