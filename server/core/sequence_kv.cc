@@ -283,10 +283,11 @@ void TailPartials(selection::TailMode mode, const float* queries, uint32_t group
     vars.resize(dots.size());
     index::DotStridedMulti(q2.data(), group, key_var, stride, pages, type, dim, vars.data(), pages);
   }
-  // log(count) per page; counts are at most a page's slots, so a table of the small ones
-  // spares a log() per page and select.
+  // log(count) per page, -inf for a page left out (its logit is then -inf: weight 0); counts
+  // are at most a page's slots, so a table of the small ones spares a log() per page.
   static const std::array<float, 65> kSmallLogs = [] {
     std::array<float, 65> t{};
+    t[0] = -std::numeric_limits<float>::infinity();
     for (uint32_t c = 1; c < t.size(); ++c) t[c] = std::log(static_cast<float>(c));
     return t;
   }();
@@ -295,23 +296,13 @@ void TailPartials(selection::TailMode mode, const float* queries, uint32_t group
     logs[p] = counts[p] < kSmallLogs.size() ? kSmallLogs[counts[p]]
                                             : std::log(static_cast<float>(counts[p]));
   }
-  // Per query: logits, then weights exp(logit - max) in place (left-out pages weigh 0).
+  // Per query: logits (a left-out page's -inf stays -inf), then weights exp(logit - max) in
+  // place.
   for (uint32_t j = 0; j < group; ++j) {
     float* logit = &dots[uint64_t{j} * pages];
-    float mx = -std::numeric_limits<float>::infinity();
-    for (uint32_t p = 0; p < pages; ++p) {
-      if (counts[p] == 0) {
-        logit[p] = -std::numeric_limits<float>::infinity();
-        continue;
-      }
-      float s = logs[p] + scale * logit[p];
-      if (!vars.empty()) {
-        s += std::min(0.5f * scale * scale * vars[uint64_t{j} * pages + p],
-                      selection::kTailVarianceCap);
-      }
-      logit[p] = s;
-      mx = std::max(mx, s);
-    }
+    const float mx =
+        index::TailLogits(logs.data(), logit, vars.empty() ? nullptr : &vars[uint64_t{j} * pages],
+                          scale, 0.5f * scale * scale, selection::kTailVarianceCap, pages, logit);
     float* o = out + uint64_t{j} * (2 + dim);
     if (mx == -std::numeric_limits<float>::infinity()) {
       std::fill(logit, logit + pages, 0.0f);

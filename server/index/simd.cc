@@ -15,6 +15,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <limits>
 
 namespace icecache::index {
 
@@ -507,6 +508,34 @@ ICECACHE_AVX2 void BestLiftedParentsAvx2(const float* children, uint32_t nc,
 
 // exp(x) = 2^n * 2^f with n = round(x log2 e), f in [-0.5, 0.5]; 2^f by a degree-6
 // polynomial (Taylor of e^(f ln 2), error < 2e-7 on the interval).
+ICECACHE_AVX2 float TailLogitsAvx2(const float* logs, const float* dots, const float* vars,
+                                   float scale, float half_scale_sq, float cap, uint32_t n,
+                                   float* out) {
+  const __m256 vs = _mm256_set1_ps(scale), vh = _mm256_set1_ps(half_scale_sq);
+  const __m256 vc = _mm256_set1_ps(cap);
+  __m256 mx = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  uint32_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    __m256 s = _mm256_fmadd_ps(vs, _mm256_loadu_ps(dots + i), _mm256_loadu_ps(logs + i));
+    if (vars != nullptr) {
+      s = _mm256_add_ps(s, _mm256_min_ps(_mm256_mul_ps(vh, _mm256_loadu_ps(vars + i)), vc));
+    }
+    _mm256_storeu_ps(out + i, s);
+    mx = _mm256_max_ps(mx, s);
+  }
+  __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+  m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+  m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
+  float m = _mm_cvtss_f32(m4);
+  for (; i < n; ++i) {
+    float s = logs[i] + scale * dots[i];
+    if (vars != nullptr) s += std::min(half_scale_sq * vars[i], cap);
+    out[i] = s;
+    m = std::max(m, s);
+  }
+  return m;
+}
+
 ICECACHE_AVX2 void ExpAvx2(float* x, uint32_t n) {
   const __m256 log2e = _mm256_set1_ps(1.4426950408889634f);
   const __m256 ln2 = _mm256_set1_ps(0.6931471805599453f);
@@ -1503,6 +1532,19 @@ uint32_t SketchEstimatesAbove(const int32_t* dots, const uint16_t* fac, uint32_t
 void ExpInPlace(float* x, uint32_t n) {
   if (UseAvx2()) return ExpAvx2(x, n);
   for (uint32_t i = 0; i < n; ++i) x[i] = x[i] < -87.f ? 0.f : std::exp(x[i]);
+}
+
+float TailLogits(const float* logs, const float* dots, const float* vars, float scale,
+                 float half_scale_sq, float cap, uint32_t n, float* out) {
+  if (UseAvx2()) return TailLogitsAvx2(logs, dots, vars, scale, half_scale_sq, cap, n, out);
+  float m = -std::numeric_limits<float>::infinity();
+  for (uint32_t i = 0; i < n; ++i) {
+    float s = logs[i] + scale * dots[i];
+    if (vars != nullptr) s += std::min(half_scale_sq * vars[i], cap);
+    out[i] = s;
+    m = std::max(m, s);
+  }
+  return m;
 }
 
 float SquaredNorm(const void* row, ElemType type, uint32_t dim) {

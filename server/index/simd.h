@@ -128,6 +128,14 @@ uint32_t SketchEstimatesAbove(const int32_t* dots, const uint16_t* fac, uint32_t
 // x[i] = exp(x[i]) for i in [0, n); inputs below -87 give 0. Relative error below 2e-7
 // (a polynomial on AVX2; std::exp on the scalar path).
 void ExpInPlace(float* x, uint32_t n);
+
+// The tail estimate's page logits (server/core/sequence_kv.cc): out[i] = logs[i] + scale *
+// dots[i], plus min(half_scale_sq * vars[i], cap) where vars is not null; out may be dots.
+// Returns the largest out[i] (-inf for n == 0). logs[i] = -inf gives -inf (a page left out);
+// the other inputs must be finite, vars[i] >= 0. The AVX2 path may fuse the multiply-adds
+// (within a few ulp of the scalar path).
+float TailLogits(const float* logs, const float* dots, const float* vars, float scale,
+                 float half_scale_sq, float cap, uint32_t n, float* out);
 // |row|^2.
 float SquaredNorm(const void* row, ElemType type, uint32_t dim);
 

@@ -645,6 +645,48 @@ TEST(ResidualSketch, SevenBitQueryStaysCloseToTheFloat64Estimate) {
   }
 }
 
+// The tail estimate's logits at every level of this CPU: a float64 reference within a few
+// ulp, -inf kept for left-out pages, the cap applied, the max returned exactly (it is one of
+// the outputs), for lengths around the 8-lane blocks, with and without variances, in place.
+TEST(SimdTest, TailLogitsMatchFloat64Reference) {
+  std::mt19937 rng(11);
+  std::normal_distribution<float> normal(0.f, 3.f);
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  const float scale = 0.125f, half = 0.5f * scale * scale, cap = 2.0f;
+  for (SimdLevel level : {SimdLevel::kScalar, SimdLevel::kAvx2, SimdLevel::kAvx512}) {
+    if (!SimdLevelSupported(level)) continue;
+    const SimdLevel saved = SetSimdLevel(level);
+    for (uint32_t n : {0u, 1u, 7u, 8u, 9u, 33u, 4096u}) {
+      std::vector<float> logs(n), dots(n), vars(n);
+      for (uint32_t i = 0; i < n; ++i) {
+        logs[i] = i % 5 == 3 ? kNegInf : std::log(static_cast<float>(1 + i % 8));
+        dots[i] = normal(rng) * 10;
+        vars[i] = i % 7 == 0 ? 1e6f : std::fabs(normal(rng));  // some over the cap
+      }
+      for (bool with_vars : {false, true}) {
+        SCOPED_TRACE(::testing::Message()
+                     << SimdLevelName(level) << " n=" << n << " vars=" << with_vars);
+        std::vector<float> out = dots;  // in place
+        const float mx = TailLogits(logs.data(), out.data(), with_vars ? vars.data() : nullptr,
+                                    scale, half, cap, n, out.data());
+        float want_max = kNegInf;
+        for (uint32_t i = 0; i < n; ++i) {
+          if (logs[i] == kNegInf) {
+            EXPECT_EQ(out[i], kNegInf) << i;
+            continue;
+          }
+          double ref = double{logs[i]} + double{scale} * dots[i];
+          if (with_vars) ref += std::min(double{half} * vars[i], double{cap});
+          EXPECT_NEAR(out[i], ref, 4e-7 * std::max(1.0, std::fabs(ref))) << i;
+          want_max = std::max(want_max, out[i]);
+        }
+        EXPECT_EQ(mx, want_max);
+      }
+    }
+    SetSimdLevel(saved);
+  }
+}
+
 TEST(HalfConversion, ExactValuesAndSpecials) {
   for (float v : {0.f, -0.f, 1.f, -2.5f, 65504.f, 6.103515625e-05f, 5.960464477539063e-08f}) {
     EXPECT_EQ(HalfToFloat(FloatToHalf(v)), v) << v;
