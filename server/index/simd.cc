@@ -506,8 +506,19 @@ ICECACHE_AVX2 void BestLiftedParentsAvx2(const float* children, uint32_t nc,
   }
 }
 
-// exp(x) = 2^n * 2^f with n = round(x log2 e), f in [-0.5, 0.5]; 2^f by a degree-6
-// polynomial (Taylor of e^(f ln 2), error < 2e-7 on the interval).
+// TailLogits over [begin, n), the running max starting at m.
+inline float TailLogitsScalar(const float* logs, const float* dots, const float* vars, float scale,
+                              float half_scale_sq, float cap, uint32_t begin, uint32_t n, float m,
+                              float* out) {
+  for (uint32_t i = begin; i < n; ++i) {
+    float s = logs[i] + scale * dots[i];
+    if (vars != nullptr) s += std::min(half_scale_sq * vars[i], cap);
+    out[i] = s;
+    m = std::max(m, s);
+  }
+  return m;
+}
+
 ICECACHE_AVX2 float TailLogitsAvx2(const float* logs, const float* dots, const float* vars,
                                    float scale, float half_scale_sq, float cap, uint32_t n,
                                    float* out) {
@@ -526,16 +537,12 @@ ICECACHE_AVX2 float TailLogitsAvx2(const float* logs, const float* dots, const f
   __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
   m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
   m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
-  float m = _mm_cvtss_f32(m4);
-  for (; i < n; ++i) {
-    float s = logs[i] + scale * dots[i];
-    if (vars != nullptr) s += std::min(half_scale_sq * vars[i], cap);
-    out[i] = s;
-    m = std::max(m, s);
-  }
-  return m;
+  return TailLogitsScalar(logs, dots, vars, scale, half_scale_sq, cap, i, n, _mm_cvtss_f32(m4),
+                          out);
 }
 
+// exp(x) = 2^n * 2^f with n = round(x log2 e), f in [-0.5, 0.5]; 2^f by a degree-6
+// polynomial (Taylor of e^(f ln 2), error < 2e-7 on the interval).
 ICECACHE_AVX2 void ExpAvx2(float* x, uint32_t n) {
   const __m256 log2e = _mm256_set1_ps(1.4426950408889634f);
   const __m256 ln2 = _mm256_set1_ps(0.6931471805599453f);
@@ -1537,14 +1544,8 @@ void ExpInPlace(float* x, uint32_t n) {
 float TailLogits(const float* logs, const float* dots, const float* vars, float scale,
                  float half_scale_sq, float cap, uint32_t n, float* out) {
   if (UseAvx2()) return TailLogitsAvx2(logs, dots, vars, scale, half_scale_sq, cap, n, out);
-  float m = -std::numeric_limits<float>::infinity();
-  for (uint32_t i = 0; i < n; ++i) {
-    float s = logs[i] + scale * dots[i];
-    if (vars != nullptr) s += std::min(half_scale_sq * vars[i], cap);
-    out[i] = s;
-    m = std::max(m, s);
-  }
-  return m;
+  return TailLogitsScalar(logs, dots, vars, scale, half_scale_sq, cap, 0, n,
+                          -std::numeric_limits<float>::infinity(), out);
 }
 
 float SquaredNorm(const void* row, ElemType type, uint32_t dim) {
