@@ -137,6 +137,12 @@ def search_latency(out):
     fig.savefig(os.path.join(out, "index_search_latency.png"), dpi=120)
 
 
+def median(vals):
+    """The median (the mean of the two middle values for an even count)."""
+    vals = sorted(vals)
+    return (vals[len(vals) // 2] + vals[(len(vals) - 1) // 2]) / 2
+
+
 def median_runs(out):
     """Alternating runs (RESULTS_DIR/runs/index_speed_<label>-<i>.csv, the same command for
     several labels in turn, i = 1, 2, ...): writes index_speed_<label>.csv with each column's
@@ -159,9 +165,7 @@ def median_runs(out):
                 rs = by_size[tokens]
                 med = []
                 for k in fields:
-                    vals = sorted(float(r[k]) for r in rs)
-                    n = len(vals)
-                    med.append(f"{(vals[n // 2] + vals[(n - 1) // 2]) / 2:.6g}")
+                    med.append(f"{median(float(r[k]) for r in rs):.6g}")
                 w.writerow(med + [len(rs)])
 
 
@@ -217,10 +221,6 @@ def select_latency(out):
             groups.setdefault(label, []).append(path)
     if not groups:
         return
-
-    def median(vals):
-        vals = sorted(vals)
-        return (vals[len(vals) // 2] + vals[(len(vals) - 1) // 2]) / 2
 
     rows = []
     for label, paths in sorted(groups.items()):
