@@ -340,17 +340,8 @@ bool ApplyOverrides(DciOptions* dci) {
     dci->search_mode = DciOptions::SearchMode::kBestFirstExact;
   } else if (search == "sketch") {
     dci->search_mode = DciOptions::SearchMode::kBestFirstSketch;
-  } else if (search == "summary") {
-    dci->search_mode = DciOptions::SearchMode::kPageSummary;
-  } else if (search == "summary-box") {
-    dci->search_mode = DciOptions::SearchMode::kPageSummary;
-    dci->summary_box = true;
-  } else if (search == "summary-mean") {
-    dci->search_mode = DciOptions::SearchMode::kPageSummary;
-    dci->summary_variance = false;
   } else if (!search.empty()) {
-    std::fprintf(stderr, "--search=%s: descent, exact, sketch, summary or summary-mean\n",
-                 search.c_str());
+    std::fprintf(stderr, "--search=%s: descent, exact or sketch\n", search.c_str());
     return false;
   }
   if (const std::string order = absl::GetFlag(FLAGS_page_order); !order.empty()) {

@@ -22,10 +22,6 @@ constexpr uint32_t kNone = 0xffffffffu;
 constexpr int kMaxLevels = 24;
 // Ratios as exact fractions over 10^6 (0.01 must promote exactly every 100th token).
 constexpr uint64_t kRatioDen = 1'000'000;
-// kPageSummary: the cap of the estimate's variance term (as the tail estimate's,
-// selection/tail.h kTailVarianceCap: a page of few keys with a large variance would
-// otherwise claim an exponentially large mass).
-constexpr float kSummaryVarianceCap = 2.0f;
 
 struct Cand {
   float score;
@@ -167,12 +163,6 @@ struct DciTree::Impl {
   std::vector<uint16_t> cell_ref;  // [cells][dim]
   std::vector<float> cell_radius, cell_ref_norm;
   std::vector<uint32_t> cell_centered;
-  // kPageSummary, per page id: the mean of its keys and their per-coordinate variance
-  // (bf16, [page][dim]; the variance only with summary_variance) and log(valid) (-inf for a
-  // free page, which the search then never picks).
-  bool summarizing = false;
-  std::vector<uint16_t> page_mean, page_var;
-  std::vector<float> page_logn;
 
   // Ingest context (Build/Insert, under the writer lock).
   // During Build, the keys of the upper levels (about r1 of all tokens, read over and over
@@ -220,7 +210,6 @@ struct DciTree::Impl {
                 o.parent_beam > 0 && !o.page_granular_scoring;
     sketching = o.search_mode == DciOptions::SearchMode::kBestFirstSketch;
     if (sketching) sketch = std::make_unique<ResidualSketch>(g.dim, o.seed);
-    summarizing = o.search_mode == DciOptions::SearchMode::kPageSummary;
   }
 
   // ------------------------------------------------------------------ key access
@@ -1423,17 +1412,6 @@ struct DciTree::Impl {
     }
     std::sort(change.allocated.begin(), change.allocated.end());
     writer->Apply(change);
-    if (summarizing) {
-      // The store holds the new content now: refresh the summaries of what changed.
-      const size_t np = pages.size();
-      if (page_logn.size() < np) {
-        page_mean.resize(np * g.dim, 0);
-        if (o.summary_variance) page_var.resize(np * g.dim, 0);
-        page_logn.resize(np, -std::numeric_limits<float>::infinity());
-      }
-      for (const PageFill& f : change.changed) Summarize(f.page, f.valid);
-      for (uint32_t p : change.freed) Summarize(p, 0);
-    }
     for (uint32_t p : flagged) page_flags[p] = 0;
     flagged.clear();
     orig.clear();
@@ -2067,165 +2045,12 @@ struct DciTree::Impl {
     }
   }
 
-  // kPageSummary: the summary of page p from its `valid` rows in the store (float64 sums,
-  // rounded to bf16 once; a free page: zeros and log n = -inf).
-  void Summarize(uint32_t p, uint32_t valid) {
-    uint16_t* mean = page_mean.data() + uint64_t{p} * g.dim;
-    uint16_t* var = o.summary_variance ? page_var.data() + uint64_t{p} * g.dim : nullptr;
-    if (valid == 0) {
-      std::fill(mean, mean + g.dim, 0);
-      if (var != nullptr) std::fill(var, var + g.dim, 0);
-      page_logn[p] = -std::numeric_limits<float>::infinity();
-      return;
-    }
-    std::vector<double> sum(g.dim, 0.0), sum_sq(g.dim, 0.0);
-    std::vector<float> row(g.dim);
-    const uint8_t* base = static_cast<const uint8_t*>(reader->PageKeys(p));
-    for (uint32_t s = 0; s < valid; ++s) {
-      ToFloat(base + s * row_bytes, g.elem_type, g.dim, row.data());
-      for (uint32_t i = 0; i < g.dim; ++i) sum[i] += row[i];
-    }
-    if (o.summary_box) {
-      std::vector<float> lo(g.dim, std::numeric_limits<float>::infinity()),
-          hi(g.dim, -std::numeric_limits<float>::infinity());
-      for (uint32_t s = 0; s < valid; ++s) {
-        ToFloat(base + s * row_bytes, g.elem_type, g.dim, row.data());
-        for (uint32_t i = 0; i < g.dim; ++i) {
-          lo[i] = std::min(lo[i], row[i]);
-          hi[i] = std::max(hi[i], row[i]);
-        }
-      }
-      for (uint32_t i = 0; i < g.dim; ++i) {
-        mean[i] = FloatToBf16(hi[i]);
-        var[i] = FloatToBf16(lo[i]);
-      }
-      page_logn[p] = std::log(static_cast<float>(valid));
-      return;
-    }
-    for (uint32_t i = 0; i < g.dim; ++i) sum[i] /= valid;
-    if (var != nullptr) {
-      for (uint32_t s = 0; s < valid; ++s) {
-        ToFloat(base + s * row_bytes, g.elem_type, g.dim, row.data());
-        for (uint32_t i = 0; i < g.dim; ++i) {
-          const double d = row[i] - sum[i];
-          sum_sq[i] += d * d;
-        }
-      }
-    }
-    for (uint32_t i = 0; i < g.dim; ++i) {
-      mean[i] = FloatToBf16(static_cast<float>(sum[i]));
-      if (var != nullptr) var[i] = FloatToBf16(static_cast<float>(sum_sq[i] / valid));
-    }
-    page_logn[p] = std::log(static_cast<float>(valid));
-  }
-
-  // kPageSummary: every page's estimated log-mass for each query (one pass over the summaries
-  // for the group), the candidates by summed share of each query's estimated mass, then the
-  // exact re-ranking.
-  void SearchSummaries(const float* qs, uint32_t nq, uint32_t k,
-                       std::vector<SelectedPage>* out) const {
-    GroupScratch& gs = ThreadGroupScratch();
-    const uint32_t np = static_cast<uint32_t>(pages.size());
-    const float scale = 1.0f / std::sqrt(static_cast<float>(g.dim));
-    gs.tmp.resize(uint64_t{nq} * np);
-    if (o.summary_box) {
-      gs.ex.resize(uint64_t{nq} * (np + 2 * g.dim));
-      float* qp = gs.ex.data() + uint64_t{nq} * np;
-      float* qn = qp + uint64_t{nq} * g.dim;
-      for (uint64_t i = 0; i < uint64_t{nq} * g.dim; ++i) {
-        qp[i] = std::max(qs[i], 0.f);
-        qn[i] = std::min(qs[i], 0.f);
-      }
-      DotStridedMulti(qp, nq, page_mean.data(), uint64_t{g.dim} * 2, np, ElemType::kBF16, g.dim,
-                      gs.tmp.data(), np);
-      DotStridedMulti(qn, nq, page_var.data(), uint64_t{g.dim} * 2, np, ElemType::kBF16, g.dim,
-                      gs.ex.data(), np);
-    }
-    if (!o.summary_box)
-      DotStridedMulti(qs, nq, page_mean.data(), uint64_t{g.dim} * 2, np, ElemType::kBF16, g.dim,
-                      gs.tmp.data(), np);
-    if (o.summary_variance && !o.summary_box) {
-      gs.ex.resize(uint64_t{nq} * (np + g.dim));
-      float* q2 = gs.ex.data() + uint64_t{nq} * np;
-      for (uint64_t i = 0; i < uint64_t{nq} * g.dim; ++i) q2[i] = qs[i] * qs[i];
-      DotStridedMulti(q2, nq, page_var.data(), uint64_t{g.dim} * 2, np, ElemType::kBF16, g.dim,
-                      gs.ex.data(), np);
-    }
-    const uint32_t want = static_cast<uint32_t>(
-        std::max<uint64_t>(k, std::min<uint64_t>(uint64_t{k} + o.rerank_extra_pages, live_pages)));
-    if (o.summary_box) {
-      std::vector<std::vector<SelectedPage>> lists(nq);
-      gs.order.clear();
-      for (uint32_t p = 0; p < np; ++p) {
-        if (pages[p].valid > 0) gs.order.push_back(p);
-      }
-      for (uint32_t q = 0; q < nq; ++q) {
-        // tmp holds q+.hi (queries' positive parts), ex q-.lo.
-        const float* a = gs.tmp.data() + uint64_t{q} * np;
-        const float* b = gs.ex.data() + uint64_t{q} * np;
-        for (uint32_t p : gs.order) lists[q].push_back({p, pages[p].valid, a[p] + b[p]});
-        auto by_value = [](const SelectedPage& x, const SelectedPage& y) {
-          return x.score > y.score || (x.score == y.score && x.page < y.page);
-        };
-        std::partial_sort(lists[q].begin(), lists[q].begin() + want, lists[q].end(), by_value);
-        lists[q].resize(want);
-      }
-      *out = nq == 1 ? std::move(lists[0]) : MergeRankInterleaved(lists, want);
-      gs.scored = 0;
-      if (o.rerank_extra_pages > 0) {
-        RerankByMass(qs, nq, k, gs, out);
-      } else {
-        out->resize(k);
-      }
-      tls_last_scored = gs.scored;
-      return;
-    }
-    std::vector<float>& share = gs.est;
-    share.assign(np, 0.f);
-    for (uint32_t q = 0; q < nq; ++q) {
-      float* v = gs.tmp.data() + uint64_t{q} * np;
-      const float mx = TailLogits(page_logn.data(), v,
-                                  o.summary_variance ? gs.ex.data() + uint64_t{q} * np : nullptr,
-                                  scale, 0.5f * scale * scale, kSummaryVarianceCap, np, v);
-      for (uint32_t p = 0; p < np; ++p) v[p] -= mx;  // -inf stays -inf
-      ExpInPlace(v, np);
-      double z = 0;
-      for (uint32_t p = 0; p < np; ++p) z += v[p];
-      const float inv = static_cast<float>(1.0 / z);
-      for (uint32_t p = 0; p < np; ++p) share[p] += v[p] * inv;
-    }
-    gs.order.clear();
-    for (uint32_t p = 0; p < np; ++p) {
-      if (pages[p].valid > 0) gs.order.push_back(p);
-    }
-    auto by_share = [&share](uint32_t a, uint32_t b) {
-      return share[a] > share[b] || (share[a] == share[b] && a < b);
-    };
-    std::partial_sort(gs.order.begin(), gs.order.begin() + want, gs.order.end(), by_share);
-    out->clear();
-    for (uint32_t i = 0; i < want; ++i) {
-      const uint32_t p = gs.order[i];
-      out->push_back({p, pages[p].valid, share[p]});
-    }
-    gs.scored = 0;
-    if (o.rerank_extra_pages > 0) {
-      RerankByMass(qs, nq, k, gs, out);
-    } else {
-      out->resize(k);
-    }
-    tls_last_scored = gs.scored;
-  }
-
   void SearchGroup(const float* qs, uint32_t nq, uint32_t k, std::vector<SelectedPage>* out) const {
     GroupScratch& gs = ThreadGroupScratch();
     std::vector<PageValues> per_query;
     uint64_t scored = 0;
     tls_last_sketched = 0;
     tls_last_cells_opened = 0;
-    if (summarizing) {
-      SearchSummaries(qs, nq, k, out);
-      return;
-    }
     if (cell_refs && position.size() > o.exact_search_max_tokens) {
       SearchBestFirst(qs, nq, k, out);
       return;
@@ -2380,7 +2205,6 @@ uint64_t DciTree::MemoryBytes() const {
   bytes += m.cell_ref.capacity() * sizeof(uint16_t) + m.cell_radius.capacity() * 4 +
            m.cell_ref_norm.capacity() * 4 + m.cell_centered.capacity() * 4;
   if (m.sketch) bytes += m.sketch->MemoryBytes();
-  bytes += m.page_mean.capacity() * 2 + m.page_var.capacity() * 2 + m.page_logn.capacity() * 4;
   for (const auto& lt : m.level_tokens) bytes += lt.capacity() * 4;
   return bytes;
 }

@@ -123,20 +123,10 @@ struct DciOptions {
   //                     rescore_tokens-th best estimate, then those best estimates (the union
   //                     over the group) are rescored exactly and pages ranked by their best
   //                     rescored key. Approximate: the estimate can miss a best key.
-  //   kPageSummary      no traversal: every page keeps a summary of its keys (their mean and,
-  //                     with summary_variance, their per-coordinate variance; bf16, refreshed
-  //                     whenever the page's content changes) and a search scores every
-  //                     page's summary for the group in one streaming pass: the Gaussian
-  //                     estimate of the page's softmax mass, log n + s q.mu + min(s^2/2
-  //                     q^2.var, 2) with s = 1/sqrt(dim) (the tail estimate's formula,
-  //                     docs/model.md). The k + rerank_extra_pages pages of the largest summed
-  //                     share of each query's estimated mass are then scored exactly and
-  //                     re-ranked by mass (rerank_extra_pages 0: the estimate's best k).
-  //                     Approximate: a page whose mean is cold can hide a hot key.
   // The best-first modes rank pages by best key, then optionally re-rank the best ones by mass
   // (rerank_extra_pages); page_score, group_merge, joint_group_search, page_granular_scoring
   // and final_fov apply to kBeamDescent only.
-  enum class SearchMode : uint8_t { kBeamDescent, kBestFirstExact, kBestFirstSketch, kPageSummary };
+  enum class SearchMode : uint8_t { kBeamDescent, kBestFirstExact, kBestFirstSketch };
   SearchMode search_mode = SearchMode::kBeamDescent;
   // The bound of a cell is q.r + cell_bound_slack * |q| * R: 1 is a valid upper bound; below 1
   // an estimate of the best key that opens fewer cells (the Cauchy-Schwarz term assumes the
@@ -151,12 +141,6 @@ struct DciOptions {
   // warm keys then beats a page with one hot key, as the attention weighs them. 0 = off (best
   // key, the exact scan's ranking).
   uint32_t rerank_extra_pages = 0;
-  // kPageSummary: the summary holds the per-coordinate variance too (the estimate's second
-  // term); false: the mean only (half the summary's bytes and dot products).
-  bool summary_variance = true;
-  // kPageSummary: per-coordinate min and max of the page's keys instead (Quest's box): each
-  // query ranks pages by the box's upper bound of q.k, lists merged rank-interleaved.
-  bool summary_box = false;
   // Parent search at build and insert: a beam of this width descends through the levels above
   // (every child of the beam's tokens scored exactly), so a build costs O(n log n) dot
   // products instead of O(n^2 r1) for the exact search; levels of at most 64 tokens are still
