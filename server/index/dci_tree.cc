@@ -1010,6 +1010,22 @@ struct DciTree::Impl {
     return {begin, static_cast<uint32_t>(beam_tok.size())};
   }
 
+  // The token of level `lvl` with the largest lifted inner product with (x, lift); ties to
+  // the lower token. Every token of the level is scored: the beam's fallback.
+  uint32_t NearestOnLevelExact(const float* x, float lift, int lvl) const {
+    uint32_t best = kNone;
+    float best_v = -std::numeric_limits<float>::infinity();
+    for (uint32_t t : level_tokens[lvl]) {
+      const float v = Dot(x, KeyPtr(t), g.elem_type, g.dim) + lift * Lift(t);
+      if (best == kNone || v > best_v || (v == best_v && t < best)) {
+        best = t;
+        best_v = v;
+      }
+    }
+    ICECACHE_CHECK(best != kNone) << "level " << lvl << " is empty";
+    return best;
+  }
+
   // The build's parent search with parent_beam: each kid descends from the root cell, keeping
   // the parent_beam best tokens (lifted inner product; ties to the lower token) of each level
   // and scoring every child of theirs on the next, down to level l + 1, whose best scored
@@ -1089,7 +1105,12 @@ struct DciTree::Impl {
             if (kr.second > kr.first) next.push_back(kr);
           }
         }
-        ICECACHE_CHECK(!next.empty()) << "no child below level " << lvl;
+        if (next.empty()) {
+          // A dead end: no token scored on this level has children (nothing chose them as
+          // its nearest parent). The kid takes the exact nearest token of level l + 1.
+          (*parent_of)[i] = NearestOnLevelExact(x.data(), lift, l + 1);
+          break;
+        }
         ranges.swap(next);
       }
     }

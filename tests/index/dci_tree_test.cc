@@ -724,6 +724,34 @@ TEST_F(DciTreeTest, BeamBuildKeepsTheInvariantsAndMostExactParents) {
   ExpectPagesHoldTheirTokens(3008 + (9000 - 3008) / 16 * 16);
 }
 
+// The beam descent can reach a level where no scored token has children (nothing chose it
+// as its nearest parent); the kid then takes the exact nearest token of the level above
+// instead of aborting the build. A beam of 1 on bench/index_speed's synthetic keys at 32k
+// reached such a level (the daemon aborted on a check before the fallback).
+TEST_F(DciTreeTest, BeamBuildSurvivesLevelsWithoutChildren) {
+  SyntheticOptions so;
+  so.num_tokens = 32800;
+  so.head_dim = 128;
+  so.num_kv_heads = 1;
+  so.num_queries = 1;
+  so.kv_type = ElemType::kBF16;
+  so.num_clusters = 128;
+  data_.trace = GenerateSynthetic(so);
+  data_.positions.resize(so.num_tokens);
+  std::iota(data_.positions.begin(), data_.positions.end(), 0u);
+  DciOptions narrow;
+  narrow.parent_beam = 1;
+  BuildOn(32768, narrow);
+  ASSERT_OK(tree_->CheckInvariants());
+  ExpectPagesHoldTheirTokens(32768);
+  // Every parent is on the level above its token (the fallback's among them).
+  for (uint32_t t = 0; t < 32768; ++t) {
+    const uint32_t p = tree_->ParentOf(t);
+    if (p == DciTree::kNoParent) continue;
+    ASSERT_EQ(tree_->LevelOf(p), tree_->LevelOf(t) + 1) << "token " << t;
+  }
+}
+
 // The options of the fast preset's search and build, with the given page order.
 DciOptions FastLike(DciOptions::PageOrder order) {
   DciOptions o = BestFirst(DciOptions::SearchMode::kBestFirstSketch, 0.4f, 64);
