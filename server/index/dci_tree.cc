@@ -909,18 +909,23 @@ struct DciTree::Impl {
     ICECACHE_CHECK(lvl >= 1 && lvl <= top) << "no neighbour search on level " << lvl;
     const std::vector<uint32_t>& members = level_tokens[lvl];
     out->clear();
-    if (lvl == top || members.size() <= ExactParentMax()) {
-      for (uint32_t v : members) {
-        if (v == t) continue;
-        out->push_back({Dot(probe.x, KeyPtr(v), g.elem_type, g.dim) + probe.extra * Lift(v), v});
-      }
-      std::sort(out->begin(), out->end(), ByScoreDesc);
-    } else {
+    bool exact = lvl == top || members.size() <= ExactParentMax();
+    if (!exact) {
       Scratch& sc = ThreadScratch();
       Descend(probe, lvl, fov, ratio, count, /*track_pages=*/false, count + 1, sc, out);
       out->erase(
           std::remove_if(out->begin(), out->end(), [t](const Cand& c) { return c.tok == t; }),
           out->end());
+      // A descent can end where none of its beam's tokens has children (nothing chose them as
+      // the nearest parent): then every token of the level is scored.
+      exact = out->empty();
+    }
+    if (exact) {
+      for (uint32_t v : members) {
+        if (v == t) continue;
+        out->push_back({Dot(probe.x, KeyPtr(v), g.elem_type, g.dim) + probe.extra * Lift(v), v});
+      }
+      std::sort(out->begin(), out->end(), ByScoreDesc);
     }
     if (out->size() > count) out->resize(count);
   }
@@ -978,8 +983,9 @@ struct DciTree::Impl {
       if (i % 256 == 0 && Cancelled()) return;  // the caller sees it after the level
       const Probe probe = KeyProbe(kids[i], &buf);
       Descend(probe, l + 1, BuildFov(), BuildRatio(), 1, false, 1, sc, &found);
-      ICECACHE_CHECK(!found.empty()) << "descent found no parent for token " << kids[i];
-      (*parent_of)[i] = found.front().tok;
+      // A descent can end where none of its beam's tokens has children: the exact nearest.
+      (*parent_of)[i] =
+          found.empty() ? NearestOnLevelExact(probe.x, probe.extra, l + 1) : found.front().tok;
     }
   }
 

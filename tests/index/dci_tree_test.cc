@@ -724,13 +724,15 @@ TEST_F(DciTreeTest, BeamBuildKeepsTheInvariantsAndMostExactParents) {
   ExpectPagesHoldTheirTokens(3008 + (9000 - 3008) / 16 * 16);
 }
 
-// The beam descent can reach a level where no scored token has children (nothing chose it
-// as its nearest parent); the kid then takes the exact nearest token of the level above
-// instead of aborting the build. A beam of 1 on bench/index_speed's synthetic keys at 32k
-// reached such a level (the daemon aborted on a check before the fallback).
+// A descent can reach a level where no token it scored has children (nothing chose them as
+// the nearest parent). The build's beam then takes the exact nearest token of the level above
+// for that kid, and an insert's parent search scores every token of the level, instead of
+// aborting the process on a check (as both did before). A beam of 1 on bench/index_speed's
+// synthetic keys at 32k reaches such levels in the build (1,259 kids) and in the inserts
+// (16 tokens of 4,096).
 TEST_F(DciTreeTest, BeamBuildSurvivesLevelsWithoutChildren) {
   SyntheticOptions so;
-  so.num_tokens = 32800;
+  so.num_tokens = 32800 + 4096;
   so.head_dim = 128;
   so.num_kv_heads = 1;
   so.num_queries = 1;
@@ -744,8 +746,11 @@ TEST_F(DciTreeTest, BeamBuildSurvivesLevelsWithoutChildren) {
   BuildOn(32768, narrow);
   ASSERT_OK(tree_->CheckInvariants());
   ExpectPagesHoldTheirTokens(32768);
+  for (uint32_t begin = 32768; begin + 16 <= 32768 + 4096; begin += 16) InsertPage(begin);
+  ASSERT_OK(tree_->CheckInvariants());
+  ExpectPagesHoldTheirTokens(32768 + 4096);
   // Every parent is on the level above its token (the fallback's among them).
-  for (uint32_t t = 0; t < 32768; ++t) {
+  for (uint32_t t = 0; t < 32768 + 4096; ++t) {
     const uint32_t p = tree_->ParentOf(t);
     if (p == DciTree::kNoParent) continue;
     ASSERT_EQ(tree_->LevelOf(p), tree_->LevelOf(t) + 1) << "token " << t;
