@@ -70,6 +70,8 @@ ABSL_FLAG(std::string, search, "", "DCI option: search mode descent, exact or sk
 ABSL_FLAG(std::string, slack, "", "DCI option: cell_bound_slack of the best-first search.");
 ABSL_FLAG(std::string, rescore, "", "DCI option: rescore_tokens of the sketch search.");
 ABSL_FLAG(std::string, parent_beam, "", "DCI option: parent_beam of the build (0: paper's).");
+ABSL_FLAG(std::string, insert_beam, "",
+          "DCI option: insert_beam, the beam of an insert's parent search (0: parent_beam).");
 ABSL_FLAG(std::string, rerank, "",
           "DCI option: rerank_extra_pages of the best-first search (0: best key, no re-ranking).");
 ABSL_FLAG(std::string, reproject_growth, "",
@@ -363,6 +365,7 @@ bool ApplyOverrides(DciOptions* dci) {
       num(absl::GetFlag(FLAGS_slack), "slack", &dci->cell_bound_slack) &&
       num(absl::GetFlag(FLAGS_rescore), "rescore", &dci->rescore_tokens) &&
       num(absl::GetFlag(FLAGS_parent_beam), "parent_beam", &dci->parent_beam) &&
+      num(absl::GetFlag(FLAGS_insert_beam), "insert_beam", &dci->insert_beam) &&
       num(absl::GetFlag(FLAGS_rerank), "rerank", &dci->rerank_extra_pages) &&
       num(absl::GetFlag(FLAGS_reproject_growth), "reproject_growth", &dci->reproject_growth) &&
       num(absl::GetFlag(FLAGS_retrieve_ratio), "retrieve_ratio", &dci->query_retrieve_ratio) &&

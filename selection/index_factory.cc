@@ -27,7 +27,8 @@ index::DciOptions FastOptions() {
   o.cell_bound_slack = 0.4f;
   o.rescore_tokens = 64;
   o.rerank_extra_pages = 24;
-  o.parent_beam = 8;
+  o.parent_beam = 6;
+  o.insert_beam = 8;
   o.page_order = index::DciOptions::PageOrder::kClustered;
   return o;
 }

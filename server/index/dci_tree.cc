@@ -1184,7 +1184,10 @@ struct DciTree::Impl {
   uint32_t ExactParentMax() const { return o.parent_beam > 0 ? 64 : o.exact_parent_max; }
   uint32_t BuildFov() const { return o.parent_beam > 0 ? o.parent_beam : o.build_fov; }
   double BuildRatio() const { return o.parent_beam > 0 ? 1.0 : o.build_retrieve_ratio; }
-  uint32_t InsertFov() const { return o.parent_beam > 0 ? o.parent_beam : o.insert_fov; }
+  uint32_t InsertFov() const {
+    if (o.parent_beam == 0) return o.insert_fov;
+    return o.insert_beam > 0 ? o.insert_beam : o.parent_beam;
+  }
   double InsertRatio() const { return o.parent_beam > 0 ? 1.0 : o.insert_retrieve_ratio; }
 
   bool Cancelled() const {

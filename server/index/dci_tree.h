@@ -146,6 +146,10 @@ struct DciOptions {
   // products instead of O(n^2 r1) for the exact search; levels of at most 64 tokens are still
   // searched exactly. 0 = the paper's (exact up to exact_parent_max, FOV descent beyond).
   uint32_t parent_beam = 0;
+  // With parent_beam, the beam of an insert's parent (and neighbour) search; 0 = parent_beam.
+  // An insert places 16 tokens per decode step, where a wider beam costs little; the build
+  // places the whole prompt at once.
+  uint32_t insert_beam = 0;
   // Insert: a cell re-projects (re-sorts, re-chunks and re-centres every member) when a new
   // member's squared norm exceeds the bound its projections were computed with (M_c) times
   // this factor. Below that the member is placed with its lifted coordinate clamped to 0 and

@@ -757,10 +757,35 @@ TEST_F(DciTreeTest, BeamBuildSurvivesLevelsWithoutChildren) {
   }
 }
 
+// insert_beam widens only the inserts' parent search: the same build as without it, then
+// parents that differ after the inserts, every invariant kept.
+TEST_F(DciTreeTest, InsertBeamChangesOnlyTheInsertsParents) {
+  data_ = MakeHead(12000);
+  std::vector<std::vector<uint32_t>> built, after;
+  for (uint32_t insert_beam : {0u, 8u}) {
+    DciOptions o;
+    o.parent_beam = 2;
+    o.insert_beam = insert_beam;
+    BuildOn(9008, o);
+    built.emplace_back();
+    for (uint32_t t = 0; t < 9008; ++t) built.back().push_back(tree_->ParentOf(t));
+    for (uint32_t begin = 9008; begin + 16 <= 12000; begin += 16) InsertPage(begin);
+    ASSERT_OK(tree_->CheckInvariants());
+    ExpectPagesHoldTheirTokens(9008 + (12000 - 9008) / 16 * 16);
+    after.emplace_back();
+    for (uint32_t t = 0; t < tree_->num_tokens(); ++t) after.back().push_back(tree_->ParentOf(t));
+  }
+  EXPECT_EQ(built[0], built[1]);
+  uint32_t differ = 0;
+  for (uint32_t t = 0; t < after[0].size(); ++t) differ += after[0][t] != after[1][t];
+  EXPECT_GT(differ, 0u);
+}
+
 // The options of the fast preset's search and build, with the given page order.
 DciOptions FastLike(DciOptions::PageOrder order) {
   DciOptions o = BestFirst(DciOptions::SearchMode::kBestFirstSketch, 0.4f, 64);
-  o.parent_beam = 8;
+  o.parent_beam = 6;
+  o.insert_beam = 8;
   o.rerank_extra_pages = 24;
   o.page_order = order;
   return o;

@@ -58,7 +58,9 @@ TEST(IndexFactory, PaperIsTheDciDefaults) {
   absl::StatusOr<IndexSpec> fast = Preset("fast");
   ASSERT_TRUE(fast.ok());
   EXPECT_EQ(fast->dci.search_mode, index::DciOptions::SearchMode::kBestFirstSketch);
-  EXPECT_GT(fast->dci.parent_beam, 0u);
+  // The build's beam of 6 (docs/index.md "A narrower build beam"), inserts' of 8.
+  EXPECT_EQ(fast->dci.parent_beam, 6u);
+  EXPECT_EQ(fast->dci.insert_beam, 8u);
   EXPECT_EQ(fast->dci.promotion_ratio_1, d.promotion_ratio_1);
   // The fast preset re-ranks its best k + 24 pages by the group's mass; the paper's does not.
   EXPECT_EQ(fast->dci.rerank_extra_pages, 24u);
