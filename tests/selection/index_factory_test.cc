@@ -58,7 +58,7 @@ TEST(IndexFactory, PaperIsTheDciDefaults) {
   absl::StatusOr<IndexSpec> fast = Preset("fast");
   ASSERT_TRUE(fast.ok());
   EXPECT_EQ(fast->dci.search_mode, index::DciOptions::SearchMode::kBestFirstSketch);
-  // The build's beam of 6 (docs/index.md "A narrower build beam"), inserts' of 8.
+  // The build's beam of 6 (docs/index.md "A build beam of 6"), the inserts' of 8.
   EXPECT_EQ(fast->dci.parent_beam, 6u);
   EXPECT_EQ(fast->dci.insert_beam, 8u);
   EXPECT_EQ(fast->dci.promotion_ratio_1, d.promotion_ratio_1);
