@@ -920,14 +920,20 @@ struct DciTree::Impl {
       // the nearest parent): then every token of the level is scored.
       exact = out->empty();
     }
-    if (exact) {
-      for (uint32_t v : members) {
-        if (v == t) continue;
-        out->push_back({Dot(probe.x, KeyPtr(v), g.elem_type, g.dim) + probe.extra * Lift(v), v});
-      }
-      std::sort(out->begin(), out->end(), ByScoreDesc);
-    }
+    if (exact) ScoreLevel(probe.x, probe.extra, lvl, t, out);
     if (out->size() > count) out->resize(count);
+  }
+
+  // Every token of level `lvl` but `exclude`, scored by the lifted inner product with
+  // (x, lift), best first (ties to the lower token).
+  void ScoreLevel(const float* x, float lift, int lvl, uint32_t exclude,
+                  std::vector<Cand>* out) const {
+    out->clear();
+    for (uint32_t v : level_tokens[lvl]) {
+      if (v == exclude) continue;
+      out->push_back({Dot(x, KeyPtr(v), g.elem_type, g.dim) + lift * Lift(v), v});
+    }
+    std::sort(out->begin(), out->end(), ByScoreDesc);
   }
 
   // ------------------------------------------------------------------ build
@@ -1016,20 +1022,13 @@ struct DciTree::Impl {
     return {begin, static_cast<uint32_t>(beam_tok.size())};
   }
 
-  // The token of level `lvl` with the largest lifted inner product with (x, lift); ties to
-  // the lower token. Every token of the level is scored: the beam's fallback.
+  // The exact nearest token of level `lvl` to (x, lift): the descents' fallback where their
+  // beam ends on tokens without children.
   uint32_t NearestOnLevelExact(const float* x, float lift, int lvl) const {
-    uint32_t best = kNone;
-    float best_v = -std::numeric_limits<float>::infinity();
-    for (uint32_t t : level_tokens[lvl]) {
-      const float v = Dot(x, KeyPtr(t), g.elem_type, g.dim) + lift * Lift(t);
-      if (best == kNone || v > best_v || (v == best_v && t < best)) {
-        best = t;
-        best_v = v;
-      }
-    }
-    ICECACHE_CHECK(best != kNone) << "level " << lvl << " is empty";
-    return best;
+    std::vector<Cand> all;
+    ScoreLevel(x, lift, lvl, kNone, &all);
+    ICECACHE_CHECK(!all.empty()) << "level " << lvl << " is empty";
+    return all.front().tok;
   }
 
   // The build's parent search with parent_beam: each kid descends from the root cell, keeping
