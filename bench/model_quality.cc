@@ -78,6 +78,10 @@ ABSL_FLAG(std::string, rerank, "",
           "Also replay the default preset with the tail estimate (mean-var) and each of these "
           "DciOptions::rerank_extra_pages (icecache-dci-rerank<N>; 0: the default preset without "
           "re-ranking, icecache-dci-default-no-rerank).");
+ABSL_FLAG(std::string, slacks, "",
+          "Also replay the default preset with the tail estimate (mean-var) and each of these "
+          "DciOptions::cell_bound_slack of its best-first search (icecache-dci-slack<S>; 1 is "
+          "the valid bound, the default preset's is below it).");
 ABSL_FLAG(std::string, page_orders, "",
           "Also replay the default preset with the tail estimate (mean-var) and each of these "
           "page orders (DciOptions::page_order; icecache-dci-<order>-pages): projection (the "
@@ -205,6 +209,17 @@ std::vector<eval::MethodSpec> Methods() {
     rerank.tail = selection::TailMode::kMeanVariance;
     rerank.dci.rerank_extra_pages = static_cast<uint32_t>(r);
     m.insert(m.begin() + static_cast<ptrdiff_t>(at++), rerank);
+  }
+  for (double sl : ParseList(absl::GetFlag(FLAGS_slacks))) {
+    if (!(sl > 0 && sl <= 4)) {
+      Check(absl::InvalidArgumentError(absl::StrCat("--slacks: ", sl, " is not in (0, 4]")),
+            "--slacks");
+    }
+    eval::MethodSpec slack = *fast;
+    slack.name = absl::StrCat("icecache-dci-slack", sl);
+    slack.tail = selection::TailMode::kMeanVariance;
+    slack.dci.cell_bound_slack = static_cast<float>(sl);
+    m.insert(m.begin() + static_cast<ptrdiff_t>(at++), slack);
   }
   for (absl::string_view order :
        absl::StrSplit(absl::GetFlag(FLAGS_page_orders), ',', absl::SkipEmpty())) {
