@@ -26,25 +26,30 @@ import numpy as np
 
 
 def read_trace(path):
-    buf = open(path, "rb").read()
-    if buf[:8] != b"ICTRACE1":
+    try:
+        buf = open(path, "rb").read()
+    except OSError as e:
+        raise SystemExit(f"{path}: {e.strerror}")
+    if len(buf) < 64 or buf[:8] != b"ICTRACE1":
         raise SystemExit(f"{path}: not an ICTRACE1 file")
     h = np.frombuffer(buf, np.uint32, 10, 8)
-    _, layers, kv_heads, q_heads, dim, n, nq, dtype, flags, dlen = (int(x) for x in h)
+    version, layers, kv_heads, q_heads, dim, n, nq, dtype, flags, dlen = (int(x) for x in h)
+    if version != 1 or dtype not in (0, 1) or kv_heads == 0 or q_heads % kv_heads or nq == 0:
+        raise SystemExit(f"{path}: unsupported header (version {version}, kv dtype {dtype}; "
+                         "this script reads version 1 with fp32 or fp16 keys)")
     pad = lambda x: (x + 63) // 64 * 64
+    es = 4 if dtype == 0 else 2
+    kv = layers * kv_heads * n * dim
+    need = 64 + pad(dlen) + pad(4 * nq) + pad(kv * es) * (2 if flags & 1 else 1) + 4 * layers * q_heads * nq * dim
+    if len(buf) < need:
+        raise SystemExit(f"{path}: truncated ({len(buf)} bytes, the header describes {need})")
     off = 64 + pad(dlen)
     pos = np.frombuffer(buf, np.uint32, nq, off)
     off += pad(4 * nq)
-    kd = {0: np.float32, 1: np.float16, 2: None}[dtype]
-    if kd is None:
-        raise SystemExit("bf16 traces are not read by this script")
-    es = np.dtype(kd).itemsize
-    keys = np.frombuffer(buf, kd, layers * kv_heads * n * dim, off).reshape(layers, kv_heads, n, dim)
-    off += pad(layers * kv_heads * n * dim * es)
-    if flags & 1:
-        off += pad(layers * kv_heads * n * dim * es)
+    keys = np.frombuffer(buf, np.float32 if dtype == 0 else np.float16, kv, off)
+    off += pad(kv * es) * (2 if flags & 1 else 1)
     queries = np.frombuffer(buf, np.float32, layers * q_heads * nq * dim, off)
-    return pos, keys, queries.reshape(layers, q_heads, nq, dim)
+    return pos, keys.reshape(layers, kv_heads, n, dim), queries.reshape(layers, q_heads, nq, dim)
 
 
 def main():
@@ -57,6 +62,8 @@ def main():
     ap.add_argument("--query_step", type=int, default=4)
     ap.add_argument("--out", default="bench/results/bound_pruning")
     a = ap.parse_args()
+    if min(a.spacing) < 1 or a.rescore < 1 or a.layer_step < 1 or a.query_step < 1:
+        ap.error("--spacing, --rescore, --layer_step and --query_step must be at least 1")
     os.makedirs(a.out, exist_ok=True)
     rows = []
     for path in a.traces:
@@ -65,6 +72,8 @@ def main():
         layers, kv_heads, _, dim = keys.shape
         group = queries.shape[1] // kv_heads
         n = int(pos[0])  # the keys every query sees
+        if n < a.rescore:
+            raise SystemExit(f"{path}: {n} keys before the first query, fewer than --rescore {a.rescore}")
         for spacing in a.spacing:
             ms = [m for m in (8, 16, dim) if m <= dim]
             for layer in range(a.first_layer, layers, a.layer_step):
