@@ -121,8 +121,8 @@ def main():
         w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
         w.writeheader()
         w.writerows(rows)
-    print("\n| trace | keys per cell | " + " | ".join(sorted({r['bound'] for r in rows}, key=lambda s: (len(s), s))) + " |")
     bounds = sorted({r["bound"] for r in rows}, key=lambda s: (len(s), s))
+    print("\n| trace | keys per cell | " + " | ".join(bounds) + " |")
     for name in dict.fromkeys(r["trace"] for r in rows):
         for spacing in a.spacing:
             sel = [r for r in rows if r["trace"] == name and r["spacing"] == spacing]
