@@ -983,7 +983,9 @@ struct SketchAvx512Vnni {
 };
 
 // ---------------------------------------------------------------- AVX-512 float dots
-// The AVX2 multi-query kernel, 16 lanes wide (the scan's and the rescoring's kernel).
+// The AVX-512 float dots: the scan's, the rescoring's and the tail estimate's kernels. Several
+// queries go four rows at a time (DotFourRowsMultiAvx512T); one query four rows at a time
+// with single rows at the end (DotFourRowsAvx512T, DotRowMultiAvx512T).
 template <ElemType kType>
 ICECACHE_AVX512 inline __m512 Load16(const void* row, uint32_t i) {
   if constexpr (kType == ElemType::kF32) {
@@ -1044,31 +1046,93 @@ ICECACHE_AVX512 inline void DotFourRowsAvx512T(const float* x, const void* const
                  dim, out);
 }
 
+// NQ queries (1..4) against four rows: 4 x NQ independent accumulator chains over one load of
+// each row chunk, then per query FinishFourRows' joint reduction of the four rows (where the
+// one-row kernel reduces every (row, query) pair alone). A row's lanes never mix with another
+// row's, so its result depends on the row and the query only, not on the rows beside it.
+template <ElemType kType, int NQ>
+ICECACHE_AVX512 inline void DotFourRowsMultiAvx512T(const float* xs, const void* const* row,
+                                                    uint32_t dim, float* out, uint32_t out_stride) {
+  __m512 a[NQ][4];
+  for (int j = 0; j < NQ; ++j) a[j][0] = a[j][1] = a[j][2] = a[j][3] = _mm512_setzero_ps();
+  uint32_t i = 0;
+  for (; i + 16 <= dim; i += 16) {
+    const __m512 r0 = Load16<kType>(row[0], i), r1 = Load16<kType>(row[1], i);
+    const __m512 r2 = Load16<kType>(row[2], i), r3 = Load16<kType>(row[3], i);
+    for (int j = 0; j < NQ; ++j) {
+      const __m512 q = _mm512_loadu_ps(xs + uint64_t(j) * dim + i);
+      a[j][0] = _mm512_fmadd_ps(q, r0, a[j][0]);
+      a[j][1] = _mm512_fmadd_ps(q, r1, a[j][1]);
+      a[j][2] = _mm512_fmadd_ps(q, r2, a[j][2]);
+      a[j][3] = _mm512_fmadd_ps(q, r3, a[j][3]);
+    }
+  }
+  for (int j = 0; j < NQ; ++j) {
+    FinishFourRows(FoldAvx512(a[j][0]), FoldAvx512(a[j][1]), FoldAvx512(a[j][2]),
+                   FoldAvx512(a[j][3]), xs + uint64_t(j) * dim, row, kType, i, dim,
+                   out + uint64_t(j) * out_stride);
+  }
+}
+
+// Several queries (2..8) against four rows, in groups of at most four queries (the rows stay in
+// L1 between the groups).
+template <ElemType kType, int NQ>
+ICECACHE_AVX512 inline void DotFourRowsGroupsAvx512T(const float* xs, const void* const* row,
+                                                     uint32_t dim, float* out,
+                                                     uint32_t out_stride) {
+  if constexpr (NQ <= 4) {
+    DotFourRowsMultiAvx512T<kType, NQ>(xs, row, dim, out, out_stride);
+  } else {
+    DotFourRowsMultiAvx512T<kType, 4>(xs, row, dim, out, out_stride);
+    DotFourRowsMultiAvx512T<kType, NQ - 4>(xs + uint64_t{4} * dim, row, dim,
+                                           out + uint64_t{4} * out_stride, out_stride);
+  }
+}
+
 template <ElemType kType, int NQ>
 ICECACHE_AVX512 void DotRowsMultiAvx512T(const float* xs, const uint8_t* base, uint64_t stride,
                                          const void* const* rows, uint32_t n, uint32_t dim,
                                          float* out, uint32_t out_stride) {
-  uint32_t r = 0;
-  if constexpr (NQ == 1) {
-    for (; r + 4 <= n; r += 4) {
+  auto row_at = [&](uint32_t r) -> const void* {
+    return rows != nullptr ? rows[r] : base + r * stride;
+  };
+  auto prefetch_after = [&](uint32_t r) {  // gathered rows: the next block's
+    if (rows == nullptr) return;
+    for (uint32_t k = r + 4; k < std::min(n, r + 8); ++k) {
+      _mm_prefetch(static_cast<const char*>(rows[k]), _MM_HINT_T0);
+    }
+  };
+  if constexpr (NQ > 1) {
+    // Blocks of four rows; the last 1-3 rows padded with repeats of the last one (their
+    // results dropped), so that every row goes through the same reduction.
+    float last[NQ * 4];
+    for (uint32_t r = 0; r < n; r += 4) {
+      const uint32_t m = std::min<uint32_t>(4, n - r);
       const void* four[4];
-      for (int k = 0; k < 4; ++k) {
-        four[k] = rows != nullptr ? rows[r + k] : base + (r + k) * stride;
+      for (uint32_t k = 0; k < 4; ++k) four[k] = row_at(r + std::min(k, m - 1));
+      prefetch_after(r);
+      if (m == 4) {
+        DotFourRowsGroupsAvx512T<kType, NQ>(xs, four, dim, out + r, out_stride);
+        continue;
       }
-      if (rows != nullptr) {
-        for (uint32_t k = r + 4; k < std::min(n, r + 8); ++k) {
-          _mm_prefetch(static_cast<const char*>(rows[k]), _MM_HINT_T0);
-        }
+      DotFourRowsGroupsAvx512T<kType, NQ>(xs, four, dim, last, 4);
+      for (int j = 0; j < NQ; ++j) {
+        for (uint32_t k = 0; k < m; ++k) out[uint64_t(j) * out_stride + r + k] = last[j * 4 + k];
       }
+    }
+  } else {
+    uint32_t r = 0;
+    for (; r + 4 <= n; r += 4) {
+      const void* four[4] = {row_at(r), row_at(r + 1), row_at(r + 2), row_at(r + 3)};
+      prefetch_after(r);
       DotFourRowsAvx512T<kType>(xs, four, dim, out + r);
     }
-  }
-  for (; r < n; ++r) {
-    const void* row = rows != nullptr ? rows[r] : base + r * stride;
-    if (rows != nullptr && r + 2 < n) {
-      _mm_prefetch(static_cast<const char*>(rows[r + 2]), _MM_HINT_T0);
+    for (; r < n; ++r) {
+      if (rows != nullptr && r + 2 < n) {
+        _mm_prefetch(static_cast<const char*>(rows[r + 2]), _MM_HINT_T0);
+      }
+      DotRowMultiAvx512T<kType, 1>(xs, row_at(r), dim, out + r, out_stride);
     }
-    DotRowMultiAvx512T<kType, NQ>(xs, row, dim, out + r, out_stride);
   }
 }
 
@@ -1076,8 +1140,12 @@ template <ElemType kType>
 ICECACHE_AVX512 void DotMultiAvx512T(const float* xs, uint32_t nq, const uint8_t* base,
                                      uint64_t stride, const void* const* rows, uint32_t n,
                                      uint32_t dim, float* out, uint32_t out_stride) {
-  for (uint32_t q0 = 0; q0 < nq; q0 += 8) {
-    const uint32_t m = std::min<uint32_t>(8, nq - q0);
+  // Chunks of at most 8 queries, none of 1 when nq > 1 (a lone query would take the
+  // single-query kernel, whose reduction differs from the four-row multi-query one's).
+  uint32_t m = 0;
+  for (uint32_t q0 = 0; q0 < nq; q0 += m) {
+    m = std::min<uint32_t>(8, nq - q0);
+    if (nq - q0 - m == 1) --m;
     const float* x = xs + uint64_t{q0} * dim;
     float* o = out + uint64_t{q0} * out_stride;
     switch (m) {

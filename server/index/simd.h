@@ -48,7 +48,8 @@ void DotGather(const float* x, const void* const* rows, uint32_t n, ElemType typ
                float* out);
 // Several queries against the same rows, each row read once: out[j * out_stride + i] =
 // xs[j * dim ..] . row_i for queries j in [0, nq) and rows i in [0, n). Rows at a fixed
-// stride (a page) or anywhere.
+// stride (a page) or anywhere. With nq >= 2 a row's results are the same floats wherever the
+// row sits in the call, strided or gathered, alone or among others (at every level).
 void DotStridedMulti(const float* xs, uint32_t nq, const void* base, uint64_t stride, uint32_t n,
                      ElemType type, uint32_t dim, float* out, uint32_t out_stride);
 void DotGatherMulti(const float* xs, uint32_t nq, const void* const* rows, uint32_t n,
