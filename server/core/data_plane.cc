@@ -441,7 +441,8 @@ class DataPlane::Dispatcher {
       if (c_->arena->StagingBytes(tag) == 0) {  // cannot fit even alone (never, by the promise)
         Finish(r, start,
                absl::ResourceExhaustedError(absl::StrCat(
-                   "a stage of ", r.tokens, " tokens exceeds the sequence's staging allowance")),
+                   "a stage of ", r.tokens, " tokens (", Arena::StagingFootprint(bytes),
+                   " bytes) exceeds the sequence's staging allowance of ", allowed, " bytes")),
                0);
         return true;
       }
