@@ -437,8 +437,12 @@ class DataPlane::Dispatcher {
     }
     const uint64_t tag = allowance ? allowance->tag : 0;
     const uint64_t allowed = allowance ? ShrinkAfterPrefill(**kv, allowance->charge.get()) : 0;
-    if (allowance && c_->arena->StagingBytes(tag) + Arena::StagingFootprint(bytes) > allowed) {
-      if (c_->arena->StagingBytes(tag) == 0) {  // cannot fit even alone (never, by the promise)
+    // One reading of the sequence's staged bytes decides: a prefill's pool thread frees its
+    // buffer after answering, so a second reading could find it gone and refuse as "cannot fit
+    // alone" a stage that had only to wait for that buffer (the soak test hit that window).
+    const uint64_t held = allowance ? c_->arena->StagingBytes(tag) : 0;
+    if (allowance && held + Arena::StagingFootprint(bytes) > allowed) {
+      if (held == 0) {  // cannot fit even alone (never, by the promise)
         Finish(r, start,
                absl::ResourceExhaustedError(absl::StrCat(
                    "a stage of ", r.tokens, " tokens (", Arena::StagingFootprint(bytes),
