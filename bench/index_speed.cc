@@ -69,7 +69,6 @@ ABSL_FLAG(uint32_t, first_layer, 2, "Trace: first layer (2 skips the full-KV lay
 ABSL_FLAG(std::string, search, "", "DCI option: search mode descent, exact or sketch.");
 ABSL_FLAG(std::string, slack, "", "DCI option: cell_bound_slack of the best-first search.");
 ABSL_FLAG(std::string, rescore, "", "DCI option: rescore_tokens of the sketch search.");
-ABSL_FLAG(std::string, sketch_bits, "", "DCI option: min_sketch_bits of the sketch search.");
 ABSL_FLAG(std::string, parent_beam, "", "DCI option: parent_beam of the build (0: paper's).");
 ABSL_FLAG(std::string, insert_beam, "",
           "DCI option: insert_beam, the beam of an insert's parent search (0: parent_beam).");
@@ -365,7 +364,6 @@ bool ApplyOverrides(DciOptions* dci) {
   const bool parsed =
       num(absl::GetFlag(FLAGS_slack), "slack", &dci->cell_bound_slack) &&
       num(absl::GetFlag(FLAGS_rescore), "rescore", &dci->rescore_tokens) &&
-      num(absl::GetFlag(FLAGS_sketch_bits), "sketch_bits", &dci->min_sketch_bits) &&
       num(absl::GetFlag(FLAGS_parent_beam), "parent_beam", &dci->parent_beam) &&
       num(absl::GetFlag(FLAGS_insert_beam), "insert_beam", &dci->insert_beam) &&
       num(absl::GetFlag(FLAGS_rerank), "rerank", &dci->rerank_extra_pages) &&

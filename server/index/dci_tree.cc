@@ -209,7 +209,7 @@ struct DciTree::Impl {
     clustered = o.page_order == DciOptions::PageOrder::kClustered && cell_refs &&
                 o.parent_beam > 0 && !o.page_granular_scoring;
     sketching = o.search_mode == DciOptions::SearchMode::kBestFirstSketch;
-    if (sketching) sketch = std::make_unique<ResidualSketch>(g.dim, o.seed, o.min_sketch_bits);
+    if (sketching) sketch = std::make_unique<ResidualSketch>(g.dim, o.seed);
   }
 
   // ------------------------------------------------------------------ key access

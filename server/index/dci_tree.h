@@ -132,9 +132,6 @@ struct DciOptions {
   // an estimate of the best key that opens fewer cells (the Cauchy-Schwarz term assumes the
   // worst alignment, which high-dimensional residuals almost never reach).
   float cell_bound_slack = 1.0f;
-  // kBestFirstSketch: the sketch's code length in bits at least this (0: the smallest power of
-  // two >= max(64, dim)); at most 1024.
-  uint32_t min_sketch_bits = 0;
   // kBestFirstSketch: keys per query rescored exactly (the best estimates).
   uint32_t rescore_tokens = 64;
   // Best-first modes: the best k + rerank_extra_pages pages of the search (best key per page,

@@ -12,26 +12,16 @@ namespace icecache::index {
 static_assert(ResidualSketch::kQueryMax <= kSketchLutQueryMax,
               "a fast-scan table entry (4 coordinates) must fit a byte");
 
-ResidualSketch::ResidualSketch(uint32_t dim, uint64_t seed, uint32_t min_bits) : dim_(dim) {
+ResidualSketch::ResidualSketch(uint32_t dim, uint64_t seed) : dim_(dim) {
   bits_ = 64;
   while (bits_ < dim) bits_ *= 2;
-  const uint32_t natural = bits_;
-  while (bits_ < min_bits) bits_ *= 2;
   signs_.resize(bits_);
   std::mt19937_64 rng(seed ^ 0x5ca1ab1e5eedull);
   for (float& s : signs_) s = (rng() & 1) ? 1.f : -1.f;
-  // Beyond the natural length one Hadamard round of a zero-padded vector repeats itself (rows
-  // j and j + D / 2 agree on the first half): a second round with its own signs mixes them.
-  if (bits_ > natural) {
-    signs2_.resize(bits_);
-    for (float& s : signs2_) s = (rng() & 1) ? 1.f : -1.f;
-  }
 }
 
 void ResidualSketch::Rotate(const float* x, float* y) const {
-  const float scale = 1.0f / std::sqrt(static_cast<float>(bits_));
-  SignedFwht(x, signs_.data(), dim_, bits_, scale, y);
-  if (!signs2_.empty()) SignedFwht(y, signs2_.data(), bits_, bits_, scale, y);
+  SignedFwht(x, signs_.data(), dim_, bits_, 1.0f / std::sqrt(static_cast<float>(bits_)), y);
 }
 
 float ResidualSketch::Encode(const float* e, uint8_t* code, float* scratch) const {

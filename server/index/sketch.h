@@ -24,9 +24,7 @@ namespace icecache::index {
 
 class ResidualSketch {
  public:
-  // min_bits: the code's length at least this (a power of two; 0: D as above). Longer codes of
-  // a zero-padded residual lower the estimate's error as 1 / sqrt(D) at D / 8 bytes per key.
-  ResidualSketch(uint32_t dim, uint64_t seed, uint32_t min_bits = 0);
+  ResidualSketch(uint32_t dim, uint64_t seed);
 
   uint32_t dim() const { return dim_; }
   // D: code length in bits (a multiple of 64).
@@ -54,17 +52,15 @@ class ResidualSketch {
     return fac * q.scale * static_cast<float>(2 * dots - q.sum);
   }
 
-  uint64_t MemoryBytes() const { return (signs_.capacity() + signs2_.capacity()) * sizeof(float); }
+  uint64_t MemoryBytes() const { return signs_.capacity() * sizeof(float); }
 
-  // y[bits] = P x = H (s * pad(x)) / sqrt(bits), and H (s2 * that) / sqrt(bits) again where the
-  // code is longer than D (public for tests' float64 references).
+  // y[bits] = P x = H (s * pad(x)) / sqrt(bits) (public for tests' float64 references).
   void Rotate(const float* x, float* y) const;
 
  private:
   uint32_t dim_;
   uint32_t bits_;
-  std::vector<float> signs_;   // [bits] of +-1
-  std::vector<float> signs2_;  // [bits] of +-1: a second round, only where bits exceed D
+  std::vector<float> signs_;  // [bits] of +-1
 };
 
 }  // namespace icecache::index
