@@ -170,14 +170,10 @@ struct DciTree::Impl {
   // cache instead of striding through the whole prompt. Freed when Build ends.
   std::vector<uint8_t> upper_keys;
   std::vector<uint32_t> upper_row;  // token -> row in upper_keys, or kNone
-  // parent_beam (BeamLayoutBegin): the upper tokens' keys as stored and as fp32 (converted
-  // once, exactly: a descent scores the rows of the levels above its last in fp32, which saves
-  // a conversion per element where every descent passes, and its last level's rows, the
-  // largest set and each touched by few descents, as stored, which keeps the working set
-  // small) and lifted coordinates in cell order, the token of each row, each row's children as
-  // a row range, the row of each upper token (by upper_row), the root's rows.
+  // parent_beam (BeamLayoutBegin): the upper tokens' keys and lifted coordinates in cell order,
+  // the token of each row, each row's children as a row range, the row of each upper token
+  // (by upper_row), the root's rows.
   std::vector<uint8_t> beam_rows;
-  std::vector<float> beam_rows_f32;
   std::vector<float> beam_lift;
   std::vector<uint32_t> beam_tok;
   std::vector<std::pair<uint32_t, uint32_t>> beam_child;  // [row]: its children's rows
@@ -1005,7 +1001,6 @@ struct DciTree::Impl {
   // made), so that scoring the children of a beam token is one pass over consecutive rows.
   void BeamLayoutBegin(const std::vector<uint32_t>& root_tokens) {
     beam_rows.clear();
-    beam_rows_f32.clear();
     beam_lift.clear();
     beam_tok.clear();
     beam_row_of.assign(upper_keys.size() / row_bytes, kNone);
@@ -1017,11 +1012,8 @@ struct DciTree::Impl {
   std::pair<uint32_t, uint32_t> BeamAppend(absl::Span<const uint32_t> members) {
     const uint32_t begin = static_cast<uint32_t>(beam_tok.size());
     beam_rows.resize(row_bytes * (begin + members.size()));
-    beam_rows_f32.resize(uint64_t{g.dim} * (begin + members.size()));
     for (size_t i = 0; i < members.size(); ++i) {
       std::memcpy(beam_rows.data() + row_bytes * (begin + i), KeyPtr(members[i]), row_bytes);
-      ToFloat(KeyPtr(members[i]), g.elem_type, g.dim,
-              beam_rows_f32.data() + uint64_t{g.dim} * (begin + i));
       beam_lift.push_back(Lift(members[i]));
       if (upper_row[members[i]] != kNone) beam_row_of[upper_row[members[i]]] = begin + i;
       beam_tok.push_back(members[i]);
@@ -1068,22 +1060,17 @@ struct DciTree::Impl {
         scores.resize(n);
         rows.resize(n);
         ptrs.resize(n);
-        // The last level's rows as stored, the others' as their exact fp32 copies: the same
-        // scores either way (each level's kernel sums the same products in the same order).
-        const bool last = lvl == l + 1;
         uint32_t at = 0;
         for (const auto& [b, e] : ranges) {
           for (uint32_t r = b; r < e; ++r) {
-            ptrs[at] = last ? static_cast<const void*>(beam_rows.data() + row_bytes * r)
-                            : static_cast<const void*>(beam_rows_f32.data() + uint64_t{g.dim} * r);
+            ptrs[at] = beam_rows.data() + row_bytes * r;
             rows[at++] = r;
           }
         }
         // One gather over every range of the level (the ranges are a few rows each).
-        DotGather(x.data(), ptrs.data(), n, last ? g.elem_type : ElemType::kF32, g.dim,
-                  scores.data());
+        DotGather(x.data(), ptrs.data(), n, g.elem_type, g.dim, scores.data());
         for (uint32_t j = 0; j < n; ++j) scores[j] += lift * beam_lift[rows[j]];
-        if (last) {
+        if (lvl == l + 1) {
           uint32_t best = 0;
           for (uint32_t j = 1; j < n; ++j) {
             if (better(scores[j], rows[j], scores[best], rows[best])) best = j;
@@ -1302,7 +1289,6 @@ struct DciTree::Impl {
     std::vector<uint8_t>().swap(upper_keys);
     std::vector<uint32_t>().swap(upper_row);
     std::vector<uint8_t>().swap(beam_rows);
-    std::vector<float>().swap(beam_rows_f32);
     std::vector<float>().swap(beam_lift);
     std::vector<uint32_t>().swap(beam_tok);
     std::vector<std::pair<uint32_t, uint32_t>>().swap(beam_child);
