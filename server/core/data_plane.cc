@@ -19,6 +19,7 @@
 #include <functional>
 #include <optional>
 
+#include "absl/cleanup/cleanup.h"
 #include "absl/container/flat_hash_map.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
@@ -155,6 +156,16 @@ struct DataPlane::Client final : public SegmentListener {
   void BeginOp() {
     absl::MutexLock lock(&mu);
     ++in_flight;
+  }
+  // BeginOp unless the reaper has started on this client: the reaper marks it dead, then
+  // waits for in_flight to reach 0 and drops the sequences it owns, so an operation begun
+  // here is over before that drop (and whatever it created is dropped with the rest), and
+  // none begins after it. Both are decided under mu, as the reaper's wait is.
+  bool TryBeginOp() {
+    absl::MutexLock lock(&mu);
+    if (dead.load()) return false;
+    ++in_flight;
+    return true;
   }
   void EndOp() {
     absl::MutexLock lock(&mu);
@@ -1316,14 +1327,16 @@ void DataPlane::ReaperLoop() {
 }
 
 uint32_t DataPlane::DispatchForTesting(absl::string_view token) {
-  std::shared_ptr<Client> c;
+  // The dispatcher is copied while the client is still listed: the reaper resets the client's
+  // `manual` only after Detach has unlisted it (under mu_), so the copy comes first.
+  std::shared_ptr<Dispatcher> manual;
   {
     absl::MutexLock lock(&mu_);
     auto it = by_token_.find(token);
     if (it == by_token_.end() || it->second->manual == nullptr) return 0;
-    c = it->second;
+    manual = it->second->manual;
   }
-  return c->manual->Pass();
+  return manual->Pass();
 }
 
 absl::StatusOr<uid_t> DataPlane::TokenUid(absl::string_view token) const {
@@ -1360,21 +1373,39 @@ absl::StatusOr<Caller> DataPlane::Authenticate(absl::string_view token) const {
   return Caller{it->second->id, it->second->is_operator};
 }
 
+absl::StatusOr<std::shared_ptr<DataPlane::Client>> DataPlane::ClaimClient(
+    const Caller& caller, absl::string_view what) const {
+  std::shared_ptr<Client> client;
+  {
+    absl::MutexLock lock(&mu_);
+    for (const auto& [token, c] : by_token_) {
+      if (c->id == caller.client_id && !c->is_operator) client = c;
+    }
+  }
+  if (client == nullptr) {
+    return absl::UnauthenticatedError(
+        absl::StrCat(what, " needs a client attachment (operators cannot own sequences)"));
+  }
+  if (create_hook_for_testing_) create_hook_for_testing_(false);
+  // A client found above can be detached and reaped before this call creates anything; the
+  // claim makes the reaper wait for it, or refuses the call once the reaper has started.
+  if (!client->TryBeginOp()) {
+    return absl::UnauthenticatedError(
+        absl::StrCat(what, ": the client's attachment is being detached"));
+  }
+  if (create_hook_for_testing_) create_hook_for_testing_(true);
+  return client;
+}
+
 absl::StatusOr<SequenceInfo> DataPlane::CreateSequence(const Caller& caller,
                                                        const GeometrySpec& spec,
                                                        const std::string& label) {
   if (draining_.load()) return absl::UnavailableError("icecached is shutting down");
-  std::shared_ptr<Arena> arena;
-  {
-    absl::MutexLock lock(&mu_);
-    for (const auto& [token, c] : by_token_) {
-      if (c->id == caller.client_id && !c->is_operator) arena = c->arena;
-    }
-  }
-  if (arena == nullptr) {
-    return absl::UnauthenticatedError(
-        "creating a sequence needs a client attachment (operators cannot own sequences)");
-  }
+  absl::StatusOr<std::shared_ptr<Client>> client = ClaimClient(caller, "creating a sequence");
+  if (!client.ok()) return client.status();
+  const std::shared_ptr<Client> claimed = *std::move(client);
+  const absl::Cleanup end_op = [&claimed] { claimed->EndOp(); };
+  const std::shared_ptr<Arena> arena = claimed->arena;
   SequenceRegistry::CreateOptions o;
   o.owner = caller.client_id;
   o.max_owned = options_.max_sequences_per_client;
@@ -1427,16 +1458,11 @@ absl::StatusOr<SequenceInfo> DataPlane::RestoreSequence(
     const std::string& previous_handle, const std::vector<SequenceKv::LayerJournal>& layers,
     bool last) {
   if (draining_.load()) return absl::UnavailableError("icecached is shutting down");
-  std::shared_ptr<Client> client;
-  {
-    absl::MutexLock lock(&mu_);
-    for (const auto& [token, c] : by_token_) {
-      if (c->id == caller.client_id && !c->is_operator) client = c;
-    }
-  }
-  if (client == nullptr) {
-    return absl::UnauthenticatedError("restoring a sequence needs a client attachment");
-  }
+  // Claimed for the whole restore: a detach meanwhile drops the restored sequence after it.
+  absl::StatusOr<std::shared_ptr<Client>> claimed = ClaimClient(caller, "restoring a sequence");
+  if (!claimed.ok()) return claimed.status();
+  const std::shared_ptr<Client> client = *std::move(claimed);
+  const absl::Cleanup end_op = [&client] { client->EndOp(); };
   if (!SequenceRegistry::IsWellFormedHandle(previous_handle)) {
     return absl::InvalidArgumentError(
         absl::StrCat("previous_handle \"", previous_handle.substr(0, 64), "\" is not a handle"));

@@ -26,6 +26,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <thread>
@@ -169,6 +170,12 @@ class DataPlane {
   uint32_t DispatchForTesting(absl::string_view token);
   // What a sequence of geometry `g` is promised (for tests and GetConfig).
   SequencePromise PromiseFor(const Geometry& g) { return promises_.For(g); }
+  // Tests: called by CreateSequence (and RestoreSequence) on the caller's thread once it has
+  // found the caller's attachment, with false before it claims it and with true after (to run
+  // a detach at either point). Set before any CreateSequence runs.
+  void SetCreateSequenceHookForTesting(std::function<void(bool claimed)> hook) {
+    create_hook_for_testing_ = std::move(hook);
+  }
 
  private:
   struct Client;
@@ -187,7 +194,14 @@ class DataPlane {
   void Detach(std::shared_ptr<Client> client);
   std::shared_ptr<Client> FindByFd(int fd) const;
 
+  // The caller's client attachment, claimed (BeginOp) so that the reaper drops what the
+  // caller creates with it: UNAUTHENTICATED when the caller has none (operators), or when it
+  // is being detached.
+  absl::StatusOr<std::shared_ptr<Client>> ClaimClient(const Caller& caller,
+                                                      absl::string_view what) const;
+
   const DataPlaneOptions options_;
+  std::function<void(bool)> create_hook_for_testing_;
   SequenceRegistry* const registry_;
   MemoryAccountant* const memory_;  // --memory-limit: promises and arenas, every client
   ThreadPool* const pool_;

@@ -603,12 +603,19 @@ absl::StatusOr<uint32_t> SequenceKv::Select(uint32_t layer, const float* queries
     }
     std::vector<float> q(queries, queries + uint64_t{geometry_.num_q_heads} * d);
     const uint64_t epoch = L.epoch;
-    pool_->Schedule(
-        [this, layer, q = std::move(q), picked = std::move(picked_pages), epoch]() mutable {
-          SampleRecall(layer, std::move(q), std::move(picked), epoch);
-          absl::MutexLock samples(&samples_mu_);
-          --samples_in_flight_;
-        });
+    // The sample holds the sequence (when a shared_ptr owns it): a select's last reference
+    // can be dropped on a pool worker (a select queued behind an append whose sequence was
+    // dropped meanwhile), and a destructor there waiting for this sample, queued on the same
+    // pool, would wait for good when every worker is so taken (one worker: at once).
+    pool_->Schedule([this, self = weak_from_this().lock(), layer, q = std::move(q),
+                     picked = std::move(picked_pages), epoch]() mutable {
+      SampleRecall(layer, std::move(q), std::move(picked), epoch);
+      {
+        absl::MutexLock samples(&samples_mu_);
+        --samples_in_flight_;
+      }
+      self.reset();  // may run the destructor, which then has no sample to wait for
+    });
   }
   return k;
 }

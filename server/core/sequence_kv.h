@@ -49,7 +49,10 @@ class KvObserver {
   virtual void OnRecallSample(double recall) = 0;
 };
 
-class SequenceKv {
+// Owned by a shared_ptr (as the daemon owns it), a sequence's recall samples keep it alive
+// until they have run, so the last reference may go anywhere, a pool worker included;
+// otherwise its destructor waits for them (never let such a one go on a pool worker).
+class SequenceKv : public std::enable_shared_from_this<SequenceKv> {
  public:
   enum class LayerState : uint8_t { kEmpty, kBuilding, kReady, kFailed };
 

@@ -151,18 +151,23 @@ void SequenceRegistry::Release(const SequenceInfo& info) {
 absl::StatusOr<SequenceInfo> SequenceRegistry::Get(absl::string_view handle,
                                                    const Caller& caller) const {
   if (!IsWellFormedHandle(handle)) return MalformedHandle("handle", handle);
-  absl::MutexLock lock(&mu_);
-  auto it = sequences_.find(handle);
-  if (it == sequences_.end() || !Visible(it->second, caller)) {
-    return absl::NotFoundError(absl::StrCat("no sequence ", handle));
+  SequenceInfo out;
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = sequences_.find(handle);
+    if (it == sequences_.end() || !Visible(it->second, caller)) {
+      return absl::NotFoundError(absl::StrCat("no sequence ", handle));
+    }
+    out = it->second;
   }
-  return WithTokens(it->second);
+  CountTokens(&out);
+  return out;
 }
 
-SequenceInfo SequenceRegistry::WithTokens(const SequenceInfo& info) const {
-  SequenceInfo out = info;
-  if (info.kv != nullptr) out.num_tokens = info.kv->tokens(info.geometry.full_kv_layers);
-  return out;
+// Outside mu_: the count waits for an append in progress on the layer (its lock), and every
+// client's requests find their sequence through mu_.
+void SequenceRegistry::CountTokens(SequenceInfo* info) {
+  if (info->kv != nullptr) info->num_tokens = info->kv->tokens(info->geometry.full_kv_layers);
 }
 
 uint64_t SequenceRegistry::DropOwnedBy(uint64_t owner) {
@@ -195,14 +200,17 @@ absl::StatusOr<SequencePage> SequenceRegistry::List(uint32_t page_size,
   }
   const uint32_t limit = page_size == 0 ? kDefaultListPageSize : page_size;
   SequencePage page;
-  absl::MutexLock lock(&mu_);
-  for (const auto& [h, info] : sequences_) page.total_size += Visible(info, caller) ? 1 : 0;
-  auto it = page_token.empty() ? sequences_.begin() : sequences_.upper_bound(page_token);
-  for (; it != sequences_.end() && page.sequences.size() < limit; ++it) {
-    if (Visible(it->second, caller)) page.sequences.push_back(WithTokens(it->second));
+  {
+    absl::MutexLock lock(&mu_);
+    for (const auto& [h, info] : sequences_) page.total_size += Visible(info, caller) ? 1 : 0;
+    auto it = page_token.empty() ? sequences_.begin() : sequences_.upper_bound(page_token);
+    for (; it != sequences_.end() && page.sequences.size() < limit; ++it) {
+      if (Visible(it->second, caller)) page.sequences.push_back(it->second);
+    }
+    while (it != sequences_.end() && !Visible(it->second, caller)) ++it;
+    if (it != sequences_.end()) page.next_page_token = page.sequences.back().handle;
   }
-  while (it != sequences_.end() && !Visible(it->second, caller)) ++it;
-  if (it != sequences_.end()) page.next_page_token = page.sequences.back().handle;
+  for (SequenceInfo& info : page.sequences) CountTokens(&info);
   return page;
 }
 

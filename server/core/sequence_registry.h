@@ -140,7 +140,8 @@ class SequenceRegistry {
   static bool Visible(const SequenceInfo& info, const Caller& caller) {
     return caller.is_operator || info.owner == caller.client_id;
   }
-  SequenceInfo WithTokens(const SequenceInfo& info) const;
+  // Sets num_tokens from the stored KV. Never under mu_ (it may wait for an append).
+  static void CountTokens(SequenceInfo* info);
   // Returns a dropped sequence's memory (its release, or the accountant's bytes).
   void Release(const SequenceInfo& info);
 

@@ -2,11 +2,16 @@
 
 #include <atomic>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <numeric>
 
 #include "absl/synchronization/notification.h"
+#include "absl/time/clock.h"
 #include "common/half.h"
+#include "common/thread_pool.h"
 #include "eval/synthetic.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -211,6 +216,44 @@ TEST_F(SequenceKvTest, RecallSamplesScoreTheReturnedPages) {
     EXPECT_LE(observer_.recalls[i], 1.0 + 1e-9);
   }
   for (int i = 4; i < 8; ++i) EXPECT_NEAR(observer_.recalls[i], 1.0, 1e-6);
+}
+
+// A select's last reference can go on a pool worker (the daemon runs a select queued behind
+// an append there, and the client may drop the sequence meanwhile). With a recall sample
+// queued behind it on the same pool, the destructor must not wait for that sample: on a pool
+// of one worker it would wait for good. Here the only worker runs the select and drops the
+// only reference; the sample then runs, reports, and frees the sequence.
+TEST_F(SequenceKvTest, ALastReferenceDroppedOnAPoolWorkerDoesNotWaitForItsQueuedSample) {
+  ThreadPool one(1);
+  auto kv = std::make_shared<SequenceKv>(geometry_, *selection::Preset(selection::kPaperPreset),
+                                         arena_, &one, &observer_);
+  std::vector<uint8_t> p = Staged(1, 0, 500);
+  ASSERT_OK(kv->Prefill(1, p.data(), p.data() + p.size() / 2, 500, 0));
+  ASSERT_GT(arena_->frames_in_use(), 0u);
+  const std::vector<float> q = Queries(1, 1);
+  absl::Notification dropped;
+  std::atomic<bool> selected{false};
+  one.Schedule([kv = std::move(kv), &q, &dropped, &selected]() mutable {
+    std::vector<abi::SelectedPageRef> out;
+    selected = kv->Select(1, q.data(), 0, &out, /*sample_recall=*/true).ok();
+    kv.reset();  // the last reference, on the only worker, the sample queued behind this task
+    dropped.Notify();
+  });
+  if (!dropped.WaitForNotificationWithTimeout(absl::Seconds(30))) {
+    // The worker is stuck in the destructor for good: nothing here can end cleanly.
+    std::fprintf(stderr, "FAILED: the destructor waits on the pool's only worker\n");
+    std::_Exit(1);
+  }
+  EXPECT_TRUE(selected.load());
+  const absl::Time until = absl::Now() + absl::Seconds(30);
+  while (arena_->frames_in_use() != 0 && absl::Now() < until) absl::SleepFor(absl::Milliseconds(1));
+  EXPECT_EQ(arena_->frames_in_use(), 0u);  // the sample's reference was the last
+  absl::MutexLock lock(&observer_.mu);
+  ASSERT_EQ(observer_.recalls.size(), 4u);  // the sample ran: one recall per query head
+  for (double r : observer_.recalls) {
+    EXPECT_GT(r, 0.0);
+    EXPECT_LE(r, 1.0 + 1e-9);
+  }
 }
 
 TEST_F(SequenceKvTest, DestructionReturnsEveryFrame) {
