@@ -3,11 +3,11 @@
 # client) built the same way (clang, no CUDA):
 #   --asan  AddressSanitizer + UndefinedBehaviorSanitizer: the unit and integration tests
 #           (ctest -L "unit|integration", without the deployment checks and the format check);
-#   --tsan  ThreadSanitizer: the data plane, security, client-integration, client and core
-#           tests (Abseil's mutexes made visible by tests/tsan_absl_sync.cc, tests/tsan.supp).
+#   --tsan  ThreadSanitizer: the data plane (and its reaper), security, client-integration,
+#           client and core tests (Abseil's mutexes: tests/tsan_absl_sync.cc, tests/tsan.supp).
 #   --ci    CI's subsets (.ci/run, docs/testing.md): ASan builds and runs only the data plane,
-#           security, daemon, core, client and common tests (the fuzz targets share its tree),
-#           TSan only the data plane, client and core tests.
+#           data plane reaper, security, daemon, core, client and common tests (the fuzz
+#           targets share its tree), TSan only the data plane, reaper, client and core tests.
 # Default: both. --configure-only configures the ASan tree (shared with scripts/fuzz.sh).
 # Build trees: ${ICECACHE_BUILD_DIR:-build}-asan and -tsan, -O1 with line tables only (stacks
 # keep file:line). A sanitizer report fails the run, also one of a process a test started
@@ -119,7 +119,7 @@ if ((do_asan)); then
   export UBSAN_OPTIONS="print_stacktrace=1:log_path=$reports/ubsan"
   if ((ci)); then
     tests=(daemon_integration_test data_plane_integration_test security_integration_test
-           core_test client_test common_test)
+           core_test data_plane_reap_test client_test common_test)
     build "$asan_dir" "${tests[@]}"
     echo "sanitize.sh: ASan+UBSan: ${tests[*]}"
     run_binaries "$asan_dir" "${tests[@]}" || status=1
@@ -140,10 +140,10 @@ if ((do_tsan)); then
   shim_option="$(tsan_shim "$tsan_dir")"
   configure "$tsan_dir" "thread" "$shim_option"
   if ((ci)); then
-    tests=(data_plane_integration_test client_test core_test)
+    tests=(data_plane_integration_test client_test core_test data_plane_reap_test)
   else
     tests=(data_plane_integration_test security_integration_test client_integration_test
-           client_test core_test)
+           client_test core_test data_plane_reap_test)
   fi
   build "$tsan_dir" "${tests[@]}" icecached icecache_test_client icecache_cli
   echo "sanitize.sh: TSan: ${tests[*]}"
