@@ -486,8 +486,17 @@ class DataPlane::Dispatcher {
         built = kv.layer_state(l) == SequenceKv::LayerState::kReady;
       }
       if (built) {
-        const SequencePromise after = dp_->promises_.AfterPrefill(g, charge->promise, kv.pages(),
-                                                                  kv.tokens(g.full_kv_layers));
+        // The tokens still to come are counted from the layer furthest behind (in a pipelined
+        // decode the later layers trail the first by up to a window page), and the pages held
+        // are read after the counts: an append that lands in between then adds pages to the
+        // count rather than tokens the pages miss. Either way the promise errs on the large side.
+        uint64_t tokens = UINT64_MAX;
+        for (uint32_t l = g.full_kv_layers; l < g.num_layers; ++l) {
+          tokens = std::min(tokens, kv.tokens(l));
+        }
+        const uint64_t pages = kv.pages();
+        const SequencePromise after =
+            dp_->promises_.AfterPrefill(g, charge->promise, pages, tokens);
         c_->arena->budget()->Unpromise(charge->promise.arena() - after.arena(),
                                        charge->promise.heap - after.heap);
         charge->promise = after;

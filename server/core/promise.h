@@ -52,7 +52,7 @@ class PromiseCalculator {
 
   SequencePromise For(const Geometry& g);
   // The promise of a sequence whose offloaded layers are all built, holding `pages_held`
-  // frames and `tokens` tokens per layer: never above `before` in any part.
+  // frames and at least `tokens` tokens in each layer: never above `before` in any part.
   SequencePromise AfterPrefill(const Geometry& g, const SequencePromise& before,
                                uint64_t pages_held, uint64_t tokens) const;
 
