@@ -486,8 +486,8 @@ class DataPlane::Dispatcher {
         built = kv.layer_state(l) == SequenceKv::LayerState::kReady;
       }
       if (built) {
-        // The tokens still to come are counted from the layer furthest behind (in a pipelined
-        // decode the later layers trail the first by up to a window page), and the pages held
+        // The tokens still to come are counted from the layer furthest behind (the layers'
+        // appends run in their own queues, so a later one can trail), and the pages held
         // are read after the counts: an append that lands in between then adds pages to the
         // count rather than tokens the pages miss. Either way the promise errs on the large side.
         uint64_t tokens = UINT64_MAX;
