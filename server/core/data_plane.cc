@@ -1382,15 +1382,17 @@ absl::StatusOr<Caller> DataPlane::Authenticate(absl::string_view token) const {
   return Caller{it->second->id, it->second->is_operator};
 }
 
+std::shared_ptr<DataPlane::Client> DataPlane::FindClient(const Caller& caller) const {
+  absl::MutexLock lock(&mu_);
+  for (const auto& [token, c] : by_token_) {
+    if (c->id == caller.client_id && !c->is_operator) return c;
+  }
+  return nullptr;
+}
+
 absl::StatusOr<std::shared_ptr<DataPlane::Client>> DataPlane::ClaimClient(
     const Caller& caller, absl::string_view what) const {
-  std::shared_ptr<Client> client;
-  {
-    absl::MutexLock lock(&mu_);
-    for (const auto& [token, c] : by_token_) {
-      if (c->id == caller.client_id && !c->is_operator) client = c;
-    }
-  }
+  std::shared_ptr<Client> client = FindClient(caller);
   if (client == nullptr) {
     return absl::UnauthenticatedError(
         absl::StrCat(what, " needs a client attachment (operators cannot own sequences)"));
@@ -1467,11 +1469,13 @@ absl::StatusOr<SequenceInfo> DataPlane::RestoreSequence(
     const std::string& previous_handle, const std::vector<SequenceKv::LayerJournal>& layers,
     bool last) {
   if (draining_.load()) return absl::UnavailableError("icecached is shutting down");
-  // Claimed for the whole restore: a detach meanwhile drops the restored sequence after it.
-  absl::StatusOr<std::shared_ptr<Client>> claimed = ClaimClient(caller, "restoring a sequence");
-  if (!claimed.ok()) return claimed.status();
-  const std::shared_ptr<Client> client = *std::move(claimed);
-  const absl::Cleanup end_op = [&client] { client->EndOp(); };
+  // Not claimed here: CreateSequence below claims the client for the sequence's creation, and
+  // a detach after it drops the sequence while the restore goes on (a restore can take
+  // seconds, which the reaper, shared by every client, does not wait for).
+  const std::shared_ptr<Client> client = FindClient(caller);
+  if (client == nullptr) {
+    return absl::UnauthenticatedError("restoring a sequence needs a client attachment");
+  }
   if (!SequenceRegistry::IsWellFormedHandle(previous_handle)) {
     return absl::InvalidArgumentError(
         absl::StrCat("previous_handle \"", previous_handle.substr(0, 64), "\" is not a handle"));

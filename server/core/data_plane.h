@@ -170,7 +170,7 @@ class DataPlane {
   uint32_t DispatchForTesting(absl::string_view token);
   // What a sequence of geometry `g` is promised (for tests and GetConfig).
   SequencePromise PromiseFor(const Geometry& g) { return promises_.For(g); }
-  // Tests: called by CreateSequence (and RestoreSequence) on the caller's thread once it has
+  // Tests: called by CreateSequence (and so RestoreSequence) on the caller's thread once it has
   // found the caller's attachment, with false before it claims it and with true after (to run
   // a detach at either point). Set before any CreateSequence runs.
   void SetCreateSequenceHookForTesting(std::function<void(bool claimed)> hook) {
@@ -194,6 +194,8 @@ class DataPlane {
   void Detach(std::shared_ptr<Client> client);
   std::shared_ptr<Client> FindByFd(int fd) const;
 
+  // The caller's client attachment (listed, not claimed), or null: none or an operator's.
+  std::shared_ptr<Client> FindClient(const Caller& caller) const;
   // The caller's client attachment, claimed (BeginOp) so that the reaper drops what the
   // caller creates with it: UNAUTHENTICATED when the caller has none (operators), or when it
   // is being detached.
