@@ -21,6 +21,7 @@
 #include "server/core/data_plane.h"
 #include "server/core/memory_accountant.h"
 #include "server/core/sequence_registry.h"
+#include "tests/support/null_observer.h"
 #include "tests/support/status_matchers.h"
 
 namespace icecache {
@@ -29,17 +30,9 @@ namespace {
 using ::icecache::testing::StatusIs;
 using ::testing::HasSubstr;
 
-class DetachCounter final : public DataPlaneObserver {
+class DetachCounter final : public ::icecache::testing::NullDataPlaneObserver {
  public:
-  void OnBuild(double, uint64_t) override {}
-  void OnInsert(double, uint64_t) override {}
-  void OnSelect(double) override {}
-  void OnRecallSample(double) override {}
-  void OnAttach(bool) override {}
   void OnDetach() override { ++detached; }
-  void OnRequest(uint32_t, int, double) override {}
-  void OnProtocolError() override {}
-  void OnClientEvicted() override {}
   std::atomic<int> detached{0};
 };
 

@@ -14,21 +14,11 @@
 #include "server/core/data_plane.h"
 #include "server/core/memory_accountant.h"
 #include "server/core/sequence_registry.h"
+#include "tests/support/null_observer.h"
 
 namespace icecache::fuzz {
 
-class NullObserver final : public DataPlaneObserver {
- public:
-  void OnBuild(double, uint64_t) override {}
-  void OnInsert(double, uint64_t) override {}
-  void OnSelect(double) override {}
-  void OnRecallSample(double) override {}
-  void OnAttach(bool) override {}
-  void OnDetach() override {}
-  void OnRequest(uint32_t, int, double) override {}
-  void OnProtocolError() override {}
-  void OnClientEvicted() override {}
-};
+using NullObserver = ::icecache::testing::NullDataPlaneObserver;
 
 // A private directory under /tmp, for the sockets of one fuzzing process.
 inline std::string PrivateDir() {
