@@ -406,6 +406,16 @@ absl::Status Arena::FreeStaging(const abi::ArenaRef& ref) {
 }
 
 absl::StatusOr<uint8_t*> Arena::StagingAddress(const abi::ArenaRef& ref, uint64_t bytes) const {
+  return StagingAddressImpl(ref, bytes, std::nullopt);
+}
+
+absl::StatusOr<uint8_t*> Arena::StagingAddress(const abi::ArenaRef& ref, uint64_t bytes,
+                                               uint64_t tag) const {
+  return StagingAddressImpl(ref, bytes, tag);
+}
+
+absl::StatusOr<uint8_t*> Arena::StagingAddressImpl(const abi::ArenaRef& ref, uint64_t bytes,
+                                                   std::optional<uint64_t> tag) const {
   absl::MutexLock lock(&mu_);
   if (ref.segment == 0 || ref.segment >= used_segments_ ||
       segments_[ref.segment].kind != abi::kSegmentStaging || segments_[ref.segment].dormant) {
@@ -420,6 +430,10 @@ absl::StatusOr<uint8_t*> Arena::StagingAddress(const abi::ArenaRef& ref, uint64_
   if (it->second.length < bytes) {
     return absl::InvalidArgumentError(
         absl::StrCat("staging buffer holds ", it->second.length, " bytes, ", bytes, " needed"));
+  }
+  if (tag.has_value() && it->second.tag != *tag) {
+    return absl::InvalidArgumentError(
+        "the staging buffer was not staged for this sequence (another sequence's, or scratch)");
   }
   return static_cast<uint8_t*>(s.base) + ref.offset;
 }

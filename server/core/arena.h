@@ -27,6 +27,7 @@
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <optional>
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
@@ -154,6 +155,9 @@ class Arena {
   // The address of a live staging allocation whose size is at least `bytes`; INVALID_ARGUMENT
   // otherwise (a client-supplied reference is checked here before any use).
   absl::StatusOr<uint8_t*> StagingAddress(const abi::ArenaRef& ref, uint64_t bytes) const;
+  // The same, and INVALID_ARGUMENT unless the allocation was made with `tag`.
+  absl::StatusOr<uint8_t*> StagingAddress(const abi::ArenaRef& ref, uint64_t bytes,
+                                          uint64_t tag) const;
 
   // ---- introspection
   uint64_t segment_bytes() const;  // all segments, control included
@@ -165,6 +169,10 @@ class Arena {
   uint32_t dormant_segments() const;
 
  private:
+  // StagingAddress, with the tag checked when one is given.
+  absl::StatusOr<uint8_t*> StagingAddressImpl(const abi::ArenaRef& ref, uint64_t bytes,
+                                              std::optional<uint64_t> tag) const;
+
   struct Segment {
     int fd = -1;
     void* base = nullptr;

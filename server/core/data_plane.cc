@@ -540,7 +540,18 @@ class DataPlane::Dispatcher {
     if (r.tokens == 0) {
       return Finish(r, start, absl::InvalidArgumentError("0 tokens to ingest"), 0);
     }
-    absl::StatusOr<uint8_t*> data = c_->arena->StagingAddress(r.staging, bytes);
+    // Only a buffer staged for this sequence (kOpStage): not another sequence's, whose own
+    // prefill or append may be using it, nor a scratch buffer, whose bookkeeping its release
+    // keeps.
+    std::optional<uint64_t> tag;
+    {
+      absl::MutexLock lock(&dp_->allowance_mu_);
+      auto it = dp_->allowances_.find(kv->get());
+      if (it != dp_->allowances_.end()) tag = it->second.tag;
+    }
+    absl::StatusOr<uint8_t*> data = tag.has_value()
+                                        ? c_->arena->StagingAddress(r.staging, bytes, *tag)
+                                        : c_->arena->StagingAddress(r.staging, bytes);
     if (!data.ok()) return Finish(r, start, data.status(), 0);
     absl::Status layer_ok = (*kv)->CheckLayer(r.layer);
     if (!layer_ok.ok()) return Finish(r, start, layer_ok, 0);

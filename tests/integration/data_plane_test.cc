@@ -218,6 +218,24 @@ TEST_F(DataPlaneTest, MalformedRequestsGetTheirCodeAndTheDaemonCarriesOn) {
                 s->tokens = 64;
               }),
               StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("needed")));
+  // Live buffers of this client that were not staged for the sequence: one staged for another
+  // of its sequences, and a scratch buffer.
+  const std::string h2 = Create(*a, 1000, 2);
+  absl::StatusOr<abi::StageResponse> st2 = a->Stage(h2, 16);
+  ASSERT_TRUE(st2.ok()) << st2.status();
+  absl::StatusOr<abi::StageResponse> scratch = a->Scratch(st->bytes);
+  ASSERT_TRUE(scratch.ok()) << scratch.status();
+  for (const abi::ArenaRef& wrong : {st2->buffer, scratch->buffer}) {
+    for (uint32_t op : {abi::kOpPrefill, abi::kOpAppend}) {
+      EXPECT_THAT(
+          submit([&](abi::SlotHeader* s, uint8_t*) {
+            s->op = op;
+            s->staging = wrong;
+          }),
+          StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("not staged for this sequence")))
+          << "op " << op << ", segment " << wrong.segment << " offset " << wrong.offset;
+    }
+  }
   // Layers, selects before prefill, payloads, NaN queries.
   EXPECT_THAT(submit([&](abi::SlotHeader* s, uint8_t*) {
                 s->op = abi::kOpPrefill;
@@ -238,8 +256,11 @@ TEST_F(DataPlaneTest, MalformedRequestsGetTheirCodeAndTheDaemonCarriesOn) {
               StatusIs(absl::StatusCode::kFailedPrecondition, HasSubstr("not built")));
   EXPECT_THAT(select(0, 1000),
               StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("fp32 queries")));
-  // The refused requests consumed nothing: the same buffer (16 zero tokens) prefills layer 0.
+  // The refused requests consumed nothing: the same buffer (16 zero tokens) prefills layer 0,
+  // the other sequence's prefills its own, and the scratch buffer is still there to release.
   ASSERT_OK(a->Prefill(h, 0, st->buffer, 16, 0));
+  ASSERT_OK(a->Prefill(h2, 0, st2->buffer, 16, 0));
+  ASSERT_OK(a->ReleaseStaging("", scratch->buffer));
   q[70] = std::nanf("");
   EXPECT_THAT(select(0, 1024),
               StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("not finite")));
