@@ -405,17 +405,8 @@ absl::Status Arena::FreeStaging(const abi::ArenaRef& ref) {
   return absl::OkStatus();
 }
 
-absl::StatusOr<uint8_t*> Arena::StagingAddress(const abi::ArenaRef& ref, uint64_t bytes) const {
-  return StagingAddressImpl(ref, bytes, std::nullopt);
-}
-
 absl::StatusOr<uint8_t*> Arena::StagingAddress(const abi::ArenaRef& ref, uint64_t bytes,
-                                               uint64_t tag) const {
-  return StagingAddressImpl(ref, bytes, tag);
-}
-
-absl::StatusOr<uint8_t*> Arena::StagingAddressImpl(const abi::ArenaRef& ref, uint64_t bytes,
-                                                   std::optional<uint64_t> tag) const {
+                                               std::optional<uint64_t> tag) const {
   absl::MutexLock lock(&mu_);
   if (ref.segment == 0 || ref.segment >= used_segments_ ||
       segments_[ref.segment].kind != abi::kSegmentStaging || segments_[ref.segment].dormant) {

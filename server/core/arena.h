@@ -153,11 +153,10 @@ class Arena {
   // INVALID_ARGUMENT unless `ref` is exactly a live staging allocation of this arena.
   absl::Status FreeStaging(const abi::ArenaRef& ref);
   // The address of a live staging allocation whose size is at least `bytes`; INVALID_ARGUMENT
-  // otherwise (a client-supplied reference is checked here before any use).
-  absl::StatusOr<uint8_t*> StagingAddress(const abi::ArenaRef& ref, uint64_t bytes) const;
-  // The same, and INVALID_ARGUMENT unless the allocation was made with `tag`.
+  // otherwise (a client-supplied reference is checked here before any use), and also unless
+  // the allocation was made with `tag` when one is given.
   absl::StatusOr<uint8_t*> StagingAddress(const abi::ArenaRef& ref, uint64_t bytes,
-                                          uint64_t tag) const;
+                                          std::optional<uint64_t> tag = std::nullopt) const;
 
   // ---- introspection
   uint64_t segment_bytes() const;  // all segments, control included
@@ -169,10 +168,6 @@ class Arena {
   uint32_t dormant_segments() const;
 
  private:
-  // StagingAddress, with the tag checked when one is given.
-  absl::StatusOr<uint8_t*> StagingAddressImpl(const abi::ArenaRef& ref, uint64_t bytes,
-                                              std::optional<uint64_t> tag) const;
-
   struct Segment {
     int fd = -1;
     void* base = nullptr;

@@ -440,12 +440,7 @@ class DataPlane::Dispatcher {
       return true;
     }
     const uint64_t bytes = (*kv)->StagingBytesPerToken() * r.tokens;
-    std::optional<StagingAllowance> allowance;
-    {
-      absl::MutexLock lock(&dp_->allowance_mu_);
-      auto it = dp_->allowances_.find(kv->get());
-      if (it != dp_->allowances_.end()) allowance = it->second;
-    }
+    const std::optional<StagingAllowance> allowance = AllowanceOf(kv->get());
     const uint64_t tag = allowance ? allowance->tag : 0;
     const uint64_t allowed = allowance ? ShrinkAfterPrefill(**kv, allowance->charge.get()) : 0;
     // One reading of the sequence's staged bytes decides: a prefill's pool thread frees its
@@ -472,6 +467,14 @@ class DataPlane::Dispatcher {
     std::memcpy(abi::SlotPayload(c_->arena->Slot(r.slot)), &resp, sizeof(resp));
     Finish(r, start, absl::OkStatus(), sizeof(resp));
     return true;
+  }
+
+  // The staging allowance (and tag) of a live sequence; none once it has been released.
+  std::optional<StagingAllowance> AllowanceOf(const SequenceKv* kv) const {
+    absl::MutexLock lock(&dp_->allowance_mu_);
+    auto it = dp_->allowances_.find(kv);
+    if (it == dp_->allowances_.end()) return std::nullopt;
+    return it->second;
   }
 
   // The sequence's staging allowance. Once every offloaded layer is built, its promise
@@ -543,15 +546,9 @@ class DataPlane::Dispatcher {
     // Only a buffer staged for this sequence (kOpStage): not another sequence's, whose own
     // prefill or append may be using it, nor a scratch buffer, whose bookkeeping its release
     // keeps.
-    std::optional<uint64_t> tag;
-    {
-      absl::MutexLock lock(&dp_->allowance_mu_);
-      auto it = dp_->allowances_.find(kv->get());
-      if (it != dp_->allowances_.end()) tag = it->second.tag;
-    }
-    absl::StatusOr<uint8_t*> data = tag.has_value()
-                                        ? c_->arena->StagingAddress(r.staging, bytes, *tag)
-                                        : c_->arena->StagingAddress(r.staging, bytes);
+    const std::optional<StagingAllowance> allowance = AllowanceOf(kv->get());
+    absl::StatusOr<uint8_t*> data = c_->arena->StagingAddress(
+        r.staging, bytes, allowance ? std::optional<uint64_t>(allowance->tag) : std::nullopt);
     if (!data.ok()) return Finish(r, start, data.status(), 0);
     absl::Status layer_ok = (*kv)->CheckLayer(r.layer);
     if (!layer_ok.ok()) return Finish(r, start, layer_ok, 0);

@@ -130,6 +130,17 @@ TEST(Arena, StagingBuffersAreCheckedAndCoalesce) {
               StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("not a live staging")));
   EXPECT_THAT(arena->StagingAddress({0, 0, 0}, 1), StatusIs(absl::StatusCode::kInvalidArgument));
   EXPECT_THAT(arena->StagingAddress({99, 0, 0}, 1), StatusIs(absl::StatusCode::kInvalidArgument));
+  // With a tag: only a buffer allocated with it (a and b were allocated with tag 0).
+  ASSERT_OK_AND_ASSIGN(abi::ArenaRef t, arena->AllocStaging(100, 7));
+  EXPECT_OK(arena->StagingAddress(t, 4096, 7).status());
+  EXPECT_OK(arena->StagingAddress(t, 4096).status());
+  EXPECT_OK(arena->StagingAddress(a, 4096, 0).status());
+  EXPECT_THAT(arena->StagingAddress(t, 4096, 8),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("not staged for this")));
+  EXPECT_THAT(arena->StagingAddress(a, 4096, 7),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("not staged for this")));
+  EXPECT_EQ(arena->StagingBytes(7), 4096u);
+  ASSERT_OK(arena->FreeStaging(t));
   EXPECT_THAT(arena->AllocStaging(0), StatusIs(absl::StatusCode::kInvalidArgument));
   ASSERT_OK(arena->FreeStaging(a));
   EXPECT_THAT(arena->FreeStaging(a), StatusIs(absl::StatusCode::kInvalidArgument));
