@@ -1478,8 +1478,8 @@ absl::StatusOr<SequenceInfo> DataPlane::RestoreSequence(
     bool last) {
   if (draining_.load()) return absl::UnavailableError("icecached is shutting down");
   // Not claimed here: CreateSequence below claims the client for the sequence's creation, and
-  // a detach after it drops the sequence while the restore goes on (a restore can take
-  // seconds, which the reaper, shared by every client, does not wait for).
+  // a detach after it drops the sequence while the restore goes on (the restore rebuilds every
+  // layer's index, which the reaper, shared by every client, does not wait for).
   const std::shared_ptr<Client> client = FindClient(caller);
   if (client == nullptr) {
     return absl::UnauthenticatedError("restoring a sequence needs a client attachment");
