@@ -119,7 +119,7 @@ if ((do_asan)); then
   export UBSAN_OPTIONS="print_stacktrace=1:log_path=$reports/ubsan"
   if ((ci)); then
     tests=(daemon_integration_test data_plane_integration_test security_integration_test
-           core_test data_plane_reap_test client_test common_test)
+           core_test data_plane_inprocess_test client_test common_test)
     build "$asan_dir" "${tests[@]}"
     echo "sanitize.sh: ASan+UBSan: ${tests[*]}"
     run_binaries "$asan_dir" "${tests[@]}" || status=1
@@ -140,10 +140,10 @@ if ((do_tsan)); then
   shim_option="$(tsan_shim "$tsan_dir")"
   configure "$tsan_dir" "thread" "$shim_option"
   if ((ci)); then
-    tests=(data_plane_integration_test client_test core_test data_plane_reap_test)
+    tests=(data_plane_integration_test client_test core_test data_plane_inprocess_test)
   else
     tests=(data_plane_integration_test security_integration_test client_integration_test
-           client_test core_test data_plane_reap_test)
+           client_test core_test data_plane_inprocess_test)
   fi
   build "$tsan_dir" "${tests[@]}" icecached icecache_test_client icecache_cli
   echo "sanitize.sh: TSan: ${tests[*]}"

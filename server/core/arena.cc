@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <string>
 
 #include "absl/strings/str_cat.h"
 #include "common/bytes.h"
@@ -370,17 +371,32 @@ uint64_t Arena::StagingBytes(uint64_t tag) const {
   return total;
 }
 
-absl::Status Arena::FreeStaging(const abi::ArenaRef& ref) {
-  absl::MutexLock lock(&mu_);
+absl::StatusOr<const Arena::Segment::Allocation*> Arena::FindStaging(
+    const abi::ArenaRef& ref, uint64_t bytes, std::optional<uint64_t> tag,
+    std::string_view wrong_tag) const {
   if (ref.segment == 0 || ref.segment >= used_segments_ ||
       segments_[ref.segment].kind != abi::kSegmentStaging || segments_[ref.segment].dormant) {
-    return absl::InvalidArgumentError("not a staging segment");
+    return absl::InvalidArgumentError(
+        absl::StrCat("segment ", ref.segment, " is not a staging segment of this client"));
   }
-  Segment& s = segments_[ref.segment];
+  const Segment& s = segments_[ref.segment];
   auto it = s.allocations.find(ref.offset);
   if (it == s.allocations.end()) {
-    return absl::InvalidArgumentError("not a live staging buffer");
+    return absl::InvalidArgumentError("staging reference is not a live staging buffer");
   }
+  if (it->second.length < bytes) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("staging buffer holds ", it->second.length, " bytes, ", bytes, " needed"));
+  }
+  if (tag.has_value() && it->second.tag != *tag) {
+    return absl::InvalidArgumentError(std::string(wrong_tag));
+  }
+  return &it->second;
+}
+
+void Arena::FreeStagingAt(const abi::ArenaRef& ref) {
+  Segment& s = segments_[ref.segment];
+  auto it = s.allocations.find(ref.offset);
   uint64_t off = it->first, len = it->second.length;
   s.allocations.erase(it);
   --s.in_use;
@@ -402,31 +418,51 @@ absl::Status Arena::FreeStaging(const abi::ArenaRef& ref) {
   s.free_ranges[off] = len;
   MaybeReclaim(ref.segment);
   if (listener_ != nullptr) listener_->OnStagingFreed();
+}
+
+absl::Status Arena::FreeStaging(const abi::ArenaRef& ref) {
+  absl::MutexLock lock(&mu_);
+  absl::StatusOr<const Segment::Allocation*> a = FindStaging(ref, 0, std::nullopt, {});
+  if (!a.ok()) return a.status();
+  if ((*a)->pinned) {
+    return absl::FailedPreconditionError(
+        "the buffer is in use by a request in flight: release it after that request's answer");
+  }
+  FreeStagingAt(ref);
   return absl::OkStatus();
 }
 
 absl::StatusOr<uint8_t*> Arena::StagingAddress(const abi::ArenaRef& ref, uint64_t bytes,
-                                               std::optional<uint64_t> tag) const {
+                                               std::optional<uint64_t> tag,
+                                               std::string_view wrong_tag) const {
   absl::MutexLock lock(&mu_);
-  if (ref.segment == 0 || ref.segment >= used_segments_ ||
-      segments_[ref.segment].kind != abi::kSegmentStaging || segments_[ref.segment].dormant) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("segment ", ref.segment, " is not a staging segment of this client"));
+  absl::StatusOr<const Segment::Allocation*> a = FindStaging(ref, bytes, tag, wrong_tag);
+  if (!a.ok()) return a.status();
+  return static_cast<uint8_t*>(segments_[ref.segment].base) + ref.offset;
+}
+
+absl::StatusOr<uint8_t*> Arena::PinStaging(const abi::ArenaRef& ref, uint64_t bytes,
+                                           std::optional<uint64_t> tag,
+                                           std::string_view wrong_tag) {
+  absl::MutexLock lock(&mu_);
+  absl::StatusOr<const Segment::Allocation*> a = FindStaging(ref, bytes, tag, wrong_tag);
+  if (!a.ok()) return a.status();
+  if ((*a)->pinned) {
+    return absl::FailedPreconditionError(
+        "the buffer is in use by another request in flight (one request per buffer at a time)");
   }
-  const Segment& s = segments_[ref.segment];
-  auto it = s.allocations.find(ref.offset);
-  if (it == s.allocations.end()) {
-    return absl::InvalidArgumentError("staging reference is not a live staging buffer");
-  }
-  if (it->second.length < bytes) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("staging buffer holds ", it->second.length, " bytes, ", bytes, " needed"));
-  }
-  if (tag.has_value() && it->second.tag != *tag) {
-    return absl::InvalidArgumentError(
-        "the staging buffer was not staged for this sequence (another sequence's, or scratch)");
-  }
-  return static_cast<uint8_t*>(s.base) + ref.offset;
+  segments_[ref.segment].allocations.at(ref.offset).pinned = true;
+  return static_cast<uint8_t*>(segments_[ref.segment].base) + ref.offset;
+}
+
+absl::Status Arena::UnpinStaging(const abi::ArenaRef& ref, bool consumed) {
+  absl::MutexLock lock(&mu_);
+  absl::StatusOr<const Segment::Allocation*> a = FindStaging(ref, 0, std::nullopt, {});
+  if (!a.ok()) return a.status();
+  if (!(*a)->pinned) return absl::InvalidArgumentError("the staging buffer is not pinned");
+  segments_[ref.segment].allocations.at(ref.offset).pinned = false;
+  if (consumed) FreeStagingAt(ref);
+  return absl::OkStatus();
 }
 
 uint64_t Arena::segment_bytes() const {

@@ -28,6 +28,7 @@
 #include <map>
 #include <memory>
 #include <optional>
+#include <string_view>
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
@@ -150,13 +151,26 @@ class Arena {
   uint64_t StagingBytes(uint64_t tag) const;
   // Bytes one buffer of `bytes` takes (4 KiB aligned).
   static uint64_t StagingFootprint(uint64_t bytes);
-  // INVALID_ARGUMENT unless `ref` is exactly a live staging allocation of this arena.
+  // INVALID_ARGUMENT unless `ref` is exactly a live staging allocation of this arena;
+  // FAILED_PRECONDITION (nothing freed) while a request in flight uses it (PinStaging).
   absl::Status FreeStaging(const abi::ArenaRef& ref);
   // The address of a live staging allocation whose size is at least `bytes`; INVALID_ARGUMENT
   // otherwise (a client-supplied reference is checked here before any use), and also unless
-  // the allocation was made with `tag` when one is given.
+  // the allocation was made with `tag` when one is given (`wrong_tag`: that error's message).
   absl::StatusOr<uint8_t*> StagingAddress(const abi::ArenaRef& ref, uint64_t bytes,
-                                          std::optional<uint64_t> tag = std::nullopt) const;
+                                          std::optional<uint64_t> tag = std::nullopt,
+                                          std::string_view wrong_tag = kWrongTag) const;
+  // As StagingAddress, and marks the buffer in use by one request in flight, which reads or
+  // writes it after the call: until UnpinStaging, FreeStaging refuses it (a client cannot
+  // release it and have its range reused, or its segment given back, under the request), and
+  // a second pin is refused (FAILED_PRECONDITION: one request per buffer at a time).
+  absl::StatusOr<uint8_t*> PinStaging(const abi::ArenaRef& ref, uint64_t bytes,
+                                      std::optional<uint64_t> tag = std::nullopt,
+                                      std::string_view wrong_tag = kWrongTag);
+  // Ends the use PinStaging began; `consumed`: the buffer is freed too. INVALID_ARGUMENT
+  // unless `ref` is a pinned live staging allocation (nothing changes then).
+  absl::Status UnpinStaging(const abi::ArenaRef& ref, bool consumed);
+  static constexpr std::string_view kWrongTag = "the buffer was allocated for another use";
 
   // ---- introspection
   uint64_t segment_bytes() const;  // all segments, control included
@@ -181,6 +195,7 @@ class Arena {
     struct Allocation {
       uint64_t length = 0;
       uint64_t tag = 0;
+      bool pinned = false;  // in use by a request in flight (PinStaging)
     };
     std::map<uint64_t, Allocation> allocations;  // staging segments: offset -> allocation
     uint64_t in_use = 0;   // frames reserved or taken (pages), live buffers (staging)
@@ -206,6 +221,14 @@ class Arena {
   uint64_t NewSegmentBytes(uint64_t configured, uint64_t need, uint64_t unit,
                            bool exact_near_limit = false) const;
   void ReturnFrames(std::vector<FrameRef>* frames);
+  // The live staging allocation `ref` names (at least `bytes`, with `tag` when one is
+  // given), or INVALID_ARGUMENT.
+  absl::StatusOr<const Segment::Allocation*> FindStaging(const abi::ArenaRef& ref, uint64_t bytes,
+                                                         std::optional<uint64_t> tag,
+                                                         std::string_view wrong_tag) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Frees the live staging allocation at `ref` (found by FindStaging).
+  void FreeStagingAt(const abi::ArenaRef& ref) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   static abi::FrameTag* TagOf(const Segment& s, uint32_t frame);
 
   const uint64_t client_id_;

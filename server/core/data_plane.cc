@@ -546,12 +546,15 @@ class DataPlane::Dispatcher {
     // Only a buffer staged for this sequence (kOpStage): not another sequence's, whose own
     // prefill or append may be using it, nor a scratch buffer, whose bookkeeping its release
     // keeps.
-    const std::optional<StagingAllowance> allowance = AllowanceOf(kv->get());
-    absl::StatusOr<uint8_t*> data = c_->arena->StagingAddress(
-        r.staging, bytes, allowance ? std::optional<uint64_t>(allowance->tag) : std::nullopt);
-    if (!data.ok()) return Finish(r, start, data.status(), 0);
     absl::Status layer_ok = (*kv)->CheckLayer(r.layer);
     if (!layer_ok.ok()) return Finish(r, start, layer_ok, 0);
+    // Pinned until the operation ends: the client cannot release the buffer (and have its
+    // range reused or its segment given back) while the operation reads it.
+    const std::optional<StagingAllowance> allowance = AllowanceOf(kv->get());
+    absl::StatusOr<uint8_t*> data = c_->arena->PinStaging(
+        r.staging, bytes, allowance ? std::optional<uint64_t>(allowance->tag) : std::nullopt,
+        "the staging buffer was not staged for this sequence (another sequence's, or scratch)");
+    if (!data.ok()) return Finish(r, start, data.status(), 0);
     const bool prefill = r.op == abi::kOpPrefill;
     // Run asynchronously: prefill on the pool, appends in order per (sequence, layer).
     c_->BeginOp();
@@ -559,7 +562,9 @@ class DataPlane::Dispatcher {
     DataPlane* dp = dp_;
     auto task = [dp, client, kv = *kv, r, start, base = *data, bytes, prefill] {
       absl::Status s;
-      if (!client->dead.load()) {
+      if (client->dead.load()) {
+        (void)client->arena->UnpinStaging(r.staging, /*consumed=*/false);
+      } else {
         // The keys are validated, then read again by the index and written into pages: they
         // are copied out of shared memory first, so that the client cannot change them in
         // between (no double fetch). V rows are copied into pages verbatim, never interpreted.
@@ -571,11 +576,13 @@ class DataPlane::Dispatcher {
                 ? kv->Prefill(r.layer, k_rows, v_rows, r.tokens, r.first_position, &client->dead)
                 : kv->Append(r.layer, k_rows, v_rows, r.tokens, r.first_position);
         // A successful operation consumes the buffer; a refused one changes nothing (the
-        // client may fix and resubmit it, or release it). Answered first, freed after: until
-        // the client has the answer its buffer is not handed to anyone else, so that a client
-        // recovering from a crash in between resubmits it intact (docs/data_plane.md).
+        // client may fix and resubmit it, or release it: unpinned before the answer, so that
+        // a release right after it is not refused). Answered first, freed after on success:
+        // until the client has the answer its buffer is not handed to anyone else, so that a
+        // client recovering from a crash in between resubmits it intact (docs/data_plane.md).
+        if (!s.ok()) (void)client->arena->UnpinStaging(r.staging, /*consumed=*/false);
         Respond(dp, client.get(), r.slot, r.op, start, s, 0);
-        if (s.ok()) (void)client->arena->FreeStaging(r.staging);
+        if (s.ok()) (void)client->arena->UnpinStaging(r.staging, /*consumed=*/true);
       }
       client->EndOp();
     };
@@ -732,7 +739,13 @@ class DataPlane::Dispatcher {
           0);
     }
     const uint64_t entries_bytes = uint64_t{count} * sizeof(abi::BatchSelectEntry);
-    absl::StatusOr<uint8_t*> base = c_->arena->StagingAddress(r.staging, entries_bytes);
+    // A scratch buffer (kOpScratch), pinned until the answer: the batch writes its results
+    // there after this call, so the client cannot release it (and have its range reused as
+    // a staging buffer, or its segment given back) meanwhile.
+    absl::StatusOr<uint8_t*> base =
+        c_->arena->PinStaging(r.staging, entries_bytes, kScratchTag,
+                              "a batch select needs a scratch buffer (kOpScratch), not a "
+                              "sequence's staging buffer");
     if (!base.ok()) return Finish(r, start, base.status(), 0);
     std::vector<abi::BatchSelectEntry> entries(count);
     std::memcpy(entries.data(), *base, entries_bytes);
@@ -799,6 +812,8 @@ class DataPlane::Dispatcher {
         std::memset(e->message, 0, sizeof(e->message));
         std::memcpy(e->message, msg.data(), msg.size());
       }
+      // Unpinned before the answer: a client may release or reuse the buffer right after it.
+      (void)client->arena->UnpinStaging(r.staging, /*consumed=*/false);
       Respond(dp, client.get(), r.slot, r.op, start, absl::OkStatus(), 0);
       client->EndOp();
     };

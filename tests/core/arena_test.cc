@@ -136,9 +136,9 @@ TEST(Arena, StagingBuffersAreCheckedAndCoalesce) {
   EXPECT_OK(arena->StagingAddress(t, 4096).status());
   EXPECT_OK(arena->StagingAddress(a, 4096, 0).status());
   EXPECT_THAT(arena->StagingAddress(t, 4096, 8),
-              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("not staged for this")));
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("another use")));
   EXPECT_THAT(arena->StagingAddress(a, 4096, 7),
-              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("not staged for this")));
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("another use")));
   EXPECT_EQ(arena->StagingBytes(7), 4096u);
   ASSERT_OK(arena->FreeStaging(t));
   EXPECT_THAT(arena->AllocStaging(0), StatusIs(absl::StatusCode::kInvalidArgument));
@@ -150,6 +150,49 @@ TEST(Arena, StagingBuffersAreCheckedAndCoalesce) {
   ASSERT_OK_AND_ASSIGN(abi::ArenaRef whole, arena->AllocStaging(1 << 20));
   EXPECT_EQ(whole.segment, a.segment);
   EXPECT_EQ(whole.offset, 0u);
+}
+
+// A buffer a request in flight uses is pinned: the client cannot free it or pin it again
+// until the request unpins it; unpinned as consumed it is freed.
+TEST(Arena, PinnedStagingBuffersAreNeitherFreedNorPinnedAgain) {
+  MemoryAccountant global(64 << 20);
+  ASSERT_OK_AND_ASSIGN(auto arena, Arena::Create(1, Small(), 16 << 20, &global, nullptr));
+  ASSERT_OK_AND_ASSIGN(abi::ArenaRef a, arena->AllocStaging(100, 7));
+  ASSERT_OK_AND_ASSIGN(abi::ArenaRef b, arena->AllocStaging(100, 7));
+  ASSERT_OK_AND_ASSIGN(uint8_t * at, arena->StagingAddress(a, 4096));
+  // Refused pins change nothing: a wrong tag (with the caller's message), too many bytes,
+  // no live buffer. The buffer stays free to release or pin.
+  EXPECT_THAT(arena->PinStaging(a, 4096, 8, "not for this sequence"),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("not for this sequence")));
+  EXPECT_THAT(arena->PinStaging(a, 4097), StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(arena->PinStaging({a.segment, 0, 64}, 1),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("not a live staging")));
+  EXPECT_THAT(arena->UnpinStaging(a, false),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("not pinned")));
+  // Pinned: the same address; no free, no second pin; the other buffer is unaffected.
+  ASSERT_OK_AND_ASSIGN(uint8_t * pinned, arena->PinStaging(a, 4096, 7));
+  EXPECT_EQ(pinned, at);
+  EXPECT_THAT(arena->FreeStaging(a),
+              StatusIs(absl::StatusCode::kFailedPrecondition, HasSubstr("in flight")));
+  EXPECT_THAT(arena->PinStaging(a, 1),
+              StatusIs(absl::StatusCode::kFailedPrecondition, HasSubstr("another request")));
+  EXPECT_EQ(arena->StagingBytes(7), 8192u);
+  EXPECT_EQ(arena->staging_bytes_in_use(), 8192u);
+  EXPECT_OK(arena->StagingAddress(a, 4096).status());
+  // Unpinned (not consumed): the buffer is the client's again.
+  ASSERT_OK(arena->UnpinStaging(a, /*consumed=*/false));
+  EXPECT_THAT(arena->UnpinStaging(a, false), StatusIs(absl::StatusCode::kInvalidArgument));
+  ASSERT_OK(arena->FreeStaging(a));
+  EXPECT_EQ(arena->StagingBytes(7), 4096u);
+  // Unpinned as consumed: freed, and no longer the client's to free.
+  ASSERT_OK(arena->PinStaging(b, 100).status());
+  ASSERT_OK(arena->UnpinStaging(b, /*consumed=*/true));
+  // (Its segment, empty now, was given back: the arena holds more than it was promised.)
+  EXPECT_THAT(arena->FreeStaging(b),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("not a staging segment")));
+  EXPECT_EQ(arena->dormant_segments(), 1u);
+  EXPECT_EQ(arena->StagingBytes(7), 0u);
+  EXPECT_EQ(arena->staging_bytes_in_use(), 0u);
 }
 
 TEST(Arena, BadOptionsAreInvalidArgument) {

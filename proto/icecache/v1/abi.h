@@ -184,12 +184,15 @@ enum Op : uint32_t {
   kOpSelect = 4,       // best pages per KV head for the queries in the payload. A select runs
                        // after every append of its (sequence, layer) submitted before it, so its
                        // pages include them and no append it follows is still changing them.
-  kOpRelease = 5,      // free a staging buffer that was not consumed (or a scratch buffer)
+  kOpRelease = 5,      // free a staging buffer that was not consumed (or a scratch buffer);
+                       // FAILED_PRECONDITION while a request in flight uses it (a prefill,
+                       // append or batch select holds its buffer until its answer)
   kOpScratch = 6,      // a scratch buffer of the client's own (a staging allocation of no
                        // sequence) of the uint64 byte count in the payload; answers a
                        // StageResponse (v_offset 0); freed by kOpRelease
   kOpSelectBatch = 7,  // the selects of several sequences for one layer: `tokens`
-                       // BatchSelectEntry at the start of the scratch buffer `staging`, each
+                       // BatchSelectEntry at the start of the scratch buffer `staging` (from
+                       // kOpScratch; one request per buffer at a time, as for staging), each
                        // entry's queries and results in the same buffer. The slot's status is
                        // the request's own; each entry answers with its own status. An
                        // entry's search runs after every append of its (sequence, layer)
