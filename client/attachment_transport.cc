@@ -235,11 +235,24 @@ absl::Status AttachmentTransport::MigrateStaging(uint32_t vid) {
     (void)a.ReleaseStaging(cur, got.buffer);
     return absl::InternalError("the new daemon stages another layout");
   }
-  ICECACHE_ASSIGN_OR_RETURN(uint8_t * host, a.Address(got.buffer, got.bytes));
-  std::memcpy(host, s.host, s.bytes);
-  absl::MutexLock book(&book_mu_);
-  staged_[vid] = Staged{s.handle, s.tokens, current_.get(), got.buffer, s.bytes, s.v_offset, host};
-  return absl::OkStatus();
+  absl::StatusOr<uint8_t*> host = a.Address(got.buffer, got.bytes);
+  if (!host.ok()) {
+    (void)a.ReleaseStaging(cur, got.buffer);
+    return host.status();
+  }
+  std::memcpy(*host, s.host, s.bytes);
+  {
+    absl::MutexLock book(&book_mu_);
+    auto it = staged_.find(vid);
+    if (it != staged_.end() && it->second.gen == s.gen) {
+      it->second =
+          Staged{s.handle, s.tokens, current_.get(), got.buffer, s.bytes, s.v_offset, *host};
+      return absl::OkStatus();
+    }
+  }
+  // Released or moved by another thread meanwhile (a caller racing itself): not ours to keep.
+  (void)a.ReleaseStaging(cur, got.buffer);
+  return absl::FailedPreconditionError("the staging buffer was released while it moved");
 }
 
 // ------------------------------------------------------------------ requests
@@ -257,7 +270,12 @@ absl::Status AttachmentTransport::SubmitLocked(Pending* p) {
       s = it->second;
     }
     if (s.gen != current_.get()) {
-      return absl::FailedPreconditionError("the staging buffer belongs to a daemon that went away");
+      // Staged before a recovery: its owner wrote it through the old arena's mapping, which
+      // stays while the buffer is held, and is done writing now that it submits: it moves to
+      // the current arena here (a recovery does not move it: it may still be being written).
+      ICECACHE_RETURN_IF_ERROR(MigrateStaging(p->vid));
+      absl::MutexLock book(&book_mu_);
+      s = staged_.at(p->vid);
     }
     ICECACHE_ASSIGN_OR_RETURN(
         p->slot, a.SubmitStaged(p->op, cur, p->layer, s.real, p->tokens, p->first_position));
@@ -376,7 +394,14 @@ absl::StatusOr<T> AttachmentTransport::Await(
         return out;
       }
     }
-    ICECACHE_RETURN_IF_ERROR(Recover(seen));
+    absl::Status recovered = Recover(seen);
+    if (!recovered.ok()) {
+      // The caller is told the request failed: a later recovery must not carry it out.
+      absl::ReaderMutexLock lock(&mu_);
+      absl::MutexLock book(&book_mu_);
+      pending_.erase(ticket);
+      return recovered;
+    }
   }
 }
 
@@ -778,20 +803,9 @@ absl::Status AttachmentTransport::RecoverLocked() {
                             << " could not be restored: " << r.lost.message();
     }
   }
-  // Staging buffers still held by sequences move into the new arena.
-  std::vector<uint32_t> vids;
-  {
-    absl::MutexLock book(&book_mu_);
-    for (auto& [vid, s] : staged_) {
-      if (s.gen != current_.get()) vids.push_back(vid);
-    }
-  }
-  for (uint32_t vid : vids) {
-    absl::Status st = MigrateStaging(vid);
-    if (!st.ok()) {
-      ICECACHE_LOG(WARNING) << "a staging buffer could not move to the new arena: " << st;
-    }
-  }
+  // Staging buffers stay in the arena they were staged in until they are submitted
+  // (SubmitLocked moves them then, the resubmissions below included): a buffer staged before
+  // the loss may still be being written through its old mapping by its owner.
   // Requests that had no answer, again, in their original order.
   for (auto& p : resubmit) {
     absl::Status st = SubmitLocked(p.get());

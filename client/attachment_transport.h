@@ -14,7 +14,9 @@
 //      acknowledged history, which this transport records as answers arrive): the daemon
 //      replays it, so the sequence selects exactly what it would have;
 //   4. resubmit every request that had no answer, in its original order, exactly once
-//      (staging buffers of the old arena are copied into the new one first).
+//      (a staging buffer of the old arena is copied into the new one when a request is
+//      submitted with it, this resubmission or a later one: until then its owner may still be
+//      writing it through the old mapping, which stays while the buffer is held).
 // Sequences keep the handle they were created with; the transport maps it to the daemon's
 // current one. Staging buffers are handed out as references of this transport's own
 // (segment kVirtualSegment | id), valid across recoveries. Pages of a select belong to the
@@ -178,7 +180,7 @@ class AttachmentTransport final : public Transport {
   absl::StatusOr<T> Await(
       Ticket ticket, Pending::Kind kind, const char* what,
       const std::function<absl::StatusOr<T>(Pending&, const absl::Status&)>& answered);
-  absl::Status MigrateStaging(uint32_t vid) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::Status MigrateStaging(uint32_t vid) ABSL_SHARED_LOCKS_REQUIRED(mu_);
   absl::StatusOr<ArenaSpan> MapIn(Generation* g, const abi::ArenaRef& ref, uint64_t bytes)
       ABSL_SHARED_LOCKS_REQUIRED(mu_);
   void Acknowledge(const Pending& p) ABSL_SHARED_LOCKS_REQUIRED(mu_);

@@ -4,6 +4,7 @@
 #include <chrono>
 #include <cstring>
 
+#include "absl/cleanup/cleanup.h"
 #include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
@@ -128,6 +129,11 @@ absl::Status Decoder::DecodeBatch(uint32_t layer, absl::Span<Sequence::Impl* con
   // ---- 1. each sequence's token, and what it still needs selected
   std::vector<absl::Status> status(n);
   std::vector<StepState> steps(n);
+  // Every step begun and not finished (its sequence failed, or the batch returns early) is
+  // taken back, so that the engine may decode the token again.
+  absl::Cleanup abort_unfinished = [&] {
+    for (uint32_t i = 0; i < n; ++i) batch[i]->AbortStep(&steps[i]);
+  };
   const auto* k_bytes = static_cast<const uint8_t*>(k_new);
   const auto* v_bytes = static_cast<const uint8_t*>(v_new);
   bool any_query = false;
@@ -335,7 +341,12 @@ absl::Status Decoder::DecodeBatch(uint32_t layer, absl::Span<Sequence::Impl* con
     }
   }
   if (!appends.empty() || !ahead.empty()) {
-    ICECACHE_RETURN_IF_ERROR(tr_->PrepareSelectBatch(ahead));
+    if (!ahead.empty() && !tr_->PrepareSelectBatch(ahead).ok()) {
+      // No scratch for the selects sent ahead (e.g. the memory quota): every step is done
+      // already and must not fail now; the next steps search synchronously instead.
+      ahead.clear();
+      ahead_boxes.clear();
+    }
     Transport* tr = tr_;
     ICECACHE_RETURN_IF_ERROR(be_->HostCallback(
         stream, [tr, layer, appends = std::move(appends), ahead = std::move(ahead),

@@ -412,6 +412,7 @@ absl::Status Sequence::Impl::BeginStep(uint32_t layer, const void* k_new, const 
                      .kv_heads = g.num_kv_heads,
                      .row_bytes = static_cast<uint32_t>(row_bytes_)},
       stream));
+  st->window_mark = w.Snapshot();
   ICECACHE_ASSIGN_OR_RETURN(st->hand_over, w.Append());
   st->needs_pages = L.daemon_built;
   return absl::OkStatus();
@@ -544,6 +545,7 @@ absl::Status Sequence::Impl::Plan(client_internal::StepState* st,
     }
     return absl::OkStatus();
   }
+  st->planned = true;
   const uint64_t generation = tr_->generation();
   if (!st->refs.empty() && st->generation != generation) {
     return absl::UnavailableError(
@@ -599,6 +601,13 @@ absl::Status Sequence::Impl::Plan(client_internal::StepState* st,
       plan->AddPage(slot, layout_.half_bytes(), r.valid);
     }
   }
+  // Map and PageBytes resolve references against the transport's current daemon: one that
+  // replaced `generation` meanwhile (a recovery on another thread) could have given frames of
+  // its own for these references. The same generation now means none did.
+  if (!st->refs.empty() && tr_->generation() != generation) {
+    return absl::UnavailableError(
+        "icecached was replaced during this decode step (its pages are gone); decode again");
+  }
   b.selected_pages = b.hits + b.misses;
   return absl::OkStatus();
 }
@@ -630,7 +639,21 @@ absl::StatusOr<client_internal::StagedHandOver> Sequence::Impl::StageWindowPage(
   return client_internal::StagedHandOver{.staged = staged, .first = first};
 }
 
+void Sequence::Impl::AbortStep(client_internal::StepState* st) {
+  if (st->finished || !st->window_mark || st->layer >= layers_.size()) return;
+  LayerState& L = layers_[st->layer];
+  if (L.window != nullptr) {
+    const absl::Status rewound = L.window->Rewind(*st->window_mark);
+    // Only a page of this step retired during it could refuse, and a step retires only pages
+    // handed over before it: the layer fails rather than go on with a window it cannot trust.
+    if (!rewound.ok()) L.failed = rewound;
+  }
+  st->window_mark.reset();
+  if (st->planned && L.cache != nullptr) L.cache->Clear();
+}
+
 absl::Status Sequence::Impl::FinishStep(client_internal::StepState* st, void* stream) {
+  st->finished = true;
   LayerState& L = layers_[st->layer];
   abi::ClientStats& stats = tr_->stats();
   stats.cache_hits.fetch_add(st->b.hits);

@@ -174,6 +174,11 @@ struct StepState {
   uint64_t generation = 0;  // Transport::generation() that answered refs
   DecodeBreakdown b;
   uint32_t head_base = 0;  // the sequence's first KV head in the batch
+  // For a step that fails before FinishStep (AbortStep): the window before BeginStep's
+  // Append, and whether Plan placed pages in the layer's cache (their gather may not run).
+  std::optional<selection::WindowPolicy::Mark> window_mark;
+  bool planned = false;
+  bool finished = false;  // FinishStep ran: the step is kept, failed or not
 };
 
 }  // namespace icecache::client_internal
@@ -238,6 +243,12 @@ class Sequence::Impl {
   // Keeps this sequence's chunks of the batch plan (heads from head_base) for LastAttended.
   void KeepAttended(uint32_t layer, const client_internal::DecodePlan& plan, uint32_t head_base);
   void set_last(const DecodeBreakdown& b) { last_ = b; }
+  // A step BeginStep began that ends without FinishStep (it failed, or the batch did): its
+  // token is taken back from the window (a retry appends it again and hands the same page
+  // over), and the layer's page cache is forgotten when Plan placed pages in it (the cache
+  // records a page as resident when it plans its gather, which may never have run). The
+  // decoder calls it for every step of a batch; a no-op for steps that finished or never began.
+  void AbortStep(client_internal::StepState* st);
 
  private:
   using LayerState = client_internal::LayerState;

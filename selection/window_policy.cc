@@ -65,4 +65,19 @@ absl::Status WindowPolicy::Retire() {
   return absl::OkStatus();
 }
 
+absl::Status WindowPolicy::Rewind(const Mark& mark) {
+  if (mark.tokens > tokens_ || mark.handed_end > handed_end_ ||
+      (mark.index_started && !index_started_)) {
+    return absl::FailedPreconditionError("the mark is ahead of the window");
+  }
+  if (window_begin_ > mark.handed_end) {
+    return absl::FailedPreconditionError(
+        "a page handed over since the mark has left the window: it cannot be taken back");
+  }
+  tokens_ = mark.tokens;
+  handed_end_ = mark.handed_end;
+  index_started_ = mark.index_started;
+  return absl::OkStatus();
+}
+
 }  // namespace icecache::selection

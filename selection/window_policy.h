@@ -62,6 +62,18 @@ class WindowPolicy {
   // FAILED_PRECONDITION when no page is in hand-over.
   absl::Status Retire();
 
+  // What Append changes, taken before it: Rewind(mark) takes the appends since back (a decode
+  // step that failed before its token was kept), the pages they handed over included; pages
+  // retired meanwhile (older ones) stay retired. FAILED_PRECONDITION, nothing changed, when a
+  // page handed over since the mark was retired too, or the mark is ahead of the window.
+  struct Mark {
+    uint64_t tokens = 0;
+    uint64_t handed_end = 0;
+    bool index_started = false;
+  };
+  Mark Snapshot() const { return Mark{tokens_, handed_end_, index_started_}; }
+  absl::Status Rewind(const Mark& mark);
+
   uint64_t tokens() const { return tokens_; }
   uint64_t sink_end() const { return sink_end_; }
   uint64_t window_begin() const { return window_begin_; }

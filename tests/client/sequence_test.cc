@@ -311,6 +311,120 @@ TEST_F(SequenceTest, AFailedAppendFailsItsLayer) {
   EXPECT_EQ(daemon.requests(abi::kOpRelease), 1u) << "the failed append's staging went back";
 }
 
+// The worst error of `out` beyond the tolerance against float64 full attention at `pos`
+// (0 when every element is within it).
+double ErrorBeyondFullAttention(const Data& data, uint32_t l, const std::vector<uint16_t>& q,
+                                uint32_t pos, const std::vector<uint16_t>& out) {
+  double worst = 0;
+  for (uint32_t qh = 0; qh < data.q_heads(); ++qh) {
+    const std::vector<double> want = Attend(data, l, q, qh, Iota(pos + 1));
+    for (uint32_t i = 0; i < data.d; ++i) {
+      const double e = std::fabs(data.ToFloat(out[size_t{qh} * data.d + i]) - want[i]);
+      if (e > Tolerance(data.dtype, want[i])) worst = std::max(worst, e);
+    }
+  }
+  return worst;
+}
+
+// A step whose select fails changes nothing, as the error says: the token is decoded again and
+// the window hands the same page over. (Before, the failed step's Append stayed: a page handed
+// over by it never reached the index and, 16 steps later, every step failed "the window ring
+// is full".)
+TEST_F(SequenceTest, ARetryAfterAFailedSelectHandsTheSamePageOver) {
+  for (SelectionMode mode : {SelectionMode::kSync, SelectionMode::kAsync}) {
+    SCOPED_TRACE(mode == SelectionMode::kSync ? "sync" : "async");
+    constexpr uint32_t kPrompt = 300, kSteps = 40;
+    const Data data = MakeData(1, 2, 2, 64, kPrompt + kSteps, DType::kFP16);
+    FakeDaemon daemon;
+    auto seq = Make(&daemon, data, 1024, 0, mode);  // the budget covers every token
+    ASSERT_NE(seq, nullptr);
+    ASSERT_OK(seq->Prefill(0, data.K(0, 0), data.V(0, 0), kPrompt));
+    std::vector<uint16_t> out(size_t{data.q_heads()} * data.d);
+    for (uint32_t step = 0; step < kSteps; ++step) {
+      const uint32_t pos = kPrompt + step;
+      const std::vector<uint16_t> q = data.Query(0, step);
+      if (step == 16) {  // the step that hands a window page over
+        daemon.FailNext(abi::kOpSelectBatch, absl::UnavailableError("transient"));
+        EXPECT_THAT(seq->Decode(0, q.data(), data.K(0, pos), data.V(0, pos), out.data()),
+                    StatusIs(absl::StatusCode::kUnavailable, HasSubstr("transient")));
+        EXPECT_EQ(seq->tokens(0), pos);
+      }
+      ASSERT_OK(seq->Decode(0, q.data(), data.K(0, pos), data.V(0, pos), out.data()))
+          << "step " << step;
+      EXPECT_EQ(seq->tokens(0), pos + 1);
+      EXPECT_EQ(seq->last_decode().attended_tokens, (pos + 1) * data.kv) << "step " << step;
+      EXPECT_EQ(ErrorBeyondFullAttention(data, 0, q, pos, out), 0.0) << "step " << step;
+    }
+    // Every page went to the index once, in order, none skipped.
+    const std::vector<uint32_t>& appends = daemon.append_positions();
+    ASSERT_GE(appends.size(), 2u);
+    for (size_t i = 1; i < appends.size(); ++i) EXPECT_EQ(appends[i], appends[i - 1] + 16);
+  }
+}
+
+// A step that fails in its plan, after it placed some pages in the layer's cache, leaves none
+// there as resident: their gather never ran. (Before, the retry and every later step counted
+// them as hits and attended whatever their cache slots held.)
+TEST_F(SequenceTest, APlanThatFailsLeavesNoUnfetchedPageInTheCache) {
+  constexpr uint32_t kPrompt = 300, kSteps = 6;
+  const Data data = MakeData(1, 2, 2, 64, kPrompt + kSteps, DType::kFP16);
+  FakeDaemon daemon;
+  auto seq = Make(&daemon, data, 1024, 0);
+  ASSERT_NE(seq, nullptr);
+  ASSERT_OK(seq->Prefill(0, data.K(0, 0), data.V(0, 0), kPrompt));
+  std::vector<uint16_t> out(size_t{data.q_heads()} * data.d);
+  for (uint32_t step = 0; step < kSteps; ++step) {
+    const uint32_t pos = kPrompt + step;
+    const std::vector<uint16_t> q = data.Query(0, step);
+    if (step == 1) {
+      daemon.SpoilNextSelect();
+      EXPECT_THAT(seq->Decode(0, q.data(), data.K(0, pos), data.V(0, pos), out.data()),
+                  StatusIs(absl::StatusCode::kInternal, HasSubstr("valid count")));
+    }
+    ASSERT_OK(seq->Decode(0, q.data(), data.K(0, pos), data.V(0, pos), out.data()))
+        << "step " << step;
+    const DecodeBreakdown& b = seq->last_decode();
+    if (step <= 1) {
+      EXPECT_EQ(b.hits, 0u) << "step " << step << ": nothing cached is trusted";
+    } else {
+      EXPECT_EQ(b.misses, 0u) << "step " << step;
+    }
+    EXPECT_EQ(b.attended_tokens, (pos + 1) * data.kv) << "step " << step;
+    EXPECT_EQ(ErrorBeyondFullAttention(data, 0, q, pos, out), 0.0) << "step " << step;
+  }
+}
+
+// A select sent ahead that finds no scratch buffer (the memory quota) does not fail the step
+// it follows, which is done: the next step of the layer searches synchronously instead.
+// (Before, Decode returned the error for a step it had kept, and a retry was "a step ahead".)
+TEST_F(SequenceTest, NoScratchForTheSelectAheadDoesNotFailTheStep) {
+  constexpr uint32_t kPrompt = 300;
+  const Data data = MakeData(2, 2, 2, 64, kPrompt + 8, DType::kFP16);
+  FakeDaemon daemon;
+  auto seq = Make(&daemon, data, 128, 0, SelectionMode::kAsync);
+  ASSERT_NE(seq, nullptr);
+  for (uint32_t l = 0; l < 2; ++l) ASSERT_OK(seq->Prefill(l, data.K(l, 0), data.V(l, 0), kPrompt));
+  std::vector<uint16_t> out(size_t{data.q_heads()} * data.d);
+  auto decode = [&](uint32_t l, uint32_t step) {
+    const std::vector<uint16_t> q = data.Query(l, step);
+    return seq->Decode(l, q.data(), data.K(l, kPrompt + step), data.V(l, kPrompt + step),
+                       out.data());
+  };
+  for (uint32_t l = 0; l < 2; ++l) ASSERT_OK(decode(l, 0));
+  daemon.FailNextPrepare(absl::ResourceExhaustedError("no scratch within the quota"));
+  ASSERT_OK(decode(0, 1));
+  EXPECT_EQ(seq->tokens(0), kPrompt + 2);
+  ASSERT_OK(decode(1, 1));
+  EXPECT_TRUE(seq->last_decode().prefetched) << "layer 1's select ahead was not affected";
+  ASSERT_OK(decode(0, 2));
+  EXPECT_FALSE(seq->last_decode().prefetched) << "nothing was sent ahead after step 1";
+  ASSERT_OK(decode(1, 2));
+  ASSERT_OK(decode(0, 3));
+  EXPECT_TRUE(seq->last_decode().prefetched) << "step 2 sent its select ahead again";
+  EXPECT_EQ(seq->tokens(0), kPrompt + 4);
+  EXPECT_EQ(seq->tokens(1), kPrompt + 3);
+}
+
 // One step ahead, with a query that does not move: every step after the first uses the
 // prefetched pages, no head falls back, and the outputs equal the synchronous mode's exactly.
 TEST_F(SequenceTest, AsyncEqualsSyncWhenTheQueryDoesNotMove) {

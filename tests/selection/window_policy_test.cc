@@ -115,6 +115,34 @@ TEST(WindowPolicy, TwoPendingPagesWithABiggerRing) {
   EXPECT_EQ(w.window_begin(), 501u);
 }
 
+// A failed decode step takes its Append back: the same token appended again hands the same
+// page over; an older page retired meanwhile stays retired.
+TEST(WindowPolicy, RewindTakesAnAppendBackWithItsHandOver) {
+  WindowPolicy w(PaperSplit(256), /*max_pending_pages=*/2);  // sink 32, window 32, pages of 16
+  ASSERT_TRUE(w.Prefill(500).ok());
+  EXPECT_EQ(Step(&w), 469);  // pending: [469, 485)
+  for (int i = 0; i < 15; ++i) EXPECT_EQ(Step(&w), -1);
+  const WindowPolicy::Mark before = w.Snapshot();
+  EXPECT_EQ(Step(&w), 485);      // pending: [469, 501)
+  ASSERT_TRUE(w.Retire().ok());  // the older page [469, 485) leaves during the failed step
+  ASSERT_TRUE(w.Rewind(before).ok());
+  EXPECT_EQ(w.tokens(), 516u);
+  EXPECT_EQ(w.handed_end(), 485u);
+  EXPECT_EQ(w.window_begin(), 485u);
+  EXPECT_EQ(w.pending_pages(), 0u);
+  EXPECT_EQ(Step(&w), 485);  // the retry hands the same page over
+  EXPECT_EQ(w.tokens(), 517u);
+  // Not once the page handed over since the mark has left the window too; nor a mark ahead.
+  const WindowPolicy::Mark ahead = w.Snapshot();
+  ASSERT_TRUE(w.Retire().ok());
+  EXPECT_THAT(w.Rewind(before), StatusIs(absl::StatusCode::kFailedPrecondition,
+                                         ::testing::HasSubstr("left the window")));
+  EXPECT_EQ(w.tokens(), 517u);
+  EXPECT_OK(w.Rewind(ahead));  // nothing since: a no-op
+  WindowPolicy fresh(PaperSplit(256));
+  EXPECT_THAT(fresh.Rewind(ahead), StatusIs(absl::StatusCode::kFailedPrecondition));
+}
+
 TEST(WindowPolicy, BadCalls) {
   WindowPolicy w(PaperSplit(256));
   EXPECT_THAT(w.Prefill(0).status(), StatusIs(absl::StatusCode::kInvalidArgument));

@@ -216,6 +216,15 @@ absl::StatusOr<std::vector<client_internal::SelectAnswer>> FakeDaemon::FinishSel
   std::vector<client_internal::SelectAnswer> out = std::move(*answers->second);
   batch_answers_.erase(answers);
   if (!s.ok()) return s;
+  if (std::exchange(spoil_next_select_, false) && !out.empty()) {
+    std::vector<abi::SelectedPageRef>& pages = out[0].pages;
+    for (size_t i = pages.size(); i-- > 0;) {  // the last real page: good ones come before it
+      if (pages[i].segment != abi::kNoSegment && pages[i].valid != 0) {
+        pages[i].valid = 0xffff;
+        break;
+      }
+    }
+  }
   return out;
 }
 

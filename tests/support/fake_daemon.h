@@ -13,6 +13,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "client/backend.h"
@@ -54,6 +55,12 @@ class FakeDaemon final : public client_internal::Transport {
   void Answer(client_internal::Ticket ticket);
   // The next request of kind `op` (abi::kOp*) gets `status` instead of being run.
   void FailNext(uint32_t op, absl::Status status) { fail_[op] = std::move(status); }
+  // The next PrepareSelectBatch answers `status` (e.g. no scratch within the memory quota).
+  void FailNextPrepare(absl::Status status) { fail_prepare_ = std::move(status); }
+  // The next batch select's first answer carries one page reference the client must refuse
+  // (a valid count above the page size), after some good ones: a step that fails in its
+  // plan, after it placed pages in its cache.
+  void SpoilNextSelect() { spoil_next_select_ = true; }
   // What was asked: requests of each kind so far, and the positions of every append.
   uint64_t requests(uint32_t op) const;
   const std::vector<uint32_t>& append_positions() const { return append_positions_; }
@@ -86,7 +93,7 @@ class FakeDaemon final : public client_internal::Transport {
   absl::StatusOr<std::vector<client_internal::SelectAnswer>> FinishSelectBatch(
       client_internal::Ticket ticket) override;
   absl::Status PrepareSelectBatch(absl::Span<const client_internal::SelectRequest>) override {
-    return absl::OkStatus();
+    return std::exchange(fail_prepare_, absl::OkStatus());
   }
   bool Done(client_internal::Ticket ticket) const override;
   absl::StatusOr<client_internal::ArenaSpan> Map(const abi::ArenaRef& ref, uint64_t bytes) override;
@@ -117,6 +124,8 @@ class FakeDaemon final : public client_internal::Transport {
   uint64_t next_handle_ = 1;
   bool deferred_ = false;
   std::map<uint32_t, absl::Status> fail_;
+  absl::Status fail_prepare_;
+  bool spoil_next_select_ = false;
   std::map<uint32_t, uint64_t> requests_;
   std::vector<uint32_t> append_positions_;
   std::map<client_internal::Ticket, std::shared_ptr<std::vector<client_internal::SelectAnswer>>>
