@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 import threading
+import weakref
 from typing import Any
 
 import torch
@@ -64,7 +65,10 @@ class _IceCacheLayer(CacheLayerMixin):
 
     def __init__(self, cache: IceCacheCache, layer_idx: int) -> None:
         super().__init__()
-        self._cache = cache
+        # A weak reference: the cache holds its layers, so a strong one back would make a
+        # cycle, and a cache let go without drop() would keep its daemon sequence until the
+        # garbage collector runs.
+        self._cache = weakref.proxy(cache)
         self._layer_idx = layer_idx
         self.length = 0
 
@@ -91,6 +95,17 @@ class _IceCacheLayer(CacheLayerMixin):
                 f"(got {tokens} at layer {self._layer_idx})"
             )
         else:
+            stale = getattr(_pending, "entry", None)
+            if stale is not None and stale[1] is self._cache:
+                # The previous layer's decode was not taken by the attention function: the model
+                # attends with another implementation, which would see only this token's K/V
+                # (the cache keeps none) and give wrong output without an error.
+                _pending.entry = None
+                raise RuntimeError(
+                    "IceCacheCache needs the model loaded with attn_implementation="
+                    f"{ATTN_IMPLEMENTATION!r} (icecache.hf.register() first): layer "
+                    f"{stale[0]}'s decode step did not go through it"
+                )
             _pending.entry = (self._layer_idx, self._cache)
         self.length += tokens
         # Prefill: the prompt's K/V for its full attention. Decode: the new token's K/V, which

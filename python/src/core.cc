@@ -18,6 +18,7 @@
 #include <nanobind/stl/vector.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <exception>
 #include <memory>
@@ -73,6 +74,14 @@ void TranslateStatusError(const std::exception_ptr& p, void*) {
 
 [[noreturn]] void InvalidArgument(const std::string& message) {
   throw StatusError{absl::InvalidArgumentError(message)};
+}
+
+// A request timeout in seconds: finite and positive (a day at most), else InvalidArgumentError
+// (infinity overflowed the deadline and made every request time out at once).
+void CheckTimeout(double seconds) {
+  if (!(seconds > 0) || seconds > 86400) {
+    InvalidArgument("timeout must be in (0, 86400] seconds, got " + std::to_string(seconds));
+  }
 }
 
 // ------------------------------------------------------------------------------- tensors
@@ -255,15 +264,62 @@ void* StreamHandle(const nb::handle& stream) {
 // ------------------------------------------------------------------------------ wrappers
 // What a Python Sequence needs of its Client besides the C++ object: the mode and device its
 // tensors must match. The C++ Sequence is owned here; keep_alive ties its life to the Client.
+bool Finalizing() {
+#if PY_VERSION_HEX >= 0x030D0000
+  return Py_IsFinalizing() != 0;
+#else
+  return _Py_IsFinalizing() != 0;
+#endif
+}
+
 struct PySequence {
+  PySequence(std::unique_ptr<Sequence> s, ExecutionMode m, int d)
+      : sequence(std::move(s)), mode(m), device(d) {}
+  PySequence(const PySequence&) = delete;
+  PySequence& operator=(const PySequence&) = delete;
+  // The C++ Sequence's destructor drops it in the daemon (a round trip, which a daemon that is
+  // gone can stretch to the reconnect timeout): without the GIL, so that other Python threads
+  // go on meanwhile (not while the interpreter is finalizing: then it keeps the GIL).
+  ~PySequence() {
+    if (sequence != nullptr && PyGILState_Check() && !Finalizing()) {
+      nb::gil_scoped_release release;
+      sequence.reset();
+    }
+  }
+
   std::unique_ptr<Sequence> sequence;
   ExecutionMode mode;
   int device;
+  // A call that runs the C++ Sequence holds it (InUse): a Sequence serves one thread at a
+  // time, and a second thread's call (a drop() during a decode, say) must get an error, not
+  // run against a sequence being changed or freed under the first.
+  std::atomic<bool> busy{false};
 
   Sequence& get() {
     // After drop() the C++ Sequence still exists (calls get FAILED_PRECONDITION from it).
     return *sequence;
   }
+};
+
+// Holds a sequence for the calling thread; FailedPreconditionError when another thread holds it.
+class InUse {
+ public:
+  explicit InUse(PySequence& s) : s_(&s) {
+    if (s.busy.exchange(true, std::memory_order_acquire)) {
+      s_ = nullptr;
+      throw StatusError{absl::FailedPreconditionError(
+          "the sequence is in use by another thread (a Sequence serves one thread at a time)")};
+    }
+  }
+  InUse(InUse&& other) noexcept : s_(std::exchange(other.s_, nullptr)) {}
+  InUse(const InUse&) = delete;
+  InUse& operator=(const InUse&) = delete;
+  ~InUse() {
+    if (s_ != nullptr) s_->busy.store(false, std::memory_order_release);
+  }
+
+ private:
+  PySequence* s_;
 };
 
 struct PyClient {
@@ -326,7 +382,7 @@ std::unique_ptr<PySequence> Create(PyClient& c, const SequenceOptions& o) {
     }
     s = *std::move(created);
   }
-  return std::make_unique<PySequence>(PySequence{std::move(s), c.client->mode(), c.device});
+  return std::make_unique<PySequence>(std::move(s), c.client->mode(), c.device);
 }
 
 constexpr const char* kCreateDoc =
@@ -472,15 +528,31 @@ void BindDecodeBatch(nb::class_<PyClient>& cls, nb::module_& m) {
     m.attr("HAS_DECODE_BATCH") = true;
     cls.def(
         "decode_batch",
-        [](PyClient& c, uint32_t layer, const std::vector<PySequence*>& sequences, nb::handle q,
-           nb::handle k_new, nb::handle v_new, nb::handle out, nb::handle stream) {
-          if (sequences.empty()) InvalidArgument("decode_batch: an empty batch");
+        [](PyClient& c, uint32_t layer, nb::sequence sequences, nb::handle q, nb::handle k_new,
+           nb::handle v_new, nb::handle out, nb::handle stream) {
+          // The Python objects are held for the whole call (the list may change, and drop
+          // its last reference to one, in another thread while the GIL is released), and
+          // each sequence is held against other threads' calls.
+          std::vector<nb::object> keep;
+          for (nb::handle item : sequences) keep.push_back(nb::borrow(item));
+          if (keep.empty()) InvalidArgument("decode_batch: an empty batch");
           std::vector<Sequence*> batch;
-          batch.reserve(sequences.size());
-          for (PySequence* s : sequences) {
-            if (s == nullptr) InvalidArgument("decode_batch: None in the batch");
+          std::vector<PySequence*> py;
+          for (const nb::object& item : keep) {
+            if (item.is_none()) InvalidArgument("decode_batch: None in the batch");
+            PySequence* s = nullptr;
+            if (!nb::try_cast<PySequence*>(item, s) || s == nullptr) {
+              InvalidArgument("decode_batch: the batch holds something other than a Sequence");
+            }
+            if (std::find(py.begin(), py.end(), s) != py.end()) {
+              InvalidArgument("decode_batch: a sequence is twice in the batch");
+            }
+            py.push_back(s);
             batch.push_back(s->sequence.get());
           }
+          std::vector<InUse> held;
+          held.reserve(py.size());
+          for (PySequence* s : py) held.emplace_back(*s);
           // The shapes of the batch's first sequence; the library checks that all match.
           const ResolvedGeometry& g = batch[0]->geometry();
           const int64_t n = static_cast<int64_t>(batch.size());
@@ -598,6 +670,7 @@ NB_MODULE(_core, m) {
           "attach",
           [](const std::string& socket, ExecutionMode mode, int device, uint32_t cpu_threads,
              double cache_factor, bool profile, double timeout) {
+            CheckTimeout(timeout);
             ClientOptions o;
             o.socket = socket;
             o.mode = mode;
@@ -630,11 +703,20 @@ NB_MODULE(_core, m) {
       .def_prop_ro(
           "device", [](const PyClient& c) { return c.device; }, "CUDA device (CUDA mode).")
       .def_prop_ro(
-          "token", [](PyClient& c) { return c.client->attachment().token(); },
+          "token",
+          [](PyClient& c) {
+            // A recovery in another thread holds the attachment for as long as it takes.
+            nb::gil_scoped_release release;
+            return std::string(c.client->attachment().token());
+          },
           "The attachment's token: the icecache-client-token metadata of gRPC calls that see "
           "this client's sequences (icecache.operator).")
       .def(
-          "counters", [](const PyClient& c) { return c.client->counters(); },
+          "counters",
+          [](const PyClient& c) {
+            nb::gil_scoped_release release;  // as token: a recovery may hold the transport
+            return c.client->counters();
+          },
           "Hits, misses, fetched bytes and time, decode steps of all this client's sequences.");
   BindCreateSequence(client);
 
@@ -645,6 +727,7 @@ NB_MODULE(_core, m) {
       .def_static(
           "attach",
           [](const std::string& socket, double timeout) {
+            CheckTimeout(timeout);
             Attachment::Options o;
             o.socket = socket;
             o.as_operator = true;
@@ -668,9 +751,10 @@ NB_MODULE(_core, m) {
       "root, else under $XDG_RUNTIME_DIR or /tmp), as icecached and the CLI resolve it.");
 #endif
 
-  nb::class_<PySequence>(m, "Sequence",
+  nb::class_<PySequence>(m, "Sequence", nb::is_weak_referenceable(),
                          "One sequence's KV cache in icecached (C++ icecache::Sequence). Used by "
-                         "one thread at a time.")
+                         "one thread at a time: prefill, decode, drop and last_attended from a "
+                         "second thread while one runs raise FailedPreconditionError.")
       .def_prop_ro(
           "handle", [](PySequence& s) { return s.get().handle(); }, "The daemon's handle.")
       .def_prop_ro(
@@ -679,6 +763,7 @@ NB_MODULE(_core, m) {
       .def(
           "prefill",
           [](PySequence& s, uint32_t layer, nb::handle k, nb::handle v, nb::handle stream) {
+            InUse held(s);
             const ResolvedGeometry& g = s.get().geometry();
             const int64_t hk = g.num_kv_heads, d = g.head_dim;
             TensorArg ka, va;
@@ -705,6 +790,7 @@ NB_MODULE(_core, m) {
           "decode",
           [](PySequence& s, uint32_t layer, nb::handle q, nb::handle k_new, nb::handle v_new,
              nb::handle out, nb::handle stream) {
+            InUse held(s);
             const ResolvedGeometry& g = s.get().geometry();
             const int64_t hq = g.num_q_heads, hk = g.num_kv_heads, d = g.head_dim;
             TensorArg qa, ka, va, oa;
@@ -733,6 +819,7 @@ NB_MODULE(_core, m) {
       .def(
           "drop",
           [](PySequence& s) {
+            InUse held(s);
             absl::Status status;
             {
               nb::gil_scoped_release release;
@@ -741,7 +828,8 @@ NB_MODULE(_core, m) {
             Check(status);
           },
           "Frees the sequence in the daemon and the client. Later calls raise "
-          "FailedPreconditionError.")
+          "FailedPreconditionError, as a drop() while another thread's call runs on the "
+          "sequence does (nothing dropped).")
       .def(
           "tokens", [](PySequence& s, uint32_t layer) { return s.get().tokens(layer); }, "layer"_a,
           "Tokens of `layer` so far (prompt + decoded).")
@@ -754,6 +842,7 @@ NB_MODULE(_core, m) {
       .def(
           "last_attended",
           [](PySequence& s, uint32_t layer, uint32_t head) {
+            InUse held(s);
             Sequence::AttendedRows rows = Value(s.get().LastAttended(layer, head));
             const uint32_t d = s.get().geometry().head_dim;
             return nb::make_tuple(RowsArray(std::move(rows.k), rows.count, d),
@@ -766,7 +855,9 @@ NB_MODULE(_core, m) {
       .def(
           "__exit__",
           [](PySequence& s, nb::handle, nb::handle, nb::handle) {
+            InUse held(s);
             // Dropping twice is FAILED_PRECONDITION; leaving a with-block after drop() is fine.
+            nb::gil_scoped_release release;
             (void)s.get().Drop();
           },
           "exc_type"_a.none(), "exc"_a.none(), "tb"_a.none());

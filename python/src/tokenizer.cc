@@ -84,7 +84,22 @@ NB_MODULE(_tokenizer, m) {
             return nb::steal<nb::str>(PyUnicode_DecodeUTF8(s.data(), s.size(), "replace"));
           },
           "ids"_a, "The text of the tokens (invalid UTF-8 replaced).")
-      .def("token_text", &Tokenizer::TokenText, "id"_a, "The decoded text of one token.")
+      .def(
+          "token_text",
+          [](const Tokenizer& t, int32_t id) {
+            // One token's bytes may be part of a UTF-8 character (byte tokens): replaced, as
+            // decode() does, instead of a UnicodeDecodeError; token_bytes() has the bytes.
+            const std::string s = t.TokenText(id);
+            return nb::steal<nb::str>(PyUnicode_DecodeUTF8(s.data(), s.size(), "replace"));
+          },
+          "id"_a, "The decoded text of one token (invalid UTF-8 replaced).")
+      .def(
+          "token_bytes",
+          [](const Tokenizer& t, int32_t id) {
+            const std::string s = t.TokenText(id);
+            return nb::bytes(s.data(), s.size());
+          },
+          "id"_a, "The decoded bytes of one token.")
       .def_prop_ro("vocab_size", &Tokenizer::vocab_size)
       .def_prop_ro("bos_id", &Tokenizer::bos_id, "-1 when none.")
       .def_prop_ro("eos_id", &Tokenizer::eos_id, "-1 when none.")

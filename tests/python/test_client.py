@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import gc
+import math
+import os
 import pathlib
+import signal
+import threading
+import time
+import weakref
 
 import numpy as np
 import pytest
 import torch
 
 import icecache
+import icecache._core
 from icecache import DType, ExecutionMode, StatusCode
 
 # A small GQA geometry: 3 layers (the first keeps its whole KV), 4 query / 2 KV heads of 64.
@@ -280,6 +288,168 @@ def test_sequence_keeps_its_client_alive(daemon: object) -> None:
     np.testing.assert_array_equal(out, np.ones((HQ, D), np.float16))
 
 
+@pytest.mark.parametrize("timeout", [0.0, -1.0, math.inf, math.nan, 1e9])
+def test_attach_refuses_a_timeout_that_is_not_a_positive_finite_time(
+        daemon: object, timeout: float) -> None:
+    socket = daemon.socket  # type: ignore[attr-defined]
+    with pytest.raises(icecache.InvalidArgumentError) as e:
+        icecache.Client.attach(socket, mode=ExecutionMode.CPU, timeout=timeout)
+    assert "timeout must be in (0, 86400]" in e.value.message
+    with pytest.raises(icecache.InvalidArgumentError):
+        icecache._core.OperatorAttachment.attach(socket, timeout=timeout)
+
+
+def test_a_drop_while_another_thread_decodes_is_refused(client: icecache.Client) -> None:
+    """A Sequence serves one thread at a time: a second thread's drop() during a decode gets
+    FailedPreconditionError and drops nothing (it ran against the freed sequence before)."""
+    rng = np.random.default_rng(11)
+    k, v = rand(rng, 400, HK, D), rand(rng, 400, HK, D)
+    q, kn, vn = rand(rng, HQ, D), rand(rng, HK, D), rand(rng, HK, D)
+    refused = None
+    for _ in range(50):  # each round: decodes in a loop, one drop() a moment in
+        seq = make_sequence(client, max_tokens=100000)
+        for layer in range(LAYERS):
+            seq.prefill(layer, k, v)
+        stop = threading.Event()
+        errors: list[Exception] = []
+
+        def decode_loop(seq: icecache.Sequence = seq) -> None:
+            out = np.zeros((HQ, D), np.float16)
+            try:
+                while not stop.is_set():
+                    for layer in range(LAYERS):
+                        seq.decode(layer, q, kn, vn, out)
+            except icecache.FailedPreconditionError as e:  # dropped between two decodes
+                errors.append(e)
+
+        worker = threading.Thread(target=decode_loop)
+        worker.start()
+        time.sleep(0.02)
+        try:
+            seq.drop()
+        except icecache.FailedPreconditionError as e:
+            refused = e
+        stop.set()
+        worker.join()
+        if refused is not None:
+            assert errors == []  # the decodes went on: nothing was dropped
+            seq.drop()  # now it goes
+            break
+        # The drop landed between two decodes: the worker's next one found the sequence gone.
+        assert len(errors) == 1 and "dropped" in errors[0].message, errors
+    assert refused is not None, "no drop() landed inside a decode in 50 rounds"
+    assert "in use by another thread" in refused.message
+    with pytest.raises(icecache.FailedPreconditionError):
+        seq.decode(0, q, kn, vn, np.zeros((HQ, D), np.float16))
+
+
+@pytest.mark.skipif(not icecache.HAS_DECODE_BATCH, reason="the C++ library has no DecodeBatch")
+def test_decode_batch_holds_its_sequences_for_the_call(client: icecache.Client) -> None:
+    """The list given to decode_batch may lose a sequence's last reference in another thread
+    during the call (a finished request removed): the call keeps it alive until it returns
+    (it freed the sequence under the running batch before). A sequence twice is refused."""
+    rng = np.random.default_rng(12)
+    k, v = rand(rng, 400, HK, D), rand(rng, 400, HK, D)
+    for _ in range(20):
+        seqs = [make_sequence(client, max_tokens=100000) for _ in range(2)]
+        for layer in range(LAYERS):
+            seqs[0].prefill(layer, k, v)
+            seqs[1].prefill(layer, k, v)
+        gone = weakref.ref(seqs[1])
+        q, kn, vn = rand(rng, 2, HQ, D), rand(rng, 2, HK, D), rand(rng, 2, HK, D)
+        out = np.zeros((2, HQ, D), np.float16)
+        done = threading.Event()
+        failures: list[Exception] = []
+
+        def batch_loop(batch: list = seqs) -> None:
+            try:
+                for _ in range(200):
+                    for layer in range(LAYERS):
+                        client.decode_batch(layer, batch, q, kn, vn, out)
+            except icecache.InvalidArgumentError as e:
+                # The list lost its second sequence before a call took it: 2 queries for 1.
+                if len(batch) == 2 or "shape (2, 4, 64), expected (1, 4, 64)" not in e.message:
+                    failures.append(e)
+            except Exception as e:  # noqa: BLE001 - reported below
+                failures.append(e)
+            done.set()
+
+        worker = threading.Thread(target=batch_loop)
+        worker.start()
+        time.sleep(0.01)
+        seqs.pop()  # the last reference to the second sequence, while the worker decodes
+        worker.join()
+        assert done.is_set() and failures == [], failures
+        gc.collect()
+        assert gone() is None  # freed once the call that held it returned
+    s = seqs[0]
+    with pytest.raises(icecache.InvalidArgumentError) as e:
+        client.decode_batch(0, [s, s], rand(rng, 2, HQ, D), rand(rng, 2, HK, D),
+                            rand(rng, 2, HK, D), np.zeros((2, HQ, D), np.float16))
+    assert "twice" in e.value.message
+    with pytest.raises(icecache.InvalidArgumentError):
+        client.decode_batch(0, [s, "not a sequence"], rand(rng, 2, HQ, D), rand(rng, 2, HK, D),
+                            rand(rng, 2, HK, D), np.zeros((2, HQ, D), np.float16))
+    s.drop()
+
+
+def stop_process(pid: int) -> None:
+    """SIGSTOP, and wait until every thread is stopped (one still running may yet answer)."""
+    os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        states = []
+        for task in pathlib.Path(f"/proc/{pid}/task").iterdir():
+            try:
+                states.append((task / "stat").read_text().rsplit(")", 1)[1].split()[0])
+            except OSError:
+                continue  # a thread that ended
+        if states and all(s in ("T", "t") for s in states):
+            return
+        time.sleep(0.001)
+    raise AssertionError(f"process {pid} did not stop")
+
+
+def test_drops_on_exit_and_collection_let_other_threads_run() -> None:
+    """Leaving a with-block and collecting a sequence drop it in the daemon, a round trip that
+    a stopped daemon stretches to the request timeout: other Python threads run meanwhile."""
+    from conftest import Daemon
+
+    d = Daemon()
+    try:
+        c = icecache.Client.attach(d.socket, mode=ExecutionMode.CPU, timeout=1)
+        ticks = [0]
+        stop = threading.Event()
+
+        def ticker() -> None:
+            while not stop.is_set():
+                ticks[0] += 1
+                time.sleep(0.005)
+
+        t = threading.Thread(target=ticker)
+        t.start()
+        for how in ("exit", "del"):
+            seq = make_sequence(c)
+            stop_process(d.proc.pid)
+            before, start = ticks[0], time.monotonic()
+            if how == "exit":
+                with seq:
+                    pass
+            else:
+                del seq
+            took = time.monotonic() - start
+            d.proc.send_signal(signal.SIGCONT)
+            # The drop waited about the 1 s timeout; the ticker ran through it (it was frozen).
+            assert took > 0.5, (how, took)
+            assert ticks[0] - before > 0.25 * took / 0.005, (how, ticks[0] - before, took)
+        stop.set()
+        t.join()
+        del c  # detached before the daemon stops (it would wait for the client)
+    finally:
+        d.proc.send_signal(signal.SIGCONT)
+        d.stop()
+
+
 def test_stubs_and_docstrings_are_installed() -> None:
     import icecache._core as core
 
@@ -305,6 +475,9 @@ def test_tokenizer_splits_digits_like_llama_cpp() -> None:
     assert "\n\n\n" in pieces  # one token, as llama.cpp (transformers' GGUF tokenizer: two)
     assert pieces[-5:] == ["1", "2", "3", "4", "5"]
     assert tok.decode(ids) == "====\n\n\n1. 12345"
+    # A byte token that is part of a UTF-8 character: replaced in its text, whole in its bytes.
+    byte_a1 = next(i for i in range(tok.vocab_size) if tok.token_bytes(i) == b"\xa1")
+    assert tok.token_text(byte_a1) == "\ufffd"
     with pytest.raises(icecache.IceCacheError):
         GgufTokenizer.from_file("/nonexistent.gguf")
 

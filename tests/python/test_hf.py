@@ -9,10 +9,12 @@ lacks the smollm digit split). Skipped where the model has not been fetched
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
 import subprocess
+import weakref
 
 import pytest
 import torch
@@ -124,6 +126,37 @@ def test_budget_covering_the_context_generates_full_attentions_tokens(
     assert ref["full"] == full
     assert ref["service"] == full
     cache.drop()
+
+
+def test_a_model_that_does_not_attend_through_icecache_is_refused(
+        model: torch.nn.Module, tokenizer: object, client: icecache.Client) -> None:
+    """With SDPA instead of the "icecache" attention, a decode would attend only the new
+    token's K/V (the cache keeps none) and generate nonsense without an error: it raises."""
+    ids = tokenizer.encode("The capital of France is Paris. The capital of Germany is")
+    cache = cache_for(client, model, len(ids) + 8, budget=1024)
+    model.set_attn_implementation("sdpa")
+    try:
+        with pytest.raises(RuntimeError, match="attn_implementation='icecache'"):
+            generate(model, ids, 4, cache)
+    finally:
+        model.set_attn_implementation(icecache.hf.ATTN_IMPLEMENTATION)
+    cache.drop()
+
+
+def test_a_cache_let_go_frees_its_sequence_without_the_collector(
+        model: torch.nn.Module, tokenizer: object, client: icecache.Client) -> None:
+    """The cache and its layers make no reference cycle: a cache dropped without drop()
+    frees its daemon sequence at once, not at the next garbage collection."""
+    ids = tokenizer.encode("In the beginning God created the heaven and the earth.")
+    cache = cache_for(client, model, len(ids) + 4, budget=1024)
+    generate(model, ids, 2, cache)
+    sequence = weakref.ref(cache.sequence)
+    gc.disable()
+    try:
+        del cache
+        assert sequence() is None
+    finally:
+        gc.enable()
 
 
 def test_passkey_is_answered_like_the_cpp_path(model: torch.nn.Module, tokenizer: object,
