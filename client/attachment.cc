@@ -222,6 +222,15 @@ absl::StatusOr<uint32_t> Attachment::AcquireSlot() {
   if (control_ == nullptr)
     return absl::FailedPreconditionError("operator attachments have no slots");
   absl::MutexLock lock(&slots_mu_);
+  // Slots released before their answer come back once the daemon has answered them.
+  for (auto it = unanswered_slots_.begin(); it != unanswered_slots_.end();) {
+    if (Done(*it)) {
+      free_slots_.push_back(*it);
+      it = unanswered_slots_.erase(it);
+    } else {
+      ++it;
+    }
+  }
   if (free_slots_.empty()) return SlotsExhaustedError();
   const uint32_t i = free_slots_.back();
   free_slots_.pop_back();
@@ -291,8 +300,13 @@ absl::Status Attachment::Wait(uint32_t index, absl::Duration timeout) {
 }
 
 void Attachment::ReleaseSlot(uint32_t index) {
-  slot(index)->state.store(abi::kSlotFree, std::memory_order_relaxed);
+  const uint32_t state = slot(index)->state.load(std::memory_order_acquire);
   absl::MutexLock lock(&slots_mu_);
+  if (state == abi::kSlotSubmitted || state == abi::kSlotRunning) {
+    unanswered_slots_.push_back(index);  // the daemon still owns it
+    return;
+  }
+  slot(index)->state.store(abi::kSlotFree, std::memory_order_relaxed);
   free_slots_.push_back(index);
 }
 

@@ -16,6 +16,7 @@
 #include <memory>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "absl/synchronization/notification.h"
 #include "absl/time/clock.h"
@@ -291,6 +292,56 @@ TEST_F(InProcessDataPlaneTest, ABatchSelectHoldsItsScratchBufferUntilItsAnswer) 
   EXPECT_OK(client_->ReleaseStaging("", scratch.buffer));
   EXPECT_THAT(client_->ReleaseStaging("", scratch.buffer),
               StatusIs(absl::StatusCode::kInvalidArgument));
+}
+
+// A slot released before its answer (a Wait that timed out) is not handed out again until the
+// daemon has answered it: its late answer would otherwise land in the next request's slot.
+TEST_F(InProcessDataPlaneTest, ASlotReleasedUnansweredIsNotReusedUntilAnswered) {
+  ASSERT_OK_AND_ASSIGN(SequenceInfo seq, plane_->CreateSequence(caller_, Spec(), "late"));
+  const std::string& h = seq.handle;
+  ASSERT_OK_AND_ASSIGN(abi::StageResponse st, client_->Stage(h, 64));
+  ASSERT_OK(client_->Prefill(h, 0, st.buffer, 64, 0));
+  ASSERT_OK_AND_ASSIGN(abi::StageResponse page, client_->Stage(h, 8));
+  const GeometrySpec g = Spec();
+  const std::vector<float> q(size_t{g.num_q_heads} * g.head_dim, 0.25f);
+  uint32_t late = 0;
+  {
+    PoolHold hold(&pool_, kWorkers);
+    ASSERT_TRUE(hold.held());
+    // The select waits behind an append on the held pool; its wait gives up first.
+    ASSERT_OK_AND_ASSIGN(uint32_t append,
+                         client_->SubmitStaged(abi::kOpAppend, h, 0, page.buffer, 8, 64));
+    ASSERT_OK_AND_ASSIGN(late, client_->SubmitSelect(h, 0, q.data(), q.size(), 0));
+    EXPECT_THAT(client_->Wait(late, absl::Milliseconds(20)),
+                StatusIs(absl::StatusCode::kDeadlineExceeded));
+    client_->ReleaseSlot(late);
+    // Every other slot can be had; the unanswered one cannot.
+    std::vector<uint32_t> taken;
+    while (true) {
+      absl::StatusOr<uint32_t> i = client_->AcquireSlot();
+      if (!i.ok()) {
+        EXPECT_TRUE(IsSlotsExhausted(i.status())) << i.status();
+        break;
+      }
+      EXPECT_NE(*i, late) << "a slot the daemon has not answered was handed out again";
+      taken.push_back(*i);
+    }
+    EXPECT_EQ(taken.size(), 8u - 2u);  // 8 slots: the append's and the unanswered select's
+    for (uint32_t i : taken) client_->ReleaseSlot(i);
+    hold.Release();
+    EXPECT_OK(client_->Finish(append));
+  }
+  // Answered now (the select ran after the append): the slot comes back.
+  ASSERT_TRUE(WaitFor([&] { return client_->Done(late); }, absl::Seconds(20)));
+  bool back = false;
+  std::vector<uint32_t> taken;
+  for (absl::StatusOr<uint32_t> i = client_->AcquireSlot(); i.ok(); i = client_->AcquireSlot()) {
+    back |= *i == late;
+    taken.push_back(*i);
+  }
+  EXPECT_TRUE(back);
+  EXPECT_EQ(taken.size(), 8u);
+  for (uint32_t i : taken) client_->ReleaseSlot(i);
 }
 
 }  // namespace

@@ -70,6 +70,10 @@ class Attachment {
   absl::Status Wait(uint32_t index, absl::Duration timeout = absl::Seconds(60));
   // True once the slot is answered (does not wait).
   bool Done(uint32_t index) const;
+  // Gives the slot back. One still submitted or running (a Wait that timed out) is not handed
+  // out again until the daemon has answered it: its late answer would land in the next
+  // request's slot (and that request's own queue entry would be refused), so the next request
+  // would see an answer that is not its own.
   void ReleaseSlot(uint32_t index);
 
   // ---- common requests (each acquires, submits, waits and releases a slot)
@@ -159,6 +163,7 @@ class Attachment {
 
   absl::Mutex slots_mu_;
   std::vector<uint32_t> free_slots_ ABSL_GUARDED_BY(slots_mu_);
+  std::vector<uint32_t> unanswered_slots_ ABSL_GUARDED_BY(slots_mu_);  // released unanswered
   absl::Mutex sq_mu_;
   uint64_t next_request_id_ ABSL_GUARDED_BY(sq_mu_) = 1;
 
