@@ -149,8 +149,15 @@ struct TensorArg {
 // tensor (or a read-only one where `writable`).
 void Import(nb::handle obj, const char* name, bool writable, TensorArg* arg) {
   if (const dlx::Api* api = dlx::ExchangeApi(Py_TYPE(obj.ptr()))) {
+    // The exchange takes a tensor that requires grad, which __dlpack__ refuses: written in
+    // place behind autograd's back, it would carry gradients of what it held before.
+    if (writable && nb::hasattr(obj, "requires_grad") &&
+        PyObject_IsTrue(obj.attr("requires_grad").ptr()) == 1) {
+      InvalidArgument(std::string(name) +
+                      ": a tensor that requires grad is not written in place (detach it)");
+    }
     if (api->dltensor_from_py_object_no_sync(obj.ptr(), &arg->view) == 0) return;
-    PyErr_Clear();  // e.g. a tensor that requires grad: let __dlpack__ say why
+    PyErr_Clear();  // not a tensor it exports: the fallback below says why
   }
   auto fill = [&](const auto& a) {
     const size_t n = std::min<size_t>(a.ndim(), 8);

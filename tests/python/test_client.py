@@ -266,6 +266,23 @@ def test_read_only_out_is_refused(client: icecache.Client) -> None:
     seq.drop()
 
 
+def test_out_that_requires_grad_is_refused(client: icecache.Client) -> None:
+    seq = make_sequence(client)
+    kv = torch.zeros((8, HK, D), dtype=torch.float16)
+    for layer in range(LAYERS):
+        seq.prefill(layer, kv, kv)
+    q = torch.ones((HQ, D), dtype=torch.float16)
+    out = torch.zeros((HQ, D), dtype=torch.float16, requires_grad=True)
+    with pytest.raises(icecache.InvalidArgumentError) as e:
+        seq.decode(0, q, kv[0], kv[0], out)
+    assert "out: a tensor that requires grad" in e.value.message
+    assert seq.tokens(0) == 8  # nothing done
+    assert not out.detach().any()
+    seq.decode(0, q, kv[0], kv[0], out.detach())  # a detached view is written
+    assert seq.tokens(0) == 9
+    seq.drop()
+
+
 def test_drop_then_calls_fail(client: icecache.Client) -> None:
     with make_sequence(client) as seq:
         kv = np.zeros((8, HK, D), np.float16)
