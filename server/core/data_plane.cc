@@ -1259,7 +1259,7 @@ void DataPlane::Handshake(const PendingAttach& p) {
     // The client's memory: its control segment now, its sequences' promises later.
     absl::StatusOr<std::unique_ptr<Arena>> arena = Arena::Create(
         client->id, options_.arena,
-        std::make_unique<ClientBudget>(memory_, options_.client_quota, &segment_bytes_),
+        std::make_unique<ClientBudget>(memory_, options_.client_quota, segment_bytes_),
         client.get());
     if (!arena.ok()) {
       client->conn_fd = -1;
@@ -1557,7 +1557,7 @@ DataPlaneStats DataPlane::Stats() const {
   s.clients = by_token_.size();
   // Every arena's segments, including those of clients being reaped (the accountant is the
   // truth: an arena is charged until its last user lets it go).
-  s.arena_bytes = segment_bytes_.load();
+  s.arena_bytes = segment_bytes_->load();
   for (const auto& [token, c] : by_token_) {
     if (c->arena == nullptr) continue;
     s.frame_bytes += c->arena->frame_bytes_in_use();

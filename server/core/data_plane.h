@@ -226,7 +226,9 @@ class DataPlane {
   absl::flat_hash_map<const SequenceKv*, StagingAllowance> allowances_
       ABSL_GUARDED_BY(allowance_mu_);
   // Bytes of every client's arena segments (their budgets count them).
-  std::atomic<uint64_t> segment_bytes_{0};
+  // Shared with every client's budget, which can outlive the plane (ClientBudget).
+  const std::shared_ptr<std::atomic<uint64_t>> segment_bytes_ =
+      std::make_shared<std::atomic<uint64_t>>(0);
   std::atomic<uint64_t> next_staging_tag_{1};
   std::atomic<bool> draining_{false};
 

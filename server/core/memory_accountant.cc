@@ -1,6 +1,7 @@
 #include "server/core/memory_accountant.h"
 
 #include <algorithm>
+#include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "common/bytes.h"
@@ -59,8 +60,8 @@ void ReleaseNested(MemoryAccountant* inner, MemoryAccountant* outer, uint64_t by
 
 // ------------------------------------------------------------------ ClientBudget
 ClientBudget::ClientBudget(MemoryAccountant* global, uint64_t quota_bytes,
-                           std::atomic<uint64_t>* segments_total)
-    : global_(global), quota_(quota_bytes), segments_total_(segments_total) {}
+                           std::shared_ptr<std::atomic<uint64_t>> segments_total)
+    : global_(global), quota_(quota_bytes), segments_total_(std::move(segments_total)) {}
 
 ClientBudget::~ClientBudget() {
   absl::MutexLock lock(&mu_);

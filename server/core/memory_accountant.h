@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <memory>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/status/status.h"
@@ -65,10 +66,12 @@ class MemoryAccountant {
 // it, never the other way round).
 class ClientBudget {
  public:
-  // `global` (and `segments_total`, when given: the bytes of every budget's segments) must
-  // outlive the budget; quota_bytes 0 means no per-client bound.
+  // `global` must outlive the budget; `segments_total` (when given: the bytes of every
+  // budget's segments) is shared, since a budget can outlive its data plane (the last
+  // reference to a client's arena may go on a pool worker after the plane is destroyed);
+  // quota_bytes 0 means no per-client bound.
   ClientBudget(MemoryAccountant* global, uint64_t quota_bytes,
-               std::atomic<uint64_t>* segments_total = nullptr);
+               std::shared_ptr<std::atomic<uint64_t>> segments_total = nullptr);
   ClientBudget(const ClientBudget&) = delete;
   ClientBudget& operator=(const ClientBudget&) = delete;
   ~ClientBudget();  // releases whatever is still charged
@@ -102,7 +105,7 @@ class ClientBudget {
 
   MemoryAccountant* const global_;
   const uint64_t quota_;
-  std::atomic<uint64_t>* const segments_total_;
+  const std::shared_ptr<std::atomic<uint64_t>> segments_total_;
   mutable absl::Mutex mu_;
   uint64_t fixed_ ABSL_GUARDED_BY(mu_) = 0;
   uint64_t heap_ ABSL_GUARDED_BY(mu_) = 0;
