@@ -86,6 +86,13 @@ uint64_t AttachmentTransport::generation() const {
   return current_->id;
 }
 
+void AttachmentTransport::MarkLostForTesting(const std::string& handle, absl::Status why) {
+  absl::MutexLock book(&book_mu_);
+  SequenceRecord& r = sequences_.at(handle);
+  r.current.clear();
+  r.lost = std::move(why);
+}
+
 RecoveryCounters AttachmentTransport::recovery_counters() const {
   absl::ReaderMutexLock lock(&mu_);
   return counters_;
@@ -116,11 +123,19 @@ absl::StatusOr<std::string> AttachmentTransport::Current(const std::string& hand
   auto it = sequences_.find(handle);
   if (it == sequences_.end()) return handle;  // not created through this transport
   if (it->second.current.empty()) {
+    // A lost sequence is lost for good: its rows were in the arena of a daemon that is gone.
+    // The restore's code is kept, except UNAVAILABLE (a successor that went away or drained
+    // during the restore): from a call, UNAVAILABLE means "the daemon is gone", and every
+    // call on the sequence would then wait up to reconnect_timeout, holding the transport
+    // against every other thread, for a live daemon to go away.
+    const absl::StatusCode code = it->second.lost.code();
     return absl::Status(
-        it->second.lost.code() == absl::StatusCode::kOk ? absl::StatusCode::kFailedPrecondition
-                                                        : it->second.lost.code(),
-        absl::StrCat("sequence ", handle, " could not be restored after icecached went away: ",
-                     it->second.lost.message()));
+        code == absl::StatusCode::kOk || code == absl::StatusCode::kUnavailable
+            ? absl::StatusCode::kFailedPrecondition
+            : code,
+        absl::StrCat("sequence ", handle, " could not be restored after icecached went away (",
+                     absl::StatusCodeToString(code), "): ", it->second.lost.message(),
+                     "; drop it and create it again"));
   }
   return it->second.current;
 }

@@ -85,6 +85,9 @@ class AttachmentTransport final : public Transport {
   // The current attachment (replaced by a recovery).
   Attachment& attachment();
   RecoveryCounters recovery_counters() const;
+  // Leaves `handle` (a sequence created through this transport) as a recovery leaves one it
+  // could not restore, with `why` as the restore's error.
+  void MarkLostForTesting(const std::string& handle, absl::Status why);
 
   static constexpr uint32_t kVirtualSegment = 0x80000000u;
 

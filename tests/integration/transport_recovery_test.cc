@@ -155,5 +155,34 @@ TEST_F(TransportRecoveryTest, ARequestFailedByAFailedRecoveryIsNotResubmittedLat
   EXPECT_THAT(t.FinishSelectBatch(ticket).status(), StatusIs(absl::StatusCode::kInternal));
 }
 
+// A sequence whose restore failed UNAVAILABLE (its successor drained or went away during the
+// restore) fails at once, FAILED_PRECONDITION, with the restore's error: not UNAVAILABLE, which
+// sent every call on it into a recovery that waited reconnect_timeout for the live daemon to go
+// away (three times, holding the transport against every other thread). Other restore errors
+// keep their code. The other sequences go on; the lost one can be dropped.
+TEST_F(TransportRecoveryTest, ALostSequenceFailsAtOnceAndLeavesTheOthersAlone) {
+  Start();
+  Attach(absl::Seconds(20));
+  AttachmentTransport& t = *transport_;
+  ASSERT_OK_AND_ASSIGN(v1::Sequence other, t.CreateSequence(Request()));
+  ASSERT_OK_AND_ASSIGN(v1::Sequence third, t.CreateSequence(Request()));
+  t.MarkLostForTesting(handle_, absl::UnavailableError("icecached is shutting down"));
+  t.MarkLostForTesting(third.handle(), absl::DataLossError("position 12 of layer 0 is missing"));
+  const absl::Time start = absl::Now();
+  EXPECT_THAT(t.Stage(handle_, 16).status(),
+              StatusIs(absl::StatusCode::kFailedPrecondition,
+                       ::testing::AllOf(::testing::HasSubstr("could not be restored"),
+                                        ::testing::HasSubstr("shutting down"))));
+  EXPECT_THAT(t.Stage(third.handle(), 16).status(),
+              StatusIs(absl::StatusCode::kDataLoss, ::testing::HasSubstr("is missing")));
+  EXPECT_LT(absl::Now() - start, absl::Seconds(5)) << "a call on a lost sequence waited";
+  EXPECT_EQ(t.recovery_counters().recoveries, 0u);
+  ASSERT_OK_AND_ASSIGN(abi::StageResponse st, t.Stage(other.handle(), 16));
+  EXPECT_OK(t.ReleaseStaging(other.handle(), st.buffer));
+  EXPECT_OK(t.DropSequence(handle_));
+  EXPECT_OK(t.DropSequence(third.handle()));
+  EXPECT_LT(absl::Now() - start, absl::Seconds(5));
+}
+
 }  // namespace
 }  // namespace icecache::testing
