@@ -127,6 +127,9 @@ absl::Status Sequence::Impl::CheckUsable(uint32_t layer) const {
 }
 
 absl::Status Sequence::Impl::AllocateKv(Buffer* buffer, size_t bytes) {
+  // A layer allocated again (a prefill retried after it failed past its allocation) lets its
+  // previous buffer go: Allocate frees it first, whatever it then returns.
+  kv_device_bytes_ -= buffer->size();
   ICECACHE_RETURN_IF_ERROR(buffer->Allocate(be_, bytes));
   kv_device_bytes_ += bytes;
   return absl::OkStatus();

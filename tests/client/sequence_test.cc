@@ -97,6 +97,40 @@ TEST_F(SequenceTest, FullBudgetEqualsFullAttentionAndHandsPagesOver) {
   EXPECT_EQ(daemon.staging_bytes_in_use(), 0u);
 }
 
+// A prefill that fails after its layer's buffers were allocated (no staging buffer) can be
+// made again: the retry reallocates the layer, and the device bytes counted are one layer's,
+// not two (they were counted again at each try).
+TEST_F(SequenceTest, APrefillRetriedAfterAFailedStageCountsItsBuffersOnce) {
+  constexpr uint32_t kPrompt = 300;
+  const Data data = MakeData(2, 2, 2, 64, kPrompt + 40, DType::kFP16);
+  FakeDaemon daemon;
+  auto seq = Make(&daemon, data, 1024, 1);
+  ASSERT_NE(seq, nullptr);
+  ASSERT_OK(seq->Prefill(0, data.K(0, 0), data.V(0, 0), kPrompt));
+  daemon.FailNext(abi::kOpStage, absl::ResourceExhaustedError("no staging room"));
+  EXPECT_THAT(seq->Prefill(1, data.K(1, 0), data.V(1, 0), kPrompt),
+              StatusIs(absl::StatusCode::kResourceExhausted, HasSubstr("no staging room")));
+  ASSERT_OK(seq->Prefill(1, data.K(1, 0), data.V(1, 0), kPrompt));
+  EXPECT_EQ(daemon.requests(abi::kOpPrefill), 1u);
+  EXPECT_EQ(seq->kv_device_bytes(), 2u * 128 * 2 * (340 + 32 + 48 + 2 * 60 * 16));
+  // And the retried layer decodes as a layer prefilled once: full attention.
+  std::vector<uint16_t> out(size_t{data.q_heads()} * data.d);
+  const std::vector<uint16_t> q = data.Query(1, 0);
+  ASSERT_OK(
+      seq->Decode(0, data.Query(0, 0).data(), data.K(0, kPrompt), data.V(0, kPrompt), out.data()));
+  ASSERT_OK(seq->Decode(1, q.data(), data.K(1, kPrompt), data.V(1, kPrompt), out.data()));
+  for (uint32_t qh = 0; qh < data.q_heads(); ++qh) {
+    const std::vector<double> want = Attend(data, 1, q, qh, Iota(kPrompt + 1));
+    for (uint32_t i = 0; i < data.d; ++i) {
+      ASSERT_NEAR(data.ToFloat(out[size_t{qh} * data.d + i]), want[i],
+                  Tolerance(data.dtype, want[i]))
+          << "head " << qh << " dim " << i;
+    }
+  }
+  ASSERT_OK(seq->Drop());
+  EXPECT_EQ(daemon.staging_bytes_in_use(), 0u);
+}
+
 // The float64 attention of query head qh over the rows the last Decode of `layer` attended
 // for its KV head, merged with the tail partial `tail` ([2 + d], may be empty) by the
 // reference formula (selection::MergeTail).

@@ -76,6 +76,12 @@ uint64_t FakeDaemon::requests(uint32_t op) const {
 absl::StatusOr<abi::StageResponse> FakeDaemon::Stage(const std::string& handle, uint32_t tokens) {
   ++requests_[abi::kOpStage];
   if (tickets_.size() >= options_.slots) return SlotsExhaustedError();
+  auto failed = fail_.find(abi::kOpStage);
+  if (failed != fail_.end()) {
+    absl::Status st = std::move(failed->second);
+    fail_.erase(failed);
+    return st;
+  }
   absl::StatusOr<SequenceKv*> kv = Find(handle);
   if (!kv.ok()) return kv.status();
   const uint64_t bytes = (*kv)->StagingBytesPerToken() * tokens;

@@ -53,7 +53,8 @@ class FakeDaemon final : public client_internal::Transport {
   // Computes the answer of an outstanding ticket now (out of order, when the test wants; a
   // select first answers the staged ops of its layer submitted before it, as icecached).
   void Answer(client_internal::Ticket ticket);
-  // The next request of kind `op` (abi::kOp*) gets `status` instead of being run.
+  // The next request of kind `op` (abi::kOp*) gets `status` instead of being run (a
+  // kOpStage: the Stage call returns it).
   void FailNext(uint32_t op, absl::Status status) { fail_[op] = std::move(status); }
   // The next PrepareSelectBatch answers `status` (e.g. no scratch within the memory quota).
   void FailNextPrepare(absl::Status status) { fail_prepare_ = std::move(status); }
