@@ -168,24 +168,31 @@ absl::StatusOr<v1::Sequence> AttachmentTransport::CreateSequence(
 }
 
 absl::Status AttachmentTransport::DropSequence(const std::string& handle) {
-  absl::StatusOr<bool> r = Retry<bool>([&]() -> absl::StatusOr<bool> {
-    absl::StatusOr<std::string> cur = Current(handle);
-    if (cur.ok()) {
-      grpc::ClientContext ctx;
-      PrepareContext(&ctx);
-      v1::DropSequenceRequest req;
-      req.set_handle(*cur);
-      v1::DropSequenceResponse resp;
-      const grpc::Status st = current_->stub->DropSequence(&ctx, req, &resp);
-      if (!st.ok() && st.error_code() != grpc::StatusCode::NOT_FOUND) {
-        return FromGrpc(st, "DropSequence");
-      }
+  // Not through Retry: a daemon found gone takes the sequence with it (a draining one frees
+  // it when it exits), so the drop is done once the sequence is forgotten here, and no
+  // successor will restore it. Recovering first would wait up to reconnect_timeout for a
+  // successor (every sequence an engine lets go while its daemon restarts, every one
+  // collected at a Python interpreter's exit) and then rebuild the sequence only to free it.
+  absl::ReaderMutexLock lock(&mu_);
+  absl::StatusOr<std::string> cur = Current(handle);
+  if (cur.ok()) {
+    grpc::ClientContext ctx;
+    PrepareContext(&ctx);
+    v1::DropSequenceRequest req;
+    req.set_handle(*cur);
+    v1::DropSequenceResponse resp;
+    const grpc::Status st = current_->stub->DropSequence(&ctx, req, &resp);
+    absl::Status dropped = st.ok() ? absl::OkStatus() : FromGrpc(st, "DropSequence");
+    if (DaemonLost(dropped)) {
+      ICECACHE_LOG(INFO) << "sequence " << handle << " forgotten: its daemon is gone ("
+                         << dropped.message() << ")";
+    } else if (!dropped.ok() && dropped.code() != absl::StatusCode::kNotFound) {
+      return dropped;
     }
-    absl::MutexLock lock(&book_mu_);
-    sequences_.erase(handle);
-    return true;
-  });
-  return r.status();
+  }
+  absl::MutexLock book(&book_mu_);
+  sequences_.erase(handle);
+  return absl::OkStatus();
 }
 
 // ------------------------------------------------------------------ staging

@@ -184,5 +184,30 @@ TEST_F(TransportRecoveryTest, ALostSequenceFailsAtOnceAndLeavesTheOthersAlone) {
   EXPECT_LT(absl::Now() - start, absl::Seconds(5));
 }
 
+// A sequence dropped while its daemon is gone is forgotten at once: the drop does not wait for
+// a successor (it waited up to reconnect_timeout, then failed UNAVAILABLE if none came), and a
+// successor that comes later does not rebuild it.
+TEST_F(TransportRecoveryTest, ADropWhileTheDaemonIsGoneForgetsTheSequenceAtOnce) {
+  Start();
+  Attach(absl::Seconds(20));
+  AttachmentTransport& t = *transport_;
+  ASSERT_OK_AND_ASSIGN(v1::Sequence kept, t.CreateSequence(Request()));
+  Kill();
+  const absl::Time start = absl::Now();
+  EXPECT_OK(t.DropSequence(handle_));
+  EXPECT_LT(absl::Now() - start, absl::Seconds(5)) << "the drop waited for a successor";
+  EXPECT_EQ(t.recovery_counters().recoveries, 0u);
+  Start();
+  ASSERT_OK_AND_ASSIGN(abi::StageResponse st, t.Stage(kept.handle(), 16));  // recovers
+  EXPECT_OK(t.ReleaseStaging(kept.handle(), st.buffer));
+  const client_internal::RecoveryCounters c = t.recovery_counters();
+  EXPECT_EQ(c.recoveries, 1u);
+  EXPECT_EQ(c.restored_sequences, 1u) << "the dropped sequence was rebuilt";
+  EXPECT_EQ(c.lost_sequences, 0u);
+  // Dropped for good: the transport no longer knows the handle (it passes it through, and the
+  // successor has no such sequence).
+  EXPECT_THAT(t.Stage(handle_, 16).status(), StatusIs(absl::StatusCode::kNotFound));
+}
+
 }  // namespace
 }  // namespace icecache::testing

@@ -467,6 +467,33 @@ def test_drops_on_exit_and_collection_let_other_threads_run() -> None:
         d.stop()
 
 
+def test_sequences_let_go_after_the_daemon_died_are_dropped_at_once() -> None:
+    """A sequence dropped or collected after its daemon died is forgotten without waiting for
+    a successor (each waited the 60 s reconnect timeout: an interpreter's exit took a minute
+    per sequence left alive)."""
+    from conftest import Daemon
+
+    d = Daemon()
+    try:
+        c = icecache.Client.attach(d.socket, mode=ExecutionMode.CPU, timeout=5)
+        seqs = [make_sequence(c) for _ in range(3)]
+        d.proc.kill()
+        d.proc.wait()
+        start = time.monotonic()
+        seqs[0].drop()
+        with seqs[1]:
+            pass
+        del seqs[2]
+        gc.collect()
+        took = time.monotonic() - start
+        assert took < 10, took
+        with pytest.raises(icecache.FailedPreconditionError):
+            seqs[0].drop()  # dropped: not twice
+        del seqs, c
+    finally:
+        d.stop()
+
+
 def test_stubs_and_docstrings_are_installed() -> None:
     import icecache._core as core
 
