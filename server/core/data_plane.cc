@@ -1210,10 +1210,14 @@ void DataPlane::Handshake(const PendingAttach& p) {
     const uint64_t limit = memory_->limit();
     const uint64_t max_bytes =
         options_.client_quota != 0 ? std::min(options_.client_quota, limit) : limit;
+    // Its index of tagged frames is charged to the memory limit until the last restore.
     absl::StatusOr<std::unique_ptr<DonatedArena>> mapped =
-        DonatedArena::Map(std::move(taken), max_bytes);
+        DonatedArena::Map(std::move(taken), max_bytes, memory_);
     if (!mapped.ok()) {
-      return Refuse(fd, abi::kAttachBadRequest,
+      return Refuse(fd,
+                    mapped.status().code() == absl::StatusCode::kResourceExhausted
+                        ? abi::kAttachExhausted
+                        : abi::kAttachBadRequest,
                     absl::StrCat("recovery: ", mapped.status().message()));
     }
     previous = std::move(*mapped);
@@ -1517,20 +1521,23 @@ absl::StatusOr<SequenceInfo> DataPlane::RestoreSequence(
   absl::StatusOr<SequenceInfo> info = CreateSequence(caller, spec, label);
   if (!info.ok()) return info.status();
   const Geometry& g = info->geometry;
-  auto fail = [&](absl::Status st) {
-    (void)registry_->Drop(info->handle, caller);
-    return st;
-  };
+  // Dropped again on every way out but success (a refusal, or an exception such as a failed
+  // allocation): the client never learns its handle, so nothing else would drop it before
+  // the client detaches.
+  absl::Cleanup drop_unless_restored = [&] { (void)registry_->Drop(info->handle, caller); };
   std::vector<char> seen(g.num_layers, 0);
   for (const SequenceKv::LayerJournal& j : layers) {
     if (j.layer >= g.num_layers || j.layer < g.full_kv_layers) {
-      return fail(absl::InvalidArgumentError(
-          absl::StrCat("layers: layer ", j.layer, " is not an offloaded layer of the sequence")));
+      return absl::InvalidArgumentError(
+          absl::StrCat("layers: layer ", j.layer, " is not an offloaded layer of the sequence"));
     }
     if (seen[j.layer]) {
-      return fail(absl::InvalidArgumentError(absl::StrCat("layers: layer ", j.layer, " twice")));
+      return absl::InvalidArgumentError(absl::StrCat("layers: layer ", j.layer, " twice"));
     }
     seen[j.layer] = 1;
+    // Every history checked before any layer is rebuilt.
+    absl::Status valid = info->kv->CheckJournal(j);
+    if (!valid.ok()) return valid;
   }
   const std::unique_ptr<SequenceKv::RowSource> rows =
       previous->RowsOf(SequenceRegistry::DurableIdOf(previous_handle), g);
@@ -1539,11 +1546,12 @@ absl::StatusOr<SequenceInfo> DataPlane::RestoreSequence(
   for (const SequenceKv::LayerJournal& j : layers) {
     absl::Status st = info->kv->Restore(j, *rows);
     if (!st.ok()) {
-      return fail(absl::Status(st.code(), absl::StrCat("restoring layer ", j.layer, " of ",
-                                                       previous_handle, ": ", st.message())));
+      return absl::Status(st.code(), absl::StrCat("restoring layer ", j.layer, " of ",
+                                                  previous_handle, ": ", st.message()));
     }
     tokens += info->kv->tokens(j.layer);
   }
+  std::move(drop_unless_restored).Cancel();
   ICECACHE_LOG(INFO) << "client " << caller.client_id << ": restored " << previous_handle << " as "
                      << info->handle << " (" << layers.size() << " layers, " << tokens
                      << " tokens) in "

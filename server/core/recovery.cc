@@ -5,10 +5,12 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
 #include "common/dtype.h"
+#include "common/status_macros.h"
 
 namespace icecache {
 
@@ -17,11 +19,15 @@ DonatedArena::~DonatedArena() {
     if (s.base != nullptr) ::munmap(const_cast<uint8_t*>(s.base), s.bytes);
     if (s.fd >= 0) ::close(s.fd);
   }
+  std::vector<Frame>().swap(frames_);
+  if (memory_ != nullptr && charged_ > 0) memory_->Release(charged_);
 }
 
 absl::StatusOr<std::unique_ptr<DonatedArena>> DonatedArena::Map(std::vector<int> fds,
-                                                                uint64_t max_bytes) {
+                                                                uint64_t max_bytes,
+                                                                MemoryAccountant* memory) {
   std::unique_ptr<DonatedArena> a(new DonatedArena());
+  a->memory_ = memory;
   // Owned from here on: closed with the object whatever happens.
   for (int fd : fds) a->segments_.push_back(Segment{fd});
   if (fds.empty() || fds.size() > abi::kMaxDonatedSegments) {
@@ -65,6 +71,9 @@ absl::StatusOr<std::unique_ptr<DonatedArena>> DonatedArena::Map(std::vector<int>
   if (header.magic != abi::kArenaMagic) {
     return absl::InvalidArgumentError("the first segment is not an arena's control segment");
   }
+  // The page segments, and how many frames they can hold: the bound of the index, charged
+  // before a tag is read.
+  uint64_t max_frames = 0;
   for (size_t i = 1; i < a->segments_.size(); ++i) {
     Segment& s = a->segments_[i];
     const abi::SegmentInfo& info = header.segments[i];
@@ -76,34 +85,49 @@ absl::StatusOr<std::unique_ptr<DonatedArena>> DonatedArena::Map(std::vector<int>
     }
     s.kind = abi::kSegmentPages;
     s.page_bytes = info.page_bytes;
+    max_frames += abi::FramesInPageSegment(s.bytes, s.page_bytes);
+  }
+  if (memory != nullptr && max_frames > 0) {
+    const uint64_t bound = max_frames * sizeof(Frame);
+    ICECACHE_RETURN_IF_ERROR(memory->Reserve(bound, "the index of a recovered arena"));
+    a->charged_ = bound;
+  }
+  a->frames_.reserve(max_frames);
+  for (size_t i = 1; i < a->segments_.size(); ++i) {
+    const Segment& s = a->segments_[i];
+    if (s.kind != abi::kSegmentPages) continue;
     const uint32_t frames = abi::FramesInPageSegment(s.bytes, s.page_bytes);
     for (uint32_t f = 0; f < frames; ++f) {
       const auto* tag =
           reinterpret_cast<const abi::FrameTag*>(s.base + abi::TagOffset(s.bytes, s.page_bytes, f));
       const uint64_t owner = tag->owner.load(std::memory_order_acquire);
       if (owner == 0) continue;
-      Frame fr;
-      fr.segment = static_cast<uint32_t>(i);
-      fr.frame = f;
-      fr.kv_head = tag->kv_head;
-      fr.count = tag->count;
-      const uint32_t layer = tag->layer;
-      std::memcpy(fr.positions, tag->positions, sizeof(fr.positions));
-      // The owner again after the copy: a tag that changed meanwhile is not taken.
-      if (tag->owner.load(std::memory_order_acquire) != owner) continue;
-      if (fr.count == 0 || fr.count > abi::kMaxTagSlots) continue;
-      a->frames_[owner][layer].push_back(fr);
+      const uint32_t layer = tag->layer, kv_head = tag->kv_head, count = tag->count;
+      if (count == 0 || count > abi::kMaxTagSlots || kv_head > UINT16_MAX) continue;
+      a->frames_.push_back(Frame{owner, layer, static_cast<uint32_t>(i), f,
+                                 static_cast<uint16_t>(kv_head), static_cast<uint16_t>(count)});
+    }
+  }
+  // By (owner, layer); a stable sort keeps segment and frame order within each.
+  std::stable_sort(a->frames_.begin(), a->frames_.end(), [](const Frame& x, const Frame& y) {
+    return x.owner != y.owner ? x.owner < y.owner : x.layer < y.layer;
+  });
+  a->frames_.shrink_to_fit();
+  if (memory != nullptr) {
+    const uint64_t used = a->frames_.capacity() * sizeof(Frame);
+    if (used < a->charged_) {
+      memory->Release(a->charged_ - used);
+      a->charged_ = used;
     }
   }
   return a;
 }
 
 uint64_t DonatedArena::FramesOf(uint64_t owner) const {
-  auto it = frames_.find(owner);
-  if (it == frames_.end()) return 0;
-  uint64_t n = 0;
-  for (const auto& [layer, frames] : it->second) n += frames.size();
-  return n;
+  auto [begin, end] =
+      std::equal_range(frames_.begin(), frames_.end(), Frame{owner},
+                       [](const Frame& x, const Frame& y) { return x.owner < y.owner; });
+  return static_cast<uint64_t>(end - begin);
 }
 
 uint64_t DonatedArena::bytes() const {
@@ -131,27 +155,39 @@ class DonatedArena::Rows final : public SequenceKv::RowSource {
       }
     }
     std::vector<char> found(g_.num_kv_heads * n, 0);
-    auto owner = arena_->frames_.find(owner_);
-    if (owner != arena_->frames_.end()) {
-      auto frames = owner->second.find(layer);
-      if (frames != owner->second.end()) {
-        for (const Frame& f : frames->second) {
-          const Segment& s = arena_->segments_[f.segment];
-          if (f.kv_head >= g_.num_kv_heads || s.page_bytes != layout.page_bytes() ||
-              f.count > g_.page_size) {
-            continue;  // not a frame of this geometry
-          }
-          const uint8_t* base = s.base + uint64_t{f.frame} * s.page_bytes;
-          for (uint32_t slot = 0; slot < f.count; ++slot) {
-            const uint32_t p = f.positions[slot];
-            if (p < first || p - first >= n) continue;
-            const uint64_t at = uint64_t{f.kv_head} * n + (p - first);
-            if (found[at]) continue;  // a copy of a row already taken (copy on write)
-            found[at] = 1;
-            std::memcpy(k_out + at * row, base + layout.k_offset(slot), row);
-            std::memcpy(v_out + at * row, base + layout.v_offset(slot), row);
-          }
-        }
+    Frame key;
+    key.owner = owner_;
+    key.layer = layer;
+    auto [begin, end] = std::equal_range(
+        arena_->frames_.begin(), arena_->frames_.end(), key, [](const Frame& x, const Frame& y) {
+          return x.owner != y.owner ? x.owner < y.owner : x.layer < y.layer;
+        });
+    for (auto it = begin; it != end; ++it) {
+      const Frame& f = *it;
+      const Segment& s = arena_->segments_[f.segment];
+      if (f.kv_head >= g_.num_kv_heads || s.page_bytes != layout.page_bytes() ||
+          f.count > g_.page_size) {
+        continue;  // not a frame of this geometry
+      }
+      // The positions, from the tag as it is now: taken only while it still says what was
+      // indexed (the client can write these segments; it can only spoil its own rows).
+      const auto* tag = reinterpret_cast<const abi::FrameTag*>(
+          s.base + abi::TagOffset(s.bytes, s.page_bytes, f.frame));
+      uint32_t tag_positions[abi::kMaxTagSlots];
+      std::memcpy(tag_positions, tag->positions, sizeof(uint32_t) * f.count);
+      if (tag->owner.load(std::memory_order_acquire) != f.owner || tag->layer != f.layer ||
+          tag->kv_head != f.kv_head || tag->count != f.count) {
+        continue;
+      }
+      const uint8_t* base = s.base + uint64_t{f.frame} * s.page_bytes;
+      for (uint32_t slot = 0; slot < f.count; ++slot) {
+        const uint32_t p = tag_positions[slot];
+        if (p < first || p - first >= n) continue;
+        const uint64_t at = uint64_t{f.kv_head} * n + (p - first);
+        if (found[at]) continue;  // a copy of a row already taken (copy on write)
+        found[at] = 1;
+        std::memcpy(k_out + at * row, base + layout.k_offset(slot), row);
+        std::memcpy(v_out + at * row, base + layout.v_offset(slot), row);
       }
     }
     for (uint32_t h = 0; h < g_.num_kv_heads; ++h) {

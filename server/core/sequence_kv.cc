@@ -655,8 +655,37 @@ uint64_t SequenceKv::tokens(uint32_t layer) const {
 
 uint64_t SequenceKv::pages() const { return pages_.load(std::memory_order_relaxed); }
 
-absl::Status SequenceKv::Restore(const LayerJournal& journal, const RowSource& source) {
+absl::Status SequenceKv::CheckJournal(const LayerJournal& journal) const {
   ICECACHE_RETURN_IF_ERROR(CheckLayer(journal.layer));
+  const auto refuse = [&](const std::string& what) {
+    return absl::InvalidArgumentError(absl::StrCat("layer ", journal.layer, "'s history: ", what,
+                                                   " (max_tokens ", geometry_.max_tokens,
+                                                   ", page_size ", geometry_.page_size, ")"));
+  };
+  if (journal.prefill_tokens == 0 || journal.prefill_tokens > geometry_.max_tokens ||
+      uint64_t{journal.prefill_first} + journal.prefill_tokens > UINT32_MAX) {
+    return refuse(absl::StrCat("a prefill of ", journal.prefill_tokens, " tokens at ",
+                               journal.prefill_first));
+  }
+  uint64_t total = journal.prefill_tokens;
+  for (const AppendRun& r : journal.appends) {
+    if (r.tokens == 0 || r.tokens > geometry_.page_size || r.count == 0 ||
+        uint64_t{r.first_position} + uint64_t{r.count} * r.tokens > UINT32_MAX) {
+      return refuse(absl::StrCat("a run of ", r.count, " appends of ", r.tokens, " tokens at ",
+                                 r.first_position));
+    }
+    total += uint64_t{r.count} * r.tokens;
+    if (total > geometry_.max_tokens) {
+      return refuse(absl::StrCat("more than max_tokens tokens (", total, " so far)"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status SequenceKv::Restore(const LayerJournal& journal, const RowSource& source) {
+  // The whole journal is checked first: the rows of a prefill are gathered (and allocated)
+  // before Prefill would refuse their count, so every count from the client is bounded here.
+  ICECACHE_RETURN_IF_ERROR(CheckJournal(journal));
   const uint64_t row = uint64_t{geometry_.head_dim} * DTypeBytes(geometry_.dtype);
   const uint64_t heads = geometry_.num_kv_heads;
   std::vector<uint32_t> want;
@@ -671,9 +700,12 @@ absl::Status SequenceKv::Restore(const LayerJournal& journal, const RowSource& s
   ICECACHE_RETURN_IF_ERROR(gather(journal.prefill_first, journal.prefill_tokens));
   ICECACHE_RETURN_IF_ERROR(
       Prefill(journal.layer, k.data(), v.data(), journal.prefill_tokens, journal.prefill_first));
-  for (const auto& [first, tokens] : journal.appends) {
-    ICECACHE_RETURN_IF_ERROR(gather(first, tokens));
-    ICECACHE_RETURN_IF_ERROR(Append(journal.layer, k.data(), v.data(), tokens, first));
+  for (const AppendRun& r : journal.appends) {
+    for (uint32_t i = 0; i < r.count; ++i) {
+      const uint32_t first = r.first_position + i * r.tokens;  // within uint32: checked above
+      ICECACHE_RETURN_IF_ERROR(gather(first, r.tokens));
+      ICECACHE_RETURN_IF_ERROR(Append(journal.layer, k.data(), v.data(), r.tokens, first));
+    }
   }
   return absl::OkStatus();
 }

@@ -130,15 +130,25 @@ class SequenceKv : public std::enable_shared_from_this<SequenceKv> {
   // One layer's history as the client saw it acknowledged: the prompt's build, then each
   // append in order. Replaying it gives the identical index (every index is deterministic in
   // its input), so the restored sequence selects what the lost one would have.
+  struct AppendRun {
+    uint32_t first_position = 0;  // of the run's first append
+    uint32_t tokens = 0;          // per append
+    uint32_t count = 0;           // appends, each at the previous one's end
+  };
   struct LayerJournal {
     uint32_t layer = 0;
     uint32_t prefill_first = 0;
     uint32_t prefill_tokens = 0;
-    std::vector<std::pair<uint32_t, uint32_t>> appends;  // (first position, tokens)
+    std::vector<AppendRun> appends;  // kept as runs: never expanded (a run is 12 bytes)
   };
   // Rebuilds `journal.layer` (empty) from `source`: Prefill, then every Append, on rows copied
-  // out of the source first. Errors as Prefill/Append, or the source's DATA_LOSS.
+  // out of the source first. The journal is checked whole before anything is read or
+  // allocated for it (INVALID_ARGUMENT: a prefill of 1..max_tokens tokens, appends of
+  // 1..page_size tokens, positions within uint32, max_tokens in all); then errors as
+  // Prefill/Append, or the source's DATA_LOSS.
   absl::Status Restore(const LayerJournal& journal, const RowSource& source);
+  // Restore's check of a journal alone (nothing read or changed).
+  absl::Status CheckJournal(const LayerJournal& journal) const;
 
  private:
   struct Head;

@@ -201,27 +201,24 @@ absl::Status IceCacheService::OnRestoreSequence(grpc::CallbackServerContext* ctx
   absl::StatusOr<Caller> caller = CallerOf(ctx);
   if (!caller.ok()) return caller.status();
   if (!request->has_geometry()) return absl::InvalidArgumentError("geometry is required");
-  // The history, runs expanded; bounded before anything is allocated for it.
+  // The history as runs (never expanded: a run of 2^32 appends is 12 bytes here); each
+  // layer's is checked whole against the geometry by SequenceKv::Restore before anything is
+  // read or allocated for it.
+  if (request->layers_size() > static_cast<int>(GeometryLimits::kMaxNumLayers)) {
+    return absl::InvalidArgumentError(absl::StrCat("layers: ", request->layers_size(),
+                                                   " histories; a sequence has at most ",
+                                                   GeometryLimits::kMaxNumLayers, " layers"));
+  }
   std::vector<SequenceKv::LayerJournal> layers;
+  layers.reserve(request->layers_size());
   for (const v1::LayerHistory& h : request->layers()) {
     SequenceKv::LayerJournal j;
     j.layer = h.layer();
     j.prefill_first = h.prefill_first_position();
     j.prefill_tokens = h.prefill_tokens();
-    uint64_t appends = 0, position = 0;
+    j.appends.reserve(h.appends_size());
     for (const v1::AppendRun& r : h.appends()) {
-      appends += r.count();
-      if (appends > GeometryLimits::kMaxTokens || r.tokens() == 0 ||
-          uint64_t{r.first_position()} + uint64_t{r.count()} * r.tokens() > UINT32_MAX) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            "layers: layer ", h.layer(), ": append runs out of range (count ", r.count(),
-            ", tokens ", r.tokens(), ", first_position ", r.first_position(), ")"));
-      }
-      position = r.first_position();
-      for (uint32_t i = 0; i < r.count(); ++i) {
-        j.appends.emplace_back(static_cast<uint32_t>(position), r.tokens());
-        position += r.tokens();
-      }
+      j.appends.push_back(SequenceKv::AppendRun{r.first_position(), r.tokens(), r.count()});
     }
     layers.push_back(std::move(j));
   }

@@ -448,7 +448,8 @@ TEST_F(SequenceKvTest, RestoreReplaysTheHistoryIntoTheIdenticalIndex) {
   for (uint32_t first = 1200; first + 16 <= 2000; first += 16) {
     std::vector<uint8_t> a = Staged(2, first, 16);
     ASSERT_OK(kv_->Append(2, a.data(), a.data() + a.size() / 2, 16, first));
-    journal.appends.emplace_back(first, 16);
+    // One run per append, as a client's history before it is merged into runs.
+    journal.appends.push_back(SequenceKv::AppendRun{first, 16, 1});
   }
   SequenceKv restored(geometry_, *selection::Preset(selection::kPaperPreset), arena_, &pool_,
                       nullptr);
@@ -472,12 +473,42 @@ TEST_F(SequenceKvTest, RestoreReplaysTheHistoryIntoTheIdenticalIndex) {
       ASSERT_EQ(std::memcmp(fa + half, fb + half, used), 0) << "query " << qi << " entry " << i;
     }
   }
+  // The same history as one run of 50 appends restores the same layer.
+  SequenceKv::LayerJournal merged = journal;
+  merged.appends = {SequenceKv::AppendRun{1200, 16, 50}};
+  SequenceKv from_runs(geometry_, *selection::Preset(selection::kPaperPreset), arena_, &pool_,
+                       nullptr);
+  ASSERT_OK(from_runs.Restore(merged, rows));
+  EXPECT_EQ(from_runs.tokens(2), 2000u);
+  EXPECT_EQ(from_runs.pages(), kv_->pages());
   // A history naming a token the source lacks: DATA_LOSS, reported as such.
   SequenceKv short_of_rows(geometry_, *selection::Preset(selection::kPaperPreset), arena_, &pool_,
                            nullptr);
   SequenceKv::LayerJournal beyond = journal;
-  beyond.appends.emplace_back(2000, 16);
+  beyond.prefill_first = 1990;  // rows to 2005: the source has 2000
+  beyond.prefill_tokens = 16;
+  beyond.appends.clear();
   EXPECT_THAT(short_of_rows.Restore(beyond, rows), StatusIs(absl::StatusCode::kDataLoss));
+  // Counts the geometry cannot hold are refused before a row is read: more tokens than
+  // max_tokens, a prefill of none, appends of more than a page or of none.
+  beyond = journal;
+  beyond.appends.push_back(SequenceKv::AppendRun{2000, 16, 1});
+  EXPECT_THAT(short_of_rows.Restore(beyond, rows),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("more than max_tokens")));
+  beyond = journal;
+  beyond.prefill_tokens = 0;
+  EXPECT_THAT(short_of_rows.Restore(beyond, rows),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("a prefill of 0 tokens")));
+  for (const SequenceKv::AppendRun bad :
+       {SequenceKv::AppendRun{1200, 17, 1}, SequenceKv::AppendRun{1200, 16, 0},
+        SequenceKv::AppendRun{0xFFFFFFF0u, 16, 1}}) {
+    beyond = journal;
+    beyond.appends = {bad};
+    EXPECT_THAT(short_of_rows.Restore(beyond, rows),
+                StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("a run of")))
+        << bad.first_position << " " << bad.tokens << " " << bad.count;
+  }
+  EXPECT_EQ(short_of_rows.tokens(2), 0u);
 }
 
 }  // namespace

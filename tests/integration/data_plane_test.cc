@@ -8,11 +8,14 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <fstream>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/strip.h"
 #include "absl/time/clock.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -342,13 +345,107 @@ TEST_F(DataPlaneTest, RecoveryAttachAndRestoreCheckWhatTheyAreHanded) {
   run->set_count(1);
   st = daemon_->stub().RestoreSequence(ContextWithToken((*b)->token()).get(), req, &resp);
   EXPECT_EQ(st.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << st.error_message();
-  EXPECT_THAT(st.error_message(), HasSubstr("append runs out of range"));
+  EXPECT_THAT(st.error_message(), HasSubstr("a run of 1 appends of 0 tokens"));
   layer->clear_appends();
   // A plain attachment has no previous arena.
   req.set_previous_handle(live);
   st = daemon_->stub().RestoreSequence(ContextWithToken(a->token()).get(), req, &resp);
   EXPECT_EQ(st.error_code(), grpc::StatusCode::FAILED_PRECONDITION) << st.error_message();
   // Nothing was created by the refused restores: only the live sequence exists.
+  EXPECT_EQ(Stats().num_sequences(), 1u);
+  EXPECT_TRUE(daemon_->process().Running());
+}
+
+// The peak resident memory of a process (VmHWM), in bytes.
+uint64_t PeakResidentBytes(pid_t pid) {
+  std::ifstream in(absl::StrCat("/proc/", pid, "/status"));
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.rfind("VmHWM:", 0) == 0) {
+      uint64_t kib = 0;
+      (void)absl::SimpleAtoi(absl::StripAsciiWhitespace(line.substr(6, line.size() - 9)), &kib);
+      return kib << 10;
+    }
+  }
+  return 0;
+}
+
+// Counts in a restore's history are the client's: a few bytes of request must not make the
+// daemon allocate for them. Runs of 2^24 appends (each history was expanded into one entry per
+// append: 134 MB apiece, 2.15 GB for 16 histories of a 281-byte request, before any other
+// check), a prefill of 2^32 - 16 tokens or more appends than max_tokens (the rows were
+// gathered, 16.8 GB touched, before the counts were checked) are refused up front, and the
+// sequence the restore created is dropped on every refusal.
+TEST_F(DataPlaneTest, ARestoresCountsAreCheckedBeforeAnythingIsAllocatedForThem) {
+  auto a = AttachClient();
+  ASSERT_NE(a, nullptr);
+  const std::string live = Create(*a);
+  Attachment::Options o;
+  o.socket = daemon_->socket_path();
+  o.previous = a.get();
+  auto b = Attachment::Attach(o);
+  ASSERT_TRUE(b.ok()) << b.status();
+  const pid_t pid = daemon_->process().pid();
+  const uint64_t peak_before = PeakResidentBytes(pid);
+  ASSERT_GT(peak_before, 0u);
+
+  v1::RestoreSequenceRequest req;
+  WorkloadOptions w;
+  w.layers = 16;
+  *req.mutable_geometry() = WorkloadGeometry(w);
+  const uint32_t first_offloaded = req.geometry().full_kv_layers();
+  const uint32_t max_tokens = req.geometry().max_tokens();
+  req.set_previous_handle("seq_" + std::string(32, '0'));
+  auto restore = [&](Attachment& who) {
+    v1::RestoreSequenceResponse resp;
+    return daemon_->stub().RestoreSequence(ContextWithToken(who.token()).get(), req, &resp);
+  };
+  // 16 histories of one run of 2^24 one-token appends, from a plain attachment (refused for
+  // having no previous arena: the runs cost nothing on the way).
+  for (uint32_t l = 0; l < 16; ++l) {
+    v1::LayerHistory* h = req.add_layers();
+    h->set_layer(first_offloaded + l);
+    h->set_prefill_tokens(64);
+    v1::AppendRun* run = h->add_appends();
+    run->set_first_position(64);
+    run->set_tokens(1);
+    run->set_count(uint32_t{1} << 24);
+  }
+  grpc::Status st = restore(*a);
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::FAILED_PRECONDITION) << st.error_message();
+  // The same from the recovery attachment: more appends than max_tokens.
+  st = restore(**b);
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << st.error_message();
+  EXPECT_THAT(st.error_message(), HasSubstr("more than max_tokens"));
+  // Appends longer than a page, a prefill beyond max_tokens, and one of 2^32 - 16 tokens.
+  req.clear_layers();
+  v1::LayerHistory* h = req.add_layers();
+  h->set_layer(first_offloaded);
+  h->set_prefill_tokens(64);
+  v1::AppendRun* run = h->add_appends();
+  run->set_first_position(64);
+  run->set_tokens(req.geometry().page_size() + 1);
+  run->set_count(1);
+  st = restore(**b);
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << st.error_message();
+  EXPECT_THAT(st.error_message(), HasSubstr("a run of 1 appends of"));
+  h->clear_appends();
+  for (const uint32_t tokens : {max_tokens + 1, 0xFFFFFFF0u}) {
+    h->set_prefill_tokens(tokens);
+    st = restore(**b);
+    EXPECT_EQ(st.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << st.error_message();
+    EXPECT_THAT(st.error_message(), HasSubstr(absl::StrCat("a prefill of ", tokens, " tokens")));
+  }
+  // A valid history after an invalid one: nothing of the first is rebuilt (checked whole).
+  h->set_prefill_tokens(64);
+  req.add_layers()->set_layer(first_offloaded + 1);  // a prefill of 0 tokens
+  st = restore(**b);
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << st.error_message();
+  EXPECT_THAT(st.error_message(), HasSubstr("a prefill of 0 tokens"));
+
+  EXPECT_LT(PeakResidentBytes(pid), peak_before + (uint64_t{64} << 20))
+      << "the daemon allocated for the counts of refused restores";
+  // Every refused restore dropped what it created: only the live sequence exists.
   EXPECT_EQ(Stats().num_sequences(), 1u);
   EXPECT_TRUE(daemon_->process().Running());
 }
