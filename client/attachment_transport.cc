@@ -105,15 +105,29 @@ void AttachmentTransport::PrepareContext(grpc::ClientContext* ctx) const {
 
 template <typename T>
 absl::StatusOr<T> AttachmentTransport::Retry(const std::function<absl::StatusOr<T>()>& f) {
+  bool retried_live = false;
   for (int attempt = 0;; ++attempt) {
     uint64_t seen;
     absl::StatusOr<T> r;
+    bool peer_gone;
     {
       absl::ReaderMutexLock lock(&mu_);
       seen = current_->id;
       r = f();
+      peer_gone = current_->attachment->PeerGone();
     }
     if (r.ok() || !DaemonLost(r.status()) || attempt == 3) return r;
+    // UNAVAILABLE from a daemon that is still attached: a control connection it closed (its
+    // transport's memory bound reclaims connections under pressure) is made again by the
+    // next call, so the call is tried once more before the daemon is taken for gone (a
+    // recovery waits up to reconnect_timeout for a daemon to go away; a draining one answers
+    // UNAVAILABLE again and then does).
+    if (!peer_gone && !retried_live) {
+      retried_live = true;
+      --attempt;
+      absl::SleepFor(absl::Milliseconds(20));
+      continue;
+    }
     ICECACHE_RETURN_IF_ERROR(Recover(seen));
   }
 }

@@ -20,6 +20,7 @@
 #include "common/thread_pool.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/health_check_service_interface.h"
+#include "grpcpp/resource_quota.h"
 #include "grpcpp/security/server_credentials.h"
 #include "grpcpp/server.h"
 #include "grpcpp/server_builder.h"
@@ -125,6 +126,11 @@ class DaemonObserver final : public DataPlaneObserver {
 namespace {
 
 constexpr const char* kServiceName = "icecache.v1.IceCache";
+// The control transport's bounds (see BuildAndStart below). The largest request a client
+// library sends is a RestoreSequence: a history of a few runs per layer, kilobytes.
+constexpr uint32_t kControlStreamsPerConnection = 16;
+constexpr uint64_t kMaxControlMessageBytes = uint64_t{1} << 20;
+constexpr size_t kControlTransportBytes = size_t{64} << 20;
 
 std::string ReadWholeFile(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
@@ -382,6 +388,17 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const DaemonOptions& optio
     builder.AddListeningPort(options.tcp_address, creds, &tcp_port);
   }
   builder.RegisterService(d->service_.get());
+  // What a control connection can make the daemon hold before any handler sees a call (no
+  // token is checked before a message is whole): gRPC buffers every stream's partial message,
+  // so streams per connection, message size and the transport's memory are bounded here. An
+  // unauthenticated peer with 1000 streams of unfinished 4 MB messages on one connection took
+  // the daemon from 17 MiB to 3.6 GiB, past any --memory-limit (docs/security.md).
+  builder.AddChannelArgument(GRPC_ARG_MAX_CONCURRENT_STREAMS,
+                             static_cast<int>(kControlStreamsPerConnection));
+  builder.SetMaxReceiveMessageSize(static_cast<int>(kMaxControlMessageBytes));
+  grpc::ResourceQuota quota("icecached-control");
+  quota.Resize(kControlTransportBytes);
+  builder.SetResourceQuota(quota);
   d->server_ = builder.BuildAndStart();
   if (d->server_ == nullptr) {
     return absl::UnavailableError(

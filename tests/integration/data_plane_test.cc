@@ -8,14 +8,11 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
-#include <fstream>
 #include <string>
 #include <thread>
 #include <vector>
 
-#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
-#include "absl/strings/strip.h"
 #include "absl/time/clock.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -354,20 +351,6 @@ TEST_F(DataPlaneTest, RecoveryAttachAndRestoreCheckWhatTheyAreHanded) {
   // Nothing was created by the refused restores: only the live sequence exists.
   EXPECT_EQ(Stats().num_sequences(), 1u);
   EXPECT_TRUE(daemon_->process().Running());
-}
-
-// The peak resident memory of a process (VmHWM), in bytes.
-uint64_t PeakResidentBytes(pid_t pid) {
-  std::ifstream in(absl::StrCat("/proc/", pid, "/status"));
-  std::string line;
-  while (std::getline(in, line)) {
-    if (line.rfind("VmHWM:", 0) == 0) {
-      uint64_t kib = 0;
-      (void)absl::SimpleAtoi(absl::StripAsciiWhitespace(line.substr(6, line.size() - 9)), &kib);
-      return kib << 10;
-    }
-  }
-  return 0;
 }
 
 // Counts in a restore's history are the client's: a few bytes of request must not make the

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/notification.h"
 #include "absl/time/clock.h"
 #include "gtest/gtest.h"
 #include "icecache/client.h"
@@ -157,12 +158,18 @@ void RestartTest::Trials(int signal, SelectionMode selection, int trials, uint32
     std::unique_ptr<DaemonProcess> second;
     std::string restart_error;
     std::thread crash;
+    absl::Notification signalled;
     const RunResult run =
         Decode(data_, (*first)->socket_path(), selection, [&](uint32_t s, uint32_t l) {
+          // The last step waits for the signal: on a loaded machine the crash thread may wake
+          // only after the decode (the drop that followed would then find the daemon gone and
+          // forget the sequence, with nothing left to recover).
+          if (s == kSteps - 1 && l == 0) signalled.WaitForNotification();
           if (s != kill_step || l != kill_layer) return;
           crash = std::thread([&] {
             std::this_thread::sleep_for(std::chrono::microseconds(delay_us));
             (*first)->process().Signal(signal);
+            signalled.Notify();
             (void)(*first)->process().Wait(absl::Seconds(30));
             auto d = DaemonProcess::Start(dir.path(), Config());
             if (d.ok()) {

@@ -14,6 +14,7 @@
 #include <chrono>
 #include <cmath>
 #include <condition_variable>
+#include <cstdio>
 #include <cstring>
 #include <fstream>
 #include <mutex>
@@ -31,6 +32,7 @@
 #include "grpcpp/generic/generic_stub.h"
 #include "grpcpp/security/credentials.h"
 #include "gtest/gtest.h"
+#include "icecache/client.h"
 #include "tests/support/attachment_peer.h"
 #include "tests/support/daemon_process.h"
 #include "tests/support/status_matchers.h"
@@ -663,6 +665,146 @@ TEST_F(SecurityTest, AllFullKvSequencesAreCharged) {
   ASSERT_TRUE(
       daemon_->stub().CreateSequence(ContextWithToken((*a)->token()).get(), req, &resp).ok());
   EXPECT_EQ(resp.sequence().kv_bytes(), 16u << 10);
+}
+
+// One HTTP/2 frame: 24-bit length, type, flags, stream id.
+std::string Http2Frame(uint8_t type, uint8_t flags, uint32_t stream, const std::string& payload) {
+  std::string f;
+  const uint32_t n = static_cast<uint32_t>(payload.size());
+  f += static_cast<char>(n >> 16);
+  f += static_cast<char>(n >> 8);
+  f += static_cast<char>(n);
+  f += static_cast<char>(type);
+  f += static_cast<char>(flags);
+  for (int shift = 24; shift >= 0; shift -= 8) f += static_cast<char>((stream >> shift) & 0x7f);
+  return f + payload;
+}
+
+// An HPACK literal header field without indexing, new name (lengths under 128).
+std::string HpackLiteral(const std::string& name, const std::string& value) {
+  return std::string(1, '\0') + static_cast<char>(name.size()) + name +
+         static_cast<char>(value.size()) + value;
+}
+
+// A raw HTTP/2 connection to the control socket that opens `streams` gRPC calls, each an
+// unfinished message declared `message_bytes` long, and writes their bodies for as long as
+// flow control lets it within `deadline`; it never authenticates. Returns the bytes written.
+uint64_t UnfinishedMessages(const std::string& socket_path, int streams, uint32_t message_bytes,
+                            absl::Time deadline) {
+  const int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  std::memcpy(addr.sun_path, socket_path.c_str(), socket_path.size());
+  if (::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
+    ::close(fd);
+    return 0;
+  }
+  uint64_t written = 0;
+  // Written whole or not at all, until the deadline; what the daemon sends is drained.
+  auto send_all = [&](const std::string& bytes) {
+    size_t at = 0;
+    char sink[65536];
+    while (at < bytes.size()) {
+      while (::recv(fd, sink, sizeof(sink), MSG_DONTWAIT) > 0) {
+      }
+      const ssize_t n = ::send(fd, bytes.data() + at, bytes.size() - at, MSG_NOSIGNAL);
+      if (n > 0) {
+        at += static_cast<size_t>(n);
+        written += static_cast<uint64_t>(n);
+        continue;
+      }
+      if (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK) return false;
+      if (absl::Now() > deadline) return false;
+      absl::SleepFor(absl::Milliseconds(2));
+    }
+    return true;
+  };
+  const std::string headers =
+      HpackLiteral(":method", "POST") + HpackLiteral(":scheme", "http") +
+      HpackLiteral(":path", "/icecache.v1.IceCache/GetStats") + HpackLiteral(":authority", "x") +
+      HpackLiteral("content-type", "application/grpc") + HpackLiteral("te", "trailers");
+  bool open = send_all(std::string("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n") + Http2Frame(4, 0, 0, "") +
+                       Http2Frame(4, 1, 0, ""));
+  const std::string chunk(16000, '\0');
+  for (int i = 0; open && i < streams; ++i) {
+    const uint32_t id = 1 + 2 * static_cast<uint32_t>(i);
+    std::string prefix(5, '\0');
+    for (int b = 0; b < 4; ++b) prefix[1 + b] = static_cast<char>(message_bytes >> (24 - 8 * b));
+    open = send_all(Http2Frame(1, 4, id, headers) + Http2Frame(0, 0, id, prefix));
+    for (uint64_t sent = 0; open && sent + chunk.size() < message_bytes; sent += chunk.size()) {
+      open = send_all(Http2Frame(0, 0, id, chunk));
+    }
+  }
+  // Held open a moment: what the daemon buffered for it is counted before it goes.
+  absl::SleepFor(absl::Milliseconds(300));
+  ::close(fd);
+  return written;
+}
+
+// What a control connection makes the daemon hold before any handler sees a call is bounded:
+// streams per connection, the size of a message and the control transport's memory. Eight
+// connections of 64 streams, each an unfinished 1 MB message, never authenticated: before the
+// bounds the daemon took them all (329 MiB resident at --memory-limit=64MiB; 1000 streams of
+// 4 MB on one connection: 3.6 GiB); with them it stays near its own size, and still serves.
+TEST_F(SecurityTest, UnfinishedControlMessagesCannotGrowTheDaemonPastItsBounds) {
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+  GTEST_SKIP() << "resident memory under a sanitizer is not the daemon's own";
+#endif
+  StartDaemon({}, "64MiB");
+  // A client attached before the attack: it is still served after it (the daemon may close
+  // its control connection under the transport's memory bound; the next call makes it again).
+  ClientOptions co;
+  co.socket = daemon_->socket_path();
+  co.mode = ExecutionMode::kCpu;
+  co.reconnect_timeout = absl::Seconds(30);
+  auto client = Client::Attach(co);
+  ASSERT_TRUE(client.ok()) << client.status();
+  SequenceOptions so;
+  so.num_layers = 2;
+  so.num_q_heads = 4;
+  so.num_kv_heads = 2;
+  so.head_dim = 64;
+  so.dtype = DType::kFP16;
+  so.max_tokens = 512;
+  so.label = "before";
+  ASSERT_TRUE((*client)->CreateSequence(so).ok());  // its control connection is open
+  const pid_t pid = daemon_->process().pid();
+  const uint64_t before = PeakResidentBytes(pid);
+  ASSERT_GT(before, 0u);
+  const absl::Time deadline = absl::Now() + absl::Seconds(4);
+  std::vector<std::thread> attackers;
+  std::atomic<uint64_t> written{0};
+  for (int c = 0; c < 8; ++c) {
+    attackers.emplace_back(
+        [&] { written += UnfinishedMessages(daemon_->socket_path(), 64, 1000000, deadline); });
+  }
+  for (std::thread& t : attackers) t.join();
+  const uint64_t peak = PeakResidentBytes(pid);
+  std::printf("unfinished control messages: %llu MiB written, daemon peak %llu MiB (+%llu)\n",
+              static_cast<unsigned long long>(written.load() >> 20),
+              static_cast<unsigned long long>(peak >> 20),
+              static_cast<unsigned long long>((peak - before) >> 20));
+  EXPECT_GT(written.load(), uint64_t{1} << 20) << "the attack never got going";
+  EXPECT_LT(peak, before + (uint64_t{160} << 20))
+      << "the daemon held " << ((peak - before) >> 20) << " MiB for " << (written.load() >> 20)
+      << " MiB of unfinished messages";
+  ASSERT_TRUE(daemon_->process().Running());
+  const absl::Time start = absl::Now();
+  so.label = "after";
+  auto seq = (*client)->CreateSequence(so);
+  EXPECT_TRUE(seq.ok()) << seq.status();
+  EXPECT_LT(absl::Now() - start, absl::Seconds(5));
+  EXPECT_EQ((*client)->recovery().recoveries, 0u);
+  // A message larger than a control request can be is refused as such.
+  v1::CreateSequenceRequest big;
+  big.set_label(std::string(size_t{2} << 20, 'x'));
+  v1::CreateSequenceResponse resp;
+  auto channel = grpc::CreateChannel(daemon_->target(), grpc::InsecureChannelCredentials());
+  auto stub = v1::IceCache::NewStub(channel);
+  auto ctx = ContextWithDeadline();
+  ctx->set_wait_for_ready(true);
+  const grpc::Status st = stub->CreateSequence(ctx.get(), big, &resp);
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << st.error_message();
 }
 
 }  // namespace

@@ -9,9 +9,13 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <fstream>
+#include <string>
 
 #include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/strip.h"
 #include "absl/time/clock.h"
 #include "grpcpp/create_channel.h"
 #include "grpcpp/security/credentials.h"
@@ -90,7 +94,12 @@ absl::StatusOr<std::unique_ptr<DaemonProcess>> DaemonProcess::Start(const std::s
     if (::access(socket.c_str(), F_OK) == 0) {
       grpc::health::v1::HealthCheckRequest req;
       grpc::health::v1::HealthCheckResponse resp;
-      if (d->health_->Check(ContextWithDeadline(1).get(), req, &resp).ok() &&
+      // Waiting for the channel: a call that fails fast while it is in TRANSIENT_FAILURE (the
+      // previous daemon's stale socket refused it) leaves it to gRPC's backup poller, which
+      // reads the new daemon's SETTINGS only every 5 s.
+      std::unique_ptr<grpc::ClientContext> ctx = ContextWithDeadline(1);
+      ctx->set_wait_for_ready(true);
+      if (d->health_->Check(ctx.get(), req, &resp).ok() &&
           resp.status() == grpc::health::v1::HealthCheckResponse::SERVING) {
         break;
       }
@@ -108,6 +117,19 @@ absl::StatusOr<std::unique_ptr<DaemonProcess>> DaemonProcess::Start(const std::s
   d->metrics_port_ = static_cast<int>(cfg.metrics_port());
   d->tcp_address_ = cfg.tcp_address();
   return d;
+}
+
+uint64_t PeakResidentBytes(pid_t pid) {
+  std::ifstream in(absl::StrCat("/proc/", pid, "/status"));
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.rfind("VmHWM:", 0) == 0) {
+      uint64_t kib = 0;
+      (void)absl::SimpleAtoi(absl::StripAsciiWhitespace(line.substr(6, line.size() - 9)), &kib);
+      return kib << 10;
+    }
+  }
+  return 0;
 }
 
 double MetricValue(const std::string& exposition, const std::string& series) {
