@@ -1129,7 +1129,11 @@ void DataPlane::AcceptNew(std::vector<PendingAttach>* pending) {
   for (int i = 0; i < 64; ++i) {
     const int fd = ::accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK);
     if (fd < 0) {
-      if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
+      if (AcceptShedder::OutOfDescriptors(errno)) {
+        // Shed, or the backlog's connection makes poll spin: a pause when even that fails.
+        if (attach_shedder_.Shed(listen_fd_, "attach")) continue;
+        absl::SleepFor(absl::Milliseconds(50));
+      } else if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
         ICECACHE_LOG(WARNING) << "attach accept: " << std::strerror(errno);
       }
       return;

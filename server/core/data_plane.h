@@ -37,6 +37,7 @@
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "common/accept_shedder.h"
 #include "common/paths.h"
 #include "common/thread_pool.h"
 #include "selection/index_factory.h"
@@ -233,7 +234,8 @@ class DataPlane {
   std::atomic<bool> draining_{false};
 
   int listen_fd_ = -1;
-  int stop_fd_ = -1;  // eventfd: wakes the attach thread
+  AcceptShedder attach_shedder_;  // the attach thread only
+  int stop_fd_ = -1;              // eventfd: wakes the attach thread
   std::thread attach_thread_;
   std::thread reaper_thread_;
   std::atomic<bool> stopping_{false};

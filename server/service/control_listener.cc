@@ -15,6 +15,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/strip.h"
+#include "absl/time/clock.h"
 #include "common/log.h"
 #include "grpcpp/server.h"
 #include "grpcpp/server_posix.h"
@@ -120,7 +121,11 @@ void ControlListener::AcceptOne() {
   for (int batch = 0; batch < 64; ++batch) {
     int fd = ::accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK);
     if (fd < 0) {
-      if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
+      if (AcceptShedder::OutOfDescriptors(errno)) {
+        // Shed, or the backlog's connection makes poll spin: a pause when even that fails.
+        if (shedder_.Shed(listen_fd_, "control")) continue;
+        absl::SleepFor(absl::Milliseconds(50));
+      } else if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
         ICECACHE_LOG(WARNING) << "control accept: " << std::strerror(errno);
       }
       return;

@@ -34,6 +34,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
+#include "common/accept_shedder.h"
 #include "common/paths.h"
 
 namespace grpc {
@@ -96,6 +97,7 @@ class ControlListener {
   grpc::Server* server_ = nullptr;
   std::thread thread_;
   int range_begin_ = 0, range_end_ = 0, cursor_ = 0;  // accept thread only
+  AcceptShedder shedder_;                             // accept thread only
   std::atomic<uint64_t> refused_{0};
   std::atomic<bool> stopped_{false};
 

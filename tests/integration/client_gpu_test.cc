@@ -34,8 +34,8 @@ struct DeviceCopy {
 TEST(ClientGpu, CudaModeEqualsCpuMode) {
   if (!HaveGpu()) GTEST_SKIP() << "no CUDA device visible";
   TempDir dir;
-  auto daemon =
-      DaemonProcess::Start(dir.path(), DaemonConfig{"2GiB", false, {"--recall-sample-every=0"}});
+  auto daemon = DaemonProcess::Start(dir.path(),
+                                     DaemonConfig{"2GiB", false, {"--recall-sample-every=0"}, {}});
   ASSERT_TRUE(daemon.ok()) << daemon.status();
   for (DType dtype : {DType::kBF16, DType::kFP16}) {
     for (uint32_t d : {64u, 128u}) {

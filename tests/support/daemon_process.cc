@@ -69,6 +69,7 @@ absl::StatusOr<std::unique_ptr<DaemonProcess>> DaemonProcess::Start(const std::s
     argv.push_back("--tcp-insecure");
   }
   for (const std::string& a : config.extra_args) argv.push_back(a);
+  argv.insert(argv.begin(), config.wrapper.begin(), config.wrapper.end());
   absl::StatusOr<Subprocess> proc = Subprocess::Start(argv, dir);
   if (!proc.ok()) return proc.status();
 

@@ -24,6 +24,7 @@ struct DaemonConfig {
   std::string memory_limit = "1GiB";
   bool tcp = false;                     // also listen on 127.0.0.1:0
   std::vector<std::string> extra_args;  // more flags
+  std::vector<std::string> wrapper;     // a command that runs the daemon (e.g. prlimit ...)
 };
 
 class DaemonProcess {
