@@ -46,8 +46,9 @@ IceCacheService::IceCacheService(SequenceRegistry* registry, const MemoryAccount
   ServeRaw<v1::GetStatsRequest, v1::GetStatsResponse>(4, m_stats_, &IceCacheService::OnGetStats);
   ServeRaw<v1::GetConfigRequest, v1::GetConfigResponse>(5, m_config_,
                                                         &IceCacheService::OnGetConfig);
+  // A restore rebuilds every layer of a sequence (seconds to minutes): off gRPC's threads.
   ServeRaw<v1::RestoreSequenceRequest, v1::RestoreSequenceResponse>(
-      6, m_restore_, &IceCacheService::OnRestoreSequence);
+      6, m_restore_, &IceCacheService::OnRestoreSequence, /*long_running=*/true);
 }
 
 void IceCacheService::SetListening(const std::string& tcp_address, int metrics_port,
@@ -142,23 +143,35 @@ absl::StatusOr<Caller> IceCacheService::CallerOf(grpc::CallbackServerContext* ct
 
 template <typename Request, typename Response>
 void IceCacheService::ServeRaw(int method_index, const Metrics::RpcMethodMetrics* method,
-                               Handler<Request, Response> handler) {
+                               Handler<Request, Response> handler, bool long_running) {
   // The request arrives as bytes and is parsed here: a body that is not the method's message
   // gets INVALID_ARGUMENT with a message, not gRPC's bare UNIMPLEMENTED.
   MarkMethodRawCallback(
-      method_index, new grpc::internal::CallbackUnaryHandler<grpc::ByteBuffer, grpc::ByteBuffer>(
-                        [this, method, handler](grpc::CallbackServerContext* ctx,
-                                                const grpc::ByteBuffer* in, grpc::ByteBuffer* out) {
-                          return Unary<Request, Response>(ctx, method, handler, in, out);
-                        }));
+      method_index,
+      new grpc::internal::CallbackUnaryHandler<grpc::ByteBuffer, grpc::ByteBuffer>(
+          [this, method, handler, long_running](
+              grpc::CallbackServerContext* ctx, const grpc::ByteBuffer* in,
+              grpc::ByteBuffer* out) -> grpc::ServerUnaryReactor* {
+            grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+            if (!long_running) {
+              reactor->Finish(Unary<Request, Response>(ctx, method, handler, in, out));
+              return reactor;
+            }
+            // A long call runs on the service's own threads and finishes from there: gRPC's
+            // threads, which serve every other call and health probe, are not held by it. The
+            // call's context, request and response stay valid until it finishes.
+            long_calls_.Schedule([this, method, handler, ctx, in, out, reactor] {
+              reactor->Finish(Unary<Request, Response>(ctx, method, handler, in, out));
+            });
+            return reactor;
+          }));
 }
 
 template <typename Request, typename Response>
-grpc::ServerUnaryReactor* IceCacheService::Unary(grpc::CallbackServerContext* ctx,
-                                                 const Metrics::RpcMethodMetrics* method,
-                                                 Handler<Request, Response> handler,
-                                                 const grpc::ByteBuffer* in,
-                                                 grpc::ByteBuffer* out) {
+grpc::Status IceCacheService::Unary(grpc::CallbackServerContext* ctx,
+                                    const Metrics::RpcMethodMetrics* method,
+                                    Handler<Request, Response> handler, const grpc::ByteBuffer* in,
+                                    grpc::ByteBuffer* out) {
   const auto start = std::chrono::steady_clock::now();
   absl::Status status =
       draining_.load(std::memory_order_acquire)
@@ -190,9 +203,7 @@ grpc::ServerUnaryReactor* IceCacheService::Unary(grpc::CallbackServerContext* ct
       status.code() == absl::StatusCode::kDataLoss) {
     ICECACHE_LOG(WARNING) << "rpc from " << ctx->peer() << " failed: " << status;
   }
-  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
-  reactor->Finish(ToGrpcStatus(status));
-  return reactor;
+  return ToGrpcStatus(status);
 }
 
 absl::Status IceCacheService::OnRestoreSequence(grpc::CallbackServerContext* ctx,
@@ -224,8 +235,9 @@ absl::Status IceCacheService::OnRestoreSequence(grpc::CallbackServerContext* ctx
   }
   absl::StatusOr<GeometrySpec> spec = FromProto(request->geometry());
   if (!spec.ok()) return spec.status();
-  absl::StatusOr<SequenceInfo> info = data_plane_->RestoreSequence(
-      *caller, *spec, request->label(), request->previous_handle(), layers, request->last());
+  absl::StatusOr<SequenceInfo> info =
+      data_plane_->RestoreSequence(*caller, *spec, request->label(), request->previous_handle(),
+                                   layers, request->last(), [ctx] { return ctx->IsCancelled(); });
   if (!info.ok()) return info.status();
   ToProto(*info, response->mutable_sequence());
   return absl::OkStatus();

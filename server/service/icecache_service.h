@@ -4,19 +4,23 @@
 // (CONVENTIONS 2). Methods are registered as raw (byte) handlers so that a request that does
 // not parse gets a clear INVALID_ARGUMENT rather than gRPC's bare UNIMPLEMENTED.
 //
-// Handlers use the callback API and never block: every core call they make takes only short
-// locks. Work that can take long is handed to a worker pool by the data plane, not here.
+// Handlers use the callback API and never block gRPC's threads: every core call they make
+// takes only short locks, except RestoreSequence, which rebuilds a sequence and runs on the
+// service's own threads (long_calls_), finishing its call from there.
 //
 // Thread safety: all handlers may run concurrently; the service itself holds no mutable
 // state except the listening information, which is guarded.
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <string>
+#include <thread>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "common/thread_pool.h"
 #include "icecache/v1/icecache.grpc.pb.h"
 #include "server/core/clock.h"
 #include "server/core/data_plane.h"
@@ -72,18 +76,19 @@ class IceCacheService final : public v1::IceCache::CallbackService {
   template <typename Request, typename Response>
   using Handler = absl::Status (IceCacheService::*)(grpc::CallbackServerContext*, const Request*,
                                                     Response*);
-  // Serves method `method_index` of the service with `handler` through Unary.
+  // Serves method `method_index` of the service with `handler` through Unary: on gRPC's
+  // callback thread, or, `long_running`, on the service's own threads (long_calls_).
   template <typename Request, typename Response>
   void ServeRaw(int method_index, const Metrics::RpcMethodMetrics* method,
-                Handler<Request, Response> handler);
+                Handler<Request, Response> handler, bool long_running = false);
   // Every RPC goes through here: admission (draining, transport, rate), parsing of the
   // request bytes (INVALID_ARGUMENT when they are not the method's message), the handler,
-  // the response's bytes, and one record under `method` (time and code) before it finishes.
+  // the response's bytes, and one record under `method` (time and code); returns the status
+  // the call finishes with.
   template <typename Request, typename Response>
-  grpc::ServerUnaryReactor* Unary(grpc::CallbackServerContext* ctx,
-                                  const Metrics::RpcMethodMetrics* method,
-                                  Handler<Request, Response> handler, const grpc::ByteBuffer* in,
-                                  grpc::ByteBuffer* out);
+  grpc::Status Unary(grpc::CallbackServerContext* ctx, const Metrics::RpcMethodMetrics* method,
+                     Handler<Request, Response> handler, const grpc::ByteBuffer* in,
+                     grpc::ByteBuffer* out);
 
   absl::Status OnCreateSequence(grpc::CallbackServerContext* ctx,
                                 const v1::CreateSequenceRequest* request,
@@ -135,6 +140,10 @@ class IceCacheService final : public v1::IceCache::CallbackService {
   std::string tcp_address_ ABSL_GUARDED_BY(mu_);
   int metrics_port_ ABSL_GUARDED_BY(mu_) = 0;
   const ControlListener* unix_peers_ ABSL_GUARDED_BY(mu_) = nullptr;
+  // Threads for calls that run long (RestoreSequence). Last: joined first, while everything
+  // the calls use is still there. As many as the machine has cores, so that the restores of
+  // every client after a restart go on together, as they did on gRPC's threads.
+  ThreadPool long_calls_{std::max<size_t>(2, std::thread::hardware_concurrency())};
 };
 
 }  // namespace icecache
