@@ -441,13 +441,19 @@ class DataPlane::Dispatcher {
     }
     const uint64_t bytes = (*kv)->StagingBytesPerToken() * r.tokens;
     const std::optional<StagingAllowance> allowance = AllowanceOf(kv->get());
-    const uint64_t tag = allowance ? allowance->tag : 0;
-    const uint64_t allowed = allowance ? ShrinkAfterPrefill(**kv, allowance->charge.get()) : 0;
+    if (!allowance) {
+      // Dropped since it was found: nothing may be staged for it (an untagged buffer would
+      // stay charged until the client detaches).
+      Finish(r, start, absl::NotFoundError("the sequence was dropped"), 0);
+      return true;
+    }
+    const uint64_t tag = allowance->tag;
+    const uint64_t allowed = ShrinkAfterPrefill(**kv, allowance->charge.get());
     // One reading of the sequence's staged bytes decides: a prefill's pool thread frees its
     // buffer after answering, so a second reading could find it gone and refuse as "cannot fit
     // alone" a stage that had only to wait for that buffer (the soak test hit that window).
-    const uint64_t held = allowance ? c_->arena->StagingBytes(tag) : 0;
-    if (allowance && held + Arena::StagingFootprint(bytes) > allowed) {
+    const uint64_t held = c_->arena->StagingBytes(tag);
+    if (held + Arena::StagingFootprint(bytes) > allowed) {
       if (held == 0) {  // cannot fit even alone (never, by the promise)
         Finish(r, start,
                absl::ResourceExhaustedError(absl::StrCat(
@@ -551,8 +557,11 @@ class DataPlane::Dispatcher {
     // Pinned until the operation ends: the client cannot release the buffer (and have its
     // range reused or its segment given back) while the operation reads it.
     const std::optional<StagingAllowance> allowance = AllowanceOf(kv->get());
+    // Dropped since it was found: without its tag any buffer (scratch, another sequence's)
+    // would pass the check below.
+    if (!allowance) return Finish(r, start, absl::NotFoundError("the sequence was dropped"), 0);
     absl::StatusOr<uint8_t*> data = c_->arena->PinStaging(
-        r.staging, bytes, allowance ? std::optional<uint64_t>(allowance->tag) : std::nullopt,
+        r.staging, bytes, allowance->tag,
         "the staging buffer was not staged for this sequence (another sequence's, or scratch)");
     if (!data.ok()) return Finish(r, start, data.status(), 0);
     const bool prefill = r.op == abi::kOpPrefill;
