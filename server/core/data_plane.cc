@@ -978,6 +978,7 @@ void DataPlane::Stop() {
       // The clients outlive this daemon and recover from their arenas with its successor:
       // their frames keep their tags as the sequences are torn down.
       if (c->arena != nullptr) c->arena->KeepTagsOnRelease();
+      reaping_.push_back(c.get());
       reap_queue_.push_back(c);
     }
     by_token_.clear();
@@ -1321,11 +1322,22 @@ void DataPlane::Handshake(const PendingAttach& p) {
                      << (recover ? ", recovering its previous arena" : "") << ")";
 }
 
+void DataPlane::AddClientCounters(const abi::ClientStats& from, DataPlaneStats* to) {
+  to->cache_hits += from.cache_hits.load(std::memory_order_relaxed);
+  to->cache_misses += from.cache_misses.load(std::memory_order_relaxed);
+  to->fetched_bytes += from.fetched_bytes.load(std::memory_order_relaxed);
+  to->fetch_nanoseconds += from.fetch_nanoseconds.load(std::memory_order_relaxed);
+  to->decode_steps += from.decode_steps.load(std::memory_order_relaxed);
+  to->prefetched_selects += from.prefetched_selects.load(std::memory_order_relaxed);
+  to->drift_fallback_heads += from.drift_fallback_heads.load(std::memory_order_relaxed);
+}
+
 void DataPlane::Detach(std::shared_ptr<Client> client) {
   absl::MutexLock lock(&mu_);
   auto it = by_token_.find(client->token);
   if (it == by_token_.end()) return;
   by_token_.erase(it);
+  reaping_.push_back(client.get());
   reap_queue_.push_back(std::move(client));
 }
 
@@ -1357,17 +1369,12 @@ void DataPlane::ReaperLoop() {
             c.get()));
       }
       const uint64_t dropped = registry_->DropOwnedBy(c->id);
-      if (c->arena != nullptr) {
-        c->arena->DetachListener();
-        const abi::ClientStats& s = c->arena->header()->stats;
+      if (c->arena != nullptr) c->arena->DetachListener();
+      {
+        // Retired and no longer reaping in one step: Stats sees it counted once throughout.
         absl::MutexLock lock(&mu_);
-        retired_.cache_hits += s.cache_hits.load();
-        retired_.cache_misses += s.cache_misses.load();
-        retired_.fetched_bytes += s.fetched_bytes.load();
-        retired_.fetch_nanoseconds += s.fetch_nanoseconds.load();
-        retired_.decode_steps += s.decode_steps.load();
-        retired_.prefetched_selects += s.prefetched_selects.load();
-        retired_.drift_fallback_heads += s.drift_fallback_heads.load();
+        if (c->arena != nullptr) AddClientCounters(c->arena->header()->stats, &retired_);
+        reaping_.erase(std::find(reaping_.begin(), reaping_.end(), c.get()));
       }
       ICECACHE_LOG(INFO) << "client " << c->id << " detached; dropped " << dropped << " sequences";
       observer_->OnDetach();
@@ -1596,13 +1603,10 @@ DataPlaneStats DataPlane::Stats() const {
       absl::MutexLock cl(&c->mu);
       s.in_flight += static_cast<uint64_t>(c->in_flight);
     }
-    s.cache_hits += h->stats.cache_hits.load(std::memory_order_relaxed);
-    s.cache_misses += h->stats.cache_misses.load(std::memory_order_relaxed);
-    s.fetched_bytes += h->stats.fetched_bytes.load(std::memory_order_relaxed);
-    s.fetch_nanoseconds += h->stats.fetch_nanoseconds.load(std::memory_order_relaxed);
-    s.decode_steps += h->stats.decode_steps.load(std::memory_order_relaxed);
-    s.prefetched_selects += h->stats.prefetched_selects.load(std::memory_order_relaxed);
-    s.drift_fallback_heads += h->stats.drift_fallback_heads.load(std::memory_order_relaxed);
+    AddClientCounters(h->stats, &s);
+  }
+  for (const Client* c : reaping_) {
+    if (c->arena != nullptr) AddClientCounters(c->arena->header()->stats, &s);
   }
   return s;
 }

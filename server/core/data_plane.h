@@ -246,6 +246,11 @@ class DataPlane {
   mutable absl::Mutex mu_;
   absl::flat_hash_map<std::string, std::shared_ptr<Client>> by_token_ ABSL_GUARDED_BY(mu_);
   std::vector<std::shared_ptr<Client>> reap_queue_ ABSL_GUARDED_BY(mu_);
+  // Clients unlisted and not yet retired (queued or being reaped): Stats counts their
+  // counters, so that the exported totals do not dip while a reap waits for a long request.
+  std::vector<const Client*> reaping_ ABSL_GUARDED_BY(mu_);
+  // A client's published counters (abi::ClientStats) added into `to`.
+  static void AddClientCounters(const abi::ClientStats& from, DataPlaneStats* to);
   DataPlaneStats retired_ ABSL_GUARDED_BY(mu_);  // client counters of departed clients
   bool started_ ABSL_GUARDED_BY(mu_) = false;
   bool reaper_exit_ ABSL_GUARDED_BY(mu_) = false;

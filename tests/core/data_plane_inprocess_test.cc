@@ -229,6 +229,34 @@ TEST_F(InProcessDataPlaneTest, ABufferInFlightIsNeitherReleasedNorSubmittedAgain
   EXPECT_EQ(seq.kv->tokens(1), 64u);
 }
 
+// A client's published counters stay in the daemon's totals while it is reaped: unlisted at
+// its detach, it is retired (its counters added to the retired totals) only once its requests
+// in flight end. In between, the totals left it out and dipped (a rate() over them sees a
+// counter reset).
+TEST_F(InProcessDataPlaneTest, ADetachedClientsCountersStayCountedWhileItIsReaped) {
+  ASSERT_OK_AND_ASSIGN(SequenceInfo seq, plane_->CreateSequence(caller_, Spec(), "counted"));
+  client_->stats().decode_steps.store(7);
+  client_->stats().cache_hits.store(11);
+  EXPECT_EQ(plane_->Stats().decode_steps, 7u);
+  ASSERT_OK_AND_ASSIGN(abi::StageResponse st, client_->Stage(seq.handle, 64));
+  {
+    PoolHold hold(&pool_, kWorkers);
+    ASSERT_TRUE(hold.held());
+    ASSERT_OK(client_->SubmitStaged(abi::kOpPrefill, seq.handle, 0, st.buffer, 64, 0).status());
+    client_.reset();  // detached: the reaper waits for the prefill held on the pool
+    ASSERT_TRUE(WaitFor([&] { return plane_->Stats().clients == 0; }, absl::Seconds(20)));
+    EXPECT_EQ(observer_.detached.load(), 0) << "reaped with a request in flight";
+    const DataPlaneStats during = plane_->Stats();
+    EXPECT_EQ(during.decode_steps, 7u);
+    EXPECT_EQ(during.cache_hits, 11u);
+    hold.Release();
+  }
+  ASSERT_TRUE(WaitFor([&] { return observer_.detached.load() == 1; }, absl::Seconds(20)));
+  const DataPlaneStats after = plane_->Stats();
+  EXPECT_EQ(after.decode_steps, 7u);
+  EXPECT_EQ(after.cache_hits, 11u);
+}
+
 // A refused prefill lets its buffer go before it answers: the client can release it (or
 // submit it again) as soon as it has the answer.
 TEST_F(InProcessDataPlaneTest, ARefusedIngestLeavesItsBufferToTheClientAtItsAnswer) {
