@@ -229,8 +229,13 @@ absl::Status Arena::ReserveFrames(uint32_t page_bytes, uint32_t count, FrameRese
   }
   out->arena_ = this;
   for (uint32_t i = 0; i < count; ++i) {
-    out->frames_.push_back(free.back());
-    ++segments_[free.back().segment].in_use;
+    const FrameRef f = free.back();
+    // A frame freed while the daemon stops keeps its tag (KeepTagsOnRelease): it goes before
+    // new rows come in, or a successor could take those rows for the old tag's positions
+    // (the new content's tag is written after its rows).
+    TagOf(segments_[f.segment], f.frame)->owner.store(0, std::memory_order_release);
+    out->frames_.push_back(f);
+    ++segments_[f.segment].in_use;
     free.pop_back();
   }
   frames_in_use_ += count;
