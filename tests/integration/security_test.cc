@@ -749,9 +749,6 @@ uint64_t UnfinishedMessages(const std::string& socket_path, int streams, uint32_
 // bounds the daemon took them all (329 MiB resident at --memory-limit=64MiB; 1000 streams of
 // 4 MB on one connection: 3.6 GiB); with them it stays near its own size, and still serves.
 TEST_F(SecurityTest, UnfinishedControlMessagesCannotGrowTheDaemonPastItsBounds) {
-#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
-  GTEST_SKIP() << "resident memory under a sanitizer is not the daemon's own";
-#endif
   StartDaemon({}, "64MiB");
   // A client attached before the attack: it is still served after it (the daemon may close
   // its control connection under the transport's memory bound; the next call makes it again).
