@@ -190,13 +190,20 @@ absl::Status AttachmentTransport::DropSequence(const std::string& handle) {
   absl::ReaderMutexLock lock(&mu_);
   absl::StatusOr<std::string> cur = Current(handle);
   if (cur.ok()) {
-    grpc::ClientContext ctx;
-    PrepareContext(&ctx);
-    v1::DropSequenceRequest req;
-    req.set_handle(*cur);
-    v1::DropSequenceResponse resp;
-    const grpc::Status st = current_->stub->DropSequence(&ctx, req, &resp);
-    absl::Status dropped = st.ok() ? absl::OkStatus() : FromGrpc(st, "DropSequence");
+    absl::Status dropped;
+    // Tried once more when the daemon is still attached (a control connection it closed: see
+    // Retry), since a live daemon would keep the sequence until this client detaches.
+    for (int attempt = 0; attempt < 2; ++attempt) {
+      if (attempt > 0) absl::SleepFor(absl::Milliseconds(20));
+      grpc::ClientContext ctx;
+      PrepareContext(&ctx);
+      v1::DropSequenceRequest req;
+      req.set_handle(*cur);
+      v1::DropSequenceResponse resp;
+      const grpc::Status st = current_->stub->DropSequence(&ctx, req, &resp);
+      dropped = st.ok() ? absl::OkStatus() : FromGrpc(st, "DropSequence");
+      if (!DaemonLost(dropped) || current_->attachment->PeerGone()) break;
+    }
     if (DaemonLost(dropped)) {
       ICECACHE_LOG(INFO) << "sequence " << handle << " forgotten: its daemon is gone ("
                          << dropped.message() << ")";

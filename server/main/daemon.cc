@@ -392,7 +392,7 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const DaemonOptions& optio
   // token is checked before a message is whole): gRPC buffers every stream's partial message,
   // so streams per connection, message size and the transport's memory are bounded here. An
   // unauthenticated peer with 1000 streams of unfinished 4 MB messages on one connection took
-  // the daemon from 17 MiB to 3.6 GiB, past any --memory-limit (docs/security.md).
+  // the daemon from 17 MiB to 3.6 GiB, past any --memory-limit (docs/data_plane.md, Memory).
   builder.AddChannelArgument(GRPC_ARG_MAX_CONCURRENT_STREAMS,
                              static_cast<int>(kControlStreamsPerConnection));
   builder.SetMaxReceiveMessageSize(static_cast<int>(kMaxControlMessageBytes));
