@@ -243,6 +243,9 @@ TEST_F(InProcessDataPlaneTest, ADetachedClientsCountersStayCountedWhileItIsReape
     PoolHold hold(&pool_, kWorkers);
     ASSERT_TRUE(hold.held());
     ASSERT_OK(client_->SubmitStaged(abi::kOpPrefill, seq.handle, 0, st.buffer, 64, 0).status());
+    // Answered after the prefill was taken (the ring is served in order): it is in flight.
+    EXPECT_THAT(client_->ReleaseStaging(seq.handle, st.buffer),
+                StatusIs(absl::StatusCode::kFailedPrecondition, HasSubstr("in flight")));
     client_.reset();  // detached: the reaper waits for the prefill held on the pool
     ASSERT_TRUE(WaitFor([&] { return plane_->Stats().clients == 0; }, absl::Seconds(20)));
     EXPECT_EQ(observer_.detached.load(), 0) << "reaped with a request in flight";
