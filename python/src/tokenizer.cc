@@ -46,6 +46,11 @@ std::unique_ptr<Tokenizer> FromFile(const std::string& path) {
   return std::make_unique<Tokenizer>(*std::move(tokenizer));
 }
 
+// Text of tokenizer output, invalid UTF-8 replaced (a token may hold part of a character).
+nb::str ReplacingDecode(const std::string& s) {
+  return nb::steal<nb::str>(PyUnicode_DecodeUTF8(s.data(), s.size(), "replace"));
+}
+
 }  // namespace
 
 NB_MODULE(_tokenizer, m) {
@@ -80,8 +85,7 @@ NB_MODULE(_tokenizer, m) {
       .def(
           "decode",
           [](const Tokenizer& t, const std::vector<int32_t>& ids) {
-            const std::string s = t.Decode(ids);
-            return nb::steal<nb::str>(PyUnicode_DecodeUTF8(s.data(), s.size(), "replace"));
+            return ReplacingDecode(t.Decode(ids));
           },
           "ids"_a, "The text of the tokens (invalid UTF-8 replaced).")
       .def(
@@ -89,8 +93,7 @@ NB_MODULE(_tokenizer, m) {
           [](const Tokenizer& t, int32_t id) {
             // One token's bytes may be part of a UTF-8 character (byte tokens): replaced, as
             // decode() does, instead of a UnicodeDecodeError; token_bytes() has the bytes.
-            const std::string s = t.TokenText(id);
-            return nb::steal<nb::str>(PyUnicode_DecodeUTF8(s.data(), s.size(), "replace"));
+            return ReplacingDecode(t.TokenText(id));
           },
           "id"_a, "The decoded text of one token (invalid UTF-8 replaced).")
       .def(

@@ -12,12 +12,10 @@
 #include <sys/wait.h>
 
 #include <cstdlib>
-#include <fstream>
 #include <random>
 #include <string>
 #include <vector>
 
-#include "absl/strings/ascii.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
@@ -37,19 +35,6 @@ int OpenFds(pid_t pid) {
   while (struct dirent* e = ::readdir(d)) n += e->d_name[0] != '.' ? 1 : 0;
   ::closedir(d);
   return n;
-}
-
-uint64_t ResidentBytes(pid_t pid) {
-  std::ifstream in(absl::StrCat("/proc/", pid, "/status"));
-  std::string line;
-  while (std::getline(in, line)) {
-    if (line.rfind("VmRSS:", 0) == 0) {
-      uint64_t kib = 0;
-      (void)absl::SimpleAtoi(absl::StripAsciiWhitespace(line.substr(6, line.size() - 9)), &kib);
-      return kib << 10;
-    }
-  }
-  return 0;
 }
 
 double SoakSeconds() {

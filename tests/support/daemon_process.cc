@@ -15,6 +15,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/string_view.h"
 #include "absl/strings/strip.h"
 #include "absl/time/clock.h"
 #include "grpcpp/create_channel.h"
@@ -120,18 +121,27 @@ absl::StatusOr<std::unique_ptr<DaemonProcess>> DaemonProcess::Start(const std::s
   return d;
 }
 
-uint64_t PeakResidentBytes(pid_t pid) {
+namespace {
+// A "Name:   N kB" line of /proc/<pid>/status, in bytes; 0 when absent.
+uint64_t StatusBytes(pid_t pid, absl::string_view field) {
   std::ifstream in(absl::StrCat("/proc/", pid, "/status"));
   std::string line;
   while (std::getline(in, line)) {
-    if (line.rfind("VmHWM:", 0) == 0) {
+    if (absl::StartsWith(line, field) && line.size() > field.size() + 3 &&
+        line[field.size()] == ':') {
       uint64_t kib = 0;
-      (void)absl::SimpleAtoi(absl::StripAsciiWhitespace(line.substr(6, line.size() - 9)), &kib);
+      (void)absl::SimpleAtoi(
+          absl::StripAsciiWhitespace(line.substr(field.size() + 1, line.size() - field.size() - 4)),
+          &kib);
       return kib << 10;
     }
   }
   return 0;
 }
+}  // namespace
+
+uint64_t ResidentBytes(pid_t pid) { return StatusBytes(pid, "VmRSS"); }
+uint64_t PeakResidentBytes(pid_t pid) { return StatusBytes(pid, "VmHWM"); }
 
 double MetricValue(const std::string& exposition, const std::string& series) {
   size_t at = 0;

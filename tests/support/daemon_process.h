@@ -65,7 +65,9 @@ class DaemonProcess {
 std::unique_ptr<grpc::ClientContext> ContextWithDeadline(double seconds = 5);
 std::unique_ptr<grpc::ClientContext> ContextWithToken(const std::string& token, double seconds = 5);
 
-// The peak resident memory of process `pid` so far (VmHWM), in bytes; 0 when unknown.
+// The resident memory of process `pid` now (VmRSS) and at its peak so far (VmHWM), in bytes;
+// 0 when unknown.
+uint64_t ResidentBytes(pid_t pid);
 uint64_t PeakResidentBytes(pid_t pid);
 
 // The value of one series in a Prometheus text exposition ("name" or "name{labels}" exactly
