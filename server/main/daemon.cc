@@ -376,6 +376,7 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const DaemonOptions& optio
   lo.path = options.socket_path;
   lo.access = options.socket_access;
   lo.max_connections_per_uid = options.max_control_connections_per_uid;
+  lo.preface_timeout = options.handshake_timeout;
   ICECACHE_ASSIGN_OR_RETURN(d->control_listener_, ControlListener::Listen(lo));
 
   grpc::EnableDefaultHealthCheckService(true);
@@ -421,6 +422,16 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const DaemonOptions& optio
                 "--max-control-connections-per-uid already",
                 MetricType::Counter,
                 [listener] { return static_cast<double>(listener->refused()); });
+  m.AddCallback("icecache_control_preface_timeouts_total",
+                "Control socket connections closed because they had not begun HTTP/2 within "
+                "--handshake-timeout",
+                MetricType::Counter,
+                [listener] { return static_cast<double>(listener->preface_timeouts()); });
+  m.AddCallback("icecache_control_bad_prefaces_total",
+                "Control socket connections closed because they began with something other "
+                "than HTTP/2, or closed before they began",
+                MetricType::Counter,
+                [listener] { return static_cast<double>(listener->bad_prefaces()); });
   grpc::HealthCheckServiceInterface* health = d->server_->GetHealthCheckService();
   if (health != nullptr) {
     health->SetServingStatus(kServiceName, true);

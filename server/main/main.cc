@@ -75,7 +75,8 @@ ABSL_FLAG(uint32_t, max_pending_attaches_per_uid, 8,
           "Attach handshakes one uid may have in progress; more connections are refused at "
           "once, before anything is read from them.");
 ABSL_FLAG(absl::Duration, handshake_timeout, absl::Seconds(2),
-          "An attach connection that has not sent its request by then is closed.");
+          "An attach connection that has not sent its request by then is closed, and a control "
+          "connection that has not begun HTTP/2 (its 24-byte preface).");
 ABSL_FLAG(uint32_t, max_sequences_per_client, 1024, "Most sequences one client holds at once.");
 ABSL_FLAG(double, control_rate, 1000,
           "Control calls per second one caller (a uid on the unix socket, a host over TCP) may "

@@ -9,6 +9,7 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 
@@ -85,16 +86,118 @@ void ControlListener::Stop() {
   }
 }
 
+namespace {
+
+// RFC 9113 section 3.4: what an HTTP/2 client sends first on a connection.
+constexpr char kHttp2Preface[] = "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+constexpr size_t kHttp2PrefaceBytes = sizeof(kHttp2Preface) - 1;  // 24
+// A connection that sent part of the preface stays readable, so poll cannot wait for the rest:
+// it is looked at again this often until it is whole or its deadline passes.
+constexpr absl::Duration kPartialRecheck = absl::Milliseconds(20);
+
+}  // namespace
+
 void ControlListener::AcceptLoop() {
+  std::vector<struct pollfd> fds;
   while (true) {
-    struct pollfd fds[2] = {{listen_fd_, POLLIN, 0}, {stop_fd_, POLLIN, 0}};
-    if (::poll(fds, 2, -1) < 0 && errno != EINTR) {
-      ICECACHE_LOG(ERROR) << "control accept poll: " << std::strerror(errno);
+    fds.clear();
+    fds.push_back({listen_fd_, POLLIN, 0});
+    fds.push_back({stop_fd_, POLLIN, 0});
+    const absl::Time now = absl::Now();
+    absl::Time wake = absl::InfiniteFuture();
+    for (const Pending& p : pending_) {
+      // Hang-ups and errors are reported whatever the events asked for.
+      fds.push_back({p.fd, static_cast<short>(p.partial ? 0 : POLLIN), 0});
+      wake = std::min(wake, p.partial ? std::min(p.deadline, now + kPartialRecheck) : p.deadline);
+    }
+    int timeout_ms = -1;
+    if (wake != absl::InfiniteFuture()) {
+      timeout_ms = static_cast<int>(
+          std::clamp<int64_t>(absl::ToInt64Milliseconds(wake - now) + 1, 0, 1 << 30));
+    }
+    if (::poll(fds.data(), fds.size(), timeout_ms) < 0) {
+      if (errno != EINTR) {
+        ICECACHE_LOG(ERROR) << "control accept poll: " << std::strerror(errno);
+        absl::SleepFor(absl::Milliseconds(10));
+      }
       continue;
     }
-    if (fds[1].revents & POLLIN) return;
+    if (fds[1].revents & POLLIN) {
+      for (const Pending& p : pending_) ::close(p.fd);
+      pending_.clear();
+      return;
+    }
+    CheckPending(fds.data() + 2, absl::Now());
     if (fds[0].revents & POLLIN) AcceptOne();
   }
+}
+
+ControlListener::Preface ControlListener::PeekPreface(int fd) {
+  char buf[kHttp2PrefaceBytes];
+  const ssize_t n = ::recv(fd, buf, sizeof(buf), MSG_PEEK | MSG_DONTWAIT);
+  if (n == 0) return Preface::kClosed;
+  if (n < 0) {
+    return errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR ? Preface::kNothing
+                                                                     : Preface::kClosed;
+  }
+  if (std::memcmp(buf, kHttp2Preface, static_cast<size_t>(n)) != 0) return Preface::kWrong;
+  return static_cast<size_t>(n) == kHttp2PrefaceBytes ? Preface::kWhole : Preface::kPartial;
+}
+
+void ControlListener::CheckPending(const struct pollfd* fds, absl::Time now) {
+  size_t kept = 0;
+  uint64_t dropped = 0;
+  PeerCredentials last;
+  for (size_t i = 0; i < pending_.size(); ++i) {
+    Pending& p = pending_[i];
+    if (fds[i].revents != 0 || p.partial) {
+      const Preface seen = PeekPreface(p.fd);
+      if (seen == Preface::kWhole) {
+        HandOver(p);
+        continue;
+      }
+      if (seen == Preface::kWrong || seen == Preface::kClosed) {
+        // A peer that closed before its preface is no client's call: counted with the wrong
+        // ones (nothing of either reached gRPC).
+        ::close(p.fd);
+        bad_prefaces_.fetch_add(1);
+        ++dropped;
+        last = p.conn.cred;
+        continue;
+      }
+      p.partial = seen == Preface::kPartial;
+    }
+    if (now >= p.deadline) {
+      ::close(p.fd);
+      preface_timeouts_.fetch_add(1);
+      ++dropped;
+      last = p.conn.cred;
+      continue;
+    }
+    pending_[kept++] = p;
+  }
+  if (dropped > 0) {
+    dropped_logged_ += dropped;
+    // At most one line every 10 s: a local peer can make these as fast as it connects.
+    if (now - last_drop_log_ >= absl::Seconds(10)) {
+      ICECACHE_LOG(WARNING) << "closed " << dropped_logged_
+                            << " control connection(s) that did not begin HTTP/2 within "
+                            << options_.preface_timeout << " (the latest of uid " << last.uid
+                            << ", pid " << last.pid << ")";
+      dropped_logged_ = 0;
+      last_drop_log_ = now;
+    }
+  }
+  pending_.resize(kept);
+}
+
+void ControlListener::HandOver(const Pending& p) {
+  {
+    absl::MutexLock lock(&mu_);
+    connections_[p.fd] = p.conn;
+  }
+  // gRPC owns the descriptor from here (and closes it when the connection ends).
+  grpc::AddInsecureChannelFromFd(server_, p.fd);
 }
 
 int ControlListener::Rotate(int fd) {
@@ -144,7 +247,7 @@ void ControlListener::AcceptOne() {
     }
     {
       absl::MutexLock lock(&mu_);
-      // Forget connections gRPC has closed; count this uid's open ones.
+      // Forget connections gRPC has closed; count this uid's open ones, held ones included.
       uint32_t of_uid = 0;
       for (auto it = connections_.begin(); it != connections_.end();) {
         if (!Alive(it->first, it->second)) {
@@ -154,17 +257,23 @@ void ControlListener::AcceptOne() {
         of_uid += it->second.cred.uid == cred.uid ? 1 : 0;
         ++it;
       }
-      if (of_uid >= options_.max_connections_per_uid) {
+      for (const Pending& p : pending_) of_uid += p.conn.cred.uid == cred.uid ? 1 : 0;
+      if (of_uid >= options_.max_connections_per_uid || pending_.size() >= options_.max_pending) {
         ::close(fd);
         refused_.fetch_add(1);
         ICECACHE_LOG(WARNING) << "control connection of uid " << cred.uid << " (pid " << cred.pid
-                              << ") refused: it holds " << of_uid << " already";
+                              << ") refused: "
+                              << (of_uid >= options_.max_connections_per_uid
+                                      ? absl::StrCat("it holds ", of_uid, " already")
+                                      : absl::StrCat(pending_.size(),
+                                                     " connections are waiting for a preface"));
         continue;
       }
-      connections_[fd] = Connection{PeerCredentials{cred.uid, cred.gid, cred.pid}, st.st_ino};
     }
-    // gRPC owns the descriptor from here (and closes it when the connection ends).
-    grpc::AddInsecureChannelFromFd(server_, fd);
+    // Held until its preface (CheckPending); the next poll looks at it.
+    pending_.push_back(Pending{fd,
+                               Connection{PeerCredentials{cred.uid, cred.gid, cred.pid}, st.st_ino},
+                               absl::Now() + options_.preface_timeout, false});
   }
 }
 

@@ -17,9 +17,18 @@
 // Limits: a uid may hold max_connections_per_uid connections at once; one more is closed at
 // accept, before gRPC reads anything (the client sees UNAVAILABLE).
 //
+// The preface: a connection is handed to gRPC only once its first 24 bytes are the HTTP/2
+// client preface (read with MSG_PEEK, so gRPC still reads them). Until then the accept thread
+// holds it, counted against its uid; one that sends anything else is closed at once, and one
+// that has not sent the whole preface within preface_timeout is closed then. Without this a
+// connection that never spoke kept one of its uid's places for as long as its peer held it
+// open (gRPC starts no handshake deadline on a connection handed over by descriptor), so a
+// stuck process of the engine's uid could lock the engine out of the control API.
+//
 // Thread safety: all methods are thread-safe.
 #pragma once
 
+#include <poll.h>
 #include <sys/types.h>
 
 #include <atomic>
@@ -28,12 +37,14 @@
 #include <optional>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/container/flat_hash_map.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
 #include "common/accept_shedder.h"
 #include "common/paths.h"
 
@@ -55,6 +66,9 @@ class ControlListener {
     std::string path;     // absolute; a stale file is replaced (the caller holds the lock)
     SocketAccess access;  // mode and group of the socket file
     uint32_t max_connections_per_uid = 64;
+    absl::Duration preface_timeout = absl::Seconds(2);
+    // Connections of every uid held before their preface; more are closed at accept.
+    uint32_t max_pending = 1024;
   };
 
   // Binds and listens (nothing is accepted before Serve). UNAVAILABLE when the socket cannot
@@ -74,8 +88,12 @@ class ControlListener {
   // open; nullopt for any other peer (TCP, or unknown).
   std::optional<PeerCredentials> PeerOf(absl::string_view peer) const;
 
-  // Connections refused at accept (per-uid limit) since start.
+  // Connections refused at accept (per-uid limit, or max_pending) since start.
   uint64_t refused() const { return refused_.load(); }
+  // Connections closed before gRPC saw them, since start: no whole preface within
+  // preface_timeout; something else in its place, or closed by the peer before it.
+  uint64_t preface_timeouts() const { return preface_timeouts_.load(); }
+  uint64_t bad_prefaces() const { return bad_prefaces_.load(); }
 
  private:
   struct Connection {
@@ -83,9 +101,23 @@ class ControlListener {
     uint64_t inode = 0;  // the socket's inode: a reused descriptor number has another
   };
 
+  // A connection accepted and not yet handed to gRPC (accept thread only).
+  struct Pending {
+    int fd = -1;
+    Connection conn;
+    absl::Time deadline;
+    bool partial = false;  // some of the preface came: poll would report it readable again
+  };
+  enum class Preface { kNothing, kWhole, kPartial, kWrong, kClosed };
+  static Preface PeekPreface(int fd);
+
   explicit ControlListener(const Options& options) : options_(options) {}
   void AcceptLoop();
   void AcceptOne();
+  // Hands over, closes or keeps each pending connection whose poll entry fired (or, for a
+  // partial preface, on every turn), and closes the ones past their deadline.
+  void CheckPending(const struct pollfd* fds, absl::Time now);
+  void HandOver(const Pending& p);
   // A descriptor number from the rotating range for `fd` (which is closed), or `fd` itself
   // when the range is exhausted.
   int Rotate(int fd);
@@ -98,7 +130,12 @@ class ControlListener {
   std::thread thread_;
   int range_begin_ = 0, range_end_ = 0, cursor_ = 0;  // accept thread only
   AcceptShedder shedder_;                             // accept thread only
+  std::vector<Pending> pending_;                      // accept thread only
+  uint64_t dropped_logged_ = 0;                       // accept thread only
+  absl::Time last_drop_log_ = absl::InfinitePast();   // accept thread only
   std::atomic<uint64_t> refused_{0};
+  std::atomic<uint64_t> preface_timeouts_{0};
+  std::atomic<uint64_t> bad_prefaces_{0};
   std::atomic<bool> stopped_{false};
 
   mutable absl::Mutex mu_;

@@ -806,10 +806,40 @@ TEST_F(SecurityTest, UnfinishedControlMessagesCannotGrowTheDaemonPastItsBounds) 
   EXPECT_EQ(st.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << st.error_message();
 }
 
+// A blocking connection to a unix socket (-1 when it cannot be made).
+int ConnectRaw(const std::string& path) {
+  const int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  std::memcpy(addr.sun_path, path.c_str(), path.size());
+  if (::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
+    ::close(fd);
+    return -1;
+  }
+  return fd;
+}
+
+// Seconds until the daemon closes `fd` (recv answers 0), reading and dropping whatever it
+// sends first; -1 when it is still open after `limit` seconds.
+double SecondsUntilClosed(int fd, double limit) {
+  timeval tv{};
+  tv.tv_sec = static_cast<time_t>(limit);
+  tv.tv_usec = static_cast<suseconds_t>((limit - static_cast<double>(tv.tv_sec)) * 1e6);
+  ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+  const absl::Time t = absl::Now();
+  char buf[256];
+  while (true) {
+    const ssize_t n = ::recv(fd, buf, sizeof(buf), 0);
+    if (n == 0 || (n < 0 && errno == ECONNRESET)) return absl::ToDoubleSeconds(absl::Now() - t);
+    if (n < 0) return -1;
+  }
+}
+
 // A daemon out of file descriptors closes the connections it cannot take instead of spinning
 // on them: accept4 failed EMFILE, left the connection in the backlog, and poll reported it
 // again at once (a core at 100% and 76 MB of log in 3 s, with local users holding idle control
-// connections against a descriptor limit of 128). It serves again once descriptors are free.
+// connections against a descriptor limit of 128). Both accept loops, the control socket's and
+// the attach socket's. It serves again once descriptors are free.
 TEST_F(SecurityTest, ADaemonOutOfDescriptorsShedsConnectionsInsteadOfSpinning) {
   DaemonConfig config;
   config.wrapper = {"/usr/bin/prlimit", "--nofile=64:64"};
@@ -817,23 +847,45 @@ TEST_F(SecurityTest, ADaemonOutOfDescriptorsShedsConnectionsInsteadOfSpinning) {
   ASSERT_TRUE(d.ok()) << d.status();
   daemon_ = std::move(*d);
   const pid_t pid = daemon_->process().pid();
+  // Idle HTTP/2 connections (preface and SETTINGS, then nothing): gRPC keeps them open.
+  const std::string hello =
+      std::string("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n") + Http2Frame(4, 0, 0, "");
   std::vector<int> held;
   for (int i = 0; i < 60; ++i) {
-    const int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    sockaddr_un addr{};
-    addr.sun_family = AF_UNIX;
-    std::memcpy(addr.sun_path, daemon_->socket_path().c_str(), daemon_->socket_path().size());
-    ASSERT_EQ(::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
+    const int fd = ConnectRaw(daemon_->socket_path());
+    ASSERT_GE(fd, 0) << std::strerror(errno);
+    ASSERT_EQ(::send(fd, hello.data(), hello.size(), MSG_NOSIGNAL),
+              static_cast<ssize_t>(hello.size()));
     held.push_back(fd);
   }
   absl::SleepFor(absl::Milliseconds(500));  // every connection taken or shed
-  const double cpu = CpuSeconds(pid);
-  const size_t log = daemon_->process().Stderr().size();
+  double cpu = CpuSeconds(pid);
+  size_t log = daemon_->process().Stderr().size();
   absl::SleepFor(absl::Seconds(2));
   EXPECT_LT(CpuSeconds(pid) - cpu, 0.3) << "the daemon spun while out of descriptors";
   EXPECT_LT(daemon_->process().Stderr().size() - log, size_t{4096});
   EXPECT_TRUE(
       absl::StrContains(daemon_->process().Stderr(), "control accept: out of file descriptors"));
+  // Attach connections now find no descriptor either: each is shed (closed), none spins.
+  const std::string attach = AttachSocketPath(daemon_->socket_path());
+  std::vector<int> attaching;
+  for (int i = 0; i < 16; ++i) {
+    const int fd = ConnectRaw(attach);
+    ASSERT_GE(fd, 0) << std::strerror(errno);
+    attaching.push_back(fd);
+  }
+  absl::SleepFor(absl::Milliseconds(500));
+  cpu = CpuSeconds(pid);
+  log = daemon_->process().Stderr().size();
+  absl::SleepFor(absl::Seconds(2));
+  EXPECT_LT(CpuSeconds(pid) - cpu, 0.3) << "the attach loop spun while out of descriptors";
+  EXPECT_LT(daemon_->process().Stderr().size() - log, size_t{4096});
+  EXPECT_TRUE(
+      absl::StrContains(daemon_->process().Stderr(), "attach accept: out of file descriptors"));
+  for (int fd : attaching) {
+    EXPECT_GE(SecondsUntilClosed(fd, 5), 0.0) << "an attach connection was neither served nor shed";
+    ::close(fd);
+  }
   for (int fd : held) ::close(fd);
   auto channel = grpc::CreateChannel(daemon_->target(), grpc::InsecureChannelCredentials());
   auto stub = v1::IceCache::NewStub(channel);
@@ -842,6 +894,108 @@ TEST_F(SecurityTest, ADaemonOutOfDescriptorsShedsConnectionsInsteadOfSpinning) {
   v1::GetConfigResponse cfg;
   const grpc::Status st = stub->GetConfig(ctx.get(), v1::GetConfigRequest(), &cfg);
   EXPECT_TRUE(st.ok()) << st.error_code() << " " << st.error_message();
+  // And clients attach again.
+  absl::StatusOr<std::unique_ptr<Attachment>> a;
+  const absl::Time until = absl::Now() + absl::Seconds(10);
+  do {
+    a = daemon_->Attach();
+  } while (!a.ok() && absl::Now() < until);
+  EXPECT_TRUE(a.ok()) << a.status();
+}
+
+// Connections to the control socket that never begin HTTP/2 held one of their uid's places
+// for as long as their peer kept them open (gRPC starts no handshake deadline on a connection
+// handed to it by descriptor): a stuck process of the engine's uid could lock the engine out
+// of the control API. Now they are held before gRPC sees them and closed at the handshake
+// timeout, and the uid's next call is served.
+TEST_F(SecurityTest, ControlConnectionsThatNeverSpeakAreClosedAtTheHandshakeTimeout) {
+  StartDaemon({"--handshake-timeout=700ms", "--max-control-connections-per-uid=9"});
+  Stats();  // the test's own channel is open: one of the uid's 9 places
+  const absl::Time start = absl::Now();
+  std::vector<int> silent;
+  for (int i = 0; i < 8; ++i) {
+    const int fd = ConnectRaw(daemon_->socket_path());
+    ASSERT_GE(fd, 0) << std::strerror(errno);
+    silent.push_back(fd);
+  }
+  // The uid's places are taken: a new channel of the same uid is refused at accept while the
+  // silent ones are held.
+  auto channel = grpc::CreateChannel(daemon_->target(), grpc::InsecureChannelCredentials());
+  auto stub = v1::IceCache::NewStub(channel);
+  v1::GetConfigResponse cfg;
+  const grpc::Status locked_out =
+      stub->GetConfig(ContextWithDeadline(0.3).get(), v1::GetConfigRequest(), &cfg);
+  const double locked_at = absl::ToDoubleSeconds(absl::Now() - start);
+  if (locked_at < 0.6) {  // only meaningful while the silent ones are surely held
+    EXPECT_EQ(locked_out.error_code(), grpc::StatusCode::UNAVAILABLE) << locked_out.error_message();
+  }
+  for (int fd : silent) {
+    ASSERT_GE(SecondsUntilClosed(fd, 10), 0.0) << "a silent connection stayed open";
+    const double closed_at = absl::ToDoubleSeconds(absl::Now() - start);
+    EXPECT_GT(closed_at, 0.6);
+    EXPECT_LT(closed_at, 3.0);
+    ::close(fd);
+  }
+  absl::StatusOr<std::string> m = Metrics();
+  ASSERT_TRUE(m.ok()) << m.status();
+  EXPECT_EQ(MetricValue(*m, "icecache_control_preface_timeouts_total"), 8.0);
+  EXPECT_EQ(MetricValue(*m, "icecache_control_bad_prefaces_total"), 0.0);
+  EXPECT_GE(MetricValue(*m, "icecache_control_connections_refused_total"), 1.0);
+  // Their places are free again: the same uid is served.
+  auto ctx = ContextWithDeadline(10);
+  ctx->set_wait_for_ready(true);
+  const grpc::Status served = stub->GetConfig(ctx.get(), v1::GetConfigRequest(), &cfg);
+  EXPECT_TRUE(served.ok()) << served.error_code() << " " << served.error_message();
+  EXPECT_TRUE(absl::StrContains(daemon_->process().Stderr(),
+                                "control connection(s) that did not begin HTTP/2 within 700ms"));
+}
+
+// Something other than HTTP/2 is closed as soon as its first bytes show it, before gRPC sees
+// it; part of the preface then silence waits out the timeout; a preface that comes in two
+// pieces is handed over whole, with its bytes, and the daemon answers its SETTINGS.
+TEST_F(SecurityTest, TheControlSocketTakesOnlyTheHttp2Preface) {
+  StartDaemon({"--handshake-timeout=700ms"});
+  const std::string preface = "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+  const int http1 = ConnectRaw(daemon_->socket_path());
+  ASSERT_GE(http1, 0);
+  const std::string get = "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n";
+  ASSERT_EQ(::send(http1, get.data(), get.size(), MSG_NOSIGNAL), static_cast<ssize_t>(get.size()));
+  const double http1_closed = SecondsUntilClosed(http1, 10);
+  EXPECT_GE(http1_closed, 0.0);
+  EXPECT_LT(http1_closed, 0.4);
+  ::close(http1);
+
+  const int half = ConnectRaw(daemon_->socket_path());
+  ASSERT_GE(half, 0);
+  ASSERT_EQ(::send(half, preface.data(), 10, MSG_NOSIGNAL), 10);
+  const double half_closed = SecondsUntilClosed(half, 10);
+  EXPECT_GT(half_closed, 0.5);
+  EXPECT_LT(half_closed, 3.0);
+  ::close(half);
+
+  const int split = ConnectRaw(daemon_->socket_path());
+  ASSERT_GE(split, 0);
+  ASSERT_EQ(::send(split, preface.data(), 10, MSG_NOSIGNAL), 10);
+  absl::SleepFor(absl::Milliseconds(200));
+  const std::string rest = preface.substr(10) + Http2Frame(4, 0, 0, "");
+  ASSERT_EQ(::send(split, rest.data(), rest.size(), MSG_NOSIGNAL),
+            static_cast<ssize_t>(rest.size()));
+  // gRPC's first frame is its SETTINGS (type 4 on stream 0).
+  timeval tv{};
+  tv.tv_sec = 5;
+  ::setsockopt(split, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+  unsigned char frame[9] = {};
+  ASSERT_EQ(::recv(split, frame, sizeof(frame), MSG_WAITALL), 9) << std::strerror(errno);
+  EXPECT_EQ(frame[3], 4);
+  EXPECT_EQ(frame[5] | frame[6] | frame[7] | frame[8], 0);
+  // Past the handshake timeout it is gRPC's and stays open.
+  EXPECT_EQ(SecondsUntilClosed(split, 1.5), -1.0);
+  ::close(split);
+
+  absl::StatusOr<std::string> m = Metrics();
+  ASSERT_TRUE(m.ok()) << m.status();
+  EXPECT_EQ(MetricValue(*m, "icecache_control_bad_prefaces_total"), 1.0);
+  EXPECT_EQ(MetricValue(*m, "icecache_control_preface_timeouts_total"), 1.0);
 }
 
 }  // namespace
