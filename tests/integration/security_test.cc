@@ -909,7 +909,7 @@ TEST_F(SecurityTest, ADaemonOutOfDescriptorsShedsConnectionsInsteadOfSpinning) {
 // of the control API. Now they are held before gRPC sees them and closed at the handshake
 // timeout, and the uid's next call is served.
 TEST_F(SecurityTest, ControlConnectionsThatNeverSpeakAreClosedAtTheHandshakeTimeout) {
-  StartDaemon({"--handshake-timeout=700ms", "--max-control-connections-per-uid=9"});
+  StartDaemon({"--handshake-timeout=1s", "--max-control-connections-per-uid=9"});
   Stats();  // the test's own channel is open: one of the uid's 9 places
   const absl::Time start = absl::Now();
   std::vector<int> silent;
@@ -926,14 +926,14 @@ TEST_F(SecurityTest, ControlConnectionsThatNeverSpeakAreClosedAtTheHandshakeTime
   const grpc::Status locked_out =
       stub->GetConfig(ContextWithDeadline(0.3).get(), v1::GetConfigRequest(), &cfg);
   const double locked_at = absl::ToDoubleSeconds(absl::Now() - start);
-  if (locked_at < 0.6) {  // only meaningful while the silent ones are surely held
+  if (locked_at < 0.9) {  // only meaningful while the silent ones are surely held
     EXPECT_EQ(locked_out.error_code(), grpc::StatusCode::UNAVAILABLE) << locked_out.error_message();
   }
   for (int fd : silent) {
     ASSERT_GE(SecondsUntilClosed(fd, 10), 0.0) << "a silent connection stayed open";
     const double closed_at = absl::ToDoubleSeconds(absl::Now() - start);
-    EXPECT_GT(closed_at, 0.6);
-    EXPECT_LT(closed_at, 3.0);
+    EXPECT_GT(closed_at, 0.9);
+    EXPECT_LT(closed_at, 4.0);
     ::close(fd);
   }
   absl::StatusOr<std::string> m = Metrics();
@@ -947,14 +947,14 @@ TEST_F(SecurityTest, ControlConnectionsThatNeverSpeakAreClosedAtTheHandshakeTime
   const grpc::Status served = stub->GetConfig(ctx.get(), v1::GetConfigRequest(), &cfg);
   EXPECT_TRUE(served.ok()) << served.error_code() << " " << served.error_message();
   EXPECT_TRUE(absl::StrContains(daemon_->process().Stderr(),
-                                "control connection(s) that did not begin HTTP/2 within 700ms"));
+                                "control connection(s) that did not begin HTTP/2 within 1s"));
 }
 
 // Something other than HTTP/2 is closed as soon as its first bytes show it, before gRPC sees
 // it; part of the preface then silence waits out the timeout; a preface that comes in two
 // pieces is handed over whole, with its bytes, and the daemon answers its SETTINGS.
 TEST_F(SecurityTest, TheControlSocketTakesOnlyTheHttp2Preface) {
-  StartDaemon({"--handshake-timeout=700ms"});
+  StartDaemon({"--handshake-timeout=1s"});
   const std::string preface = "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
   const int http1 = ConnectRaw(daemon_->socket_path());
   ASSERT_GE(http1, 0);
@@ -962,15 +962,15 @@ TEST_F(SecurityTest, TheControlSocketTakesOnlyTheHttp2Preface) {
   ASSERT_EQ(::send(http1, get.data(), get.size(), MSG_NOSIGNAL), static_cast<ssize_t>(get.size()));
   const double http1_closed = SecondsUntilClosed(http1, 10);
   EXPECT_GE(http1_closed, 0.0);
-  EXPECT_LT(http1_closed, 0.4);
+  EXPECT_LT(http1_closed, 0.5);
   ::close(http1);
 
   const int half = ConnectRaw(daemon_->socket_path());
   ASSERT_GE(half, 0);
   ASSERT_EQ(::send(half, preface.data(), 10, MSG_NOSIGNAL), 10);
   const double half_closed = SecondsUntilClosed(half, 10);
-  EXPECT_GT(half_closed, 0.5);
-  EXPECT_LT(half_closed, 3.0);
+  EXPECT_GT(half_closed, 0.8);
+  EXPECT_LT(half_closed, 4.0);
   ::close(half);
 
   const int split = ConnectRaw(daemon_->socket_path());
@@ -989,7 +989,7 @@ TEST_F(SecurityTest, TheControlSocketTakesOnlyTheHttp2Preface) {
   EXPECT_EQ(frame[3], 4);
   EXPECT_EQ(frame[5] | frame[6] | frame[7] | frame[8], 0);
   // Past the handshake timeout it is gRPC's and stays open.
-  EXPECT_EQ(SecondsUntilClosed(split, 1.5), -1.0);
+  EXPECT_EQ(SecondsUntilClosed(split, 2), -1.0);
   ::close(split);
 
   absl::StatusOr<std::string> m = Metrics();
