@@ -1514,7 +1514,7 @@ absl::StatusOr<SequenceInfo> DataPlane::CreateSequence(const Caller& caller,
 absl::StatusOr<SequenceInfo> DataPlane::RestoreSequence(
     const Caller& caller, const GeometrySpec& spec, const std::string& label,
     const std::string& previous_handle, const std::vector<SequenceKv::LayerJournal>& layers,
-    bool last, const std::function<bool()>& cancelled) {
+    bool last, const std::atomic<bool>* cancel) {
   if (draining_.load()) return absl::UnavailableError("icecached is shutting down");
   // Not claimed here: CreateSequence below claims the client for the sequence's creation, and
   // a detach after it drops the sequence while the restore goes on (the restore rebuilds every
@@ -1565,11 +1565,18 @@ absl::StatusOr<SequenceInfo> DataPlane::RestoreSequence(
   uint64_t tokens = 0;
   for (const SequenceKv::LayerJournal& j : layers) {
     // A call cancelled (its caller gave up, or a shutdown's grace ran out: gRPC cancels the
-    // calls in flight then) ends between layers. A drain alone lets the restore finish within
-    // the grace: a sequence restored here moves on with the client's arena to the successor,
-    // one refused is lost (its rows are in an arena no successor will be handed).
-    if (cancelled && cancelled()) return absl::CancelledError("the restore's call was cancelled");
-    absl::Status st = info->kv->Restore(j, *rows);
+    // calls in flight then) ends here or within the layer (SequenceKv::Restore). A drain alone
+    // lets the restore finish within the grace: a sequence restored here moves on with the
+    // client's arena to the successor, one refused is lost (its rows are in an arena no
+    // successor will be handed).
+    if (cancel != nullptr && cancel->load()) {
+      return absl::CancelledError("the restore's call was cancelled");
+    }
+    absl::Status st = info->kv->Restore(j, *rows, cancel);
+    if (st.code() == absl::StatusCode::kCancelled && cancel != nullptr && cancel->load()) {
+      return absl::CancelledError(
+          absl::StrCat("the restore's call was cancelled (in layer ", j.layer, ")"));
+    }
     if (!st.ok()) {
       return absl::Status(st.code(), absl::StrCat("restoring layer ", j.layer, " of ",
                                                   previous_handle, ": ", st.message()));

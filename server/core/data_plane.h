@@ -149,14 +149,16 @@ class DataPlane {
   // (`layers`) on the rows found under `previous_handle`'s frame tags, so that it selects what
   // the lost sequence would have. `last`: the previous arena is let go after this call.
   // FAILED_PRECONDITION: no previous arena. INVALID_ARGUMENT: a malformed handle or journal.
-  // DATA_LOSS: a token of the journal is in no frame. CANCELLED, between layers, once
-  // `cancelled` (when given) says the call was cancelled. On error no sequence is left.
+  // DATA_LOSS: a token of the journal is in no frame. CANCELLED once `cancel` (when given)
+  // becomes true: within a layer's index build, or between appends or layers (a restore of a
+  // 128k-token layer builds for seconds). On error no sequence is left; the previous arena's
+  // rows stay, so a later restore of the same handle can succeed.
   absl::StatusOr<SequenceInfo> RestoreSequence(const Caller& caller, const GeometrySpec& spec,
                                                const std::string& label,
                                                const std::string& previous_handle,
                                                const std::vector<SequenceKv::LayerJournal>& layers,
                                                bool last,
-                                               const std::function<bool()>& cancelled = {});
+                                               const std::atomic<bool>* cancel = nullptr);
 
   // The uid behind an attachment (for binding control calls to the caller's identity).
   // UNAUTHENTICATED when the token is unknown.

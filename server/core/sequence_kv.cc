@@ -682,7 +682,8 @@ absl::Status SequenceKv::CheckJournal(const LayerJournal& journal) const {
   return absl::OkStatus();
 }
 
-absl::Status SequenceKv::Restore(const LayerJournal& journal, const RowSource& source) {
+absl::Status SequenceKv::Restore(const LayerJournal& journal, const RowSource& source,
+                                 const std::atomic<bool>* cancel) {
   // The whole journal is checked first: the rows of a prefill are gathered (and allocated)
   // before Prefill would refuse their count, so every count from the client is bounded here.
   ICECACHE_RETURN_IF_ERROR(CheckJournal(journal));
@@ -697,11 +698,16 @@ absl::Status SequenceKv::Restore(const LayerJournal& journal, const RowSource& s
     v.assign(heads * tokens * row, 0);
     return source.Gather(journal.layer, want, k.data(), v.data());
   };
+  auto cancelled = [cancel] {
+    return cancel != nullptr && cancel->load(std::memory_order_relaxed);
+  };
+  if (cancelled()) return absl::CancelledError("the restore was cancelled");
   ICECACHE_RETURN_IF_ERROR(gather(journal.prefill_first, journal.prefill_tokens));
-  ICECACHE_RETURN_IF_ERROR(
-      Prefill(journal.layer, k.data(), v.data(), journal.prefill_tokens, journal.prefill_first));
+  ICECACHE_RETURN_IF_ERROR(Prefill(journal.layer, k.data(), v.data(), journal.prefill_tokens,
+                                   journal.prefill_first, cancel));
   for (const AppendRun& r : journal.appends) {
     for (uint32_t i = 0; i < r.count; ++i) {
+      if (cancelled()) return absl::CancelledError("the restore was cancelled");
       const uint32_t first = r.first_position + i * r.tokens;  // within uint32: checked above
       ICECACHE_RETURN_IF_ERROR(gather(first, r.tokens));
       ICECACHE_RETURN_IF_ERROR(Append(journal.layer, k.data(), v.data(), r.tokens, first));

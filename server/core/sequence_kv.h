@@ -145,8 +145,11 @@ class SequenceKv : public std::enable_shared_from_this<SequenceKv> {
   // out of the source first. The journal is checked whole before anything is read or
   // allocated for it (INVALID_ARGUMENT: a prefill of 1..max_tokens tokens, appends of
   // 1..page_size tokens, positions within uint32, max_tokens in all); then errors as
-  // Prefill/Append, or the source's DATA_LOSS.
-  absl::Status Restore(const LayerJournal& journal, const RowSource& source);
+  // Prefill/Append, or the source's DATA_LOSS. `cancel`: when it becomes true the restore
+  // stops within its prefill's build (as Prefill's `cancel`: the layer fails) or before its
+  // next append, with CANCELLED.
+  absl::Status Restore(const LayerJournal& journal, const RowSource& source,
+                       const std::atomic<bool>* cancel = nullptr);
   // Restore's check of a journal alone (nothing read or changed).
   absl::Status CheckJournal(const LayerJournal& journal) const;
 

@@ -141,6 +141,27 @@ absl::StatusOr<Caller> IceCacheService::CallerOf(grpc::CallbackServerContext* ct
   return caller;
 }
 
+namespace {
+
+// The reactor of a long call: it records the call's cancellation (the caller gave up, its
+// deadline passed, its connection ended, or the server's shutdown grace ran out) in a flag
+// that the call's work polls where it runs long (a restore's index build). The default
+// reactor offers only ServerContext::IsCancelled, which work deep in the index cannot reach.
+class LongCallReactor final : public grpc::ServerUnaryReactor {
+ public:
+  void OnCancel() override { cancelled_.store(true); }
+  void OnDone() override { delete this; }
+  const std::atomic<bool>* cancelled() const { return &cancelled_; }
+
+ private:
+  std::atomic<bool> cancelled_{false};
+};
+
+// The cancellation flag of the long call this thread is running (null outside one).
+thread_local const std::atomic<bool>* t_long_call_cancelled = nullptr;
+
+}  // namespace
+
 template <typename Request, typename Response>
 void IceCacheService::ServeRaw(int method_index, const Metrics::RpcMethodMetrics* method,
                                Handler<Request, Response> handler, bool long_running) {
@@ -152,16 +173,21 @@ void IceCacheService::ServeRaw(int method_index, const Metrics::RpcMethodMetrics
           [this, method, handler, long_running](
               grpc::CallbackServerContext* ctx, const grpc::ByteBuffer* in,
               grpc::ByteBuffer* out) -> grpc::ServerUnaryReactor* {
-            grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
             if (!long_running) {
+              grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
               reactor->Finish(Unary<Request, Response>(ctx, method, handler, in, out));
               return reactor;
             }
             // A long call runs on the service's own threads and finishes from there: gRPC's
             // threads, which serve every other call and health probe, are not held by it. The
-            // call's context, request and response stay valid until it finishes.
+            // call's context, request and response stay valid until it finishes (the reactor
+            // until OnDone, after Finish).
+            auto* reactor = new LongCallReactor();
             long_calls_.Schedule([this, method, handler, ctx, in, out, reactor] {
-              reactor->Finish(Unary<Request, Response>(ctx, method, handler, in, out));
+              t_long_call_cancelled = reactor->cancelled();
+              const grpc::Status status = Unary<Request, Response>(ctx, method, handler, in, out);
+              t_long_call_cancelled = nullptr;
+              reactor->Finish(status);
             });
             return reactor;
           }));
@@ -237,7 +263,7 @@ absl::Status IceCacheService::OnRestoreSequence(grpc::CallbackServerContext* ctx
   if (!spec.ok()) return spec.status();
   absl::StatusOr<SequenceInfo> info =
       data_plane_->RestoreSequence(*caller, *spec, request->label(), request->previous_handle(),
-                                   layers, request->last(), [ctx] { return ctx->IsCancelled(); });
+                                   layers, request->last(), t_long_call_cancelled);
   if (!info.ok()) return info.status();
   ToProto(*info, response->mutable_sequence());
   return absl::OkStatus();

@@ -511,5 +511,62 @@ TEST_F(SequenceKvTest, RestoreReplaysTheHistoryIntoTheIdenticalIndex) {
   EXPECT_EQ(short_of_rows.tokens(2), 0u);
 }
 
+// A source that sets a flag during its n-th Gather (the cancellation arriving mid-restore).
+class CancellingRows final : public SequenceKv::RowSource {
+ public:
+  CancellingRows(const eval::Trace* trace, int on_call, std::atomic<bool>* flag)
+      : rows_(trace), on_call_(on_call), flag_(flag) {}
+  absl::Status Gather(uint32_t layer, const std::vector<uint32_t>& positions, uint8_t* k_out,
+                      uint8_t* v_out) const override {
+    if (++calls_ == on_call_) flag_->store(true);
+    return rows_.Gather(layer, positions, k_out, v_out);
+  }
+
+ private:
+  TraceRows rows_;
+  const int on_call_;
+  std::atomic<bool>* const flag_;
+  mutable int calls_ = 0;
+};
+
+// A restore stops with CANCELLED once its flag is set: before it reads a row, inside the
+// prefill's build (the layer then fails), or before its next append; the source is only read,
+// so another restore of the same history succeeds.
+TEST_F(SequenceKvTest, ARestoreStopsOnceCancelled) {
+  SequenceKv::LayerJournal journal;
+  journal.layer = 2;
+  journal.prefill_first = 0;
+  journal.prefill_tokens = 1968;
+  journal.appends = {SequenceKv::AppendRun{1968, 16, 2}};
+  const selection::IndexSpec& spec = *selection::Preset(selection::kPaperPreset);
+  TraceRows rows(&trace_);
+  std::atomic<bool> cancel{true};
+  SequenceKv early(geometry_, spec, arena_, &pool_, nullptr);
+  EXPECT_THAT(early.Restore(journal, rows, &cancel),
+              StatusIs(absl::StatusCode::kCancelled, HasSubstr("the restore was cancelled")));
+  EXPECT_EQ(early.tokens(2), 0u);
+  EXPECT_EQ(early.pages(), 0u);
+  // Set while the prefill's rows are read: its build stops, the layer fails.
+  cancel = false;
+  CancellingRows during_prefill(&trace_, 1, &cancel);
+  SequenceKv built(geometry_, spec, arena_, &pool_, nullptr);
+  EXPECT_THAT(built.Restore(journal, during_prefill, &cancel),
+              StatusIs(absl::StatusCode::kCancelled, HasSubstr("index build was cancelled")));
+  EXPECT_EQ(built.tokens(2), 0u);
+  std::vector<uint8_t> a = Staged(2, 1968, 16);
+  EXPECT_THAT(built.Append(2, a.data(), a.data() + a.size() / 2, 16, 1968),
+              StatusIs(absl::StatusCode::kFailedPrecondition));
+  // Set while the first append's rows are read: that append is made, the second is not.
+  cancel = false;
+  CancellingRows during_append(&trace_, 2, &cancel);
+  SequenceKv appended(geometry_, spec, arena_, &pool_, nullptr);
+  EXPECT_THAT(appended.Restore(journal, during_append, &cancel),
+              StatusIs(absl::StatusCode::kCancelled, HasSubstr("the restore was cancelled")));
+  EXPECT_EQ(appended.tokens(2), 1984u);
+  SequenceKv whole(geometry_, spec, arena_, &pool_, nullptr);
+  ASSERT_OK(whole.Restore(journal, rows));
+  EXPECT_EQ(whole.tokens(2), 2000u);
+}
+
 }  // namespace
 }  // namespace icecache

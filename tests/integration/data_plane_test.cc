@@ -6,7 +6,9 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <string>
 #include <thread>
@@ -351,6 +353,82 @@ TEST_F(DataPlaneTest, RecoveryAttachAndRestoreCheckWhatTheyAreHanded) {
   // Nothing was created by the refused restores: only the live sequence exists.
   EXPECT_EQ(Stats().num_sequences(), 1u);
   EXPECT_TRUE(daemon_->process().Running());
+}
+
+// A restore whose call is cancelled stops inside the layer it is rebuilding, not after it:
+// one layer of 4 KV heads x 48k tokens builds for about a second here, and a restore called
+// with a 150 ms deadline used to build all of it before it looked (it looked between layers
+// only: with one layer, it finished and answered OK to a caller long gone). The previous
+// arena's rows are untouched by the cancelled attempt: the same restore then succeeds.
+TEST_F(DataPlaneTest, ACancelledRestoreStopsWithinTheLayerItIsBuilding) {
+  auto a = AttachClient();
+  ASSERT_NE(a, nullptr);
+  WorkloadOptions w;
+  w.tokens = 48 * 1024;
+  w.appends = 1;
+  w.layers = 1;
+  w.kv_heads = 4;
+  std::string handle;
+  ASSERT_OK(RunWorkload(*a, daemon_->stub(), w, &handle).status());
+  absl::StatusOr<std::string> m = HttpGet(daemon_->metrics_port(), "/metrics");
+  ASSERT_TRUE(m.ok()) << m.status();
+  // The same rows, the same index: about what a whole restore of the layer costs.
+  const double build_seconds = MetricValue(*m, "icecache_index_build_seconds_sum");
+  ASSERT_GT(build_seconds, 0.0);
+  daemon_->process().Signal(SIGKILL);
+  ASSERT_TRUE(daemon_->process().Wait(absl::Seconds(10)).has_value());
+  StartDaemon();
+  Attachment::Options o;
+  o.socket = daemon_->socket_path();
+  o.previous = a.get();
+  auto b = Attachment::Attach(o);
+  ASSERT_TRUE(b.ok()) << b.status();
+
+  v1::RestoreSequenceRequest req;
+  *req.mutable_geometry() = WorkloadGeometry(w);
+  req.set_previous_handle(handle);
+  req.set_last(false);
+  v1::LayerHistory* layer = req.add_layers();
+  layer->set_layer(0);
+  layer->set_prefill_first_position(0);
+  layer->set_prefill_tokens(w.tokens - 16);
+  v1::AppendRun* run = layer->add_appends();
+  run->set_first_position(w.tokens - 16);
+  run->set_tokens(16);
+  run->set_count(1);
+  v1::RestoreSequenceResponse resp;
+  auto ctx = ContextWithToken((*b)->token());
+  ctx->set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(150));
+  grpc::Status st = daemon_->stub().RestoreSequence(ctx.get(), req, &resp);
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED) << st.error_message();
+  // The daemon's handler ends on its own time: wait for its record.
+  const std::string cancelled =
+      "icecache_rpc_requests_total{code=\"CANCELLED\",method=\"RestoreSequence\"}";
+  const std::string finished_ok =
+      "icecache_rpc_requests_total{code=\"OK\",method=\"RestoreSequence\"}";
+  const absl::Time until = absl::Now() + absl::Seconds(60);
+  do {
+    absl::SleepFor(absl::Milliseconds(20));
+    m = HttpGet(daemon_->metrics_port(), "/metrics");
+    ASSERT_TRUE(m.ok()) << m.status();
+  } while (MetricValue(*m, cancelled) + MetricValue(*m, finished_ok) < 1 && absl::Now() < until);
+  EXPECT_EQ(MetricValue(*m, cancelled), 1.0);
+  EXPECT_EQ(MetricValue(*m, finished_ok), 0.0);
+  const double handled =
+      MetricValue(*m, "icecache_rpc_latency_seconds_sum{method=\"RestoreSequence\"}");
+  std::printf("restore cancelled at 150 ms: handled in %.3f s; the layer's build took %.3f s\n",
+              handled, build_seconds);
+  EXPECT_LT(handled, 0.5 * build_seconds + 0.15)
+      << "the cancelled restore built on (the layer's build: " << build_seconds << " s)";
+  EXPECT_EQ(Stats().num_sequences(), 0u);  // nothing left of the cancelled attempt
+
+  v1::RestoreSequenceResponse again;
+  req.set_last(true);
+  auto ctx2 = ContextWithToken((*b)->token());
+  ctx2->set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(120));
+  st = daemon_->stub().RestoreSequence(ctx2.get(), req, &again);
+  EXPECT_TRUE(st.ok()) << st.error_code() << " " << st.error_message();
+  EXPECT_EQ(Stats().num_sequences(), 1u);
 }
 
 // Counts in a restore's history are the client's: a few bytes of request must not make the
