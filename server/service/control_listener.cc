@@ -106,8 +106,9 @@ void ControlListener::AcceptLoop() {
     const absl::Time now = absl::Now();
     absl::Time wake = absl::InfiniteFuture();
     for (const Pending& p : pending_) {
-      // Hang-ups and errors are reported whatever the events asked for.
-      fds.push_back({p.fd, static_cast<short>(p.partial ? 0 : POLLIN), 0});
+      // A peer that stops writing (POLLRDHUP; hang-ups and errors are reported whatever the
+      // events ask for) can no longer complete a partial preface.
+      fds.push_back({p.fd, static_cast<short>(p.partial ? POLLRDHUP : POLLIN | POLLRDHUP), 0});
       wake = std::min(wake, p.partial ? std::min(p.deadline, now + kPartialRecheck) : p.deadline);
     }
     int timeout_ms = -1;
@@ -156,11 +157,14 @@ void ControlListener::CheckPending(const struct pollfd* fds, absl::Time now) {
         HandOver(p);
         continue;
       }
-      if (seen == Preface::kWrong || seen == Preface::kClosed) {
+      // Part of a preface (or none) from a peer that has stopped writing never becomes one
+      // (and poll would report its hang-up on every turn until the deadline).
+      const bool ended = (fds[i].revents & (POLLHUP | POLLERR | POLLRDHUP)) != 0;
+      if (seen == Preface::kWrong || seen == Preface::kClosed || ended) {
         // A peer that closed before its preface is no client's call: counted with the wrong
         // ones (nothing of either reached gRPC).
+        bad_prefaces_.fetch_add(1);  // counted before its peer can see the close
         ::close(p.fd);
-        bad_prefaces_.fetch_add(1);
         ++dropped;
         last = p.conn.cred;
         continue;
@@ -168,8 +172,8 @@ void ControlListener::CheckPending(const struct pollfd* fds, absl::Time now) {
       p.partial = seen == Preface::kPartial;
     }
     if (now >= p.deadline) {
-      ::close(p.fd);
       preface_timeouts_.fetch_add(1);
+      ::close(p.fd);
       ++dropped;
       last = p.conn.cred;
       continue;
@@ -259,8 +263,8 @@ void ControlListener::AcceptOne() {
       }
       for (const Pending& p : pending_) of_uid += p.conn.cred.uid == cred.uid ? 1 : 0;
       if (of_uid >= options_.max_connections_per_uid || pending_.size() >= options_.max_pending) {
-        ::close(fd);
         refused_.fetch_add(1);
+        ::close(fd);
         ICECACHE_LOG(WARNING) << "control connection of uid " << cred.uid << " (pid " << cred.pid
                               << ") refused: "
                               << (of_uid >= options_.max_connections_per_uid

@@ -951,8 +951,9 @@ TEST_F(SecurityTest, ControlConnectionsThatNeverSpeakAreClosedAtTheHandshakeTime
 }
 
 // Something other than HTTP/2 is closed as soon as its first bytes show it, before gRPC sees
-// it; part of the preface then silence waits out the timeout; a preface that comes in two
-// pieces is handed over whole, with its bytes, and the daemon answers its SETTINGS.
+// it; part of the preface then silence waits out the timeout, part of it then the end of the
+// peer's writing is closed at once; a preface that comes in two pieces is handed over whole,
+// with its bytes, and the daemon answers its SETTINGS.
 TEST_F(SecurityTest, TheControlSocketTakesOnlyTheHttp2Preface) {
   StartDaemon({"--handshake-timeout=1s"});
   const std::string preface = "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -972,6 +973,26 @@ TEST_F(SecurityTest, TheControlSocketTakesOnlyTheHttp2Preface) {
   EXPECT_GT(half_closed, 0.8);
   EXPECT_LT(half_closed, 4.0);
   ::close(half);
+
+  // Part of the preface, then the peer stops writing (shutdown) or goes away (close): it can
+  // never be whole, so it is closed at once, not at the timeout (a closed one used to be
+  // reported by poll on every turn until then).
+  const int stopped = ConnectRaw(daemon_->socket_path());
+  ASSERT_GE(stopped, 0);
+  ASSERT_EQ(::send(stopped, preface.data(), 10, MSG_NOSIGNAL), 10);
+  ASSERT_EQ(::shutdown(stopped, SHUT_WR), 0);
+  const double stopped_closed = SecondsUntilClosed(stopped, 10);
+  EXPECT_GE(stopped_closed, 0.0);
+  EXPECT_LT(stopped_closed, 0.5);
+  ::close(stopped);
+  const pid_t pid = daemon_->process().pid();
+  const double cpu = CpuSeconds(pid);
+  const int gone = ConnectRaw(daemon_->socket_path());
+  ASSERT_GE(gone, 0);
+  ASSERT_EQ(::send(gone, preface.data(), 10, MSG_NOSIGNAL), 10);
+  ::close(gone);
+  absl::SleepFor(absl::Seconds(1.5));  // past the timeout
+  EXPECT_LT(CpuSeconds(pid) - cpu, 0.3) << "the daemon spun on a peer that went away";
 
   const int split = ConnectRaw(daemon_->socket_path());
   ASSERT_GE(split, 0);
@@ -994,7 +1015,7 @@ TEST_F(SecurityTest, TheControlSocketTakesOnlyTheHttp2Preface) {
 
   absl::StatusOr<std::string> m = Metrics();
   ASSERT_TRUE(m.ok()) << m.status();
-  EXPECT_EQ(MetricValue(*m, "icecache_control_bad_prefaces_total"), 1.0);
+  EXPECT_EQ(MetricValue(*m, "icecache_control_bad_prefaces_total"), 3.0);
   EXPECT_EQ(MetricValue(*m, "icecache_control_preface_timeouts_total"), 1.0);
 }
 
