@@ -538,7 +538,7 @@ TEST_F(SequenceKvTest, ARestoreStopsOnceCancelled) {
   journal.prefill_first = 0;
   journal.prefill_tokens = 1968;
   journal.appends = {SequenceKv::AppendRun{1968, 16, 2}};
-  const selection::IndexSpec& spec = *selection::Preset(selection::kPaperPreset);
+  const selection::IndexSpec spec = *selection::Preset(selection::kPaperPreset);
   TraceRows rows(&trace_);
   std::atomic<bool> cancel{true};
   SequenceKv early(geometry_, spec, arena_, &pool_, nullptr);
