@@ -102,6 +102,33 @@ Subprocess::~Subprocess() {
 
 bool Subprocess::Signal(int sig) const { return pid_ > 0 && ::kill(pid_, sig) == 0; }
 
+bool Subprocess::Stop(absl::Duration timeout) const {
+  if (!Signal(SIGSTOP)) return false;
+  const absl::Time deadline = absl::Now() + timeout;
+  const std::string tasks = absl::StrCat("/proc/", pid_, "/task");
+  while (true) {
+    bool all_stopped = true;
+    std::error_code ec;
+    for (const auto& task : std::filesystem::directory_iterator(tasks, ec)) {
+      std::ifstream in(task.path() / "stat");
+      std::string line;
+      std::getline(in, line);
+      // "pid (comm) S ...": the state follows the last ')' (comm may hold one).
+      const size_t close = line.rfind(')');
+      const char state =
+          close != std::string::npos && close + 2 < line.size() ? line[close + 2] : '?';
+      if (state != 'T' && state != 't') {
+        all_stopped = false;
+        break;
+      }
+    }
+    if (ec) return false;
+    if (all_stopped) return true;
+    if (absl::Now() > deadline) return false;
+    absl::SleepFor(absl::Milliseconds(1));
+  }
+}
+
 std::optional<int> Subprocess::Wait(absl::Duration timeout) {
   if (status_.has_value()) return status_;
   const absl::Time deadline = absl::Now() + timeout;

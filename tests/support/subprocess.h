@@ -29,6 +29,10 @@ class Subprocess {
 
   pid_t pid() const { return pid_; }
   bool Signal(int sig) const;
+  // SIGSTOP, then waits (up to `timeout`) until every thread of the child is stopped: kill()
+  // returns before they are, and a thread still running may yet answer a request. False on
+  // timeout or when the signal could not be sent.
+  bool Stop(absl::Duration timeout = absl::Seconds(5)) const;
   // Waits up to `timeout` for the child to exit. Returns the raw wait status, or nullopt
   // on timeout.
   std::optional<int> Wait(absl::Duration timeout);
