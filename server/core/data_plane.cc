@@ -1565,18 +1565,11 @@ absl::StatusOr<SequenceInfo> DataPlane::RestoreSequence(
   uint64_t tokens = 0;
   for (const SequenceKv::LayerJournal& j : layers) {
     // A call cancelled (its caller gave up, or a shutdown's grace ran out: gRPC cancels the
-    // calls in flight then) ends here or within the layer (SequenceKv::Restore). A drain alone
-    // lets the restore finish within the grace: a sequence restored here moves on with the
-    // client's arena to the successor, one refused is lost (its rows are in an arena no
-    // successor will be handed).
-    if (cancel != nullptr && cancel->load()) {
-      return absl::CancelledError("the restore's call was cancelled");
-    }
+    // calls in flight then) ends within the layer it is at (SequenceKv::Restore: CANCELLED). A
+    // drain alone lets the restore finish within the grace: a sequence restored here moves on
+    // with the client's arena to the successor, one refused is lost (its rows are in an arena
+    // no successor will be handed).
     absl::Status st = info->kv->Restore(j, *rows, cancel);
-    if (st.code() == absl::StatusCode::kCancelled && cancel != nullptr && cancel->load()) {
-      return absl::CancelledError(
-          absl::StrCat("the restore's call was cancelled (in layer ", j.layer, ")"));
-    }
     if (!st.ok()) {
       return absl::Status(st.code(), absl::StrCat("restoring layer ", j.layer, " of ",
                                                   previous_handle, ": ", st.message()));

@@ -1,6 +1,7 @@
 // Identity, limits and hostile clients, end to end: the real icecached as a subprocess, real
 // sockets, and real processes of another uid (icecache_test_client --as-uid=65534; these tests
 // need root to start them and skip without it).
+#include <fcntl.h>
 #include <grp.h>
 #include <signal.h>
 #include <sys/socket.h>
@@ -114,6 +115,35 @@ class SecurityTest : public ::testing::Test {
 
 bool IsRoot() { return ::geteuid() == 0; }
 
+// A blocking connection to a unix socket (-1 when it cannot be made).
+int ConnectRaw(const std::string& path) {
+  const int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  std::memcpy(addr.sun_path, path.c_str(), path.size());
+  if (::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
+    ::close(fd);
+    return -1;
+  }
+  return fd;
+}
+
+// Seconds until the daemon closes `fd` (recv answers 0), reading and dropping whatever it
+// sends first; -1 when it is still open after `limit` seconds.
+double SecondsUntilClosed(int fd, double limit) {
+  timeval tv{};
+  tv.tv_sec = static_cast<time_t>(limit);
+  tv.tv_usec = static_cast<suseconds_t>((limit - static_cast<double>(tv.tv_sec)) * 1e6);
+  ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+  const absl::Time t = absl::Now();
+  char buf[256];
+  while (true) {
+    const ssize_t n = ::recv(fd, buf, sizeof(buf), 0);
+    if (n == 0 || (n < 0 && errno == ECONNRESET)) return absl::ToDoubleSeconds(absl::Now() - t);
+    if (n < 0) return -1;
+  }
+}
+
 // ------------------------------------------------------------------ attach under load
 
 // 64 silent connections of a uid that may not attach are refused at accept (SO_PEERCRED,
@@ -158,12 +188,8 @@ TEST_F(SecurityTest, SilentConnectionsOfAnotherUidAreRefusedBeforeAnythingIsRead
 
 TEST_F(SecurityTest, AnAttachRequestThatNeverComesTimesOut) {
   StartDaemon({"--handshake-timeout=300ms"});
-  const std::string path = AttachSocketPath(daemon_->socket_path());
-  const int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  sockaddr_un addr{};
-  addr.sun_family = AF_UNIX;
-  std::memcpy(addr.sun_path, path.c_str(), path.size());
-  ASSERT_EQ(::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
+  const int fd = ConnectRaw(AttachSocketPath(daemon_->socket_path()));
+  ASSERT_GE(fd, 0) << std::strerror(errno);
   // Half a request, then silence: the daemon answers with the reason and closes.
   abi::AttachRequest req{};
   req.magic = abi::kArenaMagic;
@@ -693,12 +719,9 @@ std::string HpackLiteral(const std::string& name, const std::string& value) {
 // flow control lets it within `deadline`; it never authenticates. Returns the bytes written.
 uint64_t UnfinishedMessages(const std::string& socket_path, int streams, uint32_t message_bytes,
                             absl::Time deadline) {
-  const int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
-  sockaddr_un addr{};
-  addr.sun_family = AF_UNIX;
-  std::memcpy(addr.sun_path, socket_path.c_str(), socket_path.size());
-  if (::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
-    ::close(fd);
+  const int fd = ConnectRaw(socket_path);
+  if (fd < 0 || ::fcntl(fd, F_SETFL, ::fcntl(fd, F_GETFL) | O_NONBLOCK) != 0) {
+    if (fd >= 0) ::close(fd);
     return 0;
   }
   uint64_t written = 0;
@@ -804,35 +827,6 @@ TEST_F(SecurityTest, UnfinishedControlMessagesCannotGrowTheDaemonPastItsBounds) 
   ctx->set_wait_for_ready(true);
   const grpc::Status st = stub->CreateSequence(ctx.get(), big, &resp);
   EXPECT_EQ(st.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << st.error_message();
-}
-
-// A blocking connection to a unix socket (-1 when it cannot be made).
-int ConnectRaw(const std::string& path) {
-  const int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  sockaddr_un addr{};
-  addr.sun_family = AF_UNIX;
-  std::memcpy(addr.sun_path, path.c_str(), path.size());
-  if (::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
-    ::close(fd);
-    return -1;
-  }
-  return fd;
-}
-
-// Seconds until the daemon closes `fd` (recv answers 0), reading and dropping whatever it
-// sends first; -1 when it is still open after `limit` seconds.
-double SecondsUntilClosed(int fd, double limit) {
-  timeval tv{};
-  tv.tv_sec = static_cast<time_t>(limit);
-  tv.tv_usec = static_cast<suseconds_t>((limit - static_cast<double>(tv.tv_sec)) * 1e6);
-  ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
-  const absl::Time t = absl::Now();
-  char buf[256];
-  while (true) {
-    const ssize_t n = ::recv(fd, buf, sizeof(buf), 0);
-    if (n == 0 || (n < 0 && errno == ECONNRESET)) return absl::ToDoubleSeconds(absl::Now() - t);
-    if (n < 0) return -1;
-  }
 }
 
 // A daemon out of file descriptors closes the connections it cannot take instead of spinning
