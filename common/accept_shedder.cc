@@ -36,13 +36,10 @@ bool AcceptShedder::Shed(int listen_fd, const char* what) {
     }
   }
   if (spare_ < 0) spare_ = OpenSpare();
-  const absl::Time now = absl::Now();
-  if (now - last_log_ >= absl::Seconds(10)) {
-    ICECACHE_LOG(WARNING) << what << " accept: out of file descriptors; " << (shed_ - shed_logged_)
+  if (const std::optional<uint64_t> n = log_.Note(absl::Now(), shed ? 1 : 0)) {
+    ICECACHE_LOG(WARNING) << what << " accept: out of file descriptors; " << *n
                           << " connections closed unanswered since the last report (" << shed_
                           << " in all)";
-    last_log_ = now;
-    shed_logged_ = shed_;
   }
   return shed;
 }

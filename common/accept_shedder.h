@@ -10,7 +10,7 @@
 
 #include <cstdint>
 
-#include "absl/time/time.h"
+#include "common/log_throttle.h"
 
 namespace icecache {
 
@@ -34,8 +34,7 @@ class AcceptShedder {
  private:
   int spare_ = -1;
   uint64_t shed_ = 0;
-  uint64_t shed_logged_ = 0;
-  absl::Time last_log_ = absl::InfinitePast();
+  LogThrottle log_;
 };
 
 }  // namespace icecache

@@ -1127,7 +1127,11 @@ void DataPlane::Refuse(int fd, uint32_t status, const std::string& why) {
   SendWithFds(fd, &reply, sizeof(reply), nullptr, 0);
   ::close(fd);
   observer_->OnAttach(false);
-  ICECACHE_LOG(WARNING) << "attach refused: " << why;
+  // Any local uid can connect: one line per refusal would let it fill the log.
+  if (const std::optional<uint64_t> n = refuse_log_.Note(absl::Now())) {
+    ICECACHE_LOG(WARNING) << "attach refused: " << why << " (" << *n
+                          << " refused since the last report)";
+  }
 }
 
 void DataPlane::AcceptNew(std::vector<PendingAttach>* pending) {

@@ -38,6 +38,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "common/accept_shedder.h"
+#include "common/log_throttle.h"
 #include "common/paths.h"
 #include "common/thread_pool.h"
 #include "selection/index_factory.h"
@@ -239,6 +240,7 @@ class DataPlane {
 
   int listen_fd_ = -1;
   AcceptShedder attach_shedder_;  // the attach thread only
+  LogThrottle refuse_log_;        // Refuse's lines
   int stop_fd_ = -1;              // eventfd: wakes the attach thread
   std::thread attach_thread_;
   std::thread reaper_thread_;

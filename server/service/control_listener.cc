@@ -181,15 +181,11 @@ void ControlListener::CheckPending(const struct pollfd* fds, absl::Time now) {
     pending_[kept++] = p;
   }
   if (dropped > 0) {
-    dropped_logged_ += dropped;
-    // At most one line every 10 s: a local peer can make these as fast as it connects.
-    if (now - last_drop_log_ >= absl::Seconds(10)) {
-      ICECACHE_LOG(WARNING) << "closed " << dropped_logged_
+    if (const std::optional<uint64_t> n = drop_log_.Note(now, dropped)) {
+      ICECACHE_LOG(WARNING) << "closed " << *n
                             << " control connection(s) that did not begin HTTP/2 within "
                             << options_.preface_timeout << " (the latest of uid " << last.uid
                             << ", pid " << last.pid << ")";
-      dropped_logged_ = 0;
-      last_drop_log_ = now;
     }
   }
   pending_.resize(kept);
@@ -265,12 +261,15 @@ void ControlListener::AcceptOne() {
       if (of_uid >= options_.max_connections_per_uid || pending_.size() >= options_.max_pending) {
         refused_.fetch_add(1);
         ::close(fd);
-        ICECACHE_LOG(WARNING) << "control connection of uid " << cred.uid << " (pid " << cred.pid
-                              << ") refused: "
-                              << (of_uid >= options_.max_connections_per_uid
-                                      ? absl::StrCat("it holds ", of_uid, " already")
-                                      : absl::StrCat(pending_.size(),
-                                                     " connections are waiting for a preface"));
+        if (const std::optional<uint64_t> n = refuse_log_.Note(absl::Now())) {
+          ICECACHE_LOG(WARNING) << "control connection of uid " << cred.uid << " (pid " << cred.pid
+                                << ") refused: "
+                                << (of_uid >= options_.max_connections_per_uid
+                                        ? absl::StrCat("it holds ", of_uid, " already")
+                                        : absl::StrCat(pending_.size(),
+                                                       " connections are waiting for a preface"))
+                                << "; " << *n << " refused since the last report";
+        }
         continue;
       }
     }

@@ -46,6 +46,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "common/accept_shedder.h"
+#include "common/log_throttle.h"
 #include "common/paths.h"
 
 namespace grpc {
@@ -131,8 +132,7 @@ class ControlListener {
   int range_begin_ = 0, range_end_ = 0, cursor_ = 0;  // accept thread only
   AcceptShedder shedder_;                             // accept thread only
   std::vector<Pending> pending_;                      // accept thread only
-  uint64_t dropped_logged_ = 0;                       // accept thread only
-  absl::Time last_drop_log_ = absl::InfinitePast();   // accept thread only
+  LogThrottle drop_log_, refuse_log_;
   std::atomic<uint64_t> refused_{0};
   std::atomic<uint64_t> preface_timeouts_{0};
   std::atomic<uint64_t> bad_prefaces_{0};

@@ -1013,5 +1013,35 @@ TEST_F(SecurityTest, TheControlSocketTakesOnlyTheHttp2Preface) {
   EXPECT_EQ(MetricValue(*m, "icecache_control_preface_timeouts_total"), 1.0);
 }
 
+// Refusals are logged at most once per 10 s with their count: any local uid can connect to
+// both sockets, and one line per refused connection (as before) let it write the daemon's log
+// as fast as it could reconnect. 300 control connections over the uid's limit and 300 attaches
+// over its client limit: every one refused and counted, two lines of log.
+TEST_F(SecurityTest, RefusedConnectionsAreLoggedOncePerPeriodNotOneLineEach) {
+  StartDaemon({"--max-control-connections-per-uid=1", "--max-clients-per-uid=1"});
+  Stats();  // the test's own channel holds the uid's one control place
+  auto held = daemon_->Attach();
+  ASSERT_TRUE(held.ok()) << held.status();  // and its one client place
+  const size_t log_before = daemon_->process().Stderr().size();
+  for (int i = 0; i < 300; ++i) {
+    const int fd = ConnectRaw(daemon_->socket_path());
+    ASSERT_GE(fd, 0) << std::strerror(errno);
+    EXPECT_GE(SecondsUntilClosed(fd, 5), 0.0);  // closed at accept
+    ::close(fd);
+  }
+  for (int i = 0; i < 300; ++i) {
+    EXPECT_THAT(daemon_->Attach(), StatusIs(absl::StatusCode::kResourceExhausted,
+                                            HasSubstr("has its maximum of 1 attached clients")));
+  }
+  absl::StatusOr<std::string> m = Metrics();
+  ASSERT_TRUE(m.ok()) << m.status();
+  EXPECT_EQ(MetricValue(*m, "icecache_control_connections_refused_total"), 300.0);
+  EXPECT_EQ(MetricValue(*m, "icecache_attach_total{result=\"refused\"}"), 300.0);
+  const std::string log = daemon_->process().Stderr().substr(log_before);
+  EXPECT_LT(log.size(), size_t{1024}) << log.substr(0, 2048);
+  EXPECT_THAT(log, HasSubstr("refused: it holds 1 already; 1 refused since the last report"));
+  EXPECT_THAT(log, HasSubstr("has its maximum of 1 attached clients (1 refused since the last"));
+}
+
 }  // namespace
 }  // namespace icecache::testing
