@@ -94,6 +94,17 @@ class SecurityTest : public ::testing::Test {
     return us[us.size() / 2];
   }
 
+  // Attaches, trying again until `within` has passed (a freed place comes back only once the
+  // reaper or the daemon has let the old one go).
+  absl::StatusOr<std::unique_ptr<Attachment>> AttachWithin(absl::Duration within) {
+    const absl::Time until = absl::Now() + within;
+    absl::StatusOr<std::unique_ptr<Attachment>> a;
+    do {
+      a = daemon_->Attach();
+    } while (!a.ok() && absl::Now() < until);
+    return a;
+  }
+
   // A process of uid 65534 holding `n` silent attach connections; waits until they are held.
   Subprocess HoldSilent(int n) {
     absl::StatusOr<Subprocess> p = Subprocess::Start(
@@ -213,11 +224,7 @@ TEST_F(SecurityTest, AttachesPerUidAreCapped) {
                                           HasSubstr("has its maximum of 2 attached clients")));
   a->reset();
   // The reaper frees the slot within moments.
-  absl::StatusOr<std::unique_ptr<Attachment>> c;
-  const absl::Time until = absl::Now() + absl::Seconds(2);
-  do {
-    c = daemon_->Attach();
-  } while (!c.ok() && absl::Now() < until);
+  absl::StatusOr<std::unique_ptr<Attachment>> c = AttachWithin(absl::Seconds(2));
   EXPECT_TRUE(c.ok()) << c.status();
 }
 
@@ -889,11 +896,7 @@ TEST_F(SecurityTest, ADaemonOutOfDescriptorsShedsConnectionsInsteadOfSpinning) {
   const grpc::Status st = stub->GetConfig(ctx.get(), v1::GetConfigRequest(), &cfg);
   EXPECT_TRUE(st.ok()) << st.error_code() << " " << st.error_message();
   // And clients attach again.
-  absl::StatusOr<std::unique_ptr<Attachment>> a;
-  const absl::Time until = absl::Now() + absl::Seconds(10);
-  do {
-    a = daemon_->Attach();
-  } while (!a.ok() && absl::Now() < until);
+  absl::StatusOr<std::unique_ptr<Attachment>> a = AttachWithin(absl::Seconds(10));
   EXPECT_TRUE(a.ok()) << a.status();
 }
 
