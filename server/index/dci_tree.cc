@@ -1469,12 +1469,17 @@ struct DciTree::Impl {
     std::vector<uint32_t> order;
     uint64_t scored = 0;
     // Best-first search.
-    std::vector<float> cell_score;                 // [query][cell]: q.ref
-    std::vector<float> qnorm;                      // [query]
-    std::vector<std::pair<float, uint32_t>> heap;  // one query's (bound, cell) max-heap
-    std::vector<std::vector<float>> kth;           // [query]: min-heap of best values
-    std::vector<std::vector<std::pair<float, uint32_t>>> cand;  // [query]: (estimate, token)
-    std::vector<uint32_t> opened;                               // cells opened, in order
+    std::vector<float> cell_score;                       // [query][cell]: q.ref
+    std::vector<float> qnorm;                            // [query]
+    std::vector<std::pair<float, uint32_t>> cell_order;  // one query's (bound, cell), best first
+    std::vector<std::vector<float>> kth;                 // [query]: min-heap of best values
+    // [query]: (estimate, token) of the keys whose estimate beat cand_floor[query] when they
+    // were seen, unordered; cut back to the best R whenever it reaches 2 R (CutCandidates), so
+    // cand_floor is the R-th best estimate as of the last cut (-inf before the first): never
+    // above the R-th best of the keys seen so far.
+    std::vector<std::vector<std::pair<float, uint32_t>>> cand;
+    std::vector<float> cand_floor;
+    std::vector<uint32_t> opened;  // cells opened, in order
     std::vector<uint32_t> union_tok;
     std::vector<int32_t> dots;
     std::vector<uint8_t> luts;                   // [query][bits * 4]: fast-scan tables
@@ -1806,19 +1811,25 @@ struct DciTree::Impl {
     }
   }
 
-  // Query j's max-heap of (bound, cell) over the non-empty cells.
-  void BuildCellHeap(uint32_t j, GroupScratch& gs) const {
+  // Query j's (bound, cell) over the non-empty cells not opened yet (by an earlier query of
+  // the group), best bound first (ties: the higher cell id first). Sorted once: the search
+  // visits most cells of a large tree, so a heap popped cell by cell costs more.
+  void OrderCells(uint32_t j, GroupScratch& gs) const {
     const uint32_t nc = static_cast<uint32_t>(cells.size());
     const float* cs = gs.cell_score.data() + uint64_t{j} * nc;
     const float qn = gs.qnorm[j];
-    gs.heap.clear();
+    gs.cell_order.clear();
     for (uint32_t c = 0; c < nc; ++c) {
-      if (cells[c].tok.empty()) continue;
+      if (cells[c].tok.empty() || gs.cell_stamp[c] == gs.cell_cur) continue;
       // Rounding margin: the kernels' float error on q.ref and on the keys' scores.
       const float margin = 1e-5f * qn * (cell_ref_norm[c] + cell_radius[c]) + 1e-6f;
-      gs.heap.push_back({cs[c] + o.cell_bound_slack * qn * cell_radius[c] + margin, c});
+      float bound = cs[c] + o.cell_bound_slack * qn * cell_radius[c] + margin;
+      // A query of huge finite values can overflow a score to inf and the bound to NaN; such a
+      // cell is opened (its bound taken as +inf), and the sort sees a strict weak order.
+      if (std::isnan(bound)) bound = std::numeric_limits<float>::infinity();
+      gs.cell_order.push_back({bound, c});
     }
-    std::make_heap(gs.heap.begin(), gs.heap.end());
+    std::sort(gs.cell_order.begin(), gs.cell_order.end(), std::greater<>());
   }
 
   // Pushes v into a min-heap of at most `cap` values.
@@ -1867,38 +1878,40 @@ struct DciTree::Impl {
     SketchDotsPacked(gs.luts.data(), gs.lut_bias.data(), nq, sketch->bits(), c.code.data(), n,
                      gs.dots.data(), n);
     gs.sketched += uint64_t{n} * nq;
-    // Per query: every estimate and the keys above the query's current R-th best (AVX2:
-    // 8 at a time, F16C factors; ResidualSketch::Estimate plus q.r), then only those into the
-    // heap, each rechecked against its rising floor.
+    // Per query: every estimate and the keys above the query's floor (SIMD, F16C factors;
+    // ResidualSketch::Estimate plus q.r), appended to its candidates, cut back to the best R
+    // when they reach 2 R: about one selection per R keys that beat the floor, where a heap
+    // of R paid a sift per key.
     gs.est.resize(n);
     gs.above.resize(n);
-    auto greater = [](const std::pair<float, uint32_t>& a, const std::pair<float, uint32_t>& b) {
-      return a.first > b.first;
-    };
     for (uint32_t q = 0; q < nq; ++q) {
       const float base = gs.cell_score[uint64_t{q} * nc + cid];
       const ResidualSketch::Query& qs8 = gs.qsketch[q];
       std::vector<std::pair<float, uint32_t>>& h = gs.cand[q];
-      float floor = h.size() < rcap ? -std::numeric_limits<float>::infinity() : h.front().first;
       const uint32_t m =
           SketchEstimatesAbove(gs.dots.data() + uint64_t{q} * n, c.fac.data(), n, base, qs8.scale,
-                               qs8.sum, floor, gs.est.data(), gs.above.data());
+                               qs8.sum, gs.cand_floor[q], gs.est.data(), gs.above.data());
       for (uint32_t a = 0; a < m; ++a) {
         const uint32_t i = gs.above[a];
-        const float e = gs.est[i];
-        if (h.size() < rcap) {
-          h.push_back({e, c.tok[i]});
-          std::push_heap(h.begin(), h.end(), greater);
-          if (h.size() == rcap) floor = h.front().first;
-          continue;
-        }
-        if (e <= floor) continue;
-        std::pop_heap(h.begin(), h.end(), greater);
-        h.back() = {e, c.tok[i]};
-        std::push_heap(h.begin(), h.end(), greater);
-        floor = h.front().first;
+        h.push_back({gs.est[i], c.tok[i]});
       }
+      if (h.size() >= 2 * uint64_t{rcap}) CutCandidates(q, rcap, gs);
     }
+  }
+
+  // Keeps query q's best rcap candidates (estimate descending, ties to the lower token) and
+  // raises its floor to the rcap-th estimate (later keys must beat it strictly). Every key
+  // estimated above the final floor is kept whatever order the cells were opened in (the
+  // floor never passes it); only ties at the floor depend on that order, as with a heap.
+  static void CutCandidates(uint32_t q, uint32_t rcap, GroupScratch& gs) {
+    std::vector<std::pair<float, uint32_t>>& h = gs.cand[q];
+    if (h.size() < rcap) return;
+    auto better = [](const std::pair<float, uint32_t>& a, const std::pair<float, uint32_t>& b) {
+      return a.first > b.first || (a.first == b.first && a.second < b.second);
+    };
+    std::nth_element(h.begin(), h.begin() + (rcap - 1), h.end(), better);
+    h.resize(rcap);
+    gs.cand_floor[q] = h[rcap - 1].first;
   }
 
   // DciOptions::rerank_extra_pages: scores every key of the candidate pages in `out` for the group
@@ -1969,6 +1982,7 @@ struct DciTree::Impl {
     const uint32_t rcap = std::max<uint32_t>(o.rescore_tokens, 1);
     gs.kth.resize(nq);
     gs.cand.resize(nq);
+    gs.cand_floor.assign(nq, -std::numeric_limits<float>::infinity());
     for (uint32_t q = 0; q < nq; ++q) {
       gs.kth[q].clear();
       gs.cand[q].clear();
@@ -1990,18 +2004,15 @@ struct DciTree::Impl {
     // threshold (the k-th best page, or the R-th best estimate); a cell opened for one query
     // serves them all.
     for (uint32_t q = 0; q < nq; ++q) {
-      BuildCellHeap(q, gs);
-      while (!gs.heap.empty()) {
-        const float bound = gs.heap.front().first;
-        const uint32_t cid = gs.heap.front().second;
+      OrderCells(q, gs);
+      for (const auto& [bound, cid] : gs.cell_order) {
         if (exact) {
           if (gs.kth[q].size() >= k && bound < gs.kth[q].front()) break;
-        } else if (gs.cand[q].size() >= rcap && bound < gs.cand[q].front().first) {
+        } else if (bound < gs.cand_floor[q]) {
+          // The floor as of the last cut: at most the R-th best estimate so far, so the
+          // search stops no earlier than at the exact R-th best (it may open a few cells more).
           break;
         }
-        std::pop_heap(gs.heap.begin(), gs.heap.end());
-        gs.heap.pop_back();
-        if (gs.cell_stamp[cid] == gs.cell_cur) continue;
         gs.cell_stamp[cid] = gs.cell_cur;
         gs.opened.push_back(cid);
         if (exact) {
@@ -2015,6 +2026,7 @@ struct DciTree::Impl {
       // Rescore the union of the queries' best estimates exactly, for the whole group.
       gs.union_tok.clear();
       for (uint32_t q = 0; q < nq; ++q) {
+        CutCandidates(q, rcap, gs);
         for (const auto& e : gs.cand[q]) gs.union_tok.push_back(e.second);
       }
       std::sort(gs.union_tok.begin(), gs.union_tok.end());

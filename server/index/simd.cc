@@ -921,11 +921,24 @@ ICECACHE_AVX512 uint32_t SketchEstimatesAboveAvx512(const int32_t* dots, const u
     }
     idx = _mm512_add_epi32(idx, step);
   }
-  // The last 0-15 keys through the AVX2 routine (same arithmetic), offset by i.
-  const uint32_t k = SketchEstimatesAboveAvx2(dots + i, fac + i, n - i, base, scale, sum, floor,
-                                              est + i, above + m);
-  for (uint32_t t = 0; t < k; ++t) above[m + t] += i;
-  return m + k;
+  // The last 1-15 keys with masked loads and stores (the masked-off lanes are not read, so
+  // nothing past n is touched); the same arithmetic as the full blocks.
+  if (i < n) {
+    const uint32_t r = n - i;
+    const __mmask16 live = static_cast<__mmask16>((1u << r) - 1u);
+    const __m512i d = _mm512_maskz_loadu_epi32(live, dots + i);
+    const __m512 t = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_add_epi32(d, d), vsum));
+    const __m512 f = _mm512_cvtph_ps(
+        _mm512_castsi512_si256(_mm512_maskz_loadu_epi16(static_cast<__mmask32>(live), fac + i)));
+    const __m512 e = _mm512_add_ps(vb, _mm512_mul_ps(_mm512_mul_ps(f, vs), t));
+    _mm512_mask_storeu_ps(est + i, live, e);
+    const __mmask16 mask = _mm512_mask_cmp_ps_mask(live, e, vf, _CMP_GT_OQ);
+    if (mask != 0) {
+      _mm512_mask_compressstoreu_epi32(above + m, mask, idx);
+      m += static_cast<uint32_t>(__builtin_popcount(mask));
+    }
+  }
+  return m;
 }
 
 // Runs kernel K<NQ> over the queries in chunks of at most 4 (accumulators stay in registers).

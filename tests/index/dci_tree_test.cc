@@ -668,6 +668,69 @@ TEST_F(DciTreeTest, SketchSearchRecallIsCloseToTheExactScans) {
   EXPECT_LT(scored, 8u * 6000u * 4u / 5) << "rescored more than a fifth of the keys";
 }
 
+// Each query's candidates for the exact rescoring are cut to its best rescore_tokens
+// estimates: with re-ranking off, the rescored keys are the union of the group's 4 sets, so
+// at least R and at most 4 R, whichever order the cells were opened in (the valid bound, the
+// default's slack, and R of 1, 7 and 64).
+TEST_F(DciTreeTest, SketchSearchRescoresAtMostTheGroupsBestEstimates) {
+  data_ = MakeHead(6000, 128);
+  for (float slack : {1.0f, 0.4f}) {
+    for (uint32_t r : {1u, 7u, 64u}) {
+      DciOptions o = BestFirst(DciOptions::SearchMode::kBestFirstSketch, slack, r);
+      o.parent_beam = 6;
+      BuildOn(6000, o);
+      for (uint32_t qi = 0; qi < 8; ++qi) {
+        const std::vector<float> q = GroupQueries(data_, qi, 4, 128);
+        std::vector<SelectedPage> got;
+        ASSERT_OK(tree_->Search(q.data(), 4, 12, &got));
+        const DciTree::Stats st = tree_->GetStats();
+        EXPECT_GE(st.tokens_scored_last_search, uint64_t{r} * 4) << slack << " " << r;
+        EXPECT_LE(st.tokens_scored_last_search, uint64_t{r} * 4 * 4) << slack << " " << r;
+        EXPECT_GT(st.tokens_sketched_last_search, 0u);
+        EXPECT_EQ(got.size(), 12u);
+      }
+    }
+  }
+}
+
+// A query of huge finite values overflows the kernels' dot products to +-inf (and the cell
+// bounds to NaN where inf meets -inf): every search mode still answers k distinct live pages;
+// and a tree whose keys are all equal (every estimate and score tied) as well.
+TEST_F(DciTreeTest, SearchesSurviveOverflowingQueriesAndAllEqualKeys) {
+  DciOptions fast = BestFirst(DciOptions::SearchMode::kBestFirstSketch, 0.4f, 64);
+  fast.rerank_extra_pages = 24;
+  fast.parent_beam = 6;
+  fast.page_order = DciOptions::PageOrder::kClustered;
+  const std::vector<DciOptions> modes = {
+      DciOptions{}, BestFirst(DciOptions::SearchMode::kBestFirstExact),
+      BestFirst(DciOptions::SearchMode::kBestFirstSketch, 0.4f, 64), fast};
+  for (bool equal_keys : {false, true}) {
+    data_ = MakeHead(3000, 64);
+    if (equal_keys) {
+      RowView all = data_.trace.Keys(0, 0);
+      const uint64_t row = uint64_t{all.dim} * ElemBytes(all.type);
+      uint8_t* base = const_cast<uint8_t*>(static_cast<const uint8_t*>(all.data));
+      for (uint32_t t = 1; t < all.rows; ++t) std::copy_n(base, row, base + t * row);
+    }
+    for (size_t m = 0; m < modes.size(); ++m) {
+      BuildOn(3000, modes[m]);
+      std::vector<float> q(uint64_t{4} * 64);
+      for (size_t i = 0; i < q.size(); ++i) q[i] = (i % 3 == 0 ? -3e38f : 3e38f);
+      for (const std::vector<float>& query : {q, GroupQueries(data_, 0, 4, 64)}) {
+        std::vector<SelectedPage> got;
+        ASSERT_OK(tree_->Search(query.data(), 4, 12, &got)) << "mode " << m;
+        ASSERT_EQ(got.size(), 12u) << "mode " << m << (equal_keys ? ", equal keys" : "");
+        const std::vector<uint32_t> ids = PageIds(got);
+        EXPECT_EQ(std::set<uint32_t>(ids.begin(), ids.end()).size(), 12u) << "mode " << m;
+        for (const SelectedPage& p : got) {
+          EXPECT_LT(p.page, tree_->page_id_limit());
+          EXPECT_GT(p.valid, 0u);
+        }
+      }
+    }
+  }
+}
+
 // Searches with sketches run while inserts land (re-centred cells rewrite their sketches).
 TEST_F(DciTreeTest, SketchSearchesRunSafelyWhileInsertsLand) {
   DciOptions o = BestFirst(DciOptions::SearchMode::kBestFirstSketch, 0.35f, 32);
