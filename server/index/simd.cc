@@ -1561,13 +1561,12 @@ void BuildSketchLuts(const int8_t* q8, uint32_t bits, uint8_t* luts, int32_t* bi
     int32_t mn = 0;
     for (int i = 0; i < 4; ++i) mn += std::min<int32_t>(q[i], 0);
     uint8_t* t = luts + SketchLutOffset(g);
-    for (uint32_t v = 0; v < 16; ++v) {
-      int32_t s = 0;
-      for (int i = 0; i < 4; ++i) {
-        if ((v >> i) & 1) s += q[i];
-      }
-      t[v] = static_cast<uint8_t>(s - mn);
-    }
+    // Entry v is entry (v without its lowest set bit) plus that bit's query value: one add
+    // per entry instead of four.
+    int32_t sums[16];
+    sums[0] = 0;
+    for (uint32_t v = 1; v < 16; ++v) sums[v] = sums[v & (v - 1)] + q[__builtin_ctz(v)];
+    for (uint32_t v = 0; v < 16; ++v) t[v] = static_cast<uint8_t>(sums[v] - mn);
     total += mn;
   }
   *bias = total;
