@@ -120,7 +120,8 @@ struct DciOptions {
   //   kBestFirstSketch  the same order, but an opened cell's keys are only estimated, from a
   //                     1-bit sketch of their residual to r (sketch.h, 20 bytes per key at dim
   //                     128); each query opens cells until no unopened bound reaches its
-  //                     rescore_tokens-th best estimate, then those best estimates (the union
+  //                     rescore_tokens-th best estimate (as of its candidates' last cut,
+  //                     which may open a few cells more), then those best estimates (the union
   //                     over the group) are rescored exactly and pages ranked by their best
   //                     rescored key. Approximate: the estimate can miss a best key.
   // The best-first modes rank pages by best key, then optionally re-rank the best ones by mass
