@@ -1124,9 +1124,11 @@ void DataPlane::Refuse(int fd, uint32_t status, const std::string& why) {
   reply.abi_version = abi::kAbiVersion;
   reply.status = status;
   std::strncpy(reply.message, why.c_str(), sizeof(reply.message) - 1);
+  // Counted before the peer can see the answer, so that a scrape it makes after reading the
+  // refusal (or the close) always includes it.
+  observer_->OnAttach(false);
   SendWithFds(fd, &reply, sizeof(reply), nullptr, 0);
   ::close(fd);
-  observer_->OnAttach(false);
   // Any local uid can connect: one line per refusal would let it fill the log.
   if (const std::optional<uint64_t> n = refuse_log_.Note(absl::Now())) {
     ICECACHE_LOG(WARNING) << "attach refused: " << why << " (" << *n
@@ -1154,9 +1156,9 @@ void DataPlane::AcceptNew(std::vector<PendingAttach>* pending) {
     }
     if (draining_.load()) {
       // Shutting down: no new attachments (the client sees the connection closed unanswered
-      // and retries against the successor).
-      ::close(fd);
+      // and retries against the successor). Counted before the close, as in Refuse.
       observer_->OnAttach(false);
+      ::close(fd);
       continue;
     }
     // Identity first: nothing is read from a connection before its uid is known and admitted.
