@@ -160,7 +160,11 @@ double SecondsUntilClosed(int fd, double limit) {
 // 64 silent connections of a uid that may not attach are refused at accept (SO_PEERCRED,
 // nothing read); 64 of an admitted uid occupy at most its pending allowance (8) until their
 // deadline, the rest are refused at once. Either way a legitimate client attaches within 2x
-// of its latency against an idle daemon.
+// of its latency against an idle daemon, plus 2 ms for the scheduling noise of a loaded 2-core
+// CI machine (the second test below once measured 1,062 against 425 us idle there); a daemon
+// whose loop waited on a silent connection would cost its handshake deadline, 2 s or more.
+constexpr double kAttachNoiseMicros = 2000;
+
 TEST_F(SecurityTest, SilentConnectionsDoNotDelayALegitimateAttach) {
   if (!IsRoot()) GTEST_SKIP() << "needs root to hold connections as another uid";
   StartDaemon({"--allow-uids=0," + std::to_string(kNobody), "--handshake-timeout=30s"});
@@ -172,7 +176,8 @@ TEST_F(SecurityTest, SilentConnectionsDoNotDelayALegitimateAttach) {
   const double loaded = MedianAttachMicros(41);
   std::printf("attach p50: idle %.0f us, with 64 silent connections of an admitted uid %.0f us\n",
               idle, loaded);
-  EXPECT_LE(loaded, 2 * idle + 200) << "idle " << idle << " us, loaded " << loaded << " us";
+  EXPECT_LE(loaded, 2 * idle + kAttachNoiseMicros)
+      << "idle " << idle << " us, loaded " << loaded << " us";
   absl::StatusOr<std::string> m = Metrics();
   ASSERT_TRUE(m.ok());
   // The 56 beyond the per-uid allowance were refused when they connected.
@@ -185,11 +190,13 @@ TEST_F(SecurityTest, SilentConnectionsOfAnotherUidAreRefusedBeforeAnythingIsRead
   if (!IsRoot()) GTEST_SKIP() << "needs root to hold connections as another uid";
   StartDaemon();
   OpenDirectory();
+  MedianAttachMicros(5);  // warm up
   const double idle = MedianAttachMicros(21);
   Subprocess hostile = HoldSilent(64);
   absl::SleepFor(absl::Milliseconds(100));
   const double loaded = MedianAttachMicros(21);
-  EXPECT_LE(loaded, 2 * idle + 200) << "idle " << idle << " us, loaded " << loaded << " us";
+  EXPECT_LE(loaded, 2 * idle + kAttachNoiseMicros)
+      << "idle " << idle << " us, loaded " << loaded << " us";
   absl::StatusOr<std::string> m = Metrics();
   ASSERT_TRUE(m.ok());
   EXPECT_EQ(MetricValue(*m, "icecache_attach_total{result=\"refused\"}"), 64.0);
