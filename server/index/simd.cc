@@ -899,7 +899,20 @@ ICECACHE_AVX512VNNI void SketchDotsAvx512VnniT(const int8_t* q8, uint32_t bits,
   }
 }
 
-// The estimates 16 keys at a time; the indices above the floor compressed straight to above[].
+// Writes the lanes of idx selected by mask to out[0, popcount(mask)), in lane order, and
+// nothing past them; returns the count. Compressed in a register, then one masked store:
+// the compress with a memory destination (vpcompressd m512{k}) costs about 27 ns a store on
+// AMD Zen 4, so the loop was 11x slower there when most blocks had a key above the floor
+// (bench/experiments/compress_store.cc on that VM: 1.76 against 0.15 ns per key with half the
+// keys above, 0.59 against 0.12 with 2%).
+ICECACHE_AVX512 inline uint32_t StoreCompressedAvx512(uint32_t* out, __mmask16 mask, __m512i idx) {
+  const uint32_t count = static_cast<uint32_t>(__builtin_popcount(mask));
+  _mm512_mask_storeu_epi32(out, static_cast<__mmask16>((1u << count) - 1u),
+                           _mm512_maskz_compress_epi32(mask, idx));
+  return count;
+}
+
+// The estimates 16 keys at a time; the indices above the floor compressed into above[].
 ICECACHE_AVX512 uint32_t SketchEstimatesAboveAvx512(const int32_t* dots, const uint16_t* fac,
                                                     uint32_t n, float base, float scale,
                                                     int32_t sum, float floor, float* est,
@@ -915,10 +928,7 @@ ICECACHE_AVX512 uint32_t SketchEstimatesAboveAvx512(const int32_t* dots, const u
     const __m512 e = _mm512_add_ps(vb, _mm512_mul_ps(_mm512_mul_ps(f, vs), t));
     _mm512_storeu_ps(est + i, e);
     const __mmask16 mask = _mm512_cmp_ps_mask(e, vf, _CMP_GT_OQ);
-    if (mask != 0) {
-      _mm512_mask_compressstoreu_epi32(above + m, mask, idx);
-      m += static_cast<uint32_t>(__builtin_popcount(mask));
-    }
+    if (mask != 0) m += StoreCompressedAvx512(above + m, mask, idx);
     idx = _mm512_add_epi32(idx, step);
   }
   // The last 1-15 keys with masked loads and stores (the masked-off lanes are not read, so
@@ -933,10 +943,7 @@ ICECACHE_AVX512 uint32_t SketchEstimatesAboveAvx512(const int32_t* dots, const u
     const __m512 e = _mm512_add_ps(vb, _mm512_mul_ps(_mm512_mul_ps(f, vs), t));
     _mm512_mask_storeu_ps(est + i, live, e);
     const __mmask16 mask = _mm512_mask_cmp_ps_mask(live, e, vf, _CMP_GT_OQ);
-    if (mask != 0) {
-      _mm512_mask_compressstoreu_epi32(above + m, mask, idx);
-      m += static_cast<uint32_t>(__builtin_popcount(mask));
-    }
+    if (mask != 0) m += StoreCompressedAvx512(above + m, mask, idx);
   }
   return m;
 }
