@@ -1,4 +1,4 @@
-// The three ways SketchEstimatesAboveAvx512 could write the indices of the keys above the floor,
+// The three ways the AVX-512 sketch estimates could write the indices of the keys above the floor,
 // side by side in one process: a compress with a memory destination (vpcompressd m512{k}, what
 // it ran before), a compress into a register and a full store, and a compress into a register
 // and a store masked to the count (what it runs now: nothing past the count is written).
@@ -26,7 +26,7 @@ const char* const kNames[] = {"compress to memory", "compress, full store",
 
 template <Way W>
 __attribute__((target("avx512f"), noinline)) uint32_t Above(const float* e, float floor,
-                                                              uint32_t* above) {
+                                                            uint32_t* above) {
   const __m512 vf = _mm512_set1_ps(floor);
   const __m512i step = _mm512_set1_epi32(16);
   __m512i idx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
@@ -58,9 +58,11 @@ double NsPerKey(Fn fn, const std::vector<float>& est, float floor, uint64_t* hit
   const auto t0 = std::chrono::steady_clock::now();
   uint64_t h = 0;
   for (int rep = 0; rep < 50; ++rep) {
-    for (uint32_t c = 0; c < cells; ++c) h += fn(est.data() + uint64_t{c} * kCell, floor, above.data());
+    for (uint32_t c = 0; c < cells; ++c)
+      h += fn(est.data() + uint64_t{c} * kCell, floor, above.data());
   }
-  const double ns = std::chrono::duration<double, std::nano>(std::chrono::steady_clock::now() - t0).count();
+  const double ns =
+      std::chrono::duration<double, std::nano>(std::chrono::steady_clock::now() - t0).count();
   *hits = h;
   return ns / (50.0 * est.size());
 }

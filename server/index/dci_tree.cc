@@ -1472,12 +1472,14 @@ struct DciTree::Impl {
     std::vector<float> cell_score;                       // [query][cell]: q.ref
     std::vector<float> qnorm;                            // [query]
     std::vector<std::pair<float, uint32_t>> cell_order;  // one query's (bound, cell), best first
+    std::vector<uint64_t> order_keys;                    // OrderCells' and the lists' sort keys
     std::vector<std::vector<float>> kth;                 // [query]: min-heap of best values
-    // [query]: (estimate, token) of the keys whose estimate beat cand_floor[query] when they
-    // were seen, unordered; cut back to the best R whenever it reaches 2 R (CutCandidates), so
-    // cand_floor is the R-th best estimate as of the last cut (-inf before the first): never
-    // above the R-th best of the keys seen so far.
-    std::vector<std::vector<std::pair<float, uint32_t>>> cand;
+    // [query]: the SketchCandidateKey of each key whose estimate beat cand_floor[query] when it
+    // was seen, unordered, in cand[q][0, cand_n[q]); cut back to the best R whenever there are
+    // 2 R (CutCandidates), so cand_floor is the R-th best estimate as of the last cut (-inf
+    // before the first): never above the R-th best of the keys seen so far.
+    std::vector<std::vector<uint64_t>> cand;
+    std::vector<uint32_t> cand_n;
     std::vector<float> cand_floor;
     std::vector<uint32_t> opened;  // cells opened, in order
     std::vector<uint32_t> union_tok;
@@ -1485,8 +1487,6 @@ struct DciTree::Impl {
     std::vector<uint8_t> luts;                   // [query][bits * 4]: fast-scan tables
     std::vector<int32_t> lut_bias;               // [query]
     std::vector<ResidualSketch::Query> qsketch;  // [query] prepared for SketchDotsPacked
-    std::vector<float> est;                      // [cell member]: estimates of one query
-    std::vector<uint32_t> above;                 // [cell member]: members above the query's floor
     uint64_t sketched = 0;
 
     void Begin(uint32_t queries, size_t page_limit, size_t cell_limit) {
@@ -1818,18 +1818,24 @@ struct DciTree::Impl {
     const uint32_t nc = static_cast<uint32_t>(cells.size());
     const float* cs = gs.cell_score.data() + uint64_t{j} * nc;
     const float qn = gs.qnorm[j];
-    gs.cell_order.clear();
+    gs.order_keys.clear();
     for (uint32_t c = 0; c < nc; ++c) {
       if (cells[c].tok.empty() || gs.cell_stamp[c] == gs.cell_cur) continue;
       // Rounding margin: the kernels' float error on q.ref and on the keys' scores.
       const float margin = 1e-5f * qn * (cell_ref_norm[c] + cell_radius[c]) + 1e-6f;
       float bound = cs[c] + o.cell_bound_slack * qn * cell_radius[c] + margin;
       // A query of huge finite values can overflow a score to inf and the bound to NaN; such a
-      // cell is opened (its bound taken as +inf), and the sort sees a strict weak order.
+      // cell is opened (its bound taken as +inf).
       if (std::isnan(bound)) bound = std::numeric_limits<float>::infinity();
-      gs.cell_order.push_back({bound, c});
+      gs.order_keys.push_back(uint64_t{OrderedFloatBits(bound)} << 32 | c);
     }
-    std::sort(gs.cell_order.begin(), gs.cell_order.end(), std::greater<>());
+    // Sorted as integers (bound, then cell id, both descending): one comparison each.
+    std::sort(gs.order_keys.begin(), gs.order_keys.end(), std::greater<>());
+    gs.cell_order.resize(gs.order_keys.size());
+    for (size_t i = 0; i < gs.order_keys.size(); ++i) {
+      gs.cell_order[i] = {FromOrderedFloatBits(static_cast<uint32_t>(gs.order_keys[i] >> 32)),
+                          static_cast<uint32_t>(gs.order_keys[i])};
+    }
   }
 
   // Pushes v into a min-heap of at most `cap` values.
@@ -1867,8 +1873,8 @@ struct DciTree::Impl {
     }
   }
 
-  // Estimates every key of cell cid for the group from its sketches; pushes them into each
-  // query's best-R candidates (a min-heap of (estimate, token)).
+  // Estimates every key of cell cid for the group from its sketches; appends those above each
+  // query's floor to its candidates.
   void OpenCellSketch(uint32_t cid, uint32_t rcap, GroupScratch& gs) const {
     const Cell& c = cells[cid];
     const uint32_t nq = gs.nq;
@@ -1878,40 +1884,33 @@ struct DciTree::Impl {
     SketchDotsPacked(gs.luts.data(), gs.lut_bias.data(), nq, sketch->bits(), c.code.data(), n,
                      gs.dots.data(), n);
     gs.sketched += uint64_t{n} * nq;
-    // Per query: every estimate and the keys above the query's floor (SIMD, F16C factors;
-    // ResidualSketch::Estimate plus q.r), appended to its candidates, cut back to the best R
-    // when they reach 2 R: about one selection per R keys that beat the floor, where a heap
-    // of R paid a sift per key.
-    gs.est.resize(n);
-    gs.above.resize(n);
+    // Per query: the estimates (SIMD, F16C factors; ResidualSketch::Estimate plus q.r) and the
+    // keys above the query's floor appended as candidate keys, cut back to the best R when
+    // they reach 2 R: about one selection per R keys that beat the floor, where a heap of R
+    // paid a sift per key.
     for (uint32_t q = 0; q < nq; ++q) {
       const float base = gs.cell_score[uint64_t{q} * nc + cid];
       const ResidualSketch::Query& qs8 = gs.qsketch[q];
-      std::vector<std::pair<float, uint32_t>>& h = gs.cand[q];
-      const uint32_t m =
-          SketchEstimatesAbove(gs.dots.data() + uint64_t{q} * n, c.fac.data(), n, base, qs8.scale,
-                               qs8.sum, gs.cand_floor[q], gs.est.data(), gs.above.data());
-      for (uint32_t a = 0; a < m; ++a) {
-        const uint32_t i = gs.above[a];
-        h.push_back({gs.est[i], c.tok[i]});
-      }
-      if (h.size() >= 2 * uint64_t{rcap}) CutCandidates(q, rcap, gs);
+      std::vector<uint64_t>& h = gs.cand[q];
+      if (h.size() < uint64_t{gs.cand_n[q]} + n) h.resize(uint64_t{gs.cand_n[q]} + n);
+      gs.cand_n[q] += SketchCandidatesAbove(gs.dots.data() + uint64_t{q} * n, c.fac.data(),
+                                            c.tok.data(), n, base, qs8.scale, qs8.sum,
+                                            gs.cand_floor[q], h.data() + gs.cand_n[q]);
+      if (gs.cand_n[q] >= 2 * uint64_t{rcap}) CutCandidates(q, rcap, gs);
     }
   }
 
-  // Keeps query q's best rcap candidates (estimate descending, ties to the lower token) and
-  // raises its floor to the rcap-th estimate (later keys must beat it strictly). Every key
-  // estimated above the final floor is kept whatever order the cells were opened in (the
-  // floor never passes it); only ties at the floor depend on that order, as with a heap.
+  // Keeps query q's best rcap candidates (estimate descending, ties to the lower token: the
+  // larger key) and raises its floor to the rcap-th estimate (later keys must beat it
+  // strictly). Every key estimated above the final floor is kept whatever order the cells were
+  // opened in (the floor never passes it); only ties at the floor depend on that order, as
+  // with a heap.
   static void CutCandidates(uint32_t q, uint32_t rcap, GroupScratch& gs) {
-    std::vector<std::pair<float, uint32_t>>& h = gs.cand[q];
-    if (h.size() < rcap) return;
-    auto better = [](const std::pair<float, uint32_t>& a, const std::pair<float, uint32_t>& b) {
-      return a.first > b.first || (a.first == b.first && a.second < b.second);
-    };
-    std::nth_element(h.begin(), h.begin() + (rcap - 1), h.end(), better);
-    h.resize(rcap);
-    gs.cand_floor[q] = h[rcap - 1].first;
+    uint64_t* h = gs.cand[q].data();
+    if (gs.cand_n[q] < rcap) return;
+    std::nth_element(h, h + (rcap - 1), h + gs.cand_n[q], std::greater<uint64_t>());
+    gs.cand_n[q] = rcap;
+    gs.cand_floor[q] = SketchCandidateEstimate(h[rcap - 1]);
   }
 
   // DciOptions::rerank_extra_pages: scores every key of the candidate pages in `out` for the group
@@ -1922,38 +1921,42 @@ struct DciTree::Impl {
     const uint32_t n = static_cast<uint32_t>(out->size());
     if (n == 0) return;
     const uint32_t ps = g.page_size;
+    const uint64_t len = uint64_t{n} * ps;  // one query's slots
     const float scale = 1.0f / std::sqrt(static_cast<float>(g.dim));
-    // vals[q][i * ps + s]: the scaled score of slot s of candidate i for query q.
-    gs.ex.assign(uint64_t{nq} * n * ps, -std::numeric_limits<float>::infinity());
-    gs.tmp.resize(uint64_t{nq} * ps);
-    std::vector<float> best(nq, -std::numeric_limits<float>::infinity());
+    // ex[q * len + i * ps + s]: the score of slot s of candidate i for query q, written there by
+    // the kernel; the slots past a page's valid tokens -inf.
+    gs.ex.resize(uint64_t{nq} * len);
     for (uint32_t i = 0; i < n; ++i) {
       const uint32_t p = (*out)[i].page;
       const uint32_t valid = pages[p].valid;
       DotStridedMulti(qs, nq, reader->PageKeys(p), row_bytes, valid, g.elem_type, g.dim,
-                      gs.tmp.data(), ps);
+                      gs.ex.data() + uint64_t{i} * ps, len);
       gs.scored += uint64_t{valid} * nq;
       for (uint32_t q = 0; q < nq; ++q) {
-        float* dst = gs.ex.data() + (uint64_t{q} * n + i) * ps;
-        for (uint32_t s = 0; s < valid; ++s) {
-          dst[s] = gs.tmp[uint64_t{q} * ps + s] * scale;
-          best[q] = std::max(best[q], dst[s]);
-        }
+        float* slot = gs.ex.data() + q * len + uint64_t{i} * ps;
+        std::fill(slot + valid, slot + ps, -std::numeric_limits<float>::infinity());
       }
     }
     std::vector<double> share(n, 0.0);
     std::vector<double> mass(n);
     for (uint32_t q = 0; q < nq; ++q) {
-      float* v = gs.ex.data() + uint64_t{q} * n * ps;
-      for (uint64_t x = 0; x < uint64_t{n} * ps; ++x) v[x] -= best[q];  // -inf stays -inf
-      ExpInPlace(v, n * ps);
-      double total = 0;
-      for (uint32_t i = 0; i < n; ++i) {
-        double m = 0;
-        for (uint32_t s = 0; s < ps; ++s) m += v[uint64_t{i} * ps + s];
-        mass[i] = m;
-        total += m;
+      float* v = gs.ex.data() + q * len;
+      // Scaled, and shifted by the query's best scaled score (the same roundings as one
+      // multiply and one subtract per slot); -inf stays -inf.
+      float best = -std::numeric_limits<float>::infinity();
+      for (uint64_t x = 0; x < len; ++x) {
+        v[x] *= scale;
+        best = std::max(best, v[x]);
       }
+      for (uint64_t x = 0; x < len; ++x) v[x] -= best;
+      ExpInPlace(v, static_cast<uint32_t>(len));
+      // Each page's mass summed slot by slot in double (slot 0 first), the pages side by side.
+      std::fill(mass.begin(), mass.end(), 0.0);
+      for (uint32_t s = 0; s < ps; ++s) {
+        for (uint32_t i = 0; i < n; ++i) mass[i] += v[uint64_t{i} * ps + s];
+      }
+      double total = 0;
+      for (uint32_t i = 0; i < n; ++i) total += mass[i];
       if (total > 0) {
         for (uint32_t i = 0; i < n; ++i) share[i] += mass[i] / total;
       }
@@ -1982,10 +1985,10 @@ struct DciTree::Impl {
     const uint32_t rcap = std::max<uint32_t>(o.rescore_tokens, 1);
     gs.kth.resize(nq);
     gs.cand.resize(nq);
+    gs.cand_n.assign(nq, 0);
     gs.cand_floor.assign(nq, -std::numeric_limits<float>::infinity());
     for (uint32_t q = 0; q < nq; ++q) {
       gs.kth[q].clear();
-      gs.cand[q].clear();
     }
     if (!exact) {
       gs.qsketch.resize(nq);
@@ -2027,7 +2030,9 @@ struct DciTree::Impl {
       gs.union_tok.clear();
       for (uint32_t q = 0; q < nq; ++q) {
         CutCandidates(q, rcap, gs);
-        for (const auto& e : gs.cand[q]) gs.union_tok.push_back(e.second);
+        for (uint32_t i = 0; i < gs.cand_n[q]; ++i) {
+          gs.union_tok.push_back(SketchCandidateToken(gs.cand[q][i]));
+        }
       }
       std::sort(gs.union_tok.begin(), gs.union_tok.end());
       gs.union_tok.erase(std::unique(gs.union_tok.begin(), gs.union_tok.end()), gs.union_tok.end());
@@ -2049,19 +2054,28 @@ struct DciTree::Impl {
     tls_last_sketched = gs.sketched;
     tls_last_cells_opened = static_cast<uint32_t>(gs.opened.size());
     // Per query: its best k pages among those scored; merged rank-interleaved.
-    auto by_value = [](const SelectedPage& a, const SelectedPage& b) {
-      return a.score > b.score || (a.score == b.score && a.page < b.page);
-    };
     // With re-ranking, the best k + rerank_extra_pages pages are the candidates (at most every
     // page; never fewer than k).
     const uint32_t want = static_cast<uint32_t>(std::max<uint64_t>(
         k, std::min<uint64_t>(uint64_t{k} + o.rerank_extra_pages, pages.size())));
     std::vector<std::vector<SelectedPage>> lists(nq);
     for (uint32_t q = 0; q < nq; ++q) {
-      for (uint32_t p : gs.touched) lists[q].push_back({p, pages[p].valid, gs.Max(q)[p]});
-      const size_t kk = std::min<size_t>(want, lists[q].size());
-      std::partial_sort(lists[q].begin(), lists[q].begin() + kk, lists[q].end(), by_value);
+      // The best `want` by value (ties to the lower page) as integer keys: one comparison each.
+      const float* mx = gs.Max(q);
+      std::vector<uint64_t>& pk = gs.order_keys;
+      pk.resize(gs.touched.size());
+      for (size_t i = 0; i < pk.size(); ++i) {
+        const uint32_t p = gs.touched[i];
+        pk[i] = uint64_t{OrderedFloatBits(mx[p])} << 32 | uint32_t{~p};
+      }
+      const size_t kk = std::min<size_t>(want, pk.size());
+      if (kk < pk.size()) std::nth_element(pk.begin(), pk.begin() + kk, pk.end(), std::greater<>());
+      std::sort(pk.begin(), pk.begin() + kk, std::greater<>());
       lists[q].resize(kk);
+      for (size_t i = 0; i < kk; ++i) {
+        const uint32_t p = ~static_cast<uint32_t>(pk[i]);
+        lists[q][i] = {p, pages[p].valid, FromOrderedFloatBits(static_cast<uint32_t>(pk[i] >> 32))};
+      }
     }
     *out = nq == 1 ? std::move(lists[0]) : MergeRankInterleaved(lists, want);
     if (o.rerank_extra_pages > 0) RerankByMass(qs, nq, k, gs, out);

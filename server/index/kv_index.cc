@@ -82,12 +82,22 @@ std::vector<SelectedPage> MergeRankInterleaved(const std::vector<std::vector<Sel
                                                uint32_t k) {
   std::vector<SelectedPage> out;
   out.reserve(k);
+  // A page already taken: a scan of what is taken while that is short (the selects' k + a few
+  // dozen), a hash set beyond.
+  constexpr uint32_t kScanAtMost = 64;
   absl::flat_hash_set<uint32_t> seen;
+  auto first_time = [&](uint32_t page) {
+    if (k > kScanAtMost) return seen.insert(page).second;
+    for (const SelectedPage& sp : out) {
+      if (sp.page == page) return false;
+    }
+    return true;
+  };
   size_t longest = 0;
   for (const auto& l : lists) longest = std::max(longest, l.size());
   for (size_t r = 0; r < longest && out.size() < k; ++r) {
     for (const auto& l : lists) {
-      if (r < l.size() && seen.insert(l[r].page).second) {
+      if (r < l.size() && first_time(l[r].page)) {
         out.push_back(l[r]);
         if (out.size() == k) break;
       }

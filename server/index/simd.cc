@@ -762,28 +762,32 @@ ICECACHE_AVX2 void SketchDotsPackedAvx2T(const uint8_t* luts, const int32_t* bia
 }
 
 // Estimates 8 keys at a time (F16C factors), compare with the floor, and a movemask that
-// skips the 8 when none beats it (most of them, once a query's candidate heap is full).
-ICECACHE_AVX2 uint32_t SketchEstimatesAboveAvx2(const int32_t* dots, const uint16_t* fac,
-                                                uint32_t n, float base, float scale, int32_t sum,
-                                                float floor, float* est, uint32_t* above) {
+// skips the 8 when none beats it (most of them, once a query's candidates have a floor).
+ICECACHE_AVX2 uint32_t SketchCandidatesAboveAvx2(const int32_t* dots, const uint16_t* fac,
+                                                 const uint32_t* tok, uint32_t n, float base,
+                                                 float scale, int32_t sum, float floor,
+                                                 uint64_t* out) {
   const __m256 vb = _mm256_set1_ps(base), vs = _mm256_set1_ps(scale), vf = _mm256_set1_ps(floor);
   const __m256i vsum = _mm256_set1_epi32(sum);
+  alignas(32) float e8[8];
   uint32_t m = 0, i = 0;
   for (; i + 8 <= n; i += 8) {
     const __m256i d = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(dots + i));
     const __m256 t = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_add_epi32(d, d), vsum));
     const __m256 f = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(fac + i)));
     const __m256 e = _mm256_add_ps(vb, _mm256_mul_ps(_mm256_mul_ps(f, vs), t));
-    _mm256_storeu_ps(est + i, e);
     uint32_t mask = static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(e, vf, _CMP_GT_OQ)));
+    if (mask == 0) continue;
+    _mm256_store_ps(e8, e);
     while (mask) {
-      above[m++] = i + static_cast<uint32_t>(__builtin_ctz(mask));
+      const uint32_t b = static_cast<uint32_t>(__builtin_ctz(mask));
+      out[m++] = SketchCandidateKey(e8[b], tok[i + b]);
       mask &= mask - 1;
     }
   }
   for (; i < n; ++i) {
-    est[i] = base + (HalfToFloat(fac[i]) * scale) * static_cast<float>(2 * dots[i] - sum);
-    if (est[i] > floor) above[m++] = i;
+    const float e = base + (HalfToFloat(fac[i]) * scale) * static_cast<float>(2 * dots[i] - sum);
+    if (e > floor) out[m++] = SketchCandidateKey(e, tok[i]);
   }
   return m;
 }
@@ -899,40 +903,55 @@ ICECACHE_AVX512VNNI void SketchDotsAvx512VnniT(const int8_t* q8, uint32_t bits,
   }
 }
 
-// Writes the lanes of idx selected by mask to out[0, popcount(mask)), in lane order, and
-// nothing past them; returns the count. Compressed in a register, then one masked store:
-// the compress with a memory destination (vpcompressd m512{k}) costs about 27 ns a store on
-// AMD Zen 4, so the loop was 11x slower there when most blocks had a key above the floor
-// (bench/experiments/compress_store.cc on that VM: 1.76 against 0.15 ns per key with half the
-// keys above, 0.59 against 0.12 with 2%).
-ICECACHE_AVX512 inline uint32_t StoreCompressedAvx512(uint32_t* out, __mmask16 mask, __m512i idx) {
-  const uint32_t count = static_cast<uint32_t>(__builtin_popcount(mask));
-  _mm512_mask_storeu_epi32(out, static_cast<__mmask16>((1u << count) - 1u),
-                           _mm512_maskz_compress_epi32(mask, idx));
-  return count;
+// The candidate keys of 16 estimates e and their tokens, those selected by mask written to
+// out[0, popcount(mask)) in lane order and nothing past them; returns the count. Each half of
+// 8 keys is compressed in a register, then stored masked to its count: the compress with a
+// memory destination (vpcompress m512{k}) costs about 27 ns a store on AMD Zen 4
+// (bench/experiments/compress_store.cc on that VM: 1.76 against 0.15 ns per key with half
+// the keys above, 0.59 against 0.12 with 2%; Intel runs both forms alike).
+ICECACHE_AVX512 inline uint32_t StoreCandidatesAvx512(uint64_t* out, __mmask16 mask, __m512 e,
+                                                      __m512i tok) {
+  // OrderedFloatBits, 16 lanes: -0 to +0, then ~b for negatives and b | sign for the others.
+  const __m512i b = _mm512_castps_si512(_mm512_add_ps(e, _mm512_setzero_ps()));
+  const __m512i ord = _mm512_xor_si512(
+      b,
+      _mm512_or_si512(_mm512_srai_epi32(b, 31), _mm512_set1_epi32(static_cast<int>(0x80000000u))));
+  const __m512i ntok = _mm512_xor_si512(tok, _mm512_set1_epi32(-1));
+  uint32_t m = 0;
+  for (int half = 0; half < 2; ++half) {
+    const __mmask8 k = static_cast<__mmask8>(mask >> (8 * half));
+    if (k == 0) continue;
+    const __m256i hi = half == 0 ? _mm512_castsi512_si256(ord) : _mm512_extracti64x4_epi64(ord, 1);
+    const __m256i lo =
+        half == 0 ? _mm512_castsi512_si256(ntok) : _mm512_extracti64x4_epi64(ntok, 1);
+    const __m512i key = _mm512_or_si512(_mm512_slli_epi64(_mm512_cvtepu32_epi64(hi), 32),
+                                        _mm512_cvtepu32_epi64(lo));
+    const uint32_t c = static_cast<uint32_t>(__builtin_popcount(k));
+    _mm512_mask_storeu_epi64(out + m, static_cast<__mmask8>((1u << c) - 1u),
+                             _mm512_maskz_compress_epi64(k, key));
+    m += c;
+  }
+  return m;
 }
 
-// The estimates 16 keys at a time; the indices above the floor compressed into above[].
-ICECACHE_AVX512 uint32_t SketchEstimatesAboveAvx512(const int32_t* dots, const uint16_t* fac,
-                                                    uint32_t n, float base, float scale,
-                                                    int32_t sum, float floor, float* est,
-                                                    uint32_t* above) {
+// The estimates 16 keys at a time, the candidates among them written as keys.
+ICECACHE_AVX512 uint32_t SketchCandidatesAboveAvx512(const int32_t* dots, const uint16_t* fac,
+                                                     const uint32_t* tok, uint32_t n, float base,
+                                                     float scale, int32_t sum, float floor,
+                                                     uint64_t* out) {
   const __m512 vb = _mm512_set1_ps(base), vs = _mm512_set1_ps(scale), vf = _mm512_set1_ps(floor);
-  const __m512i vsum = _mm512_set1_epi32(sum), step = _mm512_set1_epi32(16);
-  __m512i idx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i vsum = _mm512_set1_epi32(sum);
   uint32_t m = 0, i = 0;
   for (; i + 16 <= n; i += 16) {
     const __m512i d = _mm512_loadu_si512(dots + i);
     const __m512 t = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_add_epi32(d, d), vsum));
     const __m512 f = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(fac + i)));
     const __m512 e = _mm512_add_ps(vb, _mm512_mul_ps(_mm512_mul_ps(f, vs), t));
-    _mm512_storeu_ps(est + i, e);
     const __mmask16 mask = _mm512_cmp_ps_mask(e, vf, _CMP_GT_OQ);
-    if (mask != 0) m += StoreCompressedAvx512(above + m, mask, idx);
-    idx = _mm512_add_epi32(idx, step);
+    if (mask != 0) m += StoreCandidatesAvx512(out + m, mask, e, _mm512_loadu_si512(tok + i));
   }
-  // The last 1-15 keys with masked loads and stores (the masked-off lanes are not read, so
-  // nothing past n is touched); the same arithmetic as the full blocks.
+  // The last 1-15 keys with masked loads (the masked-off lanes are not read, so nothing past n
+  // is touched); the same arithmetic as the full blocks.
   if (i < n) {
     const uint32_t r = n - i;
     const __mmask16 live = static_cast<__mmask16>((1u << r) - 1u);
@@ -941,9 +960,10 @@ ICECACHE_AVX512 uint32_t SketchEstimatesAboveAvx512(const int32_t* dots, const u
     const __m512 f = _mm512_cvtph_ps(
         _mm512_castsi512_si256(_mm512_maskz_loadu_epi16(static_cast<__mmask32>(live), fac + i)));
     const __m512 e = _mm512_add_ps(vb, _mm512_mul_ps(_mm512_mul_ps(f, vs), t));
-    _mm512_mask_storeu_ps(est + i, live, e);
     const __mmask16 mask = _mm512_mask_cmp_ps_mask(live, e, vf, _CMP_GT_OQ);
-    if (mask != 0) m += StoreCompressedAvx512(above + m, mask, idx);
+    if (mask != 0) {
+      m += StoreCandidatesAvx512(out + m, mask, e, _mm512_maskz_loadu_epi32(live, tok + i));
+    }
   }
   return m;
 }
@@ -1607,18 +1627,17 @@ void SketchDotsPacked(const uint8_t* luts, const int32_t* bias, uint32_t nq, uin
   SketchDotsPackedScalar(luts, bias, nq, bits, packed, n, out, out_stride);
 }
 
-uint32_t SketchEstimatesAbove(const int32_t* dots, const uint16_t* fac, uint32_t n, float base,
-                              float scale, int32_t sum, float floor, float* est, uint32_t* above) {
+uint32_t SketchCandidatesAbove(const int32_t* dots, const uint16_t* fac, const uint32_t* tok,
+                               uint32_t n, float base, float scale, int32_t sum, float floor,
+                               uint64_t* out) {
   if (UseAvx512()) {
-    return SketchEstimatesAboveAvx512(dots, fac, n, base, scale, sum, floor, est, above);
+    return SketchCandidatesAboveAvx512(dots, fac, tok, n, base, scale, sum, floor, out);
   }
-  if (UseAvx2()) {
-    return SketchEstimatesAboveAvx2(dots, fac, n, base, scale, sum, floor, est, above);
-  }
+  if (UseAvx2()) return SketchCandidatesAboveAvx2(dots, fac, tok, n, base, scale, sum, floor, out);
   uint32_t m = 0;
   for (uint32_t i = 0; i < n; ++i) {
-    est[i] = base + (HalfToFloat(fac[i]) * scale) * static_cast<float>(2 * dots[i] - sum);
-    if (est[i] > floor) above[m++] = i;
+    const float e = base + (HalfToFloat(fac[i]) * scale) * static_cast<float>(2 * dots[i] - sum);
+    if (e > floor) out[m++] = SketchCandidateKey(e, tok[i]);
   }
   return m;
 }

@@ -10,6 +10,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstring>
 
 #include "server/index/rows.h"
 
@@ -119,12 +120,40 @@ void BuildSketchLuts(const int8_t* q8, uint32_t bits, uint8_t* luts, int32_t* bi
 void SketchDotsPacked(const uint8_t* luts, const int32_t* bias, uint32_t nq, uint32_t bits,
                       const uint8_t* packed, uint32_t n, int32_t* out, uint32_t out_stride);
 
-// The sketch estimates of n keys for one query, and the keys whose estimate beats a floor:
-//   est[i] = base + (half_to_float(fac[i]) * scale) * float(2 * dots[i] - sum)
-// (ResidualSketch::Estimate plus the cell's q.r), and the indices i with est[i] > floor
-// written to above[] in ascending order; returns their count. fac is fp16.
-uint32_t SketchEstimatesAbove(const int32_t* dots, const uint16_t* fac, uint32_t n, float base,
-                              float scale, int32_t sum, float floor, float* est, uint32_t* above);
+// The bits of a float as an unsigned integer in the floats' order (-0 taken as +0, as float
+// comparisons have them; a NaN gets a place of its own), and back (+0 for -0).
+inline uint32_t OrderedFloatBits(float v) {
+  v += 0.0f;  // -0 + 0 = +0
+  uint32_t b;
+  std::memcpy(&b, &v, sizeof b);
+  return (b & 0x80000000u) != 0 ? ~b : (b | 0x80000000u);
+}
+inline float FromOrderedFloatBits(uint32_t b) {
+  b = (b & 0x80000000u) != 0 ? (b & 0x7fffffffu) : ~b;
+  float v;
+  std::memcpy(&v, &b, sizeof v);
+  return v;
+}
+
+// A sketch candidate as one integer: the larger key is the better candidate (the larger
+// estimate; between equal estimates, the lower token).
+inline uint64_t SketchCandidateKey(float estimate, uint32_t token) {
+  return uint64_t{OrderedFloatBits(estimate)} << 32 | uint32_t{~token};
+}
+inline float SketchCandidateEstimate(uint64_t key) {
+  return FromOrderedFloatBits(static_cast<uint32_t>(key >> 32));
+}
+inline uint32_t SketchCandidateToken(uint64_t key) { return ~static_cast<uint32_t>(key); }
+
+// The sketch estimates of n keys for one query, and the candidates among them: with
+//   est_i = base + (half_to_float(fac[i]) * scale) * float(2 * dots[i] - sum)
+// (ResidualSketch::Estimate plus the cell's q.r; fac is fp16), SketchCandidateKey(est_i,
+// tok[i]) for each i with est_i > floor, written to out[] in ascending i; returns their
+// count. out has room for n; nothing past the count is written. The SIMD paths may fuse the
+// multiply-add (estimates within a few ulp of the scalar path's).
+uint32_t SketchCandidatesAbove(const int32_t* dots, const uint16_t* fac, const uint32_t* tok,
+                               uint32_t n, float base, float scale, int32_t sum, float floor,
+                               uint64_t* out);
 
 // x[i] = exp(x[i]) for i in [0, n); inputs below -87 give 0. Relative error below 2e-7
 // (a polynomial on AVX2; std::exp on the scalar path).

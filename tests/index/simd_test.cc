@@ -417,21 +417,25 @@ TEST(SketchFastScan, BestLevelEqualsRowMajor) {
   ExpectPackedSketchDotsEqualRowMajor(DetectSimdLevel());
 }
 
-// SketchEstimatesAbove at `level` against a float64 evaluation of its formula: every estimate
-// within float rounding, and exactly the indices whose float64 estimate beats the floor (the
-// floor is put halfway between two neighbouring estimates, so rounding cannot move a key
-// across it), in ascending order; n with and without 8- and 16-key tails, floors that pass
-// none, some and all.
-void ExpectEstimatesAboveMatchFloat64(SimdLevel level) {
+// SketchCandidatesAbove at `level` against a float64 evaluation of its formula: every
+// candidate's estimate within float rounding, exactly the keys whose float64 estimate beats the
+// floor (the floor is put halfway between two neighbouring estimates, so rounding cannot move
+// a key across it), in ascending order with their own tokens, nothing written past the count;
+// the same candidates as the scalar path's, their estimates within float rounding of its (the
+// SIMD paths may fuse the multiply-add). n with and without 8- and 16-key tails,
+// floors that pass none, some and all, estimates of both signs.
+void ExpectCandidatesAboveMatchFloat64(SimdLevel level) {
   std::mt19937 rng(29);
   std::uniform_int_distribution<int32_t> dot(0, 4000);
   std::normal_distribution<float> fac_dist(0.f, 0.05f);
   for (uint32_t n : {1u, 7u, 8u, 15u, 16u, 17u, 31u, 33u, 100u, 257u}) {
     std::vector<int32_t> dots(n);
     std::vector<uint16_t> fac(n);
+    std::vector<uint32_t> tok(n);
     for (uint32_t i = 0; i < n; ++i) {
       dots[i] = dot(rng);
       fac[i] = FloatToHalf(std::fabs(fac_dist(rng)) + 1e-3f);
+      tok[i] = 1000003u * (i + 1) % 65521u + (i % 3 == 0 ? 0xfff00000u : 0u);  // distinct
     }
     const float base = 0.375f, scale = 0.0123f;
     const int32_t sum = 2100;
@@ -441,6 +445,10 @@ void ExpectEstimatesAboveMatchFloat64(SimdLevel level) {
     }
     std::vector<double> sorted = want;
     std::sort(sorted.begin(), sorted.end());
+    if (n >= 16) {  // negative estimates too (their keys are ~bits)
+      ASSERT_LT(sorted.front(), 0.0);
+      ASSERT_GT(sorted.back(), 0.0);
+    }
     // Floors: below every estimate, between the 1st and 2nd largest... and above every one.
     std::vector<double> floors = {sorted.front() - 1.0, sorted.back() + 1.0};
     for (uint32_t r : {n / 2, n - n / 8 - 1, n - 1 - std::min(n - 1, 1u)}) {
@@ -448,37 +456,75 @@ void ExpectEstimatesAboveMatchFloat64(SimdLevel level) {
         floors.push_back((sorted[r] + sorted[r + 1]) / 2);
       }
     }
-    ASSERT_EQ(SetSimdLevel(level), level);
     for (double fl : floors) {
-      std::vector<float> est(n, -1.f);
-      std::vector<uint32_t> above(n + 16, 0xdeadbeef);
-      const uint32_t m = SketchEstimatesAbove(dots.data(), fac.data(), n, base, scale, sum,
-                                              static_cast<float>(fl), est.data(), above.data());
+      const uint64_t kUnwritten = 0xdeadbeefdeadbeefull;
+      std::vector<uint64_t> scalar(n + 16, kUnwritten), out(n + 16, kUnwritten);
+      ASSERT_EQ(SetSimdLevel(SimdLevel::kScalar), SimdLevel::kScalar);
+      const uint32_t ms = SketchCandidatesAbove(dots.data(), fac.data(), tok.data(), n, base, scale,
+                                                sum, static_cast<float>(fl), scalar.data());
+      ASSERT_EQ(SetSimdLevel(level), level);
+      const uint32_t m = SketchCandidatesAbove(dots.data(), fac.data(), tok.data(), n, base, scale,
+                                               sum, static_cast<float>(fl), out.data());
       std::vector<uint32_t> want_above;
       for (uint32_t i = 0; i < n; ++i) {
-        EXPECT_NEAR(est[i], want[i], 1e-5 * (std::fabs(want[i]) + 1)) << i << " of " << n;
         if (want[i] > fl) want_above.push_back(i);
       }
       ASSERT_EQ(m, want_above.size()) << n << " keys, floor " << fl << ", " << SimdLevelName(level);
-      EXPECT_TRUE(std::equal(want_above.begin(), want_above.end(), above.begin()));
-      EXPECT_EQ(above[m], 0xdeadbeefu) << "written past the count";
+      ASSERT_EQ(ms, m);
+      for (uint32_t a = 0; a < m; ++a) {
+        const uint32_t i = want_above[a];
+        EXPECT_EQ(SketchCandidateToken(out[a]), tok[i]) << a << " of " << m;
+        EXPECT_NEAR(SketchCandidateEstimate(out[a]), want[i], 1e-5 * (std::fabs(want[i]) + 1));
+        EXPECT_EQ(SketchCandidateToken(out[a]), SketchCandidateToken(scalar[a]));
+        EXPECT_NEAR(SketchCandidateEstimate(out[a]), SketchCandidateEstimate(scalar[a]),
+                    1e-6 * (std::fabs(want[i]) + 1));
+      }
+      for (uint32_t a = m; a < n + 16; ++a)
+        EXPECT_EQ(out[a], kUnwritten) << "written past the count";
     }
   }
   SetSimdLevel(DetectSimdLevel());
 }
 
-TEST(SketchEstimates, ScalarMatchesFloat64) {
-  ExpectEstimatesAboveMatchFloat64(SimdLevel::kScalar);
+TEST(SketchCandidates, ScalarMatchesFloat64) {
+  ExpectCandidatesAboveMatchFloat64(SimdLevel::kScalar);
 }
 
-TEST(SketchEstimates, Avx2MatchesFloat64) {
+TEST(SketchCandidates, Avx2MatchesFloat64AndScalar) {
   if (!SimdLevelSupported(SimdLevel::kAvx2)) GTEST_SKIP() << "this CPU has no AVX2+FMA+F16C";
-  ExpectEstimatesAboveMatchFloat64(SimdLevel::kAvx2);
+  ExpectCandidatesAboveMatchFloat64(SimdLevel::kAvx2);
 }
 
-TEST(SketchEstimates, Avx512MatchesFloat64) {
+TEST(SketchCandidates, Avx512MatchesFloat64AndScalar) {
   if (!SimdLevelSupported(SimdLevel::kAvx512)) GTEST_SKIP() << "this CPU has no AVX-512 F+BW";
-  ExpectEstimatesAboveMatchFloat64(SimdLevel::kAvx512);
+  ExpectCandidatesAboveMatchFloat64(SimdLevel::kAvx512);
+}
+
+// A candidate key orders as (estimate descending, token ascending) and gives both back; the
+// integer order of OrderedFloatBits is the floats' order, -0 and +0 equal, every value back.
+TEST(SketchCandidates, KeysOrderByEstimateThenLowerToken) {
+  const float inf = std::numeric_limits<float>::infinity();
+  const float denorm = std::numeric_limits<float>::denorm_min();
+  const std::vector<float> ascending = {-inf,   -3e38f, -2.5f, -1.0f,      -1e-30f, -denorm, 0.0f,
+                                        denorm, 1e-30f, 1.0f,  1.0000001f, 3e38f,   inf};
+  for (size_t i = 0; i < ascending.size(); ++i) {
+    EXPECT_EQ(FromOrderedFloatBits(OrderedFloatBits(ascending[i])), ascending[i]);
+    if (i > 0) {
+      EXPECT_LT(OrderedFloatBits(ascending[i - 1]), OrderedFloatBits(ascending[i])) << i;
+    }
+  }
+  EXPECT_EQ(OrderedFloatBits(-0.0f), OrderedFloatBits(0.0f));
+  EXPECT_FALSE(std::signbit(FromOrderedFloatBits(OrderedFloatBits(-0.0f))));
+  // Larger estimate first; equal estimates: the lower token first; tokens 0 and 2^32 - 1.
+  EXPECT_GT(SketchCandidateKey(1.5f, 7), SketchCandidateKey(1.25f, 3));
+  EXPECT_GT(SketchCandidateKey(-1.25f, 0xffffffffu), SketchCandidateKey(-1.5f, 0));
+  EXPECT_GT(SketchCandidateKey(2.0f, 3), SketchCandidateKey(2.0f, 4));
+  EXPECT_GT(SketchCandidateKey(2.0f, 0), SketchCandidateKey(2.0f, 0xffffffffu));
+  EXPECT_EQ(SketchCandidateKey(-0.0f, 5), SketchCandidateKey(0.0f, 5));
+  for (uint32_t tok : {0u, 1u, 123456u, 0xffffffffu}) {
+    EXPECT_EQ(SketchCandidateToken(SketchCandidateKey(-2.75f, tok)), tok);
+    EXPECT_EQ(SketchCandidateEstimate(SketchCandidateKey(-2.75f, tok)), -2.75f);
+  }
 }
 
 TEST(SimdLevels, Avx2MultiDotsMatchScalar) {
