@@ -1483,6 +1483,8 @@ struct DciTree::Impl {
     std::vector<float> cand_floor;
     std::vector<uint32_t> opened;  // cells opened, in order
     std::vector<uint32_t> union_tok;
+    std::vector<double> page_share, page_mass;  // RerankByMass: [candidate]
+    std::vector<uint64_t> union_bits;           // [token / 64]: all clear between searches
     std::vector<int32_t> dots;
     std::vector<uint8_t> luts;                   // [query][bits * 4]: fast-scan tables
     std::vector<int32_t> lut_bias;               // [query]
@@ -1880,7 +1882,7 @@ struct DciTree::Impl {
     const uint32_t nq = gs.nq;
     const uint32_t n = static_cast<uint32_t>(c.tok.size());
     const uint32_t nc = static_cast<uint32_t>(cells.size());
-    gs.dots.resize(uint64_t{nq} * n);
+    if (gs.dots.size() < uint64_t{nq} * n) gs.dots.resize(uint64_t{nq} * n);
     SketchDotsPacked(gs.luts.data(), gs.lut_bias.data(), nq, sketch->bits(), c.code.data(), n,
                      gs.dots.data(), n);
     gs.sketched += uint64_t{n} * nq;
@@ -1937,8 +1939,10 @@ struct DciTree::Impl {
         std::fill(slot + valid, slot + ps, -std::numeric_limits<float>::infinity());
       }
     }
-    std::vector<double> share(n, 0.0);
-    std::vector<double> mass(n);
+    std::vector<double>& share = gs.page_share;
+    std::vector<double>& mass = gs.page_mass;
+    share.assign(n, 0.0);
+    mass.resize(n);
     for (uint32_t q = 0; q < nq; ++q) {
       float* v = gs.ex.data() + q * len;
       // Scaled, and shifted by the query's best scaled score (the same roundings as one
@@ -2026,16 +2030,25 @@ struct DciTree::Impl {
       }
     }
     if (!exact) {
-      // Rescore the union of the queries' best estimates exactly, for the whole group.
+      // Rescore the union of the queries' best estimates exactly, for the whole group: each
+      // token once (a bit per token, cleared again after), in the order first met (a row's
+      // exact score does not depend on its place in the gather).
       gs.union_tok.clear();
+      if (gs.union_bits.size() * 64 < page_of.size())
+        gs.union_bits.resize(page_of.size() / 64 + 1, 0);
       for (uint32_t q = 0; q < nq; ++q) {
         CutCandidates(q, rcap, gs);
         for (uint32_t i = 0; i < gs.cand_n[q]; ++i) {
-          gs.union_tok.push_back(SketchCandidateToken(gs.cand[q][i]));
+          const uint32_t t = SketchCandidateToken(gs.cand[q][i]);
+          uint64_t& w = gs.union_bits[t / 64];
+          const uint64_t bit = uint64_t{1} << (t % 64);
+          if ((w & bit) == 0) {
+            w |= bit;
+            gs.union_tok.push_back(t);
+          }
         }
       }
-      std::sort(gs.union_tok.begin(), gs.union_tok.end());
-      gs.union_tok.erase(std::unique(gs.union_tok.begin(), gs.union_tok.end()), gs.union_tok.end());
+      for (uint32_t t : gs.union_tok) gs.union_bits[t / 64] = 0;
       const uint32_t m = static_cast<uint32_t>(gs.union_tok.size());
       gs.rows.resize(m);
       for (uint32_t i = 0; i < m; ++i) gs.rows[i] = KeyPtr(gs.union_tok[i]);
