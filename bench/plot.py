@@ -9,6 +9,7 @@ medians first) and writes next to them:
     index_recall_vs_budget.png   attention recall against token budget, every method
     index_recall_by_layer.png    mean recall per layer at budget 256
     index_search_latency.png     search latency against context, DCI configs vs exact scan
+    index_speedup_rounds.png     alternating runs: each round's speed-up per label and size
     index_build_rate.png         build throughput and insert p99 against context, with the goals
 and, from client_decode_<mode>.json and gpu_gather.json:
     client_decode_<mode>.png     decode-step breakdown (select, fetch, attention) against
@@ -167,6 +168,38 @@ def median_runs(out):
                 for k in fields:
                     med.append(f"{median(float(r[k]) for r in rs):.6g}")
                 w.writerow(med + [len(rs)])
+
+
+def round_ratios(out):
+    """Alternating runs (RESULTS_DIR/runs/index_speed_<label>-<i>.csv): each run's speed-up over
+    the exact scan of the same run, round by round, one panel per context size (a trace's one
+    size), one line per label; index_speedup_rounds.png."""
+    groups = {}
+    for path in glob.glob(os.path.join(out, "runs", "index_speed_*-*.csv")):
+        label, _, rep = os.path.basename(path)[len("index_speed_"):-len(".csv")].rpartition("-")
+        if rep.isdigit():
+            for r in read(path):
+                groups.setdefault(r["tokens"], {}).setdefault(label, []).append(
+                    (int(rep), float(r["speedup"])))
+    if not groups:
+        return
+    sizes = sorted(groups, key=int)
+    fig, axes = plt.subplots(1, len(sizes), figsize=(5.5 * len(sizes), 4.5), squeeze=False)
+    for ax, tokens in zip(axes[0], sizes):
+        for i, (label, pts) in enumerate(sorted(groups[tokens].items())):
+            pts.sort()
+            ys = [y for _, y in pts]
+            ax.plot([x for x, _ in pts], ys, marker="o", color=f"C{i}",
+                    label=f"{label} (median {median(ys):.2f})")
+        ax.set_xticks(sorted({x for pts in groups[tokens].values() for x, _ in pts}))
+        ax.set_xlabel("round (the labels alternate within a round)")
+        ax.set_ylabel("speed-up over the exact scan (same run)")
+        ax.set_title(f"{tokens} tokens per (layer, KV head)")
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "index_speedup_rounds.png"), dpi=120)
 
 
 def build_rate(out):
@@ -513,6 +546,7 @@ def main():
     recall_vs_budget(out)
     recall_by_layer(out)
     median_runs(out)
+    round_ratios(out)
     search_latency(out)
     build_rate(out)
     client_decode(out)
