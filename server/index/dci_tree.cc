@@ -1469,11 +1469,11 @@ struct DciTree::Impl {
     std::vector<uint32_t> order;
     uint64_t scored = 0;
     // Best-first search.
-    std::vector<float> cell_score;                       // [query][cell]: q.ref
-    std::vector<float> qnorm;                            // [query]
-    std::vector<std::pair<float, uint32_t>> cell_order;  // one query's (bound, cell), best first
-    std::vector<uint64_t> order_keys;                    // OrderCells' and the lists' sort keys
-    std::vector<std::vector<float>> kth;                 // [query]: min-heap of best values
+    std::vector<float> cell_score;  // [query][cell]: q.ref
+    std::vector<float> qnorm;       // [query]
+    // One query's cells best bound first (OrderCells), then the page lists' sort keys.
+    std::vector<uint64_t> order_keys;
+    std::vector<std::vector<float>> kth;  // [query]: min-heap of best values
     // [query]: the SketchCandidateKey of each key whose estimate beat cand_floor[query] when it
     // was seen, unordered, in cand[q][0, cand_n[q]); cut back to the best R whenever there are
     // 2 R (CutCandidates), so cand_floor is the R-th best estimate as of the last cut (-inf
@@ -1814,8 +1814,9 @@ struct DciTree::Impl {
   }
 
   // Query j's (bound, cell) over the non-empty cells not opened yet (by an earlier query of
-  // the group), best bound first (ties: the higher cell id first). Sorted once: the search
-  // visits most cells of a large tree, so a heap popped cell by cell costs more.
+  // the group) into gs.order_keys, best bound first (ties: the higher cell id first), each as
+  // OrderedFloatBits(bound) << 32 | cell. Sorted once: the search visits most cells of a large
+  // tree, so a heap popped cell by cell costs more.
   void OrderCells(uint32_t j, GroupScratch& gs) const {
     const uint32_t nc = static_cast<uint32_t>(cells.size());
     const float* cs = gs.cell_score.data() + uint64_t{j} * nc;
@@ -1833,11 +1834,6 @@ struct DciTree::Impl {
     }
     // Sorted as integers (bound, then cell id, both descending): one comparison each.
     std::sort(gs.order_keys.begin(), gs.order_keys.end(), std::greater<>());
-    gs.cell_order.resize(gs.order_keys.size());
-    for (size_t i = 0; i < gs.order_keys.size(); ++i) {
-      gs.cell_order[i] = {FromOrderedFloatBits(static_cast<uint32_t>(gs.order_keys[i] >> 32)),
-                          static_cast<uint32_t>(gs.order_keys[i])};
-    }
   }
 
   // Pushes v into a min-heap of at most `cap` values.
@@ -2012,7 +2008,9 @@ struct DciTree::Impl {
     // serves them all.
     for (uint32_t q = 0; q < nq; ++q) {
       OrderCells(q, gs);
-      for (const auto& [bound, cid] : gs.cell_order) {
+      for (const uint64_t key : gs.order_keys) {
+        const float bound = FromOrderedFloatBits(static_cast<uint32_t>(key >> 32));
+        const uint32_t cid = static_cast<uint32_t>(key);
         if (exact) {
           if (gs.kth[q].size() >= k && bound < gs.kth[q].front()) break;
         } else if (bound < gs.cand_floor[q]) {
