@@ -1474,8 +1474,8 @@ struct DciTree::Impl {
     // One query's cells best bound first (OrderCells), then the page lists' sort keys.
     std::vector<uint64_t> order_keys;
     std::vector<std::vector<float>> kth;  // [query]: min-heap of best values
-    // [query]: the SketchCandidateKey of each key whose estimate beat cand_floor[query] when it
-    // was seen, unordered, in cand[q][0, cand_n[q]); cut back to the best R whenever there are
+    // [query]: the RankKey (estimate, token) of each key whose estimate beat cand_floor[query] when
+    // it was seen, unordered, in cand[q][0, cand_n[q]); cut back to the best R whenever there are
     // 2 R (CutCandidates), so cand_floor is the R-th best estimate as of the last cut (-inf
     // before the first): never above the R-th best of the keys seen so far.
     std::vector<std::vector<uint64_t>> cand;
@@ -1908,7 +1908,7 @@ struct DciTree::Impl {
     if (gs.cand_n[q] < rcap) return;
     std::nth_element(h, h + (rcap - 1), h + gs.cand_n[q], std::greater<uint64_t>());
     gs.cand_n[q] = rcap;
-    gs.cand_floor[q] = SketchCandidateEstimate(h[rcap - 1]);
+    gs.cand_floor[q] = RankKeyValue(h[rcap - 1]);
   }
 
   // DciOptions::rerank_extra_pages: scores every key of the candidate pages in `out` for the group
@@ -2037,7 +2037,7 @@ struct DciTree::Impl {
       for (uint32_t q = 0; q < nq; ++q) {
         CutCandidates(q, rcap, gs);
         for (uint32_t i = 0; i < gs.cand_n[q]; ++i) {
-          const uint32_t t = SketchCandidateToken(gs.cand[q][i]);
+          const uint32_t t = RankKeyId(gs.cand[q][i]);
           uint64_t& w = gs.union_bits[t / 64];
           const uint64_t bit = uint64_t{1} << (t % 64);
           if ((w & bit) == 0) {
@@ -2077,15 +2077,15 @@ struct DciTree::Impl {
       pk.resize(gs.touched.size());
       for (size_t i = 0; i < pk.size(); ++i) {
         const uint32_t p = gs.touched[i];
-        pk[i] = uint64_t{OrderedFloatBits(mx[p])} << 32 | uint32_t{~p};
+        pk[i] = RankKey(mx[p], p);
       }
       const size_t kk = std::min<size_t>(want, pk.size());
       if (kk < pk.size()) std::nth_element(pk.begin(), pk.begin() + kk, pk.end(), std::greater<>());
       std::sort(pk.begin(), pk.begin() + kk, std::greater<>());
       lists[q].resize(kk);
       for (size_t i = 0; i < kk; ++i) {
-        const uint32_t p = ~static_cast<uint32_t>(pk[i]);
-        lists[q][i] = {p, pages[p].valid, FromOrderedFloatBits(static_cast<uint32_t>(pk[i] >> 32))};
+        const uint32_t p = RankKeyId(pk[i]);
+        lists[q][i] = {p, pages[p].valid, RankKeyValue(pk[i])};
       }
     }
     *out = nq == 1 ? std::move(lists[0]) : MergeRankInterleaved(lists, want);

@@ -781,13 +781,13 @@ ICECACHE_AVX2 uint32_t SketchCandidatesAboveAvx2(const int32_t* dots, const uint
     _mm256_store_ps(e8, e);
     while (mask) {
       const uint32_t b = static_cast<uint32_t>(__builtin_ctz(mask));
-      out[m++] = SketchCandidateKey(e8[b], tok[i + b]);
+      out[m++] = RankKey(e8[b], tok[i + b]);
       mask &= mask - 1;
     }
   }
   for (; i < n; ++i) {
     const float e = base + (HalfToFloat(fac[i]) * scale) * static_cast<float>(2 * dots[i] - sum);
-    if (e > floor) out[m++] = SketchCandidateKey(e, tok[i]);
+    if (e > floor) out[m++] = RankKey(e, tok[i]);
   }
   return m;
 }
@@ -1637,7 +1637,7 @@ uint32_t SketchCandidatesAbove(const int32_t* dots, const uint16_t* fac, const u
   uint32_t m = 0;
   for (uint32_t i = 0; i < n; ++i) {
     const float e = base + (HalfToFloat(fac[i]) * scale) * static_cast<float>(2 * dots[i] - sum);
-    if (e > floor) out[m++] = SketchCandidateKey(e, tok[i]);
+    if (e > floor) out[m++] = RankKey(e, tok[i]);
   }
   return m;
 }

@@ -135,19 +135,20 @@ inline float FromOrderedFloatBits(uint32_t b) {
   return v;
 }
 
-// A sketch candidate as one integer: the larger key is the better candidate (the larger
-// estimate; between equal estimates, the lower token).
-inline uint64_t SketchCandidateKey(float estimate, uint32_t token) {
-  return uint64_t{OrderedFloatBits(estimate)} << 32 | uint32_t{~token};
+// A (value, id) pair as one integer ranked by one unsigned comparison: the larger key has the
+// larger value, or between equal values the lower id (a sketch candidate: its estimate and
+// token; a page in the search's lists: its score and id). Both halves come back.
+inline uint64_t RankKey(float value, uint32_t id) {
+  return uint64_t{OrderedFloatBits(value)} << 32 | uint32_t{~id};
 }
-inline float SketchCandidateEstimate(uint64_t key) {
+inline float RankKeyValue(uint64_t key) {
   return FromOrderedFloatBits(static_cast<uint32_t>(key >> 32));
 }
-inline uint32_t SketchCandidateToken(uint64_t key) { return ~static_cast<uint32_t>(key); }
+inline uint32_t RankKeyId(uint64_t key) { return ~static_cast<uint32_t>(key); }
 
 // The sketch estimates of n keys for one query, and the candidates among them: with
 //   est_i = base + (half_to_float(fac[i]) * scale) * float(2 * dots[i] - sum)
-// (ResidualSketch::Estimate plus the cell's q.r; fac is fp16), SketchCandidateKey(est_i,
+// (ResidualSketch::Estimate plus the cell's q.r; fac is fp16), RankKey(est_i,
 // tok[i]) for each i with est_i > floor, written to out[] in ascending i; returns their
 // count. out has room for n; nothing past the count is written. The SIMD paths may fuse the
 // multiply-add (estimates within a few ulp of the scalar path's).

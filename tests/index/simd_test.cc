@@ -473,11 +473,10 @@ void ExpectCandidatesAboveMatchFloat64(SimdLevel level) {
       ASSERT_EQ(ms, m);
       for (uint32_t a = 0; a < m; ++a) {
         const uint32_t i = want_above[a];
-        EXPECT_EQ(SketchCandidateToken(out[a]), tok[i]) << a << " of " << m;
-        EXPECT_NEAR(SketchCandidateEstimate(out[a]), want[i], 1e-5 * (std::fabs(want[i]) + 1));
-        EXPECT_EQ(SketchCandidateToken(out[a]), SketchCandidateToken(scalar[a]));
-        EXPECT_NEAR(SketchCandidateEstimate(out[a]), SketchCandidateEstimate(scalar[a]),
-                    1e-6 * (std::fabs(want[i]) + 1));
+        EXPECT_EQ(RankKeyId(out[a]), tok[i]) << a << " of " << m;
+        EXPECT_NEAR(RankKeyValue(out[a]), want[i], 1e-5 * (std::fabs(want[i]) + 1));
+        EXPECT_EQ(RankKeyId(out[a]), RankKeyId(scalar[a]));
+        EXPECT_NEAR(RankKeyValue(out[a]), RankKeyValue(scalar[a]), 1e-6 * (std::fabs(want[i]) + 1));
       }
       for (uint32_t a = m; a < n + 16; ++a)
         EXPECT_EQ(out[a], kUnwritten) << "written past the count";
@@ -516,14 +515,14 @@ TEST(SketchCandidates, KeysOrderByEstimateThenLowerToken) {
   EXPECT_EQ(OrderedFloatBits(-0.0f), OrderedFloatBits(0.0f));
   EXPECT_FALSE(std::signbit(FromOrderedFloatBits(OrderedFloatBits(-0.0f))));
   // Larger estimate first; equal estimates: the lower token first; tokens 0 and 2^32 - 1.
-  EXPECT_GT(SketchCandidateKey(1.5f, 7), SketchCandidateKey(1.25f, 3));
-  EXPECT_GT(SketchCandidateKey(-1.25f, 0xffffffffu), SketchCandidateKey(-1.5f, 0));
-  EXPECT_GT(SketchCandidateKey(2.0f, 3), SketchCandidateKey(2.0f, 4));
-  EXPECT_GT(SketchCandidateKey(2.0f, 0), SketchCandidateKey(2.0f, 0xffffffffu));
-  EXPECT_EQ(SketchCandidateKey(-0.0f, 5), SketchCandidateKey(0.0f, 5));
+  EXPECT_GT(RankKey(1.5f, 7), RankKey(1.25f, 3));
+  EXPECT_GT(RankKey(-1.25f, 0xffffffffu), RankKey(-1.5f, 0));
+  EXPECT_GT(RankKey(2.0f, 3), RankKey(2.0f, 4));
+  EXPECT_GT(RankKey(2.0f, 0), RankKey(2.0f, 0xffffffffu));
+  EXPECT_EQ(RankKey(-0.0f, 5), RankKey(0.0f, 5));
   for (uint32_t tok : {0u, 1u, 123456u, 0xffffffffu}) {
-    EXPECT_EQ(SketchCandidateToken(SketchCandidateKey(-2.75f, tok)), tok);
-    EXPECT_EQ(SketchCandidateEstimate(SketchCandidateKey(-2.75f, tok)), -2.75f);
+    EXPECT_EQ(RankKeyId(RankKey(-2.75f, tok)), tok);
+    EXPECT_EQ(RankKeyValue(RankKey(-2.75f, tok)), -2.75f);
   }
 }
 
