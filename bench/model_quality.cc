@@ -5,7 +5,9 @@
 //      then a teacher-forced continuation of --continuation tokens decoded by every method at
 //      every budget from the same prompt KV: perplexity of the continuation (and its ratio to
 //      full attention's), top-1 next-token agreement with full attention, and attention recall
-//      per layer (softmax mass on the attended positions, every query head and step).
+//      per layer (softmax mass on the attended positions, every query head and step); the
+//      same per --segment_tokens segment of the continuation (a long continuation's later
+//      tokens select from pages the index built by inserts, not at the prompt's build).
 //      Methods: IceCache through the real daemon (libicecache_client, CPU or CUDA mode), the
 //      DCI tree replayed in process (paper configuration and all options), the Quest-style
 //      and StreamingLLM baselines, and the oracles; each under the same sink + window + pages
@@ -56,6 +58,10 @@ ABSL_FLAG(std::string, texts, "bible,cpp-annotations,jargon,debian-policy,python
           "glossary, a reference manual, source code).");
 ABSL_FLAG(uint32_t, prompt_tokens, 7936, "Prompt tokens per text (the model's context is 8192).");
 ABSL_FLAG(uint32_t, continuation, 128, "Teacher-forced continuation tokens per text.");
+ABSL_FLAG(uint32_t, segment_tokens, 128,
+          "Also report each method's perplexity ratio and recall over consecutive segments of "
+          "this many continuation tokens (model_quality_by_segment.csv), to follow quality "
+          "along a long continuation whose tokens the index took in as inserts; 0: off.");
 ABSL_FLAG(std::string, budgets, "64,128,256,512", "Token budgets.");
 ABSL_FLAG(uint32_t, full_kv_layers, 2, "First layers kept whole (as in the paper).");
 ABSL_FLAG(std::string, service_presets, "fast,paper",
@@ -298,6 +304,7 @@ void LoadPromptFrom(const FullAttention& full, const LlamaConfig& c, uint32_t n,
 
 struct ContinuationResult {
   double nll = 0;
+  std::vector<double> nll_steps;  // per continuation token
   uint32_t agree = 0;
   std::vector<int32_t> argmax;
 };
@@ -310,11 +317,18 @@ ContinuationResult Continue(const LlamaModel& model, AttentionBackend* attention
   ContinuationResult r;
   for (uint32_t i = 0; i < count; ++i) {
     const int32_t next = tokens[prompt + i];
-    r.nll -= TokenLogProb(logits.data(), static_cast<uint32_t>(logits.size()), next);
+    const double nll = -TokenLogProb(logits.data(), static_cast<uint32_t>(logits.size()), next);
+    r.nll += nll;
+    r.nll_steps.push_back(nll);
     r.argmax.push_back(ArgmaxToken(logits));
     if (reference != nullptr && r.argmax.back() == (*reference)[i]) ++r.agree;
     if (i + 1 < count) Check(model.Decode(next, prompt + i, attention, &logits), "decode");
+    if (count >= 1024 && (i + 1) % 256 == 0) {  // long continuations show their progress
+      std::printf("\r  decoded %u/%u", i + 1, count);
+      std::fflush(stdout);
+    }
   }
+  if (count >= 1024) std::printf("\r");
   return r;
 }
 
@@ -335,6 +349,9 @@ struct QualityRow {
   uint32_t budget = 0;
   double ppl = 0, ppl_ratio = 0, top1 = 0, recall = 0;
   std::vector<double> recall_by_layer;
+  // Per --segment_tokens segment of the continuation: the perplexity ratio over its tokens and
+  // the recall of the decode steps that predicted them (positions prompt + i - 1).
+  std::vector<double> segment_ppl_ratio, segment_recall;
   double seconds = 0;
 };
 
@@ -423,6 +440,7 @@ int main(int argc, char** argv) {
       absl::StrSplit(absl::GetFlag(FLAGS_texts), ',', absl::SkipEmpty());
   uint32_t prompt_tokens = absl::GetFlag(FLAGS_prompt_tokens);
   uint32_t continuation = absl::GetFlag(FLAGS_continuation);
+  const uint32_t segment_tokens = absl::GetFlag(FLAGS_segment_tokens);
   std::vector<double> budgets = ParseList(absl::GetFlag(FLAGS_budgets));
   std::vector<double> depths = ParseList(absl::GetFlag(FLAGS_depths));
   std::vector<double> passkey_budgets = ParseList(absl::GetFlag(FLAGS_passkey_budgets));
@@ -586,7 +604,7 @@ int main(int argc, char** argv) {
     }
     const double full_ppl = std::exp(ref.nll / continuation);
     std::printf("  %-28s %6s  ppl %8.3f  (%.1f s)\n", "full attention", "-", full_ppl, Seconds(t));
-    rows.push_back({name, "full", 0, full_ppl, 1.0, 1.0, 1.0, {}, Seconds(t)});
+    rows.push_back({name, "full", 0, full_ppl, 1.0, 1.0, 1.0, {}, {}, {}, Seconds(t)});
 
     auto report = [&](const std::string& method, uint32_t budget, const ContinuationResult& r,
                       const SelectionStats& stats, double seconds) {
@@ -599,6 +617,19 @@ int main(int argc, char** argv) {
       row.top1 = static_cast<double>(r.agree) / continuation;
       row.recall = stats.MeanRecall(full_kv_layers);
       row.recall_by_layer = RecallByLayer(stats, c.n_layers);
+      for (uint32_t b = 0; segment_tokens > 0 && b < continuation; b += segment_tokens) {
+        const uint32_t e = std::min(continuation, b + segment_tokens);
+        double nll = 0, ref_nll = 0;
+        for (uint32_t i = b; i < e; ++i) {
+          nll += r.nll_steps[i];
+          ref_nll += ref.nll_steps[i];
+        }
+        row.segment_ppl_ratio.push_back(std::exp((nll - ref_nll) / (e - b)));
+        // Token i is predicted by the decode of position prompt + i - 1 (token 0 by the
+        // prompt's last row, which every method computes with full attention).
+        row.segment_recall.push_back(stats.MeanRecallAt(
+            full_kv_layers, prompt_tokens + (b == 0 ? 0 : b - 1), prompt_tokens + e - 1));
+      }
       row.seconds = seconds;
       std::printf("  %-28s %6u  ppl %8.3f  ratio %.4f  top-1 %.3f  recall %.3f  (%.1f s)\n",
                   method.c_str(), budget, row.ppl, row.ppl_ratio, row.top1, row.recall, seconds);
@@ -706,6 +737,16 @@ int main(int argc, char** argv) {
                << r.recall_by_layer[l] << "\n";
       }
     }
+    std::ofstream seg(out_dir + "/model_quality_by_segment.csv");
+    seg << "text,method,budget,first_token,end_token,perplexity_ratio,recall\n";
+    for (const QualityRow& r : rows) {
+      for (size_t i = 0; i < r.segment_ppl_ratio.size(); ++i) {
+        const uint64_t b = i * uint64_t{segment_tokens};
+        seg << r.text << "," << r.method << "," << r.budget << "," << prompt_tokens + b << ","
+            << prompt_tokens + std::min<uint64_t>(continuation, b + segment_tokens) << ","
+            << r.segment_ppl_ratio[i] << "," << r.segment_recall[i] << "\n";
+      }
+    }
     std::ofstream pk(out_dir + "/model_passkey.csv");
     pk << "haystack,method,budget,depth,correct,same_as_full\n";
     for (const PasskeyRow& r : passkeys) {
@@ -715,6 +756,7 @@ int main(int argc, char** argv) {
     icecache::bench::CloseResult(csv, out_dir + "/model_quality.csv", "model_quality");
     icecache::bench::CloseResult(layers, out_dir + "/model_quality_by_layer.csv", "model_quality");
     icecache::bench::CloseResult(pk, out_dir + "/model_passkey.csv", "model_quality");
+    icecache::bench::CloseResult(seg, out_dir + "/model_quality_by_segment.csv", "model_quality");
   }
   // Summary over texts: mean per (method, budget).
   std::map<std::pair<std::string, uint32_t>, std::vector<const QualityRow*>> by;
@@ -805,7 +847,7 @@ int main(int argc, char** argv) {
   icecache::bench::CloseResult(json, out_dir + "/model_quality.json", "model_quality");
   std::printf(
       "\nwrote %s/model_quality.{json,csv}, model_quality_by_layer.csv, "
-      "model_passkey.csv (%.0f s)\n",
+      "model_quality_by_segment.csv, model_passkey.csv (%.0f s)\n",
       out_dir.c_str(), Seconds(start));
   return 0;
 }

@@ -23,6 +23,8 @@ and, from model_quality.csv, model_quality_by_layer.csv and model_passkey.csv (t
     model_quality_vs_budget.png  perplexity ratio, top-1 agreement, attention recall and
                                  passkey accuracy against budget, every method
     model_recall_by_layer.png    attention recall per layer at budget 256
+    model_quality_by_segment.png from model_quality_by_segment.csv: recall and perplexity
+                                 ratio along the continuation, per text and budget
 and, from token_step.json and batch_decode.json:
     token_step.png               per token at the 8B shape: daemon CPU against the exact scan,
                                  and the select wait on the critical path, sync vs async
@@ -473,6 +475,40 @@ def model_quality(out):
         fig.savefig(os.path.join(out, "model_recall_by_layer.png"), dpi=120)
 
 
+def quality_by_segment(out):
+    path = os.path.join(out, "model_quality_by_segment.csv")
+    if not os.path.exists(path):
+        return
+    rows = read(path)
+    cases = sorted({(r["text"], int(r["budget"])) for r in rows})
+    if len(rows) == 0 or all(r["method"] == "full" for r in rows):
+        return
+    fig, axes = plt.subplots(2, len(cases), figsize=(6 * len(cases), 7.5), squeeze=False)
+    for col, (text, budget) in enumerate(cases):
+        methods = []
+        for r in rows:
+            if r["text"] == text and int(r["budget"]) == budget and r["method"] not in methods:
+                methods.append(r["method"])
+        for row, (key, label) in enumerate((("recall", "attention recall"),
+                                            ("perplexity_ratio", "perplexity / full attention"))):
+            ax = axes[row][col]
+            for m in methods:
+                seg = [r for r in rows if r["text"] == text and int(r["budget"]) == budget
+                       and r["method"] == m]
+                xs = [(int(r["first_token"]) + int(r["end_token"])) / 2 for r in seg]
+                ax.plot(xs, [float(r[key]) for r in seg], label=m, **style(m))
+            ax.set_xlabel("position in the sequence (segment middle)")
+            ax.set_ylabel(label)
+            ax.set_title(f"{text}, budget {budget}")
+            ax.grid(alpha=0.3)
+            if key == "perplexity_ratio":
+                ax.axhline(1.0, color="black", linewidth=0.8)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("Quality along the continuation (each segment's tokens), real model")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "model_quality_by_segment.png"), dpi=110)
+
+
 def token_step(out):
     path = os.path.join(out, "token_step.json")
     if not os.path.exists(path):
@@ -553,6 +589,7 @@ def main():
     select_latency(out)
     gpu_gather(out)
     model_quality(out)
+    quality_by_segment(out)
     token_step(out)
     batch_decode(out)
     print(f"plots written to {out}")

@@ -181,13 +181,23 @@ double OutsideShareAttended(const KvStore& kv, uint32_t layer, uint32_t kv_head,
   return out / all;
 }
 
-void AddRecall(SelectionStats* stats, uint32_t layer, uint32_t layers, double r) {
+void AddRecall(SelectionStats* stats, uint32_t layer, uint32_t layers, uint32_t pos, double r) {
   if (stats->recall_sum.size() < layers) {
     stats->recall_sum.resize(layers, 0.0);
     stats->recall_count.resize(layers, 0);
+    stats->recall_pos_sum.resize(layers);
+    stats->recall_pos_count.resize(layers);
   }
   stats->recall_sum[layer] += r;
   ++stats->recall_count[layer];
+  std::vector<double>& sums = stats->recall_pos_sum[layer];
+  std::vector<uint32_t>& counts = stats->recall_pos_count[layer];
+  if (sums.size() <= pos) {
+    sums.resize(pos + 1, 0.0);
+    counts.resize(pos + 1, 0);
+  }
+  sums[pos] += r;
+  ++counts[pos];
 }
 
 }  // namespace
@@ -198,6 +208,19 @@ double SelectionStats::MeanRecall(uint32_t first_layer) const {
   for (size_t l = first_layer; l < recall_sum.size(); ++l) {
     sum += recall_sum[l];
     n += recall_count[l];
+  }
+  return n == 0 ? 0.0 : sum / static_cast<double>(n);
+}
+
+double SelectionStats::MeanRecallAt(uint32_t first_layer, uint32_t begin, uint32_t end) const {
+  double sum = 0;
+  uint64_t n = 0;
+  for (size_t l = first_layer; l < recall_pos_sum.size(); ++l) {
+    const std::vector<double>& sums = recall_pos_sum[l];
+    for (size_t p = begin; p < end && p < sums.size(); ++p) {
+      sum += sums[p];
+      n += recall_pos_count[l][p];
+    }
   }
   return n == 0 ? 0.0 : sum / static_cast<double>(n);
 }
@@ -434,7 +457,8 @@ absl::Status SelectiveAttention::Decode(uint32_t layer, uint32_t pos, const floa
                         out + (uint64_t{h} * g + j) * d);
       }
       if (measure_recall_) {
-        AddRecall(&stats_, layer, c.n_layers, Recall(kv_, layer, h, qh, pos, positions, scale));
+        AddRecall(&stats_, layer, c.n_layers, pos,
+                  Recall(kv_, layer, h, qh, pos, positions, scale));
       }
     }
     if (observe) {
@@ -568,7 +592,7 @@ absl::Status ServiceAttention::Decode(uint32_t layer, uint32_t pos, const float*
       const float* qh = q + (uint64_t{h} * config_.group() + j) * d;
       std::vector<float> qr(d);
       RoundToHalf(qh, d, qr.data());
-      AddRecall(&stats_, layer, config_.n_layers,
+      AddRecall(&stats_, layer, config_.n_layers, pos,
                 Recall(*mirror_, layer, h, qr.data(), pos, attended, scale));
     }
   }

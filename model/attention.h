@@ -100,7 +100,13 @@ struct SelectionStats {
   // Per (layer, KV head), layers [full_kv_layers, n): pages asked of the head's selection,
   // summed over decode steps (SelectiveAttention; MethodSpec::head_budget moves them).
   std::vector<uint64_t> pages_asked;
+  // Per layer and decode position: the same samples' sum and count (positions never decoded
+  // stay 0), to follow the recall along a long continuation.
+  std::vector<std::vector<double>> recall_pos_sum;
+  std::vector<std::vector<uint32_t>> recall_pos_count;
   double MeanRecall(uint32_t first_layer = 0) const;
+  // The mean over layers [first_layer, n) and decode positions [begin, end); 0 without samples.
+  double MeanRecallAt(uint32_t first_layer, uint32_t begin, uint32_t end) const;
 };
 
 class SelectiveAttention : public InProcessAttention {

@@ -356,6 +356,39 @@ TEST_F(LlamaTest, ASelectionCoveringEveryTokenIsFullAttentionAndSmallBudgetsAreN
   }
 }
 
+TEST_F(LlamaTest, RecallByPositionSplitsTheSameSamplesAsTheMeanRecall) {
+  const std::vector<int32_t> ids = Ids(400, 5);
+  const LlamaConfig& c = model_->config();
+  eval::MethodSpec streaming;
+  for (const eval::MethodSpec& m : eval::DefaultMethods()) {
+    if (m.kind == eval::MethodKind::kStreaming) streaming = m;
+  }
+  ASSERT_EQ(streaming.kind, eval::MethodKind::kStreaming);
+  SelectiveAttention sel(c, 400, streaming, selection::PaperSplit(64), 1, /*measure_recall=*/true);
+  std::vector<float> logits;
+  ASSERT_OK(model_->Prefill(std::vector<int32_t>(ids.begin(), ids.begin() + 300), &sel, &logits));
+  for (uint32_t t = 300; t < 400; ++t) ASSERT_OK(model_->Decode(ids[t], t, &sel, &logits));
+  const SelectionStats& s = sel.stats();
+  // One sample per (decode position, query head) in every layer, none before the decode.
+  ASSERT_EQ(s.recall_pos_count.size(), c.n_layers);
+  for (uint32_t l = 0; l < c.n_layers; ++l) {
+    ASSERT_EQ(s.recall_pos_count[l].size(), 400u) << "layer " << l;
+    EXPECT_EQ(s.recall_pos_count[l][299], 0u);
+    EXPECT_EQ(s.recall_pos_count[l][300], c.n_heads);
+    EXPECT_EQ(s.recall_pos_count[l][399], c.n_heads);
+  }
+  const double all = s.MeanRecall(1);
+  ASSERT_LT(all, 0.999);  // a 64-token window over 400 tokens drops mass
+  EXPECT_NEAR(s.MeanRecallAt(1, 0, 1000), all, 1e-12);
+  EXPECT_NEAR(s.MeanRecallAt(1, 300, 400), all, 1e-12);
+  // Equal sample counts per position: the halves' mean is the whole's.
+  const double first = s.MeanRecallAt(1, 300, 350), second = s.MeanRecallAt(1, 350, 400);
+  EXPECT_NEAR((first + second) / 2, all, 1e-12);
+  EXPECT_NE(first, second);
+  EXPECT_EQ(s.MeanRecallAt(1, 0, 300), 0.0);             // prefill positions: no samples
+  EXPECT_EQ(s.MeanRecallAt(c.n_layers, 300, 400), 0.0);  // no layer at or past n
+  EXPECT_EQ(s.MeanRecallAt(1, 350, 350), 0.0);           // an empty range
+}
 TEST_F(LlamaTest, AdaptiveHeadSplitMovesPagesBetweenHeadsUnderTheLayersTotal) {
   const std::vector<int32_t> ids = Ids(400, 11);
   const LlamaConfig& c = model_->config();
