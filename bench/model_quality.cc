@@ -303,8 +303,12 @@ void LoadPromptFrom(const FullAttention& full, const LlamaConfig& c, uint32_t n,
 }
 
 struct ContinuationResult {
-  double nll = 0;
   std::vector<double> nll_steps;  // per continuation token
+  double Nll() const {            // of the whole continuation
+    double sum = 0;
+    for (double x : nll_steps) sum += x;
+    return sum;
+  }
   uint32_t agree = 0;
   std::vector<int32_t> argmax;
 };
@@ -317,9 +321,7 @@ ContinuationResult Continue(const LlamaModel& model, AttentionBackend* attention
   ContinuationResult r;
   for (uint32_t i = 0; i < count; ++i) {
     const int32_t next = tokens[prompt + i];
-    const double nll = -TokenLogProb(logits.data(), static_cast<uint32_t>(logits.size()), next);
-    r.nll += nll;
-    r.nll_steps.push_back(nll);
+    r.nll_steps.push_back(-TokenLogProb(logits.data(), static_cast<uint32_t>(logits.size()), next));
     r.argmax.push_back(ArgmaxToken(logits));
     if (reference != nullptr && r.argmax.back() == (*reference)[i]) ++r.agree;
     if (i + 1 < count) Check(model.Decode(next, prompt + i, attention, &logits), "decode");
@@ -602,7 +604,7 @@ int main(int argc, char** argv) {
       Check(eval::WriteTrace(capture.trace(), path), "writing the trace");
       std::printf("  trace: %s\n", path.c_str());
     }
-    const double full_ppl = std::exp(ref.nll / continuation);
+    const double full_ppl = std::exp(ref.Nll() / continuation);
     std::printf("  %-28s %6s  ppl %8.3f  (%.1f s)\n", "full attention", "-", full_ppl, Seconds(t));
     rows.push_back({name, "full", 0, full_ppl, 1.0, 1.0, 1.0, {}, {}, {}, Seconds(t)});
 
@@ -612,7 +614,7 @@ int main(int argc, char** argv) {
       row.text = name;
       row.method = method;
       row.budget = budget;
-      row.ppl = std::exp(r.nll / continuation);
+      row.ppl = std::exp(r.Nll() / continuation);
       row.ppl_ratio = row.ppl / full_ppl;
       row.top1 = static_cast<double>(r.agree) / continuation;
       row.recall = stats.MeanRecall(full_kv_layers);

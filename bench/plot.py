@@ -480,9 +480,9 @@ def quality_by_segment(out):
     if not os.path.exists(path):
         return
     rows = read(path)
-    cases = sorted({(r["text"], int(r["budget"])) for r in rows})
-    if len(rows) == 0 or all(r["method"] == "full" for r in rows):
+    if not rows:
         return
+    cases = sorted({(r["text"], int(r["budget"])) for r in rows})
     fig, axes = plt.subplots(2, len(cases), figsize=(6 * len(cases), 7.5), squeeze=False)
     for col, (text, budget) in enumerate(cases):
         methods = []

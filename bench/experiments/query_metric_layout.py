@@ -107,6 +107,9 @@ def main():
     ap.add_argument("--query_step", type=int, default=4)
     ap.add_argument("--out", default="bench/results/query_metric")
     a = ap.parse_args()
+    if min(a.spacing, a.page, a.pages, a.layer_step, a.query_step) < 1 or a.sink < 0 or a.window < 0:
+        ap.error("--spacing, --page, --pages, --layer_step and --query_step must be at least 1; "
+                 "--sink and --window at least 0")
     os.makedirs(a.out, exist_ok=True)
     variants = ["euclid", "q-full", "q-diag", "q-pairs", "q-mix", "q-full-in", "k-full", "k-diag", "qmean"]
     rows = []
@@ -115,7 +118,6 @@ def main():
         pos, keys, queries = read_trace(path)
         layers, kv_heads, _, dim = keys.shape
         group = queries.shape[1] // kv_heads
-        n0 = int(pos[0])
         nq = len(pos)
         train = np.arange(nq // 2)
         test = np.arange(nq // 2, nq, a.query_step)
@@ -144,6 +146,9 @@ def main():
                     "qmean": sqrtm_psd(np.outer(qtr.mean(0), qtr.mean(0)) + 0.1 * np.trace(m_tr) / dim * np.eye(dim)),
                 }
                 page_ids = {v: [p + a.sink for p in layout(k @ transforms[v], a.spacing, a.page)] for v in variants}
+                if min(len(ids) for ids in page_ids.values()) <= a.pages or a.pages * a.page >= len(kall):
+                    raise SystemExit(f"{path}: --pages {a.pages} of {a.page} tokens is not fewer than the "
+                                     f"layout's pages or the trace's {len(kall)} tokens")
                 for qi in test:
                     p = int(pos[qi])
                     logits = qs[:, qi] @ kall[: p + 1].T * scale  # [g][p+1]
@@ -160,7 +165,6 @@ def main():
                     probf[:, : p + 1] = prob
                     fixed_all = np.zeros(len(kall), bool)
                     fixed_all[: p + 1] = fixed
-                    base = prob[:, fixed].sum(1)  # [g]
                     rec = {}
                     for v in variants:
                         pm = np.array([gm_free[ids].sum() for ids in page_ids[v]])
@@ -170,7 +174,9 @@ def main():
                         rec[v] = float(probf[:, mask].sum(1).mean())
                     budget = a.pages * a.page
                     best = np.argpartition(-gm_free, budget)[:budget]
-                    rec["tokens"] = float((base + probf[:, best].sum(1)).mean())
+                    mask = fixed_all.copy()
+                    mask[best] = True
+                    rec["tokens"] = float(probf[:, mask].sum(1).mean())
                     for v, r in rec.items():
                         rows.append((name, layer, head, p, v, r))
             done = [r for r in rows if r[0] == name]
