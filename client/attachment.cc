@@ -111,6 +111,7 @@ absl::StatusOr<std::unique_ptr<Attachment>> Attachment::Attach(const Options& op
   req.magic = abi::kArenaMagic;
   req.abi_version = options.abi_version;
   req.flags = options.as_operator ? uint32_t{abi::kAttachOperator} : 0u;
+  if (options.pins_segments && !options.as_operator) req.flags |= abi::kAttachPinsSegments;
   std::vector<int> donated;
   if (options.previous != nullptr) {
     donated = options.previous->ArenaFds();

@@ -66,6 +66,8 @@ absl::StatusOr<std::unique_ptr<AttachmentTransport::Generation>> AttachmentTrans
   ao.socket = socket_;
   ao.timeout = timeout_;
   ao.previous = previous;
+  // CUDA registers every segment it maps (MapIn): its pinned pages must never be freed.
+  ao.pins_segments = backend_->mode() == ExecutionMode::kCuda;
   ICECACHE_ASSIGN_OR_RETURN(std::unique_ptr<Attachment> a, Attachment::Attach(ao));
   auto g = std::make_unique<Generation>();
   g->attachment = std::move(a);

@@ -21,6 +21,10 @@ constexpr uint64_t kStagingAlign = 4096;
 
 uint64_t RoundUp(uint64_t v, uint64_t to) { return (v + to - 1) / to * to; }
 
+ArenaUse UseOf(uint32_t kind) {
+  return kind == abi::kSegmentStaging ? ArenaUse::kStaging : ArenaUse::kPages;
+}
+
 }  // namespace
 
 // ------------------------------------------------------------------ FrameReservation
@@ -82,21 +86,36 @@ Arena::~Arena() {
     Segment& s = segments_[i];
     if (s.base != nullptr) ::munmap(s.base, s.bytes);
     if (s.fd >= 0) ::close(s.fd);
-    if (!s.dormant) budget_->ReleaseSegment(s.bytes, /*fixed=*/i == 0);
+    if (!s.dormant) budget_->ReleaseSegment(s.bytes, /*fixed=*/i == 0, UseOf(s.kind));
   }
 }
 
 uint64_t Arena::NewSegmentBytes(uint64_t configured, uint64_t need, uint64_t unit,
-                                bool exact_near_limit) const {
-  uint64_t bytes = std::max(configured, need);
-  // Near the end of the promise, no more than it (and no less than the need): what the arena
-  // holds then stays within what was promised. (An arena nothing was promised to, the legacy
-  // Create's, takes configured segments.) Staging takes only what it needs there: the rest of
-  // the headroom is the page frames' share of the promises.
+                                uint32_t kind) const {
+  const uint64_t bytes = std::max(configured, need);
+  // An arena nothing was promised to (the legacy Create's) takes configured segments.
   if (budget_->arena_promised() == 0) return bytes;
-  const uint64_t headroom = budget_->headroom() / unit * unit;
-  if (headroom < bytes) bytes = exact_near_limit ? need : std::max(need, headroom);
-  return bytes;
+  // Within this use's share of the promises, no more than that share: what the arena holds
+  // then stays within what was promised, and staging (sized for a prompt) never takes the
+  // room promised to page frames.
+  const ArenaUse use = UseOf(kind);
+  const uint64_t headroom = budget_->headroom(use) / unit * unit;
+  if (headroom >= need) return std::min(bytes, headroom);
+  // Beyond it (promises estimated short, or segments stranded by dropped sequences): at
+  // least an eighth of what this use holds, up to the configured size, so that an arena
+  // outgrowing its promise adds a few large segments, not one per request until it has used
+  // all kMaxSegments. AddSizedSegment falls back to `need` where that does not fit.
+  return std::max(need, std::min(bytes, budget_->held(use) / 8 / unit * unit));
+}
+
+absl::StatusOr<uint32_t> Arena::AddSizedSegment(uint32_t kind, uint64_t configured, uint64_t need,
+                                                uint64_t unit, uint32_t page_bytes) {
+  const uint64_t bytes = NewSegmentBytes(configured, need, unit, kind);
+  absl::StatusOr<uint32_t> seg = AddSegment(kind, bytes, page_bytes);
+  if (seg.ok() || bytes == need || seg.status().code() != absl::StatusCode::kResourceExhausted) {
+    return seg;
+  }
+  return AddSegment(kind, need, page_bytes);
 }
 
 absl::StatusOr<uint32_t> Arena::AddSegment(uint32_t kind, uint64_t bytes, uint32_t page_bytes) {
@@ -109,8 +128,10 @@ absl::StatusOr<uint32_t> Arena::AddSegment(uint32_t kind, uint64_t bytes, uint32
   }
   if (best >= 0) {
     Segment& s = segments_[best];
-    absl::Status charged = budget_->ChargeSegment(s.bytes, /*fixed=*/false);
+    const bool beyond = budget_->arena_promised() > 0 && budget_->headroom() < s.bytes;
+    absl::Status charged = budget_->ChargeSegment(s.bytes, /*fixed=*/false, UseOf(kind));
     if (!charged.ok()) return charged;
+    beyond_promise_segments_ += beyond ? 1 : 0;
     s.dormant = false;
     TypeSegment(static_cast<uint32_t>(best), kind, page_bytes);
     return static_cast<uint32_t>(best);
@@ -120,14 +141,15 @@ absl::StatusOr<uint32_t> Arena::AddSegment(uint32_t kind, uint64_t bytes, uint32
         absl::StrCat("client ", client_id_, " has used all ", abi::kMaxSegments, " segments"));
   }
   const bool control = used_segments_ == 0;
-  absl::Status charged = budget_->ChargeSegment(bytes, control);
+  const bool beyond = !control && budget_->arena_promised() > 0 && budget_->headroom() < bytes;
+  absl::Status charged = budget_->ChargeSegment(bytes, control, UseOf(kind));
   if (!charged.ok()) return charged;
   const std::string name = absl::StrCat("icecache-c", client_id_, "-s", used_segments_);
   const int fd = ::memfd_create(name.c_str(), MFD_CLOEXEC | MFD_ALLOW_SEALING);
   auto fail = [&](const char* what) {
     const int err = errno;
     if (fd >= 0) ::close(fd);
-    budget_->ReleaseSegment(bytes, control);
+    budget_->ReleaseSegment(bytes, control, UseOf(kind));
     return absl::InternalError(
         absl::StrCat(what, " for a ", FormatBytes(bytes), " segment: ", std::strerror(err)));
   };
@@ -140,6 +162,7 @@ absl::StatusOr<uint32_t> Arena::AddSegment(uint32_t kind, uint64_t bytes, uint32
   void* base = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
   if (base == MAP_FAILED) return fail("mmap");
   const uint32_t index = used_segments_++;
+  beyond_promise_segments_ += beyond ? 1 : 0;
   Segment& s = segments_[index];
   s.fd = fd;
   s.base = base;
@@ -182,7 +205,10 @@ void Arena::TypeSegment(uint32_t index, uint32_t kind, uint32_t page_bytes) {
 
 void Arena::MaybeReclaim(uint32_t index) {
   Segment& s = segments_[index];
-  if (index == 0 || s.dormant || s.in_use != 0 || !budget_->over_promise()) return;
+  if (index == 0 || s.dormant || s.in_use != 0 || options_.keep_segments ||
+      !budget_->over_promise()) {
+    return;
+  }
   // A stopping daemon leaves the memory to the client, which recovers from it.
   if (keep_tags_.load(std::memory_order_acquire)) return;
   if (s.kind == abi::kSegmentPages) {
@@ -205,7 +231,7 @@ void Arena::MaybeReclaim(uint32_t index) {
   }
   s.dormant = true;
   s.free_ranges.clear();
-  budget_->ReleaseSegment(s.bytes, /*fixed=*/false);
+  budget_->ReleaseSegment(s.bytes, /*fixed=*/false, UseOf(s.kind));
 }
 
 absl::Status Arena::ReserveFrames(uint32_t page_bytes, uint32_t count, FrameReservation* out) {
@@ -220,9 +246,8 @@ absl::Status Arena::ReserveFrames(uint32_t page_bytes, uint32_t count, FrameRese
     const uint64_t need = uint64_t{count - free.size()} * footprint;
     const uint64_t configured = std::max<uint64_t>(options_.page_segment_bytes, footprint);
     // Frames come in segments of the configured size (more of them for a larger need).
-    absl::StatusOr<uint32_t> seg =
-        AddSegment(abi::kSegmentPages,
-                   NewSegmentBytes(configured, std::min(need, configured), footprint), page_bytes);
+    absl::StatusOr<uint32_t> seg = AddSizedSegment(
+        abi::kSegmentPages, configured, std::min(need, configured), footprint, page_bytes);
     if (!seg.ok()) return seg.status();
     const Segment& s = segments_[*seg];
     for (uint32_t f = s.frames; f-- > 0;) free.push_back({*seg, f});
@@ -352,11 +377,9 @@ absl::StatusOr<abi::ArenaRef> Arena::AllocStaging(uint64_t bytes, uint64_t tag) 
       return abi::ArenaRef{i, 0, off};
     }
   }
-  absl::StatusOr<uint32_t> seg = AddSegment(
-      abi::kSegmentStaging,
-      NewSegmentBytes(RoundUp(options_.staging_segment_bytes, kStagingAlign), need, kStagingAlign,
-                      /*exact_near_limit=*/true),
-      0);
+  absl::StatusOr<uint32_t> seg =
+      AddSizedSegment(abi::kSegmentStaging, RoundUp(options_.staging_segment_bytes, kStagingAlign),
+                      need, kStagingAlign, 0);
   if (!seg.ok()) return seg.status();
   Segment& s = segments_[*seg];
   s.free_ranges.clear();
@@ -476,6 +499,11 @@ uint64_t Arena::segment_bytes() const {
   for (uint32_t i = 0; i < used_segments_; ++i)
     total += segments_[i].dormant ? 0 : segments_[i].bytes;
   return total;
+}
+
+uint32_t Arena::beyond_promise_segments() const {
+  absl::MutexLock lock(&mu_);
+  return beyond_promise_segments_;
 }
 
 uint32_t Arena::dormant_segments() const {

@@ -5,12 +5,16 @@
 // Memory: every segment's bytes are charged, when it is created, to the client's
 // ClientBudget (memory_accountant.h: within what the client's sequences were promised, or
 // beyond it against the daemon-wide limit; RESOURCE_EXHAUSTED, nothing created, when that is
-// full) and released when the arena dies. A new segment is sized to the promise's headroom
-// when that is below the configured size, so the arena holds no more than was promised.
+// full) and released when the arena dies. A new segment is sized to the headroom of its
+// kind's share of the promises (page frames or staging) when that is below the configured
+// size, so the arena holds no more than was promised and staging never takes the page
+// frames' room; beyond the promises a new segment takes at least an eighth of what its kind
+// holds, so an arena that outgrows a promise adds a few segments, not one per request.
 // While the arena holds more than was promised (sequences dropped), segments that empty are
 // given back: their memory is freed (the file keeps its size; pages read as zeros), their
 // charge released, and they are reused, possibly for another page size or kind, when a
-// segment is needed again (versions of reused frames continue above every earlier one).
+// segment is needed again (versions of reused frames continue above every earlier one);
+// never for a client that pins its segments with a device (ArenaOptions::keep_segments).
 // Segments are sealed against shrinking, so a client that ftruncates its descriptor cannot
 // make the daemon fault on its own mapping.
 //
@@ -44,6 +48,8 @@ struct ArenaOptions {
   uint32_t slot_payload = abi::kDefaultSlotPayload;     // bytes of payload per slot
   uint64_t page_segment_bytes = uint64_t{64} << 20;     // size of a page segment
   uint64_t staging_segment_bytes = uint64_t{64} << 20;  // minimum size of a staging segment
+  // Never give a segment back (the client pins them with a device: abi::kAttachPinsSegments).
+  bool keep_segments = false;
 };
 
 struct FrameRef {
@@ -180,6 +186,10 @@ class Arena {
   uint32_t num_segments() const;
   // Segments given back (memory freed, charge released) and not reused yet.
   uint32_t dormant_segments() const;
+  // Segments created or reused while the arena held more than its sequences were promised
+  // (a promise estimated short; 0 while every promise holds). Arenas nothing was promised
+  // to never count.
+  uint32_t beyond_promise_segments() const;
 
  private:
   struct Segment {
@@ -215,11 +225,17 @@ class Arena {
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Gives segment `index` back when it is empty and the arena holds more than was promised.
   void MaybeReclaim(uint32_t index) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // Size of a new segment for a need of `need` bytes: the configured size, or less when the
-  // promise's headroom is smaller (never below `need`), in multiples of `unit`;
-  // `exact_near_limit` (staging): then exactly `need`, leaving the rest to the page frames.
-  uint64_t NewSegmentBytes(uint64_t configured, uint64_t need, uint64_t unit,
-                           bool exact_near_limit = false) const;
+  // Size of a new segment of `kind` for a need of `need` bytes, in multiples of `unit`: the
+  // configured size, or less when the headroom of the kind's share of the promises is
+  // smaller (never below `need`); beyond that share, an eighth of what the kind holds (up to
+  // the configured size, at least `need`).
+  uint64_t NewSegmentBytes(uint64_t configured, uint64_t need, uint64_t unit, uint32_t kind) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // AddSegment of NewSegmentBytes; where a segment beyond the promises larger than `need` does
+  // not fit (RESOURCE_EXHAUSTED), one of exactly `need`.
+  absl::StatusOr<uint32_t> AddSizedSegment(uint32_t kind, uint64_t configured, uint64_t need,
+                                           uint64_t unit, uint32_t page_bytes)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void ReturnFrames(std::vector<FrameRef>* frames);
   // The live staging allocation `ref` names (at least `bytes`, with `tag` when one is
   // given), or INVALID_ARGUMENT.
@@ -246,6 +262,7 @@ class Arena {
   uint64_t frames_in_use_ ABSL_GUARDED_BY(mu_) = 0;
   uint64_t frame_bytes_in_use_ ABSL_GUARDED_BY(mu_) = 0;
   uint64_t staging_in_use_ ABSL_GUARDED_BY(mu_) = 0;
+  uint32_t beyond_promise_segments_ ABSL_GUARDED_BY(mu_) = 0;
 };
 
 }  // namespace icecache

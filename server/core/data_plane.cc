@@ -504,10 +504,24 @@ class DataPlane::Dispatcher {
           tokens = std::min(tokens, kv.tokens(l));
         }
         const uint64_t pages = kv.pages();
-        const SequencePromise after =
-            dp_->promises_.AfterPrefill(g, charge->promise, pages, tokens);
-        c_->arena->budget()->Unpromise(charge->promise.arena() - after.arena(),
-                                       charge->promise.heap - after.heap);
+        SequencePromise after = dp_->promises_.AfterPrefill(g, charge->promise, pages, tokens);
+        // The staging segments the prompt filled stay held (the window pages' buffers go to
+        // them too), so the promise keeps covering what the client's staging segments hold
+        // beyond the other sequences' staging promises: were it to shrink below, the page
+        // frames still to come would find that room taken and the arena would outgrow the
+        // promise. With several sequences this errs on the large side.
+        ClientBudget* budget = c_->arena->budget();
+        const uint64_t staging_promised = budget->promised(ArenaUse::kStaging);
+        const uint64_t others = staging_promised > charge->promise.staging
+                                    ? staging_promised - charge->promise.staging
+                                    : 0;
+        const uint64_t held = budget->held(ArenaUse::kStaging);
+        if (held > others) {
+          after.staging = std::min(charge->promise.staging, std::max(after.staging, held - others));
+        }
+        budget->Unpromise(charge->promise.arena() - after.arena(),
+                          charge->promise.heap - after.heap,
+                          charge->promise.staging - after.staging);
         charge->promise = after;
         charge->prefilled = true;
       }
@@ -685,7 +699,7 @@ class DataPlane::Dispatcher {
     if (st.ok()) {
       auto it = c_->scratch.find({r.staging.segment, r.staging.offset});
       if (it != c_->scratch.end()) {
-        c_->arena->budget()->Unpromise(it->second, 0);
+        c_->arena->budget()->Unpromise(it->second, 0, it->second);
         c_->scratch_bytes -= it->second;
         c_->scratch.erase(it);
       }
@@ -720,11 +734,12 @@ class DataPlane::Dispatcher {
                                      " bytes in all: at most ", kMaxScratchBytes, " per client")),
                     0);
     }
-    absl::Status promised = c_->arena->budget()->Promise(footprint, 0, "a scratch buffer");
+    absl::Status promised =
+        c_->arena->budget()->Promise(footprint, 0, "a scratch buffer", footprint);
     if (!promised.ok()) return Finish(r, start, promised, 0);
     absl::StatusOr<abi::ArenaRef> ref = c_->arena->AllocStaging(bytes, kScratchTag);
     if (!ref.ok()) {
-      c_->arena->budget()->Unpromise(footprint, 0);
+      c_->arena->budget()->Unpromise(footprint, 0, footprint);
       return Finish(r, start, ref.status(), 0);
     }
     c_->scratch[{ref->segment, ref->offset}] = footprint;
@@ -1208,7 +1223,8 @@ void DataPlane::Handshake(const PendingAttach& p) {
                   absl::StrCat("ABI version ", req.abi_version, " is not supported (daemon speaks ",
                                abi::kAbiVersion, ")"));
   }
-  if ((req.flags & ~uint32_t{abi::kAttachOperator | abi::kAttachRecover}) != 0) {
+  if ((req.flags &
+       ~uint32_t{abi::kAttachOperator | abi::kAttachRecover | abi::kAttachPinsSegments}) != 0) {
     return Refuse(fd, abi::kAttachBadRequest, "unknown attach flags");
   }
   const bool as_operator = (req.flags & abi::kAttachOperator) != 0;
@@ -1281,8 +1297,10 @@ void DataPlane::Handshake(const PendingAttach& p) {
   int nfds = 0;
   if (!as_operator) {
     // The client's memory: its control segment now, its sequences' promises later.
+    ArenaOptions arena_options = options_.arena;
+    arena_options.keep_segments = (req.flags & abi::kAttachPinsSegments) != 0;
     absl::StatusOr<std::unique_ptr<Arena>> arena = Arena::Create(
-        client->id, options_.arena,
+        client->id, arena_options,
         std::make_unique<ClientBudget>(memory_, options_.client_quota, segment_bytes_),
         client.get());
     if (!arena.ok()) {
@@ -1325,7 +1343,11 @@ void DataPlane::Handshake(const PendingAttach& p) {
   observer_->OnAttach(true);
   ICECACHE_LOG(INFO) << "client " << client->id << " attached (uid " << cred.uid << ", pid "
                      << cred.pid << (as_operator ? ", operator" : "")
-                     << (recover ? ", recovering its previous arena" : "") << ")";
+                     << (recover ? ", recovering its previous arena" : "")
+                     << ((req.flags & abi::kAttachPinsSegments) != 0 && !as_operator
+                             ? ", pins its segments: none is given back"
+                             : "")
+                     << ")";
 }
 
 void DataPlane::AddClientCounters(const abi::ClientStats& from, DataPlaneStats* to) {
@@ -1491,12 +1513,15 @@ absl::StatusOr<SequenceInfo> DataPlane::CreateSequence(const Caller& caller,
     }
     SequenceRegistry::Charge c;
     c.bytes = p.total();
-    c.reserve = [arena, p] { return arena->budget()->Promise(p.arena(), p.heap, "sequence"); };
+    c.reserve = [arena, p] {
+      return arena->budget()->Promise(p.arena(), p.heap, "sequence", p.staging);
+    };
     // Gives back the promise as it stands then (it may have shrunk).
     c.release = [this, arena, charge, kv_key] {
       {
         absl::MutexLock lock(&charge->mu);
-        arena->budget()->Unpromise(charge->promise.arena(), charge->promise.heap);
+        arena->budget()->Unpromise(charge->promise.arena(), charge->promise.heap,
+                                   charge->promise.staging);
         charge->promise = SequencePromise{};
       }
       absl::MutexLock lock(&allowance_mu_);
@@ -1599,6 +1624,8 @@ DataPlaneStats DataPlane::Stats() const {
   s.arena_bytes = segment_bytes_->load();
   for (const auto& [token, c] : by_token_) {
     if (c->arena == nullptr) continue;
+    s.max_client_segments = std::max<uint64_t>(s.max_client_segments, c->arena->num_segments());
+    s.beyond_promise_segments += c->arena->beyond_promise_segments();
     s.frame_bytes += c->arena->frame_bytes_in_use();
     s.staging_bytes += c->arena->staging_bytes_in_use();
     s.pages += c->arena->frames_in_use();

@@ -107,7 +107,10 @@ class DataPlaneObserver : public KvObserver {
 // Sums over clients, for metrics and GetStats.
 struct DataPlaneStats {
   uint64_t clients = 0;
-  uint64_t arena_bytes = 0;    // segments of every arena
+  uint64_t arena_bytes = 0;          // segments of every arena
+  uint64_t max_client_segments = 0;  // the most segments one client's arena has (of kMaxSegments)
+  // Segments the live clients' arenas added beyond what their sequences were promised.
+  uint64_t beyond_promise_segments = 0;
   uint64_t frame_bytes = 0;    // page frames in use
   uint64_t staging_bytes = 0;  // staging buffers in use
   uint64_t pages = 0;          // frames in use

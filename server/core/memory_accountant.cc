@@ -77,7 +77,13 @@ absl::Status ClientBudget::Settle(uint64_t before, const char* what) {
   return absl::OkStatus();
 }
 
-absl::Status ClientBudget::Promise(uint64_t arena_bytes, uint64_t heap_bytes, const char* what) {
+absl::Status ClientBudget::Promise(uint64_t arena_bytes, uint64_t heap_bytes, const char* what,
+                                   uint64_t staging_bytes) {
+  if (staging_bytes > arena_bytes) {
+    return absl::InvalidArgumentError(absl::StrCat(what, ": a staging share of ", staging_bytes,
+                                                   " bytes exceeds the ", arena_bytes,
+                                                   " arena bytes it is part of"));
+  }
   absl::MutexLock lock(&mu_);
   if (quota_ != 0 && (arena_bytes > quota_ || promised_ + arena_bytes > quota_ - fixed_)) {
     global_->RecordRejection();
@@ -93,21 +99,26 @@ absl::Status ClientBudget::Promise(uint64_t arena_bytes, uint64_t heap_bytes, co
   if (!s.ok()) {
     promised_ -= arena_bytes;
     heap_ -= heap_bytes;
+  } else {
+    promised_staging_ += staging_bytes;
   }
   return s;
 }
 
-void ClientBudget::Unpromise(uint64_t arena_bytes, uint64_t heap_bytes) {
+void ClientBudget::Unpromise(uint64_t arena_bytes, uint64_t heap_bytes, uint64_t staging_bytes) {
   absl::MutexLock lock(&mu_);
-  ICECACHE_CHECK(arena_bytes <= promised_ && heap_bytes <= heap_)
+  ICECACHE_CHECK(arena_bytes <= promised_ && heap_bytes <= heap_ &&
+                 staging_bytes <= promised_staging_ && staging_bytes <= arena_bytes &&
+                 arena_bytes - staging_bytes <= promised_ - promised_staging_)
       << "unpromising more than was promised";
   const uint64_t before = Charged();
   promised_ -= arena_bytes;
+  promised_staging_ -= staging_bytes;
   heap_ -= heap_bytes;
   (void)Settle(before, "release");  // never grows
 }
 
-absl::Status ClientBudget::ChargeSegment(uint64_t bytes, bool fixed) {
+absl::Status ClientBudget::ChargeSegment(uint64_t bytes, bool fixed, ArenaUse use) {
   absl::MutexLock lock(&mu_);
   const uint64_t arena_after =
       fixed ? std::max(promised_, held_) : std::max(promised_, held_ + bytes);
@@ -126,18 +137,22 @@ absl::Status ClientBudget::ChargeSegment(uint64_t bytes, bool fixed) {
   absl::Status s = Settle(before, "arena segment");
   if (!s.ok()) {
     (fixed ? fixed_ : held_) -= bytes;
-  } else if (segments_total_ != nullptr) {
-    segments_total_->fetch_add(bytes);
+    return s;
   }
+  if (!fixed && use == ArenaUse::kStaging) held_staging_ += bytes;
+  if (segments_total_ != nullptr) segments_total_->fetch_add(bytes);
   return s;
 }
 
-void ClientBudget::ReleaseSegment(uint64_t bytes, bool fixed) {
+void ClientBudget::ReleaseSegment(uint64_t bytes, bool fixed, ArenaUse use) {
   absl::MutexLock lock(&mu_);
   uint64_t& from = fixed ? fixed_ : held_;
-  ICECACHE_CHECK(bytes <= from) << "releasing a segment that was not charged";
+  const bool staging = !fixed && use == ArenaUse::kStaging;
+  const uint64_t of_use = fixed ? fixed_ : staging ? held_staging_ : held_ - held_staging_;
+  ICECACHE_CHECK(bytes <= of_use) << "releasing a segment that was not charged";
   const uint64_t before = Charged();
   from -= bytes;
+  if (staging) held_staging_ -= bytes;
   (void)Settle(before, "release");
   if (segments_total_ != nullptr) segments_total_->fetch_sub(bytes);
 }
@@ -145,6 +160,24 @@ void ClientBudget::ReleaseSegment(uint64_t bytes, bool fixed) {
 uint64_t ClientBudget::headroom() const {
   absl::MutexLock lock(&mu_);
   return promised_ > held_ ? promised_ - held_ : 0;
+}
+
+uint64_t ClientBudget::headroom(ArenaUse use) const {
+  absl::MutexLock lock(&mu_);
+  const uint64_t promised =
+      use == ArenaUse::kStaging ? promised_staging_ : promised_ - promised_staging_;
+  const uint64_t held = use == ArenaUse::kStaging ? held_staging_ : held_ - held_staging_;
+  return promised > held ? promised - held : 0;
+}
+
+uint64_t ClientBudget::held(ArenaUse use) const {
+  absl::MutexLock lock(&mu_);
+  return use == ArenaUse::kStaging ? held_staging_ : held_ - held_staging_;
+}
+
+uint64_t ClientBudget::promised(ArenaUse use) const {
+  absl::MutexLock lock(&mu_);
+  return use == ArenaUse::kStaging ? promised_staging_ : promised_ - promised_staging_;
 }
 
 bool ClientBudget::over_promise() const {

@@ -46,6 +46,9 @@ class MemoryAccountant {
   uint64_t rejections_ ABSL_GUARDED_BY(mu_) = 0;
 };
 
+// What a share of a client's arena is for: page frames or staging buffers.
+enum class ArenaUse { kPages, kStaging };
+
 // The memory of one client, charged to the daemon-wide accountant as one amount:
 //
 //   charged = fixed + heap + max(arena promised, arena held)
@@ -59,6 +62,10 @@ class MemoryAccountant {
 // not refused midway. Holding more than was promised (a client staging beyond its allowance,
 // or segments stranded by dropped sequences) is charged as it happens, and refused only when
 // the daemon-wide limit is full.
+//
+// The arena's promise and holdings are also kept per use (ArenaUse): the staging share of
+// each is a part of the whole. The arena sizes a new segment within its own use's headroom,
+// so that staging segments (sized for a prompt) never take the room promised to page frames.
 //
 // `quota` bounds fixed + max(arena promised, arena held) (--client-quota).
 //
@@ -76,24 +83,33 @@ class ClientBudget {
   ClientBudget& operator=(const ClientBudget&) = delete;
   ~ClientBudget();  // releases whatever is still charged
 
-  // A sequence's promise. RESOURCE_EXHAUSTED (nothing changes) when it does not fit the quota
-  // or the daemon-wide limit; `what` names the requester in the message.
-  absl::Status Promise(uint64_t arena_bytes, uint64_t heap_bytes, const char* what);
-  void Unpromise(uint64_t arena_bytes, uint64_t heap_bytes);
+  // A sequence's promise, of which `staging_bytes` (at most `arena_bytes`) for staging.
+  // RESOURCE_EXHAUSTED (nothing changes) when it does not fit the quota or the daemon-wide
+  // limit; INVALID_ARGUMENT when the staging share exceeds the arena bytes; `what` names the
+  // requester in the message.
+  absl::Status Promise(uint64_t arena_bytes, uint64_t heap_bytes, const char* what,
+                       uint64_t staging_bytes = 0);
+  // Gives back part of what was promised (the same shares). Giving back more than was
+  // promised, or a staging share above the arena bytes, is a broken invariant (aborts).
+  void Unpromise(uint64_t arena_bytes, uint64_t heap_bytes, uint64_t staging_bytes = 0);
 
-  // A segment the arena creates (`fixed`: the control segment) and its release.
+  // A segment the arena creates (`fixed`: the control segment) for `use`, and its release.
   // RESOURCE_EXHAUSTED (nothing changes) above the quota, or when a segment beyond the
   // promises does not fit the daemon-wide limit.
-  absl::Status ChargeSegment(uint64_t bytes, bool fixed);
-  void ReleaseSegment(uint64_t bytes, bool fixed);
+  absl::Status ChargeSegment(uint64_t bytes, bool fixed, ArenaUse use = ArenaUse::kPages);
+  void ReleaseSegment(uint64_t bytes, bool fixed, ArenaUse use = ArenaUse::kPages);
 
   // Promised arena bytes not held yet (0 when the arena holds more than was promised).
   uint64_t headroom() const;
+  // The same for one use: its share of the promises not held yet by segments of that use.
+  uint64_t headroom(ArenaUse use) const;
   // Whether the arena holds more than its sequences were promised.
   bool over_promise() const;
   uint64_t charged() const;
   uint64_t arena_held() const;
   uint64_t arena_promised() const;
+  uint64_t held(ArenaUse use) const;
+  uint64_t promised(ArenaUse use) const;
 
  private:
   uint64_t Charged() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
@@ -111,6 +127,9 @@ class ClientBudget {
   uint64_t heap_ ABSL_GUARDED_BY(mu_) = 0;
   uint64_t promised_ ABSL_GUARDED_BY(mu_) = 0;
   uint64_t held_ ABSL_GUARDED_BY(mu_) = 0;
+  // The staging shares of promised_ and held_.
+  uint64_t promised_staging_ ABSL_GUARDED_BY(mu_) = 0;
+  uint64_t held_staging_ ABSL_GUARDED_BY(mu_) = 0;
 };
 
 // Reserves `bytes` in `inner` (a client's quota) and then `outer` (the daemon's limit): both

@@ -303,6 +303,13 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const DaemonOptions& optio
                 stat(&DataPlaneStats::clients));
   m.AddCallback("icecache_arena_bytes", "Shared memory held by client arenas (segments)",
                 MetricType::Gauge, stat(&DataPlaneStats::arena_bytes));
+  m.AddCallback("icecache_arena_segments_max",
+                "The most shared-memory segments one attached client's arena has (of 256)",
+                MetricType::Gauge, stat(&DataPlaneStats::max_client_segments));
+  m.AddCallback("icecache_arena_beyond_promise_segments",
+                "Segments the attached clients' arenas added beyond what their sequences were "
+                "promised",
+                MetricType::Gauge, stat(&DataPlaneStats::beyond_promise_segments));
   m.AddCallback("icecache_arena_limit_bytes", "Limit on arena bytes (--memory-limit)",
                 MetricType::Gauge, [arenas] { return static_cast<double>(arenas->limit()); });
   m.AddCallback("icecache_store_page_bytes", "Bytes of page frames in use", MetricType::Gauge,

@@ -311,6 +311,126 @@ TEST(Arena, EmptySegmentsBeyondThePromiseAreGivenBackAndReused) {
   EXPECT_GE(arena->FrameVersion(g), 2u);  // above the 2 the 4 KiB frames reached
 }
 
+// Each use grows within its own share of the promise: a staging segment takes the staging
+// share (not a configured 1 MiB that would take the page frames' room), and the page frames
+// then fill their whole share without a segment beyond the promise.
+TEST(Arena, StagingAndPageFramesEachGrowWithinTheirShare) {
+  MemoryAccountant global(64 << 20);
+  auto budget = std::make_unique<ClientBudget>(&global, 0);
+  ClientBudget* b = budget.get();
+  ASSERT_OK_AND_ASSIGN(auto arena, Arena::Create(1, Small(), std::move(budget), nullptr));
+  const uint64_t control = arena->control_bytes();
+  ASSERT_OK(b->Promise(2 << 20, 0, "sequence", 256 << 10));
+  ASSERT_OK_AND_ASSIGN(abi::ArenaRef buffer, arena->AllocStaging(8192));
+  EXPECT_EQ(b->held(ArenaUse::kStaging), 256u << 10);
+  // The page frames' whole share: 1 MiB, then the rest sized to the headroom.
+  const uint64_t footprint = abi::FrameFootprint(4096);
+  const uint32_t share =
+      static_cast<uint32_t>(abi::FramesInPageSegment(1 << 20, 4096) +
+                            abi::FramesInPageSegment((768 << 10) / footprint * footprint, 4096));
+  Arena::FrameReservation r;
+  ASSERT_OK(arena->ReserveFrames(4096, share, &r));
+  EXPECT_EQ(arena->num_segments(), 4u);  // control, staging, two page segments
+  EXPECT_EQ(arena->beyond_promise_segments(), 0u);
+  EXPECT_FALSE(b->over_promise());
+  EXPECT_EQ(global.used(), control + (2 << 20));
+  // One frame more is beyond the promise, and counted.
+  Arena::FrameReservation more;
+  ASSERT_OK(arena->ReserveFrames(4096, 1, &more));
+  EXPECT_EQ(arena->beyond_promise_segments(), 1u);
+  EXPECT_GT(global.used(), control + (2 << 20));
+  ASSERT_OK(arena->FreeStaging(buffer));
+}
+
+// Beyond the promise, a new page segment takes an eighth of what the page frames hold (up to
+// the configured size): 200 inserts of 2 frames each add a few segments, not 200.
+TEST(Arena, SegmentsBeyondThePromiseComeInEighthsOfWhatIsHeld) {
+  MemoryAccountant global(64 << 20);
+  auto budget = std::make_unique<ClientBudget>(&global, 0);
+  ClientBudget* b = budget.get();
+  RecordingListener listener;
+  ASSERT_OK_AND_ASSIGN(auto arena, Arena::Create(1, Small(), std::move(budget), &listener));
+  ASSERT_OK(b->Promise(4 << 20, 0, "sequence"));
+  Arena::FrameReservation all;
+  ASSERT_OK(arena->ReserveFrames(4096, 4 * abi::FramesInPageSegment(1 << 20, 4096), &all));
+  ASSERT_EQ(listener.sizes.size(), 4u);
+  ASSERT_EQ(arena->beyond_promise_segments(), 0u);
+  std::vector<std::unique_ptr<Arena::FrameReservation>> inserts;
+  std::vector<uint64_t> held_before;  // page bytes held when each new segment came
+  for (int i = 0; i < 200; ++i) {
+    const uint64_t held = b->held(ArenaUse::kPages);
+    const size_t before = listener.sizes.size();
+    inserts.push_back(std::make_unique<Arena::FrameReservation>());
+    ASSERT_OK(arena->ReserveFrames(4096, 2, inserts.back().get())) << "insert " << i;
+    if (listener.sizes.size() > before) held_before.push_back(held);
+  }
+  // 400 frames (1.6 MiB) beyond 4 MiB: segments of 0.5, 0.56, 0.63 MiB.
+  ASSERT_EQ(listener.sizes.size(), 4u + 3u);
+  EXPECT_EQ(arena->beyond_promise_segments(), 3u);
+  const uint64_t footprint = abi::FrameFootprint(4096);
+  for (size_t k = 0; k < held_before.size(); ++k) {
+    EXPECT_EQ(listener.sizes[4 + k], held_before[k] / 8 / footprint * footprint) << k;
+  }
+}
+
+// Where the limit leaves room beyond the promise for less than an eighth, the segment is
+// exactly the need; where not even that fits, RESOURCE_EXHAUSTED and nothing changes.
+TEST(Arena, BeyondThePromiseTheNeedAloneWhereAnEighthDoesNotFit) {
+  const uint64_t control = abi::ControlBytes(Small().slots, Small().slot_payload);
+  const uint64_t footprint = abi::FrameFootprint(4096);
+  MemoryAccountant global(control + (1 << 20) + 3 * footprint);
+  auto budget = std::make_unique<ClientBudget>(&global, 0);
+  ClientBudget* b = budget.get();
+  RecordingListener listener;
+  ASSERT_OK_AND_ASSIGN(auto arena, Arena::Create(1, Small(), std::move(budget), &listener));
+  ASSERT_OK(b->Promise(1 << 20, 0, "sequence"));
+  Arena::FrameReservation all, two, again;
+  ASSERT_OK(arena->ReserveFrames(4096, abi::FramesInPageSegment(1 << 20, 4096), &all));
+  ASSERT_OK(arena->ReserveFrames(4096, 2, &two));
+  ASSERT_EQ(listener.sizes.size(), 2u);
+  EXPECT_EQ(listener.sizes[1], 2 * footprint);
+  EXPECT_EQ(arena->beyond_promise_segments(), 1u);
+  EXPECT_THAT(arena->ReserveFrames(4096, 2, &again),
+              StatusIs(absl::StatusCode::kResourceExhausted, HasSubstr("memory limit")));
+  EXPECT_EQ(arena->num_segments(), 3u);
+  EXPECT_EQ(arena->beyond_promise_segments(), 1u);
+  EXPECT_EQ(again.remaining(), 0u);
+}
+
+// A client that pins its segments with a device (abi::kAttachPinsSegments) never has one
+// given back: freeing the memory under a pinned page orphans it (the device keeps reading the
+// old page; bench/experiments/pinned_punch.c shows it with io_uring's pinned buffers). What the
+// arena holds beyond the promise stays held and charged, and its free frames are reused.
+TEST(Arena, SegmentsOfAClientThatPinsThemAreNeverGivenBack) {
+  MemoryAccountant global(64 << 20);
+  auto budget = std::make_unique<ClientBudget>(&global, 0);
+  ClientBudget* b = budget.get();
+  ArenaOptions o = Small();
+  o.keep_segments = true;
+  ASSERT_OK_AND_ASSIGN(auto arena, Arena::Create(1, o, std::move(budget), nullptr));
+  const uint64_t control = arena->control_bytes();
+  ASSERT_OK(b->Promise(1 << 20, 0, "sequence"));
+  const uint32_t n = abi::FramesInPageSegment(1 << 20, 4096);
+  std::vector<FrameRef> frames;
+  {
+    Arena::FrameReservation r;
+    ASSERT_OK(arena->ReserveFrames(4096, n, &r));
+    for (uint32_t i = 0; i < n; ++i) frames.push_back(r.Take());
+  }
+  const uint64_t held = arena->segment_bytes();
+  b->Unpromise(1 << 20, 0);
+  for (FrameRef f : frames) arena->FreeFrame(f);
+  EXPECT_EQ(arena->dormant_segments(), 0u);
+  EXPECT_EQ(arena->segment_bytes(), held);
+  EXPECT_EQ(global.used(), held);  // beyond every promise: charged
+  // The same segment's frames serve the next reservation; no new segment.
+  Arena::FrameReservation again;
+  ASSERT_OK(arena->ReserveFrames(4096, n, &again));
+  EXPECT_EQ(arena->num_segments(), 2u);
+  EXPECT_EQ(again.Take().segment, frames[0].segment);
+  EXPECT_GT(held, control);
+}
+
 TEST(Arena, StagingIsTaggedPerSequence) {
   MemoryAccountant global(64 << 20);
   ASSERT_OK_AND_ASSIGN(auto arena, Arena::Create(1, Small(), 16 << 20, &global, nullptr));

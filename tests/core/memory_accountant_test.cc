@@ -113,5 +113,48 @@ TEST(ClientBudget, QuotaBoundsPromisesAndSegments) {
   EXPECT_EQ(global.used(), 1000u);
 }
 
+// The staging share of promises and segments is kept apart from the page frames': each use's
+// headroom is its own promise less its own segments, while the global charge stays one amount.
+TEST(ClientBudget, StagingAndPageFramesHaveTheirOwnShares) {
+  MemoryAccountant global(10'000);
+  ClientBudget b(&global, 0);
+  ASSERT_OK(b.Promise(1000, 0, "sequence", 300));  // 700 for page frames, 300 for staging
+  EXPECT_EQ(b.promised(ArenaUse::kPages), 700u);
+  EXPECT_EQ(b.promised(ArenaUse::kStaging), 300u);
+  EXPECT_EQ(b.headroom(ArenaUse::kStaging), 300u);
+  // Staging beyond its share eats nothing of the page frames' headroom...
+  ASSERT_OK(b.ChargeSegment(500, false, ArenaUse::kStaging));
+  EXPECT_EQ(b.headroom(ArenaUse::kStaging), 0u);
+  EXPECT_EQ(b.headroom(ArenaUse::kPages), 700u);
+  EXPECT_EQ(b.headroom(), 500u);  // ...though the whole has only 500 left
+  ASSERT_OK(b.ChargeSegment(700, false, ArenaUse::kPages));
+  EXPECT_EQ(b.headroom(ArenaUse::kPages), 0u);
+  EXPECT_EQ(b.held(ArenaUse::kPages), 700u);
+  EXPECT_EQ(b.held(ArenaUse::kStaging), 500u);
+  EXPECT_EQ(b.arena_held(), 1200u);
+  EXPECT_TRUE(b.over_promise());
+  EXPECT_EQ(global.used(), 1200u);
+  // A staging share larger than the promise it is part of changes nothing.
+  EXPECT_THAT(b.Promise(10, 0, "sequence", 11),
+              StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("staging share")));
+  EXPECT_EQ(b.arena_promised(), 1000u);
+  EXPECT_EQ(global.used(), 1200u);
+  // Shares go back as they came.
+  b.Unpromise(400, 0, 200);
+  EXPECT_EQ(b.promised(ArenaUse::kPages), 500u);
+  EXPECT_EQ(b.promised(ArenaUse::kStaging), 100u);
+  b.ReleaseSegment(500, false, ArenaUse::kStaging);
+  EXPECT_EQ(b.held(ArenaUse::kStaging), 0u);
+  EXPECT_EQ(b.headroom(ArenaUse::kStaging), 100u);
+  EXPECT_EQ(global.used(), 700u);
+}
+
+TEST(ClientBudgetDeathTest, ReleasingStagingAsPagesAborts) {
+  MemoryAccountant global(10'000);
+  ClientBudget b(&global, 0);
+  ASSERT_OK(b.ChargeSegment(500, false, ArenaUse::kStaging));
+  EXPECT_DEATH(b.ReleaseSegment(500, false, ArenaUse::kPages), "not charged");
+}
+
 }  // namespace
 }  // namespace icecache

@@ -684,5 +684,50 @@ TEST_F(ClientTest, AsyncClientKilledWithASpeculativeSelectInFlight) {
   ASSERT_OK((*seq)->Prefill(0, data.K(0, 0), data.V(0, 0), 200));
 }
 
+// ---- a long generation stays within what its sequence was promised
+
+// A prompt, then three times as many generated tokens through a real daemon with small
+// segments. The prefill's staging segment stays held (the window pages' buffers go to it); the
+// page frames the generation adds must still fit the sequence's promise: no segment is added
+// beyond it, and the arena keeps a handful of segments (before the fix, the frames ran out of
+// room by the staging segment's size and then took one segment per insert until a long run
+// used all 256 and failed with RESOURCE_EXHAUSTED).
+TEST_F(ClientTest, ALongGenerationStaysWithinItsPromiseInFewSegments) {
+  constexpr uint32_t kPrompt = 1024, kSteps = 3072, kBudget = 256;
+  const Data data = MakeData(4, 3, 3, 64, kPrompt + kSteps, DType::kFP16);
+  daemon_.reset();
+  DaemonConfig config;
+  config.extra_args = {"--recall-sample-every=0", "--segment-size=4MiB"};
+  auto d = DaemonProcess::Start(dir_.path(), config);
+  ASSERT_TRUE(d.ok()) << d.status();
+  daemon_ = std::move(*d);
+  auto client = Connect();
+  ASSERT_NE(client, nullptr);
+  auto seq = client->CreateSequence(Options(data, kBudget, 0));
+  ASSERT_TRUE(seq.ok()) << seq.status();
+  Sequence& s = **seq;
+  for (uint32_t l = 0; l < data.layers; ++l) {
+    ASSERT_OK(s.Prefill(l, data.K(l, 0), data.V(l, 0), kPrompt));
+  }
+  std::vector<uint16_t> out(size_t{data.q_heads()} * data.d);
+  for (uint32_t step = 0; step < kSteps; ++step) {
+    const uint32_t pos = kPrompt + step;
+    for (uint32_t l = 0; l < data.layers; ++l) {
+      const std::vector<uint16_t> q = data.Query(l, step);
+      ASSERT_OK(s.Decode(l, q.data(), data.K(l, pos), data.V(l, pos), out.data()))
+          << "step " << step << " layer " << l;
+    }
+  }
+  EXPECT_EQ(s.tokens(0), kPrompt + kSteps);
+  auto metrics = HttpGet(daemon_->metrics_port(), "/metrics");
+  ASSERT_TRUE(metrics.ok()) << metrics.status();
+  EXPECT_EQ(MetricValue(*metrics, "icecache_arena_beyond_promise_segments"), 0);
+  const double segments = MetricValue(*metrics, "icecache_arena_segments_max");
+  RecordProperty("segments", absl::StrCat(segments));
+  // Control + one staging segment + the page frames' ~29 MiB in 4 MiB segments.
+  EXPECT_GE(segments, 3);
+  EXPECT_LE(segments, 12);
+}
+
 }  // namespace
 }  // namespace icecache::testing

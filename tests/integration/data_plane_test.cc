@@ -289,6 +289,40 @@ TEST_F(DataPlaneTest, MalformedRequestsGetTheirCodeAndTheDaemonCarriesOn) {
   EXPECT_TRUE(daemon_->process().Running());
 }
 
+// A client that registers its segments with a device says so at attach; the daemon takes the
+// flag (its arena then never gives a segment back: Arena.SegmentsOfAClientThatPinsThemAreNever
+// GivenBack) and serves it like any other.
+TEST_F(DataPlaneTest, AClientThatPinsItsSegmentsIsServedAndNamedInTheLog) {
+  Attachment::Options o;
+  o.socket = daemon_->socket_path();
+  o.pins_segments = true;
+  absl::StatusOr<std::unique_ptr<Attachment>> a = Attachment::Attach(o);
+  ASSERT_TRUE(a.ok()) << a.status();
+  EXPECT_FALSE(Create(**a).empty());
+  const absl::Time deadline = absl::Now() + absl::Seconds(5);
+  while (daemon_->process().Stderr().find("pins its segments: none is given back") ==
+             std::string::npos &&
+         absl::Now() < deadline) {
+    absl::SleepFor(absl::Milliseconds(20));
+  }
+  EXPECT_THAT(daemon_->process().Stderr(),
+              HasSubstr(absl::StrCat("client ", (*a)->client_id(), " attached (uid ")));
+  EXPECT_THAT(daemon_->process().Stderr(), HasSubstr("pins its segments: none is given back"));
+  // A plain client is not named so.
+  auto plain = AttachClient();
+  ASSERT_NE(plain, nullptr);
+  EXPECT_FALSE(Create(*plain).empty());
+  const std::string plain_line = absl::StrCat("client ", plain->client_id(), " attached (uid ");
+  const absl::Time until = absl::Now() + absl::Seconds(5);
+  while (daemon_->process().Stderr().find(plain_line) == std::string::npos && absl::Now() < until) {
+    absl::SleepFor(absl::Milliseconds(20));
+  }
+  const std::string log = daemon_->process().Stderr();
+  const size_t at = log.find(plain_line);
+  ASSERT_NE(at, std::string::npos);
+  EXPECT_EQ(log.substr(at, log.find('\n', at) - at).find("pins its segments"), std::string::npos);
+}
+
 TEST_F(DataPlaneTest, AWrongAbiVersionIsRefused) {
   Attachment::Options o;
   o.socket = daemon_->socket_path();

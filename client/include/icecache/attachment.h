@@ -38,6 +38,9 @@ class Attachment {
     std::string socket;
     // An operator attachment (no arena; its token sees every client's sequences).
     bool as_operator = false;
+    // The client registers the arena's segments with a device (abi::kAttachPinsSegments):
+    // the daemon then never frees a segment's memory under it.
+    bool pins_segments = false;
     // ABI version to announce (tests set others to check the refusal).
     uint32_t abi_version = abi::kAbiVersion;
     absl::Duration timeout = absl::Seconds(5);

@@ -61,6 +61,13 @@ enum AttachFlags : uint32_t {
   // them: every tag and row is checked and copied before use). The old segments are let go
   // when the client sets RestoreSequenceRequest.last or detaches.
   kAttachRecover = 1u << 1,
+  // The client registers (pins) the arena's segments with a device (cudaHostRegister). A
+  // pinned page stays with the device when the file's memory is freed under it (a punched
+  // range of a memfd orphans its pinned pages: the device would go on reading the old frames
+  // and the daemon would not see what the device writes), so the daemon never gives such a
+  // client's segments back: what its arena holds beyond its sequences' promises stays held,
+  // and charged, until it detaches (its free frames and staging ranges are reused meanwhile).
+  kAttachPinsSegments = 1u << 2,
 };
 inline constexpr uint32_t kMaxDonatedSegments = 250;  // below SCM_MAX_FD (253)
 static_assert(sizeof(AttachRequest) == 32);
