@@ -234,6 +234,11 @@ void Arena::MaybeReclaim(uint32_t index) {
   budget_->ReleaseSegment(s.bytes, /*fixed=*/false, UseOf(s.kind));
 }
 
+void Arena::GiveBackEmptySegments() {
+  absl::MutexLock lock(&mu_);
+  for (uint32_t i = 1; i < used_segments_; ++i) MaybeReclaim(i);
+}
+
 absl::Status Arena::ReserveFrames(uint32_t page_bytes, uint32_t count, FrameReservation* out) {
   if (page_bytes == 0 || page_bytes % 16 != 0) {
     return absl::InvalidArgumentError("page size must be a positive multiple of 16 bytes");

@@ -148,6 +148,10 @@ class Arena {
   std::vector<TagCopy> Tags() const;
   void BumpFrameVersion(FrameRef frame);
 
+  // Gives back every empty segment while the arena holds more than was promised (as a free
+  // that empties a segment does): for a promise that shrank after its segments emptied.
+  void GiveBackEmptySegments();
+
   // ---- staging buffers
   // A buffer of `bytes` (4 KiB aligned) in a staging segment. RESOURCE_EXHAUSTED when a new
   // staging segment is needed and does not fit; INVALID_ARGUMENT for 0 bytes. `tag` (any

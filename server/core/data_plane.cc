@@ -702,6 +702,8 @@ class DataPlane::Dispatcher {
         c_->arena->budget()->Unpromise(it->second, 0, it->second);
         c_->scratch_bytes -= it->second;
         c_->scratch.erase(it);
+        // The buffer was freed while still promised: its segment, empty now, goes back.
+        c_->arena->GiveBackEmptySegments();
       }
     }
     Finish(r, start, st, 0);

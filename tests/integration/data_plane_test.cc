@@ -799,7 +799,16 @@ TEST_F(DataPlaneTest, ScratchBuffersAreBoundedAndGivenBack) {
   ASSERT_TRUE(big.ok()) << big.status();
   EXPECT_THAT(a->Scratch(uint64_t{100} << 20),
               StatusIs(absl::StatusCode::kResourceExhausted, HasSubstr("per client")));
+  const auto arena_bytes = [&] {
+    absl::StatusOr<std::string> m = HttpGet(daemon_->metrics_port(), "/metrics");
+    EXPECT_TRUE(m.ok()) << m.status();
+    return m.ok() ? MetricValue(*m, "icecache_arena_bytes") : -1.0;
+  };
+  const double with_big = arena_bytes();
+  EXPECT_GE(with_big, 200 << 20);
   ASSERT_TRUE(a->ReleaseStaging("", big->buffer).ok());
+  // Its segment's memory goes back with its promise.
+  EXPECT_LE(arena_bytes(), with_big - (200 << 20));
   absl::StatusOr<abi::StageResponse> again = a->Scratch(uint64_t{100} << 20);
   ASSERT_TRUE(again.ok()) << again.status();
   ASSERT_TRUE(a->ReleaseStaging("", again->buffer).ok());
