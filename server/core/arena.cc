@@ -95,17 +95,22 @@ uint64_t Arena::NewSegmentBytes(uint64_t configured, uint64_t need, uint64_t uni
   const uint64_t bytes = std::max(configured, need);
   // An arena nothing was promised to (the legacy Create's) takes configured segments.
   if (budget_->arena_promised() == 0) return bytes;
+  // At least an eighth of what this use holds already, so that a large arena takes a few
+  // dozen segments, not one per configured size: a client has kMaxSegments (256), which at
+  // the default 64 MiB would hold 16 GiB, less than the 34.6 GiB of frames promised to one
+  // 128k-token sequence of an 8B model (32 layers, 8 KV heads of 128, pages of 8).
+  const ArenaUse use = UseOf(kind);
+  const uint64_t eighth = budget_->held(use) / 8 / unit * unit;
   // Within this use's share of the promises, no more than that share: what the arena holds
   // then stays within what was promised, and staging (sized for a prompt) never takes the
   // room promised to page frames.
-  const ArenaUse use = UseOf(kind);
   const uint64_t headroom = budget_->headroom(use) / unit * unit;
-  if (headroom >= need) return std::min(bytes, headroom);
-  // Beyond it (promises estimated short, or segments stranded by dropped sequences): at
-  // least an eighth of what this use holds, up to the configured size, so that an arena
-  // outgrowing its promise adds a few large segments, not one per request until it has used
+  if (headroom >= need) return std::min(std::max(bytes, eighth), headroom);
+  // Beyond it (promises estimated short, or segments stranded by dropped sequences): the
+  // configured size, or the eighth where that is less (never below the need), so that an
+  // arena outgrowing its promise adds a few segments, not one per request until it has used
   // all kMaxSegments. AddSizedSegment falls back to `need` where that does not fit.
-  return std::max(need, std::min(bytes, budget_->held(use) / 8 / unit * unit));
+  return std::max(need, std::min(bytes, eighth));
 }
 
 absl::StatusOr<uint32_t> Arena::AddSizedSegment(uint32_t kind, uint64_t configured, uint64_t need,

@@ -6,10 +6,12 @@
 // ClientBudget (memory_accountant.h: within what the client's sequences were promised, or
 // beyond it against the daemon-wide limit; RESOURCE_EXHAUSTED, nothing created, when that is
 // full) and released when the arena dies. A new segment is sized to the headroom of its
-// kind's share of the promises (page frames or staging) when that is below the configured
+// kind's share of the promises (page frames or staging) when that is below the segment's
 // size, so the arena holds no more than was promised and staging never takes the page
-// frames' room; beyond the promises a new segment takes at least an eighth of what its kind
-// holds, so an arena that outgrows a promise adds a few segments, not one per request.
+// frames' room. A segment is the configured size or an eighth of what its kind holds,
+// whichever is larger: a large arena fits its client's kMaxSegments (256 of 64 MiB would
+// hold 16 GiB). Beyond the promises a new segment is the smaller of the two (at least the
+// need), so an arena that outgrows a promise adds a few segments, not one per request.
 // While the arena holds more than was promised (sequences dropped), segments that empty are
 // given back: their memory is freed (the file keeps its size; pages read as zeros), their
 // charge released, and they are reused, possibly for another page size or kind, when a
@@ -230,9 +232,9 @@ class Arena {
   // Gives segment `index` back when it is empty and the arena holds more than was promised.
   void MaybeReclaim(uint32_t index) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Size of a new segment of `kind` for a need of `need` bytes, in multiples of `unit`: the
-  // configured size, or less when the headroom of the kind's share of the promises is
-  // smaller (never below `need`); beyond that share, an eighth of what the kind holds (up to
-  // the configured size, at least `need`).
+  // configured size or an eighth of what the kind holds, whichever is larger, but no more
+  // than the headroom of the kind's share of the promises (never below `need`); beyond that
+  // share, the smaller of the configured size and the eighth (at least `need`).
   uint64_t NewSegmentBytes(uint64_t configured, uint64_t need, uint64_t unit, uint32_t kind) const
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // AddSegment of NewSegmentBytes; where a segment beyond the promises larger than `need` does
