@@ -96,7 +96,7 @@ uint64_t Arena::NewSegmentBytes(uint64_t configured, uint64_t need, uint64_t uni
   // An arena nothing was promised to (the legacy Create's) takes configured segments.
   if (budget_->arena_promised() == 0) return bytes;
   // At least an eighth of what this use holds already, so that a large arena takes a few
-  // dozen segments, not one per configured size: a client has kMaxSegments (256), which at
+  // dozen segments, not one per configured size: a client has kMaxArenaSegments (250), which at
   // the default 64 MiB would hold 16 GiB, less than the 34.6 GiB of frames promised to one
   // 128k-token sequence of an 8B model (32 layers, 8 KV heads of 128, pages of 8).
   const ArenaUse use = UseOf(kind);
@@ -109,7 +109,7 @@ uint64_t Arena::NewSegmentBytes(uint64_t configured, uint64_t need, uint64_t uni
   // Beyond it (promises estimated short, or segments stranded by dropped sequences): the
   // configured size, or the eighth where that is less (never below the need), so that an
   // arena outgrowing its promise adds a few segments, not one per request until it has used
-  // all kMaxSegments. AddSizedSegment falls back to `need` where that does not fit.
+  // all kMaxArenaSegments. AddSizedSegment falls back to `need` where that does not fit.
   return std::max(need, std::min(bytes, eighth));
 }
 
@@ -141,9 +141,9 @@ absl::StatusOr<uint32_t> Arena::AddSegment(uint32_t kind, uint64_t bytes, uint32
     TypeSegment(static_cast<uint32_t>(best), kind, page_bytes);
     return static_cast<uint32_t>(best);
   }
-  if (used_segments_ >= abi::kMaxSegments) {
+  if (used_segments_ >= abi::kMaxArenaSegments) {
     return absl::ResourceExhaustedError(
-        absl::StrCat("client ", client_id_, " has used all ", abi::kMaxSegments, " segments"));
+        absl::StrCat("client ", client_id_, " has used all ", abi::kMaxArenaSegments, " segments"));
   }
   const bool control = used_segments_ == 0;
   const bool beyond = !control && budget_->arena_promised() > 0 && budget_->headroom() < bytes;

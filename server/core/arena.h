@@ -9,7 +9,7 @@
 // kind's share of the promises (page frames or staging) when that is below the segment's
 // size, so the arena holds no more than was promised and staging never takes the page
 // frames' room. A segment is the configured size or an eighth of what its kind holds,
-// whichever is larger: a large arena fits its client's kMaxSegments (256 of 64 MiB would
+// whichever is larger: a large arena fits its client's kMaxArenaSegments (250 of 64 MiB would
 // hold 16 GiB). Beyond the promises a new segment is the smaller of the two (at least the
 // need), so an arena that outgrows a promise adds a few segments, not one per request.
 // While the arena holds more than was promised (sequences dropped), segments that empty are

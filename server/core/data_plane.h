@@ -107,8 +107,9 @@ class DataPlaneObserver : public KvObserver {
 // Sums over clients, for metrics and GetStats.
 struct DataPlaneStats {
   uint64_t clients = 0;
-  uint64_t arena_bytes = 0;          // segments of every arena
-  uint64_t max_client_segments = 0;  // the most segments one client's arena has (of kMaxSegments)
+  uint64_t arena_bytes = 0;  // segments of every arena
+  // The most segments one client's arena has (of kMaxArenaSegments).
+  uint64_t max_client_segments = 0;
   // Segments the live clients' arenas added beyond what their sequences were promised.
   uint64_t beyond_promise_segments = 0;
   uint64_t frame_bytes = 0;    // page frames in use

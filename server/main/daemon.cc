@@ -304,7 +304,7 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const DaemonOptions& optio
   m.AddCallback("icecache_arena_bytes", "Shared memory held by client arenas (segments)",
                 MetricType::Gauge, stat(&DataPlaneStats::arena_bytes));
   m.AddCallback("icecache_arena_segments_max",
-                "The most shared-memory segments one attached client's arena has (of 256)",
+                "The most shared-memory segments one attached client's arena has (of 250)",
                 MetricType::Gauge, stat(&DataPlaneStats::max_client_segments));
   m.AddCallback("icecache_arena_beyond_promise_segments",
                 "Segments the attached clients' arenas added beyond what their sequences were "

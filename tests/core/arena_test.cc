@@ -5,6 +5,7 @@
 
 #include <set>
 
+#include "absl/strings/str_cat.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "tests/support/status_matchers.h"
@@ -466,6 +467,27 @@ TEST(Arena, ALargePromiseFillsInAFewDozenSegments) {
     }
     before += listener.sizes[k];
   }
+}
+
+// A client gets no more segments than a recovery attach can hand back to a successor
+// (abi::kMaxDonatedSegments, control segment included): every frame can be restored.
+TEST(Arena, AClientGetsNoMoreSegmentsThanARecoveryHandsBack) {
+  MemoryAccountant global(uint64_t{1} << 30);
+  ASSERT_OK_AND_ASSIGN(auto arena, Arena::Create(1, Small(), uint64_t{1} << 30, &global, nullptr));
+  const uint32_t per_segment = abi::FramesInPageSegment(1 << 20, 4096);
+  std::vector<std::unique_ptr<Arena::FrameReservation>> held;
+  absl::Status last;
+  for (uint32_t i = 0; i < abi::kMaxSegments && last.ok(); ++i) {
+    held.push_back(std::make_unique<Arena::FrameReservation>());
+    last = arena->ReserveFrames(4096, per_segment, held.back().get());
+  }
+  EXPECT_THAT(
+      last,
+      StatusIs(absl::StatusCode::kResourceExhausted,
+               HasSubstr(absl::StrCat("has used all ", abi::kMaxDonatedSegments, " segments"))));
+  EXPECT_EQ(arena->num_segments(), abi::kMaxDonatedSegments);
+  EXPECT_EQ(held.back()->remaining(), 0u);  // the refused reservation holds nothing
+  EXPECT_EQ(arena->frames_in_use(), uint64_t{abi::kMaxDonatedSegments - 1} * per_segment);
 }
 
 TEST(Arena, StagingIsTaggedPerSequence) {

@@ -109,6 +109,10 @@ static_assert(sizeof(SegmentNotice) == 24);
 
 // ---------------------------------------------------------------------------------- arena
 inline constexpr uint32_t kMaxSegments = 256;
+// The segments a daemon gives one client, control segment included: no more than a recovery
+// attach can hand back (kMaxDonatedSegments), so that a restore always sees every frame.
+inline constexpr uint32_t kMaxArenaSegments = kMaxDonatedSegments;
+static_assert(kMaxArenaSegments <= kMaxSegments);
 inline constexpr uint32_t kControlSegment = 0;
 
 enum SegmentKind : uint32_t { kSegmentUnused = 0, kSegmentPages = 1, kSegmentStaging = 2 };
