@@ -223,6 +223,31 @@ TEST_F(SecurityTest, AnAttachRequestThatNeverComesTimesOut) {
   ::close(fd);
 }
 
+// Attach flags the daemon does not know are refused with the reason; the pins-segments flag
+// (a CUDA client) is known and attaches.
+TEST_F(SecurityTest, UnknownAttachFlagsAreRefused) {
+  StartDaemon();
+  const auto attach_with = [&](uint32_t flags) {
+    const int fd = ConnectRaw(AttachSocketPath(daemon_->socket_path()));
+    EXPECT_GE(fd, 0) << std::strerror(errno);
+    abi::AttachRequest req{};
+    req.magic = abi::kArenaMagic;
+    req.abi_version = abi::kAbiVersion;
+    req.flags = flags;
+    EXPECT_EQ(::send(fd, &req, sizeof(req), MSG_NOSIGNAL), static_cast<ssize_t>(sizeof(req)));
+    abi::AttachReply reply{};
+    EXPECT_EQ(::recv(fd, &reply, sizeof(reply), MSG_WAITALL), static_cast<ssize_t>(sizeof(reply)));
+    ::close(fd);
+    return reply;
+  };
+  const abi::AttachReply unknown = attach_with(1u << 3);
+  EXPECT_EQ(unknown.status, abi::kAttachBadRequest);
+  EXPECT_THAT(unknown.message, HasSubstr("unknown attach flags"));
+  const abi::AttachReply pins = attach_with(abi::kAttachPinsSegments | (1u << 31));
+  EXPECT_EQ(pins.status, abi::kAttachBadRequest);
+  EXPECT_EQ(attach_with(abi::kAttachPinsSegments).status, abi::kAttachOk);
+}
+
 TEST_F(SecurityTest, AttachesPerUidAreCapped) {
   StartDaemon({"--max-clients-per-uid=2"});
   auto a = daemon_->Attach(), b = daemon_->Attach();
