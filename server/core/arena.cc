@@ -113,6 +113,10 @@ uint64_t Arena::NewSegmentBytes(uint64_t configured, uint64_t need, uint64_t uni
   return std::max(need, std::min(bytes, eighth));
 }
 
+bool Arena::BeyondPromise(uint64_t bytes) const {
+  return budget_->arena_promised() > 0 && budget_->headroom() < bytes;
+}
+
 absl::StatusOr<uint32_t> Arena::AddSizedSegment(uint32_t kind, uint64_t configured, uint64_t need,
                                                 uint64_t unit, uint32_t page_bytes) {
   const uint64_t bytes = NewSegmentBytes(configured, need, unit, kind);
@@ -133,7 +137,7 @@ absl::StatusOr<uint32_t> Arena::AddSegment(uint32_t kind, uint64_t bytes, uint32
   }
   if (best >= 0) {
     Segment& s = segments_[best];
-    const bool beyond = budget_->arena_promised() > 0 && budget_->headroom() < s.bytes;
+    const bool beyond = BeyondPromise(s.bytes);
     absl::Status charged = budget_->ChargeSegment(s.bytes, /*fixed=*/false, UseOf(kind));
     if (!charged.ok()) return charged;
     beyond_promise_segments_ += beyond ? 1 : 0;
@@ -146,7 +150,7 @@ absl::StatusOr<uint32_t> Arena::AddSegment(uint32_t kind, uint64_t bytes, uint32
         absl::StrCat("client ", client_id_, " has used all ", abi::kMaxArenaSegments, " segments"));
   }
   const bool control = used_segments_ == 0;
-  const bool beyond = !control && budget_->arena_promised() > 0 && budget_->headroom() < bytes;
+  const bool beyond = !control && BeyondPromise(bytes);
   absl::Status charged = budget_->ChargeSegment(bytes, control, UseOf(kind));
   if (!charged.ok()) return charged;
   const std::string name = absl::StrCat("icecache-c", client_id_, "-s", used_segments_);

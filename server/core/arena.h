@@ -237,6 +237,9 @@ class Arena {
   // share, the smaller of the configured size and the eighth (at least `need`).
   uint64_t NewSegmentBytes(uint64_t configured, uint64_t need, uint64_t unit, uint32_t kind) const
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Whether a new segment of `bytes` takes the arena beyond what its sequences were promised
+  // (never for an arena nothing was promised to).
+  bool BeyondPromise(uint64_t bytes) const;
   // AddSegment of NewSegmentBytes; where a segment beyond the promises larger than `need` does
   // not fit (RESOURCE_EXHAUSTED), one of exactly `need`.
   absl::StatusOr<uint32_t> AddSizedSegment(uint32_t kind, uint64_t configured, uint64_t need,

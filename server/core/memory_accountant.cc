@@ -107,9 +107,9 @@ absl::Status ClientBudget::Promise(uint64_t arena_bytes, uint64_t heap_bytes, co
 
 void ClientBudget::Unpromise(uint64_t arena_bytes, uint64_t heap_bytes, uint64_t staging_bytes) {
   absl::MutexLock lock(&mu_);
-  ICECACHE_CHECK(arena_bytes <= promised_ && heap_bytes <= heap_ &&
-                 staging_bytes <= promised_staging_ && staging_bytes <= arena_bytes &&
-                 arena_bytes - staging_bytes <= promised_ - promised_staging_)
+  ICECACHE_CHECK(heap_bytes <= heap_ && staging_bytes <= arena_bytes &&
+                 staging_bytes <= PromisedOf(ArenaUse::kStaging) &&
+                 arena_bytes - staging_bytes <= PromisedOf(ArenaUse::kPages))
       << "unpromising more than was promised";
   const uint64_t before = Charged();
   promised_ -= arena_bytes;
@@ -148,8 +148,8 @@ void ClientBudget::ReleaseSegment(uint64_t bytes, bool fixed, ArenaUse use) {
   absl::MutexLock lock(&mu_);
   uint64_t& from = fixed ? fixed_ : held_;
   const bool staging = !fixed && use == ArenaUse::kStaging;
-  const uint64_t of_use = fixed ? fixed_ : staging ? held_staging_ : held_ - held_staging_;
-  ICECACHE_CHECK(bytes <= of_use) << "releasing a segment that was not charged";
+  ICECACHE_CHECK(bytes <= (fixed ? fixed_ : HeldOf(use)))
+      << "releasing a segment that was not charged";
   const uint64_t before = Charged();
   from -= bytes;
   if (staging) held_staging_ -= bytes;
@@ -164,20 +164,17 @@ uint64_t ClientBudget::headroom() const {
 
 uint64_t ClientBudget::headroom(ArenaUse use) const {
   absl::MutexLock lock(&mu_);
-  const uint64_t promised =
-      use == ArenaUse::kStaging ? promised_staging_ : promised_ - promised_staging_;
-  const uint64_t held = use == ArenaUse::kStaging ? held_staging_ : held_ - held_staging_;
-  return promised > held ? promised - held : 0;
+  return PromisedOf(use) > HeldOf(use) ? PromisedOf(use) - HeldOf(use) : 0;
 }
 
 uint64_t ClientBudget::held(ArenaUse use) const {
   absl::MutexLock lock(&mu_);
-  return use == ArenaUse::kStaging ? held_staging_ : held_ - held_staging_;
+  return HeldOf(use);
 }
 
 uint64_t ClientBudget::promised(ArenaUse use) const {
   absl::MutexLock lock(&mu_);
-  return use == ArenaUse::kStaging ? promised_staging_ : promised_ - promised_staging_;
+  return PromisedOf(use);
 }
 
 bool ClientBudget::over_promise() const {

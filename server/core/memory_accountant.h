@@ -115,6 +115,13 @@ class ClientBudget {
   uint64_t Charged() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     return fixed_ + heap_ + std::max(promised_, held_);
   }
+  // One use's share of promised_ and held_.
+  uint64_t PromisedOf(ArenaUse use) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    return use == ArenaUse::kStaging ? promised_staging_ : promised_ - promised_staging_;
+  }
+  uint64_t HeldOf(ArenaUse use) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    return use == ArenaUse::kStaging ? held_staging_ : held_ - held_staging_;
+  }
   // Moves the global charge from `before` to Charged(); false (nothing reserved) when the
   // global limit refuses the growth.
   absl::Status Settle(uint64_t before, const char* what) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
