@@ -3,7 +3,10 @@
 #include <fcntl.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <random>
 #include <set>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "gmock/gmock.h"
@@ -488,6 +491,116 @@ TEST(Arena, AClientGetsNoMoreSegmentsThanARecoveryHandsBack) {
   EXPECT_EQ(arena->num_segments(), abi::kMaxDonatedSegments);
   EXPECT_EQ(held.back()->remaining(), 0u);  // the refused reservation holds nothing
   EXPECT_EQ(arena->frames_in_use(), uint64_t{abi::kMaxDonatedSegments - 1} * per_segment);
+}
+
+// 3,000 random operations on an arena charged to a budget (promises of both shares and their
+// release, frame reservations and frees of two page sizes, staging buffers, give-backs) under
+// a limit that refuses some of them. After each: the shares add up to what the arena holds,
+// the segments' bytes are the control segment plus that, the global charge is
+// fixed + heap + max(promised, held), and a refused operation changed nothing.
+TEST(Arena, RandomOperationsKeepTheSharesAndTheChargeExact) {
+  const uint64_t control = abi::ControlBytes(Small().slots, Small().slot_payload);
+  MemoryAccountant global(control + (uint64_t{48} << 20));
+  auto budget = std::make_unique<ClientBudget>(&global, 0);
+  ClientBudget* b = budget.get();
+  ASSERT_OK_AND_ASSIGN(auto arena, Arena::Create(1, Small(), std::move(budget), nullptr));
+  std::mt19937_64 rng(2026);
+  struct Promised {
+    uint64_t arena, heap, staging;
+  };
+  std::vector<Promised> promises;
+  std::vector<FrameRef> frames;
+  std::vector<abi::ArenaRef> buffers;
+  uint64_t heap = 0;
+  const auto check = [&](int step) {
+    ASSERT_EQ(b->held(ArenaUse::kPages) + b->held(ArenaUse::kStaging), b->arena_held()) << step;
+    ASSERT_EQ(arena->segment_bytes(), control + b->arena_held()) << step;
+    ASSERT_EQ(b->promised(ArenaUse::kPages) + b->promised(ArenaUse::kStaging), b->arena_promised())
+        << step;
+    ASSERT_EQ(global.used(), control + heap + std::max(b->arena_promised(), b->arena_held()))
+        << step;
+    ASSERT_EQ(b->charged(), global.used()) << step;
+    ASSERT_LE(global.used(), global.limit()) << step;
+  };
+  int refused = 0;
+  for (int step = 0; step < 3000; ++step) {
+    const uint64_t held_before = b->arena_held(), used_before = global.used();
+    const uint32_t segments_before = arena->num_segments();
+    absl::Status st;
+    switch (rng() % 7) {
+      case 0: {  // a promise
+        const uint64_t a = (rng() % 8) << 20, st_share = a == 0 ? 0 : rng() % (a + 1);
+        const uint64_t h = rng() % 4096;
+        st = b->Promise(a, h, "sequence", st_share);
+        if (st.ok()) {
+          promises.push_back({a, h, st_share});
+          heap += h;
+        }
+        break;
+      }
+      case 1:  // its release
+        if (!promises.empty()) {
+          const size_t i = rng() % promises.size();
+          b->Unpromise(promises[i].arena, promises[i].heap, promises[i].staging);
+          heap -= promises[i].heap;
+          promises.erase(promises.begin() + static_cast<long>(i));
+        }
+        break;
+      case 2: {  // frames
+        Arena::FrameReservation r;
+        const uint32_t page = rng() % 4 == 0 ? 8192 : 4096;
+        st = arena->ReserveFrames(page, 1 + rng() % 300, &r);
+        if (st.ok()) {
+          const size_t take = rng() % (r.remaining() + 1);
+          for (size_t i = 0; i < take; ++i) frames.push_back(r.Take());
+        }
+        break;
+      }
+      case 3:
+        for (int n = 0; n < 40 && !frames.empty(); ++n) {
+          const size_t i = rng() % frames.size();
+          arena->FreeFrame(frames[i]);
+          frames[i] = frames.back();
+          frames.pop_back();
+        }
+        break;
+      case 4: {  // a staging buffer
+        absl::StatusOr<abi::ArenaRef> ref = arena->AllocStaging(1 + rng() % (2 << 20));
+        st = ref.status();
+        if (ref.ok()) buffers.push_back(*ref);
+        break;
+      }
+      case 5:
+        if (!buffers.empty()) {
+          const size_t i = rng() % buffers.size();
+          ASSERT_OK(arena->FreeStaging(buffers[i]));
+          buffers[i] = buffers.back();
+          buffers.pop_back();
+        }
+        break;
+      case 6:
+        arena->GiveBackEmptySegments();
+        break;
+    }
+    if (!st.ok()) {
+      ++refused;
+      ASSERT_EQ(st.code(), absl::StatusCode::kResourceExhausted) << step << ": " << st;
+      ASSERT_EQ(b->arena_held(), held_before) << step;
+      ASSERT_EQ(global.used(), used_before) << step;
+      ASSERT_EQ(arena->num_segments(), segments_before) << step;
+    }
+    check(step);
+  }
+  RecordProperty("refused", refused);
+  EXPECT_GT(refused, 0);  // the limit was reached
+  EXPECT_GT(arena->dormant_segments() + arena->beyond_promise_segments(), 0u);
+  for (FrameRef f : frames) arena->FreeFrame(f);
+  for (const abi::ArenaRef& r : buffers) ASSERT_OK(arena->FreeStaging(r));
+  for (const Promised& p : promises) b->Unpromise(p.arena, p.heap, p.staging);
+  arena->GiveBackEmptySegments();
+  EXPECT_EQ(global.used(), control);
+  EXPECT_EQ(b->arena_held(), 0u);
+  EXPECT_EQ(arena->segment_bytes(), control);
 }
 
 TEST(Arena, StagingIsTaggedPerSequence) {
