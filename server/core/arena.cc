@@ -98,9 +98,12 @@ uint64_t Arena::NewSegmentBytes(uint64_t configured, uint64_t need, uint64_t uni
   // At least an eighth of what this use holds already, so that a large arena takes a few
   // dozen segments, not one per configured size: a client has kMaxArenaSegments (250), which at
   // the default 64 MiB would hold 16 GiB, less than the 34.6 GiB of frames promised to one
-  // 128k-token sequence of an 8B model (32 layers, 8 KV heads of 128, pages of 8).
+  // 128k-token sequence of an 8B model (32 layers, 8 KV heads of 128, pages of 8). Up to
+  // kMaxGrowth configured sizes: a CUDA client pins a segment whole when it first uses it,
+  // and a decode step waits for that (2 GiB at most by default; 250 segments then hold
+  // about 440 GiB).
   const ArenaUse use = UseOf(kind);
-  const uint64_t eighth = budget_->held(use) / 8 / unit * unit;
+  const uint64_t eighth = std::min(budget_->held(use) / 8, kMaxGrowth * configured) / unit * unit;
   // Within this use's share of the promises, no more than that share: what the arena holds
   // then stays within what was promised, and staging (sized for a prompt) never takes the
   // room promised to page frames.

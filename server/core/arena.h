@@ -8,15 +8,15 @@
 // full) and released when the arena dies. A new segment is sized to the headroom of its
 // kind's share of the promises (page frames or staging) when that is below the segment's
 // size, so the arena holds no more than was promised and staging never takes the page
-// frames' room. A segment is the configured size or an eighth of what its kind holds,
-// whichever is larger: a large arena fits its client's kMaxArenaSegments (250 of 64 MiB would
-// hold 16 GiB). Beyond the promises a new segment is the smaller of the two (at least the
-// need), so an arena that outgrows a promise adds a few segments, not one per request.
-// While the arena holds more than was promised (sequences dropped), segments that empty are
-// given back: their memory is freed (the file keeps its size; pages read as zeros), their
-// charge released, and they are reused, possibly for another page size or kind, when a
-// segment is needed again (versions of reused frames continue above every earlier one);
-// never for a client that pins its segments with a device (ArenaOptions::keep_segments).
+// frames' room. A segment is the configured size or an eighth of what its kind holds (up to
+// 32 configured sizes), whichever is larger: a large arena fits its client's
+// kMaxArenaSegments (250 of 64 MiB would hold 16 GiB; growing, about 440 GiB). Beyond the promises
+// a new segment is the smaller of the two (at least the need), so an arena that outgrows a promise
+// adds a few segments, not one per request. While the arena holds more than was promised (sequences
+// dropped), segments that empty are given back: their memory is freed (the file keeps its size;
+// pages read as zeros), their charge released, and they are reused, possibly for another page size
+// or kind, when a segment is needed again (versions of reused frames continue above every earlier
+// one); never for a client that pins its segments with a device (ArenaOptions::keep_segments).
 // Segments are sealed against shrinking, so a client that ftruncates its descriptor cannot
 // make the daemon fault on its own mapping.
 //
@@ -232,9 +232,11 @@ class Arena {
   // Gives segment `index` back when it is empty and the arena holds more than was promised.
   void MaybeReclaim(uint32_t index) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Size of a new segment of `kind` for a need of `need` bytes, in multiples of `unit`: the
-  // configured size or an eighth of what the kind holds, whichever is larger, but no more
-  // than the headroom of the kind's share of the promises (never below `need`); beyond that
-  // share, the smaller of the configured size and the eighth (at least `need`).
+  // configured size or an eighth of what the kind holds (at most kMaxGrowth configured
+  // sizes), whichever is larger, but no more than the headroom of the kind's share of the
+  // promises (never below `need`); beyond that share, the smaller of the configured size and
+  // the eighth (at least `need`).
+  static constexpr uint64_t kMaxGrowth = 32;
   uint64_t NewSegmentBytes(uint64_t configured, uint64_t need, uint64_t unit, uint32_t kind) const
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Whether a new segment of `bytes` takes the arena beyond what its sequences were promised

@@ -435,18 +435,18 @@ TEST(Arena, SegmentsOfAClientThatPinsThemAreNeverGivenBack) {
   EXPECT_GT(held, control);
 }
 
-// A promise far larger than kMaxSegments configured segments (300 MiB against 256 of 1 MiB)
-// fills in a few dozen segments: past 8 configured ones, each takes an eighth of what the
-// frames hold. (With configured segments only, the frames ran out of segments at 256: the
-// 128k-token sequence of an 8B model is promised 34.6 GiB of frames, 256 default segments hold
-// 16 GiB.)
+// A promise far larger than kMaxArenaSegments configured segments (600 MiB against 250 of
+// 1 MiB) fills in a few dozen segments: past 8 configured ones, each takes an eighth of what
+// the frames hold, up to 32 configured sizes. (With configured segments only, the frames ran
+// out of segments: the 128k-token sequence of an 8B model is promised 34.6 GiB of frames, 256
+// default segments held 16 GiB.)
 TEST(Arena, ALargePromiseFillsInAFewDozenSegments) {
   MemoryAccountant global(uint64_t{1} << 30);
   auto budget = std::make_unique<ClientBudget>(&global, 0);
   ClientBudget* b = budget.get();
   RecordingListener listener;
   ASSERT_OK_AND_ASSIGN(auto arena, Arena::Create(1, Small(), std::move(budget), &listener));
-  const uint64_t promise = uint64_t{300} << 20;
+  const uint64_t promise = uint64_t{600} << 20;
   ASSERT_OK(b->Promise(promise, 0, "sequence"));
   const uint64_t footprint = abi::FrameFootprint(4096);
   std::vector<std::unique_ptr<Arena::FrameReservation>> held;
@@ -458,18 +458,24 @@ TEST(Arena, ALargePromiseFillsInAFewDozenSegments) {
   }
   EXPECT_EQ(arena->beyond_promise_segments(), 0u);
   EXPECT_FALSE(b->over_promise());
-  EXPECT_LE(arena->num_segments(), 1u + 45u);
+  EXPECT_LE(arena->num_segments(), 1u + 55u);
   RecordProperty("segments", arena->num_segments());
   // The first 8 are configured; each later one an eighth of what was held before it.
   uint64_t before = 0;
   for (size_t k = 0; k + 1 < listener.sizes.size(); ++k) {
-    EXPECT_EQ(listener.sizes[k], std::max<uint64_t>(1u << 20, before / 8 / footprint * footprint))
+    EXPECT_EQ(listener.sizes[k],
+              std::max<uint64_t>(1u << 20,
+                                 std::min<uint64_t>(before / 8, 32 << 20) / footprint * footprint))
         << k;
     if (k < 8) {
       EXPECT_EQ(listener.sizes[k], 1u << 20) << k;
     }
     before += listener.sizes[k];
   }
+  // The growth stops at 32 configured sizes.
+  const uint64_t cap = (uint64_t{32} << 20) / footprint * footprint;
+  EXPECT_GE(std::count(listener.sizes.begin(), listener.sizes.end(), cap), 5);
+  EXPECT_LE(*std::max_element(listener.sizes.begin(), listener.sizes.end()), cap);
 }
 
 // A client gets no more segments than a recovery attach can hand back to a successor
