@@ -85,7 +85,7 @@ ABSL_FLAG(uint32_t, max_control_connections_per_uid, 64,
           "Connections one uid may hold open to the control socket.");
 ABSL_FLAG(icecache::ByteSize, segment_size, icecache::ByteSize{uint64_t{64} << 20},
           "Size of an arena segment (a client registers each with CUDA in one call); past 8, "
-          "a client's segments grow to an eighth of what its arena holds.");
+          "a client's segments grow to an eighth of what its arena holds, up to 32 times this.");
 ABSL_FLAG(uint32_t, workers, 0, "Worker threads for builds, inserts and selects (0: every core).");
 ABSL_FLAG(uint32_t, recall_sample_every, 64,
           "Also score one select in N exactly, off the critical path, to export the recall of "
