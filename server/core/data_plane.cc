@@ -1231,6 +1231,7 @@ void DataPlane::Handshake(const PendingAttach& p) {
   }
   const bool as_operator = (req.flags & abi::kAttachOperator) != 0;
   const bool recover = (req.flags & abi::kAttachRecover) != 0;
+  const bool pins_segments = (req.flags & abi::kAttachPinsSegments) != 0 && !as_operator;
   if (recover && (as_operator || req.reserved[0] != donated.size() || donated.empty())) {
     return Refuse(fd, abi::kAttachBadRequest,
                   absl::StrCat("a recovery attach hands back its previous arena's segments (",
@@ -1300,7 +1301,7 @@ void DataPlane::Handshake(const PendingAttach& p) {
   if (!as_operator) {
     // The client's memory: its control segment now, its sequences' promises later.
     ArenaOptions arena_options = options_.arena;
-    arena_options.keep_segments = (req.flags & abi::kAttachPinsSegments) != 0;
+    arena_options.keep_segments = pins_segments;
     absl::StatusOr<std::unique_ptr<Arena>> arena = Arena::Create(
         client->id, arena_options,
         std::make_unique<ClientBudget>(memory_, options_.client_quota, segment_bytes_),
@@ -1346,10 +1347,7 @@ void DataPlane::Handshake(const PendingAttach& p) {
   ICECACHE_LOG(INFO) << "client " << client->id << " attached (uid " << cred.uid << ", pid "
                      << cred.pid << (as_operator ? ", operator" : "")
                      << (recover ? ", recovering its previous arena" : "")
-                     << ((req.flags & abi::kAttachPinsSegments) != 0 && !as_operator
-                             ? ", pins its segments: none is given back"
-                             : "")
-                     << ")";
+                     << (pins_segments ? ", pins its segments: none is given back" : "") << ")";
 }
 
 void DataPlane::AddClientCounters(const abi::ClientStats& from, DataPlaneStats* to) {
