@@ -84,6 +84,10 @@ ABSL_FLAG(std::string, rerank, "",
           "Also replay the default preset with the tail estimate (mean-var) and each of these "
           "DciOptions::rerank_extra_pages (icecache-dci-rerank<N>; 0: the default preset without "
           "re-ranking, icecache-dci-default-no-rerank).");
+ABSL_FLAG(std::string, rescore, "",
+          "Also replay the default preset with the tail estimate (mean-var) and each of these "
+          "DciOptions::rescore_tokens, the keys each query rescores exactly after the sketches "
+          "(icecache-dci-rescore<N>; the default preset's is 64).");
 ABSL_FLAG(std::string, slacks, "",
           "Also replay the default preset with the tail estimate (mean-var) and each of these "
           "DciOptions::cell_bound_slack of its best-first search (icecache-dci-slack<S>; 1 is "
@@ -215,6 +219,18 @@ std::vector<eval::MethodSpec> Methods() {
     rerank.tail = selection::TailMode::kMeanVariance;
     rerank.dci.rerank_extra_pages = static_cast<uint32_t>(r);
     m.insert(m.begin() + static_cast<ptrdiff_t>(at++), rerank);
+  }
+  for (double r : ParseList(absl::GetFlag(FLAGS_rescore))) {
+    if (!(r >= 1 && r <= 65536 && r == std::floor(r))) {
+      Check(absl::InvalidArgumentError(
+                absl::StrCat("--rescore: ", r, " is not a whole number of keys in [1, 65536]")),
+            "--rescore");
+    }
+    eval::MethodSpec rescore = *fast;
+    rescore.name = absl::StrCat("icecache-dci-rescore", r);
+    rescore.tail = selection::TailMode::kMeanVariance;
+    rescore.dci.rescore_tokens = static_cast<uint32_t>(r);
+    m.insert(m.begin() + static_cast<ptrdiff_t>(at++), rescore);
   }
   for (double sl : ParseList(absl::GetFlag(FLAGS_slacks))) {
     if (!(sl > 0 && sl <= 4)) {
