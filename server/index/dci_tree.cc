@@ -1982,7 +1982,12 @@ struct DciTree::Impl {
     }
     CellScores(qs, nq, gs);
     const bool exact = !sketching;
-    const uint32_t rcap = std::max<uint32_t>(o.rescore_tokens, 1);
+    // The best k + rerank_extra_pages pages (at most every page; never fewer than k) are the
+    // candidates of the ranking below. A query's list can only hold pages with one of its
+    // rescored keys, so it rescores at least as many keys as it must nominate pages.
+    const uint32_t want = static_cast<uint32_t>(std::max<uint64_t>(
+        k, std::min<uint64_t>(uint64_t{k} + o.rerank_extra_pages, pages.size())));
+    const uint32_t rcap = std::max<uint32_t>({o.rescore_tokens, want, 1u});
     gs.kth.resize(nq);
     gs.cand.resize(nq);
     gs.cand_n.assign(nq, 0);
@@ -2064,11 +2069,7 @@ struct DciTree::Impl {
     }
     tls_last_sketched = gs.sketched;
     tls_last_cells_opened = static_cast<uint32_t>(gs.opened.size());
-    // Per query: its best k pages among those scored; merged rank-interleaved.
-    // With re-ranking, the best k + rerank_extra_pages pages are the candidates (at most every
-    // page; never fewer than k).
-    const uint32_t want = static_cast<uint32_t>(std::max<uint64_t>(
-        k, std::min<uint64_t>(uint64_t{k} + o.rerank_extra_pages, pages.size())));
+    // Per query: its best `want` pages among those scored; merged rank-interleaved.
     std::vector<std::vector<SelectedPage>> lists(nq);
     for (uint32_t q = 0; q < nq; ++q) {
       // The best `want` by value (ties to the lower page) as integer keys: one comparison each.

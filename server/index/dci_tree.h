@@ -133,7 +133,10 @@ struct DciOptions {
   // an estimate of the best key that opens fewer cells (the Cauchy-Schwarz term assumes the
   // worst alignment, which high-dimensional residuals almost never reach).
   float cell_bound_slack = 1.0f;
-  // kBestFirstSketch: keys per query rescored exactly (the best estimates).
+  // kBestFirstSketch: keys per query rescored exactly (the best estimates), at least: a search
+  // for k pages rescores max(rescore_tokens, k + rerank_extra_pages) per query, since only
+  // pages holding a rescored key can be ranked and each key nominates one page (with fewer,
+  // large k would be filled with unranked pages).
   uint32_t rescore_tokens = 64;
   // Best-first modes: the best k + rerank_extra_pages pages of the search (best key per page,
   // merged rank-interleaved) are scored whole for the group and the k returned are those of

@@ -684,11 +684,42 @@ TEST_F(DciTreeTest, SketchSearchRescoresAtMostTheGroupsBestEstimates) {
         std::vector<SelectedPage> got;
         ASSERT_OK(tree_->Search(q.data(), 4, 12, &got));
         const DciTree::Stats st = tree_->GetStats();
-        EXPECT_GE(st.tokens_scored_last_search, uint64_t{r} * 4) << slack << " " << r;
-        EXPECT_LE(st.tokens_scored_last_search, uint64_t{r} * 4 * 4) << slack << " " << r;
+        // At least k keys per query (the pages it must nominate): 12 for R of 1 and 7.
+        const uint64_t rr = std::max(r, 12u);
+        EXPECT_GE(st.tokens_scored_last_search, rr * 4) << slack << " " << r;
+        EXPECT_LE(st.tokens_scored_last_search, rr * 4 * 4) << slack << " " << r;
         EXPECT_GT(st.tokens_sketched_last_search, 0u);
         EXPECT_EQ(got.size(), 12u);
       }
+    }
+  }
+}
+
+// A search for more pages than rescore_tokens ranks every page it returns: a query's list
+// holds only pages with one of its rescored keys, so it rescores at least k +
+// rerank_extra_pages keys (with 4 per query, 40 pages would have been at most 16 ranked and 24
+// filled unranked, score -inf).
+TEST_F(DciTreeTest, ASearchForManyPagesRanksEveryPageItReturns) {
+  data_ = MakeHead(6000, 128);
+  for (uint32_t extra : {0u, 24u}) {
+    DciOptions o = BestFirst(DciOptions::SearchMode::kBestFirstSketch, 0.4f, 4);
+    o.parent_beam = 6;
+    o.rerank_extra_pages = extra;
+    BuildOn(6000, o);
+    for (uint32_t qi = 0; qi < 4; ++qi) {
+      const std::vector<float> q = GroupQueries(data_, qi, 4, 128);
+      std::vector<SelectedPage> got;
+      ASSERT_OK(tree_->Search(q.data(), 4, 40, &got));
+      ASSERT_EQ(got.size(), 40u);
+      const std::vector<uint32_t> ids = PageIds(got);
+      EXPECT_EQ(std::set<uint32_t>(ids.begin(), ids.end()).size(), 40u);
+      for (size_t i = 0; i < got.size(); ++i) {
+        EXPECT_TRUE(std::isfinite(got[i].score)) << "extra " << extra << ", page " << i;
+        if (i > 0 && extra > 0) {
+          EXPECT_GE(got[i - 1].score, got[i].score) << i;
+        }
+      }
+      EXPECT_GE(tree_->GetStats().tokens_scored_last_search, uint64_t{40 + extra} * 4);
     }
   }
 }
