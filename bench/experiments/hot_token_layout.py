@@ -26,7 +26,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bound_pruning import read_trace  # noqa: E402
-from query_metric_layout import layout  # noqa: E402
+from query_metric_layout import layout, oracle_recalls  # noqa: E402
 
 
 def probs(qs, keys, p, scale):
@@ -91,17 +91,8 @@ def main():
                     fixed = np.zeros(len(kall), bool)
                     fixed[: a.sink] = True
                     fixed[max(0, p + 1 - a.window) : p + 1] = True
-                    free = np.where(fixed, 0, pr.sum(0))
-                    for v, pages in lays.items():
-                        pm = np.array([free[ids].sum() for ids in pages])
-                        top = np.argpartition(-pm, a.pages)[: a.pages]
-                        mask = fixed.copy()
-                        mask[np.concatenate([pages[t] for t in top])] = True
-                        rec[v].append(float(pr[:, mask].sum(1).mean()))
-                    best = np.argpartition(-free, a.pages * a.page)[: a.pages * a.page]
-                    mask = fixed.copy()
-                    mask[best] = True
-                    rec["tokens"].append(float(pr[:, mask].sum(1).mean()))
+                    for v, r in oracle_recalls(pr, fixed, lays, a.pages, a.page).items():
+                        rec[v].append(r)
             print(f"{name} layer {layer} ({time.time() - t0:.0f} s): " +
                   " ".join(f"{v} {np.mean(r):.4f}" for v, r in rec.items()), flush=True)
         base = np.mean(rec["euclid"])

@@ -88,6 +88,26 @@ def layout(x, spacing, page):
     return pages
 
 
+def oracle_recalls(prob, fixed, layouts, pages, page):
+    """The attention recall of each layout's best `pages` pages by the group's exact mass, and
+    (key "tokens") of the best `pages * page` single tokens, each with the `fixed` (sink and
+    window) positions: prob [group][n] the softmax over every position (0 past the query's),
+    fixed [n] bool, layouts {name: [page's token ids]}."""
+    free = np.where(fixed, 0, prob.sum(0))
+    rec = {}
+    for name, ids in layouts.items():
+        pm = np.array([free[t].sum() for t in ids])
+        top = np.argpartition(-pm, pages)[:pages]
+        mask = fixed.copy()
+        mask[np.concatenate([ids[t] for t in top])] = True
+        rec[name] = float(prob[:, mask].sum(1).mean())
+    best = np.argpartition(-free, pages * page)[: pages * page]
+    mask = fixed.copy()
+    mask[best] = True
+    rec["tokens"] = float(prob[:, mask].sum(1).mean())
+    return rec
+
+
 def sqrtm_psd(m):
     w, v = np.linalg.eigh(m)
     return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
@@ -155,28 +175,12 @@ def main():
                     logits -= logits.max(1, keepdims=True)
                     prob = np.exp(logits)
                     prob /= prob.sum(1, keepdims=True)
-                    fixed = np.zeros(p + 1, bool)
-                    fixed[: a.sink] = True
-                    fixed[max(0, p + 1 - a.window) :] = True
-                    gm = prob.sum(0)
-                    gm_free = np.zeros(len(kall))
-                    gm_free[: p + 1] = np.where(fixed, 0, gm)
                     probf = np.zeros((group, len(kall)))
                     probf[:, : p + 1] = prob
-                    fixed_all = np.zeros(len(kall), bool)
-                    fixed_all[: p + 1] = fixed
-                    rec = {}
-                    for v in variants:
-                        pm = np.array([gm_free[ids].sum() for ids in page_ids[v]])
-                        top = np.argpartition(-pm, a.pages)[: a.pages]
-                        mask = fixed_all.copy()
-                        mask[np.concatenate([page_ids[v][t] for t in top])] = True
-                        rec[v] = float(probf[:, mask].sum(1).mean())
-                    budget = a.pages * a.page
-                    best = np.argpartition(-gm_free, budget)[:budget]
-                    mask = fixed_all.copy()
-                    mask[best] = True
-                    rec["tokens"] = float(probf[:, mask].sum(1).mean())
+                    fixed = np.zeros(len(kall), bool)
+                    fixed[: a.sink] = True
+                    fixed[max(0, p + 1 - a.window) : p + 1] = True
+                    rec = oracle_recalls(probf, fixed, page_ids, a.pages, a.page)
                     for v, r in rec.items():
                         rows.append((name, layer, head, p, v, r))
             done = [r for r in rows if r[0] == name]
