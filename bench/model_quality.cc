@@ -108,7 +108,7 @@ ABSL_FLAG(std::string, head_budgets, "",
           "(layer, KV head) pair).");
 ABSL_FLAG(std::string, splits, "default",
           "Comma-separated splits of each budget, every method run under each: 'default' (the "
-          "daemon's: 2 sink + 2 window pages of 8 tokens, 1 + 1 below 128; rows named "
+          "daemon's: pages of 4 tokens, a sink of 8 and a window of 16 at every budget; rows named "
           "<method>), 'paper' (the same rule with pages of 16, the paper's; rows named "
           "<method>-paper-split) or page:sink:window in tokens, e.g. 16:16:32 (rows named "
           "<method>-p<page>s<sink>w<window>).");

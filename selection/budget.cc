@@ -53,7 +53,10 @@ BudgetSplit PaperSplit(uint32_t budget, uint32_t page_size) {
   return s;
 }
 
-BudgetSplit DefaultSplit(uint32_t budget) { return PaperSplit(budget, BudgetDefaults::kPageSize); }
+BudgetSplit DefaultSplit(uint32_t budget) {
+  return BudgetSplit{budget, BudgetDefaults::kSinkTokens, BudgetDefaults::kWindowTokens,
+                     BudgetDefaults::kPageSize};
+}
 
 absl::StatusOr<std::vector<uint32_t>> SplitPagesAcrossHeads(uint32_t total_pages,
                                                             const std::vector<double>& weights,

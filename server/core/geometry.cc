@@ -82,9 +82,9 @@ absl::StatusOr<Geometry> ResolveGeometry(const GeometrySpec& spec) {
   if (!Contains(L::kPageSizes, g.page_size)) {
     return FieldError("page_size", OneOf(L::kPageSizes), g.page_size);
   }
-  // Unset sink and window: BudgetDefaults::kEdgePages pages each, of this sequence's size.
-  g.sink_tokens = spec.sink_tokens.value_or(D::kEdgePages * g.page_size);
-  g.window_tokens = spec.window_tokens.value_or(D::kEdgePages * g.page_size);
+  // Unset sink and window: BudgetDefaults' rule for this sequence's page size.
+  g.sink_tokens = spec.sink_tokens.value_or(D::SinkFor(g.page_size));
+  g.window_tokens = spec.window_tokens.value_or(D::WindowFor(g.page_size));
   g.budget_tokens = spec.budget_tokens.value_or(D::kBudgetTokens);
   absl::Status split = selection::ValidateSplit(g.split());
   if (!split.ok()) return split;

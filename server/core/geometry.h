@@ -24,14 +24,14 @@ struct GeometryLimits {
   static constexpr uint32_t kMaxNumKvHeads = 1024;
   static constexpr uint32_t kMaxGroupSize = 64;
   static constexpr std::array<uint32_t, 3> kHeadDims = kSupportedHeadDims;  // kernels/head_dim.h
-  static constexpr std::array<uint32_t, 3> kPageSizes = {8, 16, 32};
+  static constexpr std::array<uint32_t, 4> kPageSizes = {4, 8, 16, 32};
   static constexpr uint64_t kMaxTokens = uint64_t{1} << 24;
   static constexpr uint32_t kMaxBudgetTokens = selection::kMaxBudgetTokens;
   static constexpr uint32_t kMaxLabelLength = 128;
 };
 
-// Defaults for the optional fields: the budget split's (selection/budget.h: pages of 8, two
-// sink and two window pages) and 2 full-KV layers.
+// Defaults for the optional fields: the budget split's (selection/budget.h: pages of 4, a sink
+// of 8 and a window of 16 tokens) and 2 full-KV layers.
 struct GeometryDefaults : selection::BudgetDefaults {
   static constexpr uint32_t kFullKvLayers = 2;  // clamped to num_layers
   // The tail estimate of a sequence that names none (docs/model.md: the measured winner).

@@ -301,7 +301,7 @@ TEST_F(InProcessDataPlaneTest, ABatchSelectHoldsItsScratchBufferUntilItsAnswer) 
     std::memcpy(base + e.query_offset + i * sizeof(float), &q, sizeof(q));
   }
   // A sequence's staging buffer does not serve as a batch's scratch.
-  ASSERT_OK_AND_ASSIGN(abi::StageResponse staged, client_->Stage(h, 8));
+  ASSERT_OK_AND_ASSIGN(abi::StageResponse staged, client_->Stage(h, 4));
   ASSERT_OK_AND_ASSIGN(uint32_t wrong, client_->SubmitSelectBatch(0, staged.buffer, 1));
   EXPECT_THAT(client_->Finish(wrong),
               StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("scratch buffer")));
@@ -310,7 +310,7 @@ TEST_F(InProcessDataPlaneTest, ABatchSelectHoldsItsScratchBufferUntilItsAnswer) 
     ASSERT_TRUE(hold.held());
     // An append queued on the held pool; the batch waits behind it (its layer's queue).
     ASSERT_OK_AND_ASSIGN(uint32_t append,
-                         client_->SubmitStaged(abi::kOpAppend, h, 0, staged.buffer, 8, 64));
+                         client_->SubmitStaged(abi::kOpAppend, h, 0, staged.buffer, 4, 64));
     ASSERT_OK_AND_ASSIGN(uint32_t batch, client_->SubmitSelectBatch(0, scratch.buffer, 1));
     EXPECT_THAT(client_->ReleaseStaging("", scratch.buffer),
                 StatusIs(absl::StatusCode::kFailedPrecondition, HasSubstr("in flight")));
@@ -327,7 +327,7 @@ TEST_F(InProcessDataPlaneTest, ABatchSelectHoldsItsScratchBufferUntilItsAnswer) 
   std::memcpy(&got, base, sizeof(got));
   EXPECT_EQ(got.status, 0u) << got.message;
   EXPECT_EQ(got.result_k, seq.kv->SelectK(0));
-  EXPECT_EQ(seq.kv->tokens(0), 72u);
+  EXPECT_EQ(seq.kv->tokens(0), 68u);
   // Answered: the scratch buffer is the client's to release again (once).
   EXPECT_OK(client_->ReleaseStaging("", scratch.buffer));
   EXPECT_THAT(client_->ReleaseStaging("", scratch.buffer),
@@ -341,7 +341,7 @@ TEST_F(InProcessDataPlaneTest, ASlotReleasedUnansweredIsNotReusedUntilAnswered) 
   const std::string& h = seq.handle;
   ASSERT_OK_AND_ASSIGN(abi::StageResponse st, client_->Stage(h, 64));
   ASSERT_OK(client_->Prefill(h, 0, st.buffer, 64, 0));
-  ASSERT_OK_AND_ASSIGN(abi::StageResponse page, client_->Stage(h, 8));
+  ASSERT_OK_AND_ASSIGN(abi::StageResponse page, client_->Stage(h, 4));
   const GeometrySpec g = Spec();
   const std::vector<float> q(size_t{g.num_q_heads} * g.head_dim, 0.25f);
   uint32_t late = 0;
@@ -350,7 +350,7 @@ TEST_F(InProcessDataPlaneTest, ASlotReleasedUnansweredIsNotReusedUntilAnswered) 
     ASSERT_TRUE(hold.held());
     // The select waits behind an append on the held pool; its wait gives up first.
     ASSERT_OK_AND_ASSIGN(uint32_t append,
-                         client_->SubmitStaged(abi::kOpAppend, h, 0, page.buffer, 8, 64));
+                         client_->SubmitStaged(abi::kOpAppend, h, 0, page.buffer, 4, 64));
     ASSERT_OK_AND_ASSIGN(late, client_->SubmitSelect(h, 0, q.data(), q.size(), 0));
     EXPECT_THAT(client_->Wait(late, absl::Milliseconds(20)),
                 StatusIs(absl::StatusCode::kDeadlineExceeded));

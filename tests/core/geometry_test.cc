@@ -32,28 +32,31 @@ void ExpectInvalid(const GeometrySpec& spec, const std::string& field_message) {
 
 TEST(ResolveGeometry, AppliesTheDefaults) {
   ASSERT_OK_AND_ASSIGN(Geometry g, ResolveGeometry(Llama8B()));
-  EXPECT_EQ(g.page_size, 8u);
+  EXPECT_EQ(g.page_size, 4u);
   EXPECT_EQ(g.budget_tokens, 256u);
-  EXPECT_EQ(g.sink_tokens, 16u);
+  EXPECT_EQ(g.sink_tokens, 8u);
   EXPECT_EQ(g.window_tokens, 16u);
   EXPECT_EQ(g.full_kv_layers, 2u);
-  EXPECT_EQ(g.selected_pages(), 28u);
+  EXPECT_EQ(g.selected_pages(), 58u);  // (256 - 8 - 16) / 4
   EXPECT_EQ(g.group_size(), 4u);
   EXPECT_EQ(g.offloaded_layers(), 30u);
 }
 
 TEST(ResolveGeometry, HostKvBytesCountsOffloadedLayersInWholePages) {
   ASSERT_OK_AND_ASSIGN(Geometry g, ResolveGeometry(Llama8B()));
-  // 8 tokens x 128 dims x 2 bytes x (K+V) = 4 KiB per page; 16384 pages per head.
-  EXPECT_EQ(g.page_bytes(), 4096u);
-  EXPECT_EQ(g.pages_per_head(), 16384u);
-  EXPECT_EQ(g.host_kv_bytes(), 30ull * 8 * 16384 * 4096);  // 15 GiB (30 of 32 layers)
+  // 4 tokens x 128 dims x 2 bytes x (K+V) = 2 KiB per page; 32768 pages per head.
+  EXPECT_EQ(g.page_bytes(), 2048u);
+  EXPECT_EQ(g.pages_per_head(), 32768u);
+  EXPECT_EQ(g.host_kv_bytes(), 30ull * 8 * 32768 * 2048);  // 15 GiB (30 of 32 layers)
 
   GeometrySpec s = Llama8B();
-  s.max_tokens = 17;  // rounds up to 3 pages of 8
+  s.max_tokens = 17;  // rounds up to 5 pages of 4
   s.full_kv_layers = 0;
   ASSERT_OK_AND_ASSIGN(Geometry small, ResolveGeometry(s));
-  EXPECT_EQ(small.host_kv_bytes(), 32ull * 8 * 3 * 4096);
+  EXPECT_EQ(small.host_kv_bytes(), 32ull * 8 * 5 * 2048);
+  s.page_size = 8;  // 3 pages of 8
+  ASSERT_OK_AND_ASSIGN(Geometry eight, ResolveGeometry(s));
+  EXPECT_EQ(eight.host_kv_bytes(), 32ull * 8 * 3 * 4096);
   s.page_size = 16;  // 2 pages of 16
   ASSERT_OK_AND_ASSIGN(Geometry sixteen, ResolveGeometry(s));
   EXPECT_EQ(sixteen.host_kv_bytes(), 32ull * 8 * 2 * 8192);
@@ -68,6 +71,13 @@ TEST(ResolveGeometry, UnsetSinkAndWindowAreTwoPagesOfTheChosenSize) {
     EXPECT_EQ(g.window_tokens, 2 * page);
     EXPECT_EQ(g.selected_pages(), (256 - 4 * page) / page);  // 28, 12, 4
   }
+  // Pages of 4: a sink of 2 pages, but the window never under 16 tokens (4 pages).
+  GeometrySpec four = Llama8B();
+  four.page_size = 4;
+  ASSERT_OK_AND_ASSIGN(Geometry g4, ResolveGeometry(four));
+  EXPECT_EQ(g4.sink_tokens, 8u);
+  EXPECT_EQ(g4.window_tokens, 16u);
+  EXPECT_EQ(g4.selected_pages(), 58u);
   GeometrySpec s = Llama8B();
   s.page_size = 16;
   s.sink_tokens = 0;  // an explicit value is kept
@@ -138,18 +148,27 @@ TEST(ResolveGeometry, RejectsOutOfRangeValues) {
   ExpectInvalid(s, "geometry.max_tokens");
   s = Llama8B();
   s.page_size = 12;
-  ExpectInvalid(s, "geometry.page_size must be 8, 16 or 32, got 12");
+  ExpectInvalid(s, "geometry.page_size must be 4, 8, 16 or 32, got 12");
   s = Llama8B();
-  s.sink_tokens = 20;
-  ExpectInvalid(s, "geometry.sink_tokens must be a multiple of page_size (8), got 20");
+  s.page_size = 2;
+  ExpectInvalid(s, "geometry.page_size must be 4, 8, 16 or 32, got 2");
+  s = Llama8B();
+  s.sink_tokens = 10;
+  ExpectInvalid(s, "geometry.sink_tokens must be a multiple of page_size (4), got 10");
   s = Llama8B();
   s.window_tokens = 0;
-  ExpectInvalid(s, "geometry.window_tokens must be a positive multiple of page_size (8)");
+  ExpectInvalid(s, "geometry.window_tokens must be a positive multiple of page_size (4)");
   s = Llama8B();
   s.budget_tokens = 250;
-  ExpectInvalid(s, "geometry.budget_tokens must be a multiple of page_size (8)");
+  ExpectInvalid(s, "geometry.budget_tokens must be a multiple of page_size (4)");
   s = Llama8B();
-  s.budget_tokens = 32;  // 16 sink + 16 window leave no selected page
+  s.budget_tokens = 24;  // 8 sink + 16 window leave no selected page
+  ExpectInvalid(s,
+                "geometry.budget_tokens must be at least sink_tokens + window_tokens + "
+                "page_size (28)");
+  s = Llama8B();
+  s.page_size = 8;
+  s.budget_tokens = 32;  // 16 sink + 16 window (2 pages of 8 each) leave no selected page
   ExpectInvalid(s,
                 "geometry.budget_tokens must be at least sink_tokens + window_tokens + "
                 "page_size (40)");

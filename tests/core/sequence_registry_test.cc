@@ -24,7 +24,7 @@ GeometrySpec Small(uint64_t max_tokens = 1024) {
   s.full_kv_layers = 0;
   return s;
 }
-// 4 layers x 2 heads x 128 pages x (8 x 64 x 2 x 2 = 2 KiB) = 2 MiB (default pages of 8).
+// 4 layers x 2 heads x 256 pages x (4 x 64 x 2 x 2 = 1 KiB) = 2 MiB (default pages of 4).
 constexpr uint64_t kSmallBytes = 4ull * 2 * 64 * 4096;
 
 class SequenceRegistryTest : public ::testing::Test {
@@ -40,7 +40,7 @@ TEST_F(SequenceRegistryTest, CreateReturnsAnOpaqueHandleAndAccounts) {
   EXPECT_EQ(info.kv_bytes, kSmallBytes);
   EXPECT_EQ(info.label, "req-1");
   EXPECT_EQ(info.create_time, clock_.Now());
-  EXPECT_EQ(info.geometry.page_size, 8u);  // the default
+  EXPECT_EQ(info.geometry.page_size, 4u);  // the default
   EXPECT_EQ(accountant_.used(), kSmallBytes);
   EXPECT_EQ(registry_.size(), 1u);
   EXPECT_EQ(registry_.created_total(), 1u);

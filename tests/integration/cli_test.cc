@@ -104,7 +104,7 @@ TEST_F(CliTest, SequencesTableAndJson) {
   EXPECT_THAT(table.out, HasSubstr(a));
   EXPECT_THAT(table.out, HasSubstr(b));
   EXPECT_THAT(table.out, HasSubstr("llama-a"));
-  EXPECT_THAT(table.out, HasSubstr(absl::StrCat("    32    32/8  128  bf16    8    256            "
+  EXPECT_THAT(table.out, HasSubstr(absl::StrCat("    32    32/8  128  bf16    4    256            "
                                                 "0/2048  ",
                                                 FormatBytes(kv))));
 

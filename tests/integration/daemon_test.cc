@@ -155,11 +155,12 @@ TEST_F(DaemonTest, SequenceLifecycle) {
   EXPECT_EQ(a->handle().size(), 36u);
   EXPECT_EQ(a->label(), "alpha");
   EXPECT_GT(a->kv_bytes(), kSmallBytes);  // the promise covers more than the dense KV
-  // At most 4x the dense KV, plus the tail estimate's page summaries (3 fp32 vectors of
-  // head_dim per page: 18.75% of a page of d 128 bf16, on every page the promise bounds).
+  // At most 4x the dense KV, plus the tail estimate's page summaries (3 vectors of head_dim in
+  // the KV's type per page: 37.5% of a page of 4 tokens of d 128 bf16, on every page the
+  // promise bounds) and the frames' tags.
   EXPECT_LT(a->kv_bytes(), 4.75 * kSmallBytes);
-  EXPECT_EQ(a->geometry().page_size(), 8u);  // defaults are filled in
-  EXPECT_EQ(a->geometry().sink_tokens(), 16u);
+  EXPECT_EQ(a->geometry().page_size(), 4u);  // defaults are filled in
+  EXPECT_EQ(a->geometry().sink_tokens(), 8u);
   EXPECT_EQ(a->geometry().window_tokens(), 16u);
   EXPECT_EQ(a->geometry().tail_estimate(), v1::TAIL_ESTIMATE_MEAN_VAR);
   EXPECT_FLOAT_EQ(a->geometry().softmax_scale(), 1.0f / std::sqrt(128.0f));
@@ -224,7 +225,7 @@ TEST_F(DaemonTest, BadRequestsGetTheirCodeAndChangeNothing) {
   (void)Create(g, "", &s);
   EXPECT_THAT(s, GrpcStatusIs(grpc::StatusCode::INVALID_ARGUMENT, HasSubstr("geometry.dtype")));
   g = SmallGeometry();
-  g.set_budget_tokens(32);  // 16 sink + 16 window (the defaults) leave no page
+  g.set_budget_tokens(24);  // 8 sink + 16 window (the defaults) leave no page
   (void)Create(g, "", &s);
   EXPECT_THAT(
       s, GrpcStatusIs(grpc::StatusCode::INVALID_ARGUMENT, HasSubstr("geometry.budget_tokens")));
@@ -286,7 +287,10 @@ TEST_F(DaemonTest, ConfigReportsWhatIsInForce) {
   EXPECT_EQ(cfg.log_level(), "info");
   EXPECT_DOUBLE_EQ(cfg.shutdown_grace_seconds(), 10.0);
   EXPECT_THAT(cfg.geometry_limits().head_dims(), ::testing::ElementsAre(64, 128, 256));
-  EXPECT_THAT(cfg.geometry_limits().page_sizes(), ::testing::ElementsAre(8, 16, 32));
+  EXPECT_THAT(cfg.geometry_limits().page_sizes(), ::testing::ElementsAre(4, 8, 16, 32));
+  EXPECT_EQ(cfg.geometry_defaults().page_size(), 4u);
+  EXPECT_EQ(cfg.geometry_defaults().sink_tokens(), 8u);
+  EXPECT_EQ(cfg.geometry_defaults().window_tokens(), 16u);
   EXPECT_EQ(cfg.geometry_defaults().budget_tokens(), 256u);
   EXPECT_FALSE(cfg.version().empty());
 }

@@ -50,9 +50,9 @@ def test_geometry_defaults(client: icecache.Client) -> None:
     g = seq.geometry
     assert (g.num_layers, g.num_q_heads, g.num_kv_heads, g.head_dim) == (2, 8, 2, 128)
     assert g.dtype == DType.BF16
-    assert (g.page_size, g.budget_tokens, g.sink_tokens, g.window_tokens) == (8, 256, 16, 16)
+    assert (g.page_size, g.budget_tokens, g.sink_tokens, g.window_tokens) == (4, 256, 8, 16)
     assert g.full_kv_layers == 2
-    assert g.selected_pages == 28
+    assert g.selected_pages == 58
     assert seq.handle.startswith("seq_") and len(seq.handle) == 36
     assert client.mode == ExecutionMode.CPU
     seq.drop()
@@ -145,7 +145,7 @@ def test_decode_equals_float64_attention_when_budget_covers_context(
 def test_sparse_decode_attends_the_budget(client: icecache.Client) -> None:
     rng = np.random.default_rng(2)
     prompt = 600
-    # budget 128: 16 sink + 12 pages of 8 + 16 window (the default pages of 8)
+    # budget 128: 8 sink + 26 pages of 4 + 16 window (the default pages of 4)
     seq = make_sequence(client, budget_tokens=128, max_tokens=1024)
     for layer in range(LAYERS):
         seq.prefill(layer, rand(rng, prompt, HK, D), rand(rng, prompt, HK, D))
@@ -155,7 +155,7 @@ def test_sparse_decode_attends_the_budget(client: icecache.Client) -> None:
         seq.decode(layer, rand(rng, HQ, D), rand(rng, HK, D), rand(rng, HK, D), out)
     b = seq.last_decode()
     assert not b.full_kv and b.layer == 2
-    assert b.selected_pages == 12 * HK
+    assert b.selected_pages == 26 * HK
     assert 0 < b.attended_tokens <= 128 * HK
     assert b.hits + b.misses == b.selected_pages
     after = client.counters()

@@ -13,25 +13,36 @@ namespace {
 using ::icecache::testing::StatusIs;
 using ::testing::HasSubstr;
 
-TEST(BudgetSplit, DefaultsAreThePapersRuleWithPagesOfEight) {
+TEST(BudgetSplit, DefaultsArePagesOfFourWithASinkOfEightAndAWindowOfSixteen) {
   const BudgetSplit s;
   EXPECT_EQ(s.budget_tokens, 256u);
-  EXPECT_EQ(s.sink_tokens, 16u);
+  EXPECT_EQ(s.sink_tokens, 8u);
   EXPECT_EQ(s.window_tokens, 16u);
-  EXPECT_EQ(s.page_size, 8u);
-  EXPECT_EQ(s.selected_pages(), 28u);  // 2 sink + 28 selected + 2 window pages of 8
+  EXPECT_EQ(s.page_size, 4u);
+  EXPECT_EQ(s.selected_pages(), 58u);  // 2 sink + 58 selected + 4 window pages of 4
   EXPECT_TRUE(ValidateSplit(s).ok());
   EXPECT_EQ(DefaultSplit(256), s);
+  // The unset sink and window of other page sizes: 2 pages each, the window at least 16.
+  EXPECT_EQ(BudgetDefaults::SinkFor(4), 8u);
+  EXPECT_EQ(BudgetDefaults::WindowFor(4), 16u);
+  EXPECT_EQ(BudgetDefaults::SinkFor(8), 16u);
+  EXPECT_EQ(BudgetDefaults::WindowFor(8), 16u);
+  EXPECT_EQ(BudgetDefaults::SinkFor(32), 64u);
+  EXPECT_EQ(BudgetDefaults::WindowFor(32), 64u);
 }
 
 TEST(BudgetSplit, DefaultSplitAcrossBudgets) {
-  EXPECT_EQ(DefaultSplit(64), (BudgetSplit{64, 8, 8, 8}));
-  EXPECT_EQ(DefaultSplit(64).selected_pages(), 6u);
-  EXPECT_EQ(DefaultSplit(128), (BudgetSplit{128, 16, 16, 8}));
-  EXPECT_EQ(DefaultSplit(128).selected_pages(), 12u);
-  EXPECT_EQ(DefaultSplit(512).selected_pages(), 60u);
-  for (uint32_t b : {64u, 128u, 256u, 512u, 2048u})
+  EXPECT_EQ(DefaultSplit(64), (BudgetSplit{64, 8, 16, 4}));
+  EXPECT_EQ(DefaultSplit(64).selected_pages(), 10u);
+  EXPECT_EQ(DefaultSplit(128), (BudgetSplit{128, 8, 16, 4}));
+  EXPECT_EQ(DefaultSplit(128).selected_pages(), 26u);
+  EXPECT_EQ(DefaultSplit(512).selected_pages(), 122u);
+  for (uint32_t b : {28u, 64u, 128u, 256u, 512u, 2048u})
     EXPECT_TRUE(ValidateSplit(DefaultSplit(b)).ok());
+  // Below sink + window + one page the default split holds no page and is refused.
+  EXPECT_THAT(ValidateSplit(DefaultSplit(24)),
+              StatusIs(absl::StatusCode::kInvalidArgument,
+                       HasSubstr("at least sink_tokens + window_tokens + page_size (28)")));
 }
 
 TEST(BudgetSplit, PaperSplitAcrossBudgets) {
