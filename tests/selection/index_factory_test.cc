@@ -65,6 +65,9 @@ TEST(IndexFactory, PaperIsTheDciDefaults) {
   // The fast preset re-ranks its best k + 24 pages by the group's mass; the paper's does not.
   EXPECT_EQ(fast->dci.rerank_extra_pages, 24u);
   EXPECT_EQ(paper->dci.rerank_extra_pages, 0u);
+  // Each query rescores its 128 best estimates exactly: enough candidates for the default
+  // pages of 4, which ask for 58 + 24 pages at 256 (docs/model.md "Pages of 4: the default").
+  EXPECT_EQ(fast->dci.rescore_tokens, 128u);
 }
 
 // The daemon's default is the fast preset (docs/index.md: it wins on speed and quality).
