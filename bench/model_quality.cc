@@ -106,12 +106,13 @@ ABSL_FLAG(std::string, head_budgets, "",
           "previous step's attention outside sink and window), oracle (this step's exact "
           "attention), observed-layers (pages moved between layers), observed-all (between every "
           "(layer, KV head) pair).");
-ABSL_FLAG(std::string, splits, "default",
-          "Comma-separated splits of each budget, every method run under each: 'default' (the "
-          "daemon's: pages of 4 tokens, a sink of 8 and a window of 16 at every budget; rows named "
-          "<method>), 'paper' (the same rule with pages of 16, the paper's; rows named "
-          "<method>-paper-split) or page:sink:window in tokens, e.g. 16:16:32 (rows named "
-          "<method>-p<page>s<sink>w<window>).");
+ABSL_FLAG(
+    std::string, splits, "default",
+    "Comma-separated splits of each budget, every method run under each: 'default' (the "
+    "daemon's: pages of 4 tokens, a sink of 8 and a window of 16 at every budget; rows named "
+    "<method>), 'paper' (the paper's: 2 sink + 2 window pages of 16, 1 + 1 below 128; rows named "
+    "<method>-paper-split) or page:sink:window in tokens, e.g. 16:16:32 (rows named "
+    "<method>-p<page>s<sink>w<window>).");
 ABSL_FLAG(std::string, methods, "",
           "Only these in-process methods, by name (empty: all; full attention always runs).");
 ABSL_FLAG(
