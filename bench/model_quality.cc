@@ -157,6 +157,22 @@ std::vector<double> ParseList(const std::string& s) {
   return out;
 }
 
+// The values of a list flag (`flag` names it, e.g. "--rerank"), each a whole number of `unit`
+// in [lo, hi]; exits with the reason at the first that is not.
+std::vector<uint32_t> WholeNumbers(absl::string_view flag, const std::string& list, uint32_t lo,
+                                   uint32_t hi, absl::string_view unit) {
+  std::vector<uint32_t> out;
+  for (double v : ParseList(list)) {
+    if (!(v >= lo && v <= hi && v == std::floor(v))) {
+      Check(absl::InvalidArgumentError(absl::StrCat(flag, ": ", v, " is not a whole number of ",
+                                                    unit, " in [", lo, ", ", hi, "]")),
+            std::string(flag));
+    }
+    out.push_back(static_cast<uint32_t>(v));
+  }
+  return out;
+}
+
 // The selection methods replayed in process.
 std::vector<eval::MethodSpec> Methods() {
   std::vector<eval::MethodSpec> m = eval::DefaultMethods();
@@ -208,29 +224,19 @@ std::vector<eval::MethodSpec> Methods() {
     hybrid.window_tokens = static_cast<uint32_t>(w);
     m.insert(m.begin() + static_cast<ptrdiff_t>(at++), hybrid);
   }
-  for (double r : ParseList(absl::GetFlag(FLAGS_rerank))) {
-    if (!(r >= 0 && r <= 4096 && r == std::floor(r))) {
-      Check(absl::InvalidArgumentError(
-                absl::StrCat("--rerank: ", r, " is not a whole number of pages in [0, 4096]")),
-            "--rerank");
-    }
+  for (uint32_t r : WholeNumbers("--rerank", absl::GetFlag(FLAGS_rerank), 0, 4096, "pages")) {
     eval::MethodSpec rerank = *fast;
     rerank.name = r == 0 ? std::string("icecache-dci-default-no-rerank")
                          : absl::StrCat("icecache-dci-rerank", r);
     rerank.tail = selection::TailMode::kMeanVariance;
-    rerank.dci.rerank_extra_pages = static_cast<uint32_t>(r);
+    rerank.dci.rerank_extra_pages = r;
     m.insert(m.begin() + static_cast<ptrdiff_t>(at++), rerank);
   }
-  for (double r : ParseList(absl::GetFlag(FLAGS_rescore))) {
-    if (!(r >= 1 && r <= 65536 && r == std::floor(r))) {
-      Check(absl::InvalidArgumentError(
-                absl::StrCat("--rescore: ", r, " is not a whole number of keys in [1, 65536]")),
-            "--rescore");
-    }
+  for (uint32_t r : WholeNumbers("--rescore", absl::GetFlag(FLAGS_rescore), 1, 65536, "keys")) {
     eval::MethodSpec rescore = *fast;
     rescore.name = absl::StrCat("icecache-dci-rescore", r);
     rescore.tail = selection::TailMode::kMeanVariance;
-    rescore.dci.rescore_tokens = static_cast<uint32_t>(r);
+    rescore.dci.rescore_tokens = r;
     m.insert(m.begin() + static_cast<ptrdiff_t>(at++), rescore);
   }
   for (double sl : ParseList(absl::GetFlag(FLAGS_slacks))) {
